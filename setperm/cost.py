@@ -1,0 +1,175 @@
+"""Pairwise anti-symmetric ordering cost (paper section 2.3, eq. 8-10).
+
+``C_ij = F(x_i, x_j) = f(x_i, x_j) - f(x_j, x_i)`` with ``f`` a small MLP on the concatenated
+pair ``[x_i; x_j]``, then ``C / ||C||_F`` per set and per cost channel.
+
+Two facts make this cheap:
+- the first layer of ``f`` on ``[x_i; x_j]`` is ``W_a x_i + W_b x_j + b``: the two projections are
+  computed once per element and broadcast, the ``(B, N, N, 2D)`` pairs are never built;
+- ``g_ij = f(x_i, x_j)`` is evaluated once and ``C = g - g^T``; ``f`` is not run twice.
+For the common two-layer ``f`` a custom autograd function evaluates ``g`` in row chunks and
+recomputes the ``(B, N, N, hidden)`` activations in backward instead of storing them, so memory
+grows as ``N^2 * K`` rather than ``N^2 * hidden``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .masking import pair_mask
+
+# Elements per chunk of the (B, rows, N, hidden) pre-activation: large enough to keep the
+# matmuls efficient, small enough to stay in cache-friendly, bounded memory.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _rows_per_chunk(B: int, N: int, H: int) -> int:
+    return max(1, min(N, _CHUNK_ELEMENTS // max(1, B * N * H)))
+
+
+class _PairwiseTwoLayer(torch.autograd.Function):
+    """g[b, i, j, :] = relu(a[b, i] + c[b, j]) @ w2^T  without storing the (B, N, N, H) hidden."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, c: Tensor, w2: Tensor) -> Tensor:
+        B, N, H = a.shape
+        K = w2.shape[0]
+        out = a.new_empty(B, N, N, K)
+        step = _rows_per_chunk(B, N, H)
+        w2t = w2.t()
+        for i0 in range(0, N, step):
+            i1 = min(N, i0 + step)
+            h = torch.relu(a[:, i0:i1, None, :] + c[:, None, :, :])          # (B, r, N, H)
+            out[:, i0:i1] = h @ w2t
+        ctx.save_for_backward(a, c, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        a, c, w2 = ctx.saved_tensors
+        B, N, H = a.shape
+        step = _rows_per_chunk(B, N, H)
+        grad_a_chunks = []
+        grad_c = torch.zeros_like(c)
+        grad_w2 = torch.zeros_like(w2)
+        for i0 in range(0, N, step):
+            i1 = min(N, i0 + step)
+            pre = a[:, i0:i1, None, :] + c[:, None, :, :]                    # (B, r, N, H), recomputed
+            go = grad_out[:, i0:i1]                                          # (B, r, N, K)
+            dh = (go @ w2) * (pre > 0).to(go.dtype)                          # (B, r, N, H)
+            grad_a_chunks.append(dh.sum(2))
+            grad_c = grad_c + dh.sum(1)
+            grad_w2 = grad_w2 + go.reshape(-1, go.shape[-1]).t() @ torch.relu(pre).reshape(-1, H)
+        grad_a = torch.cat(grad_a_chunks, dim=1)
+        return grad_a, grad_c, grad_w2
+
+
+def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor) -> Tensor:
+    """``g[b,i,j] = relu(a[b,i] + c[b,j]) @ w2^T`` for ``a, c`` (B, N, H), ``w2`` (K, H) -> (B, N, N, K).
+
+    Memory-lean (hidden activations recomputed in backward); differentiable twice because its
+    backward is written in differentiable torch operations.
+    """
+    return _PairwiseTwoLayer.apply(a, c, w2)
+
+
+def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) -> Tensor:
+    """Eq. 10: divide each set's and channel's cost ``(B, K, N, N)`` by its Frobenius norm.
+
+    Padded pairs are zero and so do not enter the norm. A zero cost (identical elements) stays
+    zero: the norm is clamped at ``eps`` before the square root's argument, which keeps both the
+    value and the gradient finite.
+    """
+    sq = C.pow(2).sum(dim=(-2, -1), keepdim=True)
+    return C / sq.clamp_min(eps * eps).sqrt()
+
+
+def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor], hidden_layers: Sequence[nn.Linear],
+                  last_weight: Tensor, mask: Optional[Tensor] = None, normalize: bool = True) -> Tensor:
+    """Functional form of the ordering cost.
+
+    Args:
+        x: ``(B, N, D)`` elements (padded elements must already be finite, e.g. zeroed).
+        first_weight: ``(H, 2D)`` weight of f's first layer on ``[x_i; x_j]``; ``first_bias`` ``(H,)``.
+        hidden_layers: further ``Linear`` layers of f (each followed by ReLU) between first and last.
+        last_weight: ``(K, H_last)``; the last layer's bias cancels in ``g - g^T`` and is not needed.
+        mask: ``(B, N)`` bool, True = real element.
+    Returns:
+        ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
+        channel when ``normalize``.
+    """
+    D = x.shape[-1]
+    w_a, w_b = first_weight[:, :D], first_weight[:, D:]
+    a = x @ w_a.t()                                   # W_a x_i, once per element
+    c = x @ w_b.t()                                   # W_b x_j, once per element
+    if first_bias is not None:
+        a = a + first_bias
+    if not hidden_layers:
+        g = pairwise_two_layer(a, c, last_weight)                            # (B, N, N, K)
+    else:
+        h = torch.relu(a.unsqueeze(2) + c.unsqueeze(1))
+        for layer in hidden_layers:
+            h = torch.relu(layer(h))
+        g = h @ last_weight.t()
+    g = g.movedim(-1, 1)                              # (B, K, N, N)
+    C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
+    pm = pair_mask(mask)
+    if pm is not None:
+        C = torch.where(pm.unsqueeze(1), C, torch.zeros((), dtype=C.dtype, device=C.device))
+    if normalize:
+        C = normalize_cost(C)
+    return C
+
+
+class PairwiseCost(nn.Module):
+    """Learned anti-symmetric ordering cost ``C`` of a set (eq. 8-10).
+
+    Args:
+        in_features: element dimension D.
+        hidden: hidden width of f (int), or a sequence of widths for a deeper f.
+        channels: number K of cost matrices (1 for sequences, 2 for lattices: horizontal, vertical).
+
+    Shapes: ``forward(x (B, N, D), mask (B, N) | None) -> C (B, K, N, N)``.
+    """
+
+    def __init__(self, in_features: int, hidden: Union[int, Sequence[int]] = 128, channels: int = 1,
+                 normalize: bool = True):
+        super().__init__()
+        if in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features}")
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        widths = [hidden] if isinstance(hidden, int) else list(hidden)
+        if not widths or any(int(w) < 1 for w in widths):
+            raise ValueError(f"hidden must be a positive int or a non-empty sequence of them, got {hidden!r}")
+        self.in_features = in_features
+        self.channels = channels
+        self.normalize = normalize
+        self.first = nn.Linear(2 * in_features, widths[0])
+        self.hidden = nn.ModuleList(nn.Linear(w0, w1) for w0, w1 in zip(widths[:-1], widths[1:]))
+        self.last = nn.Linear(widths[-1], channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Paper appendix F: Xavier initialisation (the released code uses zero biases).
+        for lin in [self.first, *self.hidden, self.last]:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def pair_scores(self, x_i: Tensor, x_j: Tensor) -> Tensor:
+        """``f(x_i, x_j)`` for explicit pairs ``(..., D)`` -> ``(..., K)`` (for plots and analysis)."""
+        h = torch.relu(self.first(torch.cat([x_i, x_j], dim=-1)))
+        for layer in self.hidden:
+            h = torch.relu(layer(h))
+        return self.last(h)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return ordering_cost(x, self.first.weight, self.first.bias, list(self.hidden), self.last.weight,
+                             mask=mask, normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, channels={self.channels}"
