@@ -77,6 +77,23 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor) -> Tensor:
     return _PairwiseTwoLayer.apply(a, c, w2)
 
 
+def equal_pairs(x: Tensor) -> Tensor:
+    """``(B, N, N)`` bool: True where ``x_i`` and ``x_j`` are bitwise identical elements.
+
+    ``F(x, x) = 0`` exactly in eq. 8, but batched matmuls may round identical rows differently,
+    and the normalisation of eq. 10 would blow that noise up to unit norm when *all* elements are
+    identical. Pinning these costs to 0 keeps the maths exact (the uniform assignment results).
+    Computed in row chunks so the ``(B, r, N, D)`` comparison stays bounded.
+    """
+    B, N, D = x.shape
+    out = torch.empty(B, N, N, dtype=torch.bool, device=x.device)
+    step = _rows_per_chunk(B, N, D)
+    for i0 in range(0, N, step):
+        i1 = min(N, i0 + step)
+        out[:, i0:i1] = (x[:, i0:i1, None, :] == x[:, None, :, :]).all(-1)
+    return out
+
+
 def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) -> Tensor:
     """Eq. 10: divide each set's and channel's cost ``(B, K, N, N)`` by its Frobenius norm.
 
@@ -96,7 +113,7 @@ def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         x: ``(B, N, D)`` elements (padded elements must already be finite, e.g. zeroed).
         first_weight: ``(H, 2D)`` weight of f's first layer on ``[x_i; x_j]``; ``first_bias`` ``(H,)``.
         hidden_layers: further ``Linear`` layers of f (each followed by ReLU) between first and last.
-        last_weight: ``(K, H_last)``; the last layer's bias cancels in ``g - g^T`` and is not needed.
+        last_weight: ``(K, H_last)``; a last-layer bias would cancel in ``g - g^T`` and is not used.
         mask: ``(B, N)`` bool, True = real element.
     Returns:
         ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
@@ -117,9 +134,11 @@ def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         g = h @ last_weight.t()
     g = g.movedim(-1, 1)                              # (B, K, N, N)
     C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
+    keep = ~equal_pairs(x.detach())                   # F(x_i, x_j) = 0 exactly when x_i == x_j
     pm = pair_mask(mask)
     if pm is not None:
-        C = torch.where(pm.unsqueeze(1), C, torch.zeros((), dtype=C.dtype, device=C.device))
+        keep = keep & pm
+    C = torch.where(keep.unsqueeze(1), C, torch.zeros((), dtype=C.dtype, device=C.device))
     if normalize:
         C = normalize_cost(C)
     return C
@@ -151,14 +170,17 @@ class PairwiseCost(nn.Module):
         self.normalize = normalize
         self.first = nn.Linear(2 * in_features, widths[0])
         self.hidden = nn.ModuleList(nn.Linear(w0, w1) for w0, w1 in zip(widths[:-1], widths[1:]))
-        self.last = nn.Linear(widths[-1], channels)
+        # The last layer's bias cancels in g - g^T (eq. 8); it is left out so that every parameter
+        # is used (DistributedDataParallel rejects unused ones).
+        self.last = nn.Linear(widths[-1], channels, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Paper appendix F: Xavier initialisation (the released code uses zero biases).
         for lin in [self.first, *self.hidden, self.last]:
             nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
 
     def pair_scores(self, x_i: Tensor, x_j: Tensor) -> Tensor:
         """``f(x_i, x_j)`` for explicit pairs ``(..., D)`` -> ``(..., K)`` (for plots and analysis)."""

@@ -89,12 +89,13 @@ class PermutationOptimizer(nn.Module):
         self.linear = (LinearAssignment(in_features, num_positions, clip=logit_clip)
                        if self.init == "linear" else None)
         # Learned step size, used as |eta| like the paper's code so that it can pass through 0.
-        self.eta_param = nn.Parameter(torch.tensor(float(eta_init)))
+        # Without inner steps (LinAssign) there is no eta: an unused parameter would break DDP.
+        self.eta_param = nn.Parameter(torch.tensor(float(eta_init))) if steps > 0 else None
 
     @property
-    def eta(self) -> Tensor:
-        """The current positive step size eta (a 0-d tensor that carries gradient)."""
-        return self.eta_param.abs()
+    def eta(self) -> Optional[Tensor]:
+        """The current positive step size eta (a 0-d tensor that carries gradient); None if steps == 0."""
+        return None if self.eta_param is None else self.eta_param.abs()
 
     def _validate(self, x: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[Tensor]:
         check_set(x)
@@ -208,7 +209,7 @@ class PermutationSetEncoder(nn.Module):
 
     @property
     def eta(self) -> Optional[Tensor]:
-        """The permutation optimiser's step size (None for ``permutation="none"``)."""
+        """The permutation optimiser's step size (None for ``permutation="none"`` or ``steps=0``)."""
         return None if self.permute is None else self.permute.eta
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,

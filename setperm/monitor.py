@@ -18,7 +18,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def find_step_sizes(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``{module name: eta}`` for every :class:`PermutationOptimizer` inside ``model``."""
     return {name or "permutation": m.eta.detach() for name, m in _unwrap(model).named_modules()
-            if isinstance(m, PermutationOptimizer)}
+            if isinstance(m, PermutationOptimizer) and m.eta is not None}
 
 
 def set_entropy_tracking(model: nn.Module, enabled: bool = True) -> None:
@@ -43,7 +43,8 @@ def log_step_sizes(writer, model: nn.Module, step: int, prefix: str = "eta",
         if not isinstance(m, PermutationOptimizer):
             continue
         name = name or "permutation"
-        values[f"{prefix}/{name}"] = float(m.eta.detach())
+        if m.eta is not None:
+            values[f"{prefix}/{name}"] = float(m.eta.detach())
         if entropy_prefix and m.last_entropy is not None:
             values[f"{entropy_prefix}/{name}"] = float(m.last_entropy)
     if writer is not None:

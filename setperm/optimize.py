@@ -25,10 +25,11 @@ def _channels(C: Tensor) -> Tensor:
 
 
 def _check_pc(P: Tensor, C: Tensor) -> Tensor:
-    if P.dim() != 3 or P.shape[1] != P.shape[2]:
-        raise ValueError(f"P must have shape (B, N, N), got {tuple(P.shape)}")
+    # P may have M != N positions (e.g. one row of a lattice); C is always element x element.
+    if P.dim() != 3:
+        raise ValueError(f"P must have shape (B, N, M), got {tuple(P.shape)}")
     C4 = _channels(C)
-    if C4.shape[0] != P.shape[0] or C4.shape[-2:] != P.shape[-2:]:
+    if C4.shape[0] != P.shape[0] or C4.shape[-1] != P.shape[1] or C4.shape[-2] != P.shape[1]:
         raise ValueError(f"C {tuple(C.shape)} does not match P {tuple(P.shape)}")
     return C4
 
@@ -55,7 +56,8 @@ def _grid_view(P: Tensor, grid: Grid) -> Tensor:
 def total_cost(P: Tensor, C: Tensor) -> Tensor:
     """Eq. 1: ``c(P) = sum_ij C_ij sum_k P_ik (sum_{k'>k} P_jk' - sum_{k'<k} P_jk')``.
 
-    Args: ``P`` (B, N, N); ``C`` (B, N, N) or (B, K, N, N) (channels summed). Returns ``(B,)``.
+    Args: ``P`` (B, N, M) (usually M = N); ``C`` (B, N, N) or (B, K, N, N) (channels summed).
+    Returns ``(B,)``.
     """
     C4 = _check_pc(P, C)
     Bal = position_balance(P)

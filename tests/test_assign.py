@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from setperm import apply_permutation, hungarian, permutation_matrix, sinkhorn
+
+
+def test_permutation_convention():
+    # P[b, i, k] = weight of element i at position k; y = P^T x; hungarian idx[b, k] = element at k
+    x = torch.tensor([[[10.0], [20.0], [30.0]]])
+    P = torch.zeros(1, 3, 3)
+    P[0, 2, 0] = 1    # element 2 -> position 0
+    P[0, 0, 1] = 1    # element 0 -> position 1
+    P[0, 1, 2] = 1    # element 1 -> position 2
+    assert_close(apply_permutation(x, P), torch.tensor([[[30.0], [10.0], [20.0]]]))
+    idx = hungarian(P)
+    assert idx.tolist() == [[2, 0, 1]]
+    assert_close(x[0, idx[0]], apply_permutation(x, P)[0])
+    assert_close(permutation_matrix(idx), P)
+
+
+def test_hungarian_recovers_known_permutation_and_is_a_permutation():
+    g = torch.Generator().manual_seed(0)
+    B, N = 5, 12
+    perms = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    hard = permutation_matrix(perms, dtype=torch.float64)
+    noisy = sinkhorn(torch.log(hard * 0.9 + 0.1 / N) + 0.1 * torch.randn(B, N, N, generator=g, dtype=torch.float64))
+    idx, mat = hungarian(noisy, return_matrix=True)
+    assert torch.equal(idx, perms)
+    assert_close(mat, hard, rtol=0, atol=0)
+    assert (mat.sum(1) == 1).all() and (mat.sum(2) == 1).all()
+
+
+def test_hungarian_masked_keeps_padding_trailing():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[True, False, True, True, False]])
+    P = sinkhorn(torch.randn(1, 5, 5, generator=g), mask=mask)
+    idx = hungarian(P, mask=mask)
+    assert sorted(idx[0, :3].tolist()) == [0, 2, 3]
+    assert idx[0, 3:].tolist() == [1, 4]
+
+
+def test_apply_trailing_dims_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    tiles = torch.randn(2, 4, 3, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    P = sinkhorn(torch.randn(2, 4, 4, generator=g, dtype=torch.float64))
+    y = apply_permutation(tiles, P)
+    ref = torch.einsum("bik,bichw->bkchw", P, tiles)
+    assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: apply_permutation(t, P), (tiles,))
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="P must have shape"):
+        apply_permutation(torch.zeros(2, 3, 1), torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="P must have shape"):
+        hungarian(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="mask"):
+        hungarian(torch.zeros(1, 3, 3), mask=torch.ones(1, 3))

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from setperm import (PermutationOptimizer, cost_gradient, lattice_cost, lattice_cost_gradient, optimize_permutation,
+                     permutation_entropy, sinkhorn, total_cost)
+
+
+def antisymmetric(B, N, g, K=None):
+    shape = (B, N, N) if K is None else (B, K, N, N)
+    A = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return A - A.transpose(-1, -2)
+
+
+def literal_total_cost(P, C):
+    """Eq. 1 written with explicit loops over positions."""
+    B, N, _ = P.shape
+    out = torch.zeros(B, dtype=P.dtype)
+    for k in range(N):
+        after = P[:, :, k + 1:].sum(-1)        # sum_{k'>k} P_jk'
+        before = P[:, :, :k].sum(-1)           # sum_{k'<k} P_jk'
+        out = out + (C * P[:, :, k].unsqueeze(2) * (after - before).unsqueeze(1)).sum((1, 2))
+    return out
+
+
+def test_total_cost_matches_eq1_and_hard_permutation_meaning():
+    g = torch.Generator().manual_seed(0)
+    C = antisymmetric(3, 6, g)
+    P = sinkhorn(torch.randn(3, 6, 6, generator=g, dtype=torch.float64))
+    assert_close(total_cost(P, C), literal_total_cost(P, C), rtol=1e-12, atol=1e-12)
+    # hard permutation: each pair contributes C_ij if i is placed before j, else C_ji
+    perm = torch.randperm(6, generator=g)               # element perm[k] at position k
+    Ph = torch.zeros(1, 6, 6, dtype=torch.float64)
+    Ph[0, perm, torch.arange(6)] = 1
+    pos = torch.empty(6, dtype=torch.long)
+    pos[perm] = torch.arange(6)
+    expected = sum(C[0, i, j] if pos[i] < pos[j] else C[0, j, i] for i in range(6) for j in range(6) if i != j)
+    assert_close(total_cost(Ph, C[:1])[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_eq4_equals_autograd_of_eq1():
+    g = torch.Generator().manual_seed(1)
+    C = antisymmetric(4, 7, g)
+    P = torch.rand(4, 7, 7, generator=g, dtype=torch.float64, requires_grad=True)   # any P, not only DS
+    (auto,) = torch.autograd.grad(total_cost(P, C).sum(), P)
+    assert_close(cost_gradient(P, C), auto, rtol=1e-12, atol=1e-12)
+
+
+def test_lattice_cost_is_sum_of_row_and_column_costs():
+    g = torch.Generator().manual_seed(2)
+    R, Cc = 2, 3
+    N = R * Cc
+    C = antisymmetric(2, N, g, K=2)
+    P = sinkhorn(torch.randn(2, N, N, generator=g, dtype=torch.float64), iters=10)
+    G = P.view(2, N, R, Cc)
+    one_by_one = sum(total_cost(G[:, :, r, :].contiguous(), C[:, 0]) for r in range(R))       # left-to-right
+    one_by_one = one_by_one + sum(total_cost(G[:, :, :, c].contiguous(), C[:, 1]) for c in range(Cc))  # top-down
+    assert_close(lattice_cost(P, C, (R, Cc)), one_by_one, rtol=1e-12, atol=1e-12)
+    Pg = P.clone().requires_grad_(True)
+    (auto,) = torch.autograd.grad(lattice_cost(Pg, C, (R, Cc)).sum(), Pg)
+    assert_close(lattice_cost_gradient(P, C, (R, Cc)), auto, rtol=1e-12, atol=1e-12)
+
+
+def test_descent_lowers_cost_and_sharpens():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 10, generator=g, dtype=torch.float64)
+    C = (x.unsqueeze(2) - x.unsqueeze(1)).unsqueeze(1)       # C_ij = x_i - x_j: sort descending is optimal
+    C = C / C.pow(2).sum((-2, -1), keepdim=True).sqrt()
+    P0 = optimize_permutation(C, steps=0)
+    P6 = optimize_permutation(C, eta=10.0, steps=6)
+    assert (total_cost(P6, C) < total_cost(P0, C) - 1e-3).all()
+    assert (permutation_entropy(P6) < permutation_entropy(P0)).all()
+
+
+def test_return_steps_and_bad_steps():
+    C = torch.zeros(1, 1, 4, 4)
+    steps = optimize_permutation(C, steps=3, return_steps=True)
+    assert len(steps) == 4
+    assert_close(steps[0], torch.full((1, 4, 4), 0.25), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="steps"):
+        optimize_permutation(C, steps=-1)
+
+
+@pytest.mark.parametrize("init,grid", [("uniform", None), ("linear", None), ("uniform", (2, 2))])
+def test_gradcheck_whole_optimizer(init, grid):
+    torch.manual_seed(4)
+    N = 4
+    po = PermutationOptimizer(3, cost_hidden=5, steps=2, init=init, num_positions=N, grid=grid,
+                              sinkhorn_iters=3).double()
+    for p in po.parameters():
+        torch.nn.init.normal_(p, std=0.7)
+    x = torch.randn(2, N, 3, dtype=torch.float64, requires_grad=True)
+    mask = None if grid else torch.tensor([[True, False, True, True], [True] * 4])
+    params = [p for p in po.parameters()]
+
+    def f(x, *ps):
+        with torch.no_grad():
+            for p, v in zip(params, ps):
+                p.copy_(v)
+        return po(x, mask=mask)
+
+    assert torch.autograd.gradcheck(lambda x: po(x, mask=mask), (x,))
+    # parameters, including eta, receive gradients and they are correct
+    for p in params:
+        p0 = p.detach().clone().requires_grad_(True)
+
+        def g(v, p=p):
+            return torch.func.functional_call(po, {n: (v if q is p else q) for n, q in po.named_parameters()},
+                                              (x.detach(),), {"mask": mask})
+        assert torch.autograd.gradcheck(g, (p0,))
+
+
+def test_entropy_bounds():
+    n = 5
+    U = torch.full((1, n, n), 1.0 / n)
+    assert_close(permutation_entropy(U), torch.log(torch.tensor([float(n)])), rtol=1e-6, atol=1e-6)
+    assert_close(permutation_entropy(torch.eye(n).unsqueeze(0)), torch.zeros(1), rtol=0, atol=0)
+    assert_close(permutation_entropy(U, torch.zeros(1, n, dtype=torch.bool)), torch.zeros(1), rtol=0, atol=0)

@@ -1,0 +1,96 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from setperm import sinkhorn
+
+
+def random_mask(B, N, g, min_real=0):
+    n = torch.randint(min_real, N + 1, (B,), generator=g)
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        mask[b, torch.randperm(N, generator=g)[: n[b]]] = True
+    return mask
+
+
+def test_doubly_stochastic_unmasked():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 9, 9, generator=g, dtype=torch.float64) * 3
+    P = sinkhorn(logits, iters=200)
+    assert_close(P.sum(1), torch.ones(4, 9, dtype=torch.float64), rtol=0, atol=1e-12)  # columns exact
+    assert_close(P.sum(2), torch.ones(4, 9, dtype=torch.float64), rtol=0, atol=1e-8)   # rows converge
+    assert (P >= 0).all()
+
+
+def test_few_iterations_columns_exact():
+    g = torch.Generator().manual_seed(1)
+    P = sinkhorn(torch.randn(3, 6, 6, generator=g), iters=4)
+    assert_close(P.sum(1), torch.ones(3, 6), rtol=0, atol=1e-5)
+
+
+def test_masked_real_block_doubly_stochastic_and_padding_trailing():
+    g = torch.Generator().manual_seed(2)
+    B, N = 6, 10
+    mask = random_mask(B, N, g)
+    logits = torch.randn(B, N, N, generator=g, dtype=torch.float64)
+    P = sinkhorn(logits, mask=mask, iters=300)
+    for b in range(B):
+        real = mask[b].nonzero().flatten()
+        pads = (~mask[b]).nonzero().flatten()
+        n = len(real)
+        block = P[b][real][:, :n]
+        if n:
+            assert_close(block.sum(0), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-12)
+            assert_close(block.sum(1), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-8)
+        assert (P[b][real][:, n:] == 0).all()
+        # the j-th padded element sits one-hot at position n + j
+        expected = torch.zeros(len(pads), N, dtype=torch.float64)
+        expected[torch.arange(len(pads)), n + torch.arange(len(pads))] = 1
+        assert_close(P[b][pads], expected, rtol=0, atol=0)
+
+
+def test_masked_equals_unpadded():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 5, 5, generator=g, dtype=torch.float64)
+    padded = torch.randn(1, 8, 8, generator=g, dtype=torch.float64)
+    rows = torch.tensor([0, 2, 3, 6, 7])
+    padded[0, rows.unsqueeze(1), torch.arange(5).unsqueeze(0)] = logits[0]
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, rows] = True
+    assert_close(sinkhorn(padded, mask=mask)[0, rows][:, :5], sinkhorn(logits)[0], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [1e4, -1e4])
+def test_large_logits_finite_float32(scale):
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 7, 7, generator=g) * scale
+    P = sinkhorn(logits, iters=10)
+    assert torch.isfinite(P).all()
+    assert_close(P.sum(1), torch.ones(2, 7), rtol=0, atol=1e-4)
+
+
+def test_all_padding_and_temperature():
+    P = sinkhorn(torch.zeros(2, 4, 4), mask=torch.zeros(2, 4, dtype=torch.bool))
+    assert_close(P, torch.eye(4).expand(2, 4, 4), rtol=0, atol=0)
+    sharp = sinkhorn(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), temperature=0.01)
+    assert_close(sharp, torch.eye(2).unsqueeze(0), rtol=0, atol=1e-6)
+
+
+def test_half_inputs_computed_in_float32():
+    logits = torch.randn(2, 5, 5).to(torch.bfloat16) * 100
+    P = sinkhorn(logits)
+    assert P.dtype == torch.bfloat16 and torch.isfinite(P.float()).all()
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True, True], [True] * 4])
+    assert torch.autograd.gradcheck(lambda z: sinkhorn(z, mask=mask, iters=3), (logits,))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="logits"):
+        sinkhorn(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        sinkhorn(torch.zeros(1, 3, 3), temperature=0)
