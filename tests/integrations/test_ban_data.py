@@ -1,0 +1,244 @@
+"""VQA v2 reader (official layout) and the synthetic generator: shapes, laziness, padding + mask,
+tokenisation, targets, and errors that name the file and key."""
+import json
+import pickle
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from integrations.ban import synth
+from integrations.ban.data import (Dictionary, VQADataError, VQAFeatureDataset, collate_vqa, load_glove_init,
+                                   tfidf_word_embedding)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return synth.generate(tmp_path_factory.mktemp("synth") / "data", images=8, val_images=3, questions=2, seed=3)
+
+
+@pytest.fixture
+def broken(root, tmp_path):
+    """A private copy of the dataset to damage."""
+    return shutil.copytree(root, tmp_path / "data")
+
+
+def test_items_have_documented_shapes_and_box_range(root):
+    ds = VQAFeatureDataset(root, "train")
+    assert len(ds) == 8 * 2 and ds.v_dim == synth.V_DIM
+    ks = []
+    for i in range(len(ds)):
+        it = ds[i]
+        k = it.v.shape[0]
+        ks.append(k)
+        assert it.v.shape == (k, 2048) and it.v.dtype == torch.float32
+        assert it.b.shape == (k, 6)
+        assert it.q.shape == (14,) and it.q.dtype == torch.long
+        assert it.target.shape == (ds.num_ans_candidates,)
+        assert (it.b >= 0).all() and (it.b <= 1).all()
+        # x2 = x1 + w, y2 = y1 + h (official spatial feature layout)
+        torch.testing.assert_close(it.b[:, 2] - it.b[:, 0], it.b[:, 4], atol=1e-6, rtol=0)
+        assert (it.v >= 0).all() and (it.v.abs().sum(1) > 0).all()  # no real box looks like padding
+    assert min(ks) == 10 and max(ks) == 100  # both extremes present
+
+
+def test_features_follow_imgid2idx_and_pos_boxes(root):
+    ds = VQAFeatureDataset(root, "val")
+    questions = {q["question_id"]: q for q in json.loads(
+        (root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]}
+    with open(root / "val_imgid2idx.pkl", "rb") as f:
+        idx = pickle.load(f)
+    with h5py.File(root / "val.hdf5", "r") as f:
+        pos = f["pos_boxes"][:]
+        for i in range(len(ds)):
+            it = ds[i]
+            s, e = pos[idx[questions[it.question_id]["image_id"]]]
+            torch.testing.assert_close(it.v, torch.from_numpy(f["image_features"][s:e]), atol=0, rtol=0)
+            torch.testing.assert_close(it.b, torch.from_numpy(f["spatial_features"][s:e]), atol=0, rtol=0)
+
+
+def test_targets_are_the_official_soft_scores(root):
+    ds = VQAFeatureDataset(root, "train")
+    with open(root / "cache" / "train_target.pkl", "rb") as f:
+        targets = {t["question_id"]: t for t in pickle.load(f)}
+    for i in range(len(ds)):
+        it = ds[i]
+        t = targets[it.question_id]
+        expect = torch.zeros(ds.num_ans_candidates)
+        expect[t["labels"]] = torch.tensor(t["scores"], dtype=torch.float32)
+        torch.testing.assert_close(it.target, expect, atol=0, rtol=0)
+        assert set(np.round(t["scores"], 6)) <= {0.3, 0.6, 0.9, 1.0}
+
+
+def test_tokenisation_is_official():
+    words = ["what", "is", "the", "dog", "'s", "colour", "bebe"]
+    d = Dictionary({w: i for i, w in enumerate(words)}, list(words))
+    n = d.ntoken
+    toks = d.tokenize("What is the Dog's colour, zebra?")
+    # ',' and '?' dropped, "'s" split off, unknown -> ntoken - 1, padded at the END with ntoken
+    assert toks == [0, 1, 2, 3, 4, 5, n - 1] + [n] * 7
+    assert d.tokenize("what " * 20) == [0] * 14  # truncated to 14
+
+
+def test_lazy_loading_keeps_features_on_disk(root):
+    ds = VQAFeatureDataset(root, "train")
+    assert ds._file is None  # validation closed its handle; nothing is cached in RAM
+    feature_bytes = (root / "train.hdf5").stat().st_size
+    assert len(pickle.dumps(ds)) < feature_bytes / 20
+    ds[0]
+    assert ds._file is not None
+    clone = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker receives
+    assert clone._file is None
+    torch.testing.assert_close(clone[3].v, ds[3].v, atol=0, rtol=0)
+
+
+def test_collate_pads_with_zero_rows_and_mask(root):
+    ds = VQAFeatureDataset(root, "train")
+    items = [ds[i] for i in range(6)]
+    batch = collate_vqa(items)
+    K = max(it.v.shape[0] for it in items)
+    assert batch.v.shape == (6, K, 2048) and batch.b.shape == (6, K, 6) and batch.mask.shape == (6, K)
+    assert batch.mask.dtype == torch.bool
+    for i, it in enumerate(items):
+        k = it.v.shape[0]
+        assert batch.mask[i].sum() == k and batch.mask[i, :k].all()
+        torch.testing.assert_close(batch.v[i, :k], it.v, atol=0, rtol=0)
+        assert (batch.v[i, k:] == 0).all() and (batch.b[i, k:] == 0).all()
+    # the official padding test (all-zero feature rows) agrees with the mask
+    assert torch.equal(batch.v.abs().sum(2) != 0, batch.mask)
+
+
+def test_workers_read_the_same_batches(root):
+    ds = VQAFeatureDataset(root, "train")
+    a = list(DataLoader(ds, batch_size=5, collate_fn=collate_vqa, num_workers=0))
+    b = list(DataLoader(ds, batch_size=5, collate_fn=collate_vqa, num_workers=2))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.v, y.v, atol=0, rtol=0)
+        assert torch.equal(x.mask, y.mask) and torch.equal(x.q, y.q)
+
+
+def test_fixed36_files(root):
+    ds = VQAFeatureDataset(root, "val", adaptive=False)
+    it = ds[0]
+    assert it.v.shape == (36, 2048) and it.b.shape == (36, 6)
+
+
+def test_glove_and_tfidf_init(root):
+    d = Dictionary.load(root / "dictionary.pkl")
+    glove = load_glove_init(root, d.ntoken)
+    assert glove.shape == (d.ntoken, 300) and glove.dtype == np.float32
+    qs = ["what colour is the leftmost dog?", "how many dogs are there?"]
+    # the tf-idf matrix is row-stochastic: applied to all-ones vectors it gives ones for every
+    # word that co-occurs with another one, and zeros for words never seen
+    out = tfidf_word_embedding(qs, d, np.ones_like(glove))
+    seen = {t for q in qs for t in d.tokenize(q, max_length=None)}
+    for t in range(d.ntoken):
+        np.testing.assert_allclose(out[t], 1.0 if t in seen else 0.0, atol=1e-6)
+
+
+def test_generator_is_deterministic(root, tmp_path):
+    again = synth.generate(tmp_path / "again", images=8, val_images=3, questions=2, seed=3)
+    for name in ("v2_OpenEnded_mscoco_train2014_questions.json", "dictionary.pkl", "cache/val_target.pkl"):
+        assert (again / name).read_bytes() == (root / name).read_bytes()
+    with h5py.File(again / "train.hdf5", "r") as a, h5py.File(root / "train.hdf5", "r") as b:
+        np.testing.assert_array_equal(a["image_features"][:], b["image_features"][:])
+
+
+def test_generator_answers_depend_on_order():
+    # three dogs: leftmost (x-centre 0.1) red, middle green, rightmost and largest blue
+    scene = {"cls": np.array(["dog", "dog", "dog", "rock"]),
+             "col": np.array(["green", "blue", "red", "red"]),
+             "geo": np.array([[0.40, 0, 0.1, 0.1], [0.70, 0, 0.2, 0.3], [0.05, 0, 0.1, 0.1], [0, 0, 0.5, 0.5]])}
+    assert synth.answer(scene, "leftmost", "dog") == "red"
+    assert synth.answer(scene, "leftmost_poss", "dog") == "red"
+    assert synth.answer(scene, "second_left", "dog") == "green"
+    assert synth.answer(scene, "rightmost", "dog") == "blue"
+    assert synth.answer(scene, "largest", "dog") == "blue"
+    assert synth.answer(scene, "count", "dog") == "3"
+    assert synth.answer(scene, "count", "cat") == "0"
+
+
+# ------------------------------------------------------------------ errors name file and key
+
+def _match(path_name, key):
+    return rf"{path_name}.*{key}"
+
+
+def test_missing_file_named(broken):
+    (broken / "cache" / "val_target.pkl").unlink()
+    with pytest.raises(VQADataError, match=_match("val_target.pkl", "file not found")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_missing_h5_key_named(broken):
+    with h5py.File(broken / "val.hdf5", "a") as f:
+        del f["pos_boxes"]
+    with pytest.raises(VQADataError, match=_match("val.hdf5", "pos_boxes")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_h5_shape_mismatch_named(broken):
+    with h5py.File(broken / "val.hdf5", "a") as f:
+        n = f["spatial_features"].shape[0]
+        del f["spatial_features"]
+        f.create_dataset("spatial_features", (n, 4), "f4")
+    with pytest.raises(VQADataError, match=_match("val.hdf5", "spatial_features")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_pos_boxes_out_of_range_named(broken):
+    with h5py.File(broken / "val.hdf5", "a") as f:
+        f["pos_boxes"][0] = [0, 10 ** 7]
+    with pytest.raises(VQADataError, match=_match("val.hdf5", "pos_boxes")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_corrupt_h5_named(broken):
+    (broken / "val.hdf5").write_bytes(b"not an hdf5 file" * 10)
+    with pytest.raises(VQADataError, match=_match("val.hdf5", "cannot open")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_corrupt_pickle_named(broken):
+    (broken / "dictionary.pkl").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(VQADataError, match=_match("dictionary.pkl", "unpickle")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_unindexed_image_named(broken):
+    with open(broken / "val_imgid2idx.pkl", "rb") as f:
+        idx = pickle.load(f)
+    gone = sorted(idx)[0]
+    del idx[gone]
+    with open(broken / "val_imgid2idx.pkl", "wb") as f:
+        pickle.dump(idx, f)
+    with pytest.raises(VQADataError, match=_match("val_imgid2idx.pkl", str(gone))):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_bad_label_named(broken):
+    p = broken / "cache" / "val_target.pkl"
+    with open(p, "rb") as f:
+        t = pickle.load(f)
+    t[0]["labels"] = [999]
+    t[0]["scores"] = [1.0]
+    with open(p, "wb") as f:
+        pickle.dump(t, f)
+    with pytest.raises(VQADataError, match=_match("val_target.pkl", "labels")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_missing_question_key_named(broken):
+    p = broken / "v2_OpenEnded_mscoco_val2014_questions.json"
+    p.write_text(json.dumps({"qs": []}))
+    with pytest.raises(VQADataError, match=_match("questions.json", "questions")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_glove_shape_named(broken):
+    np.save(broken / "glove6b_init_300d.npy", np.zeros((3, 300), np.float32))
+    with pytest.raises(VQADataError, match=_match("glove6b_init_300d.npy", "expected shape")):
+        load_glove_init(broken, Dictionary.load(broken / "dictionary.pkl").ntoken)
