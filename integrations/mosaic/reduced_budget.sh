@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The reduced-budget runs behind the tables of integrations/mosaic/README.md (CPU, 1 torch thread).
+# The paper trains 20 epochs on all of MNIST / CIFAR-10 (1 epoch of ImageNet); here every run is
+# one or a few epochs on a subset, sized to fit about an hour of a shared 2-core CPU.
+# Usage: bash integrations/mosaic/reduced_budget.sh [OUT=/work/runs/mosaic] [part ...]
+set -euo pipefail
+OUT=${OUT:-/work/runs/mosaic}
+M="python -m integrations.mosaic train --threads 1"
+mkdir -p "$OUT/logs"
+run() {  # run NAME ARGS...: skip finished runs, log to $OUT/logs/NAME.log
+  local name=$1; shift
+  if [ -f "$OUT/$name/metrics.json" ]; then echo "skip $name"; return; fi
+  echo "$(date -u +%T) start $name"
+  $M "$@" --out "$OUT/$name" > "$OUT/logs/$name.log" 2>&1 || echo "FAILED $name"
+  echo "$(date -u +%T) done  $name"
+}
+parts=${*:-"mnist mnist-classify mnist-big cifar10 tiny"}
+for part in $parts; do case $part in
+mnist)  # Tables 1 and 4, MNIST 2x2 and 3x3: all 60,000 training images, 1 epoch (paper: 20)
+  for n in 2 3; do for m in linassign po-u po-la; do
+    run mnist-$n-$m --dataset mnist --tiles $n --model $m --epochs 1
+  done; done ;;
+mnist-classify)  # Tables 2 and 5: ResNet-18 (width 16) pre-trained on 20,000 images for 1 epoch, then
+                 # the permutation trained through it on 10,000 images for 1 epoch; 5,000 test images
+  for n in 2 3; do
+    run mnist-$n-pretrain --task pretrain --dataset mnist --tiles $n --resnet-width 16 --epochs 1 --subset 20000 --test-subset 5000
+    for m in linassign po-u po-la; do
+      run mnist-$n-classify-$m --task classify --classifier "$OUT/mnist-$n-pretrain" --dataset mnist --tiles $n \
+        --model $m --epochs 1 --subset 10000 --test-subset 5000
+    done
+  done ;;
+mnist-big)  # Tables 1 and 4, MNIST 4x4 and 5x5: 30,000 training images, 1 epoch
+  for n in 4 5; do for m in linassign po-u po-la; do
+    run mnist-$n-$m --dataset mnist --tiles $n --model $m --epochs 1 --subset 30000
+  done; done ;;
+cifar10)  # the 4,000 / 1,000-image CIFAR-10 subset of shared/data, 5 epochs
+  for n in 2 3; do for m in linassign po-u po-la; do
+    run cifar10-$n-$m --dataset cifar10 --tiles $n --model $m --epochs 5
+  done; done ;;
+tiny)  # Tiny ImageNet val as the ImageNet 64x64 stand-in: train on val images 1000-9999, test on 0-999, 1 epoch
+  for n in 2 3; do for m in linassign po-u po-la; do
+    run tiny-$n-$m --dataset tiny-imagenet --tiles $n --model $m --epochs 1
+  done; done ;;
+*) echo "unknown part $part"; exit 2 ;;
+esac; done
