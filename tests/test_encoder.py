@@ -108,10 +108,11 @@ def test_eta_is_positive_learnable_and_initialised_to_one():
     assert LinAssign(3, num_positions=4).eta is None
 
 
-def test_bf16_autocast_finite():
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_autocast_finite(half):
     enc = make_encoder(torch.float32)
     x = torch.randn(3, 9, 5) * 50
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=half):
         h, P = enc(x, mask=torch.rand(3, 9) > 0.3, return_permutation=True)
     assert torch.isfinite(h.float()).all() and torch.isfinite(P.float()).all()
 
@@ -177,3 +178,11 @@ def test_check_finite_can_be_turned_off():
     x = torch.randn(1, 3, 5)
     x[0, 1, 0] = float("inf")
     enc(x)   # no error raised: the caller opted out of the check
+
+
+def test_encoder_gradcheck_with_mask_and_weights():
+    enc = make_encoder(torch.float64)
+    x = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, False, True, False], [True] * 5])
+    assert torch.autograd.gradcheck(lambda x, w: enc(x, mask=mask, weights=w), (x, w))
