@@ -1,0 +1,167 @@
+"""PO-U at the glimpses of BAN (perm-optim paper, section 4.4 and appendix F.4).
+
+For every glimpse g the boxes form a set of 13-vectors: the four box coordinates divided by the
+sample's largest coordinate, the glimpse's attention logit (max over question words, as the counting
+module uses it) and a learned 2048 -> 8 projection of the box feature. One ``PermutationSetEncoder``
+shared by all glimpses (PO-U, T = 3, pairwise f 26 -> 128 -> 1, relevance weights sigmoid(logit),
+LSTM 13 -> 128, last cell state) encodes the set; ``p_prj[g]`` (128 -> H, ReLU) adds the encoding to
+BAN's hidden state right after the counter term of glimpse g.
+
+Differences from the authors' released patch (``../shared/specs/perm-optim-released.md`` section 3):
+padded boxes (logit -inf) are masked out of the cost, Sinkhorn and LSTM instead of producing NaN,
+so the patched model keeps BAN's padding invariance; the eight sets are encoded in one batched call
+(the attention logits exist before the loop) instead of eight calls; ``mode="lstm"`` is the paper's
+"BAN + LSTM" baseline (same encoder without the permutation).
+
+``PatchedBan`` wraps the original model as the submodule ``ban`` (official checkpoints load into
+``patched.ban``) and runs the glimpse loop itself by calling that model's submodules, so it works on
+models from the official ``base_model.build_ban`` and from ``model.build_ban`` alike, and needs no
+closures: ``state_dict``, ``DataParallel`` and ``DistributedDataParallel`` see a plain module tree.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from setperm import PermutationSetEncoder
+
+from .model import FCNet, ban_attend, ban_fuse, check_ban_inputs, padding_mask
+
+__all__ = ["PatchedBan", "patch_ban", "glimpse_sets", "normalized_boxes", "MODES"]
+
+MODES = ("po", "lstm", "none")
+_BAN_SUBMODULES = ("w_emb", "q_emb", "v_att", "b_net", "q_prj", "c_prj", "counter", "classifier")
+
+
+def normalized_boxes(b: Tensor, mask: Tensor) -> Tensor:
+    """x1, y1, x2, y2 of ``b`` (B, K, >=4) divided by each sample's largest coordinate over its real
+    boxes (``mask`` (B, K), True = real), as the released patch does. Padded rows are 0. -> (B, K, 4)."""
+    boxes = b[:, :, :4]
+    real = mask.unsqueeze(2)
+    largest = torch.where(real, boxes, torch.full_like(boxes, float("-inf"))).amax(dim=(1, 2))
+    # a sample without real boxes, or with all-zero coordinates, is left unscaled
+    scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return torch.where(real, boxes / scale[:, None, None], torch.zeros_like(boxes))
+
+
+def glimpse_sets(b: Tensor, logits: Tensor, features: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The G glimpses' box sets, flattened for one batched encoder call (appendix F.4).
+
+    Args:
+        b: (B, K, >=4) box geometry, x1, y1, x2, y2 first.
+        logits: (B, G, K, T) bilinear attention logits, -inf at padded boxes.
+        features: (B, K, F) projected box features (F = 8).
+        mask: (B, K) bool, True = real box.
+
+    Returns:
+        ``x`` (B * G, K, 4 + 1 + F) elements [boxes, max-over-words logit, features], ``weights``
+        (B * G, K) the relevance logits and ``mask`` (B * G, K). Set ``b * G + g`` is glimpse g of
+        sample b. Padded boxes are 0 everywhere: the -inf logits are replaced (``torch.where``, so
+        neither the values nor their gradients touch -inf) before any arithmetic.
+    """
+    B, G, K, _ = logits.shape
+    relevance = logits.max(dim=3)[0]  # (B, G, K), as BAN feeds the counter
+    real = mask.unsqueeze(1).expand(B, G, K)
+    relevance = torch.where(real, relevance, torch.zeros_like(relevance))
+    per_box = torch.cat([normalized_boxes(b, mask), torch.where(mask.unsqueeze(2), features,
+                                                               torch.zeros_like(features))], 2)
+    per_box = per_box.unsqueeze(1).expand(B, G, K, per_box.shape[2])
+    x = torch.cat([per_box[..., :4], relevance.unsqueeze(3), per_box[..., 4:]], 3)
+    return x.reshape(B * G, K, -1), relevance.reshape(B * G, K), real.reshape(B * G, K)
+
+
+class PatchedBan(nn.Module):
+    """A BAN (official or ``model.BanModel``) with a shared permutation-set encoder at its glimpses.
+
+    Submodules: ``ban`` (the original model, unchanged), ``set_encoder`` (``PermutationSetEncoder``,
+    shared by the glimpses), ``box_proj`` (``nn.Linear(v_dim, 8)``), ``p_prj`` (G x ``FCNet([hidden,
+    H], 'ReLU', 0)``).
+
+    ``forward(v (B, K, v_dim), b (B, K, >=4), q (B, T), labels=None) -> (logits (B, A), att (B, G, K, T))``,
+    the official signature. Padded boxes are all-zero rows of ``v``.
+    """
+
+    def __init__(self, ban: nn.Module, mode: str = "po", *, v_dim: Optional[int] = None,
+                 num_hid: Optional[int] = None, proj_features: int = 8, hidden_size: int = 128,
+                 cost_hidden: int = 128, steps: int = 3, **encoder_kwargs):
+        super().__init__()
+        if mode not in ("po", "lstm"):
+            raise ValueError(f"mode must be 'po' or 'lstm' for PatchedBan (use patch_ban for 'none'), got {mode!r}")
+        _check_ban(ban)
+        v_dim = int(v_dim if v_dim is not None else ban.v_att.logits.v_dim)
+        num_hid = int(num_hid if num_hid is not None else ban.q_emb.num_hid)
+        self.mode = mode
+        self.ban = ban
+        self.set_encoder = PermutationSetEncoder(
+            4 + 1 + proj_features, hidden_size=hidden_size, cost_hidden=cost_hidden, steps=steps,
+            permutation="po-u" if mode == "po" else "none", **encoder_kwargs)
+        # F.4: projecting the 2048-d features to 8 dims was needed "to not inhibit learning of the
+        # rest of the model"; Xavier weights and zero bias as in the released code
+        self.box_proj = nn.Linear(v_dim, proj_features)
+        nn.init.xavier_uniform_(self.box_proj.weight)
+        nn.init.zeros_(self.box_proj.bias)
+        self.p_prj = nn.ModuleList(FCNet([hidden_size, num_hid], "ReLU", 0.0) for _ in range(ban.glimpse))
+        ref = next(ban.parameters())
+        for module in (self.set_encoder, self.box_proj, self.p_prj):
+            module.to(device=ref.device, dtype=ref.dtype)
+
+    @property
+    def glimpse(self) -> int:
+        return self.ban.glimpse
+
+    @property
+    def eta(self) -> Optional[Tensor]:
+        return self.set_encoder.eta
+
+    def encode_glimpses(self, v: Tensor, b: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
+        """All G glimpses' sets through the shared encoder in ONE call -> (B, G, hidden_size)."""
+        B, G = logits.shape[:2]
+        x, weights, set_mask = glimpse_sets(b, logits, self.box_proj(v), mask)
+        h = self.set_encoder(x, mask=set_mask, weights=weights)
+        return h.view(B, G, -1)
+
+    def forward(self, v: Tensor, b: Tensor, q: Tensor, labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        check_ban_inputs(v, b, q, self.box_proj.in_features)
+        q_emb, att, logits = ban_attend(self.ban, v, q)
+        encoding = self.encode_glimpses(v, b, logits, padding_mask(v))
+        extra = [self.p_prj[g](encoding[:, g]) for g in range(self.ban.glimpse)]
+        return ban_fuse(self.ban, v, b, q_emb, att, logits, extra), att
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+def _check_ban(model: nn.Module) -> None:
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ValueError("model: patch the BAN before wrapping it in DataParallel/DistributedDataParallel "
+                         f"(got {type(model).__name__})")
+    if isinstance(model, PatchedBan):
+        raise ValueError("model is already patched (PatchedBan); patch the original BAN once")
+    missing = [n for n in _BAN_SUBMODULES + ("glimpse",) if not hasattr(model, n)]
+    if missing:
+        raise ValueError(f"model: expected a BAN (official base_model.BanModel or integrations.ban.model.BanModel); "
+                         f"{type(model).__name__} lacks {', '.join(missing)}")
+
+
+def patch_ban(model: nn.Module, mode: str = "po", **encoder_kwargs) -> nn.Module:
+    """Add the permutation-set encoder to every glimpse of ``model`` (appendix F.4).
+
+    Args:
+        model: a BAN from the official ``base_model.build_ban`` or from ``model.build_ban``.
+        mode: ``"po"`` (BAN + PO-U), ``"lstm"`` (BAN + LSTM: same encoder, no permutation) or
+            ``"none"`` (``model`` itself is returned, unchanged).
+        **encoder_kwargs: ``hidden_size`` (128), ``cost_hidden`` (128), ``steps`` (3),
+            ``proj_features`` (8), ``v_dim`` / ``num_hid`` (read from the model), and any other
+            ``PermutationSetEncoder`` argument (``sinkhorn_iters``, ``eta_init``, ``check_finite``, ...).
+
+    Returns:
+        ``model`` for ``"none"``, else a ``PatchedBan`` holding ``model`` as ``.ban``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "none":
+        _check_ban(model)
+        return model
+    return PatchedBan(model, mode, **encoder_kwargs)
