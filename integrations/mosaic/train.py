@@ -284,15 +284,16 @@ def train(cfg) -> dict:
             loss.backward()
             opt.step()
             step += 1
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at epoch {epoch}, batch {j}")
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"non-finite loss {lv} at epoch {epoch}, batch {j}")
             if step % cfg.log_every == 0 and writer is not None:
-                writer.add_scalar("train/loss", float(loss), step)
+                writer.add_scalar("train/loss", lv, step)
                 for k, v in extra.items():
                     writer.add_scalar(f"train/{k}", v, step)
                 if cfg.task != "pretrain":
                     setperm.monitor.log_step_sizes(writer, model, step)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{lv:.4f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 train_seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()

@@ -1,0 +1,125 @@
+"""Models, training, resume, eval and figures of integrations.mosaic (short CPU runs on real MNIST slices)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import setperm
+from integrations.mosaic.__main__ import main
+from integrations.mosaic.model import ClassifyNet, MosaicNet
+from integrations.mosaic.resnet import ResNet18
+from integrations.mosaic.tiles import random_permutations, shuffle_tiles, target_index
+
+DATA = Path(os.environ.get("SETPERM_DATA_ROOT", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def data_root() -> str:
+    if not (DATA / "mnist").exists():
+        pytest.skip(f"shared data folder {DATA / 'mnist'} is absent (set SETPERM_DATA_ROOT)")
+    return str(DATA)
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())["final"]
+
+
+@pytest.mark.parametrize("model", ["linassign", "po-u", "po-la"])
+def test_mosaic_net_shapes_and_convention(model):
+    torch.manual_seed(0)
+    n = 3
+    net = MosaicNet(n, 1, 10, model, conv_channels=4, cost_hidden=8)
+    tiles = torch.randn(5, n * n, 1, 10, 10)
+    recon, P = net(tiles)
+    assert recon.shape == tiles.shape and P.shape == (5, 9, 9)
+    torch.testing.assert_close(P.sum(1), torch.ones(5, 9), rtol=0, atol=1e-3)  # every position filled once
+    torch.testing.assert_close(recon, setperm.apply_permutation(tiles, P), rtol=0, atol=0)
+    steps = net.permutation(tiles, return_steps=True)
+    assert len(steps) == (1 if model == "linassign" else 5)  # S(P~(0)), ..., S(P~(T)), T = 4
+    torch.testing.assert_close(steps[-1], P, rtol=0, atol=1e-6)
+    if model == "po-u":  # PO-U starts from the uniform assignment (paper figures 12-19, top row)
+        torch.testing.assert_close(steps[0], torch.full_like(P, 1 / 9), rtol=0, atol=1e-6)
+
+
+def test_target_permutation_is_recovered_by_hungarian():
+    g = torch.Generator().manual_seed(3)
+    tiles = torch.randn(4, 9, 1, 5, 5)
+    perm = random_permutations(4, 9, g)
+    shuffled = shuffle_tiles(tiles, perm)
+    P = torch.zeros(4, 9, 9).scatter_(2, perm.unsqueeze(2), 1.0)  # element i belongs at position perm[i]
+    noisy = 0.8 * P + 0.2 * torch.rand(4, 9, 9, generator=g) / 9
+    assert torch.equal(setperm.hungarian(noisy), target_index(perm))
+    torch.testing.assert_close(setperm.apply_permutation(shuffled, P), tiles, rtol=0, atol=1e-6)
+
+
+def test_resnet18_stems():
+    small = ResNet18(1, 10, small_input=True, width=8)
+    assert small(torch.randn(2, 1, 30, 30)).shape == (2, 10)
+    big = ResNet18(3, 200, small_input=False, width=8)
+    assert big(torch.randn(2, 3, 66, 66)).shape == (2, 200)
+    assert big.stem[0].stride == (2, 2) and small.stem[0].stride == (1, 1) and small.stem[0].kernel_size == (3, 3)
+
+
+def test_mnist_2x2_becomes_solvable(tmp_path, data_root):
+    """A few hundred MNIST images, 3 short epochs: PO-LA places every tile correctly far above chance (1/24)."""
+    out = tmp_path / "po-la"
+    main(["train", "--dataset", "mnist", "--tiles", "2", "--model", "po-la", "--epochs", "3", "--subset", "384",
+          "--test-subset", "300", "--data-root", data_root, "--out", str(out), "--seed", "0"])
+    m = _metrics(out)
+    assert m["acc_perm"] > 0.5, m
+    assert m["acc_pixel"] >= m["acc_perm"]  # a correct permutation always reconstructs the image exactly
+    assert m["mse"] < 0.5, m                 # a random assignment gives about 1.6 on normalised MNIST
+    assert (out / "config.json").is_file() and any((out / "tb").iterdir())
+
+
+def test_resume_is_exact(tmp_path, data_root):
+    common = ["--dataset", "mnist", "--tiles", "3", "--model", "po-u", "--subset", "96", "--test-subset", "50",
+              "--data-root", data_root, "--checkpoint-every", "0", "--log-every", "1"]
+    main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "a")])
+    main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "b")])
+    main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "b"), "--resume"])
+    a = torch.load(sorted((tmp_path / "a" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    b = torch.load(sorted((tmp_path / "b" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert _metrics(tmp_path / "a")["mse"] == _metrics(tmp_path / "b")["mse"]
+    # eval and figures rebuild the model from the resolved config saved with the checkpoint
+    main(["eval", "--out", str(tmp_path / "a"), "--data-root", data_root, "--test-subset", "50"])
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["mse"] == pytest.approx(_metrics(tmp_path / "a")["mse"])
+    png = tmp_path / "fig.png"
+    main(["figures", "--out", str(tmp_path / "a"), "--data-root", data_root, "--num-examples", "3", "--figure", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_classify_trains_only_the_permutation(tmp_path, data_root):
+    pre = tmp_path / "pre"
+    main(["train", "--task", "pretrain", "--dataset", "mnist", "--tiles", "2", "--resnet-width", "4", "--epochs", "1",
+          "--subset", "64", "--test-subset", "32", "--data-root", data_root, "--out", str(pre)])
+    assert {"acc", "acc_min"} <= set(_metrics(pre))
+    cls = tmp_path / "cls"
+    main(["train", "--task", "classify", "--classifier", str(pre), "--model", "po-la", "--dataset", "mnist",
+          "--tiles", "2", "--epochs", "1", "--subset", "64", "--test-subset", "32", "--data-root", data_root,
+          "--out", str(cls)])
+    m = _metrics(cls)
+    assert {"acc", "acc_max", "acc_min", "mse_soft", "acc_perm"} <= set(m)
+    before = torch.load(sorted((pre / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    after = torch.load(sorted((cls / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    for k, v in before.items():  # frozen ResNet: weights and batch-norm statistics unchanged
+        torch.testing.assert_close(after[f"classifier.{k}"], v, rtol=0, atol=0, msg=k)
+    changed = [k for k in after if k.startswith("mosaic.") and k.endswith("weight")]
+    assert changed
+    with pytest.raises(ValueError, match="--classifier"):
+        main(["train", "--task", "classify", "--classifier", str(cls), "--dataset", "mnist", "--tiles", "2",
+              "--subset", "8", "--data-root", data_root, "--out", str(tmp_path / "bad"), "--epochs", "1"])
+
+
+def test_classify_net_freezes_classifier():
+    net = ClassifyNet(MosaicNet(2, 1, 4, "po-u", conv_channels=2, cost_hidden=4), ResNet18(1, 10, width=4))
+    net.train()
+    assert not net.classifier.training and net.mosaic.training
+    assert all(not p.requires_grad for p in net.classifier.parameters())
