@@ -1,0 +1,412 @@
+"""BAN model, counting module, the PO-U plugin and the official-code loader (integrations/ban).
+
+Small models (H = 32, v_dim = 64, 8 glimpses) keep the file fast on 2 cores. The tests marked
+``official`` need a jnhwkim/ban-vqa checkout in ``SETPERM_BAN_ROOT`` and are skipped otherwise.
+"""
+import copy
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.testing import assert_close
+
+from integrations.ban import PatchedBan, build_ban, load_official, patch_ban
+from integrations.ban.counting import Counter, box_iou, interpolated_one_hot, piecewise_linear
+from integrations.ban.model import WeightNormLinear, padding_mask
+from integrations.ban.official import build_official_ban
+from integrations.ban.plugin import glimpse_sets, normalized_boxes
+
+NTOKEN, ANSWERS, V_DIM, HID, GLIMPSES, T = 30, 12, 64, 32, 8, 14
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make_batch(sizes, K=None, v_dim=V_DIM, seed=0):
+    """Zero-padded batch as BAN's collate makes it: sample i has sizes[i] real boxes."""
+    g = torch.Generator().manual_seed(seed)
+    K = K or max(sizes)
+    B = len(sizes)
+    v = torch.rand(B, K, v_dim, generator=g) + 0.01
+    xy = torch.rand(B, K, 2, generator=g) * 0.6
+    wh = torch.rand(B, K, 2, generator=g) * 0.4 + 0.01
+    b = torch.cat([xy, xy + wh, wh], 2)
+    for i, n in enumerate(sizes):
+        v[i, n:] = 0
+        b[i, n:] = 0
+    q = torch.randint(0, NTOKEN + 1, (B, T), generator=g)
+    return v, b, q
+
+
+def small_ban(seed=0):
+    torch.manual_seed(seed)
+    return build_ban(NTOKEN, ANSWERS, v_dim=V_DIM, num_hid=HID, gamma=GLIMPSES)
+
+
+def crop(v, b, i, n, K=None):
+    """Sample i alone, its n real boxes, zero-padded to K boxes (no padding when K is None)."""
+    K = K or n
+    v1 = v.new_zeros(1, K, v.shape[2])
+    b1 = b.new_zeros(1, K, b.shape[2])
+    v1[0, :n], b1[0, :n] = v[i, :n], b[i, :n]
+    return v1, b1
+
+
+# ----------------------------------------------------------------------------------- counting module
+
+def test_piecewise_linear_is_monotone_from_0_to_1():
+    w = torch.rand(17) + 0.1
+    w[0] = 0
+    x = torch.linspace(0, 1, 401)
+    y = piecewise_linear(x, w)
+    assert_close(y[0], torch.tensor(0.0))
+    assert_close(y[-1], torch.tensor(1.0))
+    assert bool((y[1:] - y[:-1] >= -1e-7).all())
+    # uniform slopes give the identity
+    ones = torch.ones(17)
+    ones[0] = 0
+    assert_close(piecewise_linear(x, ones), x, rtol=0, atol=1e-6)
+
+
+def test_interpolated_one_hot():
+    out = interpolated_one_hot(torch.tensor([2.75, 0.0, 10.0, 12.0]), 10)
+    assert_close(out.sum(1), torch.ones(4))
+    assert_close(out[0, 2:4], torch.tensor([0.25, 0.75]))
+    assert out[1, 0] == 1 and out[2, 10] == 1 and out[3, 10] == 1
+
+
+def _disjoint_boxes(n):
+    # boxes on a row, no overlaps: IoU = identity
+    x1 = torch.arange(n, dtype=torch.float32) * 0.1
+    return torch.stack([x1, torch.zeros(n), x1 + 0.05, torch.full((n,), 0.5)]).unsqueeze(0)  # (1, 4, n)
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 7, 10])
+def test_counter_counts_relevant_disjoint_boxes(count):
+    # Counting paper, section 4: with identity f's, c relevant non-overlapping boxes give c^2 edges
+    # (self-loops included), hence count c and full confidence
+    counter = Counter(10)
+    boxes = _disjoint_boxes(16)
+    logits = torch.full((1, 16), -30.0)
+    logits[0, torch.randperm(16)[:count]] = 30.0
+    out = counter(boxes, logits)
+    expected = torch.zeros(1, 11)
+    expected[0, count] = 1
+    assert_close(out, expected, rtol=0, atol=1e-4)
+
+
+def test_counter_removes_duplicate_boxes():
+    # a proposal repeated exactly (IoU 1) is one object: 3 distinct + 1 duplicate -> 3
+    counter = Counter(10)
+    boxes = _disjoint_boxes(12)
+    boxes[0, :, 11] = boxes[0, :, 0]
+    logits = torch.full((1, 12), -30.0)
+    logits[0, [0, 1, 2, 11]] = 30.0
+    assert int(counter(boxes, logits).argmax()) == 3
+    assert_close(box_iou(boxes)[0, 0, 11], torch.tensor(1.0))
+
+
+def test_counter_with_fewer_boxes_than_objects_equals_padded():
+    torch.manual_seed(0)
+    counter = Counter(10)
+    for f in counter.f:
+        f.weight.data.uniform_(0.1, 1.0)
+    v, b, _ = make_batch([6, 6], K=6, seed=1)
+    boxes = b[:, :, :4].transpose(1, 2)
+    logits = torch.randn(2, 6)
+    padded_boxes = torch.cat([boxes, torch.zeros(2, 4, 5)], 2)
+    padded_logits = torch.cat([logits, torch.full((2, 5), float("-inf"))], 1)
+    assert_close(counter(boxes, logits), counter(padded_boxes, padded_logits), **TOL)
+
+
+# ----------------------------------------------------------------------------------------- BAN itself
+
+def test_weight_norm_linear_matches_torch_weight_norm():
+    lin = WeightNormLinear(7, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ref = torch.nn.utils.weight_norm(nn.Linear(7, 5), dim=None)
+    ref.load_state_dict(lin.state_dict(), strict=True)
+    with torch.no_grad():
+        lin.weight_g.mul_(1.7)
+        ref.weight_g.mul_(1.7)
+    x = torch.randn(3, 7)
+    assert_close(lin(x), ref(x), **TOL)
+    # initialised like weight_norm does it: g = ||V||
+    fresh = WeightNormLinear(9, 4)
+    assert_close(fresh.weight_g, fresh.weight_v.norm())
+
+
+def test_ban_shapes_and_padding_invariance():
+    model = small_ban().eval()
+    sizes = [10, 23, 37]
+    v, b, q = make_batch(sizes)
+    logits, att = model(v, b, q)
+    assert logits.shape == (3, ANSWERS) and att.shape == (3, GLIMPSES, 37, T)
+    # attention is a distribution over (box, word) pairs and 0 at padded boxes
+    assert_close(att.sum((2, 3)), torch.ones(3, GLIMPSES), **TOL)
+    assert float(att[0, :, 10:].detach().abs().max()) == 0.0
+    for i, n in enumerate(sizes):
+        alone, _ = model(*crop(v, b, i, n), q[i:i + 1])
+        padded, _ = model(*crop(v, b, i, n, K=100), q[i:i + 1])
+        assert_close(alone, logits[i:i + 1], **TOL)
+        assert_close(padded, alone, **TOL)
+
+
+def test_ban_rejects_bad_inputs():
+    model = small_ban()
+    v, b, q = make_batch([10, 12])
+    with pytest.raises(ValueError, match="v must"):
+        model(v[0], b, q)
+    with pytest.raises(ValueError, match="v_dim"):
+        model(v[..., :10], b, q)
+    with pytest.raises(ValueError, match="b must"):
+        model(v, b[:, :5], q)
+    with pytest.raises(ValueError, match="q must"):
+        model(v, b, q.float())
+
+
+# -------------------------------------------------------------------------------------------- plugin
+
+@pytest.mark.parametrize("mode", ["po", "lstm"])
+def test_patched_padding_invariance_and_no_nan(mode):
+    model = patch_ban(small_ban(), mode).eval()
+    sizes = [10, 31, 57]  # every sample but the last is padded
+    v, b, q = make_batch(sizes, seed=2)
+    logits, att = model(v, b, q)
+    assert bool(torch.isfinite(logits).all()) and bool(torch.isfinite(att).all())
+    for i, n in enumerate(sizes):
+        alone, _ = model(*crop(v, b, i, n), q[i:i + 1])
+        padded, _ = model(*crop(v, b, i, n, K=100), q[i:i + 1])
+        assert_close(alone, logits[i:i + 1], **TOL)
+        assert_close(padded, alone, **TOL)
+    # gradients through a padded batch stay finite too (train mode, dropout on)
+    model.train()
+    out, _ = model(v, b, q)
+    out.logsumexp(1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert model.set_encoder.lstm.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_patch_is_additive_after_the_counter_term():
+    # with p_prj outputs forced to 0 the patched model computes exactly the original BAN
+    base = small_ban().eval()
+    patched = patch_ban(copy.deepcopy(base), "po").eval()
+    with torch.no_grad():
+        for proj in patched.p_prj:
+            proj.main[0].weight_g.zero_()
+            proj.main[0].bias.zero_()
+    v, b, q = make_batch([12, 40], seed=3)
+    assert_close(patched(v, b, q)[0], base(v, b, q)[0], rtol=0, atol=0)
+    # and with the projections active it does not
+    fresh = patch_ban(copy.deepcopy(base), "po").eval()
+    assert not torch.allclose(fresh(v, b, q)[0], base(v, b, q)[0])
+
+
+def test_mode_none_returns_the_model_bit_identical():
+    base = small_ban().eval()
+    reference = copy.deepcopy(base)
+    same = patch_ban(base, "none")
+    assert same is base
+    v, b, q = make_batch([10, 20], seed=4)
+    assert torch.equal(same(v, b, q)[0], reference(v, b, q)[0])
+    assert base.state_dict().keys() == reference.state_dict().keys()
+
+
+def test_glimpse_sets_are_encoded_in_one_call():
+    model = patch_ban(small_ban(), "po").eval()
+    calls = []
+    model.set_encoder.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out)),
+                                            with_kwargs=True)
+    v, b, q = make_batch([10, 25, 33], seed=5)
+    model(v, b, q)
+    assert len(calls) == 1
+    args, kwargs, out = calls[0]
+    x = args[0]
+    assert x.shape == (3 * GLIMPSES, 33, 13) and out.shape == (3 * GLIMPSES, 128)
+    assert kwargs["mask"].shape == (3 * GLIMPSES, 33) and kwargs["weights"].shape == (3 * GLIMPSES, 33)
+    assert bool(torch.isfinite(x).all()) and bool(torch.isfinite(kwargs["weights"]).all())
+
+
+def test_glimpse_set_elements():
+    # F.4: [boxes / largest coordinate, max-over-words logit, projected feature]; set b * G + g
+    v, b, _ = make_batch([10, 15], seed=6)
+    mask = padding_mask(v)
+    G, K = 3, 15
+    logits = torch.randn(2, G, K, T)
+    logits = logits.masked_fill(~mask[:, None, :, None], float("-inf"))
+    feats = torch.randn(2, K, 8)
+    x, w, m = glimpse_sets(b, logits, feats, mask)
+    assert x.shape == (2 * G, K, 13)
+    for i in range(2):
+        n = int(mask[i].sum())
+        for g in range(G):
+            s = i * G + g
+            assert_close(x[s, :n, :4], b[i, :n, :4] / b[i, :n, :4].max(), rtol=0, atol=1e-6)
+            assert_close(x[s, :n, 4], logits[i, g, :n].max(1)[0], rtol=0, atol=0)
+            assert_close(w[s, :n], logits[i, g, :n].max(1)[0], rtol=0, atol=0)
+            assert_close(x[s, :n, 5:], feats[i, :n], rtol=0, atol=0)
+            assert bool(m[s, :n].all()) and not bool(m[s, n:].any())
+            assert float(x[s, n:].abs().sum()) == 0.0 and float(w[s, n:].abs().sum()) == 0.0
+    # the largest real coordinate is 1 after normalisation, whatever the padding
+    assert_close(normalized_boxes(b, mask).amax((1, 2)), torch.ones(2))
+
+
+def test_state_dict_round_trip():
+    model = patch_ban(small_ban(seed=0), "po", eta_init=1.7).eval()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    other = patch_ban(small_ban(seed=1), "po").eval()
+    v, b, q = make_batch([10, 30], seed=7)
+    assert not torch.allclose(other(v, b, q)[0], model(v, b, q)[0])
+    other.load_state_dict(torch.load(buf), strict=True)
+    assert_close(other(v, b, q)[0], model(v, b, q)[0], rtol=0, atol=0)
+    assert_close(other.eta, model.eta)
+    # the original BAN's weights sit under "ban.", so a plain BAN checkpoint loads into .ban
+    assert set(small_ban().state_dict()) == {k[4:] for k in model.state_dict() if k.startswith("ban.")}
+
+
+def test_data_parallel_on_cpu():
+    model = patch_ban(small_ban(), "po").eval()
+    v, b, q = make_batch([10, 20], seed=8)
+    wrapped = nn.DataParallel(model)  # no GPU: DataParallel just calls the module
+    assert_close(wrapped(v, b, q)[0], model(v, b, q)[0], rtol=0, atol=0)
+    assert wrapped.module.glimpse == GLIMPSES
+
+
+def test_distributed_data_parallel_single_process(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = patch_ban(small_ban(), "po")
+        # counter.f[8:] exist only for checkpoint compatibility (unused, as in the official module)
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
+        v, b, q = make_batch([10, 20], seed=9)
+        for _ in range(2):
+            opt.zero_grad()
+            out, _ = ddp(v, b, q)
+            out.logsumexp(1).mean().backward()
+            opt.step()
+        assert bool(torch.isfinite(out).all())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_patch_ban_rejects_bad_arguments():
+    model = small_ban()
+    with pytest.raises(ValueError, match="mode"):
+        patch_ban(model, "po-u")
+    with pytest.raises(ValueError, match="lacks"):
+        patch_ban(nn.Linear(3, 3), "po")
+    with pytest.raises(ValueError, match="already patched"):
+        patch_ban(patch_ban(model, "po"), "lstm")
+    with pytest.raises(ValueError, match="DataParallel"):
+        patch_ban(nn.DataParallel(model), "po")
+
+
+def test_lstm_mode_has_no_permutation():
+    model = patch_ban(small_ban(), "lstm")
+    assert model.eta is None and model.set_encoder.permutation == "none"
+    assert patch_ban(small_ban(), "po").eta is not None
+
+
+# --------------------------------------------------------------------------------- official loader
+
+def test_load_official_rejects_non_checkout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a jnhwkim/ban-vqa checkout"):
+        load_official(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_official(tmp_path / "missing")
+
+
+BAN_ROOT = os.environ.get("SETPERM_BAN_ROOT")
+official = pytest.mark.skipif(
+    not BAN_ROOT or not (Path(BAN_ROOT) / "base_model.py").is_file(),
+    reason="set SETPERM_BAN_ROOT to a jnhwkim/ban-vqa checkout to test against the official code")
+
+
+@pytest.fixture(scope="module")
+def off():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return load_official(BAN_ROOT)
+
+
+def official_ban(off, seed=0):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return build_official_ban(None, NTOKEN, ANSWERS, v_dim=V_DIM, num_hid=HID, gamma=GLIMPSES, official=off)
+
+
+@official
+def test_official_loads_without_polluting_sys_modules(off):
+    assert "utils" not in sys.modules or sys.modules["utils"] is not off.utils
+    for name in ("base_model", "fc", "bc", "attention", "counting"):
+        assert name not in sys.modules
+    before = set(Path(BAN_ROOT).rglob("*"))
+    load_official(BAN_ROOT)
+    assert set(Path(BAN_ROOT).rglob("*")) == before  # nothing written into the checkout (no .pyc)
+
+
+@official
+def test_official_forward_and_backward_on_cpu(off):
+    model = official_ban(off).train()
+    v, b, q = make_batch([10, 30], seed=10)
+    logits, att = model(v, b, q, None)
+    assert logits.shape == (2, ANSWERS) and bool(torch.isfinite(logits).all())
+    logits.sum().backward()  # raises on torch 2.x without the in-place dropout fix
+    labels = torch.rand(2, ANSWERS)
+    score = off.train.compute_score_with_logits(logits.detach(), labels)  # unconditional .cuda() fixed
+    assert score.shape == (2, ANSWERS)
+    batch = [(torch.rand(3, 4), torch.tensor(1)), (torch.rand(5, 4), torch.tensor(2))]
+    v_b, _ = off.utils.trim_collate(batch)  # torch._six and collections.abc fixes
+    assert v_b.shape == (2, 5, 4)
+
+
+@official
+def test_official_state_dict_loads_into_project_ban(off):
+    ref = official_ban(off).eval()
+    mine = build_ban(NTOKEN, ANSWERS, v_dim=V_DIM, num_hid=HID, gamma=GLIMPSES).eval()
+    assert {k: v.shape for k, v in mine.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    v, b, q = make_batch([10, 27, 44], seed=11)
+    ref_logits, ref_att = ref(v, b, q, None)
+    logits, att = mine(v, b, q)
+    assert_close(logits, ref_logits, **TOL)
+    assert_close(att, ref_att, **TOL)
+    # and back: the project's state_dict loads into the official model
+    ref2 = official_ban(off, seed=1).eval()
+    ref2.load_state_dict(mine.state_dict(), strict=True)
+    assert_close(ref2(v, b, q, None)[0], logits, **TOL)
+
+
+@official
+@pytest.mark.parametrize("mode", ["po", "lstm"])
+def test_patch_ban_on_official_model(off, mode):
+    ref = official_ban(off).eval()
+    model = patch_ban(ref, mode).eval()
+    assert isinstance(model, PatchedBan) and model.ban is ref
+    sizes = [10, 35]
+    v, b, q = make_batch(sizes, seed=12)
+    logits, _ = model(v, b, q)
+    assert bool(torch.isfinite(logits).all())
+    for i, n in enumerate(sizes):
+        padded, _ = model(*crop(v, b, i, n, K=100), q[i:i + 1])
+        assert_close(padded, logits[i:i + 1], **TOL)
+    # the same weights in the project's BAN give the same patched model
+    mine = patch_ban(build_ban(NTOKEN, ANSWERS, v_dim=V_DIM, num_hid=HID, gamma=GLIMPSES), mode).eval()
+    mine.load_state_dict(model.state_dict(), strict=True)
+    assert_close(mine(v, b, q)[0], logits, **TOL)
+    model.train()
+    model(v, b, q)[0].sum().backward()
+    assert model.p_prj[0].main[0].weight_v.grad is not None
