@@ -1,0 +1,300 @@
+"""``python -m integrations.sorting {train,eval,table,demo}``: flags mirror the paper's hyperparameters (F.1)."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from integrations.common import resolve_device
+
+from .data import PAPER_INTERVALS
+
+DEMO_OUT = "runs/sorting-demo"
+
+
+# ---------------------------------------------------------------- argument types (argparse errors, exit 2)
+def set_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"set size must be an integer, got {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"set size must be >= 2 (nothing to sort otherwise), got {n}")
+    return n
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def non_negative_int(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return v
+
+
+def interval(text: str):
+    """``LOW,HIGH`` (or ``LOW:HIGH``) with finite LOW < HIGH."""
+    parts = text.replace(":", ",").split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"interval must be LOW,HIGH (e.g. 0,1), got {text!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise argparse.ArgumentTypeError(f"interval bounds must be finite, got {text!r}")
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"empty interval {text!r}: need LOW < HIGH")
+    return (low, high)
+
+
+def device(text: str) -> str:
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--device: ", "")) from None
+    return text
+
+
+# ---------------------------------------------------------------- parser
+def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[int], out_default: Optional[str]) -> None:
+    g = p.add_argument_group("model and training (paper F.1 defaults)")
+    g.add_argument("--set-size", "-N", type=set_size, default=set_size_default, required=set_size_default is None,
+                   help="number of elements per set (paper: 5, 10, 15, 80, 100, 120, 512, 1024)")
+    g.add_argument("--model", choices=("po-u", "linassign"), default="po-u",
+                   help="po-u: permutation optimisation from a uniform init; linassign: Mena et al. 2018 baseline")
+    g.add_argument("--steps", "-T", type=non_negative_int, default=6, help="inner gradient steps T (paper: 6)")
+    g.add_argument("--lr", type=positive_float, default=0.1, help="Adam learning rate (paper: 0.1)")
+    g.add_argument("--batch-size", type=positive_int, default=512, help="sets per Adam step (paper: 512)")
+    sz = g.add_mutually_exclusive_group()
+    sz.add_argument("--train-sets", type=positive_int, default=None,
+                    help="training sets in total, fresh U[0,1) draws (paper: 2**18 -> 512 Adam steps)")
+    sz.add_argument("--size-pow", type=non_negative_int, default=None, help="train on 2**SIZE_POW sets (paper: 18)")
+    g.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="sets per forward/backward inside one Adam step (gradient accumulation; same "
+                        "update as the full batch). Default: chunks of at most 4 MiB per (mb, N, N) tensor")
+    g.add_argument("--cost-hidden", type=positive_int, default=16, help="hidden units of f (paper: 16)")
+    g.add_argument("--eta-init", type=positive_float, default=1.0, help="initial inner step size eta (paper: 1.0)")
+    g.add_argument("--sinkhorn-iters", type=positive_int, default=4, help="Sinkhorn iterations L (paper: 4)")
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="Sinkhorn temperature (paper: 1)")
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda[:i] or mps")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--out", default=out_default,
+                   help="run directory (default: runs/sorting/<model>-n<N>-s<seed>)" if out_default is None else
+                   f"run directory (default: {out_default})")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--checkpoint-every", type=positive_int, default=64, help="Adam steps between checkpoints")
+    g.add_argument("--stop-at", type=positive_int, default=None,
+                   help="stop after this many Adam steps (as an interruption would; continue with --resume)")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation (float64, paper F.1)")
+    g.add_argument("--intervals", type=interval, nargs="+", default=list(PAPER_INTERVALS), metavar="LOW,HIGH",
+                   help="evaluation intervals (default: the paper's seven)")
+    g.add_argument("--test-sets", type=positive_int, default=512, help="test sets per (size, interval) (paper: 512)")
+    g.add_argument("--eval-batch", type=positive_int, default=32, help="sets per evaluation batch")
+    g.add_argument("--eval-seed", type=non_negative_int, default=12345, help="seed of the test sets")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m integrations.sorting", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,table,demo}")
+
+    t = sub.add_parser("train", help="train PO-U or LinAssign on U[0,1) sets of one size")
+    _add_train_flags(t, set_size_default=None, out_default=None)
+
+    e = sub.add_parser("eval", help="evaluate a trained run on intervals and set sizes (float64)")
+    e.add_argument("--run", required=True, help="training run directory (or a checkpoint .pt)")
+    e.add_argument("--set-sizes", type=set_size, nargs="+", default=None, metavar="N",
+                   help="test set sizes (default: the training size)")
+    _add_eval_flags(e)
+    e.add_argument("--device", type=device, default="cpu")
+    e.add_argument("--threads", type=positive_int, default=None)
+    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval.json)")
+
+    tb = sub.add_parser("table", help="Markdown + JSON tables from eval files, and the heat map of F")
+    tb.add_argument("--evals", nargs="+", required=True, help="eval JSON files (globs allowed); later ones win")
+    tb.add_argument("--out", default="runs/sorting/table", help="folder for results.md / results.json")
+    tb.add_argument("--heatmap-run", default=None, help="a PO-U run whose learned F is drawn (paper figure 2)")
+    tb.add_argument("--heatmap", default=None, help="PNG path (default: <out>/comparison.png)")
+
+    d = sub.add_parser("demo", help="train PO-U at a small N, evaluate on the seven intervals, print the table")
+    _add_train_flags(d, set_size_default=10, out_default=DEMO_OUT)
+    _add_eval_flags(d)
+    d.add_argument("--eval-sizes", type=set_size, nargs="*", default=[5, 15, 30],
+                   help="further test sizes for the size-generalisation table")
+    return p
+
+
+def _resolved_train_config(args: argparse.Namespace) -> dict:
+    if args.size_pow is not None:
+        train_sets = 2 ** args.size_pow
+    else:
+        train_sets = args.train_sets if args.train_sets is not None else 2 ** 18
+    out = args.out or f"runs/sorting/{args.model}-n{args.set_size}-s{args.seed}"
+    keys = ("set_size", "model", "steps", "lr", "batch_size", "cost_hidden", "eta_init", "sinkhorn_iters",
+            "temperature", "seed", "device", "resume", "checkpoint_every", "stop_at", "threads", "micro_batch")
+    cfg = {k: getattr(args, k) for k in keys}
+    cfg.update(train_sets=train_sets, out=str(out))
+    return cfg
+
+
+def _set_threads(n: Optional[int]) -> None:
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = _resolved_train_config(args)
+    _set_threads(args.threads)
+    s = train(cfg)
+    print(json.dumps(s, indent=2))
+    return 0
+
+
+def _run_eval(run: str, set_sizes, intervals, test_sets, eval_batch, eval_seed, dev, out) -> List[dict]:
+    from .evaluate import evaluate
+    from .train import load_trained
+
+    model, cfg = load_trained(run)
+    sizes = set_sizes or [cfg["set_size"]]
+    t0 = time.perf_counter()
+
+    def log(r):
+        if r["status"] == "ok":
+            print(f"{r['model']} train N={r['train_size']} test N={r['test_size']} [{r['low']:g}, {r['high']:g}]: "
+                  f"exact {r['exact_hungarian']:.3f} elem {r['element_hungarian']:.4f} (Hungarian) | "
+                  f"exact {r['exact_soft']:.3f} elem {r['element_soft']:.4f} (soft argmax)  {r['seconds']:.1f}s",
+                  flush=True)
+        else:
+            print(f"{r['model']} train N={r['train_size']} test N={r['test_size']}: {r['status']} ({r['reason']})")
+
+    records = evaluate(model, cfg, sizes, intervals, num_sets=test_sets, batch_size=eval_batch, seed=eval_seed,
+                       device=resolve_device(dev), log=log)
+    payload = dict(run=str(run), config=cfg, eval_seed=eval_seed, torch_threads=torch.get_num_threads(),
+                   seconds=time.perf_counter() - t0, records=records)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+    return records
+
+
+def cmd_eval(args) -> int:
+    _set_threads(args.threads)
+    out = args.out or str(Path(args.run) / "eval.json")
+    _run_eval(args.run, args.set_sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,
+              args.device, out)
+    return 0
+
+
+def _load_evals(patterns: Sequence[str]):
+    files = []
+    for pat in patterns:
+        hits = sorted(glob.glob(pat))
+        if not hits:
+            raise SystemExit(f"table: error: --evals {pat!r} matches no file")
+        files += hits
+    merged, summaries = {}, {}
+    for f in files:
+        payload = json.loads(Path(f).read_text())
+        for r in payload["records"]:
+            merged[(r["model"], r["train_size"], r["test_size"], r["low"], r["high"])] = r
+        summary = Path(payload["run"]) / "train_summary.json"
+        if summary.is_file():
+            summaries[str(summary.resolve())] = json.loads(summary.read_text())
+    return list(merged.values()), list(summaries.values())
+
+
+def _write_tables(records, summaries, out: Path, title: str) -> str:
+    from .report import markdown_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown_report(records, summaries, title=title)
+    (out / "results.md").write_text(md + "\n")
+    (out / "results.json").write_text(json.dumps(dict(records=records, training=summaries), indent=2) + "\n")
+    return md
+
+
+def _heatmap(run: str, path: Path) -> Path:
+    from .report import draw_heatmap
+    from .train import load_trained
+
+    model, cfg = load_trained(run)
+    if model.cost is None:
+        raise SystemExit(f"heat map: run {run} ({cfg['model']}) has no learned comparison F")
+    return draw_heatmap(model.cost, path)
+
+
+def cmd_table(args) -> int:
+    records, summaries = _load_evals(args.evals)
+    out = Path(args.out)
+    md = _write_tables(records, summaries, out, "Sorting numbers: results")
+    print(md)
+    if args.heatmap_run:
+        print(f"wrote {_heatmap(args.heatmap_run, Path(args.heatmap or out / 'comparison.png'))}")
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Train PO-U at a small N with the paper's protocol, evaluate on the seven intervals, print tables."""
+    from .train import train
+
+    cfg = _resolved_train_config(args)
+    cfg["resume"] = True          # re-running the demo continues (or reuses) its own run
+    _set_threads(args.threads)
+    out = Path(cfg["out"])
+    s = train(cfg)
+    print(f"trained {s['model']} N={s['set_size']}: {s['steps_done']} Adam steps, {s['train_seconds']:.1f} s, "
+          f"final MSE {s['final_loss'] if s['final_loss'] is not None else 'n/a (already trained)'}, eta {s['eta']}")
+    sizes = [cfg["set_size"]] + [n for n in args.eval_sizes if n != cfg["set_size"]]
+    records = _run_eval(str(out), sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,
+                        cfg["device"], out / "eval.json")
+    summary = json.loads((out / "train_summary.json").read_text())
+    print()
+    print(_write_tables(records, [summary], out, f"Sorting demo: PO-U trained at N={cfg['set_size']}"))
+    if cfg["model"] == "po-u":
+        print(f"wrote {_heatmap(str(out), out / 'comparison.png')}")
+    print(f"wrote {out / 'results.md'}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "stop_at", None) is not None and args.command == "demo":
+        parser.error("--stop-at is for train only")
+    return {"train": cmd_train, "eval": cmd_eval, "table": cmd_table, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
