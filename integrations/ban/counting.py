@@ -10,7 +10,9 @@ scaled by a confidence. Every non-linearity is a learned monotone piecewise-line
 
 Parameter names and shapes match the official module (``f`` = 16 piecewise-linear functions of 16
 segments, of which the paper's eight are ``f[0] ... f[7]``; the others exist only so official
-checkpoints load with ``strict=True``).
+checkpoints load with ``strict=True``). The unused ``f[8:]`` are frozen (``requires_grad=False``):
+they never receive a gradient, and DistributedDataParallel would otherwise wait for one and fail at
+the second step (official training never changes them either).
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["piecewise_linear", "box_iou", "interpolated_one_hot", "PiecewiseLin", "Counter"]
+__all__ = ["piecewise_linear", "box_iou", "interpolated_one_hot", "PiecewiseLin", "Counter",
+           "freeze_unused_functions", "USED_FUNCTIONS"]
+
+USED_FUNCTIONS = 8  # f_1 ... f_8 of the counting paper
 
 
 def piecewise_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -66,6 +71,13 @@ def interpolated_one_hot(count: Tensor, objects: int) -> Tensor:
     return (1 - frac) * at_low + frac * at_high
 
 
+def freeze_unused_functions(counter: nn.Module) -> None:
+    """``requires_grad=False`` on ``counter.f[8:]`` (this module's or the official Counter's): they
+    are not used by the forward, and DDP needs every trainable parameter to get a gradient."""
+    for f in list(counter.f)[USED_FUNCTIONS:]:
+        f.requires_grad_(False)
+
+
 class PiecewiseLin(nn.Module):
     """A learned monotone piecewise-linear function on [0, 1] with ``n`` segments (parameter ``weight``)."""
 
@@ -100,6 +112,7 @@ class Counter(nn.Module):
         self.objects = objects
         self.already_sigmoided = already_sigmoided
         self.f = nn.ModuleList([PiecewiseLin(16) for _ in range(16)])
+        freeze_unused_functions(self)
 
     def top_proposals(self, boxes: Tensor, attention: Tensor) -> Tuple[Tensor, Tensor]:
         """Keep the n proposals of largest attention (low-attention ones barely change the count)."""

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from setperm import PermutationSetEncoder
 
+from .counting import freeze_unused_functions
 from .model import FCNet, ban_attend, ban_fuse, check_ban_inputs, padding_mask
 
 __all__ = ["PatchedBan", "patch_ban", "glimpse_sets", "normalized_boxes", "MODES"]
@@ -81,6 +82,9 @@ class PatchedBan(nn.Module):
 
     ``forward(v (B, K, v_dim), b (B, K, >=4), q (B, T), labels=None) -> (logits (B, A), att (B, G, K, T))``,
     the official signature. Padded boxes are all-zero rows of ``v``.
+
+    Patching sets ``requires_grad=False`` on ``ban.counter.f[8:]``, the counter's unused functions
+    (never updated by official training either), so DDP works without ``find_unused_parameters``.
     """
 
     def __init__(self, ban: nn.Module, mode: str = "po", *, v_dim: Optional[int] = None,
@@ -94,6 +98,8 @@ class PatchedBan(nn.Module):
         num_hid = int(num_hid if num_hid is not None else ban.q_emb.num_hid)
         self.mode = mode
         self.ban = ban
+        # the counter's unused f[8:] would stall DistributedDataParallel (official models included)
+        freeze_unused_functions(ban.counter)
         self.set_encoder = PermutationSetEncoder(
             4 + 1 + proj_features, hidden_size=hidden_size, cost_hidden=cost_hidden, steps=steps,
             permutation="po-u" if mode == "po" else "none", **encoder_kwargs)

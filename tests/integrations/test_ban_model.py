@@ -280,15 +280,17 @@ def test_data_parallel_on_cpu():
     assert wrapped.module.glimpse == GLIMPSES
 
 
-def test_distributed_data_parallel_single_process(tmp_path):
+@pytest.mark.parametrize("mode", ["po", "none"])
+def test_distributed_data_parallel_single_process(tmp_path, mode):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        model = patch_ban(small_ban(), "po")
-        # counter.f[8:] exist only for checkpoint compatibility (unused, as in the official module)
-        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        model = patch_ban(small_ban(), mode)
+        # default find_unused_parameters=False: DDP fails at the second step if any trainable
+        # parameter gets no gradient (the counter's unused f[8:] are frozen for that reason)
+        ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
         v, b, q = make_batch([10, 20], seed=9)
         for _ in range(2):
@@ -396,6 +398,7 @@ def test_patch_ban_on_official_model(off, mode):
     ref = official_ban(off).eval()
     model = patch_ban(ref, mode).eval()
     assert isinstance(model, PatchedBan) and model.ban is ref
+    assert not ref.counter.f[8].weight.requires_grad and ref.counter.f[7].weight.requires_grad
     sizes = [10, 35]
     v, b, q = make_batch(sizes, seed=12)
     logits, _ = model(v, b, q)
