@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         mosaic = model.mosaic if saved.task == "classify" else model
         rows = reconstruction_rows(mosaic, data, saved.tiles, args.num_examples)
         path = args.figure or str(Path(args.out) / "reconstruction.png")
-        title = f"{saved.model.upper()} {saved.dataset} {saved.tiles}x{saved.tiles} ({saved.task})"
+        name = {"linassign": "LinAssign", "po-u": "PO-U", "po-la": "PO-LA"}[saved.model]
+        title = f"{name}, {saved.dataset} {saved.tiles}x{saved.tiles}, {saved.task} (test images, not cherry-picked)"
         print(save_figure(rows, path, title))
     return 0
 

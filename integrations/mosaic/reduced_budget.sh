@@ -14,7 +14,7 @@ run() {  # run NAME ARGS...: skip finished runs, log to $OUT/logs/NAME.log
   $M "$@" --out "$OUT/$name" > "$OUT/logs/$name.log" 2>&1 || echo "FAILED $name"
   echo "$(date -u +%T) done  $name"
 }
-parts=${*:-"mnist mnist-classify mnist-big cifar10 tiny"}
+parts=${*:-"mnist mnist-classify cifar10 tiny mnist-big"}
 for part in $parts; do case $part in
 mnist)  # Tables 1 and 4, MNIST 2x2 and 3x3: all 60,000 training images, 1 epoch (paper: 20)
   for n in 2 3; do for m in linassign po-u po-la; do
@@ -29,17 +29,17 @@ mnist-classify)  # Tables 2 and 5: ResNet-18 (width 16) pre-trained on 20,000 im
         --model $m --epochs 1 --subset 10000 --test-subset 5000
     done
   done ;;
-mnist-big)  # Tables 1 and 4, MNIST 4x4 and 5x5: 30,000 training images, 1 epoch
+mnist-big)  # Tables 1 and 4, MNIST 4x4 and 5x5: 20,000 training images, 1 epoch
   for n in 4 5; do for m in linassign po-u po-la; do
-    run mnist-$n-$m --dataset mnist --tiles $n --model $m --epochs 1 --subset 30000
+    run mnist-$n-$m --dataset mnist --tiles $n --model $m --epochs 1 --subset 20000
   done; done ;;
 cifar10)  # the 4,000 / 1,000-image CIFAR-10 subset of shared/data, 5 epochs
   for n in 2 3; do for m in linassign po-u po-la; do
     run cifar10-$n-$m --dataset cifar10 --tiles $n --model $m --epochs 5
   done; done ;;
-tiny)  # Tiny ImageNet val as the ImageNet 64x64 stand-in: train on val images 1000-9999, test on 0-999, 1 epoch
+tiny)  # Tiny ImageNet val as the ImageNet 64x64 stand-in: train on val images 1000-5999, test on 0-999, 1 epoch
   for n in 2 3; do for m in linassign po-u po-la; do
-    run tiny-$n-$m --dataset tiny-imagenet --tiles $n --model $m --epochs 1
+    run tiny-$n-$m --dataset tiny-imagenet --tiles $n --model $m --epochs 1 --subset 5000
   done; done ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac; done
