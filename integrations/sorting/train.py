@@ -44,6 +44,22 @@ def micro_batch_size(batch_size: int, set_size: int, requested: Optional[int] = 
     return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= budget)
 
 
+def accumulate_gradients(model: torch.nn.Module, x: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """Backpropagate the sorting loss of a batch ``x`` (B, N, 1) in chunks of ``micro_batch`` sets.
+
+    Section 4.1: MSE between the permuted set and the sorted sequence. Each chunk's mean loss is
+    weighted by its share of the batch, so the accumulated ``.grad`` equals that of the full-batch
+    mean (up to float summation order). Returns the detached full-batch loss.
+    """
+    loss = x.new_zeros(())
+    for xm in x.split(micro_batch):
+        y, _ = sort_forward(model, xm)
+        part = F.mse_loss(y, xm.sort(dim=1).values) * (xm.shape[0] / x.shape[0])
+        part.backward()
+        loss += part.detach()
+    return loss
+
+
 def train(config: Mapping, *, log: Callable[[str], None] = print) -> dict:
     """Train one model described by a resolved ``config`` (the CLI's flags as a dict); return a summary.
 
@@ -95,14 +111,7 @@ def train(config: Mapping, *, log: Callable[[str], None] = print) -> dict:
             x = sample_sets(cfg["batch_size"], cfg["set_size"], 0.0, 1.0, dtype=torch.float32,
                             seed=step_seed(cfg["seed"], step), device=device)       # (B, N, 1)
             opt.zero_grad(set_to_none=True)
-            loss = torch.zeros((), device=device)
-            for xm in x.split(micro):
-                # Section 4.1: MSE to the sorted sequence. Micro-batches only change the memory
-                # footprint: the weighted sum of their mean losses is the mean over the full batch.
-                y, _ = sort_forward(model, xm)
-                part = F.mse_loss(y, xm.sort(dim=1).values) * (xm.shape[0] / x.shape[0])
-                part.backward()
-                loss += part.detach()
+            loss = accumulate_gradients(model, x, micro)
             opt.step()
             dt = time.perf_counter() - t0
             train_seconds += dt

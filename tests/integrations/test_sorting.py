@@ -1,0 +1,181 @@
+"""integrations.sorting: training sorts, float64 evaluation, exact resume, argument errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from integrations.common import latest_checkpoint
+from integrations.sorting import evaluate, evaluate_interval, sample_sets, sort_metrics
+from integrations.sorting.cli import main
+from integrations.sorting.model import build_model
+from integrations.sorting.train import accumulate_gradients, load_trained, micro_batch_size, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny (B, 5, 5) tensors: a second intra-op thread only adds synchronisation, and on a shared
+    # machine spinning threads make these tests many times slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(out, **kw):
+    cfg = dict(set_size=5, model="po-u", steps=6, lr=0.1, batch_size=64, cost_hidden=16, eta_init=1.0,
+               sinkhorn_iters=4, temperature=1.0, seed=0, device="cpu", resume=False, checkpoint_every=50,
+               stop_at=None, threads=None, micro_batch=None, train_sets=64 * 300, out=str(out))
+    cfg.update(kw)
+    return cfg
+
+
+class OracleSort(nn.Module):
+    """Returns the exact sorting permutation matrix and records the dtype it was called with."""
+
+    seen = []        # class attribute: shared with the deep copy that evaluate_interval runs
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))     # so .to(dtype) has something to convert
+
+    def forward(self, x):
+        self.seen.append((x.dtype, self.anchor.dtype))
+        order = x[..., 0].argsort(dim=1)                             # (B, N) element at position k
+        P = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype)
+        return P.scatter_(1, order.unsqueeze(1), 1.0) + self.anchor  # P[b, order[b, k], k] = 1
+
+
+def test_tiny_model_sorts_held_out_sets(tmp_path):
+    summary = train(_config(tmp_path / "run"), log=lambda s: None)
+    assert summary["finished"] and summary["steps_done"] == 300
+    model, cfg = load_trained(tmp_path / "run")
+    # held-out sets: a different seed and float64, on the training interval and far outside it
+    for low, high in [(0.0, 1.0), (1000.0, 1001.0)]:
+        m = evaluate_interval(model, 5, low, high, num_sets=256, batch_size=64, seed=999)
+        assert m["exact_hungarian"] >= 0.97, (low, high, m)
+        assert m["element_hungarian"] >= 0.99, (low, high, m)
+        assert m["element_soft"] >= 0.95, (low, high, m)
+    # Training sharpened the soft permutation: a random f often already orders 1-D inputs (or
+    # reverses them), so compare the soft reconstruction error rather than Hungarian accuracy.
+    torch.manual_seed(0)
+    untrained = evaluate_interval(type(model)(1, cost_hidden=16, steps=6), 5, 0.0, 1.0, num_sets=256, seed=999)
+    trained = evaluate_interval(model, 5, 0.0, 1.0, num_sets=256, seed=999)
+    assert trained["mse_soft"] < 0.2 * untrained["mse_soft"], (trained, untrained)
+
+
+def test_sort_metrics_counts_mistakes():
+    x = torch.tensor([[[3.0], [1.0], [2.0], [0.0]]], dtype=torch.float64)
+    right = torch.tensor([[3, 1, 2, 0]])                 # 0, 1, 2, 3
+    exact, correct = sort_metrics(x, right)
+    assert exact.tolist() == [True]
+    assert_close(correct, torch.tensor([1.0], dtype=torch.float64), rtol=0, atol=0)
+    swapped = torch.tensor([[3, 2, 1, 0]])               # positions 1 and 2 wrong
+    exact, correct = sort_metrics(x, swapped)
+    assert exact.tolist() == [False]
+    assert_close(correct, torch.tensor([0.5], dtype=torch.float64), rtol=0, atol=0)
+    repeated = torch.tensor([[3, 3, 2, 0]])              # argmax may repeat an element
+    exact, correct = sort_metrics(x, repeated)
+    assert exact.tolist() == [False]
+    assert_close(correct, torch.tensor([0.75], dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_evaluation_runs_in_float64_and_leaves_model_alone():
+    oracle = OracleSort()
+    # [1000, 1001] with N = 2000: float32 has only 2^13 values there, so ties would be near certain
+    m = evaluate_interval(oracle, 2000, 1000.0, 1001.0, num_sets=2, batch_size=2, seed=3)
+    assert set(OracleSort.seen) == {(torch.float64, torch.float64)}
+    assert oracle.anchor.dtype == torch.float32          # the caller's model is not converted in place
+    for k in ("exact_hungarian", "element_hungarian", "exact_soft", "element_soft"):
+        assert m[k] == 1.0, (k, m)
+    assert m["mse_soft"] == 0.0
+    x = sample_sets(2, 2000, 1000.0, 1001.0, dtype=torch.float64, seed=3)
+    assert x.dtype == torch.float64 and x.min() >= 1000.0 and x.max() < 1001.0
+    assert x[0, :, 0].unique().numel() == 2000
+
+
+def test_evaluate_marks_linassign_at_other_sizes(tmp_path):
+    summary = train(_config(tmp_path / "lin", model="linassign", train_sets=64 * 5), log=lambda s: None)
+    model, cfg = load_trained(tmp_path / "lin")
+    recs = evaluate(model, cfg, [5, 7], [(0.0, 1.0)], num_sets=8)
+    assert [r["status"] for r in recs] == ["ok", "n/a"]
+    assert summary["eta"] == {}
+
+
+def test_micro_batches_give_the_full_batch_gradient():
+    torch.manual_seed(0)
+    model = build_model(_config("unused"))
+    x = sample_sets(64, 5, seed=1)
+    grads = []
+    for micro in (64, 16, 7):            # 7 does not divide 64: the last chunk is smaller
+        model.zero_grad()
+        loss = accumulate_gradients(model, x, micro)
+        grads.append((loss, {k: p.grad.clone() for k, p in model.named_parameters()}))
+    for loss, g in grads[1:]:
+        assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-7)
+        assert_close(g, grads[0][1], rtol=1e-4, atol=1e-7)
+    assert micro_batch_size(512, 120) == 64 and micro_batch_size(512, 10) == 512 and micro_batch_size(60, 5, 7) == 7
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    kw = dict(train_sets=32 * 12, batch_size=32, checkpoint_every=4)
+    train(_config(tmp_path / "straight", **kw), log=lambda s: None)
+    first = train(_config(tmp_path / "resumed", stop_at=6, **kw), log=lambda s: None)
+    assert first["steps_done"] == 6 and not first["finished"]
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_config(tmp_path / "resumed", **kw), log=lambda s: None)
+    second = train(_config(tmp_path / "resumed", resume=True, **kw), log=lambda s: None)
+    assert second["steps_done"] == 12 and second["finished"]
+    a = torch.load(latest_checkpoint(tmp_path / "straight" / "checkpoints"), weights_only=False)
+    b = torch.load(latest_checkpoint(tmp_path / "resumed" / "checkpoints"), weights_only=False)
+    assert a["step"] == b["step"] == 12
+    assert_close(a["model"], b["model"], rtol=0, atol=0)
+    assert_close(a["optimizer"]["state"], b["optimizer"]["state"], rtol=0, atol=0)
+    # a resumed run with different hyperparameters is refused instead of silently mixed
+    with pytest.raises(ValueError, match="lr"):
+        train(_config(tmp_path / "resumed", resume=True, **{**kw, "train_sets": 32 * 14}, lr=0.05),
+              log=lambda s: None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--set-size", "1"], "set size must be >= 2"),
+    (["train", "--set-size", "5", "--device", "npu7"], "unknown device"),
+    (["eval", "--run", "x", "--intervals", "5,5"], "empty interval"),
+    (["eval", "--run", "x", "--intervals", "2,1"], "empty interval"),
+    (["demo", "--set-size", "1"], "set size must be >= 2"),
+])
+def test_bad_flags_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_flag_from_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "integrations.sorting", "train", "-N", "0"], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "set size must be >= 2" in r.stderr
+
+
+def test_demo_end_to_end_writes_tables_and_heatmap(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--set-size", "5", "--train-sets", "2048", "--batch-size", "64", "--test-sets", "16",
+               "--eval-sizes", "7", "--intervals", "0,1", "1000,1001", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "exact-sort proportion, Hungarian" in text and "| po-u | 5 |" in text
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["test_size"], r["low"]) for r in results["records"]} == {(5, 0.0), (5, 1000.0), (7, 0.0), (7, 1000.0)}
+    assert (out / "comparison.png").stat().st_size > 1000
+    # table from the eval file, as the README does
+    rc = main(["table", "--evals", str(out / "eval.json"), "--out", str(tmp_path / "table")])
+    md = (tmp_path / "table" / "results.md").read_text()
+    assert rc == 0 and "| po-u | 5 | 1.000 | 1.000 |" in md and "| po-u | 5 | 32/32 |" in md
