@@ -40,7 +40,7 @@ ASKED = ["ball", "cube", "cup", "dog", "car", "hat"]
 CLUTTER = ["rock", "leaf", "stick", "bush"]
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 MAX_PER_CLASS = 5
-V_DIM = 2048
+V_DIM = 2048  # bottom-up features; --v-dim makes a cheaper CPU variant
 QTYPES = {
     "leftmost": "what colour is the leftmost {c}?",
     "rightmost": "what colour is the rightmost {c}?",
@@ -61,11 +61,12 @@ def official_score(count: int) -> float:
 class Codes:
     """Fixed random feature codes, shared by train and val (drawn from the dataset seed)."""
 
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, v_dim: int = V_DIM):
         classes = ASKED + CLUTTER
-        self.cls = {c: rng.normal(0, 1, V_DIM).astype(np.float32) for c in classes}
-        self.col = {c: rng.normal(0, 1, V_DIM).astype(np.float32) for c in COLOURS}
-        self.size = rng.normal(0, 1, V_DIM).astype(np.float32)
+        self.cls = {c: rng.normal(0, 1, v_dim).astype(np.float32) for c in classes}
+        self.col = {c: rng.normal(0, 1, v_dim).astype(np.float32) for c in COLOURS}
+        self.size = rng.normal(0, 1, v_dim).astype(np.float32)
+        self.v_dim = v_dim
 
     def features(self, cls, col, area, rng, noise):
         # area in ~[0.002, 0.09]; map log-area to about [-1, 1] so size is as visible as colour
@@ -164,13 +165,13 @@ def write_split(out: Path, split: str, n_images: int, args, codes: Codes, rng: n
     total = int(ks.sum())
     questions, targets = [], []
     with h5py.File(out / f"{split}.hdf5", "w") as fa:
-        fa.create_dataset("image_features", (total, V_DIM), "f4")
+        fa.create_dataset("image_features", (total, codes.v_dim), "f4")
         fa.create_dataset("spatial_features", (total, 6), "f4")
         fa.create_dataset("image_bb", (total, 4), "f4")
         pos = np.zeros((n_images, 2), dtype=np.int32)
         fixed = h5py.File(out / f"{split}36.hdf5", "w") if args.fixed else None
         if fixed is not None:
-            fixed.create_dataset("image_features", (n_images, 36, V_DIM), "f4")
+            fixed.create_dataset("image_features", (n_images, 36, codes.v_dim), "f4")
             fixed.create_dataset("spatial_features", (n_images, 36, 6), "f4")
             fixed.create_dataset("image_bb", (n_images, 36, 4), "f4")
         # write images in row order so that hdf5 rows follow pos_boxes (like the converter)
@@ -225,17 +226,18 @@ def _pick_question(rng, scene):
 
 
 def generate(out, images=800, val_images=None, questions=4, seed=0, min_boxes=10, max_boxes=100,
-             noise=1.0, fixed=True) -> Path:
+             noise=1.0, fixed=True, v_dim=V_DIM) -> Path:
     """Write the dataset to ``out`` (see the module docstring); returns ``out`` as a Path."""
     if not 10 <= min_boxes <= max_boxes:
         raise ValueError(f"min_boxes/max_boxes: need 10 <= min_boxes <= max_boxes, got {min_boxes}, {max_boxes}")
     if images < 2:
         raise ValueError(f"images: need at least 2 (both box-count extremes), got {images}")
     args = argparse.Namespace(images=images, val_images=val_images or max(2, images // 4), questions=questions,
-                              seed=seed, min_boxes=min_boxes, max_boxes=max_boxes, noise=noise, fixed=fixed)
+                              seed=seed, min_boxes=min_boxes, max_boxes=max_boxes, noise=noise, fixed=fixed,
+                              v_dim=v_dim)
     out = Path(out)
     (out / "cache").mkdir(parents=True, exist_ok=True)
-    codes = Codes(np.random.default_rng([seed, 1]))
+    codes = Codes(np.random.default_rng([seed, 1]), v_dim)
     meta = {"generator": vars(args), "answers": ANSWERS, "question_type": {}, "splits": {}}
     qs = []
     for i, (split, n) in enumerate((("train", args.images), ("val", args.val_images))):
@@ -268,10 +270,13 @@ def main(argv=None):
     p.add_argument("--min-boxes", type=int, default=10)
     p.add_argument("--max-boxes", type=int, default=100)
     p.add_argument("--noise", type=float, default=1.0, help="std of the per-dimension feature noise")
+    p.add_argument("--v-dim", type=int, default=V_DIM,
+                   help="feature size (2048 like bottom-up features; smaller for quick CPU experiments)")
     p.add_argument("--fixed", action=argparse.BooleanOptionalAction, default=True,
                    help="also write the fixed-36 {split}36.hdf5 files")
     a = p.parse_args(argv)
-    out = generate(a.out, a.images, a.val_images, a.questions, a.seed, a.min_boxes, a.max_boxes, a.noise, a.fixed)
+    out = generate(a.out, a.images, a.val_images, a.questions, a.seed, a.min_boxes, a.max_boxes, a.noise, a.fixed,
+                   a.v_dim)
     meta = json.loads((out / "synth_meta.json").read_text())
     for split, m in meta["splits"].items():
         print(f"{split}: {m['images']} images, {m['questions']} questions, {m['boxes']} boxes "
