@@ -22,50 +22,132 @@ from torch import Tensor, nn
 
 from .masking import pair_mask
 
-# Elements per chunk of the (B, rows, N, hidden) pre-activation: large enough to keep the
-# matmuls efficient, small enough to stay in cache-friendly, bounded memory.
-_CHUNK_ELEMENTS = 1 << 22
+# Elements per chunk of the (sets, rows, N, hidden) pairwise activations: small enough that a
+# chunk stays in the per-core L2 cache (1 MiB in float32), so its elementwise passes do not go to
+# DRAM, and one preallocated buffer is reused (no page faults from fresh large allocations);
+# large enough that the per-chunk Python overhead stays small against the arithmetic.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _rows_per_chunk(B: int, N: int, H: int) -> int:
     return max(1, min(N, _CHUNK_ELEMENTS // max(1, B * N * H)))
 
 
+def _sets_per_chunk(B: int, N: int, H: int) -> int:
+    """Whole sets per chunk (>= 1) when one set fits a chunk, else 0 (row blocks of one set)."""
+    per_set = max(1, N * N * H)
+    return min(B, _CHUNK_ELEMENTS // per_set) if per_set <= _CHUNK_ELEMENTS else 0
+
+
+def _chunks(B: int, N: int, H: int):
+    """Yield ``(b0, b1, i0, i1)`` in order: several whole sets per chunk, or row blocks of one set."""
+    step = _sets_per_chunk(B, N, H)
+    if step:
+        for b0 in range(0, B, step):
+            yield b0, min(B, b0 + step), 0, N
+    else:
+        rows = _rows_per_chunk(1, N, H)
+        for b in range(B):
+            for i0 in range(0, N, rows):
+                yield b, b + 1, i0, min(N, i0 + rows)
+
+
+def _chunk_buffer(a: Tensor, B: int, N: int, H: int) -> Tensor:
+    step = _sets_per_chunk(B, N, H)
+    return a.new_empty(step, N, N, H) if step else a.new_empty(1, _rows_per_chunk(1, N, H), N, H)
+
+
+def _relu_mask(a: Tensor, neg_c: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``1[a_i + c_j > 0]`` as a float 0/1 tensor in one pass (``a_i > -c_j``), detached: relu' is
+    piecewise constant, so no gradient flows through it."""
+    if out is None:
+        return torch.gt(a, neg_c).to(a.dtype)
+    return torch.gt(a, neg_c, out=out)
+
+
 class _PairwiseTwoLayer(torch.autograd.Function):
-    """g[b, i, j, :] = relu(a[b, i] + c[b, j]) @ w2^T  without storing the (B, N, N, H) hidden."""
+    """g[b, i, j, :] = relu(a[b, i] + c[b, j]) @ w2^T  without storing the (B, N, N, H) hidden.
+
+    Backward uses ``m_ijh = relu'(a_ih + c_jh) = 1[a_ih + c_jh > 0]`` (recomputed per chunk) and
+    only two contractions with it,
+        T1[i, k, h] = sum_j go[i, j, k] m[i, j, h],   T2[j, k, h] = sum_i go[i, j, k] m[i, j, h],
+    giving ``grad_a = T1 . w2``, ``grad_c = T2 . w2`` and, because ``relu(p) = m p`` with
+    ``p = a_i + c_j``, ``grad_w2[k, h] = sum_i a[i, h] T1[i, k, h] + sum_j c[j, h] T2[j, k, h]``
+    exactly, without another pass over the hidden activations. The backward is differentiable
+    (double backward) through ``grad_out``, ``a``, ``c`` and ``w2``.
+    """
 
     @staticmethod
     def forward(ctx, a: Tensor, c: Tensor, w2: Tensor) -> Tensor:
         B, N, H = a.shape
         K = w2.shape[0]
         out = a.new_empty(B, N, N, K)
-        step = _rows_per_chunk(B, N, H)
         w2t = w2.t()
-        for i0 in range(0, N, step):
-            i1 = min(N, i0 + step)
-            h = torch.relu(a[:, i0:i1, None, :] + c[:, None, :, :])          # (B, r, N, H)
-            out[:, i0:i1] = h @ w2t
+        buf = _chunk_buffer(a, B, N, H)
+        for b0, b1, i0, i1 in _chunks(B, N, H):
+            h = buf[:b1 - b0, :i1 - i0]                                         # (s, r, N, H)
+            torch.add(a[b0:b1, i0:i1, None, :], c[b0:b1, None, :, :], out=h)
+            h.relu_()
+            torch.matmul(h, w2t, out=out[b0:b1, i0:i1])
         ctx.save_for_backward(a, c, w2)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         a, c, w2 = ctx.saved_tensors
-        B, N, H = a.shape
-        step = _rows_per_chunk(B, N, H)
-        grad_a_chunks = []
-        grad_c = torch.zeros_like(c)
-        grad_w2 = torch.zeros_like(w2)
-        for i0 in range(0, N, step):
-            i1 = min(N, i0 + step)
-            pre = a[:, i0:i1, None, :] + c[:, None, :, :]                    # (B, r, N, H), recomputed
-            go = grad_out[:, i0:i1]                                          # (B, r, N, K)
-            dh = (go @ w2) * (pre > 0).to(go.dtype)                          # (B, r, N, H)
-            grad_a_chunks.append(dh.sum(2))
-            grad_c = grad_c + dh.sum(1)
-            grad_w2 = grad_w2 + go.reshape(-1, go.shape[-1]).t() @ torch.relu(pre).reshape(-1, H)
-        grad_a = torch.cat(grad_a_chunks, dim=1)
+        grad_out = grad_out.contiguous()     # it arrives as a permuted view (movedim, g - g^T)
+        if torch.is_grad_enabled():          # create_graph: record the contractions (no out=)
+            T1, T2 = _contractions_recorded(a, c, grad_out)
+        else:
+            T1, T2 = _contractions(a, c, grad_out)
+        grad_a = torch.einsum("bikh,kh->bih", T1, w2)
+        grad_c = torch.einsum("bjkh,kh->bjh", T2, w2)
+        grad_w2 = torch.einsum("bih,bikh->kh", a, T1) + torch.einsum("bjh,bjkh->kh", c, T2)
         return grad_a, grad_c, grad_w2
+
+
+def _contractions(a: Tensor, c: Tensor, grad_out: Tensor):
+    """T1, T2 ``(B, N, K, H)`` of :class:`_PairwiseTwoLayer` into preallocated outputs (no graph)."""
+    B, N, H = a.shape
+    K = grad_out.shape[-1]
+    T1 = a.new_empty(B, N, K, H)
+    T2 = a.new_zeros(B, N, K, H)
+    neg_c = -c
+    go_t = grad_out.transpose(-1, -2).contiguous()                              # (B, N, K, N)
+    buf = _chunk_buffer(a, B, N, H)
+    prod = torch.empty_like(buf) if K > 1 else None
+    for b0, b1, i0, i1 in _chunks(B, N, H):
+        s, r = b1 - b0, i1 - i0
+        m = _relu_mask(a[b0:b1, i0:i1, None, :], neg_c[b0:b1, None, :, :], out=buf[:s, :r])
+        # T1: one contiguous batched matmul over (set, row i), contracting j.
+        torch.bmm(go_t[b0:b1, i0:i1].view(s * r, K, N), m.view(s * r, N, H), out=T1[b0:b1, i0:i1].view(s * r, K, H))
+        # T2 contracts i, which is not the inner dim of m: an in-place product and a reduction over
+        # the cache-resident chunk beat a strided batched matmul (which falls back to a loop).
+        for k in range(K):
+            go_k = grad_out[b0:b1, i0:i1, :, k:k + 1]                           # (s, r, N, 1)
+            pk = m.mul_(go_k) if k == K - 1 else torch.mul(m, go_k, out=prod[:s, :r])
+            T2[b0:b1, :, k] += pk.sum(1)
+    return T1, T2
+
+
+def _contractions_recorded(a: Tensor, c: Tensor, grad_out: Tensor):
+    """Same as :func:`_contractions` with differentiable (out-of-place) operations."""
+    B, N, H = a.shape
+    neg_c = -c.detach()
+    t1_sets, t2_sets = [], []
+    for b0, b1, i0, i1 in _chunks(B, N, H):
+        m = _relu_mask(a.detach()[b0:b1, i0:i1, None, :], neg_c[b0:b1, None, :, :])
+        go = grad_out[b0:b1, i0:i1]
+        t1 = torch.matmul(go.transpose(-1, -2), m)                              # (s, r, K, H)
+        t2 = torch.matmul(go.permute(0, 2, 3, 1), m.transpose(1, 2))            # (s, N, K, H)
+        if i0 == 0:
+            t1_sets.append([t1])
+            t2_sets.append(t2)
+        else:
+            t1_sets[-1].append(t1)
+            t2_sets[-1] = t2_sets[-1] + t2
+    T1 = torch.cat([torch.cat(parts, dim=1) for parts in t1_sets], dim=0)
+    return T1, torch.cat(t2_sets, dim=0)
 
 
 def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor) -> Tensor:
