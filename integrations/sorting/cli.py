@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(d)
     d.add_argument("--eval-sizes", type=set_size, nargs="*", default=[5, 15, 30],
                    help="further test sizes for the size-generalisation table")
+    # One thread: the demo's (512, 10, 10) tensors gain nothing from a second one, and on a busy
+    # machine spinning intra-op threads slow small ops down many times.
+    d.set_defaults(threads=1)
     return p
 
 

@@ -85,7 +85,9 @@ def markdown_report(records: Sequence[Mapping], summaries: Sequence[Mapping] = (
     if len({r["test_size"] for r in records}) > 1:
         for metric in ("exact_hungarian", "exact_soft"):
             parts += [f"### Size generalisation: {METRICS[metric]}, worst of the intervals", "",
-                      generalisation_table(records, metric), "", NA_NOTE, ""]
+                      generalisation_table(records, metric), ""]
+            if any(r.get("status") == "n/a" for r in records):
+                parts += [NA_NOTE, ""]
     if summaries:
         parts += ["### Training", "", timing_table(summaries), ""]
     return "\n".join(parts)
@@ -123,6 +125,7 @@ def draw_heatmap(cost, path: str | Path, intervals: Sequence[Tuple[float, float]
             kw = dict(vmin=-lim, vmax=lim) if row == 0 else {}
             im = ax.imshow(M.numpy(), cmap=cmap, extent=(low, high, high, low), interpolation="nearest", **kw)
             ax.xaxis.tick_top()
+            ax.xaxis.set_label_position("top")
             ax.set_xlabel("x_j")
             ax.set_ylabel("x_i")
             ax.set_title(f"{name} on [{low:g}, {high:g}]", fontsize=10, pad=22)
