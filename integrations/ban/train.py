@@ -314,11 +314,11 @@ def run(args) -> dict:
         path = latest_checkpoint(run_dir.checkpoints) if args.resume == "latest" else Path(args.resume)
         if path is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {run_dir.checkpoints}")
-        state = load_checkpoint(path, model=model, optimizer=optimizer, map_location=device)
-        old = state["config"]
+        old = torch.load(path, map_location="cpu", weights_only=False)["config"]
         diff = {k: (old.get(k), config.get(k)) for k in _RESUME_KEYS if old.get(k) != config.get(k)}
         if diff:
-            raise ValueError(f"--resume: {path} was trained with different settings {diff}")
+            raise ValueError(f"--resume: {path} was trained with different settings {diff} (checkpoint, now)")
+        state = load_checkpoint(path, model=model, optimizer=optimizer, map_location=device)
         ex = state["extra"]
         epoch, skip, step, sums, history = ex["epoch"], ex["batch_in_epoch"], state["step"], ex["sums"], ex["history"]
     qtypes = load_question_types(args.data_root)
