@@ -39,7 +39,7 @@ def save_figure(rows, path: str | Path, title: str = "", scale: float = 0.9) -> 
     import matplotlib.pyplot as plt
 
     k = rows[0][1].shape[0]
-    fig, axes = plt.subplots(len(rows), k, figsize=(scale * k + 0.9, scale * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), k, figsize=(scale * k + 1.1, scale * len(rows) + 0.5), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         for c in range(k):
             ax = axes[r][c]
@@ -51,7 +51,7 @@ def save_figure(rows, path: str | Path, title: str = "", scale: float = 0.9) -> 
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.2)
+    fig.tight_layout(pad=0.3, rect=(0.02, 0, 1, 0.97))  # keep room for the title and the row labels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
