@@ -33,10 +33,10 @@ def micro_batch_size(batch_size: int, set_size: int, requested: Optional[int] = 
     """Sets per forward/backward pass inside one Adam step.
 
     ``requested`` (>= 1) is used as given; otherwise the largest divisor of ``batch_size`` whose
-    ``(mb, N, N)`` float32 tensors stay within 4 MiB. On CPU the inner loop is memory-bound
-    (dozens of elementwise passes over ``(B, N, N)`` per Sinkhorn call), and cache-sized chunks run
-    several times faster per set than one 512-set pass at N >= 80 (measured: 0.3 s for 64 sets vs
-    14 s for 512 sets at N = 120 on 2 cores).
+    ``(mb, N, N)`` float32 tensors stay within 4 MiB. This bounds the memory of the unrolled graph
+    (T inner steps x L Sinkhorn iterations, each keeping several ``(mb, N, N)`` tensors for the
+    backward pass) independently of the batch size; the update is the same (see
+    :func:`accumulate_gradients`).
     """
     if requested:
         return min(int(requested), batch_size)
