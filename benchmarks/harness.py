@@ -1,0 +1,336 @@
+"""Shared machinery of the benchmarks: configurations, timing, fresh-process memory, tables.
+
+Timing: median wall-clock time of ``--repeats`` calls after ``--warmup`` calls, with
+``torch.set_num_threads(--threads)`` (default 2). "fwd" runs under ``torch.no_grad()`` (inference);
+"fwd+bwd" runs the forward with autograd and backpropagates ``out.sum()`` into the parameters and
+the input.
+
+Memory: every (configuration, implementation, mode) is measured in a *fresh* Python process
+(``python -m benchmarks.harness --probe ...``): after importing torch, building the module and
+allocating the inputs, the kernel's peak-RSS mark is reset to the current resident set size
+(``/proc/self/clear_refs``), which is the baseline; one call is made and the peak resident set
+size (``VmHWM``, the per-process form of ``ru_maxrss``) is read. The difference is the peak memory the call needs above
+the torch baseline. On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``) above the
+allocated baseline is used instead.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path("runs") / "benchmarks"
+IMPLS = ("setperm", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmarked layer. ``kind`` is ``"encoder"`` (PermutationSetEncoder, VQA) or
+    ``"optimizer"`` (PermutationOptimizer: sorting, mosaics)."""
+
+    name: str
+    kind: str
+    in_features: int
+    hidden: int            # pairwise MLP hidden width (paper F)
+    steps: int             # T
+    n: int                 # set size N
+    batch: int             # number of sets B
+    lstm_hidden: int = 128
+    grid: Optional[Tuple[int, int]] = None
+    init: str = "uniform"  # "linear" = PO-LA (mosaics)
+    weights: bool = True   # encoder: relevance logits (sigmoid-weighted elements, F.4)
+
+    def estimate_reference_bytes(self) -> float:
+        """Rough peak of the reference fwd+bwd: pairs, hidden activations of both MLP passes and
+        their gradients (~6 H + 4 D floats per pair), and ~20 saved (N, N) tensors per Sinkhorn call."""
+        per_pair = 6 * self.hidden + 4 * self.in_features + 20 * (self.steps + 1)
+        return 4.0 * self.batch * self.n * self.n * per_pair
+
+
+def vqa(n: int, batch: int, steps: int = 3) -> Config:
+    return Config(f"vqa B={batch} N={n}" + ("" if steps == 3 else f" T={steps}"), "encoder", 13, 128, steps, n, batch)
+
+
+def sorting(n: int, batch: int) -> Config:
+    return Config(f"sort B={batch} N={n}", "optimizer", 1, 16, 6, n, batch)
+
+
+def mosaic(side: int, batch: int = 32, tile: Optional[int] = None, channels: int = 64) -> Config:
+    # MNIST tiles: ceil(28 / side) px, features = conv channels * (tile // 2)^2 (paper F.2, released MosaicNet)
+    tile = tile if tile is not None else -(-28 // side)
+    feat = channels * (tile // 2) ** 2
+    return Config(f"mosaic {side}x{side} B={batch} D={feat}", "optimizer", feat, 64, 4, side * side, batch,
+                  grid=(side, side), init="linear", weights=False)
+
+
+def tiny_configs() -> List[Config]:
+    return [Config("tiny vqa", "encoder", 5, 8, 2, 6, 3, lstm_hidden=7),
+            Config("tiny sort", "optimizer", 1, 4, 3, 7, 2),
+            Config("tiny mosaic", "optimizer", 6, 8, 2, 4, 2, grid=(2, 2), init="linear", weights=False)]
+
+
+def build(cfg: Config, impl: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
+          layout: str = "linear"):
+    """Module and inputs of ``cfg`` for ``impl``; both implementations get the same weights and inputs."""
+    from setperm import PermutationOptimizer, PermutationSetEncoder
+
+    from .reference import reference_from_setperm
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if cfg.kind == "encoder":
+        mod = PermutationSetEncoder(cfg.in_features, cfg.lstm_hidden, cost_hidden=cfg.hidden, steps=cfg.steps)
+    else:
+        mod = PermutationOptimizer(cfg.in_features, cost_hidden=cfg.hidden, steps=cfg.steps, init=cfg.init,
+                                   num_positions=cfg.n if cfg.init == "linear" else None, grid=cfg.grid)
+    cost = mod.permute.cost if cfg.kind == "encoder" else mod.cost
+    with torch.no_grad():   # non-zero biases (the init zeroes them), so the first-layer bias is really compared
+        cost.first.bias.normal_(0, 0.1, generator=gen)
+    if impl == "reference":
+        mod = reference_from_setperm(mod, layout=layout)
+    elif impl != "setperm":
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    mod = mod.to(device=device, dtype=dtype)
+    x = torch.randn(cfg.batch, cfg.n, cfg.in_features, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(cfg.batch, cfg.n, generator=gen).to(device=device, dtype=dtype) if (
+        cfg.kind == "encoder" and cfg.weights) else None
+    return mod, x, w
+
+
+def call(mod: nn.Module, x: Tensor, w: Optional[Tensor]) -> Tensor:
+    return mod(x) if w is None else mod(x, weights=w)
+
+
+def run_once(mod: nn.Module, x: Tensor, w: Optional[Tensor], mode: str) -> None:
+    if mode == "fwd":
+        with torch.no_grad():
+            call(mod, x, w)
+    elif mode == "fb":
+        xr = x.detach().requires_grad_(True)
+        call(mod, xr, w).sum().backward()
+    else:
+        raise ValueError(f"mode must be 'fwd' or 'fb', got {mode!r}")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device: str = "cpu") -> Tuple[float, float]:
+    """Median wall-clock seconds and median process CPU seconds (all threads) of ``repeats`` calls
+    after ``warmup`` calls. On a shared machine the CPU time is the steadier of the two."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        _sync(device)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def median_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device: str = "cpu") -> float:
+    """Median wall-clock seconds of ``repeats`` calls after ``warmup`` calls."""
+    return timed(fn, warmup, repeats, device)[0]
+
+
+# ----------------------------------------------------------------------------------------- memory
+def _status_bytes(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024                        # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    # VmHWM belongs to this process's address space. ru_maxrss is NOT used directly: Linux carries
+    # the parent's peak into a child across fork + exec, which hides the child's own peak whenever
+    # the parent (this benchmark) has already run a larger configuration.
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def probe_memory(cfg: Config, impl: str, mode: str, threads: int, device: str = "cpu", layout: str = "linear",
+                 timeout: float = 1800) -> Optional[int]:
+    """Peak bytes above the baseline of one call, measured in a fresh process (None on failure)."""
+    cmd = [sys.executable, "-m", "benchmarks.harness", "--probe", json.dumps(dataclasses.asdict(cfg)),
+           "--impl", impl, "--mode", mode, "--threads", str(threads), "--device", device, "--layout", layout]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    if res.returncode != 0:
+        sys.stderr.write(f"memory probe failed for {cfg.name} {impl} {mode}:\n{res.stderr[-2000:]}\n")
+        return None
+    return int(json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _probe_main(args) -> None:
+    d = json.loads(args.probe)
+    if d.get("grid") is not None:
+        d["grid"] = tuple(d["grid"])
+    cfg = Config(**d)
+    torch.set_num_threads(args.threads)
+    mod, x, w = build(cfg, args.impl, device=args.device, layout=args.layout)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_once(mod, x, w, args.mode)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        gc.collect()
+        if _reset_peak_rss():
+            base = _status_bytes("VmRSS")
+        else:
+            base = _peak_rss_bytes()
+        run_once(mod, x, w, args.mode)
+        peak = _peak_rss_bytes() - base
+    print(json.dumps({"peak_bytes": int(peak)}))
+
+
+# ------------------------------------------------------------------------------------- comparisons
+def max_output_diff(cfg: Config, seed: int = 0, layout: str = "linear") -> float:
+    """Max abs difference of the outputs (encoder: h; optimiser: P) of setperm vs the reference."""
+    outs = []
+    for impl in IMPLS:
+        mod, x, w = build(cfg, impl, seed=seed, layout=layout)
+        with torch.no_grad():
+            outs.append(call(mod, x, w))
+    return float((outs[0] - outs[1]).abs().max())
+
+
+# ------------------------------------------------------------------------------------ breakdown
+def breakdown(cfg: Config, impl: str, warmup: int = 1, repeats: int = 3, device: str = "cpu",
+              layout: str = "linear") -> Dict[str, float]:
+    """Median fwd+bwd seconds of the three functional pieces of an encoder, each timed alone with a
+    random upstream gradient: the ordering cost (eq. 8-10), the inner optimisation (algorithm 1
+    lines 5-11, from a leaf ``C``) and the permutation + LSTM (from a leaf ``P``)."""
+    from setperm import apply_permutation, optimize_permutation
+
+    from .reference import reference_permute
+
+    if cfg.kind != "encoder":
+        raise ValueError("breakdown is defined for the encoder configurations")
+    mod, x, w = build(cfg, impl, device=device, layout=layout)
+    gen = torch.Generator().manual_seed(1)
+    K = 1
+    rC = torch.randn(cfg.batch, K, cfg.n, cfg.n, generator=gen).to(device)
+    rP = torch.randn(cfg.batch, cfg.n, cfg.n, generator=gen).to(device)
+    po = mod.permute
+    with torch.no_grad():
+        C0 = po.cost(x)
+        P0 = torch.softmax(torch.randn(cfg.batch, cfg.n, cfg.n, generator=gen).to(device), -1)
+    xw = x if w is None else x * torch.sigmoid(w).unsqueeze(-1)
+
+    def cost():
+        (po.cost(x.detach().requires_grad_(True)) * rC).sum().backward()
+
+    def optimise():
+        C = C0.detach().requires_grad_(True)
+        if impl == "setperm":
+            P = optimize_permutation(C, eta=po.eta, steps=po.steps, sinkhorn_iters=po.sinkhorn_iters)
+        else:
+            P = po.optimize(C, x)
+        (P * rP).sum().backward()
+
+    def lstm():
+        P = P0.detach().requires_grad_(True)
+        y = apply_permutation(xw, P) if impl == "setperm" else reference_permute(xw, P)
+        mod.lstm(y)[1][1].sum().backward()
+
+    out = {}
+    for name, fn in (("cost", cost), ("optimise", optimise), ("lstm", lstm)):
+        out[name], out[name + "_cpu"] = timed(fn, warmup, repeats, device)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ output
+def machine_info(threads: int) -> Dict[str, object]:
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
+    except OSError:
+        pass
+    return {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_model": model, "cores": os.cpu_count(), "threads": threads,
+            "loadavg_start": list(os.getloadavg())}
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[Tuple[str, str]]) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+    head = "| " + " | ".join(title for _, title in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(key)) for key, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def write_json(path: Path, payload: Dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for JSON/PNG (default ./runs/benchmarks)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--layout", default="linear", choices=["linear", "conv1d"],
+                   help="reference MLP layout: nn.Linear channels-last or the released code's Conv1d(k=1)")
+    p.add_argument("--ref-mem-limit-gb", type=float, default=8.0,
+                   help="skip the reference where its estimated peak exceeds this (shared 24 GiB machine)")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
+    p.add_argument("--tiny", action="store_true", help="tiny configurations (seconds; used by the tests)")
+    return p
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="internal: memory probe of one configuration in a fresh process")
+    ap.add_argument("--probe", required=True)
+    ap.add_argument("--impl", required=True, choices=IMPLS)
+    ap.add_argument("--mode", required=True, choices=["fwd", "fb"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layout", default="linear")
+    _probe_main(ap.parse_args())

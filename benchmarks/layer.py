@@ -1,0 +1,102 @@
+"""Layer benchmark: PermutationSetEncoder / PermutationOptimizer at the paper's configurations,
+setperm and the reference (:mod:`benchmarks.reference`) side by side in the same process.
+
+    python -m benchmarks.layer [--threads 2] [--repeats 5] [--out runs/benchmarks]
+
+Configurations (paper appendix F): VQA encoder (13-d, pairwise hidden 128, T = 3, LSTM 128,
+relevance weights) at N = 10, 36, 100 for 64 sets and 896 sets (batch 112 x 8 glimpses);
+sorting optimiser (1-d, hidden 16, T = 6) at N = 100, 512, 1024 with B = 128, 8, 2 sets (chosen so
+the reference fits the shared machine's memory); mosaic optimiser (PO-LA, lattice 3x3 / 5x5,
+2 cost channels, hidden 64, T = 4, MNIST tile features 64 * (tile/2)^2, batch 32).
+Asserts that the outputs match (max abs difference <= --tol) wherever both run.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List
+
+import torch
+
+from .harness import (Config, build, common_parser, machine_info, markdown_table, max_output_diff, timed,
+                      mosaic, probe_memory, run_once, sorting, tiny_configs, vqa, write_json)
+
+
+def paper_configs() -> List[Config]:
+    cfgs = [vqa(n, b) for b in (64, 896) for n in (10, 36, 100)]
+    cfgs += [sorting(100, 128), sorting(512, 8), sorting(1024, 2)]
+    cfgs += [mosaic(3), mosaic(5)]
+    return cfgs
+
+
+def measure(cfg: Config, args, layouts=("linear",)) -> List[Dict[str, object]]:
+    """Rows for setperm and the reference (one row per reference MLP layout); the ratios
+    setperm-vs-reference are written on each reference row."""
+    variants = [("setperm", "linear")] + [("reference", lay) for lay in layouts]
+    rows = []
+    for impl, layout in variants:
+        label = impl if impl == "setperm" else f"reference ({'nn.Linear' if layout == 'linear' else 'Conv1d'})"
+        row: Dict[str, object] = {"config": cfg.name, "impl": label}
+        if impl == "reference" and cfg.estimate_reference_bytes() > args.ref_mem_limit_gb * 2 ** 30:
+            row["skipped"] = (f"skipped: estimated peak {cfg.estimate_reference_bytes() / 2 ** 30:.0f} GiB > "
+                              f"--ref-mem-limit-gb {args.ref_mem_limit_gb:g}")
+            rows.append(row)
+            continue
+        mod, x, w = build(cfg, impl, device=args.device, layout=layout)
+        for mode in ("fwd", "fb"):
+            wall, cpu = timed(lambda: run_once(mod, x, w, mode), args.warmup, args.repeats, args.device)
+            row[f"{mode}_ms"], row[f"{mode}_cpu_ms"] = 1e3 * wall, 1e3 * cpu
+        del mod, x, w
+        if not args.no_memory:
+            for mode in ("fwd", "fb"):
+                peak = probe_memory(cfg, impl, mode, args.threads, args.device, layout)
+                row[f"{mode}_mem_mb"] = None if peak is None else peak / 2 ** 20
+        if impl == "reference":
+            diff = max_output_diff(cfg, layout=layout)
+            row["max_abs_diff"] = diff
+            if not diff <= args.tol:
+                raise AssertionError(f"{cfg.name}: setperm and the reference differ by {diff:.3g} > tol {args.tol:g}")
+            ours = rows[0]
+            row["speedup_fb"] = row["fb_ms"] / ours["fb_ms"]
+            row["speedup_fwd"] = row["fwd_ms"] / ours["fwd_ms"]
+            row["speedup_fb_cpu"] = row["fb_cpu_ms"] / ours["fb_cpu_ms"]
+            if ours.get("fb_mem_mb") and row.get("fb_mem_mb"):
+                row["mem_ratio_fb"] = row["fb_mem_mb"] / max(ours["fb_mem_mb"], 1e-3)
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("fwd_ms", "fwd ms"), ("fb_ms", "fwd+bwd ms"),
+           ("fb_cpu_ms", "fwd+bwd CPU ms"),
+           ("fwd_mem_mb", "fwd peak MiB"), ("fb_mem_mb", "fwd+bwd peak MiB"), ("speedup_fwd", "setperm fwd speed-up"),
+           ("speedup_fb", "setperm fwd+bwd speed-up"), ("speedup_fb_cpu", "setperm fwd+bwd CPU-time speed-up"),
+           ("mem_ratio_fb", "setperm fwd+bwd memory saving"),
+           ("max_abs_diff", "max abs diff"), ("skipped", "note")]
+
+
+def main(argv=None) -> int:
+    p = common_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs output difference allowed (float32)")
+    p.add_argument("--conv1d-on", default="vqa B=64 N=100",
+                   help="also run the Conv1d (released-code layout) reference on configurations containing this")
+    p.add_argument("--only", default=None, help="run only configurations whose name contains this string")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfgs = tiny_configs() if args.tiny else paper_configs()
+    if args.only:
+        cfgs = [c for c in cfgs if args.only in c.name]
+    info = machine_info(args.threads)
+    rows = []
+    for cfg in cfgs:
+        conv = args.conv1d_on is not None and args.conv1d_on in cfg.name
+        rows += measure(cfg, args, ("linear", "conv1d") if conv else ("linear",))
+        print(f"done: {cfg.name}", file=sys.stderr, flush=True)
+    table = markdown_table(rows, COLUMNS)
+    print(table)
+    info["loadavg_end"] = list(__import__("os").getloadavg())
+    write_json(args.out / ("layer_tiny.json" if args.tiny else "layer.json"),
+               {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""benchmarks/: the reference implementation equals setperm, and every benchmark runs on a tiny
+configuration (no timing assertions)."""
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from benchmarks import layer, limit, scaling
+from benchmarks.harness import Config, build, call, probe_memory, tiny_configs
+from benchmarks.reference import (plain_sinkhorn, reference_from_setperm, reference_gradient,
+                                  reference_lattice_gradient)
+from setperm import (PermutationOptimizer, PermutationSetEncoder, cost_gradient, lattice_cost_gradient, sinkhorn)
+
+
+@pytest.mark.parametrize("cfg", tiny_configs(), ids=lambda c: c.name)
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_reference_matches_setperm_outputs_and_input_gradients(cfg, layout):
+    outs, grads = [], []
+    for impl in ("setperm", "reference"):
+        mod, x, w = build(cfg, impl, seed=3, dtype=torch.float64, layout=layout)
+        x = x.requires_grad_(True)
+        out = call(mod, x, w)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad)
+    assert_close(outs[1], outs[0], rtol=0, atol=1e-10)
+    assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-10)
+
+
+def test_reference_matches_setperm_float32_vqa_shape():
+    cfg = Config("vqa-ish", "encoder", 13, 16, 3, 12, 4, lstm_hidden=8)
+    (a, x, w), (b, _, _) = build(cfg, "setperm", seed=1), build(cfg, "reference", seed=1)
+    with torch.no_grad():
+        assert_close(call(b, x, w), call(a, x, w), rtol=0, atol=1e-5)
+
+
+def test_reference_pieces_match_the_core():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    assert_close(plain_sinkhorn(z, iters=4), sinkhorn(z, iters=4), rtol=0, atol=1e-12)
+    P = torch.softmax(torch.randn(3, 6, 6, generator=g, dtype=torch.float64), -1)
+    C = torch.randn(3, 2, 6, 6, generator=g, dtype=torch.float64)
+    C = C - C.transpose(-1, -2)
+    assert_close(reference_gradient(P, C[:, 0]), cost_gradient(P, C[:, 0]), rtol=0, atol=1e-12)
+    assert_close(reference_lattice_gradient(P, C, (2, 3)), lattice_cost_gradient(P, C, (2, 3)), rtol=0, atol=1e-12)
+
+
+def test_reference_from_setperm_rejects_what_it_does_not_implement():
+    with pytest.raises(ValueError, match="PO-U"):
+        reference_from_setperm(PermutationSetEncoder(3, 4, cost_hidden=4, permutation="none"))
+    with pytest.raises(ValueError, match="module must be"):
+        reference_from_setperm(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="steps"):
+        reference_from_setperm(PermutationOptimizer(3, 4, steps=0, init="linear", num_positions=4))
+
+
+def test_memory_probe_runs_in_a_fresh_process():
+    cfg = Config("probe", "optimizer", 1, 4, 2, 64, 8)
+    peak = probe_memory(cfg, "reference", "fb", threads=1)
+    assert peak is not None and peak >= 0
+
+
+def test_layer_benchmark_tiny(tmp_path, capsys):
+    assert layer.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                       "--conv1d-on", "tiny vqa", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "layer_tiny.json").read_text())
+    impls = [r["impl"] for r in data["rows"]]
+    assert impls.count("setperm") == 3 and "reference (Conv1d)" in impls
+    assert all(r["max_abs_diff"] <= 1e-4 for r in data["rows"] if r["impl"] != "setperm")
+    assert "| tiny sort | setperm |" in capsys.readouterr().out
+
+
+def test_scaling_benchmark_tiny(tmp_path):
+    assert scaling.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                         "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "scaling_tiny.json").read_text())
+    assert {r["N"] for r in data["n_rows"]} == {4, 8, 16}
+    assert data["exponents"]["setperm_time_N"] is not None
+    for s in data["shares"]:
+        assert s["cost_share"] + s["optimise_share"] + s["lstm_share"] == pytest.approx(1.0)
+    assert (tmp_path / "scaling_tiny.png").stat().st_size > 0
+
+
+def test_limit_benchmark_tiny(tmp_path):
+    assert limit.main(["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "limit_tiny.json").read_text())
+    assert data["ceilings"]["gemm_gflops"] > 0
+    assert all(r["fraction"] > 0 for r in data["rows"])
+
+
+def test_fit_exponent_recovers_a_power_law():
+    xs = [10, 20, 40, 80]
+    assert scaling.fit_exponent(xs, [3 * x ** 2.5 for x in xs], 10) == pytest.approx(2.5)
+    assert scaling.fit_exponent(xs, [None, None, 1.0, None], 10) is None
