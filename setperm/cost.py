@@ -159,6 +159,34 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor) -> Tensor:
     return _PairwiseTwoLayer.apply(a, c, w2)
 
 
+def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
+    """:func:`equal_pairs` in O(B N D + B N^2) when no two distinct elements of a set collide.
+
+    Each element's bit pattern (with -0.0 mapped to +0.0, since ``-0.0 == 0.0``) gets an exact
+    integer hash (no rounding: 32-bit words times 20-bit weights, summed in int64 without
+    overflow). Equal elements have equal hashes, so if no off-diagonal pair of hashes is equal the
+    only equal pairs are the diagonal ones (``x_i == x_i``, False only with NaN). Returns None
+    (caller compares element-wise) on a hash collision or an unsupported dtype/size.
+    """
+    B, N, D = x.shape
+    size = x.element_size()
+    if size not in (2, 4, 8) or x.is_complex():
+        return None
+    word = torch.int16 if size == 2 else torch.int32
+    bits = (x.detach() + 0.0).contiguous().view(word).to(torch.int64)    # + 0.0 maps -0.0 to +0.0
+    bits = bits & (0xFFFF if size == 2 else 0xFFFFFFFF)
+    words = bits.shape[-1]
+    if words > 2048:
+        return None
+    weights = (torch.arange(1, words + 1, device=x.device, dtype=torch.int64) * 0x9E3B5) % (1 << 20) + 1
+    h = (bits * weights).sum(-1)                                         # (B, N), exact
+    same = h.unsqueeze(2) == h.unsqueeze(1)
+    eye = torch.eye(N, dtype=torch.bool, device=x.device)
+    if bool((same & ~eye).any()):
+        return None
+    return eye & (x == x).all(-1).unsqueeze(2)
+
+
 def equal_pairs(x: Tensor) -> Tensor:
     """``(B, N, N)`` bool: True where ``x_i`` and ``x_j`` are bitwise identical elements.
 
@@ -168,6 +196,9 @@ def equal_pairs(x: Tensor) -> Tensor:
     Computed in row chunks so the ``(B, r, N, D)`` comparison stays bounded.
     """
     B, N, D = x.shape
+    fast = _equal_pairs_by_hash(x)
+    if fast is not None:
+        return fast
     out = torch.empty(B, N, N, dtype=torch.bool, device=x.device)
     step = _rows_per_chunk(B, N, D)
     for i0 in range(0, N, step):
