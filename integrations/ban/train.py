@@ -41,7 +41,8 @@ from integrations.common import (RunDir, cleanup_distributed, config_to_dict, in
 from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
 
 # hyper-parameters that must not change between a run and its --resume
-_RESUME_KEYS = ("mode", "num_hid", "gamma", "op", "batch_size", "lr", "seed", "use_both", "fixed36", "ban_root")
+_RESUME_KEYS = ("mode", "num_hid", "gamma", "op", "tfidf", "batch_size", "lr", "warmup", "lr_decay_start",
+                "lr_decay_every", "lr_decay_rate", "grad_clip", "seed", "use_both", "fixed36", "bucket", "ban_root")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
