@@ -62,13 +62,19 @@ def _plain_iterates(z: Tensor, iters: int, keep: bool):
     floor = finfo.tiny / finfo.eps
     x = torch.exp(z - z.amax(dim=2, keepdim=True))                       # row maxima become 1
     outs = []
+    smallest = None
     for d in [2, 1] * iters:
         s = x.sum(dim=d, keepdim=True)
-        if bool(s.min() < floor):
-            return None
+        m = s.amin()
+        smallest = m if smallest is None else torch.minimum(smallest, m)
         x = x / s
         if keep:
             outs.append(x)
+    # One host synchronisation per call (not one per half-step): on a GPU each sync stalls the queue.
+    # Once a sum underflows to 0 the later iterates are NaN, and NaN propagates through minimum, so
+    # "not >= floor" catches both.
+    if not bool(smallest >= floor):
+        return None
     return outs if keep else x
 
 

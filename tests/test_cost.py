@@ -58,11 +58,14 @@ def test_identical_elements_zero_cost_finite_gradient():
     assert all(p.grad is not None for p in m.parameters())  # every parameter is used (DDP)
 
 
-def test_custom_function_gradcheck_with_chunks(monkeypatch):
-    monkeypatch.setattr(cost_mod, "_CHUNK_ELEMENTS", 7)   # forces several row chunks
+# 7: row blocks of one set; 160: two whole sets (5*5*3 = 75 elements each) per chunk, last one
+# partial; 1 << 20: everything in one chunk.
+@pytest.mark.parametrize("chunk", [7, 160, 1 << 20])
+def test_custom_function_gradcheck_with_chunks(monkeypatch, chunk):
+    monkeypatch.setattr(cost_mod, "_CHUNK_ELEMENTS", chunk)
     g = torch.Generator().manual_seed(3)
-    a = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(pairwise_two_layer, (a, c, w))
     assert torch.autograd.gradgradcheck(pairwise_two_layer, (a, c, w))
