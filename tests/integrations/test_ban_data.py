@@ -15,14 +15,6 @@ from integrations.ban.data import (Dictionary, VQADataError, VQAFeatureDataset, 
                                    tfidf_word_embedding)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one thread: on a shared 2-core machine OpenMP's second thread mostly waits (an index op
-    # measured 27 ms with 2 threads vs 0.01 ms with 1)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ from integrations.ban.data import VQAFeatureDataset, collate_vqa
 from integrations.ban.train import (build_model, epoch_batches, official_lr, parse_args, run, soft_scores,
                                     train_step, vqa_bce_loss)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one thread: on a shared 2-core machine OpenMP's second thread mostly waits (an index op
-    # measured 27 ms with 2 threads vs 0.01 ms with 1)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 SMALL = ["--num-hid", "16", "--gamma", "2", "--batch-size", "4", "--workers", "0", "--threads", "1"]

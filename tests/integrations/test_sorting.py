@@ -20,14 +20,6 @@ from integrations.sorting.train import accumulate_gradients, load_trained, micro
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny (B, 5, 5) tensors: a second intra-op thread only adds synchronisation, and on a shared
-    # machine spinning threads make these tests many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(out, **kw):
