@@ -13,11 +13,9 @@ grows as ``N^2 * K`` rather than ``N^2 * hidden``.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masking import pair_mask

@@ -5,7 +5,7 @@ common ``N``; ``lengths`` ``(B,)`` may be given instead when the real elements a
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -89,12 +89,6 @@ def zero_padding(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def real_counts(mask: Optional[Tensor], B: int, N: int, device) -> Tensor:
-    if mask is None:
-        return torch.full((B,), N, dtype=torch.long, device=device)
-    return mask.sum(1)
-
-
 def assignment_mask(mask: Tensor) -> Tensor:
     """The ``(B, N, N)`` set of allowed (element i, position k) pairs for a padded batch.
 
@@ -119,7 +113,3 @@ def pair_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     if mask is None:
         return None
     return mask.unsqueeze(2) & mask.unsqueeze(1)
-
-
-def split_shape(x: Tensor) -> Tuple[int, int]:
-    return x.shape[0], x.shape[1]

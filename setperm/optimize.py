@@ -5,7 +5,7 @@ Convention: ``P[b, i, k]`` is the weight of element ``i`` at position ``k``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor

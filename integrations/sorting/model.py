@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Mapping, Tuple
 
-import torch
 from torch import Tensor, nn
 
 from setperm import PermutationOptimizer, apply_permutation

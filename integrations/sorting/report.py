@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -100,7 +100,6 @@ def comparison_grid(cost, low: float, high: float, points: int = 201) -> Tuple[t
     ``cost`` is the model's :class:`setperm.PairwiseCost` with one channel; ``F > 0`` means the row
     number is ordered after the column number.
     """
-    p = next(cost.parameters())
     v = torch.linspace(low, high, points, dtype=torch.float64)
     a = v.view(-1, 1, 1).expand(points, points, 1)
     b = v.view(1, -1, 1).expand(points, points, 1)
