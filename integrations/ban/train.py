@@ -38,7 +38,8 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from integrations.common import (RunDir, cleanup_distributed, config_to_dict, init_distributed, latest_checkpoint,
                                  load_checkpoint, progress, resolve_device, save_checkpoint, seed_everything)
 
-from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
+from .data import (QUESTION_FILES, Dictionary, VQADataError, VQAFeatureDataset, collate_vqa, load_glove_init,
+                   tfidf_word_embedding)
 
 # hyper-parameters that must not change between a run and its --resume
 _RESUME_KEYS = ("mode", "num_hid", "gamma", "op", "tfidf", "batch_size", "lr", "warmup", "lr_decay_start",
@@ -370,6 +371,10 @@ def run(args) -> dict:
         bar.close()
         if i < steps_per_epoch:  # stopped mid-epoch by --max-steps
             checkpoint(epoch, i)
+            if info.is_main:
+                print(f"stopped by --max-steps at step {step} (epoch {epoch}, batch {i}/{steps_per_epoch}), "
+                      f"train loss {sums[0] / max(sums[2], 1):.4f}; checkpoint in {run_dir.checkpoints} "
+                      "(continue with --resume)", flush=True)
             break
         record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": sums[0] / sums[2],
                   "train_soft_acc": sums[1] / sums[2]}
@@ -442,4 +447,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (VQADataError, FileNotFoundError) as e:  # bad data: one clear line, not a traceback
+        sys.exit(f"python -m integrations.ban.train: error: {e}")

@@ -111,4 +111,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .datasets import DataFormatError
+
+    try:
+        sys.exit(main())
+    except (DataFormatError, FileNotFoundError) as e:  # bad data: one clear line, not a traceback
+        sys.exit(f"python -m integrations.mosaic: error: {e}")
