@@ -14,7 +14,7 @@ run() {  # run NAME ARGS...: skip finished runs, log to $OUT/logs/NAME.log
   $M "$@" --out "$OUT/$name" > "$OUT/logs/$name.log" 2>&1 || echo "FAILED $name"
   echo "$(date -u +%T) done  $name"
 }
-parts=${*:-"mnist mnist-classify cifar10 tiny mnist-big"}
+parts=${*:-"mnist mnist-classify cifar10 tiny mnist-big cifar10-big tiny-big cifar10-classify"}
 for part in $parts; do case $part in
 mnist)  # Tables 1 and 4, MNIST 2x2 and 3x3: all 60,000 training images, 1 epoch (paper: 20)
   for n in 2 3; do for m in linassign po-u po-la; do
@@ -41,5 +41,22 @@ tiny)  # Tiny ImageNet val as the ImageNet 64x64 stand-in: train on val images 1
   for n in 2 3; do for m in linassign po-u po-la; do
     run tiny-$n-$m --dataset tiny-imagenet --tiles $n --model $m --epochs 1 --subset 5000
   done; done ;;
+cifar10-big)  # Tables 1 and 4, CIFAR-10 subset 4x4 and 5x5, 5 epochs
+  for n in 4 5; do for m in linassign po-u po-la; do
+    run cifar10-$n-$m --dataset cifar10 --tiles $n --model $m --epochs 5
+  done; done ;;
+tiny-big)  # Tables 1 and 4, Tiny ImageNet stand-in 4x4 and 5x5, 1 epoch on 5,000 images
+  for n in 4 5; do for m in linassign po-u po-la; do
+    run tiny-$n-$m --dataset tiny-imagenet --tiles $n --model $m --epochs 1 --subset 5000
+  done; done ;;
+cifar10-classify)  # Tables 2 and 5 on the CIFAR-10 subset: ResNet-18 (width 16) pre-trained 5 epochs on the
+                   # 4,000 training images, then the permutation trained through it for 5 epochs
+  for n in 2 3; do
+    run cifar10-$n-pretrain --task pretrain --dataset cifar10 --tiles $n --resnet-width 16 --epochs 5
+    for m in linassign po-u po-la; do
+      run cifar10-$n-classify-$m --task classify --classifier "$OUT/cifar10-$n-pretrain" --dataset cifar10 --tiles $n \
+        --model $m --epochs 5
+    done
+  done ;;
 *) echo "unknown part $part"; exit 2 ;;
 esac; done
