@@ -309,6 +309,13 @@ def write_json(path: Path, payload: Dict[str, object]) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
+def write_results(path: Path, info: Dict[str, object], args: argparse.Namespace, **results: object) -> None:
+    """Write a script's JSON: the machine (with the load at the end of the run), the resolved
+    arguments and the results."""
+    info["loadavg_end"] = list(os.getloadavg())
+    write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, **results})
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for JSON/PNG (default ./runs/benchmarks)")

@@ -18,7 +18,7 @@ from typing import Dict, List
 import torch
 
 from .harness import (Config, build, common_parser, machine_info, markdown_table, max_output_diff, timed,
-                      mosaic, probe_memory, run_once, sorting, tiny_configs, vqa, write_json)
+                      mosaic, probe_memory, run_once, sorting, tiny_configs, vqa, write_results)
 
 
 def paper_configs() -> List[Config]:
@@ -92,9 +92,7 @@ def main(argv=None) -> int:
         print(f"done: {cfg.name}", file=sys.stderr, flush=True)
     table = markdown_table(rows, COLUMNS)
     print(table)
-    info["loadavg_end"] = list(__import__("os").getloadavg())
-    write_json(args.out / ("layer_tiny.json" if args.tiny else "layer.json"),
-               {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
+    write_results(args.out / ("layer_tiny.json" if args.tiny else "layer.json"), info, args, rows=rows, table=table)
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Dict
 
 import torch
 
-from .harness import (breakdown, common_parser, machine_info, markdown_table, median_time, vqa, write_json)
+from .harness import (breakdown, common_parser, machine_info, markdown_table, median_time, vqa, write_results)
 
 
 def ceilings(threads: int, bmm_shapes, tiny: bool = False) -> Dict[str, float]:
@@ -87,9 +87,7 @@ def main(argv=None) -> int:
                                ("attainable_ms", "attainable ms"), ("total_ms", "measured ms"),
                                ("fraction", "achieved fraction")])
     print("## machine ceilings\n\n" + t1 + "\n\n## setperm encoder fwd+bwd vs the ceilings\n\n" + t2)
-    info["loadavg_end"] = list(__import__("os").getloadavg())
-    write_json(args.out / ("limit_tiny.json" if args.tiny else "limit.json"),
-               {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "ceilings": ceil, "rows": rows})
+    write_results(args.out / ("limit_tiny.json" if args.tiny else "limit.json"), info, args, ceilings=ceil, rows=rows)
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .harness import (IMPLS, Config, breakdown, common_parser, machine_info, markdown_table, probe_memory, run_once,
-                      build, timed, vqa, write_json)
+                      build, timed, vqa, write_results)
 
 
 def fit_exponent(xs: Sequence[float], ys: Sequence[Optional[float]], x_min: float) -> Optional[float]:
@@ -144,10 +144,8 @@ def main(argv=None) -> int:
                                  ("lstm_cpu_share", "LSTM share (CPU time)")])
     print("## time and memory vs N\n\n" + t1 + "\n\n## time vs T\n\n" + t2 + f"\n\n## exponents (N >= {fit_min:g})\n\n"
           + t3 + "\n\n## share of time (fwd+bwd of each piece alone)\n\n" + t4)
-    info["loadavg_end"] = list(__import__("os").getloadavg())
     stem = "scaling_tiny" if args.tiny else "scaling"
-    write_json(args.out / f"{stem}.json", {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                           "n_rows": n_rows, "t_rows": t_rows, "exponents": exps, "shares": shares})
+    write_results(args.out / f"{stem}.json", info, args, n_rows=n_rows, t_rows=t_rows, exponents=exps, shares=shares)
     plot(args.out / f"{stem}.png", n_rows, t_rows, exps)
     return 0
 

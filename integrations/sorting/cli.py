@@ -20,31 +20,26 @@ DEMO_OUT = "runs/sorting-demo"
 
 
 # ---------------------------------------------------------------- argument types (argparse errors, exit 2)
-def set_size(text: str) -> int:
+def _int_at_least(text: str, minimum: int, what: str, why: str = "") -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"set size must be an integer, got {text!r}") from None
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"set size must be >= 2 (nothing to sort otherwise), got {n}")
+        raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+    if n < minimum:
+        raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}{why}, got {n}")
     return n
+
+
+def set_size(text: str) -> int:
+    return _int_at_least(text, 2, "set size", " (nothing to sort otherwise)")
 
 
 def positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+    return _int_at_least(text, 1, "value")
 
 
 def non_negative_int(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
-    return n
+    return _int_at_least(text, 0, "value")
 
 
 def positive_float(text: str) -> float:
