@@ -98,9 +98,7 @@ class PermutationOptimizer(nn.Module):
         return None if self.eta_param is None else self.eta_param.abs()
 
     def _validate(self, x: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[Tensor]:
-        check_set(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have {self.in_features} features in its last dim, got shape {tuple(x.shape)}")
+        check_set(x, features=self.in_features)
         mask = resolve_mask(x, mask, lengths)
         if self.grid is not None and x.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError(f"grid {self.grid} has {self.grid[0] * self.grid[1]} positions but x has "
@@ -214,9 +212,7 @@ class PermutationSetEncoder(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, return_permutation: bool = False):
-        check_set(x)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have {self.in_features} features in its last dim, got shape {tuple(x.shape)}")
+        check_set(x, features=self.in_features)
         mask = resolve_mask(x, mask, lengths)
         check_weights(x, weights)
         if self.check_finite:

@@ -15,8 +15,10 @@ def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def check_set(x: Tensor, name: str = "x", *, min_dim: int = 3, max_dim: Optional[int] = 3) -> None:
-    """``x`` must be a floating tensor of shape ``(B, N, D)`` (or more trailing dims if allowed)."""
+def check_set(x: Tensor, name: str = "x", *, min_dim: int = 3, max_dim: Optional[int] = 3,
+              features: Optional[int] = None) -> None:
+    """``x`` must be a floating tensor of shape ``(B, N, D)`` (or more trailing dims if allowed),
+    with ``D == features`` when given."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < min_dim or (max_dim is not None and x.dim() > max_dim):
@@ -24,6 +26,8 @@ def check_set(x: Tensor, name: str = "x", *, min_dim: int = 3, max_dim: Optional
         raise ValueError(f"{name} must have shape {want}, got shape {_shape(x)}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if features is not None and x.shape[-1] != features:
+        raise ValueError(f"{name} must have {features} features in its last dim, got shape {_shape(x)}")
 
 
 def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Optional[Tensor]:

@@ -76,13 +76,9 @@ def cost_gradient(P: Tensor, C: Tensor) -> Tensor:
     return 2 * (Csum @ position_balance(P))
 
 
-def lattice_cost(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
-    """Section 2.4: the sum of eq. 1 over every row and every column of an ``R x Cols`` grid.
-
-    ``C`` is ``(B, 2, N, N)``: channel 0 orders the elements left-to-right inside each grid row,
-    channel 1 top-to-bottom inside each grid column. Positions are row-major, ``k = r * Cols + c``.
-    Returns ``(B,)``.
-    """
+def _lattice_balances(P: Tensor, C: Tensor, grid: Grid) -> Tuple[Tensor, Tensor, Tensor]:
+    """Checked ``(B, 2, N, N)`` cost and the ``(B, N, R*Cols)`` balances of eq. 1 along each grid row
+    (horizontal) and along each grid column (vertical)."""
     C4 = _check_pc(P, C)
     if C4.shape[1] != 2:
         raise ValueError(f"a lattice cost needs 2 channels (horizontal, vertical), got C {tuple(C.shape)}")
@@ -90,6 +86,17 @@ def lattice_cost(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
     B, N = P.shape[:2]
     bal_h = position_balance(G, dim=3).reshape(B, N, -1)   # balance along each grid row
     bal_v = position_balance(G, dim=2).reshape(B, N, -1)   # balance along each grid column
+    return C4, bal_h, bal_v
+
+
+def lattice_cost(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
+    """Section 2.4: the sum of eq. 1 over every row and every column of an ``R x Cols`` grid.
+
+    ``C`` is ``(B, 2, N, N)``: channel 0 orders the elements left-to-right inside each grid row,
+    channel 1 top-to-bottom inside each grid column. Positions are row-major, ``k = r * Cols + c``.
+    Returns ``(B,)``.
+    """
+    C4, bal_h, bal_v = _lattice_balances(P, C, grid)
     cost_h = (C4[:, 0] * (P @ bal_h.transpose(1, 2))).sum(dim=(1, 2))
     cost_v = (C4[:, 1] * (P @ bal_v.transpose(1, 2))).sum(dim=(1, 2))
     return cost_h + cost_v
@@ -97,13 +104,7 @@ def lattice_cost(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
 
 def lattice_cost_gradient(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
     """Closed-form gradient of :func:`lattice_cost`: ``2 (C_h B_h + C_v B_v)``, no loop over rows."""
-    C4 = _check_pc(P, C)
-    if C4.shape[1] != 2:
-        raise ValueError(f"a lattice cost needs 2 channels (horizontal, vertical), got C {tuple(C.shape)}")
-    G = _grid_view(P, grid)
-    B, N = P.shape[:2]
-    bal_h = position_balance(G, dim=3).reshape(B, N, -1)
-    bal_v = position_balance(G, dim=2).reshape(B, N, -1)
+    C4, bal_h, bal_v = _lattice_balances(P, C, grid)
     return 2 * (C4[:, 0] @ bal_h + C4[:, 1] @ bal_v)
 
 
