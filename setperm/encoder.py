@@ -221,18 +221,22 @@ class PermutationSetEncoder(nn.Module):
                 _check_finite(weights.unsqueeze(-1), mask, name="weights")
         B, N, _ = x.shape
         x = zero_padding(x, mask)
+        P: Optional[Tensor] = None
+        order: Optional[Tensor] = None
         if self.permute is not None:
             P = self.permute._permute(x, mask)
-        else:
-            # "LSTM only": keep the input order of the real elements, padding moved to the end.
-            if mask is None:
-                P = None
-            else:
-                order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-                P = permutation_matrix(order, dtype=x.dtype)
+        elif mask is not None:
+            # "LSTM only": keep the input order of the real elements, padding moved to the end
+            # (a gather, not a matmul with the equivalent permutation matrix).
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
         if weights is not None:
             x = x * torch.sigmoid(zero_padding(weights.unsqueeze(-1), mask))
-        seq = x if P is None else apply_permutation(x, P)
+        if P is not None:
+            seq = apply_permutation(x, P)
+        elif order is not None:
+            seq = x.gather(1, order.unsqueeze(-1).expand_as(x))
+        else:
+            seq = x
         if mask is None:
             _, (_, c_n) = self.lstm(seq)
             h = c_n[-1]
@@ -243,7 +247,8 @@ class PermutationSetEncoder(nn.Module):
             h = torch.where((n > 0).unsqueeze(1), c_n[-1], torch.zeros((), dtype=c_n.dtype, device=c_n.device))
         if return_permutation:
             if P is None:
-                P = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
+                P = (permutation_matrix(order, dtype=x.dtype) if order is not None
+                     else torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N))
             return h, P
         return h
 

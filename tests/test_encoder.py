@@ -186,3 +186,13 @@ def test_encoder_gradcheck_with_mask_and_weights():
     w = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True, True, False, True, False], [True] * 5])
     assert torch.autograd.gradcheck(lambda x, w: enc(x, mask=mask, weights=w), (x, w))
+
+
+def test_lstm_only_permutation_keeps_real_order_and_moves_padding_last():
+    enc = make_encoder(torch.float64, "none")
+    x = torch.randn(1, 5, 5, dtype=torch.float64)
+    mask = torch.tensor([[False, True, True, False, True]])
+    h, P = enc(x, mask=mask, return_permutation=True)
+    from setperm import apply_permutation
+    assert_close(apply_permutation(x, P)[0, :3], x[0, [1, 2, 4]], rtol=0, atol=0)
+    assert_close(h, enc(x[:, [1, 2, 4]]), rtol=1e-12, atol=1e-12)
