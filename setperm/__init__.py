@@ -5,9 +5,10 @@ Zhang, Hare & Prugel-Bennett, ICLR 2019. Convention: ``P[b, i, k]`` is the weigh
 True = real element.
 """
 from .assign import LinearAssignment, apply_permutation, hungarian, linear_assignment_logits, permutation_matrix
-from .cost import PairwiseCost, normalize_cost, ordering_cost, pairwise_two_layer
+from .cost import PairwiseCost, normalize_cost, ordering_cost
 from .encoder import LinAssign, PermutationOptimizer, PermutationSetEncoder
 from .monitor import find_step_sizes, log_step_sizes, set_entropy_tracking
+from .pairwise import pairwise_two_layer
 from .optimize import (cost_gradient, lattice_cost, lattice_cost_gradient, optimize_permutation,
                        permutation_entropy, position_balance, total_cost)
 from .sinkhorn import sinkhorn

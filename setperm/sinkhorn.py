@@ -43,7 +43,7 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temp
         if mask is not None:
             allowed = assignment_mask(mask)
             z = torch.where(allowed, z, torch.full((), float("-inf"), dtype=z.dtype, device=z.device))
-        return _LogSinkhorn.apply(z, iters).to(out_dtype)
+        return _Sinkhorn.apply(z, iters).to(out_dtype)
 
 
 def _normalise_log(z: Tensor, dim: int) -> Tensor:
@@ -51,49 +51,60 @@ def _normalise_log(z: Tensor, dim: int) -> Tensor:
     return z - torch.logsumexp(z, dim=dim, keepdim=True)
 
 
-def _plain_iterates(z: Tensor, iters: int, keep: bool):
-    """The same operator in the plain domain (a sum and a division per half-step instead of a
-    logsumexp): ``exp(z - rowmax)`` then alternating row/column normalisations; the first row
-    normalisation of ``exp(z - rowmax)`` equals that of ``exp(z)``, so every iterate is the
-    log-domain one. Returns the list of half-step outputs (``keep``) or the last one, or None if a
-    row or column sum fell below ``tiny / eps`` (underflow would lose accuracy or divide by zero):
-    the caller then uses the log domain, which is finite for any finite input."""
-    finfo = torch.finfo(z.dtype)
-    floor = finfo.tiny / finfo.eps
-    x = torch.exp(z - z.amax(dim=2, keepdim=True))                       # row maxima become 1
-    outs = []
-    smallest = None
-    for d in [2, 1] * iters:
-        s = x.sum(dim=d, keepdim=True)
-        m = s.amin()
-        smallest = m if smallest is None else torch.minimum(smallest, m)
-        x = x / s
-        if keep:
-            outs.append(x)
-    # One host synchronisation per call (not one per half-step): on a GPU each sync stalls the queue.
-    # Once a sum underflows to 0 the later iterates are NaN, and NaN propagates through minimum, so
-    # "not >= floor" catches both.
-    if not bool(smallest >= floor):
+def _scalings(z: Tensor, iters: int):
+    """The same operator as scalings of one matrix: ``S^(2t) = diag(u_t) K diag(v_{t-1})`` and
+    ``S^(2t+1) = diag(u_t) K diag(v_t)`` with ``K = exp(z - rowmax)``, ``v_0 = 1``,
+    ``u_t = 1 / (K v_{t-1})`` (eq. 11: rows) and ``v_t = 1 / (K^T u_t)`` (eq. 12: columns).
+
+    Each half-step is a matrix-vector product instead of a pass that rewrites the ``(N, N)``
+    iterate, and ``P = u_L K v_L`` is formed once. A per-row shift of ``z`` cancels in the first row
+    normalisation, so subtracting the row maximum changes nothing but the range.
+
+    Returns ``(K, us, vs)`` with ``us``/``vs`` lists of ``(B, 1, N)`` rows (``vs[0]`` = 1), or
+    None when the scalings' spread is too wide for the working dtype (underflowing sums, or
+    products of scalings that could overflow in backward): the caller then uses the log domain,
+    which is finite for any finite input. One host synchronisation per call.
+    """
+    K = z - z.amax(dim=2, keepdim=True)
+    K = K.exp_() if not K.requires_grad else K.exp()                      # (B, N, N), row maxima 1
+    Kt = K.transpose(1, 2)
+    v = torch.ones_like(K[:, :1])                                         # (B, 1, N)
+    us, vs = [], [v]
+    for _ in range(iters):
+        # Row vectors times a matrix: the fastest batched matrix-vector product on CPU.
+        u = torch.bmm(v, Kt).reciprocal()                                 # (K v)^T
+        v = torch.bmm(u, K).reciprocal()                                  # (K^T u)^T
+        us.append(u)
+        vs.append(v)
+    # u_i v_j <= max(v) / min(v) over the iterates (u_i <= 1 / v_j* at the row maximum K_ij* = 1):
+    # bounding this spread keeps every product of scalings in forward and backward finite and
+    # every entry of P that matters (>= eps) a normal float. NaN/inf fail the comparison.
+    allv = torch.cat(vs, dim=1)
+    spread = allv.amax(dim=(1, 2)) / allv.amin(dim=(1, 2))
+    if not bool((spread <= torch.finfo(z.dtype).max ** 0.4).all()):
         return None
-    return outs if keep else x
+    return K, us, vs
 
 
-class _LogSinkhorn(torch.autograd.Function):
+class _Sinkhorn(torch.autograd.Function):
     """``exp`` of ``iters`` alternating row/column log-normalisations of ``z`` (eq. 13-15).
 
-    Computed in the plain domain when no row or column sum underflows (the common case, ~3x
-    cheaper), else in the log domain. Saves only the input and the output; backward recomputes the
-    iterates of this one call and applies the exact derivative of each normalisation,
-    ``dz = dy - softmax(z, dim) * sum(dy, dim)`` with ``softmax(z, dim) = exp(y)`` = the normalised
-    iterate. Autograd memory is 2 ``(B, N, N)`` tensors per call instead of ~2 per half-step, and
-    the backward is differentiable (double backward).
+    Computed with scaling vectors (:func:`_scalings`, ~5 passes over the ``(B, N, N)`` matrix
+    instead of ~4 per iteration) when their range allows, else by explicit log-domain iterates.
+    Saves only the input and the output; backward recomputes the scalings (matrix-vector
+    products) and applies the exact derivative in closed form, or, in the log-domain case,
+    recomputes the iterates and applies ``dz = dy - softmax(z, dim) * sum(dy, dim)`` per half-step.
+    The backward is written in differentiable operations (double backward).
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, iters: int) -> Tensor:
-        P = _plain_iterates(z, iters, keep=False) if iters > 0 else None
-        ctx.plain = P is not None
-        if P is None:
+        scal = _scalings(z, iters) if iters > 0 else None
+        ctx.scaled = scal is not None
+        if scal is not None:
+            K, us, vs = scal
+            P = K.mul_(us[-1].transpose(1, 2)).mul_(vs[-1])             # K is not needed any more
+        else:
             # S^(0) = exp(X); in the log domain the exponentiation is implicit.
             y = z
             for _ in range(iters):
@@ -107,17 +118,49 @@ class _LogSinkhorn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_P: Tensor):
         z, P = ctx.saved_tensors
+        scal = _scalings(z, ctx.iters) if ctx.scaled else None
+        if scal is not None:
+            return _scaled_backward(grad_P, P, *scal), None
         dims = [2, 1] * ctx.iters
-        # Recompute the softmax of every half-step (its normalised output); the last one is P.
-        softmaxes = _plain_iterates(z, ctx.iters, keep=True)[:-1] if ctx.plain else None
-        if softmaxes is None:
-            softmaxes = []
-            y = z
-            for d in dims[:-1]:
-                y = _normalise_log(y, d)
-                softmaxes.append(y.exp())
-        softmaxes = softmaxes[:len(dims) - 1] + [P]
+        softmaxes = []
+        y = z
+        for d in dims[:-1]:
+            y = _normalise_log(y, d)
+            softmaxes.append(y.exp())
+        softmaxes.append(P)
         g = grad_P * P                                                   # through exp
         for d, S in zip(reversed(dims), reversed(softmaxes)):
             g = g - S * g.sum(dim=d, keepdim=True)                       # through z - logsumexp(z, d)
         return g, None
+
+
+def _scaled_backward(grad_P: Tensor, P: Tensor, K: Tensor, us, vs) -> Tensor:
+    """Exact ``dL/dz`` for ``P = diag(u_L) K diag(v_L)`` of :func:`_scalings`.
+
+    In log-scalings ``a = log u``, ``b = log v``: ``P = exp(a_i + log K_ij + b_j)``, so with
+    ``Q = dL/dP * P`` the gradients are ``g_a = Q 1``, ``g_b = Q^T 1``, and each half-step
+    ``b_t = -log(K^T e^{a_t})`` / ``a_t = -log(K e^{b_{t-1}})`` passes them back as
+    ``g_a += -u_t . K (v_t . g_b)`` / ``g_b = -v_{t-1} . K^T (u_t . g_a)`` while contributing the
+    rank-one terms ``-K . (u_t (v_t . g_b)^T)`` and ``-K . ((u_t . g_a) v_{t-1}^T)`` to ``dL/dz``.
+    All rank-one terms are summed by one ``(N, 2L) x (2L, N)`` matrix product.
+    """
+    Kt = K.transpose(1, 2)
+    Q = grad_P * P
+    g_a = Q.sum(2).unsqueeze(1)                                          # (B, 1, N)
+    g_b = Q.sum(1, keepdim=True)                                         # (B, 1, N)
+    left, right = [], []
+    for t in range(len(us), 0, -1):
+        u, v, v_prev = us[t - 1], vs[t], vs[t - 1]
+        vg = v * g_b
+        left.append(u)
+        right.append(vg)
+        back = u * torch.bmm(vg, Kt)                                     # u . K (v . g_b)
+        g_a = g_a - back if t == len(us) else -back                      # a_t for t < L only feeds b_t
+        ug = u * g_a
+        left.append(ug)
+        right.append(v_prev)
+        g_b = -v_prev * torch.bmm(ug, K)                                 # -v_{t-1} . K^T (u . g_a)
+    rank_one = torch.bmm(torch.cat(left, 1).transpose(1, 2), torch.cat(right, 1))   # (B, N, N)
+    if torch.is_grad_enabled():          # double backward: keep every operation recorded
+        return Q - K * rank_one
+    return Q.sub_(rank_one.mul_(K))      # in place: fewer fresh (B, N, N) buffers

@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import setperm.cost as cost_mod
-from setperm import PairwiseCost, pairwise_two_layer
+from setperm import PairwiseCost
 
 
 def naive_cost(module: PairwiseCost, x, normalize=True):
@@ -58,23 +57,15 @@ def test_identical_elements_zero_cost_finite_gradient():
     assert all(p.grad is not None for p in m.parameters())  # every parameter is used (DDP)
 
 
-# 7: row blocks of one set; 160: two whole sets (5*5*3 = 75 elements each) per chunk, last one
-# partial; 1 << 20: everything in one chunk.
-@pytest.mark.parametrize("chunk", [7, 160, 1 << 20])
-def test_custom_function_gradcheck_with_chunks(monkeypatch, chunk):
-    monkeypatch.setattr(cost_mod, "_CHUNK_ELEMENTS", chunk)
-    g = torch.Generator().manual_seed(3)
-    a = torch.randn(3, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(3, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(pairwise_two_layer, (a, c, w))
-    assert torch.autograd.gradgradcheck(pairwise_two_layer, (a, c, w))
-    ref = torch.relu(a[:, :, None] + c[:, None]) @ w.t()
-    assert_close(pairwise_two_layer(a, c, w), ref, rtol=1e-12, atol=1e-12)
-
-
 def test_bad_arguments():
     with pytest.raises(ValueError, match="hidden"):
         PairwiseCost(3, 0)
     with pytest.raises(ValueError, match="channels"):
         PairwiseCost(3, 4, channels=0)
+
+
+def test_kernel_argument_checked():
+    with pytest.raises(ValueError, match="kernel"):
+        PairwiseCost(3, 4, kernel="fast")
+    with pytest.raises(ValueError, match="two-layer"):
+        PairwiseCost(3, (4, 4), kernel="compiled")

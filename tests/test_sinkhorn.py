@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -94,3 +96,43 @@ def test_bad_arguments():
         sinkhorn(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="temperature"):
         sinkhorn(torch.zeros(1, 3, 3), temperature=0)
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 20.0])
+def test_scaling_vectors_equal_log_domain_iterates(monkeypatch, scale):
+    """The fast path (matrix scalings) and the log-domain iterates are the same operator:
+    values and gradients agree, masked and unmasked."""
+    sk = importlib.import_module("setperm.sinkhorn")   # the package's `sinkhorn` name is the function
+
+    g = torch.Generator().manual_seed(6)
+    z = (torch.randn(4, 7, 7, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+    mask = random_mask(4, 7, g)
+    up = torch.randn(4, 7, 7, generator=g, dtype=torch.float64)
+    results = []
+    for use_log in (False, True):
+        if use_log:
+            monkeypatch.setattr(sk, "_scalings", lambda z, iters: None)
+        for m in (None, mask):
+            P = sinkhorn(z, mask=m, iters=4)
+            results.append((P.detach(), torch.autograd.grad((P * up).sum(), z)[0]))
+    for (P_fast, g_fast), (P_log, g_log) in zip(results[:2], results[2:]):
+        assert_close(P_fast, P_log, rtol=0, atol=1e-13)
+        assert_close(g_fast, g_log, rtol=1e-10, atol=1e-12)
+
+
+def test_wide_logit_range_falls_back_to_log_domain(monkeypatch):
+    sk = importlib.import_module("setperm.sinkhorn")   # the package's `sinkhorn` name is the function
+
+    z = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(8))
+    z[:, :, 0] -= 200.0           # exp(-200) underflows in float32: column 0's sum vanishes
+    assert sk._scalings(z, 4) is None
+    P = sinkhorn(z, iters=4)
+    assert_close(P, sinkhorn(z.double(), iters=4).float(), rtol=0, atol=1e-5)
+    assert_close(P.sum(1), torch.ones(2, 4), rtol=0, atol=1e-6)
+
+
+def test_gradgradcheck():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, False, True, True], [True] * 4])
+    assert torch.autograd.gradgradcheck(lambda z: sinkhorn(z, mask=mask, iters=3), (logits,))

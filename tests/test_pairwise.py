@@ -1,0 +1,96 @@
+import shutil
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import setperm.pairwise as pairwise_mod
+from setperm import PermutationOptimizer, PermutationSetEncoder, pairwise_two_layer
+
+
+def literal(a, c, w):
+    """The (B, N, N, H) hidden activations built explicitly."""
+    return torch.relu(a[:, :, None] + c[:, None]) @ w.t()
+
+
+def inputs(seed, B=3, N=5, H=3, K=2, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+                 for shape in ((B, N, H), (B, N, H), (K, H)))
+
+
+# 7: row blocks of one set; 160: two whole sets (5*5*3 = 75 elements each) per chunk, last one
+# partial; 1 << 20: everything in one chunk.
+@pytest.mark.parametrize("chunk", [7, 160, 1 << 20])
+def test_chunked_gradcheck_and_value(monkeypatch, chunk):
+    monkeypatch.setattr(pairwise_mod, "_CHUNK_ELEMENTS", chunk)
+    a, c, w = inputs(3)
+    assert torch.autograd.gradcheck(pairwise_two_layer, (a, c, w))
+    assert torch.autograd.gradgradcheck(pairwise_two_layer, (a, c, w))
+    assert_close(pairwise_two_layer(a, c, w), literal(a, c, w), rtol=1e-12, atol=1e-12)
+
+
+def test_bad_arguments():
+    a, c, w = inputs(0)
+    with pytest.raises(ValueError, match="kernel"):
+        pairwise_two_layer(a, c, w, kernel="triton")
+    with pytest.raises(ValueError, match=r"a and c .* \(3, 5, 3\) and \(3, 4, 3\)"):
+        pairwise_two_layer(a, c[:, :4], w)
+    with pytest.raises(ValueError, match=r"w2 must have shape \(K, 3\), got \(2, 4\)"):
+        pairwise_two_layer(a, c, torch.zeros(2, 4, dtype=a.dtype))
+
+
+def test_compile_failure_is_a_clear_error(monkeypatch):
+    def broken(*args):
+        raise torch._inductor.exc.InductorError(RuntimeError("no C++ compiler"), None)
+
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    a, c, w = inputs(0)
+    with pytest.raises(RuntimeError, match="kernel='chunked'"):
+        pairwise_two_layer(a, c, w, kernel="compiled")
+
+
+# The compiled kernel needs inductor's C++ toolchain on CPU; CI machines have one.
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None
+                                    and shutil.which("clang++") is None, reason="no C++ compiler for inductor")
+
+
+@needs_compiler
+def test_compiled_equals_chunked_with_exact_gradients():
+    a, c, w = inputs(4, B=2, N=6, H=4, K=2)
+    assert_close(pairwise_two_layer(a, c, w, kernel="compiled"), literal(a, c, w), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *t: pairwise_two_layer(*t, kernel="compiled"), (a, c, w))
+    # double backward runs the recorded chunked contractions
+    assert torch.autograd.gradgradcheck(lambda *t: pairwise_two_layer(*t, kernel="compiled"), (a, c, w))
+
+
+@needs_compiler
+def test_compiled_encoder_matches_chunked_on_variable_sizes():
+    """Masked, variable-size float32 sets (two batch shapes, so the dynamic-shape recompilation
+    is exercised): same output and parameter gradients as the default kernel."""
+    torch.manual_seed(5)
+    ref = PermutationSetEncoder(4, 8, cost_hidden=16, steps=2)
+    fast = PermutationSetEncoder(4, 8, cost_hidden=16, steps=2, kernel="compiled")
+    fast.load_state_dict(ref.state_dict())
+    for N, lengths in ((7, [7, 3, 0]), (5, [2, 5, 4])):
+        x = torch.randn(3, N, 4)
+        lengths = torch.tensor(lengths)
+        outs = []
+        for model in (ref, fast):
+            model.zero_grad()
+            h = model(x, lengths=lengths)
+            h.pow(2).sum().backward()
+            outs.append((h, [p.grad.clone() for p in model.parameters()]))
+        assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+        for g_fast, g_ref in zip(outs[1][1], outs[0][1]):
+            assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@needs_compiler
+def test_compiled_lattice_optimizer_matches_chunked():
+    torch.manual_seed(6)
+    ref = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), init="linear")
+    fast = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), init="linear", kernel="compiled")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 5)
+    assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)
