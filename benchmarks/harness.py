@@ -6,11 +6,12 @@ Timing: median wall-clock time of ``--repeats`` calls after ``--warmup`` calls, 
 the input.
 
 Memory: every (configuration, implementation, mode) is measured in a *fresh* Python process
-(``python -m benchmarks.harness --probe ...``): after importing torch, building the module and
-allocating the inputs, the kernel's peak-RSS mark is reset to the current resident set size
-(``/proc/self/clear_refs``), which is the baseline; one call is made and the peak resident set
-size (``VmHWM``, the per-process form of ``ru_maxrss``) is read. The difference is the peak memory the call needs above
-the torch baseline. On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``) above the
+(``python -m benchmarks.harness --probe ...``): after importing torch, building the module,
+allocating the inputs and one warm-up call (which compiles ``setperm-compiled``), freed heap is
+returned to the OS (``malloc_trim``) and the kernel's peak-RSS mark is reset to the current
+resident set size (``/proc/self/clear_refs``), which is the baseline; one call is made and the peak
+resident set size (``VmHWM``, the per-process form of ``ru_maxrss``) is read. The difference is the
+peak memory the call needs above the baseline. On CUDA the allocator's peak (``torch.cuda.max_memory_allocated``) above the
 allocated baseline is used instead.
 """
 from __future__ import annotations
@@ -34,7 +35,9 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("runs") / "benchmarks"
-IMPLS = ("setperm", "reference")
+IMPLS = ("setperm", "setperm-compiled", "reference")
+# setperm's two pairwise kernels (setperm.pairwise): "chunked" (default) and "compiled" (torch.compile)
+KERNEL_OF = {"setperm": "chunked", "setperm-compiled": "compiled"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +88,8 @@ def tiny_configs() -> List[Config]:
 
 def build(cfg: Config, impl: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
           layout: str = "linear"):
-    """Module and inputs of ``cfg`` for ``impl``; both implementations get the same weights and inputs."""
+    """Module and inputs of ``cfg`` for ``impl`` (one of :data:`IMPLS`); every implementation gets the
+    same weights and inputs."""
     from setperm import PermutationOptimizer, PermutationSetEncoder
 
     from .reference import reference_from_setperm
@@ -102,7 +106,9 @@ def build(cfg: Config, impl: str, seed: int = 0, dtype: torch.dtype = torch.floa
         cost.first.bias.normal_(0, 0.1, generator=gen)
     if impl == "reference":
         mod = reference_from_setperm(mod, layout=layout)
-    elif impl != "setperm":
+    elif impl in KERNEL_OF:
+        cost.kernel = KERNEL_OF[impl]
+    else:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     mod = mod.to(device=device, dtype=dtype)
     x = torch.randn(cfg.batch, cfg.n, cfg.in_features, generator=gen).to(device=device, dtype=dtype)
@@ -172,6 +178,16 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    """Return free heap memory to the OS (glibc); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_rss_bytes() -> int:
     # VmHWM belongs to this process's address space. ru_maxrss is NOT used directly: Linux carries
     # the parent's peak into a child across fork + exec, which hides the child's own peak whenever
@@ -205,14 +221,23 @@ def _probe_main(args) -> None:
     torch.set_num_threads(args.threads)
     mod, x, w = build(cfg, args.impl, device=args.device, layout=args.layout)
     if args.device.startswith("cuda"):
+        run_once(mod, x, w, args.mode)                  # warm-up (compilation), as on CPU
+        mod.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run_once(mod, x, w, args.mode)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        # One warm-up call first (the compiled kernel compiles on its first call, and that is not the
+        # layer's memory), then freed memory is handed back to the OS so that the next call's
+        # allocations show up in the resident set again.
+        run_once(mod, x, w, args.mode)
+        mod.zero_grad(set_to_none=True)
         gc.collect()
+        _malloc_trim()
         if _reset_peak_rss():
             base = _status_bytes("VmRSS")
         else:
@@ -223,10 +248,10 @@ def _probe_main(args) -> None:
 
 
 # ------------------------------------------------------------------------------------- comparisons
-def max_output_diff(cfg: Config, seed: int = 0, layout: str = "linear") -> float:
-    """Max abs difference of the outputs (encoder: h; optimiser: P) of setperm vs the reference."""
+def max_output_diff(cfg: Config, seed: int = 0, layout: str = "linear", other: str = "reference") -> float:
+    """Max abs difference of the outputs (encoder: h; optimiser: P) of setperm (chunked) vs ``other``."""
     outs = []
-    for impl in IMPLS:
+    for impl in ("setperm", other):
         mod, x, w = build(cfg, impl, seed=seed, layout=layout)
         with torch.no_grad():
             outs.append(call(mod, x, w))
@@ -261,7 +286,7 @@ def breakdown(cfg: Config, impl: str, warmup: int = 1, repeats: int = 3, device:
 
     def optimise():
         C = C0.detach().requires_grad_(True)
-        if impl == "setperm":
+        if impl in KERNEL_OF:
             P = optimize_permutation(C, eta=po.eta, steps=po.steps, sinkhorn_iters=po.sinkhorn_iters)
         else:
             P = po.optimize(C, x)
@@ -269,7 +294,7 @@ def breakdown(cfg: Config, impl: str, warmup: int = 1, repeats: int = 3, device:
 
     def lstm():
         P = P0.detach().requires_grad_(True)
-        y = apply_permutation(xw, P) if impl == "setperm" else reference_permute(xw, P)
+        y = apply_permutation(xw, P) if impl in KERNEL_OF else reference_permute(xw, P)
         mod.lstm(y)[1][1].sum().backward()
 
     out = {}
@@ -316,6 +341,11 @@ def write_results(path: Path, info: Dict[str, object], args: argparse.Namespace,
     write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, **results})
 
 
+def impls_of(args: argparse.Namespace) -> List[str]:
+    """The implementations a benchmark run compares (``--no-compiled`` drops setperm-compiled)."""
+    return [i for i in IMPLS if not (args.no_compiled and i == "setperm-compiled")]
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for JSON/PNG (default ./runs/benchmarks)")
@@ -329,6 +359,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
                    help="skip the reference where its estimated peak exceeds this (shared 24 GiB machine)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
     p.add_argument("--tiny", action="store_true", help="tiny configurations (seconds; used by the tests)")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="skip setperm's torch.compile kernel (kernel='compiled'; needs a C++ compiler on CPU)")
     return p
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .harness import (IMPLS, Config, breakdown, common_parser, machine_info, markdown_table, probe_memory, run_once,
+from .harness import (Config, impls_of, breakdown, common_parser, machine_info, markdown_table, probe_memory, run_once,
                       build, timed, vqa, write_results)
 
 
@@ -46,7 +46,7 @@ def linear_slope(xs: Sequence[float], ys: Sequence[Optional[float]]) -> Optional
 def sweep(cfgs: List[Config], args, key: str) -> List[Dict[str, object]]:
     rows = []
     for cfg in cfgs:
-        for impl in IMPLS:
+        for impl in impls_of(args):
             row: Dict[str, object] = {"impl": impl, "N": cfg.n, "T": cfg.steps, "B": cfg.batch}
             if impl == "reference" and cfg.estimate_reference_bytes() > args.ref_mem_limit_gb * 2 ** 30:
                 row["skipped"] = f"estimated {cfg.estimate_reference_bytes() / 2 ** 30:.0f} GiB"
@@ -70,7 +70,7 @@ def plot(path, n_rows, t_rows, exps) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for impl, style in (("setperm", "o-"), ("reference", "s--")):
+    for impl, style in (("setperm", "o-"), ("setperm-compiled", "^-"), ("reference", "s--")):
         r = [x for x in n_rows if x["impl"] == impl and x.get("fb_ms")]
         axes[0].loglog([x["N"] for x in r], [x["fb_ms"] for x in r], style,
                        label=f"{impl} (slope {exps.get(impl + '_time_N') or float('nan'):.2f})")
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     t_rows = sweep(t_cfgs, args, "steps")
     fit_min = min(sizes) if args.tiny else args.fit_min
     exps = {}
-    for impl in IMPLS:
+    for impl in impls_of(args):
         r = [x for x in n_rows if x["impl"] == impl]
         exps[impl + "_time_N"] = fit_exponent([x["N"] for x in r], [x.get("fb_ms") for x in r], fit_min)
         exps[impl + "_cpu_time_N"] = fit_exponent([x["N"] for x in r], [x.get("fb_cpu_ms") for x in r], fit_min)
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     shares = []
     if not args.no_breakdown:
         for cfg in ([vqa(8, 2)] if args.tiny else [vqa(100, 64), vqa(max(sizes), args.batch)]):
-            for impl in IMPLS:
+            for impl in impls_of(args):
                 if impl == "reference" and cfg.estimate_reference_bytes() > args.ref_mem_limit_gb * 2 ** 30:
                     continue
                 b = breakdown(cfg, impl, args.warmup, args.repeats, args.device, args.layout)

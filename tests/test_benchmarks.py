@@ -55,9 +55,10 @@ def test_reference_from_setperm_rejects_what_it_does_not_implement():
         reference_from_setperm(PermutationOptimizer(3, 4, steps=0, init="linear", num_positions=4))
 
 
-def test_memory_probe_runs_in_a_fresh_process():
+@pytest.mark.parametrize("impl", ["reference", "setperm-compiled"])
+def test_memory_probe_runs_in_a_fresh_process(impl):
     cfg = Config("probe", "optimizer", 1, 4, 2, 64, 8)
-    peak = probe_memory(cfg, "reference", "fb", threads=1)
+    peak = probe_memory(cfg, impl, "fb", threads=1)
     assert peak is not None and peak >= 0
 
 
@@ -66,9 +67,14 @@ def test_layer_benchmark_tiny(tmp_path, capsys):
                        "--conv1d-on", "tiny vqa", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "layer_tiny.json").read_text())
     impls = [r["impl"] for r in data["rows"]]
-    assert impls.count("setperm") == 3 and "reference (Conv1d)" in impls
-    assert all(r["max_abs_diff"] <= 1e-4 for r in data["rows"] if r["impl"] != "setperm")
-    assert "| tiny sort | setperm |" in capsys.readouterr().out
+    assert impls.count("setperm (chunked)") == 3 and impls.count("setperm (compiled)") == 3
+    assert "reference (Conv1d)" in impls
+    assert all(r["max_abs_diff"] <= 1e-4 for r in data["rows"] if r["impl"] != "setperm (chunked)")
+    # ratios live on the setperm rows and are computed from the rows' own times
+    for ours in (r for r in data["rows"] if r["impl"].startswith("setperm")):
+        ref = next(r for r in data["rows"] if r["config"] == ours["config"] and r["impl"] == "reference (nn.Linear)")
+        assert ours["speedup_fb"] == pytest.approx(ref["fb_ms"] / ours["fb_ms"])
+    assert "| tiny sort | setperm (chunked) |" in capsys.readouterr().out
 
 
 def test_scaling_benchmark_tiny(tmp_path):
@@ -77,6 +83,7 @@ def test_scaling_benchmark_tiny(tmp_path):
     data = json.loads((tmp_path / "scaling_tiny.json").read_text())
     assert {r["N"] for r in data["n_rows"]} == {4, 8, 16}
     assert data["exponents"]["setperm_time_N"] is not None
+    assert data["exponents"]["setperm-compiled_time_N"] is not None
     for s in data["shares"]:
         assert s["cost_share"] + s["optimise_share"] + s["lstm_share"] == pytest.approx(1.0)
     assert (tmp_path / "scaling_tiny.png").stat().st_size > 0
@@ -87,6 +94,7 @@ def test_limit_benchmark_tiny(tmp_path):
     data = json.loads((tmp_path / "limit_tiny.json").read_text())
     assert data["ceilings"]["gemm_gflops"] > 0
     assert all(r["fraction"] > 0 for r in data["rows"])
+    assert {r["impl"] for r in data["rows"]} == {"setperm", "setperm-compiled"}
 
 
 def test_fit_exponent_recovers_a_power_law():
