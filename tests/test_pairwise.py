@@ -94,3 +94,35 @@ def test_compiled_lattice_optimizer_matches_chunked():
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 5)
     assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_recompile_limit_falls_back_to_chunked(monkeypatch):
+    """Past dynamo's recompile limit the same values come from the chunked kernel, with a warning."""
+    def refuse(*args):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("limit")
+
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: refuse)
+    a, c, w = inputs(1)
+    with pytest.warns(RuntimeWarning, match="recompile limit"):
+        out = pairwise_two_layer(a, c, w, kernel="compiled")
+        grads = torch.autograd.grad(out.pow(2).sum(), (a, c, w))
+    ref = literal(a, c, w)
+    assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, torch.autograd.grad(ref.pow(2).sum(), (a, c, w))):
+        assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@needs_compiler
+def test_compiled_kernel_serves_many_shapes_without_recompiling_per_shape():
+    """Set sizes, batch sizes, hidden widths and channel counts of several models in one process
+    (more than dynamo's default recompile limit of 8 static shapes)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no recompile-limit fallback
+        for i, (B, N, H, K) in enumerate([(2, 5, 3, 2), (3, 7, 4, 2), (2, 9, 16, 2), (4, 4, 8, 2), (2, 11, 5, 2),
+                                          (3, 6, 12, 2), (2, 13, 7, 2), (5, 3, 9, 2), (2, 8, 6, 3), (3, 10, 10, 2)]):
+            a, c, w = inputs(10 + i, B=B, N=N, H=H, K=K, dtype=torch.float32)
+            out = pairwise_two_layer(a, c, w, kernel="compiled")
+            assert_close(out, literal(a, c, w), rtol=1e-5, atol=1e-5)
+            out.sum().backward()

@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=4, help="T, inner gradient-descent steps (0 for linassign)")
     p.add_argument("--sinkhorn-iters", type=int, default=4)
+    p.add_argument("--kernel", choices=("chunked", "compiled"), default="chunked",
+                   help="pairwise-MLP kernel: chunked (plain PyTorch) or compiled (torch.compile-fused, faster; "
+                        "compiles on first use, needs a C++ compiler on CPU). Same results either way")
     p.add_argument("--conv-channels", type=int, default=None, help="64 (128 for tiny-imagenet)")
     p.add_argument("--cost-hidden", type=int, default=None, help="hidden size of f: 64 (128 for tiny-imagenet)")
     p.add_argument("--logit-clip", type=float, default=None,

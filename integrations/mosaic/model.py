@@ -46,7 +46,7 @@ class MosaicNet(nn.Module):
 
     def __init__(self, n: int, in_channels: int, tile_size: int, model: str = "po-u", *, steps: int = 4,
                  conv_channels: int = 64, cost_hidden: int = 64, logit_clip: Optional[float] = None,
-                 sinkhorn_iters: int = 4, temperature: float = 1.0):
+                 sinkhorn_iters: int = 4, temperature: float = 1.0, kernel: str = "chunked"):
         super().__init__()
         if model not in MODELS:
             raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
@@ -57,7 +57,7 @@ class MosaicNet(nn.Module):
         self.permute = setperm.PermutationOptimizer(
             self.encoder.out_features, cost_hidden=cost_hidden, steps=0 if model == "linassign" else steps,
             init=init, num_positions=N if init == "linear" else None, grid=(n, n), sinkhorn_iters=sinkhorn_iters,
-            temperature=temperature, logit_clip=logit_clip)
+            temperature=temperature, logit_clip=logit_clip, kernel=kernel)
 
     def permutation(self, shuffled: torch.Tensor, return_steps: bool = False):
         """P (B, N, N), or the list of the T+1 soft permutations S(P~(0)), ..., S(P~(T)) for figures."""

@@ -92,6 +92,9 @@ def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[i
                    help="sets per forward/backward inside one Adam step (gradient accumulation; same "
                         "update as the full batch). Default: chunks of at most 4 MiB per (mb, N, N) tensor")
     g.add_argument("--cost-hidden", type=positive_int, default=16, help="hidden units of f (paper: 16)")
+    g.add_argument("--kernel", choices=("chunked", "compiled"), default="chunked",
+                   help="pairwise-MLP kernel: chunked (plain PyTorch) or compiled (torch.compile-fused, faster; "
+                        "compiles on first use, needs a C++ compiler on CPU). Same results either way")
     g.add_argument("--eta-init", type=positive_float, default=1.0, help="initial inner step size eta (paper: 1.0)")
     g.add_argument("--sinkhorn-iters", type=positive_int, default=4, help="Sinkhorn iterations L (paper: 4)")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="Sinkhorn temperature (paper: 1)")
@@ -156,7 +159,8 @@ def _resolved_train_config(args: argparse.Namespace) -> dict:
         train_sets = args.train_sets if args.train_sets is not None else 2 ** 18
     out = args.out or f"runs/sorting/{args.model}-n{args.set_size}-s{args.seed}"
     keys = ("set_size", "model", "steps", "lr", "batch_size", "cost_hidden", "eta_init", "sinkhorn_iters",
-            "temperature", "seed", "device", "resume", "checkpoint_every", "stop_at", "threads", "micro_batch")
+            "temperature", "seed", "device", "resume", "checkpoint_every", "stop_at", "threads", "micro_batch",
+            "kernel")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update(train_sets=train_sets, out=str(out))
     return cfg

@@ -24,7 +24,7 @@ def build_model(config: Mapping) -> PermutationOptimizer:
     common = dict(in_features=1, sinkhorn_iters=config["sinkhorn_iters"], temperature=config["temperature"])
     if kind == "po-u":
         return PermutationOptimizer(cost_hidden=config["cost_hidden"], steps=config["steps"], init="uniform",
-                                    eta_init=config["eta_init"], **common)
+                                    eta_init=config["eta_init"], kernel=config.get("kernel", "chunked"), **common)
     if kind == "linassign":
         return PermutationOptimizer(init="linear", steps=0, num_positions=config["set_size"], **common)
     raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
