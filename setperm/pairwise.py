@@ -214,8 +214,8 @@ def _compiled(name: str):
     """The torch.compile wrapper of one fused function, created on first use.
 
     ``dynamic=True``: one kernel serves every set size, batch size and hidden width (a model with
-    variable-size sets would otherwise recompile per new shape and soon hit dynamo's recompile
-    limit); only dtype, device and sizes 0/1 (e.g. one cost channel) make new specialisations.
+    variable-size sets would otherwise recompile per new shape); dtype, device and sizes 0/1 (one
+    cost channel) still make their own specialisations.
     """
     fn = {"forward": _fused_forward, "backward": _fused_backward}[name]
     return torch.compile(fn, fullgraph=True, dynamic=True)
@@ -224,11 +224,14 @@ def _compiled(name: str):
 def _call_compiled(name: str, *args: Tensor):
     """Run a fused function; None when dynamo refuses to compile one more specialisation (its
     recompile limit), in which case the caller computes the same values with the chunked kernel."""
+    # Plain tensors: dynamo compiles nn.Parameter shapes as static, which would specialise the
+    # kernel to one hidden width (and recompile for every other model).
+    args = tuple(t.detach() for t in args)
     try:
         return _compiled(name)(*args)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         warnings.warn("setperm kernel='compiled': torch.compile's recompile limit was reached for the pairwise "
-                      "kernel (too many dtype/device combinations in one process); falling back to the chunked "
+                      "kernel (too many input specialisations in one process); falling back to the chunked "
                       "kernel for the new ones (same values, slower)", RuntimeWarning, stacklevel=4)
         return None
     except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:

@@ -123,6 +123,7 @@ def test_compiled_kernel_serves_many_shapes_without_recompiling_per_shape():
         for i, (B, N, H, K) in enumerate([(2, 5, 3, 2), (3, 7, 4, 2), (2, 9, 16, 2), (4, 4, 8, 2), (2, 11, 5, 2),
                                           (3, 6, 12, 2), (2, 13, 7, 2), (5, 3, 9, 2), (2, 8, 6, 3), (3, 10, 10, 2)]):
             a, c, w = inputs(10 + i, B=B, N=N, H=H, K=K, dtype=torch.float32)
+            w = torch.nn.Parameter(w.detach())     # as in a module: dynamo treats parameters specially
             out = pairwise_two_layer(a, c, w, kernel="compiled")
             assert_close(out, literal(a, c, w), rtol=1e-5, atol=1e-5)
             out.sum().backward()
