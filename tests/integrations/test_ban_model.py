@@ -413,3 +413,19 @@ def test_patch_ban_on_official_model(off, mode):
     model.train()
     model(v, b, q)[0].sum().backward()
     assert model.p_prj[0].main[0].weight_v.grad is not None
+
+
+def test_compiled_kernel_gives_the_same_patched_model():
+    """patch_ban(..., kernel="compiled") (the train script's --kernel): same logits and gradients."""
+    base = small_ban()
+    models = [patch_ban(copy.deepcopy(base), "po", kernel=k).eval() for k in ("chunked", "compiled")]
+    models[1].load_state_dict(models[0].state_dict())
+    v, b, q = make_batch([10, 31, 57], seed=5)
+    outs = []
+    for m in models:
+        logits, _ = m(v, b, q)
+        logits.logsumexp(1).sum().backward()
+        outs.append((logits.detach(), m.set_encoder.permute.cost.first.weight.grad.clone()))
+    assert models[1].set_encoder.permute.cost.kernel == "compiled"
+    assert_close(outs[1][0], outs[0][0], **TOL)
+    assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
