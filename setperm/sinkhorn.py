@@ -1,4 +1,8 @@
-"""The Sinkhorn operator (paper appendix B, eq. 11-15) in the log domain, with masking."""
+"""The Sinkhorn operator (paper appendix B, eq. 11-15), with masking.
+
+Computed as scalings of one matrix (matrix-vector products) when their range allows, else by
+explicit log-domain iterates; both are the same operator, and the result is finite for any finite
+input."""
 from __future__ import annotations
 
 from typing import Optional
@@ -24,8 +28,10 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temp
         real elements are assigned among the first n positions only and the j-th padded element
         is fixed to position n + j (one-hot), so the real block equals the unpadded result.
 
-    Computed in the log domain (``logsumexp``), so it is finite for any finite input, and in at
-    least float32 under autocast or for half inputs.
+    Computed by scaling vectors (``P = diag(u) K diag(v)``, ``K = exp(z - rowmax)``), which give
+    exactly the alternating normalisations; when the scalings' spread is too wide for the dtype
+    (underflowing sums), by log-domain iterates (``logsumexp``) instead, so it is finite for any
+    finite input. In at least float32 under autocast or for half inputs.
     """
     if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[1] != logits.shape[2]:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
