@@ -26,7 +26,7 @@ from typing import Dict
 
 import torch
 
-from .harness import (breakdown, common_parser, machine_info, markdown_table, median_time, vqa, write_results)
+from .harness import (KERNEL_OF, breakdown, common_parser, machine_info, markdown_table, median_time, vqa, write_results)
 
 
 def ceilings(threads: int, bmm_shapes, tiny: bool = False) -> Dict[str, float]:
@@ -55,7 +55,7 @@ def analyse(cfg, ceil: Dict[str, float], args, impl: str = "setperm") -> Dict[st
     B, N, H, K, T, D, h = cfg.batch, cfg.n, cfg.hidden, 1, cfg.steps, cfg.in_features, cfg.lstm_hidden
     work = {"cost": (3 + 6 * K) * B * N * N * H, "optimise": 3 * T * 2 * B * N ** 3,
             "lstm": 3 * 8 * B * N * h * (D + h)}
-    cost_rate = ceil["gemm_gflops"] if impl == "setperm-compiled" else ceil["l2_elementwise_gflops"]
+    cost_rate = ceil["gemm_gflops"] if KERNEL_OF[impl] == "compiled" else ceil["l2_elementwise_gflops"]
     rate = {"cost": cost_rate, "optimise": ceil[f"bmm_gflops_B{B}_N{N}"],
             "lstm": ceil["gemm_gflops"]}
     row: Dict[str, object] = {"config": cfg.name, "impl": impl}

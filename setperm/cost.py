@@ -22,7 +22,6 @@ from .masking import pair_mask
 from .pairwise import _rows_per_chunk, check_kernel, pairwise_two_layer
 
 
-
 def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
     """:func:`equal_pairs` in O(B N D + B N^2) when no two distinct elements of a set collide.
 

@@ -112,13 +112,20 @@ class _PairwiseTwoLayer(torch.autograd.Function):
             if grads is not None:
                 return (*grads, None)
             T1, T2 = _contractions(a, c, grad_out)
-        # Elementwise products and reductions over (set, element): einsum would lower the
-        # grad_w2 contractions to a batched matmul over h with 1 x (B N) operands and copies,
-        # which cost more than the whole pairwise backward.
-        grad_a = (T1 * w2).sum(2)
-        grad_c = (T2 * w2).sum(2)
-        grad_w2 = (a.unsqueeze(2) * T1).sum((0, 1)) + (c.unsqueeze(2) * T2).sum((0, 1))
-        return grad_a, grad_c, grad_w2, None
+        return (*_grads_from_contractions(a, c, w2, T1, T2), None)
+
+
+def _grads_from_contractions(a: Tensor, c: Tensor, w2: Tensor, T1: Tensor, T2: Tensor):
+    """``grad_a``, ``grad_c``, ``grad_w2`` from the contractions T1, T2 ``(B, N, K, H)`` (both kernels).
+
+    Elementwise products and reductions over (set, element): einsum would lower the grad_w2
+    contractions to a batched matmul over h with 1 x (B N) operands and copies, which cost more
+    than the whole pairwise backward.
+    """
+    grad_a = (T1 * w2).sum(2)
+    grad_c = (T2 * w2).sum(2)
+    grad_w2 = (a.unsqueeze(2) * T1).sum((0, 1)) + (c.unsqueeze(2) * T2).sum((0, 1))
+    return grad_a, grad_c, grad_w2
 
 
 def _contractions(a: Tensor, c: Tensor, grad_out: Tensor):
@@ -202,11 +209,7 @@ def _fused_backward(a: Tensor, c: Tensor, w2: Tensor, grad_out: Tensor):
     # 1[a > -c] exactly (a rounded sum of two floats is 0 only if they cancel exactly).
     relu_grad = (a.unsqueeze(2) + c.unsqueeze(1) > 0).to(a.dtype)        # (B, N, N, H)
     prod = grad_out.unsqueeze(-1) * relu_grad.unsqueeze(3)               # (B, N, N, K, H)
-    T1, T2 = prod.sum(2), prod.sum(1)                                    # (B, N, K, H)
-    grad_a = (T1 * w2).sum(2)
-    grad_c = (T2 * w2).sum(2)
-    grad_w2 = (a.unsqueeze(2) * T1).sum((0, 1)) + (c.unsqueeze(2) * T2).sum((0, 1))
-    return grad_a, grad_c, grad_w2
+    return _grads_from_contractions(a, c, w2, prod.sum(2), prod.sum(1))  # T1, T2: (B, N, K, H)
 
 
 @functools.lru_cache(maxsize=None)

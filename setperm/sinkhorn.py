@@ -5,7 +5,7 @@ explicit log-domain iterates; both are the same operator, and the result is fini
 input."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -52,12 +52,17 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temp
         return _Sinkhorn.apply(z, iters).to(out_dtype)
 
 
-def _normalise_log(z: Tensor, dim: int) -> Tensor:
-    """One log-domain normalisation (eq. 11 or 12): ``z - logsumexp(z, dim)``."""
-    return z - torch.logsumexp(z, dim=dim, keepdim=True)
+def _log_iterates(z: Tensor, iters: int) -> List[Tensor]:
+    """The ``2 * iters`` log-domain half-steps (eq. 11 then 12, each ``y - logsumexp(y, dim)``):
+    rows (over positions) then columns (over elements) sum to 1 after exponentiation."""
+    out, y = [], z
+    for dim in [2, 1] * iters:
+        y = y - torch.logsumexp(y, dim=dim, keepdim=True)
+        out.append(y)
+    return out
 
 
-def _scalings(z: Tensor, iters: int):
+def _scalings(z: Tensor, iters: int, check: bool = True):
     """The same operator as scalings of one matrix: ``S^(2t) = diag(u_t) K diag(v_{t-1})`` and
     ``S^(2t+1) = diag(u_t) K diag(v_t)`` with ``K = exp(z - rowmax)``, ``v_0 = 1``,
     ``u_t = 1 / (K v_{t-1})`` (eq. 11: rows) and ``v_t = 1 / (K^T u_t)`` (eq. 12: columns).
@@ -69,7 +74,8 @@ def _scalings(z: Tensor, iters: int):
     Returns ``(K, us, vs)`` with ``us``/``vs`` lists of ``(B, 1, N)`` rows (``vs[0]`` = 1), or
     None when the scalings' spread is too wide for the working dtype (underflowing sums, or
     products of scalings that could overflow in backward): the caller then uses the log domain,
-    which is finite for any finite input. One host synchronisation per call.
+    which is finite for any finite input. One host synchronisation per call; ``check=False`` skips
+    the range check (backward recomputes scalings that forward has already checked).
     """
     K = z - z.amax(dim=2, keepdim=True)
     K = K.exp_() if not K.requires_grad else K.exp()                      # (B, N, N), row maxima 1
@@ -85,6 +91,8 @@ def _scalings(z: Tensor, iters: int):
     # u_i v_j <= max(v) / min(v) over the iterates (u_i <= 1 / v_j* at the row maximum K_ij* = 1):
     # bounding this spread keeps every product of scalings in forward and backward finite and
     # every entry of P that matters (>= eps) a normal float. NaN/inf fail the comparison.
+    if not check:
+        return K, us, vs
     allv = torch.cat(vs, dim=1)
     spread = allv.amax(dim=(1, 2)) / allv.amin(dim=(1, 2))
     if not bool((spread <= torch.finfo(z.dtype).max ** 0.4).all()):
@@ -112,11 +120,7 @@ class _Sinkhorn(torch.autograd.Function):
             P = K.mul_(us[-1].transpose(1, 2)).mul_(vs[-1])             # K is not needed any more
         else:
             # S^(0) = exp(X); in the log domain the exponentiation is implicit.
-            y = z
-            for _ in range(iters):
-                y = _normalise_log(y, 2)     # T_r: rows (over positions) sum to 1
-                y = _normalise_log(y, 1)     # T_c: columns (over elements) sum to 1
-            P = y.exp()
+            P = (_log_iterates(z, iters)[-1] if iters > 0 else z).exp()
         ctx.iters = iters
         ctx.save_for_backward(z, P)
         return P
@@ -124,16 +128,11 @@ class _Sinkhorn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_P: Tensor):
         z, P = ctx.saved_tensors
-        scal = _scalings(z, ctx.iters) if ctx.scaled else None
-        if scal is not None:
-            return _scaled_backward(grad_P, P, *scal), None
+        if ctx.scaled:
+            return _scaled_backward(grad_P, P, *_scalings(z, ctx.iters, check=False)), None
         dims = [2, 1] * ctx.iters
-        softmaxes = []
-        y = z
-        for d in dims[:-1]:
-            y = _normalise_log(y, d)
-            softmaxes.append(y.exp())
-        softmaxes.append(P)
+        # the softmax of every half-step is its normalised output; the last one is P
+        softmaxes = [y.exp() for y in _log_iterates(z, ctx.iters)[:-1]] + [P]
         g = grad_P * P                                                   # through exp
         for d, S in zip(reversed(dims), reversed(softmaxes)):
             g = g - S * g.sum(dim=d, keepdim=True)                       # through z - logsumexp(z, d)
