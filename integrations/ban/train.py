@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
-from integrations.common import (RunDir, cleanup_distributed, config_to_dict, init_distributed, latest_checkpoint,
-                                 load_checkpoint, progress, resolve_device, save_checkpoint, seed_everything)
+from integrations.common import (RunDir, add_kernel_argument, cleanup_distributed, config_to_dict, init_distributed,
+                                 latest_checkpoint, load_checkpoint, progress, resolve_device, save_checkpoint,
+                                 seed_everything)
 
 from .data import (QUESTION_FILES, Dictionary, VQADataError, VQAFeatureDataset, collate_vqa, load_glove_init,
                    tfidf_word_embedding)
@@ -53,9 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="checkout of jnhwkim/ban-vqa: build the OFFICIAL model (via integrations.ban.official)")
     p.add_argument("--mode", choices=["po", "lstm", "none"], default="po",
                    help="po: BAN + PO-U (paper F.4), lstm: BAN + LSTM (no permutation), none: plain BAN")
-    p.add_argument("--kernel", choices=["chunked", "compiled"], default="chunked",
-                   help="PO-U pairwise-MLP kernel: chunked (plain PyTorch) or compiled (torch.compile-fused, "
-                        "faster; compiles on first use, needs a C++ compiler on CPU / Triton on CUDA)")
+    add_kernel_argument(p)
     p.add_argument("--num-hid", type=int, default=1280, help="BAN hidden size H")
     p.add_argument("--gamma", type=int, default=8, help="number of glimpses G")
     p.add_argument("--op", default="c", help="word embedding: 'c' = GloVe + tf-idf GloVe (600-d), '' = GloVe")
@@ -168,7 +167,7 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
                 qs += [q["question"] for q in json.loads(qfile.read_text())["questions"]]
         tfidf = tfidf_word_embedding(qs, Dictionary.load(root / "dictionary.pkl"), glove)
     init_word_embedding(ban, glove, tfidf)
-    patched = patch_ban(ban, mode=args.mode, kernel=getattr(args, "kernel", "chunked"))
+    patched = patch_ban(ban, mode=args.mode, kernel=args.kernel)
     return patched if patched is not None else ban
 
 

@@ -5,11 +5,12 @@ TensorBoard, device/seed handling and torchrun / DistributedDataParallel set-up.
 integrations import only ``setperm`` and this module.
 """
 from .checkpoint import load_checkpoint, save_checkpoint, latest_checkpoint, rng_state, set_rng_state
-from .run import RunDir, resolve_device, seed_everything, progress, config_to_dict
+from .run import RunDir, add_kernel_argument, resolve_device, seed_everything, progress, config_to_dict
 from .distributed import DistInfo, init_distributed, cleanup_distributed
 
 __all__ = [
     "RunDir",
+    "add_kernel_argument",
     "resolve_device",
     "seed_everything",
     "progress",

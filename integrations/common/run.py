@@ -12,6 +12,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
+from setperm.pairwise import KERNELS
 
 
 def config_to_dict(config: Any) -> dict:
@@ -34,6 +35,13 @@ def config_to_dict(config: Any) -> dict:
             v = list(v)
         out[k] = v
     return out
+
+
+def add_kernel_argument(parser) -> None:
+    """``--kernel``: setperm's pairwise-MLP kernel, the same flag in every training script."""
+    parser.add_argument("--kernel", choices=KERNELS, default="chunked",
+                        help="pairwise-MLP kernel: chunked (plain PyTorch) or compiled (torch.compile-fused, faster; "
+                             "compiles on first use, needs a C++ compiler on CPU / Triton on CUDA). Same results")
 
 
 def resolve_device(name: str) -> torch.device:

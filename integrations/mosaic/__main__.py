@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from integrations.common import resolve_device
+from integrations.common import add_kernel_argument, resolve_device
 
 from .datasets import DATASETS, default_data_root
 from .model import MODELS
@@ -38,9 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=4, help="T, inner gradient-descent steps (0 for linassign)")
     p.add_argument("--sinkhorn-iters", type=int, default=4)
-    p.add_argument("--kernel", choices=("chunked", "compiled"), default="chunked",
-                   help="pairwise-MLP kernel: chunked (plain PyTorch) or compiled (torch.compile-fused, faster; "
-                        "compiles on first use, needs a C++ compiler on CPU). Same results either way")
+    add_kernel_argument(p)
     p.add_argument("--conv-channels", type=int, default=None, help="64 (128 for tiny-imagenet)")
     p.add_argument("--cost-hidden", type=int, default=None, help="hidden size of f: 64 (128 for tiny-imagenet)")
     p.add_argument("--logit-clip", type=float, default=None,

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from integrations.common import resolve_device
+from integrations.common import add_kernel_argument, resolve_device
 
 from .data import PAPER_INTERVALS
 
@@ -92,9 +92,7 @@ def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[i
                    help="sets per forward/backward inside one Adam step (gradient accumulation; same "
                         "update as the full batch). Default: chunks of at most 4 MiB per (mb, N, N) tensor")
     g.add_argument("--cost-hidden", type=positive_int, default=16, help="hidden units of f (paper: 16)")
-    g.add_argument("--kernel", choices=("chunked", "compiled"), default="chunked",
-                   help="pairwise-MLP kernel: chunked (plain PyTorch) or compiled (torch.compile-fused, faster; "
-                        "compiles on first use, needs a C++ compiler on CPU). Same results either way")
+    add_kernel_argument(g)
     g.add_argument("--eta-init", type=positive_float, default=1.0, help="initial inner step size eta (paper: 1.0)")
     g.add_argument("--sinkhorn-iters", type=positive_int, default=4, help="Sinkhorn iterations L (paper: 4)")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="Sinkhorn temperature (paper: 1)")
