@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from benchmarks import layer, limit, scaling
+from benchmarks import internals, layer, limit, scaling
 from benchmarks.harness import Config, build, call, probe_memory, tiny_configs
 from benchmarks.reference import (plain_sinkhorn, reference_from_setperm, reference_gradient,
                                   reference_lattice_gradient)
@@ -101,3 +101,21 @@ def test_fit_exponent_recovers_a_power_law():
     xs = [10, 20, 40, 80]
     assert scaling.fit_exponent(xs, [3 * x ** 2.5 for x in xs], 10) == pytest.approx(2.5)
     assert scaling.fit_exponent(xs, [None, None, 1.0, None], 10) is None
+
+
+def test_internals_benchmark_tiny(tmp_path):
+    assert internals.main(["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "internals_tiny.json").read_text())
+    assert data["sinkhorn"]["scaling_fb_ms"] > 0 and data["sinkhorn"]["log_domain_fb_ms"] > 0
+    assert set(data["system_time_share"]) == {"setperm", "setperm-compiled"}
+    assert all(len(v) == 4 and all(t > 0 for t in v) for v in data["compile_s"].values())
+
+
+def test_internals_fallback_count_on_a_trained_sorting_run(tmp_path):
+    from integrations.sorting.cli import main as sorting_main
+
+    assert sorting_main(["train", "-N", "5", "--train-sets", "64", "--batch-size", "32", "--threads", "1",
+                         "--out", str(tmp_path / "runs" / "po-u-n5")]) == 0
+    rows = internals.fallback_counts(tmp_path / "runs", sets=2)
+    assert [r["run"] for r in rows] == ["po-u-n5"]
+    assert rows[0]["fast"] + rows[0]["log"] == 3 * (6 + 1)     # T = 6 steps + 1 per interval
