@@ -54,7 +54,7 @@ class Config:
     batch: int             # number of sets B
     lstm_hidden: int = 128
     grid: Optional[Tuple[int, int]] = None
-    init: str = "uniform"  # "linear" = PO-LA (mosaics)
+    permutation: str = "po-u"  # "po-la" for the mosaics
     weights: bool = True   # encoder: relevance logits (sigmoid-weighted elements, F.4)
 
     def estimate_reference_bytes(self) -> float:
@@ -77,13 +77,13 @@ def mosaic(side: int, batch: int = 32, tile: Optional[int] = None, channels: int
     tile = tile if tile is not None else -(-28 // side)
     feat = channels * (tile // 2) ** 2
     return Config(f"mosaic {side}x{side} B={batch} D={feat}", "optimizer", feat, 64, 4, side * side, batch,
-                  grid=(side, side), init="linear", weights=False)
+                  grid=(side, side), permutation="po-la", weights=False)
 
 
 def tiny_configs() -> List[Config]:
     return [Config("tiny vqa", "encoder", 5, 8, 2, 6, 3, lstm_hidden=7),
             Config("tiny sort", "optimizer", 1, 4, 3, 7, 2),
-            Config("tiny mosaic", "optimizer", 6, 8, 2, 4, 2, grid=(2, 2), init="linear", weights=False)]
+            Config("tiny mosaic", "optimizer", 6, 8, 2, 4, 2, grid=(2, 2), permutation="po-la", weights=False)]
 
 
 def build(cfg: Config, impl: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -99,9 +99,10 @@ def build(cfg: Config, impl: str, seed: int = 0, dtype: torch.dtype = torch.floa
     if cfg.kind == "encoder":
         mod = PermutationSetEncoder(cfg.in_features, cfg.lstm_hidden, cost_hidden=cfg.hidden, steps=cfg.steps)
     else:
-        mod = PermutationOptimizer(cfg.in_features, cost_hidden=cfg.hidden, steps=cfg.steps, init=cfg.init,
-                                   num_positions=cfg.n if cfg.init == "linear" else None, grid=cfg.grid)
-    cost = mod.permute.cost if cfg.kind == "encoder" else mod.cost
+        mod = PermutationOptimizer(cfg.in_features, cost_hidden=cfg.hidden, steps=cfg.steps,
+                                   permutation=cfg.permutation,
+                                   num_positions=cfg.n if cfg.permutation == "po-la" else None, grid=cfg.grid)
+    cost = mod.optimizer.cost if cfg.kind == "encoder" else mod.cost
     with torch.no_grad():   # non-zero biases (the init zeroes them), so the first-layer bias is really compared
         cost.first.bias.normal_(0, 0.1, generator=gen)
     if impl == "reference":
@@ -139,7 +140,7 @@ def _sync(device: str) -> None:
 
 def timed(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device: str = "cpu") -> Tuple[float, float]:
     """Median wall-clock seconds and median process CPU seconds (all threads) of ``repeats`` calls
-    after ``warmup`` calls. On a shared machine the CPU time is the steadier of the two."""
+    after ``warmup`` calls. On a busy machine the CPU time is the steadier of the two."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -275,7 +276,7 @@ def breakdown(cfg: Config, impl: str, warmup: int = 1, repeats: int = 3, device:
     K = 1
     rC = torch.randn(cfg.batch, K, cfg.n, cfg.n, generator=gen).to(device)
     rP = torch.randn(cfg.batch, cfg.n, cfg.n, generator=gen).to(device)
-    po = mod.permute
+    po = mod.optimizer
     with torch.no_grad():
         C0 = po.cost(x)
         P0 = torch.softmax(torch.randn(cfg.batch, cfg.n, cfg.n, generator=gen).to(device), -1)
@@ -311,9 +312,29 @@ def machine_info(threads: int) -> Dict[str, object]:
         model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
     except OSError:
         pass
+    check_load(threads)
     return {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "python": platform.python_version(), "cpu_model": model, "cores": os.cpu_count(), "threads": threads,
             "loadavg_start": list(os.getloadavg())}
+
+
+def check_load(threads: int) -> None:
+    """Warn on stderr when the machine is busier than the benchmark's thread count: timings taken
+    beside other work are slower and noisier (ratios measured side by side suffer least)."""
+    load = os.getloadavg()[0]
+    if load > threads:
+        print(f"warning: load average {load:.1f} exceeds --threads {threads}: other work is running, timings will "
+              "be slower and noisier", file=sys.stderr, flush=True)
+
+
+def announce(i: int, n: int, name: str, started: Optional[float] = None) -> float:
+    """Print ``[i/n] start|done <name>`` on stderr; returns the time for the matching 'done' call."""
+    now = time.perf_counter()
+    if started is None:
+        print(f"[{i}/{n}] start {name}", file=sys.stderr, flush=True)
+    else:
+        print(f"[{i}/{n}] done  {name} ({now - started:.1f} s)", file=sys.stderr, flush=True)
+    return now
 
 
 def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[Tuple[str, str]]) -> str:
@@ -358,7 +379,10 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--ref-mem-limit-gb", type=float, default=8.0,
                    help="skip the reference where its estimated peak exceeds this (shared 24 GiB machine)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
-    p.add_argument("--tiny", action="store_true", help="tiny configurations (seconds; used by the tests)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny configurations, used by the tests: seconds with --no-memory --no-compiled; the memory "
+                        "probes (a fresh Python process per configuration, implementation and mode) and the first "
+                        "torch.compile of the compiled kernel add one to two minutes")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip setperm's torch.compile kernel (kernel='compiled'; needs a C++ compiler on CPU)")
     return p

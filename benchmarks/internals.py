@@ -3,7 +3,8 @@
     python -m benchmarks.internals [--threads 2] [--repeats 15] [--sorting-runs DIR] [--out runs/benchmarks]
 
 - ``sinkhorn``: fwd+bwd time of one Sinkhorn call (L = 4) on ``(64, 100, 100)`` logits, with the
-  scaling vectors (the default path) and with the log-domain iterates (the fallback), side by side.
+  scaling vectors (``method="scaling"``, what ``"auto"`` uses when it can) and with the log-domain
+  iterates (``method="log"``, the fallback), side by side.
 - ``system_time``: the share of process CPU time spent in the kernel (page faults of fresh
   allocations, ``getrusage``) over fwd+bwd calls of the VQA encoder, per kernel.
 - ``compile``: wall time of the first three fwd+bwd calls of the VQA encoder with
@@ -11,11 +12,11 @@
   fresh process with that cache warm, and of a first call at a new shape.
 - ``fallback`` (with ``--sorting-runs``): how many Sinkhorn calls of trained PO-U sorting models
   (``integrations/sorting`` run folders) take the scaling-vector path vs the log-domain fallback,
-  on sets drawn from [0, 1], [0, 10] and [0, 1000].
+  on sets drawn from [0, 1], [0, 10] and [0, 1000] (decided by the public predicate
+  ``setperm.sinkhorn_scaling_in_range``, no patching of setperm's internals).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import resource
@@ -28,26 +29,22 @@ from typing import Dict, List
 
 import torch
 
-from .harness import REPO, build, common_parser, machine_info, median_time, run_once, vqa, write_results
+from setperm import cost_gradient, sinkhorn, sinkhorn_scaling_in_range
 
-_sinkhorn_mod = importlib.import_module("setperm.sinkhorn")   # the package's `sinkhorn` name is the function
+from .harness import REPO, build, common_parser, machine_info, median_time, run_once, vqa, write_results
 
 
 def sinkhorn_paths(batch: int, n: int, repeats: int) -> Dict[str, float]:
+    """fwd+bwd ms of one Sinkhorn call with each computation (``method="scaling"`` / ``"log"``)."""
     gen = torch.Generator().manual_seed(0)
     z = (3 * torch.randn(batch, n, n, generator=gen)).requires_grad_(True)
     up = torch.randn(batch, n, n, generator=gen)
-    fast = _sinkhorn_mod._scalings
+    out = {}
+    for key, method in (("scaling_fb_ms", "scaling"), ("log_domain_fb_ms", "log")):
+        def fb(method=method):
+            (sinkhorn(z, iters=4, method=method) * up).sum().backward()
 
-    def fb():
-        (_sinkhorn_mod.sinkhorn(z, iters=4) * up).sum().backward()
-
-    out = {"scaling_fb_ms": 1e3 * median_time(fb, 3, repeats)}
-    _sinkhorn_mod._scalings = lambda z, iters, check=True: None     # force the log-domain path
-    try:
-        out["log_domain_fb_ms"] = 1e3 * median_time(fb, 3, repeats)
-    finally:
-        _sinkhorn_mod._scalings = fast
+        out[key] = 1e3 * median_time(fb, 3, repeats)
     return out
 
 
@@ -94,37 +91,47 @@ def compile_times(threads: int, n: int, batch: int, n2: int, batch2: int) -> Dic
     return out
 
 
-def fallback_counts(runs: Path, sets: int) -> List[Dict[str, object]]:
-    from integrations.common import latest_checkpoint, load_checkpoint
-    from integrations.sorting.model import build_model
-
-    fast = _sinkhorn_mod._scalings
+def sinkhorn_path_counts(po, x: torch.Tensor) -> Dict[str, int]:
+    """How many of the T + 1 Sinkhorn calls of the PO-U optimiser ``po`` on ``x`` (B, N, D) take
+    the scaling-vector path (``"fast"``) and how many fall back to the log-domain iterates
+    (``"log"``) with ``method="auto"``. Algorithm 1 is replayed with setperm's public functions,
+    asking :func:`setperm.sinkhorn_scaling_in_range` before each call; the replay must give
+    ``po(x)``."""
+    if po.permutation != "po-u" or po.grid is not None or po.cost is None:
+        raise ValueError(f"sinkhorn_path_counts replays PO-U on sequences only, got {po.permutation!r} grid={po.grid}")
     counts = {"fast": 0, "log": 0}
+    with torch.no_grad():
+        C = po.cost(x)
+        logits = x.new_zeros(x.shape[0], x.shape[1], x.shape[1])                 # PO-U: P~(0) = 0
+        for t in range(po.steps + 1):
+            fast = sinkhorn_scaling_in_range(logits, iters=po.sinkhorn_iters, temperature=po.temperature)
+            counts["fast" if fast else "log"] += 1
+            P = sinkhorn(logits, iters=po.sinkhorn_iters, temperature=po.temperature)
+            if t < po.steps:
+                logits = logits - po.eta * cost_gradient(P, C)                    # eq. 7 with eq. 4
+        torch.testing.assert_close(P, po(x), rtol=1e-4, atol=1e-5)
+    return counts
 
-    def counting(z, iters, check=True):
-        result = fast(z, iters, check)
-        counts["fast" if result is not None else "log"] += 1
-        return result
+
+def fallback_counts(runs: Path, sets: int) -> List[Dict[str, object]]:
+    """:func:`sinkhorn_path_counts` of every trained PO-U sorting run under ``runs`` on ``sets``
+    sets from each of [0, 1], [0, 10] and [0, 1000]."""
+    from integrations.common import latest_checkpoint
+    from integrations.sorting.train import load_trained
 
     rows = []
-    _sinkhorn_mod._scalings = counting
-    try:
-        for cfg_path in sorted(runs.glob("*/config.json")):
-            cfg = json.loads(cfg_path.read_text())
-            cfg = cfg.get("config", cfg)
-            ckpt = latest_checkpoint(cfg_path.parent / "checkpoints")
-            if cfg.get("model") != "po-u" or ckpt is None:
-                continue
-            model = build_model(cfg)
-            load_checkpoint(ckpt, model=model, restore_rng=False)
-            counts.update(fast=0, log=0)
-            gen = torch.Generator().manual_seed(0)
-            for hi in (1.0, 10.0, 1000.0):
-                with torch.no_grad():
-                    model(torch.rand(sets, cfg["set_size"], 1, generator=gen) * hi)
-            rows.append({"run": cfg_path.parent.name, "eta": float(model.eta.detach()), **counts})
-    finally:
-        _sinkhorn_mod._scalings = fast
+    for cfg_path in sorted(runs.glob("*/config.json")):
+        if latest_checkpoint(cfg_path.parent / "checkpoints") is None:
+            continue
+        model, cfg = load_trained(cfg_path.parent)
+        if cfg.get("permutation", cfg.get("model")) != "po-u":
+            continue
+        counts = {"fast": 0, "log": 0}
+        gen = torch.Generator().manual_seed(0)
+        for hi in (1.0, 10.0, 1000.0):
+            for k, v in sinkhorn_path_counts(model, torch.rand(sets, cfg["set_size"], 1, generator=gen) * hi).items():
+                counts[k] += v
+        rows.append({"run": cfg_path.parent.name, "eta": float(model.eta.detach()), **counts})
     return rows
 
 

@@ -6,7 +6,7 @@ setperm and the reference (:mod:`benchmarks.reference`) side by side in the same
 Configurations (paper appendix F): VQA encoder (13-d, pairwise hidden 128, T = 3, LSTM 128,
 relevance weights) at N = 10, 36, 100 for 64 sets and 896 sets (batch 112 x 8 glimpses);
 sorting optimiser (1-d, hidden 16, T = 6) at N = 100, 512, 1024 with B = 128, 8, 2 sets (chosen so
-the reference fits the shared machine's memory); mosaic optimiser (PO-LA, lattice 3x3 / 5x5,
+the reference fits a 24 GiB machine's memory); mosaic optimiser (PO-LA, lattice 3x3 / 5x5,
 2 cost channels, hidden 64, T = 4, MNIST tile features 64 * (tile/2)^2, batch 32).
 Asserts that the outputs match (max abs difference <= --tol) wherever both run.
 """
@@ -17,7 +17,7 @@ from typing import Dict, List
 
 import torch
 
-from .harness import (Config, build, common_parser, machine_info, markdown_table, max_output_diff, timed,
+from .harness import (Config, announce, build, common_parser, machine_info, markdown_table, max_output_diff, timed,
                       mosaic, probe_memory, run_once, sorting, tiny_configs, vqa, write_results)
 
 
@@ -105,10 +105,11 @@ def main(argv=None) -> int:
         cfgs = [c for c in cfgs if args.only in c.name]
     info = machine_info(args.threads)
     rows = []
-    for cfg in cfgs:
+    for i, cfg in enumerate(cfgs, 1):
+        t0 = announce(i, len(cfgs), cfg.name)
         conv = args.conv1d_on is not None and args.conv1d_on in cfg.name
         rows += measure(cfg, args, ("linear", "conv1d") if conv else ("linear",))
-        print(f"done: {cfg.name}", file=sys.stderr, flush=True)
+        announce(i, len(cfgs), cfg.name, t0)
     table = markdown_table(rows, COLUMNS)
     print(table)
     write_results(args.out / ("layer_tiny.json" if args.tiny else "layer.json"), info, args, rows=rows, table=table)

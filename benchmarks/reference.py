@@ -160,12 +160,12 @@ class ReferenceSetEncoder(nn.Module):
     def __init__(self, in_features: int, hidden_size: int, cost_hidden: int, steps: int, sinkhorn_iters: int = 4,
                  layout: str = "linear"):
         super().__init__()
-        self.permute = ReferencePermutationOptimizer(in_features, cost_hidden, steps, sinkhorn_iters=sinkhorn_iters,
-                                                     layout=layout)
+        self.optimizer = ReferencePermutationOptimizer(in_features, cost_hidden, steps, sinkhorn_iters=sinkhorn_iters,
+                                                       layout=layout)
         self.lstm = nn.LSTM(in_features, hidden_size, batch_first=True)
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        P = self.permute(x)
+        P = self.optimizer(x)
         if weights is not None:
             x = x * torch.sigmoid(weights).unsqueeze(-1)                 # relevance weighting (F.4)
         _, (_, c_n) = self.lstm(reference_permute(x, P))
@@ -207,13 +207,13 @@ def reference_from_setperm(module: nn.Module, layout: str = "linear") -> nn.Modu
     from setperm import PermutationOptimizer, PermutationSetEncoder
 
     if isinstance(module, PermutationSetEncoder):
-        if module.permute is None or module.permute.init != "uniform":
+        if module.optimizer is None or module.optimizer.permutation != "po-u":
             raise ValueError("the reference encoder implements PO-U only")
-        po = module.permute
+        po = module.optimizer
         hidden = po.cost.first.out_features
         ref = ReferenceSetEncoder(module.in_features, module.hidden_size, hidden, po.steps, po.sinkhorn_iters,
                                   layout=layout)
-        _load_optimizer(ref.permute, po)
+        _load_optimizer(ref.optimizer, po)
         ref.lstm.load_state_dict(module.lstm.state_dict())
     elif isinstance(module, PermutationOptimizer):
         hidden = module.cost.first.out_features if module.cost is not None else 1

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .harness import (Config, impls_of, breakdown, common_parser, machine_info, markdown_table, probe_memory, run_once,
+from .harness import (Config, announce, impls_of, breakdown, common_parser, machine_info, markdown_table, probe_memory, run_once,
                       build, timed, vqa, write_results)
 
 
@@ -45,22 +45,24 @@ def linear_slope(xs: Sequence[float], ys: Sequence[Optional[float]]) -> Optional
 
 def sweep(cfgs: List[Config], args, key: str) -> List[Dict[str, object]]:
     rows = []
-    for cfg in cfgs:
-        for impl in impls_of(args):
-            row: Dict[str, object] = {"impl": impl, "N": cfg.n, "T": cfg.steps, "B": cfg.batch}
-            if impl == "reference" and cfg.estimate_reference_bytes() > args.ref_mem_limit_gb * 2 ** 30:
-                row["skipped"] = f"estimated {cfg.estimate_reference_bytes() / 2 ** 30:.0f} GiB"
-                rows.append(row)
-                continue
-            mod, x, w = build(cfg, impl, device=args.device, layout=args.layout)
-            wall, cpu = timed(lambda: run_once(mod, x, w, "fb"), args.warmup, args.repeats, args.device)
-            row["fb_ms"], row["fb_cpu_ms"] = 1e3 * wall, 1e3 * cpu
-            del mod, x, w
-            if not args.no_memory:
-                peak = probe_memory(cfg, impl, "fb", args.threads, args.device, args.layout)
-                row["fb_mem_mb"] = None if peak is None else peak / 2 ** 20
+    jobs = [(cfg, impl) for cfg in cfgs for impl in impls_of(args)]
+    for i, (cfg, impl) in enumerate(jobs, 1):
+        name = f"{key}={getattr(cfg, key.lower())} {impl}"
+        t0 = announce(i, len(jobs), name)
+        row: Dict[str, object] = {"impl": impl, "N": cfg.n, "T": cfg.steps, "B": cfg.batch}
+        if impl == "reference" and cfg.estimate_reference_bytes() > args.ref_mem_limit_gb * 2 ** 30:
+            row["skipped"] = f"estimated {cfg.estimate_reference_bytes() / 2 ** 30:.0f} GiB"
             rows.append(row)
-            print(f"done: {key}={getattr(cfg, key.lower())} {impl}", file=sys.stderr, flush=True)
+            continue
+        mod, x, w = build(cfg, impl, device=args.device, layout=args.layout)
+        wall, cpu = timed(lambda: run_once(mod, x, w, "fb"), args.warmup, args.repeats, args.device)
+        row["fb_ms"], row["fb_cpu_ms"] = 1e3 * wall, 1e3 * cpu
+        del mod, x, w
+        if not args.no_memory:
+            peak = probe_memory(cfg, impl, "fb", args.threads, args.device, args.layout)
+            row["fb_mem_mb"] = None if peak is None else peak / 2 ** 20
+        rows.append(row)
+        announce(i, len(jobs), name, t0)
     return rows
 
 

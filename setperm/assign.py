@@ -5,12 +5,16 @@ Convention (everywhere in setperm): ``P[b, i, k]`` is the weight of element ``i`
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from .masking import resolve_mask
+from .scale import set_scale
 
 
 def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
@@ -21,27 +25,32 @@ def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
         P: ``(B, N, N)`` soft or hard permutation, rows = elements, columns = positions.
     Returns:
         ``y`` ``(B, N, ...)`` with ``y[b, k] = sum_i P[b, i, k] * x[b, i]``; one batched matmul,
-        no ``(B, N, N, ...)`` broadcast.
+        no ``(B, N, N, ...)`` broadcast. Empty inputs (B = 0 or N = 0) give an empty ``y``.
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must have shape (B, N, ...), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
-    if P.dim() != 3 or P.shape[1] != P.shape[2] or P.shape[0] != x.shape[0] or P.shape[1] != x.shape[1]:
+    if not isinstance(P, Tensor) or P.dim() != 3 or P.shape[1] != P.shape[2] or P.shape[0] != x.shape[0] \
+            or P.shape[1] != x.shape[1]:
+        got = tuple(P.shape) if isinstance(P, Tensor) else type(P).__name__
         raise ValueError(f"P must have shape (B, N, N) = {(x.shape[0], x.shape[1], x.shape[1])} to match x "
-                         f"{tuple(x.shape)}, got {tuple(P.shape)}")
+                         f"{tuple(x.shape)}, got {got}")
     B, N = x.shape[:2]
-    flat = x.reshape(B, N, -1)
+    flat = x.reshape(B, N, math.prod(x.shape[2:]))    # explicit size: -1 is ambiguous for empty x
     y = P.transpose(1, 2).to(flat.dtype) @ flat
     return y.reshape(x.shape)
 
 
-def hungarian(P: Tensor, mask: Optional[Tensor] = None,
-              return_matrix: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+def hungarian(P: Tensor, mask: Optional[Tensor] = None, return_matrix: bool = False, *,
+              lengths: Optional[Tensor] = None,
+              key_padding_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Hard permutation closest to ``P``: ``scipy.optimize.linear_sum_assignment`` on ``-P`` per set.
 
     Args:
         P: ``(B, N, N)`` soft permutation (rows = elements, columns = positions).
-        mask: ``(B, N)`` bool, True = real element. Only the real block (real elements x first n
-            positions) is solved; padded elements keep the trailing positions in input order.
+        mask: ``(B, N)`` bool, True = real element (or ``lengths`` ``(B,)``, or
+            ``key_padding_mask`` ``(B, N)`` with True = padding; at most one). Only the real block
+            (real elements x first n positions) is solved; padded elements keep the trailing
+            positions in input order.
         return_matrix: also return the hard permutation matrix.
     Returns:
         ``idx`` ``(B, N)`` long with ``idx[b, k]`` = the element placed at position ``k`` (so
@@ -53,8 +62,7 @@ def hungarian(P: Tensor, mask: Optional[Tensor] = None,
     if not isinstance(P, Tensor) or P.dim() != 3 or P.shape[1] != P.shape[2]:
         raise ValueError(f"P must have shape (B, N, N), got {tuple(P.shape) if isinstance(P, Tensor) else type(P)}")
     B, N, _ = P.shape
-    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (B, N)):
-        raise ValueError(f"mask must be a bool tensor of shape {(B, N)}, got {mask.dtype} {tuple(mask.shape)}")
+    mask = resolve_mask(P, mask, lengths, key_padding_mask, name="P")
     Pn = P.detach().to("cpu", torch.float64).numpy()
     mn = None if mask is None else mask.detach().cpu().numpy()
     idx = np.empty((B, N), dtype=np.int64)
@@ -81,10 +89,15 @@ def hungarian(P: Tensor, mask: Optional[Tensor] = None,
 
 
 def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Matrix form ``(B, N, N)`` of an index permutation ``idx[b, k]`` = element at position ``k``."""
+    """Matrix form ``(B, N, N)`` of an index permutation ``idx`` ``(B, N)``, ``idx[b, k]`` = element at
+    position ``k`` (as :func:`hungarian` returns it): ``out[b, idx[b, k], k] = 1``."""
+    if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.is_floating_point() or idx.is_complex() \
+            or idx.dtype == torch.bool:
+        got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be an integer tensor of shape (B, N), got {got}")
     B, N = idx.shape
     out = torch.zeros(B, N, N, dtype=dtype, device=idx.device)
-    return out.scatter_(1, idx.unsqueeze(1), 1.0)
+    return out.scatter_(1, idx.long().unsqueeze(1), 1.0)
 
 
 def linear_assignment_logits(x: Tensor, weight: Tensor, clip: Optional[float] = None) -> Tensor:
@@ -93,34 +106,57 @@ def linear_assignment_logits(x: Tensor, weight: Tensor, clip: Optional[float] = 
     Uses the first N position vectors, so a padded batch of size N assigns its real elements with
     the weights of the first n positions. ``clip`` bounds the logits to ``[-clip, clip]`` (paper
     F.3 clips LinAssign to [-10, 10] to avoid NaN in the non-log Sinkhorn).
+
+    Computed as ``s * ((x / s) @ W^T)`` with a power of two ``s`` per set (:func:`set_scale`):
+    bitwise the plain product for ordinary sets, and for sets with huge elements an overflow gives
+    ``+-inf`` logits (which :func:`setperm.sinkhorn` accepts) instead of NaN from ``inf - inf``.
     """
     N = x.shape[1]
     if weight.shape[0] < N:
         raise ValueError(f"linear assignment has {weight.shape[0]} positions but the set has N={N} elements "
                          f"(x shape {tuple(x.shape)}); build it with num_positions >= N")
-    logits = x @ weight[:N].t()
+    scale = set_scale(x)[:, None, None]
+    logits = ((x / scale) @ weight[:N].t()) * scale
     if clip is not None:
         logits = logits.clamp(-clip, clip)
     return logits
 
 
-class LinearAssignment(nn.Module):
-    """Per-element linear map to ``num_positions`` logits (Mena et al. 2018; PO-LA init, eq. 6).
+class LinearAssignmentLogits(nn.Module):
+    """The logits of eq. 6 (right): a per-element linear map to ``num_positions`` position scores,
+    ``P~_ik = w_k . x_i`` (Mena et al. 2018). The PO-LA start and the LinAssign baseline are these
+    logits followed by the optimisation / Sinkhorn (:class:`setperm.PermutationOptimizer`).
+
+    Args:
+        in_features: element dimension D.
+        num_positions: number M of position vectors; sets may have any N <= M.
+        clip: bound the logits to ``[-clip, clip]`` (paper F.3 uses 10), or None.
+        device, dtype: where and in which dtype to create the weight.
 
     Shapes: ``forward(x (B, N, D)) -> logits (B, N, N)`` with ``N <= num_positions``.
     """
 
-    def __init__(self, in_features: int, num_positions: int, clip: Optional[float] = None):
+    def __init__(self, in_features: int, num_positions: int, clip: Optional[float] = None, *,
+                 device=None, dtype=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        if num_positions < 1:
-            raise ValueError(f"num_positions must be >= 1, got {num_positions}")
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if not isinstance(num_positions, int) or num_positions < 1:
+            raise ValueError(f"num_positions must be a positive int, got {num_positions!r}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be > 0 or None, got {clip!r}")
+        self.in_features = in_features
         self.num_positions = num_positions
         self.clip = clip
-        self.weight = nn.Parameter(torch.empty(num_positions, in_features))
+        self.weight = nn.Parameter(torch.empty(num_positions, in_features, **factory_kwargs))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.weight)   # paper F: Xavier init; the released code has no bias
 
     def forward(self, x: Tensor) -> Tensor:
         return linear_assignment_logits(x, self.weight, self.clip)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.weight.shape[1]}, num_positions={self.num_positions}, clip={self.clip}"
+        return f"in_features={self.in_features}, num_positions={self.num_positions}, clip={self.clip}"

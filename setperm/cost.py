@@ -18,8 +18,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .masking import pair_mask
+from .init import uninitialized, xavier_linear_
+from .masking import check_dtype, check_set, pair_mask, resolve_mask, zero_padding
 from .pairwise import _rows_per_chunk, check_kernel, pairwise_two_layer
+from .scale import set_scale
 
 
 def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
@@ -73,17 +75,25 @@ def equal_pairs(x: Tensor) -> Tensor:
 def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) -> Tensor:
     """Eq. 10: divide each set's and channel's cost ``(B, K, N, N)`` by its Frobenius norm.
 
-    Padded pairs are zero and so do not enter the norm. A zero cost (identical elements) stays
-    zero: the norm is clamped at ``eps`` before the square root's argument, which keeps both the
-    value and the gradient finite.
+    Padded pairs are zero and so do not enter the norm. Computed as ``(C / m) / ||C / m||`` with
+    ``m = max |C_ij|`` (not differentiated: the result does not depend on it), so neither squaring
+    nor the norm can overflow for any finite ``C``. A zero cost (identical elements) stays
+    zero: the norm is clamped at ``eps``, which keeps both the value and the gradient finite.
     """
-    sq = C.pow(2).sum(dim=(-2, -1), keepdim=True)
-    return C / sq.clamp_min(eps * eps).sqrt()
+    if C.numel() == 0:
+        return C
+    m = C.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(max(eps, torch.finfo(C.dtype).tiny))
+    # sum((C / m)^2) >= 1 whenever max |C| >= eps (its largest entry is exactly +-1), so the clamp
+    # at 1 only acts below eps, where it gives the norm eps as before.
+    unit = C / m
+    sq = unit.pow(2).sum(dim=(-2, -1), keepdim=True)
+    return unit / sq.clamp_min(1.0).sqrt()          # not C / (m * ...): that product may overflow
 
 
 def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor], hidden_layers: Sequence[nn.Linear],
                   last_weight: Tensor, mask: Optional[Tensor] = None, normalize: bool = True,
-                  kernel: str = "chunked") -> Tensor:
+                  kernel: str = "chunked", *, lengths: Optional[Tensor] = None,
+                  key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Functional form of the ordering cost.
 
     Args:
@@ -91,31 +101,38 @@ def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         first_weight: ``(H, 2D)`` weight of f's first layer on ``[x_i; x_j]``; ``first_bias`` ``(H,)``.
         hidden_layers: further ``Linear`` layers of f (each followed by ReLU) between first and last.
         last_weight: ``(K, H_last)``; a last-layer bias would cancel in ``g - g^T`` and is not used.
-        mask: ``(B, N)`` bool, True = real element.
+        mask: ``(B, N)`` bool, True = real element; or ``lengths`` ``(B,)``, or
+            ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
         kernel: ``"chunked"`` or ``"compiled"`` evaluation of a two-layer ``f`` (see
-            :func:`setperm.pairwise_two_layer`); a deeper ``f`` needs ``"chunked"``.
+            :func:`setperm.pairwise.pairwise_two_layer`); a deeper ``f`` needs ``"chunked"``.
     Returns:
         ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
-        channel when ``normalize``.
+        channel when ``normalize``. Finite for any finite ``x`` when ``normalize`` (see
+        :func:`set_scale`).
     """
     check_kernel(kernel)
     if hidden_layers and kernel != "chunked":
         raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width); got "
                          f"{len(hidden_layers)} further hidden layer(s): use kernel='chunked'")
+    mask = resolve_mask(x, mask, lengths, key_padding_mask)
     D = x.shape[-1]
     w_a, w_b = first_weight[:, :D], first_weight[:, D:]
-    a = x @ w_a.t()                                   # W_a x_i, once per element
-    c = x @ w_b.t()                                   # W_b x_j, once per element
+    scale = set_scale(x)[:, None, None]                # (B, 1, 1); f evaluated on x / s, biases / s
+    xs = x / scale
+    a = xs @ w_a.t()                                  # W_a x_i, once per element
+    c = xs @ w_b.t()                                  # W_b x_j, once per element
     if first_bias is not None:
-        a = a + first_bias
+        a = a + first_bias / scale
     if not hidden_layers:
         g = pairwise_two_layer(a, c, last_weight, kernel)                          # (B, N, N, K)
     else:
         h = torch.relu(a.unsqueeze(2) + c.unsqueeze(1))
+        scale4 = scale.unsqueeze(-1)                                               # (B, 1, 1, 1)
         for layer in hidden_layers:
-            h = torch.relu(layer(h))
+            pre = h @ layer.weight.t()
+            h = torch.relu(pre + layer.bias / scale4 if layer.bias is not None else pre)
         g = h @ last_weight.t()
-    g = g.movedim(-1, 1)                              # (B, K, N, N)
+    g = g.movedim(-1, 1)                              # (B, K, N, N): g / s
     C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
     keep = ~equal_pairs(x.detach())                   # F(x_i, x_j) = 0 exactly when x_i == x_j
     pm = pair_mask(mask)
@@ -123,8 +140,8 @@ def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         keep = keep & pm
     C = torch.where(keep.unsqueeze(1), C, torch.zeros((), dtype=C.dtype, device=C.device))
     if normalize:
-        C = normalize_cost(C)
-    return C
+        return normalize_cost(C)                      # the scale s cancels
+    return C * scale.unsqueeze(1)
 
 
 class PairwiseCost(nn.Module):
@@ -134,42 +151,47 @@ class PairwiseCost(nn.Module):
         in_features: element dimension D.
         hidden: hidden width of f (int), or a sequence of widths for a deeper f.
         channels: number K of cost matrices (1 for sequences, 2 for lattices: horizontal, vertical).
+        normalize: divide by the Frobenius norm per set and channel (eq. 10).
         kernel: ``"chunked"`` (default) or ``"compiled"`` (torch.compile-fused pairwise MLP, several
             times faster, compiles on first use; two-layer f only), see :mod:`setperm.pairwise`.
+        device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
-    Shapes: ``forward(x (B, N, D), mask (B, N) | None) -> C (B, K, N, N)``.
+    Shapes: ``forward(x (B, N, D), mask (B, N) | None, *, lengths (B,) | None,
+    key_padding_mask (B, N) | None) -> C (B, K, N, N)``. Padded elements may hold anything
+    (they are replaced by zeros before any arithmetic).
     """
 
     def __init__(self, in_features: int, hidden: Union[int, Sequence[int]] = 128, channels: int = 1,
-                 normalize: bool = True, kernel: str = "chunked"):
+                 normalize: bool = True, kernel: str = "chunked", *, device=None, dtype=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         check_kernel(kernel)
-        if in_features < 1:
-            raise ValueError(f"in_features must be >= 1, got {in_features}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
-        if not widths or any(int(w) < 1 for w in widths):
+        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"hidden must be a positive int or a non-empty sequence of them, got {hidden!r}")
         if len(widths) > 1 and kernel != "chunked":
             raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width), got hidden={hidden!r}")
         self.in_features = in_features
+        self.hidden_sizes = tuple(widths)
         self.channels = channels
         self.normalize = normalize
         self.kernel = kernel
-        self.first = nn.Linear(2 * in_features, widths[0])
-        self.hidden = nn.ModuleList(nn.Linear(w0, w1) for w0, w1 in zip(widths[:-1], widths[1:]))
+        self.first = uninitialized(nn.Linear, 2 * in_features, widths[0], **factory_kwargs)
+        self.hidden = nn.ModuleList(uninitialized(nn.Linear, w0, w1, **factory_kwargs)
+                                    for w0, w1 in zip(widths[:-1], widths[1:]))
         # The last layer's bias cancels in g - g^T (eq. 8); it is left out so that every parameter
         # is used (DistributedDataParallel rejects unused ones).
-        self.last = nn.Linear(widths[-1], channels, bias=False)
+        self.last = uninitialized(nn.Linear, widths[-1], channels, bias=False, **factory_kwargs)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # Paper appendix F: Xavier initialisation (the released code uses zero biases).
+        """Paper appendix F: Xavier weights (the released code uses zero biases)."""
         for lin in [self.first, *self.hidden, self.last]:
-            nn.init.xavier_uniform_(lin.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+            xavier_linear_(lin)
 
     def pair_scores(self, x_i: Tensor, x_j: Tensor) -> Tensor:
         """``f(x_i, x_j)`` for explicit pairs ``(..., D)`` -> ``(..., K)`` (for plots and analysis)."""
@@ -178,9 +200,15 @@ class PairwiseCost(nn.Module):
             h = torch.relu(layer(h))
         return self.last(h)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        return ordering_cost(x, self.first.weight, self.first.bias, list(self.hidden), self.last.weight,
-                             mask=mask, normalize=self.normalize, kernel=self.kernel)
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        check_set(x, features=self.in_features)
+        check_dtype(x, self.first.weight.dtype)
+        mask = resolve_mask(x, mask, lengths, key_padding_mask)
+        return ordering_cost(zero_padding(x, mask), self.first.weight, self.first.bias, list(self.hidden),
+                             self.last.weight, mask=mask, normalize=self.normalize, kernel=self.kernel)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, channels={self.channels}, kernel={self.kernel!r}"
+        hidden = self.hidden_sizes[0] if len(self.hidden_sizes) == 1 else self.hidden_sizes
+        return (f"in_features={self.in_features}, hidden={hidden}, channels={self.channels}, "
+                f"normalize={self.normalize}, kernel={self.kernel!r}")

@@ -1,6 +1,9 @@
 """Modules: the permutation optimiser (PO-U, PO-LA, LinAssign, lattice) and the set encoder.
 
 The modules hold parameters and call the functional core (cost, optimize, sinkhorn, assign).
+One vocabulary names the variants everywhere (``permutation=``): ``"po-u"`` (uniform start,
+paper eq. 6 left), ``"po-la"`` (linear-assignment start, eq. 6 right), ``"linassign"`` (the
+baseline of Mena et al. 2018: PO-LA with T = 0 steps) and, for the encoder only, ``"none"``.
 """
 from __future__ import annotations
 
@@ -10,15 +13,39 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .assign import LinearAssignment, apply_permutation, permutation_matrix
+from .assign import LinearAssignmentLogits, apply_permutation, permutation_matrix
 from .cost import PairwiseCost
+from .init import uninitialized, xavier_lstm_
+from .masking import check_dtype, check_set, check_weights, module_dtype, resolve_mask, zero_padding
 from .masking import check_finite as _check_finite
-from .masking import check_set, check_weights, resolve_mask, zero_padding
-from .optimize import optimize_permutation, permutation_entropy
+from .optimize import optimize_permutation
 from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
 
-_INIT_ALIASES = {"uniform": "uniform", "po-u": "uniform", "linear": "linear", "po-la": "linear"}
+PERMUTATIONS = ("po-u", "po-la", "linassign")
+ENCODER_PERMUTATIONS = PERMUTATIONS + ("none",)
+
+
+def _check_permutation(permutation: str, allowed: Tuple[str, ...]) -> str:
+    if not isinstance(permutation, str) or permutation not in allowed:
+        raise ValueError(f"permutation must be one of {allowed}, got {permutation!r}")
+    return permutation
+
+
+def _resolve_steps(steps: Optional[int], permutation: str, default: int) -> int:
+    """``steps=None`` -> the variant's default (``default`` inner steps, 0 for LinAssign)."""
+    if steps is None:
+        return 0 if permutation == "linassign" else default
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0 or None (the variant's default), got {steps!r}")
+    if permutation == "linassign" and steps > 0:
+        raise ValueError(f"permutation='linassign' is PO-LA with T = 0 inner steps, got steps={steps}; "
+                         "use permutation='po-la' for inner steps")
+    return steps
+
+
+def _repr(pairs) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in pairs)
 
 
 class PermutationOptimizer(nn.Module):
@@ -28,10 +55,14 @@ class PermutationOptimizer(nn.Module):
         in_features: element dimension D.
         cost_hidden: hidden width(s) of the pairwise MLP f (paper F: 16 for sorting, 64/128 for
             mosaics, 128 for VQA).
-        steps: number T of unrolled inner gradient steps (6 sorting, 4 mosaics, 3 VQA).
-        init: ``"uniform"`` (PO-U, P~(0) = 0) or ``"linear"`` (PO-LA, P~(0)_ik = w_k . x_i, eq. 6).
-            ``init="linear", steps=0`` is the LinAssign baseline of Mena et al. (2018).
-        num_positions: number of position vectors for ``init="linear"`` (sets may have N <= it).
+        steps: number T of unrolled inner gradient steps (6 sorting, 4 mosaics, 3 VQA). None (the
+            default) means 6 for ``"po-u"`` / ``"po-la"`` and 0 for ``"linassign"``; an explicit
+            ``steps > 0`` with ``"linassign"`` is an error.
+        permutation: ``"po-u"`` (P~(0) = 0, uniform P), ``"po-la"`` (P~(0)_ik = w_k . x_i, eq. 6) or
+            ``"linassign"`` (the LinAssign baseline of Mena et al. 2018: the same linear logits,
+            Sinkhorn-normalised, no pairwise cost, no eta).
+        num_positions: number of position vectors of ``"po-la"`` / ``"linassign"`` (sets may have
+            N <= it; default with a grid: R * Cols). Not used by ``"po-u"``.
         grid: ``(R, Cols)`` to permute into a lattice (section 2.4) instead of a sequence;
             positions are row-major and ``N`` must equal ``R * Cols``.
         sinkhorn_iters: Sinkhorn rounds L per normalisation (appendix B: 4).
@@ -43,26 +74,30 @@ class PermutationOptimizer(nn.Module):
         kernel: evaluation of the pairwise MLP, ``"chunked"`` (default) or ``"compiled"``
             (torch.compile-fused, several times faster after a compilation of seconds on first
             use; needs a C++ compiler on CPU / Triton on CUDA), see :mod:`setperm.pairwise`.
+        device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
-    Shapes: ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None) -> P (B, N, N)``,
-    ``P[b, i, k]`` = weight of element i at position k. With ``return_steps=True`` the list of the
-    T + 1 soft permutations along the optimisation is returned instead.
+    Shapes: ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, return_steps=False, *,
+    key_padding_mask (B, N) | None) -> P (B, N, N)``, ``P[b, i, k]`` = weight of element i at
+    position k. ``mask`` is True at real elements, ``key_padding_mask`` True at padding (as in
+    ``nn.MultiheadAttention``), ``lengths`` gives prefix padding; pass at most one. With
+    ``return_steps=True`` the list of the T + 1 soft permutations along the optimisation is
+    returned instead. ``x`` must have the parameters' dtype (any half/float32 mix under
+    ``torch.autocast``). B = 0 or N = 0 give an empty ``P``.
     """
 
-    def __init__(self, in_features: int, cost_hidden: Union[int, Sequence[int]] = 16, steps: int = 6,
-                 init: str = "uniform", num_positions: Optional[int] = None, grid: Optional[Tuple[int, int]] = None,
-                 sinkhorn_iters: int = 4, temperature: float = 1.0, eta_init: float = 1.0,
-                 cost_channels: Optional[int] = None, logit_clip: Optional[float] = None,
-                 check_finite: bool = True, track_entropy: bool = False, kernel: str = "chunked"):
+    def __init__(self, in_features: int, cost_hidden: Union[int, Sequence[int]] = 16, steps: Optional[int] = None,
+                 permutation: str = "po-u", num_positions: Optional[int] = None,
+                 grid: Optional[Tuple[int, int]] = None, sinkhorn_iters: int = 4, temperature: float = 1.0,
+                 eta_init: float = 1.0, cost_channels: Optional[int] = None, logit_clip: Optional[float] = None,
+                 check_finite: bool = True, kernel: str = "chunked", *, device=None, dtype=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        if not isinstance(init, str) or init.lower() not in _INIT_ALIASES:
-            raise ValueError(f"init must be one of 'uniform' (PO-U) or 'linear' (PO-LA), got {init!r}")
-        if sinkhorn_iters < 0:
-            raise ValueError(f"sinkhorn_iters must be >= 0, got {sinkhorn_iters}")
+        self.permutation = _check_permutation(permutation, PERMUTATIONS)
+        steps = _resolve_steps(steps, permutation, default=6)
+        if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 0:
+            raise ValueError(f"sinkhorn_iters must be an int >= 0, got {sinkhorn_iters!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         check_kernel(kernel)
@@ -70,98 +105,117 @@ class PermutationOptimizer(nn.Module):
             if len(grid) != 2 or int(grid[0]) < 1 or int(grid[1]) < 1:
                 raise ValueError(f"grid must be (rows, cols) of positive ints, got {grid!r}")
             grid = (int(grid[0]), int(grid[1]))
-        self.init = _INIT_ALIASES[init.lower()]
-        if self.init == "linear":
+        linear = permutation in ("po-la", "linassign")
+        if linear:
             if num_positions is None and grid is not None:
                 num_positions = grid[0] * grid[1]
             if num_positions is None or num_positions < 1:
-                raise ValueError("init='linear' (PO-LA / LinAssign) needs num_positions >= 1 "
-                                 f"(a fixed number of positions), got {num_positions!r}")
+                raise ValueError(f"permutation={permutation!r} needs num_positions >= 1 (a fixed number of "
+                                 f"positions), got {num_positions!r}")
         if cost_channels is None:
             cost_channels = 2 if grid is not None else 1
         if grid is not None and cost_channels != 2:
             raise ValueError(f"a lattice needs cost_channels=2 (horizontal, vertical), got {cost_channels}")
         self.in_features = in_features
+        self.cost_hidden = cost_hidden if isinstance(cost_hidden, int) else tuple(cost_hidden)
         self.steps = steps
+        self.num_positions = num_positions if linear else None
         self.grid = grid
         self.sinkhorn_iters = sinkhorn_iters
         self.temperature = float(temperature)
+        self.eta_init = float(eta_init)
+        self.cost_channels = cost_channels
+        self.logit_clip = logit_clip if linear else None
         self.check_finite = check_finite
-        self.track_entropy = track_entropy
-        self.last_entropy: Optional[Tensor] = None
+        self._kernel = kernel
         # The pairwise cost is only needed when there are inner steps (LinAssign has none).
-        self.cost = PairwiseCost(in_features, cost_hidden, cost_channels, kernel=kernel) if steps > 0 else None
-        self.linear = (LinearAssignment(in_features, num_positions, clip=logit_clip)
-                       if self.init == "linear" else None)
+        self.cost = (PairwiseCost(in_features, cost_hidden, cost_channels, kernel=kernel, **factory_kwargs)
+                     if steps > 0 else None)
+        self.linear = (LinearAssignmentLogits(in_features, num_positions, clip=logit_clip, **factory_kwargs)
+                       if linear else None)
         # Learned step size, used as |eta| like the paper's code so that it can pass through 0.
         # Without inner steps (LinAssign) there is no eta: an unused parameter would break DDP.
-        self.eta_param = nn.Parameter(torch.tensor(float(eta_init))) if steps > 0 else None
+        self.eta_param = nn.Parameter(torch.empty((), **factory_kwargs)) if steps > 0 else None
+        # cost and linear initialised themselves (in this order, as reset_parameters does)
+        self._reset_eta()
+
+    def reset_parameters(self) -> None:
+        """Xavier weights and zero biases (appendix F), eta = ``eta_init``; draws the same random
+        numbers as construction, so under the same seed it reproduces a fresh module."""
+        if self.cost is not None:
+            self.cost.reset_parameters()
+        if self.linear is not None:
+            self.linear.reset_parameters()
+        self._reset_eta()
+
+    def _reset_eta(self) -> None:
+        if self.eta_param is not None:
+            with torch.no_grad():
+                self.eta_param.fill_(self.eta_init)
+
+    @property
+    def kernel(self) -> str:
+        """The pairwise MLP's kernel (that of ``self.cost``, which may be switched after building)."""
+        return self.cost.kernel if self.cost is not None else self._kernel
 
     @property
     def eta(self) -> Optional[Tensor]:
         """The current positive step size eta (a 0-d tensor that carries gradient); None if steps == 0."""
         return None if self.eta_param is None else self.eta_param.abs()
 
-    def _validate(self, x: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[Tensor]:
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+                return_steps: bool = False, *, key_padding_mask: Optional[Tensor] = None
+                ) -> Union[Tensor, List[Tensor]]:
         check_set(x, features=self.in_features)
-        mask = resolve_mask(x, mask, lengths)
+        check_dtype(x, module_dtype(self))
+        mask = resolve_mask(x, mask, lengths, key_padding_mask)
         if self.grid is not None and x.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError(f"grid {self.grid} has {self.grid[0] * self.grid[1]} positions but x has "
                              f"N={x.shape[1]} elements (shape {tuple(x.shape)})")
         if self.check_finite:
             _check_finite(x, mask)
-        return mask
-
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-                return_steps: bool = False) -> Union[Tensor, List[Tensor]]:
-        mask = self._validate(x, mask, lengths)
-        return self._permute(zero_padding(x, mask), mask, return_steps)
-
-    def _permute(self, x: Tensor, mask: Optional[Tensor], return_steps: bool = False):
-        """``x`` already validated with its padding zeroed."""
+        x = zero_padding(x, mask)
         init_logits = self.linear(x) if self.linear is not None else None
         if self.cost is None:
             logits = init_logits if init_logits is not None else x.new_zeros(x.shape[0], x.shape[1], x.shape[1])
             P = sinkhorn(logits, mask=mask, iters=self.sinkhorn_iters, temperature=self.temperature)
-            out: Union[Tensor, List[Tensor]] = [P] if return_steps else P
-        else:
-            C = self.cost(x, mask)
-            out = optimize_permutation(C, init_logits, eta=self.eta, steps=self.steps, mask=mask,
-                                       sinkhorn_iters=self.sinkhorn_iters, temperature=self.temperature,
-                                       grid=self.grid, return_steps=return_steps)
-        if self.track_entropy:
-            final = out[-1] if isinstance(out, list) else out
-            with torch.no_grad():
-                self.last_entropy = permutation_entropy(final.float(), mask).mean()
-        return out
+            return [P] if return_steps else P
+        C = self.cost(x, mask)
+        return optimize_permutation(C, init_logits, eta=self.eta, steps=self.steps, mask=mask,
+                                    sinkhorn_iters=self.sinkhorn_iters, temperature=self.temperature,
+                                    grid=self.grid, return_steps=return_steps)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, steps={self.steps}, init={self.init!r}, grid={self.grid}, "
-                f"sinkhorn_iters={self.sinkhorn_iters}, temperature={self.temperature}")
+        pairs = [("in_features", self.in_features), ("permutation", self.permutation), ("steps", self.steps)]
+        if self.cost is not None:
+            pairs += [("cost_hidden", self.cost_hidden), ("cost_channels", self.cost_channels),
+                      ("eta_init", self.eta_init), ("kernel", self.kernel)]
+        if self.linear is not None:
+            pairs += [("num_positions", self.num_positions), ("logit_clip", self.logit_clip)]
+        pairs += [("grid", self.grid), ("sinkhorn_iters", self.sinkhorn_iters), ("temperature", self.temperature),
+                  ("check_finite", self.check_finite)]
+        return _repr(pairs)
 
 
 class LinAssign(PermutationOptimizer):
     """The LinAssign baseline (Mena et al. 2018 as described in the paper): a per-element linear
-    map to positions, Sinkhorn-normalised; PO-LA with T = 0. Shapes as ``PermutationOptimizer``."""
+    map to positions, Sinkhorn-normalised; ``PermutationOptimizer(permutation="linassign")``
+    (PO-LA with T = 0). Shapes as :class:`PermutationOptimizer`."""
 
     def __init__(self, in_features: int, num_positions: int, sinkhorn_iters: int = 4, temperature: float = 1.0,
-                 logit_clip: Optional[float] = None, grid: Optional[Tuple[int, int]] = None, check_finite: bool = True):
-        super().__init__(in_features, steps=0, init="linear", num_positions=num_positions, grid=grid,
+                 logit_clip: Optional[float] = None, grid: Optional[Tuple[int, int]] = None,
+                 check_finite: bool = True, *, device=None, dtype=None):
+        super().__init__(in_features, permutation="linassign", num_positions=num_positions, grid=grid,
                          sinkhorn_iters=sinkhorn_iters, temperature=temperature, logit_clip=logit_clip,
-                         check_finite=check_finite)
+                         check_finite=check_finite, device=device, dtype=dtype)
 
 
-def _xavier_lstm_(lstm: nn.LSTM) -> None:
-    """Xavier init per gate block and zero biases (paper appendix F)."""
-    for name, p in lstm.named_parameters():
-        if "weight" in name:
-            for chunk in p.data.chunk(4, dim=0):
-                nn.init.xavier_uniform_(chunk)
-        else:
-            nn.init.zeros_(p)
-
-
-_PERMUTATIONS = ("po-u", "po-la", "none")
+def _rename_permute_keys(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the optimiser submodule was renamed (``permute.*``) load as
+    ``optimizer.*``."""
+    old = prefix + "permute."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "optimizer." + key[len(old):]] = state_dict.pop(key)
 
 
 class PermutationSetEncoder(nn.Module):
@@ -172,66 +226,102 @@ class PermutationSetEncoder(nn.Module):
         in_features: element dimension D.
         hidden_size: LSTM units (the output size).
         cost_hidden: hidden width of the pairwise MLP f.
-        steps: inner optimisation steps T.
-        permutation: ``"po-u"`` (default), ``"po-la"`` (needs ``num_positions``) or ``"none"``: no
-            permutation, the paper's "BAN + LSTM" baseline (elements read in input order, which
-            is not permutation invariant).
-        sinkhorn_iters, temperature, eta_init, num_positions, check_finite, kernel: as in
-            :class:`PermutationOptimizer`.
+        steps: inner optimisation steps T; None (the default) means 3 (F.4) for ``"po-u"`` /
+            ``"po-la"`` and 0 for ``"linassign"``.
+        permutation: ``"po-u"`` (default), ``"po-la"``, ``"linassign"`` (both need
+            ``num_positions``) or ``"none"``: no permutation, the paper's "BAN + LSTM" baseline
+            (elements read in input order, which is not permutation invariant).
+        sinkhorn_iters, temperature, eta_init, num_positions, logit_clip, check_finite, kernel: as
+            in :class:`PermutationOptimizer` (unused with ``"none"``, except ``check_finite``).
+        device, dtype: where and in which dtype to create the parameters.
+
+    Submodules: ``optimizer`` (the :class:`PermutationOptimizer`, None for ``"none"``), ``lstm``.
 
     Shapes:
-        ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, weights (B, N) | None)
-        -> h (B, hidden_size)``; with ``return_permutation=True`` -> ``(h, P (B, N, N))``.
-        ``weights`` are relevance logits: each element is scaled by ``sigmoid(weights)`` before
-        the LSTM (F.4); the ordering cost sees the unscaled elements. The LSTM reads only the n
-        real elements (packed sequence), so padding has no influence; an empty set gives 0.
+        ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, weights (B, N) | None,
+        return_permutation=False, *, key_padding_mask (B, N) | None) -> h (B, hidden_size)``;
+        with ``return_permutation=True`` -> ``(h, P (B, N, N))``. ``mask`` is True at real
+        elements, ``key_padding_mask`` True at padding, ``lengths`` gives prefix padding (at most
+        one of them). ``weights`` are relevance logits: each element is scaled by
+        ``sigmoid(weights)`` before the LSTM (F.4); the ordering cost sees the unscaled elements.
+        The LSTM reads only the n real elements (packed sequence), so padding has no influence;
+        an empty set gives ``h = 0``, N = 0 gives ``h = zeros(B, hidden_size)`` and ``P`` of shape
+        ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
     """
 
     def __init__(self, in_features: int, hidden_size: int = 128, cost_hidden: Union[int, Sequence[int]] = 128,
-                 steps: int = 3, permutation: str = "po-u", sinkhorn_iters: int = 4, temperature: float = 1.0,
-                 eta_init: float = 1.0, num_positions: Optional[int] = None, check_finite: bool = True,
-                 kernel: str = "chunked"):
+                 steps: Optional[int] = None, permutation: str = "po-u", sinkhorn_iters: int = 4,
+                 temperature: float = 1.0, eta_init: float = 1.0, num_positions: Optional[int] = None,
+                 check_finite: bool = True, kernel: str = "chunked", logit_clip: Optional[float] = None, *,
+                 device=None, dtype=None):
+        factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        if not isinstance(permutation, str) or permutation.lower() not in _PERMUTATIONS:
-            raise ValueError(f"permutation must be one of {_PERMUTATIONS}, got {permutation!r}")
+        self.permutation = _check_permutation(permutation, ENCODER_PERMUTATIONS)
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        self.permutation = permutation.lower()
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.check_finite = check_finite
-        self.permute = None
-        if self.permutation != "none":
-            self.permute = PermutationOptimizer(
-                in_features, cost_hidden=cost_hidden, steps=steps,
-                init="uniform" if self.permutation == "po-u" else "linear", num_positions=num_positions,
-                sinkhorn_iters=sinkhorn_iters, temperature=temperature, eta_init=eta_init, check_finite=False,
-                kernel=kernel)
-        elif not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        self.lstm = nn.LSTM(in_features, hidden_size, batch_first=True)
-        _xavier_lstm_(self.lstm)
+        self.optimizer: Optional[PermutationOptimizer] = None
+        if permutation != "none":
+            # check_finite=False: this encoder checks x (and the weights) once itself.
+            self.optimizer = PermutationOptimizer(
+                in_features, cost_hidden=cost_hidden, steps=_resolve_steps(steps, permutation, default=3),
+                permutation=permutation, num_positions=num_positions, sinkhorn_iters=sinkhorn_iters,
+                temperature=temperature, eta_init=eta_init, logit_clip=logit_clip, check_finite=False,
+                kernel=kernel, **factory_kwargs)
+        self.lstm = uninitialized(nn.LSTM, in_features, hidden_size, batch_first=True, **factory_kwargs)
+        xavier_lstm_(self.lstm)
+        self.register_load_state_dict_pre_hook(_rename_permute_keys)
+
+    def reset_parameters(self) -> None:
+        """The optimiser's init (Xavier, eta = ``eta_init``), then Xavier per LSTM gate with zero
+        biases (appendix F); the same random draws as construction."""
+        if self.optimizer is not None:
+            self.optimizer.reset_parameters()
+        xavier_lstm_(self.lstm)
 
     @property
     def eta(self) -> Optional[Tensor]:
-        """The permutation optimiser's step size (None for ``permutation="none"`` or ``steps=0``)."""
-        return None if self.permute is None else self.permute.eta
+        """The permutation optimiser's step size (None for ``"none"``, ``"linassign"`` or ``steps=0``)."""
+        return None if self.optimizer is None else self.optimizer.eta
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-                weights: Optional[Tensor] = None, return_permutation: bool = False):
+                weights: Optional[Tensor] = None, return_permutation: bool = False, *,
+                key_padding_mask: Optional[Tensor] = None):
         check_set(x, features=self.in_features)
-        mask = resolve_mask(x, mask, lengths)
+        dtype = self.lstm.weight_ih_l0.dtype
+        check_dtype(x, dtype)
+        mask = resolve_mask(x, mask, lengths, key_padding_mask)
         check_weights(x, weights)
+        if weights is not None:
+            check_dtype(weights, dtype, name="weights")
         if self.check_finite:
             _check_finite(x, mask)
             if weights is not None:
                 _check_finite(weights.unsqueeze(-1), mask, name="weights")
+        B, N, D = x.shape
+        if N == 0:
+            # The LSTM cannot read a length-0 sequence: encode one padded slot instead, which gives
+            # the empty set's h = 0 through the LSTM (so backward reaches its parameters).
+            h, _ = self._encode(x.new_zeros(B, 1, D), torch.zeros(B, 1, dtype=torch.bool, device=x.device), None,
+                                False)
+            return (h, x.new_zeros(B, 0, 0)) if return_permutation else h
+        h, P = self._encode(x, mask, weights, return_permutation)
+        return (h, P) if return_permutation else h
+
+    def _encode(self, x: Tensor, mask: Optional[Tensor], weights: Optional[Tensor],
+                return_permutation: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``x`` (B, N >= 1, D) checked -> h (B, hidden_size), P (B, N, N) (None for "none" unless
+        ``return_permutation``)."""
         B, N, _ = x.shape
         x = zero_padding(x, mask)
         P: Optional[Tensor] = None
         order: Optional[Tensor] = None
-        if self.permute is not None:
-            P = self.permute._permute(x, mask)
+        if self.optimizer is not None:
+            P = self.optimizer(x, mask=mask)   # through __call__: the optimiser's hooks fire
         elif mask is not None:
             # "LSTM only": keep the input order of the real elements, padding moved to the end
             # (a gather, not a matmul with the equivalent permutation matrix).
@@ -244,7 +334,7 @@ class PermutationSetEncoder(nn.Module):
             seq = x.gather(1, order.unsqueeze(-1).expand_as(x))
         else:
             seq = x
-        if mask is None:
+        if mask is None or B == 0:       # pack_padded_sequence rejects an empty batch
             _, (_, c_n) = self.lstm(seq)
             h = c_n[-1]
         else:
@@ -252,12 +342,21 @@ class PermutationSetEncoder(nn.Module):
             packed = pack_padded_sequence(seq, n.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
             _, (_, c_n) = self.lstm(packed)
             h = torch.where((n > 0).unsqueeze(1), c_n[-1], torch.zeros((), dtype=c_n.dtype, device=c_n.device))
-        if return_permutation:
-            if P is None:
-                P = (permutation_matrix(order, dtype=x.dtype) if order is not None
-                     else torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N))
-            return h, P
-        return h
+        if P is None and return_permutation:
+            P = (permutation_matrix(order, dtype=x.dtype) if order is not None
+                 else torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N))
+        return h, P
 
     def extra_repr(self) -> str:
-        return f"permutation={self.permutation!r}"
+        pairs = [("in_features", self.in_features), ("hidden_size", self.hidden_size),
+                 ("permutation", self.permutation)]
+        po = self.optimizer
+        if po is not None:
+            pairs.append(("steps", po.steps))
+            if po.cost is not None:
+                pairs += [("cost_hidden", po.cost_hidden), ("eta_init", po.eta_init), ("kernel", po.kernel)]
+            if po.linear is not None:
+                pairs += [("num_positions", po.num_positions), ("logit_clip", po.logit_clip)]
+            pairs += [("sinkhorn_iters", po.sinkhorn_iters), ("temperature", po.temperature)]
+        pairs.append(("check_finite", self.check_finite))
+        return _repr(pairs)

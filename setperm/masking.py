@@ -1,11 +1,13 @@
 """Validation of the public inputs and the one mask convention of the package.
 
 ``mask`` is a ``(B, N)`` bool tensor, **True = real element**. Variable-size sets are padded to a
-common ``N``; ``lengths`` ``(B,)`` may be given instead when the real elements are a prefix.
+common ``N``; ``lengths`` ``(B,)`` may be given instead when the real elements are a prefix, or
+``key_padding_mask`` ``(B, N)`` with the opposite orientation (True = padding), as PyTorch's
+attention modules take it. :func:`resolve_mask` turns any of the three into ``mask``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,33 +32,79 @@ def check_set(x: Tensor, name: str = "x", *, min_dim: int = 3, max_dim: Optional
         raise ValueError(f"{name} must have {features} features in its last dim, got shape {_shape(x)}")
 
 
-def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Optional[Tensor]:
-    """Check ``mask`` / ``lengths`` against ``x`` (B, N, ...) and return a ``(B, N)`` bool mask or None.
+def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+                 key_padding_mask: Optional[Tensor] = None, *, name: str = "x",
+                 batch_shape: Optional[Tuple[int, int]] = None) -> Optional[Tensor]:
+    """Check the padding of ``x`` and return it as a ``(B, N)`` bool mask, True = real element.
 
-    None means every element is real. ``lengths`` is converted to a prefix mask.
+    The padding may be given in one of three forms (at most one of them):
+
+    - ``mask`` ``(B, N)`` bool, True = real element (the package's convention);
+    - ``lengths`` ``(B,)`` integers: the real elements are the first ``lengths[b]`` (prefix padding);
+    - ``key_padding_mask`` ``(B, N)`` bool, True = **padding**, as ``nn.MultiheadAttention`` and
+      ``nn.Transformer`` name and orient it.
+
+    ``batch_shape`` is ``(B, N)``, by default ``x.shape[:2]``. Returns None when no padding is
+    given (every element is real).
     """
-    B, N = x.shape[0], x.shape[1]
-    if mask is not None and lengths is not None:
-        raise ValueError("pass either mask or lengths, not both")
+    B, N = batch_shape if batch_shape is not None else (x.shape[0], x.shape[1])
+    given = [k for k, v in (("mask", mask), ("lengths", lengths), ("key_padding_mask", key_padding_mask))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of mask / lengths / key_padding_mask, got {' and '.join(given)}")
     if mask is not None:
-        if not isinstance(mask, Tensor):
-            raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = real element), got dtype {mask.dtype}")
-        if tuple(mask.shape) != (B, N):
-            raise ValueError(f"mask must have shape (B, N) = {(B, N)} to match x {_shape(x)}, got shape {_shape(mask)}")
-        return mask.to(x.device)
+        return _check_bool_mask(mask, "mask", "True = real element", B, N, x, name)
+    if key_padding_mask is not None:
+        padding = _check_bool_mask(key_padding_mask, "key_padding_mask", "True = padding", B, N, x, name)
+        # nn.MultiheadAttention's orientation (True = padding) flipped to the package's (True = real)
+        return ~padding
     if lengths is not None:
         if not isinstance(lengths, Tensor):
             lengths = torch.as_tensor(lengths)
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
             raise ValueError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths must have shape (B,) = {(B,)} to match x {_shape(x)}, got shape {_shape(lengths)}")
+            raise ValueError(f"lengths must have shape (B,) = {(B,)} to match {name} {_shape(x)}, "
+                             f"got shape {_shape(lengths)}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > N):
             raise ValueError(f"lengths must lie in [0, N={N}], got min {int(lengths.min())} and max {int(lengths.max())}")
         return torch.arange(N, device=x.device) < lengths.to(x.device).unsqueeze(1)
     return None
+
+
+def _check_bool_mask(m: Tensor, arg: str, meaning: str, B: int, N: int, x: Tensor, name: str) -> Tensor:
+    if not isinstance(m, Tensor):
+        raise ValueError(f"{arg} must be a torch.Tensor, got {type(m).__name__}")
+    if m.dtype != torch.bool:
+        raise ValueError(f"{arg} must be a bool tensor ({meaning}), got dtype {m.dtype}")
+    if tuple(m.shape) != (B, N):
+        raise ValueError(f"{arg} must have shape (B, N) = {(B, N)} to match {name} {_shape(x)}, got shape {_shape(m)}")
+    return m.to(x.device)
+
+
+def module_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the module's first floating-point parameter (None without parameters)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def check_dtype(t: Tensor, expected: Optional[torch.dtype], name: str = "x") -> None:
+    """``t`` must have the module's parameter dtype ``expected`` (None: anything goes).
+
+    Under ``torch.autocast`` for ``t``'s device, any dtype that autocast casts (float16, bfloat16,
+    float32) is accepted with a module in one of them: autocast computes both in its own dtype.
+    float64 is never cast by autocast, so it must match exactly.
+    """
+    if expected is None or t.dtype == expected:
+        return
+    low = (torch.float16, torch.bfloat16, torch.float32)
+    if t.dtype in low and expected in low and torch.is_autocast_enabled(t.device.type):
+        return
+    raise ValueError(f"{name} has dtype {t.dtype} but the module's parameters are {expected}: cast the input "
+                     f"({name}.to({expected})) or the module (module.to({t.dtype})); under torch.autocast "
+                     "float16 / bfloat16 / float32 inputs and modules mix, float64 does not")
 
 
 def check_weights(x: Tensor, weights: Optional[Tensor]) -> None:

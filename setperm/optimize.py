@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from .masking import resolve_mask
 from .sinkhorn import sinkhorn
 
 Grid = Tuple[int, int]
@@ -40,6 +41,8 @@ def position_balance(P: Tensor, dim: int = -1) -> Tensor:
     Computed from one cumulative sum in O(N^2): with ``S`` the inclusive cumulative sum and
     ``R`` the total, ``B = (R - S) - (S - P) = R - 2S + P``.
     """
+    if P.shape[dim] == 0:
+        return P.clone()
     S = torch.cumsum(P, dim=dim)
     R = S.narrow(dim, S.shape[dim] - 1, 1)
     return R - 2 * S + P
@@ -111,7 +114,8 @@ def lattice_cost_gradient(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
 def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: Union[float, Tensor] = 1.0,
                          steps: int = 4, mask: Optional[Tensor] = None, sinkhorn_iters: int = 4,
                          temperature: float = 1.0, grid: Optional[Grid] = None,
-                         return_steps: bool = False) -> Union[Tensor, List[Tensor]]:
+                         return_steps: bool = False, *, lengths: Optional[Tensor] = None,
+                         key_padding_mask: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
     """Algorithm 1: ``T`` unrolled steps of ``P~ <- P~ - eta * dc/dP`` at ``P = S(P~)`` (eq. 7).
 
     The inner step uses the gradient with respect to the *normalised* P (the paper's alternative
@@ -123,7 +127,8 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: U
         init_logits: ``(B, N, N)`` P~(0); None is PO-U (P~ = 0, i.e. uniform P).
         eta: step size (positive float or scalar tensor).
         steps: T >= 0.
-        mask: ``(B, N)`` bool, True = real element.
+        mask: ``(B, N)`` bool, True = real element; or ``lengths`` ``(B,)``, or
+            ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
         grid: ``(R, Cols)`` for the lattice variant (positions row-major).
         return_steps: also return every intermediate ``S(P~(t))``, t = 0..T (for figures).
     Returns:
@@ -133,6 +138,7 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: U
         raise ValueError(f"steps must be >= 0, got {steps}")
     C4 = _channels(C)
     B, _, N, _ = C4.shape
+    mask = resolve_mask(C4, mask, lengths, key_padding_mask, name="C", batch_shape=(B, N))
     if init_logits is None:
         logits = C4.new_zeros(B, N, N)
     else:
@@ -163,11 +169,16 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: U
     return P
 
 
-def permutation_entropy(P: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """Mean entropy (nats) of the rows of ``P`` over real elements, ``(B,)``; 0 for a hard permutation,
-    ``log n`` for the uniform assignment. Empty sets give 0."""
+def permutation_entropy(P: Tensor, mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
+                        key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean entropy (nats) of the rows of ``P`` ``(B, N, N)`` over real elements, ``(B,)``; 0 for a
+    hard permutation, ``log n`` for the uniform assignment. Empty sets (and N = 0) give 0.
+    ``mask`` / ``lengths`` / ``key_padding_mask`` as in :func:`setperm.sinkhorn`."""
+    if not isinstance(P, Tensor) or P.dim() != 3:
+        raise ValueError(f"P must have shape (B, N, N), got {tuple(P.shape) if isinstance(P, Tensor) else type(P)}")
+    mask = resolve_mask(P, mask, lengths, key_padding_mask, name="P")
     ent = -torch.special.xlogy(P, P).sum(-1)          # (B, N)
     if mask is None:
-        return ent.mean(-1)
+        return ent.sum(-1) / max(P.shape[1], 1)
     ent = torch.where(mask, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
     return ent.sum(-1) / mask.sum(-1).clamp_min(1).to(ent.dtype)

@@ -1,8 +1,14 @@
 """The Sinkhorn operator (paper appendix B, eq. 11-15), with masking.
 
-Computed as scalings of one matrix (matrix-vector products) when their range allows, else by
-explicit log-domain iterates; both are the same operator, and the result is finite for any finite
-input."""
+Two ways to compute the same operator (the names follow POT's ``sinkhorn`` variants):
+
+- ``method="scaling"``: scalings ``diag(u) K diag(v)`` of one matrix ``K = exp(z - rowmax)``
+  (matrix-vector products, a closed-form backward), valid while the scalings' range fits the dtype;
+- ``method="log"``: the explicit log-domain iterates of eq. 11-12 (``logsumexp``), finite for any
+  finite input;
+- ``method="auto"`` (default): the scalings when :func:`sinkhorn_scaling_in_range` holds, else
+  the log-domain iterates.
+"""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -10,36 +16,79 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .masking import assignment_mask
+from .masking import assignment_mask, resolve_mask
+
+METHODS = ("auto", "scaling", "log")
 
 
-def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temperature: float = 1.0) -> Tensor:
+def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temperature: float = 1.0, *,
+             lengths: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+             method: str = "auto") -> Tensor:
     """Normalise ``exp(logits / temperature)`` towards a doubly-stochastic matrix.
 
     Args:
-        logits: ``(B, N, N)`` unnormalised assignment P~; rows = elements, columns = positions.
-        mask: ``(B, N)`` bool, True = real element, or None.
+        logits: ``(B, N, N)`` floating-point unnormalised assignment P~; rows = elements, columns =
+            positions.
+        mask: ``(B, N)`` bool, True = real element, or None. ``lengths`` ``(B,)`` (prefix padding)
+            or ``key_padding_mask`` ``(B, N)`` (True = padding) may be given instead (at most one).
         iters: number L of (row, column) normalisation rounds; the paper fixes L = 4 (appendix B).
         temperature: divides the logits before exponentiation (Mena et al., 2018).
+        method: ``"auto"`` (default), ``"scaling"`` or ``"log"`` (see the module docstring). All
+            three compute the same operator; ``"scaling"`` raises a ValueError when the scalings'
+            range check (:func:`sinkhorn_scaling_in_range`) fails, instead of falling back.
 
     Returns:
         ``(B, N, N)`` P = S(P~) in the dtype of ``logits``. Each round normalises rows then
         columns (eq. 14), so columns sum to 1 exactly and rows approximately. With a mask, the
         real elements are assigned among the first n positions only and the j-th padded element
         is fixed to position n + j (one-hot), so the real block equals the unpadded result.
+        Empty inputs (B = 0 or N = 0) give an empty result.
 
-    Computed by scaling vectors (``P = diag(u) K diag(v)``, ``K = exp(z - rowmax)``), which give
-    exactly the alternating normalisations; when the scalings' spread is too wide for the dtype
-    (underflowing sums), by log-domain iterates (``logsumexp``) instead, so it is finite for any
-    finite input. In at least float32 under autocast or for half inputs.
+    Finite for any finite input: where the log-domain iterates are used, ``logits / temperature``
+    is clamped to half the dtype's range (``±finfo.max / 2``; only logits beyond it, and ``+inf``,
+    change, and they get no gradient; ``-inf`` stays an excluded entry), so no difference of two
+    logits overflows. Computed in at least float32 (under autocast or for half inputs).
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    z, out_dtype = _prepare(logits, mask, iters, temperature, lengths, key_padding_mask)
+    if z.numel() == 0:
+        return z.to(out_dtype)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return _Sinkhorn.apply(z, iters, method).to(out_dtype)
+
+
+def sinkhorn_scaling_in_range(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4,
+                              temperature: float = 1.0, *, lengths: Optional[Tensor] = None,
+                              key_padding_mask: Optional[Tensor] = None) -> bool:
+    """Whether ``sinkhorn(logits, ..., method="scaling")`` applies to these arguments: True when the
+    scaling vectors' spread fits the working dtype (see ``_scalings``), which is exactly when
+    ``method="auto"`` computes with them; False when ``"auto"`` falls back to the log-domain
+    iterates (and ``"scaling"`` raises). Same arguments as :func:`sinkhorn`; one host
+    synchronisation. Use it to count how often the fallback fires on real data.
+    """
+    z, _ = _prepare(logits, mask, iters, temperature, lengths, key_padding_mask)
+    if z.numel() == 0 or iters == 0:
+        return True
+    with torch.no_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
+        return _scalings(z.detach(), iters) is not None
+
+
+def _prepare(logits: Tensor, mask: Optional[Tensor], iters: int, temperature: float, lengths: Optional[Tensor],
+             key_padding_mask: Optional[Tensor]):
+    """Validate the arguments; return the masked ``z = logits / temperature`` in the compute dtype
+    and the output dtype."""
     if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[1] != logits.shape[2]:
         got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must have shape (B, N, N), got {got}")
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    if not logits.is_floating_point():
+        # exp of integer/bool logits is not defined in their dtype; complex has no order
+        raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = resolve_mask(logits, mask, lengths, key_padding_mask, name="logits")
     out_dtype = logits.dtype
     compute_dtype = torch.promote_types(out_dtype, torch.float32)
     with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -49,7 +98,17 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temp
         if mask is not None:
             allowed = assignment_mask(mask)
             z = torch.where(allowed, z, torch.full((), float("-inf"), dtype=z.dtype, device=z.device))
-        return _Sinkhorn.apply(z, iters).to(out_dtype)
+    return z, out_dtype
+
+
+def _clamp_half(z: Tensor) -> Tensor:
+    """``z`` clamped to half the dtype's range, ``-inf`` (excluded entries) kept. Then no
+    ``z_ij - z_ik`` overflows, and every log-domain iterate stays in ``[-(finfo.max + 2L log N), 0]``
+    (each half-step ``y - logsumexp(y)`` is <= 0 and lowers the minimum by at most log N), so the
+    iterates are finite for any finite input. The scaling path needs no clamp: its range check
+    fails (and the log domain takes over) whenever a logit difference overflows."""
+    half = torch.finfo(z.dtype).max / 2
+    return torch.where(torch.isneginf(z), z, z.clamp(-half, half))
 
 
 def _log_iterates(z: Tensor, iters: int) -> List[Tensor]:
@@ -104,7 +163,8 @@ class _Sinkhorn(torch.autograd.Function):
     """``exp`` of ``iters`` alternating row/column log-normalisations of ``z`` (eq. 13-15).
 
     Computed with scaling vectors (:func:`_scalings`, ~5 passes over the ``(B, N, N)`` matrix
-    instead of ~4 per iteration) when their range allows, else by explicit log-domain iterates.
+    instead of ~4 per iteration) when their range allows and ``method`` is not ``"log"``, else by
+    explicit log-domain iterates.
     Saves only the input and the output; backward recomputes the scalings (matrix-vector
     products) and applies the exact derivative in closed form, or, in the log-domain case,
     recomputes the iterates and applies ``dz = dy - softmax(z, dim) * sum(dy, dim)`` per half-step.
@@ -112,15 +172,19 @@ class _Sinkhorn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, iters: int) -> Tensor:
-        scal = _scalings(z, iters) if iters > 0 else None
+    def forward(ctx, z: Tensor, iters: int, method: str) -> Tensor:
+        scal = _scalings(z, iters) if iters > 0 and method != "log" else None
+        if scal is None and iters > 0 and method == "scaling":
+            raise ValueError(f"sinkhorn(method='scaling'): the scaling vectors' range is too wide for {z.dtype} "
+                             "(some row or column sum underflows); use method='auto' (falls back to the "
+                             "log-domain iterates) or method='log'")
         ctx.scaled = scal is not None
         if scal is not None:
             K, us, vs = scal
             P = K.mul_(us[-1].transpose(1, 2)).mul_(vs[-1])             # K is not needed any more
         else:
             # S^(0) = exp(X); in the log domain the exponentiation is implicit.
-            P = (_log_iterates(z, iters)[-1] if iters > 0 else z).exp()
+            P = (_log_iterates(_clamp_half(z), iters)[-1] if iters > 0 else z).exp()
         ctx.iters = iters
         ctx.save_for_backward(z, P)
         return P
@@ -129,14 +193,17 @@ class _Sinkhorn(torch.autograd.Function):
     def backward(ctx, grad_P: Tensor):
         z, P = ctx.saved_tensors
         if ctx.scaled:
-            return _scaled_backward(grad_P, P, *_scalings(z, ctx.iters, check=False)), None
+            return _scaled_backward(grad_P, P, *_scalings(z, ctx.iters, check=False)), None, None
         dims = [2, 1] * ctx.iters
+        zc = _clamp_half(z) if ctx.iters > 0 else z
         # the softmax of every half-step is its normalised output; the last one is P
-        softmaxes = [y.exp() for y in _log_iterates(z, ctx.iters)[:-1]] + [P]
+        softmaxes = [y.exp() for y in _log_iterates(zc, ctx.iters)[:-1]] + [P]
         g = grad_P * P                                                   # through exp
         for d, S in zip(reversed(dims), reversed(softmaxes)):
             g = g - S * g.sum(dim=d, keepdim=True)                       # through z - logsumexp(z, d)
-        return g, None
+        if ctx.iters > 0:                                                # through the clamp
+            g = torch.where(zc == z, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        return g, None, None
 
 
 def _scaled_backward(grad_P: Tensor, P: Tensor, K: Tensor, us, vs) -> Tensor:

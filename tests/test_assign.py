@@ -57,3 +57,24 @@ def test_bad_shapes():
         hungarian(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="mask"):
         hungarian(torch.zeros(1, 3, 3), mask=torch.ones(1, 3))
+
+
+@pytest.mark.parametrize("B,N", [(0, 4), (3, 0), (0, 0)])
+def test_empty_batches_and_sets(B, N):
+    x = torch.randn(B, N, 2, 3, dtype=torch.float64, requires_grad=True)
+    P = torch.zeros(B, N, N, dtype=torch.float64, requires_grad=True)
+    y = apply_permutation(x, P)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and P.grad.shape == P.shape
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    idx, hard = hungarian(P, mask=mask, return_matrix=True)
+    assert idx.shape == (B, N) and hard.shape == (B, N, N)
+    assert permutation_matrix(idx).shape == (B, N, N)
+
+
+def test_permutation_matrix_checks_idx():
+    with pytest.raises(ValueError, match=r"idx must be an integer tensor of shape \(B, N\), got torch.float32"):
+        permutation_matrix(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="idx must be an integer tensor"):
+        permutation_matrix(torch.zeros(3, dtype=torch.long))

@@ -52,7 +52,7 @@ def test_reference_from_setperm_rejects_what_it_does_not_implement():
     with pytest.raises(ValueError, match="module must be"):
         reference_from_setperm(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="steps"):
-        reference_from_setperm(PermutationOptimizer(3, 4, steps=0, init="linear", num_positions=4))
+        reference_from_setperm(PermutationOptimizer(3, 4, steps=0, permutation="po-la", num_positions=4))
 
 
 @pytest.mark.parametrize("impl", ["reference", "setperm-compiled"])

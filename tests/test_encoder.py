@@ -100,9 +100,9 @@ def test_eta_is_positive_learnable_and_initialised_to_one():
     enc = make_encoder(torch.float32)
     assert_close(enc.eta, torch.tensor(1.0))
     enc(torch.randn(4, 6, 5)).pow(2).sum().backward()
-    assert enc.permute.eta_param.grad is not None and enc.permute.eta_param.grad != 0
+    assert enc.optimizer.eta_param.grad is not None and enc.optimizer.eta_param.grad != 0
     with torch.no_grad():
-        enc.permute.eta_param.fill_(-0.5)
+        enc.optimizer.eta_param.fill_(-0.5)
     assert_close(enc.eta, torch.tensor(0.5))
     assert make_encoder(torch.float32, "none").eta is None
     assert LinAssign(3, num_positions=4).eta is None
@@ -119,7 +119,7 @@ def test_half_autocast_finite(half):
 
 def test_po_la_and_linassign_variable_sizes():
     torch.manual_seed(3)
-    po = PermutationOptimizer(4, cost_hidden=8, steps=2, init="linear", num_positions=10)
+    po = PermutationOptimizer(4, cost_hidden=8, steps=2, permutation="po-la", num_positions=10)
     x = torch.randn(2, 6, 4)
     mask = torch.tensor([[True] * 6, [True, True, False, True, False, False]])
     P = po(x, mask=mask)
@@ -165,12 +165,19 @@ def test_bad_input_raises_value_error(call, match):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="steps"):
         PermutationOptimizer(3, steps=-1)
-    with pytest.raises(ValueError, match="init"):
-        PermutationOptimizer(3, init="random")
-    with pytest.raises(ValueError, match="permutation"):
+    with pytest.raises(ValueError, match=r"permutation must be one of \('po-u', 'po-la', 'linassign'\), got 'random'"):
+        PermutationOptimizer(3, permutation="random")
+    for alias in ("uniform", "linear", "PO-U", "none"):      # one vocabulary, no aliases
+        with pytest.raises(ValueError, match="permutation must be one of"):
+            PermutationOptimizer(3, permutation=alias, num_positions=4)
+    with pytest.raises(ValueError, match=r"permutation must be one of \('po-u', 'po-la', 'linassign', 'none'\)"):
         PermutationSetEncoder(3, permutation="sorted")
     with pytest.raises(ValueError, match="num_positions"):
-        PermutationOptimizer(3, init="linear")
+        PermutationOptimizer(3, permutation="po-la")
+    with pytest.raises(ValueError, match="num_positions"):
+        PermutationSetEncoder(3, permutation="linassign")
+    with pytest.raises(TypeError):
+        PermutationOptimizer(3, init="uniform")              # the old keyword is gone
 
 
 def test_check_finite_can_be_turned_off():
@@ -196,3 +203,154 @@ def test_lstm_only_permutation_keeps_real_order_and_moves_padding_last():
     from setperm import apply_permutation
     assert_close(apply_permutation(x, P)[0, :3], x[0, [1, 2, 4]], rtol=0, atol=0)
     assert_close(h, enc(x[:, [1, 2, 4]]), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- variants and steps
+
+def test_variant_vocabulary_and_default_steps():
+    assert PermutationOptimizer(3).steps == 6 and PermutationOptimizer(3, permutation="po-u").permutation == "po-u"
+    la = PermutationOptimizer(3, permutation="linassign", num_positions=5)
+    assert la.steps == 0 and la.cost is None and la.eta is None and la.linear is not None
+    assert PermutationOptimizer(3, permutation="linassign", num_positions=5, steps=0).steps == 0
+    with pytest.raises(ValueError, match="linassign.*T = 0.*steps=2"):
+        PermutationOptimizer(3, permutation="linassign", num_positions=5, steps=2)
+    pola = PermutationOptimizer(3, permutation="po-la", num_positions=5)
+    assert pola.steps == 6 and pola.cost is not None and pola.linear is not None
+    assert PermutationSetEncoder(3, 4, cost_hidden=4).optimizer.steps == 3       # F.4: T = 3
+    enc = PermutationSetEncoder(3, 4, permutation="linassign", num_positions=5)
+    assert enc.optimizer.steps == 0 and enc.eta is None
+    with pytest.raises(ValueError, match="linassign"):
+        PermutationSetEncoder(3, 4, permutation="linassign", num_positions=5, steps=3)
+    assert PermutationSetEncoder(3, 4, permutation="none").optimizer is None
+
+
+def test_linassign_class_equals_the_linassign_variant():
+    torch.manual_seed(0)
+    a = LinAssign(3, num_positions=6, logit_clip=10.0)
+    torch.manual_seed(0)
+    b = PermutationOptimizer(3, permutation="linassign", num_positions=6, logit_clip=10.0)
+    assert a.state_dict().keys() == b.state_dict().keys() and repr(a).split("(", 1)[1] == repr(b).split("(", 1)[1]
+    x = torch.randn(2, 5, 3)
+    assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign"])
+def test_encoder_reads_through_its_optimizer(permutation):
+    """The encoder's P is its optimiser's output on the zero-padded elements (public call)."""
+    enc = make_encoder(torch.float64, permutation if permutation != "linassign" else "po-u")
+    if permutation == "linassign":
+        torch.manual_seed(0)
+        enc = PermutationSetEncoder(5, 12, permutation="linassign", num_positions=16).double()
+    x = torch.randn(2, 6, 5, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True, False, True], [True] * 6])
+    _, P = enc(x, mask=mask, return_permutation=True)
+    assert_close(P, enc.optimizer(x, mask=mask), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- empty batches and sets
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la", "none"])
+@pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5), (0, 0, 5)])
+def test_empty_batch_or_empty_sets(permutation, shape):
+    """B = 0 -> h (0, H); N = 0 -> h = zeros(B, H), P (B, 0, 0); backward works (zero gradients)."""
+    enc = make_encoder(torch.float64, permutation)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    for kwargs in ({}, {"mask": torch.zeros(shape[:2], dtype=torch.bool)}, {"lengths": torch.zeros(shape[0], dtype=torch.long)},
+                   {"weights": torch.randn(shape[:2], dtype=torch.float64)}):
+        enc.zero_grad()
+        h, P = enc(x, return_permutation=True, **kwargs)
+        assert h.shape == (shape[0], 12) and P.shape == (shape[0], shape[1], shape[1])
+        assert torch.equal(h, torch.zeros_like(h))
+        h.sum().backward()
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in enc.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign"])
+@pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5)])
+def test_empty_optimizer_inputs(permutation, shape):
+    po = PermutationOptimizer(5, cost_hidden=4, permutation=permutation, num_positions=4, steps=None)
+    x = torch.randn(*shape, requires_grad=True)
+    P = po(x)
+    assert P.shape == (shape[0], shape[1], shape[1])
+    steps = po(x, return_steps=True)
+    assert len(steps) == po.steps + 1 and all(s.shape == P.shape for s in steps)
+    if P.requires_grad:
+        P.sum().backward()
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_dtype_must_match_the_module(dtype):
+    enc = make_encoder(torch.float32)
+    with pytest.raises(ValueError, match=f"x has dtype {dtype} but the module's parameters are torch.float32"):
+        enc(torch.randn(2, 4, 5).to(dtype))
+    with pytest.raises(ValueError, match=f"x has dtype {dtype} but the module's parameters are torch.float32"):
+        enc.optimizer(torch.randn(2, 4, 5).to(dtype))
+    with pytest.raises(ValueError, match=f"weights has dtype {dtype}"):
+        enc(torch.randn(2, 4, 5), weights=torch.randn(2, 4).to(dtype))
+    po64 = PermutationOptimizer(5, cost_hidden=4, dtype=torch.float64)
+    assert po64(torch.randn(2, 4, 5, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(ValueError, match="x has dtype torch.float32 but the module's parameters are torch.float64"):
+        po64(torch.randn(2, 4, 5))
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_inputs_under_autocast(half):
+    """Under autocast the half-precision input of a float32 module is accepted (autocast computes
+    both in its dtype); float64 is not cast by autocast and still raises."""
+    enc = make_encoder(torch.float32)
+    g = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(3, 9, 5, generator=g) * 50).to(half), torch.randn(3, 9, generator=g).to(half)
+    mask = torch.rand(3, 9, generator=g) > 0.3
+    with torch.autocast("cpu", dtype=half):
+        h, P = enc(x, mask=mask, weights=w, return_permutation=True)
+        with pytest.raises(ValueError, match="float64"):
+            enc(x.double())
+    assert torch.isfinite(h.float()).all() and torch.isfinite(P.float()).all()
+    ref = enc(x.float(), mask=mask, weights=w.float())
+    # the same computation in half precision (bfloat16 keeps 8 bits of mantissa, float16 11)
+    assert_close(h.float(), ref, rtol=0, atol=0.3 if half == torch.bfloat16 else 0.05)
+
+
+# ----------------------------------------------------------------------------- huge finite inputs
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign", "none"])
+@pytest.mark.parametrize("value", [1e38, -1e38, 3.4e38])
+def test_finite_inputs_near_the_float32_limit_give_finite_outputs(permutation, value):
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(13, 16, cost_hidden=16, permutation=permutation, num_positions=8)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 8, 13, generator=g)
+    x[0, 1] = value                                               # one huge element
+    x[1] = value * torch.randn(8, 13, generator=g).sign()         # a whole set of huge values, mixed signs
+    x[2, :, 0] = value                                            # one huge feature
+    mask = torch.ones(4, 8, dtype=torch.bool)
+    mask[3, 5:] = False
+    w = torch.randn(4, 8, generator=g)
+    h, P = enc(x, mask=mask, weights=w, return_permutation=True)
+    assert torch.isfinite(h).all() and torch.isfinite(P).all()
+    assert_close(P[:3].sum(1), torch.ones(3, 8), rtol=0, atol=1e-5)
+    # the ordinary set is untouched by its neighbours' magnitude
+    assert_close(h[3:], enc(x[3:, :5], weights=w[3:, :5]), rtol=1e-5, atol=1e-6)
+
+
+def test_lattice_po_la_near_the_float32_limit():
+    torch.manual_seed(2)
+    po = PermutationOptimizer(13, cost_hidden=8, steps=2, permutation="po-la", grid=(2, 3))
+    x = 3.4e38 * torch.randn(2, 6, 13, generator=torch.Generator().manual_seed(3)).sign()
+    P = po(x)
+    assert torch.isfinite(P).all()
+    assert_close(P.sum(1), torch.ones(2, 6), rtol=0, atol=1e-5)
+
+
+def test_state_dict_of_the_former_permute_attribute_loads():
+    enc = make_encoder(torch.float64)
+    old = {k.replace("optimizer.", "permute.", 1): v for k, v in enc.state_dict().items()}
+    assert any(k.startswith("permute.") for k in old)
+    other = make_encoder(torch.float64, seed=5)
+    other.load_state_dict(old)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), enc.state_dict().values()))
+    wrapper = torch.nn.ModuleDict({"enc": make_encoder(torch.float64, seed=6)})   # nested prefix
+    wrapper.load_state_dict({"enc." + k: v for k, v in old.items()})
+    assert torch.equal(wrapper["enc"].optimizer.cost.first.weight, enc.optimizer.cost.first.weight)

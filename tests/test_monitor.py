@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
-from setperm import PermutationSetEncoder, PermutationOptimizer, find_step_sizes, log_step_sizes, set_entropy_tracking
+from setperm import (LinAssign, PermutationMonitor, PermutationOptimizer, PermutationSetEncoder, find_step_sizes,
+                     log_step_sizes, permutation_entropy)
 
 
 class Recorder:
@@ -13,35 +15,91 @@ class Recorder:
         self.calls.append((tag, value, step))
 
 
-class TwoEncoders(nn.Module):
+class ThreeOptimizers(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = PermutationSetEncoder(3, 4, cost_hidden=4, eta_init=0.5)
         self.b = PermutationOptimizer(3, cost_hidden=4, eta_init=2.0)
+        self.c = LinAssign(3, num_positions=5)          # no eta, but an entropy
 
 
-def test_finds_every_eta_and_logs_entropy():
-    model = TwoEncoders()
-    assert {k: round(float(v), 6) for k, v in find_step_sizes(model).items()} == {"a.permute": 0.5, "b": 2.0}
-    set_entropy_tracking(model)
-    model.b(torch.rand(2, 5, 3))
+def test_find_and_log_step_sizes_read_eta_only():
+    model = ThreeOptimizers()
+    assert {k: round(float(v), 6) for k, v in find_step_sizes(model).items()} == {"a.optimizer": 0.5, "b": 2.0}
     rec = Recorder()
     values = log_step_sizes(rec, nn.DataParallel(model), step=7)
-    tags = {t for t, _, _ in rec.calls}
-    assert tags == {"eta/a.permute", "eta/b", "permutation_entropy/b"}
-    assert all(s == 7 for _, _, s in rec.calls)
-    assert 0 <= values["permutation_entropy/b"] <= float(torch.log(torch.tensor(5.0))) + 1e-6
+    assert values == pytest.approx({"eta/a.optimizer": 0.5, "eta/b": 2.0})
+    assert sorted(rec.calls) == [("eta/a.optimizer", pytest.approx(0.5), 7), ("eta/b", pytest.approx(2.0), 7)]
+    assert log_step_sizes(None, model, 0) == values      # no writer: nothing written, values returned
+
+
+def test_monitor_records_the_entropy_of_each_forward():
+    torch.manual_seed(0)
+    model = ThreeOptimizers()
+    x = torch.rand(2, 5, 3)
+    mask = torch.tensor([[True, True, False, True, False], [True] * 5])
+    monitor = PermutationMonitor(nn.DataParallel(model))      # the wrapper is unwrapped, names are module paths
+    assert monitor.values() == pytest.approx({"eta/a.optimizer": 0.5, "eta/b": 2.0})   # nothing recorded yet
+    model.a(x, mask=mask)                                      # the encoder's optimiser fires its hook
+    P_b = model.b(x, lengths=torch.tensor([3, 5]))
+    P_c = model.c(x, key_padding_mask=~mask)
+    _, P_a = model.a(x, mask=mask, return_permutation=True)
+    values = monitor.values()
+    assert set(values) == {"eta/a.optimizer", "eta/b", "permutation_entropy/a.optimizer", "permutation_entropy/b",
+                           "permutation_entropy/c"}
+    lengths_mask = torch.arange(5) < torch.tensor([3, 5])[:, None]
+    with torch.no_grad():
+        expected = {"a.optimizer": permutation_entropy(P_a, mask).mean(),
+                    "b": permutation_entropy(P_b, lengths_mask).mean(), "c": permutation_entropy(P_c, mask).mean()}
+    for name, ent in expected.items():
+        assert values[f"permutation_entropy/{name}"] == pytest.approx(float(ent), abs=1e-6)
+        assert 0 <= values[f"permutation_entropy/{name}"] <= float(torch.log(torch.tensor(5.0))) + 1e-6
+    # the last forward wins
+    model.b(torch.rand(4, 6, 3), return_steps=True)
+    assert monitor.entropies()["b"] != pytest.approx(float(expected["b"]))
+    rec = Recorder()
+    assert monitor.log(rec, step=3) == monitor.values()
+    assert {t for t, _, _ in rec.calls} == set(values) and all(s == 3 for _, _, s in rec.calls)
+    assert monitor.log(None, step=4) == monitor.values()
+
+
+def test_monitor_removed_records_nothing():
+    model = ThreeOptimizers()
+    x = torch.rand(2, 5, 3)
+    with PermutationMonitor(model) as monitor:
+        model.b(x)
+        assert "permutation_entropy/b" in monitor.values()
+    assert monitor.values() == pytest.approx({"eta/a.optimizer": 0.5, "eta/b": 2.0})
+    model.b(x)
+    model.a(x)
+    assert monitor.entropies() == {}
+    assert all(not m._forward_hooks for m in model.modules())     # no hook left behind
+    monitor.remove()                                               # idempotent
+
+
+def test_monitor_empty_batch_and_no_grad_effect():
+    enc = PermutationSetEncoder(3, 4, cost_hidden=4)
+    monitor = PermutationMonitor(enc)
+    enc(torch.rand(0, 4, 3))
+    assert monitor.entropies() == {}
+    x = torch.rand(2, 4, 3, requires_grad=True)
+    h = enc(x)
+    h.sum().backward()                                             # the hook's reduction is outside autograd
+    assert x.grad is not None and monitor.entropies()["optimizer"] >= 0
+    assert PermutationMonitor(PermutationOptimizer(3, cost_hidden=4)).values() == {"eta/permutation": 1.0}
 
 
 def test_real_summary_writer(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     enc = PermutationSetEncoder(3, 4, cost_hidden=4)
+    monitor = PermutationMonitor(enc)
+    enc(torch.rand(2, 4, 3))
     with SummaryWriter(str(tmp_path)) as w:
-        log_step_sizes(w, enc, 0)
+        monitor.log(w, 0)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
-    assert acc.Tags()["scalars"] == ["eta/permute"]
-    assert_close(acc.Scalars("eta/permute")[0].value, 1.0)
+    assert sorted(acc.Tags()["scalars"]) == ["eta/optimizer", "permutation_entropy/optimizer"]
+    assert_close(acc.Scalars("eta/optimizer")[0].value, 1.0)

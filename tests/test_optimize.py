@@ -81,11 +81,11 @@ def test_return_steps_and_bad_steps():
         optimize_permutation(C, steps=-1)
 
 
-@pytest.mark.parametrize("init,grid", [("uniform", None), ("linear", None), ("uniform", (2, 2))])
-def test_gradcheck_whole_optimizer(init, grid):
+@pytest.mark.parametrize("permutation,grid", [("po-u", None), ("po-la", None), ("po-u", (2, 2))])
+def test_gradcheck_whole_optimizer(permutation, grid):
     torch.manual_seed(4)
     N = 4
-    po = PermutationOptimizer(3, cost_hidden=5, steps=2, init=init, num_positions=N, grid=grid,
+    po = PermutationOptimizer(3, cost_hidden=5, steps=2, permutation=permutation, num_positions=N, grid=grid,
                               sinkhorn_iters=3).double()
     for p in po.parameters():
         torch.nn.init.normal_(p, std=0.7)
@@ -116,3 +116,14 @@ def test_entropy_bounds():
     assert_close(permutation_entropy(U), torch.log(torch.tensor([float(n)])), rtol=1e-6, atol=1e-6)
     assert_close(permutation_entropy(torch.eye(n).unsqueeze(0)), torch.zeros(1), rtol=0, atol=0)
     assert_close(permutation_entropy(U, torch.zeros(1, n, dtype=torch.bool)), torch.zeros(1), rtol=0, atol=0)
+
+
+def test_empty_sets():
+    """N = 0 and B = 0: empty results, entropy 0 (not the NaN of a mean over nothing)."""
+    for B, N in ((2, 0), (0, 3)):
+        P = torch.zeros(B, N, N, dtype=torch.float64, requires_grad=True)
+        C = torch.zeros(B, 1, N, N, dtype=torch.float64)
+        assert total_cost(P, C).shape == (B,) and cost_gradient(P, C).shape == (B, N, N)
+        assert optimize_permutation(C, steps=2).shape == (B, N, N)
+        assert torch.equal(permutation_entropy(P), torch.zeros(B, dtype=torch.float64))
+        total_cost(P, C).sum().backward()

@@ -5,7 +5,8 @@ import torch
 from torch.testing import assert_close
 
 import setperm.pairwise as pairwise_mod
-from setperm import PermutationOptimizer, PermutationSetEncoder, pairwise_two_layer
+from setperm import PermutationOptimizer, PermutationSetEncoder
+from setperm.pairwise import pairwise_two_layer
 
 
 def literal(a, c, w):
@@ -89,8 +90,8 @@ def test_compiled_encoder_matches_chunked_on_variable_sizes():
 @needs_compiler
 def test_compiled_lattice_optimizer_matches_chunked():
     torch.manual_seed(6)
-    ref = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), init="linear")
-    fast = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), init="linear", kernel="compiled")
+    ref = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), permutation="po-la")
+    fast = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), permutation="po-la", kernel="compiled")
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 5)
     assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)

@@ -1,10 +1,8 @@
-import importlib
-
 import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import sinkhorn
+from setperm import sinkhorn, sinkhorn_scaling_in_range
 
 
 def random_mask(B, N, g, min_real=0):
@@ -99,36 +97,76 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 20.0])
-def test_scaling_vectors_equal_log_domain_iterates(monkeypatch, scale):
-    """The fast path (matrix scalings) and the log-domain iterates are the same operator:
-    values and gradients agree, masked and unmasked."""
-    sk = importlib.import_module("setperm.sinkhorn")   # the package's `sinkhorn` name is the function
-
+@pytest.mark.parametrize("masked", [False, True])
+def test_scaling_and_log_methods_agree(scale, masked):
+    """method="scaling" (matrix scalings) and method="log" (log-domain iterates) are the same
+    operator: values and gradients agree in float64, masked and unmasked."""
     g = torch.Generator().manual_seed(6)
     z = (torch.randn(4, 7, 7, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
-    mask = random_mask(4, 7, g)
+    mask = random_mask(4, 7, g) if masked else None
     up = torch.randn(4, 7, 7, generator=g, dtype=torch.float64)
-    results = []
-    for use_log in (False, True):
-        if use_log:
-            monkeypatch.setattr(sk, "_scalings", lambda z, iters: None)
-        for m in (None, mask):
-            P = sinkhorn(z, mask=m, iters=4)
-            results.append((P.detach(), torch.autograd.grad((P * up).sum(), z)[0]))
-    for (P_fast, g_fast), (P_log, g_log) in zip(results[:2], results[2:]):
-        assert_close(P_fast, P_log, rtol=0, atol=1e-13)
-        assert_close(g_fast, g_log, rtol=1e-10, atol=1e-12)
+    assert sinkhorn_scaling_in_range(z, mask=mask, iters=4)
+    out = {}
+    for method in ("scaling", "log", "auto"):
+        P = sinkhorn(z, mask=mask, iters=4, method=method)
+        out[method] = (P.detach(), torch.autograd.grad((P * up).sum(), z)[0])
+    assert_close(out["scaling"][0], out["log"][0], rtol=0, atol=1e-12)
+    assert_close(out["scaling"][1], out["log"][1], rtol=0, atol=1e-12)
+    # where the scalings apply, "auto" is exactly "scaling"
+    assert torch.equal(out["auto"][0], out["scaling"][0]) and torch.equal(out["auto"][1], out["scaling"][1])
 
 
-def test_wide_logit_range_falls_back_to_log_domain(monkeypatch):
-    sk = importlib.import_module("setperm.sinkhorn")   # the package's `sinkhorn` name is the function
-
+def test_wide_logit_range_falls_back_to_log_domain():
     z = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(8))
     z[:, :, 0] -= 200.0           # exp(-200) underflows in float32: column 0's sum vanishes
-    assert sk._scalings(z, 4) is None
+    assert not sinkhorn_scaling_in_range(z, iters=4)
     P = sinkhorn(z, iters=4)
+    assert torch.equal(P, sinkhorn(z, iters=4, method="log"))     # "auto" fell back
     assert_close(P, sinkhorn(z.double(), iters=4).float(), rtol=0, atol=1e-5)
     assert_close(P.sum(1), torch.ones(2, 4), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="method='scaling'.*range"):
+        sinkhorn(z, iters=4, method="scaling")
+
+
+def test_method_argument_checked():
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'scaling', 'log'\)"):
+        sinkhorn(torch.zeros(1, 3, 3), method="exact")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_float_logits_rejected(dtype):
+    with pytest.raises(ValueError, match=f"floating-point.*{dtype}"):
+        sinkhorn(torch.ones(1, 3, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4), (3, 0, 0), (0, 0, 0)])
+def test_empty_inputs(shape):
+    z = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(shape[:2], dtype=torch.bool)
+    for method in ("auto", "scaling", "log"):
+        P = sinkhorn(z, mask=mask, method=method)
+        assert P.shape == shape and P.dtype == z.dtype
+        P.sum().backward()
+    assert z.grad.shape == shape
+    assert sinkhorn_scaling_in_range(z)
+
+
+@pytest.mark.parametrize("method", ["auto", "log"])
+def test_finite_for_logits_at_the_dtype_limit(method):
+    """Logit differences beyond float32's range (and +-inf) still give a finite, column-normalised P."""
+    z = torch.tensor([[[3e38, -3e38, 0.0], [3e38, -3e38, 1.0], [-3.4e38, 3.4e38, float("inf")]]])
+    for temperature in (1.0, 1e-3):          # 1e-3: z / temperature overflows before the clamp
+        P = sinkhorn(z, iters=4, temperature=temperature, method=method)
+        assert torch.isfinite(P).all()
+        assert_close(P.sum(1), torch.ones(1, 3), rtol=0, atol=1e-6)
+    # below half the dtype's range nothing is clamped: eq. 11-12 written out, wide logits included
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(2, 5, 5, generator=g, dtype=torch.float64) * 1e3
+    literal = y
+    for _ in range(4):
+        literal = literal - torch.logsumexp(literal, dim=2, keepdim=True)
+        literal = literal - torch.logsumexp(literal, dim=1, keepdim=True)
+    assert_close(sinkhorn(y, iters=4, method=method), literal.exp(), rtol=0, atol=1e-12)
 
 
 def test_gradgradcheck():

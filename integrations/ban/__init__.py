@@ -1,7 +1,7 @@
 """BAN (Kim et al. 2018) for VQA v2 with ``setperm``'s PO-U at its eight glimpses (perm-optim paper,
 appendix F.4).
 
-* ``patch_ban(model, mode="po" | "lstm" | "none", **encoder_kwargs)``: the plugin, for a model from the
+* ``patch_ban(model, permutation="po-u" | "po-la" | "none" | "off", **encoder_kwargs)``: the plugin, for a model from the
   official ``base_model.build_ban`` or from ``build_ban`` below (``plugin.py``).
 * ``build_ban(ntoken, num_ans_candidates, ...)``: a self-contained BAN-8 with the counting module whose
   ``state_dict`` is interchangeable with the official one (``model.py``, ``counting.py``).
@@ -10,6 +10,6 @@ appendix F.4).
 """
 from .model import BanModel, build_ban
 from .official import build_official_ban, load_official
-from .plugin import MODES, PatchedBan, patch_ban
+from .plugin import PERMUTATIONS, PatchedBan, patch_ban
 
-__all__ = ["patch_ban", "PatchedBan", "MODES", "build_ban", "BanModel", "load_official", "build_official_ban"]
+__all__ = ["patch_ban", "PatchedBan", "PERMUTATIONS", "build_ban", "BanModel", "load_official", "build_official_ban"]

@@ -1,7 +1,6 @@
 """VQA v2 reader for the official BAN data layout, with lazy hdf5 features and per-batch padding.
 
-Layout (all paths relative to ``--data-root``, identical to ``data/`` of jnhwkim/ban-vqa; see
-``shared/specs/ban-official.md``)::
+Layout (all paths relative to ``--data-root``, identical to ``data/`` of jnhwkim/ban-vqa)::
 
     dictionary.pkl                       [word2idx dict, idx2word list]; padding index = ntoken
     glove6b_init_300d.npy                float32 (ntoken, 300)
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from integrations.common import UnsafePickleError, restricted_load
+
 MAX_QUESTION_LENGTH = 14  # official BAN: questions truncated / padded to 14 tokens
 SPATIAL_DIM = 6           # x1, y1, x2, y2, w, h, each divided by the image width / height
 FIXED_BOXES = 36          # the {split}36.hdf5 files
@@ -69,10 +70,13 @@ def _require(path: Path, key: str = "<file>") -> Path:
 
 
 def _load_pickle(path: Path):
+    """The official pickle files hold only builtin containers and scalars (numpy scalars in some
+    versions of the official preprocessing): anything else is refused before it runs."""
     _require(path)
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        return restricted_load(path, allow_numpy=True)
+    except UnsafePickleError as e:
+        raise VQADataError(path, "<file>", f"unsafe pickle, not loaded ({e})") from None
     except Exception as e:  # truncated / not a pickle
         raise VQADataError(path, "<file>", f"cannot unpickle ({type(e).__name__}: {e})") from None
 

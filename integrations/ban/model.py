@@ -44,13 +44,13 @@ class WeightNormLinear(nn.Module):
     """``nn.Linear`` with ``W = weight_g * weight_v / ||weight_v||_F`` (parameters ``weight_g`` (),
     ``weight_v`` (out, in), ``bias`` (out,)). Initialised like ``nn.Linear`` with ``g = ||V||``."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, *, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        v = torch.empty(out_features, in_features)
+        v = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(v, a=math.sqrt(5))  # nn.Linear's default
         bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
-        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
         self.weight_g = nn.Parameter(v.norm().detach().clone())
         self.weight_v = nn.Parameter(v)
 
@@ -70,13 +70,13 @@ class FCNet(nn.Module):
     [Dropout(dropout) if dropout > 0] -> WeightNormLinear -> [activation if act != ''].
     The activation follows the last layer too. (..., dims[0]) -> (..., dims[-1])."""
 
-    def __init__(self, dims: Sequence[int], act: str = "ReLU", dropout: float = 0.0):
+    def __init__(self, dims: Sequence[int], act: str = "ReLU", dropout: float = 0.0, *, device=None, dtype=None):
         super().__init__()
         layers = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
-            layers.append(WeightNormLinear(d_in, d_out))
+            layers.append(WeightNormLinear(d_in, d_out, device=device, dtype=dtype))
             if act:
                 layers.append(getattr(nn, act)())
         self.main = nn.Sequential(*layers)  # indices of the layers are part of the state_dict keys

@@ -2,7 +2,7 @@
 
 The 2018 code does not import or train on a current stack. ``load_official(ban_root)`` imports its
 modules without touching the user's files: every source file is parsed and compiled in memory after
-four small, documented syntax-tree rewrites (``../shared/specs/ban-official.md``):
+four small, documented syntax-tree rewrites:
 
 1. ``from torch._six import string_classes`` (utils.py): ``torch._six`` no longer exists;
    the import becomes ``string_classes = (str, bytes)``.

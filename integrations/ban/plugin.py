@@ -10,8 +10,9 @@ BAN's hidden state right after the counter term of glimpse g.
 Differences from the authors' released patch (``../shared/specs/perm-optim-released.md`` section 3):
 padded boxes (logit -inf) are masked out of the cost, Sinkhorn and LSTM instead of producing NaN,
 so the patched model keeps BAN's padding invariance; the eight sets are encoded in one batched call
-(the attention logits exist before the loop) instead of eight calls; ``mode="lstm"`` is the paper's
-"BAN + LSTM" baseline (same encoder without the permutation).
+(the attention logits exist before the loop) instead of eight calls; ``permutation="none"`` is the
+paper's "BAN + LSTM" baseline (same encoder without the permutation), ``"po-la"`` the same encoder
+with the linear-assignment start (needs ``num_positions`` >= the number of boxes).
 
 ``PatchedBan`` wraps the original model as the submodule ``ban`` (official checkpoints load into
 ``patched.ban``) and runs the glimpse loop itself by calling that model's submodules, so it works on
@@ -30,9 +31,11 @@ from setperm import PermutationSetEncoder
 from .counting import freeze_unused_functions
 from .model import FCNet, ban_attend, ban_fuse, check_ban_inputs, padding_mask
 
-__all__ = ["PatchedBan", "patch_ban", "glimpse_sets", "normalized_boxes", "MODES"]
+__all__ = ["PatchedBan", "patch_ban", "glimpse_sets", "normalized_boxes", "PERMUTATIONS"]
 
-MODES = ("po", "lstm", "none")
+# "po-u" / "po-la": BAN + PO (F.4); "none": BAN + LSTM (the encoder without a permutation, as
+# setperm's permutation="none"); "off": the plain BAN (patch_ban returns the model unchanged).
+PERMUTATIONS = ("po-u", "po-la", "none", "off")
 _BAN_SUBMODULES = ("w_emb", "q_emb", "v_att", "b_net", "q_prj", "c_prj", "counter", "classifier")
 
 
@@ -85,33 +88,38 @@ class PatchedBan(nn.Module):
 
     Patching sets ``requires_grad=False`` on ``ban.counter.f[8:]``, the counter's unused functions
     (never updated by official training either), so DDP works without ``find_unused_parameters``.
+
+    ``permutation``: ``"po-u"`` (default, F.4), ``"po-la"`` or ``"none"`` (BAN + LSTM). The new
+    modules are created on ``device`` / in ``dtype`` (default: those of the BAN's parameters).
     """
 
-    def __init__(self, ban: nn.Module, mode: str = "po", *, v_dim: Optional[int] = None,
+    def __init__(self, ban: nn.Module, permutation: str = "po-u", *, v_dim: Optional[int] = None,
                  num_hid: Optional[int] = None, proj_features: int = 8, hidden_size: int = 128,
-                 cost_hidden: int = 128, steps: int = 3, **encoder_kwargs):
+                 cost_hidden: int = 128, steps: Optional[int] = None, device=None, dtype=None, **encoder_kwargs):
         super().__init__()
-        if mode not in ("po", "lstm"):
-            raise ValueError(f"mode must be 'po' or 'lstm' for PatchedBan (use patch_ban for 'none'), got {mode!r}")
+        if permutation not in ("po-u", "po-la", "none"):
+            raise ValueError(f"permutation must be one of ('po-u', 'po-la', 'none') for PatchedBan (patch_ban "
+                             f"takes 'off' for the plain BAN), got {permutation!r}")
         _check_ban(ban)
         v_dim = int(v_dim if v_dim is not None else ban.v_att.logits.v_dim)
         num_hid = int(num_hid if num_hid is not None else ban.q_emb.num_hid)
-        self.mode = mode
+        ref = next(ban.parameters())
+        factory_kwargs = {"device": ref.device if device is None else device,
+                          "dtype": ref.dtype if dtype is None else dtype}
+        self.permutation = permutation
         self.ban = ban
         # the counter's unused f[8:] would stall DistributedDataParallel (official models included)
         freeze_unused_functions(ban.counter)
         self.set_encoder = PermutationSetEncoder(
             4 + 1 + proj_features, hidden_size=hidden_size, cost_hidden=cost_hidden, steps=steps,
-            permutation="po-u" if mode == "po" else "none", **encoder_kwargs)
+            permutation=permutation, **encoder_kwargs, **factory_kwargs)
         # F.4: projecting the 2048-d features to 8 dims was needed "to not inhibit learning of the
         # rest of the model"; Xavier weights and zero bias as in the released code
-        self.box_proj = nn.Linear(v_dim, proj_features)
+        self.box_proj = nn.Linear(v_dim, proj_features, **factory_kwargs)
         nn.init.xavier_uniform_(self.box_proj.weight)
         nn.init.zeros_(self.box_proj.bias)
-        self.p_prj = nn.ModuleList(FCNet([hidden_size, num_hid], "ReLU", 0.0) for _ in range(ban.glimpse))
-        ref = next(ban.parameters())
-        for module in (self.set_encoder, self.box_proj, self.p_prj):
-            module.to(device=ref.device, dtype=ref.dtype)
+        self.p_prj = nn.ModuleList(FCNet([hidden_size, num_hid], "ReLU", 0.0, **factory_kwargs)
+                                   for _ in range(ban.glimpse))
 
     @property
     def glimpse(self) -> int:
@@ -136,7 +144,7 @@ class PatchedBan(nn.Module):
         return ban_fuse(self.ban, v, b, q_emb, att, logits, extra), att
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
+        return f"permutation={self.permutation!r}"
 
 
 def _check_ban(model: nn.Module) -> None:
@@ -151,23 +159,25 @@ def _check_ban(model: nn.Module) -> None:
                          f"{type(model).__name__} lacks {', '.join(missing)}")
 
 
-def patch_ban(model: nn.Module, mode: str = "po", **encoder_kwargs) -> nn.Module:
+def patch_ban(model: nn.Module, permutation: str = "po-u", **encoder_kwargs) -> nn.Module:
     """Add the permutation-set encoder to every glimpse of ``model`` (appendix F.4).
 
     Args:
         model: a BAN from the official ``base_model.build_ban`` or from ``model.build_ban``.
-        mode: ``"po"`` (BAN + PO-U), ``"lstm"`` (BAN + LSTM: same encoder, no permutation) or
-            ``"none"`` (``model`` itself is returned, unchanged).
+        permutation: ``"po-u"`` (BAN + PO-U, the paper's model), ``"po-la"`` (BAN + PO-LA, needs
+            ``num_positions``), ``"none"`` (BAN + LSTM: the same encoder without a permutation, as
+            setperm's ``permutation="none"``) or ``"off"`` (``model`` itself is returned, unchanged).
         **encoder_kwargs: ``hidden_size`` (128), ``cost_hidden`` (128), ``steps`` (3),
-            ``proj_features`` (8), ``v_dim`` / ``num_hid`` (read from the model), and any other
-            ``PermutationSetEncoder`` argument (``sinkhorn_iters``, ``eta_init``, ``check_finite``, ...).
+            ``proj_features`` (8), ``v_dim`` / ``num_hid`` (read from the model), ``device`` /
+            ``dtype`` (those of the model), and any other ``PermutationSetEncoder`` argument
+            (``sinkhorn_iters``, ``eta_init``, ``check_finite``, ``num_positions``, ...).
 
     Returns:
-        ``model`` for ``"none"``, else a ``PatchedBan`` holding ``model`` as ``.ban``.
+        ``model`` for ``"off"``, else a ``PatchedBan`` holding ``model`` as ``.ban``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "none":
+    if permutation not in PERMUTATIONS:
+        raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+    if permutation == "off":
         _check_ban(model)
         return model
-    return PatchedBan(model, mode, **encoder_kwargs)
+    return PatchedBan(model, permutation, **encoder_kwargs)

@@ -1,29 +1,22 @@
-"""Train BAN, BAN + LSTM or BAN + PO-U on VQA v2 features in the official layout (or the synthetic set).
+"""Training and evaluation of BAN, BAN + LSTM and BAN + PO on VQA v2 features in the official layout
+(or the synthetic set): the official recipe on the shared run lifecycle of ``integrations.common``.
 
-    python -m integrations.ban.train --data-root DATA --mode po            # paper appendix F.4
-    python -m integrations.ban.train --data-root DATA --mode none --ban-root ~/ban-vqa   # official model
-    torchrun --nproc_per_node 4 -m integrations.ban.train --data-root DATA --mode po     # DDP
+The recipe (ban-vqa ``main.py`` / ``train.py``): num_hid 1280, op 'c', 8 glimpses, Adamax with base lr
+1e-3, lr 0.5 / 1 / 1.5 / 2 x base in epochs 0-3, then 2 x base, x0.25 at epochs 10, 12, ...; 13 epochs;
+batch 256 (global, split over DDP processes); loss = mean BCE-with-logits x number of answers; grad-norm
+clip 0.25; metric = VQA soft accuracy of the arg-max answer.
 
-Defaults are the official BAN recipe (jnhwkim/ban-vqa ``main.py`` / ``train.py``; facts in
-``shared/specs/ban-official.md``): num_hid 1280, op 'c', 8 glimpses, Adamax with base lr 1e-3,
-lr 0.5 / 1 / 1.5 / 2 x base in epochs 0-3, then 2 x base, x0.25 at epochs 10, 12, ...; 13 epochs;
-batch 256 (global, split over DDP processes); loss = mean BCE-with-logits x number of answers;
-grad-norm clip 0.25; metric = VQA soft accuracy of the arg-max answer.
-
-Output folder (``--out``): ``config.json``, ``checkpoints/step_*.pt`` (every epoch, and when
-``--max-steps`` stops mid-epoch; each stores the resolved config, model, optimiser, RNG states
-and the position in the epoch, so ``--resume`` continues exactly), ``tb/`` (TensorBoard: loss,
-train / val soft accuracy, lr, grad norm, learned eta and permutation entropy every step),
-``metrics.json`` (per-epoch summary).
+A run folder holds ``config.json``, ``checkpoints/step_*.pt`` (every epoch, when ``--max-steps`` stops
+mid-epoch and on SIGINT / SIGTERM; each with the resolved config, model, optimiser, RNG states, the
+position in the epoch and the epoch's running sums, so ``--resume`` continues exactly), ``tb/``
+(TensorBoard) and ``summary.json`` (per-epoch history; ``finished`` once all epochs ran).
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
-import statistics
-import sys
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,67 +26,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader
 
-from integrations.common import (RunDir, add_kernel_argument, cleanup_distributed, config_to_dict, init_distributed,
-                                 latest_checkpoint, load_checkpoint, progress, resolve_device, save_checkpoint,
-                                 seed_everything)
+from integrations.common import (cleanup_distributed, generator, init_distributed, open_run, progress,
+                                 resolve_device, seed_everything)
+from setperm.monitor import PermutationMonitor
 
-from .data import (QUESTION_FILES, Dictionary, VQADataError, VQAFeatureDataset, collate_vqa, load_glove_init,
-                   tfidf_word_embedding)
+from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
 
-# hyper-parameters that must not change between a run and its --resume
-_RESUME_KEYS = ("mode", "num_hid", "gamma", "op", "tfidf", "batch_size", "lr", "warmup", "lr_decay_start",
-                "lr_decay_every", "lr_decay_rate", "grad_clip", "seed", "use_both", "fixed36", "bucket", "ban_root")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train BAN / BAN+LSTM / BAN+PO-U on VQA v2 (official data layout).")
-    p.add_argument("--data-root", required=True, help="folder with the official data/ layout (or a synth dataset)")
-    p.add_argument("--ban-root", default=None,
-                   help="checkout of jnhwkim/ban-vqa: build the OFFICIAL model (via integrations.ban.official)")
-    p.add_argument("--mode", choices=["po", "lstm", "none"], default="po",
-                   help="po: BAN + PO-U (paper F.4), lstm: BAN + LSTM (no permutation), none: plain BAN")
-    add_kernel_argument(p)
-    p.add_argument("--num-hid", type=int, default=1280, help="BAN hidden size H")
-    p.add_argument("--gamma", type=int, default=8, help="number of glimpses G")
-    p.add_argument("--op", default="c", help="word embedding: 'c' = GloVe + tf-idf GloVe (600-d), '' = GloVe")
-    p.add_argument("--no-tfidf", dest="tfidf", action="store_false",
-                   help="initialise the second embedding table with plain GloVe (official --tfidf switch)")
-    p.add_argument("--epochs", type=int, default=13)
-    p.add_argument("--batch-size", type=int, default=256, help="global batch (split over DDP processes)")
-    p.add_argument("--lr", type=float, default=None, help="base lr (official: 1e-3, 7e-4 with --use-both)")
-    p.add_argument("--warmup", type=float, nargs="*", default=[0.5, 1.0, 1.5, 2.0],
-                   help="lr multipliers of the first epochs")
-    p.add_argument("--lr-decay-start", type=int, default=10)
-    p.add_argument("--lr-decay-every", type=int, default=2)
-    p.add_argument("--lr-decay-rate", type=float, default=0.25)
-    p.add_argument("--grad-clip", type=float, default=0.25, help="max total grad norm")
-    p.add_argument("--use-both", action="store_true", help="train on train + val, no evaluation (official)")
-    p.add_argument("--bucket", action="store_true",
-                   help="batch images of similar box counts together (less padding; not in the official recipe)")
-    p.add_argument("--fixed36", action="store_true", help="use the fixed-36 {split}36.hdf5 features")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (smoke runs)")
-    p.add_argument("--seed", type=int, default=1204, help="official main.py default")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per process (official: 1)")
-    p.add_argument("--out", default=None, help="run folder (default runs/ban/<mode>-seed<seed>)")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from the latest checkpoint in --out, or from the given checkpoint file")
-    p.add_argument("--log-every", type=int, default=1, help="TensorBoard scalars every N steps")
-    p.add_argument("--compare-step-time", type=int, default=0, metavar="N",
-                   help="instead of training: time N training steps of --mode against plain BAN, interleaved on "
-                        "the same batches, and print the medians")
-    a = p.parse_args(argv)
-    if a.lr is None:
-        a.lr = 7e-4 if a.use_both else 1e-3
-    if a.out is None:
-        a.out = f"runs/ban/{a.mode}-seed{a.seed}"
-    for name in ("num_hid", "gamma", "epochs", "batch_size"):
-        if getattr(a, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(a, name)}")
-    return a
+# Settings that only say how long to train: they may grow on --resume.
+_MAY_CHANGE = ("epochs",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +87,7 @@ def init_word_embedding(ban: nn.Module, glove: np.ndarray, tfidf_init: Optional[
 
 
 def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
-    """BAN (official via --ban-root, else integrations.ban.model), patched for --mode."""
+    """BAN (official via ``ban_root``, else integrations.ban.model), patched for ``args.permutation``."""
     from . import patch_ban
 
     if args.ban_root:
@@ -167,8 +109,7 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
                 qs += [q["question"] for q in json.loads(qfile.read_text())["questions"]]
         tfidf = tfidf_word_embedding(qs, Dictionary.load(root / "dictionary.pkl"), glove)
     init_word_embedding(ban, glove, tfidf)
-    patched = patch_ban(ban, mode=args.mode, kernel=args.kernel)
-    return patched if patched is not None else ban
+    return patch_ban(ban, permutation=args.permutation, kernel=args.kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +129,8 @@ def epoch_batches(indices: list, batch_size: int, counts: Optional[np.ndarray] =
 
     With ``counts`` (box count per dataset item) the batches are bucketed: every pool of
     ``pool`` consecutive batches is sorted by box count before cutting, and the batch order is
-    shuffled again, so each batch pads to a similar K (less padding, same samples per epoch).
-    Without it the cut is the plain official one.
+    shuffled again (by ``seed``), so each batch pads to a similar K (less padding, same samples per
+    epoch). Without it the cut is the plain official one.
     """
     if counts is None:
         return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -202,20 +143,38 @@ def epoch_batches(indices: list, batch_size: int, counts: Optional[np.ndarray] =
     return [batches[i] for i in order]
 
 
+def epoch_indices(n: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list:
+    """This rank's shuffled indices of an epoch: one permutation from ``(seed, epoch)`` shared by all
+    ranks, padded by wrapping around to a multiple of ``world`` (as DistributedSampler does) and
+    strided, so every rank gets the same number of samples."""
+    order = torch.randperm(n, generator=generator(seed, epoch)).tolist()
+    total = math.ceil(n / world) * world
+    order += order[: total - n]
+    return order[rank:total:world]
+
+
+def _worker_init(_):
+    # Ctrl-C goes to the whole process group: workers ignore it, so the main process can finish
+    # its step and write a checkpoint instead of losing its data pipeline.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(ds, batch_size: int, *, shuffle: bool, epoch: int, seed: int, rank: int, world: int,
                 skip_batches: int = 0, workers: int = 0, counts: Optional[np.ndarray] = None) -> DataLoader:
-    # The epoch's batches are a pure function of (seed, epoch, rank): a resumed run skips the
-    # batches it has done and sees exactly the rest. Evaluation uses strided shards without
-    # DistributedSampler's padding, so no sample counts twice.
+    """The epoch's batches, a pure function of (seed, epoch, rank): a resumed run skips the batches
+    it has done and sees exactly the rest. Evaluation uses strided shards without padding, so no
+    sample counts twice."""
     if shuffle:
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        # the bucket shuffle is seeded by (seed, epoch) only: all ranks get equally many batches
-        batches = epoch_batches(list(sampler), batch_size, counts, seed=seed * 100_003 + epoch)[skip_batches:]
+        indices = epoch_indices(len(ds), seed=seed, epoch=epoch, rank=rank, world=world)
+        # the bucket shuffle is keyed by (seed, epoch) only: all ranks get equally many batches
+        from integrations.common import step_seed
+
+        batches = epoch_batches(indices, batch_size, counts, seed=step_seed(seed, epoch, 1))[skip_batches:]
     else:
         batches = epoch_batches(list(range(rank, len(ds), world)), batch_size)
     # own generator: creating the iterator must not consume the global RNG (exact resume)
     return DataLoader(ds, batch_sampler=batches, collate_fn=collate_vqa, num_workers=workers,
+                      worker_init_fn=_worker_init if workers else None,
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -226,6 +185,21 @@ def load_question_types(root) -> Optional[dict]:
         return None
     return {int(k): v for k, v in json.loads(meta.read_text())["question_type"].items()}
 
+
+def datasets(args):
+    """(dictionary, train set, val set or None with ``use_both``, the set that defines the sizes)."""
+    dictionary = Dictionary.load(Path(args.data_root) / "dictionary.pkl")
+    adaptive = not args.fixed36
+    train_ds = VQAFeatureDataset(args.data_root, "train", dictionary, adaptive=adaptive)
+    val_ds = VQAFeatureDataset(args.data_root, "val", dictionary, adaptive=adaptive)
+    if args.use_both:
+        return dictionary, ConcatDataset([train_ds, val_ds]), None, train_ds
+    return dictionary, train_ds, val_ds, train_ds
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and one training step
+# ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict] = None, world: int = 1) -> dict:
@@ -258,10 +232,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# training
-# ---------------------------------------------------------------------------------------------
-
 def train_step(model, optimizer, batch, device, grad_clip):
     """One official step: forward, BCE x A, backward, clip, Adamax. Returns (loss, score sum, grad norm)."""
     v, b, q, target = batch.v.to(device), batch.b.to(device), batch.q.to(device), batch.target.to(device)
@@ -274,182 +244,204 @@ def train_step(model, optimizer, batch, device, grad_clip):
     return loss.detach(), soft_scores(logits.detach(), target).sum(), norm
 
 
-def _datasets(args):
-    dictionary = Dictionary.load(Path(args.data_root) / "dictionary.pkl")
-    adaptive = not args.fixed36
-    train_ds = VQAFeatureDataset(args.data_root, "train", dictionary, adaptive=adaptive)
-    val_ds = VQAFeatureDataset(args.data_root, "val", dictionary, adaptive=adaptive)
-    if args.use_both:
-        return dictionary, ConcatDataset([train_ds, val_ds]), None, train_ds
-    return dictionary, train_ds, val_ds, train_ds
+# ---------------------------------------------------------------------------------------------
+# the training run
+# ---------------------------------------------------------------------------------------------
+
+def run_config(args, *, world_size: int, ntoken: int, num_answers: int, v_dim: int) -> dict:
+    """The settings stored in ``config.json``: the flags plus what the data and launch decide."""
+    config = {k: v for k, v in vars(args).items() if not callable(v)}
+    config.update(world_size=world_size, ntoken=ntoken, num_answers=num_answers, v_dim=v_dim)
+    return config
+
+
+class _Trainer:
+    """Setup, one epoch, its logging and its checkpoint; the counters a checkpoint stores are
+    ``epoch``, ``batch_in_epoch`` (steps done in that epoch), the epoch's running ``sums`` and ``history``."""
+
+    def __init__(self, args, run, info, device, model, train_ds, val_ds):
+        self.args, self.run, self.info, self.device = args, run, info, device
+        self.model, self.train_ds, self.val_ds = model, train_ds, val_ds
+        self.net = model
+        if info.enabled:
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                           else None)
+        self.optimizer = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        ex = run.restore(model=model, optimizer=self.optimizer, rng=True)
+        self.epoch, self.skip = int(ex.get("epoch", 0)), int(ex.get("batch_in_epoch", 0))
+        self.step, self.history = run.start_step, list(ex.get("history", []))
+        self.sums = list(ex.get("sums", [0.0, 0.0, 0]))       # loss x n, score, n of the current epoch
+        self.local_batch = args.batch_size // info.world_size
+        self.steps_per_epoch = math.ceil(math.ceil(len(train_ds) / info.world_size) / self.local_batch)
+        self.qtypes = load_question_types(args.data_root)
+        self.counts = box_counts(train_ds) if args.bucket else None
+        self.monitor = PermutationMonitor(model)       # eta and permutation entropy (none for off / none)
+        if run.state is not None and info.is_main:
+            print(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.skip}; {run.state['path']})",
+                  flush=True)
+
+    def checkpoint(self, batch_in_epoch: int):
+        return self.run.save(self.step, model=self.model, optimizer=self.optimizer,
+                             extra={"epoch": self.epoch, "batch_in_epoch": batch_in_epoch, "sums": self.sums,
+                                    "history": self.history})
+
+    def done(self) -> bool:
+        return self.epoch >= self.args.epochs or (self.args.max_steps is not None and self.step >= self.args.max_steps)
+
+    def train_epoch(self) -> int:
+        """Steps of the current epoch until its end or ``--max-steps``; returns the batch index reached."""
+        args, info = self.args, self.info
+        lr = official_lr(self.epoch, args.lr, args.warmup, args.lr_decay_start, args.lr_decay_every, args.lr_decay_rate)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loader = make_loader(self.train_ds, self.local_batch, shuffle=True, epoch=self.epoch, seed=args.seed,
+                             rank=info.rank, world=info.world_size, skip_batches=self.skip, workers=args.workers,
+                             counts=self.counts)
+        self.net.train()
+        bar = progress(total=self.steps_per_epoch, initial=self.skip, desc=f"{args.permutation} epoch {self.epoch}",
+                       disable=None if info.is_main else True)
+        i = self.skip
+        try:
+            for batch in loader:
+                t0 = time.perf_counter()
+                loss, score, norm = train_step(self.net, self.optimizer, batch, self.device, args.grad_clip)
+                stats = self._reduce(torch.tensor([loss.item() * len(batch.q), score.item(), len(batch.q)],
+                                                  dtype=torch.float64))
+                self.sums = [self.sums[0] + float(stats[0]), self.sums[1] + float(stats[1]), self.sums[2] + int(stats[2])]
+                self.step, i = self.step + 1, i + 1
+                self.log_step(stats, lr, norm, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{self.sums[0] / self.sums[2]:.3f}", acc=f"{100 * self.sums[1] / self.sums[2]:.1f}")
+                bar.update(1)
+                self.run.interrupt(self.step, lambda: self.checkpoint(i))
+                if args.max_steps is not None and self.step >= args.max_steps:
+                    break
+        finally:
+            bar.close()
+        return i
+
+    def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        if self.info.enabled:  # epoch metrics over all ranks (the loss itself is already averaged by DDP)
+            stats = stats.to(self.device)
+            dist.all_reduce(stats)
+            stats = stats.cpu()
+        return stats
+
+    def log_step(self, stats, lr: float, norm, seconds: float) -> None:
+        writer = self.run.writer
+        if writer is None or self.step % self.args.log_every:
+            return
+        writer.add_scalar("train/loss", float(stats[0] / stats[2]), self.step)
+        writer.add_scalar("train/soft_acc", float(stats[1] / stats[2]), self.step)
+        writer.add_scalar("train/lr", lr, self.step)
+        writer.add_scalar("train/grad_norm", float(norm), self.step)
+        writer.add_scalar("time/step_s", seconds, self.step)
+        self.monitor.log(writer, self.step)
+
+    def end_epoch(self, lr: float) -> dict:
+        """Validation, the epoch's record in the history, TensorBoard, a line, and a checkpoint."""
+        args, info = self.args, self.info
+        record = {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": self.sums[0] / self.sums[2],
+                  "train_soft_acc": self.sums[1] / self.sums[2]}
+        if self.val_ds is not None:
+            val_loader = make_loader(self.val_ds, self.local_batch, shuffle=False, epoch=0, seed=args.seed,
+                                     rank=info.rank, world=info.world_size, workers=args.workers)
+            ev = evaluate(self.model, val_loader, self.device, self.qtypes, info.world_size)
+            record.update({f"val_{k}": v for k, v in ev.items()})
+        self.history.append(record)
+        writer = self.run.writer
+        if writer is not None:
+            writer.add_scalar("epoch/train_loss", record["train_loss"], self.step)
+            writer.add_scalar("epoch/train_soft_acc", record["train_soft_acc"], self.step)
+            for k, v in record.items():
+                if k.startswith("val_") and k != "val_n":
+                    writer.add_scalar("epoch/" + k.replace("val_", "val/"), v, self.step)
+        if info.is_main:
+            msg = f"epoch {self.epoch}: loss {record['train_loss']:.4f} train acc {100 * record['train_soft_acc']:.2f}"
+            if "val_soft_acc" in record:
+                msg += f" val acc {100 * record['val_soft_acc']:.2f} (bound {100 * record['val_upper_bound']:.2f})"
+            print(msg, flush=True)
+        self.epoch, self.skip, self.sums = self.epoch + 1, 0, [0.0, 0.0, 0]
+        self.checkpoint(0)
+        return record
 
 
 def run(args) -> dict:
+    """Train as configured (the parsed ``train`` flags). Returns ``{"history", "step", "model",
+    "finished", "out"}``; a finished run with the same settings is not touched (its record is returned)."""
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = init_distributed(device)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    if args.batch_size % info.world_size:
-        raise ValueError(f"--batch-size: {args.batch_size} is not divisible by the {info.world_size} processes")
-    local_batch = args.batch_size // info.world_size
-
-    seed_everything(args.seed)  # same on every rank: identical initial weights (DDP also broadcasts them)
-    dictionary, train_ds, val_ds, ref = _datasets(args)
-    model = build_model(args, dictionary.ntoken, ref.num_ans_candidates, ref.v_dim).to(device)
-    if args.mode == "po":
-        from setperm.monitor import set_entropy_tracking
-
-        set_entropy_tracking(model, True)
-    net = model
-    if info.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-
-    config = config_to_dict(args)
-    config.update(world_size=info.world_size, ntoken=dictionary.ntoken, num_answers=ref.num_ans_candidates,
-                  v_dim=ref.v_dim, command=" ".join(sys.argv))
-    run_dir = RunDir(args.out, config if not args.resume else None, rank=info.rank)
-    epoch, skip, step = 0, 0, 0
-    sums = [0.0, 0.0, 0]  # loss x n, score, n of the current epoch (kept across a mid-epoch resume)
-    history = []
-    if args.resume:
-        path = latest_checkpoint(run_dir.checkpoints) if args.resume == "latest" else Path(args.resume)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir.checkpoints}")
-        old = torch.load(path, map_location="cpu", weights_only=False)["config"]
-        diff = {k: (old.get(k), config.get(k)) for k in _RESUME_KEYS if old.get(k) != config.get(k)}
-        if diff:
-            raise ValueError(f"--resume: {path} was trained with different settings {diff} (checkpoint, now)")
-        state = load_checkpoint(path, model=model, optimizer=optimizer, map_location=device)
-        ex = state["extra"]
-        epoch, skip, step, sums, history = ex["epoch"], ex["batch_in_epoch"], state["step"], ex["sums"], ex["history"]
-    qtypes = load_question_types(args.data_root)
-    counts = box_counts(train_ds) if args.bucket else None
-    writer = run_dir.writer
-    from setperm.monitor import log_step_sizes
-
-    def checkpoint(ep, batch_in_epoch):
-        if info.is_main:
-            save_checkpoint(run_dir.checkpoints, config=config, step=step, model=model, optimizer=optimizer,
-                            extra={"epoch": ep, "batch_in_epoch": batch_in_epoch, "sums": sums, "history": history})
-
-    steps_per_epoch = math.ceil(len(DistributedSampler(train_ds, info.world_size, info.rank)) / local_batch)
-    stop = args.max_steps is not None and step >= args.max_steps
-    while epoch < args.epochs and not stop:
-        lr = official_lr(epoch, args.lr, args.warmup, args.lr_decay_start, args.lr_decay_every, args.lr_decay_rate)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loader = make_loader(train_ds, local_batch, shuffle=True, epoch=epoch, seed=args.seed, rank=info.rank,
-                             world=info.world_size, skip_batches=skip, workers=args.workers, counts=counts)
-        net.train()
-        bar = progress(loader, total=steps_per_epoch, initial=skip, desc=f"{args.mode} epoch {epoch}",
-                       disable=None if info.is_main else True)
-        i = skip
-        for batch in bar:
-            t0 = time.perf_counter()
-            loss, score, norm = train_step(net, optimizer, batch, device, args.grad_clip)
-            n = len(batch.q)
-            stats = torch.tensor([loss.item() * n, score.item(), n], dtype=torch.float64)
-            if info.enabled:  # epoch metrics over all ranks (the loss itself is already averaged by DDP)
-                stats = stats.to(device)
-                dist.all_reduce(stats)
-                stats = stats.cpu()
-            sums = [sums[0] + float(stats[0]), sums[1] + float(stats[1]), sums[2] + int(stats[2])]
-            step += 1
-            i += 1
-            if writer is not None and step % args.log_every == 0:
-                writer.add_scalar("train/loss", float(stats[0] / stats[2]), step)
-                writer.add_scalar("train/soft_acc", float(stats[1] / stats[2]), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/grad_norm", float(norm), step)
-                writer.add_scalar("time/step_s", time.perf_counter() - t0, step)
-                log_step_sizes(writer, model, step)
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
-            if args.max_steps is not None and step >= args.max_steps:
-                stop = True
-                break
-        bar.close()
-        if i < steps_per_epoch:  # stopped mid-epoch by --max-steps
-            checkpoint(epoch, i)
-            if info.is_main:
-                print(f"stopped by --max-steps at step {step} (epoch {epoch}, batch {i}/{steps_per_epoch}), "
-                      f"train loss {sums[0] / max(sums[2], 1):.4f}; checkpoint in {run_dir.checkpoints} "
-                      "(continue with --resume)", flush=True)
-            break
-        record = {"epoch": epoch, "step": step, "lr": lr, "train_loss": sums[0] / sums[2],
-                  "train_soft_acc": sums[1] / sums[2]}
-        if val_ds is not None:
-            val_loader = make_loader(val_ds, local_batch, shuffle=False, epoch=0, seed=args.seed, rank=info.rank,
-                                     world=info.world_size, workers=args.workers)
-            ev = evaluate(model, val_loader, device, qtypes, info.world_size)
-            record.update({f"val_{k}": v for k, v in ev.items()})
-        history.append(record)
-        if writer is not None:
-            writer.add_scalar("epoch/train_loss", record["train_loss"], step)
-            writer.add_scalar("epoch/train_soft_acc", record["train_soft_acc"], step)
-            for k, v in record.items():
-                if k.startswith("val_") and k != "val_n":
-                    writer.add_scalar("epoch/" + k.replace("val_", "val/"), v, step)
-        if info.is_main:
-            msg = f"epoch {epoch}: loss {record['train_loss']:.4f} train acc {100 * record['train_soft_acc']:.2f}"
-            if "val_soft_acc" in record:
-                msg += f" val acc {100 * record['val_soft_acc']:.2f} (bound {100 * record['val_upper_bound']:.2f})"
-            print(msg, flush=True)
-        epoch, skip, sums = epoch + 1, 0, [0.0, 0.0, 0]
-        checkpoint(epoch, 0)
-    if info.is_main:
-        run_dir.write_json("metrics.json", {"history": history, "step": step})
-    run_dir.close()
-    result = {"history": history, "step": step, "model": model}
-    cleanup_distributed()
-    return result
-
-
-def compare_step_time(args) -> dict:
-    """Median time of a training step of --mode vs plain BAN, interleaved on the same batches."""
-    device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dictionary, train_ds, _, ref = _datasets(args)
-    models, optims = {}, {}
-    for mode in ("none", args.mode):
-        seed_everything(args.seed)
-        m = build_model(argparse.Namespace(**{**vars(args), "mode": mode}), dictionary.ntoken,
-                        ref.num_ans_candidates, ref.v_dim).to(device)
-        models[mode] = m
-        optims[mode] = torch.optim.Adamax([p for p in m.parameters() if p.requires_grad], lr=args.lr)
-    loader = make_loader(train_ds, args.batch_size, shuffle=True, epoch=0, seed=args.seed, rank=0, world=1,
-                         counts=box_counts(train_ds) if args.bucket else None)
-    times = {m: [] for m in models}
-    batches = itertools.islice(itertools.cycle(loader), args.compare_step_time + 2)
-    for k, batch in enumerate(batches):
-        for mode in (models if k % 2 == 0 else list(models)[::-1]):  # alternate the order
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            train_step(models[mode], optims[mode], batch, device, args.grad_clip)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if k >= 2:  # two warm-up steps
-                times[mode].append(time.perf_counter() - t0)
-    med = {m: statistics.median(t) for m, t in times.items()}
-    return {"median_s": med, "ratio": med[args.mode] / med["none"], "steps": len(times["none"]),
-            "threads": torch.get_num_threads(), "batch_size": args.batch_size, "device": str(device)}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.compare_step_time:
-        r = compare_step_time(args)
-        print(json.dumps(r, indent=1))
-        return r
-    return run(args)
-
-
-if __name__ == "__main__":
     try:
-        main()
-    except (VQADataError, FileNotFoundError) as e:  # bad data: one clear line, not a traceback
-        sys.exit(f"python -m integrations.ban.train: error: {e}")
+        if info.enabled and device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+        if args.batch_size % info.world_size:
+            raise ValueError(f"--batch-size: {args.batch_size} is not divisible by the {info.world_size} processes")
+        seed_everything(args.seed)  # same on every rank: identical initial weights (DDP also broadcasts them)
+        dictionary, train_ds, val_ds, ref = datasets(args)
+        config = run_config(args, world_size=info.world_size, ntoken=dictionary.ntoken,
+                            num_answers=ref.num_ans_candidates, v_dim=ref.v_dim)
+        run_ = open_run(args.out, config, resume=args.resume, overwrite=args.overwrite, may_change=_MAY_CHANGE,
+                        log=print if info.is_main else (lambda s: None))
+        if run_.finished:
+            if info.is_main:
+                print(f"{run_.path} holds this finished run; nothing to do")
+            return {**run_.summary, "model": None, "out": str(run_.path)}
+        model = build_model(args, dictionary.ntoken, ref.num_ans_candidates, ref.v_dim).to(device)
+        trainer = _Trainer(args, run_, info, device, model, train_ds, val_ds)
+        try:
+            with run_.interruptible():
+                _loop(trainer)
+        finally:
+            run_.close()
+        finished = trainer.epoch >= args.epochs
+        record = {"history": trainer.history, "step": trainer.step, "finished": finished}
+        if finished:
+            run_.finish(record)
+        else:
+            run_.write_json("summary.json", {**record, "config": run_.config})
+        return {**record, "model": model, "out": str(run_.path)}
+    finally:
+        cleanup_distributed()
+
+
+def _loop(trainer: _Trainer) -> None:
+    args = trainer.args
+    while not trainer.done():
+        lr = official_lr(trainer.epoch, args.lr, args.warmup, args.lr_decay_start, args.lr_decay_every,
+                         args.lr_decay_rate)
+        reached = trainer.train_epoch()
+        if reached < trainer.steps_per_epoch:              # stopped mid-epoch by --max-steps
+            trainer.checkpoint(reached)
+            if trainer.info.is_main:
+                print(f"stopped by --max-steps at step {trainer.step} (epoch {trainer.epoch}, batch "
+                      f"{reached}/{trainer.steps_per_epoch}); continue with --resume", flush=True)
+            trainer.skip = reached
+            return
+        trainer.end_epoch(lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of a finished (or interrupted) run
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device: str = "cpu",
+                 batch_size: Optional[int] = None, workers: int = 0) -> dict:
+    """Soft accuracy (overall, upper bound, per question type) of a run's newest intact checkpoint on
+    ``split``; every model and data setting comes from the run's stored config."""
+    from integrations.common import load_latest
+
+    state = load_latest(run_dir)
+    saved = argparse.Namespace(**state["config"])
+    if data_root is not None:
+        saved.data_root = data_root
+    dev = resolve_device(device)
+    dictionary = Dictionary.load(Path(saved.data_root) / "dictionary.pkl")
+    ds = VQAFeatureDataset(saved.data_root, split, dictionary, adaptive=not saved.fixed36)
+    model = build_model(saved, dictionary.ntoken, ds.num_ans_candidates, ds.v_dim)
+    model.load_state_dict(state["model"])
+    model.to(dev)
+    loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
+                         world=1, workers=workers)
+    out = evaluate(model, loader, dev, load_question_types(saved.data_root))
+    return {**out, "split": split, "checkpoint": state["path"], "step": int(state["step"])}

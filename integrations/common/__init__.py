@@ -1,26 +1,34 @@
-"""Infrastructure shared by the training scripts of every integration.
+"""What the training scripts of every integration share.
 
-Run directory with the resolved config, checkpoints that resume exactly, a progress bar,
-TensorBoard, device/seed handling and torchrun / DistributedDataParallel set-up. The
-integrations import only ``setperm`` and this module.
+* :mod:`.lifecycle`: the run rule (start / refuse / resume / overwrite / finish / interrupt) and
+  :func:`open_run`; the README's "Runs" section describes it.
+* :mod:`.checkpoint`: atomic checkpoint files loaded with ``weights_only=True``.
+* :mod:`.seeding`: random streams keyed by (seed, step, ...).
+* :mod:`.safe_pickle`: the official pickle formats read without running code from the file.
+* :mod:`.cli`: checked argument types, the shared flags, the data root, the entry point.
+* :mod:`.progress`: a bar on a terminal, a line at an interval in a log file.
+* :mod:`.distributed`: torchrun / DistributedDataParallel set-up.
+
+The integrations import only ``setperm`` and this package.
 """
-from .checkpoint import load_checkpoint, save_checkpoint, latest_checkpoint, rng_state, set_rng_state
-from .run import RunDir, add_kernel_argument, resolve_device, seed_everything, progress, config_to_dict
-from .distributed import DistInfo, init_distributed, cleanup_distributed
+from .checkpoint import CheckpointError, latest_checkpoint, load_latest, read_checkpoint
+from .cli import (add_data_root_argument, add_kernel_argument, add_run_arguments, data_root, default_data_root,
+                  device_name, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device,
+                  run_command, set_threads)
+from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .lifecycle import Run, RunError, RunInterrupted, ensure_new, open_run, write_json, write_new_json
+from .progress import progress
+from .safe_pickle import UnsafePickleError, restricted_load
+from .seeding import generator, seed_everything, step_seed
 
 __all__ = [
-    "RunDir",
-    "add_kernel_argument",
-    "resolve_device",
-    "seed_everything",
+    "open_run", "Run", "RunError", "RunInterrupted", "ensure_new", "write_json", "write_new_json",
+    "CheckpointError", "read_checkpoint", "load_latest", "latest_checkpoint",
+    "step_seed", "generator", "seed_everything",
+    "restricted_load", "UnsafePickleError",
+    "positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name", "resolve_device",
+    "add_kernel_argument", "add_run_arguments", "add_data_root_argument", "data_root", "default_data_root",
+    "set_threads", "run_command",
     "progress",
-    "config_to_dict",
-    "save_checkpoint",
-    "load_checkpoint",
-    "latest_checkpoint",
-    "rng_state",
-    "set_rng_state",
-    "DistInfo",
-    "init_distributed",
-    "cleanup_distributed",
+    "DistInfo", "init_distributed", "cleanup_distributed",
 ]

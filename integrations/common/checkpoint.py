@@ -1,4 +1,11 @@
-"""Checkpoints that resume exactly: model, optimiser, scheduler, step counters and RNG states."""
+"""Checkpoint files: atomic writes, safe loading, RNG states in a form the safe loader accepts.
+
+A checkpoint is a dict ``{"format", "run_id", "step", "config", "rng", "model", "optimizer",
+"scheduler", "extra"}`` written by :func:`write_checkpoint`. Everything in it is a tensor or a
+builtin container/scalar, so :func:`read_checkpoint` loads it with ``torch.load(...,
+weights_only=True)``: a file that carries anything else (e.g. a pickled object whose
+``__reduce__`` runs a command) is refused before any of it runs.
+"""
 from __future__ import annotations
 
 import os
@@ -10,11 +17,23 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+FORMAT = 2
+_STEP_FILE = re.compile(r"step_(\d+)\.pt")
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used; the message names the file and the reason."""
+
+
+# ------------------------------------------------------------------------------------- RNG states
 def rng_state() -> dict:
+    """Python, numpy and torch (CPU, CUDA) generator states as tensors and builtin values."""
+    np_state = np.random.get_state(legacy=False)
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),                 # (version, tuple of ints, None): builtins only
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -23,80 +42,143 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(_as_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": int(np_state["pos"])},
+                         "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, *, config: dict, step: int, model=None, optimizer=None,
-                    scheduler=None, extra: Optional[dict] = None, keep_last: Optional[int] = None) -> Path:
-    """Write atomically (tmp file + rename) so an interruption never leaves a broken checkpoint.
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
-    ``path`` is a file, or a folder in which ``step_{step:08d}.pt`` is written. The resolved
-    ``config`` is stored with every checkpoint. With ``keep_last`` only that many step files
-    are kept in the folder.
-    """
-    path = Path(path)
-    if path.suffix != ".pt":
-        path.mkdir(parents=True, exist_ok=True)
-        folder, path = path, path / f"step_{step:08d}.pt"
-    else:
-        folder = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"config": config, "step": step, "rng": rng_state()}
+
+# ------------------------------------------------------------------------------------- files
+def step_of_file(path: Path) -> Optional[int]:
+    """The step in a ``step_<n>.pt`` file name (None for other names)."""
+    m = _STEP_FILE.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def step_files(folder: Path) -> list:
+    """``(step, path)`` of the ``step_*.pt`` files in ``folder``, newest (largest step in the name) first."""
+    if not Path(folder).is_dir():
+        return []
+    found = [(step_of_file(p), p) for p in Path(folder).iterdir()]
+    return sorted(((s, p) for s, p in found if s is not None), key=lambda t: t[0], reverse=True)
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) \
+        else model
+
+
+def write_checkpoint(folder: Path, *, run_id: str, step: int, config: dict, model=None, optimizer=None,
+                     scheduler=None, extra: Optional[dict] = None) -> Path:
+    """Write ``folder/step_<step>.pt`` atomically: a hidden temporary file in the same folder, flushed
+    to disk, then renamed over the target, so an interruption never leaves a half-written checkpoint
+    under a checkpoint's name."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "run_id": run_id, "step": int(step), "config": config, "rng": rng_state()}
     if model is not None:
-        m = model.module if hasattr(model, "module") else model
-        state["model"] = m.state_dict()
+        state["model"] = _unwrap(model).state_dict()
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    if extra:
-        state["extra"] = extra
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
+    state["extra"] = dict(extra or {})
+    path = folder / f"step_{int(step):08d}.pt"
+    tmp = folder / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
-    if folder is not None and keep_last:
-        for old in sorted(folder.glob("step_*.pt"))[:-keep_last]:
-            old.unlink(missing_ok=True)
+    _fsync_folder(folder)
     return path
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:
-    """The ``step_*.pt`` file with the highest step in ``folder`` (None if there is none)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    best, best_step = None, -1
-    for p in folder.glob("step_*.pt"):
-        m = re.fullmatch(r"step_(\d+)\.pt", p.name)
-        if m and int(m.group(1)) > best_step:
-            best, best_step = p, int(m.group(1))
-    return best
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:          # e.g. platforms that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, *, model=None, optimizer=None, scheduler=None,
-                    restore_rng: bool = True, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into the given objects; return it."""
+def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises :class:`CheckpointError` naming the file and the reason for a missing, truncated, empty,
+    foreign or unsafe file (one whose pickle names anything but tensors and builtin values).
+    """
     path = Path(path)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no step_*.pt checkpoint in {path}")
-        path = found
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - every failure mode of a bad file ends here, named
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = f"it holds objects other than tensors and builtin values, refused unloaded ({reason})"
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {reason}") from None
+    if not isinstance(state, dict) or "step" not in state or "config" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this project (no step/config)")
+    return state
+
+
+def restore(state: dict, *, model=None, optimizer=None, scheduler=None, rng: bool = True) -> None:
+    """Load a checkpoint's model / optimiser / scheduler / RNG states into the given objects."""
     if model is not None:
-        m = model.module if hasattr(model, "module") else model
-        m.load_state_dict(state["model"])
+        _unwrap(model).load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
-    if restore_rng and "rng" in state:
+    if rng and "rng" in state:
         set_rng_state(state["rng"])
-    state["path"] = str(path)
-    return state
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:
+    """The ``step_*.pt`` file with the largest step in its name (None if there is none); not read."""
+    files = step_files(Path(folder))
+    return files[0][1] if files else None
+
+
+def load_latest(run_or_checkpoint: str | os.PathLike, *, map_location: Any = "cpu") -> dict:
+    """A trained model's checkpoint from a run folder (its newest intact checkpoint) or a ``.pt`` file,
+    for evaluation and figures. Unreadable newer checkpoints are skipped with a warning."""
+    path = Path(run_or_checkpoint)
+    if path.suffix == ".pt":
+        return read_checkpoint(path, map_location=map_location)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    files = step_files(folder)
+    if not files:
+        raise CheckpointError(f"no checkpoint (step_*.pt) in {folder}")
+    errors = []
+    for _, p in files:
+        try:
+            state = read_checkpoint(p, map_location=map_location)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            import warnings
+
+            warnings.warn(f"skipped {len(errors)} unreadable checkpoint(s): {'; '.join(errors)}", RuntimeWarning,
+                          stacklevel=2)
+        state["path"] = str(p)
+        return state
+    raise CheckpointError(f"no intact checkpoint in {folder}: {'; '.join(errors)}")

@@ -6,8 +6,10 @@ cost hidden size 64 (128 for the ImageNet stand-in, where F.2 trains 1 epoch).
   train   --task mosaic    explicit reconstruction (Tables 1, 4)
           --task pretrain  the ResNet-18 for the implicit task, on the original images
           --task classify  implicit, through the frozen ResNet-18 of --classifier (Tables 2, 5)
-  eval    re-evaluate the latest checkpoint of --out on the test split (writes eval.json)
+  eval    re-evaluate a run's newest checkpoint on the test split (writes <run>/eval.json)
   figures reconstruction rows as the permutation is optimised (paper figures 12-19), PNG
+
+Each subcommand has its own flags: python -m integrations.mosaic train --help
 """
 from __future__ import annotations
 
@@ -16,50 +18,86 @@ import json
 import sys
 from pathlib import Path
 
-from integrations.common import add_kernel_argument, resolve_device
+from integrations.common import (add_data_root_argument, add_kernel_argument, add_run_arguments, device_name,
+                                 non_negative_int, positive_float, positive_int, resolve_device, ensure_new,
+                                 run_command, write_new_json)
 
-from .datasets import DATASETS, default_data_root
-from .model import MODELS
+from .datasets import DATASETS, DataFormatError
+from .model import PERMUTATIONS
+
+PROG = "python -m integrations.mosaic"
+# Side of each data set's images: the tiles must be at least 2 pixels wide (the tile encoder's 2x2 pool).
+IMAGE_SIDE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "tiny-imagenet": 64}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m integrations.mosaic", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("train", "eval", "figures"))
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="mnist")
-    p.add_argument("--tiles", type=int, default=2, help="n: the image is cut into n x n tiles")
-    p.add_argument("--model", choices=MODELS, default="po-u")
+    p.add_argument("--tiles", type=positive_int, default=2, help="n: the image is cut into n x n tiles (n >= 2)")
+    p.add_argument("--permutation", choices=PERMUTATIONS, default="po-u",
+                   help="linassign (Mena et al. 2018), po-u or po-la (paper Table 1)")
     p.add_argument("--task", choices=("mosaic", "pretrain", "classify"), default="mosaic")
-    p.add_argument("--data-root", default=str(default_data_root()))
-    p.add_argument("--epochs", type=int, default=None, help="20 (1 for tiny-imagenet), paper F.2")
-    p.add_argument("--subset", type=int, default=None, help="train on the first SUBSET training images only")
-    p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first TEST_SUBSET test images")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=4, help="T, inner gradient-descent steps (0 for linassign)")
-    p.add_argument("--sinkhorn-iters", type=int, default=4)
+    add_data_root_argument(p, what="data sets (mnist/, fashion-mnist/, cifar10/, tiny-imagenet-200/)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="20 (1 for tiny-imagenet), paper F.2")
+    p.add_argument("--subset", type=positive_int, default=None, help="train on the first SUBSET training images only")
+    p.add_argument("--test-subset", type=positive_int, default=None,
+                   help="evaluate on the first TEST_SUBSET test images")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--steps", type=non_negative_int, default=4, help="T, inner gradient-descent steps (0 for linassign)")
+    p.add_argument("--sinkhorn-iters", type=positive_int, default=4)
     add_kernel_argument(p)
-    p.add_argument("--conv-channels", type=int, default=None, help="64 (128 for tiny-imagenet)")
-    p.add_argument("--cost-hidden", type=int, default=None, help="hidden size of f: 64 (128 for tiny-imagenet)")
+    p.add_argument("--conv-channels", type=positive_int, default=None, help="64 (128 for tiny-imagenet)")
+    p.add_argument("--cost-hidden", type=positive_int, default=None, help="hidden size of f: 64 (128 for tiny-imagenet)")
     p.add_argument("--logit-clip", type=float, default=None,
                    help="clip linear-assignment logits to [-c, c]; default 10 for linassign (F.3) and for po-la on "
                         "classify/tiny-imagenet (released code), none otherwise; <= 0 disables")
-    p.add_argument("--resnet-width", type=int, default=64, help="ResNet-18 first-stage width (64 = standard)")
+    p.add_argument("--resnet-width", type=positive_int, default=64, help="ResNet-18 first-stage width (64 = standard)")
     p.add_argument("--classifier", default=None, help="classify: run folder (or .pt) of a --task pretrain run")
-    p.add_argument("--out", default=None, help="run folder (default runs/mosaic/<dataset>-<n>x<n>-<task>-<model>)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: on a shared 2-core machine a second OpenMP thread makes small ops ~1000x slower)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N steps (0: per epoch only)")
-    p.add_argument("--num-examples", type=int, default=8, help="figures: test images (columns)")
-    p.add_argument("--figure", default=None, help="figures: PNG path (default <out>/reconstruction.png)")
+    add_run_arguments(p, out_help="run folder (default runs/mosaic/<dataset>-<n>x<n>-<task>-<permutation>)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", type=device_name, default="auto")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (1: a second OpenMP thread slowed the small ops of these models down "
+                        "many times on a busy 2-core machine)")
+    p.add_argument("--log-every", type=positive_int, default=20, help="TensorBoard scalars every N steps")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=500,
+                   help="also checkpoint every N steps (0: per epoch only)")
+
+
+def _add_read_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run folder (its newest intact checkpoint) or a checkpoint .pt")
+    p.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
+    p.add_argument("--test-subset", type=positive_int, default=None,
+                   help="evaluate on the first TEST_SUBSET test images (default: the run's own setting)")
+    p.add_argument("--threads", type=positive_int, default=1)
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,figures}")
+    _add_train_flags(sub.add_parser("train", help="train a mosaic, classify or pretrain model",
+                                    description="Train a permutation model on image mosaics (paper F.2, F.3)."))
+    e = sub.add_parser("eval", help="re-evaluate a run on the test split",
+                       description="Re-evaluate a run's newest intact checkpoint on the test split. Every data "
+                                   "setting comes from the run's config.json.")
+    _add_read_flags(e)
+    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval.json; never replaced unless --overwrite)")
+    e.add_argument("--device", type=device_name, default="cpu")
+    f = sub.add_parser("figures", help="reconstruction rows along the optimisation (PNG)",
+                       description="Reconstruction rows as the permutation is optimised (paper figures 12-19).")
+    _add_read_flags(f)
+    f.add_argument("--num-examples", type=positive_int, default=8, help="test images (columns)")
+    f.add_argument("--out", default=None, help="PNG path (default: <run>/reconstruction.png)")
     return p
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
+def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill the dataset-dependent defaults of ``train`` and check what argparse alone cannot."""
+    side = IMAGE_SIDE[args.dataset]
+    if not 2 <= args.tiles <= side // 2:
+        p.error(f"argument --tiles: {args.dataset} images are {side} px: n must be in [2, {side // 2}] so that "
+                f"each tile is >= 2 px (the tile encoder pools 2x2), got {args.tiles}")
     big = args.dataset == "tiny-imagenet"
     if args.epochs is None:
         args.epochs = 1 if big else 20
@@ -67,54 +105,76 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.conv_channels = 128 if big else 64
     if args.cost_hidden is None:
         args.cost_hidden = 128 if big else 64
-    if args.model == "linassign" and args.task != "pretrain":
+    if args.permutation == "linassign" and args.task != "pretrain":
         args.steps = 0
-    if args.tiles < 1:
-        raise ValueError(f"--tiles: expected >= 1, got {args.tiles}")
+    if args.task == "classify" and not args.classifier:
+        p.error("argument --classifier: the classify task needs the run folder of a '--task pretrain' run")
     if args.out is None:
-        tag = "resnet" if args.task == "pretrain" else args.model
+        tag = "resnet" if args.task == "pretrain" else args.permutation
         args.out = str(Path("runs") / "mosaic" / f"{args.dataset}-{args.tiles}x{args.tiles}-{args.task}-{tag}")
     args.device = str(resolve_device(args.device))
     return args
 
 
-def main(argv=None) -> int:
-    args = resolve(parser().parse_args(argv))
-    from . import train as T
+def _run_folder(run: str) -> Path:
+    p = Path(run)
+    return p.parent.parent if p.suffix == ".pt" else p
 
-    if args.command == "train":
-        final = T.train(args)
-        print(json.dumps({"final": final}, indent=1))
-    elif args.command == "eval":
-        print(json.dumps(T.run_eval(args), indent=1))
-    else:
-        import torch
 
-        from .figures import reconstruction_rows, save_figure
+def cmd_train(args) -> int:
+    from .train import train
 
-        torch.set_num_threads(args.threads)
-        found = T.latest_checkpoint(Path(args.out) / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"--out: no checkpoint in {Path(args.out) / 'checkpoints'}")
-        state = torch.load(found, map_location="cpu", weights_only=False)
-        saved = argparse.Namespace(**{**state["config"], "data_root": args.data_root, "subset": 1,
-                                      "test_subset": args.num_examples})
-        data = T.load_data(saved)
-        model = T.build_model(saved, data)
-        model.load_state_dict(state["model"])
-        mosaic = model.mosaic if saved.task == "classify" else model
-        rows = reconstruction_rows(mosaic, data, saved.tiles, args.num_examples)
-        path = args.figure or str(Path(args.out) / "reconstruction.png")
-        name = {"linassign": "LinAssign", "po-u": "PO-U", "po-la": "PO-LA"}[saved.model]
-        title = f"{name}, {saved.dataset} {saved.tiles}x{saved.tiles}, {saved.task} (test images, not cherry-picked)"
-        print(save_figure(rows, path, title))
+    summary = train(args)
+    print(json.dumps({"final": summary.get("final")}, indent=1))
+    print(f"results: {Path(args.out) / 'summary.json'}")
     return 0
 
 
-if __name__ == "__main__":
-    from .datasets import DataFormatError
+def cmd_eval(args) -> int:
+    import torch
 
-    try:
-        sys.exit(main())
-    except (DataFormatError, FileNotFoundError) as e:  # bad data: one clear line, not a traceback
-        sys.exit(f"python -m integrations.mosaic: error: {e}")
+    from .train import evaluate, load_run
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else _run_folder(args.run) / "eval.json"
+    ensure_new(out, overwrite=args.overwrite)        # refuse before spending the evaluation time
+    saved, model, data, path = load_run(args.run, data_root_flag=args.data_root, test_subset=args.test_subset)
+    device = resolve_device(args.device)
+    metrics = evaluate(saved, model.to(device), data, device)
+    metrics["checkpoint"] = path
+    write_new_json(out, metrics, overwrite=args.overwrite)
+    print(json.dumps(metrics, indent=1))
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_figures(args) -> int:
+    import torch
+
+    from .figures import reconstruction_rows, save_figure
+    from .train import load_run
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else _run_folder(args.run) / "reconstruction.png"
+    ensure_new(out, overwrite=args.overwrite)
+    saved, model, data, _ = load_run(args.run, data_root_flag=args.data_root, test_subset=args.num_examples)
+    mosaic = model.mosaic if saved.task == "classify" else model
+    if saved.task == "pretrain":
+        raise SystemExit(f"{PROG} figures: error: {args.run} is a pretrain run (no permutation to draw)")
+    rows = reconstruction_rows(mosaic, data, saved.tiles, args.num_examples)
+    name = {"linassign": "LinAssign", "po-u": "PO-U", "po-la": "PO-LA"}[saved.permutation]
+    title = f"{name}, {saved.dataset} {saved.tiles}x{saved.tiles}, {saved.task} (test images, not cherry-picked)"
+    print(f"results: {save_figure(rows, out, title)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(resolve(args, p))
+    return {"eval": cmd_eval, "figures": cmd_figures}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main, PROG, errors=(DataFormatError,)))

@@ -1,6 +1,6 @@
 """Markdown tables from the run folders of ``reduced_budget.sh``.
 
-python -m integrations.mosaic.collect [RUNS=/work/runs/mosaic]
+python -m integrations.mosaic.collect [RUNS=runs/mosaic]
 
 Rows: models; columns: dataset x tiles. Each cell is the final test metric of the run folder
 ``<dataset>-<n>-<model>`` (mosaic) or ``<dataset>-<n>-classify-<model>`` / ``<dataset>-<n>-pretrain`` (classify).
@@ -16,7 +16,7 @@ DATASETS = (("mnist", "MNIST"), ("cifar10", "CIFAR-10 subset"), ("tiny", "Tiny I
 
 
 def _final(folder: Path):
-    p = folder / "metrics.json"
+    p = folder / "summary.json"
     return json.loads(p.read_text())["final"] if p.is_file() else None
 
 
@@ -46,18 +46,18 @@ def table(runs: Path, metric: str, scale: float, fmt: str, classify: bool = Fals
 def timing(runs: Path) -> str:
     lines = ["| run | train images | epochs | test images | training time (s) |", "|---|---|---|---|---|"]
     for p in sorted(runs.iterdir()):
-        m = p / "metrics.json"
+        m = p / "summary.json"
         if not m.is_file():
             continue
         d = json.loads(m.read_text())
-        c, f = d["config"], d["final"]
-        lines.append(f"| {p.name} | {c['n_train']} | {c['epochs']} | {c['n_test']} | {f.get('train_seconds')} |")
+        f = d["final"]
+        lines.append(f"| {p.name} | {d['n_train']} | {d['config']['epochs']} | {d['n_test']} | {f.get('train_seconds')} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    runs = Path(argv[0] if argv else "/work/runs/mosaic")
+    runs = Path(argv[0] if argv else "runs/mosaic")
     print("Table 1 (MSE, Hungarian)\n" + table(runs, "mse", 1, ".3f"))
     print("\nTable 4 (exact-permutation accuracy %)\n" + table(runs, "acc_perm", 100, ".1f"))
     print("\nPixel-exact reconstruction %\n" + table(runs, "acc_pixel", 100, ".1f"))

@@ -1,7 +1,7 @@
 """Readers for the image data sets of the mosaic experiments (paper section 4.2, appendix F.2).
 
-torchvision does not import beside the CPU torch wheel on this machine, so the standard on-disk
-formats are read here with numpy / gzip / pickle / zipfile / Pillow:
+The standard on-disk formats are read here with numpy / gzip / zipfile / Pillow and a restricted
+unpickler (no torchvision needed, which does not import beside every CPU build of torch):
 
 * MNIST and Fashion-MNIST: gzip-compressed (or plain) IDX files, ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
 * CIFAR-10: the binary batches (``*.bin``, records of 1 label byte + 3072 pixel bytes) or the python
@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,9 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from integrations.common import default_data_root
+from integrations.common import restricted_load
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "tiny-imagenet")
 # Sub-folder of --data-root holding each data set (the layout of shared/data, see its README).
@@ -66,14 +68,6 @@ class ImageSplit:
         if n <= 0:
             raise ValueError(f"subset: expected a positive size, got {n}")
         return ImageSplit(self.images[:n], self.labels[:n])
-
-
-def default_data_root() -> Path:
-    """``$SETPERM_DATA_ROOT`` or ``<repo>/../shared/data`` (the layout used on this project's machines and in CI)."""
-    env = os.environ.get("SETPERM_DATA_ROOT")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 # ----------------------------------------------------------------------------------------- IDX
@@ -155,8 +149,7 @@ def read_cifar_pickle(path: str | os.PathLike) -> ImageSplit:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        d = restricted_load(path, allow_numpy=True, encoding="bytes")   # arrays only: no code from the file
         data = np.asarray(d[b"data"], dtype=np.uint8)
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a format problem of this file

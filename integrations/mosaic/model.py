@@ -18,7 +18,7 @@ import setperm
 
 from .tiles import assemble
 
-MODELS = ("linassign", "po-u", "po-la")
+PERMUTATIONS = ("linassign", "po-u", "po-la")
 
 
 class TileEncoder(nn.Module):
@@ -44,26 +44,25 @@ class MosaicNet(nn.Module):
     ``P[b, i, k]`` = weight of input tile i at grid position k = r*n + c; reconstruction = P^T tiles.
     """
 
-    def __init__(self, n: int, in_channels: int, tile_size: int, model: str = "po-u", *, steps: int = 4,
+    def __init__(self, n: int, in_channels: int, tile_size: int, permutation: str = "po-u", *, steps: int = 4,
                  conv_channels: int = 64, cost_hidden: int = 64, logit_clip: Optional[float] = None,
                  sinkhorn_iters: int = 4, temperature: float = 1.0, kernel: str = "chunked"):
         super().__init__()
-        if model not in MODELS:
-            raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
-        self.n, self.model = n, model
+        if permutation not in PERMUTATIONS:
+            raise ValueError(f"permutation: expected one of {PERMUTATIONS}, got {permutation!r}")
+        self.n, self.variant = n, permutation
         self.encoder = TileEncoder(in_channels, tile_size, conv_channels)
         N = n * n
-        init = "uniform" if model == "po-u" else "linear"
-        self.permute = setperm.PermutationOptimizer(
-            self.encoder.out_features, cost_hidden=cost_hidden, steps=0 if model == "linassign" else steps,
-            init=init, num_positions=N if init == "linear" else None, grid=(n, n), sinkhorn_iters=sinkhorn_iters,
-            temperature=temperature, logit_clip=logit_clip, kernel=kernel)
+        self.optimizer = setperm.PermutationOptimizer(
+            self.encoder.out_features, cost_hidden=cost_hidden, steps=None if permutation == "linassign" else steps,
+            permutation=permutation, num_positions=None if permutation == "po-u" else N, grid=(n, n),
+            sinkhorn_iters=sinkhorn_iters, temperature=temperature, logit_clip=logit_clip, kernel=kernel)
 
     def permutation(self, shuffled: torch.Tensor, return_steps: bool = False):
         """P (B, N, N), or the list of the T+1 soft permutations S(P~(0)), ..., S(P~(T)) for figures."""
         if shuffled.dim() != 5 or shuffled.shape[1] != self.n * self.n:
             raise ValueError(f"shuffled: expected (B, {self.n * self.n}, C, h, w), got shape {tuple(shuffled.shape)}")
-        return self.permute(self.encoder(shuffled), return_steps=return_steps)
+        return self.optimizer(self.encoder(shuffled), return_steps=return_steps)
 
     def forward(self, shuffled: torch.Tensor):
         P = self.permutation(shuffled)

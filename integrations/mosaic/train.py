@@ -11,10 +11,12 @@ Tasks:
 
 Every run directory holds ``config.json`` (resolved), ``checkpoints/step_*.pt`` (with the config,
 model, optimiser, RNG state, epoch/batch position and history: resume is exact), ``tb/`` and
-``metrics.json``.
+``summary.json`` (final test metrics and the per-epoch history). Runs follow the shared lifecycle of
+``integrations.common`` (README "Runs").
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import setperm
-from integrations.common import RunDir, latest_checkpoint, load_checkpoint, progress, save_checkpoint, seed_everything
+from integrations.common import data_root, generator, load_latest, open_run, progress, seed_everything
 
 from .datasets import NUM_CLASSES, load_split, channel_stats
 from .model import ClassifyNet, MosaicNet
@@ -63,8 +65,9 @@ class MosaicData:
 
 
 def load_data(cfg) -> MosaicData:
-    train = load_split(cfg.dataset, "train", cfg.data_root)
-    test = load_split(cfg.dataset, "test", cfg.data_root)
+    root = data_root(cfg.data_root)
+    train = load_split(cfg.dataset, "train", root)
+    test = load_split(cfg.dataset, "test", root)
     mean, std = channel_stats(train.images)  # statistics of the whole training split (F.2)
     train, test = train.take(cfg.subset), test.take(cfg.test_subset)
     return MosaicData(prepare_images(train.images, cfg.tiles, mean, std), train.labels,
@@ -81,9 +84,7 @@ def batch_tiles(images: torch.Tensor, n: int, generator: torch.Generator):
 def _gen(*keys: int) -> torch.Generator:
     # One generator per (seed, epoch, batch): the data order and tile shuffles do not depend on the
     # global RNG, so a resumed run sees exactly the batches it would have seen.
-    g = torch.Generator()
-    g.manual_seed(hash(tuple(keys)) % (2**63))
-    return g
+    return generator(*keys)
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -92,13 +93,13 @@ def default_logit_clip(cfg) -> Optional[float]:
     code also clips the PO-LA initial logits on ImageNet and in the classification task."""
     if cfg.logit_clip is not None:
         return cfg.logit_clip if cfg.logit_clip > 0 else None
-    if cfg.model == "linassign" or (cfg.model == "po-la" and (cfg.task == "classify" or cfg.dataset == "tiny-imagenet")):
+    if cfg.permutation == "linassign" or (cfg.permutation == "po-la" and (cfg.task == "classify" or cfg.dataset == "tiny-imagenet")):
         return 10.0
     return None
 
 
 def build_mosaic(cfg, channels: int, tile_size: int) -> MosaicNet:
-    return MosaicNet(cfg.tiles, channels, tile_size, cfg.model, steps=cfg.steps, conv_channels=cfg.conv_channels,
+    return MosaicNet(cfg.tiles, channels, tile_size, cfg.permutation, steps=cfg.steps, conv_channels=cfg.conv_channels,
                      cost_hidden=cfg.cost_hidden, logit_clip=default_logit_clip(cfg),
                      sinkhorn_iters=cfg.sinkhorn_iters, kernel=getattr(cfg, "kernel", "chunked"))
 
@@ -110,19 +111,14 @@ def build_classifier(cfg, channels: int) -> ResNet18:
 
 def load_classifier(path: str, cfg, channels: int) -> ResNet18:
     """The pre-trained ResNet-18 of a ``--task pretrain`` run (its folder or a checkpoint file)."""
-    p = Path(path)
-    if p.is_dir():
-        found = latest_checkpoint(p / "checkpoints") if (p / "checkpoints").is_dir() else latest_checkpoint(p)
-        if found is None:
-            raise FileNotFoundError(f"--classifier: no checkpoint in {p}")
-        p = found
-    state = torch.load(p, map_location="cpu", weights_only=False)
-    pc = state["config"]
+    state = load_latest(path)
+    p, pc = state["path"], state["config"]
     if pc.get("task") != "pretrain":
         raise ValueError(f"--classifier: {p} is a {pc.get('task')!r} checkpoint, expected a 'pretrain' one")
-    for key in ("dataset", "tiles_size"):
-        if key in pc and pc[key] != getattr(cfg, key, pc[key]):
-            raise ValueError(f"--classifier: {p} was trained with {key}={pc[key]!r}, this run has {getattr(cfg, key)!r}")
+    # the dataset and the tile count fix the image size the ResNet was trained at
+    for key in ("dataset", "tiles"):
+        if pc.get(key) != getattr(cfg, key):
+            raise ValueError(f"--classifier: {p} was trained with {key}={pc.get(key)!r}, this run has {getattr(cfg, key)!r}")
     net = ResNet18(channels, NUM_CLASSES[pc["dataset"]], small_input=pc["dataset"] != "tiny-imagenet",
                    width=pc["resnet_width"])
     net.load_state_dict(state["model"])
@@ -141,63 +137,91 @@ def build_model(cfg, data: MosaicData):
 
 
 # --------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(cfg, model, data: MosaicData, device: torch.device, batch_size: int = 250) -> dict:
-    """Test-set metrics on fixed random shuffles (the same for every model).
+class _Sums:
+    """Running sums of per-image metrics over the test split."""
 
-    mosaic:   mse (Hungarian reconstruction, Table 1), acc_perm (every tile at its position, Table 4),
-              acc_pixel (reconstruction identical pixel for pixel: identical tiles may be swapped),
-              mse_soft (before Hungarian).
-    classify: acc (soft assignment, Table 2), mse_soft (Table 5), acc_max / acc_min / mse_min rows, plus the
-              Hungarian acc_perm / mse for reference.
-    pretrain: acc (original images = *max*), acc_min (randomly shuffled tiles).
-    """
-    model.eval()
+    def __init__(self):
+        self.sums: dict = {}
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(values.double().sum())
+
+    def means(self, count: int) -> dict:
+        return {k: v / count for k, v in self.sums.items()}
+
+
+def _test_batches(cfg, data: MosaicData, device, batch_size: int):
+    """(x, y, shuffled, target, perm) over the test split, on fixed shuffles shared by every model."""
     g = _gen(EVAL_SEED, cfg.tiles)
-    sums: dict[str, float] = {}
-    count = 0
-
-    def add(name, values):
-        sums[name] = sums.get(name, 0.0) + float(values.double().sum())
-
     for i in range(0, data.test_x.shape[0], batch_size):
-        x = data.test_x[i: i + batch_size].to(device)
-        y = data.test_y[i: i + batch_size].to(device)
+        x, y = data.test_x[i: i + batch_size], data.test_y[i: i + batch_size]
         shuffled, target, perm = batch_tiles(x, cfg.tiles, g)
-        shuffled, target, perm = shuffled.to(device), target.to(device), perm.to(device)
+        yield x.to(device), y.to(device), shuffled.to(device), target.to(device), perm.to(device)
+
+
+def _reconstruction_metrics(sums: _Sums, mosaic: MosaicNet, shuffled, target, perm):
+    """Table 1 / 4 metrics of one batch; returns (soft, hard) reconstructions."""
+    P = mosaic.permutation(shuffled)
+    soft = setperm.apply_permutation(shuffled, P)
+    sums.add("mse_soft", (soft - target).pow(2).flatten(1).mean(1))
+    idx = setperm.hungarian(P).to(shuffled.device)
+    hard = gather_positions(shuffled, idx)
+    sums.add("mse", (hard - target).pow(2).flatten(1).mean(1))
+    sums.add("acc_perm", (idx == target_index(perm)).all(1))
+    sums.add("acc_pixel", (hard == target).flatten(1).all(1))
+    return soft, hard
+
+
+def evaluate_mosaic(cfg, model: MosaicNet, data: MosaicData, device, batch_size: int = 250) -> dict:
+    """Explicit task: mse (Hungarian reconstruction, Table 1), acc_perm (every tile at its position,
+    Table 4), acc_pixel (reconstruction identical pixel for pixel: identical tiles may be swapped),
+    mse_soft (before Hungarian), eta."""
+    sums, count = _Sums(), 0
+    for _, _, shuffled, target, perm in _test_batches(cfg, data, device, batch_size):
+        _reconstruction_metrics(sums, model, shuffled, target, perm)
+        count += shuffled.shape[0]
+    return {**sums.means(count), "n_test": count, "eta": _eta(model)}
+
+
+def evaluate_classify(cfg, model: ClassifyNet, data: MosaicData, device, batch_size: int = 250) -> dict:
+    """Implicit task: acc (soft assignment, Table 2), mse_soft (Table 5), the acc_max / acc_min / mse_min
+    rows, the Hungarian acc_hard / acc_perm / mse for reference, eta."""
+    sums, count, clf = _Sums(), 0, model.classifier
+    for x, y, shuffled, target, perm in _test_batches(cfg, data, device, batch_size):
+        soft, hard = _reconstruction_metrics(sums, model.mosaic, shuffled, target, perm)
+        sums.add("acc", clf(assemble(soft, cfg.tiles)).argmax(1) == y)        # soft assignments, as released
+        sums.add("acc_hard", clf(assemble(hard, cfg.tiles)).argmax(1) == y)
+        sums.add("acc_max", clf(x).argmax(1) == y)
+        sums.add("acc_min", clf(assemble(shuffled, cfg.tiles)).argmax(1) == y)
+        sums.add("mse_min", (shuffled - target).pow(2).flatten(1).mean(1))   # Table 5 *min* row
         count += x.shape[0]
-        if cfg.task == "pretrain":
-            add("acc", model(x).argmax(1) == y)
-            add("acc_min", model(assemble(shuffled, cfg.tiles)).argmax(1) == y)
-            continue
-        mosaic = model.mosaic if cfg.task == "classify" else model
-        P = mosaic.permutation(shuffled)
-        soft = setperm.apply_permutation(shuffled, P)
-        add("mse_soft", (soft - target).pow(2).flatten(1).mean(1))
-        idx = setperm.hungarian(P).to(device)
-        hard = gather_positions(shuffled, idx)
-        add("mse", (hard - target).pow(2).flatten(1).mean(1))
-        add("acc_perm", (idx == target_index(perm)).all(1))
-        add("acc_pixel", (hard == target).flatten(1).all(1))
-        if cfg.task == "classify":
-            clf = model.classifier
-            add("acc", clf(assemble(soft, cfg.tiles)).argmax(1) == y)  # soft assignments, as released
-            add("acc_hard", clf(assemble(hard, cfg.tiles)).argmax(1) == y)
-            add("acc_max", clf(x).argmax(1) == y)
-            add("acc_min", clf(assemble(shuffled, cfg.tiles)).argmax(1) == y)
-            add("mse_min", (shuffled - target).pow(2).flatten(1).mean(1))  # Table 5 *min* row
-    out = {k: v / count for k, v in sums.items()}
-    out["n_test"] = count
-    if cfg.task != "pretrain":
-        mosaic = model.mosaic if cfg.task == "classify" else model
-        out["eta"] = float(mosaic.permute.eta) if mosaic.permute.eta is not None else None
-    return out
+    return {**sums.means(count), "n_test": count, "eta": _eta(model)}
+
+
+def evaluate_pretrain(cfg, model: ResNet18, data: MosaicData, device, batch_size: int = 250) -> dict:
+    """The ResNet of the implicit task: acc on the original images (*max*), acc_min on shuffled tiles."""
+    sums, count = _Sums(), 0
+    for x, y, shuffled, _, _ in _test_batches(cfg, data, device, batch_size):
+        sums.add("acc", model(x).argmax(1) == y)
+        sums.add("acc_min", model(assemble(shuffled, cfg.tiles)).argmax(1) == y)
+        count += x.shape[0]
+    return {**sums.means(count), "n_test": count}
+
+
+_EVALUATORS = {"mosaic": evaluate_mosaic, "classify": evaluate_classify, "pretrain": evaluate_pretrain}
+
+
+@torch.no_grad()
+def evaluate(cfg, model, data: MosaicData, device, batch_size: int = 250) -> dict:
+    """Test-set metrics of the task ``cfg.task`` on fixed random shuffles (the same for every model)."""
+    model.eval()
+    return _EVALUATORS[cfg.task](cfg, model, data, device, batch_size)
 
 
 def _eta(model) -> Optional[float]:
     m = model.mosaic if isinstance(model, ClassifyNet) else model
-    if isinstance(m, MosaicNet) and getattr(m.permute, "eta", None) is not None:
-        return float(m.permute.eta)
+    if isinstance(m, MosaicNet) and getattr(m.optimizer, "eta", None) is not None:
+        return float(m.optimizer.eta)
     return None
 
 
@@ -218,6 +242,10 @@ def log_samples(writer, cfg, model, data: MosaicData, device, step: int, k: int 
 
 
 # ----------------------------------------------------------------------------------------- training
+# Settings that only say how long to train: they may grow on --resume.
+_MAY_CHANGE = ("epochs",)
+
+
 def _loss(cfg, model, x, y, shuffled, target):
     if cfg.task == "pretrain":
         return F.cross_entropy(model(x), y), {}
@@ -230,109 +258,131 @@ def _loss(cfg, model, x, y, shuffled, target):
     return F.cross_entropy(logits, y), {"mse_soft": float(mse)}
 
 
-def train(cfg) -> dict:
-    """Train as configured (an argparse Namespace, see ``__main__``); return the final test metrics."""
-    torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
-    t_load = time.perf_counter()
-    data = load_data(cfg)
-    cfg.tiles_size = data.train_x.shape[-1]
-    cfg.n_train, cfg.n_test = int(data.train_x.shape[0]), int(data.test_x.shape[0])
-    load_seconds = time.perf_counter() - t_load
-    model = build_model(cfg, data).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+def run_config(cfg) -> dict:
+    """The settings stored in ``config.json`` (everything the CLI resolved)."""
+    return {k: v for k, v in vars(cfg).items() if not callable(v)}
 
-    run = RunDir(cfg.out)
-    ckpt_dir = run.checkpoints
-    epoch, batch, step, history, train_seconds = 0, 0, 0, [], 0.0
-    found = latest_checkpoint(ckpt_dir) if cfg.resume else None
-    if cfg.resume and found is None:
-        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
-    if found is not None:
-        state = load_checkpoint(found, model=model, optimizer=opt)
-        old = state["config"]
-        for key in ("dataset", "tiles", "model", "task", "subset", "batch_size", "seed"):
-            if old.get(key) != getattr(cfg, key):
-                raise ValueError(f"--resume: checkpoint {found} has {key}={old.get(key)!r}, this run {getattr(cfg, key)!r}")
-        ex = state["extra"]
-        epoch, batch, step, history, train_seconds = ex["epoch"], ex["batch"], state["step"], ex["history"], ex["train_seconds"]
-        print(f"resumed from {found} at epoch {epoch}, batch {batch}")
-    cfg.epochs_done_at_start = epoch
-    run.write_json("config.json", {k: v for k, v in vars(cfg).items() if not callable(v)})
-    writer = run.writer
-    n = data.train_x.shape[0]
-    per_epoch = math.ceil(n / cfg.batch_size)
 
-    def checkpoint(ep, bt):
-        save_checkpoint(ckpt_dir, config={k: v for k, v in vars(cfg).items() if not callable(v)}, step=step,
-                        model=model, optimizer=opt, keep_last=2,
-                        extra={"epoch": ep, "batch": bt, "history": history, "train_seconds": train_seconds})
+class _Trainer:
+    """One run: data, model, optimiser and the counters a checkpoint stores (epoch, batch, step, history)."""
 
-    while epoch < cfg.epochs:
-        model.train()
-        order = torch.randperm(n, generator=_gen(cfg.seed, epoch))
-        bar = progress(range(batch, per_epoch), total=per_epoch, initial=batch,
-                       desc=f"{cfg.task} {cfg.dataset} {cfg.tiles}x{cfg.tiles} {cfg.model} ep {epoch + 1}/{cfg.epochs}")
+    def __init__(self, cfg, run):
+        self.cfg, self.run = cfg, run
+        torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.device = torch.device(cfg.device)
         t0 = time.perf_counter()
-        for j in bar:
-            idx = order[j * cfg.batch_size: (j + 1) * cfg.batch_size]
-            x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
-            shuffled, target, _ = batch_tiles(x, cfg.tiles, _gen(cfg.seed, epoch, j))
-            loss, extra = _loss(cfg, model, x, y, shuffled.to(device), target.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"non-finite loss {lv} at epoch {epoch}, batch {j}")
-            if step % cfg.log_every == 0 and writer is not None:
-                writer.add_scalar("train/loss", lv, step)
-                for k, v in extra.items():
-                    writer.add_scalar(f"train/{k}", v, step)
-                if cfg.task != "pretrain":
-                    setperm.monitor.log_step_sizes(writer, model, step)
-            bar.set_postfix(loss=f"{lv:.4f}")
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                train_seconds += time.perf_counter() - t0
+        self.data = load_data(cfg)
+        self.load_seconds = time.perf_counter() - t0
+        self.model = build_model(cfg, self.data).to(self.device)
+        self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
+        ex = run.restore(model=self.model, optimizer=self.opt)
+        self.epoch, self.batch = int(ex.get("epoch", 0)), int(ex.get("batch", 0))
+        self.step, self.history = run.start_step, list(ex.get("history", []))
+        self.train_seconds = float(ex.get("train_seconds", 0.0))
+        self.per_epoch = math.ceil(self.data.train_x.shape[0] / cfg.batch_size)
+        if run.state is not None:
+            print(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.batch}; {run.state['path']})")
+
+    def checkpoint(self, epoch: int, batch: int):
+        return self.run.save(self.step, model=self.model, optimizer=self.opt,
+                             extra={"epoch": epoch, "batch": batch, "history": self.history,
+                                    "train_seconds": self.train_seconds})
+
+    def train_epoch(self) -> None:
+        cfg, data = self.cfg, self.data
+        self.model.train()
+        order = torch.randperm(data.train_x.shape[0], generator=_gen(cfg.seed, self.epoch))
+        bar = progress(range(self.batch, self.per_epoch), total=self.per_epoch, initial=self.batch,
+                       desc=f"{cfg.task} {cfg.dataset} {cfg.tiles}x{cfg.tiles} {cfg.permutation} "
+                            f"ep {self.epoch + 1}/{cfg.epochs}")
+        t0 = time.perf_counter()
+        try:
+            for j in bar:
+                idx = order[j * cfg.batch_size: (j + 1) * cfg.batch_size]
+                x, y = data.train_x[idx].to(self.device), data.train_y[idx].to(self.device)
+                shuffled, target, _ = batch_tiles(x, cfg.tiles, _gen(cfg.seed, self.epoch, j))
+                loss, extra = _loss(cfg, self.model, x, y, shuffled.to(self.device), target.to(self.device))
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.step += 1
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise FloatingPointError(f"non-finite loss {lv} at epoch {self.epoch}, batch {j}")
+                self.log_step(lv, extra)
+                bar.set_postfix(loss=f"{lv:.4f}")
+                self.train_seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                checkpoint(epoch, j + 1)
-        train_seconds += time.perf_counter() - t0
-        bar.close()
-        metrics = evaluate(cfg, model, data, device)
-        metrics.update(epoch=epoch + 1, step=step, train_seconds=round(train_seconds, 1))
-        history.append(metrics)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.checkpoint(self.epoch, j + 1)
+                self.run.interrupt(self.step, lambda: self.checkpoint(self.epoch, j + 1))
+        finally:
+            bar.close()
+
+    def log_step(self, loss: float, extra: dict) -> None:
+        writer = self.run.writer
+        if self.step % self.cfg.log_every or writer is None:
+            return
+        writer.add_scalar("train/loss", loss, self.step)
+        for k, v in extra.items():
+            writer.add_scalar(f"train/{k}", v, self.step)
+        if self.cfg.task != "pretrain":
+            setperm.monitor.log_step_sizes(writer, self.model, self.step)
+
+    def end_epoch(self) -> dict:
+        metrics = evaluate(self.cfg, self.model, self.data, self.device)
+        metrics.update(epoch=self.epoch + 1, step=self.step, train_seconds=round(self.train_seconds, 1))
+        self.history.append(metrics)
+        writer = self.run.writer
         if writer is not None:
             for k, v in metrics.items():
-                if isinstance(v, float) and k not in ("train_seconds",):
-                    writer.add_scalar(f"test/{k}", v, step)
-            log_samples(writer, cfg, model, data, device, step)
+                if isinstance(v, float) and k != "train_seconds":
+                    writer.add_scalar(f"test/{k}", v, self.step)
+            log_samples(writer, self.cfg, self.model, self.data, self.device, self.step)
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}), flush=True)
-        epoch, batch = epoch + 1, 0
-        checkpoint(epoch, 0)
-    final = dict(history[-1]) if history else {}
-    final["load_seconds"] = round(load_seconds, 1)
-    run.write_json("metrics.json", {"final": final, "history": history, "config": vars(cfg)})
-    run.close()
-    return final
+        self.epoch, self.batch = self.epoch + 1, 0
+        self.checkpoint(self.epoch, 0)
+        return metrics
 
 
-def run_eval(cfg) -> dict:
-    """Evaluate the latest checkpoint of ``cfg.out`` (its saved config decides the model) on the test split."""
-    torch.set_num_threads(cfg.threads)
-    found = latest_checkpoint(Path(cfg.out) / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"--out: no checkpoint in {Path(cfg.out) / 'checkpoints'}")
-    state = torch.load(found, map_location="cpu", weights_only=False)
-    saved = type(cfg)(**{**state["config"], "data_root": cfg.data_root, "test_subset": cfg.test_subset,
-                         "subset": 1, "device": cfg.device, "threads": cfg.threads})
+def train(cfg) -> dict:
+    """Train as configured (an argparse Namespace, see ``__main__``); return the run's summary
+    ``{"final": test metrics of the last epoch, "history": per-epoch metrics, ...}``.
+
+    A finished run with the same settings is left as it is and its summary returned."""
+    run = open_run(cfg.out, run_config(cfg), resume=cfg.resume, overwrite=cfg.overwrite, may_change=_MAY_CHANGE)
+    if run.finished:
+        print(f"{run.path} holds this finished run; nothing to do")
+        return run.summary
+    trainer = _Trainer(cfg, run)
+    try:
+        with run.interruptible():
+            while trainer.epoch < cfg.epochs:
+                trainer.train_epoch()
+                trainer.end_epoch()
+    finally:
+        run.close()
+    final = dict(trainer.history[-1]) if trainer.history else {}
+    summary = {"final": final, "history": trainer.history, "load_seconds": round(trainer.load_seconds, 1),
+               "n_train": int(trainer.data.train_x.shape[0]), "n_test": int(trainer.data.test_x.shape[0])}
+    run.finish(summary)
+    return run.summary if run.summary else {**summary, "finished": True}
+
+
+def load_run(run_dir, *, data_root_flag: Optional[str] = None, test_subset: Optional[int] = None):
+    """(settings, model with the newest intact checkpoint's weights, test data) of a run folder.
+
+    Every data setting comes from the run's stored config; ``data_root_flag`` (the ``--data-root``
+    flag) replaces the stored data folder only when given, ``test_subset`` the stored test subset."""
+    state = load_latest(run_dir)
+    saved = argparse.Namespace(**state["config"])
+    if data_root_flag is not None:
+        saved.data_root = data_root_flag
+    if test_subset is not None:
+        saved.test_subset = test_subset
+    saved.subset = 1                      # the training images are only needed for their statistics
     data = load_data(saved)
     model = build_model(saved, data)
     model.load_state_dict(state["model"])
-    model.to(cfg.device)
-    metrics = evaluate(saved, model, data, torch.device(cfg.device))
-    metrics["checkpoint"] = str(found)
-    RunDir(cfg.out).write_json("eval.json", metrics)
-    return metrics
+    return saved, model, data, state["path"]

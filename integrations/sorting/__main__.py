@@ -1,4 +1,8 @@
-from .cli import main
+import sys
+
+from integrations.common import run_command
+
+from .cli import PROG, main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_command(main, PROG))

@@ -12,44 +12,25 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from integrations.common import add_kernel_argument, resolve_device
+from integrations.common import (add_kernel_argument, add_run_arguments, device_name, non_negative_int, positive_float,
+                                 positive_int, resolve_device, set_threads, ensure_new, write_json, write_new_json)
 
 from .data import PAPER_INTERVALS
+from .model import PERMUTATIONS
 
+PROG = "python -m integrations.sorting"
 DEMO_OUT = "runs/sorting-demo"
 
 
 # ---------------------------------------------------------------- argument types (argparse errors, exit 2)
-def _int_at_least(text: str, minimum: int, what: str, why: str = "") -> int:
+def set_size(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
-    if n < minimum:
-        raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}{why}, got {n}")
+        raise argparse.ArgumentTypeError(f"set size must be an integer, got {text!r}") from None
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"set size must be >= 2 (nothing to sort otherwise), got {n}")
     return n
-
-
-def set_size(text: str) -> int:
-    return _int_at_least(text, 2, "set size", " (nothing to sort otherwise)")
-
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "value")
-
-
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "value")
-
-
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return v
 
 
 def interval(text: str):
@@ -66,20 +47,12 @@ def interval(text: str):
     return (low, high)
 
 
-def device(text: str) -> str:
-    try:
-        resolve_device(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("--device: ", "")) from None
-    return text
-
-
 # ---------------------------------------------------------------- parser
 def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[int], out_default: Optional[str]) -> None:
     g = p.add_argument_group("model and training (paper F.1 defaults)")
     g.add_argument("--set-size", "-N", type=set_size, default=set_size_default, required=set_size_default is None,
                    help="number of elements per set (paper: 5, 10, 15, 80, 100, 120, 512, 1024)")
-    g.add_argument("--model", choices=("po-u", "linassign"), default="po-u",
+    g.add_argument("--permutation", choices=PERMUTATIONS, default="po-u",
                    help="po-u: permutation optimisation from a uniform init; linassign: Mena et al. 2018 baseline")
     g.add_argument("--steps", "-T", type=non_negative_int, default=6, help="inner gradient steps T (paper: 6)")
     g.add_argument("--lr", type=positive_float, default=0.1, help="Adam learning rate (paper: 0.1)")
@@ -97,12 +70,10 @@ def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[i
     g.add_argument("--sinkhorn-iters", type=positive_int, default=4, help="Sinkhorn iterations L (paper: 4)")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="Sinkhorn temperature (paper: 1)")
     g.add_argument("--seed", type=non_negative_int, default=0)
-    g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda[:i] or mps")
+    g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda[:i] or mps")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--out", default=out_default,
-                   help="run directory (default: runs/sorting/<model>-n<N>-s<seed>)" if out_default is None else
-                   f"run directory (default: {out_default})")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    add_run_arguments(g, out_help="run folder (default: runs/sorting/<permutation>-n<N>-s<seed>)" if out_default is None
+                      else f"run folder (default: {out_default})")
     g.add_argument("--checkpoint-every", type=positive_int, default=64, help="Adam steps between checkpoints")
     g.add_argument("--stop-at", type=positive_int, default=None,
                    help="stop after this many Adam steps (as an interruption would; continue with --resume)")
@@ -118,28 +89,34 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m integrations.sorting", description=__doc__)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,eval,table,demo}")
 
-    t = sub.add_parser("train", help="train PO-U or LinAssign on U[0,1) sets of one size")
+    t = sub.add_parser("train", help="train PO-U or LinAssign on U[0,1) sets of one size",
+                       description="Train PO-U or LinAssign on fresh U[0,1) sets of one size (paper F.1).")
     _add_train_flags(t, set_size_default=None, out_default=None)
 
-    e = sub.add_parser("eval", help="evaluate a trained run on intervals and set sizes (float64)")
+    e = sub.add_parser("eval", help="evaluate a trained run on intervals and set sizes (float64)",
+                       description="Evaluate a trained run (its newest intact checkpoint) in float64.")
     e.add_argument("--run", required=True, help="training run directory (or a checkpoint .pt)")
     e.add_argument("--set-sizes", type=set_size, nargs="+", default=None, metavar="N",
                    help="test set sizes (default: the training size)")
     _add_eval_flags(e)
-    e.add_argument("--device", type=device, default="cpu")
+    e.add_argument("--device", type=device_name, default="cpu")
     e.add_argument("--threads", type=positive_int, default=None)
-    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval.json)")
+    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_n<sizes>.json)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
 
-    tb = sub.add_parser("table", help="Markdown + JSON tables from eval files, and the heat map of F")
+    tb = sub.add_parser("table", help="Markdown + JSON tables from eval files, and the heat map of F",
+                        description="Markdown + JSON tables from eval files, and the heat map of F (figure 2).")
     tb.add_argument("--evals", nargs="+", required=True, help="eval JSON files (globs allowed); later ones win")
     tb.add_argument("--out", default="runs/sorting/table", help="folder for results.md / results.json")
     tb.add_argument("--heatmap-run", default=None, help="a PO-U run whose learned F is drawn (paper figure 2)")
     tb.add_argument("--heatmap", default=None, help="PNG path (default: <out>/comparison.png)")
 
-    d = sub.add_parser("demo", help="train PO-U at a small N, evaluate on the seven intervals, print the table")
+    d = sub.add_parser("demo", help="train PO-U at a small N, evaluate on the seven intervals, print the table",
+                       description="Train PO-U at a small N with the paper's protocol, evaluate it on the seven "
+                                   "intervals and further sizes, print the tables. A finished demo is reused.")
     _add_train_flags(d, set_size_default=10, out_default=DEMO_OUT)
     _add_eval_flags(d)
     d.add_argument("--eval-sizes", type=set_size, nargs="*", default=[5, 15, 30],
@@ -155,18 +132,13 @@ def _resolved_train_config(args: argparse.Namespace) -> dict:
         train_sets = 2 ** args.size_pow
     else:
         train_sets = args.train_sets if args.train_sets is not None else 2 ** 18
-    out = args.out or f"runs/sorting/{args.model}-n{args.set_size}-s{args.seed}"
-    keys = ("set_size", "model", "steps", "lr", "batch_size", "cost_hidden", "eta_init", "sinkhorn_iters",
-            "temperature", "seed", "device", "resume", "checkpoint_every", "stop_at", "threads", "micro_batch",
-            "kernel")
+    out = args.out or f"runs/sorting/{args.permutation}-n{args.set_size}-s{args.seed}"
+    keys = ("set_size", "permutation", "steps", "lr", "batch_size", "cost_hidden", "eta_init", "sinkhorn_iters",
+            "temperature", "seed", "device", "resume", "overwrite", "checkpoint_every", "stop_at", "threads",
+            "micro_batch", "kernel")
     cfg = {k: getattr(args, k) for k in keys}
     cfg.update(train_sets=train_sets, out=str(out))
     return cfg
-
-
-def _set_threads(n: Optional[int]) -> None:
-    if n is not None:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- commands
@@ -174,45 +146,53 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = _resolved_train_config(args)
-    _set_threads(args.threads)
+    set_threads(args.threads)
     s = train(cfg)
     print(json.dumps(s, indent=2))
+    print(f"results: {Path(cfg['out']) / 'summary.json'}")
     return 0
 
 
-def _run_eval(run: str, set_sizes, intervals, test_sets, eval_batch, eval_seed, dev, out) -> List[dict]:
+def _eval_settings(sizes, intervals, test_sets, eval_seed) -> dict:
+    return dict(set_sizes=[int(n) for n in sizes], intervals=[[float(a), float(b)] for a, b in intervals],
+                test_sets=int(test_sets), eval_seed=int(eval_seed))
+
+
+def _run_eval(run: str, set_sizes, intervals, test_sets, eval_batch, eval_seed, dev, out: Path, *,
+              overwrite: bool = False) -> List[dict]:
     from .evaluate import evaluate
     from .train import load_trained
 
     model, cfg = load_trained(run)
     sizes = set_sizes or [cfg["set_size"]]
+    ensure_new(Path(out), overwrite=overwrite)       # refuse before spending the evaluation time
     t0 = time.perf_counter()
 
     def log(r):
         if r["status"] == "ok":
-            print(f"{r['model']} train N={r['train_size']} test N={r['test_size']} [{r['low']:g}, {r['high']:g}]: "
+            print(f"{r['permutation']} train N={r['train_size']} test N={r['test_size']} [{r['low']:g}, {r['high']:g}]: "
                   f"exact {r['exact_hungarian']:.3f} elem {r['element_hungarian']:.4f} (Hungarian) | "
                   f"exact {r['exact_soft']:.3f} elem {r['element_soft']:.4f} (soft argmax)  {r['seconds']:.1f}s",
                   flush=True)
         else:
-            print(f"{r['model']} train N={r['train_size']} test N={r['test_size']}: {r['status']} ({r['reason']})")
+            print(f"{r['permutation']} train N={r['train_size']} test N={r['test_size']}: {r['status']} ({r['reason']})")
 
     records = evaluate(model, cfg, sizes, intervals, num_sets=test_sets, batch_size=eval_batch, seed=eval_seed,
                        device=resolve_device(dev), log=log)
-    payload = dict(run=str(run), config=cfg, eval_seed=eval_seed, torch_threads=torch.get_num_threads(),
-                   seconds=time.perf_counter() - t0, records=records)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    payload = dict(run=str(run), config=cfg, **_eval_settings(sizes, intervals, test_sets, eval_seed),
+                   torch_threads=torch.get_num_threads(), seconds=time.perf_counter() - t0, records=records)
+    write_new_json(Path(out), payload, overwrite=overwrite)
     print(f"wrote {out}")
     return records
 
 
 def cmd_eval(args) -> int:
-    _set_threads(args.threads)
-    out = args.out or str(Path(args.run) / "eval.json")
-    _run_eval(args.run, args.set_sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,
-              args.device, out)
+    set_threads(args.threads)
+    sizes = args.set_sizes
+    default_name = "eval_n" + "-".join(map(str, sizes)) + ".json" if sizes else "eval.json"
+    out = Path(args.out) if args.out else Path(args.run if not args.run.endswith(".pt") else Path(args.run).parent) / default_name
+    _run_eval(args.run, sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed, args.device, out,
+              overwrite=args.overwrite)
     return 0
 
 
@@ -227,8 +207,8 @@ def _load_evals(patterns: Sequence[str]):
     for f in files:
         payload = json.loads(Path(f).read_text())
         for r in payload["records"]:
-            merged[(r["model"], r["train_size"], r["test_size"], r["low"], r["high"])] = r
-        summary = Path(payload["run"]) / "train_summary.json"
+            merged[(r["permutation"], r["train_size"], r["test_size"], r["low"], r["high"])] = r
+        summary = Path(payload["run"]) / "summary.json"
         if summary.is_file():
             summaries[str(summary.resolve())] = json.loads(summary.read_text())
     return list(merged.values()), list(summaries.values())
@@ -239,8 +219,8 @@ def _write_tables(records, summaries, out: Path, title: str) -> str:
 
     out.mkdir(parents=True, exist_ok=True)
     md = markdown_report(records, summaries, title=title)
+    write_json(out / "results.json", dict(records=records, training=summaries))
     (out / "results.md").write_text(md + "\n")
-    (out / "results.json").write_text(json.dumps(dict(records=records, training=summaries), indent=2) + "\n")
     return md
 
 
@@ -250,7 +230,7 @@ def _heatmap(run: str, path: Path) -> Path:
 
     model, cfg = load_trained(run)
     if model.cost is None:
-        raise SystemExit(f"heat map: run {run} ({cfg['model']}) has no learned comparison F")
+        raise SystemExit(f"heat map: run {run} ({cfg['permutation']}) has no learned comparison F")
     return draw_heatmap(model.cost, path)
 
 
@@ -266,25 +246,35 @@ def cmd_table(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Train PO-U at a small N with the paper's protocol, evaluate on the seven intervals, print tables."""
+    """Train PO-U at a small N with the paper's protocol, evaluate on the seven intervals, print tables.
+
+    A finished demo with the same settings is reused as it is: nothing on disk changes."""
     from .train import train
 
     cfg = _resolved_train_config(args)
-    cfg["resume"] = True          # re-running the demo continues (or reuses) its own run
-    _set_threads(args.threads)
+    cfg["resume"] = not cfg["overwrite"]     # re-running the demo continues (or reuses) its own run
+    set_threads(args.threads)
     out = Path(cfg["out"])
     s = train(cfg)
-    print(f"trained {s['model']} N={s['set_size']}: {s['steps_done']} Adam steps, {s['train_seconds']:.1f} s, "
-          f"final MSE {s['final_loss'] if s['final_loss'] is not None else 'n/a (already trained)'}, eta {s['eta']}")
+    loss = s.get("final_loss")
+    print(f"trained {s['permutation']} N={s['set_size']}: {s['steps_done']} Adam steps, {s['train_seconds']:.1f} s, "
+          f"final MSE {'n/a' if loss is None else f'{loss:.3g}'}, eta {s['eta']}")
     sizes = [cfg["set_size"]] + [n for n in args.eval_sizes if n != cfg["set_size"]]
-    records = _run_eval(str(out), sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,
-                        cfg["device"], out / "eval.json")
-    summary = json.loads((out / "train_summary.json").read_text())
+    eval_file = out / "eval.json"
+    settings = _eval_settings(sizes, args.intervals, args.test_sets, args.eval_seed)
+    previous = json.loads(eval_file.read_text()) if eval_file.is_file() else None
+    if previous is not None and all(previous.get(k) == v for k, v in settings.items()):
+        records = previous["records"]                      # this very evaluation is already on disk
+    else:
+        records = _run_eval(str(out), sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,
+                            cfg["device"], eval_file, overwrite=True)
+        summary = json.loads((out / "summary.json").read_text())
+        _write_tables(records, [summary], out, f"Sorting demo: PO-U trained at N={cfg['set_size']}")
+        if cfg["permutation"] == "po-u":
+            print(f"wrote {_heatmap(str(out), out / 'comparison.png')}")
     print()
-    print(_write_tables(records, [summary], out, f"Sorting demo: PO-U trained at N={cfg['set_size']}"))
-    if cfg["model"] == "po-u":
-        print(f"wrote {_heatmap(str(out), out / 'comparison.png')}")
-    print(f"wrote {out / 'results.md'}")
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.md'}")
     return 0
 
 
@@ -294,7 +284,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "stop_at", None) is not None and args.command == "demo":
         parser.error("--stop-at is for train only")
     return {"train": cmd_train, "eval": cmd_eval, "table": cmd_table, "demo": cmd_demo}[args.command](args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -102,7 +102,7 @@ def evaluate(model: nn.Module, config: Mapping, set_sizes: Sequence[int], interv
     records = []
     for n in set_sizes:
         for low, high in intervals:
-            rec = dict(model=config["model"], train_size=int(config["set_size"]), test_size=int(n),
+            rec = dict(permutation=config["permutation"], train_size=int(config["set_size"]), test_size=int(n),
                        low=float(low), high=float(high))
             if not accepts_set_size(config, n):
                 rec.update(status="n/a", reason="LinAssign has a fixed number of positions (= training N)")

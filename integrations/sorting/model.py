@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from setperm import PermutationOptimizer, apply_permutation
 
-MODELS = ("po-u", "linassign")
+PERMUTATIONS = ("po-u", "linassign")
 
 
 def build_model(config: Mapping) -> PermutationOptimizer:
@@ -20,14 +20,14 @@ def build_model(config: Mapping) -> PermutationOptimizer:
     Sinkhorn, no optimisation steps; it needs a fixed number of positions (= the training set size)
     and therefore cannot be applied to sets of another size.
     """
-    kind = config["model"]
+    kind = config["permutation"]
     common = dict(in_features=1, sinkhorn_iters=config["sinkhorn_iters"], temperature=config["temperature"])
     if kind == "po-u":
-        return PermutationOptimizer(cost_hidden=config["cost_hidden"], steps=config["steps"], init="uniform",
+        return PermutationOptimizer(cost_hidden=config["cost_hidden"], steps=config["steps"], permutation="po-u",
                                     eta_init=config["eta_init"], kernel=config.get("kernel", "chunked"), **common)
     if kind == "linassign":
-        return PermutationOptimizer(init="linear", steps=0, num_positions=config["set_size"], **common)
-    raise ValueError(f"model must be one of {MODELS}, got {kind!r}")
+        return PermutationOptimizer(permutation="linassign", num_positions=config["set_size"], **common)
+    raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {kind!r}")
 
 
 def sort_forward(model: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -41,4 +41,4 @@ def sort_forward(model: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def accepts_set_size(config: Mapping, set_size: int) -> bool:
     """LinAssign has one logit column per training position: only its training size is valid."""
-    return config["model"] != "linassign" or int(config["set_size"]) == int(set_size)
+    return config["permutation"] != "linassign" or int(config["set_size"]) == int(set_size)

@@ -32,8 +32,8 @@ def interval_table(records: Sequence[Mapping], metric: str) -> str:
     """Rows (model, N) evaluated at their training size; one column per interval."""
     recs = [r for r in _ok(records) if r["test_size"] == r["train_size"]]
     intervals = sorted({(r["low"], r["high"]) for r in recs})          # the paper's order
-    rows = sorted({(r["model"], r["train_size"]) for r in recs}, key=lambda t: (t[0] != "po-u", t[0], t[1]))
-    lookup = {(r["model"], r["train_size"], r["low"], r["high"]): r for r in recs}
+    rows = sorted({(r["permutation"], r["train_size"]) for r in recs}, key=lambda t: (t[0] != "po-u", t[0], t[1]))
+    lookup = {(r["permutation"], r["train_size"], r["low"], r["high"]): r for r in recs}
     head = "| model | N | " + " | ".join(_interval_name(*iv) for iv in intervals) + " |"
     lines = [head, "|" + "---|" * (2 + len(intervals))]
     for model, n in rows:
@@ -42,17 +42,17 @@ def interval_table(records: Sequence[Mapping], metric: str) -> str:
     return "\n".join(lines)
 
 
-def generalisation_table(records: Sequence[Mapping], metric: str = "exact_hungarian", model: Optional[str] = None) -> str:
+def generalisation_table(records: Sequence[Mapping], metric: str = "exact_hungarian", permutation: Optional[str] = None) -> str:
     """Train size x test size; each cell is the worst of the evaluated intervals (min over intervals)."""
-    recs = [r for r in records if model is None or r["model"] == model]
-    trains = sorted({(r["model"], r["train_size"]) for r in recs}, key=lambda t: (t[0] != "po-u", t[0], t[1]))
+    recs = [r for r in records if permutation is None or r["permutation"] == permutation]
+    trains = sorted({(r["permutation"], r["train_size"]) for r in recs}, key=lambda t: (t[0] != "po-u", t[0], t[1]))
     tests = sorted({r["test_size"] for r in recs})
     lines = ["| model | train N \\ test N | " + " | ".join(str(t) for t in tests) + " |",
              "|" + "---|" * (2 + len(tests))]
     for m, n in trains:
         cells = []
         for t in tests:
-            rs = [r for r in recs if r["model"] == m and r["train_size"] == n and r["test_size"] == t]
+            rs = [r for r in recs if r["permutation"] == m and r["train_size"] == n and r["test_size"] == t]
             if not rs:
                 cells.append("-")
             elif any(r.get("status") != "ok" for r in rs):
@@ -67,10 +67,10 @@ def generalisation_table(records: Sequence[Mapping], metric: str = "exact_hungar
 def timing_table(summaries: Sequence[Mapping]) -> str:
     lines = ["| model | N | Adam steps | train time (s) | median s/step | torch threads | final train MSE | eta |",
              "|---|---|---|---|---|---|---|---|"]
-    for s in sorted(summaries, key=lambda s: (s["model"] != "po-u", s["model"], s["set_size"])):
+    for s in sorted(summaries, key=lambda s: (s["permutation"] != "po-u", s["permutation"], s["set_size"])):
         eta = ", ".join(f"{v:.3f}" for v in s.get("eta", {}).values()) or "-"
         loss = "-" if s.get("final_loss") is None else f"{s['final_loss']:.2e}"
-        lines.append(f"| {s['model']} | {s['set_size']} | {s['steps_done']}/{s['total_train_steps']} | "
+        lines.append(f"| {s['permutation']} | {s['set_size']} | {s['steps_done']}/{s['total_train_steps']} | "
                      f"{s['train_seconds']:.0f} | {s['median_step_seconds']:.3f} | {s['torch_threads']} | {loss} | {eta} |")
     return "\n".join(lines)
 

@@ -1,27 +1,26 @@
 """Training loop (paper F.1): Adam, lr 0.1, batch 512, 2^18 fresh U[0,1) float32 sets, MSE to the sorted
-sequence. Progress bar, TensorBoard (loss and eta every step), checkpoints with the resolved config,
-exact resumption."""
+sequence. Runs on the shared lifecycle of ``integrations.common`` (start / refuse / resume / overwrite /
+interrupt, README "Runs"); progress, TensorBoard (loss and eta every step), checkpoints with the resolved
+config."""
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from pathlib import Path
-from typing import Callable, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Callable, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
-from integrations.common import (RunDir, latest_checkpoint, load_checkpoint, progress, resolve_device,
-                                 save_checkpoint, seed_everything)
+from integrations.common import Run, load_latest, open_run, progress, resolve_device, seed_everything, step_seed
 from setperm.monitor import find_step_sizes, log_step_sizes
 
-from .data import sample_sets, step_seed
+from .data import sample_sets
 from .model import build_model, sort_forward
 
-# A resumed run must have been started with the same values of these (train_sets may grow).
-_MUST_MATCH = ("model", "set_size", "steps", "cost_hidden", "eta_init", "sinkhorn_iters", "temperature", "lr",
-               "batch_size", "seed")
+# How long to train may grow on --resume (more sets: the batches already drawn do not change).
+_MAY_CHANGE = ("train_sets",)
 
 
 def total_train_steps(config: Mapping) -> int:
@@ -60,94 +59,112 @@ def accumulate_gradients(model: torch.nn.Module, x: torch.Tensor, micro_batch: i
     return loss
 
 
-def train(config: Mapping, *, log: Callable[[str], None] = print) -> dict:
-    """Train one model described by a resolved ``config`` (the CLI's flags as a dict); return a summary.
+@dataclass
+class _Progress:
+    """What a checkpoint stores besides the model and optimiser."""
 
-    Batch ``t`` is drawn from ``step_seed(seed, t)``, so the data does not depend on interruptions and
-    ``--resume`` reproduces the uninterrupted run exactly (model, Adam moments, step counter).
-    ``stop_at`` (optional) ends the run after that many steps, as an interruption would.
-    """
-    cfg = dict(config)
+    train_seconds: float = 0.0
+    step_times: List[float] = field(default_factory=list)
+    last_loss: Optional[float] = None
+
+
+def _setup(cfg: dict, log):
+    run = open_run(cfg["out"], {**cfg, "total_train_steps": total_train_steps(cfg)}, resume=cfg.get("resume", False),
+                   overwrite=cfg.get("overwrite", False), may_change=_MAY_CHANGE + ("total_train_steps",), log=log)
+    if run.finished:
+        return run, None, None, None
     device = resolve_device(cfg["device"])
-    run = RunDir(cfg["out"])                       # config.json is written once compatibility is known
-    total = total_train_steps(cfg)
     seed_everything(cfg["seed"])
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])   # PyTorch defaults otherwise (paper F)
+    extra = run.restore(model=model, optimizer=opt)
+    prog = _Progress(float(extra.get("train_seconds", 0.0)), list(extra.get("step_times", [])), extra.get("last_loss"))
+    if run.state is not None:
+        log(f"resumed from step {run.start_step} ({run.state['path']})")
+    return run, model, opt, prog
 
-    start, train_seconds, step_times = 0, 0.0, []
-    ckpt = latest_checkpoint(run.checkpoints)
-    if ckpt is not None and not cfg.get("resume"):
-        raise FileExistsError(f"{run.checkpoints} already holds checkpoints ({ckpt.name}); pass --resume to "
-                              f"continue that run or choose another --out")
-    if ckpt is not None:
-        old = torch.load(ckpt, map_location="cpu", weights_only=False)["config"]
-        diff = {k: (old.get(k), cfg.get(k)) for k in _MUST_MATCH if old.get(k) != cfg.get(k)}
-        if diff:
-            raise ValueError(f"--resume: {ckpt} was trained with different settings (old, new): {diff}")
-        state = load_checkpoint(ckpt, model=model, optimizer=opt)
-        start = int(state["step"])
-        train_seconds = float(state.get("extra", {}).get("train_seconds", 0.0))
-        step_times = list(state.get("extra", {}).get("step_times", []))
-        log(f"resumed from {ckpt} at step {start}/{total}")
-    elif cfg.get("resume"):
-        log(f"--resume: no checkpoint in {run.checkpoints}, starting from scratch")
-    run.write_json("config.json", {**cfg, "total_train_steps": total})
-    writer = run.writer
+
+def _train_step(model, opt, cfg: dict, step: int, micro: int, device) -> float:
+    """One Adam step on the batch of ``(seed, step)``; returns the batch loss."""
+    x = sample_sets(cfg["batch_size"], cfg["set_size"], 0.0, 1.0, dtype=torch.float32,
+                    seed=step_seed(cfg["seed"], step), device=device)        # (B, N, 1)
+    opt.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, x, micro)
+    opt.step()
+    return float(loss)
+
+
+def _log_step(writer, model, step: int, loss: float) -> Optional[float]:
+    writer.add_scalar("train/loss", loss, step)
+    if model.cost is None:                                # LinAssign (T = 0) has no eta
+        return None
+    log_step_sizes(writer, model, step, prefix="eta")
+    return float(next(iter(find_step_sizes(model).values())))
+
+
+def _summary(cfg: Mapping, model, prog: _Progress, step: int, total: int, device) -> dict:
+    return dict(permutation=cfg["permutation"], set_size=cfg["set_size"], steps_done=step, total_train_steps=total,
+                final_loss=prog.last_loss,
+                eta={k: float(v) for k, v in find_step_sizes(model).items()} if model.cost is not None else {},
+                train_seconds=prog.train_seconds,
+                median_step_seconds=statistics.median(prog.step_times) if prog.step_times else None,
+                torch_threads=torch.get_num_threads(), device=str(device))
+
+
+def train(config: Mapping, *, log: Callable[[str], None] = print) -> dict:
+    """Train one model described by a resolved ``config`` (the CLI's flags as a dict); return its summary.
+
+    Batch ``t`` is drawn from ``step_seed(seed, t)``, so the data does not depend on interruptions and
+    ``resume`` reproduces the uninterrupted run exactly (model, Adam moments, step counter).
+    ``stop_at`` ends the run after that many steps, as an interruption would; the summary then says
+    ``finished: false``. A finished run with the same settings is not touched: its summary is returned.
+    """
+    cfg = dict(config)
+    run, model, opt, prog = _setup(cfg, log)
+    if run.finished:
+        log(f"{run.path} holds this finished run; nothing to do")
+        return run.summary
+    device = next(model.parameters()).device
+    total = total_train_steps(cfg)
     stop = total if cfg.get("stop_at") is None else min(total, int(cfg["stop_at"]))
     micro = micro_batch_size(cfg["batch_size"], cfg["set_size"], cfg.get("micro_batch"))
+    step = run.start_step
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run.checkpoints, config={**cfg, "total_train_steps": total}, step=step, model=model,
-                        optimizer=opt, keep_last=2,
-                        extra=dict(train_seconds=train_seconds, step_times=step_times))
+    def checkpoint():
+        return run.save(step, model=model, optimizer=opt, extra=dict(
+            train_seconds=prog.train_seconds, step_times=prog.step_times, last_loss=prog.last_loss))
 
     model.train()
-    bar = progress(total=total, initial=start, desc=f"sort {cfg['model']} N={cfg['set_size']}")
-    step = start
+    bar = progress(total=total, initial=step, desc=f"sort {cfg['permutation']} N={cfg['set_size']}")
     try:
-        while step < stop:
-            t0 = time.perf_counter()
-            x = sample_sets(cfg["batch_size"], cfg["set_size"], 0.0, 1.0, dtype=torch.float32,
-                            seed=step_seed(cfg["seed"], step), device=device)       # (B, N, 1)
-            opt.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(model, x, micro)
-            opt.step()
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            step_times.append(dt)
-            step += 1
-            writer.add_scalar("train/loss", loss.item(), step)
-            etas = []
-            if model.cost is not None:                       # LinAssign (T = 0) never uses eta
-                log_step_sizes(writer, model, step, prefix="eta")
-                etas = list(find_step_sizes(model).values())
-            bar.set_postfix(loss=f"{loss.item():.2e}", eta=f"{float(etas[0]):.3f}" if etas else "-")
-            bar.update(1)
-            if step % cfg["checkpoint_every"] == 0 or step == stop:
-                checkpoint(step)
-    except KeyboardInterrupt:
-        checkpoint(step)                                     # keep every finished step, then stop
-        log(f"interrupted: checkpoint at step {step} written; continue with --resume")
-        raise
+        with run.interruptible():
+            while step < stop:
+                t0 = time.perf_counter()
+                prog.last_loss = _train_step(model, opt, cfg, step, micro, device)
+                dt = time.perf_counter() - t0
+                prog.train_seconds += dt
+                prog.step_times.append(dt)
+                step += 1
+                eta = _log_step(run.writer, model, step, prog.last_loss)
+                bar.set_postfix(loss=f"{prog.last_loss:.2e}", eta="-" if eta is None else f"{eta:.3f}")
+                bar.update(1)
+                if step % cfg["checkpoint_every"] == 0 or step == stop:
+                    checkpoint()
+                run.interrupt(step, checkpoint)
     finally:
         bar.close()
         run.close()
-    summary = dict(model=cfg["model"], set_size=cfg["set_size"], steps_done=step, total_train_steps=total,
-                   finished=step >= total, final_loss=float(loss.item()) if step > start else None,
-                   eta={k: float(v) for k, v in find_step_sizes(model).items()} if model.cost is not None else {},
-                   train_seconds=train_seconds,
-                   median_step_seconds=statistics.median(step_times) if step_times else None,
-                   torch_threads=torch.get_num_threads(), device=str(device))
-    run.write_json("train_summary.json", summary)
-    return summary
+    summary = _summary(cfg, model, prog, step, total, device)
+    if step >= total:
+        run.finish(summary)
+    else:
+        run.write_json("summary.json", {**summary, "finished": False, "config": run.config})
+    return {**summary, "finished": step >= total}
 
 
 def load_trained(run_dir, *, map_location="cpu"):
-    """(model, resolved config) from a training run directory or a checkpoint file."""
-    path = Path(run_dir)
-    state = load_checkpoint(path if path.suffix == ".pt" else path / "checkpoints", restore_rng=False,
-                            map_location=map_location)
+    """(model, resolved config) from a training run directory or a checkpoint file (newest intact one)."""
+    state = load_latest(run_dir, map_location=map_location)
     cfg = state["config"]
     model = build_model(cfg)
     model.load_state_dict(state["model"])

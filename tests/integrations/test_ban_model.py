@@ -172,9 +172,9 @@ def test_ban_rejects_bad_inputs():
 
 # -------------------------------------------------------------------------------------------- plugin
 
-@pytest.mark.parametrize("mode", ["po", "lstm"])
-def test_patched_padding_invariance_and_no_nan(mode):
-    model = patch_ban(small_ban(), mode).eval()
+@pytest.mark.parametrize("permutation", ["po-u", "none"])
+def test_patched_padding_invariance_and_no_nan(permutation):
+    model = patch_ban(small_ban(), permutation).eval()
     sizes = [10, 31, 57]  # every sample but the last is padded
     v, b, q = make_batch(sizes, seed=2)
     logits, att = model(v, b, q)
@@ -196,7 +196,7 @@ def test_patched_padding_invariance_and_no_nan(mode):
 def test_patch_is_additive_after_the_counter_term():
     # with p_prj outputs forced to 0 the patched model computes exactly the original BAN
     base = small_ban().eval()
-    patched = patch_ban(copy.deepcopy(base), "po").eval()
+    patched = patch_ban(copy.deepcopy(base), "po-u").eval()
     with torch.no_grad():
         for proj in patched.p_prj:
             proj.main[0].weight_g.zero_()
@@ -204,14 +204,14 @@ def test_patch_is_additive_after_the_counter_term():
     v, b, q = make_batch([12, 40], seed=3)
     assert_close(patched(v, b, q)[0], base(v, b, q)[0], rtol=0, atol=0)
     # and with the projections active it does not
-    fresh = patch_ban(copy.deepcopy(base), "po").eval()
+    fresh = patch_ban(copy.deepcopy(base), "po-u").eval()
     assert not torch.allclose(fresh(v, b, q)[0], base(v, b, q)[0])
 
 
-def test_mode_none_returns_the_model_bit_identical():
+def test_permutation_off_returns_the_model_bit_identical():
     base = small_ban().eval()
     reference = copy.deepcopy(base)
-    same = patch_ban(base, "none")
+    same = patch_ban(base, "off")
     assert same is base
     v, b, q = make_batch([10, 20], seed=4)
     assert torch.equal(same(v, b, q)[0], reference(v, b, q)[0])
@@ -219,7 +219,7 @@ def test_mode_none_returns_the_model_bit_identical():
 
 
 def test_glimpse_sets_are_encoded_in_one_call():
-    model = patch_ban(small_ban(), "po").eval()
+    model = patch_ban(small_ban(), "po-u").eval()
     calls = []
     model.set_encoder.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out)),
                                             with_kwargs=True)
@@ -258,11 +258,11 @@ def test_glimpse_set_elements():
 
 
 def test_state_dict_round_trip():
-    model = patch_ban(small_ban(seed=0), "po", eta_init=1.7).eval()
+    model = patch_ban(small_ban(seed=0), "po-u", eta_init=1.7).eval()
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     buf.seek(0)
-    other = patch_ban(small_ban(seed=1), "po").eval()
+    other = patch_ban(small_ban(seed=1), "po-u").eval()
     v, b, q = make_batch([10, 30], seed=7)
     assert not torch.allclose(other(v, b, q)[0], model(v, b, q)[0])
     other.load_state_dict(torch.load(buf), strict=True)
@@ -273,21 +273,21 @@ def test_state_dict_round_trip():
 
 
 def test_data_parallel_on_cpu():
-    model = patch_ban(small_ban(), "po").eval()
+    model = patch_ban(small_ban(), "po-u").eval()
     v, b, q = make_batch([10, 20], seed=8)
     wrapped = nn.DataParallel(model)  # no GPU: DataParallel just calls the module
     assert_close(wrapped(v, b, q)[0], model(v, b, q)[0], rtol=0, atol=0)
     assert wrapped.module.glimpse == GLIMPSES
 
 
-@pytest.mark.parametrize("mode", ["po", "none"])
-def test_distributed_data_parallel_single_process(tmp_path, mode):
+@pytest.mark.parametrize("permutation", ["po-u", "off"])
+def test_distributed_data_parallel_single_process(tmp_path, permutation):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        model = patch_ban(small_ban(), mode)
+        model = patch_ban(small_ban(), permutation)
         # default find_unused_parameters=False: DDP fails at the second step if any trainable
         # parameter gets no gradient (the counter's unused f[8:] are frozen for that reason)
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -305,20 +305,20 @@ def test_distributed_data_parallel_single_process(tmp_path, mode):
 
 def test_patch_ban_rejects_bad_arguments():
     model = small_ban()
-    with pytest.raises(ValueError, match="mode"):
-        patch_ban(model, "po-u")
+    with pytest.raises(ValueError, match=r"permutation must be one of \('po-u', 'po-la', 'none', 'off'\), got 'po'"):
+        patch_ban(model, "po")
     with pytest.raises(ValueError, match="lacks"):
-        patch_ban(nn.Linear(3, 3), "po")
+        patch_ban(nn.Linear(3, 3), "po-u")
     with pytest.raises(ValueError, match="already patched"):
-        patch_ban(patch_ban(model, "po"), "lstm")
+        patch_ban(patch_ban(model, "po-u"), "none")
     with pytest.raises(ValueError, match="DataParallel"):
-        patch_ban(nn.DataParallel(model), "po")
+        patch_ban(nn.DataParallel(model), "po-u")
 
 
-def test_lstm_mode_has_no_permutation():
-    model = patch_ban(small_ban(), "lstm")
+def test_permutation_none_is_the_lstm_baseline():
+    model = patch_ban(small_ban(), "none")
     assert model.eta is None and model.set_encoder.permutation == "none"
-    assert patch_ban(small_ban(), "po").eta is not None
+    assert patch_ban(small_ban(), "po-u").eta is not None
 
 
 # --------------------------------------------------------------------------------- official loader
@@ -393,10 +393,10 @@ def test_official_state_dict_loads_into_project_ban(off):
 
 
 @official
-@pytest.mark.parametrize("mode", ["po", "lstm"])
-def test_patch_ban_on_official_model(off, mode):
+@pytest.mark.parametrize("permutation", ["po-u", "none"])
+def test_patch_ban_on_official_model(off, permutation):
     ref = official_ban(off).eval()
-    model = patch_ban(ref, mode).eval()
+    model = patch_ban(ref, permutation).eval()
     assert isinstance(model, PatchedBan) and model.ban is ref
     assert not ref.counter.f[8].weight.requires_grad and ref.counter.f[7].weight.requires_grad
     sizes = [10, 35]
@@ -407,7 +407,7 @@ def test_patch_ban_on_official_model(off, mode):
         padded, _ = model(*crop(v, b, i, n, K=100), q[i:i + 1])
         assert_close(padded, logits[i:i + 1], **TOL)
     # the same weights in the project's BAN give the same patched model
-    mine = patch_ban(build_ban(NTOKEN, ANSWERS, v_dim=V_DIM, num_hid=HID, gamma=GLIMPSES), mode).eval()
+    mine = patch_ban(build_ban(NTOKEN, ANSWERS, v_dim=V_DIM, num_hid=HID, gamma=GLIMPSES), permutation).eval()
     mine.load_state_dict(model.state_dict(), strict=True)
     assert_close(mine(v, b, q)[0], logits, **TOL)
     model.train()
@@ -418,14 +418,14 @@ def test_patch_ban_on_official_model(off, mode):
 def test_compiled_kernel_gives_the_same_patched_model():
     """patch_ban(..., kernel="compiled") (the train script's --kernel): same logits and gradients."""
     base = small_ban()
-    models = [patch_ban(copy.deepcopy(base), "po", kernel=k).eval() for k in ("chunked", "compiled")]
+    models = [patch_ban(copy.deepcopy(base), "po-u", kernel=k).eval() for k in ("chunked", "compiled")]
     models[1].load_state_dict(models[0].state_dict())
     v, b, q = make_batch([10, 31, 57], seed=5)
     outs = []
     for m in models:
         logits, _ = m(v, b, q)
         logits.logsumexp(1).sum().backward()
-        outs.append((logits.detach(), m.set_encoder.permute.cost.first.weight.grad.clone()))
-    assert models[1].set_encoder.permute.cost.kernel == "compiled"
+        outs.append((logits.detach(), m.set_encoder.optimizer.cost.first.weight.grad.clone()))
+    assert models[1].set_encoder.optimizer.cost.kernel == "compiled"
     assert_close(outs[1][0], outs[0][0], **TOL)
     assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)

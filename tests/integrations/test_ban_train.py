@@ -10,8 +10,10 @@ import torch.multiprocessing as mp
 
 from integrations.ban import synth
 from integrations.ban.data import VQAFeatureDataset, collate_vqa
-from integrations.ban.train import (build_model, epoch_batches, official_lr, parse_args, run, soft_scores,
+from integrations.ban.cli import parse_args
+from integrations.ban.train import (build_model, epoch_batches, epoch_indices, official_lr, run, soft_scores,
                                     train_step, vqa_bce_loss)
+from integrations.common import RunError
 
 
 
@@ -59,9 +61,9 @@ def test_bucketed_batches_cover_the_epoch_once():
     assert pad(bucketed) <= pad(plain)
 
 
-@pytest.mark.parametrize("mode", ["none", "lstm", "po"])
-def test_a_few_steps_lower_the_loss(root, tmp_path, mode):
-    args = _args(root, tmp_path, "--mode", mode)
+@pytest.mark.parametrize("permutation", ["off", "none", "po-u"])
+def test_a_few_steps_lower_the_loss(root, tmp_path, permutation):
+    args = _args(root, tmp_path, "--permutation", permutation)
     ds = VQAFeatureDataset(root, "train")
     torch.manual_seed(0)
     model = build_model(args, ds.dictionary.ntoken, ds.num_ans_candidates, ds.v_dim)
@@ -76,12 +78,12 @@ def test_a_few_steps_lower_the_loss(root, tmp_path, mode):
     model.eval()
     with torch.no_grad():
         after = vqa_bce_loss(model(batch.v, batch.b, batch.q, None)[0], batch.target)
-    assert torch.isfinite(after) and after < 0.8 * before, (mode, float(before), float(after))
+    assert torch.isfinite(after) and after < 0.8 * before, (permutation, float(before), float(after))
 
 
 def test_resume_continues_exactly(root, tmp_path):
     # 18 questions / batch 4 = 5 steps per epoch: stop mid-epoch 0, resume across the epoch end
-    common = ["--mode", "po", "--epochs", "2", "--bucket"]
+    common = ["--permutation", "po-u", "--epochs", "2", "--bucket"]
     straight = run(_args(root, tmp_path / "a", *common, "--max-steps", "7"))
     run(_args(root, tmp_path / "b", *common, "--max-steps", "3"))
     resumed = run(_args(root, tmp_path / "b", *common, "--max-steps", "7", "--resume"))
@@ -97,9 +99,19 @@ def test_resume_continues_exactly(root, tmp_path):
 
 
 def test_resume_refuses_changed_settings(root, tmp_path):
-    run(_args(root, tmp_path, "--mode", "none", "--max-steps", "1"))
-    with pytest.raises(ValueError, match="--resume"):
-        run(_args(root, tmp_path, "--mode", "lstm", "--max-steps", "2", "--resume"))
+    run(_args(root, tmp_path, "--permutation", "off", "--max-steps", "1"))
+    with pytest.raises(RunError, match="permutation \"off\" -> \"none\""):
+        run(_args(root, tmp_path, "--permutation", "none", "--max-steps", "2", "--resume"))
+    with pytest.raises(RunError, match="--resume"):       # a run folder is never mixed with another run
+        run(_args(root, tmp_path, "--permutation", "off", "--max-steps", "2"))
+
+
+def test_epoch_indices_cover_the_epoch_on_every_rank_count():
+    for n, world in [(10, 1), (10, 3), (7, 2)]:
+        shards = [epoch_indices(n, seed=3, epoch=1, rank=r, world=world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        assert set().union(*shards) == set(range(n))
+    assert epoch_indices(10, seed=3, epoch=1) != epoch_indices(10, seed=3, epoch=2)
 
 
 def _free_port():
@@ -112,7 +124,7 @@ def _ddp_worker(rank, world, port, root, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    result = run(_args(root, out, "--mode", "po", "--max-steps", "3", "--batch-size", "8"))
+    result = run(_args(root, out, "--permutation", "po-u", "--max-steps", "3", "--batch-size", "8"))
     torch.save(result["model"].state_dict(), os.path.join(out, f"rank{rank}.state"))
 
 
@@ -120,7 +132,7 @@ def test_two_process_gloo_ddp_keeps_replicas_equal(root, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.state")
     s1 = torch.load(tmp_path / "rank1.state")
-    init = build_model(_args(root, tmp_path, "--mode", "po"), *_sizes(root))
+    init = build_model(_args(root, tmp_path, "--permutation", "po-u"), *_sizes(root))
     moved = False
     for k in s0:
         torch.testing.assert_close(s1[k], s0[k], rtol=0, atol=0, msg=k)
@@ -136,7 +148,7 @@ def _sizes(root):
 
 @pytest.mark.skipif(not os.environ.get("SETPERM_BAN_ROOT"), reason="SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
 def test_official_model_trains(root, tmp_path):
-    result = run(_args(root, tmp_path, "--mode", "po", "--ban-root", os.environ["SETPERM_BAN_ROOT"],
+    result = run(_args(root, tmp_path, "--permutation", "po-u", "--ban-root", os.environ["SETPERM_BAN_ROOT"],
                        "--max-steps", "2"))
     assert result["step"] == 2
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())

@@ -25,23 +25,23 @@ def data_root() -> str:
 
 
 def _metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())["final"]
+    return json.loads((out / "summary.json").read_text())["final"]
 
 
-@pytest.mark.parametrize("model", ["linassign", "po-u", "po-la"])
-def test_mosaic_net_shapes_and_convention(model):
+@pytest.mark.parametrize("permutation", ["linassign", "po-u", "po-la"])
+def test_mosaic_net_shapes_and_convention(permutation):
     torch.manual_seed(0)
     n = 3
-    net = MosaicNet(n, 1, 10, model, conv_channels=4, cost_hidden=8)
+    net = MosaicNet(n, 1, 10, permutation, conv_channels=4, cost_hidden=8)
     tiles = torch.randn(5, n * n, 1, 10, 10)
     recon, P = net(tiles)
     assert recon.shape == tiles.shape and P.shape == (5, 9, 9)
     torch.testing.assert_close(P.sum(1), torch.ones(5, 9), rtol=0, atol=1e-3)  # every position filled once
     torch.testing.assert_close(recon, setperm.apply_permutation(tiles, P), rtol=0, atol=0)
     steps = net.permutation(tiles, return_steps=True)
-    assert len(steps) == (1 if model == "linassign" else 5)  # S(P~(0)), ..., S(P~(T)), T = 4
+    assert len(steps) == (1 if permutation == "linassign" else 5)  # S(P~(0)), ..., S(P~(T)), T = 4
     torch.testing.assert_close(steps[-1], P, rtol=0, atol=1e-6)
-    if model == "po-u":  # PO-U starts from the uniform assignment (paper figures 12-19, top row)
+    if permutation == "po-u":  # PO-U starts from the uniform assignment (paper figures 12-19, top row)
         torch.testing.assert_close(steps[0], torch.full_like(P, 1 / 9), rtol=0, atol=1e-6)
 
 
@@ -67,7 +67,7 @@ def test_resnet18_stems():
 def test_mnist_2x2_becomes_solvable(tmp_path, data_root):
     """A few hundred MNIST images, 3 short epochs: PO-LA places every tile correctly far above chance (1/24)."""
     out = tmp_path / "po-la"
-    main(["train", "--dataset", "mnist", "--tiles", "2", "--model", "po-la", "--epochs", "3", "--subset", "384",
+    main(["train", "--dataset", "mnist", "--tiles", "2", "--permutation", "po-la", "--epochs", "3", "--subset", "384",
           "--test-subset", "300", "--data-root", data_root, "--out", str(out), "--seed", "0"])
     m = _metrics(out)
     assert m["acc_perm"] > 0.5, m
@@ -77,22 +77,22 @@ def test_mnist_2x2_becomes_solvable(tmp_path, data_root):
 
 
 def test_resume_is_exact(tmp_path, data_root):
-    common = ["--dataset", "mnist", "--tiles", "3", "--model", "po-u", "--subset", "96", "--test-subset", "50",
+    common = ["--dataset", "mnist", "--tiles", "3", "--permutation", "po-u", "--subset", "96", "--test-subset", "50",
               "--data-root", data_root, "--checkpoint-every", "0", "--log-every", "1"]
     main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "a")])
     main(["train", *common, "--epochs", "1", "--out", str(tmp_path / "b")])
     main(["train", *common, "--epochs", "2", "--out", str(tmp_path / "b"), "--resume"])
-    a = torch.load(sorted((tmp_path / "a" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
-    b = torch.load(sorted((tmp_path / "b" / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    a = torch.load(sorted((tmp_path / "a" / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    b = torch.load(sorted((tmp_path / "b" / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     assert _metrics(tmp_path / "a")["mse"] == _metrics(tmp_path / "b")["mse"]
     # eval and figures rebuild the model from the resolved config saved with the checkpoint
-    main(["eval", "--out", str(tmp_path / "a"), "--data-root", data_root, "--test-subset", "50"])
+    main(["eval", "--run", str(tmp_path / "a"), "--test-subset", "50"])       # data settings from the run
     assert json.loads((tmp_path / "a" / "eval.json").read_text())["mse"] == pytest.approx(_metrics(tmp_path / "a")["mse"])
     png = tmp_path / "fig.png"
-    main(["figures", "--out", str(tmp_path / "a"), "--data-root", data_root, "--num-examples", "3", "--figure", str(png)])
+    main(["figures", "--run", str(tmp_path / "a"), "--num-examples", "3", "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -102,13 +102,13 @@ def test_classify_trains_only_the_permutation(tmp_path, data_root):
           "--subset", "64", "--test-subset", "32", "--data-root", data_root, "--out", str(pre)])
     assert {"acc", "acc_min"} <= set(_metrics(pre))
     cls = tmp_path / "cls"
-    main(["train", "--task", "classify", "--classifier", str(pre), "--model", "po-la", "--dataset", "mnist",
+    main(["train", "--task", "classify", "--classifier", str(pre), "--permutation", "po-la", "--dataset", "mnist",
           "--tiles", "2", "--epochs", "1", "--subset", "64", "--test-subset", "32", "--data-root", data_root,
           "--out", str(cls)])
     m = _metrics(cls)
     assert {"acc", "acc_max", "acc_min", "mse_soft", "acc_perm"} <= set(m)
-    before = torch.load(sorted((pre / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
-    after = torch.load(sorted((cls / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    before = torch.load(sorted((pre / "checkpoints").glob("*.pt"))[-1], weights_only=True)["model"]
+    after = torch.load(sorted((cls / "checkpoints").glob("*.pt"))[-1], weights_only=True)["model"]
     for k, v in before.items():  # frozen ResNet: weights and batch-norm statistics unchanged
         torch.testing.assert_close(after[f"classifier.{k}"], v, rtol=0, atol=0, msg=k)
     changed = [k for k in after if k.startswith("mosaic.") and k.endswith("weight")]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from integrations.common import latest_checkpoint
+from integrations.common import RunError, latest_checkpoint
 from integrations.sorting import evaluate, evaluate_interval, sample_sets, sort_metrics
 from integrations.sorting.cli import main
 from integrations.sorting.model import build_model
@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(out, **kw):
-    cfg = dict(set_size=5, model="po-u", steps=6, lr=0.1, batch_size=64, cost_hidden=16, eta_init=1.0,
-               sinkhorn_iters=4, temperature=1.0, seed=0, device="cpu", resume=False, checkpoint_every=50,
+    cfg = dict(set_size=5, permutation="po-u", steps=6, lr=0.1, batch_size=64, cost_hidden=16, eta_init=1.0,
+               sinkhorn_iters=4, temperature=1.0, seed=0, device="cpu", resume=False, overwrite=False, checkpoint_every=50,
                stop_at=None, threads=None, micro_batch=None, train_sets=64 * 300, out=str(out))
     cfg.update(kw)
     return cfg
@@ -95,7 +95,7 @@ def test_evaluation_runs_in_float64_and_leaves_model_alone():
 
 
 def test_evaluate_marks_linassign_at_other_sizes(tmp_path):
-    summary = train(_config(tmp_path / "lin", model="linassign", train_sets=64 * 5), log=lambda s: None)
+    summary = train(_config(tmp_path / "lin", permutation="linassign", train_sets=64 * 5), log=lambda s: None)
     model, cfg = load_trained(tmp_path / "lin")
     recs = evaluate(model, cfg, [5, 7], [(0.0, 1.0)], num_sets=8)
     assert [r["status"] for r in recs] == ["ok", "n/a"]
@@ -122,17 +122,17 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     train(_config(tmp_path / "straight", **kw), log=lambda s: None)
     first = train(_config(tmp_path / "resumed", stop_at=6, **kw), log=lambda s: None)
     assert first["steps_done"] == 6 and not first["finished"]
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         train(_config(tmp_path / "resumed", **kw), log=lambda s: None)
     second = train(_config(tmp_path / "resumed", resume=True, **kw), log=lambda s: None)
     assert second["steps_done"] == 12 and second["finished"]
-    a = torch.load(latest_checkpoint(tmp_path / "straight" / "checkpoints"), weights_only=False)
-    b = torch.load(latest_checkpoint(tmp_path / "resumed" / "checkpoints"), weights_only=False)
+    a = torch.load(latest_checkpoint(tmp_path / "straight" / "checkpoints"), weights_only=True)
+    b = torch.load(latest_checkpoint(tmp_path / "resumed" / "checkpoints"), weights_only=True)
     assert a["step"] == b["step"] == 12
     assert_close(a["model"], b["model"], rtol=0, atol=0)
     assert_close(a["optimizer"]["state"], b["optimizer"]["state"], rtol=0, atol=0)
     # a resumed run with different hyperparameters is refused instead of silently mixed
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(RunError, match="lr 0.1 -> 0.05"):
         train(_config(tmp_path / "resumed", resume=True, **{**kw, "train_sets": 32 * 14}, lr=0.05),
               log=lambda s: None)
 

@@ -1,0 +1,150 @@
+"""``python -m integrations.ban {synth,train,eval}``: BAN, BAN + LSTM and BAN + PO on VQA v2 features.
+
+    python -m integrations.ban synth --out runs/ban/synth                     # a synthetic dataset
+    python -m integrations.ban train --data-root DATA --permutation po-u      # paper appendix F.4
+    python -m integrations.ban train --data-root DATA --permutation off --ban-root ~/ban-vqa   # official BAN
+    torchrun --nproc_per_node 4 -m integrations.ban train --data-root DATA    # DDP
+    python -m integrations.ban eval --run runs/ban/po-u-seed1204              # val accuracy of a run
+
+The training step time of BAN + PO against BAN is measured by ``python -m benchmarks.ban_step_time``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from integrations.common import (add_kernel_argument, add_run_arguments, device_name, ensure_new, non_negative_int,
+                                 positive_float, positive_int, run_command, write_new_json)
+
+from .data import VQADataError
+
+PROG = "python -m integrations.ban"
+VARIANTS = ("po-u", "po-la", "none", "off")
+DATA_ENV = "SETPERM_VQA_ROOT"
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``train`` flags: the official recipe's defaults (ban-vqa main.py / train.py)."""
+    p.add_argument("--data-root", default=None,
+                   help=f"folder with the official data/ layout, or a synthetic dataset (default: ${DATA_ENV})")
+    p.add_argument("--ban-root", default=None,
+                   help="checkout of jnhwkim/ban-vqa: build the OFFICIAL model (via integrations.ban.official)")
+    p.add_argument("--permutation", choices=VARIANTS, default="po-u",
+                   help="po-u / po-la: BAN + PO (paper F.4); none: BAN + LSTM (the set encoder reads the boxes in "
+                        "their input order); off: plain BAN, no set encoder")
+    add_kernel_argument(p)
+    p.add_argument("--num-hid", type=positive_int, default=1280, help="BAN hidden size H")
+    p.add_argument("--gamma", type=positive_int, default=8, help="number of glimpses G")
+    p.add_argument("--op", default="c", help="word embedding: 'c' = GloVe + tf-idf GloVe (600-d), '' = GloVe")
+    p.add_argument("--no-tfidf", dest="tfidf", action="store_false",
+                   help="initialise the second embedding table with plain GloVe (official --tfidf switch)")
+    p.add_argument("--epochs", type=positive_int, default=13)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="global batch (split over DDP processes)")
+    p.add_argument("--lr", type=positive_float, default=None, help="base lr (official: 1e-3, 7e-4 with --use-both)")
+    p.add_argument("--warmup", type=positive_float, nargs="*", default=[0.5, 1.0, 1.5, 2.0],
+                   help="lr multipliers of the first epochs")
+    p.add_argument("--lr-decay-start", type=non_negative_int, default=10)
+    p.add_argument("--lr-decay-every", type=positive_int, default=2)
+    p.add_argument("--lr-decay-rate", type=positive_float, default=0.25)
+    p.add_argument("--grad-clip", type=positive_float, default=0.25, help="max total grad norm")
+    p.add_argument("--use-both", action="store_true", help="train on train + val, no evaluation (official)")
+    p.add_argument("--bucket", action="store_true",
+                   help="batch images of similar box counts together (less padding; not in the official recipe)")
+    p.add_argument("--fixed36", action="store_true", help="use the fixed-36 {split}36.hdf5 features")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many optimiser steps (continue with --resume)")
+    p.add_argument("--seed", type=non_negative_int, default=1204, help="official main.py default")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--workers", type=non_negative_int, default=1, help="DataLoader workers per process (official: 1)")
+    add_run_arguments(p, out_help="run folder (default runs/ban/<permutation>-seed<seed>)")
+    p.add_argument("--log-every", type=positive_int, default=1, help="TensorBoard scalars every N steps")
+
+
+def _data_root(value: Optional[str], p: argparse.ArgumentParser) -> str:
+    import os
+
+    root = value or os.environ.get(DATA_ENV)
+    if not root:
+        p.error(f"argument --data-root: required (or set ${DATA_ENV})")
+    return root
+
+
+def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
+    a.data_root = _data_root(a.data_root, p)
+    if a.lr is None:
+        a.lr = 7e-4 if a.use_both else 1e-3
+    if a.out is None:
+        a.out = f"runs/ban/{a.permutation}-seed{a.seed}"
+    return a
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The ``train`` flags parsed and resolved (for scripts and tests)."""
+    p = argparse.ArgumentParser(prog=f"{PROG} train")
+    add_train_arguments(p)
+    return resolve_train_args(p.parse_args(argv), p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval}")
+    sub.add_parser("synth", add_help=False, help="write a synthetic dataset in the official layout "
+                                                 f"(flags: {PROG} synth --help)")
+    t = sub.add_parser("train", help="train BAN / BAN + LSTM / BAN + PO (official recipe)",
+                       description="Train BAN, BAN + LSTM or BAN + PO on VQA v2 features in the official layout "
+                                   "(or a synthetic dataset). Defaults are the official recipe.")
+    add_train_arguments(t)
+    e = sub.add_parser("eval", help="soft accuracy of a run's newest checkpoint (overall and per question type)",
+                       description="Evaluate a run's newest intact checkpoint; model and data settings come from the "
+                                   "run's config.json.")
+    e.add_argument("--run", required=True, help="run folder or checkpoint .pt")
+    e.add_argument("--split", default="val", help="split to evaluate (default val)")
+    e.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
+    e.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
+    e.add_argument("--device", type=device_name, default="cpu")
+    e.add_argument("--workers", type=non_negative_int, default=0)
+    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_<split>.json)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
+    return p
+
+
+def cmd_train(args) -> int:
+    from .train import run
+
+    result = run(args)
+    print(f"results: {Path(result['out']) / 'summary.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .train import evaluate_run
+
+    run_dir = Path(args.run).parent.parent if args.run.endswith(".pt") else Path(args.run)
+    out = ensure_new(Path(args.out) if args.out else run_dir / f"eval_{args.split}.json", overwrite=args.overwrite)
+    metrics = evaluate_run(args.run, split=args.split, data_root=args.data_root, device=args.device,
+                           batch_size=args.batch_size, workers=args.workers)
+    write_new_json(out, metrics, overwrite=args.overwrite)
+    print(json.dumps(metrics, indent=1))
+    print(f"results: {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "synth":          # the generator has its own parser
+        from . import synth
+
+        return synth.main(argv[1:], prog=f"{PROG} synth") or 0
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(resolve_train_args(args, p))
+    return cmd_eval(args)
+
+
+def entry() -> int:
+    return run_command(main, PROG, errors=(VQADataError,))

@@ -1,0 +1,396 @@
+"""One run lifecycle for every trainer: start, refuse, resume, overwrite, finish, interrupt.
+
+The rule (also in the top-level README, section "Runs"):
+
+* ``--out`` is a new or empty folder: a run starts there (``config.json`` is written first).
+* ``--out`` holds a run (its ``config.json``):
+  - with the same settings and a finished record (``summary.json``), the command prints the
+    summary and changes nothing on disk;
+  - ``--resume`` continues it from its newest intact checkpoint, exactly as if it had not stopped,
+    and refuses any changed setting that would change the results (each named with its old and new
+    value); settings that only say how long to train (e.g. ``--epochs``) may grow;
+  - ``--overwrite`` deletes it and starts again;
+  - otherwise the command is refused with one line naming the folder and these three ways out.
+* ``--out`` holds something else (files but no ``config.json``): refused, even with ``--overwrite``.
+* Checkpoints are written atomically; only this run's checkpoints are rotated, by the step stored
+  inside them. An unreadable newest checkpoint is reported (file and reason), moved aside to
+  ``<name>.corrupt`` and the previous intact one is used; if none is intact the run is refused.
+* SIGINT / SIGTERM: the current step finishes, a checkpoint is written, one line says where it is
+  and how to continue, and the process exits with 130 / 143 (128 + signal number), no traceback.
+  A second signal stops at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError, read_checkpoint, restore, step_files, write_checkpoint
+
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+
+# Settings that never change what a run computes: where it runs and how it reports. They may differ
+# on --resume (a run may move to another machine or thread count) and are not compared.
+OPERATIONAL = frozenset({"out", "resume", "overwrite", "device", "threads", "workers", "log_every",
+                         "checkpoint_every", "max_steps", "stop_at", "run_id", "command", "data_root",
+                         "progress", "kernel"})
+
+
+class RunError(RuntimeError):
+    """A run cannot start as asked. The message is one line for the user; CLIs print it and exit 1."""
+
+
+class RunInterrupted(Exception):
+    """Raised after a checkpoint was written because SIGINT / SIGTERM arrived; CLIs print it and exit
+    with :attr:`exit_code` (128 + signal number: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], out: Path):
+        self.signum, self.step, self.checkpoint, self.out = signum, step, checkpoint, out
+        name = signal.Signals(signum).name
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint written"
+        super().__init__(f"interrupted by {name} at step {step}: {where}; continue with the same command "
+                         f"and --resume (--out {out})")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _json_roundtrip(config: dict) -> dict:
+    """The config as it will read back from config.json (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(config))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} cannot be read ({type(e).__name__}: {e}); remove the folder or pass --overwrite") from None
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_new(path: Path, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Raise :class:`RunError` if ``path`` exists and ``overwrite`` is off: an earlier result (an
+    evaluation, a figure) is never replaced unless asked. Call it before spending the time to compute."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise RunError(f"{path} already exists (an earlier result); choose another output file or pass {flag}")
+    return path
+
+
+def write_new_json(path: Path, obj: Any, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
+    """Write ``path`` atomically unless it exists (see :func:`ensure_new`)."""
+    return write_json(ensure_new(path, overwrite=overwrite, flag=flag), obj)
+
+
+def changed_settings(old: dict, new: dict, ignore: Iterable[str] = ()) -> dict:
+    """``{key: (old, new)}`` for every setting that differs, apart from operational ones and ``ignore``."""
+    skip = OPERATIONAL | set(ignore)
+    keys = (set(old) | set(new)) - skip
+    return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
+
+
+def describe_changes(diff: dict) -> str:
+    return ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in diff.items())
+
+
+class Run:
+    """An output folder with its lifecycle; create it with :func:`open_run`.
+
+    Attributes: ``path``, ``config`` (the resolved settings, as stored in ``config.json``),
+    ``run_id``, ``state`` (the checkpoint resumed from, or None), ``summary`` (the record of a
+    finished run when there is nothing to do, else None), ``rank``.
+    """
+
+    def __init__(self, path: Path, config: dict, run_id: str, *, state: Optional[dict] = None,
+                 summary: Optional[dict] = None, rank: int = 0, keep_last: int = 2):
+        self.path = Path(path)
+        self.config = config
+        self.run_id = run_id
+        self.state = state
+        self.summary = summary
+        self.rank = rank
+        self.keep_last = keep_last
+        self._writer = None
+        self._signal: Optional[int] = None
+        self._steps: dict = {}          # checkpoint path -> (run_id, step) read from inside the file
+
+    # ------------------------------------------------------------------ state
+    @property
+    def finished(self) -> bool:
+        """True when the folder holds a finished run with these settings: nothing to do."""
+        return self.summary is not None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def start_step(self) -> int:
+        return int(self.state["step"]) if self.state is not None else 0
+
+    @property
+    def extra(self) -> dict:
+        """The trainer-specific counters stored with the checkpoint resumed from ({} for a new run)."""
+        return dict(self.state.get("extra", {})) if self.state is not None else {}
+
+    def restore(self, *, model=None, optimizer=None, scheduler=None, rng: bool = True) -> dict:
+        """Load the resumed checkpoint into the given objects (no-op for a new run); returns :attr:`extra`."""
+        if self.state is not None:
+            restore(self.state, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng)
+        return self.extra
+
+    # ------------------------------------------------------------------ writing
+    def save(self, step: int, *, model=None, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> Optional[Path]:
+        """Write a checkpoint (rank 0 only; None elsewhere) and keep this run's ``keep_last`` newest."""
+        if not self.is_main:
+            return None
+        path = write_checkpoint(self.checkpoints, run_id=self.run_id, step=step, config=self.config, model=model,
+                                optimizer=optimizer, scheduler=scheduler, extra=extra)
+        self._steps[path] = (self.run_id, int(step))
+        self._rotate()
+        return path
+
+    def _identify(self, path: Path):
+        if path not in self._steps:
+            try:
+                state = read_checkpoint(path, mmap=True)
+                self._steps[path] = (state.get("run_id"), int(state["step"]))
+            except CheckpointError:
+                self._steps[path] = (None, None)        # unreadable: never ours to delete
+        return self._steps[path]
+
+    def _rotate(self) -> None:
+        ours = []
+        for _, p in step_files(self.checkpoints):
+            run_id, step = self._identify(p)
+            if run_id == self.run_id and step is not None:
+                ours.append((step, p))
+        ours.sort(key=lambda t: t[0], reverse=True)
+        for _, p in ours[self.keep_last:]:
+            p.unlink(missing_ok=True)
+            self._steps.pop(p, None)
+
+    def write_json(self, name: str, obj: Any) -> Optional[Path]:
+        """Write ``<out>/<name>`` atomically (rank 0 only)."""
+        return write_json(self.path / name, obj) if self.is_main else None
+
+    def finish(self, summary: dict) -> Optional[Path]:
+        """Write the run's record ``summary.json`` with ``finished: true`` and the settings it ran with."""
+        return self.write_json(SUMMARY, {**summary, "finished": True, "config": self.config})
+
+    @property
+    def writer(self):
+        """A TensorBoard ``SummaryWriter`` on ``<out>/tb`` (rank 0; None elsewhere), created on first use."""
+        if not self.is_main:
+            return None
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.path / "tb"))
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------ interrupts
+    @contextmanager
+    def interruptible(self):
+        """Within this block SIGINT / SIGTERM only set a flag (see :meth:`stop_signal`); a second
+        signal raises ``KeyboardInterrupt`` at once. Outside the main thread this does nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+            print(f"\nreceived {signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
+                  "(signal again to stop at once, without one)", file=sys.stderr, flush=True)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def stop_signal(self) -> Optional[int]:
+        """The signal that asked the run to stop, or None. Under torch.distributed every rank gets the
+        same answer (one small all-reduce), so all of them stop after the same step."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([self._signal or 0], dtype=torch.int64)
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item()) or None
+        return self._signal
+
+    def interrupt(self, step: int, save: Callable[[], Optional[Path]]) -> None:
+        """If a stop was requested, call ``save()`` (which writes the checkpoint) and raise
+        :class:`RunInterrupted`; otherwise return."""
+        signum = self.stop_signal()
+        if signum is None:
+            return
+        path = save()
+        self.close()
+        raise RunInterrupted(signum, step, path, self.path)
+
+
+# ---------------------------------------------------------------------------- opening a run
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _describe(path: Path) -> str:
+    files = step_files(path / CHECKPOINTS)
+    return f"newest checkpoint {files[0][1].name}" if files else "no checkpoint yet"
+
+
+def _newest_intact(folder: Path, run_id: Optional[str], log: Callable[[str], None]) -> Optional[dict]:
+    """The newest readable checkpoint of ``run_id`` in ``folder``; unreadable newer ones are reported and
+    moved aside to ``<name>.corrupt``. Raises RunError when files exist but none is intact."""
+    files = step_files(folder)
+    reasons = []
+    for _, p in files:
+        try:
+            state = read_checkpoint(p)
+        except CheckpointError as e:
+            aside = p.with_name(p.name + ".corrupt")
+            os.replace(p, aside)
+            log(f"warning: {e}; moved it to {aside.name} and trying the previous checkpoint")
+            reasons.append(p.name)
+            continue
+        if run_id is not None and state.get("run_id") not in (None, run_id):
+            log(f"warning: {p} belongs to another run (run_id {state.get('run_id')}); skipped")
+            reasons.append(p.name)
+            continue
+        state["path"] = str(p)
+        return state
+    if files:
+        raise RunError(f"--resume: no intact checkpoint of this run in {folder} (unusable: {', '.join(reasons)})")
+    return None
+
+
+def _clear(path: Path) -> None:
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change: Iterable[str],
+            log: Callable[[str], None]) -> dict:
+    """Rank 0's decision: {"run_id", "state", "summary", "config"}; performs the disk changes."""
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file, not a folder")
+    holds_run = (path / CONFIG).is_file()
+    if path.is_dir() and not holds_run and not _is_empty_dir(path):
+        raise RunError(f"--out {path} is not empty and holds no run (no {CONFIG}); choose a new or empty folder")
+    if holds_run:
+        old = _read_json(path / CONFIG)
+        summary_file = path / SUMMARY
+        summary = _read_json(summary_file) if summary_file.is_file() else None
+        if overwrite:
+            _clear(path)
+            log(f"--overwrite: removed the run in {path}")
+        elif summary is not None and summary.get("finished") and not changed_settings(old, config):
+            return {"run_id": old.get("run_id"), "state": None, "summary": summary, "config": old}
+        elif not resume:
+            raise RunError(f"--out {path} already holds a run ({_describe(path)}): continue it with --resume, "
+                           f"replace it with --overwrite, or choose another --out")
+        else:
+            diff = changed_settings(old, config, ignore=may_change)
+            if diff:
+                raise RunError(f"--resume: {path} was started with other settings ({describe_changes(diff)}); "
+                               f"use the original values, or start a new run with another --out or --overwrite")
+            run_id = old.get("run_id") or uuid.uuid4().hex
+            state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log)
+            merged = {**config, "run_id": run_id}
+            write_json(path / CONFIG, merged)          # lengths that grew are recorded
+            if state is None:
+                log(f"--resume: {path} has no checkpoint yet; starting at step 0")
+            return {"run_id": run_id, "state": state, "summary": None, "config": merged}
+    elif resume:
+        log(f"--resume: {path} holds no run yet; starting a new one")
+    run_id = uuid.uuid4().hex
+    merged = {**config, "run_id": run_id}
+    (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    write_json(path / CONFIG, merged)
+    return {"run_id": run_id, "state": None, "summary": None, "config": merged}
+
+
+def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, overwrite: bool = False,
+             may_change: Iterable[str] = (), keep_last: int = 2, log: Callable[[str], None] = print) -> Run:
+    """Apply the rule of this module's docstring to ``out`` and return the :class:`Run`.
+
+    Args:
+        out: the run folder (``--out``).
+        config: the resolved settings (JSON-serialisable); compared with the stored ones on resume
+            and on re-runs. Keys in :data:`OPERATIONAL` are never compared.
+        resume, overwrite: the ``--resume`` / ``--overwrite`` flags (not both).
+        may_change: settings that may differ on ``--resume`` because they only extend the run
+            (e.g. ``epochs``); the new values are recorded.
+        keep_last: checkpoints of this run kept on disk.
+    Raises:
+        RunError with a one-line message when the run cannot start as asked.
+
+    Under torch.distributed, rank 0 decides and changes the disk; the other ranks receive its
+    decision (and load the same checkpoint), so all ranks resume from the same step.
+    """
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    path = Path(out)
+    config = _json_roundtrip(dict(config))
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
+    decision, error = None, None
+    if rank == 0:
+        try:
+            decision = _decide(path, config, resume, overwrite, may_change, log)
+        except RunError as e:
+            error = str(e)
+    if distributed:
+        box = [None if decision is None else {**decision, "state": decision["state"] and decision["state"]["path"]},
+               error]
+        dist.broadcast_object_list(box, src=0)
+        shared, error = box
+        if rank != 0 and error is None:
+            state_path = shared["state"]
+            decision = {**shared, "state": read_checkpoint(state_path) if state_path else None}
+    if error is not None:
+        raise RunError(error)
+    return Run(path, decision["config"], decision["run_id"], state=decision["state"], summary=decision["summary"],
+               rank=rank, keep_last=keep_last)

@@ -1,0 +1,40 @@
+"""Creating parameters without a throw-away initialisation, and the paper's initialisation.
+
+Paper appendix F: all weights are Xavier-initialised (Glorot & Bengio, 2010); the released code
+uses zero biases. Submodules are created uninitialised (:func:`uninitialized`) so that a module's
+``__init__`` draws exactly the random numbers of its ``reset_parameters()``: under the same seed,
+``reset_parameters()`` then reproduces a freshly built module.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def uninitialized(module_cls, *args, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+                  **kwargs) -> nn.Module:
+    """``module_cls(*args, **kwargs)`` with uninitialised parameters on ``device`` / ``dtype``
+    (defaults: torch's default device and dtype); the caller initialises them. Like
+    ``torch.nn.utils.skip_init``, which treats ``device=None`` as the CPU."""
+    target = torch.device(device) if device is not None else torch.get_default_device()
+    return module_cls(*args, device="meta", dtype=dtype, **kwargs).to_empty(device=target)
+
+
+def xavier_linear_(layer: nn.Linear) -> None:
+    """Xavier-uniform weight, zero bias (paper appendix F)."""
+    nn.init.xavier_uniform_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def xavier_lstm_(lstm: nn.LSTM) -> None:
+    """Xavier-uniform init of each gate's block of the LSTM weights (the four gates are stacked
+    along dim 0, so each block gets its own fan), zero biases (paper appendix F)."""
+    for name, p in lstm.named_parameters():
+        if "weight" in name:
+            for chunk in p.data.chunk(4, dim=0):
+                nn.init.xavier_uniform_(chunk)
+        else:
+            nn.init.zeros_(p)

@@ -1,0 +1,226 @@
+"""integrations.common: the run rule, safe loading, atomic rotating checkpoints, corrupt-file fall-back,
+seeding, progress lines."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from integrations.common import (CheckpointError, RunError, UnsafePickleError, generator, load_latest, open_run,
+                                 read_checkpoint, restricted_load, step_seed)
+from integrations.common.checkpoint import rng_state, set_rng_state, write_checkpoint
+from integrations.common.progress import LineProgress
+
+
+class Payload:
+    """Unpickling this creates ``marker``: stands for any command a crafted file could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = torch.nn.Linear(3, 2)
+    return m, torch.optim.Adam(m.parameters(), lr=0.1)
+
+
+CFG = {"lr": 0.1, "seed": 0, "epochs": 2, "threads": 1}
+
+
+def test_new_folder_starts_and_a_run_is_refused_without_a_way_out(tmp_path):
+    out = tmp_path / "run"
+    run = open_run(out, CFG, log=lambda s: None)
+    assert run.state is None and (out / "config.json").is_file() and run.config["run_id"]
+    with pytest.raises(RunError) as err:
+        open_run(out, CFG, log=lambda s: None)
+    msg = str(err.value)
+    assert str(out) in msg and "--resume" in msg and "--overwrite" in msg and "--out" in msg and "\n" not in msg
+
+
+def test_empty_folder_starts_and_foreign_folder_is_refused_even_with_overwrite(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    open_run(empty, CFG, log=lambda s: None)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for kw in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(RunError, match="holds no run"):
+            open_run(foreign, CFG, log=lambda s: None, **kw)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_each_changed_setting_by_name(tmp_path):
+    open_run(tmp_path / "r", CFG, log=lambda s: None)
+    with pytest.raises(RunError) as err:
+        open_run(tmp_path / "r", {**CFG, "lr": 0.01, "seed": 3, "threads": 2}, resume=True, log=lambda s: None)
+    msg = str(err.value)
+    assert "lr 0.1 -> 0.01" in msg and "seed 0 -> 3" in msg and "threads" not in msg     # threads: operational
+    # a length that may grow is accepted and recorded
+    run = open_run(tmp_path / "r", {**CFG, "epochs": 5}, resume=True, may_change=("epochs",), log=lambda s: None)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 5 == run.config["epochs"]
+
+
+def test_overwrite_replaces_the_run(tmp_path):
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    m, opt = _model()
+    run.save(3, model=m, optimizer=opt)
+    again = open_run(tmp_path / "r", {**CFG, "lr": 0.5}, overwrite=True, log=lambda s: None)
+    assert again.run_id != run.run_id and again.state is None
+    assert not any((tmp_path / "r" / "checkpoints").iterdir())
+    with pytest.raises(RunError, match="exclude"):
+        open_run(tmp_path / "r", CFG, overwrite=True, resume=True)
+
+
+def test_finished_run_with_same_settings_changes_nothing(tmp_path):
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    m, opt = _model()
+    run.save(1, model=m, optimizer=opt)
+    run.finish({"loss": 0.25})
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")}
+    for kw in ({}, {"resume": True}):
+        again = open_run(tmp_path / "r", {**CFG, "threads": 2}, log=lambda s: None, **kw)
+        assert again.finished and again.summary["loss"] == 0.25
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*")} == before
+
+
+def test_resume_restores_model_optimizer_rng_and_extra(tmp_path):
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    m, opt = _model()
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    torch.manual_seed(7)
+    run.save(5, model=m, optimizer=opt, extra={"history": [{"loss": 1.5}], "seconds": 2.0})
+    expected = torch.rand(3)
+    m2, opt2 = _model()
+    resumed = open_run(tmp_path / "r", CFG, resume=True, log=lambda s: None)
+    extra = resumed.restore(model=m2, optimizer=opt2)
+    assert resumed.start_step == 5 and extra == {"history": [{"loss": 1.5}], "seconds": 2.0}
+    torch.testing.assert_close(m2.state_dict(), m.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(opt2.state_dict()["state"], opt.state_dict()["state"], rtol=0, atol=0)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)   # RNG restored to the save point
+
+
+def test_rng_state_roundtrip_through_the_safe_loader(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()                      # leave a cached Gaussian in numpy's state
+    state = rng_state()
+    torch.save(state, tmp_path / "s.pt")
+    expect = (random.random(), np.random.normal(), torch.rand(1))
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
+    got = (random.random(), np.random.normal(), torch.rand(1))
+    assert got[:2] == expect[:2] and torch.equal(got[2], expect[2])
+
+
+def test_rotation_keeps_the_newest_of_this_run_by_the_step_inside(tmp_path):
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None, keep_last=2)
+    m, opt = _model()
+    ck = tmp_path / "r" / "checkpoints"
+    # another run's file with a larger step in its name: not ours, never deleted
+    write_checkpoint(ck, run_id="someone-else", step=999, config={})
+    for s in (1, 2, 3, 4):
+        run.save(s, model=m, optimizer=opt)
+    names = sorted(p.name for p in ck.glob("step_*.pt"))
+    assert names == ["step_00000003.pt", "step_00000004.pt", "step_00000999.pt"]
+    # the newest checkpoint OF THIS RUN is found even though a foreign file has a larger step
+    resumed = open_run(tmp_path / "r", CFG, resume=True, log=lambda s: None)
+    assert resumed.start_step == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage):
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    m, opt = _model()
+    run.save(1, model=m, optimizer=opt)
+    newest = run.save(2, model=m, optimizer=opt)
+    data = newest.read_bytes()
+    newest.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    lines = []
+    resumed = open_run(tmp_path / "r", CFG, resume=True, log=lines.append)
+    assert resumed.start_step == 1
+    assert len(lines) == 1 and newest.name in lines[0] and "warning" in lines[0]
+    assert (newest.parent / (newest.name + ".corrupt")).is_file()
+
+
+def test_no_intact_checkpoint_is_one_error_naming_the_folder(tmp_path):
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    path = run.save(1, model=_model()[0])
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError) as err:
+        open_run(tmp_path / "r", CFG, resume=True, log=lambda s: None)
+    assert str(run.checkpoints) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_with_a_payload_is_refused_and_the_payload_does_not_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    m, opt = _model()
+    good = run.save(1, model=m, optimizer=opt)
+    # a genuine checkpoint with the payload tucked into its ``extra`` field
+    state = torch.load(good, weights_only=True)
+    state["step"] = 2
+    state["extra"] = {"note": Payload(marker)}
+    bad = good.with_name("step_00000002.pt")
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(bad)
+    assert str(bad) in str(err.value) and "refused" in str(err.value)
+    lines = []
+    resumed = open_run(tmp_path / "r", CFG, resume=True, log=lines.append)      # falls back to step 1
+    assert resumed.start_step == 1 and "refused" in lines[0]
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        torch.save(state, bad)
+        assert load_latest(tmp_path / "r")["step"] == 1
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_refuses_payloads_and_reads_plain_and_numpy_data(tmp_path):
+    import numpy as np
+
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "dictionary.pkl"
+    evil.write_bytes(pickle.dumps([{"a": 0}, ["a", Payload(marker)]]))
+    with pytest.raises(UnsafePickleError, match="refused to load global io.open"):
+        restricted_load(evil)
+    assert not marker.exists()
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps([{"what": 0, "is": 1}, ["what", "is"], {3: 0.5}, (1, None, True), {1, 2}]))
+    assert restricted_load(plain) == [{"what": 0, "is": 1}, ["what", "is"], {3: 0.5}, (1, None, True), {1, 2}]
+    arrays = tmp_path / "batch.pkl"
+    arrays.write_bytes(pickle.dumps({b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [1, 2],
+                                     b"x": np.float32(1.5)}))
+    with pytest.raises(UnsafePickleError):
+        restricted_load(arrays)                            # numpy only when asked for
+    got = restricted_load(arrays, allow_numpy=True)
+    assert got[b"data"].tolist() == [[0, 1, 2], [3, 4, 5]] and got[b"x"] == np.float32(1.5)
+
+
+def test_step_seed_streams_are_keyed_not_sequential():
+    assert step_seed(0, 5) == step_seed(0, 5)
+    assert len({step_seed(0, s) for s in range(100)} | {step_seed(1, s) for s in range(100)}) == 200
+    assert step_seed(1, 0) != step_seed(0, 1)
+    assert torch.equal(torch.rand(4, generator=generator(3, 2)), torch.rand(4, generator=generator(3, 2)))
+    with pytest.raises(ValueError):
+        step_seed(-1)
+
+
+def test_line_progress_writes_step_loss_and_eta():
+    buf = io.StringIO()
+    bar = LineProgress(total=10, desc="train", interval=0.0, stream=buf)
+    bar.set_postfix(loss="0.5")
+    bar.update(4)
+    bar.close()
+    first = buf.getvalue().splitlines()[0]
+    assert "train: step 4/10 (40%)" in first and "loss=0.5" in first and "ETA" in first

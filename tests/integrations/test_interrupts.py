@@ -1,0 +1,94 @@
+"""SIGINT / SIGTERM in the three trainers: the current step finishes, a checkpoint is written, one line
+says how to continue, the exit code is 130 / 143 without a traceback, and --resume ends with exactly the
+weights of an uninterrupted run. Each trainer runs as a real subprocess of its command line."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from integrations.common import load_latest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("SETPERM_DATA_ROOT", REPO.parent / "shared" / "data"))
+ENV = {**os.environ, "SETPERM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 300.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if folder.is_dir() and any(folder.glob("step_*.pt")):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before its first checkpoint: {proc.communicate()}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def _interrupt(cmd, out: Path, sig: int) -> str:
+    proc = subprocess.Popen([sys.executable, "-m", *cmd, "--out", str(out)], cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(proc, out / "checkpoints")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert f"interrupted by {signal.Signals(sig).name}" in last and "--resume" in last, err
+    return err
+
+
+def _finish(cmd, out: Path, *extra) -> None:
+    r = subprocess.run([sys.executable, "-m", *cmd, "--out", str(out), *extra], cwd=REPO, env=ENV, text=True,
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+
+def _same_final_weights(a: Path, b: Path) -> None:
+    sa, sb = load_latest(a), load_latest(b)
+    assert sa["step"] == sb["step"]
+    torch.testing.assert_close(sb["model"], sa["model"], rtol=0, atol=0)
+    assert sa["config"]["run_id"] != sb["config"]["run_id"]
+
+
+def _check(cmd, tmp_path: Path, sig: int) -> None:
+    _interrupt(cmd, tmp_path / "cut", sig)
+    assert not (tmp_path / "cut" / "summary.json").exists() or '"finished": false' in \
+        (tmp_path / "cut" / "summary.json").read_text()
+    _finish(cmd, tmp_path / "cut", "--resume")
+    _finish(cmd, tmp_path / "straight")
+    _same_final_weights(tmp_path / "straight", tmp_path / "cut")
+
+
+@pytest.mark.slow
+def test_sorting_interrupt_then_resume(tmp_path):
+    cmd = ["integrations.sorting", "train", "-N", "6", "--batch-size", "32", "--train-sets", str(32 * 150),
+           "--checkpoint-every", "1", "--threads", "1", "--device", "cpu"]
+    _check(cmd, tmp_path, signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_mosaic_interrupt_then_resume(tmp_path):
+    if not (DATA / "mnist").exists():
+        pytest.skip(f"shared data folder {DATA / 'mnist'} is absent (set SETPERM_DATA_ROOT)")
+    cmd = ["integrations.mosaic", "train", "--dataset", "mnist", "--tiles", "2", "--permutation", "po-u",
+           "--subset", "256", "--test-subset", "32", "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "1",
+           "--data-root", str(DATA), "--device", "cpu"]
+    _check(cmd, tmp_path, signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_ban_interrupt_then_resume(tmp_path):
+    from integrations.ban import synth
+
+    root = synth.generate(tmp_path / "data", images=6, val_images=2, questions=3, seed=1, v_dim=32, fixed=False)
+    cmd = ["integrations.ban", "train", "--data-root", str(root), "--permutation", "po-u", "--num-hid", "16",
+           "--gamma", "2", "--batch-size", "4", "--workers", "0", "--threads", "1", "--epochs", "12", "--device", "cpu"]
+    _check(cmd, tmp_path, signal.SIGTERM)

@@ -1,0 +1,103 @@
+"""Power-of-two scaling of sets (setperm/scale.py): exact for ordinary inputs, finite costs and
+linear-assignment logits for huge finite ones."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+from setperm import PairwiseCost, ordering_cost
+from setperm.assign import linear_assignment_logits
+from setperm.cost import normalize_cost
+from setperm.scale import set_scale
+
+
+def test_scale_is_a_power_of_two_bringing_sets_below_two():
+    x = torch.tensor([[[0.5]], [[1.9]], [[-3.0]], [[1e38]], [[0.0]], [[3.4e38]]])
+    s = set_scale(x)
+    assert s.tolist()[:3] == [1.0, 1.0, 2.0] and s[4] == 1.0
+    m, _ = torch.frexp(s)
+    assert (m == 0.5).all()                                        # powers of two
+    assert ((x.abs().flatten(1).amax(1) / s) < 2).all()
+    assert set_scale(torch.zeros(3, 0, 4)).tolist() == [1.0, 1.0, 1.0]
+    assert set_scale(torch.full((1, 2, 2), 6e4, dtype=torch.float16)).isfinite().all()   # 2^15 < float16 max
+
+
+def literal_cost(module, x):
+    """Eq. 8-10 with concatenated pairs in float64, no scaling."""
+    B, N, D = x.shape
+    xi, xj = x.unsqueeze(2).expand(B, N, N, D), x.unsqueeze(1).expand(B, N, N, D)
+    C = (module.pair_scores(xi, xj) - module.pair_scores(xj, xi)).movedim(-1, 1)
+    return C / C.pow(2).sum((-2, -1), keepdim=True).sqrt()
+
+
+@pytest.mark.parametrize("hidden", [8, (6, 5)])
+def test_scaled_cost_equals_the_literal_cost(hidden):
+    """Sets with max |x| from 0.5 to 1e30 (scales 1 to 2^99) give eq. 8-10 exactly (float64)."""
+    torch.manual_seed(0)
+    m = PairwiseCost(3, hidden, channels=2).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 5, 3, generator=g, dtype=torch.float64) * torch.tensor([0.2, 30.0, 1e6, 1e30],
+                                                                                dtype=torch.float64)[:, None, None]
+    assert_close(m(x), literal_cost(m, x), rtol=1e-10, atol=1e-12)
+    assert torch.equal(m(x[:1]), m(x)[:1])                            # per set: neighbours do not matter
+
+
+def test_huge_float32_sets_give_a_finite_unit_norm_cost():
+    torch.manual_seed(2)
+    m = PairwiseCost(4, 16)
+    x = 3.4e38 * torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(3)).sign()
+    x[1, :, 1:] = 1e38
+    C = m(x)
+    assert torch.isfinite(C).all()
+    assert_close(C, -C.transpose(-1, -2), rtol=0, atol=0)
+    assert_close(C.pow(2).sum((-2, -1)), torch.ones(2, 1), rtol=1e-5, atol=1e-6)
+    # the same computation in float64, where nothing overflows
+    assert_close(C.double(), literal_cost(m.double(), x.double()), rtol=0, atol=1e-5)
+
+
+def test_unnormalised_cost_is_scaled_back():
+    torch.manual_seed(4)
+    m = PairwiseCost(2, 8, normalize=False).double()
+    x = torch.randn(1, 4, 2, dtype=torch.float64) * 1e3
+    C = ordering_cost(x, m.first.weight, m.first.bias, [], m.last.weight, normalize=False)
+    g = m.pair_scores(x.unsqueeze(2).expand(1, 4, 4, 2), x.unsqueeze(1).expand(1, 4, 4, 2)).movedim(-1, 1)
+    assert_close(C, g - g.transpose(-1, -2), rtol=1e-12, atol=1e-9)
+
+
+def test_normalize_cost_does_not_overflow():
+    C = torch.tensor([[[[0.0, 3e38], [-3e38, 0.0]]]])
+    out = normalize_cost(C)
+    assert_close(out, torch.tensor([[[[0.0, 2 ** -0.5], [-(2 ** -0.5), 0.0]]]]), rtol=1e-6, atol=0)
+    zero = torch.zeros(1, 1, 3, 3, requires_grad=True)
+    out = normalize_cost(zero)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(zero.grad).all()
+    tiny = torch.tensor([[[[0.0, 1e-20], [-1e-20, 0.0]]]], dtype=torch.float64)
+    assert_close(normalize_cost(tiny), tiny / 1e-12, rtol=1e-12, atol=0)      # norm clamped at eps as before
+
+
+def test_linear_assignment_logits_are_finite_or_infinite_never_nan():
+    w = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    x = torch.tensor([[[3e38, 3e38], [3e38, -3e38]]])
+    logits = linear_assignment_logits(x, w)
+    assert not torch.isnan(logits).any()
+    assert logits[0, 0, 0] == float("inf") and logits[0, 0, 1] == 0.0
+    y = torch.randn(2, 2, 2, dtype=torch.float64) * 100
+    assert_close(linear_assignment_logits(y, w.double()), y @ w.double().t(), rtol=0, atol=0)
+
+
+def test_gradcheck_through_the_scaled_cost():
+    """Scale s = 2^10 (|x| ~ 1e3): gradients to the elements and to the first-layer bias (which is
+    divided by s) are exact; two further ReLU layers with biases included."""
+    torch.manual_seed(5)
+    m = PairwiseCost(2, (6, 5)).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    x = (torch.randn(2, 4, 2, dtype=torch.float64) * 1e3).requires_grad_(True)
+    assert (set_scale(x) == 2.0 ** 10).all()
+    mask = torch.tensor([[True, True, False, True], [True] * 4])
+    assert torch.autograd.gradcheck(lambda x: m(x, mask), (x,))
+    bias = m.hidden[0].bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda b: torch.func.functional_call(m, {"hidden.0.bias": b}, (x.detach(),), {"mask": mask}), (bias,))
