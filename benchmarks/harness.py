@@ -377,7 +377,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--layout", default="linear", choices=["linear", "conv1d"],
                    help="reference MLP layout: nn.Linear channels-last or the released code's Conv1d(k=1)")
     p.add_argument("--ref-mem-limit-gb", type=float, default=8.0,
-                   help="skip the reference where its estimated peak exceeds this (shared 24 GiB machine)")
+                   help="skip the reference where its estimated peak exceeds this (default 8 GiB)")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory probes")
     p.add_argument("--tiny", action="store_true",
                    help="tiny configurations, used by the tests: seconds with --no-memory --no-compiled; the memory "

@@ -152,8 +152,9 @@ class PairwiseCost(nn.Module):
         hidden: hidden width of f (int), or a sequence of widths for a deeper f.
         channels: number K of cost matrices (1 for sequences, 2 for lattices: horizontal, vertical).
         normalize: divide by the Frobenius norm per set and channel (eq. 10).
-        kernel: ``"chunked"`` (default) or ``"compiled"`` (torch.compile-fused pairwise MLP, several
-            times faster, compiles on first use; two-layer f only), see :mod:`setperm.pairwise`.
+        kernel: ``"chunked"`` (default) or ``"compiled"`` (torch.compile-fused pairwise MLP, faster
+            after a one-off compilation on first use; two-layer f only), see :mod:`setperm.pairwise`;
+            measured speed-ups in ``benchmarks/README.md``.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, *, lengths (B,) | None,

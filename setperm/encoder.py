@@ -72,8 +72,9 @@ class PermutationOptimizer(nn.Module):
         logit_clip: clip linear-assignment logits to ``[-clip, clip]`` (paper F.3 uses 10).
         check_finite: raise on NaN/Inf in real elements (one reduction + host sync per call).
         kernel: evaluation of the pairwise MLP, ``"chunked"`` (default) or ``"compiled"``
-            (torch.compile-fused, several times faster after a compilation of seconds on first
-            use; needs a C++ compiler on CPU / Triton on CUDA), see :mod:`setperm.pairwise`.
+            (torch.compile-fused pairwise MLP, faster after a one-off compilation on first use;
+            needs a C++ compiler on CPU / Triton on CUDA), see :mod:`setperm.pairwise`; measured
+            speed-ups in ``benchmarks/README.md``.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, return_steps=False, *,

@@ -10,10 +10,11 @@ same function and the same exact gradients:
   runs anywhere, differentiable twice.
 - ``"compiled"``: the same maths written as broadcast-and-reduce expressions and compiled by
   ``torch.compile`` (inductor), which fuses each reduction with its broadcast into one loop nest,
-  so the hidden activations only ever live in registers. The ordering cost's fwd+bwd is 3.5x faster
-  than with ``"chunked"`` at the VQA configuration on a 2-core CPU (``benchmarks/README.md``); needs a working inductor backend (a C++ compiler on CPU, Triton on CUDA) and
-  compiles once per dtype/device on first use (seconds; shapes are dynamic). Double backward
-  runs the chunked contractions.
+  so the hidden activations only ever live in registers. Faster than ``"chunked"`` after a
+  one-off compilation per dtype/device on first use (shapes are dynamic); measured speed-ups, and
+  the configurations where the pairwise MLP is too small for it to matter, are in
+  ``benchmarks/README.md``. Needs a working inductor backend (a C++ compiler on CPU, Triton on
+  CUDA). Double backward runs the chunked contractions.
 """
 from __future__ import annotations
 
