@@ -5,6 +5,7 @@
     python -m integrations.ban train --data-root DATA --permutation off --ban-root ~/ban-vqa   # official BAN
     torchrun --nproc_per_node 4 -m integrations.ban train --data-root DATA    # DDP
     python -m integrations.ban eval --run runs/ban/po-u-seed1204              # val accuracy of a run
+    python -m integrations.ban compare --data-root DATA --seeds 0 1 2 3 4     # BAN vs + LSTM vs + PO-U
 
 The training step time of BAN + PO against BAN is measured by ``python -m benchmarks.ban_step_time``.
 """
@@ -26,15 +27,17 @@ VARIANTS = ("po-u", "po-la", "none", "off")
 DATA_ENV = "SETPERM_VQA_ROOT"
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``train`` flags: the official recipe's defaults (ban-vqa main.py / train.py)."""
+def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True) -> None:
+    """The ``train`` flags: the official recipe's defaults (ban-vqa main.py / train.py). Without
+    ``single_run`` (the ``compare`` sweep) the variant and the seed are left to the sweep's own flags."""
     p.add_argument("--data-root", default=None,
                    help=f"folder with the official data/ layout, or a synthetic dataset (default: ${DATA_ENV})")
     p.add_argument("--ban-root", default=None,
                    help="checkout of jnhwkim/ban-vqa: build the OFFICIAL model (via integrations.ban.official)")
-    p.add_argument("--permutation", choices=VARIANTS, default="po-u",
-                   help="po-u / po-la: BAN + PO (paper F.4); none: BAN + LSTM (the set encoder reads the boxes in "
-                        "their input order); off: plain BAN, no set encoder")
+    if single_run:
+        p.add_argument("--permutation", choices=VARIANTS, default="po-u",
+                       help="po-u / po-la: BAN + PO (paper F.4); none: BAN + LSTM (the set encoder reads the boxes "
+                            "in their input order); off: plain BAN, no set encoder")
     add_kernel_argument(p)
     p.add_argument("--num-hid", type=positive_int, default=1280, help="BAN hidden size H")
     p.add_argument("--gamma", type=positive_int, default=8, help="number of glimpses G")
@@ -56,11 +59,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed36", action="store_true", help="use the fixed-36 {split}36.hdf5 features")
     p.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many optimiser steps (continue with --resume)")
-    p.add_argument("--seed", type=non_negative_int, default=1204, help="official main.py default")
+    if single_run:
+        p.add_argument("--seed", type=non_negative_int, default=1204, help="official main.py default")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--workers", type=non_negative_int, default=1, help="DataLoader workers per process (official: 1)")
-    add_run_arguments(p, out_help="run folder (default runs/ban/<permutation>-seed<seed>)")
+    add_run_arguments(p, out_help="run folder (default runs/ban/<permutation>-seed<seed>)" if single_run
+                      else "sweep folder (default runs/ban/compare)")
     p.add_argument("--log-every", type=positive_int, default=1, help="TensorBoard scalars every N steps")
 
 
@@ -78,7 +83,7 @@ def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> arg
     if a.lr is None:
         a.lr = 7e-4 if a.use_both else 1e-3
     if a.out is None:
-        a.out = f"runs/ban/{a.permutation}-seed{a.seed}"
+        a.out = f"runs/ban/{a.permutation}-seed{a.seed}" if hasattr(a, "permutation") else "runs/ban/compare"
     return a
 
 
@@ -91,7 +96,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,compare}")
     sub.add_parser("synth", add_help=False, help="write a synthetic dataset in the official layout "
                                                  f"(flags: {PROG} synth --help)")
     t = sub.add_parser("train", help="train BAN / BAN + LSTM / BAN + PO (official recipe)",
@@ -109,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=non_negative_int, default=0)
     e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_<split>.json)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
+    c = sub.add_parser("compare", help="BAN vs BAN + LSTM vs BAN + PO over seeds, per question family",
+                       description="Train every variant with every seed identically (one run each, in "
+                                   "<out>/runs/), then write results/compare.{json,md,png}: per-family val accuracy, "
+                                   "mean ± std over seeds, paired t-tests, eta and permutation entropy over training.")
+    add_train_arguments(c, single_run=False)
+    from .compare import add_compare_arguments
+
+    add_compare_arguments(c)
     return p
 
 
@@ -143,6 +156,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.command == "train":
         return cmd_train(resolve_train_args(args, p))
+    if args.command == "compare":
+        from .compare import run_sweep
+
+        run_sweep(resolve_train_args(args, p))
+        print(f"results: {Path(args.out) / 'results' / 'compare.md'}")
+        return 0
     return cmd_eval(args)
 
 

@@ -341,7 +341,8 @@ class _Trainer:
         """Validation, the epoch's record in the history, TensorBoard, a line, and a checkpoint."""
         args, info = self.args, self.info
         record = {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": self.sums[0] / self.sums[2],
-                  "train_soft_acc": self.sums[1] / self.sums[2]}
+                  "train_soft_acc": self.sums[1] / self.sums[2],
+                  **self.monitor.values()}            # eta and the last training batch's permutation entropy
         if self.val_ds is not None:
             val_loader = make_loader(self.val_ds, self.local_batch, shuffle=False, epoch=0, seed=args.seed,
                                      rank=info.rank, world=info.world_size, workers=args.workers)

@@ -224,3 +224,23 @@ def test_line_progress_writes_step_loss_and_eta():
     bar.close()
     first = buf.getvalue().splitlines()[0]
     assert "train: step 4/10 (40%)" in first and "loss=0.5" in first and "ETA" in first
+
+
+def test_stats_summary_and_paired_test():
+    from integrations.common.stats import binomial_se, fmt_mean_std, paired_test, summarize
+
+    s = summarize([0.5, 0.7, 0.6])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
+    assert fmt_mean_std(s) == "60.0 ± 10.0"
+    # a constant shift is detected as certain, no shift as no evidence
+    assert paired_test([0.6, 0.7, 0.8], [0.5, 0.6, 0.7])["p"] == 0.0
+    assert paired_test([0.6, 0.7, 0.8], [0.6, 0.7, 0.8])["p"] == 1.0
+    t = paired_test([0.61, 0.72, 0.80, 0.66], [0.50, 0.69, 0.71, 0.60])
+    from scipy import stats
+
+    assert t["p"] == pytest.approx(stats.ttest_rel([0.61, 0.72, 0.80, 0.66], [0.50, 0.69, 0.71, 0.60]).pvalue)
+    assert t["diff_mean"] == pytest.approx(0.0725)
+    assert paired_test([0.5], [0.4])["p"] is None
+    with pytest.raises(ValueError):
+        paired_test([0.5, 0.6], [0.4])
+    assert binomial_se(0.5, 2500) == pytest.approx(0.01)

@@ -1,0 +1,182 @@
+"""``python -m integrations.ban compare``: BAN vs BAN + LSTM vs BAN + PO, trained identically over seeds.
+
+Every (variant, seed) is one ordinary training run (the ``train`` command's lifecycle) in
+``<out>/runs/<variant>-s<seed>``; the sweep folder itself follows the same rule (a finished sweep
+with the same settings prints its report and changes nothing; ``--resume`` continues the runs that
+are not finished; ``--overwrite`` starts again). When all runs are finished the sweep writes
+
+* ``results/compare.json``: per run the last epoch's val accuracy overall and per question family,
+  the eta / permutation-entropy history; per family mean ± std over seeds for every variant and a
+  paired t-test (by seed) of every variant against every other;
+* ``results/compare.md``: the same as Markdown tables;
+* ``results/compare.png``: per-family accuracy with the seed spread, and eta and entropy over training.
+
+Runs with the same seed share the data order and BAN's initial weights (the set encoder's
+parameters are created after BAN's), so the tests pair runs by seed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from integrations.common import open_run, write_json
+from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
+
+LABELS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U", "po-la": "BAN + PO-LA"}
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variants", nargs="+", default=["off", "none", "po-u"], choices=tuple(LABELS),
+                   help="off: BAN; none: BAN + LSTM; po-u / po-la: BAN + PO (default: off none po-u)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="one run per variant and seed")
+
+
+def cell_name(variant: str, seed: int) -> str:
+    return f"{variant}-s{seed}"
+
+
+def _cell_args(args: argparse.Namespace, variant: str, seed: int) -> argparse.Namespace:
+    cell = copy.copy(args)
+    cell.permutation, cell.seed = variant, seed
+    cell.out = str(Path(args.out) / "runs" / cell_name(variant, seed))
+    cell.resume, cell.overwrite = True, False          # each run continues (or reuses) itself
+    for key in ("variants", "seeds", "command"):
+        if hasattr(cell, key):
+            delattr(cell, key)
+    return cell
+
+
+def sweep_config(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("permutation", "seed", "command") and not callable(v)}
+
+
+def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
+    """Train every (variant, seed) not finished yet, then write the report; returns the results."""
+    from .train import run as train_run
+
+    train = train or train_run
+    sweep = open_run(args.out, sweep_config(args), resume=args.resume, overwrite=args.overwrite)
+    if sweep.finished:
+        print(f"{sweep.path} holds this finished comparison; nothing to do")
+        print((sweep.path / "results" / "compare.md").read_text())
+        return sweep.summary
+    cells = list(itertools.product(args.variants, args.seeds))
+    for i, (variant, seed) in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {LABELS[variant]}, seed {seed}", flush=True)
+        train(_cell_args(args, variant, seed))
+    results = collect(Path(args.out), args.variants, args.seeds)
+    write_report(Path(args.out) / "results", results)
+    sweep.finish({"results": str(Path(args.out) / "results" / "compare.json")})
+    print((Path(args.out) / "results" / "compare.md").read_text())
+    return results
+
+
+# ------------------------------------------------------------------------------------- collecting
+def _final(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if not summary.get("finished"):
+        raise RuntimeError(f"{run_dir} is not finished")
+    return summary
+
+
+def collect(out: Path, variants: Sequence[str], seeds: Sequence[int]) -> dict:
+    """Per run: the last epoch's val metrics and the monitor history; per family and variant: mean ± std;
+    per family and pair of variants: the paired test over seeds."""
+    runs: Dict[str, dict] = {}
+    for variant, seed in itertools.product(variants, seeds):
+        summary = _final(out / "runs" / cell_name(variant, seed))
+        last = summary["history"][-1]
+        acc = {k[len("val_soft_acc/"):]: v for k, v in last.items() if k.startswith("val_soft_acc/")}
+        acc["all"] = last["val_soft_acc"]
+        curves = {k: [h.get(k) for h in summary["history"]] for k in last
+                  if k.startswith("eta/") or k.startswith("permutation_entropy/")}
+        runs[cell_name(variant, seed)] = {"variant": variant, "seed": seed, "val": acc, "val_n": last.get("val_n"),
+                                          "train_soft_acc": last["train_soft_acc"], "curves": curves,
+                                          "epochs": [h["epoch"] for h in summary["history"]]}
+    families = sorted({f for r in runs.values() for f in r["val"]}, key=lambda f: (f != "all", f))
+    table: Dict[str, Dict[str, dict]] = {}
+    tests: Dict[str, Dict[str, dict]] = {}
+    for fam in families:
+        per = {v: [runs[cell_name(v, s)]["val"].get(fam) for s in seeds] for v in variants}
+        table[fam] = {v: summarize(x) for v, x in per.items() if None not in x}
+        tests[fam] = {f"{a} vs {b}": paired_test(per[a], per[b]) for a, b in itertools.combinations(variants, 2)
+                      if None not in per[a] and None not in per[b]}
+    return {"variants": list(variants), "seeds": list(seeds), "families": families, "runs": runs,
+            "summary": table, "tests": tests}
+
+
+# ------------------------------------------------------------------------------------- report
+def markdown(results: dict) -> str:
+    variants, fams = results["variants"], results["families"]
+    n_seeds = len(results["seeds"])
+    val_n = {r["val_n"] for r in results["runs"].values()}
+    lines = [f"Val soft accuracy (%), last epoch, mean ± std over {n_seeds} seeds "
+             f"({', '.join(map(str, sorted(val_n)))} val questions).", "",
+             "| family | " + " | ".join(LABELS[v] for v in variants) + " |",
+             "|---|" + "---|" * len(variants)]
+    for fam in fams:
+        cells = [fmt_mean_std(results["summary"][fam][v]) if v in results["summary"][fam] else "-" for v in variants]
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    pairs = list(itertools.combinations(variants, 2))
+    lines += ["", "Paired t-test over seeds: mean difference in points (first minus second), p-value.", "",
+              "| family | " + " | ".join(f"{LABELS[a]} − {LABELS[b]}" for a, b in pairs) + " |",
+              "|---|" + "---|" * len(pairs)]
+    for fam in fams:
+        cells = []
+        for a, b in pairs:
+            t = results["tests"][fam].get(f"{a} vs {b}")
+            cells.append("-" if t is None or t["diff_mean"] is None else f"{100 * t['diff_mean']:+.1f} (p {fmt_p(t['p'])})")
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants, fams = results["variants"], results["families"]
+    curve_keys = sorted({k for r in results["runs"].values() for k in r["curves"]})
+    fig, axes = plt.subplots(1, 1 + len(curve_keys), figsize=(max(8.0, 0.9 * len(fams) * len(variants)) +
+                                                              4.0 * len(curve_keys), 4.2), squeeze=False)
+    ax = axes[0, 0]
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        xs = np.arange(len(fams)) + (j - (len(variants) - 1) / 2) * width
+        means = [100 * results["summary"][f][v]["mean"] if v in results["summary"][f] else np.nan for f in fams]
+        stds = [100 * results["summary"][f][v]["std"] if v in results["summary"][f] else 0 for f in fams]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=LABELS[v], alpha=0.75)
+        for k, f in enumerate(fams):
+            pts = [100 * results["runs"][cell_name(v, s)]["val"].get(f, np.nan) for s in results["seeds"]]
+            ax.scatter(np.full(len(pts), xs[k]), pts, s=6, color="k", zorder=3)
+    ax.set_xticks(np.arange(len(fams)))
+    ax.set_xticklabels(fams, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("val soft accuracy (%)")
+    ax.set_title("per family: mean ± std over seeds (dots: seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    for c, key in enumerate(curve_keys, 1):
+        ax = axes[0, c]
+        for name, r in results["runs"].items():
+            if key in r["curves"]:
+                ax.plot(r["epochs"], r["curves"][key], marker=".", lw=1, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(key.split("/")[0].replace("_", " "), fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: Path, results: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "compare.json", results)
+    (folder / "compare.md").write_text(markdown(results) + "\n")
+    plot(results, folder / "compare.png")

@@ -1,0 +1,112 @@
+"""setperm's set encoder as a PyTorch Geometric aggregation (``torch_geometric.nn.aggr``).
+
+PyG passes a set as its *sparse* batch form: the elements of all sets stacked in ``x (E, F)`` and
+``index (E,)`` naming the set of every element (sorted, as for PyG's ``LSTMAggregation``). The
+aggregation densifies that with the base class's ``to_dense_batch`` (mask True = real element) and
+runs :class:`setperm.PermutationSetEncoder`: PO permutes each set (paper section 2, algorithm 1)
+and an LSTM reads the permuted sequence, its last cell state is the set representation (section
+4.4, appendix F.4). Padded elements have no influence on the encoder, so the output of a set does
+not depend on which other sets share its batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+from torch_geometric.experimental import disable_dynamic_shapes
+from torch_geometric.nn.aggr import Aggregation
+from torch_geometric.utils import to_dense_batch
+
+from setperm import PermutationSetEncoder
+
+# The two sizes come from the positional arguments, as in PyG's LSTMAggregation(in, out).
+_RESERVED = ("in_features", "hidden_size")
+
+
+class PermutationAggregation(Aggregation):
+    r"""Permutation-optimising set encoder (PO + LSTM) as a PyG aggregation.
+
+    Args:
+        in_channels: size F of each element (``in_features`` of the encoder).
+        out_channels: size of the set representation (the encoder's LSTM ``hidden_size``).
+        **encoder_kwargs: the other arguments of :class:`setperm.PermutationSetEncoder`, e.g.
+            ``cost_hidden``, ``steps``, ``permutation`` (``"po-u"`` default, ``"po-la"`` with
+            ``num_positions``, ``"none"``), ``sinkhorn_iters``, ``eta_init``, ``kernel``.
+
+    Call: ``aggr(x, index=None, ptr=None, dim_size=None, dim=-2, max_num_elements=None,
+    weights=None)`` like every PyG aggregation.
+
+    Shapes:
+        - input ``x (E, F)``; ``index (E,)`` long and sorted (set of each element) or ``ptr (S + 1,)``
+          (CSR boundaries); ``dim_size`` = number of sets S (default: ``index.max() + 1``);
+          optional ``weights (E,)`` or ``(E, 1)``: relevance logits, each element is scaled by
+          ``sigmoid(weights)`` before the LSTM (paper F.4).
+        - output ``(S, out_channels)``. A set without elements (an isolated node, a graph without
+          nodes, an index value that never occurs below ``dim_size``) gives **zeros**.
+
+    Permutation invariant: the output of a set does not depend on the order of its elements
+    (up to floating-point rounding, and except for ``permutation="none"``, the LSTM-only
+    ablation that reads the given order) nor on the other sets in the batch. Inside a
+    ``MessagePassing`` layer the incoming edges must be sorted by destination (``index`` sorted),
+    e.g. with ``data.sort(sort_by_row=False)``, as for PyG's own ``LSTMAggregation``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, **encoder_kwargs: Any):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        clash = [k for k in _RESERVED if k in encoder_kwargs]
+        if clash:
+            raise ValueError(f"encoder_kwargs must not contain {clash}: the sizes are in_channels and out_channels")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self._encoder_kwargs: Dict[str, Any] = dict(encoder_kwargs)
+        self.encoder = PermutationSetEncoder(in_channels, out_channels, **encoder_kwargs)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter as a new encoder would be (in place, so an optimiser that
+        holds the parameters keeps working)."""
+        fresh = PermutationSetEncoder(self.in_channels, self.out_channels, **self._encoder_kwargs)
+        self.encoder.load_state_dict(fresh.state_dict())
+
+    @property
+    def eta(self) -> Optional[Tensor]:
+        """The learned inner step size of PO (None for ``permutation="none"`` or ``steps=0``)."""
+        return self.encoder.eta
+
+    @disable_dynamic_shapes(required_args=["dim_size", "max_num_elements"])
+    def forward(self, x: Tensor, index: Optional[Tensor] = None, ptr: Optional[Tensor] = None,
+                dim_size: Optional[int] = None, dim: int = -2, max_num_elements: Optional[int] = None,
+                weights: Optional[Tensor] = None) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"x must have shape (E, {self.in_channels}), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if index is None and ptr is not None:
+            # to_dense_batch works on index only: expand the CSR boundaries (sets are contiguous).
+            index = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
+        dense, mask = self.to_dense_batch(x, index, ptr, dim_size, dim, max_num_elements=max_num_elements)
+        num_sets = dense.shape[0]
+        if dense.shape[1] == 0:
+            # No set holds an element: the documented output of an empty set.
+            return x.new_zeros(num_sets, self.out_channels)
+        dense_weights = None
+        if weights is not None:
+            if not isinstance(weights, Tensor) or weights.reshape(-1).shape[0] != x.shape[0] or \
+                    weights.dim() > 2 or (weights.dim() == 2 and weights.shape[1] != 1):
+                raise ValueError(f"weights must have shape ({x.shape[0]},) or ({x.shape[0]}, 1), got "
+                                 f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__}")
+            dense_weights, _ = to_dense_batch(weights.reshape(-1, 1).to(dense.dtype), index, batch_size=num_sets,
+                                              max_num_nodes=dense.shape[1])
+            dense_weights = dense_weights.squeeze(-1)
+        return self.encoder(dense, mask=mask, weights=dense_weights)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, {self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        enc = self.encoder
+        parts = [f"permutation={enc.permutation!r}"]
+        parts += [f"{k}={v!r}" for k, v in sorted(self._encoder_kwargs.items()) if k != "permutation"]
+        return ", ".join(parts)

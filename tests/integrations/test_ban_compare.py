@@ -1,0 +1,41 @@
+"""python -m integrations.ban compare: every (variant, seed) trained as its own run, a report with per-family
+mean ± std and paired tests, and the sweep folder following the run rule."""
+import json
+
+import pytest
+
+from integrations.ban import synth
+from integrations.ban.cli import main
+from integrations.common import RunError
+
+FLAGS = ["--num-hid", "16", "--gamma", "2", "--batch-size", "4", "--workers", "0", "--threads", "1", "--epochs", "1",
+         "--seeds", "0", "1", "--variants", "off", "po-u"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return synth.generate(tmp_path_factory.mktemp("bancmp") / "data", images=6, val_images=2, questions=3, seed=1,
+                          v_dim=32, fixed=False)
+
+
+def test_compare_trains_each_cell_and_reports(root, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data-root", str(root), "--out", str(out), *FLAGS]) == 0
+    results = json.loads((out / "results" / "compare.json").read_text())
+    assert sorted(results["runs"]) == ["off-s0", "off-s1", "po-u-s0", "po-u-s1"]
+    assert "all" in results["families"] and set(results["summary"]["all"]) == {"off", "po-u"}
+    test = results["tests"]["all"]["off vs po-u"]
+    assert test["n"] == 2 and test["p"] is not None
+    # the PO-U runs record eta and the permutation entropy per epoch; plain BAN has neither
+    curves = results["runs"]["po-u-s0"]["curves"]
+    assert any(k.startswith("eta/") for k in curves) and any(k.startswith("permutation_entropy/") for k in curves)
+    assert results["runs"]["off-s0"]["curves"] == {}
+    md = (out / "results" / "compare.md").read_text()
+    assert "| all |" in md and "BAN + PO-U" in md and "p " in md
+    assert (out / "results" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a finished sweep with the same settings changes nothing; other settings are refused
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(["compare", "--data-root", str(root), "--out", str(out), *FLAGS]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    with pytest.raises(RunError, match="--resume"):
+        main(["compare", "--data-root", str(root), "--out", str(out), *FLAGS[:-2], "none"])

@@ -1,0 +1,211 @@
+"""integrations.pyg: PermutationAggregation equals the dense encoder, is invariant to node order and to
+batching, gives zeros for empty graphs, and works as a GNN readout and as a MessagePassing aggr."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+pytest.importorskip("torch_geometric")
+
+from torch_geometric.data import Batch, Data  # noqa: E402
+from torch_geometric.nn import GCNConv, SAGEConv  # noqa: E402
+
+from integrations.pyg import PermutationAggregation  # noqa: E402
+from setperm import PermutationSetEncoder  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+TOL64 = dict(rtol=1e-9, atol=1e-10)
+
+
+def _aggr(in_channels=5, out_channels=7, **kw):
+    torch.manual_seed(0)
+    kw.setdefault("cost_hidden", 8)
+    kw.setdefault("steps", 3)
+    return PermutationAggregation(in_channels, out_channels, **kw).double()
+
+
+def _sparse_sets(sizes, features=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(sizes), features, generator=g, dtype=torch.float64)
+    index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return x, index
+
+
+def test_equals_dense_encoder_on_the_same_sets():
+    aggr = _aggr()
+    dense = PermutationSetEncoder(5, 7, cost_hidden=8, steps=3).double()
+    dense.load_state_dict(aggr.encoder.state_dict())
+    sizes = [4, 1, 6, 3]
+    x, index = _sparse_sets(sizes)
+    w = torch.randn(x.shape[0], dtype=torch.float64)
+    padded = torch.zeros(len(sizes), max(sizes), 5, dtype=torch.float64)
+    padded_w = torch.zeros(len(sizes), max(sizes), dtype=torch.float64)
+    mask = torch.arange(max(sizes)) < torch.tensor(sizes)[:, None]
+    padded[mask], padded_w[mask] = x, w
+    assert_close(aggr(x, index), dense(padded, mask=mask), **TOL64)
+    assert_close(aggr(x, index, weights=w), dense(padded, mask=mask, weights=padded_w), **TOL64)
+    assert_close(aggr(x, index, weights=w.unsqueeze(1)), dense(padded, mask=mask, weights=padded_w), **TOL64)
+    # CSR boundaries give the same as the index vector
+    ptr = torch.tensor([0, 4, 5, 11, 14])
+    assert_close(aggr(x, ptr=ptr), aggr(x, index), **TOL64)
+
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la"])
+def test_output_of_a_graph_is_invariant_to_the_order_of_its_nodes(permutation):
+    aggr = _aggr(permutation=permutation, num_positions=8 if permutation == "po-la" else None)
+    sizes = [5, 8, 2]
+    x, index = _sparse_sets(sizes)
+    out = aggr(x, index)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.cat([start + torch.randperm(n, generator=g)
+                      for start, n in zip(torch.tensor([0] + sizes[:-1]).cumsum(0).tolist(), sizes)])
+    assert not torch.equal(perm, torch.arange(len(perm)))
+    assert_close(aggr(x[perm], index), out, **TOL64)
+
+
+def test_lstm_only_ablation_does_depend_on_node_order():
+    # the invariance test above can fail: the "none" ablation reads the given order
+    aggr = _aggr(permutation="none")
+    x, index = _sparse_sets([6])
+    assert not torch.allclose(aggr(x.flip(0), index), aggr(x, index))
+
+
+def test_invariant_to_how_graphs_are_batched_together():
+    aggr = _aggr()
+    sizes = [3, 9, 1, 5]
+    x, index = _sparse_sets(sizes)
+    together = aggr(x, index)
+    starts = [0, 3, 12, 13]
+    alone = torch.cat([aggr(x[s:s + n], torch.zeros(n, dtype=torch.long)) for s, n in zip(starts, sizes)])
+    assert_close(together, alone, **TOL64)
+    # a different partner and padding length: the first set with only the last one
+    pair = aggr(torch.cat([x[:3], x[13:]]), torch.tensor([0] * 3 + [1] * 5))
+    assert_close(pair, together[[0, 3]], **TOL64)
+    # padding to a fixed max_num_elements changes nothing
+    assert_close(aggr(x, index, dim_size=4, max_num_elements=12), together, **TOL64)
+
+
+def test_empty_graphs_give_zeros_and_finite_gradients():
+    aggr = _aggr()
+    x, index = _sparse_sets([4, 2])
+    x.requires_grad_(True)
+    index = torch.tensor([0, 0, 0, 0, 3, 3])          # sets 1, 2 and 4 have no elements
+    out = aggr(x, index, dim_size=5)
+    assert out.shape == (5, 7)
+    assert_close(out[[1, 2, 4]], torch.zeros(3, 7, dtype=torch.float64), rtol=0, atol=0)
+    assert out[[0, 3]].abs().sum() > 0
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    # no element at all
+    empty = aggr(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long), dim_size=3)
+    assert_close(empty, torch.zeros(3, 7, dtype=torch.float64), rtol=0, atol=0)
+
+
+def _graphs(num, features=4, seed=0):
+    """Small random graphs with a label (does the graph hold more nodes with feature 0 > 0 than not)."""
+    g = torch.Generator().manual_seed(seed)
+    graphs = []
+    for _ in range(num):
+        n = int(torch.randint(3, 9, (1,), generator=g))
+        x = torch.randn(n, features, generator=g)
+        src = torch.arange(n)
+        edge_index = torch.stack([torch.cat([src, (src + 1) % n]), torch.cat([(src + 1) % n, src])])   # a ring
+        y = (x[:, 0] > 0).float().mean().gt(0.5).long().view(1)
+        graphs.append(Data(x=x, edge_index=edge_index, y=y))
+    return graphs
+
+
+class _ReadoutGNN(torch.nn.Module):
+    def __init__(self, features=4, hidden=16):
+        super().__init__()
+        self.conv = GCNConv(features, hidden)
+        self.readout = PermutationAggregation(hidden, hidden, cost_hidden=8, steps=2)
+        self.head = torch.nn.Linear(hidden, 2)
+
+    def forward(self, batch):
+        h = self.conv(batch.x, batch.edge_index).relu()
+        return self.head(self.readout(h, batch.batch, dim_size=batch.num_graphs))
+
+
+def test_readout_of_a_small_gnn_on_a_real_batch():
+    torch.manual_seed(0)
+    model = _ReadoutGNN()
+    graphs = _graphs(12)
+    batch = Batch.from_data_list(graphs)
+    with torch.no_grad():
+        together = model(batch)
+        alone = torch.cat([model(Batch.from_data_list([d])) for d in graphs])
+    assert together.shape == (12, 2)
+    assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(batch), batch.y)
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_as_the_aggr_of_a_message_passing_layer_invariant_to_neighbour_order():
+    torch.manual_seed(0)
+    conv = SAGEConv(4, 6, aggr=PermutationAggregation(4, 4, cost_hidden=8, steps=2)).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    # node 5 has no incoming edge: its neighbourhood aggregates to zeros
+    dst = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 4])
+    src = torch.tensor([1, 2, 3, 0, 4, 5, 0, 1, 2, 5, 3])
+    out = conv(x, torch.stack([src, dst]))
+    # shuffle the edges of every destination; edges stay sorted by destination as PyG requires
+    order = torch.cat([torch.nonzero(dst == d).flatten()[torch.randperm(int((dst == d).sum()), generator=g)]
+                       for d in range(5)])
+    assert_close(conv(x, torch.stack([src[order], dst[order]])), out, **TOL64)
+    assert_close(conv.aggr_module(x[src], dst, dim_size=6)[5], torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_reset_parameters_reinitialises_in_place():
+    aggr = _aggr()
+    params = list(aggr.parameters())
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    torch.manual_seed(0)
+    aggr.reset_parameters()
+    assert all(p is q for p, q in zip(aggr.parameters(), params))     # optimisers keep working
+    torch.manual_seed(0)
+    fresh = PermutationSetEncoder(5, 7, cost_hidden=8, steps=3)
+    for p, q in zip(aggr.encoder.parameters(), fresh.parameters()):
+        assert_close(p, q.double(), rtol=0, atol=0)
+    assert_close(aggr.eta, torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_argument_checks_and_repr():
+    with pytest.raises(ValueError, match="in_channels"):
+        PermutationAggregation(0, 4)
+    with pytest.raises(ValueError, match="out_channels"):
+        PermutationAggregation(4, 2.5)
+    with pytest.raises(ValueError, match="hidden_size"):
+        PermutationAggregation(4, 4, hidden_size=8)
+    with pytest.raises(ValueError, match="permutation"):
+        PermutationAggregation(4, 4, permutation="sorted")
+    aggr = PermutationAggregation(4, 6, cost_hidden=8, steps=2)
+    with pytest.raises(ValueError, match=r"x must have shape \(E, 4\), got \(3, 5\)"):
+        aggr(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
+        aggr(torch.randn(3, 4), torch.zeros(3, dtype=torch.long), weights=torch.randn(2))
+    with pytest.raises(ValueError, match="not sorted"):
+        aggr(torch.randn(3, 4), torch.tensor([1, 0, 1]))
+    text = repr(aggr)
+    assert text.startswith("PermutationAggregation(4, 6,") and "steps=2" in text and "po-u" in text
+
+
+def test_core_library_does_not_import_pyg():
+    code = "import sys, setperm; assert 'torch_geometric' not in sys.modules, 'setperm imported torch_geometric'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
