@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .assign import LinearAssignmentLogits, apply_permutation, permutation_matrix
+from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
 from .init import uninitialized, xavier_lstm_
 from .masking import check_dtype, check_set, check_weights, module_dtype, resolve_mask, zero_padding
@@ -234,6 +234,13 @@ class PermutationSetEncoder(nn.Module):
             (elements read in input order, which is not permutation invariant).
         sinkhorn_iters, temperature, eta_init, num_positions, logit_clip, check_finite, kernel: as
             in :class:`PermutationOptimizer` (unused with ``"none"``, except ``check_finite``).
+        straight_through: if True (default False, the paper's configuration), the LSTM reads the
+            set in the hard order of the Hungarian algorithm applied to ``P`` (every position holds
+            exactly one element) while gradients flow through the soft ``P``: it reads
+            ``apply_permutation(x, P_hard + P - P.detach())``, the straight-through estimator. A
+            soft ``P`` mixes several elements into each position of the sequence; the hard order
+            keeps element identity, which counts and histograms over the set need. Not with
+            ``"none"``. The Hungarian step runs on the CPU (O(n^3) per set).
         device, dtype: where and in which dtype to create the parameters.
 
     Submodules: ``optimizer`` (the :class:`PermutationOptimizer`, None for ``"none"``), ``lstm``.
@@ -245,6 +252,7 @@ class PermutationSetEncoder(nn.Module):
         elements, ``key_padding_mask`` True at padding, ``lengths`` gives prefix padding (at most
         one of them). ``weights`` are relevance logits: each element is scaled by
         ``sigmoid(weights)`` before the LSTM (F.4); the ordering cost sees the unscaled elements.
+        ``P`` is always the soft permutation, also with ``straight_through``.
         The LSTM reads only the n real elements (packed sequence), so padding has no influence;
         an empty set gives ``h = 0``, N = 0 gives ``h = zeros(B, hidden_size)`` and ``P`` of shape
         ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
@@ -254,10 +262,15 @@ class PermutationSetEncoder(nn.Module):
                  steps: Optional[int] = None, permutation: str = "po-u", sinkhorn_iters: int = 4,
                  temperature: float = 1.0, eta_init: float = 1.0, num_positions: Optional[int] = None,
                  check_finite: bool = True, kernel: str = "chunked", logit_clip: Optional[float] = None, *,
-                 device=None, dtype=None):
+                 straight_through: bool = False, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.permutation = _check_permutation(permutation, ENCODER_PERMUTATIONS)
+        if not isinstance(straight_through, bool):
+            raise ValueError(f"straight_through must be a bool, got {straight_through!r}")
+        if straight_through and permutation == "none":
+            raise ValueError("straight_through=True needs a permutation to harden, got permutation='none'")
+        self.straight_through = straight_through
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(hidden_size, int) or hidden_size < 1:
@@ -329,7 +342,13 @@ class PermutationSetEncoder(nn.Module):
             order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
         if weights is not None:
             x = x * torch.sigmoid(zero_padding(weights.unsqueeze(-1), mask))
-        if P is not None:
+        if P is not None and self.straight_through:
+            # Straight-through: the forward value is the hard permutation exactly (P - P.detach() is 0),
+            # the gradient is that of the soft P. hungarian() solves only the real block and puts padded
+            # elements on the trailing positions, which the packed LSTM below never reads.
+            _, P_hard = hungarian(P, mask=mask, return_matrix=True)
+            seq = apply_permutation(x, P_hard + (P - P.detach()))
+        elif P is not None:
             seq = apply_permutation(x, P)
         elif order is not None:
             seq = x.gather(1, order.unsqueeze(-1).expand_as(x))
@@ -358,6 +377,7 @@ class PermutationSetEncoder(nn.Module):
                 pairs += [("cost_hidden", po.cost_hidden), ("eta_init", po.eta_init), ("kernel", po.kernel)]
             if po.linear is not None:
                 pairs += [("num_positions", po.num_positions), ("logit_clip", po.logit_clip)]
-            pairs += [("sinkhorn_iters", po.sinkhorn_iters), ("temperature", po.temperature)]
+            pairs += [("sinkhorn_iters", po.sinkhorn_iters), ("temperature", po.temperature),
+                      ("straight_through", self.straight_through)]
         pairs.append(("check_finite", self.check_finite))
         return _repr(pairs)

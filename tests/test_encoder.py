@@ -354,3 +354,105 @@ def test_state_dict_of_the_former_permute_attribute_loads():
     wrapper = torch.nn.ModuleDict({"enc": make_encoder(torch.float64, seed=6)})   # nested prefix
     wrapper.load_state_dict({"enc." + k: v for k, v in old.items()})
     assert torch.equal(wrapper["enc"].optimizer.cost.first.weight, enc.optimizer.cost.first.weight)
+
+
+# ----------------------------------------------------------------------------- straight-through hard order
+
+def make_st_encoder(permutation="po-u", seed=0, D=5):
+    torch.manual_seed(seed)
+    return PermutationSetEncoder(D, hidden_size=12, cost_hidden=16, steps=3, permutation=permutation,
+                                 num_positions=16 if permutation == "po-la" else None,
+                                 straight_through=True).double()
+
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la"])
+def test_straight_through_padded_equals_unpadded_and_reads_the_hard_order(permutation):
+    g = torch.Generator().manual_seed(3)
+    enc = make_st_encoder(permutation)
+    sizes, N = [1, 3, 7, 11, 16], 16
+    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in sizes]
+    ws = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
+    alone = torch.cat([enc(x[None], weights=w[None]) for x, w in zip(sets, ws)])
+    padded = [pad_randomly(x, w, N, g, fill=float("nan") if i % 2 else float("-inf"))
+              for i, (x, w) in enumerate(zip(sets, ws))]
+    xp, wp, mask = (torch.stack([p[j] for p in padded]) for j in range(3))
+    h, P = enc(xp, mask=mask, weights=wp, return_permutation=True)
+    assert torch.isfinite(h).all() and torch.isfinite(P[mask]).all()
+    assert_close(h, alone, **TOL[torch.float64])
+    # the LSTM reads the Hungarian order of the (returned, soft) P: the same as encoding the hard-sorted
+    # elements in that order with the LSTM alone
+    from setperm import hungarian
+    idx = hungarian(P, mask=mask)
+    plain = make_encoder(torch.float64, "none")
+    plain.lstm.load_state_dict(enc.lstm.state_dict())
+    for b, n in enumerate(sizes):
+        order = idx[b, :n]
+        seq = (torch.nan_to_num(xp[b, order]) * torch.sigmoid(wp[b, order]).unsqueeze(-1))[None]
+        assert_close(plain(seq)[0], h[b], **TOL[torch.float64])
+    # the soft path reads something else (P is not hard at initialisation)
+    soft = make_encoder(torch.float64, permutation, D=5)
+    soft.load_state_dict(enc.state_dict())
+    assert not torch.allclose(soft(xp, mask=mask, weights=wp), h, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_straight_through_is_invariant_to_the_input_order(seed):
+    g = torch.Generator().manual_seed(seed)
+    enc = make_st_encoder(seed=seed)
+    x = torch.randn(3, 9, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    perm = torch.randperm(9, generator=g)
+    h = enc(x, weights=w)
+    assert_close(enc(x[:, perm], weights=w[:, perm]), h, **TOL[torch.float64])
+
+
+def test_straight_through_gradient_is_the_soft_paths_at_the_hard_sequence():
+    """The straight-through identity: d loss / d theta = (dP/d theta)^T (d loss / dP) with d loss / dP taken
+    at the hard sequence, i.e. the gradient of <apply_permutation(x, P), g> for g = d loss / d seq_hard."""
+    from setperm import apply_permutation, hungarian
+    enc = make_st_encoder()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, True, True, False], [True] * 6])
+    target = torch.randn(2, 12, generator=g, dtype=torch.float64)
+    ((enc(x, mask=mask) - target) ** 2).sum().backward()
+    st_grads = {k: p.grad.clone() for k, p in enc.optimizer.named_parameters()}
+    enc.zero_grad()
+    # by hand: the LSTM on the hard sequence gives g; the optimiser's parameters get <P^T x, g>'s gradient
+    P = enc.optimizer(x, mask=mask)
+    _, P_hard = hungarian(P, mask=mask, return_matrix=True)
+    seq = apply_permutation(x.masked_fill(~mask.unsqueeze(-1), 0), P_hard).requires_grad_(True)
+    from torch.nn.utils.rnn import pack_padded_sequence
+    n = mask.sum(1)
+    _, (_, c) = enc.lstm(pack_padded_sequence(seq, n, batch_first=True, enforce_sorted=False))
+    (g_seq,) = torch.autograd.grad(((c[-1] - target) ** 2).sum(), seq)
+    (apply_permutation(x.masked_fill(~mask.unsqueeze(-1), 0), P) * g_seq).sum().backward()
+    for k, p in enc.optimizer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, k
+        assert_close(st_grads[k], p.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5), (3, 4, 5)])
+def test_straight_through_empty_batches_and_sets_give_no_nan(shape):
+    enc = make_st_encoder()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    for mask in (None, torch.zeros(shape[:2], dtype=torch.bool)):
+        enc.zero_grad()
+        h, P = enc(x, mask=mask, return_permutation=True)
+        assert h.shape == (shape[0], 12) and P.shape == (shape[0], shape[1], shape[1])
+        assert torch.isfinite(h).all()
+        if mask is not None:
+            assert torch.equal(h, torch.zeros_like(h))
+        h.sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+        assert x.grad is None or torch.isfinite(x.grad).all()
+
+
+def test_straight_through_argument_and_repr():
+    assert "straight_through=True" in repr(make_st_encoder())
+    assert "straight_through=False" in repr(make_encoder(torch.float64))
+    assert not make_encoder(torch.float64).straight_through
+    with pytest.raises(ValueError, match="straight_through"):
+        PermutationSetEncoder(5, 8, permutation="none", straight_through=True)
+    with pytest.raises(ValueError, match="straight_through"):
+        PermutationSetEncoder(5, 8, straight_through=1)

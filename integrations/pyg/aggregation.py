@@ -32,7 +32,8 @@ class PermutationAggregation(Aggregation):
         out_channels: size of the set representation (the encoder's LSTM ``hidden_size``).
         **encoder_kwargs: the other arguments of :class:`setperm.PermutationSetEncoder`, e.g.
             ``cost_hidden``, ``steps``, ``permutation`` (``"po-u"`` default, ``"po-la"`` with
-            ``num_positions``, ``"none"``), ``sinkhorn_iters``, ``eta_init``, ``kernel``.
+            ``num_positions``, ``"none"``), ``sinkhorn_iters``, ``eta_init``, ``kernel``,
+            ``straight_through`` (the LSTM reads the Hungarian order of P; gradients through the soft P).
 
     Call: ``aggr(x, index=None, ptr=None, dim_size=None, dim=-2, max_num_elements=None,
     weights=None)`` like every PyG aggregation.

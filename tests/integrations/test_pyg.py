@@ -55,9 +55,12 @@ def test_equals_dense_encoder_on_the_same_sets():
     assert_close(aggr(x, ptr=ptr), aggr(x, index), **TOL64)
 
 
+@pytest.mark.parametrize("straight_through", [False, True])
 @pytest.mark.parametrize("permutation", ["po-u", "po-la"])
-def test_output_of_a_graph_is_invariant_to_the_order_of_its_nodes(permutation):
-    aggr = _aggr(permutation=permutation, num_positions=8 if permutation == "po-la" else None)
+def test_output_of_a_graph_is_invariant_to_the_order_of_its_nodes(permutation, straight_through):
+    aggr = _aggr(permutation=permutation, num_positions=8 if permutation == "po-la" else None,
+                 straight_through=straight_through)
+    assert aggr.encoder.straight_through is straight_through
     sizes = [5, 8, 2]
     x, index = _sparse_sets(sizes)
     out = aggr(x, index)
