@@ -20,10 +20,15 @@ import argparse
 import copy
 import itertools
 import json
+import os
+import signal
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from integrations.common import open_run, write_json
+from integrations.common import RunInterrupted, open_run, positive_int, write_json
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
 
 LABELS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U", "po-la": "BAN + PO-LA"}
@@ -33,6 +38,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=["off", "none", "po-u"], choices=tuple(LABELS),
                    help="off: BAN; none: BAN + LSTM; po-u / po-la: BAN + PO (default: off none po-u)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="one run per variant and seed")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="runs trained side by side, each in its own process with --threads threads (a machine "
+                        "with C cores: jobs x threads <= C); the results do not depend on it")
 
 
 def cell_name(variant: str, seed: int) -> str:
@@ -44,14 +52,16 @@ def _cell_args(args: argparse.Namespace, variant: str, seed: int) -> argparse.Na
     cell.permutation, cell.seed = variant, seed
     cell.out = str(Path(args.out) / "runs" / cell_name(variant, seed))
     cell.resume, cell.overwrite = True, False          # each run continues (or reuses) itself
-    for key in ("variants", "seeds", "command"):
+    for key in ("variants", "seeds", "jobs", "command"):
         if hasattr(cell, key):
             delattr(cell, key)
     return cell
 
 
 def sweep_config(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("permutation", "seed", "command") and not callable(v)}
+    # jobs is how the sweep is executed, not what it computes: a resumed sweep may change it
+    return {k: v for k, v in vars(args).items()
+            if k not in ("permutation", "seed", "command", "jobs") and not callable(v)}
 
 
 def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
@@ -65,14 +75,83 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
         print((sweep.path / "results" / "compare.md").read_text())
         return sweep.summary
     cells = list(itertools.product(args.variants, args.seeds))
-    for i, (variant, seed) in enumerate(cells, 1):
-        print(f"[{i}/{len(cells)}] {LABELS[variant]}, seed {seed}", flush=True)
-        train(_cell_args(args, variant, seed))
+    jobs = getattr(args, "jobs", 1) or 1
+    if jobs < 1:
+        raise ValueError(f"--jobs must be a positive int, got {jobs}")
+    if jobs == 1 or len(cells) == 1:
+        for i, (variant, seed) in enumerate(cells, 1):
+            print(f"[{i}/{len(cells)}] {LABELS[variant]}, seed {seed}", flush=True)
+            train(_cell_args(args, variant, seed))
+    else:
+        _train_in_parallel(sweep, [(v, s, _cell_args(args, v, s)) for v, s in cells], jobs, train)
     results = collect(Path(args.out), args.variants, args.seeds)
     write_report(Path(args.out) / "results", results)
     sweep.finish({"results": str(Path(args.out) / "results" / "compare.json")})
     print((Path(args.out) / "results" / "compare.md").read_text())
     return results
+
+
+def _own_process_group() -> None:
+    """Worker initializer: a Ctrl-C at the terminal reaches only the sweep's process, which then asks each
+    running run to stop exactly once (SIGTERM); a second signal to a run would stop it without a checkpoint."""
+    os.setpgrp()
+
+
+def _train_cell(train, cell_args: argparse.Namespace):
+    """Worker: one run. Exceptions come back as text (a RunInterrupted does not survive pickling)."""
+    try:
+        train(cell_args)
+        return "done", ""
+    except RunInterrupted as e:
+        return "interrupted", str(e)
+    except BaseException:
+        return "failed", traceback.format_exc()
+
+
+def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
+    """Train ``cells`` [(variant, seed, args)] in ``jobs`` processes. On SIGINT / SIGTERM no further run
+    starts, every running run gets one SIGTERM (it finishes its step and writes a checkpoint), and
+    RunInterrupted is raised once they have exited; a failed run stops the scheduling and is re-raised."""
+    total, started, finished = len(cells), 0, 0
+    failures: List[str] = []
+    with sweep.interruptible():
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_own_process_group)
+        running: Dict[object, str] = {}
+        queue = list(cells)
+        forwarded = False
+        try:
+            while queue or running:
+                while queue and len(running) < jobs and sweep.stop_signal() is None and not failures:
+                    variant, seed, cell_args = queue.pop(0)
+                    started += 1
+                    print(f"[{started}/{total}] {LABELS[variant]}, seed {seed}: started", flush=True)
+                    running[pool.submit(_train_cell, train, cell_args)] = f"{LABELS[variant]}, seed {seed}"
+                if not running:
+                    break
+                done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    name = running.pop(fut)
+                    status, text = fut.result()
+                    finished += 1
+                    print(f"[{finished}/{total} finished] {name}: {status}" + (f" ({text})" if status == "interrupted" else ""),
+                          flush=True)
+                    if status == "failed":
+                        failures.append(f"{name}:\n{text}")
+                if sweep.stop_signal() is not None and not forwarded:
+                    forwarded = True
+                    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                        try:
+                            os.kill(proc.pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    signum = sweep.stop_signal()
+    if signum is not None:
+        raise RunInterrupted(signum, finished, None, sweep.path)
+    if failures:
+        raise RuntimeError("a run of the sweep failed; the finished runs are kept (--resume continues):\n"
+                           + failures[0])
 
 
 # ------------------------------------------------------------------------------------- collecting

@@ -39,3 +39,20 @@ def test_compare_trains_each_cell_and_reports(root, tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     with pytest.raises(RunError, match="--resume"):
         main(["compare", "--data-root", str(root), "--out", str(out), *FLAGS[:-2], "none"])
+
+
+def test_parallel_runs_give_the_same_results_as_sequential_ones(root, tmp_path):
+    """--jobs trains runs side by side in their own processes; each run is the same as when trained alone."""
+    flags = [f for f in FLAGS]
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert main(["compare", "--data-root", str(root), "--out", str(seq), *flags]) == 0
+    assert main(["compare", "--data-root", str(root), "--out", str(par), "--jobs", "2", *flags]) == 0
+    a = json.loads((seq / "results" / "compare.json").read_text())["runs"]
+    b = json.loads((par / "results" / "compare.json").read_text())["runs"]
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name]["val"] == b[name]["val"] and a[name]["train_soft_acc"] == b[name]["train_soft_acc"], name
+    # --jobs is not a setting of the sweep: the finished sweep is recognised with another value
+    before = {p: p.stat().st_mtime_ns for p in par.rglob("*")}
+    assert main(["compare", "--data-root", str(root), "--out", str(par), "--jobs", "1", *flags]) == 0
+    assert {p: p.stat().st_mtime_ns for p in par.rglob("*")} == before
