@@ -69,7 +69,10 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
     from .train import run as train_run
 
     train = train or train_run
-    sweep = open_run(args.out, sweep_config(args), resume=args.resume, overwrite=args.overwrite)
+    # --variants and --seeds only extend a sweep (more runs, none of the finished ones changes), so
+    # --resume accepts longer lists, e.g. --seeds 0 1 2 3 4 after a first look at 0 1
+    sweep = open_run(args.out, sweep_config(args), resume=args.resume, overwrite=args.overwrite,
+                     may_change=("variants", "seeds"))
     if sweep.finished:
         print(f"{sweep.path} holds this finished comparison; nothing to do")
         print((sweep.path / "results" / "compare.md").read_text())
@@ -148,7 +151,10 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
             pool.shutdown(wait=True, cancel_futures=True)
     signum = sweep.stop_signal()
     if signum is not None:
-        raise RunInterrupted(signum, finished, None, sweep.path)
+        stop = RunInterrupted(signum, finished, None, sweep.path)
+        stop.args = (f"interrupted by {signal.Signals(signum).name}: the running runs wrote a checkpoint, no new one "
+                     f"started; continue with the same command and --resume (--out {sweep.path})",)
+        raise stop
     if failures:
         raise RuntimeError("a run of the sweep failed; the finished runs are kept (--resume continues):\n"
                            + failures[0])

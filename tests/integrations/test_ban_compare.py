@@ -56,3 +56,16 @@ def test_parallel_runs_give_the_same_results_as_sequential_ones(root, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in par.rglob("*")}
     assert main(["compare", "--data-root", str(root), "--out", str(par), "--jobs", "1", *flags]) == 0
     assert {p: p.stat().st_mtime_ns for p in par.rglob("*")} == before
+
+
+def test_resume_extends_a_finished_sweep_with_more_seeds(root, tmp_path):
+    out = tmp_path / "ext"
+    flags = FLAGS[:FLAGS.index("--seeds")] + ["--variants", "off"]
+    assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--seeds", "0"]) == 0
+    first = (out / "runs" / "off-s0" / "summary.json").read_bytes()
+    with pytest.raises(RunError, match="--resume"):
+        main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--seeds", "0", "1"])
+    assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--seeds", "0", "1", "--resume"]) == 0
+    results = json.loads((out / "results" / "compare.json").read_text())
+    assert sorted(results["runs"]) == ["off-s0", "off-s1"]
+    assert (out / "runs" / "off-s0" / "summary.json").read_bytes() == first      # the finished run is reused
