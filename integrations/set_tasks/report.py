@@ -1,0 +1,300 @@
+"""From the cell files alone: ``results/summary.json``, ``results/table.md`` and ``results/set_tasks.png``.
+
+For every task and encoder: test accuracy (mean ± std over seeds) at the training sizes and at each
+larger test size, MAE for count tasks, time per training step, parameter count, and for the PO
+encoders eta, the entropy of P and the Spearman correlation of the Hungarian order with the task's
+sort key. Per task, each of PO-U, PO-U-ST and PO-LA is compared with the best baseline (PyG's
+aggregations and setperm's LSTM-only) by a paired t-test over seeds: cells of the same seed share their
+training batches and the initial element embedding, so they are paired.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from integrations.common.stats import fmt_p, paired_test, summarize as summarize_values
+
+from .encoders import BASELINES, ENCODERS
+from .runner import write_json_atomic
+from .tasks import TASKS
+
+OURS_MAIN = "po-u"
+COMPARED = ("po-u", "po-u-st", "po-la")            # each tested against the best baseline
+BASELINE_NAMES = BASELINES + ("lstm-only",)         # what a user has today (lstm-only: the paper's ablation)
+REFERENCE_COST = "set-transformer"                  # the issue's step-time yardstick
+
+
+def load_cells(out: Path) -> List[dict]:
+    cells = []
+    for path in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
+        try:
+            cells.append(json.loads(path.read_text()))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a finished cell file ({e})") from None
+    return cells
+
+
+def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    return {**summarize_values(vals), "values": vals}
+
+
+def summarize(cells: List[dict]) -> dict:
+    """Aggregate the cells per task and encoder (see the module docstring)."""
+    tasks = [t for t in TASKS if any(c["task"] == t for c in cells)]
+    summary: Dict[str, dict] = {"tasks": {}}
+    for t in tasks:
+        tc = [c for c in cells if c["task"] == t]
+        encoders = [e for e in ENCODERS if any(c["encoder"] == e for c in tc)]
+        sizes = sorted({k for c in tc for k in c["test"]}, key=lambda k: (k != "train", int(k) if k.isdigit() else 0))
+        prints = {json.dumps({k: v for k, v in c["fingerprints"].items() if k in ("val", "train")}, sort_keys=True)
+                  for c in tc}
+        entry = {"family": TASKS[t].family, "output": TASKS[t].output, "description": TASKS[t].description,
+                 "same_test_sets": len(prints) == 1, "sizes": sizes,
+                 "prior": {k: next(c["prior"][k] for c in tc if k in c["prior"]) for k in sizes},
+                 "encoders": {}}
+        for e in encoders:
+            ec = sorted((c for c in tc if c["encoder"] == e), key=lambda c: c["seed"])
+            row = {"seeds": [c["seed"] for c in ec], "parameters": ec[0]["parameters"], "width": ec[0]["width"],
+                   "encoder_parameters": ec[0]["encoder_parameters"], "invariant": ec[0]["invariant"],
+                   "step_ms": _mean_std([c["step_ms"] for c in ec]),
+                   "cell_seconds": _mean_std([c.get("wall_seconds") for c in ec]),
+                   "best_step": _mean_std([c["best_step"] for c in ec]),
+                   "steps": max(c["config"]["steps"] for c in ec),
+                   "accuracy": {k: _mean_std([c["test"][k]["accuracy"] if k in c["test"] else None for c in ec])
+                                for k in sizes}}
+            if TASKS[t].output == "count":
+                row["mae"] = {k: _mean_std([c["test"][k]["mae"] if k in c["test"] else None for c in ec]) for k in sizes}
+            row["values_by_seed"] = {k: {str(c["seed"]): c["test"][k]["accuracy"] for c in ec if k in c["test"]}
+                                     for k in sizes}
+            if any(c.get("eta") is not None for c in ec):
+                row["eta"] = _mean_std([c["eta"] for c in ec])
+            diag = {}
+            for key in ("entropy_rel", "spearman_abs", "spearman"):
+                vals = {k: _mean_std([c["test"][k].get(key) if k in c["test"] else None for c in ec]) for k in sizes}
+                if any(v["n"] for v in vals.values()):
+                    diag[key] = vals
+            if diag:
+                row["diagnostics"] = diag
+            entry["encoders"][e] = row
+        entry["comparison"] = _compare(entry)
+        summary["tasks"][t] = entry
+    return summary
+
+
+def _compare(entry: dict) -> dict:
+    """Each of :data:`COMPARED` against the best baseline (by mean accuracy at the training sizes):
+    the difference, a paired t-test over the seeds both have, and its rank among all encoders."""
+    enc = entry["encoders"]
+    means = {e: r["accuracy"]["train"]["mean"] for e, r in enc.items() if r["accuracy"]["train"]["mean"] is not None}
+    ranking = sorted(means, key=lambda e: -means[e])
+    baselines = {e: m for e, m in means.items() if e in BASELINE_NAMES}
+    out = {"ranking": ranking, "best": ranking[0] if ranking else None}
+    if not baselines:
+        return out
+    best = max(baselines, key=baselines.get)
+    out["best_baseline"] = best
+    theirs = enc[best]["values_by_seed"]["train"]
+    for ours in COMPARED:
+        if ours not in means:
+            continue
+        mine = enc[ours]["values_by_seed"]["train"]
+        seeds = sorted(set(mine) & set(theirs), key=int)
+        test = paired_test([mine[k] for k in seeds], [theirs[k] for k in seeds])
+        out[ours] = {"difference": means[ours] - means[best], "paired": test, "rank": ranking.index(ours) + 1,
+                     "seed_spread": max(enc[ours]["accuracy"]["train"]["std"], enc[best]["accuracy"]["train"]["std"])}
+    return out
+
+
+def _fmt(ms: dict, scale: float = 100.0, digits: int = 1) -> str:
+    if ms is None or ms.get("mean") is None:
+        return "n/a"
+    if ms["n"] < 2:
+        return f"{ms['mean'] * scale:.{digits}f}"
+    return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
+
+
+def markdown(summary: dict, command: str = "") -> str:
+    """Tables: accuracy at the training sizes, size generalisation, cost, PO diagnostics."""
+    tasks = list(summary["tasks"])
+    encoders = [e for e in ENCODERS if any(e in summary["tasks"][t]["encoders"] for t in tasks)]
+    lines = []
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += ["Test accuracy (%) at the training sizes, mean ± std over seeds; `prior`: the most frequent "
+              "answer of the test sets.", "",
+              "| encoder | " + " | ".join(f"{t} ({summary['tasks'][t]['family']})" for t in tasks) + " |",
+              "|---|" + "---|" * len(tasks)]
+    lines.append("| prior | " + " | ".join(f"{100 * summary['tasks'][t]['prior']['train']['accuracy']:.1f}"
+                                         for t in tasks) + " |")
+    for e in encoders:
+        cells = []
+        for t in tasks:
+            row = summary["tasks"][t]["encoders"].get(e)
+            cells.append(_fmt(row["accuracy"]["train"]) if row else "")
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    lines += ["", "PO encoders against the best baseline (PyG's aggregations and lstm-only) at the training "
+              "sizes: difference in accuracy points (mean over seeds), paired t-test over seeds, rank among all "
+              "encoders (1 = best).", "",
+              "| task | best baseline | " + " | ".join(f"{o} − best | p | rank" for o in COMPARED) + " |",
+              "|---|---|" + "---|---|---|" * len(COMPARED)]
+    for t in tasks:
+        c = summary["tasks"][t]["comparison"]
+        if not c.get("best_baseline"):
+            continue
+        cols = []
+        for o in COMPARED:
+            if o in c:
+                cols += [f"{100 * c[o]['difference']:+.1f}", fmt_p(c[o]["paired"]["p"]), str(c[o]["rank"])]
+            else:
+                cols += ["", "", ""]
+        lines.append(f"| {t} | {c['best_baseline']} | " + " | ".join(cols) + " |")
+    big = sorted({k for t in tasks for k in summary["tasks"][t]["sizes"] if k != "train"}, key=int)
+    if big:
+        lines += ["", "Size generalisation: test accuracy (%) at N = " + ", ".join(big) +
+                  " after training at the training sizes (n/a: PO-LA has a fixed number of positions).", "",
+                  "| encoder | " + " | ".join(f"{t} N={n}" for t in tasks for n in big) + " |",
+                  "|---|" + "---|" * (len(tasks) * len(big))]
+        lines.append("| prior | " + " | ".join(
+            f"{100 * summary['tasks'][t]['prior'][n]['accuracy']:.1f}" if n in summary["tasks"][t]["prior"] else ""
+            for t in tasks for n in big) + " |")
+        for e in encoders:
+            cells = []
+            for t in tasks:
+                row = summary["tasks"][t]["encoders"].get(e)
+                cells += [_fmt(row["accuracy"].get(n)) if row else "" for n in big]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    counts = [t for t in tasks if summary["tasks"][t]["output"] == "count"]
+    if counts:
+        sizes = ["train"] + big
+        lines += ["", "Count tasks: mean absolute error of the prediction (answer units) at the training sizes and at "
+                  "N = " + ", ".join(big) + "; `prior`: the MAE of the test sets' median answer.", "",
+                  "| encoder | " + " | ".join(f"{t} {'train' if n == 'train' else 'N=' + n}" for t in counts
+                                            for n in sizes) + " |",
+                  "|---|" + "---|" * (len(counts) * len(sizes))]
+        lines.append("| prior | " + " | ".join(
+            f"{summary['tasks'][t]['prior'][n]['mae']:.2f}" if n in summary["tasks"][t]["prior"] else ""
+            for t in counts for n in sizes) + " |")
+        for e in encoders:
+            cells = []
+            for t in counts:
+                row = summary["tasks"][t]["encoders"].get(e)
+                cells += [_fmt(row["mae"].get(n), 1, 2) if row else "" for n in sizes]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    total = sum(sum(r["cell_seconds"]["values"]) for t in tasks for r in summary["tasks"][t]["encoders"].values())
+    cells = sum(len(r["cell_seconds"]["values"]) for t in tasks for r in summary["tasks"][t]["encoders"].values())
+    big = big or []
+    lines += ["", "Cost: time per training step (ms, median over steps, mean over tasks and seeds), wall time per "
+              f"cell (s, training and evaluation, mean), parameters (whole model, range over tasks; deviation from "
+              f"PO-U), step time relative to the Set Transformer's. All cells together: {total:.0f} s of cell time "
+              f"over {cells} cells.", "",
+              "| encoder | step ms | vs set-transformer | s / cell | parameters | deviation |", "|---|---|---|---|---|---|"]
+    ref_rows = [summary["tasks"][t]["encoders"][REFERENCE_COST] for t in tasks
+                if REFERENCE_COST in summary["tasks"][t]["encoders"]]
+    ref_ms = float(np.mean([r["step_ms"]["mean"] for r in ref_rows])) if ref_rows else None
+    for e in encoders:
+        rows = [summary["tasks"][t]["encoders"][e] for t in tasks if e in summary["tasks"][t]["encoders"]]
+        ms = np.mean([r["step_ms"]["mean"] for r in rows])
+        params = [r["parameters"] for r in rows]
+        refs = [summary["tasks"][t]["encoders"][OURS_MAIN]["parameters"] for t in tasks
+                if e in summary["tasks"][t]["encoders"] and OURS_MAIN in summary["tasks"][t]["encoders"]]
+        dev = (f"{100 * min(p / r - 1 for p, r in zip(params, refs)):+.1f} to {100 * max(p / r - 1 for p, r in zip(params, refs)):+.1f} %"
+               if len(refs) == len(params) and refs else "n/a")
+        secs = [v for r in rows for v in r["cell_seconds"]["values"]]
+        sec = f"{np.mean(secs):.1f}" if secs else "n/a"
+        ratio = f"{ms / ref_ms:.2f}x" if ref_ms else "n/a"
+        lines.append(f"| {e} | {ms:.1f} | {ratio} | {sec} | {min(params)}–{max(params)} | {dev} |")
+    lines += ["", "Step budget: the step of the checkpoint with the lowest validation loss (checked every "
+              "`eval_every` steps), mean over seeds; the last step means the model was still improving when "
+              "training stopped.", "",
+              "| encoder | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for e in encoders:
+        cells = []
+        for t in tasks:
+            row = summary["tasks"][t]["encoders"].get(e)
+            cells.append(f"{row['best_step']['mean']:.0f}" if row else "")
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    diag_rows = [(t, e, r) for t in tasks for e, r in summary["tasks"][t]["encoders"].items() if "diagnostics" in r]
+    if diag_rows:
+        lines += ["", "PO diagnostics on the test sets at the training sizes: learned eta, row entropy of P divided "
+                  "by log n (0 = hard permutation, 1 = uniform), |Spearman| between the Hungarian position and the "
+                  "sort key (digit / class, or x for the position tasks). lstm-only reads the input order (entropy 0): its "
+                  "|Spearman| is the chance level of an unrelated order.", "",
+                  "| task | encoder | eta | entropy / log n | " + " | ".join(f"entropy N={n}" for n in big) +
+                  " | abs Spearman | " + " | ".join(f"abs Spearman N={n}" for n in big) + " |",
+                  "|---|---|---|---|" + "---|" * (2 * len(big) + 1)]
+        for t, e, r in diag_rows:
+            d = r["diagnostics"]
+            lines.append(f"| {t} | {e} | {_fmt(r.get('eta'), 1, 2)} | {_fmt(d['entropy_rel']['train'], 1, 2)} | " +
+                         " | ".join(_fmt(d["entropy_rel"].get(n), 1, 2) for n in big) +
+                         f" | {_fmt(d['spearman_abs']['train'], 1, 2)} | " +
+                         " | ".join(_fmt(d["spearman_abs"].get(n), 1, 2) for n in big) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    """One panel per task: a bar per encoder (mean test accuracy at the training sizes, error bar =
+    std over seeds, dots = seeds), and lighter bars for the larger test sizes; dashed line = prior."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary["tasks"])
+    cols = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, t in zip(axes.flat, tasks):
+        entry = summary["tasks"][t]
+        encs = list(entry["encoders"])
+        sizes = entry["sizes"]
+        width = 0.8 / len(sizes)
+        for j, k in enumerate(sizes):
+            xs = np.arange(len(encs)) + (j - (len(sizes) - 1) / 2) * width
+            means = [entry["encoders"][e]["accuracy"][k]["mean"] for e in encs]
+            stds = [entry["encoders"][e]["accuracy"][k]["std"] for e in encs]
+            ax.bar(xs, [np.nan if m is None else m for m in means], width,
+                   yerr=[0 if s is None else s for s in stds], alpha=1.0 - 0.3 * j, capsize=2,
+                   color=[("C3" if e.startswith("po") else "C0") for e in encs],
+                   label="train sizes" if k == "train" else f"N={k}")
+            for x, e in zip(xs, encs):
+                vals = entry["encoders"][e]["accuracy"][k]["values"]
+                ax.plot([x] * len(vals), vals, "k.", ms=3)
+        ax.axhline(entry["prior"]["train"]["accuracy"], ls="--", c="gray", lw=1)
+        ax.set_xticks(np.arange(len(encs)))
+        ax.set_xticklabels(encs, rotation=60, ha="right", fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{t} ({entry['family']})", fontsize=9)
+        ax.set_ylabel("test accuracy", fontsize=8)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, command: str = "") -> dict:
+    """Read ``<out>/cells`` and write ``<out>/results/{summary.json, table.md, set_tasks.png}``.
+
+    The tables cite the command of the run (from ``config.json`` when present, else ``command``)."""
+    cells = load_cells(out)
+    if not cells:
+        raise ValueError(f"--out {out}: no finished cell files under {Path(out) / 'cells'}")
+    config = Path(out) / "config.json"
+    if config.exists():
+        command = json.loads(config.read_text()).get("command") or command
+    summary = summarize(cells)
+    summary["command"] = command
+    res = Path(out) / "results"
+    write_json_atomic(res / "summary.json", summary)
+    (res / "table.md").write_text(markdown(summary, command))
+    plot(summary, res / "set_tasks.png")
+    return summary

@@ -1,0 +1,365 @@
+"""integrations.set_tasks: answers against a brute-force oracle, deterministic fixed sets, encoder
+invariance, parameter matching, a tiny end-to-end run, the run lifecycle (refuse, resume, extend, a
+finished sweep, SIGINT) and the report."""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+pytest.importorskip("torch_geometric")
+
+from integrations.set_tasks import (ENCODERS, INVARIANT, TASKS, ElementPool, EncoderConfig,  # noqa: E402
+                                    build_encoder, fingerprint, fixed_sets, get_task, random_sizes, sample_sets)
+from integrations.common import RunError, run_command  # noqa: E402
+from integrations.set_tasks.cli import PROG, main  # noqa: E402
+from integrations.set_tasks.data import POINT_FEATURES  # noqa: E402
+from integrations.set_tasks.runner import cell_path, matched_widths, run_suite  # noqa: E402
+from integrations.set_tasks.tasks import KTH  # noqa: E402
+from integrations.set_tasks.train import TrainConfig  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ brute-force oracle
+def oracle(task: str, values: list, xs: list) -> int:
+    """The answer of one set from plain Python lists."""
+    if task == "sum":
+        return sum(values)
+    if task == "max":
+        return max(values)
+    if task == "median":
+        return sorted(values)[(len(values) - 1) // 2]
+    if task == "second":
+        return sorted(values, reverse=True)[1]
+    if task == "unique":
+        return len(set(values))
+    by_x = [v for _, v in sorted(zip(xs, values))]
+    if task == "leftmost":
+        return by_x[0]
+    if task == "kth":
+        return by_x[KTH - 1]
+    if task == "left-of-max":
+        top = max(values)
+        x_top = min(x for x, v in zip(xs, values) if v == top)
+        return sum(1 for x in xs if x < x_top)
+    raise AssertionError(task)
+
+
+def _pool(count=200, features=6, seed=0):
+    """An MNIST-like pool: feature 0 holds the image's index, so tests can tell which images a set used."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(count, features, generator=g)
+    feats[:, 0] = torch.arange(count, dtype=torch.float32)
+    return ElementPool(feats, torch.randint(10, (count,), generator=g))
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_answers_match_a_brute_force_oracle(name):
+    task = get_task(name)
+    g = torch.Generator().manual_seed(1)
+    batch = sample_sets(task, random_sizes(300, (5, 12), g), g, _pool())
+    n = batch.mask.sum(1)
+    assert int(n.min()) >= 5 and int(n.max()) == 12
+    for b in range(len(batch)):
+        k = int(n[b])
+        assert batch.mask[b, :k].all() and not batch.mask[b, k:].any()
+        values = batch.values[b, :k].tolist()
+        xs = batch.xs[b, :k].tolist() if batch.xs is not None else None
+        assert int(batch.target[b]) == oracle(name, values, xs), (name, values, xs)
+    # padding is zero and carries no information
+    assert (batch.elements[~batch.mask] == 0).all()
+
+
+def test_point_elements_hold_position_and_one_hot_class():
+    g = torch.Generator().manual_seed(0)
+    batch = sample_sets(get_task("kth"), random_sizes(20, 7, g), g)
+    assert batch.elements.shape == (20, 7, POINT_FEATURES)
+    assert_close(batch.elements[..., 0], batch.xs, rtol=0, atol=0)
+    assert (batch.elements[..., 2:].argmax(-1) == batch.values).all()
+    assert_close(batch.elements[..., 2:].sum(-1), torch.ones(20, 7), rtol=0, atol=0)
+
+
+def test_fixed_sets_are_deterministic_and_separate_validation_from_test():
+    task, pool = get_task("median"), _pool(400)
+    a = fixed_sets(task, "test", 50, (5, 10), data_seed=3, pool=pool)
+    b = fixed_sets(task, "test", 50, (5, 10), data_seed=3, pool=pool)
+    assert fingerprint(a) == fingerprint(b)
+    assert torch.equal(a.elements, b.elements) and torch.equal(a.target, b.target)
+    assert fingerprint(fixed_sets(task, "test", 50, (5, 10), data_seed=4, pool=pool)) != fingerprint(a)
+    val = fixed_sets(task, "val", 50, (5, 10), data_seed=3, pool=pool)
+    assert fingerprint(val) != fingerprint(a)
+    # validation sets use the even-numbered images, test sets the odd-numbered ones
+    assert (val.elements[val.mask][:, 0] % 2 == 0).all()
+    assert (a.elements[a.mask][:, 0] % 2 == 1).all()
+    big = fixed_sets(task, "test", 10, 50, data_seed=3, pool=pool)
+    assert big.mask.all() and big.mask.shape == (10, 50)
+    # training batches: the same generator seed gives the same batches
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    s1 = sample_sets(task, random_sizes(8, (5, 10), g1), g1, pool)
+    s2 = sample_sets(task, random_sizes(8, (5, 10), g2), g2, pool)
+    assert fingerprint(s1) == fingerprint(s2)
+
+
+def test_sampling_arguments_are_checked():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="pass pool"):
+        sample_sets(get_task("sum"), torch.tensor([5]), g)
+    with pytest.raises(ValueError, match="sizes"):
+        sample_sets(get_task("kth"), torch.tensor([0, 5]), g)
+    with pytest.raises(ValueError, match="task"):
+        get_task("mean")
+    with pytest.raises(ValueError, match="split"):
+        fixed_sets(get_task("kth"), "train", 5, 5, 0)
+
+
+# ------------------------------------------------------------------------------ encoders
+def _permute_within_sets(x, mask, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = x.clone()
+    for b in range(x.shape[0]):
+        n = int(mask[b].sum())
+        out[b, :n] = x[b, torch.randperm(n, generator=g)]
+    return out
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_encoder_invariance_where_it_should_hold(name):
+    torch.manual_seed(0)
+    cfg = EncoderConfig(max_train_size=9, cost_hidden=8, steps=2)
+    enc = build_encoder(name, 6, 8, cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    sizes = torch.tensor([9, 5, 7])
+    mask = torch.arange(9) < sizes[:, None]
+    x = torch.randn(3, 9, 6, generator=g, dtype=torch.float64) * mask.unsqueeze(-1)
+    with torch.no_grad():
+        out = enc(x, mask)
+        shuffled = enc(_permute_within_sets(x, mask), mask)
+    assert out.shape == (3, 8) and torch.isfinite(out).all()
+    if name in INVARIANT:
+        assert_close(shuffled, out, rtol=1e-8, atol=1e-10)
+    else:    # the LSTM / GRU read the given order
+        assert not torch.allclose(shuffled, out, rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_counts_are_matched_within_20_percent():
+    cfg = TrainConfig(cost_hidden=16, po_steps=2)
+    widths = matched_widths(["max", "kth", "sum"], ENCODERS, cfg, reference_width=32)
+    for task, row in widths.items():
+        for enc, info in row.items():
+            assert abs(info["deviation"]) <= 0.2, (task, enc, info)
+        assert row["po-u"]["deviation"] == 0 and row["po-u"]["width"] == 32
+
+
+# ------------------------------------------------------------------------------ the command
+def _write_idx(path: Path, magic: int, array: np.ndarray) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_mnist(root: Path, train=300, test=100) -> Path:
+    """IDX files whose digit d is a bright bar at rows 2d..2d+3 plus noise (a CNN learns it in one epoch)."""
+    rng = np.random.default_rng(0)
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 40, (n, 28, 28))
+        for i, d in enumerate(labels):
+            images[i, 2 * d + 2: 2 * d + 6, 4:24] = 255
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 2051, images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)
+    return root
+
+
+TINY = ["--steps", "6", "--batch-size", "8", "--val-sets", "16", "--test-sets", "16", "--eval-every", "3",
+        "--min-size", "5", "--max-size", "6", "--test-sizes", "8", "--dim", "8", "--width", "8",
+        "--cost-hidden", "8", "--po-steps", "2", "--cnn-epochs", "5", "--jobs", "1"]
+
+
+def _cli(*argv):
+    """The command as ``python -m integrations.set_tasks`` runs it: errors become one line and an exit code."""
+    return run_command(main, PROG, list(argv), errors=(ValueError,))
+
+
+def _run(out, data_root, *extra):
+    return _cli("run", "--out", str(out), "--data-root", str(data_root), *TINY, *extra)
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_tiny_end_to_end_run_writes_cells_and_report(tmp_path):
+    root = _fake_mnist(tmp_path / "data")
+    out = tmp_path / "run"
+    rc = _run(out, root, "--tasks", "max,kth", "--encoders", "deepsets,lstm,po-u,po-la", "--seeds", "2")
+    assert rc == 0
+    cells = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").glob("*/*/seed*.json"))
+    assert cells == sorted(f"{t}/{e}/seed{s}.json" for t in ("max", "kth") for e in ("deepsets", "lstm", "po-u", "po-la")
+                           for s in (0, 1))
+    cell = json.loads(cell_path(out, "kth", "po-u", 1).read_text())
+    assert set(cell["test"]) == {"train", "8"} and cell["eta"] is not None
+    assert 0 <= cell["test"]["train"]["entropy_rel"] <= 1 and -1 <= cell["test"]["train"]["spearman"] <= 1
+    assert set(json.loads(cell_path(out, "kth", "po-la", 0).read_text())["test"]) == {"train"}   # 8 > 6 positions
+    # every cell of a task was scored on the same sets
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    assert all(summary["tasks"][t]["same_test_sets"] for t in ("max", "kth"))
+    row = summary["tasks"]["kth"]["encoders"]["deepsets"]
+    assert row["seeds"] == [0, 1] and row["accuracy"]["train"]["n"] == 2
+    table = (out / "results" / "table.md").read_text()
+    for name in ("deepsets", "lstm", "po-u", "po-la", "max (order-free)", "kth (position)", "N=8"):
+        assert name in table
+    assert (out / "results" / "set_tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "embedding" / "cnn.json").read_text())["test_accuracy"] > 0.5
+
+
+def test_resume_skips_finished_cells_and_refuses_an_existing_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ("--tasks", "leftmost", "--encoders", "deepsets,po-u")
+    assert _run(out, tmp_path, *args, "--seeds", "1") == 0
+    first = cell_path(out, "leftmost", "po-u", 0)
+    stamp = first.stat().st_mtime_ns
+    assert json.loads((out / "summary.json").read_text())["finished"] is True
+    capsys.readouterr()
+    # a longer sweep in a folder that holds a run is refused without --resume / --overwrite
+    assert _run(out, tmp_path, *args, "--seeds", "2") == 1
+    assert "already holds a run" in capsys.readouterr().err
+    # a different protocol is refused on --resume, naming the setting
+    assert _run(out, tmp_path, *args, "--seeds", "2", "--resume", "--lr", "0.5") == 1
+    err = capsys.readouterr().err
+    assert "other settings" in err and "0.5" in err
+    # more seeds and another encoder extend the sweep: only the new cells run
+    assert _run(out, tmp_path, "--tasks", "leftmost", "--encoders", "deepsets,po-u,sort", "--seeds", "2",
+                "--resume") == 0
+    err = capsys.readouterr().err
+    assert "4 cells to run, 2 finished cells skipped" in err
+    assert first.stat().st_mtime_ns == stamp
+    assert cell_path(out, "leftmost", "po-u", 1).exists() and cell_path(out, "leftmost", "sort", 1).exists()
+    assert json.loads((out / "config.json").read_text())["encoders"] == ["deepsets", "po-u", "sort"]
+    # --overwrite starts again
+    assert _run(out, tmp_path, *args, "--seeds", "1", "--overwrite") == 0
+    assert not cell_path(out, "leftmost", "po-u", 1).exists()
+
+
+def test_a_finished_sweep_prints_its_report_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ("--tasks", "kth", "--encoders", "sort,po-u-st", "--seeds", "1")
+    assert _run(out, tmp_path, *args) == 0
+    before = _files(out)
+    capsys.readouterr()
+    for extra in ((), ("--resume",), ("--jobs", "2")):        # --jobs is operational: not a new sweep
+        assert _run(out, tmp_path, *args, *extra) == 0
+        captured = capsys.readouterr()
+        assert "finished sweep" in captured.err and "cells to run" not in captured.err
+        assert "| po-u-st |" in captured.out                   # the report's table
+        assert _files(out) == before
+
+
+class _StopAtFirstCell(io.StringIO):
+    """A log that raises KeyboardInterrupt when the first cell is reported: a sweep stopped at once."""
+
+    def write(self, text):
+        if text.startswith("[1/"):
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_an_extended_sweep_that_stops_is_not_taken_for_finished(tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(steps=4, batch_size=8, val_sets=16, test_sets=16, eval_every=2, min_size=5, max_size=6,
+                      test_sizes=(8,), dim=8, cost_hidden=8, po_steps=2)
+
+    def sweep(encoders, **kw):
+        return run_suite(out, ["kth"], encoders, [0], cfg, 8, tmp_path, log=io.StringIO(), **kw)
+
+    run, done = sweep(["sort"])
+    run.finish({})
+    assert sweep(["sort"])[0].finished
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(out, ["kth"], ["sort", "deepsets"], [0], cfg, 8, tmp_path, resume=True, log=_StopAtFirstCell())
+    # the record of the shorter sweep is gone: the longer one is unfinished, and without --resume refused
+    assert not (out / "summary.json").exists()
+    with pytest.raises(RunError, match="already holds a run"):
+        sweep(["sort", "deepsets"])
+    run, done = sweep(["sort", "deepsets"], resume=True)
+    assert not run.finished and done == []                     # the interrupted cell had been written
+
+
+def test_report_command_reads_only_the_cell_files(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, tmp_path, "--tasks", "left-of-max", "--encoders", "attention,po-u-w", "--seeds", "1",
+                "--no-report") == 0
+    assert not (out / "results").exists()
+    (out / "config.json").unlink()                        # the report needs nothing but cells/
+    assert main(["report", "--out", str(out)]) == 0
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    row = summary["tasks"]["left-of-max"]["encoders"]["po-u-w"]
+    assert "mae" in row and row["diagnostics"]["entropy_rel"]["train"]["n"] == 1
+    assert _cli("report", "--out", str(tmp_path / "nothing")) == 1
+
+
+@pytest.mark.slow    # two spawned worker processes each import torch and PyG
+def test_parallel_workers_give_the_same_cells_as_one_process(tmp_path):
+    args = ("--tasks", "kth", "--encoders", "gru,sort", "--seeds", "1")
+    assert _run(tmp_path / "serial", tmp_path, *args) == 0
+    assert main(["run", "--out", str(tmp_path / "parallel"), "--data-root", str(tmp_path), *TINY, *args,
+                 "--jobs", "2"]) == 0
+    for enc in ("gru", "sort"):
+        a = json.loads(cell_path(tmp_path / "serial", "kth", enc, 0).read_text())
+        b = json.loads(cell_path(tmp_path / "parallel", "kth", enc, 0).read_text())
+        assert a["test"] == b["test"] and a["curve"] == b["curve"]
+
+
+# ------------------------------------------------------------------------------ interrupts
+REPO = Path(__file__).resolve().parents[2]
+INTERRUPTED = ["--tasks", "kth", "--encoders", "sort,deepsets", "--seeds", "2", "--steps", "20"]   # 4 cells
+
+
+def _command(out: Path, *extra):
+    args = TINY[:-2] + INTERRUPTED          # without TINY's trailing "--jobs 1"
+    return [sys.executable, "-m", "integrations.set_tasks", "run", "--out", str(out), "--data-root", str(out.parent),
+            *args, *extra]
+
+
+@pytest.mark.slow      # two subprocesses that import torch and PyG (and with --jobs 2 their workers)
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sigint_stops_after_the_running_cells_and_resume_equals_an_uninterrupted_run(tmp_path, jobs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut, straight = tmp_path / "cut", tmp_path / "straight"
+    # Ctrl-C reaches the whole process group: send it to the group, as a terminal does
+    proc = subprocess.Popen(_command(cut, "--jobs", jobs), cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    t0 = time.monotonic()
+    while not list((cut / "cells").glob("*/*/seed*.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < 300, "no cell file appeared"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted by SIGINT" in last and "--resume" in last, err
+    done = sorted(p.relative_to(cut).as_posix() for p in (cut / "cells").glob("*/*/seed*.json"))
+    assert 1 <= len(done) < 4 and not (cut / "summary.json").exists()
+    r = subprocess.run(_command(cut, "--jobs", jobs, "--resume"), cwd=REPO, env=env, text=True, capture_output=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"{4 - len(done)} cells to run, {len(done)} finished cells skipped" in r.stderr
+    assert _run(straight, tmp_path, *INTERRUPTED) == 0
+    for path in sorted((straight / "cells").glob("*/*/seed*.json")):
+        a = json.loads(path.read_text())
+        b = json.loads((cut / path.relative_to(straight)).read_text())
+        assert a["test"] == b["test"] and a["curve"] == b["curve"], path
