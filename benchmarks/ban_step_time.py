@@ -61,7 +61,14 @@ def main(argv=None) -> dict:
     add_train_arguments(p)
     p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per model")
     p.set_defaults(out="runs/benchmarks/ban_step_time.json", workers=0)
+    for action in p._actions:              # the shared parser's --out help describes a run folder
+        if action.dest == "out":
+            action.help = "JSON file of the result (default runs/benchmarks/ban_step_time.json)"
     args = resolve_train_args(p.parse_args(argv), p)
+    if args.permutation == "off":
+        p.error("--permutation off is the baseline every variant is timed against: choose none, po-u or po-la")
+    # the run flags of the shared training parser (--resume, --overwrite, --epochs, --max-steps) do not
+    # apply: the benchmark trains nothing to keep, it times --steps steps of each model
     result = compare_step_time(args)
     print(json.dumps(result, indent=1))
     out = Path(args.out)

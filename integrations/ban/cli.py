@@ -1,4 +1,4 @@
-"""``python -m integrations.ban {synth,train,eval}``: BAN, BAN + LSTM and BAN + PO on VQA v2 features.
+"""``python -m integrations.ban {synth,train,eval,compare,diagnose}``: BAN, BAN + LSTM and BAN + PO on VQA v2 features.
 
     python -m integrations.ban synth --out runs/ban/synth                     # a synthetic dataset
     python -m integrations.ban train --data-root DATA --permutation po-u      # paper appendix F.4
@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 4 -m integrations.ban train --data-root DATA    # DDP
     python -m integrations.ban eval --run runs/ban/po-u-seed1204              # val accuracy of a run
     python -m integrations.ban compare --data-root DATA --seeds 0 1 2 3 4     # BAN vs + LSTM vs + PO-U
+    python -m integrations.ban diagnose --sweep runs/ban/compare              # attention, order of P, eta
 
 The training step time of BAN + PO against BAN is measured by ``python -m benchmarks.ban_step_time``.
 """
@@ -96,7 +97,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,compare}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,compare,diagnose}")
     sub.add_parser("synth", add_help=False, help="write a synthetic dataset in the official layout "
                                                  f"(flags: {PROG} synth --help)")
     t = sub.add_parser("train", help="train BAN / BAN + LSTM / BAN + PO (official recipe)",
@@ -122,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_compare_arguments
 
     add_compare_arguments(c)
+    from .diagnose import add_diagnose_arguments
+
+    add_diagnose_arguments(sub.add_parser(
+        "diagnose", help="attention mass on the asked class, order and entropy of P, eta (synthetic set)",
+        description="Per question family: the share of each glimpse's attention on the asked class's boxes, "
+                    "the Spearman correlation of P's Hungarian order with box x-centre and area, P's entropy, "
+                    "and eta; of one run (--run) or of every run of a compare sweep (--sweep)."))
     return p
 
 
@@ -159,9 +167,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "compare":
         from .compare import run_sweep
 
+        if args.max_steps is not None:
+            # a run stopped by --max-steps is unfinished, and the sweep reports only finished runs
+            p.error("compare: --max-steps is not available (every run of a sweep trains for --epochs); "
+                    "use --epochs, or `train --max-steps` for a smoke run")
+
         run_sweep(resolve_train_args(args, p))
         print(f"results: {Path(args.out) / 'results' / 'compare.md'}")
         return 0
+    if args.command == "diagnose":
+        from .diagnose import cmd_diagnose
+
+        return cmd_diagnose(args)
     return cmd_eval(args)
 
 

@@ -7,7 +7,7 @@ shared by all glimpses (PO-U, T = 3, pairwise f 26 -> 128 -> 1, relevance weight
 LSTM 13 -> 128, last cell state) encodes the set; ``p_prj[g]`` (128 -> H, ReLU) adds the encoding to
 BAN's hidden state right after the counter term of glimpse g.
 
-Differences from the authors' released patch (``../shared/specs/perm-optim-released.md`` section 3):
+Differences from the authors' released perm-optim code (github Cyanogenoid/perm-optim):
 padded boxes (logit -inf) are masked out of the cost, Sinkhorn and LSTM instead of producing NaN,
 so the patched model keeps BAN's padding invariance; the eight sets are encoded in one batched call
 (the attention logits exist before the loop) instead of eight calls; ``permutation="none"`` is the
