@@ -76,7 +76,8 @@ def attention_mass(att: Tensor, target: Tensor) -> Tensor:
     if not isinstance(att, Tensor) or att.dim() != 4:
         raise ValueError(f"att must be a tensor (B, G, K, T), got {_describe(att)}")
     if not isinstance(target, Tensor) or target.dtype != torch.bool or target.shape != (att.shape[0], att.shape[2]):
-        raise ValueError(f"target must be a bool tensor (B, K) = {(att.shape[0], att.shape[2])}, got {_describe(target)}")
+        raise ValueError(f"target must be a bool tensor (B, K) = {(att.shape[0], att.shape[2])}, "
+                         f"got {_describe(target)}")
     return (att * target[:, None, :, None].to(att.dtype)).sum(dim=(2, 3))
 
 
@@ -97,17 +98,6 @@ def hard_positions(P: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return pos
 
 
-def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho of two 1-d samples (average ranks for ties); nan for < 3 points or a constant one."""
-    from scipy.stats import rankdata
-
-    if a.size < MIN_CORRELATION_BOXES:
-        return math.nan
-    ra, rb = rankdata(a) - (a.size + 1) / 2, rankdata(b) - (b.size + 1) / 2
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0 else math.nan
-
-
 def set_rank_correlation(positions: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """Spearman rank correlation, per set, of the elements' positions with a per-element value.
 
@@ -117,14 +107,27 @@ def set_rank_correlation(positions: Tensor, values: Tensor, mask: Tensor) -> Ten
         mask: (B, N) bool, the elements to correlate over (real boxes, or the asked class's boxes).
 
     Returns:
-        (B,) float64 in [-1, 1]; nan for a set with fewer than 3 selected elements or constant values.
+        (B,) float64 in [-1, 1]: the Pearson correlation of the ranks among the selected elements (average
+        ranks for ties); nan for a set with fewer than 3 selected elements or constant values.
     """
+    from scipy.stats import rankdata
+
     if positions.dim() != 2 or values.shape != positions.shape or mask.shape != positions.shape:
         raise ValueError(f"positions, values, mask must all be (B, N); got {tuple(positions.shape)}, "
                          f"{tuple(values.shape)}, {tuple(mask.shape)}")
-    pos, val, sel = (t.detach().cpu().numpy() for t in (positions, values.double(), mask))
-    return torch.tensor([_rank_correlation(pos[b][sel[b]], val[b][sel[b]]) for b in range(pos.shape[0])],
-                        dtype=torch.float64)
+    sel = mask.detach().cpu().numpy().astype(bool)
+    if sel.size == 0:
+        return torch.full((positions.shape[0],), math.nan, dtype=torch.float64)
+    # unselected elements become nan, which rankdata leaves out of the ranking (one call for all sets)
+    ranks = [rankdata(np.where(sel, t.detach().cpu().double().numpy(), np.nan), axis=1, nan_policy="omit")
+             for t in (positions, values)]
+    n = sel.sum(1)
+    centred = [np.where(sel, r - (n[:, None] + 1) / 2, 0.0) for r in ranks]
+    cov = (centred[0] * centred[1]).sum(1)
+    denom = np.sqrt((centred[0] ** 2).sum(1) * (centred[1] ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where((n >= MIN_CORRELATION_BOXES) & (denom > 0), cov / np.where(denom > 0, denom, 1.0), np.nan)
+    return torch.from_numpy(np.clip(rho, -1.0, 1.0))
 
 
 def relative_entropy(P: Tensor, mask: Tensor) -> Tensor:
@@ -187,16 +190,19 @@ def _question_index(root, split: str) -> dict:
     return {int(q["question_id"]): (q["image_id"], parse_question(q["question"])) for q in questions}
 
 
-def _class_masks(scenes: dict, index: dict, qids: Sequence[int], mask: Tensor) -> Tensor:
-    """(B, K) bool: the boxes of each question's asked class, from the decoded scenes."""
+def _class_masks(scenes: dict, index: dict, qids: Sequence[int], mask: Tensor, boxes: Tensor) -> Tensor:
+    """(B, K) bool: the boxes of each question's asked class, from the decoded scenes (``boxes`` (B, K, 4)
+    the batch's x1, y1, x2, y2, to check that scene box i is row i of the batch)."""
     B, K = mask.shape
     out = torch.zeros(B, K, dtype=torch.bool)
     for i, qid in enumerate(qids):
         image_id, question = index[qid]
-        classes = scenes[image_id].classes
+        scene = scenes[image_id]
+        classes = scene.classes
         n = int(mask[i].sum())
         # collate_vqa keeps the file's box order and pads at the end: box i of the scene is row i of v
         assert len(classes) == n and bool(mask[i, :n].all()), (qid, len(classes), n)
+        assert np.allclose(scene.boxes, boxes[i, :n].numpy(), atol=1e-5), qid
         out[i, :n] = torch.tensor([c == question.cls for c in classes], dtype=torch.bool)
     return out
 
@@ -248,6 +254,18 @@ def _corr(rho: np.ndarray) -> dict:
     """Signed and absolute mean of (questions, glimpses) correlations (nan = skipped set)."""
     return {"mean": _mean(rho), "abs_mean": _mean(np.abs(rho)), "abs_mean_per_glimpse": _mean(np.abs(rho), axis=0),
             "n_sets": int((~np.isnan(rho)).sum())}
+
+
+def _json_safe(obj):
+    """``obj`` with every non-finite float replaced by None (strict JSON; e.g. the t of a constant paired
+    difference is infinite, its p stays 0 or 1)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _eta(run_dir: Path, model) -> dict:
@@ -321,9 +339,9 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
             recorder.P = None
             _, att = model(v, b, q, None)
             mask = batch.mask[:take]                                      # (B, K), True = real box
-            asked = _class_masks(scenes, index, qids, mask)
-            mass = attention_mass(att.double().cpu(), asked)              # (B, G)
             boxes = b[:, :, :4].double().cpu()
+            asked = _class_masks(scenes, index, qids, mask, boxes)
+            mass = attention_mass(att.double().cpu(), asked)              # (B, G)
             x_centre = (boxes[..., 0] + boxes[..., 2]) / 2
             area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
             file_order = torch.arange(mask.shape[1]).expand_as(mask)
@@ -409,7 +427,8 @@ def _sweep_values(res: dict, fam: str) -> Dict[str, object]:
     if f is None:
         return {}
     att, perm = f["attention"], f["permutation"]
-    out = {"mass": att["mass"], "chance": att["chance"], "input_abs_spearman_x": f["input_order"]["spearman_x"]["abs_mean"],
+    out = {"mass": att["mass"], "chance": att["chance"],
+           "input_abs_spearman_x": f["input_order"]["spearman_x"]["abs_mean"],
            "input_abs_spearman_area": f["input_order"]["spearman_area"]["abs_mean"]}
     out.update({f"mass_g{g}": m for g, m in enumerate(att["mass_per_glimpse"])})
     if perm is not None:
@@ -449,7 +468,7 @@ def summarize_sweep(per_run: Dict[str, dict], variants: Sequence[str], seeds: Di
             rows = vals[v]
             if rows and all(r.get("abs_spearman_x") is not None and r.get("input_abs_spearman_x") is not None
                             for r in rows):
-                tests[fam][f"|rho_x|: {v} vs input order"] = paired_test([r["abs_spearman_x"] for r in rows],
+                tests[fam][f"abs rho x: {v} vs input order"] = paired_test([r["abs_spearman_x"] for r in rows],
                                                                          [r["input_abs_spearman_x"] for r in rows])
     eta = {}
     for v in variants:
@@ -491,6 +510,7 @@ def diagnose_sweep(sweep_out, *, split: str = "val", data_root: Optional[str] = 
     variants = [v for v in dict.fromkeys(v for v, _, _ in cells) if seeds[v]]
     results = {"sweep": str(sweep_out), "split": split, "variants": variants, "seeds": dict(seeds),
                "runs": per_run, "skipped": skipped, **summarize_sweep(per_run, variants, seeds)}
+    results = _json_safe(results)
     write_new_json(json_path, results, overwrite=overwrite)
     md_path.write_text(sweep_markdown(results) + "\n")
     return results
@@ -512,9 +532,10 @@ def run_markdown(res: dict) -> str:
     """One run's diagnosis as a Markdown table (attention in %, rho and entropy as numbers)."""
     lines = [f"{res['variant']} ({res['checkpoint']}), {res['split']}, {res['n_questions']} questions, "
              f"{res['glimpses']} glimpses. Attention mass on the asked class (%; chance = uniform over boxes); "
-             "|rho| of the Hungarian order of P with x-centre / area (signed mean in brackets; input order = the "
+             "mean |rho| (Spearman) of the Hungarian order of P with x-centre / area (signed mean in brackets; "
+             "input order = the "
              "file's random order); entropy of P (nats, / log n).", "",
-             "| family | n | mass | chance | mass per glimpse | |rho x| | |rho area| | input |rho x| | entropy |",
+             "| family | n | mass | chance | mass per glimpse | abs rho x | abs rho area | input abs rho x | entropy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for fam, f in res["families"].items():
         att, perm = f["attention"], f["permutation"]
@@ -547,7 +568,8 @@ def sweep_markdown(results: dict) -> str:
     n_seeds = {v: len(s) for v, s in results["seeds"].items()}
     head = "| family | chance | " + " | ".join(LABELS[v] for v in variants) + " |"
     rule = "|---|---|" + "---|" * len(variants)
-    lines = [f"Diagnosis on {results['split']}: mean ± std over seeds ({', '.join(f'{LABELS[v]}: {n}' for v, n in n_seeds.items())})."
+    counts = ", ".join(f"{LABELS[v]}: {n}" for v, n in n_seeds.items())
+    lines = [f"Diagnosis on {results['split']}: mean ± std over seeds ({counts})."
              + (f" Unfinished runs skipped: {', '.join(results['skipped'])}." if results["skipped"] else ""), "",
              "Attention mass on the asked class (%, mean over glimpses; chance = share of the image's boxes of "
              "that class).", "", head, rule]
@@ -566,7 +588,7 @@ def sweep_markdown(results: dict) -> str:
     if po:
         lines += ["", "Order of P (Hungarian) against the geometry: mean |Spearman rho| over sets (input order = "
                   "the feature file's random order, the chance level); entropy of P in nats and / log n.", "",
-                  "| family | input |rho x| | " + " | ".join(f"{LABELS[v]} |rho x| | {LABELS[v]} |rho area| | "
+                  "| family | input abs rho x | " + " | ".join(f"{LABELS[v]} abs rho x | {LABELS[v]} abs rho area | "
                                                              f"{LABELS[v]} entropy (/ log n)" for v in po) + " |",
                   "|---|---|" + "---|---|---|" * len(po)]
         for fam in fams:
@@ -584,7 +606,7 @@ def sweep_markdown(results: dict) -> str:
                 lines.append(f"| {LABELS[v]} ({k}) | {_ms(s, 1, 4)} |")
     rows = [(fam, name, t) for fam in fams for name, t in results["tests"][fam].items()]
     if rows:
-        lines += ["", "Paired t-tests over seeds (first minus second; mass in points, |rho| as is).", "",
+        lines += ["", "Paired t-tests over seeds (first minus second; mass in points, abs rho as is).", "",
                   "| family | comparison | mean difference | p |", "|---|---|---|---|"]
         for fam, name, t in rows:
             scale = 100 if name.startswith("mass") else 1
