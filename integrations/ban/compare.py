@@ -72,19 +72,27 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
     # --variants and --seeds only extend a sweep (more runs, none of the finished ones changes), so
     # --resume accepts longer lists, e.g. --seeds 0 1 2 3 4 after a first look at 0 1
     sweep = open_run(args.out, sweep_config(args), resume=args.resume, overwrite=args.overwrite,
-                     may_change=("variants", "seeds"))
+                     may_change=("variants", "seeds"), checkpoints=False)
     if sweep.finished:
         print(f"{sweep.path} holds this finished comparison; nothing to do")
         print((sweep.path / "results" / "compare.md").read_text())
         return sweep.summary
-    cells = list(itertools.product(args.variants, args.seeds))
+    # seed-major: an interrupted sweep already holds every variant of its first seeds (paired by seed)
+    cells = [(variant, seed) for seed in args.seeds for variant in args.variants]
     jobs = getattr(args, "jobs", 1) or 1
     if jobs < 1:
         raise ValueError(f"--jobs must be a positive int, got {jobs}")
     if jobs == 1 or len(cells) == 1:
         for i, (variant, seed) in enumerate(cells, 1):
             print(f"[{i}/{len(cells)}] {LABELS[variant]}, seed {seed}", flush=True)
-            train(_cell_args(args, variant, seed))
+            try:
+                train(_cell_args(args, variant, seed))
+            except RunInterrupted as stop:
+                # the run wrote its checkpoint; the way to continue is the sweep's command, not the run's
+                stop.args = (f"interrupted by {signal.Signals(stop.signum).name} in run {cell_name(variant, seed)} "
+                             f"(checkpoint {stop.checkpoint}); continue with the same command and --resume "
+                             f"(--out {sweep.path})",)
+                raise
     else:
         _train_in_parallel(sweep, [(v, s, _cell_args(args, v, s)) for v, s in cells], jobs, train)
     results = collect(Path(args.out), args.variants, args.seeds)

@@ -312,7 +312,7 @@ def _clear(path: Path) -> None:
 
 
 def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change: Iterable[str],
-            log: Callable[[str], None]) -> dict:
+            log: Callable[[str], None], checkpoints: bool = True) -> dict:
     """Rank 0's decision: {"run_id", "state", "summary", "config"}; performs the disk changes."""
     if path.exists() and not path.is_dir():
         raise RunError(f"--out {path} is a file, not a folder")
@@ -337,11 +337,13 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
                 raise RunError(f"--resume: {path} was started with other settings ({describe_changes(diff)}); "
                                f"use the original values, or start a new run with another --out or --overwrite")
             run_id = old.get("run_id") or uuid.uuid4().hex
-            state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log)
+            state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log) if checkpoints else None
             merged = {**config, "run_id": run_id}
             write_json(path / CONFIG, merged)          # lengths that grew are recorded
-            if state is None:
+            if state is None and checkpoints:
                 log(f"--resume: {path} has no checkpoint yet; starting at step 0")
+            elif not checkpoints:
+                log(f"--resume: continuing the sweep in {path}")
             return {"run_id": run_id, "state": state, "summary": None, "config": merged}
     elif resume:
         log(f"--resume: {path} holds no run yet; starting a new one")
@@ -353,7 +355,8 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
 
 
 def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, overwrite: bool = False,
-             may_change: Iterable[str] = (), keep_last: int = 2, log: Callable[[str], None] = print) -> Run:
+             may_change: Iterable[str] = (), keep_last: int = 2, log: Callable[[str], None] = print,
+             checkpoints: bool = True) -> Run:
     """Apply the rule of this module's docstring to ``out`` and return the :class:`Run`.
 
     Args:
@@ -364,6 +367,8 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
         may_change: settings that may differ on ``--resume`` because they only extend the run
             (e.g. ``epochs``); the new values are recorded.
         keep_last: checkpoints of this run kept on disk.
+        checkpoints: False for a sweep, whose progress is kept in its runs or cells rather than in
+            checkpoints of its own: ``--resume`` then neither looks for nor mentions checkpoints.
     Raises:
         RunError with a one-line message when the run cannot start as asked.
 
@@ -379,7 +384,7 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
     decision, error = None, None
     if rank == 0:
         try:
-            decision = _decide(path, config, resume, overwrite, may_change, log)
+            decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints)
         except RunError as e:
             error = str(e)
     if distributed:

@@ -158,7 +158,7 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
                           cnn_train_images, command)
     if resume and (out / CONFIG).is_file():
         _check_widths(out, config["widths"])
-    run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS,
+    run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, checkpoints=False,
                    log=lambda line: print(line, file=log, flush=True))
     if run.finished:
         return run, []
