@@ -456,3 +456,30 @@ def test_straight_through_argument_and_repr():
         PermutationSetEncoder(5, 8, permutation="none", straight_through=True)
     with pytest.raises(ValueError, match="straight_through"):
         PermutationSetEncoder(5, 8, straight_through=1)
+
+
+# ----------------------------------------------------------------------------- the LSTM readout's two paths
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_grouped_lstm_equals_packed_lstm_values_and_gradients(num_layers):
+    from setperm.encoder import lstm_last_cell_state
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(5, 7, num_layers=num_layers, batch_first=True).double()
+    lengths = torch.tensor([3, 0, 6, 1, 3, 6, 2])
+    seq = torch.randn(7, 6, 5, dtype=torch.float64)
+    out = {}
+    for method in ("packed", "grouped"):
+        x = seq.clone().requires_grad_(True)
+        lstm.zero_grad()
+        h = lstm_last_cell_state(lstm, x, lengths, method=method)
+        (h * torch.linspace(-1, 1, 7, dtype=torch.float64)).sum().backward()
+        out[method] = (h.detach(), x.grad.clone(), [p.grad.clone() for p in lstm.parameters()])
+    assert torch.equal(out["grouped"][0][1], torch.zeros(7, dtype=torch.float64))      # length 0: zero state
+    assert_close(out["grouped"][0], out["packed"][0], rtol=1e-12, atol=1e-13)
+    assert_close(out["grouped"][1], out["packed"][1], rtol=1e-12, atol=1e-13)
+    for a, b in zip(out["grouped"][2], out["packed"][2]):
+        assert_close(a, b, rtol=1e-12, atol=1e-13)
+    # padding beyond each length is never read
+    assert torch.equal(out["grouped"][1][0, 3:], torch.zeros(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="method"):
+        lstm_last_cell_state(lstm, seq, lengths, method="fast")
