@@ -230,8 +230,8 @@ def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: st
             length on the sequences of that length, no padding read) or ``"auto"``: grouped on the
             CPU, packed elsewhere. Both compute the same recurrences; on the CPU an LSTM on a packed
             batch of unequal lengths leaves the fused kernel, and its backward zero-fills a full-size
-            gradient buffer at every step (``benchmarks.ban_step_time``: the LSTM over VQA boxes
-            is several times faster grouped), while cuDNN runs packed batches natively.
+            gradient buffer at every step (``benchmarks.ban_step_time`` times the LSTM as a part of
+            BAN + PO's step), while cuDNN runs packed batches natively.
     Returns:
         (B, hidden_size) cell state ``c_n[-1]``.
     """
