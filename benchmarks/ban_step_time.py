@@ -25,8 +25,9 @@ Parts (BAN's): word embedding, question GRU, bilinear attention (the G maps), th
 ``b_net`` + ``q_prj``, the counter (G calls, with its max-over-words relevance), ``c_prj``,
 classifier + loss; the optimiser step (grad-norm clip + Adamax over all parameters). The set
 encoder's (appendix F.4): the set construction (``box_proj`` + ``glimpse_sets``), the pairwise cost
-(eq. 8-10), the inner steps (algorithm 1: T unrolled gradient steps with Sinkhorn), permute + pack
-(relevance weighting, ``P^T x``, packing), the LSTM over the K boxes (packed), ``p_prj``. "The rest"
+(eq. 8-10), the inner steps (algorithm 1: T unrolled gradient steps with Sinkhorn), permute
+(relevance weighting, ``P^T x``), the LSTM over the K boxes (as the encoder reads them:
+``setperm.encoder.lstm_last_cell_state``), ``p_prj``. "The rest"
 is the step minus the sum of the parts (residual adds, ``zero_grad``, autograd bookkeeping). The
 whole set encoder is timed too, as a check of its four pieces (not counted in the sum).
 """
@@ -42,7 +43,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from integrations.ban.cli import add_train_arguments, resolve_train_args
 from integrations.ban.model import padding_mask
@@ -50,16 +50,17 @@ from integrations.ban.plugin import PatchedBan, glimpse_sets
 from integrations.ban.train import box_counts, build_model, datasets, make_loader, train_step, vqa_bce_loss
 from integrations.common import positive_int, resolve_device, seed_everything
 from setperm import apply_permutation, optimize_permutation
+from setperm.encoder import lstm_last_cell_state
 from setperm.masking import zero_padding
 
 # (name, group) of every part, in the order of the forward pass; "check" rows are not summed
 BAN_PARTS = ("word embedding", "question GRU", "bilinear attention", "b_net + q_prj (glimpse loop)", "counter",
              "c_prj", "classifier + loss")
 ENCODER_PARTS = ("set construction (box_proj + glimpse_sets)", "pairwise cost", "inner steps (descent + Sinkhorn)",
-                 "permute + pack", "LSTM over K boxes (packed)", "p_prj")
+                 "permute", "LSTM over K boxes", "p_prj")
 OPTIMISER_PART = "clip + Adamax"
 ENCODER_WHOLE = "set encoder (whole, check)"
-ENCODER_PIECES = ("pairwise cost", "inner steps (descent + Sinkhorn)", "permute + pack", "LSTM over K boxes (packed)")
+ENCODER_PIECES = ("pairwise cost", "inner steps (descent + Sinkhorn)", "permute", "LSTM over K boxes")
 
 
 def _sync(device: torch.device) -> None:
@@ -172,7 +173,7 @@ def staged_forward(model: PatchedBan, v: Tensor, b: Tensor, q: Tensor) -> Tuple[
     att, logits = ban.v_att.forward_all(v, q_hidden)
     x, weights, set_mask = glimpse_sets(b, logits, model.box_proj(v), mask)
     seen: Dict[str, tuple] = {}
-    watched = {"lstm": enc.lstm}
+    watched = {}
     if enc.optimizer is not None:
         watched["optimizer"] = enc.optimizer
         if enc.optimizer.cost is not None:
@@ -199,13 +200,25 @@ def staged_forward(model: PatchedBan, v: Tensor, b: Tensor, q: Tensor) -> Tuple[
     inputs = {"v": v, "b": b, "q": q, "mask": mask, "words": words, "q_hidden": q_hidden, "att": att,
               "logits": logits, "boxes": boxes, "x": x, "weights": weights, "set_mask": set_mask,
               "encoding": encoding, "q_per_glimpse": q_per_glimpse, "counts": counts, "q_final": q_emb,
-              "lstm_input": seen["lstm"][0][0]}
+              }
     if "optimizer" in seen:
         inputs["P"] = seen["optimizer"][2]
+    inputs["seq"] = _permuted(x, weights, set_mask, inputs.get("P"))   # what the encoder's LSTM reads
     if "cost" in seen:
         args, _, C = seen["cost"]
         inputs["cost_x"], inputs["C"] = args[0], C       # PermutationOptimizer calls cost(x, mask)
     return out, inputs
+
+
+def _permuted(x: Tensor, weights: Tensor, set_mask: Tensor, P) -> Tensor:
+    """The sequence the encoder's LSTM reads: relevance-weighted elements, ``P^T x`` (or, without P,
+    the real elements in input order with the padding at the end), as ``PermutationSetEncoder`` does."""
+    x = zero_padding(x, set_mask)
+    x = x * torch.sigmoid(zero_padding(weights.unsqueeze(-1), set_mask))
+    if P is not None:
+        return apply_permutation(x, P)
+    order = torch.argsort((~set_mask).to(torch.int8), dim=1, stable=True)
+    return x.gather(1, order.unsqueeze(-1).expand_as(x))
 
 
 def _leaf(t: Tensor) -> Tensor:
@@ -240,22 +253,13 @@ def part_functions(model: PatchedBan, inp: Dict[str, object], target: Tensor) ->
     def set_construction():
         return list(glimpse_sets(b, _leaf(inp["logits"]), model.box_proj(v), inp["mask"])[:2])
 
-    def permute_and_pack():
-        x, P = _leaf(inp["x"]), (_leaf(inp["P"]) if "P" in inp else None)
-        x = zero_padding(x, set_mask)
-        x = x * torch.sigmoid(zero_padding(_leaf(inp["weights"]).unsqueeze(-1), set_mask))
-        if P is not None:
-            seq = apply_permutation(x, P)
-        else:  # "none": the real elements in input order, padding at the end (as the encoder does)
-            order = torch.argsort((~set_mask).to(torch.int8), dim=1, stable=True)
-            seq = x.gather(1, order.unsqueeze(-1).expand_as(x))
-        n = set_mask.sum(1)
-        return pack_padded_sequence(seq, n.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False).data
+    def permute():
+        P = _leaf(inp["P"]) if "P" in inp else None
+        return _permuted(_leaf(inp["x"]), _leaf(inp["weights"]), set_mask, P)
 
     def lstm():
-        packed: PackedSequence = inp["lstm_input"]
-        leaf = packed._replace(data=_leaf(packed.data))
-        return enc.lstm(leaf)[1][1]
+        # as the encoder reads it: packed on CUDA, one fused call per set length on the CPU
+        return lstm_last_cell_state(enc.lstm, _leaf(inp["seq"]), set_mask.sum(1))
 
     parts: Dict[str, Callable[[], object]] = {
         "word embedding": lambda: ban.w_emb(q),
@@ -276,8 +280,8 @@ def part_functions(model: PatchedBan, inp: Dict[str, object], target: Tensor) ->
                                         sinkhorn_iters=opt.sinkhorn_iters, temperature=opt.temperature,
                                         grid=opt.grid)
         parts["inner steps (descent + Sinkhorn)"] = inner_steps
-    parts["permute + pack"] = permute_and_pack
-    parts["LSTM over K boxes (packed)"] = lstm
+    parts["permute"] = permute
+    parts["LSTM over K boxes"] = lstm
     parts["p_prj"] = lambda: [model.p_prj[g](_leaf(inp["encoding"][:, g])) for g in range(G)]
     parts[ENCODER_WHOLE] = lambda: enc(_leaf(inp["x"]), mask=set_mask, weights=_leaf(inp["weights"]))
     return parts
@@ -411,7 +415,7 @@ def markdown_tables(result: dict) -> str:
         for g, s in bd["groups"].items():
             lines.append(f"| sum: {g} | | {_ms(s['wall_s'])} | {_ms(s['cpu_s'])} | "
                          f"{s['wall_s'] / bd['step_s']['median']:.3f} | {s['cpu_s'] / bd['step_cpu_s']['median']:.3f} |")
-        lines += ["", f"Encoder pieces (cost, inner steps, permute + pack, LSTM) / whole encoder: "
+        lines += ["", f"Encoder pieces (cost, inner steps, permute, LSTM) / whole encoder: "
                       f"{bd['encoder_pieces_over_whole']:.2f} (wall), {bd['encoder_pieces_over_whole_cpu']:.2f} (CPU)."]
     return "\n".join(lines)
 

@@ -91,7 +91,12 @@ def test_replay_is_the_model_forward(root, permutation):
     B, K = batch.v.shape[:2]
     sets, real = 2 * B, int(batch.mask.sum())
     assert inp["x"].shape == (sets, K, 13)
-    assert inp["lstm_input"].data.shape == (2 * real, 13)      # the packed LSTM reads only real boxes
+    assert inp["seq"].shape == (sets, K, 13)
+    # the LSTM reads the real boxes first: padding rows of the sequence are exactly zero
+    n = inp["set_mask"].sum(1)
+    assert int(n.sum()) == 2 * real
+    tail = torch.arange(K)[None, :] >= n[:, None]
+    assert torch.equal(inp["seq"][tail], torch.zeros_like(inp["seq"][tail]))
     if permutation == "po-u":
         assert inp["C"].shape == (sets, 1, K, K) and inp["P"].shape == (sets, K, K)
     else:
@@ -109,7 +114,7 @@ def test_every_part_backpropagates_into_its_own_modules(root, permutation):
               "b_net + q_prj (glimpse loop)": [ban.b_net, ban.q_prj], "counter": [ban.counter],
               "c_prj": [ban.c_prj], "classifier + loss": [ban.classifier],
               "set construction (box_proj + glimpse_sets)": [model.box_proj],
-              "LSTM over K boxes (packed)": [enc.lstm], "p_prj": [model.p_prj], bst.ENCODER_WHOLE: [enc]}
+              "LSTM over K boxes": [enc.lstm], "p_prj": [model.p_prj], bst.ENCODER_WHOLE: [enc]}
     if permutation == "po-u":
         owners["pairwise cost"] = [enc.optimizer.cost]
         owners["inner steps (descent + Sinkhorn)"] = [enc.optimizer]   # eta
