@@ -85,7 +85,7 @@ EXTRA_REPR = [
     (PermutationSetEncoder(3, 6, cost_hidden=5, steps=4, sinkhorn_iters=3, temperature=0.5, eta_init=2.0,
                            check_finite=False),
      ["in_features=3", "hidden_size=6", "permutation='po-u'", "steps=4", "cost_hidden=5", "eta_init=2.0",
-      "kernel='chunked'", "sinkhorn_iters=3", "temperature=0.5", "check_finite=False"]),
+      "kernel='chunked'", "sinkhorn_iters=3", "temperature=0.5", "straight_through=False", "check_finite=False"]),
     (PermutationSetEncoder(3, 6, permutation="none"),
      ["in_features=3", "hidden_size=6", "permutation='none'", "check_finite=True"]),
 ]
