@@ -89,10 +89,8 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
                 train(_cell_args(args, variant, seed))
             except RunInterrupted as stop:
                 # the run wrote its checkpoint; the way to continue is the sweep's command, not the run's
-                stop.args = (f"interrupted by {signal.Signals(stop.signum).name} in run {cell_name(variant, seed)} "
-                             f"(checkpoint {stop.checkpoint}); continue with the same command and --resume "
-                             f"(--out {sweep.path})",)
-                raise
+                raise RunInterrupted(stop.signum, i - 1, stop.checkpoint, sweep.path,
+                                     where=f"in run {cell_name(variant, seed)} (checkpoint {stop.checkpoint})") from None
     else:
         _train_in_parallel(sweep, [(v, s, _cell_args(args, v, s)) for v, s in cells], jobs, train)
     results = collect(Path(args.out), args.variants, args.seeds)
@@ -159,10 +157,8 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
             pool.shutdown(wait=True, cancel_futures=True)
     signum = sweep.stop_signal()
     if signum is not None:
-        stop = RunInterrupted(signum, finished, None, sweep.path)
-        stop.args = (f"interrupted by {signal.Signals(signum).name}: the running runs wrote a checkpoint, no new one "
-                     f"started; continue with the same command and --resume (--out {sweep.path})",)
-        raise stop
+        raise RunInterrupted(signum, finished, None, sweep.path,
+                             where="(the running runs wrote a checkpoint, no new one started)")
     if failures:
         raise RuntimeError("a run of the sweep failed; the finished runs are kept (--resume continues):\n"
                            + failures[0])

@@ -56,12 +56,15 @@ class RunInterrupted(Exception):
     """Raised after a checkpoint was written because SIGINT / SIGTERM arrived; CLIs print it and exit
     with :attr:`exit_code` (128 + signal number: 130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], out: Path):
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], out: Path, where: Optional[str] = None):
+        """``where``: what was kept, for a sweep whose unit is a run or a cell (default: the step and the
+        checkpoint of a single run)."""
         self.signum, self.step, self.checkpoint, self.out = signum, step, checkpoint, out
         name = signal.Signals(signum).name
-        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint written"
-        super().__init__(f"interrupted by {name} at step {step}: {where}; continue with the same command "
-                         f"and --resume (--out {out})")
+        if where is None:
+            where = f"at step {step}: " + (f"checkpoint {checkpoint}" if checkpoint is not None
+                                           else "no checkpoint written")
+        super().__init__(f"interrupted by {name} {where}; continue with the same command and --resume (--out {out})")
 
     @property
     def exit_code(self) -> int:

@@ -191,7 +191,8 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
         def stop() -> None:
             signum = run.stop_signal()
             if signum is not None:
-                raise RunInterrupted(signum, len(done), None, out)
+                raise RunInterrupted(signum, len(done), None, out,
+                                     where=f"after {len(done)} cells (the running cells were written, no new one started)")
 
         stop()                                       # a signal during the CNN's pre-training
         if jobs <= 1:

@@ -16,15 +16,6 @@ from integrations.ban.train import build_model
 TINY = ["--num-hid", "16", "--gamma", "2", "--batch-size", "4", "--steps", "2", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: a second OpenMP thread only adds synchronisation (as tests/integrations/conftest.py)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return synth.generate(tmp_path_factory.mktemp("bansteps") / "data", images=6, val_images=2, questions=3,
