@@ -329,7 +329,10 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
         if overwrite:
             _clear(path)
             log(f"--overwrite: removed the run in {path}")
-        elif summary is not None and summary.get("finished") and not changed_settings(old, config):
+        elif (summary is not None and summary.get("finished")
+              and not changed_settings(summary.get("config", old), config)):
+            # judged against the settings the record was written with: a --resume that extended a
+            # finished sweep (more seeds) and was interrupted leaves config.json longer than the record
             return {"run_id": old.get("run_id"), "state": None, "summary": summary, "config": old}
         elif not resume:
             raise RunError(f"--out {path} already holds a run ({_describe(path)}): continue it with --resume, "
@@ -343,6 +346,9 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
             state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log) if checkpoints else None
             merged = {**config, "run_id": run_id}
             write_json(path / CONFIG, merged)          # lengths that grew are recorded
+            if summary_file.is_file():
+                # the run now does more than its record says: it is not finished until it writes a new one
+                summary_file.unlink()
             if state is None and checkpoints:
                 log(f"--resume: {path} has no checkpoint yet; starting at step 0")
             elif not checkpoints:

@@ -69,6 +69,22 @@ def test_resume_refuses_each_changed_setting_by_name(tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 5 == run.config["epochs"]
 
 
+def test_extending_a_finished_run_that_is_interrupted_is_not_finished(tmp_path):
+    """A finished sweep extended with --resume (more seeds) and stopped before its new record must not
+    report itself finished on the next --resume: config.json already lists the longer settings."""
+    quiet = lambda s: None
+    run = open_run(tmp_path / "r", {**CFG, "seeds": [0, 1]}, log=quiet)
+    run.finish({"done": 2})
+    longer = {**CFG, "seeds": [0, 1, 2]}
+    extended = open_run(tmp_path / "r", longer, resume=True, may_change=("seeds",), log=quiet)
+    assert not extended.finished and not (tmp_path / "r" / "summary.json").exists()
+    # ... interrupted here; the same command again continues instead of printing the old record
+    again = open_run(tmp_path / "r", longer, resume=True, may_change=("seeds",), log=quiet)
+    assert not again.finished
+    again.finish({"done": 3})
+    assert open_run(tmp_path / "r", longer, resume=True, may_change=("seeds",), log=quiet).summary["done"] == 3
+
+
 def test_overwrite_replaces_the_run(tmp_path):
     run = open_run(tmp_path / "r", CFG, log=lambda s: None)
     m, opt = _model()
