@@ -278,18 +278,23 @@ class PermutationSetEncoder(nn.Module):
             soft ``P`` mixes several elements into each position of the sequence; the hard order
             keeps element identity, which counts and histograms over the set need. Not with
             ``"none"``. The Hungarian step runs on the CPU (O(n^3) per set).
+        order_features: if given (default None: the ordering cost sees ``x``), the permutation is
+            optimised on separate per-element features ``order_by`` (B, N, order_features) passed
+            to ``forward``, while the LSTM still reads ``x``: a sort key next to the payload, e.g.
+            box coordinates for a spatial order. Not with ``"none"`` (no permutation to optimise).
         device, dtype: where and in which dtype to create the parameters.
 
     Submodules: ``optimizer`` (the :class:`PermutationOptimizer`, None for ``"none"``), ``lstm``.
 
     Shapes:
         ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, weights (B, N) | None,
-        return_permutation=False, *, key_padding_mask (B, N) | None) -> h (B, hidden_size)``;
+        return_permutation=False, *, key_padding_mask (B, N) | None, order_by (B, N, E) | None)
+        -> h (B, hidden_size)``;
         with ``return_permutation=True`` -> ``(h, P (B, N, N))``. ``mask`` is True at real
         elements, ``key_padding_mask`` True at padding, ``lengths`` gives prefix padding (at most
         one of them). ``weights`` are relevance logits: each element is scaled by
-        ``sigmoid(weights)`` before the LSTM (F.4); the ordering cost sees the unscaled elements.
-        ``P`` is always the soft permutation, also with ``straight_through``.
+        ``sigmoid(weights)`` before the LSTM (F.4); the ordering cost sees the unscaled elements
+        (or ``order_by``, required exactly when ``order_features`` was given). ``P`` is always the soft permutation, also with ``straight_through``.
         The LSTM reads only the n real elements (packed sequence), so padding has no influence;
         an empty set gives ``h = 0``, N = 0 gives ``h = zeros(B, hidden_size)`` and ``P`` of shape
         ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
@@ -299,10 +304,16 @@ class PermutationSetEncoder(nn.Module):
                  steps: Optional[int] = None, permutation: str = "po-u", sinkhorn_iters: int = 4,
                  temperature: float = 1.0, eta_init: float = 1.0, num_positions: Optional[int] = None,
                  check_finite: bool = True, kernel: str = "chunked", logit_clip: Optional[float] = None, *,
-                 straight_through: bool = False, device=None, dtype=None):
+                 straight_through: bool = False, order_features: Optional[int] = None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.permutation = _check_permutation(permutation, ENCODER_PERMUTATIONS)
+        if order_features is not None:
+            if isinstance(order_features, bool) or not isinstance(order_features, int) or order_features < 1:
+                raise ValueError(f"order_features must be a positive int or None, got {order_features!r}")
+            if permutation == "none":
+                raise ValueError("order_features needs a permutation to optimise, got permutation='none'")
+        self.order_features = order_features
         if not isinstance(straight_through, bool):
             raise ValueError(f"straight_through must be a bool, got {straight_through!r}")
         if straight_through and permutation == "none":
@@ -319,7 +330,7 @@ class PermutationSetEncoder(nn.Module):
         if permutation != "none":
             # check_finite=False: this encoder checks x (and the weights) once itself.
             self.optimizer = PermutationOptimizer(
-                in_features, cost_hidden=cost_hidden, steps=_resolve_steps(steps, permutation, default=3),
+                in_features if order_features is None else order_features, cost_hidden=cost_hidden, steps=_resolve_steps(steps, permutation, default=3),
                 permutation=permutation, num_positions=num_positions, sinkhorn_iters=sinkhorn_iters,
                 temperature=temperature, eta_init=eta_init, logit_clip=logit_clip, check_finite=False,
                 kernel=kernel, **factory_kwargs)
@@ -341,11 +352,24 @@ class PermutationSetEncoder(nn.Module):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, return_permutation: bool = False, *,
-                key_padding_mask: Optional[Tensor] = None):
+                key_padding_mask: Optional[Tensor] = None, order_by: Optional[Tensor] = None):
         check_set(x, features=self.in_features)
         dtype = self.lstm.weight_ih_l0.dtype
         check_dtype(x, dtype)
         mask = resolve_mask(x, mask, lengths, key_padding_mask)
+        if self.order_features is None and order_by is not None:
+            raise ValueError("order_by: this encoder orders x itself (order_features=None); construct it with "
+                             f"order_features={order_by.shape[-1] if isinstance(order_by, Tensor) else '...'} "
+                             "to order by separate features")
+        if self.order_features is not None:
+            if order_by is None:
+                raise ValueError(f"order_by: required, (B, N, {self.order_features}), since the encoder was "
+                                 f"built with order_features={self.order_features}")
+            check_set(order_by, "order_by", features=self.order_features)
+            if tuple(order_by.shape[:2]) != tuple(x.shape[:2]):
+                raise ValueError(f"order_by must have shape (B, N, {self.order_features}) with (B, N) = "
+                                 f"{tuple(x.shape[:2])} of x, got shape {tuple(order_by.shape)}")
+            check_dtype(order_by, dtype, name="order_by")
         check_weights(x, weights)
         if weights is not None:
             check_dtype(weights, dtype, name="weights")
@@ -353,18 +377,21 @@ class PermutationSetEncoder(nn.Module):
             _check_finite(x, mask)
             if weights is not None:
                 _check_finite(weights.unsqueeze(-1), mask, name="weights")
+            if order_by is not None:
+                _check_finite(order_by, mask, name="order_by")
         B, N, D = x.shape
         if N == 0:
             # The LSTM cannot read a length-0 sequence: encode one padded slot instead, which gives
             # the empty set's h = 0 through the LSTM (so backward reaches its parameters).
+            empty_key = None if order_by is None else order_by.new_zeros(B, 1, order_by.shape[-1])
             h, _ = self._encode(x.new_zeros(B, 1, D), torch.zeros(B, 1, dtype=torch.bool, device=x.device), None,
-                                False)
+                                False, empty_key)
             return (h, x.new_zeros(B, 0, 0)) if return_permutation else h
-        h, P = self._encode(x, mask, weights, return_permutation)
+        h, P = self._encode(x, mask, weights, return_permutation, order_by)
         return (h, P) if return_permutation else h
 
     def _encode(self, x: Tensor, mask: Optional[Tensor], weights: Optional[Tensor],
-                return_permutation: bool) -> Tuple[Tensor, Optional[Tensor]]:
+                return_permutation: bool, order_by: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """``x`` (B, N >= 1, D) checked -> h (B, hidden_size), P (B, N, N) (None for "none" unless
         ``return_permutation``)."""
         B, N, _ = x.shape
@@ -372,7 +399,8 @@ class PermutationSetEncoder(nn.Module):
         P: Optional[Tensor] = None
         order: Optional[Tensor] = None
         if self.optimizer is not None:
-            P = self.optimizer(x, mask=mask)   # through __call__: the optimiser's hooks fire
+            key = x if order_by is None else zero_padding(order_by, mask)
+            P = self.optimizer(key, mask=mask)   # through __call__: the optimiser's hooks fire
         elif mask is not None:
             # "LSTM only": keep the input order of the real elements, padding moved to the end
             # (a gather, not a matmul with the equivalent permutation matrix).
@@ -404,6 +432,8 @@ class PermutationSetEncoder(nn.Module):
     def extra_repr(self) -> str:
         pairs = [("in_features", self.in_features), ("hidden_size", self.hidden_size),
                  ("permutation", self.permutation)]
+        if self.order_features is not None:
+            pairs.append(("order_features", self.order_features))
         po = self.optimizer
         if po is not None:
             pairs.append(("steps", po.steps))

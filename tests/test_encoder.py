@@ -483,3 +483,84 @@ def test_grouped_lstm_equals_packed_lstm_values_and_gradients(num_layers):
     assert torch.equal(out["grouped"][1][0, 3:], torch.zeros(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="method"):
         lstm_last_cell_state(lstm, seq, lengths, method="fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# order_features / order_by: the permutation optimised on a separate sort key
+# ---------------------------------------------------------------------------------------------
+
+def make_keyed_encoder(permutation="po-u", seed=0, D=5, E=2):
+    torch.manual_seed(seed)
+    return PermutationSetEncoder(D, hidden_size=12, cost_hidden=16, steps=3, permutation=permutation,
+                                 num_positions=16 if permutation == "po-la" else None, order_features=E).double()
+
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la"])
+def test_order_by_alone_decides_the_permutation(permutation):
+    g = torch.Generator().manual_seed(7)
+    enc = make_keyed_encoder(permutation)
+    x = torch.randn(3, 8, 5, generator=g, dtype=torch.float64)
+    key = torch.randn(3, 8, 2, generator=g, dtype=torch.float64)
+    h, P = enc(x, order_by=key, return_permutation=True)
+    # other payload, same key: the same P; the same payload, another key: another P
+    h2, P2 = enc(torch.randn(3, 8, 5, generator=g, dtype=torch.float64), order_by=key, return_permutation=True)
+    assert_close(P2, P, **TOL[torch.float64])
+    assert not torch.allclose(h2, h)
+    _, P3 = enc(x, order_by=key + torch.randn(3, 8, 2, generator=g, dtype=torch.float64), return_permutation=True)
+    assert not torch.allclose(P3, P, atol=1e-6)
+    # it is the optimiser applied to the key, and the LSTM reads x in that soft order
+    assert_close(P, enc.optimizer(key), **TOL[torch.float64])
+    # permutation invariance: permuting elements and keys together leaves h unchanged
+    perm = torch.randperm(8, generator=g)
+    assert_close(enc(x[:, perm], order_by=key[:, perm]), h, **TOL[torch.float64])
+
+
+def test_order_by_padded_equals_unpadded_and_gradcheck():
+    g = torch.Generator().manual_seed(8)
+    enc = make_keyed_encoder()
+    sizes, N = [1, 4, 6], 6
+    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in sizes]
+    keys = [torch.randn(n, 2, generator=g, dtype=torch.float64) for n in sizes]
+    alone = torch.cat([enc(x[None], order_by=k[None]) for x, k in zip(sets, keys)])
+    xp = torch.full((3, N, 5), float("nan"), dtype=torch.float64)
+    kp = torch.full((3, N, 2), float("inf"), dtype=torch.float64)
+    mask = torch.zeros(3, N, dtype=torch.bool)
+    for b, (x, k) in enumerate(zip(sets, keys)):
+        slots = torch.randperm(N, generator=g)[: len(x)]
+        xp[b, slots], kp[b, slots], mask[b, slots] = x, k, True
+    assert_close(enc(xp, mask=mask, order_by=kp), alone, **TOL[torch.float64])
+    x = torch.randn(2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(2, 4, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    m = torch.tensor([[True, True, True, False], [True] * 4])
+    assert torch.autograd.gradcheck(lambda a, k: enc(a, mask=m, order_by=k), (x, key), eps=1e-6, atol=1e-6)
+
+
+def test_order_by_arguments_are_checked():
+    enc = make_keyed_encoder()
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="order_by: required"):
+        enc(x)
+    with pytest.raises(ValueError, match=r"order_by must have 2 features.*\(2, 4, 3\)"):
+        enc(x, order_by=torch.randn(2, 4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"order_by must have shape \(B, N, 2\).*\(2, 5, 2\)"):
+        enc(x, order_by=torch.randn(2, 5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="order_by has dtype torch.float32"):
+        enc(x, order_by=torch.randn(2, 4, 2))
+    with pytest.raises(ValueError, match="order_by.*NaN|order_by.*non-finite|order_by.*finite"):
+        enc(x, order_by=torch.full((2, 4, 2), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="order_features=None"):
+        make_encoder(torch.float64)(x, order_by=torch.randn(2, 4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="permutation='none'"):
+        PermutationSetEncoder(5, permutation="none", order_features=2)
+    with pytest.raises(ValueError, match="order_features must be a positive int"):
+        PermutationSetEncoder(5, order_features=0)
+    assert "order_features=2" in repr(enc)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5)])
+def test_order_by_empty_batches_and_sets(shape):
+    enc = make_keyed_encoder()
+    x = torch.randn(*shape, dtype=torch.float64)
+    key = torch.randn(*shape[:2], 2, dtype=torch.float64)
+    h = enc(x, order_by=key)
+    assert h.shape == (shape[0], 12) and torch.equal(h, torch.zeros_like(h))

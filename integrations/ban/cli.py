@@ -39,6 +39,12 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True) 
         p.add_argument("--permutation", choices=VARIANTS, default="po-u",
                        help="po-u / po-la: BAN + PO (paper F.4); none: BAN + LSTM (the set encoder reads the boxes "
                             "in their input order); off: plain BAN, no set encoder")
+        p.add_argument("--order-by", choices=("all", "geometry"), default="all",
+                       help="what PO optimises the permutation on: all = the 13-vector of each box (paper F.4), "
+                            "geometry = the box coordinates only (the LSTM still reads the 13-vectors)")
+        p.add_argument("--oracle-relevance", action="store_true",
+                       help="ablation (synthetic data only): feed the set encoder the ground-truth relevance of the "
+                            "boxes the question is about instead of BAN's attention logits")
     add_kernel_argument(p)
     p.add_argument("--num-hid", type=positive_int, default=1280, help="BAN hidden size H")
     p.add_argument("--gamma", type=positive_int, default=8, help="number of glimpses G")
@@ -81,6 +87,11 @@ def _data_root(value: Optional[str], p: argparse.ArgumentParser) -> str:
 
 def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
     a.data_root = _data_root(a.data_root, p)
+    permutation = getattr(a, "permutation", None)
+    if getattr(a, "order_by", "all") != "all" and permutation not in ("po-u", "po-la"):
+        p.error(f"argument --order-by: {a.order_by} needs --permutation po-u or po-la, got {permutation}")
+    if getattr(a, "oracle_relevance", False) and permutation == "off":
+        p.error("argument --oracle-relevance: needs a set encoder (--permutation po-u, po-la or none), got off")
     if a.lr is None:
         a.lr = 7e-4 if a.use_both else 1e-3
     if a.out is None:

@@ -31,12 +31,27 @@ from typing import Dict, List, Optional, Sequence
 from integrations.common import RunInterrupted, open_run, positive_int, write_json
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
 
-LABELS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U", "po-la": "BAN + PO-LA"}
+# Every variant a sweep can train: its label and the train settings it sets. The first four are the
+# model choices of the paper (--permutation); the others are the diagnosis's ablations and levers: the
+# ordering cost on the box coordinates only (--order-by geometry) and the ground-truth relevance of the
+# boxes instead of BAN's attention (--oracle-relevance, synthetic data).
+VARIANTS = {
+    "off": ("BAN", {"permutation": "off"}),
+    "none": ("BAN + LSTM", {"permutation": "none"}),
+    "po-u": ("BAN + PO-U", {"permutation": "po-u"}),
+    "po-la": ("BAN + PO-LA", {"permutation": "po-la"}),
+    "po-u-geometry": ("BAN + PO-U (geometry cost)", {"permutation": "po-u", "order_by": "geometry"}),
+    "po-u-oracle": ("BAN + PO-U (oracle relevance)", {"permutation": "po-u", "oracle_relevance": True}),
+    "none-oracle": ("BAN + LSTM (oracle relevance)", {"permutation": "none", "oracle_relevance": True}),
+}
+LABELS = {name: label for name, (label, _) in VARIANTS.items()}
 
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=["off", "none", "po-u"], choices=tuple(LABELS),
-                   help="off: BAN; none: BAN + LSTM; po-u / po-la: BAN + PO (default: off none po-u)")
+                   help="off: BAN; none: BAN + LSTM; po-u / po-la: BAN + PO (default: off none po-u); ablations: "
+                        "po-u-geometry (the ordering cost sees the box coordinates only), po-u-oracle / none-oracle "
+                        "(the set encoder gets the ground-truth relevance of the boxes; synthetic data)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="one run per variant and seed")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="runs trained side by side, each in its own process with --threads threads (a machine "
@@ -49,7 +64,9 @@ def cell_name(variant: str, seed: int) -> str:
 
 def _cell_args(args: argparse.Namespace, variant: str, seed: int) -> argparse.Namespace:
     cell = copy.copy(args)
-    cell.permutation, cell.seed = variant, seed
+    cell.seed = seed
+    for key, value in VARIANTS[variant][1].items():
+        setattr(cell, key, value)
     cell.out = str(Path(args.out) / "runs" / cell_name(variant, seed))
     cell.resume, cell.overwrite = True, False          # each run continues (or reuses) itself
     for key in ("variants", "seeds", "jobs", "command"):

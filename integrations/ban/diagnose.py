@@ -164,6 +164,28 @@ def _load(run_dir, split: str, data_root: Optional[str], device):
     return model.to(device).eval(), ds, saved, state
 
 
+class _RelevanceRecorder:
+    """Forward hook on the set encoder: keeps the relevance logits (``weights``) of its last call."""
+
+    def __init__(self, model):
+        encoder = getattr(model, "set_encoder", None)
+        self.weights: Optional[Tensor] = None
+        self._handle = (encoder.register_forward_hook(self._record, with_kwargs=True)
+                        if encoder is not None else None)
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def _record(self, module, args, kwargs, output) -> None:
+        w = kwargs.get("weights", args[3] if len(args) > 3 else None)
+        self.weights = None if w is None else w.detach()
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
 class _PermutationRecorder:
     """Forward hook on the set encoder's permutation optimiser: keeps the last P it produced."""
 
@@ -230,6 +252,11 @@ class _Accumulator:
                "input_order": {k: _corr(np.asarray(v["input_" + k], dtype=np.float64)[:, None])
                                for k in ("spearman_x", "spearman_area")},
                "permutation": None}
+        if v.get("relevance_asked"):
+            asked = np.asarray(v["relevance_asked"], dtype=np.float64).reshape(-1, self.G)
+            other = np.asarray(v["relevance_other"], dtype=np.float64).reshape(-1, self.G)
+            out["relevance"] = {"asked": _mean(asked), "other": _mean(other),
+                                "asked_per_glimpse": _mean(asked, axis=0), "other_per_glimpse": _mean(other, axis=0)}
         if self.with_permutation:
             perm = {k: _corr(np.asarray(v[k], dtype=np.float64).reshape(-1, self.G)) for k in _ORDER_STATS}
             ent = np.asarray(v["entropy"], dtype=np.float64).reshape(-1, self.G)
@@ -308,7 +335,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     from integrations.common import resolve_device
 
     from .synth_oracle import decode_scenes
-    from .train import load_question_types, make_loader
+    from .train import load_question_types, make_loader, relevance_oracle
 
     if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be a positive int or None, got {max_questions!r}")
@@ -323,7 +350,9 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     scenes = decode_scenes(saved.data_root, split, adaptive=not saved.fixed36)
     index = _question_index(saved.data_root, split)
     G = int(model.glimpse)
+    oracle = relevance_oracle(saved)          # an --oracle-relevance run is diagnosed as it was trained
     recorder = _PermutationRecorder(model)
+    relevance = _RelevanceRecorder(model)
     acc = _Accumulator(G, with_permutation=recorder.module is not None)
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
                          world=1, workers=0)
@@ -337,7 +366,8 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
             qids = batch.question_id[:take].tolist()
             seen += take
             recorder.P = None
-            _, att = model(v, b, q, None)
+            extra = {} if oracle is None else {"relevance": oracle(qids, v.shape[1]).to(dev)}
+            _, att = model(v, b, q, None, **extra)
             mask = batch.mask[:take]                                      # (B, K), True = real box
             boxes = b[:, :, :4].double().cpu()
             asked = _class_masks(scenes, index, qids, mask, boxes)
@@ -347,6 +377,9 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
             file_order = torch.arange(mask.shape[1]).expand_as(mask)
             input_x = set_rank_correlation(file_order, x_centre, mask)
             input_area = set_rank_correlation(file_order, area, mask)
+            weights = None
+            if relevance.weights is not None:        # (B * G, K) logits -> (B, G, K) weights the LSTM applies
+                weights = torch.sigmoid(relevance.weights.double().cpu()).view(take, G, -1)
             order = _order_statistics(recorder.P, mask, asked, x_centre, area, G) if acc.with_permutation else None
             for i, qid in enumerate(qids):
                 fam = qtypes.get(qid, index[qid][1].family)
@@ -357,11 +390,17 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
                 if n_asked:
                     acc.add(fam, "mass", mass[i].tolist())
                     acc.add(fam, "chance", n_asked / n)
+                    if weights is not None:
+                        others = mask[i] & ~asked[i]
+                        acc.add(fam, "relevance_asked", weights[i][:, asked[i]].mean(1).tolist())
+                        acc.add(fam, "relevance_other", (weights[i][:, others].mean(1) if others.any()
+                                                         else torch.full((G,), float("nan"))).tolist())
                 if order is not None:
                     for key, val in order.items():
                         acc.add(fam, key, val[i].tolist())
     finally:
         recorder.remove()
+        relevance.remove()
     return {"run": str(folder), "variant": getattr(saved, "permutation", None), "seed": getattr(saved, "seed", None),
             "checkpoint": state["path"], "step": int(state["step"]), "split": split, "n_questions": seen,
             "glimpses": G, "families": acc.summary(), "eta": _eta(folder, model),
@@ -369,6 +408,8 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
                 "attention_mass": "share of a glimpse's (box, word) softmax attention on the boxes of the asked "
                                   "class, summed over words; questions without such a box are left out",
                 "chance": "share of the image's boxes that are of the asked class",
+                "relevance": "mean weight sigmoid(relevance logit) the set encoder applies to the boxes of the asked "
+                             "class and to the other boxes (BAN + LSTM / PO only)",
                 "spearman": "Spearman rho of the Hungarian order of P with the box x-centre / area over all real "
                             "boxes (or the asked class's boxes: *_asked); sets with < 3 boxes skipped; "
                             "abs_mean = mean |rho|",
@@ -431,6 +472,8 @@ def _sweep_values(res: dict, fam: str) -> Dict[str, object]:
            "input_abs_spearman_x": f["input_order"]["spearman_x"]["abs_mean"],
            "input_abs_spearman_area": f["input_order"]["spearman_area"]["abs_mean"]}
     out.update({f"mass_g{g}": m for g, m in enumerate(att["mass_per_glimpse"])})
+    if f.get("relevance"):
+        out["relevance_asked"], out["relevance_other"] = f["relevance"]["asked"], f["relevance"]["other"]
     if perm is not None:
         for k in _ORDER_STATS:
             out[f"abs_{k}"] = perm[k]["abs_mean"]
@@ -584,6 +627,14 @@ def sweep_markdown(results: dict) -> str:
         for v in variants:
             lines.append(f"| {LABELS[v]} | " + " | ".join(_ms(summ["all"][v].get(f"mass_g{g}"), 100, 1)
                                                           for g in range(G)) + " |")
+    enc = [v for v in variants if any("relevance_asked" in summ[f][v] for f in fams)]
+    if enc:
+        lines += ["", "Relevance weight sigmoid(logit) the set encoder applies to each box (mean over glimpses): boxes "
+                  "of the asked class / other boxes.", "",
+                  "| family | " + " | ".join(LABELS[v] for v in enc) + " |", "|---|" + "---|" * len(enc)]
+        for fam in fams:
+            lines.append(f"| {fam} | " + " | ".join(f"{_ms(summ[fam][v].get('relevance_asked'))} / "
+                                                     f"{_ms(summ[fam][v].get('relevance_other'))}" for v in enc) + " |")
     po = [v for v in variants if any("abs_spearman_x" in summ[f][v] for f in fams)]
     if po:
         lines += ["", "Order of P (Hungarian) against the geometry: mean |Spearman rho| over sets (input order = "

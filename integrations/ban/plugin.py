@@ -14,6 +14,12 @@ so the patched model keeps BAN's padding invariance; the eight sets are encoded 
 paper's "BAN + LSTM" baseline (same encoder without the permutation), ``"po-la"`` the same encoder
 with the linear-assignment start (needs ``num_positions`` >= the number of boxes).
 
+Two options for the diagnosis of the synthetic comparison (defaults = the paper's configuration):
+``order_by="geometry"`` optimises the permutation on the four normalised box coordinates alone (the
+LSTM still reads the 13-vectors), and ``forward(..., relevance=...)`` replaces the attention-derived
+relevance of every glimpse (the logit feature and the weights) by given logits, e.g. the ground truth
+of which boxes the question is about (the oracle ablation).
+
 ``PatchedBan`` wraps the original model as the submodule ``ban`` (official checkpoints load into
 ``patched.ban``) and runs the glimpse loop itself by calling that model's submodules, so it works on
 models from the official ``base_model.build_ban`` and from ``model.build_ban`` alike, and needs no
@@ -31,11 +37,13 @@ from setperm import PermutationSetEncoder
 from .counting import freeze_unused_functions
 from .model import FCNet, ban_attend, ban_fuse, check_ban_inputs, padding_mask
 
-__all__ = ["PatchedBan", "patch_ban", "glimpse_sets", "normalized_boxes", "PERMUTATIONS"]
+__all__ = ["PatchedBan", "patch_ban", "glimpse_sets", "normalized_boxes", "PERMUTATIONS", "ORDER_BY"]
 
 # "po-u" / "po-la": BAN + PO (F.4); "none": BAN + LSTM (the encoder without a permutation, as
 # setperm's permutation="none"); "off": the plain BAN (patch_ban returns the model unchanged).
 PERMUTATIONS = ("po-u", "po-la", "none", "off")
+# what the permutation is optimised on: "all" the 13-vector (F.4), "geometry" the box coordinates only
+ORDER_BY = ("all", "geometry")
 _BAN_SUBMODULES = ("w_emb", "q_emb", "v_att", "b_net", "q_prj", "c_prj", "counter", "classifier")
 
 
@@ -50,7 +58,8 @@ def normalized_boxes(b: Tensor, mask: Tensor) -> Tensor:
     return torch.where(real, boxes / scale[:, None, None], torch.zeros_like(boxes))
 
 
-def glimpse_sets(b: Tensor, logits: Tensor, features: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def glimpse_sets(b: Tensor, logits: Tensor, features: Tensor, mask: Tensor,
+                 relevance: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The G glimpses' box sets, flattened for one batched encoder call (appendix F.4).
 
     Args:
@@ -58,6 +67,8 @@ def glimpse_sets(b: Tensor, logits: Tensor, features: Tensor, mask: Tensor) -> T
         logits: (B, G, K, T) bilinear attention logits, -inf at padded boxes.
         features: (B, K, F) projected box features (F = 8).
         mask: (B, K) bool, True = real box.
+        relevance: (B, K) logits that replace every glimpse's max-over-words attention logit (in the
+            elements and as the weights); None (default) = the attention's, as the paper.
 
     Returns:
         ``x`` (B * G, K, 4 + 1 + F) elements [boxes, max-over-words logit, features], ``weights``
@@ -66,7 +77,10 @@ def glimpse_sets(b: Tensor, logits: Tensor, features: Tensor, mask: Tensor) -> T
         neither the values nor their gradients touch -inf) before any arithmetic.
     """
     B, G, K, _ = logits.shape
-    relevance = logits.max(dim=3)[0]  # (B, G, K), as BAN feeds the counter
+    if relevance is None:
+        relevance = logits.max(dim=3)[0]  # (B, G, K), as BAN feeds the counter
+    else:
+        relevance = relevance.unsqueeze(1).expand(B, G, K)
     real = mask.unsqueeze(1).expand(B, G, K)
     relevance = torch.where(real, relevance, torch.zeros_like(relevance))
     per_box = torch.cat([normalized_boxes(b, mask), torch.where(mask.unsqueeze(2), features,
@@ -83,23 +97,31 @@ class PatchedBan(nn.Module):
     shared by the glimpses), ``box_proj`` (``nn.Linear(v_dim, 8)``), ``p_prj`` (G x ``FCNet([hidden,
     H], 'ReLU', 0)``).
 
-    ``forward(v (B, K, v_dim), b (B, K, >=4), q (B, T), labels=None) -> (logits (B, A), att (B, G, K, T))``,
-    the official signature. Padded boxes are all-zero rows of ``v``.
+    ``forward(v (B, K, v_dim), b (B, K, >=4), q (B, T), labels=None, *, relevance=None) -> (logits (B, A),
+    att (B, G, K, T))``, the official signature. Padded boxes are all-zero rows of ``v``. ``relevance``
+    (B, K) float logits replaces the glimpses' attention-derived relevance (an ablation; see the module
+    docstring).
 
     Patching sets ``requires_grad=False`` on ``ban.counter.f[8:]``, the counter's unused functions
     (never updated by official training either), so DDP works without ``find_unused_parameters``.
 
-    ``permutation``: ``"po-u"`` (default, F.4), ``"po-la"`` or ``"none"`` (BAN + LSTM). The new
-    modules are created on ``device`` / in ``dtype`` (default: those of the BAN's parameters).
+    ``permutation``: ``"po-u"`` (default, F.4), ``"po-la"`` or ``"none"`` (BAN + LSTM). ``order_by``:
+    ``"all"`` (default, F.4: the cost sees the 13-vectors) or ``"geometry"`` (the cost sees x1, y1, x2, y2
+    only). The new modules are created on ``device`` / in ``dtype`` (default: those of the BAN's parameters).
     """
 
     def __init__(self, ban: nn.Module, permutation: str = "po-u", *, v_dim: Optional[int] = None,
                  num_hid: Optional[int] = None, proj_features: int = 8, hidden_size: int = 128,
-                 cost_hidden: int = 128, steps: Optional[int] = None, device=None, dtype=None, **encoder_kwargs):
+                 cost_hidden: int = 128, steps: Optional[int] = None, order_by: str = "all", device=None, dtype=None,
+                 **encoder_kwargs):
         super().__init__()
         if permutation not in ("po-u", "po-la", "none"):
             raise ValueError(f"permutation must be one of ('po-u', 'po-la', 'none') for PatchedBan (patch_ban "
                              f"takes 'off' for the plain BAN), got {permutation!r}")
+        if order_by not in ORDER_BY:
+            raise ValueError(f"order_by must be one of {ORDER_BY}, got {order_by!r}")
+        if order_by != "all" and permutation == "none":
+            raise ValueError(f"order_by={order_by!r} needs a permutation, got permutation='none' (BAN + LSTM)")
         _check_ban(ban)
         v_dim = int(v_dim if v_dim is not None else ban.v_att.logits.v_dim)
         num_hid = int(num_hid if num_hid is not None else ban.q_emb.num_hid)
@@ -107,12 +129,14 @@ class PatchedBan(nn.Module):
         factory_kwargs = {"device": ref.device if device is None else device,
                           "dtype": ref.dtype if dtype is None else dtype}
         self.permutation = permutation
+        self.order_by = order_by
         self.ban = ban
         # the counter's unused f[8:] would stall DistributedDataParallel (official models included)
         freeze_unused_functions(ban.counter)
         self.set_encoder = PermutationSetEncoder(
             4 + 1 + proj_features, hidden_size=hidden_size, cost_hidden=cost_hidden, steps=steps,
-            permutation=permutation, **encoder_kwargs, **factory_kwargs)
+            permutation=permutation, order_features=4 if order_by == "geometry" else None, **encoder_kwargs,
+            **factory_kwargs)
         # F.4: projecting the 2048-d features to 8 dims was needed "to not inhibit learning of the
         # rest of the model"; Xavier weights and zero bias as in the released code
         self.box_proj = nn.Linear(v_dim, proj_features, **factory_kwargs)
@@ -129,22 +153,31 @@ class PatchedBan(nn.Module):
     def eta(self) -> Optional[Tensor]:
         return self.set_encoder.eta
 
-    def encode_glimpses(self, v: Tensor, b: Tensor, logits: Tensor, mask: Tensor) -> Tensor:
+    def encode_glimpses(self, v: Tensor, b: Tensor, logits: Tensor, mask: Tensor,
+                        relevance: Optional[Tensor] = None) -> Tensor:
         """All G glimpses' sets through the shared encoder in ONE call -> (B, G, hidden_size)."""
         B, G = logits.shape[:2]
-        x, weights, set_mask = glimpse_sets(b, logits, self.box_proj(v), mask)
-        h = self.set_encoder(x, mask=set_mask, weights=weights)
+        x, weights, set_mask = glimpse_sets(b, logits, self.box_proj(v), mask, relevance)
+        order_by = x[..., :4] if self.order_by == "geometry" else None     # the normalised box coordinates
+        h = self.set_encoder(x, mask=set_mask, weights=weights, order_by=order_by)
         return h.view(B, G, -1)
 
-    def forward(self, v: Tensor, b: Tensor, q: Tensor, labels: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, v: Tensor, b: Tensor, q: Tensor, labels: Optional[Tensor] = None, *,
+                relevance: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         check_ban_inputs(v, b, q, self.box_proj.in_features)
+        if relevance is not None:
+            if not isinstance(relevance, Tensor) or not relevance.is_floating_point() \
+                    or tuple(relevance.shape) != tuple(v.shape[:2]):
+                got = tuple(relevance.shape) if isinstance(relevance, Tensor) else type(relevance).__name__
+                raise ValueError(f"relevance must be float logits of shape (B, K) = {tuple(v.shape[:2])}, got {got}")
+            relevance = relevance.to(v.dtype)
         q_emb, att, logits = ban_attend(self.ban, v, q)
-        encoding = self.encode_glimpses(v, b, logits, padding_mask(v))
+        encoding = self.encode_glimpses(v, b, logits, padding_mask(v), relevance)
         extra = [self.p_prj[g](encoding[:, g]) for g in range(self.ban.glimpse)]
         return ban_fuse(self.ban, v, b, q_emb, att, logits, extra), att
 
     def extra_repr(self) -> str:
-        return f"permutation={self.permutation!r}"
+        return f"permutation={self.permutation!r}, order_by={self.order_by!r}"
 
 
 def _check_ban(model: nn.Module) -> None:
@@ -167,7 +200,8 @@ def patch_ban(model: nn.Module, permutation: str = "po-u", **encoder_kwargs) -> 
         permutation: ``"po-u"`` (BAN + PO-U, the paper's model), ``"po-la"`` (BAN + PO-LA, needs
             ``num_positions``), ``"none"`` (BAN + LSTM: the same encoder without a permutation, as
             setperm's ``permutation="none"``) or ``"off"`` (``model`` itself is returned, unchanged).
-        **encoder_kwargs: ``hidden_size`` (128), ``cost_hidden`` (128), ``steps`` (3),
+        **encoder_kwargs: ``order_by`` ("all"; "geometry": the cost sees the box coordinates only),
+            ``hidden_size`` (128), ``cost_hidden`` (128), ``steps`` (3),
             ``proj_features`` (8), ``v_dim`` / ``num_hid`` (read from the model), ``device`` /
             ``dtype`` (those of the model), and any other ``PermutationSetEncoder`` argument
             (``sinkhorn_iters``, ``eta_init``, ``check_finite``, ``num_positions``, ...).

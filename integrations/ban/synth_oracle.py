@@ -85,6 +85,47 @@ def oracle_answers(root, split: str = "val", adaptive: bool = True) -> dict:
     return out
 
 
+def relevant_boxes(root, split: str = "val", adaptive: bool = True) -> dict:
+    """{question_id: (n_boxes,) bool}: the boxes a question is about, decoded from the files as the oracle
+    does: the boxes of the asked class, and for ``count_left`` also the landmark's box. Row i is box i of
+    the image in the feature file (the order ``collate_vqa`` keeps)."""
+    root = Path(root)
+    scenes = decode_scenes(root, split, adaptive)
+    questions = json.loads((root / QUESTION_FILES[split]).read_text())["questions"]
+    out = {}
+    for q in questions:
+        parsed = parse_question(q["question"])
+        wanted = {parsed.cls} | ({parsed.landmark} if parsed.landmark is not None else set())
+        out[int(q["question_id"])] = np.array([c in wanted for c in scenes[q["image_id"]].classes], dtype=bool)
+    return out
+
+
+class RelevanceOracle:
+    """The ground-truth relevance of the boxes, for the oracle ablation of BAN + PO (``train
+    --oracle-relevance``): logits ``+logit`` at the boxes the question is about, ``-logit`` elsewhere
+    (sigmoid(4) = 0.98, the weight a trained BAN + PO-U's attention gives such boxes on the synthetic set).
+
+    ``oracle(question_ids (B,), K) -> (B, K) float32``; padded slots (beyond a question's boxes) are -logit
+    (the encoder masks them anyway). Needs a synthetic dataset (its ``synth_meta.json``).
+    """
+
+    def __init__(self, root, splits=("train", "val"), adaptive: bool = True, logit: float = 4.0):
+        self.logit = float(logit)
+        self.boxes: dict = {}
+        for split in splits:
+            if (Path(root) / QUESTION_FILES[split]).is_file():
+                self.boxes.update(relevant_boxes(root, split, adaptive))
+
+    def __call__(self, question_ids, K: int):
+        import torch
+
+        out = torch.full((len(question_ids), K), -self.logit)
+        for i, qid in enumerate(question_ids.tolist() if hasattr(question_ids, "tolist") else question_ids):
+            rel = self.boxes[int(qid)]
+            out[i, : len(rel)] = torch.where(torch.from_numpy(rel), self.logit, -self.logit)
+        return out
+
+
 def load_targets(root, split: str) -> dict:
     """{question_id: {answer: soft score}} from ``cache/{split}_target.pkl``."""
     root = Path(root)

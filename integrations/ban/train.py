@@ -36,6 +36,14 @@ from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, lo
 
 # Settings that only say how long to train: they may grow on --resume.
 _MAY_CHANGE = ("epochs",)
+# Settings added after the first runs were recorded: stored only when they differ from these defaults,
+# so a run (or a compare sweep) recorded before them resumes, and is recognised as finished, unchanged.
+LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False}
+
+
+def setting(args, name: str):
+    """``args.name``, or its default for a config recorded before the setting existed."""
+    return getattr(args, name, LATE_SETTINGS[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +117,28 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
                 qs += [q["question"] for q in json.loads(qfile.read_text())["questions"]]
         tfidf = tfidf_word_embedding(qs, Dictionary.load(root / "dictionary.pkl"), glove)
     init_word_embedding(ban, glove, tfidf)
-    return patch_ban(ban, permutation=args.permutation, kernel=args.kernel)
+    if args.permutation == "off":
+        return patch_ban(ban, permutation="off")
+    return patch_ban(ban, permutation=args.permutation, kernel=args.kernel, order_by=setting(args, "order_by"))
+
+
+def relevance_oracle(args):
+    """The ground-truth box relevance of a synthetic dataset for ``--oracle-relevance`` runs, else None."""
+    if not setting(args, "oracle_relevance"):
+        return None
+    from .synth_oracle import RelevanceOracle
+
+    if not (Path(args.data_root) / "synth_meta.json").is_file():
+        raise ValueError(f"--oracle-relevance: {args.data_root} is not a synthetic dataset (no synth_meta.json); "
+                         "the ground-truth relevance is decoded from the synthetic set's files")
+    return RelevanceOracle(args.data_root, adaptive=not args.fixed36)
+
+
+def model_inputs(batch, device, oracle=None) -> dict:
+    """Keyword inputs of the model beyond (v, b, q, labels): the oracle's relevance when there is one."""
+    if oracle is None:
+        return {}
+    return {"relevance": oracle(batch.question_id, batch.v.shape[1]).to(device)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,14 +231,17 @@ def datasets(args):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict] = None, world: int = 1) -> dict:
-    """Soft accuracy (and its upper bound, and per question type when known) over the whole split."""
+def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict] = None, world: int = 1,
+             oracle=None) -> dict:
+    """Soft accuracy (and its upper bound, and per question type when known) over the whole split
+    (``oracle``: the ground-truth relevance fed to an ``--oracle-relevance`` model)."""
     was_training = model.training
     model.eval()
     names = sorted(set(qtypes.values())) if qtypes else []
     sums = torch.zeros(3 + 2 * len(names), dtype=torch.float64)  # score, bound, n, (score, n) per type
     for batch in loader:
-        logits, _ = model(batch.v.to(device), batch.b.to(device), batch.q.to(device), None)
+        logits, _ = model(batch.v.to(device), batch.b.to(device), batch.q.to(device), None,
+                          **model_inputs(batch, device, oracle))
         target = batch.target.to(device)
         s = soft_scores(logits, target).double().cpu()
         sums[0] += s.sum()
@@ -232,10 +264,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict
     return out
 
 
-def train_step(model, optimizer, batch, device, grad_clip):
+def train_step(model, optimizer, batch, device, grad_clip, oracle=None):
     """One official step: forward, BCE x A, backward, clip, Adamax. Returns (loss, score sum, grad norm)."""
     v, b, q, target = batch.v.to(device), batch.b.to(device), batch.q.to(device), batch.target.to(device)
-    logits, _ = model(v, b, q, target)
+    logits, _ = model(v, b, q, target, **model_inputs(batch, device, oracle))
     loss = vqa_bce_loss(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -250,7 +282,8 @@ def train_step(model, optimizer, batch, device, grad_clip):
 
 def run_config(args, *, world_size: int, ntoken: int, num_answers: int, v_dim: int) -> dict:
     """The settings stored in ``config.json``: the flags plus what the data and launch decide."""
-    config = {k: v for k, v in vars(args).items() if not callable(v)}
+    config = {k: v for k, v in vars(args).items()
+              if not callable(v) and not (k in LATE_SETTINGS and v == LATE_SETTINGS[k])}
     config.update(world_size=world_size, ntoken=ntoken, num_answers=num_answers, v_dim=v_dim)
     return config
 
@@ -276,6 +309,7 @@ class _Trainer:
         self.qtypes = load_question_types(args.data_root)
         self.counts = box_counts(train_ds) if args.bucket else None
         self.monitor = PermutationMonitor(model)       # eta and permutation entropy (none for off / none)
+        self.oracle = relevance_oracle(args)
         if run.state is not None and info.is_main:
             print(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.skip}; {run.state['path']})",
                   flush=True)
@@ -304,7 +338,8 @@ class _Trainer:
         try:
             for batch in loader:
                 t0 = time.perf_counter()
-                loss, score, norm = train_step(self.net, self.optimizer, batch, self.device, args.grad_clip)
+                loss, score, norm = train_step(self.net, self.optimizer, batch, self.device, args.grad_clip,
+                                               self.oracle)
                 stats = self._reduce(torch.tensor([loss.item() * len(batch.q), score.item(), len(batch.q)],
                                                   dtype=torch.float64))
                 self.sums = [self.sums[0] + float(stats[0]), self.sums[1] + float(stats[1]), self.sums[2] + int(stats[2])]
@@ -346,7 +381,7 @@ class _Trainer:
         if self.val_ds is not None:
             val_loader = make_loader(self.val_ds, self.local_batch, shuffle=False, epoch=0, seed=args.seed,
                                      rank=info.rank, world=info.world_size, workers=args.workers)
-            ev = evaluate(self.model, val_loader, self.device, self.qtypes, info.world_size)
+            ev = evaluate(self.model, val_loader, self.device, self.qtypes, info.world_size, self.oracle)
             record.update({f"val_{k}": v for k, v in ev.items()})
         self.history.append(record)
         writer = self.run.writer
@@ -444,5 +479,5 @@ def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     model.to(dev)
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
                          world=1, workers=workers)
-    out = evaluate(model, loader, dev, load_question_types(saved.data_root))
+    out = evaluate(model, loader, dev, load_question_types(saved.data_root), oracle=relevance_oracle(saved))
     return {**out, "split": split, "checkpoint": state["path"], "step": int(state["step"])}

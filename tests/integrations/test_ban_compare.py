@@ -69,3 +69,57 @@ def test_resume_extends_a_finished_sweep_with_more_seeds(root, tmp_path):
     results = json.loads((out / "results" / "compare.json").read_text())
     assert sorted(results["runs"]) == ["off-s0", "off-s1"]
     assert (out / "runs" / "off-s0" / "summary.json").read_bytes() == first      # the finished run is reused
+
+
+def test_ablation_variants_set_their_settings_and_extend_a_sweep(root, tmp_path):
+    """po-u-geometry / po-u-oracle are ordinary runs with --order-by geometry / --oracle-relevance; a sweep
+    recorded without them gains them by --resume and keeps its finished runs (whose configs lack the
+    new settings) as they are."""
+    import math
+
+    from integrations.ban.diagnose import diagnose_run
+
+    out = tmp_path / "abl"
+    flags = FLAGS[:FLAGS.index("--seeds")] + ["--seeds", "0"]
+    assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--variants", "off"]) == 0
+    first = (out / "runs" / "off-s0" / "summary.json").read_bytes()
+    assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--resume",
+                 "--variants", "off", "po-u-geometry", "po-u-oracle"]) == 0
+    assert (out / "runs" / "off-s0" / "summary.json").read_bytes() == first
+    config = lambda name: json.loads((out / "runs" / name / "config.json").read_text())
+    assert "order_by" not in config("off-s0") and "oracle_relevance" not in config("off-s0")
+    assert config("po-u-geometry-s0")["order_by"] == "geometry" and config("po-u-geometry-s0")["permutation"] == "po-u"
+    assert config("po-u-oracle-s0")["oracle_relevance"] is True and "order_by" not in config("po-u-oracle-s0")
+    results = json.loads((out / "results" / "compare.json").read_text())
+    assert sorted(results["runs"]) == ["off-s0", "po-u-geometry-s0", "po-u-oracle-s0"]
+    assert "BAN + PO-U (oracle relevance)" in (out / "results" / "compare.md").read_text()
+    # the oracle run is trained and diagnosed with the ground truth: weight sigmoid(4) on the asked class's
+    # boxes and sigmoid(-4) elsewhere (count_left's landmark is relevant too, so it is left out here)
+    diag = diagnose_run(out / "runs" / "po-u-oracle-s0")
+    for fam, f in diag["families"].items():
+        if fam in ("all", "count_left") or f.get("relevance") is None:
+            continue
+        assert math.isclose(f["relevance"]["asked"], 1 / (1 + math.exp(-4)), rel_tol=1e-6), fam
+        if f["relevance"]["other"] is not None:
+            assert math.isclose(f["relevance"]["other"], 1 / (1 + math.exp(4)), rel_tol=1e-6), fam
+    # and the plain PO-U model's relevance is BAN's attention, anything in (0, 1)
+    geo = diagnose_run(out / "runs" / "po-u-geometry-s0")["families"]["all"]
+    assert 0 < geo["relevance"]["asked"] < 1 and geo["permutation"] is not None
+
+
+def test_oracle_relevance_needs_a_synthetic_dataset_and_a_set_encoder(root, tmp_path):
+    import shutil
+
+    from integrations.ban.cli import parse_args
+    from integrations.ban.train import relevance_oracle
+
+    with pytest.raises(SystemExit):
+        parse_args(["--data-root", str(root), "--permutation", "off", "--oracle-relevance"])
+    with pytest.raises(SystemExit):
+        parse_args(["--data-root", str(root), "--permutation", "none", "--order-by", "geometry"])
+    real = tmp_path / "real"
+    shutil.copytree(root, real)
+    (real / "synth_meta.json").unlink()
+    args = parse_args(["--data-root", str(real), "--permutation", "po-u", "--oracle-relevance"])
+    with pytest.raises(ValueError, match="--oracle-relevance: .* not a synthetic dataset"):
+        relevance_oracle(args)

@@ -257,6 +257,67 @@ def test_glimpse_set_elements():
     assert_close(normalized_boxes(b, mask).amax((1, 2)), torch.ones(2))
 
 
+def _encoder_calls(model):
+    calls = []
+    model.set_encoder.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    perms = []
+    model.set_encoder.optimizer.register_forward_hook(lambda m, args, out: perms.append(out))
+    return calls, perms
+
+
+def test_order_by_geometry_orders_on_the_box_coordinates_alone():
+    model = patch_ban(small_ban(), "po-u", order_by="geometry").eval()
+    assert model.set_encoder.optimizer.in_features == 4 and "order_by='geometry'" in repr(model)
+    calls, perms = _encoder_calls(model)
+    v, b, q = make_batch([10, 25], seed=11)
+    logits, _ = model(v, b, q)
+    # the cost sees x1, y1, x2, y2 / largest coordinate, the same for every glimpse
+    key = calls[0]["order_by"]
+    assert key.shape == (2 * GLIMPSES, 25, 4)
+    assert_close(key, normalized_boxes(b, padding_mask(v)).repeat_interleave(GLIMPSES, 0), rtol=0, atol=0)
+    # other box features (same boxes, same question): the same permutations, another answer
+    v2 = v.clone()
+    v2[v > 0] = torch.rand(int((v > 0).sum()), generator=torch.Generator().manual_seed(3)) + 0.01
+    logits2, _ = model(v2, b, q)
+    assert_close(perms[1], perms[0], rtol=0, atol=0)
+    assert not torch.allclose(logits2, logits)
+    # padding invariance as for the paper's configuration
+    for i, n in enumerate([10, 25]):
+        alone, _ = model(*crop(v, b, i, n), q[i:i + 1])
+        padded, _ = model(*crop(v, b, i, n, K=40), q[i:i + 1])
+        assert_close(alone, logits[i:i + 1], **TOL)
+        assert_close(padded, alone, **TOL)
+    with pytest.raises(ValueError, match="order_by"):
+        patch_ban(small_ban(), "none", order_by="geometry")
+    with pytest.raises(ValueError, match="order_by must be one of"):
+        patch_ban(small_ban(), "po-u", order_by="x")
+
+
+@pytest.mark.parametrize("permutation", ["po-u", "none"])
+def test_given_relevance_replaces_the_attention_logits_of_every_glimpse(permutation):
+    model = patch_ban(small_ban(), permutation).eval()
+    calls = []
+    model.set_encoder.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs)),
+                                            with_kwargs=True)
+    sizes = [12, 30]
+    v, b, q = make_batch(sizes, seed=12)
+    rel = torch.where(torch.rand(2, 30, generator=torch.Generator().manual_seed(0)) > 0.5, 4.0, -4.0)
+    logits, _ = model(v, b, q, relevance=rel)
+    (x,), kwargs = calls[0]
+    mask = padding_mask(v)
+    expect = torch.where(mask, rel, torch.zeros_like(rel)).repeat_interleave(GLIMPSES, 0)
+    assert_close(kwargs["weights"], expect, rtol=0, atol=0)          # the weights ...
+    assert_close(x[..., 4], expect, rtol=0, atol=0)                   # ... and the logit feature
+    assert not torch.allclose(model(v, b, q)[0], logits)
+    for i, n in enumerate(sizes):                                     # padded = unpadded with it too
+        alone, _ = model(*crop(v, b, i, n), q[i:i + 1], relevance=rel[i:i + 1, :n])
+        assert_close(alone, logits[i:i + 1], **TOL)
+    with pytest.raises(ValueError, match=r"relevance must be float logits of shape \(B, K\) = \(2, 30\)"):
+        model(v, b, q, relevance=rel[:, :5])
+    with pytest.raises(ValueError, match="relevance"):
+        model(v, b, q, relevance=rel > 0)
+
+
 def test_state_dict_round_trip():
     model = patch_ban(small_ban(seed=0), "po-u", eta_init=1.7).eval()
     buf = io.BytesIO()

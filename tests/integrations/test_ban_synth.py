@@ -258,3 +258,47 @@ def test_noise_makes_decoding_ambiguous_and_the_oracle_reports_it(tmp_path):
 def test_answer_prior_is_below_the_oracle(root):
     prior = synth_oracle.answer_prior(root, "val")
     assert 0 < prior["all"]["family"] < 1 and prior["all"]["n"] == 48
+
+
+def test_relevant_boxes_are_the_asked_class_and_the_landmark(tmp_path):
+    """What the oracle ablation feeds BAN + PO: per question the boxes of the asked class (and count_left's
+    landmark), decoded from the files; checked against the oracle's answers and the question types."""
+    import json
+
+    import torch
+
+    from integrations.ban import synth
+    from integrations.ban.synth_oracle import RelevanceOracle, oracle_answers, relevant_boxes
+
+    root = synth.generate(tmp_path / "d", images=8, val_images=8, questions=4, seed=3, v_dim=32, fixed=False)
+    rel = relevant_boxes(root, "val")
+    answers = oracle_answers(root, "val")
+    qtypes = json.loads((root / "synth_meta.json").read_text())["question_type"]
+    assert set(rel) == set(answers)
+    seen = set()
+    for qid, mask in rel.items():
+        family, ans = answers[qid]
+        assert qtypes[str(qid)] == family
+        seen.add(family)
+        n = int(mask.sum())
+        if family == "count":
+            assert n == int(ans)
+        elif family == "colour":
+            assert n == 1
+        elif family in ("leftmost", "rightmost", "largest", "smallest"):
+            assert n >= 2
+        elif family == "count_left":
+            assert n >= 2                       # >= 1 counted box and the landmark
+        elif family == "exists":
+            assert (n > 0) == (ans == "yes")
+    assert {"count", "colour", "exists"} <= seen
+    oracle = RelevanceOracle(root)
+    qids = list(rel)[:3]
+    K = max(len(rel[q]) for q in qids) + 2
+    logits = oracle(qids, K)
+    assert logits.shape == (3, K) and logits.dtype == torch.float32
+    for i, q in enumerate(qids):
+        m = rel[q]
+        assert (logits[i, : len(m)][torch.from_numpy(m)] == 4.0).all()
+        assert (logits[i, : len(m)][~torch.from_numpy(m)] == -4.0).all()
+        assert (logits[i, len(m):] == -4.0).all()
