@@ -1,4 +1,4 @@
-"""``python -m integrations.ban {synth,train,eval,compare,diagnose}``: BAN, BAN + LSTM and BAN + PO on VQA v2 features.
+"""``python -m integrations.ban {synth,train,eval,compare,diagnose,knobs}``: BAN, BAN + LSTM and BAN + PO on VQA v2 features.
 
     python -m integrations.ban synth --out runs/ban/synth                     # a synthetic dataset
     python -m integrations.ban train --data-root DATA --permutation po-u      # paper appendix F.4
@@ -7,6 +7,7 @@
     python -m integrations.ban eval --run runs/ban/po-u-seed1204              # val accuracy of a run
     python -m integrations.ban compare --data-root DATA --seeds 0 1 2 3 4     # BAN vs + LSTM vs + PO-U
     python -m integrations.ban diagnose --sweep runs/ban/compare              # attention, order of P, eta
+    python -m integrations.ban knobs --num-hid 128 --gamma 2 --epochs 4       # plain BAN per generator setting
 
 The training step time of BAN + PO against BAN is measured by ``python -m benchmarks.ban_step_time``.
 """
@@ -28,11 +29,13 @@ VARIANTS = ("po-u", "po-la", "none", "off")
 DATA_ENV = "SETPERM_VQA_ROOT"
 
 
-def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True) -> None:
+def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, with_data: bool = True) -> None:
     """The ``train`` flags: the official recipe's defaults (ban-vqa main.py / train.py). Without
-    ``single_run`` (the ``compare`` sweep) the variant and the seed are left to the sweep's own flags."""
-    p.add_argument("--data-root", default=None,
-                   help=f"folder with the official data/ layout, or a synthetic dataset (default: ${DATA_ENV})")
+    ``single_run`` (the ``compare`` / ``knobs`` sweeps) the variant and the seed are left to the sweep's own
+    flags; without ``with_data`` (``knobs``, which writes its datasets) there is no ``--data-root``."""
+    if with_data:
+        p.add_argument("--data-root", default=None,
+                       help=f"folder with the official data/ layout, or a synthetic dataset (default: ${DATA_ENV})")
     p.add_argument("--ban-root", default=None,
                    help="checkout of jnhwkim/ban-vqa: build the OFFICIAL model (via integrations.ban.official)")
     if single_run:
@@ -86,7 +89,10 @@ def _data_root(value: Optional[str], p: argparse.ArgumentParser) -> str:
 
 
 def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
-    a.data_root = _data_root(a.data_root, p)
+    if getattr(a, "command", None) == "knobs":
+        a.data_root = None                   # one generated dataset per setting, set per run
+    else:
+        a.data_root = _data_root(a.data_root, p)
     permutation = getattr(a, "permutation", None)
     if getattr(a, "order_by", "all") != "all" and permutation not in ("po-u", "po-la"):
         p.error(f"argument --order-by: {a.order_by} needs --permutation po-u or po-la, got {permutation}")
@@ -95,7 +101,8 @@ def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> arg
     if a.lr is None:
         a.lr = 7e-4 if a.use_both else 1e-3
     if a.out is None:
-        a.out = f"runs/ban/{a.permutation}-seed{a.seed}" if hasattr(a, "permutation") else "runs/ban/compare"
+        a.out = (f"runs/ban/{a.permutation}-seed{a.seed}" if hasattr(a, "permutation")
+                 else f"runs/ban/{getattr(a, 'command', None) or 'compare'}")
     return a
 
 
@@ -108,7 +115,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,compare,diagnose}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,compare,diagnose,knobs}")
     sub.add_parser("synth", add_help=False, help="write a synthetic dataset in the official layout "
                                                  f"(flags: {PROG} synth --help)")
     t = sub.add_parser("train", help="train BAN / BAN + LSTM / BAN + PO (official recipe)",
@@ -134,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_compare_arguments
 
     add_compare_arguments(c)
+    from .knobs import add_knobs_arguments
+
+    k = sub.add_parser("knobs", help="plain BAN's accuracy on the order-free families per generator / model setting",
+                       description="One synthetic dataset (families exists, colour) per generator setting, plain BAN "
+                                   "trained on each with the train flags given, and per setting the val accuracy on "
+                                   "exists / colour and the training time: results/knobs.{json,md}.")
+    add_train_arguments(k, single_run=False, with_data=False)
+    add_knobs_arguments(k)
     from .diagnose import add_diagnose_arguments
 
     add_diagnose_arguments(sub.add_parser(
@@ -185,6 +200,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         run_sweep(resolve_train_args(args, p))
         print(f"results: {Path(args.out) / 'results' / 'compare.md'}")
+        return 0
+    if args.command == "knobs":
+        from .knobs import run_knobs
+
+        if args.max_steps is not None:
+            p.error("knobs: --max-steps is not available (every run trains for --epochs)")
+        try:
+            run_knobs(resolve_train_args(args, p))
+        except ValueError as e:
+            if str(e).startswith("knob "):
+                p.error(f"argument --knobs: {e}")
+            raise
+        print(f"results: {Path(args.out) / 'results' / 'knobs.md'}")
         return 0
     if args.command == "diagnose":
         from .diagnose import cmd_diagnose

@@ -109,7 +109,8 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
                 raise RunInterrupted(stop.signum, i - 1, stop.checkpoint, sweep.path,
                                      where=f"in run {cell_name(variant, seed)} (checkpoint {stop.checkpoint})") from None
     else:
-        _train_in_parallel(sweep, [(v, s, _cell_args(args, v, s)) for v, s in cells], jobs, train)
+        _train_in_parallel(sweep, [(f"{LABELS[v]}, seed {s}", _cell_args(args, v, s)) for v, s in cells], jobs,
+                           train)
     results = collect(Path(args.out), args.variants, args.seeds)
     write_report(Path(args.out) / "results", results)
     sweep.finish({"results": str(Path(args.out) / "results" / "compare.json")})
@@ -135,7 +136,7 @@ def _train_cell(train, cell_args: argparse.Namespace):
 
 
 def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
-    """Train ``cells`` [(variant, seed, args)] in ``jobs`` processes. On SIGINT / SIGTERM no further run
+    """Train ``cells`` [(name shown in the log, train args)] in ``jobs`` processes. On SIGINT / SIGTERM no further run
     starts, every running run gets one SIGTERM (it finishes its step and writes a checkpoint), and
     RunInterrupted is raised once they have exited; a failed run stops the scheduling and is re-raised."""
     total, started, finished = len(cells), 0, 0
@@ -148,10 +149,10 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
         try:
             while queue or running:
                 while queue and len(running) < jobs and sweep.stop_signal() is None and not failures:
-                    variant, seed, cell_args = queue.pop(0)
+                    name, cell_args = queue.pop(0)
                     started += 1
-                    print(f"[{started}/{total}] {LABELS[variant]}, seed {seed}: started", flush=True)
-                    running[pool.submit(_train_cell, train, cell_args)] = f"{LABELS[variant]}, seed {seed}"
+                    print(f"[{started}/{total}] {name}: started", flush=True)
+                    running[pool.submit(_train_cell, train, cell_args)] = name
                 if not running:
                     break
                 done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
