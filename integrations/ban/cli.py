@@ -45,6 +45,9 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
         p.add_argument("--order-by", choices=("all", "geometry"), default="all",
                        help="what PO optimises the permutation on: all = the 13-vector of each box (paper F.4), "
                             "geometry = the box coordinates only (the LSTM still reads the 13-vectors)")
+        p.add_argument("--num-positions", type=positive_int, default=None,
+                       help="po-la: number of learned position vectors (default: the most boxes of an image in "
+                            "train / val)")
         p.add_argument("--oracle-relevance", action="store_true",
                        help="ablation (synthetic data only): feed the set encoder the ground-truth relevance of the "
                             "boxes the question is about instead of BAN's attention logits")

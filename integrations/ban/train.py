@@ -38,7 +38,7 @@ from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, lo
 _MAY_CHANGE = ("epochs",)
 # Settings added after the first runs were recorded: stored only when they differ from these defaults,
 # so a run (or a compare sweep) recorded before them resumes, and is recognised as finished, unchanged.
-LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False}
+LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None}
 
 
 def setting(args, name: str):
@@ -119,7 +119,8 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
     init_word_embedding(ban, glove, tfidf)
     if args.permutation == "off":
         return patch_ban(ban, permutation="off")
-    return patch_ban(ban, permutation=args.permutation, kernel=args.kernel, order_by=setting(args, "order_by"))
+    extra = {"num_positions": setting(args, "num_positions")} if args.permutation == "po-la" else {}
+    return patch_ban(ban, permutation=args.permutation, kernel=args.kernel, order_by=setting(args, "order_by"), **extra)
 
 
 def relevance_oracle(args):
@@ -415,6 +416,9 @@ def run(args) -> dict:
             raise ValueError(f"--batch-size: {args.batch_size} is not divisible by the {info.world_size} processes")
         seed_everything(args.seed)  # same on every rank: identical initial weights (DDP also broadcasts them)
         dictionary, train_ds, val_ds, ref = datasets(args)
+        if args.permutation == "po-la" and setting(args, "num_positions") is None:
+            # PO-LA's linear start has one learned vector per position: as many as the largest image has boxes
+            args.num_positions = int(max(box_counts(d).max() for d in (train_ds, val_ds) if d is not None))
         config = run_config(args, world_size=info.world_size, ntoken=dictionary.ntoken,
                             num_answers=ref.num_ans_candidates, v_dim=ref.v_dim)
         run_ = open_run(args.out, config, resume=args.resume, overwrite=args.overwrite, may_change=_MAY_CHANGE,

@@ -81,6 +81,24 @@ def test_a_few_steps_lower_the_loss(root, tmp_path, permutation):
     assert torch.isfinite(after) and after < 0.8 * before, (permutation, float(before), float(after))
 
 
+def test_po_la_run_gets_one_position_per_box_of_the_largest_image(root, tmp_path):
+    """PO-LA's linear start needs a fixed number of positions: a run takes the most boxes of an image in
+    train / val (stored in its config, so eval and diagnose rebuild the same model)."""
+    import json
+
+    from integrations.ban.train import box_counts, evaluate_run
+
+    out = tmp_path / "pola"
+    run(_args(root, out, "--permutation", "po-la", "--epochs", "1"))
+    config = json.loads((out / "config.json").read_text())
+    most = max(int(box_counts(VQAFeatureDataset(root, s)).max()) for s in ("train", "val"))
+    assert config["num_positions"] == most
+    assert 0 <= evaluate_run(out)["soft_acc"] <= 1
+    # other variants do not record the setting (configs of runs made before it stay comparable)
+    run(_args(root, tmp_path / "po-u", "--permutation", "po-u", "--max-steps", "1"))
+    assert "num_positions" not in json.loads((tmp_path / "po-u" / "config.json").read_text())
+
+
 def test_resume_continues_exactly(root, tmp_path):
     # 18 questions / batch 4 = 5 steps per epoch: stop mid-epoch 0, resume across the epoch end
     common = ["--permutation", "po-u", "--epochs", "2", "--bucket"]
