@@ -48,6 +48,9 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
         p.add_argument("--num-positions", type=positive_int, default=None,
                        help="po-la: number of learned position vectors (default: the most boxes of an image in "
                             "train / val)")
+        p.add_argument("--straight-through", action="store_true",
+                       help="po-u / po-la: the LSTM reads the boxes in the hard (Hungarian) order of P, gradients "
+                            "through the soft P (setperm's straight_through=True; not in the paper)")
         p.add_argument("--oracle-relevance", action="store_true",
                        help="ablation (synthetic data only): feed the set encoder the ground-truth relevance of the "
                             "boxes the question is about instead of BAN's attention logits")
@@ -99,6 +102,8 @@ def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> arg
     permutation = getattr(a, "permutation", None)
     if getattr(a, "order_by", "all") != "all" and permutation not in ("po-u", "po-la"):
         p.error(f"argument --order-by: {a.order_by} needs --permutation po-u or po-la, got {permutation}")
+    if getattr(a, "straight_through", False) and permutation not in ("po-u", "po-la"):
+        p.error(f"argument --straight-through: needs --permutation po-u or po-la, got {permutation}")
     if getattr(a, "oracle_relevance", False) and permutation == "off":
         p.error("argument --oracle-relevance: needs a set encoder (--permutation po-u, po-la or none), got off")
     if a.lr is None:

@@ -33,14 +33,17 @@ from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summariz
 
 # Every variant a sweep can train: its label and the train settings it sets. The first four are the
 # model choices of the paper (--permutation); the others are the diagnosis's ablations and levers: the
-# ordering cost on the box coordinates only (--order-by geometry) and the ground-truth relevance of the
-# boxes instead of BAN's attention (--oracle-relevance, synthetic data).
+# ordering cost on the box coordinates only (--order-by geometry), the LSTM reading the hard order of P
+# (--straight-through) and the ground-truth relevance of the boxes instead of BAN's attention
+# (--oracle-relevance, synthetic data).
 VARIANTS = {
     "off": ("BAN", {"permutation": "off"}),
     "none": ("BAN + LSTM", {"permutation": "none"}),
     "po-u": ("BAN + PO-U", {"permutation": "po-u"}),
     "po-la": ("BAN + PO-LA", {"permutation": "po-la"}),
     "po-u-geometry": ("BAN + PO-U (geometry cost)", {"permutation": "po-u", "order_by": "geometry"}),
+    "po-u-geometry-st": ("BAN + PO-U (geometry cost, hard order)",
+                         {"permutation": "po-u", "order_by": "geometry", "straight_through": True}),
     "po-u-oracle": ("BAN + PO-U (oracle relevance)", {"permutation": "po-u", "oracle_relevance": True}),
     "none-oracle": ("BAN + LSTM (oracle relevance)", {"permutation": "none", "oracle_relevance": True}),
 }
@@ -50,7 +53,8 @@ LABELS = {name: label for name, (label, _) in VARIANTS.items()}
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=["off", "none", "po-u"], choices=tuple(LABELS),
                    help="off: BAN; none: BAN + LSTM; po-u / po-la: BAN + PO (default: off none po-u); ablations: "
-                        "po-u-geometry (the ordering cost sees the box coordinates only), po-u-oracle / none-oracle "
+                        "po-u-geometry (the ordering cost sees the box coordinates only), po-u-geometry-st (and the "
+                        "LSTM reads the hard Hungarian order of P), po-u-oracle / none-oracle "
                         "(the set encoder gets the ground-truth relevance of the boxes; synthetic data)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="one run per variant and seed")
     p.add_argument("--jobs", type=positive_int, default=1,

@@ -38,7 +38,7 @@ from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, lo
 _MAY_CHANGE = ("epochs",)
 # Settings added after the first runs were recorded: stored only when they differ from these defaults,
 # so a run (or a compare sweep) recorded before them resumes, and is recognised as finished, unchanged.
-LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None}
+LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None, "straight_through": False}
 
 
 def setting(args, name: str):
@@ -120,6 +120,8 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
     if args.permutation == "off":
         return patch_ban(ban, permutation="off")
     extra = {"num_positions": setting(args, "num_positions")} if args.permutation == "po-la" else {}
+    if setting(args, "straight_through"):
+        extra["straight_through"] = True
     return patch_ban(ban, permutation=args.permutation, kernel=args.kernel, order_by=setting(args, "order_by"), **extra)
 
 

@@ -84,14 +84,16 @@ def test_ablation_variants_set_their_settings_and_extend_a_sweep(root, tmp_path)
     assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--variants", "off"]) == 0
     first = (out / "runs" / "off-s0" / "summary.json").read_bytes()
     assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--resume",
-                 "--variants", "off", "po-u-geometry", "po-u-oracle"]) == 0
+                 "--variants", "off", "po-u-geometry", "po-u-oracle", "po-u-geometry-st"]) == 0
     assert (out / "runs" / "off-s0" / "summary.json").read_bytes() == first
     config = lambda name: json.loads((out / "runs" / name / "config.json").read_text())
     assert "order_by" not in config("off-s0") and "oracle_relevance" not in config("off-s0")
     assert config("po-u-geometry-s0")["order_by"] == "geometry" and config("po-u-geometry-s0")["permutation"] == "po-u"
     assert config("po-u-oracle-s0")["oracle_relevance"] is True and "order_by" not in config("po-u-oracle-s0")
+    st = config("po-u-geometry-st-s0")
+    assert st["straight_through"] is True and st["order_by"] == "geometry" and "straight_through" not in config("off-s0")
     results = json.loads((out / "results" / "compare.json").read_text())
-    assert sorted(results["runs"]) == ["off-s0", "po-u-geometry-s0", "po-u-oracle-s0"]
+    assert sorted(results["runs"]) == ["off-s0", "po-u-geometry-s0", "po-u-geometry-st-s0", "po-u-oracle-s0"]
     assert "BAN + PO-U (oracle relevance)" in (out / "results" / "compare.md").read_text()
     # the oracle run is trained and diagnosed with the ground truth: weight sigmoid(4) on the asked class's
     # boxes and sigmoid(-4) elsewhere (count_left's landmark is relevant too, so it is left out here)
@@ -117,6 +119,8 @@ def test_oracle_relevance_needs_a_synthetic_dataset_and_a_set_encoder(root, tmp_
         parse_args(["--data-root", str(root), "--permutation", "off", "--oracle-relevance"])
     with pytest.raises(SystemExit):
         parse_args(["--data-root", str(root), "--permutation", "none", "--order-by", "geometry"])
+    with pytest.raises(SystemExit):
+        parse_args(["--data-root", str(root), "--permutation", "none", "--straight-through"])
     real = tmp_path / "real"
     shutil.copytree(root, real)
     (real / "synth_meta.json").unlink()
