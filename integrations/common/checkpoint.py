@@ -162,7 +162,9 @@ def load_latest(run_or_checkpoint: str | os.PathLike, *, map_location: Any = "cp
     for evaluation and figures. Unreadable newer checkpoints are skipped with a warning."""
     path = Path(run_or_checkpoint)
     if path.suffix == ".pt":
-        return read_checkpoint(path, map_location=map_location)
+        state = read_checkpoint(path, map_location=map_location)
+        state["path"] = str(path)
+        return state
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     files = step_files(folder)
     if not files:

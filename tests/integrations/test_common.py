@@ -260,3 +260,13 @@ def test_stats_summary_and_paired_test():
     with pytest.raises(ValueError):
         paired_test([0.5, 0.6], [0.4])
     assert binomial_se(0.5, 2500) == pytest.approx(0.01)
+
+
+def test_load_latest_names_the_checkpoint_it_read_from_a_folder_or_a_file(tmp_path):
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    m, opt = _model()
+    first = run.save(1, model=m, optimizer=opt)
+    newest = run.save(2, model=m, optimizer=opt)
+    assert load_latest(tmp_path / "r")["path"] == str(newest)
+    state = load_latest(first)                  # eval / diagnose of one given checkpoint report it
+    assert state["path"] == str(first) and state["step"] == 1
