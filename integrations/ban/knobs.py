@@ -120,12 +120,19 @@ def train_cell(cell_args: argparse.Namespace) -> dict:
     from .train import run
 
     t0 = time.perf_counter()
-    result = run(cell_args)
-    timing = Path(cell_args.out) / "time.json"
-    spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
-    if result.get("model") is not None:              # it trained now (not a finished run shown again)
-        write_json(timing, {"seconds": spent + time.perf_counter() - t0})
-    return result
+    trained = False
+    try:
+        result = run(cell_args)
+        trained = result.get("model") is not None    # it trained now (not a finished run shown again)
+        return result
+    except RunInterrupted:
+        trained = True                               # the part trained before the interrupt counts too
+        raise
+    finally:
+        if trained:
+            timing = Path(cell_args.out) / "time.json"
+            spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+            write_json(timing, {"seconds": spent + time.perf_counter() - t0})
 
 
 def run_knobs(args: argparse.Namespace) -> dict:
