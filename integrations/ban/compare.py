@@ -233,6 +233,8 @@ def markdown(results: dict) -> str:
         cells = [fmt_mean_std(results["summary"][fam][v]) if v in results["summary"][fam] else "-" for v in variants]
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     pairs = list(itertools.combinations(variants, 2))
+    if not pairs:                      # one variant: nothing to test
+        return "\n".join(lines)
     lines += ["", "Paired t-test over seeds: mean difference in points (first minus second), p-value.", "",
               "| family | " + " | ".join(f"{LABELS[a]} − {LABELS[b]}" for a, b in pairs) + " |",
               "|---|" + "---|" * len(pairs)]

@@ -521,6 +521,28 @@ def summarize_sweep(per_run: Dict[str, dict], variants: Sequence[str], seeds: Di
     return {"families": families, "summary": table, "tests": tests, "eta": eta}
 
 
+_DEFINITIONS_KEYS = ("attention_mass", "chance", "relevance", "spearman", "input_order", "entropy")
+
+
+def _stored_diagnosis(run_dir: Path, split: str, data_root: Optional[str], max_questions: Optional[int]):
+    """A run's ``diagnose_<split>.json`` (from ``diagnose --run``) when it describes the run's newest checkpoint
+    with these settings and this version's statistics, else None (the run is diagnosed again)."""
+    from integrations.common import CheckpointError, load_latest
+
+    path = run_dir / f"diagnose_{split}.json"
+    if not path.is_file() or data_root is not None or max_questions is not None:
+        return None
+    try:
+        res = json.loads(path.read_text())
+        newest = load_latest(run_dir)
+    except (ValueError, OSError, CheckpointError):
+        return None
+    same = (res.get("split") == split and res.get("checkpoint") is not None
+            and Path(res["checkpoint"]).resolve() == Path(newest["path"]).resolve()
+            and res.get("step") == int(newest["step"]) and set(res.get("definitions", {})) == set(_DEFINITIONS_KEYS))
+    return res if same else None
+
+
 def diagnose_sweep(sweep_out, *, split: str = "val", data_root: Optional[str] = None, device="cpu",
                    batch_size: Optional[int] = None, max_questions: Optional[int] = None,
                    out: Optional[Path] = None, overwrite: bool = False, log=lambda s: None) -> dict:
@@ -543,9 +565,14 @@ def diagnose_sweep(sweep_out, *, split: str = "val", data_root: Optional[str] = 
         if not _finished(run_dir):
             skipped.append(run_dir.name)
             continue
-        log(f"diagnose {run_dir.name}")
-        per_run[cell_name(variant, seed)] = diagnose_run(run_dir, split=split, data_root=data_root, device=device,
-                                                         batch_size=batch_size, max_questions=max_questions)
+        stored = _stored_diagnosis(run_dir, split, data_root, max_questions)
+        if stored is not None:
+            log(f"diagnose {run_dir.name}: {run_dir / f'diagnose_{split}.json'} (same checkpoint and settings)")
+            per_run[cell_name(variant, seed)] = stored
+        else:
+            log(f"diagnose {run_dir.name}")
+            per_run[cell_name(variant, seed)] = diagnose_run(run_dir, split=split, data_root=data_root, device=device,
+                                                             batch_size=batch_size, max_questions=max_questions)
         seeds[variant].append(seed)
     if not per_run:
         raise FileNotFoundError(f"{Path(sweep_out) / 'runs'}: no finished run to diagnose"

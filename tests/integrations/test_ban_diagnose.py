@@ -229,3 +229,29 @@ def test_sweep_report_per_variant_and_refusal(sweep, tmp_path):
     with pytest.raises(RunError, match="--overwrite"):
         main(["diagnose", "--sweep", str(copy)])
     assert main(["diagnose", "--sweep", str(copy), "--overwrite", "--max-questions", "2"]) == 0
+
+
+def test_sweep_reuses_a_runs_own_diagnosis_of_the_same_checkpoint(sweep, tmp_path):
+    import shutil
+
+    _, out = sweep
+    copy = tmp_path / "cmp"
+    shutil.copytree(out, copy)
+    for p in copy.rglob("diagnose*.json"):
+        p.unlink()
+    run = copy / "runs" / "po-u-s0"
+    assert main(["diagnose", "--run", str(run)]) == 0
+    own = json.loads((run / "diagnose_val.json").read_text())
+    own["eta"]["checkpoint"] = {"marker": 123.0}           # recognisable if reused
+    (run / "diagnose_val.json").write_text(json.dumps(own))
+    logs = []
+    res = diagnose_sweep(copy, log=logs.append)
+    assert res["runs"]["po-u-s0"]["eta"]["checkpoint"] == {"marker": 123.0}
+    assert any("same checkpoint" in line for line in logs)
+    # a newer checkpoint (or other settings) makes it diagnose the run again
+    res = diagnose_sweep(copy, log=logs.append, max_questions=3, out=tmp_path / "d.json")
+    assert res["runs"]["po-u-s0"]["eta"]["checkpoint"] != {"marker": 123.0}
+    own["definitions"] = {"attention_mass": "older statistics"}
+    (run / "diagnose_val.json").write_text(json.dumps(own))
+    res = diagnose_sweep(copy, out=tmp_path / "e.json")
+    assert res["runs"]["po-u-s0"]["eta"]["checkpoint"] != {"marker": 123.0}
