@@ -53,6 +53,7 @@ def test_knobs_writes_one_dataset_per_generator_setting_and_reports(tmp_path, ca
     base = json.loads((out / "runs" / "base-s0" / "config.json").read_text())
     assert base["gamma"] == 1
     for r in results["rows"]:
+        assert len(r["steps_to_90"]) == 1 and (r["steps_to_90"][0] is None or 0 < r["steps_to_90"][0] <= r["steps"])
         assert 0 <= r["exists"]["mean"] <= 1 and 0 <= r["colour"]["mean"] <= 1 and r["seconds"]["mean"] > 0
     meta = json.loads((out / "data" / "images=12" / "synth_meta.json").read_text())
     assert set(meta["question_type"].values()) <= {"exists", "colour"}
