@@ -71,32 +71,30 @@ def decode_scenes(root, split: str = "val", adaptive: bool = True) -> dict:
     return scenes
 
 
+def decoded_questions(root, split: str = "val", adaptive: bool = True):
+    """``(question_id, parsed question, decoded scene of its image)`` for every question of ``split``,
+    from the files alone."""
+    root = Path(root)
+    scenes = decode_scenes(root, split, adaptive)
+    for q in json.loads((root / QUESTION_FILES[split]).read_text())["questions"]:
+        yield q["question_id"], parse_question(q["question"]), scenes[q["image_id"]]
+
+
 def oracle_answers(root, split: str = "val", adaptive: bool = True) -> dict:
     """{question_id: (family, answer)} from the files; answer None where the decoded scene does not
     admit the question (a decoding error)."""
-    root = Path(root)
-    scenes = decode_scenes(root, split, adaptive)
-    questions = json.loads((root / QUESTION_FILES[split]).read_text())["questions"]
-    out = {}
-    for q in questions:
-        parsed = parse_question(q["question"])
-        scene = scenes[q["image_id"]]
-        out[q["question_id"]] = (parsed.family, answer(scene, parsed) if feasible(scene, parsed) else None)
-    return out
+    return {qid: (parsed.family, answer(scene, parsed) if feasible(scene, parsed) else None)
+            for qid, parsed, scene in decoded_questions(root, split, adaptive)}
 
 
 def relevant_boxes(root, split: str = "val", adaptive: bool = True) -> dict:
     """{question_id: (n_boxes,) bool}: the boxes a question is about, decoded from the files as the oracle
     does: the boxes of the asked class, and for ``count_left`` also the landmark's box. Row i is box i of
     the image in the feature file (the order ``collate_vqa`` keeps)."""
-    root = Path(root)
-    scenes = decode_scenes(root, split, adaptive)
-    questions = json.loads((root / QUESTION_FILES[split]).read_text())["questions"]
     out = {}
-    for q in questions:
-        parsed = parse_question(q["question"])
+    for qid, parsed, scene in decoded_questions(root, split, adaptive):
         wanted = {parsed.cls} | ({parsed.landmark} if parsed.landmark is not None else set())
-        out[int(q["question_id"])] = np.array([c in wanted for c in scenes[q["image_id"]].classes], dtype=bool)
+        out[int(qid)] = np.array([c in wanted for c in scene.classes], dtype=bool)
     return out
 
 
