@@ -66,17 +66,42 @@ def cell_name(variant: str, seed: int) -> str:
     return f"{variant}-s{seed}"
 
 
-def _cell_args(args: argparse.Namespace, variant: str, seed: int) -> argparse.Namespace:
-    cell = copy.copy(args)
-    cell.seed = seed
-    for key, value in VARIANTS[variant][1].items():
+def run_args(sweep_args: argparse.Namespace, out: Path, seed: int, settings: dict,
+             sweep_only: Sequence[str] = ()) -> argparse.Namespace:
+    """The ``train`` args of one run of a sweep: the sweep's flags with the run's ``seed``, ``out`` and
+    ``settings``, without the sweep's own flags (``jobs``, ``command`` and ``sweep_only``). Each run
+    continues (or reuses) itself."""
+    cell = copy.copy(sweep_args)
+    cell.seed, cell.out = seed, str(out)
+    for key, value in settings.items():
         setattr(cell, key, value)
-    cell.out = str(Path(args.out) / "runs" / cell_name(variant, seed))
-    cell.resume, cell.overwrite = True, False          # each run continues (or reuses) itself
-    for key in ("variants", "seeds", "jobs", "command"):
+    cell.resume, cell.overwrite = True, False
+    for key in ("jobs", "command", *sweep_only):
         if hasattr(cell, key):
             delattr(cell, key)
     return cell
+
+
+def _cell_args(args: argparse.Namespace, variant: str, seed: int) -> argparse.Namespace:
+    return run_args(args, Path(args.out) / "runs" / cell_name(variant, seed), seed, VARIANTS[variant][1],
+                    sweep_only=("variants", "seeds"))
+
+
+def train_runs(sweep, cells, jobs: int, train) -> None:
+    """Train ``cells`` [(name shown in the log, train args)] one after the other (``jobs`` = 1) or in
+    ``jobs`` processes (:func:`_train_in_parallel`). An interrupt names the sweep's folder, whose command
+    (with --resume) continues it."""
+    if jobs > 1 and len(cells) > 1:
+        _train_in_parallel(sweep, cells, jobs, train)
+        return
+    for i, (name, cell) in enumerate(cells, 1):
+        print(f"[{i}/{len(cells)}] {name}", flush=True)
+        try:
+            train(cell)
+        except RunInterrupted as stop:
+            # the run wrote its checkpoint; the way to continue is the sweep's command, not the run's
+            raise RunInterrupted(stop.signum, i - 1, stop.checkpoint, sweep.path,
+                                 where=f"in run {Path(cell.out).name} (checkpoint {stop.checkpoint})") from None
 
 
 def sweep_config(args: argparse.Namespace) -> dict:
@@ -103,18 +128,7 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
     jobs = getattr(args, "jobs", 1) or 1
     if jobs < 1:
         raise ValueError(f"--jobs must be a positive int, got {jobs}")
-    if jobs == 1 or len(cells) == 1:
-        for i, (variant, seed) in enumerate(cells, 1):
-            print(f"[{i}/{len(cells)}] {LABELS[variant]}, seed {seed}", flush=True)
-            try:
-                train(_cell_args(args, variant, seed))
-            except RunInterrupted as stop:
-                # the run wrote its checkpoint; the way to continue is the sweep's command, not the run's
-                raise RunInterrupted(stop.signum, i - 1, stop.checkpoint, sweep.path,
-                                     where=f"in run {cell_name(variant, seed)} (checkpoint {stop.checkpoint})") from None
-    else:
-        _train_in_parallel(sweep, [(f"{LABELS[v]}, seed {s}", _cell_args(args, v, s)) for v, s in cells], jobs,
-                           train)
+    train_runs(sweep, [(f"{LABELS[v]}, seed {s}", _cell_args(args, v, s)) for v, s in cells], jobs, train)
     results = collect(Path(args.out), args.variants, args.seeds)
     write_report(Path(args.out) / "results", results)
     sweep.finish({"results": str(Path(args.out) / "results" / "compare.json")})
@@ -140,8 +154,8 @@ def _train_cell(train, cell_args: argparse.Namespace):
 
 
 def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
-    """Train ``cells`` [(name shown in the log, train args)] in ``jobs`` processes. On SIGINT / SIGTERM no further run
-    starts, every running run gets one SIGTERM (it finishes its step and writes a checkpoint), and
+    """Train ``cells`` [(name shown in the log, train args)] in ``jobs`` processes. On SIGINT / SIGTERM no
+    further run starts, every running run gets one SIGTERM (it finishes its step and writes a checkpoint), and
     RunInterrupted is raised once they have exited; a failed run stops the scheduling and is re-raised."""
     total, started, finished = len(cells), 0, 0
     failures: List[str] = []

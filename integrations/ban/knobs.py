@@ -99,20 +99,13 @@ def make_data(folder: Path, text: str, seed: int) -> Path:
 
 
 def _cell_args(args: argparse.Namespace, text: str, seed: int) -> argparse.Namespace:
-    import copy
+    from .compare import run_args
 
-    cell = copy.copy(args)
     name, value = parse_knob(text)
-    cell.permutation, cell.seed = "off", seed
-    cell.data_root = str(Path(args.out) / "data" / data_key(text))
-    cell.out = str(Path(args.out) / "runs" / f"{knob_label(text)}-s{seed}")
-    cell.resume, cell.overwrite = True, False
-    if name in MODEL_KNOBS:
-        setattr(cell, name, value)
-    for key in ("knobs", "seeds", "jobs", "command", "synth_seed"):
-        if hasattr(cell, key):
-            delattr(cell, key)
-    return cell
+    settings = {"permutation": "off", "data_root": str(Path(args.out) / "data" / data_key(text)),
+                **({name: value} if name in MODEL_KNOBS else {})}
+    return run_args(args, Path(args.out) / "runs" / f"{knob_label(text)}-s{seed}", seed, settings,
+                    sweep_only=("knobs", "seeds", "synth_seed"))
 
 
 def train_cell(cell_args: argparse.Namespace) -> dict:
@@ -136,7 +129,7 @@ def train_cell(cell_args: argparse.Namespace) -> dict:
 
 
 def run_knobs(args: argparse.Namespace) -> dict:
-    from .compare import _train_in_parallel
+    from .compare import train_runs
 
     labels = [knob_label(k) for k in args.knobs]          # validates every knob before anything is written
     config = {k: v for k, v in vars(args).items() if k not in ("command", "jobs") and not callable(v)}
@@ -149,18 +142,9 @@ def run_knobs(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     for key in dict.fromkeys(data_key(k) for k in args.knobs):
         print(f"dataset {key}", flush=True)
-        make_data(out / "data" / key, key if key != "base" else "base", args.synth_seed)
+        make_data(out / "data" / key, key, args.synth_seed)
     cells = [(f"{label}, seed {s}", _cell_args(args, k, s)) for s in args.seeds for k, label in zip(args.knobs, labels)]
-    if args.jobs == 1:
-        for i, (name, cell) in enumerate(cells, 1):
-            print(f"[{i}/{len(cells)}] {name}", flush=True)
-            try:
-                train_cell(cell)
-            except RunInterrupted as stop:
-                raise RunInterrupted(stop.signum, i - 1, stop.checkpoint, sweep.path,
-                                     where=f"in run {cell.out} (checkpoint {stop.checkpoint})") from None
-    else:
-        _train_in_parallel(sweep, cells, args.jobs, train_cell)
+    train_runs(sweep, cells, args.jobs, train_cell)
     results = collect(out, labels, args.seeds)
     (out / "results").mkdir(parents=True, exist_ok=True)
     write_json(out / "results" / "knobs.json", results)
