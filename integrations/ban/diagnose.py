@@ -58,6 +58,18 @@ MIN_CORRELATION_BOXES = 3   # a rank correlation of 2 points is always +-1
 _CELL = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 _ORDER_STATS = ("spearman_x", "spearman_area", "spearman_x_asked", "spearman_area_asked")
 
+# What each statistic of a diagnosis means (stored with it; a stored diagnosis is reused only with these)
+DEFINITIONS = {
+    "attention_mass": "share of a glimpse's (box, word) softmax attention on the boxes of the asked class, summed "
+                      "over words; questions without such a box are left out",
+    "chance": "share of the image's boxes that are of the asked class",
+    "relevance": "mean weight sigmoid(relevance logit) the set encoder applies to the boxes of the asked class and "
+                 "to the other boxes (BAN + LSTM / PO only)",
+    "spearman": "Spearman rho of the Hungarian order of P with the box x-centre / area over all real boxes (or the "
+                "asked class's boxes: *_asked); sets with < 3 boxes skipped; abs_mean = mean |rho|",
+    "input_order": "the same rho for the feature file's box order (random in the synthetic set)",
+    "entropy": "mean row entropy of P over real boxes (nats); relative = divided by log n"}
+
 
 # ---------------------------------------------------------------------------------------------
 # statistics (pure functions of tensors)
@@ -172,10 +184,6 @@ class _RelevanceRecorder:
         self.weights: Optional[Tensor] = None
         self._handle = (encoder.register_forward_hook(self._record, with_kwargs=True)
                         if encoder is not None else None)
-
-    @property
-    def active(self) -> bool:
-        return self._handle is not None
 
     def _record(self, module, args, kwargs, output) -> None:
         w = kwargs.get("weights", args[3] if len(args) > 3 else None)
@@ -335,7 +343,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     from integrations.common import resolve_device
 
     from .synth_oracle import decode_scenes
-    from .train import load_question_types, make_loader, relevance_oracle
+    from .train import load_question_types, make_loader, model_inputs, relevance_oracle
 
     if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be a positive int or None, got {max_questions!r}")
@@ -366,8 +374,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
             qids = batch.question_id[:take].tolist()
             seen += take
             recorder.P = None
-            extra = {} if oracle is None else {"relevance": oracle(qids, v.shape[1]).to(dev)}
-            _, att = model(v, b, q, None, **extra)
+            _, att = model(v, b, q, None, **model_inputs(oracle, qids, v.shape[1], dev))
             mask = batch.mask[:take]                                      # (B, K), True = real box
             boxes = b[:, :, :4].double().cpu()
             asked = _class_masks(scenes, index, qids, mask, boxes)
@@ -404,17 +411,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     return {"run": str(folder), "variant": getattr(saved, "permutation", None), "seed": getattr(saved, "seed", None),
             "checkpoint": state["path"], "step": int(state["step"]), "split": split, "n_questions": seen,
             "glimpses": G, "families": acc.summary(), "eta": _eta(folder, model),
-            "definitions": {
-                "attention_mass": "share of a glimpse's (box, word) softmax attention on the boxes of the asked "
-                                  "class, summed over words; questions without such a box are left out",
-                "chance": "share of the image's boxes that are of the asked class",
-                "relevance": "mean weight sigmoid(relevance logit) the set encoder applies to the boxes of the asked "
-                             "class and to the other boxes (BAN + LSTM / PO only)",
-                "spearman": "Spearman rho of the Hungarian order of P with the box x-centre / area over all real "
-                            "boxes (or the asked class's boxes: *_asked); sets with < 3 boxes skipped; "
-                            "abs_mean = mean |rho|",
-                "input_order": "the same rho for the feature file's box order (random in the synthetic set)",
-                "entropy": "mean row entropy of P over real boxes (nats); relative = divided by log n"}}
+            "definitions": dict(DEFINITIONS)}
 
 
 def _order_statistics(P: Optional[Tensor], mask: Tensor, asked: Tensor, x_centre: Tensor, area: Tensor,
@@ -521,9 +518,6 @@ def summarize_sweep(per_run: Dict[str, dict], variants: Sequence[str], seeds: Di
     return {"families": families, "summary": table, "tests": tests, "eta": eta}
 
 
-_DEFINITIONS_KEYS = ("attention_mass", "chance", "relevance", "spearman", "input_order", "entropy")
-
-
 def _stored_diagnosis(run_dir: Path, split: str, data_root: Optional[str], max_questions: Optional[int]):
     """A run's ``diagnose_<split>.json`` (from ``diagnose --run``) when it describes the run's newest checkpoint
     with these settings and this version's statistics, else None (the run is diagnosed again)."""
@@ -539,7 +533,7 @@ def _stored_diagnosis(run_dir: Path, split: str, data_root: Optional[str], max_q
         return None
     same = (res.get("split") == split and res.get("checkpoint") is not None
             and Path(res["checkpoint"]).resolve() == Path(newest["path"]).resolve()
-            and res.get("step") == int(newest["step"]) and set(res.get("definitions", {})) == set(_DEFINITIONS_KEYS))
+            and res.get("step") == int(newest["step"]) and res.get("definitions") == DEFINITIONS)
     return res if same else None
 
 

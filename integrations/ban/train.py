@@ -137,11 +137,12 @@ def relevance_oracle(args):
     return RelevanceOracle(args.data_root, adaptive=not args.fixed36)
 
 
-def model_inputs(batch, device, oracle=None) -> dict:
-    """Keyword inputs of the model beyond (v, b, q, labels): the oracle's relevance when there is one."""
+def model_inputs(oracle, question_ids, K: int, device) -> dict:
+    """Keyword inputs of the model beyond (v, b, q, labels) for questions ``question_ids`` with ``K`` box
+    slots: the oracle's relevance when there is one."""
     if oracle is None:
         return {}
-    return {"relevance": oracle(batch.question_id, batch.v.shape[1]).to(device)}
+    return {"relevance": oracle(question_ids, K).to(device)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict
     sums = torch.zeros(3 + 2 * len(names), dtype=torch.float64)  # score, bound, n, (score, n) per type
     for batch in loader:
         logits, _ = model(batch.v.to(device), batch.b.to(device), batch.q.to(device), None,
-                          **model_inputs(batch, device, oracle))
+                          **model_inputs(oracle, batch.question_id, batch.v.shape[1], device))
         target = batch.target.to(device)
         s = soft_scores(logits, target).double().cpu()
         sums[0] += s.sum()
@@ -270,7 +271,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict
 def train_step(model, optimizer, batch, device, grad_clip, oracle=None):
     """One official step: forward, BCE x A, backward, clip, Adamax. Returns (loss, score sum, grad norm)."""
     v, b, q, target = batch.v.to(device), batch.b.to(device), batch.q.to(device), batch.target.to(device)
-    logits, _ = model(v, b, q, target, **model_inputs(batch, device, oracle))
+    logits, _ = model(v, b, q, target, **model_inputs(oracle, batch.question_id, v.shape[1], device))
     loss = vqa_bce_loss(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
