@@ -294,7 +294,8 @@ class PermutationSetEncoder(nn.Module):
         elements, ``key_padding_mask`` True at padding, ``lengths`` gives prefix padding (at most
         one of them). ``weights`` are relevance logits: each element is scaled by
         ``sigmoid(weights)`` before the LSTM (F.4); the ordering cost sees the unscaled elements
-        (or ``order_by``, required exactly when ``order_features`` was given). ``P`` is always the soft permutation, also with ``straight_through``.
+        (or ``order_by``, required exactly when ``order_features`` was given). ``P`` is always the
+        soft permutation, also with ``straight_through``.
         The LSTM reads only the n real elements (packed sequence), so padding has no influence;
         an empty set gives ``h = 0``, N = 0 gives ``h = zeros(B, hidden_size)`` and ``P`` of shape
         ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
@@ -330,10 +331,10 @@ class PermutationSetEncoder(nn.Module):
         if permutation != "none":
             # check_finite=False: this encoder checks x (and the weights) once itself.
             self.optimizer = PermutationOptimizer(
-                in_features if order_features is None else order_features, cost_hidden=cost_hidden, steps=_resolve_steps(steps, permutation, default=3),
-                permutation=permutation, num_positions=num_positions, sinkhorn_iters=sinkhorn_iters,
-                temperature=temperature, eta_init=eta_init, logit_clip=logit_clip, check_finite=False,
-                kernel=kernel, **factory_kwargs)
+                in_features if order_features is None else order_features, cost_hidden=cost_hidden,
+                steps=_resolve_steps(steps, permutation, default=3), permutation=permutation,
+                num_positions=num_positions, sinkhorn_iters=sinkhorn_iters, temperature=temperature,
+                eta_init=eta_init, logit_clip=logit_clip, check_finite=False, kernel=kernel, **factory_kwargs)
         self.lstm = uninitialized(nn.LSTM, in_features, hidden_size, batch_first=True, **factory_kwargs)
         xavier_lstm_(self.lstm)
         self.register_load_state_dict_pre_hook(_rename_permute_keys)

@@ -95,10 +95,8 @@ def _data_root(value: Optional[str], p: argparse.ArgumentParser) -> str:
 
 
 def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:
-    if getattr(a, "command", None) == "knobs":
-        a.data_root = None                   # one generated dataset per setting, set per run
-    else:
-        a.data_root = _data_root(a.data_root, p)
+    # a parser without --data-root (knobs: one generated dataset per setting, set per run) has none
+    a.data_root = _data_root(a.data_root, p) if hasattr(a, "data_root") else None
     permutation = getattr(a, "permutation", None)
     if getattr(a, "order_by", "all") != "all" and permutation not in ("po-u", "po-la"):
         p.error(f"argument --order-by: {a.order_by} needs --permutation po-u or po-la, got {permutation}")
