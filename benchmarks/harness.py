@@ -33,6 +33,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+import setperm
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("runs") / "benchmarks"
 IMPLS = ("setperm", "setperm-compiled", "reference")
@@ -197,13 +199,20 @@ def _peak_rss_bytes() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def child_env() -> Dict[str, str]:
+    """The environment of a measuring child process: it imports the ``setperm`` this process
+    imported and the checkout's ``benchmarks``."""
+    package_root = str(Path(setperm.__file__).resolve().parents[1])
+    paths = [package_root, str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def probe_memory(cfg: Config, impl: str, mode: str, threads: int, device: str = "cpu", layout: str = "linear",
                  timeout: float = 1800) -> Optional[int]:
     """Peak bytes above the baseline of one call, measured in a fresh process (None on failure)."""
     cmd = [sys.executable, "-m", "benchmarks.harness", "--probe", json.dumps(dataclasses.asdict(cfg)),
            "--impl", impl, "--mode", mode, "--threads", str(threads), "--device", device, "--layout", layout]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     try:
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -31,7 +31,7 @@ import torch
 
 from setperm import cost_gradient, sinkhorn, sinkhorn_scaling_in_range
 
-from .harness import REPO, build, common_parser, machine_info, median_time, run_once, vqa, write_results
+from .harness import REPO, build, child_env, common_parser, machine_info, median_time, run_once, vqa, write_results
 
 
 def sinkhorn_paths(batch: int, n: int, repeats: int) -> Dict[str, float]:
@@ -81,8 +81,7 @@ def compile_times(threads: int, n: int, batch: int, n2: int, batch2: int) -> Dic
     code = _COMPILE_PROBE.format(threads=threads, n=n, batch=batch, n2=n2, batch2=batch2)
     out = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
-               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**child_env(), "TORCHINDUCTOR_CACHE_DIR": cache}
         for name in ("empty_cache", "warm_cache"):
             res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
             if res.returncode != 0:

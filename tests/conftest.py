@@ -7,6 +7,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # The processes that tests start (``python -m integrations...``, benchmark probes) import this
+    # checkout's package and scripts, as the test process does through ``pythonpath``, whatever
+    # else is installed.
+    parts = [str(REPO / "src"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(parts)
+
+
 def shared_data_root() -> Path:
     env = os.environ.get("SETPERM_DATA_ROOT")
     return Path(env) if env else (REPO.parent / "shared" / "data")

@@ -40,7 +40,8 @@ def test_scaled_cost_equals_the_literal_cost(hidden):
     x = torch.randn(4, 5, 3, generator=g, dtype=torch.float64) * torch.tensor([0.2, 30.0, 1e6, 1e30],
                                                                                 dtype=torch.float64)[:, None, None]
     assert_close(m(x), literal_cost(m, x), rtol=1e-10, atol=1e-12)
-    assert torch.equal(m(x[:1]), m(x)[:1])                            # per set: neighbours do not matter
+    # per set: neighbours do not matter (to rounding: BLAS may take another path for another batch shape)
+    assert_close(m(x[:1]), m(x)[:1], rtol=1e-12, atol=1e-14)
 
 
 def test_huge_float32_sets_give_a_finite_unit_norm_cost():

@@ -15,6 +15,8 @@ import torch
 from integrations.common import (add_kernel_argument, add_run_arguments, device_name, non_negative_int, positive_float,
                                  positive_int, resolve_device, set_threads, ensure_new, write_json, write_new_json)
 
+from integrations.common.lifecycle import CONFIG
+
 from .data import PAPER_INTERVALS
 from .model import PERMUTATIONS
 
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="further test sizes for the size-generalisation table")
     # One thread: the demo's (512, 10, 10) tensors gain nothing from a second one, and on a busy
     # machine spinning intra-op threads slow small ops down many times.
-    d.set_defaults(threads=1)
+    d.set_defaults(threads=1, out=DEMO_OUT)
     return p
 
 
@@ -252,9 +254,10 @@ def cmd_demo(args) -> int:
     from .train import train
 
     cfg = _resolved_train_config(args)
-    cfg["resume"] = not cfg["overwrite"]     # re-running the demo continues (or reuses) its own run
-    set_threads(args.threads)
     out = Path(cfg["out"])
+    # re-running the demo continues (or reuses) its own run; a first run simply starts
+    cfg["resume"] = not cfg["overwrite"] and (out / CONFIG).is_file()
+    set_threads(args.threads)
     s = train(cfg)
     loss = s.get("final_loss")
     print(f"trained {s['permutation']} N={s['set_size']}: {s['steps_done']} Adam steps, {s['train_seconds']:.1f} s, "

@@ -167,7 +167,25 @@ def test_demo_end_to_end_writes_tables_and_heatmap(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert {(r["test_size"], r["low"]) for r in results["records"]} == {(5, 0.0), (5, 1000.0), (7, 0.0), (7, 1000.0)}
     assert (out / "comparison.png").stat().st_size > 1000
+    rec = {(r["test_size"], r["low"]): r for r in results["records"]}
+    # 32 Adam steps reliably sort sets like the training sets; how a model this young extrapolates
+    # to [1000, 1001] depends on the run (floating-point paths differ between machines), so the
+    # tables are checked against the records there, not against a score.
+    assert rec[(5, 0.0)]["exact_hungarian"] >= 0.75, rec[(5, 0.0)]
     # table from the eval file, as the README does
     rc = main(["table", "--evals", str(out / "eval.json"), "--out", str(tmp_path / "table")])
     md = (tmp_path / "table" / "results.md").read_text()
-    assert rc == 0 and "| po-u | 5 | 1.000 | 1.000 |" in md and "| po-u | 5 | 32/32 |" in md
+    row = f"| po-u | 5 | {rec[(5, 0.0)]['exact_hungarian']:.3f} | {rec[(5, 1000.0)]['exact_hungarian']:.3f} |"
+    assert rc == 0 and row in md and "| po-u | 5 | 32/32 |" in md
+
+
+def test_demo_writes_where_its_help_says_and_starts_without_a_resume_notice(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["demo", "--set-size", "3", "--train-sets", "128", "--batch-size", "64", "--test-sets", "4",
+            "--eval-sizes", "--intervals", "0,1"]
+    assert main(tiny) == 0
+    first = capsys.readouterr()
+    assert (tmp_path / "runs" / "sorting-demo" / "results.md").is_file()
+    assert "--resume" not in first.out + first.err
+    assert main(tiny) == 0                        # a second demo reuses the finished run
+    assert "2/2" in (tmp_path / "runs" / "sorting-demo" / "results.md").read_text()

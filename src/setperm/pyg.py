@@ -1,5 +1,8 @@
 """setperm's set encoder as a PyTorch Geometric aggregation (``torch_geometric.nn.aggr``).
 
+PyG is an optional dependency (``pip install setperm[pyg]``): ``import setperm`` never imports this
+module; ``from setperm.pyg import PermutationAggregation`` does, and only then is PyG needed.
+
 PyG passes a set as its *sparse* batch form: the elements of all sets stacked in ``x (E, F)`` and
 ``index (E,)`` naming the set of every element (sorted, as for PyG's ``LSTMAggregation``). The
 aggregation densifies that with the base class's ``to_dense_batch`` (mask True = real element) and
@@ -14,11 +17,16 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor
-from torch_geometric.experimental import disable_dynamic_shapes
-from torch_geometric.nn.aggr import Aggregation
-from torch_geometric.utils import to_dense_batch
 
-from setperm import PermutationSetEncoder
+try:
+    from torch_geometric.experimental import disable_dynamic_shapes
+    from torch_geometric.nn.aggr import Aggregation
+    from torch_geometric.utils import to_dense_batch
+except ImportError as e:          # the optional extra is missing: say how to get it
+    raise ImportError(f"setperm.pyg needs PyTorch Geometric ({e}); install it with "
+                      f"`pip install \"setperm[pyg]\"` or `pip install torch_geometric`") from e
+
+from .encoder import PermutationSetEncoder
 
 # The two sizes come from the positional arguments, as in PyG's LSTMAggregation(in, out).
 _RESERVED = ("in_features", "hidden_size")
@@ -67,10 +75,9 @@ class PermutationAggregation(Aggregation):
         self.encoder = PermutationSetEncoder(in_channels, out_channels, **encoder_kwargs)
 
     def reset_parameters(self) -> None:
-        """Re-initialise every parameter as a new encoder would be (in place, so an optimiser that
+        """Re-initialise every parameter in place, as a new encoder would be (an optimiser that
         holds the parameters keeps working)."""
-        fresh = PermutationSetEncoder(self.in_channels, self.out_channels, **self._encoder_kwargs)
-        self.encoder.load_state_dict(fresh.state_dict())
+        self.encoder.reset_parameters()
 
     @property
     def eta(self) -> Optional[Tensor]:

@@ -1,7 +1,9 @@
-"""integrations.pyg: PermutationAggregation equals the dense encoder, is invariant to node order and to
+"""setperm.pyg: PermutationAggregation equals the dense encoder, is invariant to node order and to
 batching, gives zeros for empty graphs, and works as a GNN readout and as a MessagePassing aggr."""
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,10 @@ pytest.importorskip("torch_geometric")
 from torch_geometric.data import Batch, Data  # noqa: E402
 from torch_geometric.nn import GCNConv, SAGEConv  # noqa: E402
 
-from integrations.pyg import PermutationAggregation  # noqa: E402
+from setperm.pyg import PermutationAggregation  # noqa: E402
 from setperm import PermutationSetEncoder  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TOL64 = dict(rtol=1e-9, atol=1e-10)
 
 
@@ -183,9 +185,9 @@ def test_reset_parameters_reinitialises_in_place():
     aggr.reset_parameters()
     assert all(p is q for p, q in zip(aggr.parameters(), params))     # optimisers keep working
     torch.manual_seed(0)
-    fresh = PermutationSetEncoder(5, 7, cost_hidden=8, steps=3)
+    fresh = PermutationSetEncoder(5, 7, cost_hidden=8, steps=3, dtype=torch.float64)
     for p, q in zip(aggr.encoder.parameters(), fresh.parameters()):
-        assert_close(p, q.double(), rtol=0, atol=0)
+        assert_close(p, q, rtol=0, atol=0)
     assert_close(aggr.eta, torch.tensor(1.0, dtype=torch.float64))
 
 
@@ -211,4 +213,19 @@ def test_argument_checks_and_repr():
 
 def test_core_library_does_not_import_pyg():
     code = "import sys, setperm; assert 'torch_geometric' not in sys.modules, 'setperm imported torch_geometric'"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+
+
+def test_documented_examples_run_as_written(capsys):
+    """The code blocks of docs/pyg.md (after the call signature) run in order and print what their
+    comments say."""
+    doc = (REPO / "docs" / "pyg.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)[1:]
+    assert len(blocks) == 2
+    torch.manual_seed(0)
+    scope: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/pyg.md", "exec"), scope)
+    out = capsys.readouterr().out.split("\n")
+    assert out[:2] == ["torch.Size([3, 4])", "torch.Size([5, 32])"], out
