@@ -1,7 +1,7 @@
 """Shared machinery of the benchmarks: configurations, timing, fresh-process memory, tables.
 
 Timing: median wall-clock time of ``--repeats`` calls after ``--warmup`` calls, with
-``torch.set_num_threads(--threads)`` (default 2). "fwd" runs under ``torch.no_grad()`` (inference);
+``torch.set_num_threads(--threads)`` (default: the training commands' default, one thread). "fwd" runs under ``torch.no_grad()`` (inference);
 "fwd+bwd" runs the forward with autograd and backpropagates ``out.sum()`` into the parameters and
 the input.
 
@@ -17,6 +17,7 @@ allocated baseline is used instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -34,6 +35,9 @@ import torch
 from torch import Tensor, nn
 
 import setperm
+from integrations.common import ensure_new, write_json
+from integrations.common.cli import DEFAULT_THREADS, add_threads_argument, device_name
+from integrations.common.lifecycle import RunError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("runs") / "benchmarks"
@@ -154,6 +158,20 @@ def timed(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device: s
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return statistics.median(walls), statistics.median(cpus)
+
+
+@contextlib.contextmanager
+def busy_core():
+    """One other process keeps one core busy while the block runs (a Python loop that never
+    sleeps): the case of a shared machine, where threads that wait for a taken core slow work down."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True:\n    pass"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)                      # let it reach the loop
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def median_time(fn: Callable[[], object], warmup: int = 1, repeats: int = 5, device: str = "cpu") -> float:
@@ -359,11 +377,6 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[Tuple[st
     return "\n".join([head, sep, *body])
 
 
-def write_json(path: Path, payload: Dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
-
-
 def write_results(path: Path, info: Dict[str, object], args: argparse.Namespace, **results: object) -> None:
     """Write a script's JSON: the machine (with the load at the end of the run), the resolved
     arguments and the results."""
@@ -379,10 +392,11 @@ def impls_of(args: argparse.Namespace) -> List[str]:
 def common_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for JSON/PNG (default ./runs/benchmarks)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace this benchmark's earlier results in --out")
+    add_threads_argument(p)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu or cuda")
     p.add_argument("--layout", default="linear", choices=["linear", "conv1d"],
                    help="reference MLP layout: nn.Linear channels-last or the released code's Conv1d(k=1)")
     p.add_argument("--ref-mem-limit-gb", type=float, default=8.0,
@@ -397,12 +411,32 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def prepare(args: argparse.Namespace, name: str) -> Tuple[Path, Dict[str, object]]:
+    """Before anything is measured: the result file ``<--out>/<name>`` (``--out`` must be a folder
+    or not exist yet; an earlier result is replaced only with ``--overwrite``), the threads, and the
+    machine's description. Returns ``(path, machine info)``."""
+    if args.out.exists() and not args.out.is_dir():
+        raise RunError(f"--out {args.out} is a file, not a folder")
+    path = ensure_new(args.out / name, overwrite=args.overwrite)
+    torch.set_num_threads(args.threads)
+    return path, machine_info(args.threads)
+
+
+def select(cfgs: Sequence[Config], only: Optional[str]) -> List[Config]:
+    """The configurations whose name contains ``only`` (all without it); none is an error."""
+    chosen = [c for c in cfgs if only is None or only in c.name]
+    if not chosen:
+        raise RunError(f"--only {only!r} matches no configuration; the names are: "
+                       + ", ".join(repr(c.name) for c in cfgs))
+    return chosen
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="internal: memory probe of one configuration in a fresh process")
     ap.add_argument("--probe", required=True)
     ap.add_argument("--impl", required=True, choices=IMPLS)
     ap.add_argument("--mode", required=True, choices=["fwd", "fb"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--layout", default="linear")
     _probe_main(ap.parse_args())

@@ -31,7 +31,9 @@ import torch
 
 from setperm import cost_gradient, sinkhorn, sinkhorn_scaling_in_range
 
-from .harness import REPO, build, child_env, common_parser, machine_info, median_time, run_once, vqa, write_results
+from integrations.common import run_command
+
+from .harness import REPO, build, child_env, common_parser, median_time, prepare, run_once, vqa, write_results
 
 
 def sinkhorn_paths(batch: int, n: int, repeats: int) -> Dict[str, float]:
@@ -140,9 +142,8 @@ def main(argv=None) -> int:
                    help="folder of integrations.sorting run folders (for the fallback count)")
     p.add_argument("--sets", type=int, default=32, help="sets per interval in the fallback count")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    info = machine_info(args.threads)
     tiny = args.tiny
+    path, info = prepare(args, "internals_tiny.json" if tiny else "internals.json")
     results: Dict[str, object] = {}
     results["sinkhorn"] = sinkhorn_paths(4 if tiny else 64, 12 if tiny else 100, args.repeats)
     print("sinkhorn fwd+bwd per call (ms):", json.dumps(results["sinkhorn"]))
@@ -156,9 +157,10 @@ def main(argv=None) -> int:
         results["fallback"] = fallback_counts(args.sorting_runs, args.sets)
         for row in results["fallback"]:
             print("sinkhorn paths:", json.dumps(row))
-    write_results(args.out / ("internals_tiny.json" if tiny else "internals.json"), info, args, **results)
+    write_results(path, info, args, **results)
+    print(f"results: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "python -m benchmarks.internals"))

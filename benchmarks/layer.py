@@ -1,7 +1,7 @@
 """Layer benchmark: PermutationSetEncoder / PermutationOptimizer at the paper's configurations,
 setperm and the reference (:mod:`benchmarks.reference`) side by side in the same process.
 
-    python -m benchmarks.layer [--threads 2] [--repeats 5] [--out runs/benchmarks]
+    python -m benchmarks.layer [--threads 1] [--repeats 5] [--busy-core] [--out runs/benchmarks]
 
 Configurations (paper appendix F): VQA encoder (13-d, pairwise hidden 128, T = 3, LSTM 128,
 relevance weights) at N = 10, 36, 100 for 64 sets and 896 sets (batch 112 x 8 glimpses);
@@ -17,8 +17,10 @@ from typing import Dict, List
 
 import torch
 
-from .harness import (Config, announce, build, common_parser, machine_info, markdown_table, max_output_diff, timed,
-                      mosaic, probe_memory, run_once, sorting, tiny_configs, vqa, write_results)
+from integrations.common import run_command
+
+from .harness import (Config, announce, build, busy_core, common_parser, markdown_table, max_output_diff, mosaic, prepare,
+                      probe_memory, run_once, select, sorting, timed, tiny_configs, vqa, write_results)
 
 
 def paper_configs() -> List[Config]:
@@ -54,6 +56,11 @@ def measure(cfg: Config, args, layouts=("linear",)) -> List[Dict[str, object]]:
         for mode in ("fwd", "fb"):
             wall, cpu = timed(lambda: run_once(mod, x, w, mode), args.warmup, args.repeats, args.device)
             row[f"{mode}_ms"], row[f"{mode}_cpu_ms"] = 1e3 * wall, 1e3 * cpu
+            if args.busy_core:
+                with busy_core():
+                    busy, _ = timed(lambda: run_once(mod, x, w, mode), args.warmup, args.repeats, args.device)
+                row[f"{mode}_busy_ms"] = 1e3 * busy
+                row[f"{mode}_busy_slowdown"] = busy / wall
         del mod, x, w
         if not args.no_memory:
             for mode in ("fwd", "fb"):
@@ -89,7 +96,9 @@ COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("fwd_ms", "
            ("speedup_fb_cpu", "fwd+bwd CPU-time speed-up vs nn.Linear ref."),
            ("speedup_fb_conv1d", "fwd+bwd speed-up vs Conv1d ref."),
            ("mem_ratio_fb", "fwd+bwd memory saving vs nn.Linear ref."),
-           ("max_abs_diff", "max abs diff to setperm (chunked)"), ("skipped", "note")]
+           ("max_abs_diff", "max abs diff to setperm (chunked)"),
+           ("fb_busy_ms", "fwd+bwd ms, one core busy"), ("fb_busy_slowdown", "fwd+bwd slowdown, one core busy"),
+           ("skipped", "note")]
 
 
 def main(argv=None) -> int:
@@ -98,12 +107,12 @@ def main(argv=None) -> int:
     p.add_argument("--conv1d-on", default="vqa B=64 N=100",
                    help="also run the Conv1d (released-code layout) reference on configurations containing this")
     p.add_argument("--only", default=None, help="run only configurations whose name contains this string")
+    p.add_argument("--busy-core", action="store_true",
+                   help="also time every call while another process of the benchmark's own keeps one core busy, "
+                        "and report the slowdown (a shared machine)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfgs = tiny_configs() if args.tiny else paper_configs()
-    if args.only:
-        cfgs = [c for c in cfgs if args.only in c.name]
-    info = machine_info(args.threads)
+    cfgs = select(tiny_configs() if args.tiny else paper_configs(), args.only)
+    path, info = prepare(args, "layer_tiny.json" if args.tiny else "layer.json")
     rows = []
     for i, cfg in enumerate(cfgs, 1):
         t0 = announce(i, len(cfgs), cfg.name)
@@ -112,9 +121,10 @@ def main(argv=None) -> int:
         announce(i, len(cfgs), cfg.name, t0)
     table = markdown_table(rows, COLUMNS)
     print(table)
-    write_results(args.out / ("layer_tiny.json" if args.tiny else "layer.json"), info, args, rows=rows, table=table)
+    write_results(path, info, args, rows=rows, table=table)
+    print(f"results: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "python -m benchmarks.layer"))

@@ -26,7 +26,9 @@ from typing import Dict
 
 import torch
 
-from .harness import (KERNEL_OF, breakdown, common_parser, machine_info, markdown_table, median_time, vqa, write_results)
+from integrations.common import run_command
+
+from .harness import KERNEL_OF, breakdown, common_parser, markdown_table, median_time, prepare, vqa, write_results
 
 
 def ceilings(threads: int, bmm_shapes, tiny: bool = False) -> Dict[str, float]:
@@ -76,9 +78,8 @@ def analyse(cfg, ceil: Dict[str, float], args, impl: str = "setperm") -> Dict[st
 def main(argv=None) -> int:
     p = common_parser(__doc__.split("\n\n")[0])
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    path, info = prepare(args, "limit_tiny.json" if args.tiny else "limit.json")
     cfgs = [vqa(8, 2)] if args.tiny else [vqa(100, 64), vqa(100, 896), vqa(1024, 4)]
-    info = machine_info(args.threads)
     ceil = ceilings(args.threads, sorted({(c.batch, c.n) for c in cfgs}), args.tiny)
     impls = ["setperm"] if args.no_compiled else ["setperm", "setperm-compiled"]
     rows = [analyse(c, ceil, args, impl) for c in cfgs for impl in impls]
@@ -91,9 +92,10 @@ def main(argv=None) -> int:
                                ("attainable_ms", "attainable ms"), ("total_ms", "measured ms"),
                                ("fraction", "achieved fraction")])
     print("## machine ceilings\n\n" + t1 + "\n\n## setperm encoder fwd+bwd vs the ceilings\n\n" + t2)
-    write_results(args.out / ("limit_tiny.json" if args.tiny else "limit.json"), info, args, ceilings=ceil, rows=rows)
+    write_results(path, info, args, ceilings=ceil, rows=rows)
+    print(f"results: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "python -m benchmarks.limit"))

@@ -19,8 +19,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .harness import (Config, announce, impls_of, breakdown, common_parser, machine_info, markdown_table, probe_memory, run_once,
-                      build, timed, vqa, write_results)
+from integrations.common import run_command
+
+from .harness import (Config, announce, breakdown, build, common_parser, impls_of, markdown_table, prepare, probe_memory,
+                      run_once, timed, vqa, write_results)
 
 
 def fit_exponent(xs: Sequence[float], ys: Sequence[Optional[float]], x_min: float) -> Optional[float]:
@@ -101,14 +103,14 @@ def main(argv=None) -> int:
     p.add_argument("--fit-min", type=float, default=100, help="fit exponents over N >= this")
     p.add_argument("--no-breakdown", action="store_true")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    stem = "scaling_tiny" if args.tiny else "scaling"
+    path, info = prepare(args, f"{stem}.json")
     sizes = [int(s) for s in args.sizes.split(",")]
     steps = [int(s) for s in args.steps.split(",")]
     if args.tiny:
         sizes, steps, args.batch, args.t_batch = [4, 8, 16], [1, 2], 2, 2
     n_cfgs = [vqa(n, args.batch) for n in sizes]
     t_cfgs = [vqa(24 if args.tiny else 100, args.t_batch, steps=t) for t in steps]
-    info = machine_info(args.threads)
     n_rows = sweep(n_cfgs, args, "N")
     t_rows = sweep(t_cfgs, args, "steps")
     fit_min = min(sizes) if args.tiny else args.fit_min
@@ -146,11 +148,11 @@ def main(argv=None) -> int:
                                  ("lstm_cpu_share", "LSTM share (CPU time)")])
     print("## time and memory vs N\n\n" + t1 + "\n\n## time vs T\n\n" + t2 + f"\n\n## exponents (N >= {fit_min:g})\n\n"
           + t3 + "\n\n## share of time (fwd+bwd of each piece alone)\n\n" + t4)
-    stem = "scaling_tiny" if args.tiny else "scaling"
-    write_results(args.out / f"{stem}.json", info, args, n_rows=n_rows, t_rows=t_rows, exponents=exps, shares=shares)
+    write_results(path, info, args, n_rows=n_rows, t_rows=t_rows, exponents=exps, shares=shares)
     plot(args.out / f"{stem}.png", n_rows, t_rows, exps)
+    print(f"results: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "python -m benchmarks.scaling"))

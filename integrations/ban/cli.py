@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from integrations.common import (add_kernel_argument, add_run_arguments, device_name, ensure_new, non_negative_int,
-                                 positive_float, positive_int, run_command, write_new_json)
+from integrations.common import (add_kernel_argument, add_run_arguments, add_threads_argument, device_name, ensure_new,
+                                 non_negative_int, positive_float, positive_int, run_command, set_threads,
+                                 write_new_json)
 
 from .data import VQADataError
 
@@ -78,7 +79,7 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
     if single_run:
         p.add_argument("--seed", type=non_negative_int, default=1204, help="official main.py default")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--workers", type=non_negative_int, default=1, help="DataLoader workers per process (official: 1)")
     add_run_arguments(p, out_help="run folder (default runs/ban/<permutation>-seed<seed>)" if single_run
                       else "sweep folder (default runs/ban/compare)")
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
     e.add_argument("--device", type=device_name, default="cpu")
     e.add_argument("--workers", type=non_negative_int, default=0)
+    add_threads_argument(e)
     e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_<split>.json)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
     c = sub.add_parser("compare", help="BAN vs BAN + LSTM vs BAN + PO over seeds, per question family",
@@ -194,6 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return synth.main(argv[1:], prog=f"{PROG} synth") or 0
     p = build_parser()
     args = p.parse_args(argv)
+    set_threads(args.threads)
     if args.command == "train":
         return cmd_train(resolve_train_args(args, p))
     if args.command == "compare":

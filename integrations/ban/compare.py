@@ -28,7 +28,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from integrations.common import RunInterrupted, open_run, positive_int, write_json
+from integrations.common import CommandError, RunInterrupted, open_run, positive_int, write_json
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
 
 # Every variant a sweep can train: its label and the train settings it sets. The first four are the
@@ -127,7 +127,7 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
     cells = [(variant, seed) for seed in args.seeds for variant in args.variants]
     jobs = getattr(args, "jobs", 1) or 1
     if jobs < 1:
-        raise ValueError(f"--jobs must be a positive int, got {jobs}")
+        raise CommandError(f"--jobs must be a positive int, got {jobs}")
     train_runs(sweep, [(f"{LABELS[v]}, seed {s}", _cell_args(args, v, s)) for v, s in cells], jobs, train)
     results = collect(Path(args.out), args.variants, args.seeds)
     write_report(Path(args.out) / "results", results)

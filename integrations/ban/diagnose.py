@@ -692,7 +692,7 @@ def sweep_markdown(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
-    from integrations.common import device_name, positive_int
+    from integrations.common import add_threads_argument, device_name, positive_int
 
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="run folder (or checkpoint .pt) to diagnose")
@@ -703,6 +703,7 @@ def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-questions", type=positive_int, default=None,
                    help="only the first N questions of the split (default: all)")
     p.add_argument("--device", type=device_name, default="cpu")
+    add_threads_argument(p)
     p.add_argument("--out", default=None, help="JSON file (default: <run>/diagnose_<split>.json, or "
                                                "<sweep>/results/diagnose.json with the .md next to it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")

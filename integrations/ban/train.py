@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from integrations.common import (cleanup_distributed, generator, init_distributed, open_run, progress,
+from integrations.common import (CommandError, cleanup_distributed, generator, init_distributed, open_run, progress,
                                  resolve_device, seed_everything)
 from setperm.monitor import PermutationMonitor
 
@@ -132,7 +132,7 @@ def relevance_oracle(args):
     from .synth_oracle import RelevanceOracle
 
     if not (Path(args.data_root) / "synth_meta.json").is_file():
-        raise ValueError(f"--oracle-relevance: {args.data_root} is not a synthetic dataset (no synth_meta.json); "
+        raise CommandError(f"--oracle-relevance: {args.data_root} is not a synthetic dataset (no synth_meta.json); "
                          "the ground-truth relevance is decoded from the synthetic set's files")
     return RelevanceOracle(args.data_root, adaptive=not args.fixed36)
 
@@ -416,7 +416,7 @@ def run(args) -> dict:
         if info.enabled and device.type == "cuda":
             device = torch.device("cuda", info.local_rank)
         if args.batch_size % info.world_size:
-            raise ValueError(f"--batch-size: {args.batch_size} is not divisible by the {info.world_size} processes")
+            raise CommandError(f"--batch-size: {args.batch_size} is not divisible by the {info.world_size} processes")
         seed_everything(args.seed)  # same on every rank: identical initial weights (DDP also broadcasts them)
         dictionary, train_ds, val_ds, ref = datasets(args)
         if args.permutation == "po-la" and setting(args, "num_positions") is None:

@@ -12,7 +12,7 @@
 The integrations import only ``setperm`` and this package.
 """
 from .checkpoint import CheckpointError, latest_checkpoint, load_latest, read_checkpoint
-from .cli import (add_data_root_argument, add_kernel_argument, add_run_arguments, data_root, default_data_root,
+from .cli import (CommandError, add_data_root_argument, add_kernel_argument, add_threads_argument, add_run_arguments, data_root, default_data_root,
                   device_name, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device,
                   run_command, set_threads)
 from .distributed import DistInfo, cleanup_distributed, init_distributed
@@ -26,8 +26,8 @@ __all__ = [
     "CheckpointError", "read_checkpoint", "load_latest", "latest_checkpoint",
     "step_seed", "generator", "seed_everything",
     "restricted_load", "UnsafePickleError",
-    "positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name", "resolve_device",
-    "add_kernel_argument", "add_run_arguments", "add_data_root_argument", "data_root", "default_data_root",
+    "CommandError", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name", "resolve_device",
+    "add_kernel_argument", "add_threads_argument", "add_run_arguments", "add_data_root_argument", "data_root", "default_data_root",
     "set_threads", "run_command",
     "progress",
     "DistInfo", "init_distributed", "cleanup_distributed",

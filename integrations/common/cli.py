@@ -18,6 +18,16 @@ from .lifecycle import RunError, RunInterrupted
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_ROOT_ENV = "SETPERM_DATA_ROOT"
+# torch's intra-op threads of every command and benchmark. One: the set layer's operations are
+# small, so a second thread gains little on a quiet machine, and where another process holds a
+# core, OpenMP threads that wait for it make every operation many times slower (the README's
+# "Threads" section has the measurements and the command).
+DEFAULT_THREADS = 1
+
+
+class CommandError(ValueError):
+    """A flag or input that cannot work, found after parsing (a checkpoint of another kind, sizes
+    that contradict each other); :func:`run_command` prints its message as one line."""
 
 
 # ---------------------------------------------------------------- argument types (argparse error, exit 2)
@@ -81,13 +91,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--device: unknown device {name!r} ({e})") from None
+        raise CommandError(f"--device: unknown device {name!r} ({e})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {name!r} requested but CUDA is not available on this machine")
+        raise CommandError(f"--device: {name!r} requested but CUDA is not available on this machine")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"--device: {name!r} requested but MPS is not available on this machine")
+        raise CommandError(f"--device: {name!r} requested but MPS is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device: unsupported device type {dev.type!r} (use cpu, cuda[:i], mps or auto)")
+        raise CommandError(f"--device: unsupported device type {dev.type!r} (use cpu, cuda[:i], mps or auto)")
     return dev
 
 
@@ -126,6 +136,13 @@ def data_root(flag: Optional[str]) -> Path:
     return Path(flag) if flag else default_data_root()
 
 
+def add_threads_argument(parser) -> None:
+    """``--threads``: torch's CPU threads, the same flag and default in every command."""
+    parser.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS,
+                        help=f"torch CPU threads (default {DEFAULT_THREADS}; more pay off only on cores that "
+                             "nothing else uses: see the README's \"Threads\")")
+
+
 def set_threads(n: Optional[int]) -> None:
     if n is not None:
         torch.set_num_threads(n)
@@ -146,7 +163,7 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: 
     except RunInterrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code
-    except (RunError, CheckpointError, FileNotFoundError, *errors) as e:
+    except (RunError, CheckpointError, CommandError, FileNotFoundError, *errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from integrations.common import (add_data_root_argument, add_kernel_argument, add_run_arguments, device_name,
+from integrations.common import (add_data_root_argument, add_kernel_argument, add_run_arguments, add_threads_argument,
+                                 device_name,
                                  non_negative_int, positive_float, positive_int, resolve_device, ensure_new,
                                  run_command, write_new_json)
 
@@ -56,9 +57,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, out_help="run folder (default runs/mosaic/<dataset>-<n>x<n>-<task>-<permutation>)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", type=device_name, default="auto")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (1: a second OpenMP thread slowed the small ops of these models down "
-                        "many times on a busy 2-core machine)")
+    add_threads_argument(p)
     p.add_argument("--log-every", type=positive_int, default=20, help="TensorBoard scalars every N steps")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=500,
                    help="also checkpoint every N steps (0: per epoch only)")
@@ -69,7 +68,7 @@ def _add_read_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
     p.add_argument("--test-subset", type=positive_int, default=None,
                    help="evaluate on the first TEST_SUBSET test images (default: the run's own setting)")
-    p.add_argument("--threads", type=positive_int, default=1)
+    add_threads_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 
 

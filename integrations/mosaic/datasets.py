@@ -272,15 +272,22 @@ def load_tiny_imagenet_npy(root: str | os.PathLike) -> ImageSplit:
 
 
 # ------------------------------------------------------------------------------------ dispatcher
-def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = None) -> ImageSplit:
-    """``dataset`` in DATASETS, ``split`` in {'train', 'test'}; files under ``data_root/FOLDERS[dataset]``."""
+def dataset_folder(dataset: str, data_root: str | os.PathLike | None = None) -> Path:
+    """``data_root/FOLDERS[dataset]``; ``FileNotFoundError`` naming it when it does not exist (a
+    command checks this before it creates its run folder)."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset: expected one of {DATASETS}, got {dataset!r}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     folder = Path(data_root if data_root is not None else default_data_root()) / FOLDERS[dataset]
     if not folder.exists():
         raise FileNotFoundError(f"{folder}: data folder for {dataset} not found (set --data-root)")
+    return folder
+
+
+def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = None) -> ImageSplit:
+    """``dataset`` in DATASETS, ``split`` in {'train', 'test'}; files under ``data_root/FOLDERS[dataset]``."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    folder = dataset_folder(dataset, data_root)
     if dataset in ("mnist", "fashion-mnist"):
         return load_idx_dataset(folder, split)
     if dataset == "cifar10":

@@ -26,9 +26,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import setperm
-from integrations.common import data_root, generator, load_latest, open_run, progress, seed_everything
+from integrations.common import CommandError, data_root, generator, load_latest, open_run, progress, seed_everything
 
 from .datasets import NUM_CLASSES, load_split, channel_stats
 from .model import ClassifyNet, MosaicNet
@@ -114,11 +115,11 @@ def load_classifier(path: str, cfg, channels: int) -> ResNet18:
     state = load_latest(path)
     p, pc = state["path"], state["config"]
     if pc.get("task") != "pretrain":
-        raise ValueError(f"--classifier: {p} is a {pc.get('task')!r} checkpoint, expected a 'pretrain' one")
+        raise CommandError(f"--classifier: {p} is a {pc.get('task')!r} checkpoint, expected a 'pretrain' one")
     # the dataset and the tile count fix the image size the ResNet was trained at
     for key in ("dataset", "tiles"):
         if pc.get(key) != getattr(cfg, key):
-            raise ValueError(f"--classifier: {p} was trained with {key}={pc.get(key)!r}, this run has {getattr(cfg, key)!r}")
+            raise CommandError(f"--classifier: {p} was trained with {key}={pc.get(key)!r}, this run has {getattr(cfg, key)!r}")
     net = ResNet18(channels, NUM_CLASSES[pc["dataset"]], small_input=pc["dataset"] != "tiny-imagenet",
                    width=pc["resnet_width"])
     net.load_state_dict(state["model"])
@@ -132,7 +133,7 @@ def build_model(cfg, data: MosaicData):
     if cfg.task == "mosaic":
         return mosaic
     if not cfg.classifier:
-        raise ValueError("--classifier: the classify task needs the run folder of a '--task pretrain' run")
+        raise CommandError("--classifier: the classify task needs the run folder of a '--task pretrain' run")
     return ClassifyNet(mosaic, load_classifier(cfg.classifier, cfg, data.channels))
 
 
@@ -266,15 +267,10 @@ def run_config(cfg) -> dict:
 class _Trainer:
     """One run: data, model, optimiser and the counters a checkpoint stores (epoch, batch, step, history)."""
 
-    def __init__(self, cfg, run):
+    def __init__(self, cfg, run, data: MosaicData, model: nn.Module, load_seconds: float):
         self.cfg, self.run = cfg, run
-        torch.set_num_threads(cfg.threads)
-        seed_everything(cfg.seed)
         self.device = torch.device(cfg.device)
-        t0 = time.perf_counter()
-        self.data = load_data(cfg)
-        self.load_seconds = time.perf_counter() - t0
-        self.model = build_model(cfg, self.data).to(self.device)
+        self.data, self.model, self.load_seconds = data, model, load_seconds
         self.opt = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr)
         ex = run.restore(model=self.model, optimizer=self.opt)
         self.epoch, self.batch = int(ex.get("epoch", 0)), int(ex.get("batch", 0))
@@ -351,11 +347,19 @@ def train(cfg) -> dict:
     ``{"final": test metrics of the last epoch, "history": per-epoch metrics, ...}``.
 
     A finished run with the same settings is left as it is and its summary returned."""
+    # Data and model first: a missing data folder or a wrong --classifier is reported before the
+    # run folder is created or changed.
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    data = load_data(cfg)
+    load_seconds = time.perf_counter() - t0
+    model = build_model(cfg, data).to(torch.device(cfg.device))
     run = open_run(cfg.out, run_config(cfg), resume=cfg.resume, overwrite=cfg.overwrite, may_change=_MAY_CHANGE)
     if run.finished:
         print(f"{run.path} holds this finished run; nothing to do")
         return run.summary
-    trainer = _Trainer(cfg, run)
+    trainer = _Trainer(cfg, run, data, model, load_seconds)
     try:
         with run.interruptible():
             while trainer.epoch < cfg.epochs:

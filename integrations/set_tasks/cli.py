@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from integrations.common import add_data_root_argument, add_run_arguments, data_root, positive_float, positive_int
+from integrations.common import (CommandError, add_data_root_argument, add_run_arguments, add_threads_argument, data_root,
+                                 positive_float, positive_int)
 
 from .encoders import DEFAULT_ENCODERS, ENCODERS
 from .report import write_report
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cnn-train-images", type=positive_int, default=None, help="limit the CNN's training images")
     x = run.add_argument_group("execution")
     x.add_argument("--jobs", type=positive_int, default=2, help="cells run side by side (processes)")
-    x.add_argument("--threads", type=positive_int, default=1, help="torch threads per process")
+    add_threads_argument(x)
     x.add_argument("--no-diagnose", action="store_true", help="skip the entropy / Spearman diagnostics of P")
     x.add_argument("--no-report", action="store_true", help="do not write results/ at the end")
     rep = sub.add_parser("report", help="write results/ from the cell files of --out")
@@ -93,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"set_tasks: wrote {out / 'results'}", file=sys.stderr)
         return 0
     if args.min_size > args.max_size:
-        raise ValueError(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
+        raise CommandError(f"--min-size {args.min_size} is larger than --max-size {args.max_size}")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_size=args.min_size,
                       max_size=args.max_size, test_sizes=tuple(args.test_sizes), dim=args.dim,
                       val_sets=args.val_sets, test_sets=args.test_sets, eval_every=args.eval_every,

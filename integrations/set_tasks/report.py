@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from integrations.common import CommandError
 from integrations.common.stats import fmt_p, paired_test, summarize as summarize_values
 
 from .encoders import BASELINES, ENCODERS
@@ -287,7 +288,7 @@ def write_report(out: Path, command: str = "") -> dict:
     The tables cite the command of the run (from ``config.json`` when present, else ``command``)."""
     cells = load_cells(out)
     if not cells:
-        raise ValueError(f"--out {out}: no finished cell files under {Path(out) / 'cells'}")
+        raise CommandError(f"--out {out}: no finished cell files under {Path(out) / 'cells'}")
     config = Path(out) / "config.json"
     if config.exists():
         command = json.loads(config.read_text()).get("command") or command

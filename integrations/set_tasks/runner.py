@@ -24,6 +24,8 @@ from integrations.common import Run, RunError, RunInterrupted, open_run
 from integrations.common.lifecycle import CONFIG, SUMMARY
 
 from .data import POINT_FEATURES
+from integrations.mosaic.datasets import dataset_folder
+
 from .embedding import FEATURES, mnist_features
 from .encoders import ENCODERS, match_width
 from .model import model_size
@@ -158,6 +160,8 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
                           cnn_train_images, command)
     if resume and (out / CONFIG).is_file():
         _check_widths(out, config["widths"])
+    if any(get_task(t).elements == "mnist" for t in tasks) and not (out / "embedding").is_dir():
+        dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
     run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, checkpoints=False,
                    log=lambda line: print(line, file=log, flush=True))
     if run.finished:

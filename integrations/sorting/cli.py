@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from integrations.common import (add_kernel_argument, add_run_arguments, device_name, non_negative_int, positive_float,
+from integrations.common import (add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
                                  positive_int, resolve_device, set_threads, ensure_new, write_json, write_new_json)
 
 from integrations.common.lifecycle import CONFIG
@@ -73,7 +73,7 @@ def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[i
     g.add_argument("--temperature", type=positive_float, default=1.0, help="Sinkhorn temperature (paper: 1)")
     g.add_argument("--seed", type=non_negative_int, default=0)
     g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda[:i] or mps")
-    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(g)
     add_run_arguments(g, out_help="run folder (default: runs/sorting/<permutation>-n<N>-s<seed>)" if out_default is None
                       else f"run folder (default: {out_default})")
     g.add_argument("--checkpoint-every", type=positive_int, default=64, help="Adam steps between checkpoints")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test set sizes (default: the training size)")
     _add_eval_flags(e)
     e.add_argument("--device", type=device_name, default="cpu")
-    e.add_argument("--threads", type=positive_int, default=None)
+    add_threads_argument(e)
     e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_n<sizes>.json)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
 
@@ -123,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(d)
     d.add_argument("--eval-sizes", type=set_size, nargs="*", default=[5, 15, 30],
                    help="further test sizes for the size-generalisation table")
-    # One thread: the demo's (512, 10, 10) tensors gain nothing from a second one, and on a busy
-    # machine spinning intra-op threads slow small ops down many times.
-    d.set_defaults(threads=1, out=DEMO_OUT)
+    d.set_defaults(out=DEMO_OUT)
     return p
 
 
