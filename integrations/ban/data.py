@@ -56,7 +56,7 @@ class VQADataError(ValueError):
     def __init__(self, path, key, problem: str):
         self.path = str(path)
         self.key = key
-        super().__init__(f"{self.path}: key {key!r}: {problem}")
+        super().__init__(f"{self.path}: {problem}" if key is None else f"{self.path}: key {key!r}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +65,11 @@ class VQADataError(ValueError):
 
 def _require(path: Path, key: str = "<file>") -> Path:
     if not path.is_file():
+        missing = path.parent
+        while not missing.parent.is_dir() and missing.parent != missing:
+            missing = missing.parent
+        if not missing.is_dir():           # name the folder that is missing, not a file inside it
+            raise VQADataError(missing, None, "folder not found (check --data-root)")
         raise VQADataError(path, key, "file not found")
     return path
 

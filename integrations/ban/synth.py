@@ -24,8 +24,11 @@ import dataclasses
 import json
 import pickle
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+
+from integrations.common import CommandError, run_command
 
 from .data import FIXED_BOXES, QUESTION_FILES, Dictionary, split_words
 from .synth_features import FeatureCodes, FeatureConfig
@@ -257,11 +260,13 @@ def write_dataset(out, cfg: SynthConfig) -> Path:
 DEFAULT_FAMILIES = "exists:3,colour:4,leftmost,rightmost,kth_left,largest,smallest,count,count_left"
 
 
-def parse_args(argv=None, prog=None) -> argparse.Namespace:
+def build_parser(prog=None) -> argparse.ArgumentParser:
     s, f = SceneConfig(), FeatureConfig()
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder (the official repo's data/)")
+    p.add_argument("--out", required=True, help="output folder (the official repo's data/): new, empty, or holding "
+                                                "a synthetic dataset to replace with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the synthetic dataset that --out holds")
     p.add_argument("--images", type=int, default=4000, help="train images")
     p.add_argument("--val-images", type=int, default=1250, help="val images (1,250 x 4 = 5,000 val questions)")
     p.add_argument("--questions", type=int, default=4, help="questions per image")
@@ -289,16 +294,38 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     g.add_argument("--class-scale", type=float, default=f.class_scale, help="weight of the class code")
     g.add_argument("--colour-scale", type=float, default=f.colour_scale, help="weight of the colour code")
     g.add_argument("--bias", type=float, default=f.bias, help="constant added before the ReLU")
-    return p.parse_args(argv)
+    return p
+
+
+def _check_out(out: Path, overwrite: bool) -> Optional[str]:
+    """Why ``out`` cannot take the dataset (None when it can): only a new or empty folder, or one
+    holding a synthetic dataset (``synth_meta.json``) with ``--overwrite``, is written into."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not (out / "synth_meta.json").is_file():
+        return f"--out {out} is not empty and holds no synthetic dataset; choose a new or empty folder"
+    if not overwrite:
+        return f"--out {out} already holds a synthetic dataset; pass --overwrite to replace it, or choose another folder"
+    return None
 
 
 def main(argv=None, prog=None):
-    a = parse_args(argv, prog)
+    p = build_parser(prog)
+    a = p.parse_args(argv)
     knobs = {k: getattr(a, k) for k in ("classes", "clutter", "max_per_class", "min_boxes", "max_boxes", "min_dx",
                                         "min_area_ratio", "max_iou", "v_dim", "noise", "class_scale",
                                         "colour_scale", "bias")}
-    out = generate(a.out, a.images, a.val_images, a.questions, a.seed, families=a.families,
-                   annotator_accuracy=a.annotator_accuracy, fixed=a.fixed, **knobs)
+    try:             # every setting is checked before anything is written
+        cfg = make_config(a.images, a.val_images, a.questions, a.seed, families=a.families,
+                          annotator_accuracy=a.annotator_accuracy, fixed=a.fixed, **knobs)
+    except ValueError as e:
+        p.error(str(e))
+    refusal = _check_out(Path(a.out), a.overwrite)
+    if refusal:
+        raise CommandError(refusal)
+    out = write_dataset(a.out, cfg)
     meta = json.loads((out / "synth_meta.json").read_text())
     for split, m in meta["splits"].items():
         print(f"{split}: {m['images']} images, {m['questions']} questions, {m['boxes']} boxes "
@@ -307,4 +334,4 @@ def main(argv=None, prog=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main, "python -m integrations.ban.synth"))

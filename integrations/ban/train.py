@@ -456,12 +456,12 @@ def _loop(trainer: _Trainer) -> None:
         reached = trainer.train_epoch()
         if reached < trainer.steps_per_epoch:              # stopped mid-epoch by --max-steps
             trainer.checkpoint(reached)
-            if trainer.info.is_main:
-                print(f"stopped by --max-steps at step {trainer.step} (epoch {trainer.epoch}, batch "
-                      f"{reached}/{trainer.steps_per_epoch}); continue with --resume", flush=True)
             trainer.skip = reached
-            return
-        trainer.end_epoch(lr)
+        else:
+            trainer.end_epoch(lr)
+    if trainer.epoch < args.epochs and trainer.info.is_main:   # --max-steps, mid-epoch or at an epoch's end
+        print(f"stopped by --max-steps at step {trainer.step} (epoch {trainer.epoch}, batch "
+              f"{trainer.skip}/{trainer.steps_per_epoch}); continue with --resume", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,3 +170,11 @@ def test_official_model_trains(root, tmp_path):
                        "--max-steps", "2"))
     assert result["step"] == 2
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
+
+
+@pytest.mark.parametrize("max_steps", [3, 5])        # 18 questions / batch 4: 5 steps per epoch
+def test_max_steps_says_where_it_stopped_mid_epoch_and_at_an_epoch_end(root, tmp_path, capsys, max_steps):
+    result = run(_args(root, tmp_path, "--permutation", "off", "--max-steps", str(max_steps), "--epochs", "2"))
+    out = capsys.readouterr().out
+    assert not result["finished"] and result["step"] == max_steps
+    assert f"stopped by --max-steps at step {max_steps} (epoch {max_steps // 5}, batch {max_steps % 5}/5)" in out
