@@ -11,23 +11,37 @@ The rule (also in the top-level README, section "Runs"):
     value); settings that only say how long to train (e.g. ``--epochs``) may grow;
   - ``--overwrite`` deletes it and starts again;
   - otherwise the command is refused with one line naming the folder and these three ways out.
-* ``--out`` holds something else (files but no ``config.json``): refused, even with ``--overwrite``.
+* ``--out`` holds something else (files but no ``config.json``; the lock file ``.lock`` does not count):
+  refused, even with ``--overwrite``.
+* A run folder belongs to one live process: :func:`open_run` takes an exclusive lock on ``<out>/.lock``
+  before it reads, writes or deletes anything there, and holds it while the :class:`Run` lives (the OS
+  releases it when the process ends, however it ends). A second command on a folder in use is refused
+  at once with one line naming the folder and the pid holding it. A sweep locks its own folder; each of
+  its runs locks its own folder, so workers never wait on the sweep's lock.
+* Every file is written atomically under a temporary name unique to its writer (:mod:`.atomic`).
+* A non-finite loss stops the run before that update (:func:`finite_loss`): one line naming the step;
+  the earlier checkpoints stay intact and resumable.
 * Checkpoints are written atomically; only this run's checkpoints are rotated, by the step stored
   inside them. An unreadable newest checkpoint is reported (file and reason), moved aside to
   ``<name>.corrupt`` and the previous intact one is used; if none is intact the run is refused.
 * SIGINT / SIGTERM: the current step finishes, a checkpoint is written, one line says where it is
   and how to continue, and the process exits with 130 / 143 (128 + signal number), no traceback.
-  A second signal stops at once.
+  A second signal stops at once (:class:`StopNow`): a checkpoint being written is abandoned and its
+  temporary file removed, the earlier checkpoints stay intact, one line says so and the exit code is
+  128 + the number of that second signal.
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
 import signal
 import sys
 import threading
 import uuid
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -35,11 +49,18 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_write
 from .checkpoint import CheckpointError, read_checkpoint, restore, step_files, write_checkpoint
+
+try:
+    import fcntl
+except ImportError:             # not POSIX: folders are not locked there
+    fcntl = None
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 # Settings that never change what a run computes: where it runs and how it reports. They may differ
 # on --resume (a run may move to another machine or thread count) and are not compared.
@@ -71,6 +92,48 @@ class RunInterrupted(Exception):
         return 128 + self.signum
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM: the run stops where it is, without a checkpoint. It may reach the
+    command line wrapped (``torch.save`` turns it into a ``RuntimeError`` that keeps it as context);
+    :func:`stop_now_in` finds it. CLIs print one line and exit with :attr:`exit_code`."""
+
+    def __init__(self, signum: int, out: Path):
+        self.signum, self.out = signum, out
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}, without a checkpoint; "
+                         f"the earlier checkpoints are kept: continue with the same command and --resume (--out {out})")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def stop_now_in(exc: BaseException) -> Optional[StopNow]:
+    """The :class:`StopNow` in ``exc``'s chain of causes and contexts, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StopNow):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite value (loss or data) and stopped before applying it. One line for the user."""
+
+
+def finite_loss(loss, step: int, what: str = "") -> float:
+    """``float(loss)``; raise :class:`NonFiniteError` naming ``step`` (and ``what``: the run or cell) if it is
+    NaN or infinite. Call it between ``backward()`` and ``optimizer.step()``: the model, the optimiser and
+    the checkpoints on disk then never hold the result of a non-finite update."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what + ': ' if what else ''}the loss is {value} at step {step}; stopped before "
+                             "applying this update (the earlier checkpoints are intact): look for non-finite "
+                             "input data, or lower the learning rate")
+    return value
+
+
 def _json_roundtrip(config: dict) -> dict:
     """The config as it will read back from config.json (tuples become lists, keys strings)."""
     return json.loads(json.dumps(config))
@@ -84,13 +147,9 @@ def _read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (:func:`~.atomic.atomic_write`)."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return atomic_write(path, lambda f: f.write(data), durable=False)
 
 
 def ensure_new(path: Path, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
@@ -127,8 +186,15 @@ class Run:
     """
 
     def __init__(self, path: Path, config: dict, run_id: str, *, state: Optional[dict] = None,
-                 summary: Optional[dict] = None, rank: int = 0, keep_last: int = 2):
+                 summary: Optional[dict] = None, rank: int = 0, keep_last: int = 2, resumed: bool = False,
+                 lock: Optional["_FolderLock"] = None):
         self.path = Path(path)
+        self.resumed = resumed          # continues a run that was there (its TensorBoard events included)
+        self._lock = lock
+        if lock is not None:
+            # the folder stays this process's while the Run lives (a run's last records are written after
+            # close()); the OS releases it anyway when the process ends
+            weakref.finalize(self, lock.release)
         self.config = config
         self.run_id = run_id
         self.state = state
@@ -215,7 +281,10 @@ class Run:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.path / "tb"))
+            # A resumed run logs again the steps after its checkpoint (those of a killed process were
+            # logged once already): purge_step makes TensorBoard drop the earlier events from that step on.
+            purge = self.start_step + 1 if self.resumed else None
+            self._writer = SummaryWriter(log_dir=str(self.path / "tb"), purge_step=purge)
         return self._writer
 
     def close(self) -> None:
@@ -228,14 +297,18 @@ class Run:
     @contextmanager
     def interruptible(self):
         """Within this block SIGINT / SIGTERM only set a flag (see :meth:`stop_signal`); a second
-        signal raises ``KeyboardInterrupt`` at once. Outside the main thread this does nothing."""
+        signal raises :class:`StopNow` at once, and later ones are ignored so that the unwinding (which
+        removes a half-written checkpoint's temporary file) completes. Outside the main thread this does
+        nothing."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
 
         def handler(signum, frame):
             if self._signal is not None:
-                raise KeyboardInterrupt
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(s, signal.SIG_IGN)
+                raise StopNow(signum, self.path)
             self._signal = signum
             print(f"\nreceived {signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
                   "(signal again to stop at once, without one)", file=sys.stderr, flush=True)
@@ -273,7 +346,79 @@ class Run:
 
 # ---------------------------------------------------------------------------- opening a run
 def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    return path.is_dir() and not any(p.name != LOCK for p in path.iterdir())
+
+
+class _FolderLock:
+    """This process's exclusive ``flock`` on ``<folder>/.lock``. Opening the same folder again in the same
+    process shares it (a count), so a process may reopen its own run; other processes are refused."""
+
+    _held: dict = {}                     # (pid, lock file) -> [fd, count]
+
+    def __init__(self, key):
+        self.key, self.released = key, False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        entry = self._held.get(self.key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._held[self.key]
+            os.close(entry[0])           # closing the descriptor releases the flock
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _lock_folder(path: Path) -> Optional[_FolderLock]:
+    """Create ``path`` if needed and lock it for this process; RunError if another live process holds it.
+    None where the folder cannot be locked: no ``fcntl``, or a read-only file system (where nobody can
+    change the folder either)."""
+    if path.is_symlink() and not path.exists():
+        raise RunError(f"--out {path} is a symbolic link that leads nowhere (to {os.readlink(path)}: missing, "
+                       "or a loop); remove it or choose another --out")
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file, not a folder")
+    if fcntl is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    lock_file = path / LOCK
+    key = (os.getpid(), os.path.realpath(lock_file))
+    if key in _FolderLock._held:
+        _FolderLock._held[key][1] += 1
+        return _FolderLock(key)
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            return None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _holder(fd)
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunError(f"--out {path}: the run in {path} is in use by another process{holder}; wait for it "
+                           "to end, or choose another --out") from None
+        raise
+    try:
+        # only for the message of a refused command: the lock holds without it (e.g. on a full disk)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass
+    _FolderLock._held[key] = [fd, 1]
+    return _FolderLock(key)
 
 
 def _describe(path: Path) -> str:
@@ -308,6 +453,8 @@ def _newest_intact(folder: Path, run_id: Optional[str], log: Callable[[str], Non
 
 def _clear(path: Path) -> None:
     for child in path.iterdir():
+        if child.name == LOCK:           # held by this process: the folder stays ours while it is emptied
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -316,9 +463,8 @@ def _clear(path: Path) -> None:
 
 def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change: Iterable[str],
             log: Callable[[str], None], checkpoints: bool = True) -> dict:
-    """Rank 0's decision: {"run_id", "state", "summary", "config"}; performs the disk changes."""
-    if path.exists() and not path.is_dir():
-        raise RunError(f"--out {path} is a file, not a folder")
+    """Rank 0's decision: {"run_id", "state", "summary", "config", "resumed"}; performs the disk changes.
+    The caller holds the folder's lock."""
     holds_run = (path / CONFIG).is_file()
     if path.is_dir() and not holds_run and not _is_empty_dir(path):
         raise RunError(f"--out {path} is not empty and holds no run (no {CONFIG}); choose a new or empty folder")
@@ -333,7 +479,7 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
               and not changed_settings(summary.get("config", old), config)):
             # judged against the settings the record was written with: a --resume that extended a
             # finished sweep (more seeds) and was interrupted leaves config.json longer than the record
-            return {"run_id": old.get("run_id"), "state": None, "summary": summary, "config": old}
+            return {"run_id": old.get("run_id"), "state": None, "summary": summary, "config": old, "resumed": False}
         elif not resume:
             raise RunError(f"--out {path} already holds a run ({_describe(path)}): continue it with --resume, "
                            f"replace it with --overwrite, or choose another --out")
@@ -353,14 +499,14 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
                 log(f"--resume: {path} has no checkpoint yet; starting at step 0")
             elif not checkpoints:
                 log(f"--resume: continuing the sweep in {path}")
-            return {"run_id": run_id, "state": state, "summary": None, "config": merged}
+            return {"run_id": run_id, "state": state, "summary": None, "config": merged, "resumed": True}
     elif resume:
         log(f"--resume: {path} holds no run yet; starting a new one")
     run_id = uuid.uuid4().hex
     merged = {**config, "run_id": run_id}
     (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     write_json(path / CONFIG, merged)
-    return {"run_id": run_id, "state": None, "summary": None, "config": merged}
+    return {"run_id": run_id, "state": None, "summary": None, "config": merged, "resumed": False}
 
 
 def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, overwrite: bool = False,
@@ -390,12 +536,19 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
     config = _json_roundtrip(dict(config))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
-    decision, error = None, None
+    decision, error, lock = None, None, None
     if rank == 0:
         try:
+            lock = _lock_folder(path)            # before anything in the folder is read, written or deleted
             decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints)
         except RunError as e:
             error = str(e)
+            if lock is not None:
+                lock.release()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
     if distributed:
         box = [None if decision is None else {**decision, "state": decision["state"] and decision["state"]["path"]},
                error]
@@ -407,4 +560,4 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
     if error is not None:
         raise RunError(error)
     return Run(path, decision["config"], decision["run_id"], state=decision["state"], summary=decision["summary"],
-               rank=rank, keep_last=keep_last)
+               rank=rank, keep_last=keep_last, resumed=decision["resumed"], lock=lock)
