@@ -40,6 +40,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 import uuid
 import weakref
 from contextlib import contextmanager
@@ -284,6 +285,8 @@ class Run:
             # A resumed run logs again the steps after its checkpoint (those of a killed process were
             # logged once already): purge_step makes TensorBoard drop the earlier events from that step on.
             purge = self.start_step + 1 if self.resumed else None
+            if self.resumed:
+                _after_earlier_event_files(self.path / "tb")
             self._writer = SummaryWriter(log_dir=str(self.path / "tb"), purge_step=purge)
         return self._writer
 
@@ -344,6 +347,16 @@ class Run:
         raise RunInterrupted(signum, step, path, self.path)
 
 
+def _after_earlier_event_files(tb: Path) -> None:
+    """Wait (at most a second) until a new event file's name sorts after the existing ones. TensorBoard
+    reads a folder's files in name order, which starts with the creation second: a file of the same second
+    could sort first (by host and pid), and then the purge of the resumed steps would hit the new events."""
+    seconds = [int(p.name.split(".")[3]) for p in tb.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
+
+
 # ---------------------------------------------------------------------------- opening a run
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(p.name != LOCK for p in path.iterdir())
@@ -372,11 +385,22 @@ class _FolderLock:
 
 
 def _holder(fd: int) -> str:
+    """`` (pid N)`` of the process holding the flock on ``fd``'s file, from Linux's /proc/locks ("" elsewhere).
+    Read there rather than stored in the lock file, which is then never written: opening a finished run
+    changes nothing on disk."""
     try:
-        pid = os.pread(fd, 32, 0).decode().strip()
-    except (OSError, UnicodeDecodeError):
+        st = os.fstat(fd)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
         return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"; waiters are marked "->" and skipped
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where:
+            return f" (pid {fields[4]})"
+    return ""
 
 
 def _lock_folder(path: Path) -> Optional[_FolderLock]:
@@ -411,12 +435,6 @@ def _lock_folder(path: Path) -> Optional[_FolderLock]:
             raise RunError(f"--out {path}: the run in {path} is in use by another process{holder}; wait for it "
                            "to end, or choose another --out") from None
         raise
-    try:
-        # only for the message of a refused command: the lock holds without it (e.g. on a full disk)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError:
-        pass
     _FolderLock._held[key] = [fd, 1]
     return _FolderLock(key)
 
@@ -462,7 +480,8 @@ def _clear(path: Path) -> None:
 
 
 def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change: Iterable[str],
-            log: Callable[[str], None], checkpoints: bool = True) -> dict:
+            log: Callable[[str], None], checkpoints: bool = True,
+            validate: Optional[Callable[[dict], None]] = None) -> dict:
     """Rank 0's decision: {"run_id", "state", "summary", "config", "resumed"}; performs the disk changes.
     The caller holds the folder's lock."""
     holds_run = (path / CONFIG).is_file()
@@ -488,6 +507,8 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
             if diff:
                 raise RunError(f"--resume: {path} was started with other settings ({describe_changes(diff)}); "
                                f"use the original values, or start a new run with another --out or --overwrite")
+            if validate is not None:
+                validate(old)
             run_id = old.get("run_id") or uuid.uuid4().hex
             state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log) if checkpoints else None
             merged = {**config, "run_id": run_id}
@@ -511,7 +532,7 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
 
 def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, overwrite: bool = False,
              may_change: Iterable[str] = (), keep_last: int = 2, log: Callable[[str], None] = print,
-             checkpoints: bool = True) -> Run:
+             checkpoints: bool = True, validate: Optional[Callable[[dict], None]] = None) -> Run:
     """Apply the rule of this module's docstring to ``out`` and return the :class:`Run`.
 
     Args:
@@ -524,6 +545,8 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
         keep_last: checkpoints of this run kept on disk.
         checkpoints: False for a sweep, whose progress is kept in its runs or cells rather than in
             checkpoints of its own: ``--resume`` then neither looks for nor mentions checkpoints.
+        validate: on ``--resume``, called with the stored config before anything changes (under the
+            folder's lock), for checks beyond equal settings; it raises RunError to refuse.
     Raises:
         RunError with a one-line message when the run cannot start as asked.
 
@@ -540,7 +563,7 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
     if rank == 0:
         try:
             lock = _lock_folder(path)            # before anything in the folder is read, written or deleted
-            decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints)
+            decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints, validate)
         except RunError as e:
             error = str(e)
             if lock is not None:
