@@ -432,7 +432,7 @@ def _lock_folder(path: Path) -> Optional[_FolderLock]:
         holder = _holder(fd)
         os.close(fd)
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise RunError(f"--out {path}: the run in {path} is in use by another process{holder}; wait for it "
+            raise RunError(f"the run in {path} is in use by another process{holder}; wait for it "
                            "to end, or choose another --out") from None
         raise
     _FolderLock._held[key] = [fd, 1]
