@@ -19,8 +19,10 @@ Differences from the official ``VQAFeatureDataset`` (on purpose):
 * features are read **lazily**, one image per ``__getitem__``, from an hdf5 handle opened once per
   process (DataLoader workers each open their own; h5py handles must not cross a fork). The
   official loader copies every feature into RAM (~21.6 GB for the adaptive train split);
-* every file is validated when the dataset is built (keys, shapes, dtypes, ids), and a problem
-  raises :class:`VQADataError` naming the file and the key instead of a late ``KeyError``;
+* every file is validated when the dataset is built (keys of every question and target, shapes,
+  dtypes, ids), and a problem raises :class:`VQADataError` naming the file and the key instead of a
+  late ``KeyError``; the features of an image are checked for NaN / inf as they are read (the file,
+  split and rows are named), so such data never trains silently;
 * :func:`collate_vqa` returns the box mask (B, K) explicitly (True = real box) next to the
   zero-padded features, so models need not infer padding from all-zero rows.
 """
