@@ -85,14 +85,24 @@ def test_the_second_command_is_refused_with_one_line_and_exit_1(tmp_path):
 
 
 def test_fresh_start_race_leaves_one_run(tmp_path):
-    # two processes start on the same new folder at the same moment: exactly one opens it
+    # two processes start on the same new folder at the same moment: exactly one opens it, the other is
+    # refused while the first holds it (each holds until killed, so the order of their imports cannot matter)
     out = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(out), "3"], cwd=REPO, env=ENV, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(out), "120"], cwd=REPO, env=ENV, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
-    results = [p.communicate(timeout=120) for p in procs]
-    opened = [r for r in results if r[0].strip() == "open"]
-    refused = [r for r in results if "in use by another process" in r[1]]
-    assert len(opened) == 1 and len(refused) == 1, results
+    try:
+        t0 = time.monotonic()
+        while all(p.poll() is None for p in procs) and time.monotonic() - t0 < 120:
+            time.sleep(0.05)
+        refused = [p for p in procs if p.poll() is not None]
+        assert len(refused) == 1, "neither process was refused"
+        holder = next(p for p in procs if p is not refused[0])
+        assert holder.poll() is None and holder.stdout.readline().strip() == "open"
+        assert "in use by another process" in refused[0].communicate()[1]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
     assert json.loads((out / "config.json").read_text())["run_id"]
 
 
