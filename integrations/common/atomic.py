@@ -14,16 +14,23 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
 
-def os_error_in(exc: BaseException) -> Optional[OSError]:
-    """The first ``OSError`` in ``exc``'s chain (itself, its ``__cause__``, its ``__context__``, ...), or None.
-    torch reports a failed write as ``RuntimeError: [enforce fail ...]`` with the ``OSError`` only in the chain."""
+def in_chain(exc: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The first exception of type ``kind`` in ``exc``'s chain (itself, its ``__cause__``, its
+    ``__context__``, ...), or None. Errors raised inside C++ code that calls back into Python come out
+    wrapped: torch reports a failed write as ``RuntimeError: [enforce fail ...]`` with the cause only in
+    the chain."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
+        if isinstance(exc, kind):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``exc`` (see :func:`in_chain`), or None."""
+    return in_chain(exc, OSError)
 
 
 def _temporary(path: Path) -> tuple:

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_write
+from .atomic import atomic_write, in_chain
 from .checkpoint import CheckpointError, read_checkpoint, restore, step_files, write_checkpoint
 
 try:
@@ -110,13 +110,7 @@ class StopNow(KeyboardInterrupt):
 
 def stop_now_in(exc: BaseException) -> Optional[StopNow]:
     """The :class:`StopNow` in ``exc``'s chain of causes and contexts, or None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, StopNow):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return in_chain(exc, StopNow)
 
 
 class NonFiniteError(RuntimeError):
