@@ -211,7 +211,8 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
         status, name, text = failures[0]
         if status == "error":
             raise RunError(f"run {name} of the sweep stopped: {text}; the finished runs are kept (--resume continues)")
-        raise RuntimeError(f"a run of the sweep failed; the finished runs are kept (--resume continues):\n{name}:\n{text}")
+        raise RuntimeError(f"a run of the sweep failed; the finished runs are kept (--resume continues):\n"
+                           f"{name}:\n{text}")
 
 
 # ------------------------------------------------------------------------------------- collecting

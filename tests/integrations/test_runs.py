@@ -241,8 +241,8 @@ def test_finite_loss_names_the_step_and_passes_finite_values():
 def test_sorting_stops_on_a_non_finite_loss_before_the_update(tmp_path, monkeypatch):
     import integrations.sorting.train as sorting_train
 
-    cfg = dict(set_size=4, permutation="po-u", steps=2, lr=0.1, batch_size=8, cost_hidden=8, eta_init=1.0, sinkhorn_iters=4,
-               temperature=1.0, seed=0, device="cpu", resume=False, overwrite=False, checkpoint_every=2,
+    cfg = dict(set_size=4, permutation="po-u", steps=2, lr=0.1, batch_size=8, cost_hidden=8, eta_init=1.0,
+               sinkhorn_iters=4, temperature=1.0, seed=0, device="cpu", resume=False, overwrite=False, checkpoint_every=2,
                stop_at=None, threads=None, micro_batch=None, train_sets=8 * 6, out=str(tmp_path / "run"))
     real = sorting_train.accumulate_gradients
     calls = []
