@@ -28,7 +28,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from integrations.common import CommandError, RunInterrupted, open_run, positive_int, write_json
+from integrations.common import CheckpointError, CommandError, RunError, RunInterrupted, open_run, positive_int, write_json
+from integrations.common.atomic import os_error_in
+from integrations.common.cli import describe_os_error
+from integrations.common.lifecycle import NonFiniteError
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
 
 # Every variant a sweep can train: its label and the train settings it sets. The first four are the
@@ -143,13 +146,22 @@ def _own_process_group() -> None:
 
 
 def _train_cell(train, cell_args: argparse.Namespace):
-    """Worker: one run. Exceptions come back as text (a RunInterrupted does not survive pickling)."""
+    """Worker: one run. Exceptions come back as text (a RunInterrupted does not survive pickling): one line
+    for what the command line reports in one line (a refused run, bad data, a non-finite loss, an OS
+    failure), a traceback for anything else."""
+    from .data import VQADataError
+
     try:
         train(cell_args)
         return "done", ""
     except RunInterrupted as e:
         return "interrupted", str(e)
-    except BaseException:
+    except (RunError, CheckpointError, NonFiniteError, VQADataError) as e:
+        return "error", str(e)
+    except BaseException as e:
+        err = os_error_in(e) if isinstance(e, Exception) else None
+        if err is not None:
+            return "error", describe_os_error(err)
         return "failed", traceback.format_exc()
 
 
@@ -158,8 +170,8 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
     further run starts, every running run gets one SIGTERM (it finishes its step and writes a checkpoint), and
     RunInterrupted is raised once they have exited; a failed run stops the scheduling and is re-raised."""
     total, started, finished = len(cells), 0, 0
-    failures: List[str] = []
-    with sweep.interruptible():
+    failures: List[tuple] = []        # (status, run name, text)
+    with sweep.interruptible(finishing="the running runs, starting no new one"):
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_own_process_group)
         running: Dict[object, str] = {}
         queue = list(cells)
@@ -178,10 +190,10 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
                     name = running.pop(fut)
                     status, text = fut.result()
                     finished += 1
-                    print(f"[{finished}/{total} finished] {name}: {status}" + (f" ({text})" if status == "interrupted" else ""),
-                          flush=True)
-                    if status == "failed":
-                        failures.append(f"{name}:\n{text}")
+                    print(f"[{finished}/{total} finished] {name}: {status}"
+                          + (f" ({text})" if status in ("interrupted", "error") else ""), flush=True)
+                    if status in ("failed", "error"):
+                        failures.append((status, name, text))
                 if sweep.stop_signal() is not None and not forwarded:
                     forwarded = True
                     for proc in list((getattr(pool, "_processes", None) or {}).values()):
@@ -196,8 +208,11 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
         raise RunInterrupted(signum, finished, None, sweep.path,
                              where="(the running runs wrote a checkpoint, no new one started)")
     if failures:
-        raise RuntimeError("a run of the sweep failed; the finished runs are kept (--resume continues):\n"
-                           + failures[0])
+        status, name, text = failures[0]
+        if status == "error":
+            raise RunError(f"run {name} of the sweep stopped: {text}; the finished runs are kept (--resume continues)")
+        raise RuntimeError(f"a run of the sweep failed; the finished runs are kept (--resume continues):\n"
+                           f"{name}:\n{text}")
 
 
 # ------------------------------------------------------------------------------------- collecting

@@ -19,8 +19,10 @@ Differences from the official ``VQAFeatureDataset`` (on purpose):
 * features are read **lazily**, one image per ``__getitem__``, from an hdf5 handle opened once per
   process (DataLoader workers each open their own; h5py handles must not cross a fork). The
   official loader copies every feature into RAM (~21.6 GB for the adaptive train split);
-* every file is validated when the dataset is built (keys, shapes, dtypes, ids), and a problem
-  raises :class:`VQADataError` naming the file and the key instead of a late ``KeyError``;
+* every file is validated when the dataset is built (keys of every question and target, shapes,
+  dtypes, ids), and a problem raises :class:`VQADataError` naming the file and the key instead of a
+  late ``KeyError``; the features of an image are checked for NaN / inf as they are read (the file,
+  split and rows are named), so such data never trains silently;
 * :func:`collate_vqa` returns the box mask (B, K) explicitly (True = real box) next to the
   zero-padded features, so models need not infer padding from all-zero rows.
 """
@@ -53,7 +55,14 @@ QUESTION_FILES = {
 class VQADataError(ValueError):
     """A data file is missing or malformed. ``path`` and ``key`` name the culprit."""
 
-    def __init__(self, path, key, problem: str):
+    def __init__(self, path, key=None, problem: Optional[str] = None):
+        if problem is None:
+            # rebuilt in the main process from a DataLoader worker's report ("Caught VQADataError in
+            # DataLoader worker ...", then the worker's traceback): keep the worker's one-line message
+            self.path, self.key = None, None
+            last = str(path).strip().splitlines()[-1] if str(path).strip() else ""
+            super().__init__(last.split(f"{type(self).__name__}: ", 1)[-1])
+            return
         self.path = str(path)
         self.key = key
         super().__init__(f"{self.path}: {problem}" if key is None else f"{self.path}: key {key!r}: {problem}")
@@ -84,6 +93,17 @@ def _load_pickle(path: Path):
         raise VQADataError(path, "<file>", f"unsafe pickle, not loaded ({e})") from None
     except Exception as e:  # truncated / not a pickle
         raise VQADataError(path, "<file>", f"cannot unpickle ({type(e).__name__}: {e})") from None
+
+
+def _require_keys(path: Path, name: str, entries: list, keys: Sequence[str]) -> None:
+    """Every entry of ``entries`` (the list ``name`` of ``path``) is a dict with ``keys``; else VQADataError
+    naming the first entry and key that are not."""
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise VQADataError(path, f"{name}[{i}]", f"expected a dict, got {type(entry).__name__}")
+        for k in keys:
+            if k not in entry:
+                raise VQADataError(path, f"{name}[{i}].{k}", "missing key")
 
 
 def _load_json(path: Path):
@@ -341,9 +361,9 @@ class VQAFeatureDataset(Dataset):
         if not isinstance(qjson, dict) or "questions" not in qjson:
             raise VQADataError(qpath, "questions", "missing top-level key")
         questions = qjson["questions"]
-        for k in ("image_id", "question", "question_id"):
-            if questions and k not in questions[0]:
-                raise VQADataError(qpath, f"questions[0].{k}", "missing key")
+        if not isinstance(questions, list):
+            raise VQADataError(qpath, "questions", f"expected a list, got {type(questions).__name__}")
+        _require_keys(qpath, "questions", questions, ("image_id", "question", "question_id"))
         questions = sorted(questions, key=lambda x: x["question_id"])
 
         targets = None
@@ -352,9 +372,7 @@ class VQAFeatureDataset(Dataset):
             targets = _load_pickle(tpath)
             if not isinstance(targets, list):
                 raise VQADataError(tpath, "<root>", f"expected list of dicts, got {type(targets).__name__}")
-            for k in ("question_id", "image_id", "labels", "scores"):
-                if targets and k not in targets[0]:
-                    raise VQADataError(tpath, f"[0].{k}", "missing key")
+            _require_keys(tpath, "", targets, ("question_id", "image_id", "labels", "scores"))
             targets = sorted(targets, key=lambda x: x["question_id"])
             if len(targets) != len(questions):
                 raise VQADataError(tpath, "question_id",
@@ -426,14 +444,19 @@ class VQAFeatureDataset(Dataset):
             s, e = self.pos_boxes[row]
             v = f["image_features"][s:e]
             b = f["spatial_features"][s:e]
+        v, b = np.asarray(v, dtype=np.float32), np.asarray(b, dtype=np.float32)
+        for key, x in (("image_features", v), ("spatial_features", b)):
+            # cheap next to the read, and a NaN here would train silently (or fail deep in the model)
+            if not np.isfinite(x).all():
+                where = f"image row {row}" + ("" if self.pos_boxes is None else f", box rows {s}:{e}")
+                raise VQADataError(self.h5_path, key, f"split {self.split}, {where} (question {qid}): "
+                                                     "non-finite values (NaN or inf); the data cannot train")
         target = None
         if labels is not None:
             target = torch.zeros(self.num_ans_candidates)
             if labels.size:
                 target[torch.from_numpy(labels)] = torch.from_numpy(scores)
-        return VQAItem(torch.from_numpy(np.asarray(v, dtype=np.float32)),
-                       torch.from_numpy(np.asarray(b, dtype=np.float32)),
-                       torch.from_numpy(tokens), target, qid)
+        return VQAItem(torch.from_numpy(v), torch.from_numpy(b), torch.from_numpy(tokens), target, qid)
 
 
 def split_h5_name(split: str, adaptive: bool) -> str:

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from integrations.common import (CommandError, cleanup_distributed, generator, init_distributed, open_run, progress,
-                                 resolve_device, seed_everything)
+from integrations.common import (CommandError, cleanup_distributed, finite_loss, generator, init_distributed, open_run,
+                                 progress, resolve_device, seed_everything)
 from setperm.monitor import PermutationMonitor
 
 from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
@@ -268,14 +268,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict
     return out
 
 
-def train_step(model, optimizer, batch, device, grad_clip, oracle=None):
-    """One official step: forward, BCE x A, backward, clip, Adamax. Returns (loss, score sum, grad norm)."""
+def train_step(model, optimizer, batch, device, grad_clip, oracle=None, step: int = 0):
+    """One official step: forward, BCE x A, backward, clip, Adamax. Returns (loss, score sum, grad norm).
+    A non-finite loss stops before the update (``step``: the number of this step, for the message)."""
     v, b, q, target = batch.v.to(device), batch.b.to(device), batch.q.to(device), batch.target.to(device)
     logits, _ = model(v, b, q, target, **model_inputs(oracle, batch.question_id, v.shape[1], device))
     loss = vqa_bce_loss(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    finite_loss(loss.detach(), step)
     optimizer.step()
     return loss.detach(), soft_scores(logits.detach(), target).sum(), norm
 
@@ -343,7 +345,7 @@ class _Trainer:
             for batch in loader:
                 t0 = time.perf_counter()
                 loss, score, norm = train_step(self.net, self.optimizer, batch, self.device, args.grad_clip,
-                                               self.oracle)
+                                               self.oracle, step=self.step + 1)
                 stats = self._reduce(torch.tensor([loss.item() * len(batch.q), score.item(), len(batch.q)],
                                                   dtype=torch.float64))
                 self.sums = [self.sums[0] + float(stats[0]), self.sums[1] + float(stats[1]), self.sums[2] + int(stats[2])]

@@ -2,6 +2,7 @@
 
 * :mod:`.lifecycle`: the run rule (start / refuse / resume / overwrite / finish / interrupt) and
   :func:`open_run`; the README's "Runs" section describes it.
+* :mod:`.atomic`: atomic file writes (temporary names unique to the writer) and the OS error behind a failure.
 * :mod:`.checkpoint`: atomic checkpoint files loaded with ``weights_only=True``.
 * :mod:`.seeding`: random streams keyed by (seed, step, ...).
 * :mod:`.safe_pickle`: the official pickle formats read without running code from the file.
@@ -16,13 +17,15 @@ from .cli import (CommandError, add_data_root_argument, add_kernel_argument, add
                   device_name, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device,
                   run_command, set_threads)
 from .distributed import DistInfo, cleanup_distributed, init_distributed
-from .lifecycle import Run, RunError, RunInterrupted, ensure_new, open_run, write_json, write_new_json
+from .lifecycle import (NonFiniteError, Run, RunError, RunInterrupted, StopNow, ensure_new, finite_loss, open_run,
+                        write_json, write_new_json)
 from .progress import progress
 from .safe_pickle import UnsafePickleError, restricted_load
 from .seeding import generator, seed_everything, step_seed
 
 __all__ = [
-    "open_run", "Run", "RunError", "RunInterrupted", "ensure_new", "write_json", "write_new_json",
+    "open_run", "Run", "RunError", "RunInterrupted", "StopNow", "NonFiniteError", "finite_loss", "ensure_new",
+    "write_json", "write_new_json",
     "CheckpointError", "read_checkpoint", "load_latest", "latest_checkpoint",
     "step_seed", "generator", "seed_everything",
     "restricted_load", "UnsafePickleError",

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .atomic import atomic_write
+
 FORMAT = 2
 _STEP_FILE = re.compile(r"step_(\d+)\.pt")
 
@@ -79,9 +81,8 @@ def _unwrap(model):
 
 def write_checkpoint(folder: Path, *, run_id: str, step: int, config: dict, model=None, optimizer=None,
                      scheduler=None, extra: Optional[dict] = None) -> Path:
-    """Write ``folder/step_<step>.pt`` atomically: a hidden temporary file in the same folder, flushed
-    to disk, then renamed over the target, so an interruption never leaves a half-written checkpoint
-    under a checkpoint's name."""
+    """Write ``folder/step_<step>.pt`` atomically (:func:`~.atomic.atomic_write`): an interruption or a
+    full disk never leaves a half-written checkpoint under a checkpoint's name, nor a temporary file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "run_id": run_id, "step": int(step), "config": config, "rng": rng_state()}
@@ -93,27 +94,7 @@ def write_checkpoint(folder: Path, *, run_id: str, step: int, config: dict, mode
         state["scheduler"] = scheduler.state_dict()
     state["extra"] = dict(extra or {})
     path = folder / f"step_{int(step):08d}.pt"
-    tmp = folder / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_folder(folder)
-    return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:          # e.g. platforms that cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> dict:

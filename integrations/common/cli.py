@@ -13,8 +13,9 @@ import torch
 
 from setperm.pairwise import KERNELS
 
+from .atomic import os_error_in
 from .checkpoint import CheckpointError
-from .lifecycle import RunError, RunInterrupted
+from .lifecycle import NonFiniteError, RunError, RunInterrupted, stop_now_in
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_ROOT_ENV = "SETPERM_DATA_ROOT"
@@ -154,18 +155,39 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: 
                 errors: Tuple[Type[BaseException], ...] = ()) -> int:
     """Run a CLI's ``main`` and return the process exit code.
 
-    A refused run, unreadable checkpoint, missing file or any of ``errors`` (the integration's data
-    errors) prints ``<prog>: error: <message>`` and gives 1; an interrupt that wrote a checkpoint
-    prints where it is and gives 128 + signal number; Ctrl-C outside a training loop gives 130.
+    A refused run, unreadable checkpoint, missing file, non-finite loss or data, or any of ``errors``
+    (the integration's data errors) prints ``<prog>: error: <message>`` and gives 1; so does a failure
+    the OS reported (full disk, read-only or forbidden folder, symlink loop), also when it comes wrapped
+    in another exception (``torch.save``'s ``RuntimeError``): ``<prog>: error: <reason>: <path>``. An
+    interrupt that wrote a checkpoint prints where it is and gives 128 + signal number; a second signal
+    (stop at once) gives 128 + that signal's number; Ctrl-C outside a training loop gives 130. Anything
+    else is a defect and keeps its traceback.
     """
     try:
         return int(main(argv) or 0)
     except RunInterrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code
-    except (RunError, CheckpointError, CommandError, FileNotFoundError, *errors) as e:
+    except (RunError, CheckpointError, CommandError, NonFiniteError, FileNotFoundError, *errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted (nothing to checkpoint at this point)", file=sys.stderr)
-        return 130
+    except BaseException as e:  # noqa: BLE001 - sorted below; the rest is re-raised
+        stop = stop_now_in(e)
+        if stop is not None:
+            print(f"\n{prog}: {stop}", file=sys.stderr)
+            return stop.exit_code
+        if isinstance(e, KeyboardInterrupt):
+            print(f"\n{prog}: interrupted (nothing to checkpoint at this point)", file=sys.stderr)
+            return 130
+        err = os_error_in(e) if isinstance(e, Exception) else None
+        if err is None:
+            raise
+        print(f"{prog}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(err: OSError) -> str:
+    """``<reason>: <path>`` (``-> <second path>`` for a rename) in one line."""
+    reason = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{reason}: {' -> '.join(paths)}" if paths else reason

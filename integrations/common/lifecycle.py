@@ -11,23 +11,38 @@ The rule (also in the top-level README, section "Runs"):
     value); settings that only say how long to train (e.g. ``--epochs``) may grow;
   - ``--overwrite`` deletes it and starts again;
   - otherwise the command is refused with one line naming the folder and these three ways out.
-* ``--out`` holds something else (files but no ``config.json``): refused, even with ``--overwrite``.
+* ``--out`` holds something else (files but no ``config.json``; the lock file ``.lock`` does not count):
+  refused, even with ``--overwrite``.
+* A run folder belongs to one live process: :func:`open_run` takes an exclusive lock on ``<out>/.lock``
+  before it reads, writes or deletes anything there, and holds it while the :class:`Run` lives (the OS
+  releases it when the process ends, however it ends). A second command on a folder in use is refused
+  at once with one line naming the folder and the pid holding it. A sweep locks its own folder; each of
+  its runs locks its own folder, so workers never wait on the sweep's lock.
+* Every file is written atomically under a temporary name unique to its writer (:mod:`.atomic`).
+* A non-finite loss stops the run before that update (:func:`finite_loss`): one line naming the step;
+  the earlier checkpoints stay intact and resumable.
 * Checkpoints are written atomically; only this run's checkpoints are rotated, by the step stored
   inside them. An unreadable newest checkpoint is reported (file and reason), moved aside to
   ``<name>.corrupt`` and the previous intact one is used; if none is intact the run is refused.
 * SIGINT / SIGTERM: the current step finishes, a checkpoint is written, one line says where it is
   and how to continue, and the process exits with 130 / 143 (128 + signal number), no traceback.
-  A second signal stops at once.
+  A second signal stops at once (:class:`StopNow`): a checkpoint being written is abandoned and its
+  temporary file removed, the earlier checkpoints stay intact, one line says so and the exit code is
+  128 + the number of that second signal.
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
 import signal
 import sys
 import threading
+import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -35,11 +50,18 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_write, in_chain
 from .checkpoint import CheckpointError, read_checkpoint, restore, step_files, write_checkpoint
+
+try:
+    import fcntl
+except ImportError:             # not POSIX: folders are not locked there
+    fcntl = None
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 
 # Settings that never change what a run computes: where it runs and how it reports. They may differ
 # on --resume (a run may move to another machine or thread count) and are not compared.
@@ -71,6 +93,42 @@ class RunInterrupted(Exception):
         return 128 + self.signum
 
 
+class StopNow(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM: the run stops where it is, without a checkpoint. It may reach the
+    command line wrapped (``torch.save`` turns it into a ``RuntimeError`` that keeps it as context);
+    :func:`stop_now_in` finds it. CLIs print one line and exit with :attr:`exit_code`."""
+
+    def __init__(self, signum: int, out: Path):
+        self.signum, self.out = signum, out
+        super().__init__(f"stopped at once by a second {signal.Signals(signum).name}, without a checkpoint; "
+                         f"the earlier checkpoints are kept: continue with the same command and --resume (--out {out})")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def stop_now_in(exc: BaseException) -> Optional[StopNow]:
+    """The :class:`StopNow` in ``exc``'s chain of causes and contexts, or None."""
+    return in_chain(exc, StopNow)
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite value (loss or data) and stopped before applying it. One line for the user."""
+
+
+def finite_loss(loss, step: int, what: str = "") -> float:
+    """``float(loss)``; raise :class:`NonFiniteError` naming ``step`` (and ``what``: the run or cell) if it is
+    NaN or infinite. Call it between ``backward()`` and ``optimizer.step()``: the model, the optimiser and
+    the checkpoints on disk then never hold the result of a non-finite update."""
+    value = float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"{what + ': ' if what else ''}the loss is {value} at step {step}; stopped before "
+                             "applying this update (the earlier checkpoints are intact): look for non-finite "
+                             "input data, or lower the learning rate")
+    return value
+
+
 def _json_roundtrip(config: dict) -> dict:
     """The config as it will read back from config.json (tuples become lists, keys strings)."""
     return json.loads(json.dumps(config))
@@ -84,13 +142,9 @@ def _read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write JSON atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically (:func:`~.atomic.atomic_write`)."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return atomic_write(path, lambda f: f.write(data), durable=False)
 
 
 def ensure_new(path: Path, *, overwrite: bool = False, flag: str = "--overwrite") -> Path:
@@ -127,8 +181,15 @@ class Run:
     """
 
     def __init__(self, path: Path, config: dict, run_id: str, *, state: Optional[dict] = None,
-                 summary: Optional[dict] = None, rank: int = 0, keep_last: int = 2):
+                 summary: Optional[dict] = None, rank: int = 0, keep_last: int = 2, resumed: bool = False,
+                 lock: Optional["_FolderLock"] = None):
         self.path = Path(path)
+        self.resumed = resumed          # continues a run that was there (its TensorBoard events included)
+        self._lock = lock
+        if lock is not None:
+            # the folder stays this process's while the Run lives (a run's last records are written after
+            # close()); the OS releases it anyway when the process ends
+            weakref.finalize(self, lock.release)
         self.config = config
         self.run_id = run_id
         self.state = state
@@ -215,7 +276,12 @@ class Run:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.path / "tb"))
+            # A resumed run logs again the steps after its checkpoint (those of a killed process were
+            # logged once already): purge_step makes TensorBoard drop the earlier events from that step on.
+            purge = self.start_step + 1 if self.resumed else None
+            if self.resumed:
+                _after_earlier_event_files(self.path / "tb")
+            self._writer = SummaryWriter(log_dir=str(self.path / "tb"), purge_step=purge)
         return self._writer
 
     def close(self) -> None:
@@ -226,19 +292,24 @@ class Run:
 
     # ------------------------------------------------------------------ interrupts
     @contextmanager
-    def interruptible(self):
+    def interruptible(self, finishing: str = "the current step and writing a checkpoint"):
         """Within this block SIGINT / SIGTERM only set a flag (see :meth:`stop_signal`); a second
-        signal raises ``KeyboardInterrupt`` at once. Outside the main thread this does nothing."""
+        signal raises :class:`StopNow` at once, and later ones are ignored so that the unwinding (which
+        removes a half-written checkpoint's temporary file) completes. Outside the main thread this does
+        nothing. ``finishing``: what the first signal lets complete, as its notice says (a sweep finishes
+        its running runs or cells)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
 
         def handler(signum, frame):
             if self._signal is not None:
-                raise KeyboardInterrupt
+                for s in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(s, signal.SIG_IGN)
+                raise StopNow(signum, self.path)
             self._signal = signum
-            print(f"\nreceived {signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
-                  "(signal again to stop at once, without one)", file=sys.stderr, flush=True)
+            print(f"\nreceived {signal.Signals(signum).name}: finishing {finishing} "
+                  "(signal again to stop at once)", file=sys.stderr, flush=True)
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
@@ -271,9 +342,96 @@ class Run:
         raise RunInterrupted(signum, step, path, self.path)
 
 
+def _after_earlier_event_files(tb: Path) -> None:
+    """Wait (at most a second) until a new event file's name sorts after the existing ones. TensorBoard
+    reads a folder's files in name order, which starts with the creation second: a file of the same second
+    could sort first (by host and pid), and then the purge of the resumed steps would hit the new events."""
+    seconds = [int(p.name.split(".")[3]) for p in tb.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
+
+
 # ---------------------------------------------------------------------------- opening a run
 def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    return path.is_dir() and not any(p.name != LOCK for p in path.iterdir())
+
+
+class _FolderLock:
+    """This process's exclusive ``flock`` on ``<folder>/.lock``. Opening the same folder again in the same
+    process shares it (a count), so a process may reopen its own run; other processes are refused."""
+
+    _held: dict = {}                     # (pid, lock file) -> [fd, count]
+
+    def __init__(self, key):
+        self.key, self.released = key, False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        entry = self._held.get(self.key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._held[self.key]
+            os.close(entry[0])           # closing the descriptor releases the flock
+
+
+def _holder(fd: int) -> str:
+    """`` (pid N)`` of the process holding the flock on ``fd``'s file, from Linux's /proc/locks ("" elsewhere).
+    Read there rather than stored in the lock file, which is then never written: opening a finished run
+    changes nothing on disk."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"; waiters are marked "->" and skipped
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where:
+            return f" (pid {fields[4]})"
+    return ""
+
+
+def _lock_folder(path: Path) -> Optional[_FolderLock]:
+    """Create ``path`` if needed and lock it for this process; RunError if another live process holds it.
+    None where the folder cannot be locked: no ``fcntl``, or a read-only file system (where nobody can
+    change the folder either)."""
+    if path.is_symlink() and not path.exists():
+        raise RunError(f"--out {path} is a symbolic link that leads nowhere (to {os.readlink(path)}: missing, "
+                       "or a loop); remove it or choose another --out")
+    if path.exists() and not path.is_dir():
+        raise RunError(f"--out {path} is a file, not a folder")
+    if fcntl is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    lock_file = path / LOCK
+    key = (os.getpid(), os.path.realpath(lock_file))
+    if key in _FolderLock._held:
+        _FolderLock._held[key][1] += 1
+        return _FolderLock(key)
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            return None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = _holder(fd)
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise RunError(f"the run in {path} is in use by another process{holder}; wait for it "
+                           "to end, or choose another --out") from None
+        raise
+    _FolderLock._held[key] = [fd, 1]
+    return _FolderLock(key)
 
 
 def _describe(path: Path) -> str:
@@ -308,6 +466,8 @@ def _newest_intact(folder: Path, run_id: Optional[str], log: Callable[[str], Non
 
 def _clear(path: Path) -> None:
     for child in path.iterdir():
+        if child.name == LOCK:           # held by this process: the folder stays ours while it is emptied
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -315,10 +475,10 @@ def _clear(path: Path) -> None:
 
 
 def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change: Iterable[str],
-            log: Callable[[str], None], checkpoints: bool = True) -> dict:
-    """Rank 0's decision: {"run_id", "state", "summary", "config"}; performs the disk changes."""
-    if path.exists() and not path.is_dir():
-        raise RunError(f"--out {path} is a file, not a folder")
+            log: Callable[[str], None], checkpoints: bool = True,
+            validate: Optional[Callable[[dict], None]] = None) -> dict:
+    """Rank 0's decision: {"run_id", "state", "summary", "config", "resumed"}; performs the disk changes.
+    The caller holds the folder's lock."""
     holds_run = (path / CONFIG).is_file()
     if path.is_dir() and not holds_run and not _is_empty_dir(path):
         raise RunError(f"--out {path} is not empty and holds no run (no {CONFIG}); choose a new or empty folder")
@@ -333,7 +493,7 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
               and not changed_settings(summary.get("config", old), config)):
             # judged against the settings the record was written with: a --resume that extended a
             # finished sweep (more seeds) and was interrupted leaves config.json longer than the record
-            return {"run_id": old.get("run_id"), "state": None, "summary": summary, "config": old}
+            return {"run_id": old.get("run_id"), "state": None, "summary": summary, "config": old, "resumed": False}
         elif not resume:
             raise RunError(f"--out {path} already holds a run ({_describe(path)}): continue it with --resume, "
                            f"replace it with --overwrite, or choose another --out")
@@ -342,6 +502,8 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
             if diff:
                 raise RunError(f"--resume: {path} was started with other settings ({describe_changes(diff)}); "
                                f"use the original values, or start a new run with another --out or --overwrite")
+            if validate is not None:
+                validate(old)
             run_id = old.get("run_id") or uuid.uuid4().hex
             state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log) if checkpoints else None
             merged = {**config, "run_id": run_id}
@@ -353,19 +515,19 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
                 log(f"--resume: {path} has no checkpoint yet; starting at step 0")
             elif not checkpoints:
                 log(f"--resume: continuing the sweep in {path}")
-            return {"run_id": run_id, "state": state, "summary": None, "config": merged}
+            return {"run_id": run_id, "state": state, "summary": None, "config": merged, "resumed": True}
     elif resume:
         log(f"--resume: {path} holds no run yet; starting a new one")
     run_id = uuid.uuid4().hex
     merged = {**config, "run_id": run_id}
     (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     write_json(path / CONFIG, merged)
-    return {"run_id": run_id, "state": None, "summary": None, "config": merged}
+    return {"run_id": run_id, "state": None, "summary": None, "config": merged, "resumed": False}
 
 
 def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, overwrite: bool = False,
              may_change: Iterable[str] = (), keep_last: int = 2, log: Callable[[str], None] = print,
-             checkpoints: bool = True) -> Run:
+             checkpoints: bool = True, validate: Optional[Callable[[dict], None]] = None) -> Run:
     """Apply the rule of this module's docstring to ``out`` and return the :class:`Run`.
 
     Args:
@@ -378,6 +540,8 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
         keep_last: checkpoints of this run kept on disk.
         checkpoints: False for a sweep, whose progress is kept in its runs or cells rather than in
             checkpoints of its own: ``--resume`` then neither looks for nor mentions checkpoints.
+        validate: on ``--resume``, called with the stored config before anything changes (under the
+            folder's lock), for checks beyond equal settings; it raises RunError to refuse.
     Raises:
         RunError with a one-line message when the run cannot start as asked.
 
@@ -390,12 +554,19 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
     config = _json_roundtrip(dict(config))
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
-    decision, error = None, None
+    decision, error, lock = None, None, None
     if rank == 0:
         try:
-            decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints)
+            lock = _lock_folder(path)            # before anything in the folder is read, written or deleted
+            decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints, validate)
         except RunError as e:
             error = str(e)
+            if lock is not None:
+                lock.release()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
     if distributed:
         box = [None if decision is None else {**decision, "state": decision["state"] and decision["state"]["path"]},
                error]
@@ -407,4 +578,4 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
     if error is not None:
         raise RunError(error)
     return Run(path, decision["config"], decision["run_id"], state=decision["state"], summary=decision["summary"],
-               rank=rank, keep_last=keep_last)
+               rank=rank, keep_last=keep_last, resumed=decision["resumed"], lock=lock)

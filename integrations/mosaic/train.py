@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import setperm
-from integrations.common import CommandError, data_root, generator, load_latest, open_run, progress, seed_everything
+from integrations.common import (CommandError, data_root, finite_loss, generator, load_latest, open_run, progress,
+                                 seed_everything)
 
 from .datasets import NUM_CLASSES, load_split, channel_stats
 from .model import ClassifyNet, MosaicNet
@@ -301,11 +302,9 @@ class _Trainer:
                 loss, extra = _loss(cfg, self.model, x, y, shuffled.to(self.device), target.to(self.device))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
+                lv = finite_loss(loss.detach(), self.step + 1, f"epoch {self.epoch}, batch {j}")
                 self.opt.step()
                 self.step += 1
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise FloatingPointError(f"non-finite loss {lv} at epoch {self.epoch}, batch {j}")
                 self.log_step(lv, extra)
                 bar.set_postfix(loss=f"{lv:.4f}")
                 self.train_seconds += time.perf_counter() - t0

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from integrations.common.atomic import atomic_write
 from integrations.mosaic.datasets import load_split
 
 FEATURES = 64          # width of the frozen CNN's penultimate layer
@@ -118,11 +119,8 @@ def mnist_features(data_root: Optional[os.PathLike], cache: Optional[Path] = Non
     out = MnistFeatures((f_train - mean) / std, train.labels.clone(), (f_test - mean) / std, test.labels.clone(),
                         acc, seconds)
     if cache is not None:
-        cache = Path(cache)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        torch.save(out.to_dict(), tmp)
-        os.replace(tmp, cache)
+        state = out.to_dict()
+        atomic_write(cache, lambda f: torch.save(state, f))
     return out
 
 

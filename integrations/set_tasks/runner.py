@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from integrations.common import Run, RunError, RunInterrupted, open_run
-from integrations.common.lifecycle import CONFIG, SUMMARY
+from integrations.common.atomic import atomic_write
+from integrations.common.lifecycle import SUMMARY
 
 from .data import POINT_FEATURES
 from integrations.mosaic.datasets import dataset_folder
@@ -38,11 +39,8 @@ REFERENCE = "po-u"           # the parameter count every encoder is matched to: 
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=True))
-    os.replace(tmp, path)
+    data = json.dumps(obj, indent=1, allow_nan=True).encode()
+    atomic_write(path, lambda f: f.write(data), durable=False)
 
 
 def cell_path(out: Path, task: str, encoder: str, seed: int) -> Path:
@@ -124,12 +122,9 @@ def suite_config(tasks: Sequence[str], encoders: Sequence[str], seeds: Sequence[
             "workers": jobs, "threads": threads, "command": command}
 
 
-def _check_widths(out: Path, widths: Dict[str, Dict[str, dict]]) -> None:
+def _check_widths(out: Path, widths: Dict[str, Dict[str, dict]], stored: dict) -> None:
     """On --resume: every (task, encoder) that the stored run and this one share must have the same width."""
-    try:
-        old = json.loads((out / CONFIG).read_text()).get("widths", {})
-    except (OSError, ValueError):
-        return                                     # open_run reports an unreadable config itself
+    old = stored.get("widths", {})
     differ = [f"{t}/{e} {old[t][e]['width']} -> {w['width']}" for t, row in widths.items() for e, w in row.items()
               if e in old.get(t, {}) and old[t][e].get("width") != w["width"]]
     if differ:
@@ -158,12 +153,11 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     out = Path(out)
     config = suite_config(tasks, encoders, seeds, cfg, reference_width, jobs, threads, cnn_epochs,
                           cnn_train_images, command)
-    if resume and (out / CONFIG).is_file():
-        _check_widths(out, config["widths"])
     if any(get_task(t).elements == "mnist" for t in tasks) and not (out / "embedding").is_dir():
         dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
     run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, checkpoints=False,
-                   log=lambda line: print(line, file=log, flush=True))
+                   log=lambda line: print(line, file=log, flush=True),
+                   validate=lambda stored: _check_widths(out, config["widths"], stored))
     if run.finished:
         return run, []
     # A sweep that was finished and is now extended (--resume with longer lists) is unfinished again.
@@ -171,7 +165,7 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     torch.set_num_threads(threads)
     widths = config["widths"]
     done: List[Cell] = []
-    with run.interruptible():
+    with run.interruptible(finishing="the running cells, starting no new one"):
         cache = None
         if any(get_task(t).elements == "mnist" for t in tasks):
             cache = out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"

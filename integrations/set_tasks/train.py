@@ -21,6 +21,7 @@ from scipy.stats import spearmanr
 from torch import Tensor
 from torch.nn import functional as F
 
+from integrations.common import finite_loss
 from setperm import hungarian, permutation_entropy
 
 from .data import ElementPool, SetBatch, element_features, fingerprint, fixed_sets, random_sizes, sample_sets
@@ -163,11 +164,9 @@ def run_cell(task: Task, encoder: str, seed: int, width: int, cfg: TrainConfig, 
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        loss_value = finite_loss(loss.detach(), step, f"cell {task.name}/{encoder}/seed{seed}")
         opt.step()
         step_times.append(time.perf_counter() - t0)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{task.name}/{encoder}/seed{seed}: loss is {loss_value} at step {step}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             v = evaluate(model, task, val, cfg.eval_chunk)
             curve.append({"step": step, "train_loss": loss_value, "val_loss": v["loss"], "val_accuracy": v["accuracy"]})

@@ -13,7 +13,8 @@ from typing import Callable, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from integrations.common import Run, load_latest, open_run, progress, resolve_device, seed_everything, step_seed
+from integrations.common import (Run, finite_loss, load_latest, open_run, progress, resolve_device, seed_everything,
+                                 step_seed)
 from setperm.monitor import find_step_sizes, log_step_sizes
 
 from .data import sample_sets
@@ -85,13 +86,14 @@ def _setup(cfg: dict, log):
 
 
 def _train_step(model, opt, cfg: dict, step: int, micro: int, device) -> float:
-    """One Adam step on the batch of ``(seed, step)``; returns the batch loss."""
+    """One Adam step on the batch of ``(seed, step)``; returns the batch loss. A non-finite loss stops
+    the run before the update (:func:`~integrations.common.finite_loss`)."""
     x = sample_sets(cfg["batch_size"], cfg["set_size"], 0.0, 1.0, dtype=torch.float32,
                     seed=step_seed(cfg["seed"], step), device=device)        # (B, N, 1)
     opt.zero_grad(set_to_none=True)
-    loss = accumulate_gradients(model, x, micro)
+    loss = finite_loss(accumulate_gradients(model, x, micro), step + 1)
     opt.step()
-    return float(loss)
+    return loss
 
 
 def _log_step(writer, model, step: int, loss: float) -> Optional[float]:

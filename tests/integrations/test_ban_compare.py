@@ -127,3 +127,27 @@ def test_oracle_relevance_needs_a_synthetic_dataset_and_a_set_encoder(root, tmp_
     args = parse_args(["--data-root", str(real), "--permutation", "po-u", "--oracle-relevance"])
     with pytest.raises(ValueError, match="--oracle-relevance: .* not a synthetic dataset"):
         relevance_oracle(args)
+
+
+def _fails_with(exc):
+    def train(cell_args):
+        raise exc
+    return train
+
+
+def test_a_worker_reports_one_line_errors_as_one_line_and_defects_with_their_traceback():
+    import errno
+
+    from integrations.ban.compare import _train_cell
+    from integrations.common import NonFiniteError
+
+    status, text = _train_cell(_fails_with(NonFiniteError("the loss is nan at step 3")), None)
+    assert (status, text) == ("error", "the loss is nan at step 3")
+    disk = OSError(errno.ENOSPC, "No space left on device", "/runs/a/checkpoints/step_00000003.pt")
+    try:
+        raise RuntimeError("[enforce fail at inline_container.cc]") from disk
+    except RuntimeError as wrapped:
+        status, text = _train_cell(_fails_with(wrapped), None)
+    assert (status, text) == ("error", "No space left on device: /runs/a/checkpoints/step_00000003.pt")
+    status, text = _train_cell(_fails_with(ZeroDivisionError("a defect")), None)
+    assert status == "failed" and "Traceback" in text and "ZeroDivisionError" in text

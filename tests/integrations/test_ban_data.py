@@ -231,3 +231,49 @@ def test_glove_shape_named(broken):
     np.save(broken / "glove6b_init_300d.npy", np.zeros((3, 300), np.float32))
     with pytest.raises(VQADataError, match=_match("glove6b_init_300d.npy", "expected shape")):
         load_glove_init(broken, Dictionary.load(broken / "dictionary.pkl").ntoken)
+
+
+def test_question_without_image_id_named(broken):
+    # any question, not only the first: the reader must not fail later with a raw KeyError
+    p = broken / "v2_OpenEnded_mscoco_val2014_questions.json"
+    qs = json.loads(p.read_text())
+    del qs["questions"][-1]["image_id"]
+    p.write_text(json.dumps(qs))
+    n = len(qs["questions"]) - 1
+    with pytest.raises(VQADataError, match=_match("questions.json", rf"questions\[{n}\]\.image_id")):
+        VQAFeatureDataset(broken, "val")
+
+
+def test_target_without_key_named(broken):
+    p = broken / "cache" / "val_target.pkl"
+    with open(p, "rb") as f:
+        t = pickle.load(f)
+    del t[1]["scores"]
+    with open(p, "wb") as f:
+        pickle.dump(t, f)
+    with pytest.raises(VQADataError, match=_match("val_target.pkl", r"\[1\]\.scores")):
+        VQAFeatureDataset(broken, "val")
+
+
+def _poison(path, box: int, value=np.nan) -> None:
+    with h5py.File(path, "a") as f:
+        f["image_features"][box, 0] = value
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_non_finite_features_name_file_split_and_row(broken, workers):
+    ds = VQAFeatureDataset(broken, "val")
+    row = ds.entries[0][0]
+    start, end = ds.pos_boxes[row]
+    ds.close()
+    _poison(broken / "val.hdf5", int(start) + 1, np.inf)
+    ds = VQAFeatureDataset(broken, "val")
+    # only the batches that hold the poisoned image fail; the error is one line, also from a worker process
+    loader = DataLoader(ds, batch_size=len(ds), collate_fn=collate_vqa, num_workers=workers)
+    with pytest.raises(VQADataError) as err:
+        next(iter(loader))
+    msg = str(err.value)
+    assert "val.hdf5" in msg and "image_features" in msg and "split val" in msg and f"image row {row}" in msg
+    assert f"box rows {start}:{end}" in msg and "\n" not in msg
+    clean = [i for i in range(len(ds)) if ds.entries[i][0] != row]
+    assert all(torch.isfinite(ds[i].v).all() for i in clean)

@@ -178,3 +178,52 @@ def test_max_steps_says_where_it_stopped_mid_epoch_and_at_an_epoch_end(root, tmp
     out = capsys.readouterr().out
     assert not result["finished"] and result["step"] == max_steps
     assert f"stopped by --max-steps at step {max_steps} (epoch {max_steps // 5}, batch {max_steps % 5}/5)" in out
+
+
+def _ban_command(capsys, *argv) -> tuple:
+    from integrations.ban.cli import PROG, main
+    from integrations.ban.data import VQADataError
+    from integrations.common import run_command
+
+    code = run_command(main, PROG, ["train", *argv], errors=(VQADataError,))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("permutation", ["off", "po-u"])
+def test_non_finite_features_stop_the_run_with_one_line(root, tmp_path, capsys, permutation):
+    import shutil
+
+    import h5py
+    from integrations.common import load_latest
+
+    data = shutil.copytree(root, tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["--data-root", str(data), "--out", str(out), *SMALL, "--permutation", permutation, "--epochs", "2"]
+    assert _ban_command(capsys, *argv, "--max-steps", "2")[0] == 0
+    before = load_latest(out)
+    with h5py.File(data / "train.hdf5", "a") as f:          # one value of one box of one image
+        f["image_features"][3, 5] = np.nan
+    code, err = _ban_command(capsys, *argv, "--resume")
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err, err
+    assert "train.hdf5" in lines[-1] and "image_features" in lines[-1] and "split train" in lines[-1]
+    assert "non-finite" in lines[-1] and "row" in lines[-1]
+    after = load_latest(out)                                 # the earlier checkpoint is intact and still newest
+    assert after["step"] == before["step"] == 2
+    for k in before["model"]:
+        torch.testing.assert_close(after["model"][k], before["model"][k], rtol=0, atol=0)
+
+
+def test_non_finite_loss_stops_before_the_update(root, tmp_path, capsys, monkeypatch):
+    import integrations.ban.train as ban_train
+    from integrations.common import load_latest
+
+    out = tmp_path / "run"
+    argv = ["--data-root", str(root), "--out", str(out), *SMALL, "--permutation", "off", "--epochs", "1"]
+    assert _ban_command(capsys, *argv, "--max-steps", "2")[0] == 0
+    before = load_latest(out)
+    monkeypatch.setattr(ban_train, "vqa_bce_loss", lambda logits, target: (logits * float("nan")).sum())
+    code, err = _ban_command(capsys, *argv, "--resume")
+    assert code == 1 and "Traceback" not in err
+    assert "loss is nan at step 3" in err.strip().splitlines()[-1]
+    assert load_latest(out)["step"] == before["step"] == 2

@@ -92,3 +92,76 @@ def test_ban_interrupt_then_resume(tmp_path):
     cmd = ["integrations.ban", "train", "--data-root", str(root), "--permutation", "po-u", "--num-hid", "16",
            "--gamma", "2", "--batch-size", "4", "--workers", "0", "--threads", "1", "--epochs", "12", "--device", "cpu"]
     _check(cmd, tmp_path, signal.SIGTERM)
+
+
+# ------------------------------------------------------------------ a second signal stops at once
+def test_second_signal_inside_the_checkpoint_write_stops_at_once(tmp_path, monkeypatch, capsys):
+    """The first SIGTERM asks for a checkpoint; a second one arrives while torch.save is writing it (real
+    signals, sent from inside the write). The command exits 143 with one line, the half-written file is
+    gone and the earlier checkpoint is intact."""
+    from integrations.common import open_run, read_checkpoint, run_command
+
+    out = tmp_path / "run"
+    real_save = torch.save
+    model = torch.nn.Linear(256, 256)
+
+    class SecondSignalMidWrite:
+        def __init__(self, f):
+            self.f, self.sent = f, False
+
+        def write(self, b):
+            if not self.sent:
+                self.sent = True
+                self.f.write(b)
+                os.kill(os.getpid(), signal.SIGTERM)          # handled before write returns to torch
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    def main(argv):
+        run = open_run(out, {"seed": 0}, log=lambda s: None)
+        run.save(1, model=model)
+        with run.interruptible():
+            os.kill(os.getpid(), signal.SIGTERM)                # the first: finish the step, checkpoint
+            monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, SecondSignalMidWrite(f), *a, **k))
+            run.interrupt(2, lambda: run.save(2, model=model))
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_command(main, "prog") == 143
+    assert signal.getsignal(signal.SIGTERM) == before          # the handlers of the block are undone
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "stopped at once by a second SIGTERM" in err.strip().splitlines()[-1]
+    assert str(out) in err.strip().splitlines()[-1]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001.pt"]
+    assert read_checkpoint(out / "checkpoints" / "step_00000001.pt")["step"] == 1
+
+
+@pytest.mark.slow
+def test_two_signals_in_quick_succession_keep_the_invariants(tmp_path):
+    """Wherever the second SIGTERM lands (in the step, in the checkpoint write, after the exit): exit 143,
+    no traceback, no temporary file, every checkpoint loads, and the run continues with --resume."""
+    from integrations.common import read_checkpoint
+
+    out = tmp_path / "run"
+    cmd = ["integrations.sorting", "train", "-N", "6", "--batch-size", "32", "--train-sets", str(32 * 40),
+           "--checkpoint-every", "3", "--threads", "1", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", *cmd, "--out", str(out)], cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(proc, out / "checkpoints")
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    while proc.poll() is None and not any(out.rglob("*.tmp")) and time.monotonic() - t0 < 5:
+        pass                                                    # the interrupt checkpoint's temporary file
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "second SIGTERM" in last or "interrupted by SIGTERM" in last, err
+    assert not list(out.rglob("*.tmp"))
+    files = list((out / "checkpoints").glob("step_*.pt"))
+    assert files and all(read_checkpoint(p)["step"] > 0 for p in files)
+    _finish(cmd, out, "--resume")

@@ -123,3 +123,21 @@ def test_classify_net_freezes_classifier():
     net.train()
     assert not net.classifier.training and net.mosaic.training
     assert all(not p.requires_grad for p in net.classifier.parameters())
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_update(tmp_path, data_root, monkeypatch, capsys):
+    import integrations.mosaic.train as mosaic_train
+    from integrations.common import load_latest, run_command
+    from integrations.mosaic.__main__ import PROG
+
+    common = ["train", "--dataset", "mnist", "--tiles", "2", "--permutation", "po-u", "--subset", "32",
+              "--test-subset", "16", "--batch-size", "8", "--data-root", data_root, "--checkpoint-every", "2",
+              "--out", str(tmp_path / "run")]
+    assert run_command(main, PROG, [*common, "--epochs", "1"]) == 0                     # 4 steps
+    real = mosaic_train._loss
+    monkeypatch.setattr(mosaic_train, "_loss", lambda *a: (real(*a)[0] * float("nan"), {}))
+    assert run_command(main, PROG, [*common, "--epochs", "2", "--resume"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the loss is nan at step 5" in last and "epoch 1, batch 0" in last and "Traceback" not in last
+    kept = load_latest(tmp_path / "run")
+    assert kept["step"] == 4 and all(torch.isfinite(v).all() for v in kept["model"].values())

@@ -352,6 +352,7 @@ def test_sigint_stops_after_the_running_cells_and_resume_equals_an_uninterrupted
     assert "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert "interrupted by SIGINT" in last and "--resume" in last, err
+    assert "finishing the running cells" in err and "checkpoint" not in err, err
     done = sorted(p.relative_to(cut).as_posix() for p in (cut / "cells").glob("*/*/seed*.json"))
     assert 1 <= len(done) < 4 and not (cut / "summary.json").exists()
     r = subprocess.run(_command(cut, "--jobs", jobs, "--resume"), cwd=REPO, env=env, text=True, capture_output=True,
@@ -363,3 +364,16 @@ def test_sigint_stops_after_the_running_cells_and_resume_equals_an_uninterrupted
         a = json.loads(path.read_text())
         b = json.loads((cut / path.relative_to(straight)).read_text())
         assert a["test"] == b["test"] and a["curve"] == b["curve"], path
+
+
+def test_a_non_finite_loss_stops_the_cell_before_the_update(tmp_path, monkeypatch, capsys):
+    import integrations.set_tasks.train as cell_train
+
+    real = cell_train.loss_and_prediction
+    monkeypatch.setattr(cell_train, "loss_and_prediction",
+                        lambda task, out, target: (real(task, out, target)[0] * float("inf"), None))
+    out = tmp_path / "run"
+    assert _run(out, tmp_path, "--tasks", "kth", "--encoders", "po-u", "--seeds", "1") == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "cell kth/po-u/seed0" in last and "the loss is" in last and "at step 1;" in last
+    assert not cell_path(out, "kth", "po-u", 0).exists()

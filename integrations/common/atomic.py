@@ -1,0 +1,89 @@
+"""Atomic file writes and the OS error behind a failure.
+
+A file is written under a temporary name of its own in the target's folder (hidden, with the pid and a
+random suffix: two processes never share one) and renamed over the target only when complete. On any
+failure, an interrupt included, the temporary file is removed and the target is unchanged; a failure
+that comes from the OS (a full disk inside ``torch.save``, which reports it as a ``RuntimeError``) is
+raised as an ``OSError`` naming the target, so command lines can say it in one line.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Callable, Optional
+
+
+def in_chain(exc: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The first exception of type ``kind`` in ``exc``'s chain (itself, its ``__cause__``, its
+    ``__context__``, ...), or None. Errors raised inside C++ code that calls back into Python come out
+    wrapped: torch reports a failed write as ``RuntimeError: [enforce fail ...]`` with the cause only in
+    the chain."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``exc`` (see :func:`in_chain`), or None."""
+    return in_chain(exc, OSError)
+
+
+def _temporary(path: Path) -> tuple:
+    """(fd, name) of a new hidden file beside ``path``; O_EXCL so that no other writer has it. Created with
+    mode 0o666 less the umask, as a plain ``open`` would, so the renamed file has the usual permissions."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, durable: bool = True) -> Path:
+    """Call ``write(f)`` on a temporary binary file beside ``path``, then rename it to ``path``.
+
+    ``durable``: fsync the file and the folder, so that a power cut after the rename keeps the new content
+    (checkpoints); small records may skip it. Raises ``OSError`` (with ``filename`` = ``path``) for a failure
+    the OS reported; any other exception propagates unchanged. Either way no temporary file is left.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        err = os_error_in(e)
+        if err is not None and not (isinstance(e, OSError) and e.filename):
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from e
+        raise
+    if durable:
+        fsync_folder(path.parent)
+    return path
