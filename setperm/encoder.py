@@ -253,9 +253,15 @@ def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: st
     if method == "packed" or distinct == [0]:
         # (all sets empty: the packed call keeps the output connected to the LSTM's parameters)
         cpu_lengths = host_lengths if host_lengths is not None else lengths.cpu()   # (a sync unless given)
-        packed = pack_padded_sequence(seq, cpu_lengths.clamp_min(1), batch_first=True, enforce_sorted=False)
+        # Sorted by length on the host, as pack_padded_sequence(enforce_sorted=False) would, but with
+        # the orders copied to the device asynchronously: its own blocking copy would synchronise.
+        sorted_lengths, order = torch.sort(cpu_lengths.clamp_min(1), descending=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        order_d, inverse_d = (t.to(seq.device, non_blocking=True) for t in (order, inverse))
+        packed = pack_padded_sequence(seq.index_select(0, order_d), sorted_lengths, batch_first=True)
         _, (_, c_n) = lstm(packed)
-        return torch.where((lengths > 0).unsqueeze(1), c_n[-1], zero)
+        return torch.where((lengths > 0).unsqueeze(1), c_n[-1].index_select(0, inverse_d), zero)
     out = seq.new_zeros(seq.shape[0], lstm.hidden_size)
     for length in distinct:
         if length == 0:

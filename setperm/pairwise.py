@@ -239,18 +239,21 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "chunked"
 
     Memory-lean: the ``(B, N, N, H)`` hidden activations are recomputed in backward, never stored.
     ``kernel`` is ``"auto"`` (per device), ``"chunked"`` (plain PyTorch) or ``"compiled"``
-    (torch.compile-fused loops, see the module docstring); all give the same values up to float rounding and are differentiable
-    twice (the double backward runs the chunked contractions).
+    (torch.compile-fused loops, see the module docstring); all give the same values up to float
+    rounding and are differentiable twice (the double backward runs the chunked contractions).
     """
     check_kernel(kernel)
     if a.dim() != 3 or c.shape != a.shape:
         raise ValueError(f"a and c must have the same shape (B, N, H), got {tuple(a.shape)} and {tuple(c.shape)}")
     if w2.dim() != 2 or w2.shape[1] != a.shape[2]:
         raise ValueError(f"w2 must have shape (K, {a.shape[2]}), got {tuple(w2.shape)}")
-    auto = kernel == "auto"
-    kernel = resolve_kernel(kernel, a.device)
-    if auto and kernel == "compiled":
-        kernel = "auto-compiled"     # "compiled", but a failed build falls back instead of raising
+    if torch.compiler.is_compiling():
+        kernel = "compiled"          # traced as the fused expressions (see the module docstring)
+    else:
+        auto = kernel == "auto"
+        kernel = resolve_kernel(kernel, a.device)
+        if auto and kernel == "compiled":
+            kernel = "auto-compiled"     # "compiled", but a failed build falls back instead of raising
     if kernel != "chunked":
         # One dtype inside the fused loops (under autocast a and c may be half, w2 float32).
         c, w2 = c.to(a.dtype), w2.to(a.dtype)
