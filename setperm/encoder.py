@@ -234,10 +234,11 @@ def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: st
         lengths: (B,) int, 0 <= lengths <= N; a sequence of length 0 gives a zero state.
         method: ``"packed"`` (one call on a packed sequence), ``"grouped"`` (one call per distinct
             length on the sequences of that length, no padding read) or ``"auto"``: grouped on the
-            CPU, packed elsewhere and under ``torch.compile``. Both compute the same recurrences; on the CPU an LSTM on a packed
-            batch of unequal lengths leaves the fused kernel, and its backward zero-fills a full-size
-            gradient buffer at every step (``benchmarks.ban_step_time`` times the LSTM as a part of
-            BAN + PO's step), while cuDNN runs packed batches natively.
+            CPU, packed elsewhere and under ``torch.compile``. Both compute the same recurrences;
+            on the CPU an LSTM on a packed batch of unequal lengths leaves the fused kernel, and its
+            backward zero-fills a full-size gradient buffer at every step
+            (``benchmarks.ban_step_time`` times the LSTM as a part of BAN + PO's step), while cuDNN
+            runs packed batches natively.
         host_lengths: the same lengths as a CPU tensor, when the caller has them: a packed sequence
             takes its lengths on the host, and copying device lengths there synchronises.
     Returns:

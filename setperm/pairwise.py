@@ -234,7 +234,7 @@ def fused_unavailable(device_type: str) -> Optional[str]:
     return None
 
 
-def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "chunked") -> Tensor:
+def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -> Tensor:
     """``g[b,i,j] = relu(a[b,i] + c[b,j]) @ w2^T`` for ``a, c`` (B, N, H), ``w2`` (K, H) -> (B, N, N, K).
 
     Memory-lean: the ``(B, N, N, H)`` hidden activations are recomputed in backward, never stored.
