@@ -272,6 +272,8 @@ def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
         models[variant] = model.to(device)
         optims[variant] = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batches = random_batches(shape, args.ban_batches, seed=args.seed)
+    if device.type == "cuda":            # as the training loader gives them: page-locked, copied asynchronously
+        batches = [type(bt)(*(t.pin_memory() for t in bt)) for bt in batches]
     times: Dict[str, List[float]] = {v: [] for v in variants}
     for k, batch in enumerate(itertools.islice(itertools.cycle(batches), args.ban_steps + args.warmup)):
         order = variants if k % 2 == 0 else variants[::-1]
