@@ -213,10 +213,16 @@ def test_amp_run_records_the_setting_and_resume_refuses_a_change(root, tmp_path)
     assert "amp" not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
-@pytest.mark.skipif(not os.environ.get("SETPERM_BAN_ROOT") or not torch.cuda.is_available(),
-                    reason="needs SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) and CUDA")
-def test_official_model_trains_on_cuda(root, tmp_path):
-    result = run(_args(root, tmp_path, "--permutation", "po-u", "--ban-root", os.environ["SETPERM_BAN_ROOT"],
-                       "--max-steps", "2", "--device", "cuda"))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("official", [False, True], ids=["self-contained", "official"])
+def test_train_command_runs_on_cuda(root, tmp_path, official):
+    """``train --device cuda`` for the self-contained and the official model (pinned batches, asynchronous
+    copies, the official attention's non-contiguous logits)."""
+    extra = []
+    if official:
+        if not os.environ.get("SETPERM_BAN_ROOT"):
+            pytest.skip("SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
+        extra = ["--ban-root", os.environ["SETPERM_BAN_ROOT"]]
+    result = run(_args(root, tmp_path, "--permutation", "po-u", *extra, "--max-steps", "2", "--device", "cuda"))
     assert result["step"] == 2
     assert all(p.is_cuda and torch.isfinite(p).all() for p in result["model"].parameters())
