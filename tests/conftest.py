@@ -34,3 +34,15 @@ def _few_threads(request):
     torch.set_num_threads(1 if one else min(prev, 2))
     yield
     torch.set_num_threads(prev)
+
+
+# Every device the core properties are checked on; CUDA is skipped where it is absent (CI is CPU-only).
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                    reason="CUDA is not available"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """A test parametrised over :data:`DEVICES`: ``torch.device('cpu')`` and, where present, CUDA."""
+    return torch.device(request.param)

@@ -77,17 +77,17 @@ EXTRA_REPR = [
     (PermutationOptimizer(3, cost_hidden=5, steps=2, permutation="po-la", num_positions=6, grid=(2, 3),
                           sinkhorn_iters=7, temperature=0.5, eta_init=0.25, logit_clip=9.0, check_finite=False),
      ["in_features=3", "permutation='po-la'", "steps=2", "cost_hidden=5", "cost_channels=2", "eta_init=0.25",
-      "kernel='chunked'", "num_positions=6", "logit_clip=9.0", "grid=(2, 3)", "sinkhorn_iters=7", "temperature=0.5",
+      "kernel='auto'", "num_positions=6", "logit_clip=9.0", "grid=(2, 3)", "sinkhorn_iters=7", "temperature=0.5",
       "check_finite=False"]),
     (LinAssign(3, num_positions=6, sinkhorn_iters=5, temperature=2.0, logit_clip=3.0),
      ["in_features=3", "permutation='linassign'", "steps=0", "num_positions=6", "logit_clip=3.0", "grid=None",
-      "sinkhorn_iters=5", "temperature=2.0", "check_finite=True"]),
+      "sinkhorn_iters=5", "temperature=2.0", "check_finite=None"]),
     (PermutationSetEncoder(3, 6, cost_hidden=5, steps=4, sinkhorn_iters=3, temperature=0.5, eta_init=2.0,
                            check_finite=False),
      ["in_features=3", "hidden_size=6", "permutation='po-u'", "steps=4", "cost_hidden=5", "eta_init=2.0",
-      "kernel='chunked'", "sinkhorn_iters=3", "temperature=0.5", "straight_through=False", "check_finite=False"]),
+      "kernel='auto'", "sinkhorn_iters=3", "temperature=0.5", "straight_through=False", "check_finite=False"]),
     (PermutationSetEncoder(3, 6, permutation="none"),
-     ["in_features=3", "hidden_size=6", "permutation='none'", "check_finite=True"]),
+     ["in_features=3", "hidden_size=6", "permutation='none'", "check_finite=None"]),
 ]
 
 

@@ -229,3 +229,21 @@ def test_documented_examples_run_as_written(capsys):
         exec(compile(block, "docs/pyg.md", "exec"), scope)
     out = capsys.readouterr().out.split("\n")
     assert out[:2] == ["torch.Size([3, 4])", "torch.Size([5, 32])"], out
+
+
+def test_on_every_device_equals_the_cpu_and_is_invariant_to_node_order(device):
+    aggr = _aggr()
+    sizes = [4, 1, 6, 3]
+    x, index = _sparse_sets(sizes)
+    expected = aggr(x, index)
+    moved = aggr.to(device)
+    xd = x.to(device).requires_grad_(True)
+    out = moved(xd, index.to(device))
+    assert out.device.type == device.type
+    assert_close(out.cpu(), expected, **TOL64)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(3))
+    shuffled = perm[torch.argsort(index[perm], stable=True)].to(device)    # nodes shuffled inside each graph
+    assert not torch.equal(shuffled.cpu(), torch.arange(x.shape[0]))
+    assert_close(moved(xd[shuffled], index.to(device)[shuffled]), out, **TOL64)
+    out.sum().backward()
+    assert torch.isfinite(xd.grad).all()

@@ -79,6 +79,9 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
     if single_run:
         p.add_argument("--seed", type=non_negative_int, default=1204, help="official main.py default")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--amp", action="store_true",
+                   help="forward under bfloat16 autocast on the training device (CPU or CUDA; loss, gradients and "
+                        "update stay float32). Changes results slightly; its speed-up on a GPU is not measured")
     add_threads_argument(p)
     p.add_argument("--workers", type=non_negative_int, default=1, help="DataLoader workers per process (official: 1)")
     add_run_arguments(p, out_help="run folder (default runs/ban/<permutation>-seed<seed>)" if single_run

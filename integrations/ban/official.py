@@ -2,7 +2,7 @@
 
 The 2018 code does not import or train on a current stack. ``load_official(ban_root)`` imports its
 modules without touching the user's files: every source file is parsed and compiled in memory after
-four small, documented syntax-tree rewrites:
+five small, documented syntax-tree rewrites:
 
 1. ``from torch._six import string_classes`` (utils.py): ``torch._six`` no longer exists;
    the import becomes ``string_classes = (str, bytes)``.
@@ -11,6 +11,10 @@ four small, documented syntax-tree rewrites:
    the training helpers (e.g. ``compute_score_with_logits``) run on CPU.
 4. ``nn.Dropout(..., inplace=True)`` (classifier.py, after a ReLU whose output autograd saves): modern
    autograd rejects the in-place write, so it becomes ``inplace=False`` (same values).
+5. ``logits.view(...)`` (attention.py, ``BiAttention.forward_all``): the bilinear logits come from
+   ``torch.einsum`` in bc.py, which may return a non-contiguous tensor (it does on CUDA), and
+   ``view`` then fails ("view size is not compatible with input tensor's size and stride"); it
+   becomes ``logits.reshape(...)`` (same values; a copy only where a view is impossible).
 
 Tracebacks still point to the user's files and line numbers. The checkout's modules use bare top-level
 names (``utils``, ``fc``, ...) that collide with other packages, so they are imported through a
@@ -50,7 +54,12 @@ def _cuda_if_available(obj):
 
 
 class _Torch2Fixes(ast.NodeTransformer):
-    """The four in-memory rewrites listed in the module docstring."""
+    """The five in-memory rewrites listed in the module docstring (``module``: the bare module name
+    of the file being rewritten, for the fixes that apply to one file)."""
+
+    def __init__(self, module: str = ""):
+        super().__init__()
+        self.module = module
 
     def visit_ImportFrom(self, node: ast.ImportFrom):
         if node.module == "torch._six":  # fix 1
@@ -85,6 +94,9 @@ class _Torch2Fixes(ast.NodeTransformer):
             for kw in node.keywords:
                 if kw.arg == "inplace":
                     kw.value = ast.copy_location(ast.Constant(False), kw.value)
+        if (self.module == "attention" and isinstance(func, ast.Attribute) and func.attr == "view"
+                and isinstance(func.value, ast.Name) and func.value.id == "logits"):  # fix 5
+            node.func = ast.copy_location(ast.Attribute(func.value, "reshape", func.ctx), func)
         return node
 
 
@@ -100,7 +112,7 @@ class _FixingLoader(importlib.abc.SourceLoader):
 
     def source_to_code(self, data, path, *, _optimize=-1):
         tree = ast.parse(data, filename=path)
-        tree = ast.fix_missing_locations(_Torch2Fixes().visit(tree))
+        tree = ast.fix_missing_locations(_Torch2Fixes(self.fullname).visit(tree))
         return compile(tree, path, "exec", dont_inherit=True)
 
     def exec_module(self, module: ModuleType) -> None:

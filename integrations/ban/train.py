@@ -38,7 +38,8 @@ from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, lo
 _MAY_CHANGE = ("epochs",)
 # Settings added after the first runs were recorded: stored only when they differ from these defaults,
 # so a run (or a compare sweep) recorded before them resumes, and is recognised as finished, unchanged.
-LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None, "straight_through": False}
+LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None, "straight_through": False,
+                 "amp": False}
 
 
 def setting(args, name: str):
@@ -193,10 +194,12 @@ def _worker_init(_):
 
 
 def make_loader(ds, batch_size: int, *, shuffle: bool, epoch: int, seed: int, rank: int, world: int,
-                skip_batches: int = 0, workers: int = 0, counts: Optional[np.ndarray] = None) -> DataLoader:
+                skip_batches: int = 0, workers: int = 0, counts: Optional[np.ndarray] = None,
+                pin_memory: bool = False) -> DataLoader:
     """The epoch's batches, a pure function of (seed, epoch, rank): a resumed run skips the batches
     it has done and sees exactly the rest. Evaluation uses strided shards without padding, so no
-    sample counts twice."""
+    sample counts twice. ``pin_memory`` (for a CUDA run): batches in page-locked memory, so that
+    their copies to the GPU are asynchronous."""
     if shuffle:
         indices = epoch_indices(len(ds), seed=seed, epoch=epoch, rank=rank, world=world)
         # the bucket shuffle is keyed by (seed, epoch) only: all ranks get equally many batches
@@ -207,7 +210,7 @@ def make_loader(ds, batch_size: int, *, shuffle: bool, epoch: int, seed: int, ra
         batches = epoch_batches(list(range(rank, len(ds), world)), batch_size)
     # own generator: creating the iterator must not consume the global RNG (exact resume)
     return DataLoader(ds, batch_sampler=batches, collate_fn=collate_vqa, num_workers=workers,
-                      worker_init_fn=_worker_init if workers else None,
+                      worker_init_fn=_worker_init if workers else None, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -234,20 +237,33 @@ def datasets(args):
 # evaluation and one training step
 # ---------------------------------------------------------------------------------------------
 
+def autocast(device, amp: bool):
+    """``--amp``: bfloat16 autocast on the run's device (CPU or CUDA; bfloat16 needs no loss
+    scaling); a disabled context otherwise."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(amp))
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    # non_blocking: from a pinned batch the copy to a GPU overlaps with the work queued before it
+    return t.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict] = None, world: int = 1,
-             oracle=None) -> dict:
+             oracle=None, amp: bool = False) -> dict:
     """Soft accuracy (and its upper bound, and per question type when known) over the whole split
-    (``oracle``: the ground-truth relevance fed to an ``--oracle-relevance`` model)."""
+    (``oracle``: the ground-truth relevance fed to an ``--oracle-relevance`` model; ``amp``: the
+    forward under bfloat16 autocast, as the run was trained)."""
     was_training = model.training
     model.eval()
     names = sorted(set(qtypes.values())) if qtypes else []
     sums = torch.zeros(3 + 2 * len(names), dtype=torch.float64)  # score, bound, n, (score, n) per type
     for batch in loader:
-        logits, _ = model(batch.v.to(device), batch.b.to(device), batch.q.to(device), None,
-                          **model_inputs(oracle, batch.question_id, batch.v.shape[1], device))
-        target = batch.target.to(device)
-        s = soft_scores(logits, target).double().cpu()
+        with autocast(device, amp):
+            logits, _ = model(_to(batch.v, device), _to(batch.b, device), _to(batch.q, device), None,
+                              **model_inputs(oracle, batch.question_id, batch.v.shape[1], device))
+        target = _to(batch.target, device)
+        s = soft_scores(logits.float(), target).double().cpu()
         sums[0] += s.sum()
         sums[1] += target.max(1).values.double().sum().cpu()
         sums[2] += len(s)
@@ -268,11 +284,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict
     return out
 
 
-def train_step(model, optimizer, batch, device, grad_clip, oracle=None, step: int = 0):
+def train_step(model, optimizer, batch, device, grad_clip, oracle=None, step: int = 0, amp: bool = False):
     """One official step: forward, BCE x A, backward, clip, Adamax. Returns (loss, score sum, grad norm).
-    A non-finite loss stops before the update (``step``: the number of this step, for the message)."""
-    v, b, q, target = batch.v.to(device), batch.b.to(device), batch.q.to(device), batch.target.to(device)
-    logits, _ = model(v, b, q, target, **model_inputs(oracle, batch.question_id, v.shape[1], device))
+    A non-finite loss stops before the update (``step``: the number of this step, for the message).
+    ``amp``: the forward under bfloat16 autocast (the loss, the gradients and the update in float32)."""
+    v, b, q, target = (_to(t, device) for t in (batch.v, batch.b, batch.q, batch.target))
+    with autocast(device, amp):
+        logits, _ = model(v, b, q, target, **model_inputs(oracle, batch.question_id, v.shape[1], device))
+    logits = logits.float()
     loss = vqa_bce_loss(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -336,7 +355,7 @@ class _Trainer:
             g["lr"] = lr
         loader = make_loader(self.train_ds, self.local_batch, shuffle=True, epoch=self.epoch, seed=args.seed,
                              rank=info.rank, world=info.world_size, skip_batches=self.skip, workers=args.workers,
-                             counts=self.counts)
+                             counts=self.counts, pin_memory=self.device.type == "cuda")
         self.net.train()
         bar = progress(total=self.steps_per_epoch, initial=self.skip, desc=f"{args.permutation} epoch {self.epoch}",
                        disable=None if info.is_main else True)
@@ -345,7 +364,7 @@ class _Trainer:
             for batch in loader:
                 t0 = time.perf_counter()
                 loss, score, norm = train_step(self.net, self.optimizer, batch, self.device, args.grad_clip,
-                                               self.oracle, step=self.step + 1)
+                                               self.oracle, step=self.step + 1, amp=setting(args, "amp"))
                 stats = self._reduce(torch.tensor([loss.item() * len(batch.q), score.item(), len(batch.q)],
                                                   dtype=torch.float64))
                 self.sums = [self.sums[0] + float(stats[0]), self.sums[1] + float(stats[1]), self.sums[2] + int(stats[2])]
@@ -386,8 +405,10 @@ class _Trainer:
                   **self.monitor.values()}            # eta and the last training batch's permutation entropy
         if self.val_ds is not None:
             val_loader = make_loader(self.val_ds, self.local_batch, shuffle=False, epoch=0, seed=args.seed,
-                                     rank=info.rank, world=info.world_size, workers=args.workers)
-            ev = evaluate(self.model, val_loader, self.device, self.qtypes, info.world_size, self.oracle)
+                                     rank=info.rank, world=info.world_size, workers=args.workers,
+                                     pin_memory=self.device.type == "cuda")
+            ev = evaluate(self.model, val_loader, self.device, self.qtypes, info.world_size, self.oracle,
+                          amp=setting(args, "amp"))
             record.update({f"val_{k}": v for k, v in ev.items()})
         self.history.append(record)
         writer = self.run.writer
@@ -487,6 +508,7 @@ def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     model.load_state_dict(state["model"])
     model.to(dev)
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
-                         world=1, workers=workers)
-    out = evaluate(model, loader, dev, load_question_types(saved.data_root), oracle=relevance_oracle(saved))
+                         world=1, workers=workers, pin_memory=dev.type == "cuda")
+    out = evaluate(model, loader, dev, load_question_types(saved.data_root), oracle=relevance_oracle(saved),
+                   amp=setting(saved, "amp"))
     return {**out, "split": split, "checkpoint": state["path"], "step": int(state["step"])}

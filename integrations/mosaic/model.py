@@ -46,7 +46,7 @@ class MosaicNet(nn.Module):
 
     def __init__(self, n: int, in_channels: int, tile_size: int, permutation: str = "po-u", *, steps: int = 4,
                  conv_channels: int = 64, cost_hidden: int = 64, logit_clip: Optional[float] = None,
-                 sinkhorn_iters: int = 4, temperature: float = 1.0, kernel: str = "chunked"):
+                 sinkhorn_iters: int = 4, temperature: float = 1.0, kernel: str = "auto"):
         super().__init__()
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation: expected one of {PERMUTATIONS}, got {permutation!r}")

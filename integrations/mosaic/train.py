@@ -103,7 +103,7 @@ def default_logit_clip(cfg) -> Optional[float]:
 def build_mosaic(cfg, channels: int, tile_size: int) -> MosaicNet:
     return MosaicNet(cfg.tiles, channels, tile_size, cfg.permutation, steps=cfg.steps, conv_channels=cfg.conv_channels,
                      cost_hidden=cfg.cost_hidden, logit_clip=default_logit_clip(cfg),
-                     sinkhorn_iters=cfg.sinkhorn_iters, kernel=getattr(cfg, "kernel", "chunked"))
+                     sinkhorn_iters=cfg.sinkhorn_iters, kernel=getattr(cfg, "kernel", "auto"))
 
 
 def build_classifier(cfg, channels: int) -> ResNet18:

@@ -24,7 +24,7 @@ def build_model(config: Mapping) -> PermutationOptimizer:
     common = dict(in_features=1, sinkhorn_iters=config["sinkhorn_iters"], temperature=config["temperature"])
     if kind == "po-u":
         return PermutationOptimizer(cost_hidden=config["cost_hidden"], steps=config["steps"], permutation="po-u",
-                                    eta_init=config["eta_init"], kernel=config.get("kernel", "chunked"), **common)
+                                    eta_init=config["eta_init"], kernel=config.get("kernel", "auto"), **common)
     if kind == "linassign":
         return PermutationOptimizer(permutation="linassign", num_positions=config["set_size"], **common)
     raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {kind!r}")

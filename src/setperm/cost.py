@@ -19,30 +19,36 @@ import torch
 from torch import Tensor, nn
 
 from .init import uninitialized, xavier_linear_
-from .masking import check_dtype, check_set, pair_mask, resolve_mask, zero_padding
+from .masking import check_dtype, check_set, host_decisions, pair_mask, resolve_mask, zero_padding
 from .pairwise import _rows_per_chunk, check_kernel, pairwise_two_layer
 from .scale import set_scale
 
 
-def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
-    """:func:`equal_pairs` in O(B N D + B N^2) when no two distinct elements of a set collide.
-
-    Each element's bit pattern (with -0.0 mapped to +0.0, since ``-0.0 == 0.0``) gets an exact
-    integer hash (no rounding: 32-bit words times 20-bit weights, summed in int64 without
-    overflow). Equal elements have equal hashes, so if no off-diagonal pair of hashes is equal the
-    only equal pairs are the diagonal ones (``x_i == x_i``, False only with NaN). Returns None
-    (caller compares element-wise) on a hash collision or an unsupported dtype/size.
-    """
-    B, N, D = x.shape
+def _hash_words(x: Tensor) -> Optional[Tensor]:
+    """``(B, N, W)`` int64: each element's bit pattern as non-negative words (``-0.0`` mapped to
+    ``+0.0``, since ``-0.0 == 0.0``), or None for a dtype without a plain bit view (complex, fp8)."""
     size = x.element_size()
     if size not in (2, 4, 8) or x.is_complex():
         return None
     word = torch.int16 if size == 2 else torch.int32
     bits = (x.detach() + 0.0).contiguous().view(word).to(torch.int64)    # + 0.0 maps -0.0 to +0.0
-    bits = bits & (0xFFFF if size == 2 else 0xFFFFFFFF)
-    words = bits.shape[-1]
-    if words > 2048:
+    return bits & (0xFFFF if size == 2 else 0xFFFFFFFF)
+
+
+def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
+    """:func:`equal_pairs` in O(B N D + B N^2) when no two distinct elements of a set collide.
+
+    Each element's bit pattern gets an exact integer hash (no rounding: 32-bit words times 20-bit
+    weights, summed in int64 without overflow). Equal elements have equal hashes, so if no
+    off-diagonal pair of hashes is equal the only equal pairs are the diagonal ones (``x_i == x_i``,
+    False only with NaN). Returns None (caller compares element-wise) on a hash collision or an
+    unsupported dtype/size. Deciding that needs one host synchronisation.
+    """
+    B, N, D = x.shape
+    bits = _hash_words(x)
+    if bits is None or bits.shape[-1] > 2048:
         return None
+    words = bits.shape[-1]
     weights = (torch.arange(1, words + 1, device=x.device, dtype=torch.int64) * 0x9E3B5) % (1 << 20) + 1
     h = (bits * weights).sum(-1)                                         # (B, N), exact
     same = h.unsqueeze(2) == h.unsqueeze(1)
@@ -52,18 +58,46 @@ def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
     return eye & (x == x).all(-1).unsqueeze(2)
 
 
+def _equal_pairs_on_device(x: Tensor) -> Optional[Tensor]:
+    """:func:`equal_pairs` without a host synchronisation or a data-dependent branch (for CUDA and
+    for tracing by ``torch.compile``): ``x_i`` and ``x_j`` are bitwise equal exactly when the
+    squared distance of their bit patterns, split into 16-bit digits, is 0. With digits below
+    ``2^16`` every product and every partial sum of ``|b_i|^2 + |b_j|^2 - 2 b_i . b_j`` is an
+    integer below ``2^53`` (for up to ``2^20`` digits), so one float64 batched matmul computes it
+    exactly, in any summation order. None for dtypes without a bit view or too many digits."""
+    bits = _hash_words(x)
+    if bits is None:
+        return None
+    if x.element_size() > 2:                                             # 32-bit words -> two 16-bit digits
+        bits = torch.cat([bits & 0xFFFF, bits >> 16], dim=-1)
+    if bits.shape[-1] > (1 << 20):
+        return None
+    d = bits.to(torch.float64)
+    sq = (d * d).sum(-1)                                                 # (B, N), exact
+    dist = sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * (d @ d.transpose(1, 2))
+    # bitwise-equal elements with a NaN are not equal (x == x is False), as in the element-wise test
+    return (dist == 0) & (x == x).all(-1).unsqueeze(2)
+
+
 def equal_pairs(x: Tensor) -> Tensor:
     """``(B, N, N)`` bool: True where ``x_i`` and ``x_j`` are bitwise identical elements.
 
     ``F(x, x) = 0`` exactly in eq. 8, but batched matmuls may round identical rows differently,
     and the normalisation of eq. 10 would blow that noise up to unit norm when *all* elements are
     identical. Pinning these costs to 0 keeps the maths exact (the uniform assignment results).
-    Computed in row chunks so the ``(B, r, N, D)`` comparison stays bounded.
+    On the CPU: a hash test, with a row-chunked element-wise comparison (the ``(B, r, N, D)``
+    comparison stays bounded) on a collision; elsewhere and under ``torch.compile``: the same
+    answer from an exact matmul of bit patterns, with no host synchronisation.
     """
     B, N, D = x.shape
-    fast = _equal_pairs_by_hash(x)
-    if fast is not None:
-        return fast
+    if not host_decisions(x):
+        exact = _equal_pairs_on_device(x)
+        if exact is not None:
+            return exact
+    else:
+        fast = _equal_pairs_by_hash(x)
+        if fast is not None:
+            return fast
     out = torch.empty(B, N, N, dtype=torch.bool, device=x.device)
     step = _rows_per_chunk(B, N, D)
     for i0 in range(0, N, step):
@@ -92,7 +126,7 @@ def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12)
 
 def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor], hidden_layers: Sequence[nn.Linear],
                   last_weight: Tensor, mask: Optional[Tensor] = None, normalize: bool = True,
-                  kernel: str = "chunked", *, lengths: Optional[Tensor] = None,
+                  kernel: str = "auto", *, lengths: Optional[Tensor] = None,
                   key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Functional form of the ordering cost.
 
@@ -103,15 +137,16 @@ def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         last_weight: ``(K, H_last)``; a last-layer bias would cancel in ``g - g^T`` and is not used.
         mask: ``(B, N)`` bool, True = real element; or ``lengths`` ``(B,)``, or
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
-        kernel: ``"chunked"`` or ``"compiled"`` evaluation of a two-layer ``f`` (see
-            :func:`setperm.pairwise.pairwise_two_layer`); a deeper ``f`` needs ``"chunked"``.
+        kernel: ``"auto"`` (per device), ``"chunked"`` or ``"compiled"`` evaluation of a two-layer
+            ``f`` (see :func:`setperm.pairwise.pairwise_two_layer`); a deeper ``f`` is always
+            evaluated by plain operations (``"compiled"`` is refused for it).
     Returns:
         ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
         channel when ``normalize``. Finite for any finite ``x`` when ``normalize`` (see
         :func:`set_scale`).
     """
     check_kernel(kernel)
-    if hidden_layers and kernel != "chunked":
+    if hidden_layers and kernel == "compiled":
         raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width); got "
                          f"{len(hidden_layers)} further hidden layer(s): use kernel='chunked'")
     mask = resolve_mask(x, mask, lengths, key_padding_mask)
@@ -152,9 +187,10 @@ class PairwiseCost(nn.Module):
         hidden: hidden width of f (int), or a sequence of widths for a deeper f.
         channels: number K of cost matrices (1 for sequences, 2 for lattices: horizontal, vertical).
         normalize: divide by the Frobenius norm per set and channel (eq. 10).
-        kernel: ``"chunked"`` (default) or ``"compiled"`` (torch.compile-fused pairwise MLP, faster
-            after a one-off compilation on first use; two-layer f only), see :mod:`setperm.pairwise`;
-            measured speed-ups in ``benchmarks/README.md``.
+        kernel: ``"auto"`` (default: ``"compiled"`` on CUDA, ``"chunked"`` elsewhere), ``"chunked"``
+            or ``"compiled"`` (torch.compile-fused pairwise MLP, faster after a one-off compilation
+            on first use; two-layer f only), see :mod:`setperm.pairwise`; measured speed-ups in
+            ``benchmarks/README.md``.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, *, lengths (B,) | None,
@@ -163,7 +199,7 @@ class PairwiseCost(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden: Union[int, Sequence[int]] = 128, channels: int = 1,
-                 normalize: bool = True, kernel: str = "chunked", *, device=None, dtype=None):
+                 normalize: bool = True, kernel: str = "auto", *, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         check_kernel(kernel)
@@ -174,7 +210,7 @@ class PairwiseCost(nn.Module):
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
         if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"hidden must be a positive int or a non-empty sequence of them, got {hidden!r}")
-        if len(widths) > 1 and kernel != "chunked":
+        if len(widths) > 1 and kernel == "compiled":
             raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width), got hidden={hidden!r}")
         self.in_features = in_features
         self.hidden_sizes = tuple(widths)

@@ -16,7 +16,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
 from .init import uninitialized, xavier_lstm_
-from .masking import check_dtype, check_set, check_weights, module_dtype, resolve_mask, zero_padding
+from .masking import (check_check_finite, check_dtype, check_set, check_weights, host_decisions, module_dtype,
+                      resolve_check_finite, resolve_mask, zero_padding)
 from .masking import check_finite as _check_finite
 from .optimize import optimize_permutation
 from .pairwise import check_kernel
@@ -71,10 +72,13 @@ class PermutationOptimizer(nn.Module):
         cost_channels: cost matrices K (default 2 with a grid, else 1).
         logit_clip: clip linear-assignment logits to ``[-clip, clip]`` (paper F.3 uses 10).
         check_finite: raise on NaN/Inf in real elements (one reduction + host sync per call).
-        kernel: evaluation of the pairwise MLP, ``"chunked"`` (default) or ``"compiled"``
-            (torch.compile-fused pairwise MLP, faster after a one-off compilation on first use;
-            needs a C++ compiler on CPU / Triton on CUDA), see :mod:`setperm.pairwise`; measured
-            speed-ups in ``benchmarks/README.md``.
+            None (default): on the CPU only, where the synchronisation costs nothing; on CUDA the
+            check would stall the launch queue on every call, so there it runs only when True.
+        kernel: evaluation of the pairwise MLP, ``"auto"`` (default: ``"compiled"`` on CUDA,
+            ``"chunked"`` elsewhere), ``"chunked"`` or ``"compiled"`` (torch.compile-fused pairwise
+            MLP, faster after a one-off compilation on first use; needs a C++ compiler on CPU /
+            Triton on CUDA), see :mod:`setperm.pairwise`; measured speed-ups in
+            ``benchmarks/README.md``.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, return_steps=False, *,
@@ -90,11 +94,12 @@ class PermutationOptimizer(nn.Module):
                  permutation: str = "po-u", num_positions: Optional[int] = None,
                  grid: Optional[Tuple[int, int]] = None, sinkhorn_iters: int = 4, temperature: float = 1.0,
                  eta_init: float = 1.0, cost_channels: Optional[int] = None, logit_clip: Optional[float] = None,
-                 check_finite: bool = True, kernel: str = "chunked", *, device=None, dtype=None):
+                 check_finite: Optional[bool] = None, kernel: str = "auto", *, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        check_check_finite(check_finite)
         self.permutation = _check_permutation(permutation, PERMUTATIONS)
         steps = _resolve_steps(steps, permutation, default=6)
         if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 0:
@@ -173,7 +178,7 @@ class PermutationOptimizer(nn.Module):
         if self.grid is not None and x.shape[1] != self.grid[0] * self.grid[1]:
             raise ValueError(f"grid {self.grid} has {self.grid[0] * self.grid[1]} positions but x has "
                              f"N={x.shape[1]} elements (shape {tuple(x.shape)})")
-        if self.check_finite:
+        if resolve_check_finite(self.check_finite, x):
             _check_finite(x, mask)
         x = zero_padding(x, mask)
         init_logits = self.linear(x) if self.linear is not None else None
@@ -205,7 +210,7 @@ class LinAssign(PermutationOptimizer):
 
     def __init__(self, in_features: int, num_positions: int, sinkhorn_iters: int = 4, temperature: float = 1.0,
                  logit_clip: Optional[float] = None, grid: Optional[Tuple[int, int]] = None,
-                 check_finite: bool = True, *, device=None, dtype=None):
+                 check_finite: Optional[bool] = None, *, device=None, dtype=None):
         super().__init__(in_features, permutation="linassign", num_positions=num_positions, grid=grid,
                          sinkhorn_iters=sinkhorn_iters, temperature=temperature, logit_clip=logit_clip,
                          check_finite=check_finite, device=device, dtype=dtype)
@@ -219,7 +224,8 @@ def _rename_permute_keys(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + "optimizer." + key[len(old):]] = state_dict.pop(key)
 
 
-def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: str = "auto") -> Tensor:
+def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: str = "auto",
+                         host_lengths: Optional[Tensor] = None) -> Tensor:
     """The last layer's cell state after reading the first ``lengths[b]`` steps of each sequence.
 
     Args:
@@ -228,24 +234,35 @@ def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: st
         lengths: (B,) int, 0 <= lengths <= N; a sequence of length 0 gives a zero state.
         method: ``"packed"`` (one call on a packed sequence), ``"grouped"`` (one call per distinct
             length on the sequences of that length, no padding read) or ``"auto"``: grouped on the
-            CPU, packed elsewhere. Both compute the same recurrences; on the CPU an LSTM on a packed
-            batch of unequal lengths leaves the fused kernel, and its backward zero-fills a full-size
-            gradient buffer at every step (``benchmarks.ban_step_time`` times the LSTM as a part of
-            BAN + PO's step), while cuDNN runs packed batches natively.
+            CPU, packed elsewhere and under ``torch.compile``. Both compute the same recurrences;
+            on the CPU an LSTM on a packed batch of unequal lengths leaves the fused kernel, and its
+            backward zero-fills a full-size gradient buffer at every step
+            (``benchmarks.ban_step_time`` times the LSTM as a part of BAN + PO's step), while cuDNN
+            runs packed batches natively.
+        host_lengths: the same lengths as a CPU tensor, when the caller has them: a packed sequence
+            takes its lengths on the host, and copying device lengths there synchronises.
     Returns:
         (B, hidden_size) cell state ``c_n[-1]``.
     """
     if method not in ("auto", "packed", "grouped"):
         raise ValueError(f"method: expected 'auto', 'packed' or 'grouped', got {method!r}")
     if method == "auto":
-        method = "grouped" if seq.device.type == "cpu" else "packed"
+        # (under torch.compile's tracing the grouped loop's data-dependent sizes would break the graph)
+        method = "grouped" if host_decisions(seq) else "packed"
     zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
     distinct = torch.unique(lengths).tolist() if method == "grouped" else []   # one host sync, like .cpu() below
     if method == "packed" or distinct == [0]:
         # (all sets empty: the packed call keeps the output connected to the LSTM's parameters)
-        packed = pack_padded_sequence(seq, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
+        cpu_lengths = host_lengths if host_lengths is not None else lengths.cpu()   # (a sync unless given)
+        # Sorted by length on the host, as pack_padded_sequence(enforce_sorted=False) would, but with
+        # the orders copied to the device asynchronously: its own blocking copy would synchronise.
+        sorted_lengths, order = torch.sort(cpu_lengths.clamp_min(1), descending=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        order_d, inverse_d = (t.to(seq.device, non_blocking=True) for t in (order, inverse))
+        packed = pack_padded_sequence(seq.index_select(0, order_d), sorted_lengths, batch_first=True)
         _, (_, c_n) = lstm(packed)
-        return torch.where((lengths > 0).unsqueeze(1), c_n[-1], zero)
+        return torch.where((lengths > 0).unsqueeze(1), c_n[-1].index_select(0, inverse_d), zero)
     out = seq.new_zeros(seq.shape[0], lstm.hidden_size)
     for length in distinct:
         if length == 0:
@@ -297,6 +314,9 @@ class PermutationSetEncoder(nn.Module):
         (or ``order_by``, required exactly when ``order_features`` was given). ``P`` is always the
         soft permutation, also with ``straight_through``.
         The LSTM reads only the n real elements (packed sequence), so padding has no influence;
+        a packed sequence takes the set sizes on the host: on CUDA, ``lengths`` given as a CPU
+        tensor are used as they are (no synchronisation), while a ``mask`` costs one device -> host
+        copy of the sizes per call;
         an empty set gives ``h = 0``, N = 0 gives ``h = zeros(B, hidden_size)`` and ``P`` of shape
         ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
     """
@@ -304,7 +324,7 @@ class PermutationSetEncoder(nn.Module):
     def __init__(self, in_features: int, hidden_size: int = 128, cost_hidden: Union[int, Sequence[int]] = 128,
                  steps: Optional[int] = None, permutation: str = "po-u", sinkhorn_iters: int = 4,
                  temperature: float = 1.0, eta_init: float = 1.0, num_positions: Optional[int] = None,
-                 check_finite: bool = True, kernel: str = "chunked", logit_clip: Optional[float] = None, *,
+                 check_finite: Optional[bool] = None, kernel: str = "auto", logit_clip: Optional[float] = None, *,
                  straight_through: bool = False, order_features: Optional[int] = None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -326,7 +346,7 @@ class PermutationSetEncoder(nn.Module):
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.in_features = in_features
         self.hidden_size = hidden_size
-        self.check_finite = check_finite
+        self.check_finite = check_check_finite(check_finite)
         self.optimizer: Optional[PermutationOptimizer] = None
         if permutation != "none":
             # check_finite=False: this encoder checks x (and the weights) once itself.
@@ -374,7 +394,7 @@ class PermutationSetEncoder(nn.Module):
         check_weights(x, weights)
         if weights is not None:
             check_dtype(weights, dtype, name="weights")
-        if self.check_finite:
+        if resolve_check_finite(self.check_finite, x):
             _check_finite(x, mask)
             if weights is not None:
                 _check_finite(weights.unsqueeze(-1), mask, name="weights")
@@ -388,11 +408,16 @@ class PermutationSetEncoder(nn.Module):
             h, _ = self._encode(x.new_zeros(B, 1, D), torch.zeros(B, 1, dtype=torch.bool, device=x.device), None,
                                 False, empty_key)
             return (h, x.new_zeros(B, 0, 0)) if return_permutation else h
-        h, P = self._encode(x, mask, weights, return_permutation, order_by)
+        # Lengths given on the host serve the LSTM's packed sequence as they are (no device -> host copy).
+        host_lengths = None
+        if lengths is not None and (not isinstance(lengths, Tensor) or lengths.device.type == "cpu"):
+            host_lengths = torch.as_tensor(lengths).to(torch.int64)
+        h, P = self._encode(x, mask, weights, return_permutation, order_by, host_lengths)
         return (h, P) if return_permutation else h
 
     def _encode(self, x: Tensor, mask: Optional[Tensor], weights: Optional[Tensor],
-                return_permutation: bool, order_by: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+                return_permutation: bool, order_by: Optional[Tensor] = None,
+                host_lengths: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """``x`` (B, N >= 1, D) checked -> h (B, hidden_size), P (B, N, N) (None for "none" unless
         ``return_permutation``)."""
         B, N, _ = x.shape
@@ -424,7 +449,7 @@ class PermutationSetEncoder(nn.Module):
             _, (_, c_n) = self.lstm(seq)
             h = c_n[-1]
         else:
-            h = lstm_last_cell_state(self.lstm, seq, mask.sum(1))
+            h = lstm_last_cell_state(self.lstm, seq, mask.sum(1), host_lengths=host_lengths)
         if P is None and return_permutation:
             P = (permutation_matrix(order, dtype=x.dtype) if order is not None
                  else torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N))

@@ -68,7 +68,8 @@ def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Ten
                              f"got shape {_shape(lengths)}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > N):
             raise ValueError(f"lengths must lie in [0, N={N}], got min {int(lengths.min())} and max {int(lengths.max())}")
-        return torch.arange(N, device=x.device) < lengths.to(x.device).unsqueeze(1)
+        # non_blocking: host lengths reach a CUDA x without a synchronising copy
+        return torch.arange(N, device=x.device) < lengths.to(x.device, non_blocking=True).unsqueeze(1)
     return None
 
 
@@ -116,6 +117,29 @@ def check_weights(x: Tensor, weights: Optional[Tensor]) -> None:
     if tuple(weights.shape) != tuple(x.shape[:2]):
         raise ValueError(f"weights must have shape (B, N) = {tuple(x.shape[:2])} to match x {_shape(x)}, "
                          f"got shape {_shape(weights)}")
+
+
+def host_decisions(t: Tensor) -> bool:
+    """Whether data-dependent choices may be taken on the host (with a synchronisation): on the
+    CPU, outside ``torch.compile``'s tracing. There a synchronisation costs nothing and the host
+    branch is the faster one; on CUDA it stalls the launch queue, and under tracing it breaks the
+    graph, so there every choice is computed on the device or fixed in advance."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def resolve_check_finite(check_finite: Optional[bool], x: Tensor) -> bool:
+    """``check_finite=None`` (the modules' default) checks where that needs no host
+    synchronisation worth avoiding (:func:`host_decisions`: the CPU, not under ``torch.compile``)
+    and skips the check elsewhere; True / False force it on / off on every device."""
+    if check_finite is None:
+        return host_decisions(x)
+    return bool(check_finite)
+
+
+def check_check_finite(check_finite) -> Optional[bool]:
+    if check_finite is not None and not isinstance(check_finite, bool):
+        raise ValueError(f"check_finite must be True, False or None (check on the CPU only), got {check_finite!r}")
+    return check_finite
 
 
 def check_finite(x: Tensor, mask: Optional[Tensor], name: str = "x") -> None:

@@ -6,7 +6,7 @@ forward and backward whatever we do; what can be saved is memory traffic: the ``
 hidden activations are never stored, only recomputed. Two interchangeable kernels compute the
 same function and the same exact gradients:
 
-- ``"chunked"`` (default): plain PyTorch operations over cache-sized chunks, reusing one buffer;
+- ``"chunked"``: plain PyTorch operations over cache-sized chunks, reusing one buffer;
   runs anywhere, differentiable twice.
 - ``"compiled"``: the same maths written as broadcast-and-reduce expressions and compiled by
   ``torch.compile`` (inductor), which fuses each reduction with its broadcast into one loop nest,
@@ -15,6 +15,16 @@ same function and the same exact gradients:
   the configurations where the pairwise MLP is too small for it to matter, are in
   ``benchmarks/README.md``. Needs a working inductor backend (a C++ compiler on CPU, Triton on
   CUDA). Double backward runs the chunked contractions.
+- ``"auto"`` (the default of every module): resolved per call from the device of the inputs,
+  ``"compiled"`` on CUDA (there the chunked kernel's many small launches dominate the time) and
+  ``"chunked"`` elsewhere (on the CPU the chunked kernel needs no compilation and is the measured
+  default of ``benchmarks/README.md``). When the fused kernel cannot be built (no Triton, no
+  compiler), ``"auto"`` warns once naming the reason and computes the same values with
+  ``"chunked"``; an explicit ``"compiled"`` raises instead.
+
+Inside a ``torch.compile`` of a larger function (``torch.compiler.is_compiling()``), both kernels
+are traced as the fused broadcast-and-reduce expressions, which the outer compilation fuses itself
+(the chunked kernel's preallocated buffers and ``out=`` calls would break its graph).
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-KERNELS = ("chunked", "compiled")
+KERNELS = ("auto", "chunked", "compiled")
 
 # Elements per chunk of the (sets, rows, N, hidden) pairwise activations: small enough that a
 # chunk stays in the per-core L2 cache (1 MiB in float32), so its elementwise passes do not go to
@@ -86,8 +96,10 @@ class _PairwiseTwoLayer(torch.autograd.Function):
     def forward(ctx, a: Tensor, c: Tensor, w2: Tensor, kernel: str) -> Tensor:
         ctx.kernel = kernel
         ctx.save_for_backward(a, c, w2)
-        if kernel == "compiled":
-            out = _call_compiled("forward", a, c, w2)
+        if torch.compiler.is_compiling():
+            return _fused_forward(a, c, w2)
+        if kernel != "chunked":
+            out = _call_compiled("forward", a, c, w2, fall_back=kernel == "auto-compiled")
             if out is not None:
                 return out
         B, N, H = a.shape
@@ -106,10 +118,13 @@ class _PairwiseTwoLayer(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         a, c, w2 = ctx.saved_tensors
         grad_out = grad_out.contiguous()     # it arrives as a permuted view (movedim, g - g^T)
+        if torch.compiler.is_compiling():
+            return (*_fused_backward(a, c, w2, grad_out), None)
         if torch.is_grad_enabled():          # create_graph: record the contractions (no out=)
             T1, T2 = _contractions_recorded(a, c, grad_out)
         else:
-            grads = _call_compiled("backward", a, c, w2, grad_out) if ctx.kernel == "compiled" else None
+            grads = (_call_compiled("backward", a, c, w2, grad_out, fall_back=ctx.kernel == "auto-compiled")
+                     if ctx.kernel != "chunked" else None)
             if grads is not None:
                 return (*grads, None)
             T1, T2 = _contractions(a, c, grad_out)
@@ -180,20 +195,66 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
-def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "chunked") -> Tensor:
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``"auto"`` -> the kernel for ``device`` (``"compiled"`` on CUDA, else ``"chunked"``), or
+    ``"chunked"`` when the fused kernel cannot be built there (warned once, see
+    :func:`fused_unavailable`); explicit choices are returned as they are."""
+    if kernel != "auto":
+        return kernel
+    if torch.device(device).type != "cuda" or _auto_fallback.get("cuda"):
+        return "chunked"
+    reason = fused_unavailable("cuda")
+    if reason is not None:
+        _fall_back("cuda", reason)
+        return "chunked"
+    return "compiled"
+
+
+# device type -> the reason "auto" stopped using the fused kernel there (it warns once per reason)
+_auto_fallback: dict = {}
+
+
+def _fall_back(device_type: str, reason: str) -> None:
+    if device_type not in _auto_fallback:
+        warnings.warn(f"setperm kernel='auto': the fused pairwise kernel cannot be built on {device_type} ({reason}); "
+                      "using kernel='chunked' instead (same values, slower)", RuntimeWarning, stacklevel=4)
+    _auto_fallback[device_type] = reason
+
+
+def fused_unavailable(device_type: str) -> Optional[str]:
+    """Why ``torch.compile``'s inductor cannot build the fused kernel on ``device_type`` (None if
+    it can, as far as can be told without compiling): on CUDA it generates Triton kernels."""
+    if device_type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:          # pragma: no cover - torch without the helper
+            return None
+        if not has_triton():
+            return "Triton is not installed or does not support this GPU"
+    return None
+
+
+def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -> Tensor:
     """``g[b,i,j] = relu(a[b,i] + c[b,j]) @ w2^T`` for ``a, c`` (B, N, H), ``w2`` (K, H) -> (B, N, N, K).
 
     Memory-lean: the ``(B, N, N, H)`` hidden activations are recomputed in backward, never stored.
-    ``kernel`` is ``"chunked"`` (plain PyTorch) or ``"compiled"`` (torch.compile-fused loops, see
-    the module docstring); both give the same values up to float rounding and are differentiable
-    twice (the double backward runs the chunked contractions).
+    ``kernel`` is ``"auto"`` (per device), ``"chunked"`` (plain PyTorch) or ``"compiled"``
+    (torch.compile-fused loops, see the module docstring); all give the same values up to float
+    rounding and are differentiable twice (the double backward runs the chunked contractions).
     """
     check_kernel(kernel)
     if a.dim() != 3 or c.shape != a.shape:
         raise ValueError(f"a and c must have the same shape (B, N, H), got {tuple(a.shape)} and {tuple(c.shape)}")
     if w2.dim() != 2 or w2.shape[1] != a.shape[2]:
         raise ValueError(f"w2 must have shape (K, {a.shape[2]}), got {tuple(w2.shape)}")
-    if kernel == "compiled":
+    if torch.compiler.is_compiling():
+        kernel = "compiled"          # traced as the fused expressions (see the module docstring)
+    else:
+        auto = kernel == "auto"
+        kernel = resolve_kernel(kernel, a.device)
+        if auto and kernel == "compiled":
+            kernel = "auto-compiled"     # "compiled", but a failed build falls back instead of raising
+    if kernel != "chunked":
         # One dtype inside the fused loops (under autocast a and c may be half, w2 float32).
         c, w2 = c.to(a.dtype), w2.to(a.dtype)
     return _PairwiseTwoLayer.apply(a, c, w2, kernel)
@@ -225,9 +286,11 @@ def _compiled(name: str):
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-def _call_compiled(name: str, *args: Tensor):
+def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
     """Run a fused function; None when dynamo refuses to compile one more specialisation (its
-    recompile limit), in which case the caller computes the same values with the chunked kernel."""
+    recompile limit), in which case the caller computes the same values with the chunked kernel.
+    A failed build raises (explicit ``kernel="compiled"``), or with ``fall_back`` (``"auto"``)
+    warns once naming the reason and returns None, and ``"auto"`` stops trying on that device."""
     # Plain tensors: dynamo compiles nn.Parameter shapes as static, which would specialise the
     # kernel to one hidden width (and recompile for every other model).
     args = tuple(t.detach() for t in args)
@@ -239,8 +302,12 @@ def _call_compiled(name: str, *args: Tensor):
                       "kernel for the new ones (same values, slower)", RuntimeWarning, stacklevel=4)
         return None
     except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:
+        cause = str(err).splitlines()[0] if str(err) else repr(err)
+        if fall_back:
+            _fall_back(args[0].device.type, f"{type(err).__name__}: {cause}")
+            return None
         raise RuntimeError(
             f"kernel='compiled' could not be compiled by torch.compile ({type(err).__name__}); inductor "
             "needs a working C++ compiler on CPU (Triton on CUDA). Use kernel='chunked' (the default), "
-            f"which computes the same values. Cause: {str(err).splitlines()[0] if str(err) else err!r}"
+            f"which computes the same values. Cause: {cause}"
         ) from err

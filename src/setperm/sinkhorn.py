@@ -6,8 +6,10 @@ Two ways to compute the same operator (the names follow POT's ``sinkhorn`` varia
   (matrix-vector products, a closed-form backward), valid while the scalings' range fits the dtype;
 - ``method="log"``: the explicit log-domain iterates of eq. 11-12 (``logsumexp``), finite for any
   finite input;
-- ``method="auto"`` (default): the scalings when :func:`sinkhorn_scaling_in_range` holds, else
-  the log-domain iterates.
+- ``method="auto"`` (default): on the CPU, the scalings when :func:`sinkhorn_scaling_in_range`
+  holds, else the log-domain iterates (a host-side choice, one synchronisation, free on the CPU);
+  on other devices and under ``torch.compile``, the log-domain iterates, which need no choice and
+  hence no host synchronisation (the range check would stall CUDA's launch queue on every call).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .masking import assignment_mask, resolve_mask
+from .masking import assignment_mask, host_decisions, resolve_mask
 
 METHODS = ("auto", "scaling", "log")
 
@@ -34,7 +36,8 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temp
         iters: number L of (row, column) normalisation rounds; the paper fixes L = 4 (appendix B).
         temperature: divides the logits before exponentiation (Mena et al., 2018).
         method: ``"auto"`` (default), ``"scaling"`` or ``"log"`` (see the module docstring). All
-            three compute the same operator; ``"scaling"`` raises a ValueError when the scalings'
+            three compute the same operator (to rounding); ``"auto"`` makes no host
+            synchronisation off the CPU; ``"scaling"`` raises a ValueError when the scalings'
             range check (:func:`sinkhorn_scaling_in_range`) fails, instead of falling back.
 
     Returns:
@@ -54,6 +57,8 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temp
     z, out_dtype = _prepare(logits, mask, iters, temperature, lengths, key_padding_mask)
     if z.numel() == 0:
         return z.to(out_dtype)
+    if method == "auto" and not host_decisions(z):
+        method = "log"
     with torch.autocast(device_type=logits.device.type, enabled=False):
         return _Sinkhorn.apply(z, iters, method).to(out_dtype)
 
@@ -63,9 +68,10 @@ def sinkhorn_scaling_in_range(logits: Tensor, mask: Optional[Tensor] = None, ite
                               key_padding_mask: Optional[Tensor] = None) -> bool:
     """Whether ``sinkhorn(logits, ..., method="scaling")`` applies to these arguments: True when the
     scaling vectors' spread fits the working dtype (see ``_scalings``), which is exactly when
-    ``method="auto"`` computes with them; False when ``"auto"`` falls back to the log-domain
-    iterates (and ``"scaling"`` raises). Same arguments as :func:`sinkhorn`; one host
-    synchronisation. Use it to count how often the fallback fires on real data.
+    ``method="auto"`` computes with them on the CPU; False when ``"auto"`` falls back to the
+    log-domain iterates there (and ``"scaling"`` raises). Same arguments as :func:`sinkhorn`; one
+    host synchronisation (off the CPU, ``"auto"`` always takes the log domain and never calls it).
+    Use it to count how often the fallback fires on real data.
     """
     z, _ = _prepare(logits, mask, iters, temperature, lengths, key_padding_mask)
     if z.numel() == 0 or iters == 0:

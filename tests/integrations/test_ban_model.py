@@ -490,3 +490,28 @@ def test_compiled_kernel_gives_the_same_patched_model():
     assert models[1].set_encoder.optimizer.cost.kernel == "compiled"
     assert_close(outs[1][0], outs[0][0], **TOL)
     assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
+
+
+def _non_contiguous_logits(module, inputs, out):
+    """What the official bc.py's einsum returns on CUDA: the same values in a non-contiguous layout."""
+    return out.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@official
+@pytest.mark.parametrize("permutation", ["off", "po-u"])
+def test_official_model_takes_non_contiguous_attention_logits(off, permutation):
+    """official.py's fix 5: BiAttention.forward_all reshapes the bilinear logits instead of viewing
+    them, so the model runs when bc.py's einsum returns them non-contiguous (as it does on CUDA)."""
+    ref = official_ban(off).eval()
+    model = ref if permutation == "off" else patch_ban(ref, permutation).eval()
+    v, b, q = make_batch([10, 30], seed=13)
+    call = (lambda: model(v, b, q, None)) if permutation == "off" else (lambda: model(v, b, q))
+    expected = call()[0]
+    handle = ref.v_att.logits.register_forward_hook(_non_contiguous_logits)
+    try:
+        assert not ref.v_att.logits(v, ref.q_emb.forward_all(ref.w_emb(q))).is_contiguous()
+        logits = call()[0]
+        logits.sum().backward()
+    finally:
+        handle.remove()
+    assert_close(logits, expected, rtol=1e-6, atol=1e-6)

@@ -165,9 +165,10 @@ def _sizes(root):
 
 
 @pytest.mark.skipif(not os.environ.get("SETPERM_BAN_ROOT"), reason="SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
-def test_official_model_trains(root, tmp_path):
+@pytest.mark.parametrize("amp", [[], ["--amp"]], ids=["float32", "bf16-autocast"])
+def test_official_model_trains(root, tmp_path, amp):
     result = run(_args(root, tmp_path, "--permutation", "po-u", "--ban-root", os.environ["SETPERM_BAN_ROOT"],
-                       "--max-steps", "2"))
+                       "--max-steps", "2", *amp))
     assert result["step"] == 2
     assert all(torch.isfinite(p).all() for p in result["model"].parameters())
 
@@ -227,3 +228,58 @@ def test_non_finite_loss_stops_before_the_update(root, tmp_path, capsys, monkeyp
     assert code == 1 and "Traceback" not in err
     assert "loss is nan at step 3" in err.strip().splitlines()[-1]
     assert load_latest(out)["step"] == before["step"] == 2
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16-autocast"])
+def test_one_training_step_on_every_device(root, tmp_path, device, amp):
+    """One official step of BAN + PO-U on the device (``--amp``: bfloat16 autocast): finite loss, every
+    trained parameter moves and stays float32 on the device."""
+    args = _args(root, tmp_path, "--permutation", "po-u", *(["--amp"] if amp else []))
+    assert args.amp is amp
+    ds = VQAFeatureDataset(root, "train")
+    torch.manual_seed(0)
+    model = build_model(args, ds.dictionary.ntoken, ds.num_ans_candidates, ds.v_dim).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.Adamax(params, lr=2e-3)
+    batch = collate_vqa([ds[i] for i in range(4)])
+    loss, score, norm = train_step(model, opt, batch, device, grad_clip=0.25, amp=amp)
+    assert loss.device.type == device.type and bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))
+    assert all(p.dtype == torch.float32 and p.device.type == device.type for p in params)
+    moved = [not torch.equal(p.detach(), b) for p, b in zip(params, before)]
+    assert sum(moved) >= 0.9 * len(moved)
+    if amp:   # the same step without autocast: close, not equal (bfloat16 has 8 significant bits)
+        torch.manual_seed(0)
+        ref = build_model(args, ds.dictionary.ntoken, ds.num_ans_candidates, ds.v_dim).to(device)
+        ref_loss, _, _ = train_step(ref, torch.optim.Adamax([p for p in ref.parameters() if p.requires_grad], lr=2e-3),
+                                    batch, device, grad_clip=0.25, amp=False)
+        assert float(loss) != float(ref_loss)                       # autocast did take effect
+        assert abs(float(loss) - float(ref_loss)) < 0.05 * abs(float(ref_loss))
+
+
+def test_amp_run_records_the_setting_and_resume_refuses_a_change(root, tmp_path):
+    import json
+
+    out = tmp_path / "amp"
+    run(_args(root, out, "--permutation", "po-u", "--amp", "--max-steps", "1"))
+    assert json.loads((out / "config.json").read_text())["amp"] is True
+    with pytest.raises(RunError, match="amp"):
+        run(_args(root, out, "--permutation", "po-u", "--max-steps", "2", "--resume"))
+    # runs without --amp record nothing (configs written before the flag existed stay comparable)
+    run(_args(root, tmp_path / "plain", "--permutation", "off", "--max-steps", "1"))
+    assert "amp" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("official", [False, True], ids=["self-contained", "official"])
+def test_train_command_runs_on_cuda(root, tmp_path, official):
+    """``train --device cuda`` for the self-contained and the official model (pinned batches, asynchronous
+    copies, the official attention's non-contiguous logits)."""
+    extra = []
+    if official:
+        if not os.environ.get("SETPERM_BAN_ROOT"):
+            pytest.skip("SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
+        extra = ["--ban-root", os.environ["SETPERM_BAN_ROOT"]]
+    result = run(_args(root, tmp_path, "--permutation", "po-u", *extra, "--max-steps", "2", "--device", "cuda"))
+    assert result["step"] == 2
+    assert all(p.is_cuda and torch.isfinite(p).all() for p in result["model"].parameters())

@@ -1,0 +1,380 @@
+"""GPU benchmark: the permutation layer and BAN's training step on CUDA, in one command.
+
+    python -m benchmarks.gpu [--perm-optim-root PATH] [--out runs/benchmarks]
+    python -m benchmarks.gpu --device cpu --tiny        # dry run of every path on tiny sizes (tests)
+
+Layer table: the VQA-configuration encoder (paper appendix F.4: 13-d elements, pairwise MLP hidden
+128, T = 3, LSTM 128, relevance weights) on B in {64, 256} sets of N in {36, 100, 400} elements,
+forward and forward + backward, for setperm with every kernel (``auto``, ``chunked``,
+``compiled``), the literal reference of :mod:`benchmarks.reference`, and, with
+``--perm-optim-root``, the paper's released module: ``PermNet`` from ``ban-vqa/permnet.py`` of the
+user's own checkout of github Cyanogenoid/perm-optim, imported from there (nothing of it is copied
+here; it takes boxes, attention logits and box features, and includes its learned projection of
+``--released-features``-d box features to 8). Time: CUDA events around each call, the median of
+``--repeats`` calls after ``--warmup`` calls (the first of which compiles the fused kernels). Memory:
+``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it (inputs,
+parameters). The reference and the released module materialise every pair; they are skipped where
+their estimated peak exceeds ``--ref-mem-limit-gb``.
+
+BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
+BAN + PO-U at the official shape (batch 256, H = 1280, 8 glimpses, 2048-d features of 10-100 boxes
+per image, VQA v2's 19,901-word dictionary and 3,129 answers), all three built with the same seed
+and timed on the same random batches in alternating order; medians and the ratios to plain BAN
+(``--amp``: also BAN + PO-U under bfloat16 autocast).
+
+Results: ``<out>/gpu.json`` and ``<out>/gpu.md`` (``gpu_tiny.*`` with ``--tiny``). Without CUDA the
+command exits with status 1 and one line; ``--device cpu`` runs the same code on the CPU (with
+``--tiny``, in seconds), where peak memory is not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import itertools
+import statistics
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .harness import DEFAULT_OUT, Config, build, call, machine_info, markdown_table, vqa, write_results
+
+KERNELS = ("auto", "chunked", "compiled")
+BAN_VARIANTS = ("off", "none", "po-u")
+BAN_LABELS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U", "po-u-amp": "BAN + PO-U, bf16 autocast"}
+# VQA v2 with the official preprocessing: dictionary size and answer candidates (ban-vqa's tools/)
+VQA_NTOKEN, VQA_ANSWERS = 19901, 3129
+
+
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_call(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` calls: CUDA events on CUDA (the time the
+    GPU spends from the first to the last kernel a call queues, host overhead included when the
+    queue runs dry), wall-clock time elsewhere."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        from .harness import median_time
+
+        return median_time(fn, 0, repeats, "cpu")
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Bytes allocated at the peak of one call above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+# ------------------------------------------------------------------------ the paper's released module
+def load_released_permnet(root) -> type:
+    """``PermNet`` from ``<root>/ban-vqa/permnet.py`` of a checkout of github Cyanogenoid/perm-optim.
+
+    Imported from the user's checkout (its folder first on ``sys.path`` during the import, so its
+    ``permutation`` module comes along); every module it brings in under a bare name is removed from
+    ``sys.modules`` again, and names it shadowed are restored.
+    """
+    if root is None or str(root) == "":
+        raise ValueError("--perm-optim-root: expected the path of a checkout of github Cyanogenoid/perm-optim, "
+                         "got an empty value")
+    folder = Path(root).expanduser().resolve() / "ban-vqa"
+    if not (folder / "permnet.py").is_file():
+        raise ValueError(f"--perm-optim-root: {str(Path(root).expanduser())!r} is not a checkout of github "
+                         "Cyanogenoid/perm-optim (no ban-vqa/permnet.py in it)")
+    saved = dict(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module("permnet")
+        released = getattr(module, "PermNet")
+    except Exception as err:
+        raise ValueError(f"--perm-optim-root: importing ban-vqa/permnet.py failed: {type(err).__name__}: {err}") from err
+    finally:
+        sys.path.remove(str(folder))
+        for name in [n for n in sys.modules if n not in saved or sys.modules[n] is not saved[n]]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+    return released
+
+
+def build_released(released: type, cfg: Config, features: int, device: torch.device, seed: int = 0):
+    """The released ``PermNet(objects, input_features, mid_features=8, output_features)`` (13-d
+    elements: 4 box coordinates, the attention logit, 8 projected features) and its inputs:
+    boxes ``(B, 4, N)``, attention logits ``(B, N)``, box features ``(B, N, features)``."""
+    torch.manual_seed(seed)
+    net = released(objects=10, input_features=features, mid_features=cfg.in_features - 5,
+                   output_features=cfg.lstm_hidden).to(device)
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(cfg.batch, 2, cfg.n, generator=g)
+    boxes = torch.cat([corner, corner + torch.rand(cfg.batch, 2, cfg.n, generator=g)], 1).to(device)
+    att = torch.randn(cfg.batch, cfg.n, generator=g).to(device)
+    feats = torch.rand(cfg.batch, cfg.n, features, generator=g).to(device)
+    return net, (boxes, att, feats)
+
+
+def released_bytes(cfg: Config, features: int) -> float:
+    """Rough fwd+bwd peak of the released module: the reference's pairs and MLP activations on both
+    orders (it materialises them the same way) plus its box features."""
+    return cfg.estimate_reference_bytes() + 8.0 * cfg.batch * cfg.n * features
+
+
+# ------------------------------------------------------------------------------------ layer table
+def layer_configs(tiny: bool) -> List[Config]:
+    if tiny:
+        return [Config("tiny vqa B=3 N=6", "encoder", 13, 8, 2, 6, 3, lstm_hidden=7),
+                Config("tiny vqa B=2 N=9", "encoder", 13, 8, 2, 9, 2, lstm_hidden=7)]
+    return [vqa(n, b) for b in (64, 256) for n in (36, 100, 400)]
+
+
+def _setperm(cfg: Config, kernel: str, device: torch.device):
+    mod, x, w = build(cfg, "setperm", device=str(device))
+    mod.optimizer.cost.kernel = kernel
+    return mod, (x, w)
+
+
+def _run(mod: nn.Module, inputs, mode: str, released: bool) -> None:
+    def forward(args):
+        return mod(*args) if released else call(mod, *args)
+    if mode == "fwd":
+        with torch.no_grad():
+            forward(inputs)
+        return
+    args = list(inputs)
+    args[0] = args[0].detach().requires_grad_(True)
+    out = forward(args)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dict[str, object]]:
+    limit = args.ref_mem_limit_gb * 2 ** 30
+    rows = []
+    for cfg in layer_configs(args.tiny):
+        impls = [(f"setperm ({k})", k) for k in args.kernels] + [("reference", None)]
+        if released is not None:
+            impls.append(("released PermNet", None))
+        base_ms = None
+        for label, kernel in impls:
+            row: Dict[str, object] = {"config": cfg.name, "impl": label}
+            estimate = (released_bytes(cfg, args.released_features) if label.startswith("released")
+                        else cfg.estimate_reference_bytes() if label == "reference" else 0)
+            if estimate > limit:
+                row["note"] = f"skipped: estimated peak {estimate / 2 ** 30:.0f} GiB > --ref-mem-limit-gb"
+                rows.append(row)
+                continue
+            try:
+                if kernel is not None:
+                    mod, inputs = _setperm(cfg, kernel, device)
+                elif label == "reference":
+                    mod, x, w = build(cfg, "reference", device=str(device))
+                    inputs = (x, w)
+                else:
+                    mod, inputs = build_released(released, cfg, args.released_features, device)
+                is_released = label.startswith("released")
+                for mode in ("fwd", "fb"):
+                    fn = lambda: _run(mod, inputs, mode, is_released)          # noqa: E731
+                    row[f"{mode}_ms"] = 1e3 * time_call(fn, args.warmup, args.repeats, device)
+                    peak = peak_memory(fn, device)
+                    row[f"{mode}_mib"] = None if peak is None else peak / 2 ** 20
+                del mod, inputs
+            except torch.OutOfMemoryError:
+                row["note"] = "out of memory"
+            except Exception as err:                         # one failing row must not lose the others
+                row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+                if args.verbose:
+                    traceback.print_exc()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if label == "setperm (auto)" and row.get("fb_ms"):
+                base_ms = row["fb_ms"]
+            if base_ms and row.get("fb_ms"):
+                row["fb_vs_auto"] = row["fb_ms"] / base_ms
+            rows.append(row)
+            print(f"{cfg.name} | {label}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in row.items() if k not in ("config", "impl")),
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+LAYER_COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("fwd_ms", "fwd ms"),
+                 ("fb_ms", "fwd+bwd ms"), ("fwd_mib", "fwd peak MiB"), ("fb_mib", "fwd+bwd peak MiB"),
+                 ("fb_vs_auto", "fwd+bwd time / setperm (auto)"), ("note", "note")]
+
+
+# --------------------------------------------------------------------------------- BAN training step
+def ban_shape(tiny: bool) -> Dict[str, int]:
+    if tiny:
+        return {"batch": 4, "num_hid": 16, "gamma": 2, "v_dim": 32, "min_boxes": 3, "max_boxes": 8,
+                "ntoken": 50, "answers": 20}
+    return {"batch": 256, "num_hid": 1280, "gamma": 8, "v_dim": 2048, "min_boxes": 10, "max_boxes": 100,
+            "ntoken": VQA_NTOKEN, "answers": VQA_ANSWERS}
+
+
+def random_batches(shape: Dict[str, int], count: int, seed: int = 0) -> list:
+    """``count`` VQA batches of the official layout (:class:`integrations.ban.data.VQABatch`): box
+    counts drawn from ``[min_boxes, max_boxes]`` per image, zero-padded to the batch's largest,
+    normalised box corners, 14 question tokens, sparse soft answer scores."""
+    from integrations.ban.data import VQABatch
+
+    g = torch.Generator().manual_seed(seed)
+    B, out = shape["batch"], []
+    for _ in range(count):
+        n = torch.randint(shape["min_boxes"], shape["max_boxes"] + 1, (B,), generator=g)
+        K = int(n.max())
+        mask = torch.arange(K) < n[:, None]
+        v = torch.rand(B, K, shape["v_dim"], generator=g) * mask[..., None]
+        corner = torch.rand(B, K, 2, generator=g) * 0.5
+        size = torch.rand(B, K, 2, generator=g) * 0.5
+        b = torch.cat([corner, corner + size, size], -1) * mask[..., None]
+        q = torch.randint(0, shape["ntoken"], (B, 14), generator=g)
+        target = torch.zeros(B, shape["answers"])
+        target[torch.arange(B), torch.randint(0, shape["answers"], (B,), generator=g)] = 1.0
+        out.append(VQABatch(v, b, q, target, mask, torch.arange(B)))
+    return out
+
+
+def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
+    """Median training-step seconds of plain BAN, BAN + LSTM, BAN + PO-U (same seed, same batches,
+    alternating order) and their ratios to plain BAN."""
+    from integrations.ban.model import build_ban
+    from integrations.ban.plugin import patch_ban
+    from integrations.ban.train import train_step
+
+    shape = ban_shape(args.tiny)
+    variants = list(BAN_VARIANTS) + (["po-u-amp"] if args.amp else [])
+    models, optims = {}, {}
+    for variant in variants:
+        torch.manual_seed(args.seed)
+        ban = build_ban(shape["ntoken"], shape["answers"], v_dim=shape["v_dim"], num_hid=shape["num_hid"],
+                        gamma=shape["gamma"])
+        perm = variant.replace("-amp", "")
+        model = patch_ban(ban, permutation=perm) if perm == "off" else patch_ban(ban, permutation=perm,
+                                                                                    kernel="auto")
+        models[variant] = model.to(device)
+        optims[variant] = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batches = random_batches(shape, args.ban_batches, seed=args.seed)
+    if device.type == "cuda":            # as the training loader gives them: page-locked, copied asynchronously
+        batches = [type(bt)(*(t.pin_memory() for t in bt)) for bt in batches]
+    times: Dict[str, List[float]] = {v: [] for v in variants}
+    for k, batch in enumerate(itertools.islice(itertools.cycle(batches), args.ban_steps + args.warmup)):
+        order = variants if k % 2 == 0 else variants[::-1]
+        for variant in order:
+            step = lambda: train_step(models[variant], optims[variant], batch, device, 0.25,     # noqa: E731
+                                      amp=variant.endswith("-amp"))
+            seconds = time_call(step, 0, 1, device)
+            if k >= args.warmup:                          # the first steps compile and warm the caches
+                times[variant].append(seconds)
+    base = statistics.median(times["off"])
+    rows = []
+    for variant in variants:
+        med = statistics.median(times[variant])
+        rows.append({"model": BAN_LABELS[variant], "step_ms": 1e3 * med, "ratio": med / base,
+                     "steps": len(times[variant])})
+    for name, row in zip(variants, rows):
+        row["per_step_ms"] = [1e3 * t for t in times[name]]
+    return rows
+
+
+BAN_COLUMNS = [("model", "model"), ("step_ms", "training step ms (median)"), ("ratio", "/ plain BAN"),
+               ("steps", "timed steps")]
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:<i>, or cpu for a dry run")
+    p.add_argument("--tiny", action="store_true", help="tiny layer and BAN sizes (a dry run of every path)")
+    p.add_argument("--perm-optim-root", default=None,
+                   help="checkout of github Cyanogenoid/perm-optim: adds the paper's released PermNet "
+                        "(ban-vqa/permnet.py, imported from the checkout) to the layer table")
+    p.add_argument("--released-features", type=int, default=2048,
+                   help="box feature size given to the released PermNet (its projection to 8; default 2048 as in BAN)")
+    p.add_argument("--kernels", default=",".join(KERNELS),
+                   help=f"setperm kernels in the layer table, comma-separated (default {','.join(KERNELS)})")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls / steps first (compilation, caches)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per layer measurement; the median is kept")
+    p.add_argument("--ban-steps", type=int, default=20, help="timed training steps per BAN model")
+    p.add_argument("--ban-batches", type=int, default=4, help="distinct random batches cycled through")
+    p.add_argument("--amp", action="store_true", help="also time BAN + PO-U under bfloat16 autocast")
+    p.add_argument("--no-layer", action="store_true", help="skip the layer table")
+    p.add_argument("--no-ban", action="store_true", help="skip the BAN training steps")
+    p.add_argument("--ref-mem-limit-gb", type=float, default=64.0,
+                   help="skip the reference / released module where its estimated peak exceeds this (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default runs/benchmarks)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failing row")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        p.error(f"--device: unknown device {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("benchmarks.gpu: CUDA is required and no CUDA device is available (--device cpu --tiny runs a "
+              "dry run on the CPU)", file=sys.stderr)
+        return 1
+    if device.type not in ("cuda", "cpu"):
+        p.error(f"--device: expected cuda[:i] or cpu, got {args.device!r}")
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    bad = [k for k in kernels if k not in KERNELS]
+    if bad or not kernels:
+        p.error(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
+    args.kernels = kernels
+    released = None
+    if args.perm_optim_root is not None:
+        try:
+            released = load_released_permnet(args.perm_optim_root)
+        except ValueError as err:
+            print(f"benchmarks.gpu: {err}", file=sys.stderr)
+            return 1
+    info = machine_info(torch.get_num_threads())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        layer = [] if args.no_layer else layer_rows(args, device, released)
+        ban = [] if args.no_ban else ban_rows(args, device)
+    tables = []
+    if layer:
+        tables += ["Layer (VQA configuration: 13-d elements, pairwise hidden 128, T = 3, LSTM 128, relevance "
+                   "weights):", "", markdown_table(layer, LAYER_COLUMNS)]
+    if ban:
+        shape = ban_shape(args.tiny)
+        tables += ["", f"BAN training step (batch {shape['batch']}, H {shape['num_hid']}, {shape['gamma']} glimpses, "
+                       f"{shape['min_boxes']}-{shape['max_boxes']} boxes):", "",
+                   markdown_table(ban, BAN_COLUMNS)]
+    text = "\n".join(tables)
+    print(text)
+    stem = "gpu_tiny" if args.tiny else "gpu"
+    write_results(args.out / f"{stem}.json", info, args, layer=layer, ban=ban, table=text)
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    print(f"results: {args.out / (stem + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

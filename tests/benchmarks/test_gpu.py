@@ -1,0 +1,84 @@
+"""benchmarks/gpu.py: without CUDA it refuses in one line; on the CPU (--device cpu --tiny) every path
+runs and writes its JSON and table; the released module is imported from a checkout's folder and
+leaves nothing behind in sys.modules (a stand-in checkout here: the real one is the user's)."""
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from benchmarks import gpu
+
+FAST = ["--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "1", "--ban-steps", "1", "--ban-batches", "1"]
+
+# A stand-in with the released module's interface (PermNet(objects, input_features, mid_features,
+# output_features); forward(boxes (B, 4, N), attention (B, N), features (B, N, F)) -> (B, output_features)),
+# importing a sibling module as the released permnet.py imports permutation.py.
+STAND_IN = {
+    "permutation.py": "import torch\n\ndef pool(x):\n    return x.sum(-1)\n",
+    "permnet.py": textwrap.dedent("""
+        import torch
+        from torch import nn
+        from permutation import pool
+
+        class PermNet(nn.Module):
+            def __init__(self, objects, input_features, mid_features, output_features):
+                super().__init__()
+                self.f = nn.Linear(input_features, mid_features)
+                self.out = nn.Linear(4 + 1 + mid_features, output_features)
+
+            def forward(self, boxes, attention, features):
+                x = torch.cat([boxes, attention.unsqueeze(1), self.f(features).transpose(1, 2)], 1)
+                return self.out(pool(x))
+        """),
+}
+
+
+def _checkout(tmp_path):
+    folder = tmp_path / "perm-optim" / "ban-vqa"
+    folder.mkdir(parents=True)
+    for name, text in STAND_IN.items():
+        (folder / name).write_text(text)
+    return tmp_path / "perm-optim"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_without_cuda_exits_1_with_one_line(capsys, tmp_path):
+    assert gpu.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA is required" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cpu_dry_run_writes_every_row(tmp_path):
+    root = _checkout(tmp_path)
+    before = set(sys.modules)
+    assert gpu.main([*FAST, "--kernels", "auto,chunked", "--amp", "--perm-optim-root", str(root),
+                     "--released-features", "6", "--out", str(tmp_path / "out")]) == 0
+    assert not {"permnet", "permutation"} & (set(sys.modules) - before)
+    data = json.loads((tmp_path / "out" / "gpu_tiny.json").read_text())
+    impls = {r["impl"] for r in data["layer"]}
+    assert impls == {"setperm (auto)", "setperm (chunked)", "reference", "released PermNet"}
+    for row in data["layer"]:
+        assert "note" not in row, row
+        assert row["fwd_ms"] > 0 and row["fb_ms"] > 0
+        assert row["fb_mib"] is None                      # peak memory is measured on CUDA only
+    models = [r["model"] for r in data["ban"]]
+    assert models == ["BAN", "BAN + LSTM", "BAN + PO-U", "BAN + PO-U, bf16 autocast"]
+    assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
+    table = (tmp_path / "out" / "gpu_tiny.md").read_text()
+    assert "released PermNet" in table and "BAN + PO-U" in table
+
+
+def test_bad_perm_optim_root_is_one_line(capsys, tmp_path):
+    assert gpu.main([*FAST, "--no-ban", "--perm-optim-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a checkout of github Cyanogenoid/perm-optim" in err
+    with pytest.raises(ValueError, match="empty"):
+        gpu.load_released_permnet("")
+
+
+def test_bad_kernels_flag():
+    with pytest.raises(SystemExit):
+        gpu.main([*FAST, "--kernels", "chunked,fast"])
