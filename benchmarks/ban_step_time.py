@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -48,7 +48,7 @@ from integrations.ban.cli import add_train_arguments, resolve_train_args
 from integrations.ban.model import padding_mask
 from integrations.ban.plugin import PatchedBan, glimpse_sets
 from integrations.ban.train import box_counts, build_model, datasets, make_loader, train_step, vqa_bce_loss
-from integrations.common import positive_int, resolve_device, seed_everything
+from integrations.common import ensure_new, positive_int, resolve_device, run_command, seed_everything, write_json
 from setperm import apply_permutation, optimize_permutation
 from setperm.encoder import lstm_last_cell_state
 from setperm.masking import zero_padding
@@ -439,8 +439,9 @@ def main(argv=None) -> dict:
     args = resolve_train_args(p.parse_args(argv), p)
     if args.permutation == "off":
         p.error("--permutation off is the baseline every variant is timed against: choose none, po-u or po-la")
-    # the run flags of the shared training parser (--resume, --overwrite, --epochs, --max-steps) do not
-    # apply: the benchmark trains nothing to keep, it times --steps steps of each model
+    # of the shared training parser's run flags only --overwrite applies (to the result file): the
+    # benchmark trains nothing to keep, it times --steps steps of each model
+    out = ensure_new(Path(args.out), overwrite=args.overwrite)       # before the time is spent
     pair = build_pair(args)
     batches: List = []
     result = {"variant": args.permutation, **compare_step_time(args, pair, batches)}
@@ -449,12 +450,15 @@ def main(argv=None) -> dict:
         result["breakdown"] = step_breakdown(models[args.permutation], optims[args.permutation],
                                              median_box_batch(batches), device, args.grad_clip, args.steps)
     print(markdown_tables(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}, indent=1) + "\n")
+    write_json(out, {"args": {k: str(v) for k, v in vars(args).items()}, **result})
     print(f"results: {out}")
     return result
 
 
+def _command(argv=None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(_command, "python -m benchmarks.ban_step_time"))

@@ -41,7 +41,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .harness import DEFAULT_OUT, Config, build, call, machine_info, markdown_table, vqa, write_results
+from integrations.common import add_threads_argument, ensure_new, run_command
+from integrations.common.atomic import atomic_write
+
+from .harness import DEFAULT_OUT, Config, build, call, markdown_table, prepare, vqa, write_results
 
 KERNELS = ("auto", "chunked", "compiled")
 BAN_VARIANTS = ("off", "none", "po-u")
@@ -322,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the reference / released module where its estimated peak exceeds this (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default runs/benchmarks)")
+    p.add_argument("--overwrite", action="store_true", help="replace this benchmark's earlier results in --out")
+    add_threads_argument(p)
     p.add_argument("--verbose", action="store_true", help="print the traceback of a failing row")
     return p
 
@@ -351,7 +356,9 @@ def main(argv=None) -> int:
         except ValueError as err:
             print(f"benchmarks.gpu: {err}", file=sys.stderr)
             return 1
-    info = machine_info(torch.get_num_threads())
+    stem = "gpu_tiny" if args.tiny else "gpu"
+    path, info = prepare(args, f"{stem}.json")
+    table_path = ensure_new(args.out / f"{stem}.md", overwrite=args.overwrite)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -369,12 +376,11 @@ def main(argv=None) -> int:
                    markdown_table(ban, BAN_COLUMNS)]
     text = "\n".join(tables)
     print(text)
-    stem = "gpu_tiny" if args.tiny else "gpu"
-    write_results(args.out / f"{stem}.json", info, args, layer=layer, ban=ban, table=text)
-    (args.out / f"{stem}.md").write_text(text + "\n")
-    print(f"results: {args.out / (stem + '.json')}")
+    write_results(path, info, args, layer=layer, ban=ban, table=text)
+    atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
+    print(f"results: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "python -m benchmarks.gpu"))
