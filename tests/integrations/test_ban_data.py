@@ -277,3 +277,10 @@ def test_non_finite_features_name_file_split_and_row(broken, workers):
     assert f"box rows {start}:{end}" in msg and "\n" not in msg
     clean = [i for i in range(len(ds)) if ds.entries[i][0] != row]
     assert all(torch.isfinite(ds[i].v).all() for i in clean)
+
+
+def test_a_missing_data_root_is_named_rather_than_a_file_in_it(tmp_path):
+    with pytest.raises(VQADataError, match=r"typo: folder not found \(check --data-root\)$"):
+        Dictionary.load(tmp_path / "typo" / "dictionary.pkl")
+    with pytest.raises(VQADataError, match=r"dictionary.pkl: key '<file>': file not found$"):
+        Dictionary.load(tmp_path / "dictionary.pkl")            # the folder exists, the file does not

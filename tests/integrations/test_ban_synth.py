@@ -2,6 +2,7 @@
 every family, the unambiguity guarantees, balanced families and yes / no, and the oracle decoder
 recovering every stored answer from the files alone."""
 import json
+import sys
 from collections import Counter
 
 import h5py
@@ -302,3 +303,34 @@ def test_relevant_boxes_are_the_asked_class_and_the_landmark(tmp_path):
         assert (logits[i, : len(m)][torch.from_numpy(m)] == 4.0).all()
         assert (logits[i, : len(m)][~torch.from_numpy(m)] == -4.0).all()
         assert (logits[i, len(m):] == -4.0).all()
+
+
+def _synth_command(capsys, *argv):
+    from integrations.ban.cli import PROG, entry
+
+    old, sys.argv = sys.argv, [PROG, "synth", *argv]
+    try:
+        code = entry()
+    except SystemExit as e:                      # argparse's own exit (status 2)
+        code = e.code
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def test_command_checks_settings_and_folder_before_writing(tmp_path, capsys):
+    out = tmp_path / "data"
+    code, err = _synth_command(capsys, "--families", "exists,color", "--images", "4", "--out", str(out))
+    assert code == 2 and "Traceback" not in err and "'color'" in err.strip().splitlines()[-1]
+    assert not out.exists()
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me\n")
+    code, err = _synth_command(capsys, "--images", "4", "--val-images", "2", "--out", str(unrelated))
+    assert code == 1 and "holds no synthetic dataset" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in unrelated.iterdir()) == ["notes.txt"]
+    small = ["--images", "4", "--val-images", "2", "--questions", "2", "--v-dim", "16", "--out", str(out)]
+    assert _synth_command(capsys, *small)[0] == 0
+    code, err = _synth_command(capsys, *small)                 # an earlier dataset: only with --overwrite
+    assert code == 1 and "--overwrite" in err
+    assert _synth_command(capsys, *small, "--overwrite")[0] == 0

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import setperm
-from integrations.mosaic.__main__ import main
+from integrations.common import run_command
+from integrations.mosaic.__main__ import PROG, main
+from integrations.mosaic.datasets import DataFormatError
 from integrations.mosaic.model import ClassifyNet, MosaicNet
 from integrations.mosaic.resnet import ResNet18
 from integrations.mosaic.tiles import random_permutations, shuffle_tiles, target_index
@@ -116,6 +118,19 @@ def test_classify_trains_only_the_permutation(tmp_path, data_root):
     with pytest.raises(ValueError, match="--classifier"):
         main(["train", "--task", "classify", "--classifier", str(cls), "--dataset", "mnist", "--tiles", "2",
               "--subset", "8", "--data-root", data_root, "--out", str(tmp_path / "bad"), "--epochs", "1"])
+    with pytest.raises(ValueError, match="tiles=2, this run has 3"):
+        main(["train", "--task", "classify", "--classifier", str(pre), "--dataset", "mnist", "--tiles", "3",
+              "--subset", "8", "--data-root", data_root, "--out", str(tmp_path / "bad"), "--epochs", "1"])
+    assert not (tmp_path / "bad").exists()          # a start that fails leaves no run folder behind
+
+
+def test_a_failed_start_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run_command(main, PROG, ["train", "--dataset", "mnist", "--data-root", str(tmp_path / "typo"),
+                                    "--out", str(out)], errors=(DataFormatError,))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "typo/mnist: data folder for mnist not found" in err[0]
+    assert not out.exists()
 
 
 def test_classify_net_freezes_classifier():

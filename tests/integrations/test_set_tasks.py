@@ -377,3 +377,11 @@ def test_a_non_finite_loss_stops_the_cell_before_the_update(tmp_path, monkeypatc
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cell kth/po-u/seed0" in last and "the loss is" in last and "at step 1;" in last
     assert not cell_path(out, "kth", "po-u", 0).exists()
+
+
+def test_a_missing_data_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, tmp_path / "typo", "--tasks", "max", "--encoders", "deepsets", "--seeds", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "typo/mnist: data folder for mnist not found" in err[0]
+    assert not out.exists()
