@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from integrations.common.stats import fmt_mean_std
 from setperm import hungarian, permutation_entropy
 
 __all__ = ["attention_mass", "hard_positions", "set_rank_correlation", "relative_entropy", "diagnose_run",
@@ -157,24 +158,6 @@ def _describe(t) -> str:
 # ---------------------------------------------------------------------------------------------
 # one run
 # ---------------------------------------------------------------------------------------------
-
-def _load(run_dir, split: str, data_root: Optional[str], device):
-    """Model, dataset and stored config of a run's newest intact checkpoint, as ``train.evaluate_run``."""
-    from integrations.common import load_latest
-
-    from .data import Dictionary, VQAFeatureDataset
-    from .train import build_model
-
-    state = load_latest(run_dir)
-    saved = argparse.Namespace(**state["config"])
-    if data_root is not None:
-        saved.data_root = data_root
-    dictionary = Dictionary.load(Path(saved.data_root) / "dictionary.pkl")
-    ds = VQAFeatureDataset(saved.data_root, split, dictionary, adaptive=not saved.fixed36)
-    model = build_model(saved, dictionary.ntoken, ds.num_ans_candidates, ds.v_dim)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), ds, saved, state
-
 
 class _RelevanceRecorder:
     """Forward hook on the set encoder: keeps the relevance logits (``weights``) of its last call."""
@@ -343,14 +326,14 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     from integrations.common import resolve_device
 
     from .synth_oracle import decode_scenes
-    from .train import load_question_types, make_loader, model_inputs, relevance_oracle
+    from .train import load_question_types, load_run, make_loader, model_inputs, relevance_oracle
 
     if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be a positive int or None, got {max_questions!r}")
     path = Path(run_dir)
     folder = path.parent.parent if path.suffix == ".pt" else path
     dev = resolve_device(device)
-    model, ds, saved, state = _load(path, split, data_root, dev)
+    model, ds, saved, state = load_run(path, split, data_root, dev)
     qtypes = load_question_types(saved.data_root)
     if qtypes is None:
         raise FileNotFoundError(f"{saved.data_root}: not a synthetic dataset (no synth_meta.json); diagnose "
@@ -619,7 +602,7 @@ def run_markdown(res: dict) -> str:
 
 
 def _ms(s: Optional[dict], scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if s is None else f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+    return fmt_mean_std(s, scale, digits)
 
 
 def sweep_markdown(results: dict) -> str:

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -260,8 +260,37 @@ def write_dataset(out, cfg: SynthConfig) -> Path:
 DEFAULT_FAMILIES = "exists:3,colour:4,leftmost,rightmost,kth_left,largest,smallest,count,count_left"
 
 
+# The help of each generator setting; the flags themselves come from the dataclasses (generator_settings).
+SETTING_HELP = {
+    "classes": "asked classes",
+    "clutter": "clutter (never asked) classes",
+    "max_per_class": "boxes of one asked class: 0 ... this",
+    "min_boxes": "boxes per image, at least",
+    "max_boxes": "boxes per image, at most (official: 100)",
+    "min_dx": "least gap of asked boxes' x-centres",
+    "min_area_ratio": "least area ratio of two boxes of one asked class",
+    "max_iou": "largest IoU of two boxes of one asked class",
+    "min_area": "least box area (fraction of the image)",
+    "max_area": "largest box area (fraction of the image)",
+    "margin": "x-centres of asked boxes in [margin, 1 - margin]",
+    "v_dim": "feature size (bottom-up features: 2048)",
+    "noise": "std of the per-dimension feature noise",
+    "class_scale": "weight of the class code",
+    "colour_scale": "weight of the colour code",
+    "bias": "constant added before the ReLU",
+}
+
+
+def generator_settings() -> Dict[type, List[dataclasses.Field]]:
+    """The numeric fields of :class:`SceneConfig` and :class:`FeatureConfig`, per class: the generator
+    settings that the command line and ``knobs`` offer."""
+    def numeric(f):
+        return isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+
+    return {cls: [f for f in dataclasses.fields(cls) if numeric(f)] for cls in (SceneConfig, FeatureConfig)}
+
+
 def build_parser(prog=None) -> argparse.ArgumentParser:
-    s, f = SceneConfig(), FeatureConfig()
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (the official repo's data/): new, empty, or holding "
@@ -278,22 +307,12 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                    help="probability that each of the 10 simulated annotators gives the true answer")
     p.add_argument("--fixed", action=argparse.BooleanOptionalAction, default=False,
                    help="also write the fixed-36 {split}36.hdf5 files")
-    g = p.add_argument_group("scenes (synth_world.SceneConfig)")
-    g.add_argument("--classes", type=int, default=s.classes, help="asked classes")
-    g.add_argument("--clutter", type=int, default=s.clutter, help="clutter (never asked) classes")
-    g.add_argument("--max-per-class", type=int, default=s.max_per_class, help="boxes of one asked class: 0 ... this")
-    g.add_argument("--min-boxes", type=int, default=s.min_boxes, help="boxes per image, at least")
-    g.add_argument("--max-boxes", type=int, default=s.max_boxes, help="boxes per image, at most (official: 100)")
-    g.add_argument("--min-dx", type=float, default=s.min_dx, help="least gap of asked boxes' x-centres")
-    g.add_argument("--min-area-ratio", type=float, default=s.min_area_ratio,
-                   help="least area ratio of two boxes of one asked class")
-    g.add_argument("--max-iou", type=float, default=s.max_iou, help="largest IoU of two boxes of one asked class")
-    g = p.add_argument_group("features (synth_features.FeatureConfig)")
-    g.add_argument("--v-dim", type=int, default=f.v_dim, help="feature size (bottom-up features: 2048)")
-    g.add_argument("--noise", type=float, default=f.noise, help="std of the per-dimension feature noise")
-    g.add_argument("--class-scale", type=float, default=f.class_scale, help="weight of the class code")
-    g.add_argument("--colour-scale", type=float, default=f.colour_scale, help="weight of the colour code")
-    g.add_argument("--bias", type=float, default=f.bias, help="constant added before the ReLU")
+    titles = {SceneConfig: "scenes (synth_world.SceneConfig)", FeatureConfig: "features (synth_features.FeatureConfig)"}
+    for cls, fields in generator_settings().items():
+        g = p.add_argument_group(titles[cls])
+        for f in fields:
+            g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=SETTING_HELP.get(f.name))
     return p
 
 
@@ -314,9 +333,7 @@ def _check_out(out: Path, overwrite: bool) -> Optional[str]:
 def main(argv=None, prog=None):
     p = build_parser(prog)
     a = p.parse_args(argv)
-    knobs = {k: getattr(a, k) for k in ("classes", "clutter", "max_per_class", "min_boxes", "max_boxes", "min_dx",
-                                        "min_area_ratio", "max_iou", "v_dim", "noise", "class_scale",
-                                        "colour_scale", "bias")}
+    knobs = {f.name: getattr(a, f.name) for fields in generator_settings().values() for f in fields}
     try:             # every setting is checked before anything is written
         cfg = make_config(a.images, a.val_images, a.questions, a.seed, families=a.families,
                           annotator_accuracy=a.annotator_accuracy, fixed=a.fixed, **knobs)

@@ -5,6 +5,7 @@
 * :mod:`.atomic`: atomic file writes (temporary names unique to the writer) and the OS error behind a failure.
 * :mod:`.checkpoint`: atomic checkpoint files loaded with ``weights_only=True``.
 * :mod:`.seeding`: random streams keyed by (seed, step, ...).
+* :mod:`.pool`: the units of a sweep in worker processes, with the run rule's interrupt behaviour.
 * :mod:`.safe_pickle`: the official pickle formats read without running code from the file.
 * :mod:`.cli`: checked argument types, the shared flags, the data root, the entry point.
 * :mod:`.progress`: a bar on a terminal, a line at an interval in a log file.
@@ -21,13 +22,13 @@ from .lifecycle import (NonFiniteError, Run, RunError, RunInterrupted, StopNow, 
                         write_json, write_new_json)
 from .progress import progress
 from .safe_pickle import UnsafePickleError, restricted_load
-from .seeding import generator, seed_everything, step_seed
+from .seeding import generator, seed_everything, seeded_generator, step_seed
 
 __all__ = [
     "open_run", "Run", "RunError", "RunInterrupted", "StopNow", "NonFiniteError", "finite_loss", "ensure_new",
     "write_json", "write_new_json",
     "CheckpointError", "read_checkpoint", "load_latest", "latest_checkpoint",
-    "step_seed", "generator", "seed_everything",
+    "step_seed", "generator", "seeded_generator", "seed_everything",
     "restricted_load", "UnsafePickleError",
     "CommandError", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name", "resolve_device",
     "add_kernel_argument", "add_threads_argument", "add_run_arguments", "add_data_root_argument", "data_root", "default_data_root",

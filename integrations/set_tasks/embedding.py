@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from integrations.common.atomic import atomic_write
+from integrations.common.seeding import seed_everything, seeded_generator
 from integrations.mosaic.datasets import load_split
 
 FEATURES = 64          # width of the frozen CNN's penultimate layer
@@ -81,8 +82,8 @@ def _features(cnn: TinyCNN, images: Tensor, chunk: int = 2000) -> Tensor:
 def pretrain_cnn(images: Tensor, labels: Tensor, epochs: int = 1, batch_size: int = 128, lr: float = 1e-3,
                  seed: int = 0) -> TinyCNN:
     """Digit classification, Adam, ``epochs`` passes over ``images`` (uint8 (N, 1, 28, 28))."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    g = seeded_generator(seed)
+    seed_everything(seed)
     cnn = TinyCNN()
     opt = torch.optim.Adam(cnn.parameters(), lr=lr)
     for _ in range(epochs):

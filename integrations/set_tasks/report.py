@@ -16,11 +16,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from integrations.common import CommandError
-from integrations.common.stats import fmt_p, paired_test, summarize as summarize_values
+from integrations.common import CommandError, write_json
+from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize as summarize_values
 
 from .encoders import BASELINES, ENCODERS
-from .runner import write_json_atomic
 from .tasks import TASKS
 
 OURS_MAIN = "po-u"
@@ -113,12 +112,8 @@ def _compare(entry: dict) -> dict:
     return out
 
 
-def _fmt(ms: dict, scale: float = 100.0, digits: int = 1) -> str:
-    if ms is None or ms.get("mean") is None:
-        return "n/a"
-    if ms["n"] < 2:
-        return f"{ms['mean'] * scale:.{digits}f}"
-    return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
+def _fmt(ms: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
+    return fmt_mean_std(ms, scale, digits, missing="n/a", std_of_one=False)
 
 
 def markdown(summary: dict, command: str = "") -> str:
@@ -295,7 +290,7 @@ def write_report(out: Path, command: str = "") -> dict:
     summary = summarize(cells)
     summary["command"] = command
     res = Path(out) / "results"
-    write_json_atomic(res / "summary.json", summary)
+    write_json(res / "summary.json", summary, sort_keys=False)
     (res / "table.md").write_text(markdown(summary, command))
     plot(summary, res / "set_tasks.png")
     return summary

@@ -10,19 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from integrations.common import Run, RunError, RunInterrupted, open_run
-from integrations.common.atomic import atomic_write
+from integrations.common import Run, RunError, RunInterrupted, open_run, write_json
 from integrations.common.lifecycle import SUMMARY
+from integrations.common.pool import run_units
 
 from .data import POINT_FEATURES
 from integrations.mosaic.datasets import dataset_folder
@@ -35,12 +32,6 @@ from .train import TrainConfig, run_cell
 
 Cell = Tuple[str, str, int]
 REFERENCE = "po-u"           # the parameter count every encoder is matched to: PO-U at --width
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    data = json.dumps(obj, indent=1, allow_nan=True).encode()
-    atomic_write(path, lambda f: f.write(data), durable=False)
 
 
 def cell_path(out: Path, task: str, encoder: str, seed: int) -> Path:
@@ -82,12 +73,6 @@ def matched_widths(tasks: Sequence[str], encoders: Sequence[str], cfg: TrainConf
     return table
 
 
-def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent decides to stop
-    (after the running cells finish), so the workers ignore SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _run_one(cell: Cell, width: int, cfg_dict: dict, out: str, embedding_cache: Optional[str],
              threads: int) -> Tuple[Cell, float]:
     """Worker: one cell, written atomically. Returns the cell and its wall time."""
@@ -100,7 +85,7 @@ def _run_one(cell: Cell, width: int, cfg_dict: dict, out: str, embedding_cache: 
         features = mnist_features(None, cache=Path(embedding_cache))
     result = run_cell(get_task(task), encoder, seed, width, cfg, features)
     result["wall_seconds"] = time.perf_counter() - t0
-    write_json_atomic(cell_path(Path(out), task, encoder, seed), result)
+    write_json(cell_path(Path(out), task, encoder, seed), result, sort_keys=False)
     return cell, result["wall_seconds"]
 
 
@@ -170,9 +155,10 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
         if any(get_task(t).elements == "mnist" for t in tasks):
             cache = out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"
             feats = mnist_features(data_root, cache=cache, epochs=cnn_epochs, train_images=cnn_train_images)
-            write_json_atomic(out / "embedding" / "cnn.json", {"test_accuracy": feats.cnn_test_accuracy,
-                                                               "pretrain_seconds": feats.pretrain_seconds,
-                                                               "epochs": cnn_epochs, "train_images": cnn_train_images})
+            write_json(out / "embedding" / "cnn.json", {"test_accuracy": feats.cnn_test_accuracy,
+                                                        "pretrain_seconds": feats.pretrain_seconds,
+                                                        "epochs": cnn_epochs, "train_images": cnn_train_images},
+                       sort_keys=False)
         todo = [c for c in plan_cells(tasks, encoders, seeds) if not is_finished(cell_path(out, *c))]
         skipped = len(plan_cells(tasks, encoders, seeds)) - len(todo)
         print(f"set_tasks: {len(todo)} cells to run, {skipped} finished cells skipped ({out})", file=log, flush=True)
@@ -193,31 +179,6 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
                                      where=f"after {len(done)} cells (the running cells were written, no new one started)")
 
         stop()                                       # a signal during the CNN's pre-training
-        if jobs <= 1:
-            for a in args:
-                report(*_run_one(*a))
-                stop()
-        else:
-            # At most `jobs` cells in flight, so that a stop request schedules nothing more and only the
-            # running cells finish (and are written) before RunInterrupted.
-            pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_ignore_sigint)
-            try:
-                queue, running = list(args), set()
-                while queue or running:
-                    while queue and len(running) < jobs and run.stop_signal() is None:
-                        running.add(pool.submit(_run_one, *queue.pop(0)))
-                    if not running:
-                        break
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        report(*fut.result())
-            except BaseException:
-                # a second signal (KeyboardInterrupt) or a failed cell: stop the workers now, not after
-                # their cells (ProcessPoolExecutor.terminate_workers needs Python 3.14)
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    proc.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            pool.shutdown(wait=True)
-            stop()
+        run_units(_run_one, args, jobs, run.stop_signal, lambda i, result: report(*result))
+        stop()
     return run, done
