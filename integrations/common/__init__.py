@@ -6,6 +6,7 @@
 * :mod:`.checkpoint`: atomic checkpoint files loaded with ``weights_only=True``.
 * :mod:`.seeding`: random streams keyed by (seed, step, ...).
 * :mod:`.pool`: the units of a sweep in worker processes, with the run rule's interrupt behaviour.
+* :mod:`.datasets`: readers of the image data sets (MNIST, Fashion-MNIST, CIFAR-10, Tiny ImageNet).
 * :mod:`.safe_pickle`: the official pickle formats read without running code from the file.
 * :mod:`.cli`: checked argument types, the shared flags, the data root, the entry point.
 * :mod:`.progress`: a bar on a terminal, a line at an interval in a log file.

@@ -22,8 +22,8 @@ from integrations.common import (add_data_root_argument, add_kernel_argument, ad
                                  device_name,
                                  non_negative_int, positive_float, positive_int, resolve_device, ensure_new,
                                  run_command, write_new_json)
+from integrations.common.datasets import DATASETS, DataFormatError
 
-from .datasets import DATASETS, DataFormatError
 from .model import PERMUTATIONS
 
 PROG = "python -m integrations.mosaic"

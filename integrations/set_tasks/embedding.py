@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from integrations.common.atomic import atomic_write
 from integrations.common.seeding import seed_everything, seeded_generator
-from integrations.mosaic.datasets import load_split
+from integrations.common.datasets import load_split
 
 FEATURES = 64          # width of the frozen CNN's penultimate layer
 

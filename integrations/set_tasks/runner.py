@@ -18,12 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from integrations.common import Run, RunError, RunInterrupted, open_run, write_json
+from integrations.common.datasets import dataset_folder
 from integrations.common.lifecycle import SUMMARY
 from integrations.common.pool import run_units
 
 from .data import POINT_FEATURES
-from integrations.mosaic.datasets import dataset_folder
-
 from .embedding import FEATURES, mnist_features
 from .encoders import ENCODERS, match_width
 from .model import model_size

@@ -251,6 +251,16 @@ def test_step_seed_gives_the_seeds_the_committed_results_were_drawn_with():
                        torch.rand(3, generator=torch.Generator().manual_seed(11)))
 
 
+def test_mean_std_text_for_missing_single_and_several_values():
+    from integrations.common.stats import fmt_mean_std, summarize
+
+    assert fmt_mean_std(summarize([0.5, 0.7])) == "60.0 ± 14.1"
+    assert fmt_mean_std(summarize([0.25, 0.75]), 1.0, 2) == "0.50 ± 0.35"
+    one = summarize([0.5])
+    assert fmt_mean_std(one) == "50.0 ± 0.0" and fmt_mean_std(one, std_of_one=False) == "50.0"
+    assert fmt_mean_std(None) == "-" and fmt_mean_std({"mean": None, "std": None, "n": 0}, missing="n/a") == "n/a"
+
+
 def test_line_progress_writes_step_loss_and_eta():
     buf = io.StringIO()
     bar = LineProgress(total=10, desc="train", interval=0.0, stream=buf)
