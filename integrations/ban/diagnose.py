@@ -299,6 +299,48 @@ def _eta(run_dir: Path, model) -> dict:
 
 
 @torch.no_grad()
+def _first_questions(loader, max_questions: Optional[int]):
+    """``(batch, how many of its questions to use)`` up to ``max_questions`` questions in all (None: every one)."""
+    seen = 0
+    for batch in loader:
+        if max_questions is not None and seen >= max_questions:
+            return
+        take = len(batch.q) if max_questions is None else min(len(batch.q), max_questions - seen)
+        seen += take
+        yield batch, take
+
+
+def _add_batch(acc: "_Accumulator", families: List[str], att: Tensor, boxes: Tensor, mask: Tensor, asked: Tensor,
+               weights: Optional[Tensor], P: Optional[Tensor]) -> None:
+    """Add one batch's per-question statistics to ``acc``: box count, the input order's correlations, the
+    attention mass on the asked class and its chance level, the relevance weights on the asked class and on
+    the other boxes (``weights`` (B, G, K), or None), the order statistics of ``P`` (with a permutation)."""
+    G = acc.G
+    mass = attention_mass(att, asked)                                     # (B, G)
+    x_centre = (boxes[..., 0] + boxes[..., 2]) / 2
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    file_order = torch.arange(mask.shape[1]).expand_as(mask)
+    input_x = set_rank_correlation(file_order, x_centre, mask)
+    input_area = set_rank_correlation(file_order, area, mask)
+    order = _order_statistics(P, mask, asked, x_centre, area, G) if acc.with_permutation else None
+    for i, fam in enumerate(families):
+        n, n_asked = int(mask[i].sum()), int(asked[i].sum())
+        acc.add(fam, "n_boxes", n)
+        acc.add(fam, "input_spearman_x", float(input_x[i]))
+        acc.add(fam, "input_spearman_area", float(input_area[i]))
+        if n_asked:
+            acc.add(fam, "mass", mass[i].tolist())
+            acc.add(fam, "chance", n_asked / n)
+            if weights is not None:
+                others = mask[i] & ~asked[i]
+                acc.add(fam, "relevance_asked", weights[i][:, asked[i]].mean(1).tolist())
+                acc.add(fam, "relevance_other", (weights[i][:, others].mean(1) if others.any()
+                                                 else torch.full((G,), float("nan"))).tolist())
+        if order is not None:
+            for key, val in order.items():
+                acc.add(fam, key, val[i].tolist())
+
+
 def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device="cpu",
                  batch_size: Optional[int] = None, max_questions: Optional[int] = None) -> dict:
     """Attention mass on the asked class, order and sharpness of P and eta of a run's newest checkpoint.
@@ -349,10 +391,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
                          world=1, workers=0)
     seen = 0
     try:
-        for batch in loader:
-            if max_questions is not None and seen >= max_questions:
-                break
-            take = len(batch.q) if max_questions is None else min(len(batch.q), max_questions - seen)
+        for batch, take in _first_questions(loader, max_questions):
             v, b, q = batch.v[:take].to(dev), batch.b[:take].to(dev), batch.q[:take].to(dev)
             qids = batch.question_id[:take].tolist()
             seen += take
@@ -360,34 +399,11 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
             _, att = model(v, b, q, None, **model_inputs(oracle, qids, v.shape[1], dev))
             mask = batch.mask[:take]                                      # (B, K), True = real box
             boxes = b[:, :, :4].double().cpu()
-            asked = _class_masks(scenes, index, qids, mask, boxes)
-            mass = attention_mass(att.double().cpu(), asked)              # (B, G)
-            x_centre = (boxes[..., 0] + boxes[..., 2]) / 2
-            area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-            file_order = torch.arange(mask.shape[1]).expand_as(mask)
-            input_x = set_rank_correlation(file_order, x_centre, mask)
-            input_area = set_rank_correlation(file_order, area, mask)
             weights = None
             if relevance.weights is not None:        # (B * G, K) logits -> (B, G, K) weights the LSTM applies
                 weights = torch.sigmoid(relevance.weights.double().cpu()).view(take, G, -1)
-            order = _order_statistics(recorder.P, mask, asked, x_centre, area, G) if acc.with_permutation else None
-            for i, qid in enumerate(qids):
-                fam = qtypes.get(qid, index[qid][1].family)
-                n, n_asked = int(mask[i].sum()), int(asked[i].sum())
-                acc.add(fam, "n_boxes", n)
-                acc.add(fam, "input_spearman_x", float(input_x[i]))
-                acc.add(fam, "input_spearman_area", float(input_area[i]))
-                if n_asked:
-                    acc.add(fam, "mass", mass[i].tolist())
-                    acc.add(fam, "chance", n_asked / n)
-                    if weights is not None:
-                        others = mask[i] & ~asked[i]
-                        acc.add(fam, "relevance_asked", weights[i][:, asked[i]].mean(1).tolist())
-                        acc.add(fam, "relevance_other", (weights[i][:, others].mean(1) if others.any()
-                                                         else torch.full((G,), float("nan"))).tolist())
-                if order is not None:
-                    for key, val in order.items():
-                        acc.add(fam, key, val[i].tolist())
+            _add_batch(acc, [qtypes.get(qid, index[qid][1].family) for qid in qids], att.double().cpu(), boxes,
+                       mask, _class_masks(scenes, index, qids, mask, boxes), weights, recorder.P)
     finally:
         recorder.remove()
         relevance.remove()

@@ -145,14 +145,10 @@ def _kept_boxes(scene, cfg: SceneConfig, total: int) -> np.ndarray:
     return np.array(asked + clutter[: total - len(asked)], dtype=np.int64)
 
 
-def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: FeatureCodes,
-                rng: np.random.Generator, meta: dict) -> list:
-    """Draw and write one split; returns its question dicts (for the dictionary)."""
-    import h5py
-
+def _draw_images(n_images: int, cfg: SynthConfig, rng: np.random.Generator) -> tuple:
+    """``(scenes, questions per image, image sizes)`` of a split; the first two images have the fewest and
+    the most boxes."""
     sc = cfg.scene
-    image_ids = [ID_BASE[split] + 7 * i for i in range(n_images)]
-    rows = rng.permutation(n_images)  # image id -> row, deliberately not the identity
     scenes, image_questions, sizes = [], [], []
     deck = SlotDeck(cfg.families, rng, cfg.family_weights)
     for i in range(n_images):
@@ -161,20 +157,51 @@ def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: F
         scenes.append(scene)
         image_questions.append(qs)
         sizes.append(IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))])
+    return scenes, image_questions, sizes
+
+
+def _feature_files(out: Path, split: str, n_images: int, total: int, D: int, fixed: bool) -> tuple:
+    """The open ``{split}.hdf5`` (all boxes, ``total`` rows) and ``{split}36.hdf5`` (None unless ``fixed``),
+    with their datasets created."""
+    import h5py
+
+    fa = h5py.File(out / f"{split}.hdf5", "w")
+    fa.create_dataset("image_features", (total, D), "f4")
+    fa.create_dataset("spatial_features", (total, 6), "f4")
+    fa.create_dataset("image_bb", (total, 4), "f4")
+    if not fixed:
+        return fa, None
+    f36 = h5py.File(out / f"{split}36.hdf5", "w")
+    f36.create_dataset("image_features", (n_images, FIXED_BOXES, D), "f4")
+    f36.create_dataset("spatial_features", (n_images, FIXED_BOXES, 6), "f4")
+    f36.create_dataset("image_bb", (n_images, FIXED_BOXES, 4), "f4")
+    return fa, f36
+
+
+def _write_index_files(out: Path, split: str, questions: list, targets: list, index: dict, fixed: bool) -> None:
+    """The image-id -> row pickles, the questions JSON and the answer targets, as the official converter names them."""
+    for name in [f"{split}_imgid2idx.pkl"] + ([f"{split}36_imgid2idx.pkl"] if fixed else []):
+        with open(out / name, "wb") as fh:
+            pickle.dump(index, fh)
+    with open(out / QUESTION_FILES[split], "w") as fh:
+        json.dump({"questions": questions, "data_subtype": f"{split}2014", "task_type": "OpenEnded"}, fh)
+    with open(out / "cache" / f"{split}_target.pkl", "wb") as fh:
+        pickle.dump(targets, fh)
+
+
+def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: FeatureCodes,
+                rng: np.random.Generator, meta: dict) -> list:
+    """Draw and write one split; returns its question dicts (for the dictionary)."""
+    sc = cfg.scene
+    image_ids = [ID_BASE[split] + 7 * i for i in range(n_images)]
+    rows = rng.permutation(n_images)  # image id -> row, deliberately not the identity
+    scenes, image_questions, sizes = _draw_images(n_images, cfg, rng)
     ks = np.array([s.meta["num_boxes"] for s in scenes])
     total = int(ks.sum())
     questions, targets = [], []
-    with h5py.File(out / f"{split}.hdf5", "w") as fa:
-        D = codes.cfg.v_dim
-        fa.create_dataset("image_features", (total, D), "f4")
-        fa.create_dataset("spatial_features", (total, 6), "f4")
-        fa.create_dataset("image_bb", (total, 4), "f4")
+    fa, fixed = _feature_files(out, split, n_images, total, codes.cfg.v_dim, cfg.fixed)
+    with fa:
         pos = np.zeros((n_images, 2), dtype=np.int32)
-        fixed = h5py.File(out / f"{split}36.hdf5", "w") if cfg.fixed else None
-        if fixed is not None:
-            fixed.create_dataset("image_features", (n_images, FIXED_BOXES, D), "f4")
-            fixed.create_dataset("spatial_features", (n_images, FIXED_BOXES, 6), "f4")
-            fixed.create_dataset("image_bb", (n_images, FIXED_BOXES, 4), "f4")
         offset = 0
         for i in np.argsort(rows):  # rows in file order, as the official converter writes them
             scene, k, r = scenes[i], int(ks[i]), int(rows[i])
@@ -199,14 +226,7 @@ def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: F
         fa.create_dataset("pos_boxes", data=pos)
         if fixed is not None:
             fixed.close()
-    index = {image_ids[i]: int(rows[i]) for i in range(n_images)}
-    for name in [f"{split}_imgid2idx.pkl"] + ([f"{split}36_imgid2idx.pkl"] if cfg.fixed else []):
-        with open(out / name, "wb") as fh:
-            pickle.dump(index, fh)
-    with open(out / QUESTION_FILES[split], "w") as fh:
-        json.dump({"questions": questions, "data_subtype": f"{split}2014", "task_type": "OpenEnded"}, fh)
-    with open(out / "cache" / f"{split}_target.pkl", "wb") as fh:
-        pickle.dump(targets, fh)
+    _write_index_files(out, split, questions, targets, {image_ids[i]: int(rows[i]) for i in range(n_images)}, cfg.fixed)
     per_family = {}
     for q in questions:
         f = meta["question_type"][str(q["question_id"])]

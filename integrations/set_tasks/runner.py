@@ -116,6 +116,30 @@ def _check_widths(out: Path, widths: Dict[str, Dict[str, dict]], stored: dict) -
                        "use the original settings, or start a new run with another --out or --overwrite")
 
 
+def _check_names(tasks: Sequence[str], encoders: Sequence[str]) -> None:
+    for t in tasks:
+        get_task(t)
+    bad = [e for e in encoders if e not in ENCODERS]
+    if bad:
+        raise ValueError(f"encoders: unknown {bad}; expected some of {ENCODERS}")
+
+
+def _needs_mnist(tasks: Sequence[str]) -> bool:
+    return any(get_task(t).elements == "mnist" for t in tasks)
+
+
+def _embedding(out: Path, data_root: Optional[os.PathLike], cnn_epochs: int,
+               cnn_train_images: Optional[int]) -> Path:
+    """The frozen MNIST embedding's cache file (computed now unless cached) and its record ``cnn.json``."""
+    cache = out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"
+    feats = mnist_features(data_root, cache=cache, epochs=cnn_epochs, train_images=cnn_train_images)
+    write_json(out / "embedding" / "cnn.json", {"test_accuracy": feats.cnn_test_accuracy,
+                                                "pretrain_seconds": feats.pretrain_seconds,
+                                                "epochs": cnn_epochs, "train_images": cnn_train_images},
+               sort_keys=False)
+    return cache
+
+
 def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: Sequence[int], cfg: TrainConfig,
               reference_width: int, data_root: Optional[os.PathLike], jobs: int = 1, threads: int = 1,
               resume: bool = False, overwrite: bool = False, cnn_epochs: int = 2,
@@ -129,15 +153,11 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     :class:`~integrations.common.RunInterrupted` after SIGINT / SIGTERM, once the running cells are
     written (a second signal stops at once)."""
     log = log if log is not None else sys.stderr
-    for t in tasks:
-        get_task(t)
-    bad = [e for e in encoders if e not in ENCODERS]
-    if bad:
-        raise ValueError(f"encoders: unknown {bad}; expected some of {ENCODERS}")
+    _check_names(tasks, encoders)
     out = Path(out)
     config = suite_config(tasks, encoders, seeds, cfg, reference_width, jobs, threads, cnn_epochs,
                           cnn_train_images, command)
-    if any(get_task(t).elements == "mnist" for t in tasks) and not (out / "embedding").is_dir():
+    if _needs_mnist(tasks) and not (out / "embedding").is_dir():
         dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
     run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, checkpoints=False,
                    log=lambda line: print(line, file=log, flush=True),
@@ -150,14 +170,7 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     widths = config["widths"]
     done: List[Cell] = []
     with run.interruptible(finishing="the running cells, starting no new one"):
-        cache = None
-        if any(get_task(t).elements == "mnist" for t in tasks):
-            cache = out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"
-            feats = mnist_features(data_root, cache=cache, epochs=cnn_epochs, train_images=cnn_train_images)
-            write_json(out / "embedding" / "cnn.json", {"test_accuracy": feats.cnn_test_accuracy,
-                                                        "pretrain_seconds": feats.pretrain_seconds,
-                                                        "epochs": cnn_epochs, "train_images": cnn_train_images},
-                       sort_keys=False)
+        cache = _embedding(out, data_root, cnn_epochs, cnn_train_images) if _needs_mnist(tasks) else None
         todo = [c for c in plan_cells(tasks, encoders, seeds) if not is_finished(cell_path(out, *c))]
         skipped = len(plan_cells(tasks, encoders, seeds)) - len(todo)
         print(f"set_tasks: {len(todo)} cells to run, {skipped} finished cells skipped ({out})", file=log, flush=True)
