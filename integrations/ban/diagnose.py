@@ -3,7 +3,7 @@
     python -m integrations.ban diagnose --run runs/ban/compare/runs/po-u-s0      # -> <run>/diagnose_val.json
     python -m integrations.ban diagnose --sweep runs/ban/compare                 # -> <sweep>/results/diagnose.{json,md}
 
-For a trained run on the synthetic dataset (``synth.py``) and every val question (issue #10, item 3):
+For a trained run on the synthetic dataset (``synth.py``) and every val question:
 
 * **attention mass on the asked class**, per glimpse g: BAN's bilinear attention map of glimpse g is a
   softmax over all (box, word) pairs (BAN paper eq. 9), so ``sum_{i in asked, j} att[g, i, j]`` is the

@@ -2,7 +2,7 @@
 on the order-free families of the synthetic set (is there a <c>? / what colour is the <c>?).
 
 The synthetic comparison only means something if plain BAN learns the families that need no geometry
-(issue: >= 90 % within about 10 minutes of CPU training). This command measures it: one dataset per
+(the target: >= 90 % after a short CPU training). This command measures it: one dataset per
 generator setting (the generator's defaults with one setting changed, families ``exists:3,colour:4``),
 plain BAN (``--permutation off``) trained on each with the given train flags, and per setting the val
 accuracy on ``exists`` and ``colour`` (mean ± std over ``--seeds``) next to the training time.

@@ -5,8 +5,8 @@ frozen; its penultimate features, standardised, are computed once for every imag
 the run folder. Each model then puts its own trainable :class:`ElementMLP` on top, with the same
 architecture and the same initial weights for every encoder of a seed, so the *set* part is what
 differs between the models. Training the CNN end to end inside every (task, encoder, seed) cell would
-cost 381 ms per step for the CNN alone, against 5-31 ms for a whole step of the set models
-(``README.md``), and the suite would not fit its hour.
+make each step cost many times a whole step of the set models (the measured step times are in
+``README.md``), and the suite would not fit its time budget.
 
 Point elements (the position tasks) are ``[x, y, one-hot class]`` vectors fed to the same ElementMLP.
 """

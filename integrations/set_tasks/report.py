@@ -25,7 +25,7 @@ from .tasks import TASKS
 OURS_MAIN = "po-u"
 COMPARED = ("po-u", "po-u-st", "po-la")            # each tested against the best baseline
 BASELINE_NAMES = BASELINES + ("lstm-only",)         # what a user has today (lstm-only: the paper's ablation)
-REFERENCE_COST = "set-transformer"                  # the step-time yardstick
+REFERENCE_COST = "set-transformer"                  # step-time yardstick: the common attention-based set encoder
 
 
 def load_cells(out: Path) -> List[dict]:

@@ -33,7 +33,7 @@ from .tasks import Task
 
 @dataclass
 class TrainConfig:
-    """The protocol: identical for every encoder (issue #11)."""
+    """The protocol: identical for every encoder."""
 
     steps: int = 1500
     batch_size: int = 64
