@@ -41,6 +41,7 @@ def test_compare_trains_each_cell_and_reports(root, tmp_path, capsys):
         main(["compare", "--data-root", str(root), "--out", str(out), *FLAGS[:-2], "none"])
 
 
+@pytest.mark.slow       # two worker processes
 def test_parallel_runs_give_the_same_results_as_sequential_ones(root, tmp_path):
     """--jobs trains runs side by side in their own processes; each run is the same as when trained alone."""
     flags = [f for f in FLAGS]

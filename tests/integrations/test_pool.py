@@ -44,6 +44,7 @@ def test_one_job_runs_in_order_in_this_process_and_a_stop_starts_no_new_unit():
         run_units(_nap, [], 0, lambda: None, done)
 
 
+@pytest.mark.slow       # worker processes that import torch
 def test_workers_finish_their_units_through_a_stop_and_start_no_new_one():
     """A stop after the first unit started: the second is never started, and the first, whose worker gets
     the forwarded SIGTERM while it runs, finishes and hands its result over."""
@@ -61,6 +62,7 @@ def test_workers_finish_their_units_through_a_stop_and_start_no_new_one():
     assert time.monotonic() - t0 >= 2.5
 
 
+@pytest.mark.slow
 def test_a_failed_unit_lets_the_running_ones_finish_then_is_raised():
     results = {}
     with pytest.raises(ValueError, match="unit x failed"):
@@ -72,6 +74,7 @@ def _fail_x(seconds, value):
     return (_fail if value == "x" else _nap)(seconds, value)
 
 
+@pytest.mark.slow
 def test_a_second_stop_kills_the_workers_at_once():
     """KeyboardInterrupt (what a second signal raises, as StopNow) while units run: the workers are
     killed, not waited for."""
