@@ -158,7 +158,7 @@ def _train_cell(train, cell_args: argparse.Namespace):
 
 def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
     """Train ``cells`` [(name shown in the log, train args)] in ``jobs`` processes (:func:`~integrations.common.pool.run_units`).
-    On SIGINT / SIGTERM no further run starts, every running run gets one SIGTERM (it finishes its step and writes a
+    On SIGINT / SIGTERM no further run starts, every running run gets one SIGINT (it finishes its step and writes a
     checkpoint), and RunInterrupted is raised once they have exited; a failed run stops the scheduling and is
     re-raised once the running runs have finished."""
     total, started, finished = len(cells), 0, 0

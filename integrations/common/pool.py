@@ -5,12 +5,14 @@ spawned worker processes, and hands each result to ``on_done`` in this process a
 caller runs it inside :meth:`Run.interruptible <integrations.common.Run.interruptible>` and passes
 :meth:`Run.stop_signal <integrations.common.Run.stop_signal>` as ``stop``:
 
-* A first SIGINT / SIGTERM: no new unit starts; each worker gets one SIGTERM and the running units
+* A first SIGINT / SIGTERM: no new unit starts; each worker gets one SIGINT and the running units
   finish and are written. A unit that handles signals itself (a training run inside its own
   ``Run.interruptible``) finishes its step and writes a checkpoint; a unit that does not (a cell)
-  is not disturbed, because the workers ignore that SIGTERM. Every worker is in a process group of
-  its own, so a Ctrl-C at the terminal reaches only the scheduling process, which passes the stop on
-  once: a second signal to a training run would stop it without a checkpoint.
+  is not disturbed, because the workers ignore SIGINT otherwise. Every worker is in a process group
+  of its own, so a Ctrl-C at the terminal reaches only the scheduling process, which passes the stop
+  on once: a second signal to a training run would stop it without a checkpoint. SIGINT rather than
+  SIGTERM is passed on so that SIGTERM keeps its default in the workers and their own children (a
+  data loader's processes), which are then still ended by it.
 * A second signal (:class:`~integrations.common.StopNow` raised here) stops the workers at once
   (SIGKILL). Files are written atomically, so none is left half-written under its name.
 * A unit that raises: no new unit starts, the running units are asked to stop as by a first signal
@@ -31,10 +33,10 @@ POLL_SECONDS = 1.0
 
 def _worker_start(pids) -> None:
     """Worker initializer: a process group of its own (a Ctrl-C at the terminal does not reach it), the
-    SIGTERM that passes a stop on is ignored outside a unit's own handler, and the pid is reported so
+    SIGINT that passes a stop on is ignored outside a unit's own handler, and the pid is reported so
     that the scheduler can signal this worker."""
     os.setpgrp()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     pids.put(os.getpid())
 
 
@@ -107,7 +109,7 @@ def run_units(work: Callable, units: Sequence[tuple], jobs: int, stop: Callable[
                     continue
                 on_done(i, result)
             if stop() is not None or failure is not None:
-                workers.signal_all(signal.SIGTERM, once=True)
+                workers.signal_all(signal.SIGINT, once=True)
     except BaseException:
         # a second signal, or a failure in on_done: stop now, not after the running units
         workers.signal_all(signal.SIGKILL, once=False)

@@ -9,10 +9,11 @@ from integrations.common.pool import run_units
 
 
 def _nap(seconds, value):
-    """A unit: sleeps, then reports what a worker must be: in a process group of its own and ignoring
-    the SIGTERM that passes a stop on."""
+    """A unit: sleeps, then reports what a worker must be: in a process group of its own, ignoring the
+    SIGINT that passes a stop on, SIGTERM at its default."""
     time.sleep(seconds)
-    return value, os.getpid(), os.getpgrp() == os.getpid(), signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    return (value, os.getpid(), os.getpgrp() == os.getpid(),
+            signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
 
 
 def _fail(seconds, value):
@@ -47,7 +48,7 @@ def test_one_job_runs_in_order_in_this_process_and_a_stop_starts_no_new_unit():
 @pytest.mark.slow       # worker processes that import torch
 def test_workers_finish_their_units_through_a_stop_and_start_no_new_one():
     """A stop after the first unit started: the second is never started, and the first, whose worker gets
-    the forwarded SIGTERM while it runs, finishes and hands its result over."""
+    the forwarded SIGINT while it runs, finishes and hands its result over."""
     started, results = [], {}
 
     def start(i):
@@ -57,8 +58,8 @@ def test_workers_finish_their_units_through_a_stop_and_start_no_new_one():
     t0 = time.monotonic()
     run_units(_nap, [(2.5, "a"), (0, "b"), (0, "c")], 2, stop, results.__setitem__, on_start=start)
     assert started == [0] and list(results) == [0]
-    value, pid, own_group, ignores_term = results[0]
-    assert value == "a" and pid != os.getpid() and own_group and ignores_term
+    value, pid, own_group, handlers = results[0]
+    assert value == "a" and pid != os.getpid() and own_group and handlers
     assert time.monotonic() - t0 >= 2.5
 
 
