@@ -20,6 +20,7 @@ caller runs it inside :meth:`Run.interruptible <integrations.common.Run.interrup
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import queue as queue_module
 import signal
@@ -41,10 +42,12 @@ def _worker_start(pids) -> None:
 
 
 class _Workers:
-    """The pids of the pool's workers, as they report themselves, and which of them were told to stop."""
+    """The pids of the pool's workers, as they report themselves once they ignore SIGINT (a worker that
+    is still starting would be killed by it), and which of them were told to stop."""
 
     def __init__(self, pids):
         self.queue, self.pids, self.told = pids, set(), set()
+        self.others = set(multiprocessing.active_children())      # child processes that are not the pool's
 
     def _collect(self) -> None:
         while True:
@@ -53,16 +56,22 @@ class _Workers:
             except queue_module.Empty:
                 return
 
-    def signal_all(self, signum: int, *, once: bool) -> None:
-        """Send ``signum`` to every worker (``once``: only to those not told before; a worker that
-        reports itself later is told on the next call)."""
+    def ask_to_stop(self) -> None:
+        """One SIGINT to every worker not told before (a worker that reports itself later is told on
+        the next call)."""
         self._collect()
-        for pid in sorted(self.pids - (self.told if once else set())):
+        for pid in sorted(self.pids - self.told):
             try:
-                os.kill(pid, signum)
+                os.kill(pid, signal.SIGINT)
             except ProcessLookupError:          # the worker has exited
                 pass
             self.told.add(pid)
+
+    def kill_all(self) -> None:
+        """SIGKILL every worker, also one that has not reported itself yet."""
+        for proc in multiprocessing.active_children():
+            if proc not in self.others:
+                proc.kill()
 
 
 def run_units(work: Callable, units: Sequence[tuple], jobs: int, stop: Callable[[], Optional[int]],
@@ -109,10 +118,10 @@ def run_units(work: Callable, units: Sequence[tuple], jobs: int, stop: Callable[
                     continue
                 on_done(i, result)
             if stop() is not None or failure is not None:
-                workers.signal_all(signal.SIGINT, once=True)
+                workers.ask_to_stop()
     except BaseException:
         # a second signal, or a failure in on_done: stop now, not after the running units
-        workers.signal_all(signal.SIGKILL, once=False)
+        workers.kill_all()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
