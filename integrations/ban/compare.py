@@ -27,6 +27,7 @@ from typing import Dict, List, Sequence
 from integrations.common import CheckpointError, CommandError, RunError, RunInterrupted, open_run, positive_int, write_json
 from integrations.common.atomic import os_error_in
 from integrations.common.cli import describe_os_error
+from integrations.common.figures import pyplot, write_png
 from integrations.common.lifecycle import NonFiniteError
 from integrations.common.pool import run_units
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
@@ -256,10 +257,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     variants, fams = results["variants"], results["families"]
@@ -290,10 +288,7 @@ def plot(results: dict, path: Path) -> Path:
         ax.set_title(key.split("/")[0].replace("_", " "), fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=90)
 
 
 def write_report(folder: Path, results: dict) -> None:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from integrations.common import CommandError, write_json
+from integrations.common.figures import pyplot, write_png
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize as summarize_values
 
 from .encoders import BASELINES, ENCODERS
@@ -251,10 +252,7 @@ def markdown(summary: dict, command: str = "") -> str:
 def plot(summary: dict, path: Path) -> None:
     """One panel per task: a bar per encoder (mean test accuracy at the training sizes, error bar =
     std over seeds, dots = seeds), and lighter bars for the larger test sizes; dashed line = prior."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(summary["tasks"])
     cols = min(4, len(tasks))
@@ -286,9 +284,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_png(fig, path, dpi=110)
 
 
 def write_report(out: Path, command: str = "") -> dict:
