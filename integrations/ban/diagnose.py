@@ -365,7 +365,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
         ``relative_per_glimpse``, ``n_sets``}}}), ``eta`` and ``definitions``. Means are over questions
         (and glimpses); None where nothing is defined. See the module docstring for the definitions.
     """
-    from integrations.common import resolve_device
+    from integrations.common import resolve_device, run_folder
 
     from .synth_oracle import decode_scenes
     from .train import load_question_types, load_run, make_loader, model_inputs, relevance_oracle
@@ -373,7 +373,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be a positive int or None, got {max_questions!r}")
     path = Path(run_dir)
-    folder = path.parent.parent if path.suffix == ".pt" else path
+    folder = run_folder(path)
     dev = resolve_device(device)
     model, ds, saved, state = load_run(path, split, data_root, dev)
     qtypes = load_question_types(saved.data_root)
@@ -710,7 +710,7 @@ def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_diagnose(args) -> int:
     """The ``diagnose`` subcommand: writes the JSON (and, for a sweep, the Markdown) and prints the table."""
-    from integrations.common import ensure_new, write_new_json
+    from integrations.common import ensure_new, run_folder, write_new_json
 
     kwargs = dict(split=args.split, data_root=args.data_root, device=args.device, batch_size=args.batch_size,
                   max_questions=args.max_questions)
@@ -721,7 +721,7 @@ def cmd_diagnose(args) -> int:
         print(sweep_markdown(results))
         print(f"results: {path} and {path.with_suffix('.md')}")
         return 0
-    run_dir = Path(args.run).parent.parent if args.run.endswith(".pt") else Path(args.run)
+    run_dir = run_folder(args.run)
     out = ensure_new(Path(args.out) if args.out else run_dir / f"diagnose_{args.split}.json", overwrite=args.overwrite)
     res = diagnose_run(args.run, **kwargs)
     write_new_json(out, res, overwrite=args.overwrite)

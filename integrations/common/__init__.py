@@ -14,7 +14,7 @@
 
 The integrations import only ``setperm`` and this package.
 """
-from .checkpoint import CheckpointError, latest_checkpoint, load_latest, read_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, load_latest, read_checkpoint, run_folder
 from .cli import (CommandError, add_data_root_argument, add_kernel_argument, add_threads_argument, add_run_arguments, data_root, default_data_root,
                   device_name, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device,
                   run_command, set_threads)
@@ -28,7 +28,7 @@ from .seeding import generator, seed_everything, seeded_generator, step_seed
 __all__ = [
     "open_run", "Run", "RunError", "RunInterrupted", "StopNow", "NonFiniteError", "finite_loss", "ensure_new",
     "write_json", "write_new_json",
-    "CheckpointError", "read_checkpoint", "load_latest", "latest_checkpoint",
+    "CheckpointError", "read_checkpoint", "load_latest", "latest_checkpoint", "run_folder",
     "step_seed", "generator", "seeded_generator", "seed_everything",
     "restricted_load", "UnsafePickleError",
     "CommandError", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name", "resolve_device",

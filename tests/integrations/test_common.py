@@ -251,6 +251,15 @@ def test_step_seed_gives_the_seeds_the_committed_results_were_drawn_with():
                        torch.rand(3, generator=torch.Generator().manual_seed(11)))
 
 
+def test_run_folder_of_a_run_or_of_one_of_its_checkpoints():
+    from pathlib import Path
+
+    from integrations.common import run_folder
+
+    assert run_folder("runs/a/checkpoints/step_00000003.pt") == Path("runs/a")
+    assert run_folder(Path("runs/a")) == Path("runs/a")
+
+
 def test_mean_std_text_for_missing_single_and_several_values():
     from integrations.common.stats import fmt_mean_std, summarize
 
