@@ -9,6 +9,7 @@
 * :mod:`.datasets`: readers of the image data sets (MNIST, Fashion-MNIST, CIFAR-10, Tiny ImageNet).
 * :mod:`.safe_pickle`: the official pickle formats read without running code from the file.
 * :mod:`.cli`: checked argument types, the shared flags, the data root, the entry point.
+* :mod:`.stats`: mean ± std over seeds, paired tests; :mod:`.figures`: the reports' PNG figures.
 * :mod:`.progress`: a bar on a terminal, a line at an interval in a log file.
 * :mod:`.distributed`: torchrun / DistributedDataParallel set-up.
 
