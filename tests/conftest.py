@@ -21,14 +21,15 @@ def shared_data_root() -> Path:
 
 
 # Test folders whose tests run small tensors through whole models: a second intra-op thread only adds
-# synchronisation, and on a busy 2-core machine OpenMP's spinning threads made them many times slower
-# (an index op measured 27 ms with 2 threads vs 0.01 ms with 1).
+# synchronisation, and where another process holds a core, OpenMP threads that wait for it make every
+# small operation many times slower (the README's "Threads" section).
 ONE_THREAD_FOLDERS = ("integrations", "benchmarks")
 
 
 @pytest.fixture(autouse=True)
 def _few_threads(request):
-    # CI has 2 cores; keep tests deterministic in speed and avoid oversubscription.
+    # at most two threads elsewhere: the tests' speed does not depend on the core count, and tests
+    # never oversubscribe the cores.
     prev = torch.get_num_threads()
     one = Path(request.node.path).parent.name in ONE_THREAD_FOLDERS
     torch.set_num_threads(1 if one else min(prev, 2))

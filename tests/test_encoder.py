@@ -181,10 +181,18 @@ def test_bad_constructor_arguments():
 
 
 def test_check_finite_can_be_turned_off():
+    """check_finite=False skips the input check and nothing else: a finite input gives exactly what the
+    checked encoder gives, a non-finite one is passed through instead of refused."""
     enc = PermutationSetEncoder(5, 8, cost_hidden=8, check_finite=False)
+    checked = PermutationSetEncoder(5, 8, cost_hidden=8)
+    checked.load_state_dict(enc.state_dict())
     x = torch.randn(1, 3, 5)
+    assert_close(enc(x), checked(x), rtol=0, atol=0)
     x[0, 1, 0] = float("inf")
-    enc(x)   # no error raised: the caller opted out of the check
+    with pytest.raises(ValueError, match="non-finite"):
+        checked(x)
+    h = enc(x)   # no error raised: the caller opted out of the check
+    assert h.shape == (1, 8) and not torch.isfinite(h).all()
 
 
 def test_encoder_gradcheck_with_mask_and_weights():

@@ -179,10 +179,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from integrations.common import run_folder
+
     from .train import evaluate_run
 
-    run_dir = Path(args.run).parent.parent if args.run.endswith(".pt") else Path(args.run)
-    out = ensure_new(Path(args.out) if args.out else run_dir / f"eval_{args.split}.json", overwrite=args.overwrite)
+    out = ensure_new(Path(args.out) if args.out else run_folder(args.run) / f"eval_{args.split}.json",
+                     overwrite=args.overwrite)
     metrics = evaluate_run(args.run, split=args.split, data_root=args.data_root, device=args.device,
                            batch_size=args.batch_size, workers=args.workers)
     write_new_json(out, metrics, overwrite=args.overwrite)

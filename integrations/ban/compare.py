@@ -20,18 +20,16 @@ import argparse
 import copy
 import itertools
 import json
-import os
-import signal
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from integrations.common import CheckpointError, CommandError, RunError, RunInterrupted, open_run, positive_int, write_json
 from integrations.common.atomic import os_error_in
 from integrations.common.cli import describe_os_error
+from integrations.common.figures import pyplot, write_png
 from integrations.common.lifecycle import NonFiniteError
+from integrations.common.pool import run_units
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
 
 # Every variant a sweep can train: its label and the train settings it sets. The first four are the
@@ -139,12 +137,6 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
     return results
 
 
-def _own_process_group() -> None:
-    """Worker initializer: a Ctrl-C at the terminal reaches only the sweep's process, which then asks each
-    running run to stop exactly once (SIGTERM); a second signal to a run would stop it without a checkpoint."""
-    os.setpgrp()
-
-
 def _train_cell(train, cell_args: argparse.Namespace):
     """Worker: one run. Exceptions come back as text (a RunInterrupted does not survive pickling): one line
     for what the command line reports in one line (a refused run, bad data, a non-finite loss, an OS
@@ -166,43 +158,31 @@ def _train_cell(train, cell_args: argparse.Namespace):
 
 
 def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
-    """Train ``cells`` [(name shown in the log, train args)] in ``jobs`` processes. On SIGINT / SIGTERM no
-    further run starts, every running run gets one SIGTERM (it finishes its step and writes a checkpoint), and
-    RunInterrupted is raised once they have exited; a failed run stops the scheduling and is re-raised."""
+    """Train ``cells`` [(name shown in the log, train args)] in ``jobs`` processes (:func:`~integrations.common.pool.run_units`).
+    On SIGINT / SIGTERM no further run starts, every running run gets one SIGINT (it finishes its step and writes a
+    checkpoint), and RunInterrupted is raised once they have exited; a failed run stops the scheduling and is
+    re-raised once the running runs have finished."""
     total, started, finished = len(cells), 0, 0
     failures: List[tuple] = []        # (status, run name, text)
+
+    def start(i: int) -> None:
+        nonlocal started
+        started += 1
+        print(f"[{started}/{total}] {cells[i][0]}: started", flush=True)
+
+    def done(i: int, result) -> None:
+        nonlocal finished
+        status, text = result
+        finished += 1
+        name = cells[i][0]
+        print(f"[{finished}/{total} finished] {name}: {status}"
+              + (f" ({text})" if status in ("interrupted", "error") else ""), flush=True)
+        if status in ("failed", "error"):
+            failures.append((status, name, text))
+
     with sweep.interruptible(finishing="the running runs, starting no new one"):
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_own_process_group)
-        running: Dict[object, str] = {}
-        queue = list(cells)
-        forwarded = False
-        try:
-            while queue or running:
-                while queue and len(running) < jobs and sweep.stop_signal() is None and not failures:
-                    name, cell_args = queue.pop(0)
-                    started += 1
-                    print(f"[{started}/{total}] {name}: started", flush=True)
-                    running[pool.submit(_train_cell, train, cell_args)] = name
-                if not running:
-                    break
-                done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    name = running.pop(fut)
-                    status, text = fut.result()
-                    finished += 1
-                    print(f"[{finished}/{total} finished] {name}: {status}"
-                          + (f" ({text})" if status in ("interrupted", "error") else ""), flush=True)
-                    if status in ("failed", "error"):
-                        failures.append((status, name, text))
-                if sweep.stop_signal() is not None and not forwarded:
-                    forwarded = True
-                    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                        try:
-                            os.kill(proc.pid, signal.SIGTERM)
-                        except ProcessLookupError:
-                            pass
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        run_units(_train_cell, [(train, cell_args) for _, cell_args in cells], jobs, sweep.stop_signal, done,
+                  on_start=start, more=lambda: not failures)
     signum = sweep.stop_signal()
     if signum is not None:
         raise RunInterrupted(signum, finished, None, sweep.path,
@@ -259,7 +239,7 @@ def markdown(results: dict) -> str:
              "| family | " + " | ".join(LABELS[v] for v in variants) + " |",
              "|---|" + "---|" * len(variants)]
     for fam in fams:
-        cells = [fmt_mean_std(results["summary"][fam][v]) if v in results["summary"][fam] else "-" for v in variants]
+        cells = [fmt_mean_std(results["summary"][fam].get(v)) for v in variants]
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     pairs = list(itertools.combinations(variants, 2))
     if not pairs:                      # one variant: nothing to test
@@ -277,10 +257,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     variants, fams = results["variants"], results["families"]
@@ -311,10 +288,7 @@ def plot(results: dict, path: Path) -> Path:
         ax.set_title(key.split("/")[0].replace("_", " "), fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=90)
 
 
 def write_report(folder: Path, results: dict) -> None:

@@ -3,7 +3,7 @@
     python -m integrations.ban diagnose --run runs/ban/compare/runs/po-u-s0      # -> <run>/diagnose_val.json
     python -m integrations.ban diagnose --sweep runs/ban/compare                 # -> <sweep>/results/diagnose.{json,md}
 
-For a trained run on the synthetic dataset (``synth.py``) and every val question (issue #10, item 3):
+For a trained run on the synthetic dataset (``synth.py``) and every val question:
 
 * **attention mass on the asked class**, per glimpse g: BAN's bilinear attention map of glimpse g is a
   softmax over all (box, word) pairs (BAN paper eq. 9), so ``sum_{i in asked, j} att[g, i, j]`` is the
@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from integrations.common.stats import fmt_mean_std
 from setperm import hungarian, permutation_entropy
 
 __all__ = ["attention_mass", "hard_positions", "set_rank_correlation", "relative_entropy", "diagnose_run",
@@ -157,24 +158,6 @@ def _describe(t) -> str:
 # ---------------------------------------------------------------------------------------------
 # one run
 # ---------------------------------------------------------------------------------------------
-
-def _load(run_dir, split: str, data_root: Optional[str], device):
-    """Model, dataset and stored config of a run's newest intact checkpoint, as ``train.evaluate_run``."""
-    from integrations.common import load_latest
-
-    from .data import Dictionary, VQAFeatureDataset
-    from .train import build_model
-
-    state = load_latest(run_dir)
-    saved = argparse.Namespace(**state["config"])
-    if data_root is not None:
-        saved.data_root = data_root
-    dictionary = Dictionary.load(Path(saved.data_root) / "dictionary.pkl")
-    ds = VQAFeatureDataset(saved.data_root, split, dictionary, adaptive=not saved.fixed36)
-    model = build_model(saved, dictionary.ntoken, ds.num_ans_candidates, ds.v_dim)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), ds, saved, state
-
 
 class _RelevanceRecorder:
     """Forward hook on the set encoder: keeps the relevance logits (``weights``) of its last call."""
@@ -316,6 +299,48 @@ def _eta(run_dir: Path, model) -> dict:
 
 
 @torch.no_grad()
+def _first_questions(loader, max_questions: Optional[int]):
+    """``(batch, how many of its questions to use)`` up to ``max_questions`` questions in all (None: every one)."""
+    seen = 0
+    for batch in loader:
+        if max_questions is not None and seen >= max_questions:
+            return
+        take = len(batch.q) if max_questions is None else min(len(batch.q), max_questions - seen)
+        seen += take
+        yield batch, take
+
+
+def _add_batch(acc: "_Accumulator", families: List[str], att: Tensor, boxes: Tensor, mask: Tensor, asked: Tensor,
+               weights: Optional[Tensor], P: Optional[Tensor]) -> None:
+    """Add one batch's per-question statistics to ``acc``: box count, the input order's correlations, the
+    attention mass on the asked class and its chance level, the relevance weights on the asked class and on
+    the other boxes (``weights`` (B, G, K), or None), the order statistics of ``P`` (with a permutation)."""
+    G = acc.G
+    mass = attention_mass(att, asked)                                     # (B, G)
+    x_centre = (boxes[..., 0] + boxes[..., 2]) / 2
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    file_order = torch.arange(mask.shape[1]).expand_as(mask)
+    input_x = set_rank_correlation(file_order, x_centre, mask)
+    input_area = set_rank_correlation(file_order, area, mask)
+    order = _order_statistics(P, mask, asked, x_centre, area, G) if acc.with_permutation else None
+    for i, fam in enumerate(families):
+        n, n_asked = int(mask[i].sum()), int(asked[i].sum())
+        acc.add(fam, "n_boxes", n)
+        acc.add(fam, "input_spearman_x", float(input_x[i]))
+        acc.add(fam, "input_spearman_area", float(input_area[i]))
+        if n_asked:
+            acc.add(fam, "mass", mass[i].tolist())
+            acc.add(fam, "chance", n_asked / n)
+            if weights is not None:
+                others = mask[i] & ~asked[i]
+                acc.add(fam, "relevance_asked", weights[i][:, asked[i]].mean(1).tolist())
+                acc.add(fam, "relevance_other", (weights[i][:, others].mean(1) if others.any()
+                                                 else torch.full((G,), float("nan"))).tolist())
+        if order is not None:
+            for key, val in order.items():
+                acc.add(fam, key, val[i].tolist())
+
+
 def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device="cpu",
                  batch_size: Optional[int] = None, max_questions: Optional[int] = None) -> dict:
     """Attention mass on the asked class, order and sharpness of P and eta of a run's newest checkpoint.
@@ -340,17 +365,17 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
         ``relative_per_glimpse``, ``n_sets``}}}), ``eta`` and ``definitions``. Means are over questions
         (and glimpses); None where nothing is defined. See the module docstring for the definitions.
     """
-    from integrations.common import resolve_device
+    from integrations.common import resolve_device, run_folder
 
     from .synth_oracle import decode_scenes
-    from .train import load_question_types, make_loader, model_inputs, relevance_oracle
+    from .train import load_question_types, load_run, make_loader, model_inputs, relevance_oracle
 
     if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be a positive int or None, got {max_questions!r}")
     path = Path(run_dir)
-    folder = path.parent.parent if path.suffix == ".pt" else path
+    folder = run_folder(path)
     dev = resolve_device(device)
-    model, ds, saved, state = _load(path, split, data_root, dev)
+    model, ds, saved, state = load_run(path, split, data_root, dev)
     qtypes = load_question_types(saved.data_root)
     if qtypes is None:
         raise FileNotFoundError(f"{saved.data_root}: not a synthetic dataset (no synth_meta.json); diagnose "
@@ -366,10 +391,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
                          world=1, workers=0)
     seen = 0
     try:
-        for batch in loader:
-            if max_questions is not None and seen >= max_questions:
-                break
-            take = len(batch.q) if max_questions is None else min(len(batch.q), max_questions - seen)
+        for batch, take in _first_questions(loader, max_questions):
             v, b, q = batch.v[:take].to(dev), batch.b[:take].to(dev), batch.q[:take].to(dev)
             qids = batch.question_id[:take].tolist()
             seen += take
@@ -377,34 +399,11 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
             _, att = model(v, b, q, None, **model_inputs(oracle, qids, v.shape[1], dev))
             mask = batch.mask[:take]                                      # (B, K), True = real box
             boxes = b[:, :, :4].double().cpu()
-            asked = _class_masks(scenes, index, qids, mask, boxes)
-            mass = attention_mass(att.double().cpu(), asked)              # (B, G)
-            x_centre = (boxes[..., 0] + boxes[..., 2]) / 2
-            area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-            file_order = torch.arange(mask.shape[1]).expand_as(mask)
-            input_x = set_rank_correlation(file_order, x_centre, mask)
-            input_area = set_rank_correlation(file_order, area, mask)
             weights = None
             if relevance.weights is not None:        # (B * G, K) logits -> (B, G, K) weights the LSTM applies
                 weights = torch.sigmoid(relevance.weights.double().cpu()).view(take, G, -1)
-            order = _order_statistics(recorder.P, mask, asked, x_centre, area, G) if acc.with_permutation else None
-            for i, qid in enumerate(qids):
-                fam = qtypes.get(qid, index[qid][1].family)
-                n, n_asked = int(mask[i].sum()), int(asked[i].sum())
-                acc.add(fam, "n_boxes", n)
-                acc.add(fam, "input_spearman_x", float(input_x[i]))
-                acc.add(fam, "input_spearman_area", float(input_area[i]))
-                if n_asked:
-                    acc.add(fam, "mass", mass[i].tolist())
-                    acc.add(fam, "chance", n_asked / n)
-                    if weights is not None:
-                        others = mask[i] & ~asked[i]
-                        acc.add(fam, "relevance_asked", weights[i][:, asked[i]].mean(1).tolist())
-                        acc.add(fam, "relevance_other", (weights[i][:, others].mean(1) if others.any()
-                                                         else torch.full((G,), float("nan"))).tolist())
-                if order is not None:
-                    for key, val in order.items():
-                        acc.add(fam, key, val[i].tolist())
+            _add_batch(acc, [qtypes.get(qid, index[qid][1].family) for qid in qids], att.double().cpu(), boxes,
+                       mask, _class_masks(scenes, index, qids, mask, boxes), weights, recorder.P)
     finally:
         recorder.remove()
         relevance.remove()
@@ -619,7 +618,7 @@ def run_markdown(res: dict) -> str:
 
 
 def _ms(s: Optional[dict], scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if s is None else f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+    return fmt_mean_std(s, scale, digits)
 
 
 def sweep_markdown(results: dict) -> str:
@@ -711,7 +710,7 @@ def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_diagnose(args) -> int:
     """The ``diagnose`` subcommand: writes the JSON (and, for a sweep, the Markdown) and prints the table."""
-    from integrations.common import ensure_new, write_new_json
+    from integrations.common import ensure_new, run_folder, write_new_json
 
     kwargs = dict(split=args.split, data_root=args.data_root, device=args.device, batch_size=args.batch_size,
                   max_questions=args.max_questions)
@@ -722,7 +721,7 @@ def cmd_diagnose(args) -> int:
         print(sweep_markdown(results))
         print(f"results: {path} and {path.with_suffix('.md')}")
         return 0
-    run_dir = Path(args.run).parent.parent if args.run.endswith(".pt") else Path(args.run)
+    run_dir = run_folder(args.run)
     out = ensure_new(Path(args.out) if args.out else run_dir / f"diagnose_{args.split}.json", overwrite=args.overwrite)
     res = diagnose_run(args.run, **kwargs)
     write_new_json(out, res, overwrite=args.overwrite)

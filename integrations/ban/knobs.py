@@ -2,7 +2,7 @@
 on the order-free families of the synthetic set (is there a <c>? / what colour is the <c>?).
 
 The synthetic comparison only means something if plain BAN learns the families that need no geometry
-(issue: >= 90 % within about 10 minutes of CPU training). This command measures it: one dataset per
+(the target: >= 90 % after a short CPU training). This command measures it: one dataset per
 generator setting (the generator's defaults with one setting changed, families ``exists:3,colour:4``),
 plain BAN (``--permutation off``) trained on each with the given train flags, and per setting the val
 accuracy on ``exists`` and ``colour`` (mean ± std over ``--seeds``) next to the training time.
@@ -20,7 +20,6 @@ sweep prints its report). Output: ``<out>/data/<setting>`` (datasets), ``<out>/r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import time
@@ -38,15 +37,10 @@ MODEL_KNOBS = {"num_hid": int, "gamma": int}
 
 def generator_knobs() -> Dict[str, type]:
     """Generator settings a knob may change, with their types (from the generator's dataclasses)."""
-    from .synth_features import FeatureConfig
-    from .synth_world import SceneConfig
+    from .synth import generator_settings
 
     types = {"images": int, "questions": int}
-    for cls in (SceneConfig, FeatureConfig):
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else None
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                types[f.name] = type(default)
+    types.update({f.name: type(f.default) for fields in generator_settings().values() for f in fields})
     return types
 
 
@@ -189,8 +183,7 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         # one seed: the value itself (a std of one run says nothing)
-        cells = ["-" if r[k] is None else fmt_mean_std(r[k]) if n > 1 else f"{100 * r[k]['mean']:.1f}"
-                 for k in ("exists", "colour", "all")]
+        cells = [fmt_mean_std(r[k], std_of_one=False) for k in ("exists", "colour", "all")]
         minutes = "-" if r["seconds"] is None else f"{r['seconds']['mean'] / 60:.1f}"
         to90 = " / ".join("never" if s is None else str(s) for s in r["steps_to_90"])
         lines.append(f"| {r['knob']} | " + " | ".join(cells) + f" | {r['steps']} | {to90} | {minutes} |")

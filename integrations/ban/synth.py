@@ -24,7 +24,7 @@ import dataclasses
 import json
 import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -145,14 +145,10 @@ def _kept_boxes(scene, cfg: SceneConfig, total: int) -> np.ndarray:
     return np.array(asked + clutter[: total - len(asked)], dtype=np.int64)
 
 
-def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: FeatureCodes,
-                rng: np.random.Generator, meta: dict) -> list:
-    """Draw and write one split; returns its question dicts (for the dictionary)."""
-    import h5py
-
+def _draw_images(n_images: int, cfg: SynthConfig, rng: np.random.Generator) -> tuple:
+    """``(scenes, questions per image, image sizes)`` of a split; the first two images have the fewest and
+    the most boxes."""
     sc = cfg.scene
-    image_ids = [ID_BASE[split] + 7 * i for i in range(n_images)]
-    rows = rng.permutation(n_images)  # image id -> row, deliberately not the identity
     scenes, image_questions, sizes = [], [], []
     deck = SlotDeck(cfg.families, rng, cfg.family_weights)
     for i in range(n_images):
@@ -161,20 +157,51 @@ def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: F
         scenes.append(scene)
         image_questions.append(qs)
         sizes.append(IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))])
+    return scenes, image_questions, sizes
+
+
+def _feature_files(out: Path, split: str, n_images: int, total: int, D: int, fixed: bool) -> tuple:
+    """The open ``{split}.hdf5`` (all boxes, ``total`` rows) and ``{split}36.hdf5`` (None unless ``fixed``),
+    with their datasets created."""
+    import h5py
+
+    fa = h5py.File(out / f"{split}.hdf5", "w")
+    fa.create_dataset("image_features", (total, D), "f4")
+    fa.create_dataset("spatial_features", (total, 6), "f4")
+    fa.create_dataset("image_bb", (total, 4), "f4")
+    if not fixed:
+        return fa, None
+    f36 = h5py.File(out / f"{split}36.hdf5", "w")
+    f36.create_dataset("image_features", (n_images, FIXED_BOXES, D), "f4")
+    f36.create_dataset("spatial_features", (n_images, FIXED_BOXES, 6), "f4")
+    f36.create_dataset("image_bb", (n_images, FIXED_BOXES, 4), "f4")
+    return fa, f36
+
+
+def _write_index_files(out: Path, split: str, questions: list, targets: list, index: dict, fixed: bool) -> None:
+    """The image-id -> row pickles, the questions JSON and the answer targets, as the official converter names them."""
+    for name in [f"{split}_imgid2idx.pkl"] + ([f"{split}36_imgid2idx.pkl"] if fixed else []):
+        with open(out / name, "wb") as fh:
+            pickle.dump(index, fh)
+    with open(out / QUESTION_FILES[split], "w") as fh:
+        json.dump({"questions": questions, "data_subtype": f"{split}2014", "task_type": "OpenEnded"}, fh)
+    with open(out / "cache" / f"{split}_target.pkl", "wb") as fh:
+        pickle.dump(targets, fh)
+
+
+def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: FeatureCodes,
+                rng: np.random.Generator, meta: dict) -> list:
+    """Draw and write one split; returns its question dicts (for the dictionary)."""
+    sc = cfg.scene
+    image_ids = [ID_BASE[split] + 7 * i for i in range(n_images)]
+    rows = rng.permutation(n_images)  # image id -> row, deliberately not the identity
+    scenes, image_questions, sizes = _draw_images(n_images, cfg, rng)
     ks = np.array([s.meta["num_boxes"] for s in scenes])
     total = int(ks.sum())
     questions, targets = [], []
-    with h5py.File(out / f"{split}.hdf5", "w") as fa:
-        D = codes.cfg.v_dim
-        fa.create_dataset("image_features", (total, D), "f4")
-        fa.create_dataset("spatial_features", (total, 6), "f4")
-        fa.create_dataset("image_bb", (total, 4), "f4")
+    fa, fixed = _feature_files(out, split, n_images, total, codes.cfg.v_dim, cfg.fixed)
+    with fa:
         pos = np.zeros((n_images, 2), dtype=np.int32)
-        fixed = h5py.File(out / f"{split}36.hdf5", "w") if cfg.fixed else None
-        if fixed is not None:
-            fixed.create_dataset("image_features", (n_images, FIXED_BOXES, D), "f4")
-            fixed.create_dataset("spatial_features", (n_images, FIXED_BOXES, 6), "f4")
-            fixed.create_dataset("image_bb", (n_images, FIXED_BOXES, 4), "f4")
         offset = 0
         for i in np.argsort(rows):  # rows in file order, as the official converter writes them
             scene, k, r = scenes[i], int(ks[i]), int(rows[i])
@@ -199,14 +226,7 @@ def write_split(out: Path, split: str, n_images: int, cfg: SynthConfig, codes: F
         fa.create_dataset("pos_boxes", data=pos)
         if fixed is not None:
             fixed.close()
-    index = {image_ids[i]: int(rows[i]) for i in range(n_images)}
-    for name in [f"{split}_imgid2idx.pkl"] + ([f"{split}36_imgid2idx.pkl"] if cfg.fixed else []):
-        with open(out / name, "wb") as fh:
-            pickle.dump(index, fh)
-    with open(out / QUESTION_FILES[split], "w") as fh:
-        json.dump({"questions": questions, "data_subtype": f"{split}2014", "task_type": "OpenEnded"}, fh)
-    with open(out / "cache" / f"{split}_target.pkl", "wb") as fh:
-        pickle.dump(targets, fh)
+    _write_index_files(out, split, questions, targets, {image_ids[i]: int(rows[i]) for i in range(n_images)}, cfg.fixed)
     per_family = {}
     for q in questions:
         f = meta["question_type"][str(q["question_id"])]
@@ -260,8 +280,37 @@ def write_dataset(out, cfg: SynthConfig) -> Path:
 DEFAULT_FAMILIES = "exists:3,colour:4,leftmost,rightmost,kth_left,largest,smallest,count,count_left"
 
 
+# The help of each generator setting; the flags themselves come from the dataclasses (generator_settings).
+SETTING_HELP = {
+    "classes": "asked classes",
+    "clutter": "clutter (never asked) classes",
+    "max_per_class": "boxes of one asked class: 0 ... this",
+    "min_boxes": "boxes per image, at least",
+    "max_boxes": "boxes per image, at most (official: 100)",
+    "min_dx": "least gap of asked boxes' x-centres",
+    "min_area_ratio": "least area ratio of two boxes of one asked class",
+    "max_iou": "largest IoU of two boxes of one asked class",
+    "min_area": "least box area (fraction of the image)",
+    "max_area": "largest box area (fraction of the image)",
+    "margin": "x-centres of asked boxes in [margin, 1 - margin]",
+    "v_dim": "feature size (bottom-up features: 2048)",
+    "noise": "std of the per-dimension feature noise",
+    "class_scale": "weight of the class code",
+    "colour_scale": "weight of the colour code",
+    "bias": "constant added before the ReLU",
+}
+
+
+def generator_settings() -> Dict[type, List[dataclasses.Field]]:
+    """The numeric fields of :class:`SceneConfig` and :class:`FeatureConfig`, per class: the generator
+    settings that the command line and ``knobs`` offer."""
+    def numeric(f):
+        return isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+
+    return {cls: [f for f in dataclasses.fields(cls) if numeric(f)] for cls in (SceneConfig, FeatureConfig)}
+
+
 def build_parser(prog=None) -> argparse.ArgumentParser:
-    s, f = SceneConfig(), FeatureConfig()
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (the official repo's data/): new, empty, or holding "
@@ -278,22 +327,12 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                    help="probability that each of the 10 simulated annotators gives the true answer")
     p.add_argument("--fixed", action=argparse.BooleanOptionalAction, default=False,
                    help="also write the fixed-36 {split}36.hdf5 files")
-    g = p.add_argument_group("scenes (synth_world.SceneConfig)")
-    g.add_argument("--classes", type=int, default=s.classes, help="asked classes")
-    g.add_argument("--clutter", type=int, default=s.clutter, help="clutter (never asked) classes")
-    g.add_argument("--max-per-class", type=int, default=s.max_per_class, help="boxes of one asked class: 0 ... this")
-    g.add_argument("--min-boxes", type=int, default=s.min_boxes, help="boxes per image, at least")
-    g.add_argument("--max-boxes", type=int, default=s.max_boxes, help="boxes per image, at most (official: 100)")
-    g.add_argument("--min-dx", type=float, default=s.min_dx, help="least gap of asked boxes' x-centres")
-    g.add_argument("--min-area-ratio", type=float, default=s.min_area_ratio,
-                   help="least area ratio of two boxes of one asked class")
-    g.add_argument("--max-iou", type=float, default=s.max_iou, help="largest IoU of two boxes of one asked class")
-    g = p.add_argument_group("features (synth_features.FeatureConfig)")
-    g.add_argument("--v-dim", type=int, default=f.v_dim, help="feature size (bottom-up features: 2048)")
-    g.add_argument("--noise", type=float, default=f.noise, help="std of the per-dimension feature noise")
-    g.add_argument("--class-scale", type=float, default=f.class_scale, help="weight of the class code")
-    g.add_argument("--colour-scale", type=float, default=f.colour_scale, help="weight of the colour code")
-    g.add_argument("--bias", type=float, default=f.bias, help="constant added before the ReLU")
+    titles = {SceneConfig: "scenes (synth_world.SceneConfig)", FeatureConfig: "features (synth_features.FeatureConfig)"}
+    for cls, fields in generator_settings().items():
+        g = p.add_argument_group(titles[cls])
+        for f in fields:
+            g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                           help=SETTING_HELP.get(f.name))
     return p
 
 
@@ -314,9 +353,7 @@ def _check_out(out: Path, overwrite: bool) -> Optional[str]:
 def main(argv=None, prog=None):
     p = build_parser(prog)
     a = p.parse_args(argv)
-    knobs = {k: getattr(a, k) for k in ("classes", "clutter", "max_per_class", "min_boxes", "max_boxes", "min_dx",
-                                        "min_area_ratio", "max_iou", "v_dim", "noise", "class_scale",
-                                        "colour_scale", "bias")}
+    knobs = {f.name: getattr(a, f.name) for fields in generator_settings().values() for f in fields}
     try:             # every setting is checked before anything is written
         cfg = make_config(a.images, a.val_images, a.questions, a.seed, families=a.families,
                           annotator_accuracy=a.annotator_accuracy, fixed=a.fixed, **knobs)

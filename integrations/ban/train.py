@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from integrations.common import (CommandError, cleanup_distributed, finite_loss, generator, init_distributed, open_run,
-                                 progress, resolve_device, seed_everything)
+                                 progress, resolve_device, seed_everything, seeded_generator)
 from setperm.monitor import PermutationMonitor
 
 from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
@@ -173,7 +173,7 @@ def epoch_batches(indices: list, batch_size: int, counts: Optional[np.ndarray] =
     for s in range(0, len(indices), span):
         chunk = sorted(indices[s:s + span], key=lambda i: counts[i])
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = torch.randperm(len(batches), generator=seeded_generator(seed)).tolist()
     return [batches[i] for i in order]
 
 
@@ -211,7 +211,7 @@ def make_loader(ds, batch_size: int, *, shuffle: bool, epoch: int, seed: int, ra
     # own generator: creating the iterator must not consume the global RNG (exact resume)
     return DataLoader(ds, batch_sampler=batches, collate_fn=collate_vqa, num_workers=workers,
                       worker_init_fn=_worker_init if workers else None, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(seed))
+                      generator=seeded_generator(seed))
 
 
 def load_question_types(root) -> Optional[dict]:
@@ -491,22 +491,29 @@ def _loop(trainer: _Trainer) -> None:
 # evaluation of a finished (or interrupted) run
 # ---------------------------------------------------------------------------------------------
 
-def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device: str = "cpu",
-                 batch_size: Optional[int] = None, workers: int = 0) -> dict:
-    """Soft accuracy (overall, upper bound, per question type) of a run's newest intact checkpoint on
-    ``split``; every model and data setting comes from the run's stored config."""
+def load_run(run_dir, split: str, data_root: Optional[str], device) -> tuple:
+    """``(model, dataset, stored config, checkpoint state)`` of a run's newest intact checkpoint: the model
+    on ``device`` in eval mode, the dataset of ``split``; every model and data setting comes from the
+    run's stored config (``data_root``: the data elsewhere)."""
     from integrations.common import load_latest
 
     state = load_latest(run_dir)
     saved = argparse.Namespace(**state["config"])
     if data_root is not None:
         saved.data_root = data_root
-    dev = resolve_device(device)
     dictionary = Dictionary.load(Path(saved.data_root) / "dictionary.pkl")
     ds = VQAFeatureDataset(saved.data_root, split, dictionary, adaptive=not saved.fixed36)
     model = build_model(saved, dictionary.ntoken, ds.num_ans_candidates, ds.v_dim)
     model.load_state_dict(state["model"])
-    model.to(dev)
+    return model.to(device).eval(), ds, saved, state
+
+
+def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device: str = "cpu",
+                 batch_size: Optional[int] = None, workers: int = 0) -> dict:
+    """Soft accuracy (overall, upper bound, per question type) of a run's newest intact checkpoint on
+    ``split`` (:func:`load_run`)."""
+    dev = resolve_device(device)
+    model, ds, saved, state = load_run(run_dir, split, data_root, dev)
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
                          world=1, workers=workers, pin_memory=dev.type == "cuda")
     out = evaluate(model, loader, dev, load_question_types(saved.data_root), oracle=relevance_oracle(saved),

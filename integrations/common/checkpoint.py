@@ -138,6 +138,13 @@ def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:
     return files[0][1] if files else None
 
 
+def run_folder(run_or_checkpoint: str | os.PathLike) -> Path:
+    """The run folder of a run folder or of one of its checkpoints (``<run>/checkpoints/step_*.pt``): where
+    an evaluation of either is written by default."""
+    path = Path(run_or_checkpoint)
+    return path.parent.parent if path.suffix == ".pt" else path
+
+
 def load_latest(run_or_checkpoint: str | os.PathLike, *, map_location: Any = "cpu") -> dict:
     """A trained model's checkpoint from a run folder (its newest intact checkpoint) or a ``.pt`` file,
     for evaluation and figures. Unreadable newer checkpoints are skipped with a warning."""

@@ -141,9 +141,10 @@ def _read_json(path: Path) -> dict:
         raise RunError(f"{path} cannot be read ({type(e).__name__}: {e}); remove the folder or pass --overwrite") from None
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    """Write JSON atomically (:func:`~.atomic.atomic_write`)."""
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+def write_json(path: Path, obj: Any, *, sort_keys: bool = True) -> Path:
+    """Write JSON atomically (:func:`~.atomic.atomic_write`). ``sort_keys`` False keeps the dicts' order
+    (for records whose order is meaningful, e.g. a table's rows)."""
+    data = (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode()
     return atomic_write(path, lambda f: f.write(data), durable=False)
 
 

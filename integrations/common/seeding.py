@@ -1,35 +1,50 @@
-"""One seeding scheme for every trainer: random streams keyed by (seed, step, ...).
+"""One seeding module for every trainer: random streams keyed by (seed, step, ...).
 
 Batch ``t`` of a run is drawn from a generator seeded by ``step_seed(seed, t)`` (or
 ``(seed, epoch, batch)``), never from a stream that advances with the run. The data a run sees
 therefore does not depend on where it was interrupted, and ``--resume`` reproduces the
 uninterrupted run exactly.
+
+Keys may be names as well as integers (a task, a split): such keys are hashed with crc32, which,
+unlike Python's ``hash()`` of a str, is the same in every process. Streams that are seeded with the
+seed itself use :func:`seeded_generator`. The committed results were drawn with exactly these seeds.
 """
 from __future__ import annotations
 
 import random
+import zlib
+from typing import Union
 
 import numpy as np
 import torch
 
 
-def step_seed(*keys: int) -> int:
-    """A 63-bit seed from non-negative integer keys, e.g. ``(seed, step)`` or ``(seed, epoch, batch)``.
+def step_seed(*keys: Union[int, str]) -> int:
+    """A seed from keys, e.g. ``(seed, step)``, ``(seed, epoch, batch)`` or ``(seed, "kth", "test", 8)``.
 
-    numpy's ``SeedSequence`` hashes the whole key tuple, so neighbouring keys give unrelated
-    streams (unlike ``seed + step``) and no key combination collides with another by arithmetic.
+    Non-negative integer keys give 63 bits: numpy's ``SeedSequence`` hashes the whole key tuple, so
+    neighbouring keys give unrelated streams (unlike ``seed + step``) and no key combination collides
+    with another by arithmetic. Keys that include a name (a ``str``) give the 32-bit crc32 of all keys
+    written out and joined by ``"/"``.
     """
-    keys = tuple(int(k) for k in keys)
-    if not keys or any(k < 0 for k in keys):
-        raise ValueError(f"keys must be one or more non-negative integers, got {keys}")
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    if not keys:
+        raise ValueError("keys must be one or more non-negative integers or names, got none")
+    if any(isinstance(k, str) for k in keys):
+        return zlib.crc32("/".join(str(k) for k in keys).encode())
+    ints = tuple(int(k) for k in keys)
+    if any(k < 0 for k in ints):
+        raise ValueError(f"keys must be one or more non-negative integers or names, got {ints}")
+    return int(np.random.SeedSequence(list(ints)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def generator(*keys: int) -> torch.Generator:
+def generator(*keys: Union[int, str]) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded by :func:`step_seed` of ``keys``."""
-    g = torch.Generator()
-    g.manual_seed(step_seed(*keys))
-    return g
+    return seeded_generator(step_seed(*keys))
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed`` itself (a stream that is not keyed by a step)."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 def seed_everything(seed: int) -> None:

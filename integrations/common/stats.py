@@ -53,8 +53,16 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
-def fmt_mean_std(s: Dict[str, float], scale: float = 100.0, digits: int = 1) -> str:
-    """``"mean ± std"`` of a :func:`summarize` result, scaled (e.g. fractions to percent)."""
+def fmt_mean_std(s: Optional[Dict[str, float]], scale: float = 100.0, digits: int = 1, *, missing: str = "-",
+                 std_of_one: bool = True) -> str:
+    """``"mean ± std"`` of a :func:`summarize` result, scaled (e.g. fractions to percent).
+
+    ``missing``: the text for no summary (None, or a mean of None). ``std_of_one`` False: a summary of
+    one value shows the value alone (the spread of one run says nothing)."""
+    if s is None or s.get("mean") is None:
+        return missing
+    if not std_of_one and s["n"] < 2:
+        return f"{scale * s['mean']:.{digits}f}"
     return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
 

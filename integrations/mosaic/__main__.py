@@ -21,9 +21,9 @@ from pathlib import Path
 from integrations.common import (add_data_root_argument, add_kernel_argument, add_run_arguments, add_threads_argument,
                                  device_name,
                                  non_negative_int, positive_float, positive_int, resolve_device, ensure_new,
-                                 run_command, write_new_json)
+                                 run_command, run_folder, write_new_json)
+from integrations.common.datasets import DATASETS, DataFormatError
 
-from .datasets import DATASETS, DataFormatError
 from .model import PERMUTATIONS
 
 PROG = "python -m integrations.mosaic"
@@ -115,11 +115,6 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     return args
 
 
-def _run_folder(run: str) -> Path:
-    p = Path(run)
-    return p.parent.parent if p.suffix == ".pt" else p
-
-
 def cmd_train(args) -> int:
     from .train import train
 
@@ -135,7 +130,7 @@ def cmd_eval(args) -> int:
     from .train import evaluate, load_run
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else _run_folder(args.run) / "eval.json"
+    out = Path(args.out) if args.out else run_folder(args.run) / "eval.json"
     ensure_new(out, overwrite=args.overwrite)        # refuse before spending the evaluation time
     saved, model, data, path = load_run(args.run, data_root_flag=args.data_root, test_subset=args.test_subset)
     device = resolve_device(args.device)
@@ -154,7 +149,7 @@ def cmd_figures(args) -> int:
     from .train import load_run
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else _run_folder(args.run) / "reconstruction.png"
+    out = Path(args.out) if args.out else run_folder(args.run) / "reconstruction.png"
     ensure_new(out, overwrite=args.overwrite)
     saved, model, data, _ = load_run(args.run, data_root_flag=args.data_root, test_subset=args.num_examples)
     mosaic = model.mosaic if saved.task == "classify" else model

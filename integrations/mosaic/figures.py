@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import setperm
+from integrations.common.figures import pyplot, write_png
 
 from .tiles import assemble, gather_positions
 from .train import EVAL_SEED, MosaicData, _gen, batch_tiles
@@ -32,10 +33,7 @@ def reconstruction_rows(mosaic, data: MosaicData, n: int, k: int = 8):
 
 
 def save_figure(rows, path: str | Path, title: str = "", scale: float = 0.9) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = rows[0][1].shape[0]
     fig, axes = plt.subplots(len(rows), k, figsize=(scale * k + 1.1, scale * len(rows) + 0.5), squeeze=False)
@@ -51,8 +49,4 @@ def save_figure(rows, path: str | Path, title: str = "", scale: float = 0.9) -> 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(pad=0.3, rect=(0.02, 0, 1, 0.97))  # keep room for the title and the row labels
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=80)

@@ -31,8 +31,8 @@ from torch import nn
 import setperm
 from integrations.common import (CommandError, data_root, finite_loss, generator, load_latest, open_run, progress,
                                  seed_everything)
+from integrations.common.datasets import NUM_CLASSES, channel_stats, load_split
 
-from .datasets import NUM_CLASSES, load_split, channel_stats
 from .model import ClassifyNet, MosaicNet
 from .resnet import ResNet18
 from .tiles import assemble, gather_positions, prepare_images, random_permutations, shuffle_tiles, target_index, to_tiles

@@ -1,4 +1,4 @@
-"""Set-to-vector tasks: setperm side by side with the set encoders users pick today (issue #11).
+"""Set-to-vector tasks: setperm side by side with the set encoders users pick today.
 
 ``python -m integrations.set_tasks run`` trains every (task, encoder, seed) cell and writes
 ``<out>/results``; see README.md. PyG (``torch_geometric``) is needed for the baselines.

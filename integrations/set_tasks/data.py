@@ -16,13 +16,14 @@ check that.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from integrations.common.seeding import generator as keyed_generator
 
 from .tasks import NUM_CLASSES, Task
 
@@ -104,11 +105,6 @@ def random_sizes(count: int, size: Union[int, Tuple[int, int]], generator: torch
     return torch.randint(lo, hi + 1, (count,), generator=generator)
 
 
-def _stable_seed(*parts) -> int:
-    # Python's hash() of a str changes between processes; crc32 does not.
-    return zlib.crc32("/".join(str(p) for p in parts).encode())
-
-
 def fixed_sets(task: Task, split: str, count: int, size: Union[int, Tuple[int, int]], data_seed: int,
                pool: Optional[ElementPool] = None) -> SetBatch:
     """The validation (``split="val"``) or test (``"test"``) sets of ``task`` at ``size``: a function of
@@ -116,7 +112,7 @@ def fixed_sets(task: Task, split: str, count: int, size: Union[int, Tuple[int, i
     the even-numbered ones, test sets the odd-numbered ones)."""
     if split not in ("val", "test"):
         raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
-    g = torch.Generator().manual_seed(_stable_seed(data_seed, task.name, split, size))
+    g = keyed_generator(data_seed, task.name, split, size)
     if pool is not None:
         half = slice(0, None, 2) if split == "val" else slice(1, None, 2)
         pool = ElementPool(pool.features[half], pool.labels[half])

@@ -5,8 +5,8 @@ frozen; its penultimate features, standardised, are computed once for every imag
 the run folder. Each model then puts its own trainable :class:`ElementMLP` on top, with the same
 architecture and the same initial weights for every encoder of a seed, so the *set* part is what
 differs between the models. Training the CNN end to end inside every (task, encoder, seed) cell would
-cost 381 ms per step for the CNN alone, against 5-31 ms for a whole step of the set models
-(``README.md``), and the suite would not fit its hour.
+make each step cost many times a whole step of the set models (the measured step times are in
+``README.md``), and the suite would not fit its time budget.
 
 Point elements (the position tasks) are ``[x, y, one-hot class]`` vectors fed to the same ElementMLP.
 """
@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from integrations.common.atomic import atomic_write
-from integrations.mosaic.datasets import load_split
+from integrations.common.seeding import seed_everything, seeded_generator
+from integrations.common.datasets import load_split
 
 FEATURES = 64          # width of the frozen CNN's penultimate layer
 
@@ -81,8 +82,8 @@ def _features(cnn: TinyCNN, images: Tensor, chunk: int = 2000) -> Tensor:
 def pretrain_cnn(images: Tensor, labels: Tensor, epochs: int = 1, batch_size: int = 128, lr: float = 1e-3,
                  seed: int = 0) -> TinyCNN:
     """Digit classification, Adam, ``epochs`` passes over ``images`` (uint8 (N, 1, 28, 28))."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    g = seeded_generator(seed)
+    seed_everything(seed)
     cnn = TinyCNN()
     opt = torch.optim.Adam(cnn.parameters(), lr=lr)
     for _ in range(epochs):

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor, nn
+
+from integrations.common.seeding import seed_everything
 
 from .embedding import ElementMLP
 from .encoders import EncoderConfig, SetpermReadout, build_encoder, count_parameters
@@ -39,7 +40,7 @@ def build_model(encoder: str, in_features: int, dim: int, width: int, out_featur
     """With ``seed``, the element MLP is initialised from it first, so every encoder of a seed starts
     from the same element embedding."""
     if seed is not None:
-        torch.manual_seed(seed)
+        seed_everything(seed)
     element = ElementMLP(in_features, dim)
     return SetModel(element, build_encoder(encoder, dim, width, cfg), width, out_features)
 

@@ -16,17 +16,17 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from integrations.common import CommandError
-from integrations.common.stats import fmt_p, paired_test, summarize as summarize_values
+from integrations.common import CommandError, write_json
+from integrations.common.figures import pyplot, write_png
+from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize as summarize_values
 
 from .encoders import BASELINES, ENCODERS
-from .runner import write_json_atomic
 from .tasks import TASKS
 
 OURS_MAIN = "po-u"
 COMPARED = ("po-u", "po-u-st", "po-la")            # each tested against the best baseline
 BASELINE_NAMES = BASELINES + ("lstm-only",)         # what a user has today (lstm-only: the paper's ablation)
-REFERENCE_COST = "set-transformer"                  # the issue's step-time yardstick
+REFERENCE_COST = "set-transformer"                  # step-time yardstick: the common attention-based set encoder
 
 
 def load_cells(out: Path) -> List[dict]:
@@ -113,38 +113,40 @@ def _compare(entry: dict) -> dict:
     return out
 
 
-def _fmt(ms: dict, scale: float = 100.0, digits: int = 1) -> str:
-    if ms is None or ms.get("mean") is None:
-        return "n/a"
-    if ms["n"] < 2:
-        return f"{ms['mean'] * scale:.{digits}f}"
-    return f"{ms['mean'] * scale:.{digits}f} ± {ms['std'] * scale:.{digits}f}"
+def _fmt(ms: Optional[dict], scale: float = 100.0, digits: int = 1) -> str:
+    return fmt_mean_std(ms, scale, digits, missing="n/a", std_of_one=False)
 
 
-def markdown(summary: dict, command: str = "") -> str:
-    """Tables: accuracy at the training sizes, size generalisation, cost, PO diagnostics."""
-    tasks = list(summary["tasks"])
-    encoders = [e for e in ENCODERS if any(e in summary["tasks"][t]["encoders"] for t in tasks)]
-    lines = []
-    if command:
-        lines += [f"Command: `{command}`", ""]
-    lines += ["Test accuracy (%) at the training sizes, mean ± std over seeds; `prior`: the most frequent "
-              "answer of the test sets.", "",
-              "| encoder | " + " | ".join(f"{t} ({summary['tasks'][t]['family']})" for t in tasks) + " |",
-              "|---|" + "---|" * len(tasks)]
-    lines.append("| prior | " + " | ".join(f"{100 * summary['tasks'][t]['prior']['train']['accuracy']:.1f}"
-                                         for t in tasks) + " |")
+def _encoder_table(summary: dict, encoders: List[str], columns: List[tuple], label, value, prior=None) -> List[str]:
+    """A Markdown table with one row per encoder (and first a ``prior`` row when ``prior`` is given) and one
+    column per ``(task, key)`` of ``columns``: ``label(task, key)`` heads a column, ``value(row, key)`` fills
+    an encoder's cell (empty where the encoder did not run the task), ``prior(task's prior, key)`` the prior's."""
+    lines = ["| encoder | " + " | ".join(label(t, k) for t, k in columns) + " |", "|---|" + "---|" * len(columns)]
+    if prior is not None:
+        lines.append("| prior | " + " | ".join(prior(summary["tasks"][t]["prior"], k) for t, k in columns) + " |")
     for e in encoders:
-        cells = []
-        for t in tasks:
-            row = summary["tasks"][t]["encoders"].get(e)
-            cells.append(_fmt(row["accuracy"]["train"]) if row else "")
-        lines.append(f"| {e} | " + " | ".join(cells) + " |")
-    lines += ["", "PO encoders against the best baseline (PyG's aggregations and lstm-only) at the training "
-              "sizes: difference in accuracy points (mean over seeds), paired t-test over seeds, rank among all "
-              "encoders (1 = best).", "",
-              "| task | best baseline | " + " | ".join(f"{o} − best | p | rank" for o in COMPARED) + " |",
-              "|---|---|" + "---|---|---|" * len(COMPARED)]
+        rows = [(summary["tasks"][t]["encoders"].get(e), k) for t, k in columns]
+        lines.append(f"| {e} | " + " | ".join(value(row, k) if row else "" for row, k in rows) + " |")
+    return lines
+
+
+def _prior_accuracy(prior: dict, size: str) -> str:
+    return f"{100 * prior[size]['accuracy']:.1f}" if size in prior else ""
+
+
+def _accuracy_section(summary: dict, tasks: List[str], encoders: List[str]) -> List[str]:
+    return ["Test accuracy (%) at the training sizes, mean ± std over seeds; `prior`: the most frequent "
+            "answer of the test sets.", ""] + _encoder_table(
+        summary, encoders, [(t, "train") for t in tasks], lambda t, _: f"{t} ({summary['tasks'][t]['family']})",
+        lambda row, n: _fmt(row["accuracy"][n]), _prior_accuracy)
+
+
+def _comparison_section(summary: dict, tasks: List[str]) -> List[str]:
+    lines = ["", "PO encoders against the best baseline (PyG's aggregations and lstm-only) at the training "
+             "sizes: difference in accuracy points (mean over seeds), paired t-test over seeds, rank among all "
+             "encoders (1 = best).", "",
+             "| task | best baseline | " + " | ".join(f"{o} − best | p | rank" for o in COMPARED) + " |",
+             "|---|---|" + "---|---|---|" * len(COMPARED)]
     for t in tasks:
         c = summary["tasks"][t]["comparison"]
         if not c.get("best_baseline"):
@@ -156,46 +158,39 @@ def markdown(summary: dict, command: str = "") -> str:
             else:
                 cols += ["", "", ""]
         lines.append(f"| {t} | {c['best_baseline']} | " + " | ".join(cols) + " |")
-    big = sorted({k for t in tasks for k in summary["tasks"][t]["sizes"] if k != "train"}, key=int)
-    if big:
-        lines += ["", "Size generalisation: test accuracy (%) at N = " + ", ".join(big) +
-                  " after training at the training sizes (n/a: PO-LA has a fixed number of positions).", "",
-                  "| encoder | " + " | ".join(f"{t} N={n}" for t in tasks for n in big) + " |",
-                  "|---|" + "---|" * (len(tasks) * len(big))]
-        lines.append("| prior | " + " | ".join(
-            f"{100 * summary['tasks'][t]['prior'][n]['accuracy']:.1f}" if n in summary["tasks"][t]["prior"] else ""
-            for t in tasks for n in big) + " |")
-        for e in encoders:
-            cells = []
-            for t in tasks:
-                row = summary["tasks"][t]["encoders"].get(e)
-                cells += [_fmt(row["accuracy"].get(n)) if row else "" for n in big]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _size_section(summary: dict, tasks: List[str], encoders: List[str], big: List[str]) -> List[str]:
+    if not big:
+        return []
+    return ["", "Size generalisation: test accuracy (%) at N = " + ", ".join(big) +
+            " after training at the training sizes (n/a: PO-LA has a fixed number of positions).", ""] + _encoder_table(
+        summary, encoders, [(t, n) for t in tasks for n in big], lambda t, n: f"{t} N={n}",
+        lambda row, n: _fmt(row["accuracy"].get(n)), _prior_accuracy)
+
+
+def _count_section(summary: dict, tasks: List[str], encoders: List[str], big: List[str]) -> List[str]:
     counts = [t for t in tasks if summary["tasks"][t]["output"] == "count"]
-    if counts:
-        sizes = ["train"] + big
-        lines += ["", "Count tasks: mean absolute error of the prediction (answer units) at the training sizes and at "
-                  "N = " + ", ".join(big) + "; `prior`: the MAE of the test sets' median answer.", "",
-                  "| encoder | " + " | ".join(f"{t} {'train' if n == 'train' else 'N=' + n}" for t in counts
-                                            for n in sizes) + " |",
-                  "|---|" + "---|" * (len(counts) * len(sizes))]
-        lines.append("| prior | " + " | ".join(
-            f"{summary['tasks'][t]['prior'][n]['mae']:.2f}" if n in summary["tasks"][t]["prior"] else ""
-            for t in counts for n in sizes) + " |")
-        for e in encoders:
-            cells = []
-            for t in counts:
-                row = summary["tasks"][t]["encoders"].get(e)
-                cells += [_fmt(row["mae"].get(n), 1, 2) if row else "" for n in sizes]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    if not counts:
+        return []
+    sizes = ["train"] + big
+    return ["", "Count tasks: mean absolute error of the prediction (answer units) at the training sizes and at "
+            "N = " + ", ".join(big) + "; `prior`: the MAE of the test sets' median answer.", ""] + _encoder_table(
+        summary, encoders, [(t, n) for t in counts for n in sizes],
+        lambda t, n: f"{t} {'train' if n == 'train' else 'N=' + n}",
+        lambda row, n: _fmt(row["mae"].get(n), 1, 2),
+        lambda prior, n: f"{prior[n]['mae']:.2f}" if n in prior else "")
+
+
+def _cost_section(summary: dict, tasks: List[str], encoders: List[str]) -> List[str]:
     total = sum(sum(r["cell_seconds"]["values"]) for t in tasks for r in summary["tasks"][t]["encoders"].values())
     cells = sum(len(r["cell_seconds"]["values"]) for t in tasks for r in summary["tasks"][t]["encoders"].values())
-    big = big or []
-    lines += ["", "Cost: time per training step (ms, median over steps, mean over tasks and seeds), wall time per "
-              f"cell (s, training and evaluation, mean), parameters (whole model, range over tasks; deviation from "
-              f"PO-U), step time relative to the Set Transformer's. All cells together: {total:.0f} s of cell time "
-              f"over {cells} cells.", "",
-              "| encoder | step ms | vs set-transformer | s / cell | parameters | deviation |", "|---|---|---|---|---|---|"]
+    lines = ["", "Cost: time per training step (ms, median over steps, mean over tasks and seeds), wall time per "
+             f"cell (s, training and evaluation, mean), parameters (whole model, range over tasks; deviation from "
+             f"PO-U), step time relative to the Set Transformer's. All cells together: {total:.0f} s of cell time "
+             f"over {cells} cells.", "",
+             "| encoder | step ms | vs set-transformer | s / cell | parameters | deviation |", "|---|---|---|---|---|---|"]
     ref_rows = [summary["tasks"][t]["encoders"][REFERENCE_COST] for t in tasks
                 if REFERENCE_COST in summary["tasks"][t]["encoders"]]
     ref_ms = float(np.mean([r["step_ms"]["mean"] for r in ref_rows])) if ref_rows else None
@@ -211,41 +206,53 @@ def markdown(summary: dict, command: str = "") -> str:
         sec = f"{np.mean(secs):.1f}" if secs else "n/a"
         ratio = f"{ms / ref_ms:.2f}x" if ref_ms else "n/a"
         lines.append(f"| {e} | {ms:.1f} | {ratio} | {sec} | {min(params)}–{max(params)} | {dev} |")
-    lines += ["", "Step budget: the step of the checkpoint with the lowest validation loss (checked every "
-              "`eval_every` steps), mean over seeds; the last step means the model was still improving when "
-              "training stopped.", "",
-              "| encoder | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for e in encoders:
-        cells = []
-        for t in tasks:
-            row = summary["tasks"][t]["encoders"].get(e)
-            cells.append(f"{row['best_step']['mean']:.0f}" if row else "")
-        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _step_budget_section(summary: dict, tasks: List[str], encoders: List[str]) -> List[str]:
+    return ["", "Step budget: the step of the checkpoint with the lowest validation loss (checked every "
+            "`eval_every` steps), mean over seeds; the last step means the model was still improving when "
+            "training stopped.", ""] + _encoder_table(
+        summary, encoders, [(t, None) for t in tasks], lambda t, _: t, lambda row, _: f"{row['best_step']['mean']:.0f}")
+
+
+def _diagnostics_section(summary: dict, tasks: List[str], big: List[str]) -> List[str]:
     diag_rows = [(t, e, r) for t in tasks for e, r in summary["tasks"][t]["encoders"].items() if "diagnostics" in r]
-    if diag_rows:
-        lines += ["", "PO diagnostics on the test sets at the training sizes: learned eta, row entropy of P divided "
-                  "by log n (0 = hard permutation, 1 = uniform), |Spearman| between the Hungarian position and the "
-                  "sort key (digit / class, or x for the position tasks). lstm-only reads the input order (entropy 0): its "
-                  "|Spearman| is the chance level of an unrelated order.", "",
-                  "| task | encoder | eta | entropy / log n | " + " | ".join(f"entropy N={n}" for n in big) +
-                  " | abs Spearman | " + " | ".join(f"abs Spearman N={n}" for n in big) + " |",
-                  "|---|---|---|---|" + "---|" * (2 * len(big) + 1)]
-        for t, e, r in diag_rows:
-            d = r["diagnostics"]
-            lines.append(f"| {t} | {e} | {_fmt(r.get('eta'), 1, 2)} | {_fmt(d['entropy_rel']['train'], 1, 2)} | " +
-                         " | ".join(_fmt(d["entropy_rel"].get(n), 1, 2) for n in big) +
-                         f" | {_fmt(d['spearman_abs']['train'], 1, 2)} | " +
-                         " | ".join(_fmt(d["spearman_abs"].get(n), 1, 2) for n in big) + " |")
+    if not diag_rows:
+        return []
+    lines = ["", "PO diagnostics on the test sets at the training sizes: learned eta, row entropy of P divided "
+             "by log n (0 = hard permutation, 1 = uniform), |Spearman| between the Hungarian position and the "
+             "sort key (digit / class, or x for the position tasks). lstm-only reads the input order (entropy 0): its "
+             "|Spearman| is the chance level of an unrelated order.", "",
+             "| task | encoder | eta | entropy / log n | " + " | ".join(f"entropy N={n}" for n in big) +
+             " | abs Spearman | " + " | ".join(f"abs Spearman N={n}" for n in big) + " |",
+             "|---|---|---|---|" + "---|" * (2 * len(big) + 1)]
+    for t, e, r in diag_rows:
+        d = r["diagnostics"]
+        lines.append(f"| {t} | {e} | {_fmt(r.get('eta'), 1, 2)} | {_fmt(d['entropy_rel']['train'], 1, 2)} | " +
+                     " | ".join(_fmt(d["entropy_rel"].get(n), 1, 2) for n in big) +
+                     f" | {_fmt(d['spearman_abs']['train'], 1, 2)} | " +
+                     " | ".join(_fmt(d["spearman_abs"].get(n), 1, 2) for n in big) + " |")
+    return lines
+
+
+def markdown(summary: dict, command: str = "") -> str:
+    """Tables: accuracy at the training sizes, size generalisation, cost, PO diagnostics."""
+    tasks = list(summary["tasks"])
+    encoders = [e for e in ENCODERS if any(e in summary["tasks"][t]["encoders"] for t in tasks)]
+    big = sorted({k for t in tasks for k in summary["tasks"][t]["sizes"] if k != "train"}, key=int)
+    lines = [f"Command: `{command}`", ""] if command else []
+    lines += (_accuracy_section(summary, tasks, encoders) + _comparison_section(summary, tasks)
+              + _size_section(summary, tasks, encoders, big) + _count_section(summary, tasks, encoders, big)
+              + _cost_section(summary, tasks, encoders) + _step_budget_section(summary, tasks, encoders)
+              + _diagnostics_section(summary, tasks, big))
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path) -> None:
     """One panel per task: a bar per encoder (mean test accuracy at the training sizes, error bar =
     std over seeds, dots = seeds), and lighter bars for the larger test sizes; dashed line = prior."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = list(summary["tasks"])
     cols = min(4, len(tasks))
@@ -277,9 +284,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_png(fig, path, dpi=110)
 
 
 def write_report(out: Path, command: str = "") -> dict:
@@ -295,7 +300,7 @@ def write_report(out: Path, command: str = "") -> dict:
     summary = summarize(cells)
     summary["command"] = command
     res = Path(out) / "results"
-    write_json_atomic(res / "summary.json", summary)
+    write_json(res / "summary.json", summary, sort_keys=False)
     (res / "table.md").write_text(markdown(summary, command))
     plot(summary, res / "set_tasks.png")
     return summary

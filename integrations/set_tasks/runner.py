@@ -10,23 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from integrations.common import Run, RunError, RunInterrupted, open_run
-from integrations.common.atomic import atomic_write
+from integrations.common import Run, RunError, RunInterrupted, open_run, write_json
+from integrations.common.datasets import dataset_folder
 from integrations.common.lifecycle import SUMMARY
+from integrations.common.pool import run_units
 
 from .data import POINT_FEATURES
-from integrations.mosaic.datasets import dataset_folder
-
 from .embedding import FEATURES, mnist_features
 from .encoders import ENCODERS, match_width
 from .model import model_size
@@ -35,12 +31,6 @@ from .train import TrainConfig, run_cell
 
 Cell = Tuple[str, str, int]
 REFERENCE = "po-u"           # the parameter count every encoder is matched to: PO-U at --width
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    data = json.dumps(obj, indent=1, allow_nan=True).encode()
-    atomic_write(path, lambda f: f.write(data), durable=False)
 
 
 def cell_path(out: Path, task: str, encoder: str, seed: int) -> Path:
@@ -82,12 +72,6 @@ def matched_widths(tasks: Sequence[str], encoders: Sequence[str], cfg: TrainConf
     return table
 
 
-def _ignore_sigint() -> None:
-    """Worker initializer: Ctrl-C reaches the whole process group, but only the parent decides to stop
-    (after the running cells finish), so the workers ignore SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _run_one(cell: Cell, width: int, cfg_dict: dict, out: str, embedding_cache: Optional[str],
              threads: int) -> Tuple[Cell, float]:
     """Worker: one cell, written atomically. Returns the cell and its wall time."""
@@ -100,7 +84,7 @@ def _run_one(cell: Cell, width: int, cfg_dict: dict, out: str, embedding_cache: 
         features = mnist_features(None, cache=Path(embedding_cache))
     result = run_cell(get_task(task), encoder, seed, width, cfg, features)
     result["wall_seconds"] = time.perf_counter() - t0
-    write_json_atomic(cell_path(Path(out), task, encoder, seed), result)
+    write_json(cell_path(Path(out), task, encoder, seed), result, sort_keys=False)
     return cell, result["wall_seconds"]
 
 
@@ -132,6 +116,30 @@ def _check_widths(out: Path, widths: Dict[str, Dict[str, dict]], stored: dict) -
                        "use the original settings, or start a new run with another --out or --overwrite")
 
 
+def _check_names(tasks: Sequence[str], encoders: Sequence[str]) -> None:
+    for t in tasks:
+        get_task(t)
+    bad = [e for e in encoders if e not in ENCODERS]
+    if bad:
+        raise ValueError(f"encoders: unknown {bad}; expected some of {ENCODERS}")
+
+
+def _needs_mnist(tasks: Sequence[str]) -> bool:
+    return any(get_task(t).elements == "mnist" for t in tasks)
+
+
+def _embedding(out: Path, data_root: Optional[os.PathLike], cnn_epochs: int,
+               cnn_train_images: Optional[int]) -> Path:
+    """The frozen MNIST embedding's cache file (computed now unless cached) and its record ``cnn.json``."""
+    cache = out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"
+    feats = mnist_features(data_root, cache=cache, epochs=cnn_epochs, train_images=cnn_train_images)
+    write_json(out / "embedding" / "cnn.json", {"test_accuracy": feats.cnn_test_accuracy,
+                                                "pretrain_seconds": feats.pretrain_seconds,
+                                                "epochs": cnn_epochs, "train_images": cnn_train_images},
+               sort_keys=False)
+    return cache
+
+
 def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: Sequence[int], cfg: TrainConfig,
               reference_width: int, data_root: Optional[os.PathLike], jobs: int = 1, threads: int = 1,
               resume: bool = False, overwrite: bool = False, cnn_epochs: int = 2,
@@ -145,15 +153,11 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     :class:`~integrations.common.RunInterrupted` after SIGINT / SIGTERM, once the running cells are
     written (a second signal stops at once)."""
     log = log if log is not None else sys.stderr
-    for t in tasks:
-        get_task(t)
-    bad = [e for e in encoders if e not in ENCODERS]
-    if bad:
-        raise ValueError(f"encoders: unknown {bad}; expected some of {ENCODERS}")
+    _check_names(tasks, encoders)
     out = Path(out)
     config = suite_config(tasks, encoders, seeds, cfg, reference_width, jobs, threads, cnn_epochs,
                           cnn_train_images, command)
-    if any(get_task(t).elements == "mnist" for t in tasks) and not (out / "embedding").is_dir():
+    if _needs_mnist(tasks) and not (out / "embedding").is_dir():
         dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
     run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, checkpoints=False,
                    log=lambda line: print(line, file=log, flush=True),
@@ -166,13 +170,7 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     widths = config["widths"]
     done: List[Cell] = []
     with run.interruptible(finishing="the running cells, starting no new one"):
-        cache = None
-        if any(get_task(t).elements == "mnist" for t in tasks):
-            cache = out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"
-            feats = mnist_features(data_root, cache=cache, epochs=cnn_epochs, train_images=cnn_train_images)
-            write_json_atomic(out / "embedding" / "cnn.json", {"test_accuracy": feats.cnn_test_accuracy,
-                                                               "pretrain_seconds": feats.pretrain_seconds,
-                                                               "epochs": cnn_epochs, "train_images": cnn_train_images})
+        cache = _embedding(out, data_root, cnn_epochs, cnn_train_images) if _needs_mnist(tasks) else None
         todo = [c for c in plan_cells(tasks, encoders, seeds) if not is_finished(cell_path(out, *c))]
         skipped = len(plan_cells(tasks, encoders, seeds)) - len(todo)
         print(f"set_tasks: {len(todo)} cells to run, {skipped} finished cells skipped ({out})", file=log, flush=True)
@@ -193,31 +191,6 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
                                      where=f"after {len(done)} cells (the running cells were written, no new one started)")
 
         stop()                                       # a signal during the CNN's pre-training
-        if jobs <= 1:
-            for a in args:
-                report(*_run_one(*a))
-                stop()
-        else:
-            # At most `jobs` cells in flight, so that a stop request schedules nothing more and only the
-            # running cells finish (and are written) before RunInterrupted.
-            pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_ignore_sigint)
-            try:
-                queue, running = list(args), set()
-                while queue or running:
-                    while queue and len(running) < jobs and run.stop_signal() is None:
-                        running.add(pool.submit(_run_one, *queue.pop(0)))
-                    if not running:
-                        break
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        report(*fut.result())
-            except BaseException:
-                # a second signal (KeyboardInterrupt) or a failed cell: stop the workers now, not after
-                # their cells (ProcessPoolExecutor.terminate_workers needs Python 3.14)
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    proc.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
-            pool.shutdown(wait=True)
-            stop()
+        run_units(_run_one, args, jobs, run.stop_signal, lambda i, result: report(*result))
+        stop()
     return run, done

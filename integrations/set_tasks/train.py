@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from integrations.common import finite_loss
+from integrations.common.seeding import seeded_generator
 from setperm import hungarian, permutation_entropy
 
 from .data import ElementPool, SetBatch, element_features, fingerprint, fixed_sets, random_sizes, sample_sets
@@ -32,7 +33,7 @@ from .tasks import Task
 
 @dataclass
 class TrainConfig:
-    """The protocol: identical for every encoder (issue #11)."""
+    """The protocol: identical for every encoder."""
 
     steps: int = 1500
     batch_size: int = 64
@@ -151,7 +152,7 @@ def run_cell(task: Task, encoder: str, seed: int, width: int, cfg: TrainConfig, 
         if limit is None or n <= limit:
             tests[str(n)] = fixed_sets(task, "test", cfg.test_sets, n, cfg.data_seed, eval_pool)
 
-    g = torch.Generator().manual_seed(seed)
+    g = seeded_generator(seed)
     step_times: List[float] = []
     curve = []
     best = (float("inf"), None, -1)

@@ -3,25 +3,15 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from integrations.common.seeding import seeded_generator, step_seed  # noqa: F401  (step_seed: the sorting API)
 
 # Paper F.1 (the same as Mena et al. 2018): training on [0, 1], evaluation on all seven.
 PAPER_INTERVALS: Tuple[Tuple[float, float], ...] = (
     (0.0, 1.0), (0.0, 10.0), (0.0, 1000.0), (1.0, 2.0), (10.0, 11.0), (100.0, 101.0), (1000.0, 1001.0),
 )
-
-
-def step_seed(*keys: int) -> int:
-    """A 63-bit seed derived from integer keys (e.g. ``(seed, step)``).
-
-    Drawing batch ``t`` from ``step_seed(seed, t)`` makes the data stream independent of where a run
-    was interrupted, so a resumed run sees exactly the batches an uninterrupted run would.
-    """
-    if any(int(k) < 0 for k in keys):
-        raise ValueError(f"keys must be non-negative integers, got {keys}")
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def sample_sets(batch_size: int, set_size: int, low: float = 0.0, high: float = 1.0, *,
@@ -39,10 +29,10 @@ def sample_sets(batch_size: int, set_size: int, low: float = 0.0, high: float = 
         raise ValueError(f"set_size must be >= 1, got {set_size}")
     if not low < high:
         raise ValueError(f"interval must satisfy low < high, got [{low}, {high}]")
-    gen = torch.Generator(device="cpu")
     if seed is not None:
-        gen.manual_seed(seed)
+        gen = seeded_generator(seed)
     else:
+        gen = torch.Generator(device="cpu")
         gen.seed()
     u = torch.rand(batch_size, set_size, 1, generator=gen, dtype=dtype)
     return (u * (high - low) + low).to(device)

@@ -7,6 +7,8 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from integrations.common.figures import pyplot, write_png
+
 METRICS = {
     "exact_hungarian": "exact-sort proportion, Hungarian on -P",
     "element_hungarian": "per-element accuracy, Hungarian on -P",
@@ -110,10 +112,7 @@ def comparison_grid(cost, low: float, high: float, points: int = 201) -> Tuple[t
 def draw_heatmap(cost, path: str | Path, intervals: Sequence[Tuple[float, float]] = ((0.0, 1.0), (0.0, 1000.0)),
                  points: int = 201) -> Path:
     """PNG heat map of the learned ``F`` (top row, paper figure 2) and ``f`` (bottom row, figure 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, len(intervals), figsize=(4.2 * len(intervals), 7.6), squeeze=False)
     for col, (low, high) in enumerate(intervals):
@@ -130,8 +129,4 @@ def draw_heatmap(cost, path: str | Path, intervals: Sequence[Tuple[float, float]
             ax.set_title(f"{name} on [{low:g}, {high:g}]", fontsize=10, pad=22)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return write_png(fig, path, dpi=80)

@@ -41,6 +41,7 @@ def test_compare_trains_each_cell_and_reports(root, tmp_path, capsys):
         main(["compare", "--data-root", str(root), "--out", str(out), *FLAGS[:-2], "none"])
 
 
+@pytest.mark.slow       # two worker processes
 def test_parallel_runs_give_the_same_results_as_sequential_ones(root, tmp_path):
     """--jobs trains runs side by side in their own processes; each run is the same as when trained alone."""
     flags = [f for f in FLAGS]
@@ -151,3 +152,40 @@ def test_a_worker_reports_one_line_errors_as_one_line_and_defects_with_their_tra
     assert (status, text) == ("error", "No space left on device: /runs/a/checkpoints/step_00000003.pt")
     status, text = _train_cell(_fails_with(ZeroDivisionError("a defect")), None)
     assert status == "failed" and "Traceback" in text and "ZeroDivisionError" in text
+
+
+@pytest.mark.slow       # a sweep with two worker processes in a subprocess, signalled
+def test_ctrl_c_stops_a_parallel_sweep_with_a_checkpoint_per_running_run(root, tmp_path):
+    """Ctrl-C reaches the sweep's process group; the workers are in their own groups, so each running run
+    gets the stop once, from the sweep: it writes a checkpoint (what --resume continues from) and the
+    sweep exits with 130 and one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "cut"
+    flags = FLAGS[:FLAGS.index("--epochs")] + ["--epochs", "400", "--seeds", "0", "--variants", "off", "po-u"]
+    cmd = [sys.executable, "-m", "integrations.ban", "compare", "--data-root", str(root), "--out", str(out),
+           "--jobs", "2", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    while len(list((out / "runs").glob("*/config.json"))) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < 300, "the runs did not start"
+        time.sleep(0.05)
+    time.sleep(3)                                   # both runs are training
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted by SIGINT" in last and "--resume" in last and "Traceback" not in err, err
+    for name in ("off-s0", "po-u-s0"):
+        assert list((out / "runs" / name / "checkpoints").glob("step_*.pt")), (name, stdout)
+        assert not (out / "runs" / name / "summary.json").exists()
+    assert "interrupted" in stdout

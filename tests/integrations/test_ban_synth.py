@@ -334,3 +334,19 @@ def test_command_checks_settings_and_folder_before_writing(tmp_path, capsys):
     code, err = _synth_command(capsys, *small)                 # an earlier dataset: only with --overwrite
     assert code == 1 and "--overwrite" in err
     assert _synth_command(capsys, *small, "--overwrite")[0] == 0
+
+
+def test_the_command_line_offers_every_generator_setting_with_its_default():
+    """The flags come from SceneConfig / FeatureConfig, as the knobs' settings do: none is missing."""
+    import dataclasses
+
+    from integrations.ban.knobs import generator_knobs
+
+    args = vars(synth.build_parser().parse_args(["--out", "x"]))
+    defaults = {f.name: f.default for cls in (SceneConfig, FeatureConfig) for f in dataclasses.fields(cls)}
+    settings = set(generator_knobs()) - {"images", "questions"}
+    assert {"clutter", "noise", "v_dim", "min_area", "margin"} <= settings
+    for name in settings:
+        assert args[name] == defaults[name] and type(args[name]) is type(defaults[name]), name
+    parsed = vars(synth.build_parser().parse_args(["--out", "x", "--min-area", "0.01", "--v-dim", "8"]))
+    assert parsed["min_area"] == 0.01 and parsed["v_dim"] == 8

@@ -230,6 +230,44 @@ def test_step_seed_streams_are_keyed_not_sequential():
     assert torch.equal(torch.rand(4, generator=generator(3, 2)), torch.rand(4, generator=generator(3, 2)))
     with pytest.raises(ValueError):
         step_seed(-1)
+    with pytest.raises(ValueError, match="keys"):
+        step_seed()
+
+
+def test_step_seed_gives_the_seeds_the_committed_results_were_drawn_with():
+    """Integer keys: numpy SeedSequence, 63 bits (the sorting, mosaic and BAN streams); keys with a name:
+    crc32 of the keys joined by "/" (the set tasks' fixed sets). Changing either would change the data."""
+    import zlib
+
+    from integrations.common import seeded_generator
+
+    assert (step_seed(0, 5), step_seed(3, 2, 1), step_seed(7)) == (6102389744414414618, 4404663168949438663,
+                                                                  8460147692890830636)
+    assert step_seed(0, "kth", "test", 8) == zlib.crc32(b"0/kth/test/8") == 354872504
+    assert step_seed(1, "max", "val", (5, 6)) == 622944765
+    assert torch.equal(torch.rand(3, generator=generator(0, "kth", "test", 8)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(354872504)))
+    assert torch.equal(torch.rand(3, generator=seeded_generator(11)),
+                       torch.rand(3, generator=torch.Generator().manual_seed(11)))
+
+
+def test_run_folder_of_a_run_or_of_one_of_its_checkpoints():
+    from pathlib import Path
+
+    from integrations.common import run_folder
+
+    assert run_folder("runs/a/checkpoints/step_00000003.pt") == Path("runs/a")
+    assert run_folder(Path("runs/a")) == Path("runs/a")
+
+
+def test_mean_std_text_for_missing_single_and_several_values():
+    from integrations.common.stats import fmt_mean_std, summarize
+
+    assert fmt_mean_std(summarize([0.5, 0.7])) == "60.0 ± 14.1"
+    assert fmt_mean_std(summarize([0.25, 0.75]), 1.0, 2) == "0.50 ± 0.35"
+    one = summarize([0.5])
+    assert fmt_mean_std(one) == "50.0 ± 0.0" and fmt_mean_std(one, std_of_one=False) == "50.0"
+    assert fmt_mean_std(None) == "-" and fmt_mean_std({"mean": None, "std": None, "n": 0}, missing="n/a") == "n/a"
 
 
 def test_line_progress_writes_step_loss_and_eta():

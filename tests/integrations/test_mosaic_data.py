@@ -1,4 +1,4 @@
-"""Readers, preparation and tiling of integrations.mosaic (no setperm needed)."""
+"""Readers (integrations.common.datasets), preparation and tiling of integrations.mosaic (no setperm needed)."""
 from __future__ import annotations
 
 import gzip
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from integrations.mosaic.datasets import (DataFormatError, channel_stats, load_cifar10, load_idx_dataset, load_split,
+from integrations.common.datasets import (DataFormatError, channel_stats, load_cifar10, load_idx_dataset, load_split,
                                           load_tiny_imagenet, load_tiny_imagenet_npy, read_cifar_binary, read_idx)
 from integrations.mosaic.tiles import (assemble, gather_positions, mosaic_size, prepare_images, random_permutations,
                                        shuffle_tiles, target_index, to_tiles)

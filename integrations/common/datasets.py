@@ -1,4 +1,5 @@
-"""Readers for the image data sets of the mosaic experiments (paper section 4.2, appendix F.2).
+"""Readers for the image data sets: the mosaic experiments (paper section 4.2, appendix F.2) and the
+MNIST elements of the set tasks.
 
 The standard on-disk formats are read here with numpy / gzip / zipfile / Pillow and a restricted
 unpickler (no torchvision needed, which does not import beside every CPU build of torch):
@@ -27,8 +28,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from integrations.common import default_data_root
-from integrations.common import restricted_load
+from .cli import default_data_root
+from .safe_pickle import restricted_load
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "tiny-imagenet")
 # Sub-folder of --data-root holding each data set (the layout of shared/data, see its README).

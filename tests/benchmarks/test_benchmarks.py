@@ -55,11 +55,15 @@ def test_reference_from_setperm_rejects_what_it_does_not_implement():
         reference_from_setperm(PermutationOptimizer(3, 4, steps=0, permutation="po-la", num_positions=4))
 
 
+@pytest.mark.slow      # each probe is a fresh Python process that imports torch
 @pytest.mark.parametrize("impl", ["reference", "setperm-compiled"])
 def test_memory_probe_runs_in_a_fresh_process(impl):
     cfg = Config("probe", "optimizer", 1, 4, 2, 64, 8)
     peak = probe_memory(cfg, impl, "fb", threads=1)
     assert peak is not None and peak >= 0
+    # the call's output P (B, N, N) and its gradient live in memory during the measured call: a probe
+    # that measured nothing (a baseline taken after the call, a lost allocation) reads less
+    assert peak >= 2 * cfg.batch * cfg.n * cfg.n * 4
 
 
 def test_layer_benchmark_tiny(tmp_path, capsys):
