@@ -13,8 +13,11 @@ caller runs it inside :meth:`Run.interruptible <integrations.common.Run.interrup
   on once: a second signal to a training run would stop it without a checkpoint. SIGINT rather than
   SIGTERM is passed on so that SIGTERM keeps its default in the workers and their own children (a
   data loader's processes), which are then still ended by it.
-* A second signal (:class:`~integrations.common.StopNow` raised here) stops the workers at once
-  (SIGKILL). Files are written atomically, so none is left half-written under its name.
+* A second signal (:class:`~integrations.common.StopNow` raised here) stops the workers at once: each
+  gets SIGTERM, which a training run takes as its own second signal (it stops where it is and removes
+  the temporary file of a checkpoint it was writing) and which ends a cell's worker outright; a worker
+  still alive after :data:`GRACE_SECONDS` is killed. Files are written atomically, so none is left
+  half-written under its name.
 * A unit that raises: no new unit starts, the running units are asked to stop as by a first signal
   and finish, then the exception is raised here.
 """
@@ -24,12 +27,15 @@ import multiprocessing
 import os
 import queue as queue_module
 import signal
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import Callable, Optional, Sequence
 
 # How often the scheduler looks at the stop request while every worker is busy.
 POLL_SECONDS = 1.0
+# How long a worker has, after a second signal, to remove its temporary files before it is killed.
+GRACE_SECONDS = 5.0
 
 
 def _worker_start(pids) -> None:
@@ -67,10 +73,16 @@ class _Workers:
                 pass
             self.told.add(pid)
 
-    def kill_all(self) -> None:
-        """SIGKILL every worker, also one that has not reported itself yet."""
-        for proc in multiprocessing.active_children():
-            if proc not in self.others:
+    def stop_now(self) -> None:
+        """SIGTERM every worker, also one that has not reported itself yet; SIGKILL those that have not
+        ended within :data:`GRACE_SECONDS`."""
+        procs = [p for p in multiprocessing.active_children() if p not in self.others]
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + GRACE_SECONDS
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
                 proc.kill()
 
 
@@ -121,7 +133,7 @@ def run_units(work: Callable, units: Sequence[tuple], jobs: int, stop: Callable[
                 workers.ask_to_stop()
     except BaseException:
         # a second signal, or a failure in on_done: stop now, not after the running units
-        workers.kill_all()
+        workers.stop_now()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)

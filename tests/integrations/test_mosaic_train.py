@@ -11,7 +11,7 @@ import torch
 import setperm
 from integrations.common import run_command
 from integrations.mosaic.__main__ import PROG, main
-from integrations.mosaic.datasets import DataFormatError
+from integrations.common.datasets import DataFormatError
 from integrations.mosaic.model import ClassifyNet, MosaicNet
 from integrations.mosaic.resnet import ResNet18
 from integrations.mosaic.tiles import random_permutations, shuffle_tiles, target_index

@@ -20,7 +20,7 @@ from integrations.common import atomic
 from integrations.common.lifecycle import LOCK
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SETPERM_PROGRESS": "0"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "SETPERM_PROGRESS": "0"}     # PYTHONPATH: see conftest.py
 CFG = {"lr": 0.1, "seed": 0, "threads": 1}
 QUIET = dict(log=lambda s: None)
 
