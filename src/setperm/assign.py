@@ -125,7 +125,7 @@ def linear_assignment_logits(x: Tensor, weight: Tensor, clip: Optional[float] = 
 class LinearAssignmentLogits(nn.Module):
     """The logits of eq. 6 (right): a per-element linear map to ``num_positions`` position scores,
     ``P~_ik = w_k . x_i`` (Mena et al. 2018). The PO-LA start and the LinAssign baseline are these
-    logits followed by the optimisation / Sinkhorn (:class:`setperm.PermutationOptimizer`).
+    logits followed by the optimisation / Sinkhorn (:class:`setperm.PermutationOptimization`).
 
     Args:
         in_features: element dimension D.
