@@ -126,7 +126,8 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
                          temperature: float = 1.0, grid: Optional[Grid] = None, return_steps: bool = False,
                          lengths: Optional[Tensor] = None,
                          key_padding_mask: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
-    """Functional form of :class:`setperm.PermutationOptimization`. Algorithm 1: ``T`` unrolled steps of ``P~ <- P~ - eta * dc/dP`` at ``P = S(P~)`` (eq. 7).
+    """Algorithm 1: ``T`` unrolled steps of ``P~ <- P~ - eta * dc/dP`` at ``P = S(P~)`` (eq. 7); the
+    functional form of :class:`setperm.PermutationOptimization` (given the cost ``C``).
 
     The inner step uses the gradient with respect to the *normalised* P (the paper's alternative
     update, appendix D): no Sinkhorn Jacobian inside the step. The outer backward pass still
