@@ -14,7 +14,7 @@ from integrations.ban.cli import main
 from integrations.ban.diagnose import (attention_mass, diagnose_run, diagnose_sweep, hard_positions,
                                        relative_entropy, set_rank_correlation)
 from integrations.common import RunError
-from setperm import permutation_entropy
+from setperm.functional import permutation_entropy
 
 FLAGS = ["--num-hid", "16", "--gamma", "2", "--batch-size", "4", "--workers", "0", "--threads", "1", "--epochs", "1"]
 
