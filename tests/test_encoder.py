@@ -190,15 +190,6 @@ def test_bad_constructor_arguments():
         PermutationOptimization(3, init="uniform")              # the old keyword is gone
 
 
-def test_arguments_after_the_first_few_are_keyword_only():
-    with pytest.raises(TypeError):
-        PermutationOptimization(3, 16)
-    with pytest.raises(TypeError):
-        LinAssign(3, 5, 4)
-    with pytest.raises(TypeError):
-        PermutationSetEncoder(3, 4, "po-u", True)
-
-
 def test_check_finite_can_be_turned_off():
     enc = PermutationSetEncoder(5, 8, check_finite=False)
     x = torch.randn(1, 3, 5)

@@ -220,11 +220,6 @@ class LinAssign(PermutationOptimization):
                          check_finite=check_finite, device=device, dtype=dtype)
         self.permutation = "linassign"
 
-    def extra_repr(self) -> str:
-        return _repr([("in_features", self.in_features), ("num_positions", self.num_positions),
-                      ("sinkhorn_iters", self.sinkhorn_iters), ("temperature", self.temperature),
-                      ("logit_clip", self.logit_clip), ("grid", self.grid), ("check_finite", self.check_finite)])
-
 
 def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: str = "auto",
                          host_lengths: Optional[Tensor] = None) -> Tensor:
