@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from integrations.common import finite_loss
-from setperm import hungarian, permutation_entropy
+from setperm.functional import hungarian, permutation_entropy
 
 from .data import ElementPool, SetBatch, element_features, fingerprint, fixed_sets, random_sizes, sample_sets
 from .encoders import INVARIANT, EncoderConfig, count_parameters, max_set_size
