@@ -13,7 +13,7 @@ def antisymmetric(B, N, g, K=None):
     return A - A.transpose(-1, -2)
 
 
-def literal_total_cost(P, C):
+def literal_permutation_cost(P, C):
     """Eq. 1 written with explicit loops over positions."""
     B, N, _ = P.shape
     out = torch.zeros(B, dtype=P.dtype)
@@ -28,7 +28,7 @@ def test_permutation_cost_matches_eq1_and_hard_permutation_meaning():
     g = torch.Generator().manual_seed(0)
     C = antisymmetric(3, 6, g)
     P = sinkhorn(torch.randn(3, 6, 6, generator=g, dtype=torch.float64))
-    assert_close(permutation_cost(C, P), literal_total_cost(P, C), rtol=1e-12, atol=1e-12)
+    assert_close(permutation_cost(C, P), literal_permutation_cost(P, C), rtol=1e-12, atol=1e-12)
     # hard permutation: each pair contributes C_ij if i is placed before j, else C_ji
     perm = torch.randperm(6, generator=g)               # element perm[k] at position k
     Ph = torch.zeros(1, 6, 6, dtype=torch.float64)

@@ -83,7 +83,7 @@ def _lattice_balances(C4: Tensor, P: Tensor, grid: Grid) -> Tuple[Tensor, Tensor
     return bal_h, bal_v
 
 
-def _lattice_cost(C4: Tensor, P: Tensor, grid: Grid) -> Tensor:
+def _lattice_total(C4: Tensor, P: Tensor, grid: Grid) -> Tensor:
     bal_h, bal_v = _lattice_balances(C4, P, grid)
     cost_h = (C4[:, 0] * (P @ bal_h.transpose(1, 2))).sum(dim=(1, 2))
     cost_v = (C4[:, 1] * (P @ bal_v.transpose(1, 2))).sum(dim=(1, 2))
@@ -109,7 +109,7 @@ def permutation_cost(C: Tensor, P: Tensor, *, grid: Optional[Grid] = None) -> Te
     Returns ``(B,)``.
     """
     C4 = _check_pc(P, C)
-    return _plain_cost(C4, P) if grid is None else _lattice_cost(C4, P, grid)
+    return _plain_cost(C4, P) if grid is None else _lattice_total(C4, P, grid)
 
 
 def permutation_cost_gradient(C: Tensor, P: Tensor, *, grid: Optional[Grid] = None) -> Tensor:
