@@ -40,7 +40,7 @@ def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
     return y.reshape(x.shape)
 
 
-def hungarian(P: Tensor, mask: Optional[Tensor] = None, return_matrix: bool = False, *,
+def hungarian(P: Tensor, mask: Optional[Tensor] = None, *, return_matrix: bool = False,
               lengths: Optional[Tensor] = None,
               key_padding_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Hard permutation closest to ``P``: ``scipy.optimize.linear_sum_assignment`` on ``-P`` per set.
