@@ -283,8 +283,9 @@ class PermutationSetEncoder(nn.Module):
             ``PermutationOptimization(13, cost_hidden=128, steps=3)`` for the paper's VQA setting
             (F.4); ``"po-u"`` (default), a ``PermutationOptimization`` with its defaults; or None:
             no permutation, the paper's "BAN + LSTM" baseline (elements read in input order,
-            which is not permutation invariant). A ready module checks its input itself according
-            to its own ``check_finite``; the one built for ``"po-u"`` leaves that to the encoder.
+            which is not permutation invariant). The encoder checks its input once itself; a
+            ready module checks it again unless built with ``check_finite=False`` (as the one
+            built for ``"po-u"`` is).
         straight_through: if True (default False, the paper's configuration), the LSTM reads the
             set in the hard order of the Hungarian algorithm applied to ``P`` (every position holds
             exactly one element) while gradients flow through the soft ``P``: it reads
