@@ -19,7 +19,7 @@ from setperm import PermutationOptimization, PermutationSetEncoder
 from setperm.functional import hungarian, sinkhorn
 from setperm.cost import _equal_pairs_by_hash, _equal_pairs_on_device, equal_pairs
 
-# (import_module: the package's own names shadow some submodules, e.g. setperm.sinkhorn the function)
+# (import_module: each submodule by its path, whatever names the package's namespace holds)
 cost_mod, encoder_mod, masking_mod, pairwise_mod, sinkhorn_mod = (
     importlib.import_module(f"setperm.{name}") for name in ("cost", "encoder", "masking", "pairwise", "sinkhorn"))
 SIZES = [5, 3, 1, 4]

@@ -109,7 +109,7 @@ def linear_assignment_logits(x: Tensor, weight: Tensor, clip: Optional[float] = 
 
     Computed as ``s * ((x / s) @ W^T)`` with a power of two ``s`` per set (:func:`set_scale`):
     bitwise the plain product for ordinary sets, and for sets with huge elements an overflow gives
-    ``+-inf`` logits (which :func:`setperm.sinkhorn` accepts) instead of NaN from ``inf - inf``.
+    ``+-inf`` logits (which :func:`setperm.functional.sinkhorn` accepts) instead of NaN from ``inf - inf``.
     """
     N = x.shape[1]
     if weight.shape[0] < N:

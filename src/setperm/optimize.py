@@ -184,7 +184,7 @@ def permutation_entropy(P: Tensor, mask: Optional[Tensor] = None, *, lengths: Op
                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Mean entropy (nats) of the rows of ``P`` ``(B, N, N)`` over real elements, ``(B,)``; 0 for a
     hard permutation, ``log n`` for the uniform assignment. Empty sets (and N = 0) give 0.
-    ``mask`` / ``lengths`` / ``key_padding_mask`` as in :func:`setperm.sinkhorn`."""
+    ``mask`` / ``lengths`` / ``key_padding_mask`` as in :func:`setperm.functional.sinkhorn`."""
     if not isinstance(P, Tensor) or P.dim() != 3:
         raise ValueError(f"P must have shape (B, N, N), got {tuple(P.shape) if isinstance(P, Tensor) else type(P)}")
     mask = resolve_mask(P, mask, lengths, key_padding_mask, name="P")
