@@ -219,7 +219,8 @@ def test_lstm_only_permutation_keeps_real_order_and_moves_padding_last():
 
 def test_variant_vocabulary_and_default_steps():
     # one default T = 4 (appendix D) for the module, the functional form and the encoder's "po-u"
-    assert PermutationOptimization(3).steps == 4 and PermutationOptimization(3, permutation="po-u").permutation == "po-u"
+    assert PermutationOptimization(3).steps == 4
+    assert PermutationOptimization(3, permutation="po-u").permutation == "po-u"
     la = LinAssign(3, 5)
     assert la.steps == 0 and la.cost is None and la.eta is None and la.linear is not None
     assert la.permutation == "linassign"

@@ -15,8 +15,8 @@ BUILDERS = {
     "LinearAssignmentLogits": lambda **kw: LinearAssignmentLogits(3, 7, clip=10.0, **kw),
     "PermutationOptimization po-u": lambda **kw: PermutationOptimization(3, cost_hidden=5, steps=2, eta_init=0.7,
                                                                          **kw),
-    "PermutationOptimization po-la": lambda **kw: PermutationOptimization(3, cost_hidden=5, steps=6, permutation="po-la",
-                                                                          num_positions=6, grid=(2, 3), **kw),
+    "PermutationOptimization po-la": lambda **kw: PermutationOptimization(
+        3, cost_hidden=5, steps=6, permutation="po-la", num_positions=6, grid=(2, 3), **kw),
     "LinAssign": lambda **kw: LinAssign(3, num_positions=6, **kw),
     "PermutationSetEncoder po-u": lambda **kw: PermutationSetEncoder(
         3, 6, PermutationOptimization(3, cost_hidden=5, steps=3, eta_init=1.5, **kw), **kw),

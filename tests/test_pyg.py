@@ -169,7 +169,8 @@ def test_readout_of_a_small_gnn_on_a_real_batch():
 
 def test_as_the_aggr_of_a_message_passing_layer_invariant_to_neighbour_order():
     torch.manual_seed(0)
-    conv = SAGEConv(4, 6, aggr=PermutationAggregation(4, 4, PermutationOptimization(4, cost_hidden=8, steps=2))).double()
+    po = PermutationOptimization(4, cost_hidden=8, steps=2)
+    conv = SAGEConv(4, 6, aggr=PermutationAggregation(4, 4, po)).double()
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
     # node 5 has no incoming edge: its neighbourhood aggregates to zeros
