@@ -198,7 +198,8 @@ class PairwiseCost(nn.Module):
             ``benchmarks/README.md``.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
-    Functional form: :func:`setperm.functional.pairwise_cost`.
+    All arguments after ``hidden`` are keyword-only. Functional form:
+    :func:`setperm.functional.pairwise_cost` (on this module's weight and bias tensors).
 
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, *, lengths (B,) | None,
     key_padding_mask (B, N) | None) -> C (B, K, N, N)``. Padded elements may hold anything
