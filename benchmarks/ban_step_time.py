@@ -49,7 +49,7 @@ from integrations.ban.model import padding_mask
 from integrations.ban.plugin import PatchedBan, glimpse_sets
 from integrations.ban.train import box_counts, build_model, datasets, make_loader, train_step, vqa_bce_loss
 from integrations.common import ensure_new, positive_int, resolve_device, run_command, seed_everything, write_json
-from setperm import apply_permutation, optimize_permutation
+from setperm.functional import apply_permutation, optimize_permutation
 from setperm.encoder import lstm_last_cell_state
 from setperm.masking import zero_padding
 
@@ -174,10 +174,10 @@ def staged_forward(model: PatchedBan, v: Tensor, b: Tensor, q: Tensor) -> Tuple[
     x, weights, set_mask = glimpse_sets(b, logits, model.box_proj(v), mask)
     seen: Dict[str, tuple] = {}
     watched = {}
-    if enc.optimizer is not None:
-        watched["optimizer"] = enc.optimizer
-        if enc.optimizer.cost is not None:
-            watched["cost"] = enc.optimizer.cost
+    if enc.po is not None:
+        watched["po"] = enc.po
+        if enc.po.cost is not None:
+            watched["cost"] = enc.po.cost
     handles = [m.register_forward_hook(_record(seen, name), with_kwargs=True) for name, m in watched.items()]
     try:
         h = enc(x, mask=set_mask, weights=weights)
@@ -201,12 +201,12 @@ def staged_forward(model: PatchedBan, v: Tensor, b: Tensor, q: Tensor) -> Tuple[
               "logits": logits, "boxes": boxes, "x": x, "weights": weights, "set_mask": set_mask,
               "encoding": encoding, "q_per_glimpse": q_per_glimpse, "counts": counts, "q_final": q_emb,
               }
-    if "optimizer" in seen:
-        inputs["P"] = seen["optimizer"][2]
+    if "po" in seen:
+        inputs["P"] = seen["po"][2]
     inputs["seq"] = _permuted(x, weights, set_mask, inputs.get("P"))   # what the encoder's LSTM reads
     if "cost" in seen:
         args, _, C = seen["cost"]
-        inputs["cost_x"], inputs["C"] = args[0], C       # PermutationOptimizer calls cost(x, mask)
+        inputs["cost_x"], inputs["C"] = args[0], C       # PermutationOptimization calls cost(x, mask)
     return out, inputs
 
 
@@ -230,7 +230,7 @@ def part_functions(model: PatchedBan, inp: Dict[str, object], target: Tensor) ->
     """name -> a function running the part's forward on ``inp`` (from :func:`staged_forward`) and
     returning the outputs that get an upstream gradient of ones."""
     ban, enc = model.ban, model.set_encoder
-    opt = enc.optimizer
+    po = enc.po
     G = ban.glimpse
     v, b, q = inp["v"], inp["b"], inp["q"]
     set_mask = inp["set_mask"]
@@ -272,13 +272,12 @@ def part_functions(model: PatchedBan, inp: Dict[str, object], target: Tensor) ->
         "set construction (box_proj + glimpse_sets)": set_construction,
     }
     if "C" in inp:
-        parts["pairwise cost"] = lambda: opt.cost(_leaf(inp["cost_x"]), set_mask)
+        parts["pairwise cost"] = lambda: po.cost(_leaf(inp["cost_x"]), set_mask)
 
         def inner_steps():
-            init = opt.linear(_leaf(inp["cost_x"])) if opt.linear is not None else None
-            return optimize_permutation(_leaf(inp["C"]), init, eta=opt.eta, steps=opt.steps, mask=set_mask,
-                                        sinkhorn_iters=opt.sinkhorn_iters, temperature=opt.temperature,
-                                        grid=opt.grid)
+            init = po.linear(_leaf(inp["cost_x"])) if po.linear is not None else None
+            return optimize_permutation(_leaf(inp["C"]), init, set_mask, eta=po.eta, steps=po.steps,
+                                        sinkhorn_iters=po.sinkhorn_iters, temperature=po.temperature, grid=po.grid)
         parts["inner steps (descent + Sinkhorn)"] = inner_steps
     parts["permute"] = permute
     parts["LSTM over K boxes"] = lstm
@@ -367,8 +366,8 @@ def step_breakdown(model: PatchedBan, optimizer: torch.optim.Optimizer, batch, d
             "encoder_pieces_over_whole_cpu": sum(r["cpu_s"]["median"] for r in pieces) / whole["cpu_s"]["median"],
             "batch": {"B": int(v.shape[0]), "K": K, "boxes_min": int(n.min()), "boxes_max": int(n.max()),
                       "boxes_mean": float(n.float().mean()), "sets": int(inp["x"].shape[0])},
-            "repeats": repeats, "permutation": model.permutation, "kernel": getattr(model.set_encoder.optimizer,
-                                                                                      "kernel", None)}
+            "repeats": repeats, "permutation": model.permutation, "kernel": getattr(model.set_encoder.po, "kernel",
+                                                                                      None)}
 
 
 def median_box_batch(batches: Sequence) -> object:

@@ -151,7 +151,7 @@ def layer_configs(tiny: bool) -> List[Config]:
 
 def _setperm(cfg: Config, kernel: str, device: torch.device):
     mod, x, w = build(cfg, "setperm", device=str(device))
-    mod.optimizer.cost.kernel = kernel
+    mod.po.cost.kernel = kernel
     return mod, (x, w)
 
 

@@ -49,7 +49,7 @@ KERNEL_OF = {"setperm": "chunked", "setperm-compiled": "compiled"}
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One benchmarked layer. ``kind`` is ``"encoder"`` (PermutationSetEncoder, VQA) or
-    ``"optimizer"`` (PermutationOptimizer: sorting, mosaics)."""
+    ``"optimizer"`` (PermutationOptimization: sorting, mosaics)."""
 
     name: str
     kind: str
@@ -96,19 +96,21 @@ def build(cfg: Config, impl: str, seed: int = 0, dtype: torch.dtype = torch.floa
           layout: str = "linear"):
     """Module and inputs of ``cfg`` for ``impl`` (one of :data:`IMPLS`); every implementation gets the
     same weights and inputs."""
-    from setperm import PermutationOptimizer, PermutationSetEncoder
+    from setperm import PermutationOptimization, PermutationSetEncoder
 
     from .reference import reference_from_setperm
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     if cfg.kind == "encoder":
-        mod = PermutationSetEncoder(cfg.in_features, cfg.lstm_hidden, cost_hidden=cfg.hidden, steps=cfg.steps)
+        # check_finite=False: the encoder checks its input itself, once
+        po = PermutationOptimization(cfg.in_features, cost_hidden=cfg.hidden, steps=cfg.steps, check_finite=False)
+        mod = PermutationSetEncoder(cfg.in_features, cfg.lstm_hidden, po)
     else:
-        mod = PermutationOptimizer(cfg.in_features, cost_hidden=cfg.hidden, steps=cfg.steps,
-                                   permutation=cfg.permutation,
-                                   num_positions=cfg.n if cfg.permutation == "po-la" else None, grid=cfg.grid)
-    cost = mod.optimizer.cost if cfg.kind == "encoder" else mod.cost
+        mod = PermutationOptimization(cfg.in_features, cost_hidden=cfg.hidden, steps=cfg.steps,
+                                      permutation=cfg.permutation,
+                                      num_positions=cfg.n if cfg.permutation == "po-la" else None, grid=cfg.grid)
+    cost = mod.po.cost if cfg.kind == "encoder" else mod.cost
     with torch.no_grad():   # non-zero biases (the init zeroes them), so the first-layer bias is really compared
         cost.first.bias.normal_(0, 0.1, generator=gen)
     if impl == "reference":
@@ -292,7 +294,7 @@ def breakdown(cfg: Config, impl: str, warmup: int = 1, repeats: int = 3, device:
     """Median fwd+bwd seconds of the three functional pieces of an encoder, each timed alone with a
     random upstream gradient: the ordering cost (eq. 8-10), the inner optimisation (algorithm 1
     lines 5-11, from a leaf ``C``) and the permutation + LSTM (from a leaf ``P``)."""
-    from setperm import apply_permutation, optimize_permutation
+    from setperm.functional import apply_permutation, optimize_permutation
 
     from .reference import reference_permute
 
@@ -303,7 +305,7 @@ def breakdown(cfg: Config, impl: str, warmup: int = 1, repeats: int = 3, device:
     K = 1
     rC = torch.randn(cfg.batch, K, cfg.n, cfg.n, generator=gen).to(device)
     rP = torch.randn(cfg.batch, cfg.n, cfg.n, generator=gen).to(device)
-    po = mod.optimizer
+    po = mod.po
     with torch.no_grad():
         C0 = po.cost(x)
         P0 = torch.softmax(torch.randn(cfg.batch, cfg.n, cfg.n, generator=gen).to(device), -1)

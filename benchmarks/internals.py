@@ -12,8 +12,8 @@
   fresh process with that cache warm, and of a first call at a new shape.
 - ``fallback`` (with ``--sorting-runs``): how many Sinkhorn calls of trained PO-U sorting models
   (``integrations/sorting`` run folders) take the scaling-vector path vs the log-domain fallback,
-  on sets drawn from [0, 1], [0, 10] and [0, 1000] (decided by the public predicate
-  ``setperm.sinkhorn_scaling_in_range``, no patching of setperm's internals).
+  on sets drawn from [0, 1], [0, 10] and [0, 1000] (decided by the predicate
+  ``setperm.sinkhorn.sinkhorn_scaling_in_range``, no patching of setperm's internals).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from typing import Dict, List
 
 import torch
 
-from setperm import cost_gradient, sinkhorn, sinkhorn_scaling_in_range
+from setperm.functional import permutation_cost_gradient, sinkhorn
+from setperm.sinkhorn import sinkhorn_scaling_in_range
 
 from integrations.common import run_command
 
@@ -95,8 +96,8 @@ def compile_times(threads: int, n: int, batch: int, n2: int, batch2: int) -> Dic
 def sinkhorn_path_counts(po, x: torch.Tensor) -> Dict[str, int]:
     """How many of the T + 1 Sinkhorn calls of the PO-U optimiser ``po`` on ``x`` (B, N, D) take
     the scaling-vector path (``"fast"``) and how many fall back to the log-domain iterates
-    (``"log"``) with ``method="auto"``. Algorithm 1 is replayed with setperm's public functions,
-    asking :func:`setperm.sinkhorn_scaling_in_range` before each call; the replay must give
+    (``"log"``) with ``method="auto"``. Algorithm 1 is replayed with setperm's functions,
+    asking :func:`setperm.sinkhorn.sinkhorn_scaling_in_range` before each call; the replay must give
     ``po(x)``."""
     if po.permutation != "po-u" or po.grid is not None or po.cost is None:
         raise ValueError(f"sinkhorn_path_counts replays PO-U on sequences only, got {po.permutation!r} grid={po.grid}")
@@ -109,7 +110,7 @@ def sinkhorn_path_counts(po, x: torch.Tensor) -> Dict[str, int]:
             counts["fast" if fast else "log"] += 1
             P = sinkhorn(logits, iters=po.sinkhorn_iters, temperature=po.temperature)
             if t < po.steps:
-                logits = logits - po.eta * cost_gradient(P, C)                    # eq. 7 with eq. 4
+                logits = logits - po.eta * permutation_cost_gradient(C, P)        # eq. 7 with eq. 4
         torch.testing.assert_close(P, po(x), rtol=1e-4, atol=1e-5)
     return counts
 

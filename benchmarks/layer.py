@@ -1,4 +1,4 @@
-"""Layer benchmark: PermutationSetEncoder / PermutationOptimizer at the paper's configurations,
+"""Layer benchmark: PermutationSetEncoder / PermutationOptimization at the paper's configurations,
 setperm and the reference (:mod:`benchmarks.reference`) side by side in the same process.
 
     python -m benchmarks.layer [--threads 1] [--repeats 5] [--busy-core] [--out runs/benchmarks]

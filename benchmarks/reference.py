@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ReferencePairwiseCost", "ReferencePermutationOptimizer", "ReferenceSetEncoder", "plain_sinkhorn",
+__all__ = ["ReferencePairwiseCost", "ReferencePermutationOptimization", "ReferenceSetEncoder", "plain_sinkhorn",
            "reference_gradient", "reference_lattice_gradient", "reference_from_setperm"]
 
 
@@ -108,7 +108,7 @@ def reference_lattice_gradient(P: Tensor, C: Tensor, grid: Tuple[int, int]) -> T
     return grad
 
 
-class ReferencePermutationOptimizer(nn.Module):
+class ReferencePermutationOptimization(nn.Module):
     """Algorithm 1 with PO-U (``P~ = 0``) or PO-LA (``P~_ik = w_k . x_i``, ``num_positions`` given).
 
     ``forward(x (B, N, D)) -> P (B, N, N)``.
@@ -160,12 +160,12 @@ class ReferenceSetEncoder(nn.Module):
     def __init__(self, in_features: int, hidden_size: int, cost_hidden: int, steps: int, sinkhorn_iters: int = 4,
                  layout: str = "linear"):
         super().__init__()
-        self.optimizer = ReferencePermutationOptimizer(in_features, cost_hidden, steps, sinkhorn_iters=sinkhorn_iters,
-                                                       layout=layout)
+        self.po = ReferencePermutationOptimization(in_features, cost_hidden, steps, sinkhorn_iters=sinkhorn_iters,
+                                                   layout=layout)
         self.lstm = nn.LSTM(in_features, hidden_size, batch_first=True)
 
     def forward(self, x: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        P = self.optimizer(x)
+        P = self.po(x)
         if weights is not None:
             x = x * torch.sigmoid(weights).unsqueeze(-1)                 # relevance weighting (F.4)
         _, (_, c_n) = self.lstm(reference_permute(x, P))
@@ -186,7 +186,7 @@ def _load_cost(ref: ReferencePairwiseCost, cost: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _load_optimizer(ref: ReferencePermutationOptimizer, po: nn.Module) -> None:
+def _load_po(ref: ReferencePermutationOptimization, po: nn.Module) -> None:
     if po.cost is None:
         raise ValueError("the reference needs steps >= 1 (a pairwise cost)")
     _load_cost(ref.cost, po.cost)
@@ -202,28 +202,28 @@ def _load_optimizer(ref: ReferencePermutationOptimizer, po: nn.Module) -> None:
 
 
 def reference_from_setperm(module: nn.Module, layout: str = "linear") -> nn.Module:
-    """Build the reference twin of a setperm ``PermutationOptimizer`` or ``PermutationSetEncoder``
+    """Build the reference twin of a setperm ``PermutationOptimization`` or ``PermutationSetEncoder``
     (same configuration, same weights, same dtype and device)."""
-    from setperm import PermutationOptimizer, PermutationSetEncoder
+    from setperm import PermutationOptimization, PermutationSetEncoder
 
     if isinstance(module, PermutationSetEncoder):
-        if module.optimizer is None or module.optimizer.permutation != "po-u":
+        if module.po is None or module.po.permutation != "po-u":
             raise ValueError("the reference encoder implements PO-U only")
-        po = module.optimizer
+        po = module.po
         hidden = po.cost.first.out_features
         ref = ReferenceSetEncoder(module.in_features, module.hidden_size, hidden, po.steps, po.sinkhorn_iters,
                                   layout=layout)
-        _load_optimizer(ref.optimizer, po)
+        _load_po(ref.po, po)
         ref.lstm.load_state_dict(module.lstm.state_dict())
-    elif isinstance(module, PermutationOptimizer):
+    elif isinstance(module, PermutationOptimization):
         hidden = module.cost.first.out_features if module.cost is not None else 1
-        ref = ReferencePermutationOptimizer(module.in_features, hidden, module.steps, grid=module.grid,
-                                            sinkhorn_iters=module.sinkhorn_iters,
-                                            num_positions=None if module.linear is None else module.linear.num_positions,
-                                            layout=layout)
-        _load_optimizer(ref, module)
+        ref = ReferencePermutationOptimization(module.in_features, hidden, module.steps, grid=module.grid,
+                                               sinkhorn_iters=module.sinkhorn_iters,
+                                               num_positions=(None if module.linear is None
+                                                              else module.linear.num_positions), layout=layout)
+        _load_po(ref, module)
     else:
-        raise ValueError(f"module must be a setperm PermutationOptimizer or PermutationSetEncoder, got "
+        raise ValueError(f"module must be a setperm PermutationOptimization or PermutationSetEncoder, got "
                          f"{type(module).__name__}")
     p = next(module.parameters())
     return ref.to(device=p.device, dtype=p.dtype)

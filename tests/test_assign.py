@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import apply_permutation, hungarian, permutation_matrix, sinkhorn
+from setperm.functional import apply_permutation, hungarian, permutation_matrix, sinkhorn
 
 
 def test_permutation_convention():

@@ -3,6 +3,7 @@ import torch
 from torch.testing import assert_close
 
 from setperm import PairwiseCost
+from setperm.functional import pairwise_cost
 
 
 def naive_cost(module: PairwiseCost, x, normalize=True):
@@ -20,16 +21,29 @@ def naive_cost(module: PairwiseCost, x, normalize=True):
 @pytest.mark.parametrize("hidden,channels", [(16, 1), (8, 2), ((6, 5), 1)])
 def test_matches_concatenated_pairs(hidden, channels):
     torch.manual_seed(0)
-    m = PairwiseCost(3, hidden, channels).double()
+    m = PairwiseCost(3, hidden, channels=channels).double()
     for p in m.parameters():   # non-zero biases so the decomposition is really tested
         torch.nn.init.normal_(p)
     x = torch.randn(2, 6, 3, dtype=torch.float64)
     assert_close(m(x), naive_cost(m, x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("hidden", [8, (6, 5)])
+def test_functional_form_takes_the_module_tensors(hidden):
+    torch.manual_seed(0)
+    m = PairwiseCost(3, hidden, channels=2).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    mask = torch.tensor([[True] * 6, [True, False, True, True, False, True]])
+    C = pairwise_cost(torch.where(mask[..., None], x, 0.0), m.first.weight, m.first.bias,
+                      [(layer.weight, layer.bias) for layer in m.hidden], m.last.weight, mask)
+    assert_close(C, m(x, mask), rtol=0, atol=0)
+
+
 def test_antisymmetric_zero_diagonal_unit_norm():
     torch.manual_seed(1)
-    m = PairwiseCost(4, 16, 2)
+    m = PairwiseCost(4, 16, channels=2)
     C = m(torch.randn(3, 7, 4))
     assert_close(C, -C.transpose(-1, -2), rtol=0, atol=0)
     assert (C.diagonal(dim1=-2, dim2=-1) == 0).all()

@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import PermutationOptimizer, PermutationSetEncoder, hungarian, sinkhorn
+from setperm import PermutationOptimization, PermutationSetEncoder
+from setperm.functional import hungarian, sinkhorn
 from setperm.cost import _equal_pairs_by_hash, _equal_pairs_on_device, equal_pairs
 
-# (import_module: the package's own names shadow some submodules, e.g. setperm.sinkhorn the function)
+# (import_module: each submodule by its path, whatever names the package's namespace holds)
 cost_mod, encoder_mod, masking_mod, pairwise_mod, sinkhorn_mod = (
     importlib.import_module(f"setperm.{name}") for name in ("cost", "encoder", "masking", "pairwise", "sinkhorn"))
 SIZES = [5, 3, 1, 4]
@@ -33,11 +34,12 @@ def batch(device, dtype=torch.float64, D=4, seed=0, sizes=SIZES):
     return x.to(device), w.to(device), mask.to(device)
 
 
-def encoder(device, dtype=torch.float64, **kw):
+def encoder(device, dtype=torch.float64, kernel="auto", **kw):
     torch.manual_seed(0)
-    enc = PermutationSetEncoder(4, 6, cost_hidden=8, steps=2, **kw).to(device=device, dtype=dtype)
+    po = PermutationOptimization(4, cost_hidden=8, steps=2, kernel=kernel)
+    enc = PermutationSetEncoder(4, 6, po, **kw).to(device=device, dtype=dtype)
     with torch.no_grad():
-        enc.optimizer.cost.first.bias.normal_()          # non-zero biases: the scaling of f is exercised
+        enc.po.cost.first.bias.normal_()          # non-zero biases: the scaling of f is exercised
     return enc
 
 
@@ -82,7 +84,7 @@ def test_invariant_to_the_order_of_the_elements(device):
 
 
 def test_float64_gradcheck(device):
-    po = PermutationOptimizer(3, cost_hidden=4, steps=2).to(device=device, dtype=torch.float64)
+    po = PermutationOptimization(3, cost_hidden=4, steps=2).to(device=device, dtype=torch.float64)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
     mask = torch.tensor([[True] * 4, [True, True, True, False]], device=device)
@@ -127,7 +129,7 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
     device = torch.device("cuda")
     x, w, mask = batch(device, dtype=torch.float32)
     lengths = torch.tensor(SIZES)                                    # host lengths: no copy for the LSTM
-    po = PermutationOptimizer(4, cost_hidden=8, steps=2).to(device)
+    po = PermutationOptimization(4, cost_hidden=8, steps=2).to(device)
     enc = encoder(device, torch.float32)
     for _ in range(2):                                               # warm-up: compilation, cuBLAS handles
         po(x, mask=mask).sum().backward()
@@ -159,7 +161,7 @@ def test_device_path_reads_nothing_on_the_host_and_gives_the_cpu_values(monkeypa
         with device_decisions(monkeypatch, refuse_reads=False) if forced else contextlib.nullcontext():
             h2 = enc(xr, lengths=lengths, weights=w)
             h2.sum().backward()
-        results.append((h, xr.grad, enc.optimizer.eta_param.grad))
+        results.append((h, xr.grad, enc.po.eta_param.grad))
         assert_close(h2, h, rtol=1e-12, atol=1e-12)
     for a, b in zip(*results):
         assert_close(b, a, rtol=1e-9, atol=1e-11)
@@ -211,9 +213,9 @@ def test_sinkhorn_auto_takes_the_log_domain_off_the_cpu(monkeypatch):
 
 # --------------------------------------------------------------------------------- torch.compile
 def test_the_whole_optimisation_compiles_as_one_graph():
-    """PermutationOptimizer (cost, unrolled steps, Sinkhorn) traced by dynamo without a graph break,
+    """PermutationOptimization (cost, unrolled steps, Sinkhorn) traced by dynamo without a graph break,
     forward and backward (aot_eager: the graphs without inductor's code generation)."""
-    po = PermutationOptimizer(4, cost_hidden=8, steps=2)
+    po = PermutationOptimization(4, cost_hidden=8, steps=2)
     x, _, mask = batch("cpu", dtype=torch.float32)
     explanation = torch._dynamo.explain(po)(x, mask)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons

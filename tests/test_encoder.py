@@ -2,15 +2,24 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import LinAssign, PermutationOptimizer, PermutationSetEncoder
+from setperm import LinAssign, PermutationOptimization, PermutationSetEncoder
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
+def make_po(permutation, D, num_positions=None, **kw):
+    """The permutation module of a variant name, ready for the encoder (None for "none")."""
+    if permutation == "none":
+        return None
+    if permutation == "linassign":
+        return LinAssign(D, num_positions)
+    return PermutationOptimization(D, permutation=permutation, num_positions=num_positions, **kw)
+
+
 def make_encoder(dtype, permutation="po-u", seed=0, D=5):
     torch.manual_seed(seed)
-    enc = PermutationSetEncoder(D, hidden_size=12, cost_hidden=16, steps=3, permutation=permutation,
-                                num_positions=16 if permutation == "po-la" else None)
+    po = make_po(permutation, D, 16 if permutation == "po-la" else None, cost_hidden=16, steps=3)
+    enc = PermutationSetEncoder(D, 12, po)
     return enc.to(dtype)
 
 
@@ -100,9 +109,9 @@ def test_eta_is_positive_learnable_and_initialised_to_one():
     enc = make_encoder(torch.float32)
     assert_close(enc.eta, torch.tensor(1.0))
     enc(torch.randn(4, 6, 5)).pow(2).sum().backward()
-    assert enc.optimizer.eta_param.grad is not None and enc.optimizer.eta_param.grad != 0
+    assert enc.po.eta_param.grad is not None and enc.po.eta_param.grad != 0
     with torch.no_grad():
-        enc.optimizer.eta_param.fill_(-0.5)
+        enc.po.eta_param.fill_(-0.5)
     assert_close(enc.eta, torch.tensor(0.5))
     assert make_encoder(torch.float32, "none").eta is None
     assert LinAssign(3, num_positions=4).eta is None
@@ -119,7 +128,7 @@ def test_half_autocast_finite(half):
 
 def test_po_la_and_linassign_variable_sizes():
     torch.manual_seed(3)
-    po = PermutationOptimizer(4, cost_hidden=8, steps=2, permutation="po-la", num_positions=10)
+    po = PermutationOptimization(4, cost_hidden=8, steps=2, permutation="po-la", num_positions=10)
     x = torch.randn(2, 6, 4)
     mask = torch.tensor([[True] * 6, [True, True, False, True, False, False]])
     P = po(x, mask=mask)
@@ -131,7 +140,7 @@ def test_po_la_and_linassign_variable_sizes():
 
 
 def test_lattice_optimizer_shapes():
-    po = PermutationOptimizer(4, cost_hidden=8, steps=2, grid=(2, 3))
+    po = PermutationOptimization(4, cost_hidden=8, steps=2, grid=(2, 3))
     assert po.cost.channels == 2
     P = po(torch.randn(5, 6, 4))
     assert P.shape == (5, 6, 6)
@@ -141,7 +150,7 @@ def test_lattice_optimizer_shapes():
 
 
 def test_return_steps_length():
-    po = PermutationOptimizer(1, cost_hidden=4, steps=4)
+    po = PermutationOptimization(1, cost_hidden=4, steps=4)
     steps = po(torch.rand(2, 5, 1), return_steps=True)
     assert len(steps) == 5 and all(s.shape == (2, 5, 5) for s in steps)
 
@@ -164,27 +173,28 @@ def test_bad_input_raises_value_error(call, match):
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="steps"):
-        PermutationOptimizer(3, steps=-1)
-    with pytest.raises(ValueError, match=r"permutation must be one of \('po-u', 'po-la', 'linassign'\), got 'random'"):
-        PermutationOptimizer(3, permutation="random")
-    for alias in ("uniform", "linear", "PO-U", "none"):      # one vocabulary, no aliases
+        PermutationOptimization(3, steps=-1)
+    with pytest.raises(ValueError, match=r"permutation must be one of \('po-u', 'po-la'\).*got 'random'"):
+        PermutationOptimization(3, permutation="random")
+    for alias in ("uniform", "linear", "PO-U", "none", "linassign"):      # one vocabulary, no aliases
         with pytest.raises(ValueError, match="permutation must be one of"):
-            PermutationOptimizer(3, permutation=alias, num_positions=4)
-    with pytest.raises(ValueError, match=r"permutation must be one of \('po-u', 'po-la', 'linassign', 'none'\)"):
-        PermutationSetEncoder(3, permutation="sorted")
+            PermutationOptimization(3, permutation=alias, num_positions=4)
+    with pytest.raises(ValueError, match=r"po must be a PermutationOptimization or LinAssign module, 'po-u' or None, "
+                                         r"got 'sorted'"):
+        PermutationSetEncoder(3, 4, "sorted")
     with pytest.raises(ValueError, match="num_positions"):
-        PermutationOptimizer(3, permutation="po-la")
-    with pytest.raises(ValueError, match="num_positions"):
-        PermutationSetEncoder(3, permutation="linassign")
+        PermutationOptimization(3, permutation="po-la")
+    with pytest.raises(ValueError, match="po orders 3 features but the encoder gives it 5"):
+        PermutationSetEncoder(5, 4, PermutationOptimization(3))
     with pytest.raises(TypeError):
-        PermutationOptimizer(3, init="uniform")              # the old keyword is gone
+        PermutationOptimization(3, init="uniform")              # the old keyword is gone
 
 
 def test_check_finite_can_be_turned_off():
     """check_finite=False skips the input check and nothing else: a finite input gives exactly what the
     checked encoder gives, a non-finite one is passed through instead of refused."""
-    enc = PermutationSetEncoder(5, 8, cost_hidden=8, check_finite=False)
-    checked = PermutationSetEncoder(5, 8, cost_hidden=8)
+    enc = PermutationSetEncoder(5, 8, check_finite=False)
+    checked = PermutationSetEncoder(5, 8)
     checked.load_state_dict(enc.state_dict())
     x = torch.randn(1, 3, 5)
     assert_close(enc(x), checked(x), rtol=0, atol=0)
@@ -208,7 +218,7 @@ def test_lstm_only_permutation_keeps_real_order_and_moves_padding_last():
     x = torch.randn(1, 5, 5, dtype=torch.float64)
     mask = torch.tensor([[False, True, True, False, True]])
     h, P = enc(x, mask=mask, return_permutation=True)
-    from setperm import apply_permutation
+    from setperm.functional import apply_permutation
     assert_close(apply_permutation(x, P)[0, :3], x[0, [1, 2, 4]], rtol=0, atol=0)
     assert_close(h, enc(x[:, [1, 2, 4]]), rtol=1e-12, atol=1e-12)
 
@@ -216,28 +226,38 @@ def test_lstm_only_permutation_keeps_real_order_and_moves_padding_last():
 # ----------------------------------------------------------------------------- variants and steps
 
 def test_variant_vocabulary_and_default_steps():
-    assert PermutationOptimizer(3).steps == 6 and PermutationOptimizer(3, permutation="po-u").permutation == "po-u"
-    la = PermutationOptimizer(3, permutation="linassign", num_positions=5)
+    # one default T = 4 (appendix D) for the module, the functional form and the encoder's "po-u"
+    assert PermutationOptimization(3).steps == 4
+    assert PermutationOptimization(3, permutation="po-u").permutation == "po-u"
+    la = LinAssign(3, 5)
     assert la.steps == 0 and la.cost is None and la.eta is None and la.linear is not None
-    assert PermutationOptimizer(3, permutation="linassign", num_positions=5, steps=0).steps == 0
-    with pytest.raises(ValueError, match="linassign.*T = 0.*steps=2"):
-        PermutationOptimizer(3, permutation="linassign", num_positions=5, steps=2)
-    pola = PermutationOptimizer(3, permutation="po-la", num_positions=5)
-    assert pola.steps == 6 and pola.cost is not None and pola.linear is not None
-    assert PermutationSetEncoder(3, 4, cost_hidden=4).optimizer.steps == 3       # F.4: T = 3
-    enc = PermutationSetEncoder(3, 4, permutation="linassign", num_positions=5)
-    assert enc.optimizer.steps == 0 and enc.eta is None
-    with pytest.raises(ValueError, match="linassign"):
-        PermutationSetEncoder(3, 4, permutation="linassign", num_positions=5, steps=3)
-    assert PermutationSetEncoder(3, 4, permutation="none").optimizer is None
+    assert la.permutation == "linassign"
+    with pytest.raises(TypeError):
+        LinAssign(3, 5, steps=2)                    # T = 0 is what LinAssign is
+    pola = PermutationOptimization(3, permutation="po-la", num_positions=5)
+    assert pola.steps == 4 and pola.cost is not None and pola.linear is not None
+    assert PermutationSetEncoder(3, 4).po.steps == 4
+    assert PermutationSetEncoder(3, 4, PermutationOptimization(3, cost_hidden=4, steps=3)).po.steps == 3   # F.4
+    enc = PermutationSetEncoder(3, 4, LinAssign(3, 5))
+    assert enc.po.steps == 0 and enc.eta is None
+    assert PermutationSetEncoder(3, 4, None).po is None
 
 
-def test_linassign_class_equals_the_linassign_variant():
+def test_default_po_is_the_module_with_its_defaults():
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(3, 4)
+    torch.manual_seed(0)
+    po = PermutationOptimization(3)
+    assert repr(enc.po) == repr(po).replace("check_finite=None", "check_finite=False")
+    assert all(torch.equal(a, b) for a, b in zip(enc.po.state_dict().values(), po.state_dict().values()))
+
+
+def test_linassign_class_equals_po_la_without_steps():
     torch.manual_seed(0)
     a = LinAssign(3, num_positions=6, logit_clip=10.0)
     torch.manual_seed(0)
-    b = PermutationOptimizer(3, permutation="linassign", num_positions=6, logit_clip=10.0)
-    assert a.state_dict().keys() == b.state_dict().keys() and repr(a).split("(", 1)[1] == repr(b).split("(", 1)[1]
+    b = PermutationOptimization(3, steps=0, permutation="po-la", num_positions=6, logit_clip=10.0)
+    assert a.state_dict().keys() == b.state_dict().keys() and repr(a.linear) == repr(b.linear)
     x = torch.randn(2, 5, 3)
     assert_close(a(x), b(x), rtol=0, atol=0)
 
@@ -248,11 +268,11 @@ def test_encoder_reads_through_its_optimizer(permutation):
     enc = make_encoder(torch.float64, permutation if permutation != "linassign" else "po-u")
     if permutation == "linassign":
         torch.manual_seed(0)
-        enc = PermutationSetEncoder(5, 12, permutation="linassign", num_positions=16).double()
+        enc = PermutationSetEncoder(5, 12, LinAssign(5, 16)).double()
     x = torch.randn(2, 6, 5, dtype=torch.float64)
     mask = torch.tensor([[True, False, True, True, False, True], [True] * 6])
     _, P = enc(x, mask=mask, return_permutation=True)
-    assert_close(P, enc.optimizer(x, mask=mask), rtol=0, atol=0)
+    assert_close(P, enc.po(x, mask=mask), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- empty batches and sets
@@ -276,7 +296,7 @@ def test_empty_batch_or_empty_sets(permutation, shape):
 @pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign"])
 @pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5)])
 def test_empty_optimizer_inputs(permutation, shape):
-    po = PermutationOptimizer(5, cost_hidden=4, permutation=permutation, num_positions=4, steps=None)
+    po = make_po(permutation, 5, 4, cost_hidden=4, steps=6)
     x = torch.randn(*shape, requires_grad=True)
     P = po(x)
     assert P.shape == (shape[0], shape[1], shape[1])
@@ -294,10 +314,10 @@ def test_input_dtype_must_match_the_module(dtype):
     with pytest.raises(ValueError, match=f"x has dtype {dtype} but the module's parameters are torch.float32"):
         enc(torch.randn(2, 4, 5).to(dtype))
     with pytest.raises(ValueError, match=f"x has dtype {dtype} but the module's parameters are torch.float32"):
-        enc.optimizer(torch.randn(2, 4, 5).to(dtype))
+        enc.po(torch.randn(2, 4, 5).to(dtype))
     with pytest.raises(ValueError, match=f"weights has dtype {dtype}"):
         enc(torch.randn(2, 4, 5), weights=torch.randn(2, 4).to(dtype))
-    po64 = PermutationOptimizer(5, cost_hidden=4, dtype=torch.float64)
+    po64 = PermutationOptimization(5, cost_hidden=4, steps=6, dtype=torch.float64)
     assert po64(torch.randn(2, 4, 5, dtype=torch.float64)).dtype == torch.float64
     with pytest.raises(ValueError, match="x has dtype torch.float32 but the module's parameters are torch.float64"):
         po64(torch.randn(2, 4, 5))
@@ -327,7 +347,7 @@ def test_half_inputs_under_autocast(half):
 @pytest.mark.parametrize("value", [1e38, -1e38, 3.4e38])
 def test_finite_inputs_near_the_float32_limit_give_finite_outputs(permutation, value):
     torch.manual_seed(0)
-    enc = PermutationSetEncoder(13, 16, cost_hidden=16, permutation=permutation, num_positions=8)
+    enc = PermutationSetEncoder(13, 16, make_po(permutation, 13, 8, cost_hidden=16, steps=3))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 8, 13, generator=g)
     x[0, 1] = value                                               # one huge element
@@ -345,32 +365,30 @@ def test_finite_inputs_near_the_float32_limit_give_finite_outputs(permutation, v
 
 def test_lattice_po_la_near_the_float32_limit():
     torch.manual_seed(2)
-    po = PermutationOptimizer(13, cost_hidden=8, steps=2, permutation="po-la", grid=(2, 3))
+    po = PermutationOptimization(13, cost_hidden=8, steps=2, permutation="po-la", grid=(2, 3))
     x = 3.4e38 * torch.randn(2, 6, 13, generator=torch.Generator().manual_seed(3)).sign()
     P = po(x)
     assert torch.isfinite(P).all()
     assert_close(P.sum(1), torch.ones(2, 6), rtol=0, atol=1e-5)
 
 
-def test_state_dict_of_the_former_permute_attribute_loads():
+def test_state_dict_keys_name_the_po_submodule():
     enc = make_encoder(torch.float64)
-    old = {k.replace("optimizer.", "permute.", 1): v for k, v in enc.state_dict().items()}
-    assert any(k.startswith("permute.") for k in old)
+    assert {k.split(".", 1)[0] for k in enc.state_dict()} == {"po", "lstm"}
     other = make_encoder(torch.float64, seed=5)
-    other.load_state_dict(old)
+    other.load_state_dict(enc.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), enc.state_dict().values()))
-    wrapper = torch.nn.ModuleDict({"enc": make_encoder(torch.float64, seed=6)})   # nested prefix
-    wrapper.load_state_dict({"enc." + k: v for k, v in old.items()})
-    assert torch.equal(wrapper["enc"].optimizer.cost.first.weight, enc.optimizer.cost.first.weight)
+    old = {k.replace("po.", "optimizer.", 1): v for k, v in enc.state_dict().items()}
+    with pytest.raises(RuntimeError, match="Missing key"):    # no renaming of former names
+        other.load_state_dict(old)
 
 
 # ----------------------------------------------------------------------------- straight-through hard order
 
 def make_st_encoder(permutation="po-u", seed=0, D=5):
     torch.manual_seed(seed)
-    return PermutationSetEncoder(D, hidden_size=12, cost_hidden=16, steps=3, permutation=permutation,
-                                 num_positions=16 if permutation == "po-la" else None,
-                                 straight_through=True).double()
+    po = make_po(permutation, D, 16 if permutation == "po-la" else None, cost_hidden=16, steps=3)
+    return PermutationSetEncoder(D, 12, po, straight_through=True).double()
 
 
 @pytest.mark.parametrize("permutation", ["po-u", "po-la"])
@@ -389,7 +407,7 @@ def test_straight_through_padded_equals_unpadded_and_reads_the_hard_order(permut
     assert_close(h, alone, **TOL[torch.float64])
     # the LSTM reads the Hungarian order of the (returned, soft) P: the same as encoding the hard-sorted
     # elements in that order with the LSTM alone
-    from setperm import hungarian
+    from setperm.functional import hungarian
     idx = hungarian(P, mask=mask)
     plain = make_encoder(torch.float64, "none")
     plain.lstm.load_state_dict(enc.lstm.state_dict())
@@ -417,17 +435,17 @@ def test_straight_through_is_invariant_to_the_input_order(seed):
 def test_straight_through_gradient_is_the_soft_paths_at_the_hard_sequence():
     """The straight-through identity: d loss / d theta = (dP/d theta)^T (d loss / dP) with d loss / dP taken
     at the hard sequence, i.e. the gradient of <apply_permutation(x, P), g> for g = d loss / d seq_hard."""
-    from setperm import apply_permutation, hungarian
+    from setperm.functional import apply_permutation, hungarian
     enc = make_st_encoder()
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
     mask = torch.tensor([[True, True, False, True, True, False], [True] * 6])
     target = torch.randn(2, 12, generator=g, dtype=torch.float64)
     ((enc(x, mask=mask) - target) ** 2).sum().backward()
-    st_grads = {k: p.grad.clone() for k, p in enc.optimizer.named_parameters()}
+    st_grads = {k: p.grad.clone() for k, p in enc.po.named_parameters()}
     enc.zero_grad()
     # by hand: the LSTM on the hard sequence gives g; the optimiser's parameters get <P^T x, g>'s gradient
-    P = enc.optimizer(x, mask=mask)
+    P = enc.po(x, mask=mask)
     _, P_hard = hungarian(P, mask=mask, return_matrix=True)
     seq = apply_permutation(x.masked_fill(~mask.unsqueeze(-1), 0), P_hard).requires_grad_(True)
     from torch.nn.utils.rnn import pack_padded_sequence
@@ -435,7 +453,7 @@ def test_straight_through_gradient_is_the_soft_paths_at_the_hard_sequence():
     _, (_, c) = enc.lstm(pack_padded_sequence(seq, n, batch_first=True, enforce_sorted=False))
     (g_seq,) = torch.autograd.grad(((c[-1] - target) ** 2).sum(), seq)
     (apply_permutation(x.masked_fill(~mask.unsqueeze(-1), 0), P) * g_seq).sum().backward()
-    for k, p in enc.optimizer.named_parameters():
+    for k, p in enc.po.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, k
         assert_close(st_grads[k], p.grad, rtol=1e-9, atol=1e-12)
 
@@ -461,7 +479,7 @@ def test_straight_through_argument_and_repr():
     assert "straight_through=False" in repr(make_encoder(torch.float64))
     assert not make_encoder(torch.float64).straight_through
     with pytest.raises(ValueError, match="straight_through"):
-        PermutationSetEncoder(5, 8, permutation="none", straight_through=True)
+        PermutationSetEncoder(5, 8, None, straight_through=True)
     with pytest.raises(ValueError, match="straight_through"):
         PermutationSetEncoder(5, 8, straight_through=1)
 
@@ -499,8 +517,8 @@ def test_grouped_lstm_equals_packed_lstm_values_and_gradients(num_layers):
 
 def make_keyed_encoder(permutation="po-u", seed=0, D=5, E=2):
     torch.manual_seed(seed)
-    return PermutationSetEncoder(D, hidden_size=12, cost_hidden=16, steps=3, permutation=permutation,
-                                 num_positions=16 if permutation == "po-la" else None, order_features=E).double()
+    po = make_po(permutation, E, 16 if permutation == "po-la" else None, cost_hidden=16, steps=3)
+    return PermutationSetEncoder(D, 12, po, order_features=E).double()
 
 
 @pytest.mark.parametrize("permutation", ["po-u", "po-la"])
@@ -517,7 +535,7 @@ def test_order_by_alone_decides_the_permutation(permutation):
     _, P3 = enc(x, order_by=key + torch.randn(3, 8, 2, generator=g, dtype=torch.float64), return_permutation=True)
     assert not torch.allclose(P3, P, atol=1e-6)
     # it is the optimiser applied to the key, and the LSTM reads x in that soft order
-    assert_close(P, enc.optimizer(key), **TOL[torch.float64])
+    assert_close(P, enc.po(key), **TOL[torch.float64])
     # permutation invariance: permuting elements and keys together leaves h unchanged
     perm = torch.randperm(8, generator=g)
     assert_close(enc(x[:, perm], order_by=key[:, perm]), h, **TOL[torch.float64])
@@ -558,10 +576,10 @@ def test_order_by_arguments_are_checked():
         enc(x, order_by=torch.full((2, 4, 2), float("nan"), dtype=torch.float64))
     with pytest.raises(ValueError, match="order_features=None"):
         make_encoder(torch.float64)(x, order_by=torch.randn(2, 4, 2, dtype=torch.float64))
-    with pytest.raises(ValueError, match="permutation='none'"):
-        PermutationSetEncoder(5, permutation="none", order_features=2)
+    with pytest.raises(ValueError, match="po=None"):
+        PermutationSetEncoder(5, 8, None, order_features=2)
     with pytest.raises(ValueError, match="order_features must be a positive int"):
-        PermutationSetEncoder(5, order_features=0)
+        PermutationSetEncoder(5, 8, order_features=0)
     assert "order_features=2" in repr(enc)
 
 

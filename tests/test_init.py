@@ -7,20 +7,23 @@ import pytest
 import torch
 from torch import nn
 
-from setperm import LinAssign, PairwiseCost, PermutationOptimizer, PermutationSetEncoder
+from setperm import LinAssign, PairwiseCost, PermutationOptimization, PermutationSetEncoder
 from setperm.assign import LinearAssignmentLogits
 
 BUILDERS = {
     "PairwiseCost": lambda **kw: PairwiseCost(3, (5, 4), channels=2, **kw),
     "LinearAssignmentLogits": lambda **kw: LinearAssignmentLogits(3, 7, clip=10.0, **kw),
-    "PermutationOptimizer po-u": lambda **kw: PermutationOptimizer(3, cost_hidden=5, steps=2, eta_init=0.7, **kw),
-    "PermutationOptimizer po-la": lambda **kw: PermutationOptimizer(3, cost_hidden=5, permutation="po-la",
-                                                                   num_positions=6, grid=(2, 3), **kw),
+    "PermutationOptimization po-u": lambda **kw: PermutationOptimization(3, cost_hidden=5, steps=2, eta_init=0.7,
+                                                                         **kw),
+    "PermutationOptimization po-la": lambda **kw: PermutationOptimization(
+        3, cost_hidden=5, steps=6, permutation="po-la", num_positions=6, grid=(2, 3), **kw),
     "LinAssign": lambda **kw: LinAssign(3, num_positions=6, **kw),
-    "PermutationSetEncoder po-u": lambda **kw: PermutationSetEncoder(3, 6, cost_hidden=5, eta_init=1.5, **kw),
-    "PermutationSetEncoder po-la": lambda **kw: PermutationSetEncoder(3, 6, cost_hidden=5, permutation="po-la",
-                                                                     num_positions=8, **kw),
-    "PermutationSetEncoder none": lambda **kw: PermutationSetEncoder(3, 6, permutation="none", **kw),
+    "PermutationSetEncoder po-u": lambda **kw: PermutationSetEncoder(
+        3, 6, PermutationOptimization(3, cost_hidden=5, steps=3, eta_init=1.5, **kw), **kw),
+    "PermutationSetEncoder po-la": lambda **kw: PermutationSetEncoder(
+        3, 6, PermutationOptimization(3, cost_hidden=5, steps=3, permutation="po-la", num_positions=8, **kw), **kw),
+    "PermutationSetEncoder default po": lambda **kw: PermutationSetEncoder(3, 6, **kw),
+    "PermutationSetEncoder none": lambda **kw: PermutationSetEncoder(3, 6, None, **kw),
 }
 
 
@@ -54,7 +57,7 @@ def test_factory_kwargs_create_float64_parameters(name):
 
 def test_paper_initialisation():
     torch.manual_seed(0)
-    enc = PermutationSetEncoder(13, 128, cost_hidden=128, eta_init=1.0)
+    enc = PermutationSetEncoder(13, 128, PermutationOptimization(13, cost_hidden=128, steps=3, eta_init=1.0))
     assert enc.eta.item() == 1.0
     H = 128
     for name, p in enc.lstm.named_parameters():
@@ -64,7 +67,7 @@ def test_paper_initialisation():
             for gate in p.chunk(4, dim=0):
                 bound = math.sqrt(6.0 / (gate.shape[0] + gate.shape[1]))
                 assert gate.abs().max() <= bound and gate.abs().max() > 0.9 * bound
-    cost = enc.optimizer.cost
+    cost = enc.po.cost
     assert torch.equal(cost.first.bias, torch.zeros(H)) and cost.last.bias is None
     bound = math.sqrt(6.0 / (cost.first.weight.shape[0] + cost.first.weight.shape[1]))
     assert cost.first.weight.abs().max() <= bound
@@ -74,20 +77,24 @@ EXTRA_REPR = [
     (PairwiseCost(3, (5, 4), channels=2, normalize=False, kernel="chunked"),
      ["in_features=3", "hidden=(5, 4)", "channels=2", "normalize=False", "kernel='chunked'"]),
     (LinearAssignmentLogits(3, 7, clip=10.0), ["in_features=3", "num_positions=7", "clip=10.0"]),
-    (PermutationOptimizer(3, cost_hidden=5, steps=2, permutation="po-la", num_positions=6, grid=(2, 3),
-                          sinkhorn_iters=7, temperature=0.5, eta_init=0.25, logit_clip=9.0, check_finite=False),
+    (PermutationOptimization(3, cost_hidden=5, steps=2, permutation="po-la", num_positions=6, grid=(2, 3),
+                             sinkhorn_iters=7, temperature=0.5, eta_init=0.25, logit_clip=9.0, check_finite=False),
      ["in_features=3", "permutation='po-la'", "steps=2", "cost_hidden=5", "cost_channels=2", "eta_init=0.25",
       "kernel='auto'", "num_positions=6", "logit_clip=9.0", "grid=(2, 3)", "sinkhorn_iters=7", "temperature=0.5",
       "check_finite=False"]),
     (LinAssign(3, num_positions=6, sinkhorn_iters=5, temperature=2.0, logit_clip=3.0),
      ["in_features=3", "permutation='linassign'", "steps=0", "num_positions=6", "logit_clip=3.0", "grid=None",
       "sinkhorn_iters=5", "temperature=2.0", "check_finite=None"]),
-    (PermutationSetEncoder(3, 6, cost_hidden=5, steps=4, sinkhorn_iters=3, temperature=0.5, eta_init=2.0,
-                           check_finite=False),
-     ["in_features=3", "hidden_size=6", "permutation='po-u'", "steps=4", "cost_hidden=5", "eta_init=2.0",
-      "kernel='auto'", "sinkhorn_iters=3", "temperature=0.5", "straight_through=False", "check_finite=False"]),
-    (PermutationSetEncoder(3, 6, permutation="none"),
-     ["in_features=3", "hidden_size=6", "permutation='none'", "check_finite=None"]),
+    # the encoder shows its own settings; its PO's are in the PO's repr (the next entry)
+    (PermutationSetEncoder(3, 6, PermutationOptimization(3, cost_hidden=5, steps=4, sinkhorn_iters=3, temperature=0.5,
+                                                         eta_init=2.0), check_finite=False),
+     ["in_features=3", "hidden_size=6", "straight_through=False", "check_finite=False"]),
+    (PermutationSetEncoder(3, 6, PermutationOptimization(3, cost_hidden=5, steps=4, sinkhorn_iters=3, temperature=0.5,
+                                                         eta_init=2.0), check_finite=False).po,
+     ["in_features=3", "permutation='po-u'", "steps=4", "cost_hidden=5", "cost_channels=1", "eta_init=2.0",
+      "kernel='auto'", "grid=None", "sinkhorn_iters=3", "temperature=0.5", "check_finite=None"]),
+    (PermutationSetEncoder(3, 6, None),
+     ["in_features=3", "hidden_size=6", "po=None", "check_finite=None"]),
 ]
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import (LinAssign, PairwiseCost, PermutationOptimizer, PermutationSetEncoder, hungarian, optimize_permutation,
-                     ordering_cost, permutation_entropy, sinkhorn, sinkhorn_scaling_in_range)
+from setperm import LinAssign, PairwiseCost, PermutationOptimization, PermutationSetEncoder
+from setperm.functional import hungarian, optimize_permutation, pairwise_cost, permutation_entropy, sinkhorn
+from setperm.sinkhorn import sinkhorn_scaling_in_range
 from setperm.masking import check_dtype, resolve_mask
 
 B, N, D = 3, 6, 4
@@ -22,9 +23,9 @@ def _inputs():
 
 def _modules():
     torch.manual_seed(0)
-    return {"encoder": PermutationSetEncoder(D, 5, cost_hidden=6).double(),
-            "po-u": PermutationOptimizer(D, cost_hidden=6, steps=2).double(),
-            "po-la": PermutationOptimizer(D, cost_hidden=6, steps=2, permutation="po-la", num_positions=N).double(),
+    return {"encoder": PermutationSetEncoder(D, 5, PermutationOptimization(D, cost_hidden=6, steps=3)).double(),
+            "po-u": PermutationOptimization(D, cost_hidden=6, steps=2).double(),
+            "po-la": PermutationOptimization(D, cost_hidden=6, steps=2, permutation="po-la", num_positions=N).double(),
             "linassign": LinAssign(D, num_positions=N).double(),
             "cost": PairwiseCost(D, 6).double()}
 
@@ -37,7 +38,7 @@ def entry_points():
     C = cost(x, MASK).detach()
     calls = {f"{k}.forward": (lambda kw, m=m: m(x, **kw)) for k, m in mods.items()}
     calls.update({
-        "ordering_cost": lambda kw: ordering_cost(torch.where(MASK[..., None], x, 0.0), cost.first.weight,
+        "pairwise_cost": lambda kw: pairwise_cost(torch.where(MASK[..., None], x, 0.0), cost.first.weight,
                                                   cost.first.bias, [], cost.last.weight, **kw),
         "sinkhorn": lambda kw: sinkhorn(z, **kw),
         "sinkhorn_scaling_in_range": lambda kw: torch.tensor(sinkhorn_scaling_in_range(z, **kw)),

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from setperm import (LinAssign, PermutationMonitor, PermutationOptimizer, PermutationSetEncoder, find_step_sizes,
-                     log_step_sizes, permutation_entropy)
+from setperm import LinAssign, PermutationMonitor, PermutationOptimization, PermutationSetEncoder
+from setperm.functional import permutation_entropy
 
 
 class Recorder:
@@ -18,19 +18,18 @@ class Recorder:
 class ThreeOptimizers(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = PermutationSetEncoder(3, 4, cost_hidden=4, eta_init=0.5)
-        self.b = PermutationOptimizer(3, cost_hidden=4, eta_init=2.0)
+        self.a = PermutationSetEncoder(3, 4, PermutationOptimization(3, cost_hidden=4, steps=3, eta_init=0.5))
+        self.b = PermutationOptimization(3, cost_hidden=4, steps=6, eta_init=2.0)
         self.c = LinAssign(3, num_positions=5)          # no eta, but an entropy
 
 
-def test_find_and_log_step_sizes_read_eta_only():
+def test_step_sizes_read_eta_only():
     model = ThreeOptimizers()
-    assert {k: round(float(v), 6) for k, v in find_step_sizes(model).items()} == {"a.optimizer": 0.5, "b": 2.0}
-    rec = Recorder()
-    values = log_step_sizes(rec, nn.DataParallel(model), step=7)
-    assert values == pytest.approx({"eta/a.optimizer": 0.5, "eta/b": 2.0})
-    assert sorted(rec.calls) == [("eta/a.optimizer", pytest.approx(0.5), 7), ("eta/b", pytest.approx(2.0), 7)]
-    assert log_step_sizes(None, model, 0) == values      # no writer: nothing written, values returned
+    with PermutationMonitor(model) as monitor:
+        assert {k: round(v, 6) for k, v in monitor.step_sizes().items()} == {"a.po": 0.5, "b": 2.0}
+    monitor = PermutationMonitor(nn.DataParallel(model))       # no forward needed, the wrapper unwrapped
+    assert monitor.step_sizes() == pytest.approx({"a.po": 0.5, "b": 2.0})
+    assert all(isinstance(v, float) for v in monitor.step_sizes().values())
 
 
 def test_monitor_records_the_entropy_of_each_forward():
@@ -39,17 +38,17 @@ def test_monitor_records_the_entropy_of_each_forward():
     x = torch.rand(2, 5, 3)
     mask = torch.tensor([[True, True, False, True, False], [True] * 5])
     monitor = PermutationMonitor(nn.DataParallel(model))      # the wrapper is unwrapped, names are module paths
-    assert monitor.values() == pytest.approx({"eta/a.optimizer": 0.5, "eta/b": 2.0})   # nothing recorded yet
-    model.a(x, mask=mask)                                      # the encoder's optimiser fires its hook
+    assert monitor.values() == pytest.approx({"eta/a.po": 0.5, "eta/b": 2.0})   # nothing recorded yet
+    model.a(x, mask=mask)                                      # the encoder's PO fires its hook
     P_b = model.b(x, lengths=torch.tensor([3, 5]))
     P_c = model.c(x, key_padding_mask=~mask)
     _, P_a = model.a(x, mask=mask, return_permutation=True)
     values = monitor.values()
-    assert set(values) == {"eta/a.optimizer", "eta/b", "permutation_entropy/a.optimizer", "permutation_entropy/b",
+    assert set(values) == {"eta/a.po", "eta/b", "permutation_entropy/a.po", "permutation_entropy/b",
                            "permutation_entropy/c"}
     lengths_mask = torch.arange(5) < torch.tensor([3, 5])[:, None]
     with torch.no_grad():
-        expected = {"a.optimizer": permutation_entropy(P_a, mask).mean(),
+        expected = {"a.po": permutation_entropy(P_a, mask).mean(),
                     "b": permutation_entropy(P_b, lengths_mask).mean(), "c": permutation_entropy(P_c, mask).mean()}
     for name, ent in expected.items():
         assert values[f"permutation_entropy/{name}"] == pytest.approx(float(ent), abs=1e-6)
@@ -69,7 +68,7 @@ def test_monitor_removed_records_nothing():
     with PermutationMonitor(model) as monitor:
         model.b(x)
         assert "permutation_entropy/b" in monitor.values()
-    assert monitor.values() == pytest.approx({"eta/a.optimizer": 0.5, "eta/b": 2.0})
+    assert monitor.values() == pytest.approx({"eta/a.po": 0.5, "eta/b": 2.0})
     model.b(x)
     model.a(x)
     assert monitor.entropies() == {}
@@ -78,21 +77,21 @@ def test_monitor_removed_records_nothing():
 
 
 def test_monitor_empty_batch_and_no_grad_effect():
-    enc = PermutationSetEncoder(3, 4, cost_hidden=4)
+    enc = PermutationSetEncoder(3, 4, PermutationOptimization(3, cost_hidden=4, steps=3))
     monitor = PermutationMonitor(enc)
     enc(torch.rand(0, 4, 3))
     assert monitor.entropies() == {}
     x = torch.rand(2, 4, 3, requires_grad=True)
     h = enc(x)
     h.sum().backward()                                             # the hook's reduction is outside autograd
-    assert x.grad is not None and monitor.entropies()["optimizer"] >= 0
-    assert PermutationMonitor(PermutationOptimizer(3, cost_hidden=4)).values() == {"eta/permutation": 1.0}
+    assert x.grad is not None and monitor.entropies()["po"] >= 0
+    assert PermutationMonitor(PermutationOptimization(3, cost_hidden=4, steps=6)).values() == {"eta/permutation": 1.0}
 
 
 def test_real_summary_writer(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
-    enc = PermutationSetEncoder(3, 4, cost_hidden=4)
+    enc = PermutationSetEncoder(3, 4, PermutationOptimization(3, cost_hidden=4, steps=3))
     monitor = PermutationMonitor(enc)
     enc(torch.rand(2, 4, 3))
     with SummaryWriter(str(tmp_path)) as w:
@@ -101,5 +100,5 @@ def test_real_summary_writer(tmp_path):
 
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
-    assert sorted(acc.Tags()["scalars"]) == ["eta/optimizer", "permutation_entropy/optimizer"]
-    assert_close(acc.Scalars("eta/optimizer")[0].value, 1.0)
+    assert sorted(acc.Tags()["scalars"]) == ["eta/po", "permutation_entropy/po"]
+    assert_close(acc.Scalars("eta/po")[0].value, 1.0)

@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import (PermutationOptimizer, cost_gradient, lattice_cost, lattice_cost_gradient, optimize_permutation,
-                     permutation_entropy, sinkhorn, total_cost)
+from setperm import PermutationOptimization
+from setperm.functional import (optimize_permutation, permutation_cost, permutation_cost_gradient, permutation_entropy,
+                                sinkhorn)
 
 
 def antisymmetric(B, N, g, K=None):
@@ -12,7 +13,7 @@ def antisymmetric(B, N, g, K=None):
     return A - A.transpose(-1, -2)
 
 
-def literal_total_cost(P, C):
+def literal_permutation_cost(P, C):
     """Eq. 1 written with explicit loops over positions."""
     B, N, _ = P.shape
     out = torch.zeros(B, dtype=P.dtype)
@@ -23,11 +24,11 @@ def literal_total_cost(P, C):
     return out
 
 
-def test_total_cost_matches_eq1_and_hard_permutation_meaning():
+def test_permutation_cost_matches_eq1_and_hard_permutation_meaning():
     g = torch.Generator().manual_seed(0)
     C = antisymmetric(3, 6, g)
     P = sinkhorn(torch.randn(3, 6, 6, generator=g, dtype=torch.float64))
-    assert_close(total_cost(P, C), literal_total_cost(P, C), rtol=1e-12, atol=1e-12)
+    assert_close(permutation_cost(C, P), literal_permutation_cost(P, C), rtol=1e-12, atol=1e-12)
     # hard permutation: each pair contributes C_ij if i is placed before j, else C_ji
     perm = torch.randperm(6, generator=g)               # element perm[k] at position k
     Ph = torch.zeros(1, 6, 6, dtype=torch.float64)
@@ -35,30 +36,30 @@ def test_total_cost_matches_eq1_and_hard_permutation_meaning():
     pos = torch.empty(6, dtype=torch.long)
     pos[perm] = torch.arange(6)
     expected = sum(C[0, i, j] if pos[i] < pos[j] else C[0, j, i] for i in range(6) for j in range(6) if i != j)
-    assert_close(total_cost(Ph, C[:1])[0], expected, rtol=1e-12, atol=1e-12)
+    assert_close(permutation_cost(C[:1], Ph)[0], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_eq4_equals_autograd_of_eq1():
     g = torch.Generator().manual_seed(1)
     C = antisymmetric(4, 7, g)
     P = torch.rand(4, 7, 7, generator=g, dtype=torch.float64, requires_grad=True)   # any P, not only DS
-    (auto,) = torch.autograd.grad(total_cost(P, C).sum(), P)
-    assert_close(cost_gradient(P, C), auto, rtol=1e-12, atol=1e-12)
+    (auto,) = torch.autograd.grad(permutation_cost(C, P).sum(), P)
+    assert_close(permutation_cost_gradient(C, P), auto, rtol=1e-12, atol=1e-12)
 
 
-def test_lattice_cost_is_sum_of_row_and_column_costs():
+def test_lattice_permutation_cost_is_sum_of_row_and_column_costs():
     g = torch.Generator().manual_seed(2)
     R, Cc = 2, 3
     N = R * Cc
     C = antisymmetric(2, N, g, K=2)
     P = sinkhorn(torch.randn(2, N, N, generator=g, dtype=torch.float64), iters=10)
     G = P.view(2, N, R, Cc)
-    one_by_one = sum(total_cost(G[:, :, r, :].contiguous(), C[:, 0]) for r in range(R))       # left-to-right
-    one_by_one = one_by_one + sum(total_cost(G[:, :, :, c].contiguous(), C[:, 1]) for c in range(Cc))  # top-down
-    assert_close(lattice_cost(P, C, (R, Cc)), one_by_one, rtol=1e-12, atol=1e-12)
+    one_by_one = sum(permutation_cost(C[:, 0], G[:, :, r, :].contiguous()) for r in range(R))       # left-to-right
+    one_by_one = one_by_one + sum(permutation_cost(C[:, 1], G[:, :, :, c].contiguous()) for c in range(Cc))  # top-down
+    assert_close(permutation_cost(C, P, grid=(R, Cc)), one_by_one, rtol=1e-12, atol=1e-12)
     Pg = P.clone().requires_grad_(True)
-    (auto,) = torch.autograd.grad(lattice_cost(Pg, C, (R, Cc)).sum(), Pg)
-    assert_close(lattice_cost_gradient(P, C, (R, Cc)), auto, rtol=1e-12, atol=1e-12)
+    (auto,) = torch.autograd.grad(permutation_cost(C, Pg, grid=(R, Cc)).sum(), Pg)
+    assert_close(permutation_cost_gradient(C, P, grid=(R, Cc)), auto, rtol=1e-12, atol=1e-12)
 
 
 def test_descent_lowers_cost_and_sharpens():
@@ -68,7 +69,7 @@ def test_descent_lowers_cost_and_sharpens():
     C = C / C.pow(2).sum((-2, -1), keepdim=True).sqrt()
     P0 = optimize_permutation(C, steps=0)
     P6 = optimize_permutation(C, eta=10.0, steps=6)
-    assert (total_cost(P6, C) < total_cost(P0, C) - 1e-3).all()
+    assert (permutation_cost(C, P6) < permutation_cost(C, P0) - 1e-3).all()
     assert (permutation_entropy(P6) < permutation_entropy(P0)).all()
 
 
@@ -85,8 +86,8 @@ def test_return_steps_and_bad_steps():
 def test_gradcheck_whole_optimizer(permutation, grid):
     torch.manual_seed(4)
     N = 4
-    po = PermutationOptimizer(3, cost_hidden=5, steps=2, permutation=permutation, num_positions=N, grid=grid,
-                              sinkhorn_iters=3).double()
+    po = PermutationOptimization(3, cost_hidden=5, steps=2, permutation=permutation, num_positions=N, grid=grid,
+                                 sinkhorn_iters=3).double()
     for p in po.parameters():
         torch.nn.init.normal_(p, std=0.7)
     x = torch.randn(2, N, 3, dtype=torch.float64, requires_grad=True)
@@ -123,7 +124,7 @@ def test_empty_sets():
     for B, N in ((2, 0), (0, 3)):
         P = torch.zeros(B, N, N, dtype=torch.float64, requires_grad=True)
         C = torch.zeros(B, 1, N, N, dtype=torch.float64)
-        assert total_cost(P, C).shape == (B,) and cost_gradient(P, C).shape == (B, N, N)
+        assert permutation_cost(C, P).shape == (B,) and permutation_cost_gradient(C, P).shape == (B, N, N)
         assert optimize_permutation(C, steps=2).shape == (B, N, N)
         assert torch.equal(permutation_entropy(P), torch.zeros(B, dtype=torch.float64))
-        total_cost(P, C).sum().backward()
+        permutation_cost(C, P).sum().backward()

@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 import setperm.pairwise as pairwise_mod
-from setperm import PermutationOptimizer, PermutationSetEncoder
+from setperm import PermutationOptimization, PermutationSetEncoder
 from setperm.pairwise import pairwise_two_layer
 
 
@@ -70,8 +70,8 @@ def test_compiled_encoder_matches_chunked_on_variable_sizes():
     """Masked, variable-size float32 sets (two batch shapes, so the dynamic-shape recompilation
     is exercised): same output and parameter gradients as the default kernel."""
     torch.manual_seed(5)
-    ref = PermutationSetEncoder(4, 8, cost_hidden=16, steps=2)
-    fast = PermutationSetEncoder(4, 8, cost_hidden=16, steps=2, kernel="compiled")
+    ref = PermutationSetEncoder(4, 8, PermutationOptimization(4, cost_hidden=16, steps=2))
+    fast = PermutationSetEncoder(4, 8, PermutationOptimization(4, cost_hidden=16, steps=2, kernel="compiled"))
     fast.load_state_dict(ref.state_dict())
     for N, lengths in ((7, [7, 3, 0]), (5, [2, 5, 4])):
         x = torch.randn(3, N, 4)
@@ -90,8 +90,8 @@ def test_compiled_encoder_matches_chunked_on_variable_sizes():
 @needs_compiler
 def test_compiled_lattice_optimizer_matches_chunked():
     torch.manual_seed(6)
-    ref = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), permutation="po-la")
-    fast = PermutationOptimizer(5, cost_hidden=8, steps=2, grid=(2, 3), permutation="po-la", kernel="compiled")
+    ref = PermutationOptimization(5, cost_hidden=8, steps=2, grid=(2, 3), permutation="po-la")
+    fast = PermutationOptimization(5, cost_hidden=8, steps=2, grid=(2, 3), permutation="po-la", kernel="compiled")
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 5)
     assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)

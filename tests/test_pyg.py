@@ -18,17 +18,25 @@ from torch_geometric.data import Batch, Data  # noqa: E402
 from torch_geometric.nn import GCNConv, SAGEConv  # noqa: E402
 
 from setperm.pyg import PermutationAggregation  # noqa: E402
-from setperm import PermutationSetEncoder  # noqa: E402
+from setperm import PermutationOptimization, PermutationSetEncoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL64 = dict(rtol=1e-9, atol=1e-10)
 
 
-def _aggr(in_channels=5, out_channels=7, **kw):
-    torch.manual_seed(0)
+def _po(in_channels=5, permutation="po-u", **kw):
+    """The aggregation's PO (None for the LSTM-only ablation)."""
+    if permutation is None:
+        return None
     kw.setdefault("cost_hidden", 8)
     kw.setdefault("steps", 3)
-    return PermutationAggregation(in_channels, out_channels, **kw).double()
+    return PermutationOptimization(in_channels, permutation=permutation, **kw)
+
+
+def _aggr(in_channels=5, out_channels=7, permutation="po-u", straight_through=False, **kw):
+    torch.manual_seed(0)
+    return PermutationAggregation(in_channels, out_channels, _po(in_channels, permutation, **kw),
+                                  straight_through=straight_through).double()
 
 
 def _sparse_sets(sizes, features=5, seed=1):
@@ -40,7 +48,7 @@ def _sparse_sets(sizes, features=5, seed=1):
 
 def test_equals_dense_encoder_on_the_same_sets():
     aggr = _aggr()
-    dense = PermutationSetEncoder(5, 7, cost_hidden=8, steps=3).double()
+    dense = PermutationSetEncoder(5, 7, _po()).double()
     dense.load_state_dict(aggr.encoder.state_dict())
     sizes = [4, 1, 6, 3]
     x, index = _sparse_sets(sizes)
@@ -74,8 +82,8 @@ def test_output_of_a_graph_is_invariant_to_the_order_of_its_nodes(permutation, s
 
 
 def test_lstm_only_ablation_does_depend_on_node_order():
-    # the invariance test above can fail: the "none" ablation reads the given order
-    aggr = _aggr(permutation="none")
+    # the invariance test above can fail: the LSTM-only ablation (po=None) reads the given order
+    aggr = _aggr(permutation=None)
     x, index = _sparse_sets([6])
     assert not torch.allclose(aggr(x.flip(0), index), aggr(x, index))
 
@@ -129,7 +137,7 @@ class _ReadoutGNN(torch.nn.Module):
     def __init__(self, features=4, hidden=16):
         super().__init__()
         self.conv = GCNConv(features, hidden)
-        self.readout = PermutationAggregation(hidden, hidden, cost_hidden=8, steps=2)
+        self.readout = PermutationAggregation(hidden, hidden, PermutationOptimization(hidden, cost_hidden=8, steps=2))
         self.head = torch.nn.Linear(hidden, 2)
 
     def forward(self, batch):
@@ -161,7 +169,8 @@ def test_readout_of_a_small_gnn_on_a_real_batch():
 
 def test_as_the_aggr_of_a_message_passing_layer_invariant_to_neighbour_order():
     torch.manual_seed(0)
-    conv = SAGEConv(4, 6, aggr=PermutationAggregation(4, 4, cost_hidden=8, steps=2)).double()
+    po = PermutationOptimization(4, cost_hidden=8, steps=2)
+    conv = SAGEConv(4, 6, aggr=PermutationAggregation(4, 4, po)).double()
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
     # node 5 has no incoming edge: its neighbourhood aggregates to zeros
@@ -185,7 +194,7 @@ def test_reset_parameters_reinitialises_in_place():
     aggr.reset_parameters()
     assert all(p is q for p, q in zip(aggr.parameters(), params))     # optimisers keep working
     torch.manual_seed(0)
-    fresh = PermutationSetEncoder(5, 7, cost_hidden=8, steps=3, dtype=torch.float64)
+    fresh = PermutationSetEncoder(5, 7, _po(dtype=torch.float64), dtype=torch.float64)
     for p, q in zip(aggr.encoder.parameters(), fresh.parameters()):
         assert_close(p, q, rtol=0, atol=0)
     assert_close(aggr.eta, torch.tensor(1.0, dtype=torch.float64))
@@ -196,11 +205,15 @@ def test_argument_checks_and_repr():
         PermutationAggregation(0, 4)
     with pytest.raises(ValueError, match="out_channels"):
         PermutationAggregation(4, 2.5)
-    with pytest.raises(ValueError, match="hidden_size"):
+    with pytest.raises(TypeError):
         PermutationAggregation(4, 4, hidden_size=8)
-    with pytest.raises(ValueError, match="permutation"):
-        PermutationAggregation(4, 4, permutation="sorted")
-    aggr = PermutationAggregation(4, 6, cost_hidden=8, steps=2)
+    with pytest.raises(ValueError, match="po must be"):
+        PermutationAggregation(4, 4, "sorted")
+    with pytest.raises(ValueError, match="po orders 5 features"):
+        PermutationAggregation(4, 4, PermutationOptimization(5))
+    with pytest.raises(TypeError):
+        PermutationAggregation(4, 4, "po-u", True)               # keyword-only after po
+    aggr = PermutationAggregation(4, 6, PermutationOptimization(4, cost_hidden=8, steps=2))
     with pytest.raises(ValueError, match=r"x must have shape \(E, 4\), got \(3, 5\)"):
         aggr(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import PairwiseCost, ordering_cost
+from setperm import PairwiseCost
+from setperm.functional import pairwise_cost
 from setperm.assign import linear_assignment_logits
 from setperm.cost import normalize_cost
 from setperm.scale import set_scale
@@ -61,7 +62,7 @@ def test_unnormalised_cost_is_scaled_back():
     torch.manual_seed(4)
     m = PairwiseCost(2, 8, normalize=False).double()
     x = torch.randn(1, 4, 2, dtype=torch.float64) * 1e3
-    C = ordering_cost(x, m.first.weight, m.first.bias, [], m.last.weight, normalize=False)
+    C = pairwise_cost(x, m.first.weight, m.first.bias, [], m.last.weight, normalize=False)
     g = m.pair_scores(x.unsqueeze(2).expand(1, 4, 4, 2), x.unsqueeze(1).expand(1, 4, 4, 2)).movedim(-1, 1)
     assert_close(C, g - g.transpose(-1, -2), rtol=1e-12, atol=1e-9)
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import sinkhorn, sinkhorn_scaling_in_range
+from setperm.functional import sinkhorn
+from setperm.sinkhorn import sinkhorn_scaling_in_range
 
 
 def random_mask(B, N, g, min_real=0):

@@ -12,7 +12,7 @@ For a trained run on the synthetic dataset (``synth.py``) and every val question
   (``exists`` / ``count`` with answer no / 0) are left out of it. ``chance`` is the share of the image's
   boxes that are of the asked class: the mass of attention spread uniformly over the boxes.
 * **order of P** (BAN + PO only; each glimpse's box set has its own P, appendix F.4): the hard order of
-  ``setperm.hungarian(P)``, its Spearman rank correlation with the boxes' x-centres and areas (the
+  ``setperm.functional.hungarian(P)``, its Spearman rank correlation with the boxes' x-centres and areas (the
   geometry that "leftmost ..." / "largest ..." compare) over all real boxes and over the asked class's
   boxes only; sets with fewer than 3 boxes are skipped. Both signs are a valid order (right-to-left
   reads as well as left-to-right), so the mean of ``|rho|`` is reported next to the signed mean.
@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from integrations.common.stats import fmt_mean_std
-from setperm import hungarian, permutation_entropy
+from setperm.functional import hungarian, permutation_entropy
 
 __all__ = ["attention_mass", "hard_positions", "set_rank_correlation", "relative_entropy", "diagnose_run",
            "diagnose_sweep", "run_markdown", "sweep_markdown", "add_diagnose_arguments", "cmd_diagnose"]
@@ -178,11 +178,11 @@ class _RelevanceRecorder:
 
 
 class _PermutationRecorder:
-    """Forward hook on the set encoder's permutation optimiser: keeps the last P it produced."""
+    """Forward hook on the set encoder's permutation module (PO): keeps the last P it produced."""
 
     def __init__(self, model):
         encoder = getattr(model, "set_encoder", None)
-        self.module = getattr(encoder, "optimizer", None)
+        self.module = getattr(encoder, "po", None)
         self.P: Optional[Tensor] = None
         self._handle = self.module.register_forward_hook(self._record) if self.module is not None else None
 
@@ -288,9 +288,10 @@ def _json_safe(obj):
 
 def _eta(run_dir: Path, model) -> dict:
     """eta in the checkpoint and its per-epoch history in ``summary.json`` (absent for runs without one)."""
-    from setperm.monitor import find_step_sizes
+    from setperm import PermutationMonitor
 
-    final = {f"eta/{name}": float(v) for name, v in find_step_sizes(model).items()}
+    with PermutationMonitor(model) as monitor:
+        final = {f"eta/{name}": eta for name, eta in monitor.step_sizes().items()}
     summary = run_dir / "summary.json"
     history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
     keys = sorted({k for h in history for k in h if k.startswith("eta/")})

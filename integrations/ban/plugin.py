@@ -10,7 +10,7 @@ BAN's hidden state right after the counter term of glimpse g.
 Differences from the authors' released perm-optim code (github Cyanogenoid/perm-optim):
 padded boxes (logit -inf) are masked out of the cost, Sinkhorn and LSTM instead of producing NaN,
 so the patched model keeps BAN's padding invariance; the eight sets are encoded in one batched call
-(the attention logits exist before the loop) instead of eight calls; ``permutation="none"`` is the
+(the attention logits exist before the loop) instead of eight calls; the permutation ``"none"`` is the
 paper's "BAN + LSTM" baseline (same encoder without the permutation), ``"po-la"`` the same encoder
 with the linear-assignment start (needs ``num_positions`` >= the number of boxes).
 
@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from setperm import PermutationSetEncoder
+from setperm import PermutationOptimization, PermutationSetEncoder
 
 from .counting import freeze_unused_functions
 from .model import FCNet, ban_attend, ban_fuse, check_ban_inputs, padding_mask
@@ -40,7 +40,7 @@ from .model import FCNet, ban_attend, ban_fuse, check_ban_inputs, padding_mask
 __all__ = ["PatchedBan", "patch_ban", "glimpse_sets", "normalized_boxes", "PERMUTATIONS", "ORDER_BY"]
 
 # "po-u" / "po-la": BAN + PO (F.4); "none": BAN + LSTM (the encoder without a permutation, as
-# setperm's permutation="none"); "off": the plain BAN (patch_ban returns the model unchanged).
+# setperm's po=None); "off": the plain BAN (patch_ban returns the model unchanged).
 PERMUTATIONS = ("po-u", "po-la", "none", "off")
 # what the permutation is optimised on: "all" the 13-vector (F.4), "geometry" the box coordinates only
 ORDER_BY = ("all", "geometry")
@@ -90,6 +90,10 @@ def glimpse_sets(b: Tensor, logits: Tensor, features: Tensor, mask: Tensor,
     return x.reshape(B * G, K, -1), relevance.reshape(B * G, K), real.reshape(B * G, K)
 
 
+# PatchedBan's keyword arguments that are the encoder's own; the others build its PO
+_ENCODER_OWN = ("straight_through", "check_finite")
+
+
 class PatchedBan(nn.Module):
     """A BAN (official or ``model.BanModel``) with a shared permutation-set encoder at its glimpses.
 
@@ -112,7 +116,7 @@ class PatchedBan(nn.Module):
 
     def __init__(self, ban: nn.Module, permutation: str = "po-u", *, v_dim: Optional[int] = None,
                  num_hid: Optional[int] = None, proj_features: int = 8, hidden_size: int = 128,
-                 cost_hidden: int = 128, steps: Optional[int] = None, order_by: str = "all", device=None, dtype=None,
+                 cost_hidden: int = 128, steps: int = 3, order_by: str = "all", device=None, dtype=None,
                  **encoder_kwargs):
         super().__init__()
         if permutation not in ("po-u", "po-la", "none"):
@@ -133,10 +137,17 @@ class PatchedBan(nn.Module):
         self.ban = ban
         # the counter's unused f[8:] would stall DistributedDataParallel (official models included)
         freeze_unused_functions(ban.counter)
-        self.set_encoder = PermutationSetEncoder(
-            4 + 1 + proj_features, hidden_size=hidden_size, cost_hidden=cost_hidden, steps=steps,
-            permutation=permutation, order_features=4 if order_by == "geometry" else None, **encoder_kwargs,
-            **factory_kwargs)
+        in_features = 4 + 1 + proj_features
+        order_features = 4 if order_by == "geometry" else None
+        own = {k: encoder_kwargs.pop(k) for k in _ENCODER_OWN if k in encoder_kwargs}
+        po = None
+        if permutation != "none":
+            # check_finite=False: the encoder checks its input itself, once
+            po = PermutationOptimization(order_features or in_features, cost_hidden=cost_hidden, steps=steps,
+                                         permutation=permutation, check_finite=False, **encoder_kwargs,
+                                         **factory_kwargs)
+        self.set_encoder = PermutationSetEncoder(in_features, hidden_size, po, order_features=order_features, **own,
+                                                 **factory_kwargs)
         # F.4: projecting the 2048-d features to 8 dims was needed "to not inhibit learning of the
         # rest of the model"; Xavier weights and zero bias as in the released code
         self.box_proj = nn.Linear(v_dim, proj_features, **factory_kwargs)
@@ -199,12 +210,13 @@ def patch_ban(model: nn.Module, permutation: str = "po-u", **encoder_kwargs) -> 
         model: a BAN from the official ``base_model.build_ban`` or from ``model.build_ban``.
         permutation: ``"po-u"`` (BAN + PO-U, the paper's model), ``"po-la"`` (BAN + PO-LA, needs
             ``num_positions``), ``"none"`` (BAN + LSTM: the same encoder without a permutation, as
-            setperm's ``permutation="none"``) or ``"off"`` (``model`` itself is returned, unchanged).
+            setperm's ``po=None``) or ``"off"`` (``model`` itself is returned, unchanged).
         **encoder_kwargs: ``order_by`` ("all"; "geometry": the cost sees the box coordinates only),
-            ``hidden_size`` (128), ``cost_hidden`` (128), ``steps`` (3),
+            ``hidden_size`` (128), ``cost_hidden`` (128), ``steps`` (3, F.4),
             ``proj_features`` (8), ``v_dim`` / ``num_hid`` (read from the model), ``device`` /
-            ``dtype`` (those of the model), and any other ``PermutationSetEncoder`` argument
-            (``sinkhorn_iters``, ``eta_init``, ``check_finite``, ``num_positions``, ...).
+            ``dtype`` (those of the model), ``straight_through`` / ``check_finite`` (the
+            ``PermutationSetEncoder``'s) and any other ``PermutationOptimization`` argument
+            (``sinkhorn_iters``, ``eta_init``, ``num_positions``, ``kernel``, ...).
 
     Returns:
         ``model`` for ``"off"``, else a ``PatchedBan`` holding ``model`` as ``.ban``.

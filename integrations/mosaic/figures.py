@@ -26,8 +26,8 @@ def reconstruction_rows(mosaic, data: MosaicData, n: int, k: int = 8):
     steps = mosaic.permutation(shuffled, return_steps=True)
     steps = steps if isinstance(steps, (list, tuple)) else [steps]
     rows = [("input", shuffled)]
-    rows += [(f"t={t}", setperm.apply_permutation(shuffled, P)) for t, P in enumerate(steps)]
-    rows.append(("Hungarian", gather_positions(shuffled, setperm.hungarian(steps[-1]))))
+    rows += [(f"t={t}", setperm.functional.apply_permutation(shuffled, P)) for t, P in enumerate(steps)]
+    rows.append(("Hungarian", gather_positions(shuffled, setperm.functional.hungarian(steps[-1]))))
     rows.append(("target", target))
     return [(name, data.denormalise(assemble(t, n))) for name, t in rows]
 

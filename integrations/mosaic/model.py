@@ -1,7 +1,7 @@
 """Mosaic models (paper section 4.2, appendix F.2 and figure 10) on top of ``setperm``.
 
 Per tile: 5x5 convolution (padding 2, stride 1), 2x2 max pool, ReLU, flattened (as Mena et al. 2018).
-The tile features go into a lattice ``setperm.PermutationOptimizer`` (section 2.4, ``grid=(n, n)``,
+The tile features go into a lattice ``setperm.PermutationOptimization`` (section 2.4, ``grid=(n, n)``,
 two cost channels: row-wise and column-wise), and the soft permutation is applied to the *raw* tiles.
 
 Variants (paper Table 1): ``linassign`` (Mena et al.: per-tile linear map to the N positions, Sinkhorn;
@@ -53,20 +53,24 @@ class MosaicNet(nn.Module):
         self.n, self.variant = n, permutation
         self.encoder = TileEncoder(in_channels, tile_size, conv_channels)
         N = n * n
-        self.optimizer = setperm.PermutationOptimizer(
-            self.encoder.out_features, cost_hidden=cost_hidden, steps=None if permutation == "linassign" else steps,
-            permutation=permutation, num_positions=None if permutation == "po-u" else N, grid=(n, n),
-            sinkhorn_iters=sinkhorn_iters, temperature=temperature, logit_clip=logit_clip, kernel=kernel)
+        if permutation == "linassign":
+            self.po = setperm.LinAssign(self.encoder.out_features, N, sinkhorn_iters=sinkhorn_iters,
+                                        temperature=temperature, logit_clip=logit_clip, grid=(n, n))
+        else:
+            self.po = setperm.PermutationOptimization(
+                self.encoder.out_features, cost_hidden=cost_hidden, steps=steps, permutation=permutation,
+                num_positions=None if permutation == "po-u" else N, sinkhorn_iters=sinkhorn_iters,
+                temperature=temperature, logit_clip=logit_clip, grid=(n, n), kernel=kernel)
 
     def permutation(self, shuffled: torch.Tensor, return_steps: bool = False):
         """P (B, N, N), or the list of the T+1 soft permutations S(P~(0)), ..., S(P~(T)) for figures."""
         if shuffled.dim() != 5 or shuffled.shape[1] != self.n * self.n:
             raise ValueError(f"shuffled: expected (B, {self.n * self.n}, C, h, w), got shape {tuple(shuffled.shape)}")
-        return self.optimizer(self.encoder(shuffled), return_steps=return_steps)
+        return self.po(self.encoder(shuffled), return_steps=return_steps)
 
     def forward(self, shuffled: torch.Tensor):
         P = self.permutation(shuffled)
-        return setperm.apply_permutation(shuffled, P), P
+        return setperm.functional.apply_permutation(shuffled, P), P
 
 
 class ClassifyNet(nn.Module):

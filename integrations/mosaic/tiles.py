@@ -90,5 +90,5 @@ def target_index(perm: torch.Tensor) -> torch.Tensor:
 
 
 def gather_positions(shuffled: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Hard reconstruction: out[b, k] = shuffled[b, idx[b, k]] (idx as returned by ``setperm.hungarian``)."""
+    """Hard reconstruction: out[b, k] = shuffled[b, idx[b, k]] (idx as returned by ``setperm.functional.hungarian``)."""
     return shuffle_tiles(shuffled, idx)

@@ -164,9 +164,9 @@ def _test_batches(cfg, data: MosaicData, device, batch_size: int):
 def _reconstruction_metrics(sums: _Sums, mosaic: MosaicNet, shuffled, target, perm):
     """Table 1 / 4 metrics of one batch; returns (soft, hard) reconstructions."""
     P = mosaic.permutation(shuffled)
-    soft = setperm.apply_permutation(shuffled, P)
+    soft = setperm.functional.apply_permutation(shuffled, P)
     sums.add("mse_soft", (soft - target).pow(2).flatten(1).mean(1))
-    idx = setperm.hungarian(P).to(shuffled.device)
+    idx = setperm.functional.hungarian(P).to(shuffled.device)
     hard = gather_positions(shuffled, idx)
     sums.add("mse", (hard - target).pow(2).flatten(1).mean(1))
     sums.add("acc_perm", (idx == target_index(perm)).all(1))
@@ -222,8 +222,8 @@ def evaluate(cfg, model, data: MosaicData, device, batch_size: int = 250) -> dic
 
 def _eta(model) -> Optional[float]:
     m = model.mosaic if isinstance(model, ClassifyNet) else model
-    if isinstance(m, MosaicNet) and getattr(m.optimizer, "eta", None) is not None:
-        return float(m.optimizer.eta)
+    if isinstance(m, MosaicNet) and getattr(m.po, "eta", None) is not None:
+        return float(m.po.eta)
     return None
 
 
@@ -237,8 +237,8 @@ def log_samples(writer, cfg, model, data: MosaicData, device, step: int, k: int 
     shuffled, target, _ = batch_tiles(x, cfg.tiles, _gen(EVAL_SEED, cfg.tiles))
     mosaic = model.mosaic if cfg.task == "classify" else model
     P = mosaic.permutation(shuffled)
-    soft = setperm.apply_permutation(shuffled, P)
-    hard = gather_positions(shuffled, setperm.hungarian(P).to(device))
+    soft = setperm.functional.apply_permutation(shuffled, P)
+    hard = gather_positions(shuffled, setperm.functional.hungarian(P).to(device))
     for name, t in (("shuffled", shuffled), ("soft", soft), ("hungarian", hard), ("target", target)):
         writer.add_images(f"samples/{name}", data.denormalise(assemble(t, cfg.tiles).cpu()), step)
 
@@ -323,7 +323,9 @@ class _Trainer:
         for k, v in extra.items():
             writer.add_scalar(f"train/{k}", v, self.step)
         if self.cfg.task != "pretrain":
-            setperm.monitor.log_step_sizes(writer, self.model, self.step)
+            with setperm.PermutationMonitor(self.model) as monitor:
+                for name, eta in monitor.step_sizes().items():
+                    writer.add_scalar(f"eta/{name}", eta, self.step)
 
     def end_epoch(self) -> dict:
         metrics = evaluate(self.cfg, self.model, self.data, self.device)

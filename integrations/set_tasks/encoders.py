@@ -12,10 +12,10 @@ PyG's sparse batch form (``h[mask]`` and the set index of every element); none i
 | gru | ``GRUAggregation(D, W)`` | as lstm |
 | sort | ``SortAggregation(k)`` + ``Linear(k D, W)``-ReLU | sorts by the embedding's last channel, keeps k |
 | attention | ``AttentionalAggregation`` | gate Linear-ReLU-Linear(1), nn Linear-ReLU-Linear |
-| lstm-only | ``PermutationSetEncoder(permutation="none")`` | setperm's LSTM on the given order (packed) |
-| po-u | ``PermutationSetEncoder(permutation="po-u")`` | PO-U + LSTM (paper section 4.4) |
+| lstm-only | ``PermutationSetEncoder(D, W, None)`` | setperm's LSTM on the given order (packed) |
+| po-u | ``PermutationSetEncoder(D, W, PermutationOptimization(D, ...))`` | PO-U + LSTM (paper section 4.4) |
 | po-u-w | po-u with relevance weights | logits from ``Linear(D, 1)``, elements scaled by their sigmoid (F.4) |
-| po-la | ``PermutationSetEncoder(permutation="po-la")`` | PO-LA, ``num_positions`` = the largest training size |
+| po-la | po-u with ``PermutationOptimization(permutation="po-la")`` | PO-LA, ``num_positions`` = the largest training size |
 | po-u-st | po-u with ``straight_through=True`` | the LSTM reads the Hungarian (hard) order, gradients through the soft P |
 | po-la-st | po-la with ``straight_through=True`` | likewise |
 
@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from setperm import PermutationSetEncoder
+from setperm import PermutationOptimization, PermutationSetEncoder
 
 BASELINES = ("deepsets", "set-transformer", "lstm", "gru", "sort", "attention")
 OURS = ("lstm-only", "po-u", "po-u-w", "po-la", "po-u-st", "po-la-st")
@@ -118,9 +118,13 @@ def build_encoder(name: str, dim: int, width: int, cfg: EncoderConfig) -> nn.Mod
             nn=nn.Sequential(nn.Linear(dim, W), nn.ReLU(), nn.Linear(W, W))))
     permutation = {"lstm-only": "none", "po-u": "po-u", "po-u-w": "po-u", "po-la": "po-la", "po-u-st": "po-u",
                    "po-la-st": "po-la"}[name]
-    encoder = PermutationSetEncoder(dim, W, cfg.cost_hidden, cfg.steps, permutation=permutation,
-                                    num_positions=cfg.max_train_size if permutation == "po-la" else None,
-                                    straight_through=name.endswith("-st"))
+    po = None
+    if permutation != "none":
+        # check_finite=False: the encoder checks its input itself, once
+        po = PermutationOptimization(dim, cost_hidden=cfg.cost_hidden, steps=cfg.steps, permutation=permutation,
+                                     num_positions=cfg.max_train_size if permutation == "po-la" else None,
+                                     check_finite=False)
+    encoder = PermutationSetEncoder(dim, W, po, straight_through=name.endswith("-st"))
     return SetpermReadout(encoder, relevance=(name == "po-u-w"))
 
 

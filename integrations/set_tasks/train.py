@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from integrations.common import finite_loss
 from integrations.common.seeding import seeded_generator
-from setperm import hungarian, permutation_entropy
+from setperm.functional import hungarian, permutation_entropy
 
 from .data import ElementPool, SetBatch, element_features, fingerprint, fixed_sets, random_sizes, sample_sets
 from .encoders import INVARIANT, EncoderConfig, count_parameters, max_set_size

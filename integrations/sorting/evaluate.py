@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from setperm import apply_permutation, hungarian
+from setperm.functional import apply_permutation, hungarian
 
 from .data import sample_sets, step_seed
 from .model import accepts_set_size
@@ -30,7 +30,7 @@ def sort_metrics(x: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor]:
     Args:
         x: ``(B, N, 1)`` or ``(B, N)`` numbers.
         idx: ``(B, N)`` long, ``idx[b, k]`` = element placed at position k (a permutation from
-            :func:`setperm.hungarian`, or an argmax per position that may repeat elements).
+            :func:`setperm.functional.hungarian`, or an argmax per position that may repeat elements).
     Returns:
         ``exact`` (B,) bool, the whole set is in sorted order; ``correct`` (B,) float, the fraction of
         positions holding the right number. Values are compared, not indices, so that tied numbers

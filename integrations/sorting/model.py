@@ -5,12 +5,13 @@ from typing import Mapping, Tuple
 
 from torch import Tensor, nn
 
-from setperm import PermutationOptimizer, apply_permutation
+from setperm import LinAssign, PermutationOptimization
+from setperm.functional import apply_permutation
 
 PERMUTATIONS = ("po-u", "linassign")
 
 
-def build_model(config: Mapping) -> PermutationOptimizer:
+def build_model(config: Mapping) -> PermutationOptimization:
     """PO-U or LinAssign from a resolved config (keys as the command-line flags).
 
     PO-U (paper F.1): ``f`` = Linear(2 -> cost_hidden) -> ReLU -> Linear(cost_hidden -> 1), Xavier
@@ -21,12 +22,12 @@ def build_model(config: Mapping) -> PermutationOptimizer:
     and therefore cannot be applied to sets of another size.
     """
     kind = config["permutation"]
-    common = dict(in_features=1, sinkhorn_iters=config["sinkhorn_iters"], temperature=config["temperature"])
+    common = dict(sinkhorn_iters=config["sinkhorn_iters"], temperature=config["temperature"])
     if kind == "po-u":
-        return PermutationOptimizer(cost_hidden=config["cost_hidden"], steps=config["steps"], permutation="po-u",
-                                    eta_init=config["eta_init"], kernel=config.get("kernel", "auto"), **common)
+        return PermutationOptimization(1, cost_hidden=config["cost_hidden"], steps=config["steps"], permutation="po-u",
+                                       eta_init=config["eta_init"], kernel=config.get("kernel", "auto"), **common)
     if kind == "linassign":
-        return PermutationOptimizer(permutation="linassign", num_positions=config["set_size"], **common)
+        return LinAssign(1, config["set_size"], **common)
     raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {kind!r}")
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from integrations.common import (Run, finite_loss, load_latest, open_run, progress, resolve_device, seed_everything,
                                  step_seed)
-from setperm.monitor import find_step_sizes, log_step_sizes
+from setperm import PermutationMonitor
 
 from .data import sample_sets
 from .model import build_model, sort_forward
@@ -100,14 +100,22 @@ def _log_step(writer, model, step: int, loss: float) -> Optional[float]:
     writer.add_scalar("train/loss", loss, step)
     if model.cost is None:                                # LinAssign (T = 0) has no eta
         return None
-    log_step_sizes(writer, model, step, prefix="eta")
-    return float(next(iter(find_step_sizes(model).values())))
+    etas = _step_sizes(model)
+    for name, eta in etas.items():
+        writer.add_scalar(f"eta/{name}", eta, step)
+    return next(iter(etas.values()))
+
+
+def _step_sizes(model) -> dict:
+    """``{module path: eta}`` (the PO itself is ``"permutation"``)."""
+    with PermutationMonitor(model) as monitor:
+        return monitor.step_sizes()
 
 
 def _summary(cfg: Mapping, model, prog: _Progress, step: int, total: int, device) -> dict:
     return dict(permutation=cfg["permutation"], set_size=cfg["set_size"], steps_done=step, total_train_steps=total,
                 final_loss=prog.last_loss,
-                eta={k: float(v) for k, v in find_step_sizes(model).items()} if model.cost is not None else {},
+                eta=_step_sizes(model) if model.cost is not None else {},
                 train_seconds=prog.train_seconds,
                 median_step_seconds=statistics.median(prog.step_times) if prog.step_times else None,
                 torch_threads=torch.get_num_threads(), device=str(device))

@@ -40,7 +40,7 @@ def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
     return y.reshape(x.shape)
 
 
-def hungarian(P: Tensor, mask: Optional[Tensor] = None, return_matrix: bool = False, *,
+def hungarian(P: Tensor, mask: Optional[Tensor] = None, *, return_matrix: bool = False,
               lengths: Optional[Tensor] = None,
               key_padding_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Hard permutation closest to ``P``: ``scipy.optimize.linear_sum_assignment`` on ``-P`` per set.
@@ -109,7 +109,7 @@ def linear_assignment_logits(x: Tensor, weight: Tensor, clip: Optional[float] = 
 
     Computed as ``s * ((x / s) @ W^T)`` with a power of two ``s`` per set (:func:`set_scale`):
     bitwise the plain product for ordinary sets, and for sets with huge elements an overflow gives
-    ``+-inf`` logits (which :func:`setperm.sinkhorn` accepts) instead of NaN from ``inf - inf``.
+    ``+-inf`` logits (which :func:`setperm.functional.sinkhorn` accepts) instead of NaN from ``inf - inf``.
     """
     N = x.shape[1]
     if weight.shape[0] < N:
@@ -125,7 +125,7 @@ def linear_assignment_logits(x: Tensor, weight: Tensor, clip: Optional[float] = 
 class LinearAssignmentLogits(nn.Module):
     """The logits of eq. 6 (right): a per-element linear map to ``num_positions`` position scores,
     ``P~_ik = w_k . x_i`` (Mena et al. 2018). The PO-LA start and the LinAssign baseline are these
-    logits followed by the optimisation / Sinkhorn (:class:`setperm.PermutationOptimizer`).
+    logits followed by the optimisation / Sinkhorn (:class:`setperm.PermutationOptimization`).
 
     Args:
         in_features: element dimension D.

@@ -13,7 +13,7 @@ memory grows as ``N^2 * K`` rather than ``N^2 * hidden``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -124,19 +124,23 @@ def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12)
     return unit / sq.clamp_min(1.0).sqrt()          # not C / (m * ...): that product may overflow
 
 
-def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor], hidden_layers: Sequence[nn.Linear],
-                  last_weight: Tensor, mask: Optional[Tensor] = None, normalize: bool = True,
-                  kernel: str = "auto", *, lengths: Optional[Tensor] = None,
-                  key_padding_mask: Optional[Tensor] = None) -> Tensor:
-    """Functional form of the ordering cost.
+def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
+                  hidden: Sequence[Tuple[Tensor, Optional[Tensor]]], last_weight: Tensor,
+                  mask: Optional[Tensor] = None, *, normalize: bool = True, kernel: str = "auto",
+                  lengths: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Functional form of :class:`PairwiseCost` (as ``F.linear`` is of ``nn.Linear``).
 
     Args:
         x: ``(B, N, D)`` elements (padded elements must already be finite, e.g. zeroed).
-        first_weight: ``(H, 2D)`` weight of f's first layer on ``[x_i; x_j]``; ``first_bias`` ``(H,)``.
-        hidden_layers: further ``Linear`` layers of f (each followed by ReLU) between first and last.
+        first_weight: ``(H, 2D)`` weight of f's first layer on ``[x_i; x_j]``; ``first_bias`` ``(H,)``
+            or None.
+        hidden: ``(weight, bias)`` pairs of f's further layers (each followed by ReLU) between the
+            first and the last, ``weight`` ``(H', H)``, ``bias`` ``(H',)`` or None; empty for the
+            two-layer f of the paper.
         last_weight: ``(K, H_last)``; a last-layer bias would cancel in ``g - g^T`` and is not used.
         mask: ``(B, N)`` bool, True = real element; or ``lengths`` ``(B,)``, or
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
+        normalize: divide by the Frobenius norm per set and channel (eq. 10).
         kernel: ``"auto"`` (per device), ``"chunked"`` or ``"compiled"`` evaluation of a two-layer
             ``f`` (see :func:`setperm.pairwise.pairwise_two_layer`); a deeper ``f`` is always
             evaluated by plain operations (``"compiled"`` is refused for it).
@@ -146,9 +150,10 @@ def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         :func:`set_scale`).
     """
     check_kernel(kernel)
-    if hidden_layers and kernel == "compiled":
+    hidden = list(hidden)
+    if hidden and kernel == "compiled":
         raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width); got "
-                         f"{len(hidden_layers)} further hidden layer(s): use kernel='chunked'")
+                         f"{len(hidden)} further hidden layer(s): use kernel='chunked'")
     mask = resolve_mask(x, mask, lengths, key_padding_mask)
     D = x.shape[-1]
     w_a, w_b = first_weight[:, :D], first_weight[:, D:]
@@ -158,14 +163,14 @@ def ordering_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     c = xs @ w_b.t()                                  # W_b x_j, once per element
     if first_bias is not None:
         a = a + first_bias / scale
-    if not hidden_layers:
+    if not hidden:
         g = pairwise_two_layer(a, c, last_weight, kernel)                          # (B, N, N, K)
     else:
         h = torch.relu(a.unsqueeze(2) + c.unsqueeze(1))
         scale4 = scale.unsqueeze(-1)                                               # (B, 1, 1, 1)
-        for layer in hidden_layers:
-            pre = h @ layer.weight.t()
-            h = torch.relu(pre + layer.bias / scale4 if layer.bias is not None else pre)
+        for weight, bias in hidden:
+            pre = h @ weight.t()
+            h = torch.relu(pre + bias / scale4 if bias is not None else pre)
         g = h @ last_weight.t()
     g = g.movedim(-1, 1)                              # (B, K, N, N): g / s
     C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
@@ -193,13 +198,16 @@ class PairwiseCost(nn.Module):
             ``benchmarks/README.md``.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
+    All arguments after ``hidden`` are keyword-only. Functional form:
+    :func:`setperm.functional.pairwise_cost` (on this module's weight and bias tensors).
+
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, *, lengths (B,) | None,
     key_padding_mask (B, N) | None) -> C (B, K, N, N)``. Padded elements may hold anything
     (they are replaced by zeros before any arithmetic).
     """
 
-    def __init__(self, in_features: int, hidden: Union[int, Sequence[int]] = 128, channels: int = 1,
-                 normalize: bool = True, kernel: str = "auto", *, device=None, dtype=None):
+    def __init__(self, in_features: int, hidden: Union[int, Sequence[int]], *, channels: int = 1,
+                 normalize: bool = True, kernel: str = "auto", device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         check_kernel(kernel)
@@ -242,8 +250,9 @@ class PairwiseCost(nn.Module):
         check_set(x, features=self.in_features)
         check_dtype(x, self.first.weight.dtype)
         mask = resolve_mask(x, mask, lengths, key_padding_mask)
-        return ordering_cost(zero_padding(x, mask), self.first.weight, self.first.bias, list(self.hidden),
-                             self.last.weight, mask=mask, normalize=self.normalize, kernel=self.kernel)
+        return pairwise_cost(zero_padding(x, mask), self.first.weight, self.first.bias,
+                             [(layer.weight, layer.bias) for layer in self.hidden], self.last.weight, mask,
+                             normalize=self.normalize, kernel=self.kernel)
 
     def extra_repr(self) -> str:
         hidden = self.hidden_sizes[0] if len(self.hidden_sizes) == 1 else self.hidden_sizes

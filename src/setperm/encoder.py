@@ -1,9 +1,9 @@
-"""Modules: the permutation optimiser (PO-U, PO-LA, LinAssign, lattice) and the set encoder.
+"""Modules: the Permutation-Optimisation module (PO-U, PO-LA, lattice), LinAssign and the set encoder.
 
-The modules hold parameters and call the functional core (cost, optimize, sinkhorn, assign).
-One vocabulary names the variants everywhere (``permutation=``): ``"po-u"`` (uniform start,
-paper eq. 6 left), ``"po-la"`` (linear-assignment start, eq. 6 right), ``"linassign"`` (the
-baseline of Mena et al. 2018: PO-LA with T = 0 steps) and, for the encoder only, ``"none"``.
+The modules hold parameters and call the functional core (:mod:`setperm.functional`). The
+variants of PO are named by ``permutation=``: ``"po-u"`` (uniform start, paper eq. 6 left) and
+``"po-la"`` (linear-assignment start, eq. 6 right); the baseline of Mena et al. 2018 (PO-LA with
+T = 0 steps) is its own module, :class:`LinAssign`.
 """
 from __future__ import annotations
 
@@ -19,29 +19,23 @@ from .init import uninitialized, xavier_lstm_
 from .masking import (check_check_finite, check_dtype, check_set, check_weights, host_decisions, module_dtype,
                       resolve_check_finite, resolve_mask, zero_padding)
 from .masking import check_finite as _check_finite
-from .optimize import optimize_permutation
+from .optimize import DEFAULT_STEPS, optimize_permutation
 from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
 
-PERMUTATIONS = ("po-u", "po-la", "linassign")
-ENCODER_PERMUTATIONS = PERMUTATIONS + ("none",)
+PERMUTATIONS = ("po-u", "po-la")
 
 
-def _check_permutation(permutation: str, allowed: Tuple[str, ...]) -> str:
-    if not isinstance(permutation, str) or permutation not in allowed:
-        raise ValueError(f"permutation must be one of {allowed}, got {permutation!r}")
+def _check_permutation(permutation: str) -> str:
+    if not isinstance(permutation, str) or permutation not in PERMUTATIONS:
+        raise ValueError(f"permutation must be one of {PERMUTATIONS} (LinAssign is its own module), "
+                         f"got {permutation!r}")
     return permutation
 
 
-def _resolve_steps(steps: Optional[int], permutation: str, default: int) -> int:
-    """``steps=None`` -> the variant's default (``default`` inner steps, 0 for LinAssign)."""
-    if steps is None:
-        return 0 if permutation == "linassign" else default
+def _check_steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0 or None (the variant's default), got {steps!r}")
-    if permutation == "linassign" and steps > 0:
-        raise ValueError(f"permutation='linassign' is PO-LA with T = 0 inner steps, got steps={steps}; "
-                         "use permutation='po-la' for inner steps")
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     return steps
 
 
@@ -49,28 +43,25 @@ def _repr(pairs) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in pairs)
 
 
-class PermutationOptimizer(nn.Module):
-    """Permutation-Optimisation module (paper section 2, algorithm 1).
+class PermutationOptimization(nn.Module):
+    """Permutation-Optimisation module, PO (paper section 2, algorithm 1).
 
     Args:
         in_features: element dimension D.
         cost_hidden: hidden width(s) of the pairwise MLP f (paper F: 16 for sorting, 64/128 for
             mosaics, 128 for VQA).
-        steps: number T of unrolled inner gradient steps (6 sorting, 4 mosaics, 3 VQA). None (the
-            default) means 6 for ``"po-u"`` / ``"po-la"`` and 0 for ``"linassign"``; an explicit
-            ``steps > 0`` with ``"linassign"`` is an error.
-        permutation: ``"po-u"`` (P~(0) = 0, uniform P), ``"po-la"`` (P~(0)_ik = w_k . x_i, eq. 6) or
-            ``"linassign"`` (the LinAssign baseline of Mena et al. 2018: the same linear logits,
-            Sinkhorn-normalised, no pairwise cost, no eta).
-        num_positions: number of position vectors of ``"po-la"`` / ``"linassign"`` (sets may have
-            N <= it; default with a grid: R * Cols). Not used by ``"po-u"``.
-        grid: ``(R, Cols)`` to permute into a lattice (section 2.4) instead of a sequence;
-            positions are row-major and ``N`` must equal ``R * Cols``.
+        steps: number T of unrolled inner gradient steps (default 4 as the paper's mosaics; it
+            uses 6 for sorting and 3 for VQA). ``steps=0`` with ``"po-la"`` is :class:`LinAssign`.
+        permutation: ``"po-u"`` (P~(0) = 0, uniform P) or ``"po-la"`` (P~(0)_ik = w_k . x_i, eq. 6).
+        num_positions: number of position vectors of ``"po-la"`` (sets may have N <= it; default
+            with a grid: R * Cols). Not used by ``"po-u"``.
         sinkhorn_iters: Sinkhorn rounds L per normalisation (appendix B: 4).
         temperature: Sinkhorn temperature (paper: 1).
         eta_init: initial step size eta (appendix F: 1.0). eta is learned and used as |eta|.
-        cost_channels: cost matrices K (default 2 with a grid, else 1).
         logit_clip: clip linear-assignment logits to ``[-clip, clip]`` (paper F.3 uses 10).
+        grid: ``(R, Cols)`` to permute into a lattice (section 2.4) instead of a sequence;
+            positions are row-major and ``N`` must equal ``R * Cols``.
+        cost_channels: cost matrices K (default 2 with a grid, else 1).
         check_finite: raise on NaN/Inf in real elements (one reduction + host sync per call).
             None (default): on the CPU only, where the synchronisation costs nothing; on CUDA the
             check would stall the launch queue on every call, so there it runs only when True.
@@ -81,6 +72,10 @@ class PermutationOptimizer(nn.Module):
             ``benchmarks/README.md``.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
+    All arguments after ``in_features`` are keyword-only. Functional form:
+    :func:`setperm.functional.optimize_permutation` (on a cost from
+    :func:`setperm.functional.pairwise_cost`).
+
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, return_steps=False, *,
     key_padding_mask (B, N) | None) -> P (B, N, N)``, ``P[b, i, k]`` = weight of element i at
     position k. ``mask`` is True at real elements, ``key_padding_mask`` True at padding (as in
@@ -90,18 +85,18 @@ class PermutationOptimizer(nn.Module):
     ``torch.autocast``). B = 0 or N = 0 give an empty ``P``.
     """
 
-    def __init__(self, in_features: int, cost_hidden: Union[int, Sequence[int]] = 16, steps: Optional[int] = None,
-                 permutation: str = "po-u", num_positions: Optional[int] = None,
-                 grid: Optional[Tuple[int, int]] = None, sinkhorn_iters: int = 4, temperature: float = 1.0,
-                 eta_init: float = 1.0, cost_channels: Optional[int] = None, logit_clip: Optional[float] = None,
-                 check_finite: Optional[bool] = None, kernel: str = "auto", *, device=None, dtype=None):
+    def __init__(self, in_features: int, *, cost_hidden: Union[int, Sequence[int]] = 16, steps: int = DEFAULT_STEPS,
+                 permutation: str = "po-u", num_positions: Optional[int] = None, sinkhorn_iters: int = 4,
+                 temperature: float = 1.0, eta_init: float = 1.0, logit_clip: Optional[float] = None,
+                 grid: Optional[Tuple[int, int]] = None, cost_channels: Optional[int] = None,
+                 check_finite: Optional[bool] = None, kernel: str = "auto", device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         check_check_finite(check_finite)
-        self.permutation = _check_permutation(permutation, PERMUTATIONS)
-        steps = _resolve_steps(steps, permutation, default=6)
+        self.permutation = _check_permutation(permutation)
+        steps = _check_steps(steps)
         if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 0:
             raise ValueError(f"sinkhorn_iters must be an int >= 0, got {sinkhorn_iters!r}")
         if not temperature > 0:
@@ -111,7 +106,7 @@ class PermutationOptimizer(nn.Module):
             if len(grid) != 2 or int(grid[0]) < 1 or int(grid[1]) < 1:
                 raise ValueError(f"grid must be (rows, cols) of positive ints, got {grid!r}")
             grid = (int(grid[0]), int(grid[1]))
-        linear = permutation in ("po-la", "linassign")
+        linear = permutation == "po-la"
         if linear:
             if num_positions is None and grid is not None:
                 num_positions = grid[0] * grid[1]
@@ -135,7 +130,7 @@ class PermutationOptimizer(nn.Module):
         self.check_finite = check_finite
         self._kernel = kernel
         # The pairwise cost is only needed when there are inner steps (LinAssign has none).
-        self.cost = (PairwiseCost(in_features, cost_hidden, cost_channels, kernel=kernel, **factory_kwargs)
+        self.cost = (PairwiseCost(in_features, cost_hidden, channels=cost_channels, kernel=kernel, **factory_kwargs)
                      if steps > 0 else None)
         self.linear = (LinearAssignmentLogits(in_features, num_positions, clip=logit_clip, **factory_kwargs)
                        if linear else None)
@@ -203,25 +198,27 @@ class PermutationOptimizer(nn.Module):
         return _repr(pairs)
 
 
-class LinAssign(PermutationOptimizer):
+class LinAssign(PermutationOptimization):
     """The LinAssign baseline (Mena et al. 2018 as described in the paper): a per-element linear
-    map to positions, Sinkhorn-normalised; ``PermutationOptimizer(permutation="linassign")``
-    (PO-LA with T = 0). Shapes as :class:`PermutationOptimizer`."""
+    map to positions, Sinkhorn-normalised, with no pairwise cost and no eta; PO-LA with T = 0
+    inner steps (``permutation`` reads ``"linassign"``, ``steps`` 0).
 
-    def __init__(self, in_features: int, num_positions: int, sinkhorn_iters: int = 4, temperature: float = 1.0,
+    Args:
+        in_features: element dimension D.
+        num_positions: number of position vectors (sets may have N <= it).
+        sinkhorn_iters, temperature, logit_clip, grid, check_finite, device, dtype: as in
+            :class:`PermutationOptimization` (keyword-only).
+
+    Shapes as :class:`PermutationOptimization`.
+    """
+
+    def __init__(self, in_features: int, num_positions: int, *, sinkhorn_iters: int = 4, temperature: float = 1.0,
                  logit_clip: Optional[float] = None, grid: Optional[Tuple[int, int]] = None,
-                 check_finite: Optional[bool] = None, *, device=None, dtype=None):
-        super().__init__(in_features, permutation="linassign", num_positions=num_positions, grid=grid,
-                         sinkhorn_iters=sinkhorn_iters, temperature=temperature, logit_clip=logit_clip,
+                 check_finite: Optional[bool] = None, device=None, dtype=None):
+        super().__init__(in_features, steps=0, permutation="po-la", num_positions=num_positions,
+                         sinkhorn_iters=sinkhorn_iters, temperature=temperature, logit_clip=logit_clip, grid=grid,
                          check_finite=check_finite, device=device, dtype=dtype)
-
-
-def _rename_permute_keys(module, state_dict, prefix, *args) -> None:
-    """Checkpoints written before the optimiser submodule was renamed (``permute.*``) load as
-    ``optimizer.*``."""
-    old = prefix + "permute."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "optimizer." + key[len(old):]] = state_dict.pop(key)
+        self.permutation = "linassign"
 
 
 def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: str = "auto",
@@ -280,28 +277,33 @@ class PermutationSetEncoder(nn.Module):
     Args:
         in_features: element dimension D.
         hidden_size: LSTM units (the output size).
-        cost_hidden: hidden width of the pairwise MLP f.
-        steps: inner optimisation steps T; None (the default) means 3 (F.4) for ``"po-u"`` /
-            ``"po-la"`` and 0 for ``"linassign"``.
-        permutation: ``"po-u"`` (default), ``"po-la"``, ``"linassign"`` (both need
-            ``num_positions``) or ``"none"``: no permutation, the paper's "BAN + LSTM" baseline
-            (elements read in input order, which is not permutation invariant).
-        sinkhorn_iters, temperature, eta_init, num_positions, logit_clip, check_finite, kernel: as
-            in :class:`PermutationOptimizer` (unused with ``"none"``, except ``check_finite``).
+        po: the permutation module, ready built with the settings wanted (as PyG's
+            ``DeepSetsAggregation`` takes its modules): a :class:`PermutationOptimization` or a
+            :class:`LinAssign` on ``in_features`` (or ``order_features``) features, e.g.
+            ``PermutationOptimization(13, cost_hidden=128, steps=3)`` for the paper's VQA setting
+            (F.4); ``"po-u"`` (default), a ``PermutationOptimization`` with its defaults; or None:
+            no permutation, the paper's "BAN + LSTM" baseline (elements read in input order,
+            which is not permutation invariant). The encoder checks its input once itself; a
+            ready module checks it again unless built with ``check_finite=False`` (as the one
+            built for ``"po-u"`` is).
         straight_through: if True (default False, the paper's configuration), the LSTM reads the
             set in the hard order of the Hungarian algorithm applied to ``P`` (every position holds
             exactly one element) while gradients flow through the soft ``P``: it reads
             ``apply_permutation(x, P_hard + P - P.detach())``, the straight-through estimator. A
             soft ``P`` mixes several elements into each position of the sequence; the hard order
             keeps element identity, which counts and histograms over the set need. Not with
-            ``"none"``. The Hungarian step runs on the CPU (O(n^3) per set).
+            ``po=None``. The Hungarian step runs on the CPU (O(n^3) per set).
         order_features: if given (default None: the ordering cost sees ``x``), the permutation is
             optimised on separate per-element features ``order_by`` (B, N, order_features) passed
             to ``forward``, while the LSTM still reads ``x``: a sort key next to the payload, e.g.
-            box coordinates for a spatial order. Not with ``"none"`` (no permutation to optimise).
-        device, dtype: where and in which dtype to create the parameters.
+            box coordinates for a spatial order. Not with ``po=None`` (no permutation to optimise).
+        check_finite: as in :class:`PermutationOptimization`, for ``x``, ``weights`` and ``order_by``.
+        device, dtype: where and in which dtype to create the LSTM (and the module for ``"po-u"``);
+            a ready ``po`` stays where it was built.
 
-    Submodules: ``optimizer`` (the :class:`PermutationOptimizer`, None for ``"none"``), ``lstm``.
+    All arguments after ``po`` are keyword-only.
+
+    Submodules: ``po`` (the permutation module, None for ``po=None``), ``lstm``.
 
     Shapes:
         ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, weights (B, N) | None,
@@ -321,55 +323,54 @@ class PermutationSetEncoder(nn.Module):
         ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
     """
 
-    def __init__(self, in_features: int, hidden_size: int = 128, cost_hidden: Union[int, Sequence[int]] = 128,
-                 steps: Optional[int] = None, permutation: str = "po-u", sinkhorn_iters: int = 4,
-                 temperature: float = 1.0, eta_init: float = 1.0, num_positions: Optional[int] = None,
-                 check_finite: Optional[bool] = None, kernel: str = "auto", logit_clip: Optional[float] = None, *,
-                 straight_through: bool = False, order_features: Optional[int] = None, device=None, dtype=None):
+    def __init__(self, in_features: int, hidden_size: int, po: Union[PermutationOptimization, str, None] = "po-u",
+                 *, straight_through: bool = False, order_features: Optional[int] = None,
+                 check_finite: Optional[bool] = None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.permutation = _check_permutation(permutation, ENCODER_PERMUTATIONS)
-        if order_features is not None:
-            if isinstance(order_features, bool) or not isinstance(order_features, int) or order_features < 1:
-                raise ValueError(f"order_features must be a positive int or None, got {order_features!r}")
-            if permutation == "none":
-                raise ValueError("order_features needs a permutation to optimise, got permutation='none'")
-        self.order_features = order_features
-        if not isinstance(straight_through, bool):
-            raise ValueError(f"straight_through must be a bool, got {straight_through!r}")
-        if straight_through and permutation == "none":
-            raise ValueError("straight_through=True needs a permutation to harden, got permutation='none'")
-        self.straight_through = straight_through
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not (po is None or isinstance(po, PermutationOptimization) or (isinstance(po, str) and po == "po-u")):
+            raise ValueError(f"po must be a PermutationOptimization or LinAssign module, 'po-u' or None, got {po!r}")
+        if order_features is not None:
+            if isinstance(order_features, bool) or not isinstance(order_features, int) or order_features < 1:
+                raise ValueError(f"order_features must be a positive int or None, got {order_features!r}")
+            if po is None:
+                raise ValueError("order_features needs a permutation to optimise, got po=None")
+        if not isinstance(straight_through, bool):
+            raise ValueError(f"straight_through must be a bool, got {straight_through!r}")
+        if straight_through and po is None:
+            raise ValueError("straight_through=True needs a permutation to harden, got po=None")
+        key_features = in_features if order_features is None else order_features
+        if isinstance(po, PermutationOptimization) and po.in_features != key_features:
+            raise ValueError(f"po orders {po.in_features} features but the encoder gives it {key_features} "
+                             f"({'order_features' if order_features is not None else 'in_features'}); "
+                             f"build it as {type(po).__name__}({key_features}, ...)")
+        self.order_features = order_features
+        self.straight_through = straight_through
         self.in_features = in_features
         self.hidden_size = hidden_size
         self.check_finite = check_check_finite(check_finite)
-        self.optimizer: Optional[PermutationOptimizer] = None
-        if permutation != "none":
+        if isinstance(po, str):
             # check_finite=False: this encoder checks x (and the weights) once itself.
-            self.optimizer = PermutationOptimizer(
-                in_features if order_features is None else order_features, cost_hidden=cost_hidden,
-                steps=_resolve_steps(steps, permutation, default=3), permutation=permutation,
-                num_positions=num_positions, sinkhorn_iters=sinkhorn_iters, temperature=temperature,
-                eta_init=eta_init, logit_clip=logit_clip, check_finite=False, kernel=kernel, **factory_kwargs)
+            po = PermutationOptimization(key_features, check_finite=False, **factory_kwargs)
+        self.po: Optional[PermutationOptimization] = po
         self.lstm = uninitialized(nn.LSTM, in_features, hidden_size, batch_first=True, **factory_kwargs)
         xavier_lstm_(self.lstm)
-        self.register_load_state_dict_pre_hook(_rename_permute_keys)
 
     def reset_parameters(self) -> None:
-        """The optimiser's init (Xavier, eta = ``eta_init``), then Xavier per LSTM gate with zero
-        biases (appendix F); the same random draws as construction."""
-        if self.optimizer is not None:
-            self.optimizer.reset_parameters()
+        """The permutation module's init (Xavier, eta = ``eta_init``), then Xavier per LSTM gate
+        with zero biases (appendix F); the same random draws as construction (the module first)."""
+        if self.po is not None:
+            self.po.reset_parameters()
         xavier_lstm_(self.lstm)
 
     @property
     def eta(self) -> Optional[Tensor]:
-        """The permutation optimiser's step size (None for ``"none"``, ``"linassign"`` or ``steps=0``)."""
-        return None if self.optimizer is None else self.optimizer.eta
+        """The permutation module's step size (None for ``po=None``, LinAssign or ``steps=0``)."""
+        return None if self.po is None else self.po.eta
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
                 weights: Optional[Tensor] = None, return_permutation: bool = False, *,
@@ -418,15 +419,15 @@ class PermutationSetEncoder(nn.Module):
     def _encode(self, x: Tensor, mask: Optional[Tensor], weights: Optional[Tensor],
                 return_permutation: bool, order_by: Optional[Tensor] = None,
                 host_lengths: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        """``x`` (B, N >= 1, D) checked -> h (B, hidden_size), P (B, N, N) (None for "none" unless
+        """``x`` (B, N >= 1, D) checked -> h (B, hidden_size), P (B, N, N) (None for po=None unless
         ``return_permutation``)."""
         B, N, _ = x.shape
         x = zero_padding(x, mask)
         P: Optional[Tensor] = None
         order: Optional[Tensor] = None
-        if self.optimizer is not None:
+        if self.po is not None:
             key = x if order_by is None else zero_padding(order_by, mask)
-            P = self.optimizer(key, mask=mask)   # through __call__: the optimiser's hooks fire
+            P = self.po(key, mask=mask)   # through __call__: the module's hooks fire
         elif mask is not None:
             # "LSTM only": keep the input order of the real elements, padding moved to the end
             # (a gather, not a matmul with the equivalent permutation matrix).
@@ -456,18 +457,13 @@ class PermutationSetEncoder(nn.Module):
         return h, P
 
     def extra_repr(self) -> str:
-        pairs = [("in_features", self.in_features), ("hidden_size", self.hidden_size),
-                 ("permutation", self.permutation)]
+        # the permutation module's settings are in its own repr (the ``po`` submodule)
+        pairs = [("in_features", self.in_features), ("hidden_size", self.hidden_size)]
+        if self.po is None:
+            pairs.append(("po", None))
+        else:
+            pairs.append(("straight_through", self.straight_through))
         if self.order_features is not None:
             pairs.append(("order_features", self.order_features))
-        po = self.optimizer
-        if po is not None:
-            pairs.append(("steps", po.steps))
-            if po.cost is not None:
-                pairs += [("cost_hidden", po.cost_hidden), ("eta_init", po.eta_init), ("kernel", po.kernel)]
-            if po.linear is not None:
-                pairs += [("num_positions", po.num_positions), ("logit_clip", po.logit_clip)]
-            pairs += [("sinkhorn_iters", po.sinkhorn_iters), ("temperature", po.temperature),
-                      ("straight_through", self.straight_through)]
         pairs.append(("check_finite", self.check_finite))
         return _repr(pairs)

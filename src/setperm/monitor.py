@@ -1,10 +1,12 @@
-"""Monitoring the permutation optimisers from outside their forward: the learned step sizes eta
+"""Monitoring the permutation modules from outside their forward: the learned step sizes eta
 (paper appendix G) and how sharp the permutations are (mean row entropy of the last forward).
 
 A trainer needs two lines::
 
     monitor = PermutationMonitor(model)          # once, after building (and wrapping) the model
     monitor.log(writer, step)                    # whenever it logs; writer may be None
+
+``monitor.step_sizes()`` is the one way to read every eta of a model (``module.eta`` reads one).
 
 The entropy is recorded by forward hooks, so the modules' forward does no monitoring work and
 nothing is recorded once the monitor is removed (``monitor.remove()`` or ``with`` block).
@@ -18,11 +20,11 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .encoder import PermutationOptimizer
+from .encoder import PermutationOptimization
 from .masking import resolve_mask
 from .optimize import permutation_entropy
 
-_FORWARD = inspect.signature(PermutationOptimizer.forward)
+_FORWARD = inspect.signature(PermutationOptimization.forward)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -30,27 +32,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
-def _optimizers(model: nn.Module) -> Iterator[Tuple[str, PermutationOptimizer]]:
-    """``(module path, module)`` of every PermutationOptimizer in ``model`` (unwrapped); the model
-    itself is named ``"permutation"``."""
+def _modules(model: nn.Module) -> Iterator[Tuple[str, PermutationOptimization]]:
+    """``(module path, module)`` of every PermutationOptimization (LinAssign included) in ``model``
+    (unwrapped); the model itself is named ``"permutation"``."""
     for name, m in _unwrap(model).named_modules():
-        if isinstance(m, PermutationOptimizer):
+        if isinstance(m, PermutationOptimization):
             yield name or "permutation", m
-
-
-def find_step_sizes(model: nn.Module) -> Dict[str, Tensor]:
-    """``{module path: eta}`` (detached 0-d tensors) for every :class:`PermutationOptimizer` with a
-    step size inside ``model`` (DataParallel / DistributedDataParallel are unwrapped)."""
-    return {name: m.eta.detach() for name, m in _optimizers(model) if m.eta is not None}
-
-
-def log_step_sizes(writer, model: nn.Module, step: int, prefix: str = "eta") -> Dict[str, float]:
-    """Write every learned eta to a ``torch.utils.tensorboard.SummaryWriter`` as the scalars
-    ``{prefix}/{module path}``. ``writer`` may be None (e.g. on non-zero ranks): nothing is
-    written. Returns ``{tag: value}``."""
-    values = {f"{prefix}/{name}": float(eta) for name, eta in find_step_sizes(model).items()}
-    _write(writer, values, step)
-    return values
 
 
 def _write(writer, values: Dict[str, float], step: int) -> None:
@@ -60,14 +47,17 @@ def _write(writer, values: Dict[str, float], step: int) -> None:
 
 
 class PermutationMonitor:
-    """Forward hooks on every :class:`PermutationOptimizer` inside ``model`` (DataParallel /
-    DistributedDataParallel unwrapped; the optimisers inside :class:`PermutationSetEncoder` too).
+    """Forward hooks on every :class:`PermutationOptimization` (and :class:`LinAssign`) inside
+    ``model`` (DataParallel / DistributedDataParallel unwrapped; the modules inside
+    :class:`PermutationSetEncoder` too).
 
-    Each forward of an optimiser records the mean over the batch of :func:`permutation_entropy`
+    Each forward of such a module records the mean over the batch of :func:`permutation_entropy`
     of its output (rows of real elements only; under ``no_grad``, in float32; kept as a tensor,
     so recording costs one O(B N^2) reduction and no host synchronisation). Empty batches record
     nothing. Under ``nn.DataParallel`` the value is that of the last replica to finish.
 
+    ``step_sizes()`` -> ``{"<path>": float}``: the learned step size eta of every module that has
+    one (paper appendix G), read now; needs no forward.
     ``values()`` -> ``{"eta/<path>": float, "permutation_entropy/<path>": float}`` (eta read now,
     entropy of the last recorded forward); ``log(writer, step)`` writes them (``writer`` may be
     None) and returns them. ``remove()`` (or leaving a ``with`` block) removes the hooks and
@@ -81,7 +71,7 @@ class PermutationMonitor:
         self._entropy: Dict[str, Tensor] = {}
         self._handles: List[torch.utils.hooks.RemovableHandle] = [
             m.register_forward_hook(functools.partial(self._record, name), with_kwargs=True)
-            for name, m in _optimizers(model)]
+            for name, m in _modules(model)]
 
     def _record(self, name: str, module: nn.Module, args, kwargs, output) -> None:
         P = output[-1] if isinstance(output, list) else output
@@ -96,8 +86,12 @@ class PermutationMonitor:
         """``{module path: mean permutation entropy of its last forward}`` (one host sync per value)."""
         return {name: float(v) for name, v in self._entropy.items()}
 
+    def step_sizes(self) -> Dict[str, float]:
+        """``{module path: eta}`` for every module with a step size (one host sync per value)."""
+        return {name: float(m.eta.detach()) for name, m in _modules(self.model) if m.eta is not None}
+
     def values(self) -> Dict[str, float]:
-        out = {f"{self.eta_prefix}/{name}": float(eta) for name, eta in find_step_sizes(self.model).items()}
+        out = {f"{self.eta_prefix}/{name}": eta for name, eta in self.step_sizes().items()}
         out.update({f"{self.entropy_prefix}/{name}": v for name, v in self.entropies().items()})
         return out
 
@@ -119,4 +113,4 @@ class PermutationMonitor:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"PermutationMonitor(optimizers={len(self._handles)}, recorded={sorted(self._entropy)})"
+        return f"PermutationMonitor(modules={len(self._handles)}, recorded={sorted(self._entropy)})"

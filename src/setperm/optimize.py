@@ -1,4 +1,4 @@
-"""Total cost, its closed-form gradient and the unrolled permutation optimisation.
+"""The permutation cost, its closed-form gradient and the unrolled permutation optimisation.
 
 Paper section 2.1-2.2 (eq. 1, 4, 7), section 2.4 (lattices) and algorithm 1.
 Convention: ``P[b, i, k]`` is the weight of element ``i`` at position ``k``.
@@ -14,6 +14,10 @@ from .masking import resolve_mask
 from .sinkhorn import sinkhorn
 
 Grid = Tuple[int, int]
+
+# The number T of inner steps, one default for the functional and the module forms: the paper
+# uses 4 for its mosaics and in appendix D (6 for sorting and 3 for VQA are passed explicitly).
+DEFAULT_STEPS = 4
 
 
 def _channels(C: Tensor) -> Tensor:
@@ -56,67 +60,74 @@ def _grid_view(P: Tensor, grid: Grid) -> Tensor:
     return P.view(B, N, R, Cc)
 
 
-def total_cost(P: Tensor, C: Tensor) -> Tensor:
-    """Eq. 1: ``c(P) = sum_ij C_ij sum_k P_ik (sum_{k'>k} P_jk' - sum_{k'<k} P_jk')``.
-
-    Args: ``P`` (B, N, M) (usually M = N); ``C`` (B, N, N) or (B, K, N, N) (channels summed).
-    Returns ``(B,)``.
-    """
-    C4 = _check_pc(P, C)
+def _plain_cost(C4: Tensor, P: Tensor) -> Tensor:
     Bal = position_balance(P)
     pair_weight = P @ Bal.transpose(1, 2)            # sum_k P_ik B_jk
     return (C4.sum(1) * pair_weight).sum(dim=(1, 2))
 
 
-def cost_gradient(P: Tensor, C: Tensor) -> Tensor:
-    """Eq. 4: ``dc/dP_pq = 2 sum_j C_pj B_jq = 2 (C B)_pq`` in closed form (one batched matmul).
-
-    Exact gradient of :func:`total_cost` for anti-symmetric ``C``. ``C`` may carry K channels,
-    which are summed. Returns ``(B, N, N)``.
-    """
-    C4 = _check_pc(P, C)
+def _plain_gradient(C4: Tensor, P: Tensor) -> Tensor:
     Csum = C4[:, 0] if C4.shape[1] == 1 else C4.sum(1)
     return 2 * (Csum @ position_balance(P))
 
 
-def _lattice_balances(P: Tensor, C: Tensor, grid: Grid) -> Tuple[Tensor, Tensor, Tensor]:
-    """Checked ``(B, 2, N, N)`` cost and the ``(B, N, R*Cols)`` balances of eq. 1 along each grid row
-    (horizontal) and along each grid column (vertical)."""
-    C4 = _check_pc(P, C)
+def _lattice_balances(C4: Tensor, P: Tensor, grid: Grid) -> Tuple[Tensor, Tensor]:
+    """The ``(B, N, R*Cols)`` balances of eq. 1 along each grid row (horizontal) and along each
+    grid column (vertical), for a checked 2-channel cost ``C4``."""
     if C4.shape[1] != 2:
-        raise ValueError(f"a lattice cost needs 2 channels (horizontal, vertical), got C {tuple(C.shape)}")
+        raise ValueError(f"C: a lattice cost needs 2 channels (horizontal, vertical), got shape {tuple(C4.shape)}")
     G = _grid_view(P, grid)
     B, N = P.shape[:2]
     bal_h = position_balance(G, dim=3).reshape(B, N, -1)   # balance along each grid row
     bal_v = position_balance(G, dim=2).reshape(B, N, -1)   # balance along each grid column
-    return C4, bal_h, bal_v
+    return bal_h, bal_v
 
 
-def lattice_cost(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
-    """Section 2.4: the sum of eq. 1 over every row and every column of an ``R x Cols`` grid.
-
-    ``C`` is ``(B, 2, N, N)``: channel 0 orders the elements left-to-right inside each grid row,
-    channel 1 top-to-bottom inside each grid column. Positions are row-major, ``k = r * Cols + c``.
-    Returns ``(B,)``.
-    """
-    C4, bal_h, bal_v = _lattice_balances(P, C, grid)
+def _lattice_total(C4: Tensor, P: Tensor, grid: Grid) -> Tensor:
+    bal_h, bal_v = _lattice_balances(C4, P, grid)
     cost_h = (C4[:, 0] * (P @ bal_h.transpose(1, 2))).sum(dim=(1, 2))
     cost_v = (C4[:, 1] * (P @ bal_v.transpose(1, 2))).sum(dim=(1, 2))
     return cost_h + cost_v
 
 
-def lattice_cost_gradient(P: Tensor, C: Tensor, grid: Grid) -> Tensor:
-    """Closed-form gradient of :func:`lattice_cost`: ``2 (C_h B_h + C_v B_v)``, no loop over rows."""
-    C4, bal_h, bal_v = _lattice_balances(P, C, grid)
+def _lattice_gradient(C4: Tensor, P: Tensor, grid: Grid) -> Tensor:
+    # 2 (C_h B_h + C_v B_v): every row and column of the grid at once, no loop over them
+    bal_h, bal_v = _lattice_balances(C4, P, grid)
     return 2 * (C4[:, 0] @ bal_h + C4[:, 1] @ bal_v)
 
 
-def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: Union[float, Tensor] = 1.0,
-                         steps: int = 4, mask: Optional[Tensor] = None, sinkhorn_iters: int = 4,
-                         temperature: float = 1.0, grid: Optional[Grid] = None,
-                         return_steps: bool = False, *, lengths: Optional[Tensor] = None,
+def permutation_cost(C: Tensor, P: Tensor, *, grid: Optional[Grid] = None) -> Tensor:
+    """The total cost of the soft permutation ``P`` under the ordering cost ``C``.
+
+    Sequence (``grid=None``), eq. 1: ``c(P) = sum_ij C_ij sum_k P_ik (sum_{k'>k} P_jk' -
+    sum_{k'<k} P_jk')``, the channels of ``C`` summed. Lattice (``grid=(R, Cols)``, section 2.4):
+    the sum of eq. 1 over every row and every column of the grid, ``C`` ``(B, 2, N, N)`` with
+    channel 0 ordering the elements left-to-right inside each grid row and channel 1 top-to-bottom
+    inside each grid column; positions are row-major, ``k = r * Cols + c``.
+
+    Args: ``C`` (B, N, N) or (B, K, N, N); ``P`` (B, N, M) (usually M = N).
+    Returns ``(B,)``.
+    """
+    C4 = _check_pc(P, C)
+    return _plain_cost(C4, P) if grid is None else _lattice_total(C4, P, grid)
+
+
+def permutation_cost_gradient(C: Tensor, P: Tensor, *, grid: Optional[Grid] = None) -> Tensor:
+    """Closed-form gradient of :func:`permutation_cost` with respect to ``P`` (exact for an
+    anti-symmetric ``C``): eq. 4, ``dc/dP_pq = 2 sum_j C_pj B_jq = 2 (C B)_pq`` (one batched
+    matmul), or with a ``grid`` ``2 (C_h B_h + C_v B_v)`` over rows and columns. Returns ``(B, N, M)``.
+    """
+    C4 = _check_pc(P, C)
+    return _plain_gradient(C4, P) if grid is None else _lattice_gradient(C4, P, grid)
+
+
+def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
+                         eta: Union[float, Tensor] = 1.0, steps: int = DEFAULT_STEPS, sinkhorn_iters: int = 4,
+                         temperature: float = 1.0, grid: Optional[Grid] = None, return_steps: bool = False,
+                         lengths: Optional[Tensor] = None,
                          key_padding_mask: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
-    """Algorithm 1: ``T`` unrolled steps of ``P~ <- P~ - eta * dc/dP`` at ``P = S(P~)`` (eq. 7).
+    """Algorithm 1: ``T`` unrolled steps of ``P~ <- P~ - eta * dc/dP`` at ``P = S(P~)`` (eq. 7); the
+    functional form of :class:`setperm.PermutationOptimization` (given the cost ``C``).
 
     The inner step uses the gradient with respect to the *normalised* P (the paper's alternative
     update, appendix D): no Sinkhorn Jacobian inside the step. The outer backward pass still
@@ -126,7 +137,7 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: U
         C: ``(B, K, N, N)`` normalised ordering cost (K = 2 for a lattice).
         init_logits: ``(B, N, N)`` P~(0); None is PO-U (P~ = 0, i.e. uniform P).
         eta: step size (positive float or scalar tensor).
-        steps: T >= 0.
+        steps: T >= 0 (default 4, appendix D).
         mask: ``(B, N)`` bool, True = real element; or ``lengths`` ``(B,)``, or
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
         grid: ``(R, Cols)`` for the lattice variant (positions row-major).
@@ -134,8 +145,8 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: U
     Returns:
         ``P = S(P~(T))`` ``(B, N, N)``, or the list of T + 1 soft permutations.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     C4 = _channels(C)
     B, _, N, _ = C4.shape
     mask = resolve_mask(C4, mask, lengths, key_padding_mask, name="C", batch_shape=(B, N))
@@ -154,7 +165,7 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, eta: U
             return torch.baddbmm(logits, C_step, position_balance(P), alpha=-1)
     else:
         def step_fn(logits: Tensor, P: Tensor) -> Tensor:
-            return logits - eta * lattice_cost_gradient(P, C4, grid)
+            return logits - eta * _lattice_gradient(C4, P, grid)
 
     history: List[Tensor] = []
     for _ in range(steps):
@@ -173,7 +184,7 @@ def permutation_entropy(P: Tensor, mask: Optional[Tensor] = None, *, lengths: Op
                         key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Mean entropy (nats) of the rows of ``P`` ``(B, N, N)`` over real elements, ``(B,)``; 0 for a
     hard permutation, ``log n`` for the uniform assignment. Empty sets (and N = 0) give 0.
-    ``mask`` / ``lengths`` / ``key_padding_mask`` as in :func:`setperm.sinkhorn`."""
+    ``mask`` / ``lengths`` / ``key_padding_mask`` as in :func:`setperm.functional.sinkhorn`."""
     if not isinstance(P, Tensor) or P.dim() != 3:
         raise ValueError(f"P must have shape (B, N, N), got {tuple(P.shape) if isinstance(P, Tensor) else type(P)}")
     mask = resolve_mask(P, mask, lengths, key_padding_mask, name="P")

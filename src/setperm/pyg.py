@@ -13,7 +13,7 @@ not depend on which other sets share its batch.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -26,10 +26,7 @@ except ImportError as e:          # the optional extra is missing: say how to ge
     raise ImportError(f"setperm.pyg needs PyTorch Geometric ({e}); install it with "
                       f"`pip install \"setperm[pyg]\"` or `pip install torch_geometric`") from e
 
-from .encoder import PermutationSetEncoder
-
-# The two sizes come from the positional arguments, as in PyG's LSTMAggregation(in, out).
-_RESERVED = ("in_features", "hidden_size")
+from .encoder import PermutationOptimization, PermutationSetEncoder
 
 
 class PermutationAggregation(Aggregation):
@@ -38,10 +35,14 @@ class PermutationAggregation(Aggregation):
     Args:
         in_channels: size F of each element (``in_features`` of the encoder).
         out_channels: size of the set representation (the encoder's LSTM ``hidden_size``).
-        **encoder_kwargs: the other arguments of :class:`setperm.PermutationSetEncoder`, e.g.
-            ``cost_hidden``, ``steps``, ``permutation`` (``"po-u"`` default, ``"po-la"`` with
-            ``num_positions``, ``"none"``), ``sinkhorn_iters``, ``eta_init``, ``kernel``,
-            ``straight_through`` (the LSTM reads the Hungarian order of P; gradients through the soft P).
+        po: the permutation module, ready built (as ``DeepSetsAggregation`` takes its MLPs): a
+            :class:`setperm.PermutationOptimization` or :class:`setperm.LinAssign` on
+            ``in_channels`` features, ``"po-u"`` (default: a ``PermutationOptimization`` with its
+            defaults) or None (the LSTM-only ablation, which reads the given order); as in
+            :class:`setperm.PermutationSetEncoder`.
+        straight_through: the LSTM reads the Hungarian order of P, gradients through the soft P
+            (keyword-only, default False).
+        check_finite, device, dtype: as in :class:`setperm.PermutationSetEncoder` (keyword-only).
 
     Call: ``aggr(x, index=None, ptr=None, dim_size=None, dim=-2, max_num_elements=None,
     weights=None)`` like every PyG aggregation.
@@ -55,33 +56,32 @@ class PermutationAggregation(Aggregation):
           nodes, an index value that never occurs below ``dim_size``) gives **zeros**.
 
     Permutation invariant: the output of a set does not depend on the order of its elements
-    (up to floating-point rounding, and except for ``permutation="none"``, the LSTM-only
-    ablation that reads the given order) nor on the other sets in the batch. Inside a
-    ``MessagePassing`` layer the incoming edges must be sorted by destination (``index`` sorted),
-    e.g. with ``data.sort(sort_by_row=False)``, as for PyG's own ``LSTMAggregation``.
+    (up to floating-point rounding, and except for ``po=None``, the LSTM-only ablation that
+    reads the given order) nor on the other sets in the batch. Inside a ``MessagePassing`` layer
+    the incoming edges must be sorted by destination (``index`` sorted), e.g. with
+    ``data.sort(sort_by_row=False)``, as for PyG's own ``LSTMAggregation``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, **encoder_kwargs: Any):
+    def __init__(self, in_channels: int, out_channels: int,
+                 po: Union[PermutationOptimization, str, None] = "po-u", *, straight_through: bool = False,
+                 check_finite: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        clash = [k for k in _RESERVED if k in encoder_kwargs]
-        if clash:
-            raise ValueError(f"encoder_kwargs must not contain {clash}: the sizes are in_channels and out_channels")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self._encoder_kwargs: Dict[str, Any] = dict(encoder_kwargs)
-        self.encoder = PermutationSetEncoder(in_channels, out_channels, **encoder_kwargs)
+        self.encoder = PermutationSetEncoder(in_channels, out_channels, po, straight_through=straight_through,
+                                             check_finite=check_finite, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter in place, as a new encoder would be (an optimiser that
-        holds the parameters keeps working)."""
+        holds the parameters keeps working); the encoder's own reset."""
         self.encoder.reset_parameters()
 
     @property
     def eta(self) -> Optional[Tensor]:
-        """The learned inner step size of PO (None for ``permutation="none"`` or ``steps=0``)."""
+        """The learned inner step size of PO (None for ``po=None``, LinAssign or ``steps=0``)."""
         return self.encoder.eta
 
     @disable_dynamic_shapes(required_args=["dim_size", "max_num_elements"])
@@ -114,7 +114,8 @@ class PermutationAggregation(Aggregation):
         return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, {self.extra_repr()})"
 
     def extra_repr(self) -> str:
-        enc = self.encoder
-        parts = [f"permutation={enc.permutation!r}"]
-        parts += [f"{k}={v!r}" for k, v in sorted(self._encoder_kwargs.items()) if k != "permutation"]
-        return ", ".join(parts)
+        # one line, as PyG's aggregations: the permutation module's settings, then the encoder's own
+        po = self.encoder.po
+        if po is None:
+            return "po=None"
+        return f"po={type(po).__name__}({po.extra_repr()}), straight_through={self.encoder.straight_through}"

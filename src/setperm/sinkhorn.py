@@ -23,7 +23,7 @@ from .masking import assignment_mask, host_decisions, resolve_mask
 METHODS = ("auto", "scaling", "log")
 
 
-def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temperature: float = 1.0, *,
+def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, *, iters: int = 4, temperature: float = 1.0,
              lengths: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
              method: str = "auto") -> Tensor:
     """Normalise ``exp(logits / temperature)`` towards a doubly-stochastic matrix.
@@ -63,8 +63,8 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4, temp
         return _Sinkhorn.apply(z, iters, method).to(out_dtype)
 
 
-def sinkhorn_scaling_in_range(logits: Tensor, mask: Optional[Tensor] = None, iters: int = 4,
-                              temperature: float = 1.0, *, lengths: Optional[Tensor] = None,
+def sinkhorn_scaling_in_range(logits: Tensor, mask: Optional[Tensor] = None, *, iters: int = 4,
+                              temperature: float = 1.0, lengths: Optional[Tensor] = None,
                               key_padding_mask: Optional[Tensor] = None) -> bool:
     """Whether ``sinkhorn(logits, ..., method="scaling")`` applies to these arguments: True when the
     scaling vectors' spread fits the working dtype (see ``_scalings``), which is exactly when

@@ -107,8 +107,8 @@ def test_every_part_backpropagates_into_its_own_modules(root, permutation):
               "set construction (box_proj + glimpse_sets)": [model.box_proj],
               "LSTM over K boxes": [enc.lstm], "p_prj": [model.p_prj], bst.ENCODER_WHOLE: [enc]}
     if permutation == "po-u":
-        owners["pairwise cost"] = [enc.optimizer.cost]
-        owners["inner steps (descent + Sinkhorn)"] = [enc.optimizer]   # eta
+        owners["pairwise cost"] = [enc.po.cost]
+        owners["inner steps (descent + Sinkhorn)"] = [enc.po]   # eta
     expected = set(bst.BAN_PARTS) | set(bst.ENCODER_PARTS) | {bst.ENCODER_WHOLE}
     if permutation == "none":
         expected -= {"pairwise cost", "inner steps (descent + Sinkhorn)"}

@@ -10,7 +10,8 @@ from benchmarks import internals, layer, limit, scaling
 from benchmarks.harness import Config, build, call, probe_memory, tiny_configs
 from benchmarks.reference import (plain_sinkhorn, reference_from_setperm, reference_gradient,
                                   reference_lattice_gradient)
-from setperm import (PermutationOptimizer, PermutationSetEncoder, cost_gradient, lattice_cost_gradient, sinkhorn)
+from setperm import PermutationOptimization, PermutationSetEncoder
+from setperm.functional import permutation_cost_gradient, sinkhorn
 
 
 @pytest.mark.parametrize("cfg", tiny_configs(), ids=lambda c: c.name)
@@ -42,17 +43,18 @@ def test_reference_pieces_match_the_core():
     P = torch.softmax(torch.randn(3, 6, 6, generator=g, dtype=torch.float64), -1)
     C = torch.randn(3, 2, 6, 6, generator=g, dtype=torch.float64)
     C = C - C.transpose(-1, -2)
-    assert_close(reference_gradient(P, C[:, 0]), cost_gradient(P, C[:, 0]), rtol=0, atol=1e-12)
-    assert_close(reference_lattice_gradient(P, C, (2, 3)), lattice_cost_gradient(P, C, (2, 3)), rtol=0, atol=1e-12)
+    assert_close(reference_gradient(P, C[:, 0]), permutation_cost_gradient(C[:, 0], P), rtol=0, atol=1e-12)
+    assert_close(reference_lattice_gradient(P, C, (2, 3)), permutation_cost_gradient(C, P, grid=(2, 3)),
+                 rtol=0, atol=1e-12)
 
 
 def test_reference_from_setperm_rejects_what_it_does_not_implement():
     with pytest.raises(ValueError, match="PO-U"):
-        reference_from_setperm(PermutationSetEncoder(3, 4, cost_hidden=4, permutation="none"))
+        reference_from_setperm(PermutationSetEncoder(3, 4, None))
     with pytest.raises(ValueError, match="module must be"):
         reference_from_setperm(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="steps"):
-        reference_from_setperm(PermutationOptimizer(3, 4, steps=0, permutation="po-la", num_positions=4))
+        reference_from_setperm(PermutationOptimization(3, cost_hidden=4, steps=0, permutation="po-la", num_positions=4))
 
 
 @pytest.mark.slow      # each probe is a fresh Python process that imports torch

@@ -14,7 +14,7 @@ from integrations.ban.cli import main
 from integrations.ban.diagnose import (attention_mass, diagnose_run, diagnose_sweep, hard_positions,
                                        relative_entropy, set_rank_correlation)
 from integrations.common import RunError
-from setperm import permutation_entropy
+from setperm.functional import permutation_entropy
 
 FLAGS = ["--num-hid", "16", "--gamma", "2", "--batch-size", "4", "--workers", "0", "--threads", "1", "--epochs", "1"]
 
@@ -165,9 +165,9 @@ def test_diagnose_run_ranges_and_families(sweep):
         if variant == "off":
             assert eta["checkpoint"] == {} and eta["history"] == {}
         else:
-            assert set(eta["checkpoint"]) == {"eta/set_encoder.optimizer"}
-            assert eta["checkpoint"]["eta/set_encoder.optimizer"] > 0
-            assert len(eta["history"]["eta/set_encoder.optimizer"]) == len(eta["epochs"]) == 1
+            assert set(eta["checkpoint"]) == {"eta/set_encoder.po"}
+            assert eta["checkpoint"]["eta/set_encoder.po"] > 0
+            assert len(eta["history"]["eta/set_encoder.po"]) == len(eta["epochs"]) == 1
     json.dumps(res, allow_nan=False)                           # JSON-able, no NaN
 
 
@@ -215,7 +215,7 @@ def test_sweep_report_per_variant_and_refusal(sweep, tmp_path):
     assert s["off"]["mass"]["n"] == 2 and 0.0 <= s["off"]["mass"]["mean"] <= 1.0
     assert "abs_spearman_x" not in s["off"] and 0.0 <= s["po-u"]["abs_spearman_x"]["mean"] <= 1.0
     assert {"mass_g0", "mass_g1", "entropy", "entropy_relative", "abs_spearman_area"} <= set(s["po-u"])
-    assert res["eta"]["off"] == {} and res["eta"]["po-u"]["eta/set_encoder.optimizer"]["n"] == 2
+    assert res["eta"]["off"] == {} and res["eta"]["po-u"]["eta/set_encoder.po"]["n"] == 2
     assert res["tests"]["all"]["mass: off vs po-u"]["n"] == 2
     assert "abs rho x: po-u vs input order" in res["tests"]["all"]
     json.dumps(res, allow_nan=False)

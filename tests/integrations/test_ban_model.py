@@ -261,13 +261,13 @@ def _encoder_calls(model):
     calls = []
     model.set_encoder.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
     perms = []
-    model.set_encoder.optimizer.register_forward_hook(lambda m, args, out: perms.append(out))
+    model.set_encoder.po.register_forward_hook(lambda m, args, out: perms.append(out))
     return calls, perms
 
 
 def test_order_by_geometry_orders_on_the_box_coordinates_alone():
     model = patch_ban(small_ban(), "po-u", order_by="geometry").eval()
-    assert model.set_encoder.optimizer.in_features == 4 and "order_by='geometry'" in repr(model)
+    assert model.set_encoder.po.in_features == 4 and "order_by='geometry'" in repr(model)
     calls, perms = _encoder_calls(model)
     v, b, q = make_batch([10, 25], seed=11)
     logits, _ = model(v, b, q)
@@ -378,7 +378,7 @@ def test_patch_ban_rejects_bad_arguments():
 
 def test_permutation_none_is_the_lstm_baseline():
     model = patch_ban(small_ban(), "none")
-    assert model.eta is None and model.set_encoder.permutation == "none"
+    assert model.eta is None and model.set_encoder.po is None
     assert patch_ban(small_ban(), "po-u").eta is not None
 
 
@@ -486,8 +486,8 @@ def test_compiled_kernel_gives_the_same_patched_model():
     for m in models:
         logits, _ = m(v, b, q)
         logits.logsumexp(1).sum().backward()
-        outs.append((logits.detach(), m.set_encoder.optimizer.cost.first.weight.grad.clone()))
-    assert models[1].set_encoder.optimizer.cost.kernel == "compiled"
+        outs.append((logits.detach(), m.set_encoder.po.cost.first.weight.grad.clone()))
+    assert models[1].set_encoder.po.cost.kernel == "compiled"
     assert_close(outs[1][0], outs[0][0], **TOL)
     assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
 

@@ -39,7 +39,7 @@ def test_mosaic_net_shapes_and_convention(permutation):
     recon, P = net(tiles)
     assert recon.shape == tiles.shape and P.shape == (5, 9, 9)
     torch.testing.assert_close(P.sum(1), torch.ones(5, 9), rtol=0, atol=1e-3)  # every position filled once
-    torch.testing.assert_close(recon, setperm.apply_permutation(tiles, P), rtol=0, atol=0)
+    torch.testing.assert_close(recon, setperm.functional.apply_permutation(tiles, P), rtol=0, atol=0)
     steps = net.permutation(tiles, return_steps=True)
     assert len(steps) == (1 if permutation == "linassign" else 5)  # S(P~(0)), ..., S(P~(T)), T = 4
     torch.testing.assert_close(steps[-1], P, rtol=0, atol=1e-6)
@@ -54,8 +54,8 @@ def test_target_permutation_is_recovered_by_hungarian():
     shuffled = shuffle_tiles(tiles, perm)
     P = torch.zeros(4, 9, 9).scatter_(2, perm.unsqueeze(2), 1.0)  # element i belongs at position perm[i]
     noisy = 0.8 * P + 0.2 * torch.rand(4, 9, 9, generator=g) / 9
-    assert torch.equal(setperm.hungarian(noisy), target_index(perm))
-    torch.testing.assert_close(setperm.apply_permutation(shuffled, P), tiles, rtol=0, atol=1e-6)
+    assert torch.equal(setperm.functional.hungarian(noisy), target_index(perm))
+    torch.testing.assert_close(setperm.functional.apply_permutation(shuffled, P), tiles, rtol=0, atol=1e-6)
 
 
 def test_resnet18_stems():
