@@ -149,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "<out>/runs/), then write results/compare.{json,md,png}: per-family val accuracy, "
                                    "mean ± std over seeds, paired t-tests, eta and permutation entropy over training.")
     add_train_arguments(c, single_run=False)
-    from .compare import add_compare_arguments
+    from .research.compare import add_compare_arguments
 
     add_compare_arguments(c)
-    from .knobs import add_knobs_arguments
+    from .research.knobs import add_knobs_arguments
 
     k = sub.add_parser("knobs", help="plain BAN's accuracy on the order-free families per generator / model setting",
                        description="One synthetic dataset (families exists, colour) per generator setting, plain BAN "
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "exists / colour and the training time: results/knobs.{json,md}.")
     add_train_arguments(k, single_run=False, with_data=False)
     add_knobs_arguments(k)
-    from .diagnose import add_diagnose_arguments
+    from .research.diagnose import add_diagnose_arguments
 
     add_diagnose_arguments(sub.add_parser(
         "diagnose", help="attention mass on the asked class, order and entropy of P, eta (synthetic set)",
@@ -196,7 +196,7 @@ def cmd_eval(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":          # the generator has its own parser
-        from . import synth
+        from .research import synth
 
         return synth.main(argv[1:], prog=f"{PROG} synth") or 0
     p = build_parser()
@@ -205,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "train":
         return cmd_train(resolve_train_args(args, p))
     if args.command == "compare":
-        from .compare import run_sweep
+        from .research.compare import run_sweep
 
         if args.max_steps is not None:
             # a run stopped by --max-steps is unfinished, and the sweep reports only finished runs
@@ -216,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"results: {Path(args.out) / 'results' / 'compare.md'}")
         return 0
     if args.command == "knobs":
-        from .knobs import run_knobs
+        from .research.knobs import run_knobs
 
         if args.max_steps is not None:
             p.error("knobs: --max-steps is not available (every run trains for --epochs)")
@@ -229,7 +229,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"results: {Path(args.out) / 'results' / 'knobs.md'}")
         return 0
     if args.command == "diagnose":
-        from .diagnose import cmd_diagnose
+        from .research.diagnose import cmd_diagnose
 
         return cmd_diagnose(args)
     return cmd_eval(args)

@@ -130,7 +130,7 @@ def relevance_oracle(args):
     """The ground-truth box relevance of a synthetic dataset for ``--oracle-relevance`` runs, else None."""
     if not setting(args, "oracle_relevance"):
         return None
-    from .synth_oracle import RelevanceOracle
+    from .research.synth_oracle import RelevanceOracle
 
     if not (Path(args.data_root) / "synth_meta.json").is_file():
         raise CommandError(f"--oracle-relevance: {args.data_root} is not a synthetic dataset (no synth_meta.json); "

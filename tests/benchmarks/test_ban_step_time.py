@@ -8,9 +8,9 @@ import torch
 from torch.testing import assert_close
 
 from benchmarks import ban_step_time as bst
-from integrations.ban import synth
 from integrations.ban.cli import parse_args
 from integrations.ban.data import Dictionary, VQAFeatureDataset, collate_vqa
+from integrations.ban.research import synth
 from integrations.ban.train import build_model
 
 TINY = ["--num-hid", "16", "--gamma", "2", "--batch-size", "4", "--steps", "2", "--threads", "1"]

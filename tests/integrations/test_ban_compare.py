@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from integrations.ban import synth
 from integrations.ban.cli import main
+from integrations.ban.research import synth
 from integrations.common import RunError
 
 FLAGS = ["--num-hid", "16", "--gamma", "2", "--batch-size", "4", "--workers", "0", "--threads", "1", "--epochs", "1",
@@ -78,7 +78,7 @@ def test_ablation_variants_set_their_settings_and_extend_a_sweep(root, tmp_path)
     new settings) as they are."""
     import math
 
-    from integrations.ban.diagnose import diagnose_run
+    from integrations.ban.research.diagnose import diagnose_run
 
     out = tmp_path / "abl"
     flags = FLAGS[:FLAGS.index("--seeds")] + ["--seeds", "0"]
@@ -139,7 +139,7 @@ def _fails_with(exc):
 def test_a_worker_reports_one_line_errors_as_one_line_and_defects_with_their_traceback():
     import errno
 
-    from integrations.ban.compare import _train_cell
+    from integrations.ban.research.compare import _train_cell
     from integrations.common import NonFiniteError
 
     status, text = _train_cell(_fails_with(NonFiniteError("the loss is nan at step 3")), None)

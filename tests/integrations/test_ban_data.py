@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from integrations.ban import synth
 from integrations.ban.data import (Dictionary, VQADataError, VQAFeatureDataset, collate_vqa, load_glove_init,
                                    tfidf_word_embedding)
+from integrations.ban.research import synth
 
 # official-sized features and box range (2048-d, 10-100 boxes), with the fixed-36 files
 SYNTH = dict(images=8, val_images=3, questions=2, seed=3, v_dim=2048, min_boxes=10, max_boxes=100, fixed=True)

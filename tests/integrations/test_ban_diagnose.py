@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from integrations.ban import synth
 from integrations.ban.cli import main
-from integrations.ban.diagnose import (attention_mass, diagnose_run, diagnose_sweep, hard_positions,
-                                       relative_entropy, set_rank_correlation)
+from integrations.ban.research import synth
+from integrations.ban.research.diagnose import (attention_mass, diagnose_run, diagnose_sweep, hard_positions,
+                                                relative_entropy, set_rank_correlation)
 from integrations.common import RunError
 from setperm.functional import permutation_entropy
 

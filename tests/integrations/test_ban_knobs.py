@@ -4,7 +4,7 @@ import json
 import pytest
 
 from integrations.ban.cli import main
-from integrations.ban.knobs import data_key, generator_knobs, knob_label, parse_knob
+from integrations.ban.research.knobs import data_key, generator_knobs, knob_label, parse_knob
 
 FLAGS = ["--num-hid", "16", "--gamma", "1", "--batch-size", "8", "--workers", "0", "--threads", "1", "--epochs", "1"]
 
@@ -27,14 +27,14 @@ def test_knobs_writes_one_dataset_per_generator_setting_and_reports(tmp_path, ca
     knobs = ["base", "images=12", "gamma=2"]
     # tiny datasets: the generator's defaults but few images (the knob 'images' replaces the base's)
     argv = ["knobs", "--out", str(out), *FLAGS, "--knobs", *knobs]
-    from integrations.ban import knobs as K
+    from integrations.ban.research import knobs as K
 
     original = K.make_data
 
     def small(folder, text, seed):             # keep the test fast: 10 train images per dataset
         if (folder / "synth_meta.json").is_file():
             return folder
-        from integrations.ban.synth import generate
+        from integrations.ban.research.synth import generate
         name, value = parse_knob(text)
         images = value if name == "images" else 10
         return generate(folder, images=images, val_images=4, questions=2, seed=seed, families=K.SANITY_FAMILIES,

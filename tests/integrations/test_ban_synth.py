@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from integrations.ban import synth, synth_oracle
 from integrations.ban.data import VQAFeatureDataset, collate_vqa
-from integrations.ban.synth_features import FeatureCodes, FeatureConfig
-from integrations.ban.synth_world import (COLOURS, FAMILIES, ORDINALS, Question, Scene, SceneConfig, SlotDeck,
-                                          answer, box_iou, check_unambiguous, draw_image, family_slots, feasible,
-                                          parse_family_mix, parse_question, question_text, sample_scene,
-                                          spaced_uniform)
+from integrations.ban.research import synth, synth_oracle
+from integrations.ban.research.synth_features import FeatureCodes, FeatureConfig
+from integrations.ban.research.synth_world import (COLOURS, FAMILIES, ORDINALS, Question, Scene, SceneConfig, SlotDeck,
+                                                   answer, box_iou, check_unambiguous, draw_image, family_slots,
+                                                   feasible, parse_family_mix, parse_question, question_text,
+                                                   sample_scene, spaced_uniform)
 
 SMALL = dict(images=40, val_images=12, questions=4, v_dim=128)
 
@@ -268,8 +268,8 @@ def test_relevant_boxes_are_the_asked_class_and_the_landmark(tmp_path):
 
     import torch
 
-    from integrations.ban import synth
-    from integrations.ban.synth_oracle import RelevanceOracle, oracle_answers, relevant_boxes
+    from integrations.ban.research import synth
+    from integrations.ban.research.synth_oracle import RelevanceOracle, oracle_answers, relevant_boxes
 
     root = synth.generate(tmp_path / "d", images=8, val_images=8, questions=4, seed=3, v_dim=32, fixed=False)
     rel = relevant_boxes(root, "val")
@@ -340,7 +340,7 @@ def test_the_command_line_offers_every_generator_setting_with_its_default():
     """The flags come from SceneConfig / FeatureConfig, as the knobs' settings do: none is missing."""
     import dataclasses
 
-    from integrations.ban.knobs import generator_knobs
+    from integrations.ban.research.knobs import generator_knobs
 
     args = vars(synth.build_parser().parse_args(["--out", "x"]))
     defaults = {f.name: f.default for cls in (SceneConfig, FeatureConfig) for f in dataclasses.fields(cls)}

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from integrations.ban import synth
 from integrations.ban.data import VQAFeatureDataset, collate_vqa
 from integrations.ban.cli import parse_args
+from integrations.ban.research import synth
 from integrations.ban.train import (build_model, epoch_batches, epoch_indices, official_lr, run, soft_scores,
                                     train_step, vqa_bce_loss)
 from integrations.common import RunError

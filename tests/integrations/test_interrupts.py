@@ -86,7 +86,7 @@ def test_mosaic_interrupt_then_resume(tmp_path):
 
 @pytest.mark.slow
 def test_ban_interrupt_then_resume(tmp_path):
-    from integrations.ban import synth
+    from integrations.ban.research import synth
 
     root = synth.generate(tmp_path / "data", images=6, val_images=2, questions=3, seed=1, v_dim=32, fixed=False)
     cmd = ["integrations.ban", "train", "--data-root", str(root), "--permutation", "po-u", "--num-hid", "16",

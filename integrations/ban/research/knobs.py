@@ -104,7 +104,7 @@ def _cell_args(args: argparse.Namespace, text: str, seed: int) -> argparse.Names
 
 def train_cell(cell_args: argparse.Namespace) -> dict:
     """One knob run (module level: it runs in a worker process); adds this call's seconds to ``time.json``."""
-    from .train import run
+    from ..train import run
 
     t0 = time.perf_counter()
     trained = False

@@ -1,7 +1,7 @@
 """A synthetic VQA dataset in the official BAN data layout, built so that plain BAN learns the
 order-free questions and the order / number questions need the box geometry.
 
-    python -m integrations.ban.synth --out DIR [--families exists,colour] [--images 4000 ...]
+    python -m integrations.ban.research.synth --out DIR [--families exists,colour] [--images 4000 ...]
 
 Scenes, question families and the unambiguity guarantees: ``synth_world.py``. Features (class and
 colour codes + noise, no geometry): ``synth_features.py``. Recovering every answer from the files
@@ -30,7 +30,7 @@ import numpy as np
 
 from integrations.common import CommandError, run_command
 
-from .data import FIXED_BOXES, QUESTION_FILES, Dictionary, split_words
+from ..data import FIXED_BOXES, QUESTION_FILES, Dictionary, split_words
 from .synth_features import FeatureCodes, FeatureConfig
 from .synth_world import (COLOURS, FAMILIES, YES_NO, SceneConfig, SlotDeck, answer, answer_vocabulary,
                           draw_image, family_slots, parse_family_mix, question_text)
@@ -371,4 +371,4 @@ def main(argv=None, prog=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_command(main, "python -m integrations.ban.synth"))
+    raise SystemExit(run_command(main, "python -m integrations.ban.research.synth"))

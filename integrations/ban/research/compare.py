@@ -113,7 +113,7 @@ def sweep_config(args: argparse.Namespace) -> dict:
 
 def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
     """Train every (variant, seed) not finished yet, then write the report; returns the results."""
-    from .train import run as train_run
+    from ..train import run as train_run
 
     train = train or train_run
     # --variants and --seeds only extend a sweep (more runs, none of the finished ones changes), so
@@ -141,7 +141,7 @@ def _train_cell(train, cell_args: argparse.Namespace):
     """Worker: one run. Exceptions come back as text (a RunInterrupted does not survive pickling): one line
     for what the command line reports in one line (a refused run, bad data, a non-finite loss, an OS
     failure), a traceback for anything else."""
-    from .data import VQADataError
+    from ..data import VQADataError
 
     try:
         train(cell_args)

@@ -1,6 +1,6 @@
 """The oracle decoder of the synthetic VQA task: every answer recovered from the FILES alone.
 
-    python -m integrations.ban.synth_oracle --data-root DIR [--split val] [--fixed36]
+    python -m integrations.ban.research.synth_oracle --data-root DIR [--split val] [--fixed36]
 
 It reads what a model reads (the box features and spatial features of ``{split}.hdf5``, the question
 text) plus the generator's public settings in ``synth_meta.json`` (seed, feature scales, class
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import QUESTION_FILES, split_h5_name
+from ..data import QUESTION_FILES, split_h5_name
 from .synth_features import FeatureCodes, FeatureConfig
 from .synth_world import ASKED_CLASSES, Scene, SceneConfig, answer, feasible, parse_question
 
