@@ -128,10 +128,15 @@ def _needs_mnist(tasks: Sequence[str]) -> bool:
     return any(get_task(t).elements == "mnist" for t in tasks)
 
 
+def _embedding_cache(out: Path, cnn_epochs: int, cnn_train_images: Optional[int]) -> Path:
+    """Where the frozen MNIST embedding of these CNN settings is cached."""
+    return out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"
+
+
 def _embedding(out: Path, data_root: Optional[os.PathLike], cnn_epochs: int,
                cnn_train_images: Optional[int]) -> Path:
     """The frozen MNIST embedding's cache file (computed now unless cached) and its record ``cnn.json``."""
-    cache = out / "embedding" / f"mnist_cnn_e{cnn_epochs}_n{cnn_train_images or 'all'}.pt"
+    cache = _embedding_cache(out, cnn_epochs, cnn_train_images)
     feats = mnist_features(data_root, cache=cache, epochs=cnn_epochs, train_images=cnn_train_images)
     write_json(out / "embedding" / "cnn.json", {"test_accuracy": feats.cnn_test_accuracy,
                                                 "pretrain_seconds": feats.pretrain_seconds,
@@ -157,7 +162,7 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     out = Path(out)
     config = suite_config(tasks, encoders, seeds, cfg, reference_width, jobs, threads, cnn_epochs,
                           cnn_train_images, command)
-    if _needs_mnist(tasks) and not (out / "embedding").is_dir():
+    if _needs_mnist(tasks) and not _embedding_cache(out, cnn_epochs, cnn_train_images).is_file():
         dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
     run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, checkpoints=False,
                    log=lambda line: print(line, file=log, flush=True),
