@@ -590,3 +590,76 @@ def test_order_by_empty_batches_and_sets(shape):
     key = torch.randn(*shape[:2], 2, dtype=torch.float64)
     h = enc(x, order_by=key)
     assert h.shape == (shape[0], 12) and torch.equal(h, torch.zeros_like(h))
+
+
+# ----------------------------------------------------------------------------- pooled readout
+
+def make_pool_encoder(pool, permutation="po-u", straight_through=False, seed=0, D=5):
+    torch.manual_seed(seed)
+    po = make_po(permutation, D, 16 if permutation == "po-la" else None, cost_hidden=16, steps=3)
+    return PermutationSetEncoder(D, 12, po, pool=pool, straight_through=straight_through).double()
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+@pytest.mark.parametrize("permutation,straight_through", [("po-u", False), ("po-u", True), ("po-la", False)])
+def test_pool_padded_equals_unpadded_and_is_the_lstm_state_plus_the_pooled_map(pool, permutation, straight_through):
+    g = torch.Generator().manual_seed(7)
+    enc = make_pool_encoder(pool, permutation, straight_through)
+    sizes, N = [1, 3, 7, 11, 16], 16
+    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in sizes]
+    ws = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
+    alone = torch.cat([enc(x[None], weights=w[None]) for x, w in zip(sets, ws)])
+    padded = [pad_randomly(x, w, N, g, fill=float("nan") if i % 2 else float("-inf"))
+              for i, (x, w) in enumerate(zip(sets, ws))]
+    xp, wp, mask = (torch.stack([p[j] for p in padded]) for j in range(3))
+    h = enc(xp, mask=mask, weights=wp)
+    assert torch.isfinite(h).all()
+    assert_close(h, alone, **TOL[torch.float64])
+    # the same encoder without the pooled term, plus W times the sum / mean of the weighted elements
+    lstm_only = PermutationSetEncoder(5, 12, enc.po, straight_through=straight_through).double()
+    lstm_only.lstm.load_state_dict(enc.lstm.state_dict())
+    for b, (x, w) in enumerate(zip(sets, ws)):
+        weighted = x * torch.sigmoid(w).unsqueeze(-1)
+        pooled = weighted.sum(0) if pool == "sum" else weighted.mean(0)
+        expected = lstm_only(x[None], weights=w[None])[0] + enc.pool_linear.weight @ pooled
+        assert_close(h[b], expected, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+def test_pool_is_invariant_and_differentiable(pool):
+    g = torch.Generator().manual_seed(2)
+    enc = make_pool_encoder(pool)
+    x = torch.randn(3, 8, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 8, generator=g) < 0.7
+    mask[:, 0] = True
+    perm = torch.randperm(8, generator=g)
+    assert_close(enc(x[:, perm], mask=mask[:, perm]), enc(x, mask=mask), **TOL[torch.float64])
+    xr = x[:1, :5].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: enc(t), (xr,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+@pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5), (3, 4, 5)])
+def test_pool_empty_batches_and_sets_give_zero_without_nan(pool, shape):
+    enc = make_pool_encoder(pool)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(shape[:2], dtype=torch.bool)
+    h = enc(x, mask=mask)
+    assert h.shape == (shape[0], 12) and torch.equal(h, torch.zeros_like(h))
+    h.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+
+
+def test_pool_argument_repr_and_reset():
+    enc = make_pool_encoder("mean")
+    assert "pool='mean'" in repr(enc) and "pool=" not in repr(make_encoder(torch.float64))
+    assert make_encoder(torch.float64).pool_linear is None
+    for bad in ("max", 1, True, ""):
+        with pytest.raises(ValueError, match="pool"):
+            PermutationSetEncoder(5, 8, pool=bad)
+    torch.manual_seed(3)
+    fresh = PermutationSetEncoder(5, 8, None, pool="sum")
+    torch.manual_seed(3)
+    fresh_state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh.reset_parameters()
+    assert all(torch.equal(fresh_state[k], v) for k, v in fresh.state_dict().items())

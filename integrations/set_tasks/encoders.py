@@ -18,6 +18,10 @@ PyG's sparse batch form (``h[mask]`` and the set index of every element); none i
 | po-la | po-u with ``PermutationOptimization(permutation="po-la")`` | PO-LA, ``num_positions`` = the largest training size |
 | po-u-st | po-u with ``straight_through=True`` | the LSTM reads the Hungarian (hard) order, gradients through the soft P |
 | po-la-st | po-la with ``straight_through=True`` | likewise |
+| po-u-sum | po-u with ``pool="sum"`` | the LSTM state plus a linear map of the sum of the elements |
+| po-u-mean | po-u with ``pool="mean"`` | likewise with the mean |
+| po-u-st-sum | po-u-st with ``pool="sum"`` | hard order and sum pooling |
+| po-u-st-mean | po-u-st with ``pool="mean"`` | hard order and mean pooling |
 
 ``width`` (W) is each encoder's free size; :func:`match_width` picks it so that whole models have
 about the same number of parameters.
@@ -33,13 +37,17 @@ from torch import Tensor, nn
 from setperm import PermutationOptimization, PermutationSetEncoder
 
 BASELINES = ("deepsets", "set-transformer", "lstm", "gru", "sort", "attention")
-OURS = ("lstm-only", "po-u", "po-u-w", "po-la", "po-u-st", "po-la-st")
+# Our encoders are named base[-w][-st][-sum|-mean]: PO-U / PO-LA / no permutation, relevance weights,
+# the straight-through hard order, a pooled term beside the LSTM state (see build_encoder).
+OURS = ("lstm-only", "po-u", "po-u-w", "po-la", "po-u-st", "po-la-st", "po-u-sum", "po-u-mean", "po-u-st-sum",
+        "po-u-st-mean")
 ENCODERS = BASELINES + OURS
-# The suite's default: every encoder but po-la-st (straight-through adds nothing to PO-LA's question and
-# would cost a twelfth of the suite's hour); it is run by naming it in --encoders.
-DEFAULT_ENCODERS = tuple(e for e in ENCODERS if e != "po-la-st")
+# The suite's default: the paper's encoders and the straight-through one; the other variants are run by
+# naming them in --encoders.
+DEFAULT_ENCODERS = tuple(e for e in ENCODERS if e not in ("po-la-st", "po-u-sum", "po-u-mean", "po-u-st-sum",
+                                                          "po-u-st-mean"))
 # Permutation invariant by construction; the others read the elements in the given order.
-INVARIANT = ("deepsets", "set-transformer", "sort", "attention", "po-u", "po-u-w", "po-la", "po-u-st", "po-la-st")
+INVARIANT = tuple(e for e in ENCODERS if e not in ("lstm", "gru", "lstm-only"))
 HEADS = 4                # attention heads of the Set Transformer (its width must be a multiple)
 
 
@@ -116,15 +124,17 @@ def build_encoder(name: str, dim: int, width: int, cfg: EncoderConfig) -> nn.Mod
         return PygReadout(pyg.AttentionalAggregation(
             gate_nn=nn.Sequential(nn.Linear(dim, W), nn.ReLU(), nn.Linear(W, 1)),
             nn=nn.Sequential(nn.Linear(dim, W), nn.ReLU(), nn.Linear(W, W))))
-    permutation = {"lstm-only": "none", "po-u": "po-u", "po-u-w": "po-u", "po-la": "po-la", "po-u-st": "po-u",
-                   "po-la-st": "po-la"}[name]
+    permutation = "none" if name == "lstm-only" else name[:5]          # "po-u-..." / "po-la..."
+    permutation = permutation.rstrip("-")
+    parts = name.split("-")[2:]                                           # after "po-u" / "po-la"
+    pool = parts[-1] if parts and parts[-1] in ("sum", "mean") else None
     po = None
     if permutation != "none":
         # check_finite=False: the encoder checks its input itself, once
         po = PermutationOptimization(dim, cost_hidden=cfg.cost_hidden, steps=cfg.steps, permutation=permutation,
                                      num_positions=cfg.max_train_size if permutation == "po-la" else None,
                                      check_finite=False)
-    encoder = PermutationSetEncoder(dim, W, po, straight_through=name.endswith("-st"))
+    encoder = PermutationSetEncoder(dim, W, po, straight_through="st" in parts, pool=pool)
     return SetpermReadout(encoder, relevance=(name == "po-u-w"))
 
 

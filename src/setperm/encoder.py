@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
-from .init import uninitialized, xavier_lstm_
+from .init import uninitialized, xavier_linear_, xavier_lstm_
 from .masking import (check_check_finite, check_dtype, check_set, check_weights, host_decisions, module_dtype,
                       resolve_check_finite, resolve_mask, zero_padding)
 from .masking import check_finite as _check_finite
@@ -24,6 +24,7 @@ from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
 
 PERMUTATIONS = ("po-u", "po-la")
+POOLS = ("sum", "mean")
 
 
 def _check_permutation(permutation: str) -> str:
@@ -293,6 +294,12 @@ class PermutationSetEncoder(nn.Module):
             soft ``P`` mixes several elements into each position of the sequence; the hard order
             keeps element identity, which counts and histograms over the set need. Not with
             ``po=None``. The Hungarian step runs on the CPU (O(n^3) per set).
+        pool: None (default, the paper's readout: the LSTM's last cell state alone), ``"sum"`` or
+            ``"mean"``: the set vector is ``c_T + W [pool of the elements]``, the LSTM state plus a
+            bias-free linear map of the sum / mean over the real (relevance-weighted) elements.
+            Not in the paper: an LSTM's state expresses a sum or a histogram of the set only
+            through its gates, which sum pooling gives directly (DeepSets); ``"mean"`` keeps the
+            pooled term's scale independent of the set size. An empty set still gives ``h = 0``.
         order_features: if given (default None: the ordering cost sees ``x``), the permutation is
             optimised on separate per-element features ``order_by`` (B, N, order_features) passed
             to ``forward``, while the LSTM still reads ``x``: a sort key next to the payload, e.g.
@@ -303,7 +310,8 @@ class PermutationSetEncoder(nn.Module):
 
     All arguments after ``po`` are keyword-only.
 
-    Submodules: ``po`` (the permutation module, None for ``po=None``), ``lstm``.
+    Submodules: ``po`` (the permutation module, None for ``po=None``), ``lstm``, ``pool_linear``
+    (``Linear(in_features, hidden_size, bias=False)`` with ``pool``, else None).
 
     Shapes:
         ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, weights (B, N) | None,
@@ -324,12 +332,14 @@ class PermutationSetEncoder(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden_size: int, po: Union[PermutationOptimization, str, None] = "po-u",
-                 *, straight_through: bool = False, order_features: Optional[int] = None,
+                 *, straight_through: bool = False, pool: Optional[str] = None, order_features: Optional[int] = None,
                  check_finite: Optional[bool] = None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if pool is not None and (not isinstance(pool, str) or pool not in POOLS):
+            raise ValueError(f"pool must be None or one of {POOLS}, got {pool!r}")
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         if not (po is None or isinstance(po, PermutationOptimization) or (isinstance(po, str) and po == "po-u")):
@@ -359,13 +369,22 @@ class PermutationSetEncoder(nn.Module):
         self.po: Optional[PermutationOptimization] = po
         self.lstm = uninitialized(nn.LSTM, in_features, hidden_size, batch_first=True, **factory_kwargs)
         xavier_lstm_(self.lstm)
+        self.pool = pool
+        # bias-free, so that an empty set (pool 0) still gives h = 0
+        self.pool_linear = (uninitialized(nn.Linear, in_features, hidden_size, bias=False, **factory_kwargs)
+                            if pool is not None else None)
+        if self.pool_linear is not None:
+            xavier_linear_(self.pool_linear)
 
     def reset_parameters(self) -> None:
         """The permutation module's init (Xavier, eta = ``eta_init``), then Xavier per LSTM gate
-        with zero biases (appendix F); the same random draws as construction (the module first)."""
+        with zero biases (appendix F), then the pooling map (Xavier); the same random draws as
+        construction (the module first)."""
         if self.po is not None:
             self.po.reset_parameters()
         xavier_lstm_(self.lstm)
+        if self.pool_linear is not None:
+            xavier_linear_(self.pool_linear)
 
     @property
     def eta(self) -> Optional[Tensor]:
@@ -451,6 +470,14 @@ class PermutationSetEncoder(nn.Module):
             h = c_n[-1]
         else:
             h = lstm_last_cell_state(self.lstm, seq, mask.sum(1), host_lengths=host_lengths)
+        if self.pool_linear is not None:
+            # x is zero at padding, so the sum runs over the real elements; the pooled set is
+            # permutation invariant whatever P is.
+            pooled = x.sum(1)
+            if self.pool == "mean":
+                n = mask.sum(1, keepdim=True) if mask is not None else torch.full((B, 1), N, device=x.device)
+                pooled = pooled / n.clamp_min(1).to(pooled.dtype)
+            h = h + self.pool_linear(pooled)
         if P is None and return_permutation:
             P = (permutation_matrix(order, dtype=x.dtype) if order is not None
                  else torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N))
@@ -463,6 +490,8 @@ class PermutationSetEncoder(nn.Module):
             pairs.append(("po", None))
         else:
             pairs.append(("straight_through", self.straight_through))
+        if self.pool is not None:
+            pairs.append(("pool", self.pool))
         if self.order_features is not None:
             pairs.append(("order_features", self.order_features))
         pairs.append(("check_finite", self.check_finite))
