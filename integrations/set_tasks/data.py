@@ -8,6 +8,8 @@
 * Point elements are ``[x, y, one-hot(class)]`` with x, y uniform in [0, 1] and the class uniform in
   0..9. Elements come in random order (they are drawn i.i.d.), which is the order the LSTM and GRU
   baselines read.
+* Real elements are one number each, drawn from N(0, 1), fed as a 1-feature element; the value is
+  the element itself.
 
 The validation and test sets are derived from ``data_seed`` alone (not the model seed), so every
 encoder and every seed of a run is scored on the same sets; :func:`fingerprint` lets the report
@@ -28,6 +30,7 @@ from integrations.common.seeding import generator as keyed_generator
 from .tasks import NUM_CLASSES, Task
 
 POINT_FEATURES = 2 + NUM_CLASSES
+REAL_FEATURES = 1
 
 
 @dataclass
@@ -48,8 +51,9 @@ class SetBatch:
     """A padded batch of sets and their answers.
 
     ``elements (B, N, F)`` float32 (padding zero), ``mask (B, N)`` bool (True = real element),
-    ``values (B, N)`` long (digit / class of each element), ``xs (B, N)`` float or None
-    (x-coordinates of the points), ``target (B,)`` long (the task's answer)."""
+    ``values (B, N)`` long (digit / class of each element; float32 for real elements), ``xs (B, N)``
+    float or None (x-coordinates of the points), ``target (B,)`` the task's answer (long; float32 for
+    a ``real`` task)."""
 
     elements: Tensor
     mask: Tensor
@@ -70,11 +74,16 @@ class SetBatch:
 
 def element_features(task: Task, pool: Optional[ElementPool]) -> int:
     """Width F of the raw elements of ``task``."""
-    return POINT_FEATURES if task.elements == "points" else pool.features.shape[1]
+    if task.elements == "mnist":
+        return pool.features.shape[1]
+    return POINT_FEATURES if task.elements == "points" else REAL_FEATURES
 
 
 def sample_sets(task: Task, sizes: Tensor, generator: torch.Generator, pool: Optional[ElementPool] = None) -> SetBatch:
-    """One set per entry of ``sizes (B,)`` (each >= 1), elements i.i.d.; ``pool`` for MNIST tasks."""
+    """One set per entry of ``sizes (B,)`` (each >= 1), elements i.i.d.; ``pool`` for MNIST tasks.
+
+    Each kind of element draws from ``generator`` in its own fixed order, so the sets of one kind
+    do not depend on which other kinds exist."""
     if sizes.dim() != 1 or len(sizes) == 0 or int(sizes.min()) < 1:
         raise ValueError(f"sizes: expected a non-empty (B,) tensor of sizes >= 1, got {sizes.tolist()}")
     B, N = len(sizes), int(sizes.max())
@@ -85,6 +94,9 @@ def sample_sets(task: Task, sizes: Tensor, generator: torch.Generator, pool: Opt
             raise ValueError(f"task {task.name!r} draws MNIST images: pass pool")
         idx = torch.randint(len(pool.labels), (B, N), generator=generator)
         values, elements = pool.labels[idx], pool.features[idx]
+    elif task.elements == "reals":
+        values = torch.randn(B, N, generator=generator)
+        elements = values.unsqueeze(-1)
     else:
         values = torch.randint(NUM_CLASSES, (B, N), generator=generator)
         xy = torch.rand(B, N, 2, generator=generator)
@@ -108,8 +120,8 @@ def random_sizes(count: int, size: Union[int, Tuple[int, int]], generator: torch
 def fixed_sets(task: Task, split: str, count: int, size: Union[int, Tuple[int, int]], data_seed: int,
                pool: Optional[ElementPool] = None) -> SetBatch:
     """The validation (``split="val"``) or test (``"test"``) sets of ``task`` at ``size``: a function of
-    ``(task, split, size, data_seed)`` only. ``pool``: the MNIST test images (validation sets use
-    the even-numbered ones, test sets the odd-numbered ones)."""
+    ``(task, split, size, data_seed)`` only. ``pool``: the MNIST test images of an MNIST task
+    (validation sets use the even-numbered ones, test sets the odd-numbered ones)."""
     if split not in ("val", "test"):
         raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
     g = keyed_generator(data_seed, task.name, split, size)

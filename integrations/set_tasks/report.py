@@ -3,9 +3,11 @@
 For every task and encoder: test accuracy (mean ± std over seeds) at the training sizes and at each
 larger test size, MAE for count tasks, time per training step, parameter count, and for the PO
 encoders eta, the entropy of P and the Spearman correlation of the Hungarian order with the task's
-sort key. Per task, each of PO-U, PO-U-ST and PO-LA is compared with the best baseline (PyG's
-aggregations and setperm's LSTM-only) by a paired t-test over seeds: cells of the same seed share their
-training batches and the initial element embedding, so they are paired.
+sort key. Real-valued tasks have no accuracy: they are scored by test MSE (lower is better) wherever
+the others are scored by accuracy (``metric`` of a task's entry). Per task, each of PO-U, PO-U-ST and
+PO-LA is compared with the best baseline (PyG's aggregations and setperm's LSTM-only) by a paired t-test
+over seeds: cells of the same seed share their training batches and the initial element embedding, so
+they are paired.
 """
 from __future__ import annotations
 
@@ -56,7 +58,9 @@ def summarize(cells: List[dict]) -> dict:
         sizes = sorted({k for c in tc for k in c["test"]}, key=lambda k: (k != "train", int(k) if k.isdigit() else 0))
         prints = {json.dumps({k: v for k, v in c["fingerprints"].items() if k in ("val", "train")}, sort_keys=True)
                   for c in tc}
-        entry = {"family": TASKS[t].family, "output": TASKS[t].output, "description": TASKS[t].description,
+        metric = TASKS[t].metric
+        entry = {"family": TASKS[t].family, "output": TASKS[t].output, "metric": metric,
+                 "description": TASKS[t].description,
                  "same_test_sets": len(prints) == 1, "sizes": sizes,
                  "prior": {k: next(c["prior"][k] for c in tc if k in c["prior"]) for k in sizes},
                  "encoders": {}}
@@ -68,11 +72,11 @@ def summarize(cells: List[dict]) -> dict:
                    "cell_seconds": _mean_std([c.get("wall_seconds") for c in ec]),
                    "best_step": _mean_std([c["best_step"] for c in ec]),
                    "steps": max(c["config"]["steps"] for c in ec),
-                   "accuracy": {k: _mean_std([c["test"][k]["accuracy"] if k in c["test"] else None for c in ec])
-                                for k in sizes}}
-            if TASKS[t].output == "count":
+                   metric: {k: _mean_std([c["test"][k][metric] if k in c["test"] else None for c in ec])
+                            for k in sizes}}
+            if TASKS[t].output != "class":
                 row["mae"] = {k: _mean_std([c["test"][k]["mae"] if k in c["test"] else None for c in ec]) for k in sizes}
-            row["values_by_seed"] = {k: {str(c["seed"]): c["test"][k]["accuracy"] for c in ec if k in c["test"]}
+            row["values_by_seed"] = {k: {str(c["seed"]): c["test"][k][metric] for c in ec if k in c["test"]}
                                      for k in sizes}
             if any(c.get("eta") is not None for c in ec):
                 row["eta"] = _mean_std([c["eta"] for c in ec])
@@ -90,16 +94,19 @@ def summarize(cells: List[dict]) -> dict:
 
 
 def _compare(entry: dict) -> dict:
-    """Each of :data:`COMPARED` against the best baseline (by mean accuracy at the training sizes):
-    the difference, a paired t-test over the seeds both have, and its rank among all encoders."""
+    """Each of :data:`COMPARED` against the best baseline (by the task's ``metric`` at the training
+    sizes: the highest mean accuracy, or the lowest mean MSE): the difference ours − best in that
+    metric, a paired t-test of it over the seeds both have, and its rank among all encoders."""
     enc = entry["encoders"]
-    means = {e: r["accuracy"]["train"]["mean"] for e, r in enc.items() if r["accuracy"]["train"]["mean"] is not None}
-    ranking = sorted(means, key=lambda e: -means[e])
-    baselines = {e: m for e, m in means.items() if e in BASELINE_NAMES}
-    out = {"ranking": ranking, "best": ranking[0] if ranking else None}
+    metric = entry["metric"]
+    sign = 1 if metric == "mse" else -1               # sorting key: lower MSE, higher accuracy first
+    means = {e: r[metric]["train"]["mean"] for e, r in enc.items() if r[metric]["train"]["mean"] is not None}
+    ranking = sorted(means, key=lambda e: sign * means[e])
+    baselines = [e for e in ranking if e in BASELINE_NAMES]
+    out = {"metric": metric, "ranking": ranking, "best": ranking[0] if ranking else None}
     if not baselines:
         return out
-    best = max(baselines, key=baselines.get)
+    best = baselines[0]
     out["best_baseline"] = best
     theirs = enc[best]["values_by_seed"]["train"]
     for ours in COMPARED:
@@ -109,7 +116,7 @@ def _compare(entry: dict) -> dict:
         seeds = sorted(set(mine) & set(theirs), key=int)
         test = paired_test([mine[k] for k in seeds], [theirs[k] for k in seeds])
         out[ours] = {"difference": means[ours] - means[best], "paired": test, "rank": ranking.index(ours) + 1,
-                     "seed_spread": max(enc[ours]["accuracy"]["train"]["std"], enc[best]["accuracy"]["train"]["std"])}
+                     "seed_spread": max(enc[ours][metric]["train"]["std"], enc[best][metric]["train"]["std"])}
     return out
 
 
@@ -135,6 +142,8 @@ def _prior_accuracy(prior: dict, size: str) -> str:
 
 
 def _accuracy_section(summary: dict, tasks: List[str], encoders: List[str]) -> List[str]:
+    if not tasks:
+        return []
     return ["Test accuracy (%) at the training sizes, mean ± std over seeds; `prior`: the most frequent "
             "answer of the test sets.", ""] + _encoder_table(
         summary, encoders, [(t, "train") for t in tasks], lambda t, _: f"{t} ({summary['tasks'][t]['family']})",
@@ -142,9 +151,12 @@ def _accuracy_section(summary: dict, tasks: List[str], encoders: List[str]) -> L
 
 
 def _comparison_section(summary: dict, tasks: List[str]) -> List[str]:
+    real = [t for t in tasks if summary["tasks"][t]["metric"] == "mse"]
+    real_note = (" Real-valued tasks (marked MSE): the best baseline has the lowest test MSE, the difference is "
+                 "in MSE (answer units; negative = ours better), the t-test and the ranks use MSE." if real else "")
     lines = ["", "PO encoders against the best baseline (PyG's aggregations and lstm-only) at the training "
              "sizes: difference in accuracy points (mean over seeds), paired t-test over seeds, rank among all "
-             "encoders (1 = best).", "",
+             "encoders (1 = best)." + real_note, "",
              "| task | best baseline | " + " | ".join(f"{o} − best | p | rank" for o in COMPARED) + " |",
              "|---|---|" + "---|---|---|" * len(COMPARED)]
     for t in tasks:
@@ -154,10 +166,11 @@ def _comparison_section(summary: dict, tasks: List[str]) -> List[str]:
         cols = []
         for o in COMPARED:
             if o in c:
-                cols += [f"{100 * c[o]['difference']:+.1f}", fmt_p(c[o]["paired"]["p"]), str(c[o]["rank"])]
+                diff = f"{c[o]['difference']:+.3f}" if t in real else f"{100 * c[o]['difference']:+.1f}"
+                cols += [diff, fmt_p(c[o]["paired"]["p"]), str(c[o]["rank"])]
             else:
                 cols += ["", "", ""]
-        lines.append(f"| {t} | {c['best_baseline']} | " + " | ".join(cols) + " |")
+        lines.append(f"| {t}{' (MSE)' if t in real else ''} | {c['best_baseline']} | " + " | ".join(cols) + " |")
     return lines
 
 
@@ -181,6 +194,19 @@ def _count_section(summary: dict, tasks: List[str], encoders: List[str], big: Li
         lambda t, n: f"{t} {'train' if n == 'train' else 'N=' + n}",
         lambda row, n: _fmt(row["mae"].get(n), 1, 2),
         lambda prior, n: f"{prior[n]['mae']:.2f}" if n in prior else "")
+
+
+def _regression_section(summary: dict, tasks: List[str], encoders: List[str], big: List[str]) -> List[str]:
+    if not tasks:
+        return []
+    sizes = ["train"] + big
+    return ["", "Regression on real-valued sets: test MSE (answer units, lower is better), mean ± std over seeds, "
+            "at the training sizes" + (" and at N = " + ", ".join(big) if big else "") +
+            "; `prior`: the MSE of the best constant (the test sets' mean answer).", ""] + _encoder_table(
+        summary, encoders, [(t, n) for t in tasks for n in sizes],
+        lambda t, n: f"{t} {'train' if n == 'train' else 'N=' + n}",
+        lambda row, n: _fmt(row["mse"].get(n), 1, 3),
+        lambda prior, n: f"{prior[n]['mse']:.3f}" if n in prior else "")
 
 
 def _cost_section(summary: dict, tasks: List[str], encoders: List[str]) -> List[str]:
@@ -222,8 +248,8 @@ def _diagnostics_section(summary: dict, tasks: List[str], big: List[str]) -> Lis
         return []
     lines = ["", "PO diagnostics on the test sets at the training sizes: learned eta, row entropy of P divided "
              "by log n (0 = hard permutation, 1 = uniform), |Spearman| between the Hungarian position and the "
-             "sort key (digit / class, or x for the position tasks). lstm-only reads the input order (entropy 0): its "
-             "|Spearman| is the chance level of an unrelated order.", "",
+             "sort key (digit / class, x for the position tasks, the value itself for real elements). lstm-only "
+             "reads the input order (entropy 0): its |Spearman| is the chance level of an unrelated order.", "",
              "| task | encoder | eta | entropy / log n | " + " | ".join(f"entropy N={n}" for n in big) +
              " | abs Spearman | " + " | ".join(f"abs Spearman N={n}" for n in big) + " |",
              "|---|---|---|---|" + "---|" * (2 * len(big) + 1)]
@@ -237,21 +263,26 @@ def _diagnostics_section(summary: dict, tasks: List[str], big: List[str]) -> Lis
 
 
 def markdown(summary: dict, command: str = "") -> str:
-    """Tables: accuracy at the training sizes, size generalisation, cost, PO diagnostics."""
+    """Tables: accuracy at the training sizes, size generalisation, count MAE, real-task MSE, cost, PO
+    diagnostics."""
     tasks = list(summary["tasks"])
+    real = [t for t in tasks if summary["tasks"][t]["metric"] == "mse"]
+    scored = [t for t in tasks if t not in real]          # the tasks that have an accuracy
     encoders = [e for e in ENCODERS if any(e in summary["tasks"][t]["encoders"] for t in tasks)]
     big = sorted({k for t in tasks for k in summary["tasks"][t]["sizes"] if k != "train"}, key=int)
     lines = [f"Command: `{command}`", ""] if command else []
-    lines += (_accuracy_section(summary, tasks, encoders) + _comparison_section(summary, tasks)
-              + _size_section(summary, tasks, encoders, big) + _count_section(summary, tasks, encoders, big)
-              + _cost_section(summary, tasks, encoders) + _step_budget_section(summary, tasks, encoders)
+    lines += (_accuracy_section(summary, scored, encoders) + _comparison_section(summary, tasks)
+              + _size_section(summary, scored, encoders, big) + _count_section(summary, tasks, encoders, big)
+              + _regression_section(summary, real, encoders, big) + _cost_section(summary, tasks, encoders)
+              + _step_budget_section(summary, tasks, encoders)
               + _diagnostics_section(summary, tasks, big))
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, path: Path) -> None:
     """One panel per task: a bar per encoder (mean test accuracy at the training sizes, error bar =
-    std over seeds, dots = seeds), and lighter bars for the larger test sizes; dashed line = prior."""
+    std over seeds, dots = seeds), and lighter bars for the larger test sizes; dashed line = prior.
+    A real task's panel shows the test MSE instead (lower is better, said in its title)."""
     plt = pyplot()
 
     tasks = list(summary["tasks"])
@@ -260,26 +291,32 @@ def plot(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     for ax, t in zip(axes.flat, tasks):
         entry = summary["tasks"][t]
+        metric = entry["metric"]
         encs = list(entry["encoders"])
         sizes = entry["sizes"]
         width = 0.8 / len(sizes)
         for j, k in enumerate(sizes):
             xs = np.arange(len(encs)) + (j - (len(sizes) - 1) / 2) * width
-            means = [entry["encoders"][e]["accuracy"][k]["mean"] for e in encs]
-            stds = [entry["encoders"][e]["accuracy"][k]["std"] for e in encs]
+            means = [entry["encoders"][e][metric][k]["mean"] for e in encs]
+            stds = [entry["encoders"][e][metric][k]["std"] for e in encs]
             ax.bar(xs, [np.nan if m is None else m for m in means], width,
                    yerr=[0 if s is None else s for s in stds], alpha=1.0 - 0.3 * j, capsize=2,
                    color=[("C3" if e.startswith("po") else "C0") for e in encs],
                    label="train sizes" if k == "train" else f"N={k}")
             for x, e in zip(xs, encs):
-                vals = entry["encoders"][e]["accuracy"][k]["values"]
+                vals = entry["encoders"][e][metric][k]["values"]
                 ax.plot([x] * len(vals), vals, "k.", ms=3)
-        ax.axhline(entry["prior"]["train"]["accuracy"], ls="--", c="gray", lw=1)
+        ax.axhline(entry["prior"]["train"][metric], ls="--", c="gray", lw=1)
         ax.set_xticks(np.arange(len(encs)))
         ax.set_xticklabels(encs, rotation=60, ha="right", fontsize=7)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{t} ({entry['family']})", fontsize=9)
-        ax.set_ylabel("test accuracy", fontsize=8)
+        if metric == "mse":         # no upper bound: from 0 up to what the bars need
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{t} ({entry['family']}): test MSE, lower is better", fontsize=9)
+            ax.set_ylabel("test MSE", fontsize=8)
+        else:
+            ax.set_ylim(0, 1)
+            ax.set_title(f"{t} ({entry['family']})", fontsize=9)
+            ax.set_ylabel("test accuracy", fontsize=8)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)

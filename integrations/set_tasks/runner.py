@@ -22,7 +22,7 @@ from integrations.common.datasets import dataset_folder
 from integrations.common.lifecycle import SUMMARY
 from integrations.common.pool import run_units
 
-from .data import POINT_FEATURES
+from .data import POINT_FEATURES, REAL_FEATURES
 from .embedding import FEATURES, mnist_features
 from .encoders import ENCODERS, match_width
 from .model import model_size
@@ -51,7 +51,8 @@ def plan_cells(tasks: Sequence[str], encoders: Sequence[str], seeds: Sequence[in
 
 
 def in_features(task: str) -> int:
-    return FEATURES if get_task(task).elements == "mnist" else POINT_FEATURES
+    """Width of the raw elements: the frozen CNN's features for MNIST, none of the data for the others."""
+    return {"mnist": FEATURES, "points": POINT_FEATURES, "reals": REAL_FEATURES}[get_task(task).elements]
 
 
 def matched_widths(tasks: Sequence[str], encoders: Sequence[str], cfg: TrainConfig,

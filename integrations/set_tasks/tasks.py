@@ -1,7 +1,8 @@
 """The set-to-vector tasks: what each answer is, computed on a padded batch.
 
-Every set holds ``n`` elements with an integer ``value`` (the digit of an MNIST image, or the class of
-a point) and, for the position tasks, an x-coordinate. The answers are vectorised over a padded
+Every set holds ``n`` elements with a ``value`` (the digit of an MNIST image or the class of a point,
+integers; or, for the ``reals`` task, the element itself, a real number) and, for the position tasks,
+an x-coordinate. The answers are vectorised over a padded
 batch ``values (B, N)``, ``xs (B, N)``, ``mask (B, N)`` (True = real element); the tests check them
 against a brute-force oracle on Python lists.
 
@@ -15,10 +16,13 @@ against a brute-force oracle on Python lists.
 | kth | position | points | class of the k-th element from the left (k = 3) | class (10) |
 | left-of-max | position | points | number of elements left of the largest one (the largest class; among equals the leftmost) | count |
 | unique | counting | MNIST | number of distinct digits (the Set Transformer's unique count) | count |
+| median-real | rank | reals | lower median of real numbers drawn from N(0, 1) | real |
 
 ``count`` tasks are regressions (their answer grows with ``n``, so a fixed class list could not
 extrapolate to the larger test sets); they are scored by the accuracy of the rounded prediction, and
-by MAE. x-coordinates are continuous, so ties between them have probability 0.
+by MAE. ``real`` tasks are regressions on a real-valued answer (MSE on ``answer / scale``), scored by
+MSE and MAE; they have no accuracy. x-coordinates and real elements are continuous, so ties between
+them have probability 0.
 """
 from __future__ import annotations
 
@@ -30,28 +34,43 @@ from torch import Tensor
 
 NUM_CLASSES = 10       # digits, and point classes
 KTH = 3                # the "k-th element from the left" of the kth task (sets hold >= 5 elements)
+ELEMENTS = ("mnist", "points", "reals")
+OUTPUTS = ("class", "count", "real")
 
 
 @dataclass(frozen=True)
 class Task:
-    """``output``: ``"class"`` (cross-entropy over ``num_classes``) or ``"count"`` (regression on
-    ``answer / scale``; ``scale`` is about the answer's spread at the training sizes)."""
+    """``output``: ``"class"`` (cross-entropy over ``num_classes``), ``"count"`` (regression on
+    ``answer / scale`` of an integer answer, scored by the rounded prediction; ``scale`` is about the
+    answer's spread at the training sizes) or ``"real"`` (regression on ``answer / scale`` of a float
+    answer, scored by MSE)."""
 
     name: str
     family: str
-    elements: str                       # "mnist" or "points"
+    elements: str                       # "mnist", "points" or "reals"
     output: str
     answer: Callable[[Tensor, Optional[Tensor], Tensor], Tensor]
     num_classes: int = NUM_CLASSES
     scale: float = 1.0
     description: str = ""
 
+    def __post_init__(self):
+        if self.elements not in ELEMENTS:
+            raise ValueError(f"elements: expected one of {ELEMENTS}, got {self.elements!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output: expected one of {OUTPUTS}, got {self.output!r}")
+
+    @property
+    def metric(self) -> str:
+        """What a cell is scored by: accuracy, or for a real task (which has none) the MSE, lower is better."""
+        return "mse" if self.output == "real" else "accuracy"
+
     @property
     def out_features(self) -> int:
         return self.num_classes if self.output == "class" else 1
 
 
-# ------------------------------------------------------------------------------ answers (B,) long
+# ------------------------------------------------------------------------------ answers (B,), values' dtype
 _BIG = 1 << 20
 
 
@@ -114,6 +133,8 @@ TASKS: Dict[str, Task] = {t.name: t for t in (
     Task("left-of-max", "position", "points", "count", answer_left_of_max, scale=2.0,
          description="points left of the largest-class point"),
     Task("unique", "counting", "mnist", "count", answer_unique, scale=2.0, description="number of distinct digits"),
+    # The lower median of N(0, 1) values has a spread below 1 at the training sizes: no rescaling needed.
+    Task("median-real", "rank", "reals", "real", answer_median, description="lower median of real numbers"),
 )}
 
 

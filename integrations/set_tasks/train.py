@@ -58,19 +58,21 @@ class TrainConfig:
 
 def loss_and_prediction(task: Task, out: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
     """Cross-entropy and argmax for class tasks; MSE on ``answer / scale`` and the rounded
-    prediction for count tasks."""
+    prediction for count tasks, the prediction itself (answer units) for real tasks."""
     if task.output == "class":
         return F.cross_entropy(out, target), out.argmax(-1)
     pred = out.squeeze(-1)
-    return F.mse_loss(pred, target.to(pred.dtype) / task.scale), torch.round(pred * task.scale).long()
+    loss = F.mse_loss(pred, target.to(pred.dtype) / task.scale)
+    return loss, (pred * task.scale if task.output == "real" else torch.round(pred * task.scale).long())
 
 
 @torch.no_grad()
 def evaluate(model: SetModel, task: Task, sets: SetBatch, chunk: int, diagnose: bool = False) -> Dict[str, float]:
-    """Accuracy and loss (count tasks also MAE and MSE in answer units) over ``sets``; with
-    ``diagnose`` and a setperm encoder, also the mean entropy of P (nats, and divided by log n) and the
-    mean Spearman correlation between each element's Hungarian position and its sort key (the digit /
-    class for MNIST tasks, the x-coordinate for the position tasks)."""
+    """Accuracy and loss (count tasks also MAE and MSE in answer units) over ``sets``; real tasks
+    have no accuracy (the key is absent): loss, MAE and MSE. With ``diagnose`` and a setperm encoder,
+    also the mean entropy of P (nats, and divided by log n) and the mean Spearman correlation between
+    each element's Hungarian position and its sort key (the digit / class for MNIST tasks, the
+    x-coordinate for the position tasks, the value itself for real elements)."""
     model.eval()
     correct, loss_sum, abs_err, sq_err = 0.0, 0.0, 0.0, 0.0
     entropies, rel_entropies, rhos = [], [], []
@@ -78,9 +80,10 @@ def evaluate(model: SetModel, task: Task, sets: SetBatch, chunk: int, diagnose: 
         part = sets.slice(start, min(start + chunk, len(sets)))
         out, P = model(part.elements, part.mask, return_permutation=True)
         loss, pred = loss_and_prediction(task, out, part.target)
-        correct += float((pred == part.target).sum())
+        if task.output != "real":
+            correct += float((pred == part.target).sum())
         loss_sum += float(loss) * len(part)
-        if task.output == "count":
+        if task.output != "class":
             err = out.squeeze(-1) * task.scale - part.target.to(out.dtype)
             abs_err += float(err.abs().sum())
             sq_err += float((err ** 2).sum())
@@ -92,8 +95,9 @@ def evaluate(model: SetModel, task: Task, sets: SetBatch, chunk: int, diagnose: 
             rhos += _spearman(P, part, task)
     model.train()
     count = len(sets)
-    res = {"accuracy": correct / count, "loss": loss_sum / count}
-    if task.output == "count":
+    res = {} if task.output == "real" else {"accuracy": correct / count}
+    res["loss"] = loss_sum / count
+    if task.output != "class":
         res.update(mae=abs_err / count, mse=sq_err / count)
     if entropies:
         res.update(entropy=float(np.mean(entropies)), entropy_rel=float(np.mean(rel_entropies)),
@@ -105,7 +109,7 @@ def evaluate(model: SetModel, task: Task, sets: SetBatch, chunk: int, diagnose: 
 def _spearman(P: Tensor, part: SetBatch, task: Task) -> List[float]:
     """Per set: Spearman rho between each real element's Hungarian position and its sort key."""
     idx = hungarian(P.detach().float(), mask=part.mask)            # idx[b, k] = element at position k
-    key = part.xs if task.elements == "points" else part.values.float()
+    key = part.xs if task.elements == "points" else part.values.float()      # digit, class or real value
     out = []
     for b in range(len(part)):
         n = int(part.mask[b].sum())
@@ -126,7 +130,13 @@ def _cell_pools(task: Task, features) -> Tuple[Optional[ElementPool], Optional[E
 
 def prior(task: Task, sets: SetBatch) -> Dict[str, float]:
     """The best constant answer *on these sets*: accuracy of their most frequent answer (an upper
-    bound on any constant predictor), and for count tasks the MAE of their median."""
+    bound on any constant predictor), and for count tasks the MAE of their median. For a real task:
+    the MSE of their mean and the MAE of their median (the best constants for each)."""
+    if task.output == "real":
+        t = sets.target.double()
+        mean, median = t.mean(), t.median()
+        return {"mse": float(((t - mean) ** 2).mean()), "mae": float((t - median).abs().mean()),
+                "mean": float(mean), "median": float(median)}
     values, counts = sets.target.unique(return_counts=True)
     res = {"accuracy": float(counts.max()) / len(sets), "answer": int(values[counts.argmax()])}
     if task.output == "count":
@@ -170,7 +180,8 @@ def run_cell(task: Task, encoder: str, seed: int, width: int, cfg: TrainConfig, 
         step_times.append(time.perf_counter() - t0)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             v = evaluate(model, task, val, cfg.eval_chunk)
-            curve.append({"step": step, "train_loss": loss_value, "val_loss": v["loss"], "val_accuracy": v["accuracy"]})
+            curve.append({"step": step, "train_loss": loss_value, "val_loss": v["loss"],
+                          f"val_{task.metric}": v[task.metric]})
             if v["loss"] < best[0]:
                 best = (v["loss"], copy.deepcopy(model.state_dict()), step)
     train_seconds = time.perf_counter() - t_start

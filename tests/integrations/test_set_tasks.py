@@ -1,6 +1,6 @@
 """integrations.set_tasks: answers against a brute-force oracle, deterministic fixed sets, encoder
-invariance, parameter matching, a tiny end-to-end run, the run lifecycle (refuse, resume, extend, a
-finished sweep, SIGINT) and the report."""
+invariance, parameter matching, a tiny end-to-end run (also of the real-valued task, scored by MSE), the
+run lifecycle (refuse, resume, extend, a finished sweep, SIGINT) and the report."""
 from __future__ import annotations
 
 import gzip
@@ -24,20 +24,22 @@ from integrations.set_tasks import (ENCODERS, INVARIANT, TASKS, ElementPool, Enc
                                     build_encoder, fingerprint, fixed_sets, get_task, random_sizes, sample_sets)
 from integrations.common import RunError, run_command  # noqa: E402
 from integrations.set_tasks.cli import PROG, main  # noqa: E402
+from integrations.set_tasks.cli import build_parser  # noqa: E402
 from integrations.set_tasks.data import POINT_FEATURES  # noqa: E402
-from integrations.set_tasks.runner import cell_path, matched_widths, run_suite  # noqa: E402
-from integrations.set_tasks.tasks import KTH  # noqa: E402
-from integrations.set_tasks.train import TrainConfig  # noqa: E402
+from integrations.set_tasks.report import _compare  # noqa: E402
+from integrations.set_tasks.runner import cell_path, in_features, matched_widths, run_suite  # noqa: E402
+from integrations.set_tasks.tasks import KTH, Task, answer_median  # noqa: E402
+from integrations.set_tasks.train import TrainConfig, prior  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ brute-force oracle
-def oracle(task: str, values: list, xs: list) -> int:
+def oracle(task: str, values: list, xs: list):
     """The answer of one set from plain Python lists."""
     if task == "sum":
         return sum(values)
     if task == "max":
         return max(values)
-    if task == "median":
+    if task in ("median", "median-real"):
         return sorted(values)[(len(values) - 1) // 2]
     if task == "second":
         return sorted(values, reverse=True)[1]
@@ -75,9 +77,57 @@ def test_answers_match_a_brute_force_oracle(name):
         assert batch.mask[b, :k].all() and not batch.mask[b, k:].any()
         values = batch.values[b, :k].tolist()
         xs = batch.xs[b, :k].tolist() if batch.xs is not None else None
-        assert int(batch.target[b]) == oracle(name, values, xs), (name, values, xs)
+        assert batch.target[b].item() == oracle(name, values, xs), (name, values, xs)
     # padding is zero and carries no information
     assert (batch.elements[~batch.mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_padding_does_not_change_the_answer(name):
+    task = get_task(name)
+    g = torch.Generator().manual_seed(2)
+    batch = sample_sets(task, random_sizes(200, (5, 9), g), g, _pool())
+    # three more padding slots, holding arbitrary values and positions
+    junk = (torch.randn(200, 3, generator=g) * 5 if batch.values.is_floating_point()
+            else torch.randint(10, (200, 3), generator=g))
+    values = torch.cat([batch.values, junk], 1)
+    xs = None if batch.xs is None else torch.cat([batch.xs, torch.rand(200, 3, generator=g) - 1], 1)
+    mask = torch.cat([batch.mask, torch.zeros(200, 3, dtype=torch.bool)], 1)
+    assert torch.equal(task.answer(values, xs, mask), batch.target)
+
+
+def test_real_sets_are_one_feature_standard_normal_values_with_a_float_median():
+    task = get_task("median-real")
+    assert (task.elements, task.output, task.out_features, task.answer) == ("reals", "real", 1, answer_median)
+    assert (task.metric, get_task("median").metric) == ("mse", "accuracy")
+    assert in_features("median-real") == 1 and "median-real" in build_parser().parse_args(["run"]).tasks
+    g = torch.Generator().manual_seed(0)
+    batch = sample_sets(task, random_sizes(2000, (5, 10), g), g)
+    assert batch.elements.shape == (2000, 10, 1) and batch.target.dtype == torch.float32
+    assert torch.equal(batch.elements[..., 0], batch.values)
+    v = batch.values[batch.mask]
+    assert abs(float(v.mean())) < 0.03 and abs(float(v.std()) - 1) < 0.03
+    # the prior: the best constants on these sets, the mean for MSE and the median for MAE
+    p = prior(task, batch)
+    t = batch.target.double()
+    assert p["mse"] == pytest.approx(float(t.var(unbiased=False))) and p["mean"] == pytest.approx(float(t.mean()))
+    assert p["mae"] == pytest.approx(float((t - t.median()).abs().mean())) and "accuracy" not in p
+    with pytest.raises(ValueError, match="elements"):
+        Task("x", "rank", "floats", "real", answer_median)
+    with pytest.raises(ValueError, match="output"):
+        Task("x", "rank", "reals", "regression", answer_median)
+
+
+def test_fixed_sets_of_the_class_tasks_are_unchanged():
+    """Fingerprints computed before the real-valued task was added: its sampling branch must not change
+    the generator draws of the others (finished runs are compared by these fingerprints)."""
+    pool = _pool(400)
+    assert fingerprint(fixed_sets(get_task("kth"), "test", 100, (5, 10), 0)) == "79e472fa4e328a4f"
+    assert fingerprint(fixed_sets(get_task("kth"), "val", 100, (5, 10), 0)) == "819dbac3663f718c"
+    assert fingerprint(fixed_sets(get_task("left-of-max"), "test", 100, 20, 0)) == "1734d4e0e4d0188b"
+    assert fingerprint(fixed_sets(get_task("median"), "test", 100, (5, 10), 0, pool)) == "e2a36fa4637dda8c"
+    assert fingerprint(fixed_sets(get_task("median"), "test", 100, 20, 0, pool)) == "2d1203e5389edf31"
+    assert fingerprint(fixed_sets(get_task("sum"), "val", 100, (5, 10), 0, pool)) == "98e18f4b9634d24a"
 
 
 def test_point_elements_hold_position_and_one_hot_class():
@@ -295,6 +345,51 @@ def test_an_extended_sweep_that_stops_is_not_taken_for_finished(tmp_path):
         sweep(["sort", "deepsets"])
     run, done = sweep(["sort", "deepsets"], resume=True)
     assert not run.finished and done == []                     # the interrupted cell had been written
+
+
+def test_a_real_task_extends_an_old_sweep_and_is_reported_by_mse(tmp_path, capsys):
+    out, no_data = tmp_path / "run", tmp_path / "no-data"        # neither task needs MNIST
+    args = ("--encoders", "deepsets,po-u", "--seeds", "1")
+    assert _run(out, no_data, "--tasks", "leftmost", *args) == 0
+    capsys.readouterr()
+    assert _run(out, no_data, "--tasks", "leftmost,median-real", *args, "--resume") == 0
+    assert "2 cells to run, 2 finished cells skipped" in capsys.readouterr().err
+    cell = json.loads(cell_path(out, "median-real", "po-u", 0).read_text())
+    assert "accuracy" not in cell["test"]["train"] and cell["test"]["train"]["mse"] >= 0
+    assert "val_mse" in cell["curve"][0] and -1 <= cell["test"]["train"]["spearman"] <= 1
+    summary = json.loads((out / "results" / "summary.json").read_text())
+    entry = summary["tasks"]["median-real"]
+    assert entry["metric"] == "mse" and summary["tasks"]["leftmost"]["metric"] == "accuracy"
+    row = entry["encoders"]["po-u"]
+    assert "accuracy" not in row and row["mse"]["train"]["n"] == 1 and row["mae"]["8"]["n"] == 1
+    assert row["values_by_seed"]["train"] == {"0": cell["test"]["train"]["mse"]}
+    assert entry["prior"]["train"]["mse"] > 0 and entry["comparison"]["best_baseline"] == "deepsets"
+    table = (out / "results" / "table.md").read_text()
+    assert "Regression on real-valued sets: test MSE" in table and "median-real train" in table
+    assert "| median-real (MSE) | deepsets |" in table and "leftmost (position)" in table
+    assert "median-real (rank)" not in table                    # not in the accuracy tables
+    assert (out / "results" / "set_tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _hand_made_entry(metric: str, means: dict) -> dict:
+    """A summary entry with two seeds per encoder around the given means."""
+    rows = {e: {metric: {"train": {"mean": m, "std": 0.01, "n": 2}},
+                "values_by_seed": {"train": {"0": m - 0.01, "1": m + 0.01 + 0.001 * i}}}
+            for i, (e, m) in enumerate(means.items())}
+    return {"metric": metric, "encoders": rows}
+
+
+def test_compare_picks_the_lowest_mse_baseline_for_a_real_task():
+    means = {"deepsets": 0.10, "set-transformer": 0.20, "lstm": 0.05, "po-u": 0.08}
+    c = _compare(_hand_made_entry("mse", means))
+    assert c["metric"] == "mse" and c["best_baseline"] == "lstm" and c["best"] == "lstm"
+    assert c["ranking"] == ["lstm", "po-u", "deepsets", "set-transformer"]
+    assert c["po-u"]["difference"] == pytest.approx(0.03) and c["po-u"]["rank"] == 2     # positive: ours worse
+    assert c["po-u"]["paired"]["n"] == 2 and c["po-u"]["paired"]["diff_mean"] == pytest.approx(0.0305)
+    # the same numbers as accuracies: the highest wins
+    c = _compare(_hand_made_entry("accuracy", means))
+    assert c["best_baseline"] == "set-transformer" and c["po-u"]["rank"] == 3
+    assert c["po-u"]["difference"] == pytest.approx(-0.12)
 
 
 def test_report_command_reads_only_the_cell_files(tmp_path):
