@@ -48,6 +48,8 @@ DEFAULT_ENCODERS = tuple(e for e in ENCODERS if e not in ("po-la-st", "po-u-sum"
                                                           "po-u-st-mean"))
 # Permutation invariant by construction; the others read the elements in the given order.
 INVARIANT = tuple(e for e in ENCODERS if e not in ("lstm", "gru", "lstm-only"))
+# The setting the README recommends for each task family (measured in this suite, see its README).
+RECOMMENDED = {"position": "po-u", "order-free": "po-u-st-sum", "rank": "po-u-st-sum", "counting": "po-u-st-sum"}
 HEADS = 4                # attention heads of the Set Transformer (its width must be a multiple)
 
 
@@ -124,9 +126,9 @@ def build_encoder(name: str, dim: int, width: int, cfg: EncoderConfig) -> nn.Mod
         return PygReadout(pyg.AttentionalAggregation(
             gate_nn=nn.Sequential(nn.Linear(dim, W), nn.ReLU(), nn.Linear(W, 1)),
             nn=nn.Sequential(nn.Linear(dim, W), nn.ReLU(), nn.Linear(W, W))))
-    permutation = "none" if name == "lstm-only" else name[:5]          # "po-u-..." / "po-la..."
-    permutation = permutation.rstrip("-")
-    parts = name.split("-")[2:]                                           # after "po-u" / "po-la"
+    words = name.split("-")
+    permutation = "none" if name == "lstm-only" else "-".join(words[:2])     # "po-u" / "po-la"
+    parts = words[2:] if permutation != "none" else []                      # w, st, sum / mean
     pool = parts[-1] if parts and parts[-1] in ("sum", "mean") else None
     po = None
     if permutation != "none":
@@ -135,7 +137,7 @@ def build_encoder(name: str, dim: int, width: int, cfg: EncoderConfig) -> nn.Mod
                                      num_positions=cfg.max_train_size if permutation == "po-la" else None,
                                      check_finite=False)
     encoder = PermutationSetEncoder(dim, W, po, straight_through="st" in parts, pool=pool)
-    return SetpermReadout(encoder, relevance=(name == "po-u-w"))
+    return SetpermReadout(encoder, relevance="w" in parts)
 
 
 def max_set_size(name: str, cfg: EncoderConfig) -> Optional[int]:

@@ -22,12 +22,10 @@ from integrations.common import CommandError, write_json
 from integrations.common.figures import pyplot, write_png
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize as summarize_values
 
-from .encoders import BASELINES, ENCODERS
+from .encoders import BASELINES, ENCODERS, OURS, RECOMMENDED
 from .tasks import TASKS
 
-OURS_MAIN = "po-u"
-COMPARED = ("po-u", "po-u-st", "po-la")            # each tested against the best baseline
-BASELINE_NAMES = BASELINES + ("lstm-only",)         # what a user has today (lstm-only: the paper's ablation)
+OURS_MAIN = "po-u"                                  # the parameter-count reference
 REFERENCE_COST = "set-transformer"                  # step-time yardstick: the common attention-based set encoder
 
 
@@ -94,28 +92,29 @@ def summarize(cells: List[dict]) -> dict:
 
 
 def _compare(entry: dict) -> dict:
-    """Each of :data:`COMPARED` against the best baseline (by the task's ``metric`` at the training
-    sizes: the highest mean accuracy, or the lowest mean MSE): the difference ours − best in that
-    metric, a paired t-test of it over the seeds both have, and its rank among all encoders."""
+    """Each of our encoders against the best PyG encoder (by the task's ``metric`` at the training sizes:
+    the highest mean accuracy, or the lowest mean MSE): the difference ours − best in that metric, a
+    paired t-test of it over the seeds both have, and its rank among all encoders."""
     enc = entry["encoders"]
     metric = entry["metric"]
     sign = 1 if metric == "mse" else -1               # sorting key: lower MSE, higher accuracy first
     means = {e: r[metric]["train"]["mean"] for e, r in enc.items() if r[metric]["train"]["mean"] is not None}
     ranking = sorted(means, key=lambda e: sign * means[e])
-    baselines = [e for e in ranking if e in BASELINE_NAMES]
+    baselines = [e for e in ranking if e in BASELINES]
     out = {"metric": metric, "ranking": ranking, "best": ranking[0] if ranking else None}
     if not baselines:
         return out
     best = baselines[0]
     out["best_baseline"] = best
     theirs = enc[best]["values_by_seed"]["train"]
-    for ours in COMPARED:
+    for ours in OURS:
         if ours not in means:
             continue
         mine = enc[ours]["values_by_seed"]["train"]
         seeds = sorted(set(mine) & set(theirs), key=int)
         test = paired_test([mine[k] for k in seeds], [theirs[k] for k in seeds])
         out[ours] = {"difference": means[ours] - means[best], "paired": test, "rank": ranking.index(ours) + 1,
+                     "seeds": len(seeds),
                      "seed_spread": max(enc[ours][metric]["train"]["std"], enc[best][metric]["train"]["std"])}
     return out
 
@@ -150,26 +149,63 @@ def _accuracy_section(summary: dict, tasks: List[str], encoders: List[str]) -> L
         lambda row, n: _fmt(row["accuracy"][n]), _prior_accuracy)
 
 
+def _difference(summary: dict, t: str, c: dict) -> str:
+    return f"{c['difference']:+.3f}" if summary["tasks"][t]["metric"] == "mse" else f"{100 * c['difference']:+.1f}"
+
+
+def _score(summary: dict, t: str, e: str, size: str = "train") -> str:
+    row = summary["tasks"][t]["encoders"].get(e)
+    if row is None:
+        return ""
+    metric = summary["tasks"][t]["metric"]
+    return _fmt(row[metric].get(size), 1, 3) if metric == "mse" else _fmt(row[metric].get(size))
+
+
+def _recommended_section(summary: dict, tasks: List[str], big: List[str]) -> List[str]:
+    """The setting the README recommends for each task family against the best PyG encoder."""
+    rows = [t for t in tasks if summary["tasks"][t]["comparison"].get(RECOMMENDED.get(summary["tasks"][t]["family"]))]
+    if not rows:
+        return []
+    lines = ["", "The recommended setting of each task family (" +
+             ", ".join(f"{f}: `{e}`" for f, e in RECOMMENDED.items()) + ") against the best PyG encoder at the "
+             "training sizes (accuracy %, or test MSE for real-valued tasks), the difference in points (MSE), a "
+             "paired t-test over the seeds, and both at the larger sizes.", "",
+             "| task | family | recommended | score | best PyG | score | difference | p | seeds | rank | " +
+             " | ".join(f"N={n}: recommended / best PyG at N={n}" for n in big) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(big)]
+    for t in rows:
+        entry = summary["tasks"][t]
+        ours, c = RECOMMENDED[entry["family"]], entry["comparison"]
+        best = c["best_baseline"]
+        at_size = []
+        for n in big:
+            pyg = [e for e in BASELINES if e in entry["encoders"] and n in entry["encoders"][e][entry["metric"]]
+                   and entry["encoders"][e][entry["metric"]][n]["mean"] is not None]
+            sign = 1 if entry["metric"] == "mse" else -1
+            top = min(pyg, key=lambda e: sign * entry["encoders"][e][entry["metric"]][n]["mean"]) if pyg else None
+            at_size.append(f"{_score(summary, t, ours, n)} / {_score(summary, t, top, n) if top else 'n/a'}"
+                           + (f" ({top})" if top else ""))
+        co = c[ours]
+        lines.append(f"| {t} | {entry['family']} | {ours} | {_score(summary, t, ours)} | {best} | "
+                     f"{_score(summary, t, best)} | {_difference(summary, t, co)} | {fmt_p(co['paired']['p'])} | "
+                     f"{co['seeds']} | {co['rank']} | " + " | ".join(at_size) + " |")
+    return lines
+
+
 def _comparison_section(summary: dict, tasks: List[str]) -> List[str]:
+    compared = [o for o in OURS if any(o in summary["tasks"][t]["comparison"] for t in tasks)]
     real = [t for t in tasks if summary["tasks"][t]["metric"] == "mse"]
-    real_note = (" Real-valued tasks (marked MSE): the best baseline has the lowest test MSE, the difference is "
-                 "in MSE (answer units; negative = ours better), the t-test and the ranks use MSE." if real else "")
-    lines = ["", "PO encoders against the best baseline (PyG's aggregations and lstm-only) at the training "
-             "sizes: difference in accuracy points (mean over seeds), paired t-test over seeds, rank among all "
-             "encoders (1 = best)." + real_note, "",
-             "| task | best baseline | " + " | ".join(f"{o} − best | p | rank" for o in COMPARED) + " |",
-             "|---|---|" + "---|---|---|" * len(COMPARED)]
+    real_note = (" Real-valued tasks (marked MSE): the best PyG encoder has the lowest test MSE, the difference "
+                 "is in MSE (answer units; negative = ours better), the t-test uses MSE." if real else "")
+    lines = ["", "Each of our encoders against the best PyG encoder at the training sizes: difference in accuracy "
+             "points (mean over seeds) and the p-value of a paired t-test over seeds; the rank among all "
+             "encoders (1 = best) is in summary.json." + real_note, "",
+             "| task | best PyG | " + " | ".join(compared) + " |", "|---|---|" + "---|" * len(compared)]
     for t in tasks:
         c = summary["tasks"][t]["comparison"]
         if not c.get("best_baseline"):
             continue
-        cols = []
-        for o in COMPARED:
-            if o in c:
-                diff = f"{c[o]['difference']:+.3f}" if t in real else f"{100 * c[o]['difference']:+.1f}"
-                cols += [diff, fmt_p(c[o]["paired"]["p"]), str(c[o]["rank"])]
-            else:
-                cols += ["", "", ""]
+        cols = [f"{_difference(summary, t, c[o])} (p {fmt_p(c[o]['paired']['p'])})" if o in c else "" for o in compared]
         lines.append(f"| {t}{' (MSE)' if t in real else ''} | {c['best_baseline']} | " + " | ".join(cols) + " |")
     return lines
 
@@ -271,7 +307,8 @@ def markdown(summary: dict, command: str = "") -> str:
     encoders = [e for e in ENCODERS if any(e in summary["tasks"][t]["encoders"] for t in tasks)]
     big = sorted({k for t in tasks for k in summary["tasks"][t]["sizes"] if k != "train"}, key=int)
     lines = [f"Command: `{command}`", ""] if command else []
-    lines += (_accuracy_section(summary, scored, encoders) + _comparison_section(summary, tasks)
+    lines += (_accuracy_section(summary, scored, encoders) + _recommended_section(summary, tasks, big)
+              + _comparison_section(summary, tasks)
               + _size_section(summary, scored, encoders, big) + _count_section(summary, tasks, encoders, big)
               + _regression_section(summary, real, encoders, big) + _cost_section(summary, tasks, encoders)
               + _step_budget_section(summary, tasks, encoders)

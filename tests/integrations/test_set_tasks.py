@@ -394,6 +394,15 @@ def test_compare_picks_the_lowest_mse_baseline_for_a_real_task():
     assert c["po-u"]["difference"] == pytest.approx(-0.12)
 
 
+def test_compare_measures_ours_against_pyg_encoders_only():
+    # lstm-only is ours (the LSTM of setperm's encoder without a permutation): never the "best PyG"
+    means = {"deepsets": 0.80, "lstm-only": 0.95, "po-u": 0.90, "po-u-st-sum": 0.85}
+    c = _compare(_hand_made_entry("accuracy", means))
+    assert c["best"] == "lstm-only" and c["best_baseline"] == "deepsets"
+    assert {k for k in c if k in ENCODERS} == {"lstm-only", "po-u", "po-u-st-sum"}
+    assert c["po-u-st-sum"]["difference"] == pytest.approx(0.05) and c["po-u-st-sum"]["seeds"] == 2
+
+
 def test_report_command_reads_only_the_cell_files(tmp_path):
     out = tmp_path / "run"
     assert _run(out, tmp_path, "--tasks", "left-of-max", "--encoders", "attention,po-u-w", "--seeds", "1",
