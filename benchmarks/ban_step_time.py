@@ -27,7 +27,7 @@ classifier + loss; the optimiser step (grad-norm clip + Adamax over all paramete
 encoder's (appendix F.4): the set construction (``box_proj`` + ``glimpse_sets``), the pairwise cost
 (eq. 8-10), the inner steps (algorithm 1: T unrolled gradient steps with Sinkhorn), permute
 (relevance weighting, ``P^T x``), the LSTM over the K boxes (as the encoder reads them:
-``setperm.encoder.lstm_last_cell_state``), ``p_prj``. "The rest"
+``setperm.encoder.last_state``), ``p_prj``. "The rest"
 is the step minus the sum of the parts (residual adds, ``zero_grad``, autograd bookkeeping). The
 whole set encoder is timed too, as a check of its four pieces (not counted in the sum).
 """
@@ -50,7 +50,7 @@ from integrations.ban.plugin import PatchedBan, glimpse_sets
 from integrations.ban.train import box_counts, build_model, datasets, make_loader, train_step, vqa_bce_loss
 from integrations.common import ensure_new, positive_int, resolve_device, run_command, seed_everything, write_json
 from setperm.functional import apply_permutation, optimize_permutation
-from setperm.encoder import lstm_last_cell_state
+from setperm.encoder import last_state
 from setperm.masking import zero_padding
 
 # (name, group) of every part, in the order of the forward pass; "check" rows are not summed
@@ -259,7 +259,7 @@ def part_functions(model: PatchedBan, inp: Dict[str, object], target: Tensor) ->
 
     def lstm():
         # as the encoder reads it: packed on CUDA, one fused call per set length on the CPU
-        return lstm_last_cell_state(enc.lstm, _leaf(inp["seq"]), set_mask.sum(1))
+        return last_state(enc.lstm, _leaf(inp["seq"]), set_mask.sum(1))
 
     parts: Dict[str, Callable[[], object]] = {
         "word embedding": lambda: ban.w_emb(q),

@@ -486,18 +486,19 @@ def test_straight_through_argument_and_repr():
 
 # ----------------------------------------------------------------------------- the LSTM readout's two paths
 
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_grouped_lstm_equals_packed_lstm_values_and_gradients(num_layers):
-    from setperm.encoder import lstm_last_cell_state
+def test_grouped_lstm_equals_packed_lstm_values_and_gradients(num_layers, rnn):
+    from setperm.encoder import last_state
     torch.manual_seed(0)
-    lstm = torch.nn.LSTM(5, 7, num_layers=num_layers, batch_first=True).double()
+    lstm = (torch.nn.LSTM if rnn == "lstm" else torch.nn.GRU)(5, 7, num_layers=num_layers, batch_first=True).double()
     lengths = torch.tensor([3, 0, 6, 1, 3, 6, 2])
     seq = torch.randn(7, 6, 5, dtype=torch.float64)
     out = {}
     for method in ("packed", "grouped"):
         x = seq.clone().requires_grad_(True)
         lstm.zero_grad()
-        h = lstm_last_cell_state(lstm, x, lengths, method=method)
+        h = last_state(lstm, x, lengths, method=method)
         (h * torch.linspace(-1, 1, 7, dtype=torch.float64)).sum().backward()
         out[method] = (h.detach(), x.grad.clone(), [p.grad.clone() for p in lstm.parameters()])
     assert torch.equal(out["grouped"][0][1], torch.zeros(7, dtype=torch.float64))      # length 0: zero state
@@ -508,7 +509,7 @@ def test_grouped_lstm_equals_packed_lstm_values_and_gradients(num_layers):
     # padding beyond each length is never read
     assert torch.equal(out["grouped"][1][0, 3:], torch.zeros(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="method"):
-        lstm_last_cell_state(lstm, seq, lengths, method="fast")
+        last_state(lstm, seq, lengths, method="fast")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -663,3 +664,77 @@ def test_pool_argument_repr_and_reset():
     fresh_state = {k: v.clone() for k, v in fresh.state_dict().items()}
     fresh.reset_parameters()
     assert all(torch.equal(fresh_state[k], v) for k, v in fresh.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- GRU reader
+
+def make_gru_encoder(permutation="po-u", straight_through=False, pool=None, seed=0, D=5):
+    torch.manual_seed(seed)
+    po = make_po(permutation, D, 16 if permutation == "po-la" else None, cost_hidden=16, steps=3)
+    return PermutationSetEncoder(D, 12, po, rnn="gru", pool=pool, straight_through=straight_through).double()
+
+
+@pytest.mark.parametrize("permutation,straight_through", [("po-u", False), ("po-u", True), ("po-la", False),
+                                                          ("none", False)])
+def test_gru_reader_padded_equals_unpadded_and_reads_the_sequence(permutation, straight_through):
+    g = torch.Generator().manual_seed(11)
+    enc = make_gru_encoder(permutation, straight_through)
+    assert enc.lstm is None and isinstance(enc.gru, torch.nn.GRU) and enc.reader is enc.gru
+    sizes, N = [1, 3, 7, 11, 16], 16
+    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in sizes]
+    ws = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
+    alone = torch.cat([enc(x[None], weights=w[None]) for x, w in zip(sets, ws)])
+    padded = [pad_randomly(x, w, N, g, fill=float("nan") if i % 2 else float("-inf"))
+              for i, (x, w) in enumerate(zip(sets, ws))]
+    xp, wp, mask = (torch.stack([p[j] for p in padded]) for j in range(3))
+    if permutation == "none":
+        for b, (x, w) in enumerate(zip(sets, ws)):
+            slots = mask[b].nonzero().flatten()
+            xp[b, slots], wp[b, slots] = x, w
+    h, P = enc(xp, mask=mask, weights=wp, return_permutation=True)
+    assert torch.isfinite(h).all()
+    assert_close(h, alone, **TOL[torch.float64])
+    # the set vector is the GRU's last hidden state over the permuted, weighted sequence
+    from setperm.functional import apply_permutation, hungarian
+    for b, n in enumerate(sizes):
+        x = torch.nan_to_num(xp[b], posinf=0.0, neginf=0.0) * torch.sigmoid(torch.nan_to_num(wp[b])).unsqueeze(-1)
+        x = x.masked_fill(~mask[b].unsqueeze(-1), 0)
+        if straight_through:
+            seq = x[hungarian(P[b:b + 1], mask=mask[b:b + 1])[0, :n]]
+        else:
+            seq = apply_permutation(x[None], P[b:b + 1])[0, :n]
+        _, h_n = enc.gru(seq[None])
+        assert_close(h[b], h_n[-1, 0], **TOL[torch.float64])
+
+
+def test_gru_reader_invariance_gradcheck_and_empty_sets():
+    g = torch.Generator().manual_seed(4)
+    enc = make_gru_encoder(straight_through=False, pool="sum")
+    x = torch.randn(3, 8, 5, generator=g, dtype=torch.float64)
+    perm = torch.randperm(8, generator=g)
+    assert_close(enc(x[:, perm]), enc(x), **TOL[torch.float64])
+    xr = x[:1, :5].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: enc(t), (xr,), eps=1e-6, atol=1e-6)
+    for shape in [(0, 4, 5), (3, 0, 5), (3, 4, 5)]:
+        xe = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        h = enc(xe, mask=torch.zeros(shape[:2], dtype=torch.bool))
+        assert h.shape == (shape[0], 12) and torch.equal(h, torch.zeros_like(h))
+        h.sum().backward()
+
+
+def test_gru_reader_argument_repr_and_init():
+    enc = make_gru_encoder()
+    assert "rnn='gru'" in repr(enc) and "rnn=" not in repr(make_encoder(torch.float64))
+    assert set(k.split(".")[0] for k in enc.state_dict()) == {"po", "gru"}
+    with pytest.raises(ValueError, match="rnn"):
+        PermutationSetEncoder(5, 8, rnn="rnn")
+    # Xavier per gate (three gates), zero biases, as the LSTM's four
+    for name, p in enc.gru.named_parameters():
+        if "bias" in name:
+            assert torch.equal(p, torch.zeros_like(p))
+    torch.manual_seed(5)
+    fresh = PermutationSetEncoder(5, 8, None, rnn="gru")
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    torch.manual_seed(5)
+    fresh.reset_parameters()
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())

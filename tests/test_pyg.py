@@ -33,10 +33,10 @@ def _po(in_channels=5, permutation="po-u", **kw):
     return PermutationOptimization(in_channels, permutation=permutation, **kw)
 
 
-def _aggr(in_channels=5, out_channels=7, permutation="po-u", straight_through=False, pool=None, **kw):
+def _aggr(in_channels=5, out_channels=7, permutation="po-u", straight_through=False, pool=None, rnn="lstm", **kw):
     torch.manual_seed(0)
     return PermutationAggregation(in_channels, out_channels, _po(in_channels, permutation, **kw),
-                                  straight_through=straight_through, pool=pool).double()
+                                  straight_through=straight_through, pool=pool, rnn=rnn).double()
 
 
 def _sparse_sets(sizes, features=5, seed=1):
@@ -46,11 +46,12 @@ def _sparse_sets(sizes, features=5, seed=1):
     return x, index
 
 
-@pytest.mark.parametrize("pool", [None, "sum", "mean"])
-def test_equals_dense_encoder_on_the_same_sets(pool):
-    aggr = _aggr(pool=pool)
+@pytest.mark.parametrize("pool,rnn", [(None, "lstm"), ("sum", "lstm"), ("mean", "lstm"), (None, "gru")])
+def test_equals_dense_encoder_on_the_same_sets(pool, rnn):
+    aggr = _aggr(pool=pool, rnn=rnn)
     assert (f"pool={pool!r}" in repr(aggr)) is (pool is not None)
-    dense = PermutationSetEncoder(5, 7, _po(), pool=pool).double()
+    assert ("rnn='gru'" in repr(aggr)) is (rnn == "gru")
+    dense = PermutationSetEncoder(5, 7, _po(), pool=pool, rnn=rnn).double()
     dense.load_state_dict(aggr.encoder.state_dict())
     sizes = [4, 1, 6, 3]
     x, index = _sparse_sets(sizes)

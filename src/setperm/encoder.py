@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
-from .init import uninitialized, xavier_linear_, xavier_lstm_
+from .init import uninitialized, xavier_linear_, xavier_rnn_
 from .masking import (check_check_finite, check_dtype, check_set, check_weights, host_decisions, module_dtype,
                       resolve_check_finite, resolve_mask, zero_padding)
 from .masking import check_finite as _check_finite
@@ -25,6 +25,7 @@ from .sinkhorn import sinkhorn
 
 PERMUTATIONS = ("po-u", "po-la")
 POOLS = ("sum", "mean")
+RNNS = ("lstm", "gru")
 
 
 def _check_permutation(permutation: str) -> str:
@@ -222,12 +223,14 @@ class LinAssign(PermutationOptimization):
         self.permutation = "linassign"
 
 
-def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: str = "auto",
-                         host_lengths: Optional[Tensor] = None) -> Tensor:
-    """The last layer's cell state after reading the first ``lengths[b]`` steps of each sequence.
+def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "auto",
+               host_lengths: Optional[Tensor] = None) -> Tensor:
+    """The last layer's final state after reading the first ``lengths[b]`` steps of each sequence:
+    an LSTM's cell state ``c_n[-1]`` (the paper's set representation), a GRU's hidden state
+    ``h_n[-1]`` (a GRU has no cell state).
 
     Args:
-        lstm: a batch-first ``nn.LSTM``.
+        rnn: a batch-first ``nn.LSTM`` or ``nn.GRU``.
         seq: (B, N, D) sequences, the real steps first.
         lengths: (B,) int, 0 <= lengths <= N; a sequence of length 0 gives a zero state.
         method: ``"packed"`` (one call on a packed sequence), ``"grouped"`` (one call per distinct
@@ -240,7 +243,7 @@ def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: st
         host_lengths: the same lengths as a CPU tensor, when the caller has them: a packed sequence
             takes its lengths on the host, and copying device lengths there synchronises.
     Returns:
-        (B, hidden_size) cell state ``c_n[-1]``.
+        (B, hidden_size) final state.
     """
     if method not in ("auto", "packed", "grouped"):
         raise ValueError(f"method: expected 'auto', 'packed' or 'grouped', got {method!r}")
@@ -259,16 +262,22 @@ def lstm_last_cell_state(lstm: nn.LSTM, seq: Tensor, lengths: Tensor, method: st
         inverse[order] = torch.arange(order.numel())
         order_d, inverse_d = (t.to(seq.device, non_blocking=True) for t in (order, inverse))
         packed = pack_padded_sequence(seq.index_select(0, order_d), sorted_lengths, batch_first=True)
-        _, (_, c_n) = lstm(packed)
-        return torch.where((lengths > 0).unsqueeze(1), c_n[-1].index_select(0, inverse_d), zero)
-    out = seq.new_zeros(seq.shape[0], lstm.hidden_size)
+        state = _final_state(rnn(packed))
+        return torch.where((lengths > 0).unsqueeze(1), state.index_select(0, inverse_d), zero)
+    out = seq.new_zeros(seq.shape[0], rnn.hidden_size)
     for length in distinct:
         if length == 0:
             continue                                     # empty sets keep the zero state
         rows = (lengths == length).nonzero().squeeze(1)
-        _, (_, c_n) = lstm(seq[rows, :length])
-        out = out.index_copy(0, rows, c_n[-1])
+        out = out.index_copy(0, rows, _final_state(rnn(seq[rows, :length])))
     return out
+
+
+def _final_state(outputs) -> Tensor:
+    """The last layer's final state from ``nn.LSTM``'s ``(out, (h_n, c_n))`` (c_n) or ``nn.GRU``'s
+    ``(out, h_n)`` (h_n)."""
+    state = outputs[1]
+    return (state[1] if isinstance(state, tuple) else state)[-1]
 
 
 class PermutationSetEncoder(nn.Module):
@@ -294,6 +303,11 @@ class PermutationSetEncoder(nn.Module):
             soft ``P`` mixes several elements into each position of the sequence; the hard order
             keeps element identity, which counts and histograms over the set need. Not with
             ``po=None``. The Hungarian step runs on the CPU (O(n^3) per set).
+        rnn: the recurrent reader, ``"lstm"`` (default, the paper's: the set vector is its last cell
+            state) or ``"gru"`` (not in the paper: its last hidden state). A GRU's state is a
+            gated convex update, so reading an element twice leaves it nearly where once did:
+            it marks which values are present, where the LSTM's additive cell counts them;
+            measured in ``integrations/set_tasks``, the GRU answers distinct-value counts.
         pool: None (default, the paper's readout: the LSTM's last cell state alone), ``"sum"`` or
             ``"mean"``: the set vector is ``c_T + W [pool of the elements]``, the LSTM state plus a
             bias-free linear map of the sum / mean over the real (relevance-weighted) elements.
@@ -310,7 +324,8 @@ class PermutationSetEncoder(nn.Module):
 
     All arguments after ``po`` are keyword-only.
 
-    Submodules: ``po`` (the permutation module, None for ``po=None``), ``lstm``, ``pool_linear``
+    Submodules: ``po`` (the permutation module, None for ``po=None``), ``lstm`` (or ``gru`` with
+    ``rnn="gru"``; the other is None), ``pool_linear``
     (``Linear(in_features, hidden_size, bias=False)`` with ``pool``, else None).
 
     Shapes:
@@ -332,12 +347,14 @@ class PermutationSetEncoder(nn.Module):
     """
 
     def __init__(self, in_features: int, hidden_size: int, po: Union[PermutationOptimization, str, None] = "po-u",
-                 *, straight_through: bool = False, pool: Optional[str] = None, order_features: Optional[int] = None,
-                 check_finite: Optional[bool] = None, device=None, dtype=None):
+                 *, straight_through: bool = False, rnn: str = "lstm", pool: Optional[str] = None,
+                 order_features: Optional[int] = None, check_finite: Optional[bool] = None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        if not isinstance(rnn, str) or rnn not in RNNS:
+            raise ValueError(f"rnn must be one of {RNNS}, got {rnn!r}")
         if pool is not None and (not isinstance(pool, str) or pool not in POOLS):
             raise ValueError(f"pool must be None or one of {POOLS}, got {pool!r}")
         if not isinstance(hidden_size, int) or hidden_size < 1:
@@ -367,8 +384,12 @@ class PermutationSetEncoder(nn.Module):
             # check_finite=False: this encoder checks x (and the weights) once itself.
             po = PermutationOptimization(key_features, check_finite=False, **factory_kwargs)
         self.po: Optional[PermutationOptimization] = po
-        self.lstm = uninitialized(nn.LSTM, in_features, hidden_size, batch_first=True, **factory_kwargs)
-        xavier_lstm_(self.lstm)
+        self.rnn = rnn
+        reader = uninitialized(nn.LSTM if rnn == "lstm" else nn.GRU, in_features, hidden_size, batch_first=True,
+                               **factory_kwargs)
+        xavier_rnn_(reader)
+        self.lstm: Optional[nn.LSTM] = reader if rnn == "lstm" else None
+        self.gru: Optional[nn.GRU] = reader if rnn == "gru" else None
         self.pool = pool
         # bias-free, so that an empty set (pool 0) still gives h = 0
         self.pool_linear = (uninitialized(nn.Linear, in_features, hidden_size, bias=False, **factory_kwargs)
@@ -382,9 +403,14 @@ class PermutationSetEncoder(nn.Module):
         construction (the module first)."""
         if self.po is not None:
             self.po.reset_parameters()
-        xavier_lstm_(self.lstm)
+        xavier_rnn_(self.reader)
         if self.pool_linear is not None:
             xavier_linear_(self.pool_linear)
+
+    @property
+    def reader(self) -> nn.RNNBase:
+        """The recurrent reader: ``lstm`` or ``gru``."""
+        return self.lstm if self.lstm is not None else self.gru
 
     @property
     def eta(self) -> Optional[Tensor]:
@@ -395,7 +421,7 @@ class PermutationSetEncoder(nn.Module):
                 weights: Optional[Tensor] = None, return_permutation: bool = False, *,
                 key_padding_mask: Optional[Tensor] = None, order_by: Optional[Tensor] = None):
         check_set(x, features=self.in_features)
-        dtype = self.lstm.weight_ih_l0.dtype
+        dtype = self.reader.weight_ih_l0.dtype
         check_dtype(x, dtype)
         mask = resolve_mask(x, mask, lengths, key_padding_mask)
         if self.order_features is None and order_by is not None:
@@ -466,10 +492,9 @@ class PermutationSetEncoder(nn.Module):
         else:
             seq = x
         if mask is None or B == 0:       # pack_padded_sequence rejects an empty batch
-            _, (_, c_n) = self.lstm(seq)
-            h = c_n[-1]
+            h = _final_state(self.reader(seq))
         else:
-            h = lstm_last_cell_state(self.lstm, seq, mask.sum(1), host_lengths=host_lengths)
+            h = last_state(self.reader, seq, mask.sum(1), host_lengths=host_lengths)
         if self.pool_linear is not None:
             # x is zero at padding, so the sum runs over the real elements; the pooled set is
             # permutation invariant whatever P is.
@@ -486,6 +511,8 @@ class PermutationSetEncoder(nn.Module):
     def extra_repr(self) -> str:
         # the permutation module's settings are in its own repr (the ``po`` submodule)
         pairs = [("in_features", self.in_features), ("hidden_size", self.hidden_size)]
+        if self.rnn != "lstm":
+            pairs.append(("rnn", self.rnn))
         if self.po is None:
             pairs.append(("po", None))
         else:

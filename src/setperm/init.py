@@ -29,12 +29,13 @@ def xavier_linear_(layer: nn.Linear) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def xavier_lstm_(lstm: nn.LSTM) -> None:
-    """Xavier-uniform init of each gate's block of the LSTM weights (the four gates are stacked
-    along dim 0, so each block gets its own fan), zero biases (paper appendix F)."""
-    for name, p in lstm.named_parameters():
+def xavier_rnn_(rnn: nn.RNNBase) -> None:
+    """Xavier-uniform init of each gate's block of an LSTM's or GRU's weights (the gates, four or
+    three, are stacked along dim 0, so each block gets its own fan), zero biases (paper appendix F)."""
+    gates = rnn.weight_ih_l0.shape[0] // rnn.hidden_size
+    for name, p in rnn.named_parameters():
         if "weight" in name:
-            for chunk in p.data.chunk(4, dim=0):
+            for chunk in p.data.chunk(gates, dim=0):
                 nn.init.xavier_uniform_(chunk)
         else:
             nn.init.zeros_(p)

@@ -42,6 +42,8 @@ class PermutationAggregation(Aggregation):
             :class:`setperm.PermutationSetEncoder`.
         straight_through: the LSTM reads the Hungarian order of P, gradients through the soft P
             (keyword-only, default False).
+        rnn: the recurrent reader, ``"lstm"`` (default) or ``"gru"``, as in
+            :class:`setperm.PermutationSetEncoder` (keyword-only).
         pool: None (default), ``"sum"`` or ``"mean"``: add a linear map of the pooled elements to the
             LSTM state, as in :class:`setperm.PermutationSetEncoder` (keyword-only).
         check_finite, device, dtype: as in :class:`setperm.PermutationSetEncoder` (keyword-only).
@@ -66,7 +68,7 @@ class PermutationAggregation(Aggregation):
 
     def __init__(self, in_channels: int, out_channels: int,
                  po: Union[PermutationOptimization, str, None] = "po-u", *, straight_through: bool = False,
-                 pool: Optional[str] = None, check_finite: Optional[bool] = None, device=None, dtype=None):
+                 rnn: str = "lstm", pool: Optional[str] = None, check_finite: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -74,7 +76,7 @@ class PermutationAggregation(Aggregation):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.encoder = PermutationSetEncoder(in_channels, out_channels, po, straight_through=straight_through,
-                                             pool=pool, check_finite=check_finite, device=device, dtype=dtype)
+                                             rnn=rnn, pool=pool, check_finite=check_finite, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         """Re-initialise every parameter in place, as a new encoder would be (an optimiser that
@@ -118,7 +120,8 @@ class PermutationAggregation(Aggregation):
     def extra_repr(self) -> str:
         # one line, as PyG's aggregations: the permutation module's settings, then the encoder's own
         po = self.encoder.po
-        pool = "" if self.encoder.pool is None else f", pool={self.encoder.pool!r}"
+        pool = "" if self.encoder.rnn == "lstm" else f", rnn={self.encoder.rnn!r}"
+        pool += "" if self.encoder.pool is None else f", pool={self.encoder.pool!r}"
         if po is None:
             return "po=None" + pool
         return f"po={type(po).__name__}({po.extra_repr()}), straight_through={self.encoder.straight_through}" + pool
