@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated tasks or 'all'")
     run.add_argument("--encoders", type=_names(ENCODERS, "--encoders"), default=list(DEFAULT_ENCODERS),
                      help="comma-separated encoders or 'all'")
-    run.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..S-1 per task and encoder")
+    run.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..S-1 per task and encoder")
     g = run.add_argument_group("protocol (the same for every encoder)")
     g.add_argument("--steps", type=positive_int, default=d.steps, help="training steps")
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size)
