@@ -67,8 +67,9 @@ def device_decisions(monkeypatch, refuse_reads=True):
 
 
 # ------------------------------------------------------------------------------- core properties
-def test_padded_equals_unpadded(device):
-    enc = encoder(device)
+@pytest.mark.parametrize("variant", [{}, {"rnn": "gru", "pool": "sum"}, {"pool": "mean", "straight_through": True}])
+def test_padded_equals_unpadded(device, variant):
+    enc = encoder(device, **variant)
     x, w, mask = batch(device)
     h = enc(x, mask=mask, weights=w)
     for i, n in enumerate(SIZES):
