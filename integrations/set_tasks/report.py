@@ -150,7 +150,7 @@ def _accuracy_section(summary: dict, tasks: List[str], encoders: List[str]) -> L
 
 
 def _difference(summary: dict, t: str, c: dict) -> str:
-    return f"{c['difference']:+.3f}" if summary["tasks"][t]["metric"] == "mse" else f"{100 * c['difference']:+.1f}"
+    return f"{c['difference']:+.4f}" if summary["tasks"][t]["metric"] == "mse" else f"{100 * c['difference']:+.1f}"
 
 
 def _score(summary: dict, t: str, e: str, size: str = "train") -> str:
@@ -158,7 +158,7 @@ def _score(summary: dict, t: str, e: str, size: str = "train") -> str:
     if row is None:
         return ""
     metric = summary["tasks"][t]["metric"]
-    return _fmt(row[metric].get(size), 1, 3) if metric == "mse" else _fmt(row[metric].get(size))
+    return _fmt(row[metric].get(size), 1, 4) if metric == "mse" else _fmt(row[metric].get(size))
 
 
 def _recommended_section(summary: dict, tasks: List[str], big: List[str]) -> List[str]:
@@ -241,8 +241,8 @@ def _regression_section(summary: dict, tasks: List[str], encoders: List[str], bi
             "; `prior`: the MSE of the best constant (the test sets' mean answer).", ""] + _encoder_table(
         summary, encoders, [(t, n) for t in tasks for n in sizes],
         lambda t, n: f"{t} {'train' if n == 'train' else 'N=' + n}",
-        lambda row, n: _fmt(row["mse"].get(n), 1, 3),
-        lambda prior, n: f"{prior[n]['mse']:.3f}" if n in prior else "")
+        lambda row, n: _fmt(row["mse"].get(n), 1, 4),
+        lambda prior, n: f"{prior[n]['mse']:.4f}" if n in prior else "")
 
 
 def _cost_section(summary: dict, tasks: List[str], encoders: List[str]) -> List[str]:
