@@ -35,6 +35,21 @@ def pad_randomly(x, w, N, g, fill=float("-inf")):
     return xp, wp, mask, slots
 
 
+SIZES = [1, 3, 7, 11, 16]
+
+
+def padded_sets(enc, g, N=16):
+    """Sets of SIZES (float64, D = 5) with relevance logits, each encoded alone, and the same sets
+    scattered into one padded batch with NaN / -inf garbage: (sizes, sets, ws, alone, xp, wp, mask)."""
+    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in SIZES]
+    ws = [torch.randn(n, generator=g, dtype=torch.float64) for n in SIZES]
+    alone = torch.cat([enc(x[None], weights=w[None]) for x, w in zip(sets, ws)])
+    padded = [pad_randomly(x, w, N, g, fill=float("nan") if i % 2 else float("-inf"))
+              for i, (x, w) in enumerate(zip(sets, ws))]
+    xp, wp, mask = (torch.stack([p[j] for p in padded]) for j in range(3))
+    return SIZES, sets, ws, alone, xp, wp, mask
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("permutation", ["po-u", "po-la", "none"])
 def test_padded_equals_unpadded(dtype, permutation):
@@ -395,13 +410,7 @@ def make_st_encoder(permutation="po-u", seed=0, D=5):
 def test_straight_through_padded_equals_unpadded_and_reads_the_hard_order(permutation):
     g = torch.Generator().manual_seed(3)
     enc = make_st_encoder(permutation)
-    sizes, N = [1, 3, 7, 11, 16], 16
-    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in sizes]
-    ws = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
-    alone = torch.cat([enc(x[None], weights=w[None]) for x, w in zip(sets, ws)])
-    padded = [pad_randomly(x, w, N, g, fill=float("nan") if i % 2 else float("-inf"))
-              for i, (x, w) in enumerate(zip(sets, ws))]
-    xp, wp, mask = (torch.stack([p[j] for p in padded]) for j in range(3))
+    sizes, sets, ws, alone, xp, wp, mask = padded_sets(enc, g)
     h, P = enc(xp, mask=mask, weights=wp, return_permutation=True)
     assert torch.isfinite(h).all() and torch.isfinite(P[mask]).all()
     assert_close(h, alone, **TOL[torch.float64])
@@ -606,13 +615,7 @@ def make_pool_encoder(pool, permutation="po-u", straight_through=False, seed=0, 
 def test_pool_padded_equals_unpadded_and_is_the_lstm_state_plus_the_pooled_map(pool, permutation, straight_through):
     g = torch.Generator().manual_seed(7)
     enc = make_pool_encoder(pool, permutation, straight_through)
-    sizes, N = [1, 3, 7, 11, 16], 16
-    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in sizes]
-    ws = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
-    alone = torch.cat([enc(x[None], weights=w[None]) for x, w in zip(sets, ws)])
-    padded = [pad_randomly(x, w, N, g, fill=float("nan") if i % 2 else float("-inf"))
-              for i, (x, w) in enumerate(zip(sets, ws))]
-    xp, wp, mask = (torch.stack([p[j] for p in padded]) for j in range(3))
+    sizes, sets, ws, alone, xp, wp, mask = padded_sets(enc, g)
     h = enc(xp, mask=mask, weights=wp)
     assert torch.isfinite(h).all()
     assert_close(h, alone, **TOL[torch.float64])
@@ -680,13 +683,7 @@ def test_gru_reader_padded_equals_unpadded_and_reads_the_sequence(permutation, s
     g = torch.Generator().manual_seed(11)
     enc = make_gru_encoder(permutation, straight_through)
     assert enc.lstm is None and isinstance(enc.gru, torch.nn.GRU) and enc.reader is enc.gru
-    sizes, N = [1, 3, 7, 11, 16], 16
-    sets = [torch.randn(n, 5, generator=g, dtype=torch.float64) for n in sizes]
-    ws = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
-    alone = torch.cat([enc(x[None], weights=w[None]) for x, w in zip(sets, ws)])
-    padded = [pad_randomly(x, w, N, g, fill=float("nan") if i % 2 else float("-inf"))
-              for i, (x, w) in enumerate(zip(sets, ws))]
-    xp, wp, mask = (torch.stack([p[j] for p in padded]) for j in range(3))
+    sizes, sets, ws, alone, xp, wp, mask = padded_sets(enc, g)
     if permutation == "none":
         for b, (x, w) in enumerate(zip(sets, ws)):
             slots = mask[b].nonzero().flatten()
