@@ -1,7 +1,8 @@
 """``python -m integrations.set_tasks {run,report}``.
 
 ``run`` trains every (task, encoder, seed) cell that is not finished yet and then writes the report;
-``report`` rewrites ``<out>/results`` from the cell files alone.
+``report`` rewrites ``<out>/results`` from the cell files alone; ``step-time`` times one training
+step of every encoder side by side.
 """
 from __future__ import annotations
 
@@ -78,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-report", action="store_true", help="do not write results/ at the end")
     rep = sub.add_parser("report", help="write results/ from the cell files of --out")
     rep.add_argument("--out", default=DEFAULT_OUT, help="run folder holding cells/")
+    st = sub.add_parser("step-time", help="time one training step of every encoder side by side (one process)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    st.add_argument("--task", choices=list(TASKS), default="median", help="sets the element width and output")
+    st.add_argument("--encoders", type=_names(ENCODERS, "--encoders"), default=list(DEFAULT_ENCODERS),
+                    help="comma-separated encoders or 'all'")
+    st.add_argument("--repeats", type=positive_int, default=50, help="timed rounds (after 5 warm-up rounds)")
+    st.add_argument("--width", type=positive_int, default=64, help="PO-U's LSTM size; the others are matched")
+    st.add_argument("--json", default=None, help="also write the times to this JSON file")
+    add_threads_argument(st)
     return p
 
 
@@ -88,6 +98,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = "python -m integrations.set_tasks " + " ".join(shlex.quote(a) for a in argv)
+    if args.command == "step-time":
+        import torch
+
+        from .step_time import markdown, step_times
+        torch.set_num_threads(args.threads)
+        result = step_times(args.task, args.encoders, TrainConfig(), args.width, args.repeats)
+        print(f"Training step of the {args.task} model (batch {TrainConfig().batch_size}, N = "
+              f"{TrainConfig().min_size}..{TrainConfig().max_size}), {args.threads} thread(s), median of "
+              f"{args.repeats} interleaved rounds:\n")
+        print(markdown(result), end="")
+        if args.json:
+            from integrations.common import write_json
+            write_json(Path(args.json), {"command": command, "task": args.task, "threads": args.threads,
+                                         "repeats": args.repeats, "encoders": result}, sort_keys=False)
+        return 0
     out = Path(args.out or DEFAULT_OUT)
     if args.command == "report":
         write_report(out, command=command)

@@ -491,3 +491,16 @@ def test_a_missing_data_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "typo/mnist: data folder for mnist not found" in err[0]
     assert not out.exists()
+
+
+def test_step_time_times_every_encoder_on_the_same_batches(tmp_path, capsys):
+    out = tmp_path / "steps.json"
+    assert main(["step-time", "--task", "kth", "--encoders", "set-transformer,po-u-st-gru", "--repeats", "2",
+                 "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| po-u-st-gru |" in table and "| set-transformer | " in table and "1.00x" in table
+    result = json.loads(out.read_text())
+    assert result["task"] == "kth" and result["repeats"] == 2
+    for name, r in result["encoders"].items():
+        assert len(r["ms"]) == 2 and r["median_ms"] > 0 and r["parameters"] > 0
+    assert result["encoders"]["set-transformer"]["vs_set_transformer"] == 1.0
