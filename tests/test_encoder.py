@@ -610,7 +610,7 @@ def make_pool_encoder(pool, permutation="po-u", straight_through=False, seed=0, 
     return PermutationSetEncoder(D, 12, po, pool=pool, straight_through=straight_through).double()
 
 
-@pytest.mark.parametrize("pool", ["sum", "mean"])
+@pytest.mark.parametrize("pool", ["sum", "mean", "attention"])
 @pytest.mark.parametrize("permutation,straight_through", [("po-u", False), ("po-u", True), ("po-la", False)])
 def test_pool_padded_equals_unpadded_and_is_the_lstm_state_plus_the_pooled_map(pool, permutation, straight_through):
     g = torch.Generator().manual_seed(7)
@@ -624,12 +624,16 @@ def test_pool_padded_equals_unpadded_and_is_the_lstm_state_plus_the_pooled_map(p
     lstm_only.lstm.load_state_dict(enc.lstm.state_dict())
     for b, (x, w) in enumerate(zip(sets, ws)):
         weighted = x * torch.sigmoid(w).unsqueeze(-1)
-        pooled = weighted.sum(0) if pool == "sum" else weighted.mean(0)
+        if pool == "attention":
+            att = torch.softmax(enc.pool_gate(weighted).squeeze(-1), dim=0)
+            pooled = (att.unsqueeze(-1) * weighted).sum(0)
+        else:
+            pooled = weighted.sum(0) if pool == "sum" else weighted.mean(0)
         expected = lstm_only(x[None], weights=w[None])[0] + enc.pool_linear.weight @ pooled
         assert_close(h[b], expected, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("pool", ["sum", "mean"])
+@pytest.mark.parametrize("pool", ["sum", "mean", "attention"])
 def test_pool_is_invariant_and_differentiable(pool):
     g = torch.Generator().manual_seed(2)
     enc = make_pool_encoder(pool)
@@ -642,7 +646,7 @@ def test_pool_is_invariant_and_differentiable(pool):
     assert torch.autograd.gradcheck(lambda t: enc(t), (xr,), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("pool", ["sum", "mean"])
+@pytest.mark.parametrize("pool", ["sum", "mean", "attention"])
 @pytest.mark.parametrize("shape", [(0, 4, 5), (3, 0, 5), (3, 4, 5)])
 def test_pool_empty_batches_and_sets_give_zero_without_nan(pool, shape):
     enc = make_pool_encoder(pool)
@@ -661,8 +665,10 @@ def test_pool_argument_repr_and_reset():
     for bad in ("max", 1, True, ""):
         with pytest.raises(ValueError, match="pool"):
             PermutationSetEncoder(5, 8, pool=bad)
+    assert make_pool_encoder("sum").pool_gate is None and enc.pool_gate is None
+    assert make_pool_encoder("attention").pool_gate.weight.shape == (1, 5)
     torch.manual_seed(3)
-    fresh = PermutationSetEncoder(5, 8, None, pool="sum")
+    fresh = PermutationSetEncoder(5, 8, None, pool="attention")
     torch.manual_seed(3)
     fresh_state = {k: v.clone() for k, v in fresh.state_dict().items()}
     fresh.reset_parameters()

@@ -22,6 +22,7 @@ PyG's sparse batch form (``h[mask]`` and the set index of every element); none i
 | po-u-mean | po-u with ``pool="mean"`` | likewise with the mean |
 | po-u-st-sum | po-u-st with ``pool="sum"`` | hard order and sum pooling |
 | po-u-st-mean | po-u-st with ``pool="mean"`` | hard order and mean pooling |
+| po-u-att | po-u with ``pool="attention"`` | the LSTM state plus a linear map of the softmax-weighted mean |
 | po-u-gru | po-u with ``rnn="gru"`` | a GRU reads the order (its last hidden state) |
 | po-u-st-gru | po-u-st with ``rnn="gru"`` | hard order read by a GRU |
 
@@ -39,10 +40,10 @@ from torch import Tensor, nn
 from setperm import PermutationOptimization, PermutationSetEncoder
 
 BASELINES = ("deepsets", "set-transformer", "lstm", "gru", "sort", "attention")
-# Our encoders are named base[-w][-st][-sum|-mean|-gru]: PO-U / PO-LA / no permutation, relevance weights,
+# Our encoders are named base[-w][-st][-sum|-mean|-att|-gru]: PO-U / PO-LA / no permutation, relevance weights,
 # the straight-through hard order, a pooled term beside the LSTM state or a GRU reader (see build_encoder).
 OURS = ("lstm-only", "po-u", "po-u-w", "po-la", "po-u-st", "po-la-st", "po-u-sum", "po-u-mean", "po-u-st-sum",
-        "po-u-st-mean", "po-u-gru", "po-u-st-gru")
+        "po-u-st-mean", "po-u-gru", "po-u-st-gru", "po-u-att")
 ENCODERS = BASELINES + OURS
 # The suite's default: PyG's aggregations, the LSTM-only ablation, the paper's PO-U and the settings recommended
 # for the task families (RECOMMENDED); the other variants are run by naming them in --encoders.
@@ -130,7 +131,7 @@ def build_encoder(name: str, dim: int, width: int, cfg: EncoderConfig) -> nn.Mod
     words = name.split("-")
     permutation = "none" if name == "lstm-only" else "-".join(words[:2])     # "po-u" / "po-la"
     parts = words[2:] if permutation != "none" else []                      # w, st, sum / mean
-    pool = parts[-1] if parts and parts[-1] in ("sum", "mean") else None
+    pool = {"sum": "sum", "mean": "mean", "att": "attention"}.get(parts[-1]) if parts else None
     po = None
     if permutation != "none":
         # check_finite=False: the encoder checks its input itself, once

@@ -24,7 +24,7 @@ from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
 
 PERMUTATIONS = ("po-u", "po-la")
-POOLS = ("sum", "mean")
+POOLS = ("sum", "mean", "attention")
 RNNS = ("lstm", "gru")
 
 
@@ -308,12 +308,14 @@ class PermutationSetEncoder(nn.Module):
             gated convex update, so reading an element twice leaves it nearly where once did:
             it marks which values are present, where the LSTM's additive cell counts them;
             measured in ``integrations/set_tasks``, the GRU answers distinct-value counts.
-        pool: None (default, the paper's readout: the LSTM's last cell state alone), ``"sum"`` or
-            ``"mean"``: the set vector is ``c_T + W [pool of the elements]``, the LSTM state plus a
-            bias-free linear map of the sum / mean over the real (relevance-weighted) elements.
-            Not in the paper: an LSTM's state expresses a sum or a histogram of the set only
-            through its gates, which sum pooling gives directly (DeepSets); ``"mean"`` keeps the
-            pooled term's scale independent of the set size. An empty set still gives ``h = 0``.
+        pool: None (default, the paper's readout: the reader's last state alone), ``"sum"``,
+            ``"mean"`` or ``"attention"``: the set vector is ``state + W [pool of the elements]``,
+            a bias-free linear map of the sum, the mean, or the softmax-weighted mean (weights
+            ``softmax_i(a . x_i)`` over the real elements, ``a`` learned, as attentional
+            aggregation) of the (relevance-weighted) elements. Not in the paper: a recurrent
+            state expresses a sum or a selection of one element only through its gates, which
+            pooling gives directly; ``"mean"`` and ``"attention"`` keep the pooled term's scale
+            independent of the set size. An empty set still gives ``h = 0``.
         order_features: if given (default None: the ordering cost sees ``x``), the permutation is
             optimised on separate per-element features ``order_by`` (B, N, order_features) passed
             to ``forward``, while the LSTM still reads ``x``: a sort key next to the payload, e.g.
@@ -326,7 +328,8 @@ class PermutationSetEncoder(nn.Module):
 
     Submodules: ``po`` (the permutation module, None for ``po=None``), ``lstm`` (or ``gru`` with
     ``rnn="gru"``; the other is None), ``pool_linear``
-    (``Linear(in_features, hidden_size, bias=False)`` with ``pool``, else None).
+    (``Linear(in_features, hidden_size, bias=False)`` with ``pool``, else None), ``pool_gate``
+    (``Linear(in_features, 1, bias=False)``, the attention logits, with ``pool="attention"``).
 
     Shapes:
         ``forward(x (B, N, D), mask (B, N) | None, lengths (B,) | None, weights (B, N) | None,
@@ -394,8 +397,12 @@ class PermutationSetEncoder(nn.Module):
         # bias-free, so that an empty set (pool 0) still gives h = 0
         self.pool_linear = (uninitialized(nn.Linear, in_features, hidden_size, bias=False, **factory_kwargs)
                             if pool is not None else None)
+        self.pool_gate = (uninitialized(nn.Linear, in_features, 1, bias=False, **factory_kwargs)
+                          if pool == "attention" else None)
         if self.pool_linear is not None:
             xavier_linear_(self.pool_linear)
+        if self.pool_gate is not None:
+            xavier_linear_(self.pool_gate)
 
     def reset_parameters(self) -> None:
         """The permutation module's init (Xavier, eta = ``eta_init``), then Xavier per LSTM gate
@@ -406,6 +413,8 @@ class PermutationSetEncoder(nn.Module):
         xavier_rnn_(self.reader)
         if self.pool_linear is not None:
             xavier_linear_(self.pool_linear)
+        if self.pool_gate is not None:
+            xavier_linear_(self.pool_gate)
 
     @property
     def reader(self) -> nn.RNNBase:
@@ -498,7 +507,17 @@ class PermutationSetEncoder(nn.Module):
         if self.pool_linear is not None:
             # x is zero at padding, so the sum runs over the real elements; the pooled set is
             # permutation invariant whatever P is.
-            pooled = x.sum(1)
+            if self.pool == "attention":
+                logits = self.pool_gate(x).squeeze(-1)
+                if mask is not None:
+                    # a finite floor, not -inf: an empty set's row stays finite (uniform), then zeroed
+                    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+                att = torch.softmax(logits, dim=1)
+                if mask is not None:
+                    att = att * mask.to(att.dtype)
+                pooled = (att.unsqueeze(-1) * x).sum(1)
+            else:
+                pooled = x.sum(1)
             if self.pool == "mean":
                 n = mask.sum(1, keepdim=True) if mask is not None else torch.full((B, 1), N, device=x.device)
                 pooled = pooled / n.clamp_min(1).to(pooled.dtype)
