@@ -282,11 +282,13 @@ def _final_state(outputs) -> Tensor:
 
 class PermutationSetEncoder(nn.Module):
     """Permutation-invariant set encoder: PO permutes the set, an LSTM reads the sequence, and
-    the LSTM's last cell state is the set representation (paper section 4.4, appendix F.4).
+    the LSTM's last cell state is the set representation (paper section 4.4, appendix F.4);
+    ``straight_through``, ``rnn`` and ``pool`` are options beyond the paper (which one suits which
+    kind of task is measured in the README, "Which setting for which task").
 
     Args:
         in_features: element dimension D.
-        hidden_size: LSTM units (the output size).
+        hidden_size: units of the recurrent reader (the output size).
         po: the permutation module, ready built with the settings wanted (as PyG's
             ``DeepSetsAggregation`` takes its modules): a :class:`PermutationOptimization` or a
             :class:`LinAssign` on ``in_features`` (or ``order_features``) features, e.g.
