@@ -103,9 +103,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         from .step_time import markdown, step_times
         torch.set_num_threads(args.threads)
-        result = step_times(args.task, args.encoders, TrainConfig(), args.width, args.repeats)
-        print(f"Training step of the {args.task} model (batch {TrainConfig().batch_size}, N = "
-              f"{TrainConfig().min_size}..{TrainConfig().max_size}), {args.threads} thread(s), median of "
+        cfg = TrainConfig()
+        result = step_times(args.task, args.encoders, cfg, args.width, args.repeats)
+        print(f"Training step of the {args.task} model (batch {cfg.batch_size}, N = "
+              f"{cfg.min_size}..{cfg.max_size}), {args.threads} thread(s), median of "
               f"{args.repeats} interleaved rounds:\n")
         print(markdown(result), end="")
         if args.json:

@@ -273,6 +273,22 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
     return out
 
 
+def _pool_elements(x: Tensor, mask: Optional[Tensor], how: str, gate: Optional[nn.Module]) -> Tensor:
+    """``x (B, N, D)``, zero at padding, pooled over the real elements -> ``(B, D)``: their sum, mean
+    (an empty set gives 0), or ``"attention"``: their mean weighted by ``softmax(gate(x))``."""
+    if how == "attention":
+        logits = gate(x).squeeze(-1)
+        if mask is None:
+            return (torch.softmax(logits, dim=1).unsqueeze(-1) * x).sum(1)
+        # a finite floor, not -inf: an empty set's row stays finite (uniform), then zeroed
+        att = torch.softmax(logits.masked_fill(~mask, torch.finfo(logits.dtype).min), dim=1) * mask.to(x.dtype)
+        return (att.unsqueeze(-1) * x).sum(1)
+    pooled = x.sum(1)
+    if how == "mean":
+        pooled = pooled / (mask.sum(1, keepdim=True).clamp_min(1).to(x.dtype) if mask is not None else x.shape[1])
+    return pooled
+
+
 def _final_state(outputs) -> Tensor:
     """The last layer's final state from ``nn.LSTM``'s ``(out, (h_n, c_n))`` (c_n) or ``nn.GRU``'s
     ``(out, h_n)`` (h_n)."""
@@ -392,7 +408,6 @@ class PermutationSetEncoder(nn.Module):
         self.rnn = rnn
         reader = uninitialized(nn.LSTM if rnn == "lstm" else nn.GRU, in_features, hidden_size, batch_first=True,
                                **factory_kwargs)
-        xavier_rnn_(reader)
         self.lstm: Optional[nn.LSTM] = reader if rnn == "lstm" else None
         self.gru: Optional[nn.GRU] = reader if rnn == "gru" else None
         self.pool = pool
@@ -401,10 +416,7 @@ class PermutationSetEncoder(nn.Module):
                             if pool is not None else None)
         self.pool_gate = (uninitialized(nn.Linear, in_features, 1, bias=False, **factory_kwargs)
                           if pool == "attention" else None)
-        if self.pool_linear is not None:
-            xavier_linear_(self.pool_linear)
-        if self.pool_gate is not None:
-            xavier_linear_(self.pool_gate)
+        self._reset_readout()       # the permutation module initialised itself
 
     def reset_parameters(self) -> None:
         """The permutation module's init (Xavier, eta = ``eta_init``), then Xavier per LSTM gate
@@ -412,11 +424,13 @@ class PermutationSetEncoder(nn.Module):
         construction (the module first)."""
         if self.po is not None:
             self.po.reset_parameters()
+        self._reset_readout()
+
+    def _reset_readout(self) -> None:
         xavier_rnn_(self.reader)
-        if self.pool_linear is not None:
-            xavier_linear_(self.pool_linear)
-        if self.pool_gate is not None:
-            xavier_linear_(self.pool_gate)
+        for layer in (self.pool_linear, self.pool_gate):
+            if layer is not None:
+                xavier_linear_(layer)
 
     @property
     def reader(self) -> nn.RNNBase:
@@ -507,23 +521,8 @@ class PermutationSetEncoder(nn.Module):
         else:
             h = last_state(self.reader, seq, mask.sum(1), host_lengths=host_lengths)
         if self.pool_linear is not None:
-            # x is zero at padding, so the sum runs over the real elements; the pooled set is
-            # permutation invariant whatever P is.
-            if self.pool == "attention":
-                logits = self.pool_gate(x).squeeze(-1)
-                if mask is not None:
-                    # a finite floor, not -inf: an empty set's row stays finite (uniform), then zeroed
-                    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-                att = torch.softmax(logits, dim=1)
-                if mask is not None:
-                    att = att * mask.to(att.dtype)
-                pooled = (att.unsqueeze(-1) * x).sum(1)
-            else:
-                pooled = x.sum(1)
-            if self.pool == "mean":
-                n = mask.sum(1, keepdim=True) if mask is not None else torch.full((B, 1), N, device=x.device)
-                pooled = pooled / n.clamp_min(1).to(pooled.dtype)
-            h = h + self.pool_linear(pooled)
+            # the pooled set is permutation invariant whatever P is
+            h = h + self.pool_linear(_pool_elements(x, mask, self.pool, self.pool_gate))
         if P is None and return_permutation:
             P = (permutation_matrix(order, dtype=x.dtype) if order is not None
                  else torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N))

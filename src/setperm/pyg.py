@@ -44,8 +44,8 @@ class PermutationAggregation(Aggregation):
             (keyword-only, default False).
         rnn: the recurrent reader, ``"lstm"`` (default) or ``"gru"``, as in
             :class:`setperm.PermutationSetEncoder` (keyword-only).
-        pool: None (default), ``"sum"`` or ``"mean"``: add a linear map of the pooled elements to the
-            LSTM state, as in :class:`setperm.PermutationSetEncoder` (keyword-only).
+        pool: None (default), ``"sum"``, ``"mean"`` or ``"attention"``: add a linear map of the pooled
+            elements to the reader's state, as in :class:`setperm.PermutationSetEncoder` (keyword-only).
         check_finite, device, dtype: as in :class:`setperm.PermutationSetEncoder` (keyword-only).
 
     Call: ``aggr(x, index=None, ptr=None, dim_size=None, dim=-2, max_num_elements=None,
@@ -120,8 +120,8 @@ class PermutationAggregation(Aggregation):
     def extra_repr(self) -> str:
         # one line, as PyG's aggregations: the permutation module's settings, then the encoder's own
         po = self.encoder.po
-        pool = "" if self.encoder.rnn == "lstm" else f", rnn={self.encoder.rnn!r}"
-        pool += "" if self.encoder.pool is None else f", pool={self.encoder.pool!r}"
+        options = "" if self.encoder.rnn == "lstm" else f", rnn={self.encoder.rnn!r}"
+        options += "" if self.encoder.pool is None else f", pool={self.encoder.pool!r}"
         if po is None:
-            return "po=None" + pool
-        return f"po={type(po).__name__}({po.extra_repr()}), straight_through={self.encoder.straight_through}" + pool
+            return "po=None" + options
+        return f"po={type(po).__name__}({po.extra_repr()}), straight_through={self.encoder.straight_through}" + options
