@@ -4,10 +4,10 @@ For every task and encoder: test accuracy (mean ± std over seeds) at the traini
 larger test size, MAE for count tasks, time per training step, parameter count, and for the PO
 encoders eta, the entropy of P and the Spearman correlation of the Hungarian order with the task's
 sort key. Real-valued tasks have no accuracy: they are scored by test MSE (lower is better) wherever
-the others are scored by accuracy (``metric`` of a task's entry). Per task, each of PO-U, PO-U-ST and
-PO-LA is compared with the best baseline (PyG's aggregations and setperm's LSTM-only) by a paired t-test
-over seeds: cells of the same seed share their training batches and the initial element embedding, so
-they are paired.
+the others are scored by accuracy (``metric`` of a task's entry). Per task, each of our encoders is
+compared with the best of PyG's aggregations by a paired t-test over seeds (cells of the same seed share
+their training batches and the initial element embedding, so they are paired), and the recommended
+setting of the task's family (:data:`.encoders.RECOMMENDED`) gets a table of its own.
 """
 from __future__ import annotations
 
@@ -91,15 +91,23 @@ def summarize(cells: List[dict]) -> dict:
     return summary
 
 
+def _ranked(entry: dict, encoders, size: str = "train") -> List[str]:
+    """``encoders`` that have a score at ``size``, best first by the task's metric (higher accuracy,
+    lower MSE)."""
+    metric = entry["metric"]
+    scored = {e: entry["encoders"][e][metric][size]["mean"] for e in encoders
+              if size in entry["encoders"][e][metric] and entry["encoders"][e][metric][size]["mean"] is not None}
+    return sorted(scored, key=lambda e: scored[e] if metric == "mse" else -scored[e])
+
+
 def _compare(entry: dict) -> dict:
     """Each of our encoders against the best PyG encoder (by the task's ``metric`` at the training sizes:
     the highest mean accuracy, or the lowest mean MSE): the difference ours − best in that metric, a
     paired t-test of it over the seeds both have, and its rank among all encoders."""
     enc = entry["encoders"]
     metric = entry["metric"]
-    sign = 1 if metric == "mse" else -1               # sorting key: lower MSE, higher accuracy first
-    means = {e: r[metric]["train"]["mean"] for e, r in enc.items() if r[metric]["train"]["mean"] is not None}
-    ranking = sorted(means, key=lambda e: sign * means[e])
+    ranking = _ranked(entry, enc)
+    means = {e: enc[e][metric]["train"]["mean"] for e in ranking}
     baselines = [e for e in ranking if e in BASELINES]
     out = {"metric": metric, "ranking": ranking, "best": ranking[0] if ranking else None}
     if not baselines:
@@ -179,10 +187,7 @@ def _recommended_section(summary: dict, tasks: List[str], big: List[str]) -> Lis
         best = c["best_baseline"]
         at_size = []
         for n in big:
-            pyg = [e for e in BASELINES if e in entry["encoders"] and n in entry["encoders"][e][entry["metric"]]
-                   and entry["encoders"][e][entry["metric"]][n]["mean"] is not None]
-            sign = 1 if entry["metric"] == "mse" else -1
-            top = min(pyg, key=lambda e: sign * entry["encoders"][e][entry["metric"]][n]["mean"]) if pyg else None
+            top = next(iter(_ranked(entry, [e for e in BASELINES if e in entry["encoders"]], n)), None)
             at_size.append(f"{_score(summary, t, ours, n)} / {_score(summary, t, top, n) if top else 'n/a'}"
                            + (f" ({top})" if top else ""))
         co = c[ours]
