@@ -33,15 +33,14 @@ def os_error_in(exc: BaseException) -> Optional[OSError]:
     return in_chain(exc, OSError)
 
 
-def _temporary(path: Path) -> tuple:
-    """(fd, name) of a new hidden file beside ``path``; O_EXCL so that no other writer has it. Created with
-    mode 0o666 less the umask, as a plain ``open`` would, so the renamed file has the usual permissions."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
-        except FileExistsError:
-            continue
+def _temporary_name(path: Path) -> Path:
+    """A new hidden name beside ``path``: the pid and a random suffix, so no other writer draws it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+# O_EXCL: the file is ours alone. Created with mode 0o666 less the umask, as a plain ``open`` would,
+# so the renamed file has the usual permissions.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def fsync_folder(folder: Path) -> None:
@@ -67,8 +66,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temporary(path)
+    tmp: Optional[Path] = None
     try:
+        # The name is known before the file exists: an interrupt that lands just after os.open created
+        # it (a second signal while the interrupt checkpoint is written) still finds it to remove.
+        fd = None
+        while fd is None:
+            tmp = _temporary_name(path)
+            try:
+                fd = os.open(tmp, _CREATE, 0o666)
+            except FileExistsError:
+                continue
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -76,10 +84,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:           # not created yet, or already renamed
+                pass
         err = os_error_in(e)
         if err is not None and not (isinstance(e, OSError) and e.filename):
             raise OSError(err.errno, err.strerror or str(err), str(path)) from e
