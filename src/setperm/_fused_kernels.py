@@ -1,0 +1,153 @@
+"""Triton kernels of :mod:`setperm.fused` (imported by it on first use: this module imports Triton).
+
+One program per set; the maths and its references to the paper are described in
+:mod:`setperm.fused`.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK: tl.constexpr):
+    # assignment_mask of setperm.masking for one set, inside the (BLOCK, BLOCK) tile
+    inside = (offs[:, None] < N) & (offs[None, :] < N)
+    if HAS_MASK:
+        tgt = tl.load(target_ptr + b * N + offs, mask=offs < N, other=-1)
+        n = tl.load(nreal_ptr + b)
+        ok = tl.where(tgt[:, None] < 0, offs[None, :] < n, offs[None, :] == tgt[:, None])
+        inside = inside & ok
+    return inside
+
+
+@triton.jit
+def _clamped(logits, allowed, temperature, iters):
+    # sinkhorn's _prepare and _clamp_half: excluded entries -inf, the rest clamped to half
+    # of float32's range
+    z = tl.where(allowed, logits / temperature, float("-inf"))
+    zc = tl.where(z == float("-inf"), z, tl.minimum(tl.maximum(z, -1.7014117331926443e38), 1.7014117331926443e38))
+    return z, tl.where(iters > 0, zc, z)
+
+
+@triton.jit
+def _lse(y, AXIS: tl.constexpr):
+    # logsumexp along AXIS as torch computes it; a line with no allowed entry (outside the
+    # set, in the tile's padding) gives 0, so that it stays -inf instead of becoming NaN
+    m = tl.max(y, axis=AXIS)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.exp(y - tl.expand_dims(m, AXIS)), axis=AXIS)
+    return tl.where(s > 0, m + tl.log(s), 0.0)
+
+
+@triton.jit
+def _balance(P):
+    # position_balance of eq. 4 along the positions: R - 2 S + P
+    return tl.sum(P, axis=1)[:, None] - 2 * tl.cumsum(P, axis=1) + P
+
+
+@triton.jit
+def _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, BLOCK: tl.constexpr):
+    base = ((b * (steps + 1) + t) * tl.maximum(2 * iters, 1) + h) * 2 * BLOCK
+    return pots_ptr + base + offs, pots_ptr + base + BLOCK + offs
+
+
+@triton.jit
+def _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, SAVE: tl.constexpr, BLOCK: tl.constexpr):
+    # eq. 11-12 in the log domain: rows, then columns, L times; iterate = zc - a_i - b_k
+    a = tl.zeros([BLOCK], dtype=tl.float32)
+    c = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(iters):
+        a += _lse(zc - a[:, None] - c[None, :], 1)
+        if SAVE:
+            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r, steps, iters, offs, BLOCK)
+            tl.store(pa, a)
+            tl.store(pc, c)
+        c += _lse(zc - a[:, None] - c[None, :], 0)
+        if SAVE:
+            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r + 1, steps, iters, offs, BLOCK)
+            tl.store(pa, a)
+            tl.store(pc, c)
+    return tl.exp(zc - a[:, None] - c[None, :])
+
+
+@triton.jit
+def _iterate(zc, pots_ptr, b, t, h, steps, iters, offs, BLOCK: tl.constexpr):
+    # exp of the iterate after half-step h (its softmax), from the saved potentials
+    pa, pc = _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, BLOCK)
+    return tl.exp(zc - tl.load(pa)[:, None] - tl.load(pc)[None, :])
+
+
+@triton.jit
+def _sinkhorn_backward(grad_P, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs,
+                       BLOCK: tl.constexpr):
+    # as setperm.sinkhorn's log-domain backward: through exp, then every half-step
+    # y - logsumexp(y) in reverse (dz = dy - softmax * sum(dy)), the clamp and the masking
+    z, zc = _clamped(logits, allowed, temperature, iters)
+    if iters > 0:
+        P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, BLOCK)
+    else:
+        P = tl.exp(zc)
+    g = grad_P * P
+    for rr in range(iters):
+        r = iters - 1 - rr
+        S = _iterate(zc, pots_ptr, b, t, 2 * r + 1, steps, iters, offs, BLOCK)
+        g = g - S * tl.sum(g, axis=0)[None, :]
+        S = _iterate(zc, pots_ptr, b, t, 2 * r, steps, iters, offs, BLOCK)
+        g = g - S * tl.sum(g, axis=1)[:, None]
+    g = tl.where(zc == z, g, 0.0)
+    return tl.where(allowed, g / temperature, 0.0)
+
+
+@triton.jit
+def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots_ptr, N, steps, iters, temperature,
+            HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = (offs[:, None] < N) & (offs[None, :] < N)
+    tile = offs[:, None] * N + offs[None, :]
+    allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
+    Cs = tl.load(C_ptr + b * N * N + tile, mask=inside, other=0.0)
+    if HAS_INIT:
+        logits = tl.load(init_ptr + b * N * N + tile, mask=inside, other=0.0)
+    else:
+        logits = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for t in range(steps):
+        if SAVE:
+            tl.store(hist_ptr + (b * (steps + 1) + t) * N * N + tile, logits, mask=inside)
+        _, zc = _clamped(logits, allowed, temperature, iters)
+        P = _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, SAVE, BLOCK)
+        logits = logits - tl.dot(Cs, _balance(P), input_precision="ieee")
+    if SAVE:
+        tl.store(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, logits, mask=inside)
+    _, zc = _clamped(logits, allowed, temperature, iters)
+    P = _sinkhorn(zc, pots_ptr, b, steps, steps, iters, offs, SAVE, BLOCK)
+    tl.store(P_ptr + b * N * N + tile, P, mask=inside)
+
+
+@triton.jit
+def backward_kernel(gP_ptr, C_ptr, target_ptr, nreal_ptr, hist_ptr, pots_ptr, gC_ptr, ginit_ptr, N, steps, iters,
+             temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = (offs[:, None] < N) & (offs[None, :] < N)
+    tile = offs[:, None] * N + offs[None, :]
+    allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
+    Cs = tl.load(C_ptr + b * N * N + tile, mask=inside, other=0.0)
+    gP = tl.load(gP_ptr + b * N * N + tile, mask=inside, other=0.0)
+    logits = tl.load(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, mask=inside, other=0.0)
+    gl = _sinkhorn_backward(gP, logits, allowed, temperature, pots_ptr, b, steps, steps, iters, offs, BLOCK)
+    gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for tt in range(steps):
+        t = steps - 1 - tt
+        logits = tl.load(hist_ptr + (b * (steps + 1) + t) * N * N + tile, mask=inside, other=0.0)
+        _, zc = _clamped(logits, allowed, temperature, iters)
+        if iters > 0:
+            P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, BLOCK)
+        else:
+            P = tl.exp(zc)
+        # P~(t+1) = P~(t) - Cs B(P): dL/dCs = -g B^T, dL/dB = -Cs^T g, dL/dP = -B*(dL/dB) = B(Cs^T g)
+        gC -= tl.dot(gl, tl.trans(_balance(P)), input_precision="ieee")
+        gBP = _balance(tl.dot(tl.trans(Cs), gl, input_precision="ieee"))
+        gl += _sinkhorn_backward(gBP, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs, BLOCK)
+    tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
+    if WANT_INIT:
+        tl.store(ginit_ptr + b * N * N + tile, gl, mask=inside)

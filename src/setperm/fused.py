@@ -1,0 +1,144 @@
+"""The unrolled permutation optimisation (algorithm 1) as two Triton kernels, one program per set.
+
+:func:`setperm.functional.optimize_permutation` runs ``T`` steps of eq. 7, each with a Sinkhorn
+normalisation of ``2L`` half-steps: in plain PyTorch that is several hundred small kernel launches
+per forward and backward, and for the set sizes of VQA or sorting (N <= 128) the launches, not the
+arithmetic, set the time on a GPU. Here one program per set keeps its ``(N, N)`` matrices on chip
+for the whole optimisation: one launch forward, one backward.
+
+Same maths as the unrolled path (``kernel="chunked"`` / ``"compiled"``), written once more in
+Triton's language:
+
+- Sinkhorn in the log domain (eq. 11-12, as :func:`setperm.functional.sinkhorn` with
+  ``method="log"``: logits clamped to half the dtype's range, the masked assignment of
+  :func:`setperm.masking.assignment_mask`), kept as row and column potentials: after every
+  half-step the iterate is ``z - a_i - b_k``, so backward recomputes any half-step's softmax from
+  ``z`` and two stored vectors;
+- the step ``P~ <- P~ - (2 eta C) B(P)`` with the position balance ``B`` of eq. 4 by a cumulative
+  sum, and its adjoint ``-B`` in backward (``B`` is anti-self-adjoint along the positions);
+- backward through every step in reverse order: ``dL/dC_step`` and ``dL/dP~(0)``.
+
+Forward saves each step's logits ``(B, T + 1, N, N)`` and the potentials for backward. Matrix
+products use full float32 precision (``input_precision="ieee"``, no TF32). Applies to float32
+(half inputs are computed in float32) sequence costs with ``1 <= N <= MAX_SET_SIZE`` on CUDA;
+elsewhere :func:`optimize_permutation` takes the unrolled path. With the environment variable
+``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels run on CPU tensors in
+Triton's interpreter (how the test suite checks them without a GPU). First-order gradients only.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# One set's (N, N) matrices live on chip: up to 128 x 128 float32 per matrix (64 KiB).
+MAX_SET_SIZE = 128
+
+
+def unavailable() -> Optional[str]:
+    """Why the Triton kernels cannot be built here (None if they can, as far as can be told
+    without compiling)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    return None
+
+
+def interpreted() -> bool:
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def applies(C_step: Tensor, steps: int) -> bool:
+    """Whether the fused kernels compute this optimisation (else the caller runs the unrolled steps):
+    a CUDA tensor (a CPU tensor under the interpreter), float32 or lower precision, at least one
+    set and one element, at most :data:`MAX_SET_SIZE` elements, at least one step."""
+    B, N = C_step.shape[0], C_step.shape[-1]
+    on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted())
+    return (on_device and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and B > 0 and 0 < N <= MAX_SET_SIZE and steps > 0)
+
+
+def _block(N: int) -> int:
+    return max(16, 1 << (N - 1).bit_length())      # tl.dot needs >= 16; tl.arange a power of two
+
+
+def _warps(block: int) -> int:
+    # enough threads that the handful of live (block, block) float32 tiles fit in registers
+    return {16: 1, 32: 2, 64: 4}.get(block, 8)
+
+
+def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
+                   sinkhorn_iters: int, temperature: float) -> Tensor:
+    """``P = S(P~(T))`` of algorithm 1 with ``P~(t+1) = P~(t) - C_step B(S(P~(t)))``.
+
+    ``C_step`` ``(B, N, N)``: the step's matrix, ``2 eta`` times the summed cost channels (built by
+    the caller, so that ``eta`` and ``C`` get their gradients through it). ``init_logits``
+    ``(B, N, N)`` or None (zeros: PO-U); ``mask`` ``(B, N)`` bool or None. Returns ``P`` in the
+    dtype of ``C_step``. The caller has checked :func:`applies`.
+    """
+    B, N = C_step.shape[0], C_step.shape[-1]
+    if mask is None:
+        target = nreal = None
+    else:
+        # assignment_mask in two vectors: the position each padded element is pinned to, -1 for
+        # real elements (which may take any of the first n positions)
+        n = mask.sum(1, dtype=torch.int32)
+        pad_rank = torch.cumsum(~mask, dim=1, dtype=torch.int32) - 1
+        target = torch.where(mask, torch.full((), -1, dtype=torch.int32, device=mask.device),
+                             n.unsqueeze(1) + pad_rank).contiguous()
+        nreal = n.contiguous()
+    out_dtype = C_step.dtype
+    C32 = C_step.float().contiguous()
+    init32 = None if init_logits is None else init_logits.float().contiguous()
+    # (inside Function.forward grad mode is off, so whether to save for backward is decided here)
+    save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
+    P = _FusedOptimize.apply(C32, init32, target, nreal, steps, sinkhorn_iters, float(temperature), save)
+    return P.to(out_dtype)
+
+
+class _FusedOptimize(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, C_step, init, target, nreal, steps, iters, temperature, save):
+        kernels = _kernels()
+        B, N = C_step.shape[0], C_step.shape[-1]
+        block = _block(N)
+        P = torch.empty_like(C_step)
+        hist = C_step.new_empty((B, steps + 1, N, N) if save else (1,))
+        pots = C_step.new_empty((B, steps + 1, max(2 * iters, 1), 2, block) if save else (1,))
+        dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
+        kernels.forward_kernel[(B,)](
+            C_step, C_step if init is None else init, dummy_i if target is None else target,
+            dummy_i if nreal is None else nreal, P, hist, pots, N, steps, iters, temperature,
+            HAS_INIT=init is not None, HAS_MASK=target is not None, SAVE=save, BLOCK=block,
+            num_warps=_warps(block))
+        ctx.setup = (steps, iters, temperature, block, init is not None, target is not None)
+        ctx.save_for_backward(C_step, hist, pots, target, nreal)
+        return P
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_P):
+        C_step, hist, pots, target, nreal = ctx.saved_tensors
+        steps, iters, temperature, block, has_init, has_mask = ctx.setup
+        B, N = C_step.shape[0], C_step.shape[-1]
+        grad_C = torch.empty_like(C_step)
+        want_init = has_init and ctx.needs_input_grad[1]
+        grad_init = torch.empty_like(C_step) if want_init else grad_C
+        dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
+        _kernels().backward_kernel[(B,)](
+            grad_P.float().contiguous(), C_step, dummy_i if target is None else target,
+            dummy_i if nreal is None else nreal, hist, pots, grad_C, grad_init, N, steps, iters, temperature,
+            HAS_MASK=has_mask, WANT_INIT=want_init, BLOCK=block, num_warps=_warps(block))
+        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None
+
+
+def _kernels():
+    """The Triton kernels, imported on first use (Triton is imported only then)."""
+    from . import _fused_kernels
+
+    return _fused_kernels
