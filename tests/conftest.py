@@ -1,10 +1,17 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# setperm.fused's Triton kernels are checked on the CPU in Triton's interpreter, which has to be
+# chosen before Triton is first imported (importing torch_geometric imports it); with CUDA they run
+# compiled on the GPU instead.
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_configure(config):

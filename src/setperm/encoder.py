@@ -186,7 +186,7 @@ class PermutationOptimization(nn.Module):
         C = self.cost(x, mask)
         return optimize_permutation(C, init_logits, eta=self.eta, steps=self.steps, mask=mask,
                                     sinkhorn_iters=self.sinkhorn_iters, temperature=self.temperature,
-                                    grid=self.grid, return_steps=return_steps)
+                                    grid=self.grid, return_steps=return_steps, kernel=self.kernel)
 
     def extra_repr(self) -> str:
         pairs = [("in_features", self.in_features), ("permutation", self.permutation), ("steps", self.steps)]

@@ -55,10 +55,11 @@ def interpreted() -> bool:
 def applies(C_step: Tensor, steps: int) -> bool:
     """Whether the fused kernels compute this optimisation (else the caller runs the unrolled steps):
     a CUDA tensor (a CPU tensor under the interpreter), float32 or lower precision, at least one
-    set and one element, at most :data:`MAX_SET_SIZE` elements, at least one step."""
+    set and one element, at most :data:`MAX_SET_SIZE` elements, at least one step, and not inside a
+    ``torch.compile`` trace (which compiles the unrolled steps itself)."""
     B, N = C_step.shape[0], C_step.shape[-1]
     on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted())
-    return (on_device and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (on_device and not torch.compiler.is_compiling() and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and B > 0 and 0 < N <= MAX_SET_SIZE and steps > 0)
 
 
@@ -80,7 +81,10 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     ``(B, N, N)`` or None (zeros: PO-U); ``mask`` ``(B, N)`` bool or None. Returns ``P`` in the
     dtype of ``C_step``. The caller has checked :func:`applies`.
     """
-    B, N = C_step.shape[0], C_step.shape[-1]
+    reason = unavailable()
+    if reason is not None:
+        raise RuntimeError(f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason}); "
+                           "kernel='compiled' or 'chunked' compute the same values without it")
     if mask is None:
         target = nreal = None
     else:
@@ -111,11 +115,11 @@ class _FusedOptimize(torch.autograd.Function):
         hist = C_step.new_empty((B, steps + 1, N, N) if save else (1,))
         pots = C_step.new_empty((B, steps + 1, max(2 * iters, 1), 2, block) if save else (1,))
         dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
-        kernels.forward_kernel[(B,)](
-            C_step, C_step if init is None else init, dummy_i if target is None else target,
-            dummy_i if nreal is None else nreal, P, hist, pots, N, steps, iters, temperature,
-            HAS_INIT=init is not None, HAS_MASK=target is not None, SAVE=save, BLOCK=block,
-            num_warps=_warps(block))
+        _launch(kernels.forward_kernel, B,
+                C_step, C_step if init is None else init, dummy_i if target is None else target,
+                dummy_i if nreal is None else nreal, P, hist, pots, N, steps, iters, temperature,
+                HAS_INIT=init is not None, HAS_MASK=target is not None, SAVE=save, BLOCK=block,
+                num_warps=_warps(block))
         ctx.setup = (steps, iters, temperature, block, init is not None, target is not None)
         ctx.save_for_backward(C_step, hist, pots, target, nreal)
         return P
@@ -130,11 +134,23 @@ class _FusedOptimize(torch.autograd.Function):
         want_init = has_init and ctx.needs_input_grad[1]
         grad_init = torch.empty_like(C_step) if want_init else grad_C
         dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
-        _kernels().backward_kernel[(B,)](
-            grad_P.float().contiguous(), C_step, dummy_i if target is None else target,
-            dummy_i if nreal is None else nreal, hist, pots, grad_C, grad_init, N, steps, iters, temperature,
-            HAS_MASK=has_mask, WANT_INIT=want_init, BLOCK=block, num_warps=_warps(block))
+        _launch(_kernels().backward_kernel, B,
+                grad_P.float().contiguous(), C_step, dummy_i if target is None else target,
+                dummy_i if nreal is None else nreal, hist, pots, grad_C, grad_init, N, steps, iters, temperature,
+                HAS_MASK=has_mask, WANT_INIT=want_init, BLOCK=block, num_warps=_warps(block))
         return grad_C, (grad_init if want_init else None), None, None, None, None, None, None
+
+
+def _launch(kernel, programs: int, *args, **meta) -> None:
+    """One program per set; a kernel Triton cannot build (compiler error, too many registers or
+    too much shared memory for this GPU) raises a RuntimeError that names the cause."""
+    try:
+        kernel[(programs,)](*args, **meta)
+    except Exception as err:
+        cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+        raise RuntimeError(f"kernel='fused': Triton could not build or run {kernel.__name__} for sets padded to "
+                           f"{meta.get('BLOCK')} ({type(err).__name__}: {cause}); kernel='compiled' or "
+                           "'chunked' compute the same values") from err
 
 
 def _kernels():

@@ -10,7 +10,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import fused
 from .masking import resolve_mask
+from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
 
 Grid = Tuple[int, int]
@@ -124,8 +126,8 @@ def permutation_cost_gradient(C: Tensor, P: Tensor, *, grid: Optional[Grid] = No
 def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: Optional[Tensor] = None, *,
                          eta: Union[float, Tensor] = 1.0, steps: int = DEFAULT_STEPS, sinkhorn_iters: int = 4,
                          temperature: float = 1.0, grid: Optional[Grid] = None, return_steps: bool = False,
-                         lengths: Optional[Tensor] = None,
-                         key_padding_mask: Optional[Tensor] = None) -> Union[Tensor, List[Tensor]]:
+                         lengths: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                         kernel: str = "auto") -> Union[Tensor, List[Tensor]]:
     """Algorithm 1: ``T`` unrolled steps of ``P~ <- P~ - eta * dc/dP`` at ``P = S(P~)`` (eq. 7); the
     functional form of :class:`setperm.PermutationOptimization` (given the cost ``C``).
 
@@ -142,24 +144,28 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
         grid: ``(R, Cols)`` for the lattice variant (positions row-major).
         return_steps: also return every intermediate ``S(P~(t))``, t = 0..T (for figures).
+        kernel: ``"fused"`` runs the whole optimisation, forward and backward, as two Triton
+            kernels (:mod:`setperm.fused`) where they apply (a sequence cost on CUDA, float32 or
+            lower precision, 1 <= N <= 128, T >= 1, not ``return_steps``), elsewhere the unrolled
+            steps; every other value of :data:`setperm.pairwise.KERNELS` runs the unrolled steps.
     Returns:
         ``P = S(P~(T))`` ``(B, N, N)``, or the list of T + 1 soft permutations.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    check_kernel(kernel)
     C4 = _channels(C)
     B, _, N, _ = C4.shape
     mask = resolve_mask(C4, mask, lengths, key_padding_mask, name="C", batch_shape=(B, N))
-    if init_logits is None:
-        logits = C4.new_zeros(B, N, N)
-    else:
-        if tuple(init_logits.shape) != (B, N, N):
-            raise ValueError(f"init_logits must have shape {(B, N, N)}, got {tuple(init_logits.shape)}")
-        logits = init_logits.to(C4.dtype)
+    if init_logits is not None and tuple(init_logits.shape) != (B, N, N):
+        raise ValueError(f"init_logits must have shape {(B, N, N)}, got {tuple(init_logits.shape)}")
     if grid is None:
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.
         C_step = (2 * eta) * (C4[:, 0] if C4.shape[1] == 1 else C4.sum(1))
+        if kernel == "fused" and not return_steps and fused.applies(C_step, steps):
+            return fused.fused_optimize(C_step, init_logits, mask, steps=steps, sinkhorn_iters=sinkhorn_iters,
+                                        temperature=temperature)
 
         def step_fn(logits: Tensor, P: Tensor) -> Tensor:
             return torch.baddbmm(logits, C_step, position_balance(P), alpha=-1)
@@ -167,6 +173,7 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         def step_fn(logits: Tensor, P: Tensor) -> Tensor:
             return logits - eta * _lattice_gradient(C4, P, grid)
 
+    logits = C4.new_zeros(B, N, N) if init_logits is None else init_logits.to(C4.dtype)
     history: List[Tensor] = []
     for _ in range(steps):
         P = sinkhorn(logits, mask=mask, iters=sinkhorn_iters, temperature=temperature)

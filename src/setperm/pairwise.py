@@ -21,6 +21,9 @@ same function and the same exact gradients:
   default of ``benchmarks/README.md``). When the fused kernel cannot be built (no Triton, no
   compiler), ``"auto"`` warns once naming the reason and computes the same values with
   ``"chunked"``; an explicit ``"compiled"`` raises instead.
+- ``"fused"``: the pairwise MLP as ``"compiled"``, and the unrolled permutation optimisation that
+  consumes the cost as two Triton kernels on CUDA (:mod:`setperm.fused`; the kernel argument of
+  :func:`setperm.functional.optimize_permutation`).
 
 Inside a ``torch.compile`` of a larger function (``torch.compiler.is_compiling()``), both kernels
 are traced as the fused broadcast-and-reduce expressions, which the outer compilation fuses itself
@@ -35,7 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-KERNELS = ("auto", "chunked", "compiled")
+KERNELS = ("auto", "chunked", "compiled", "fused")
 
 # Elements per chunk of the (sets, rows, N, hidden) pairwise activations: small enough that a
 # chunk stays in the per-core L2 cache (1 MiB in float32), so its elementwise passes do not go to
@@ -239,7 +242,8 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -
 
     Memory-lean: the ``(B, N, N, H)`` hidden activations are recomputed in backward, never stored.
     ``kernel`` is ``"auto"`` (per device), ``"chunked"`` (plain PyTorch) or ``"compiled"``
-    (torch.compile-fused loops, see the module docstring); all give the same values up to float
+    (torch.compile-fused loops, see the module docstring; ``"fused"`` evaluates the MLP as
+    ``"compiled"``); all give the same values up to float
     rounding and are differentiable twice (the double backward runs the chunked contractions).
     """
     check_kernel(kernel)
@@ -251,7 +255,7 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -
         kernel = "compiled"          # traced as the fused expressions (see the module docstring)
     else:
         auto = kernel == "auto"
-        kernel = resolve_kernel(kernel, a.device)
+        kernel = resolve_kernel("compiled" if kernel == "fused" else kernel, a.device)
         if auto and kernel == "compiled":
             kernel = "auto-compiled"     # "compiled", but a failed build falls back instead of raising
     if kernel != "chunked":

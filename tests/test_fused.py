@@ -1,0 +1,188 @@
+"""setperm.fused: the permutation optimisation as Triton kernels equals the unrolled steps.
+
+On CUDA the kernels run compiled; on the CPU in Triton's interpreter (conftest sets
+``TRITON_INTERPRET=1`` before Triton is imported where there is no CUDA). Without Triton the
+module is skipped, except the tests of what happens without it.
+"""
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from setperm import PermutationOptimization, PermutationSetEncoder
+from setperm.functional import optimize_permutation
+
+fused = importlib.import_module("setperm.fused")
+HAS_TRITON = fused.unavailable() is None
+
+
+@pytest.fixture
+def fdevice(device):
+    """A device the fused kernels run on: CUDA, or the CPU under Triton's interpreter."""
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    if device.type == "cpu" and not fused.interpreted():
+        pytest.skip("the CPU runs the fused kernels only in Triton's interpreter (TRITON_INTERPRET=1)")
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="numpy")   # the interpreter's log(0)
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")
+    return device
+
+
+def cost(B, N, seed, mask=None, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(B, N, N, generator=g, dtype=dtype)
+    C = C - C.transpose(1, 2)
+    if mask is not None:
+        C = C * (mask[:, :, None] & mask[:, None, :])
+    return C / C.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+
+
+def random_mask(B, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, N, generator=g) > 0.35
+    mask[0] = False                                   # an empty set
+    mask[-1] = True                                   # a full one
+    return mask
+
+
+def run(C, init, mask, eta, kernel, device, **kw):
+    """P and the gradients of <P, G> with respect to C, eta (and init) for one kernel, float32 for
+    "fused" (the kernels compute in float32), the given dtype otherwise."""
+    dtype = torch.float32 if kernel == "fused" else C.dtype
+    leaves = [C.to(device, dtype).requires_grad_(True), torch.tensor(eta, dtype=dtype, device=device).requires_grad_(True)]
+    if init is not None:
+        leaves.append(init.to(device, dtype).requires_grad_(True))
+    m = None if mask is None else mask.to(device)
+    P = optimize_permutation(leaves[0], leaves[2] if init is not None else None, m, eta=leaves[1], kernel=kernel, **kw)
+    G = torch.randn(P.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device, dtype)
+    grads = torch.autograd.grad((P * G).sum(), leaves)
+    return P, grads
+
+
+CASES = [  # B, N, steps, sinkhorn_iters, temperature, masked, init
+    (3, 5, 3, 4, 1.0, False, False),
+    (4, 17, 3, 4, 1.0, True, False),          # N not a power of two, padded sets, an empty set
+    (2, 20, 2, 3, 0.5, True, True),           # PO-LA start, temperature
+    (3, 8, 1, 0, 1.0, True, True),            # no Sinkhorn rounds: P = exp(P~)
+    (2, 1, 2, 4, 1.0, False, False),          # one element
+    (2, 33, 4, 4, 1.0, True, False),          # a 64-wide tile
+]
+
+
+@pytest.mark.parametrize("B,N,steps,iters,temperature,masked,with_init", CASES)
+def test_fused_equals_the_unrolled_steps_in_values_and_gradients(fdevice, B, N, steps, iters, temperature, masked,
+                                                                 with_init):
+    mask = random_mask(B, N, seed=N) if masked else None
+    C = cost(B, N, seed=N, mask=mask)
+    init = torch.randn(B, N, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64) if with_init else None
+    kw = dict(steps=steps, sinkhorn_iters=iters, temperature=temperature)
+    ref, ref_grads = run(C, init, mask, 0.7, "chunked", "cpu", **kw)           # float64 on the CPU
+    P, grads = run(C, init, mask, 0.7, "fused", fdevice, **kw)
+    assert P.grad_fn is not None and "Fused" in P.grad_fn.name()             # the kernels ran
+    assert P.dtype == torch.float32 and torch.isfinite(P).all()
+    assert_close(P.double().cpu(), ref, rtol=1e-5, atol=2e-6)
+    # float32 against float64: the unrolled float32 path is off by up to ~1e-5 here too (eta's
+    # gradient is a sum with cancellation)
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        err = (got.double().cpu() - want).norm() / want.norm().clamp_min(1e-12)
+        assert err < 1e-4, err
+
+
+def test_padded_sets_equal_the_sets_alone(fdevice):
+    sizes = [6, 3, 1, 0]
+    N = 7
+    mask = torch.arange(N) < torch.tensor(sizes)[:, None]
+    C = cost(len(sizes), N, seed=3, mask=mask).float()     # zero on padded pairs, as PairwiseCost gives
+    P = optimize_permutation(C.to(fdevice), mask=mask.to(fdevice), eta=1.0, steps=3, kernel="fused").cpu()
+    for b, n in enumerate(sizes):
+        alone = optimize_permutation(C[b:b + 1, :n, :n].to(fdevice), eta=1.0, steps=3, kernel="fused").cpu()
+        assert_close(P[b, :n, :n], alone[0], rtol=1e-5, atol=1e-6)
+        assert_close(P[b, n:, n:], torch.eye(N - n))                          # the padding pinned in order
+        assert (P[b, :n, n:] == 0).all() and (P[b, n:, :n] == 0).all()
+
+
+def test_the_encoder_with_the_fused_kernel_equals_chunked(fdevice):
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(5, 12, PermutationOptimization(5, cost_hidden=16, steps=3, kernel="chunked"))
+    enc = enc.to(fdevice)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 9, 5, generator=g).to(fdevice)
+    mask = (torch.rand(4, 9, generator=g) > 0.3).to(fdevice)
+    outs, grads = [], []
+    for kernel in ("chunked", "fused"):
+        enc.po.cost.kernel = kernel
+        out = enc(x, mask)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), list(enc.parameters())))
+    assert enc.po.kernel == "fused"
+    assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[1], grads[0]):
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+
+
+def test_the_encoder_with_the_fused_kernel_is_invariant_to_the_order(fdevice):
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(3, 8, PermutationOptimization(3, cost_hidden=8, steps=2, kernel="fused")).to(fdevice)
+    x = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(4)).to(fdevice)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(5)).to(fdevice)
+    assert_close(enc(x[:, perm]), enc(x), rtol=1e-5, atol=1e-6)
+
+
+def test_where_the_kernels_do_not_apply_the_unrolled_steps_run(fdevice):
+    C = cost(2, 6, seed=0).float().to(fdevice)
+    unrolled = optimize_permutation(C, eta=1.0, steps=2, kernel="chunked")
+    steps = optimize_permutation(C, eta=1.0, steps=2, kernel="fused", return_steps=True)
+    assert isinstance(steps, list) and len(steps) == 3
+    assert_close(steps[-1], unrolled, rtol=1e-5, atol=1e-6)
+    C64 = C.double().requires_grad_(True)                  # float64: the unrolled path, in float64
+    P64 = optimize_permutation(C64, eta=1.0, steps=2, kernel="fused")
+    assert P64.dtype == torch.float64 and "Fused" not in P64.grad_fn.name()
+    big = fused.MAX_SET_SIZE + 1
+    assert not fused.applies(torch.zeros(1, big, big, device=fdevice), steps=2)
+    assert not fused.applies(torch.zeros(1, 4, 4, device=fdevice), steps=0)
+    assert not fused.applies(torch.zeros(0, 4, 4, device=fdevice), steps=2)
+    lattice = torch.stack([C, -C], dim=1)
+    P = optimize_permutation(lattice[:, :, :4, :4], eta=1.0, steps=2, grid=(2, 2), kernel="fused")
+    assert P.shape == (2, 4, 4)
+
+
+def test_half_precision_costs_are_computed_in_float32(fdevice):
+    C = cost(2, 6, seed=1).float()
+    P32 = optimize_permutation(C.to(fdevice), eta=1.0, steps=2, kernel="fused")
+    P16 = optimize_permutation(C.to(fdevice, torch.bfloat16), eta=1.0, steps=2, kernel="fused")
+    assert P16.dtype == torch.bfloat16
+    assert_close(P16.float(), P32, rtol=0, atol=2e-2)
+
+
+def test_kernel_argument_is_checked():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        optimize_permutation(torch.zeros(1, 3, 3), kernel="triton")
+
+
+def test_a_missing_triton_is_named(monkeypatch):
+    monkeypatch.setattr(fused, "unavailable", lambda: "Triton is not installed")
+    monkeypatch.setattr(fused, "applies", lambda C, steps: True)
+    with pytest.raises(RuntimeError, match="kernel='fused' needs Triton.*Triton is not installed"):
+        optimize_permutation(cost(1, 4, seed=0).float(), eta=1.0, steps=2, kernel="fused")
+
+
+def test_a_kernel_triton_cannot_build_is_named(monkeypatch):
+    class Broken:
+        __name__ = "forward_kernel"
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise ValueError("out of resource: shared memory, Required: 300000, Hardware limit: 232448")
+            return launch
+
+    class Kernels:
+        forward_kernel = Broken()
+
+    monkeypatch.setattr(fused, "unavailable", lambda: None)
+    monkeypatch.setattr(fused, "applies", lambda C, steps: True)
+    monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
+    with pytest.raises(RuntimeError, match="forward_kernel for sets padded to 16 .*out of resource"):
+        optimize_permutation(cost(1, 4, seed=0).float(), eta=1.0, steps=2, kernel="fused")
