@@ -6,7 +6,7 @@
 Layer table: the VQA-configuration encoder (paper appendix F.4: 13-d elements, pairwise MLP hidden
 128, T = 3, LSTM 128, relevance weights) on B in {64, 256} sets of N in {36, 100, 400} elements,
 forward and forward + backward, for setperm with every kernel (``auto``, ``chunked``,
-``compiled``), the literal reference of :mod:`benchmarks.reference`, and, with
+``compiled``, ``fused``), the literal reference of :mod:`benchmarks.reference`, and, with
 ``--perm-optim-root``, the paper's released module: ``PermNet`` from ``ban-vqa/permnet.py`` of the
 user's own checkout of github Cyanogenoid/perm-optim, imported from there (nothing of it is copied
 here; it takes boxes, attention logits and box features, and includes its learned projection of
@@ -17,10 +17,10 @@ parameters). The reference and the released module materialise every pair; they 
 their estimated peak exceeds ``--ref-mem-limit-gb``.
 
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
-BAN + PO-U at the official shape (batch 256, H = 1280, 8 glimpses, 2048-d features of 10-100 boxes
+BAN + PO-U (the default kernel and ``kernel="fused"``) at the official shape (batch 256, H = 1280, 8 glimpses, 2048-d features of 10-100 boxes
 per image, VQA v2's 19,901-word dictionary and 3,129 answers), all three built with the same seed
 and timed on the same random batches in alternating order; medians and the ratios to plain BAN
-(``--amp``: also BAN + PO-U under bfloat16 autocast).
+(``--amp``: also both BAN + PO-U under bfloat16 autocast).
 
 Results: ``<out>/gpu.json`` and ``<out>/gpu.md`` (``gpu_tiny.*`` with ``--tiny``). Without CUDA the
 command exits with status 1 and one line; ``--device cpu`` runs the same code on the CPU (with
@@ -44,11 +44,13 @@ from torch import nn
 from integrations.common import add_threads_argument, ensure_new, run_command
 from integrations.common.atomic import atomic_write
 
+from setperm.pairwise import KERNELS
+
 from .harness import DEFAULT_OUT, Config, build, call, markdown_table, prepare, vqa, write_results
 
-KERNELS = ("auto", "chunked", "compiled")
-BAN_VARIANTS = ("off", "none", "po-u")
-BAN_LABELS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U", "po-u-amp": "BAN + PO-U, bf16 autocast"}
+BAN_VARIANTS = ("off", "none", "po-u", "po-u-fused")
+BAN_LABELS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U", "po-u-fused": "BAN + PO-U, kernel fused",
+              "po-u-amp": "BAN + PO-U, bf16 autocast", "po-u-fused-amp": "BAN + PO-U, kernel fused, bf16 autocast"}
 # VQA v2 with the official preprocessing: dictionary size and answer candidates (ban-vqa's tools/)
 VQA_NTOKEN, VQA_ANSWERS = 19901, 3129
 
@@ -263,15 +265,15 @@ def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
     from integrations.ban.train import train_step
 
     shape = ban_shape(args.tiny)
-    variants = list(BAN_VARIANTS) + (["po-u-amp"] if args.amp else [])
+    variants = list(BAN_VARIANTS) + (["po-u-amp", "po-u-fused-amp"] if args.amp else [])
     models, optims = {}, {}
     for variant in variants:
         torch.manual_seed(args.seed)
         ban = build_ban(shape["ntoken"], shape["answers"], v_dim=shape["v_dim"], num_hid=shape["num_hid"],
                         gamma=shape["gamma"])
-        perm = variant.replace("-amp", "")
-        model = patch_ban(ban, permutation=perm) if perm == "off" else patch_ban(ban, permutation=perm,
-                                                                                    kernel="auto")
+        perm = variant.replace("-amp", "").replace("-fused", "")
+        model = (patch_ban(ban, permutation=perm) if perm == "off" else
+                 patch_ban(ban, permutation=perm, kernel="fused" if "-fused" in variant else "auto"))
         models[variant] = model.to(device)
         optims[variant] = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batches = random_batches(shape, args.ban_batches, seed=args.seed)
@@ -318,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed calls per layer measurement; the median is kept")
     p.add_argument("--ban-steps", type=int, default=20, help="timed training steps per BAN model")
     p.add_argument("--ban-batches", type=int, default=4, help="distinct random batches cycled through")
-    p.add_argument("--amp", action="store_true", help="also time BAN + PO-U under bfloat16 autocast")
+    p.add_argument("--amp", action="store_true", help="also time both BAN + PO-U under bfloat16 autocast")
     p.add_argument("--no-layer", action="store_true", help="skip the layer table")
     p.add_argument("--no-ban", action="store_true", help="skip the BAN training steps")
     p.add_argument("--ref-mem-limit-gb", type=float, default=64.0,

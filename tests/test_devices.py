@@ -95,7 +95,9 @@ def test_float64_gradcheck(device):
 def test_kernels_agree(device):
     x, w, mask = batch(device, dtype=torch.float32)
     outs, grads = [], []
-    for kernel in ("chunked", "compiled", "auto"):
+    # "fused" runs its Triton kernels where they can run (CUDA; the CPU under Triton's interpreter),
+    # elsewhere it is "compiled"
+    for kernel in ("chunked", "compiled", "auto", "fused"):
         enc = encoder(device, torch.float32, kernel=kernel)
         xr = x.clone().requires_grad_(True)
         out = enc(xr, mask=mask, weights=w)
@@ -130,21 +132,22 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
     device = torch.device("cuda")
     x, w, mask = batch(device, dtype=torch.float32)
     lengths = torch.tensor(SIZES)                                    # host lengths: no copy for the LSTM
-    po = PermutationOptimization(4, cost_hidden=8, steps=2).to(device)
-    enc = encoder(device, torch.float32)
-    for _ in range(2):                                               # warm-up: compilation, cuBLAS handles
-        po(x, mask=mask).sum().backward()
-        enc(x, lengths=lengths, weights=w).sum().backward()
-    torch.cuda.synchronize()
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        xr = x.clone().requires_grad_(True)
-        po(xr, mask=mask).sum().backward()
-        enc(xr, lengths=lengths, weights=w).sum().backward()
-        enc(xr, weights=w).sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
+    for kernel in ("auto", "fused"):
+        po = PermutationOptimization(4, cost_hidden=8, steps=2, kernel=kernel).to(device)
+        enc = encoder(device, torch.float32, kernel=kernel)
+        for _ in range(2):                                           # warm-up: compilation, cuBLAS handles
+            po(x, mask=mask).sum().backward()
+            enc(x, lengths=lengths, weights=w).sum().backward()
+        torch.cuda.synchronize()
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            xr = x.clone().requires_grad_(True)
+            po(xr, mask=mask).sum().backward()
+            enc(xr, lengths=lengths, weights=w).sum().backward()
+            enc(xr, weights=w).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
 
 
 def test_device_path_reads_nothing_on_the_host_and_gives_the_cpu_values(monkeypatch):

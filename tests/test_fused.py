@@ -5,7 +5,6 @@ On CUDA the kernels run compiled; on the CPU in Triton's interpreter (conftest s
 module is skipped, except the tests of what happens without it.
 """
 import importlib
-import warnings
 
 import pytest
 import torch
@@ -25,8 +24,6 @@ def fdevice(device):
         pytest.skip("Triton is not installed")
     if device.type == "cpu" and not fused.interpreted():
         pytest.skip("the CPU runs the fused kernels only in Triton's interpreter (TRITON_INTERPRET=1)")
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module="numpy")   # the interpreter's log(0)
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton")
     return device
 
 

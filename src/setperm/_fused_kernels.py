@@ -35,7 +35,7 @@ def _lse(y, AXIS: tl.constexpr):
     m = tl.max(y, axis=AXIS)
     m = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.exp(y - tl.expand_dims(m, AXIS)), axis=AXIS)
-    return tl.where(s > 0, m + tl.log(s), 0.0)
+    return tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), 0.0)
 
 
 @triton.jit

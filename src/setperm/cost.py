@@ -142,8 +142,9 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
         normalize: divide by the Frobenius norm per set and channel (eq. 10).
         kernel: ``"auto"`` (per device), ``"chunked"`` or ``"compiled"`` evaluation of a two-layer
-            ``f`` (see :func:`setperm.pairwise.pairwise_two_layer`); a deeper ``f`` is always
-            evaluated by plain operations (``"compiled"`` is refused for it).
+            ``f`` (see :func:`setperm.pairwise.pairwise_two_layer`; ``"fused"`` is ``"compiled"``
+            here); a deeper ``f`` is always evaluated by plain operations (``"compiled"`` is
+            refused for it).
     Returns:
         ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
         channel when ``normalize``. Finite for any finite ``x`` when ``normalize`` (see
@@ -195,7 +196,8 @@ class PairwiseCost(nn.Module):
         kernel: ``"auto"`` (default: ``"compiled"`` on CUDA, ``"chunked"`` elsewhere), ``"chunked"``
             or ``"compiled"`` (torch.compile-fused pairwise MLP, faster after a one-off compilation
             on first use; two-layer f only), see :mod:`setperm.pairwise`; measured speed-ups in
-            ``benchmarks/README.md``.
+            ``benchmarks/README.md``. ``"fused"`` evaluates the cost as ``"compiled"`` (a deeper f
+            by plain operations); it matters to the optimisation that consumes the cost.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
     All arguments after ``hidden`` are keyword-only. Functional form:

@@ -71,7 +71,8 @@ class PermutationOptimization(nn.Module):
             ``"chunked"`` elsewhere), ``"chunked"`` or ``"compiled"`` (torch.compile-fused pairwise
             MLP, faster after a one-off compilation on first use; needs a C++ compiler on CPU /
             Triton on CUDA), see :mod:`setperm.pairwise`; measured speed-ups in
-            ``benchmarks/README.md``.
+            ``benchmarks/README.md``. ``"fused"``: ``"compiled"``, and on CUDA the unrolled
+            optimisation as two Triton kernels (:mod:`setperm.fused`; sets of up to 128 elements).
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
     All arguments after ``in_features`` are keyword-only. Functional form:

@@ -68,8 +68,9 @@ def _block(N: int) -> int:
 
 
 def _warps(block: int) -> int:
-    # enough threads that the handful of live (block, block) float32 tiles fit in registers
-    return {16: 1, 32: 2, 64: 4}.get(block, 8)
+    # enough threads that the handful of live (block, block) float32 tiles fit in registers: a
+    # 128 x 128 tile is 32 registers per thread with 16 warps
+    return {16: 1, 32: 2, 64: 4}.get(block, 16)
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,

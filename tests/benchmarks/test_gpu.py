@@ -65,7 +65,8 @@ def test_cpu_dry_run_writes_every_row(tmp_path):
         assert row["fwd_ms"] > 0 and row["fb_ms"] > 0
         assert row["fb_mib"] is None                      # peak memory is measured on CUDA only
     models = [r["model"] for r in data["ban"]]
-    assert models == ["BAN", "BAN + LSTM", "BAN + PO-U", "BAN + PO-U, bf16 autocast"]
+    assert models == ["BAN", "BAN + LSTM", "BAN + PO-U", "BAN + PO-U, kernel fused", "BAN + PO-U, bf16 autocast",
+                      "BAN + PO-U, kernel fused, bf16 autocast"]
     assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
     table = (tmp_path / "out" / "gpu_tiny.md").read_text()
     assert "released PermNet" in table and "BAN + PO-U" in table
