@@ -17,8 +17,9 @@ parameters). The reference and the released module materialise every pair; they 
 their estimated peak exceeds ``--ref-mem-limit-gb``.
 
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
-BAN + PO-U (the default kernel and ``kernel="fused"``) at the official shape (batch 256, H = 1280, 8 glimpses, 2048-d features of 10-100 boxes
-per image, VQA v2's 19,901-word dictionary and 3,129 answers), all three built with the same seed
+BAN + PO-U (the default kernel and ``kernel="fused"``) at the official shape (batch 256, H = 1280,
+8 glimpses, 2048-d features of 10-100 boxes per image, VQA v2's 19,901-word dictionary and 3,129
+answers), all built with the same seed
 and timed on the same random batches in alternating order; medians and the ratios to plain BAN
 (``--amp``: also both BAN + PO-U under bfloat16 autocast).
 

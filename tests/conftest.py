@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 # setperm.fused's Triton kernels are checked on the CPU in Triton's interpreter, which has to be
 # chosen before Triton is first imported (importing torch_geometric imports it); with CUDA they run
 # compiled on the GPU instead.
-if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+if ("triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available()
+        and importlib.util.find_spec("triton") is not None):
     os.environ["TRITON_INTERPRET"] = "1"
 
 

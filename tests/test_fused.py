@@ -48,7 +48,8 @@ def run(C, init, mask, eta, kernel, device, **kw):
     """P and the gradients of <P, G> with respect to C, eta (and init) for one kernel, float32 for
     "fused" (the kernels compute in float32), the given dtype otherwise."""
     dtype = torch.float32 if kernel == "fused" else C.dtype
-    leaves = [C.to(device, dtype).requires_grad_(True), torch.tensor(eta, dtype=dtype, device=device).requires_grad_(True)]
+    leaves = [C.to(device, dtype).requires_grad_(True),
+              torch.tensor(eta, dtype=dtype, device=device).requires_grad_(True)]
     if init is not None:
         leaves.append(init.to(device, dtype).requires_grad_(True))
     m = None if mask is None else mask.to(device)

@@ -98,14 +98,38 @@ def _sinkhorn_backward(grad_P, logits, allowed, temperature, pots_ptr, b, t, ste
 
 
 @triton.jit
-def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots_ptr, N, steps, iters, temperature,
-            HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr, BLOCK: tl.constexpr):
+def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, N, offs, BLOCK: tl.constexpr):
+    # sum_k a_k b_k^T over k < N, the vectors read from (L1-cached) memory: a matrix product
+    # without tl.dot, whose float32 form stages both operands in registers (most of them spilled
+    # to the stack at 128 x 128) or, on tensor cores, in more shared memory than a block has
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k in range(N):
+        a = tl.load(a_ptr + k * a_step + offs * a_stride, mask=offs < N, other=0.0)
+        c = tl.load(b_ptr + k * b_step + offs * b_stride, mask=offs < N, other=0.0)
+        acc += a[:, None] * c[None, :]
+    return acc
+
+
+@triton.jit
+def _to_scratch(ptr, x, offs, BLOCK: tl.constexpr):
+    # every thread of the program reads what the others wrote, after the barriers (a scratch tile
+    # is only overwritten once every read of its previous content is done)
+    tl.debug_barrier()
+    tl.store(ptr + offs[:, None] * BLOCK + offs[None, :], x)
+    tl.debug_barrier()
+
+
+@triton.jit
+def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots_ptr, scratch_ptr, N, steps, iters,
+                   temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
+                   BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = (offs[:, None] < N) & (offs[None, :] < N)
     tile = offs[:, None] * N + offs[None, :]
     allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
-    Cs = tl.load(C_ptr + b * N * N + tile, mask=inside, other=0.0)
+    C = C_ptr + b * N * N
+    bal = scratch_ptr + b * BLOCK * BLOCK
     if HAS_INIT:
         logits = tl.load(init_ptr + b * N * N + tile, mask=inside, other=0.0)
     else:
@@ -115,7 +139,9 @@ def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots
             tl.store(hist_ptr + (b * (steps + 1) + t) * N * N + tile, logits, mask=inside)
         _, zc = _clamped(logits, allowed, temperature, iters)
         P = _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, SAVE, BLOCK)
-        logits = logits - tl.dot(Cs, _balance(P), input_precision="ieee")
+        _to_scratch(bal, _balance(P), offs, BLOCK)
+        # eq. 7 with the gradient 2 C B of eq. 4 (2 eta folded into C): (C B)_iq = sum_k C_ik B_kq
+        logits = logits - _outer_products(C, 1, N, bal, BLOCK, 1, N, offs, BLOCK)
     if SAVE:
         tl.store(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, logits, mask=inside)
     _, zc = _clamped(logits, allowed, temperature, iters)
@@ -124,18 +150,21 @@ def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots
 
 
 @triton.jit
-def backward_kernel(gP_ptr, C_ptr, target_ptr, nreal_ptr, hist_ptr, pots_ptr, gC_ptr, ginit_ptr, N, steps, iters,
-             temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr, BLOCK: tl.constexpr):
+def backward_kernel(gP_ptr, C_ptr, target_ptr, nreal_ptr, hist_ptr, pots_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
+                    steps, iters, temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr,
+                    BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = (offs[:, None] < N) & (offs[None, :] < N)
     tile = offs[:, None] * N + offs[None, :]
     allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
-    Cs = tl.load(C_ptr + b * N * N + tile, mask=inside, other=0.0)
+    C = C_ptr + b * N * N
+    bal = scratch_ptr + b * 2 * BLOCK * BLOCK
+    gls = bal + BLOCK * BLOCK
+    gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     gP = tl.load(gP_ptr + b * N * N + tile, mask=inside, other=0.0)
     logits = tl.load(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, mask=inside, other=0.0)
     gl = _sinkhorn_backward(gP, logits, allowed, temperature, pots_ptr, b, steps, steps, iters, offs, BLOCK)
-    gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for tt in range(steps):
         t = steps - 1 - tt
         logits = tl.load(hist_ptr + (b * (steps + 1) + t) * N * N + tile, mask=inside, other=0.0)
@@ -144,9 +173,12 @@ def backward_kernel(gP_ptr, C_ptr, target_ptr, nreal_ptr, hist_ptr, pots_ptr, gC
             P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, BLOCK)
         else:
             P = tl.exp(zc)
-        # P~(t+1) = P~(t) - Cs B(P): dL/dCs = -g B^T, dL/dB = -Cs^T g, dL/dP = -B*(dL/dB) = B(Cs^T g)
-        gC -= tl.dot(gl, tl.trans(_balance(P)), input_precision="ieee")
-        gBP = _balance(tl.dot(tl.trans(Cs), gl, input_precision="ieee"))
+        _to_scratch(bal, _balance(P), offs, BLOCK)
+        _to_scratch(gls, gl, offs, BLOCK)
+        # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
+        # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g)
+        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK)
+        gBP = _balance(_outer_products(C, N, 1, gls, BLOCK, 1, N, offs, BLOCK))
         gl += _sinkhorn_backward(gBP, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs, BLOCK)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
     if WANT_INIT:

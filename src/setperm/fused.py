@@ -58,8 +58,10 @@ def applies(C_step: Tensor, steps: int) -> bool:
     set and one element, at most :data:`MAX_SET_SIZE` elements, at least one step, and not inside a
     ``torch.compile`` trace (which compiles the unrolled steps itself)."""
     B, N = C_step.shape[0], C_step.shape[-1]
-    on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted())
-    return (on_device and not torch.compiler.is_compiling() and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted()
+                                                  and unavailable() is None)
+    return (on_device and not torch.compiler.is_compiling()
+            and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and B > 0 and 0 < N <= MAX_SET_SIZE and steps > 0)
 
 
@@ -68,9 +70,10 @@ def _block(N: int) -> int:
 
 
 def _warps(block: int) -> int:
-    # enough threads that the handful of live (block, block) float32 tiles fit in registers: a
-    # 128 x 128 tile is 32 registers per thread with 16 warps
-    return {16: 1, 32: 2, 64: 4}.get(block, 16)
+    # enough threads that the few live (block, block) float32 tiles fit in registers (a 128 x 128
+    # tile is 16 registers per thread with 32 warps); chosen from the compiler's resource report,
+    # python -m benchmarks.fused_resources
+    return {16: 1, 32: 4, 64: 16}.get(block, 32)
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
@@ -115,10 +118,11 @@ class _FusedOptimize(torch.autograd.Function):
         P = torch.empty_like(C_step)
         hist = C_step.new_empty((B, steps + 1, N, N) if save else (1,))
         pots = C_step.new_empty((B, steps + 1, max(2 * iters, 1), 2, block) if save else (1,))
+        scratch = C_step.new_empty((B, block, block))
         dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
         _launch(kernels.forward_kernel, B,
                 C_step, C_step if init is None else init, dummy_i if target is None else target,
-                dummy_i if nreal is None else nreal, P, hist, pots, N, steps, iters, temperature,
+                dummy_i if nreal is None else nreal, P, hist, pots, scratch, N, steps, iters, temperature,
                 HAS_INIT=init is not None, HAS_MASK=target is not None, SAVE=save, BLOCK=block,
                 num_warps=_warps(block))
         ctx.setup = (steps, iters, temperature, block, init is not None, target is not None)
@@ -134,10 +138,12 @@ class _FusedOptimize(torch.autograd.Function):
         grad_C = torch.empty_like(C_step)
         want_init = has_init and ctx.needs_input_grad[1]
         grad_init = torch.empty_like(C_step) if want_init else grad_C
+        scratch = C_step.new_empty((B, 2, block, block))
         dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
         _launch(_kernels().backward_kernel, B,
                 grad_P.float().contiguous(), C_step, dummy_i if target is None else target,
-                dummy_i if nreal is None else nreal, hist, pots, grad_C, grad_init, N, steps, iters, temperature,
+                dummy_i if nreal is None else nreal, hist, pots, scratch, grad_C, grad_init, N, steps, iters,
+                temperature,
                 HAS_MASK=has_mask, WANT_INIT=want_init, BLOCK=block, num_warps=_warps(block))
         return grad_C, (grad_init if want_init else None), None, None, None, None, None, None
 
