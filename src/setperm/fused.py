@@ -18,8 +18,11 @@ Triton's language:
   sum, and its adjoint ``-B`` in backward (``B`` is anti-self-adjoint along the positions);
 - backward through every step in reverse order: ``dL/dC_step`` and ``dL/dP~(0)``.
 
-Forward saves each step's logits ``(B, T + 1, N, N)`` and the potentials for backward. Matrix
-products use full float32 precision (``input_precision="ieee"``, no TF32). Applies to float32
+Forward saves each step's logits ``(B, T + 1, N, N)`` and the potentials for backward. The
+``(N, N)`` matrix products are loops of outer products in float32 (no TF32), their operands read
+from a per-set scratch tile that stays in the L1 cache; ``tl.dot`` would stage whole float32
+operands per thread (spilling to the stack at 128 x 128) or, on tensor cores, need more shared
+memory than a block has (``python -m benchmarks.fused_resources``). Applies to float32
 (half inputs are computed in float32) sequence costs with ``1 <= N <= MAX_SET_SIZE`` on CUDA;
 elsewhere :func:`optimize_permutation` takes the unrolled path. With the environment variable
 ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels run on CPU tensors in
@@ -70,10 +73,9 @@ def _block(N: int) -> int:
 
 
 def _warps(block: int) -> int:
-    # enough threads that the few live (block, block) float32 tiles fit in registers (a 128 x 128
-    # tile is 16 registers per thread with 32 warps); chosen from the compiler's resource report,
-    # python -m benchmarks.fused_resources
-    return {16: 1, 32: 4, 64: 16}.get(block, 32)
+    # the fewest warps whose kernels keep every value in registers (no stack frame) for sm_90, or at
+    # 128 x 128 the least stack: python -m benchmarks.fused_resources, benchmarks/README.md
+    return {16: 1, 32: 2, 64: 8}.get(block, 32)
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,

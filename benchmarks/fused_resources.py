@@ -1,0 +1,151 @@
+"""What the compiler gives setperm.fused's Triton kernels on a CUDA architecture, without a GPU.
+
+    python -m benchmarks.fused_resources [--arch 90] [--blocks 16,32,64,128] [--warps 1,2,4,8,16,32]
+                                         [--out runs/benchmarks]
+
+Compiles ``forward_kernel`` and ``backward_kernel`` of ``setperm._fused_kernels`` with Triton for
+the given architecture (``--arch 90``: sm_90, H100 / H200) at every tile size (the set size rounded
+up to a power of two, >= 16) and number of warps, and reads from each compiled binary
+(``cuobjdump -res-usage``, from Triton's NVIDIA backend): registers per thread, the stack frame
+per thread (spilled registers and arrays the compiler could not keep in registers: local memory,
+far slower than registers) and shared memory per block. Compiling needs no GPU, so these figures
+come before any device time is spent; the warps per tile size of ``setperm.fused`` were chosen from
+them (no stack, or the least, at the fewest registers). Output: ``<out>/fused_resources.json`` and
+``.md``; the row that ``setperm.fused`` uses is marked.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from integrations.common import ensure_new, run_command, write_json
+from integrations.common.atomic import atomic_write
+from integrations.common.lifecycle import RunError
+
+from .harness import DEFAULT_OUT, markdown_table
+
+KERNELS = ("forward_kernel", "backward_kernel")
+INT_POINTERS = ("target_ptr", "nreal_ptr")
+INT_SCALARS = ("N", "steps", "iters")
+# constexpr values compiled: masked sets, saving for backward, no PO-LA start (their usual case)
+CONSTEXPRS = {"HAS_INIT": False, "HAS_MASK": True, "SAVE": True, "WANT_INIT": False}
+COLUMNS = [("block", "tile"), ("warps", "warps"), ("kernel", "kernel"), ("registers", "registers / thread"),
+           ("stack", "stack bytes / thread"), ("shared", "shared memory / block"), ("used", "used by setperm.fused"),
+           ("note", "note")]
+
+
+def _signature(fn, block: int):
+    sig, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name == "BLOCK" or name in CONSTEXPRS:
+            sig[name] = "constexpr"
+            constexprs[(i,)] = block if name == "BLOCK" else CONSTEXPRS[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*i32" if name in INT_POINTERS else "*fp32"
+        else:
+            sig[name] = "i32" if name in INT_SCALARS else "fp32"
+    return sig, constexprs
+
+
+def _cuobjdump(triton_module) -> str:
+    bundled = Path(triton_module.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+    if found is None:
+        raise RunError("cuobjdump not found (neither in Triton's NVIDIA backend nor on PATH)")
+    return found
+
+
+def resources(fn, block: int, warps: int, arch: int, cuobjdump: str) -> Dict[str, object]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, constexprs = _signature(fn, block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(compiled.asm["cubin"])
+        report = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True)
+    fields = {}
+    for line in report.stdout.splitlines():
+        if "REG:" in line:
+            fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
+    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
+            "shared": int(compiled.metadata.shared)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fused_resources", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: H100 / H200)")
+    p.add_argument("--blocks", default="16,32,64,128", help="tile sizes, comma-separated (powers of two, 16-128)")
+    p.add_argument("--warps", default="1,2,4,8,16,32", help="warps per program, comma-separated")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default runs/benchmarks)")
+    p.add_argument("--overwrite", action="store_true", help="replace this command's earlier results in --out")
+    return p
+
+
+def _ints(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v not in allowed for v in values):
+        p.error(f"{flag}: expected a comma-separated list of {sorted(allowed)}, got {text!r}")
+    return values
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    blocks = _ints(p, "--blocks", args.blocks, {16, 32, 64, 128})
+    warps = _ints(p, "--warps", args.warps, {1, 2, 4, 8, 16, 32})
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RunError("TRITON_INTERPRET=1 runs Triton's interpreter, which compiles nothing: unset it")
+    try:
+        import triton
+    except ImportError:
+        raise RunError("Triton is not installed (pip install 'setperm[triton]')") from None
+    from setperm import _fused_kernels
+    from setperm.fused import _warps
+
+    if args.out.exists() and not args.out.is_dir():
+        raise RunError(f"--out {args.out} is a file, not a folder")
+    path = ensure_new(args.out / "fused_resources.json", overwrite=args.overwrite)
+    table_path = ensure_new(args.out / "fused_resources.md", overwrite=args.overwrite)
+    cuobjdump = _cuobjdump(triton)
+    rows = []
+    for block in blocks:
+        for w in warps:
+            for name in KERNELS:
+                row: Dict[str, object] = {"block": block, "warps": w, "kernel": name,
+                                          "used": "yes" if _warps(block) == w else ""}
+                try:
+                    row.update(resources(getattr(_fused_kernels, name), block, w, args.arch, cuobjdump))
+                except Exception as err:                 # one failing build must not lose the others
+                    row["note"] = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1][:120]}"
+                rows.append(row)
+                print(f"tile {block} warps {w} {name}: " + ", ".join(
+                    f"{k} {row[k]}" for k in ("registers", "stack", "shared", "note") if k in row),
+                    file=sys.stderr, flush=True)
+    info = {"triton": triton.__version__, "arch": f"sm_{args.arch}"}
+    write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+    table = (f"Resources of setperm.fused's kernels compiled for sm_{args.arch} by Triton {triton.__version__} "
+             "(`python -m benchmarks.fused_resources`):\n\n" + markdown_table(rows, COLUMNS) + "\n")
+    atomic_write(table_path, lambda f: f.write(table.encode()), durable=False)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main, "python -m benchmarks.fused_resources"))

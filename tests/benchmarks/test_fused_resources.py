@@ -1,0 +1,43 @@
+"""benchmarks/fused_resources.py compiles setperm.fused's kernels for sm_90 without a GPU and reads
+their resources; it refuses in one line under Triton's interpreter. (A fresh process: this test
+process runs Triton in its interpreter, see conftest.)"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def _run(out, *extra, interpret=False):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.run([sys.executable, "-m", "benchmarks.fused_resources", "--out", str(out), *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_compiles_both_kernels_and_reads_their_resources(tmp_path):
+    r = _run(tmp_path, "--blocks", "16", "--warps", "1,2")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "fused_resources.json").read_text())["rows"]
+    assert [(row["warps"], row["kernel"]) for row in rows] == [
+        (1, "forward_kernel"), (1, "backward_kernel"), (2, "forward_kernel"), (2, "backward_kernel")]
+    for row in rows:
+        assert "note" not in row, row
+        assert 0 < row["registers"] <= 255 and row["stack"] >= 0 and row["shared"] >= 0
+    assert [row["used"] for row in rows] == ["yes", "yes", "", ""]        # setperm.fused uses 1 warp at 16
+    assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text()
+
+
+def test_refuses_under_the_interpreter_and_bad_flags(tmp_path):
+    r = _run(tmp_path, "--blocks", "16", "--warps", "1", interpret=True)
+    assert r.returncode == 1 and "TRITON_INTERPRET=1" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "fused_resources.json").exists()
+    r = _run(tmp_path, "--blocks", "24")
+    assert r.returncode == 2 and "--blocks" in r.stderr
