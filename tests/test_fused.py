@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from setperm import PermutationOptimization, PermutationSetEncoder
 from setperm.functional import optimize_permutation
@@ -184,3 +185,59 @@ def test_a_kernel_triton_cannot_build_is_named(monkeypatch):
     monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
     with pytest.raises(RuntimeError, match="forward_kernel for sets padded to 16 .*out of resource"):
         optimize_permutation(cost(1, 4, seed=0).float(), eta=1.0, steps=2, kernel="fused")
+
+
+class _CountLaunchingOps(TorchDispatchMode):
+    """Counts the torch operations that launch work on a device (not views, allocations or casts),
+    except inside setperm.fused's Triton launches (which the interpreter runs with torch calls)."""
+    QUIET = ("empty", "view", "unsqueeze", "squeeze", "select", "expand", "transpose", "alias", "detach",
+             "_to_copy", "slice", "as_strided", "set_", "lift_fresh", "clone")
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and not any(q in str(func) for q in self.QUIET):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _operations(kernel, steps, iters, monkeypatch, device):
+    """(forward, backward) launching operations and Triton launches of one optimisation on the
+    path a GPU takes (no host decisions: the log-domain Sinkhorn)."""
+    for name in ("sinkhorn", "masking", "cost"):
+        monkeypatch.setattr(importlib.import_module(f"setperm.{name}"), "host_decisions", lambda t: False)
+    launches, modes = [0], []
+    real = fused._launch
+
+    def launch(*args, **kwargs):
+        launches[0] += 1
+        modes[-1].paused = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            modes[-1].paused = False
+    monkeypatch.setattr(fused, "_launch", launch)
+    mask = torch.arange(10) < torch.tensor([10, 7, 3, 9])[:, None]
+    C = cost(4, 10, seed=0, mask=mask).float().to(device).requires_grad_(True)
+    mask = mask.to(device)
+    counts = []
+    for part in ("forward", "backward"):
+        modes.append(_CountLaunchingOps())
+        with modes[-1]:
+            if part == "forward":
+                P = optimize_permutation(C, mask=mask, eta=1.0, steps=steps, sinkhorn_iters=iters, kernel=kernel)
+            else:
+                P.sum().backward()
+        counts.append(modes[-1].count)
+    return counts[0], counts[1], launches[0]
+
+
+def test_the_fused_path_launches_a_few_operations_whatever_the_number_of_steps(fdevice, monkeypatch):
+    fused_counts = {(T, L): _operations("fused", T, L, monkeypatch, fdevice) for T, L in ((1, 1), (3, 4), (6, 4))}
+    assert len(set(fused_counts.values())) == 1                          # independent of T and L
+    fwd, bwd, launches = fused_counts[(3, 4)]
+    assert launches == 2 and fwd <= 12 and bwd <= 12
+    unrolled = _operations("chunked", 3, 4, monkeypatch, fdevice)
+    assert unrolled[0] >= 10 * fwd and unrolled[1] >= 10 * bwd and unrolled[2] == 0

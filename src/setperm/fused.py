@@ -1,9 +1,9 @@
 """The unrolled permutation optimisation (algorithm 1) as two Triton kernels, one program per set.
 
 :func:`setperm.functional.optimize_permutation` runs ``T`` steps of eq. 7, each with a Sinkhorn
-normalisation of ``2L`` half-steps: in plain PyTorch that is several hundred small kernel launches
-per forward and backward, and for the set sizes of VQA or sorting (N <= 128) the launches, not the
-arithmetic, set the time on a GPU. Here one program per set keeps its ``(N, N)`` matrices on chip
+normalisation of ``2L`` half-steps: in plain PyTorch every half-step and step is several small
+operations, each a kernel launch on a GPU, in forward and again in backward, and for the set sizes
+of VQA or sorting (N <= 128) the launches, not the arithmetic, set the time there. Here one program per set keeps its ``(N, N)`` matrices on chip
 for the whole optimisation: one launch forward, one backward.
 
 Same maths as the unrolled path (``kernel="chunked"`` / ``"compiled"``), written once more in
