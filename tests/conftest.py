@@ -1,4 +1,4 @@
-import importlib.util
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -8,11 +8,22 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _interpreter_works() -> bool:
+    # Triton 3.6's interpreter fails on a loop bound passed as an argument under NumPy 2; 3.9's
+    # runs the kernels. Read from the installed metadata: Triton must not be imported yet.
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (3, 9)
+
+
 # setperm.fused's Triton kernels are checked on the CPU in Triton's interpreter, which has to be
 # chosen before Triton is first imported (importing torch_geometric imports it); with CUDA they run
 # compiled on the GPU instead.
 if ("triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available()
-        and importlib.util.find_spec("triton") is not None):
+        and _interpreter_works()):
     os.environ["TRITON_INTERPRET"] = "1"
 
 
