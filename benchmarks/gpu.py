@@ -45,6 +45,7 @@ from torch import nn
 from integrations.common import add_threads_argument, ensure_new, run_command
 from integrations.common.atomic import atomic_write
 
+from setperm.fused import MAX_SET_SIZE
 from setperm.pairwise import KERNELS
 
 from .harness import DEFAULT_OUT, Config, build, call, markdown_table, prepare, vqa, write_results
@@ -202,6 +203,8 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dic
                     peak = peak_memory(fn, device)
                     row[f"{mode}_mib"] = None if peak is None else peak / 2 ** 20
                 del mod, inputs
+                if kernel == "fused" and cfg.n > MAX_SET_SIZE:
+                    row["note"] = f"N > {MAX_SET_SIZE}: the unrolled steps (as compiled)"
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
             except Exception as err:                         # one failing row must not lose the others
