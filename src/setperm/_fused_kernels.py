@@ -8,6 +8,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _program(N, BLOCK: tl.constexpr):
+    # this program's set b, the tile's indices, which of them lie inside the N x N set, and their
+    # offsets in a contiguous (N, N) matrix
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = (offs[:, None] < N) & (offs[None, :] < N)
+    return b, offs, inside, offs[:, None] * N + offs[None, :]
+
+
+@triton.jit
 def _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK: tl.constexpr):
     # assignment_mask of setperm.masking for one set, inside the (BLOCK, BLOCK) tile
     inside = (offs[:, None] < N) & (offs[None, :] < N)
@@ -77,16 +87,22 @@ def _iterate(zc, pots_ptr, b, t, h, steps, iters, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK: tl.constexpr):
+    # P = S(P~(t)) again, from the last half-step's saved potentials (exp(z) without rounds)
+    if iters > 0:
+        P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, BLOCK)
+    else:
+        P = tl.exp(zc)
+    return P
+
+
+@triton.jit
 def _sinkhorn_backward(grad_P, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs,
                        BLOCK: tl.constexpr):
     # as setperm.sinkhorn's log-domain backward: through exp, then every half-step
     # y - logsumexp(y) in reverse (dz = dy - softmax * sum(dy)), the clamp and the masking
     z, zc = _clamped(logits, allowed, temperature, iters)
-    if iters > 0:
-        P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, BLOCK)
-    else:
-        P = tl.exp(zc)
-    g = grad_P * P
+    g = grad_P * _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK)
     for rr in range(iters):
         r = iters - 1 - rr
         S = _iterate(zc, pots_ptr, b, t, 2 * r + 1, steps, iters, offs, BLOCK)
@@ -123,10 +139,7 @@ def _to_scratch(ptr, x, offs, BLOCK: tl.constexpr):
 def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots_ptr, scratch_ptr, N, steps, iters,
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
                    BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = (offs[:, None] < N) & (offs[None, :] < N)
-    tile = offs[:, None] * N + offs[None, :]
+    b, offs, inside, tile = _program(N, BLOCK)
     allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
     C = C_ptr + b * N * N
     bal = scratch_ptr + b * BLOCK * BLOCK
@@ -153,10 +166,7 @@ def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots
 def backward_kernel(gP_ptr, C_ptr, target_ptr, nreal_ptr, hist_ptr, pots_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
                     steps, iters, temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr,
                     BLOCK: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = (offs[:, None] < N) & (offs[None, :] < N)
-    tile = offs[:, None] * N + offs[None, :]
+    b, offs, inside, tile = _program(N, BLOCK)
     allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
     C = C_ptr + b * N * N
     bal = scratch_ptr + b * 2 * BLOCK * BLOCK
@@ -169,10 +179,7 @@ def backward_kernel(gP_ptr, C_ptr, target_ptr, nreal_ptr, hist_ptr, pots_ptr, sc
         t = steps - 1 - tt
         logits = tl.load(hist_ptr + (b * (steps + 1) + t) * N * N + tile, mask=inside, other=0.0)
         _, zc = _clamped(logits, allowed, temperature, iters)
-        if iters > 0:
-            P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, BLOCK)
-        else:
-            P = tl.exp(zc)
+        P = _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK)
         _to_scratch(bal, _balance(P), offs, BLOCK)
         _to_scratch(gls, gl, offs, BLOCK)
         # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
