@@ -16,6 +16,10 @@ here; it takes boxes, attention logits and box features, and includes its learne
 parameters). The reference and the released module materialise every pair; they are skipped where
 their estimated peak exceeds ``--ref-mem-limit-gb``.
 
+Optimisation table: forward + backward of the permutation optimisation alone (T = 3, L = 4) on B in
+{64, 256} padded sets of 10 to N in {36, 100} elements: the unrolled steps, and ``setperm.fused``'s
+kernels at their default warps per program and at half and twice as many.
+
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
 BAN + PO-U (the default kernel and ``kernel="fused"``) at the official shape (batch 256, H = 1280,
 8 glimpses, 2048-d features of 10-100 boxes per image, VQA v2's 19,901-word dictionary and 3,129
@@ -229,6 +233,71 @@ LAYER_COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("fwd_
                  ("fb_vs_auto", "fwd+bwd time / setperm (auto)"), ("note", "note")]
 
 
+# ---------------------------------------------------------------------- the optimisation alone
+def optimizer_configs(tiny: bool):
+    """(sets B, size N, smallest set) of the optimisation-alone table: VQA's 10-100 boxes padded."""
+    if tiny:
+        return [(3, 6, 2), (2, 9, 3)]
+    return [(b, n, min(10, n)) for b in (64, 256) for n in (36, 100)]
+
+
+def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
+    """fwd+bwd of the permutation optimisation alone (T = 3, L = 4, padded sets): the unrolled steps
+    against setperm.fused's kernels at their default warps and at half and twice as many, so that
+    one run shows how both choices (the kernel and its warps) fare on the card."""
+    from setperm import fused
+    from setperm.functional import optimize_permutation
+
+    rows = []
+    for B, N, smallest in optimizer_configs(args.tiny):
+        g = torch.Generator().manual_seed(args.seed)
+        C = torch.randn(B, N, N, generator=g)
+        sizes = torch.randint(smallest, N + 1, (B,), generator=g)
+        sizes[0] = N
+        mask = torch.arange(N) < sizes[:, None]
+        C = (C - C.transpose(1, 2)) * (mask[:, :, None] & mask[:, None, :])
+        C = (C / C.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12)).to(device)
+        mask, up = mask.to(device), torch.randn(B, N, N, generator=g).to(device)
+        eta = torch.ones((), device=device, requires_grad=True)
+        default = fused._warps(fused._block(N))
+        warps = [w for w in (default // 2, default, default * 2) if 1 <= w <= 32]
+        impls = [("unrolled", None)] + [(f"fused, {w} warp{'s' if w > 1 else ''}", w) for w in warps]
+        for label, warps in impls:
+            row: Dict[str, object] = {"config": f"B={B} N={N}", "impl": label}
+            if warps is not None and not fused.applies(C, 3):
+                row["note"] = f"the fused kernels do not run on {device.type} here"
+                rows.append(row)
+                continue
+            if warps is not None and warps == default:
+                row["note"] = "kernel='fused' default"
+
+            def fb(warps=warps):
+                Cg = C.detach().requires_grad_(True)
+                if warps is None:
+                    P = optimize_permutation(Cg, mask=mask, eta=eta, steps=3, kernel="chunked")
+                else:
+                    P = fused.fused_optimize((2 * eta) * Cg, None, mask, steps=3, sinkhorn_iters=4,
+                                             temperature=1.0, num_warps=warps)
+                (P * up).sum().backward()
+            try:
+                row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device)
+                peak = peak_memory(fb, device)
+                row["fb_mib"] = None if peak is None else peak / 2 ** 20
+            except Exception as err:                         # one failing row must not lose the others
+                row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+                if args.verbose:
+                    traceback.print_exc()
+            rows.append(row)
+            print(f"optimisation {row['config']} | {label}: " + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                if k not in ("config", "impl")), file=sys.stderr, flush=True)
+    return rows
+
+
+OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "fwd+bwd ms"),
+                     ("fb_mib", "fwd+bwd peak MiB"), ("note", "note")]
+
+
 # --------------------------------------------------------------------------------- BAN training step
 def ban_shape(tiny: bool) -> Dict[str, int]:
     if tiny:
@@ -326,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ban-batches", type=int, default=4, help="distinct random batches cycled through")
     p.add_argument("--amp", action="store_true", help="also time both BAN + PO-U under bfloat16 autocast")
     p.add_argument("--no-layer", action="store_true", help="skip the layer table")
+    p.add_argument("--no-optimizer", action="store_true",
+                   help="skip the table of the permutation optimisation alone (unrolled vs fused, warps)")
     p.add_argument("--no-ban", action="store_true", help="skip the BAN training steps")
     p.add_argument("--ref-mem-limit-gb", type=float, default=64.0,
                    help="skip the reference / released module where its estimated peak exceeds this (default 64)")
@@ -370,11 +441,15 @@ def main(argv=None) -> int:
         info["cuda"] = torch.version.cuda
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         layer = [] if args.no_layer else layer_rows(args, device, released)
+        optimizer = [] if args.no_optimizer else optimizer_rows(args, device)
         ban = [] if args.no_ban else ban_rows(args, device)
     tables = []
     if layer:
         tables += ["Layer (VQA configuration: 13-d elements, pairwise hidden 128, T = 3, LSTM 128, relevance "
                    "weights):", "", markdown_table(layer, LAYER_COLUMNS)]
+    if optimizer:
+        tables += ["", "The permutation optimisation alone (T = 3, L = 4, padded sets of 10-N elements, float32):", "",
+                   markdown_table(optimizer, OPTIMIZER_COLUMNS)]
     if ban:
         shape = ban_shape(args.tiny)
         tables += ["", f"BAN training step (batch {shape['batch']}, H {shape['num_hid']}, {shape['gamma']} glimpses, "
@@ -382,7 +457,7 @@ def main(argv=None) -> int:
                    markdown_table(ban, BAN_COLUMNS)]
     text = "\n".join(tables)
     print(text)
-    write_results(path, info, args, layer=layer, ban=ban, table=text)
+    write_results(path, info, args, layer=layer, optimizer=optimizer, ban=ban, table=text)
     atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
     print(f"results: {path}")
     return 0

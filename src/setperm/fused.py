@@ -3,8 +3,9 @@
 :func:`setperm.functional.optimize_permutation` runs ``T`` steps of eq. 7, each with a Sinkhorn
 normalisation of ``2L`` half-steps: in plain PyTorch every half-step and step is several small
 operations, each a kernel launch on a GPU, in forward and again in backward, and for the set sizes
-of VQA or sorting (N <= 128) the launches, not the arithmetic, set the time there. Here one program per set keeps its ``(N, N)`` matrices on chip
-for the whole optimisation: one launch forward, one backward.
+of VQA or sorting (N <= 128) the launches, not the arithmetic, set the time there. Here one program
+per set keeps its ``(N, N)`` matrices on chip for the whole optimisation: one launch forward, one
+backward.
 
 Same maths as the unrolled path (``kernel="chunked"`` / ``"compiled"``), written once more in
 Triton's language:
@@ -79,13 +80,14 @@ def _warps(block: int) -> int:
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
-                   sinkhorn_iters: int, temperature: float) -> Tensor:
+                   sinkhorn_iters: int, temperature: float, num_warps: Optional[int] = None) -> Tensor:
     """``P = S(P~(T))`` of algorithm 1 with ``P~(t+1) = P~(t) - C_step B(S(P~(t)))``.
 
     ``C_step`` ``(B, N, N)``: the step's matrix, ``2 eta`` times the summed cost channels (built by
     the caller, so that ``eta`` and ``C`` get their gradients through it). ``init_logits``
     ``(B, N, N)`` or None (zeros: PO-U); ``mask`` ``(B, N)`` bool or None. Returns ``P`` in the
-    dtype of ``C_step``. The caller has checked :func:`applies`.
+    dtype of ``C_step``. The caller has checked :func:`applies`. ``num_warps``: warps per program
+    (a power of two up to 32; default per tile size), for benchmarks that tune it.
     """
     reason = unavailable()
     if reason is not None:
@@ -106,14 +108,17 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     init32 = None if init_logits is None else init_logits.float().contiguous()
     # (inside Function.forward grad mode is off, so whether to save for backward is decided here)
     save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
-    P = _FusedOptimize.apply(C32, init32, target, nreal, steps, sinkhorn_iters, float(temperature), save)
+    warps = _warps(_block(C_step.shape[-1])) if num_warps is None else num_warps
+    if warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
+    P = _FusedOptimize.apply(C32, init32, target, nreal, steps, sinkhorn_iters, float(temperature), save, warps)
     return P.to(out_dtype)
 
 
 class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, C_step, init, target, nreal, steps, iters, temperature, save):
+    def forward(ctx, C_step, init, target, nreal, steps, iters, temperature, save, warps):
         kernels = _kernels()
         B, N = C_step.shape[0], C_step.shape[-1]
         block = _block(N)
@@ -126,8 +131,8 @@ class _FusedOptimize(torch.autograd.Function):
                 C_step, C_step if init is None else init, dummy_i if target is None else target,
                 dummy_i if nreal is None else nreal, P, hist, pots, scratch, N, steps, iters, temperature,
                 HAS_INIT=init is not None, HAS_MASK=target is not None, SAVE=save, BLOCK=block,
-                num_warps=_warps(block))
-        ctx.setup = (steps, iters, temperature, block, init is not None, target is not None)
+                num_warps=warps)
+        ctx.setup = (steps, iters, temperature, block, warps, init is not None, target is not None)
         ctx.save_for_backward(C_step, hist, pots, target, nreal)
         return P
 
@@ -135,7 +140,7 @@ class _FusedOptimize(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_P):
         C_step, hist, pots, target, nreal = ctx.saved_tensors
-        steps, iters, temperature, block, has_init, has_mask = ctx.setup
+        steps, iters, temperature, block, warps, has_init, has_mask = ctx.setup
         B, N = C_step.shape[0], C_step.shape[-1]
         grad_C = torch.empty_like(C_step)
         want_init = has_init and ctx.needs_input_grad[1]
@@ -146,8 +151,8 @@ class _FusedOptimize(torch.autograd.Function):
                 grad_P.float().contiguous(), C_step, dummy_i if target is None else target,
                 dummy_i if nreal is None else nreal, hist, pots, scratch, grad_C, grad_init, N, steps, iters,
                 temperature,
-                HAS_MASK=has_mask, WANT_INIT=want_init, BLOCK=block, num_warps=_warps(block))
-        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None
+                HAS_MASK=has_mask, WANT_INIT=want_init, BLOCK=block, num_warps=warps)
+        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
 
 
 def _launch(kernel, programs: int, *args, **meta) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from benchmarks import gpu
+from setperm import fused
 
 FAST = ["--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "1", "--ban-steps", "1", "--ban-batches", "1"]
 
@@ -64,6 +65,15 @@ def test_cpu_dry_run_writes_every_row(tmp_path):
         assert "note" not in row, row
         assert row["fwd_ms"] > 0 and row["fb_ms"] > 0
         assert row["fb_mib"] is None                      # peak memory is measured on CUDA only
+    fused_runs = fused.applies(torch.zeros(1, 4, 4), 3)            # the CPU runs them in the interpreter only
+    for row in data["optimizer"]:
+        if row["impl"].startswith("fused") and not fused_runs:
+            assert "do not run on cpu" in row["note"]
+        else:
+            assert row["fb_ms"] > 0 and "failed" not in row.get("note", ""), row
+    assert [r["impl"] for r in data["optimizer"][:4]] == ["unrolled", "fused, 1 warp", "fused, 2 warps",
+                                                          "unrolled"]      # tiles of 16: 1 warp by default
+    assert data["optimizer"][1]["note"] == "kernel='fused' default"
     models = [r["model"] for r in data["ban"]]
     assert models == ["BAN", "BAN + LSTM", "BAN + PO-U", "BAN + PO-U, kernel fused", "BAN + PO-U, bf16 autocast",
                       "BAN + PO-U, kernel fused, bf16 autocast"]
