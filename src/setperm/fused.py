@@ -70,7 +70,8 @@ def applies(C_step: Tensor, steps: int) -> bool:
 
 
 def _block(N: int) -> int:
-    return max(16, 1 << (N - 1).bit_length())      # tl.dot needs >= 16; tl.arange a power of two
+    # a power of two (tl.arange), at least 16 (the smallest tile benchmarks.fused_resources reports)
+    return max(16, 1 << (N - 1).bit_length())
 
 
 def _warps(block: int) -> int:
@@ -89,6 +90,8 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     dtype of ``C_step``. The caller has checked :func:`applies`. ``num_warps``: warps per program
     (a power of two up to 32; default per tile size), for benchmarks that tune it.
     """
+    if num_warps not in (None, 1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
     reason = unavailable()
     if reason is not None:
         raise RuntimeError(f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason}); "
@@ -109,8 +112,6 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     # (inside Function.forward grad mode is off, so whether to save for backward is decided here)
     save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
     warps = _warps(_block(C_step.shape[-1])) if num_warps is None else num_warps
-    if warps not in (1, 2, 4, 8, 16, 32):
-        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
     P = _FusedOptimize.apply(C32, init32, target, nreal, steps, sinkhorn_iters, float(temperature), save, warps)
     return P.to(out_dtype)
 
