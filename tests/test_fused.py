@@ -67,6 +67,7 @@ CASES = [  # B, N, steps, sinkhorn_iters, temperature, masked, init
     (3, 8, 1, 0, 1.0, True, True),            # no Sinkhorn rounds: P = exp(P~)
     (2, 1, 2, 4, 1.0, False, False),          # one element
     (2, 33, 4, 4, 1.0, True, False),          # a 64-wide tile
+    (3, 100, 3, 4, 1.0, True, False),         # the VQA configuration (10-100 boxes): a 128-wide tile
 ]
 
 
