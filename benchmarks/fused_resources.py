@@ -32,7 +32,7 @@ from integrations.common.lifecycle import RunError
 from .harness import DEFAULT_OUT, markdown_table
 
 KERNELS = ("forward_kernel", "backward_kernel")
-INT_POINTERS = ("target_ptr", "nreal_ptr")
+POINTERS = {"mask_ptr": "*u8"}          # the rest point to float32
 INT_SCALARS = ("N", "steps", "iters")
 # constexpr values compiled: masked sets, saving for backward, no PO-LA start (their usual case)
 CONSTEXPRS = {"HAS_INIT": False, "HAS_MASK": True, "SAVE": True, "WANT_INIT": False}
@@ -48,7 +48,7 @@ def _signature(fn, block: int):
             sig[name] = "constexpr"
             constexprs[(i,)] = block if name == "BLOCK" else CONSTEXPRS[name]
         elif name.endswith("_ptr"):
-            sig[name] = "*i32" if name in INT_POINTERS else "*fp32"
+            sig[name] = POINTERS.get(name, "*fp32")
         else:
             sig[name] = "i32" if name in INT_SCALARS else "fp32"
     return sig, constexprs

@@ -18,13 +18,16 @@ def _program(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK: tl.constexpr):
-    # assignment_mask of setperm.masking for one set, inside the (BLOCK, BLOCK) tile
+def _allowed(offs, N, mask_ptr, b, HAS_MASK: tl.constexpr):
+    # assignment_mask of setperm.masking for one set, inside the (BLOCK, BLOCK) tile: the n real
+    # elements may take the first n positions, the j-th padded element is pinned to position n + j
     inside = (offs[:, None] < N) & (offs[None, :] < N)
     if HAS_MASK:
-        tgt = tl.load(target_ptr + b * N + offs, mask=offs < N, other=-1)
-        n = tl.load(nreal_ptr + b)
-        ok = tl.where(tgt[:, None] < 0, offs[None, :] < n, offs[None, :] == tgt[:, None])
+        real = tl.load(mask_ptr + b * N + offs, mask=offs < N, other=0).to(tl.int32)   # (B, N) uint8
+        pad = tl.where(offs < N, 1 - real, 0)
+        n = tl.sum(real, axis=0)
+        target = n + tl.cumsum(pad, axis=0) - 1
+        ok = tl.where(real[:, None] != 0, offs[None, :] < n, offs[None, :] == target[:, None])
         inside = inside & ok
     return inside
 
@@ -136,11 +139,11 @@ def _to_scratch(ptr, x, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots_ptr, scratch_ptr, N, steps, iters,
+def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, pots_ptr, scratch_ptr, N, steps, iters,
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
                    BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
-    allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
+    allowed = _allowed(offs, N, mask_ptr, b, HAS_MASK)
     C = C_ptr + b * N * N
     bal = scratch_ptr + b * BLOCK * BLOCK
     if HAS_INIT:
@@ -163,11 +166,11 @@ def forward_kernel(C_ptr, init_ptr, target_ptr, nreal_ptr, P_ptr, hist_ptr, pots
 
 
 @triton.jit
-def backward_kernel(gP_ptr, C_ptr, target_ptr, nreal_ptr, hist_ptr, pots_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
+def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, pots_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
                     steps, iters, temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr,
                     BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
-    allowed = _allowed(offs, N, target_ptr, nreal_ptr, b, HAS_MASK)
+    allowed = _allowed(offs, N, mask_ptr, b, HAS_MASK)
     C = C_ptr + b * N * N
     bal = scratch_ptr + b * 2 * BLOCK * BLOCK
     gls = bal + BLOCK * BLOCK

@@ -77,7 +77,7 @@ def _block(N: int) -> int:
 def _warps(block: int) -> int:
     # the fewest warps whose kernels keep every value in registers (no stack frame) for sm_90, or at
     # 128 x 128 the least stack: python -m benchmarks.fused_resources, benchmarks/README.md
-    return {16: 1, 32: 2, 64: 8}.get(block, 32)
+    return {16: 2, 32: 2, 64: 8}.get(block, 32)
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
@@ -96,30 +96,22 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     if reason is not None:
         raise RuntimeError(f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason}); "
                            "kernel='compiled' or 'chunked' compute the same values without it")
-    if mask is None:
-        target = nreal = None
-    else:
-        # assignment_mask in two vectors: the position each padded element is pinned to, -1 for
-        # real elements (which may take any of the first n positions)
-        n = mask.sum(1, dtype=torch.int32)
-        pad_rank = torch.cumsum(~mask, dim=1, dtype=torch.int32) - 1
-        target = torch.where(mask, torch.full((), -1, dtype=torch.int32, device=mask.device),
-                             n.unsqueeze(1) + pad_rank).contiguous()
-        nreal = n.contiguous()
+    # the kernels derive the masked assignment of every set from its mask row (no tensor ops here)
+    mask8 = None if mask is None else mask.contiguous().view(torch.uint8)
     out_dtype = C_step.dtype
     C32 = C_step.float().contiguous()
     init32 = None if init_logits is None else init_logits.float().contiguous()
     # (inside Function.forward grad mode is off, so whether to save for backward is decided here)
     save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
     warps = _warps(_block(C_step.shape[-1])) if num_warps is None else num_warps
-    P = _FusedOptimize.apply(C32, init32, target, nreal, steps, sinkhorn_iters, float(temperature), save, warps)
+    P = _FusedOptimize.apply(C32, init32, mask8, steps, sinkhorn_iters, float(temperature), save, warps)
     return P.to(out_dtype)
 
 
 class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, C_step, init, target, nreal, steps, iters, temperature, save, warps):
+    def forward(ctx, C_step, init, mask8, steps, iters, temperature, save, warps):
         kernels = _kernels()
         B, N = C_step.shape[0], C_step.shape[-1]
         block = _block(N)
@@ -127,33 +119,29 @@ class _FusedOptimize(torch.autograd.Function):
         hist = C_step.new_empty((B, steps + 1, N, N) if save else (1,))
         pots = C_step.new_empty((B, steps + 1, max(2 * iters, 1), 2, block) if save else (1,))
         scratch = C_step.new_empty((B, block, block))
-        dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
         _launch(kernels.forward_kernel, B,
-                C_step, C_step if init is None else init, dummy_i if target is None else target,
-                dummy_i if nreal is None else nreal, P, hist, pots, scratch, N, steps, iters, temperature,
-                HAS_INIT=init is not None, HAS_MASK=target is not None, SAVE=save, BLOCK=block,
-                num_warps=warps)
-        ctx.setup = (steps, iters, temperature, block, warps, init is not None, target is not None)
-        ctx.save_for_backward(C_step, hist, pots, target, nreal)
+                C_step, C_step if init is None else init, P if mask8 is None else mask8, P, hist, pots, scratch,
+                N, steps, iters, temperature, HAS_INIT=init is not None, HAS_MASK=mask8 is not None, SAVE=save,
+                BLOCK=block, num_warps=warps)
+        ctx.setup = (steps, iters, temperature, block, warps, init is not None)
+        ctx.save_for_backward(C_step, hist, pots, mask8)
         return P
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_P):
-        C_step, hist, pots, target, nreal = ctx.saved_tensors
-        steps, iters, temperature, block, warps, has_init, has_mask = ctx.setup
+        C_step, hist, pots, mask8 = ctx.saved_tensors
+        steps, iters, temperature, block, warps, has_init = ctx.setup
         B, N = C_step.shape[0], C_step.shape[-1]
         grad_C = torch.empty_like(C_step)
         want_init = has_init and ctx.needs_input_grad[1]
         grad_init = torch.empty_like(C_step) if want_init else grad_C
         scratch = C_step.new_empty((B, 2, block, block))
-        dummy_i = torch.empty(1, dtype=torch.int32, device=C_step.device)
         _launch(_kernels().backward_kernel, B,
-                grad_P.float().contiguous(), C_step, dummy_i if target is None else target,
-                dummy_i if nreal is None else nreal, hist, pots, scratch, grad_C, grad_init, N, steps, iters,
-                temperature,
-                HAS_MASK=has_mask, WANT_INIT=want_init, BLOCK=block, num_warps=warps)
-        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
+                grad_P.float().contiguous(), C_step, grad_C if mask8 is None else mask8, hist, pots, scratch,
+                grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None, WANT_INIT=want_init,
+                BLOCK=block, num_warps=warps)
+        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None
 
 
 def _launch(kernel, programs: int, *args, **meta) -> None:
