@@ -18,10 +18,9 @@ def _program(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _allowed(offs, N, mask_ptr, b, HAS_MASK: tl.constexpr):
+def _allowed(inside, offs, N, mask_ptr, b, HAS_MASK: tl.constexpr):
     # assignment_mask of setperm.masking for one set, inside the (BLOCK, BLOCK) tile: the n real
     # elements may take the first n positions, the j-th padded element is pinned to position n + j
-    inside = (offs[:, None] < N) & (offs[None, :] < N)
     if HAS_MASK:
         real = tl.load(mask_ptr + b * N + offs, mask=offs < N, other=0).to(tl.int32)   # (B, N) uint8
         pad = tl.where(offs < N, 1 - real, 0)
@@ -143,7 +142,7 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, pots_ptr, scratch
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
                    BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
-    allowed = _allowed(offs, N, mask_ptr, b, HAS_MASK)
+    allowed = _allowed(inside, offs, N, mask_ptr, b, HAS_MASK)
     C = C_ptr + b * N * N
     bal = scratch_ptr + b * BLOCK * BLOCK
     if HAS_INIT:
@@ -170,7 +169,7 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, pots_ptr, scratch_ptr, gC
                     steps, iters, temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr,
                     BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
-    allowed = _allowed(offs, N, mask_ptr, b, HAS_MASK)
+    allowed = _allowed(inside, offs, N, mask_ptr, b, HAS_MASK)
     C = C_ptr + b * N * N
     bal = scratch_ptr + b * 2 * BLOCK * BLOCK
     gls = bal + BLOCK * BLOCK
