@@ -262,16 +262,16 @@ def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
         default = fused._warps(fused._block(N))
         warps = [w for w in (default // 2, default, default * 2) if 1 <= w <= 32]
         impls = [("unrolled", None)] + [(f"fused, {w} warp{'s' if w > 1 else ''}", w) for w in warps]
-        for label, warps in impls:
+        for label, w in impls:
             row: Dict[str, object] = {"config": f"B={B} N={N}", "impl": label}
-            if warps is not None and not fused.applies(C, 3):
+            if w is not None and not fused.applies(C, 3):
                 row["note"] = f"the fused kernels do not run on {device.type} here"
                 rows.append(row)
                 continue
-            if warps is not None and warps == default:
+            if w == default:
                 row["note"] = "kernel='fused' default"
 
-            def fb(warps=warps):
+            def fb(warps=w):
                 Cg = C.detach().requires_grad_(True)
                 if warps is None:
                     P = optimize_permutation(Cg, mask=mask, eta=eta, steps=3, kernel="chunked")

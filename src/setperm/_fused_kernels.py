@@ -102,7 +102,10 @@ def _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK: tl.constexpr
 def _sinkhorn_backward(grad_P, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs,
                        BLOCK: tl.constexpr):
     # as setperm.sinkhorn's log-domain backward: through exp, then every half-step
-    # y - logsumexp(y) in reverse (dz = dy - softmax * sum(dy)), the clamp and the masking
+    # y - logsumexp(y) in reverse (dz = dy - softmax * sum(dy)), the clamp and the masking.
+    # z, zc and P are recomputed from the logits, not passed in from the caller, which has them:
+    # three more live tiles cost more stack than the elementwise recomputation does time
+    # (benchmarks/README.md, "The fused kernels' resources")
     z, zc = _clamped(logits, allowed, temperature, iters)
     g = grad_P * _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK)
     for rr in range(iters):
