@@ -40,6 +40,7 @@ import itertools
 import statistics
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -439,10 +440,17 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), \
+            warnings.catch_warnings(record=True) as caught:
         layer = [] if args.no_layer else layer_rows(args, device, released)
         optimizer = [] if args.no_optimizer else optimizer_rows(args, device)
         ban = [] if args.no_ban else ban_rows(args, device)
+    # setperm warns when a kernel falls back (the rows it touched did not time that kernel): kept
+    # with the results; other warnings are shown as usual
+    fallbacks = sorted({str(w.message) for w in caught if str(w.message).startswith("setperm")})
+    for w in caught:
+        if not str(w.message).startswith("setperm"):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     tables = []
     if layer:
         tables += ["Layer (VQA configuration: 13-d elements, pairwise hidden 128, T = 3, LSTM 128, relevance "
@@ -455,9 +463,12 @@ def main(argv=None) -> int:
         tables += ["", f"BAN training step (batch {shape['batch']}, H {shape['num_hid']}, {shape['gamma']} glimpses, "
                        f"{shape['min_boxes']}-{shape['max_boxes']} boxes):", "",
                    markdown_table(ban, BAN_COLUMNS)]
+    if fallbacks:
+        tables += ["", "Fallbacks during the run (rows of these kernels timed their fallback instead):", ""]
+        tables += [f"- {message}" for message in fallbacks]
     text = "\n".join(tables)
     print(text)
-    write_results(path, info, args, layer=layer, optimizer=optimizer, ban=ban, table=text)
+    write_results(path, info, args, layer=layer, optimizer=optimizer, ban=ban, fallbacks=fallbacks, table=text)
     atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
     print(f"results: {path}")
     return 0

@@ -116,6 +116,7 @@ def test_auto_kernel_resolves_per_device(monkeypatch):
     for dev, kernel in expected.items():
         assert pairwise_mod.resolve_kernel("auto", torch.device(dev)) == kernel
     assert pairwise_mod.resolve_kernel("compiled", torch.device("cpu")) == "compiled"   # explicit choices stay
+    assert pairwise_mod.resolve_kernel("fused", torch.device("cpu")) == "compiled"      # its pairwise MLP
 
 
 def test_hungarian_takes_tensors_of_any_device(device):
@@ -235,23 +236,26 @@ def test_the_whole_optimisation_compiles_as_one_graph():
 
 
 # ------------------------------------------------------------------------------------- fallback
-def test_auto_falls_back_once_with_the_reason_when_the_fused_kernel_cannot_be_built(monkeypatch):
+@pytest.mark.parametrize("kernel", ["auto", "fused"])
+def test_auto_and_fused_fall_back_once_with_the_reason_when_the_compiled_kernel_cannot_be_built(monkeypatch, kernel):
     def broken(*args):
         raise torch._inductor.exc.InductorError(RuntimeError("no working compiler"), None)
 
     monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
     monkeypatch.setattr(pairwise_mod, "resolve_kernel",
-                        lambda kernel, device: "compiled" if kernel == "auto" and not pairwise_mod._auto_fallback
-                        else ("chunked" if kernel == "auto" else kernel))
+                        lambda kernel, device: kernel if kernel in ("chunked", "compiled")
+                        else ("chunked" if pairwise_mod._auto_fallback else "compiled"))
     monkeypatch.setattr(pairwise_mod, "_auto_fallback", {})
     g = torch.Generator().manual_seed(0)
     a, c, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 4, 3), (2, 4, 3), (1, 3)))
     with pytest.warns(RuntimeWarning, match="cannot be built on cpu .*no working compiler.*kernel='chunked'"):
-        out = pairwise_mod.pairwise_two_layer(a, c, w2, kernel="auto")
+        out = pairwise_mod.pairwise_two_layer(a, c, w2, kernel=kernel)
     assert_close(out, pairwise_mod.pairwise_two_layer(a, c, w2, kernel="chunked"), rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                  # once: later calls use chunked without a word
-        pairwise_mod.pairwise_two_layer(a, c, w2, kernel="auto")
+        pairwise_mod.pairwise_two_layer(a, c, w2, kernel=kernel)
+    with pytest.raises(RuntimeError, match="could not be compiled"):
+        pairwise_mod.pairwise_two_layer(a, c, w2, kernel="compiled")   # an explicit "compiled" does not
 
 
 def test_auto_names_a_missing_triton(monkeypatch):

@@ -5,6 +5,7 @@ On CUDA the kernels run compiled; on the CPU in Triton's interpreter (conftest s
 module is skipped, except the tests of what happens without it.
 """
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -162,30 +163,95 @@ def test_kernel_argument_is_checked():
         optimize_permutation(torch.zeros(1, 3, 3), kernel="triton")
 
 
-def test_a_missing_triton_is_named(monkeypatch):
+@pytest.fixture
+def fresh_fallbacks(monkeypatch):
+    """No fallback recorded or warned by earlier tests."""
+    monkeypatch.setattr(fused, "_broken", {})
+    monkeypatch.setattr(fused, "_warned", set())
+
+
+def test_a_missing_triton_falls_back_once_with_the_reason(monkeypatch, fresh_fallbacks):
     monkeypatch.setattr(fused, "unavailable", lambda: "Triton is not installed")
     monkeypatch.setattr(fused, "applies", lambda C, steps: True)
+    C = cost(2, 5, seed=0).float()
+    with pytest.warns(RuntimeWarning, match="kernel='fused' needs Triton.*Triton is not installed.*unrolled steps"):
+        P, grads = run(C, None, None, 0.7, "fused", "cpu", steps=2)
+    P_ref, grads_ref = run(C, None, None, 0.7, "chunked", "cpu", steps=2)
+    assert_close(P, P_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # once
+        run(C, None, None, 0.7, "fused", "cpu", steps=2)
     with pytest.raises(RuntimeError, match="kernel='fused' needs Triton.*Triton is not installed"):
-        optimize_permutation(cost(1, 4, seed=0).float(), eta=1.0, steps=2, kernel="fused")
+        fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
 
 
-def test_a_kernel_triton_cannot_build_is_named(monkeypatch):
-    class Broken:
-        __name__ = "forward_kernel"
+class _Kernel:
+    """A Triton kernel stand-in: fails like a kernel too large for the GPU, or counts its launches."""
 
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
+    def __init__(self, name, works=None):
+        self.__name__, self.works, self.launches = name, works, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches += 1
+            if self.works is None:
                 raise ValueError("out of resource: shared memory, Required: 300000, Hardware limit: 232448")
-            return launch
+            return self.works[grid](*args, **meta)
+        return launch
 
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_a_forward_kernel_triton_cannot_build_falls_back_once_with_the_reason(monkeypatch, fresh_fallbacks,
+                                                                               with_init):
     class Kernels:
-        forward_kernel = Broken()
+        forward_kernel = _Kernel("forward_kernel")
 
     monkeypatch.setattr(fused, "unavailable", lambda: None)
     monkeypatch.setattr(fused, "applies", lambda C, steps: True)
     monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
+    C = cost(2, 5, seed=0).float()
+    init = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(3)) if with_init else None
+    with pytest.warns(RuntimeWarning, match="forward_kernel for sets padded to 16 .*out of resource.*unrolled"):
+        P, grads = run(C, init, None, 0.7, "fused", "cpu", steps=2)
+    P_ref, grads_ref = run(C, init, None, 0.7, "chunked", "cpu", steps=2)
+    assert_close(P, P_ref, rtol=0, atol=0)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # once, and no second build
+        run(C, init, None, 0.7, "fused", "cpu", steps=2)
+    assert Kernels.forward_kernel.launches == 1
+    fused._broken.clear()
     with pytest.raises(RuntimeError, match="forward_kernel for sets padded to 16 .*out of resource"):
-        optimize_permutation(cost(1, 4, seed=0).float(), eta=1.0, steps=2, kernel="fused")
+        fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_a_backward_kernel_triton_cannot_build_falls_back_with_the_same_gradients(monkeypatch, fresh_fallbacks,
+                                                                                 fdevice, with_init):
+    real = fused._kernels()
+
+    class Kernels:
+        forward_kernel = _Kernel("forward_kernel", works=real.forward_kernel)
+        backward_kernel = _Kernel("backward_kernel")
+
+    monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
+    mask = random_mask(3, 9, seed=1)
+    C = cost(3, 9, seed=2, mask=mask)
+    init = torch.randn(3, 9, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64) if with_init else None
+    with pytest.warns(RuntimeWarning, match="backward_kernel for sets padded to 16 .*out of resource.*unrolled"):
+        P, grads = run(C, init, mask, 0.7, "fused", fdevice, steps=3)
+    P_ref, grads_ref = run(C.float(), init if init is None else init.float(), mask, 0.7, "chunked", fdevice, steps=3)
+    assert Kernels.forward_kernel.launches == 1                     # the forward kernel computed P
+    assert_close(P, P_ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, grads_ref):                          # recomputed through the unrolled steps
+        assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(C, init, mask, 0.7, "fused", fdevice, steps=3)
+    assert Kernels.backward_kernel.launches == 1 and Kernels.forward_kernel.launches == 2
 
 
 class _CountLaunchingOps(TorchDispatchMode):

@@ -32,7 +32,8 @@ Triton's interpreter (how the test suite checks them without a GPU). First-order
 from __future__ import annotations
 
 import os
-from typing import Optional
+import warnings
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -81,7 +82,8 @@ def _warps(block: int) -> int:
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
-                   sinkhorn_iters: int, temperature: float, num_warps: Optional[int] = None) -> Tensor:
+                   sinkhorn_iters: int, temperature: float, num_warps: Optional[int] = None,
+                   fallback: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None) -> Tensor:
     """``P = S(P~(T))`` of algorithm 1 with ``P~(t+1) = P~(t) - C_step B(S(P~(t)))``.
 
     ``C_step`` ``(B, N, N)``: the step's matrix, ``2 eta`` times the summed cost channels (built by
@@ -89,13 +91,25 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     ``(B, N, N)`` or None (zeros: PO-U); ``mask`` ``(B, N)`` bool or None. Returns ``P`` in the
     dtype of ``C_step``. The caller has checked :func:`applies`. ``num_warps``: warps per program
     (a power of two up to 32; default per tile size), for benchmarks that tune it.
+
+    ``fallback(C_step, init_logits) -> P``: the same optimisation without Triton (the unrolled
+    steps). Where Triton is missing, or cannot build or launch a kernel for this tile on this GPU
+    (in forward or in backward), a RuntimeWarning names the reason once and ``fallback`` computes
+    the values (or, in backward, the gradients by recomputing through it); later calls that would
+    fail the same way go to ``fallback`` directly. Without ``fallback`` such a failure raises a
+    RuntimeError naming the kernel, the tile and the cause.
     """
     if num_warps not in (None, 1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
     reason = unavailable()
     if reason is not None:
-        raise RuntimeError(f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason}); "
-                           "kernel='compiled' or 'chunked' compute the same values without it")
+        return _fall_back(f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason})",
+                          fallback, C_step, init_logits)
+    block = _block(C_step.shape[-1])
+    warps = _warps(block) if num_warps is None else num_warps
+    broken = _broken.get(_where(C_step, block, warps, "forward"))
+    if broken is not None:
+        return _fall_back(broken, fallback, C_step, init_logits)
     # the kernels derive the masked assignment of every set from its mask row (no tensor ops here)
     mask8 = None if mask is None else mask.contiguous().view(torch.uint8)
     out_dtype = C_step.dtype
@@ -103,15 +117,21 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     init32 = None if init_logits is None else init_logits.float().contiguous()
     # (inside Function.forward grad mode is off, so whether to save for backward is decided here)
     save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
-    warps = _warps(_block(C_step.shape[-1])) if num_warps is None else num_warps
-    P = _FusedOptimize.apply(C32, init32, mask8, steps, sinkhorn_iters, float(temperature), save, warps)
+    # backward's fallback recomputes from the caller's tensors (same dtype as the unrolled path)
+    recompute = None if fallback is None else (fallback, C_step, init_logits)
+    try:
+        P = _FusedOptimize.apply(C32, init32, mask8, steps, sinkhorn_iters, float(temperature), save, warps,
+                                 recompute)
+    except _KernelFailure as failure:
+        _broken[_where(C_step, block, warps, "forward")] = str(failure)
+        return _fall_back(str(failure), fallback, C_step, init_logits, cause=failure)
     return P.to(out_dtype)
 
 
 class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, C_step, init, mask8, steps, iters, temperature, save, warps):
+    def forward(ctx, C_step, init, mask8, steps, iters, temperature, save, warps, recompute):
         kernels = _kernels()
         B, N = C_step.shape[0], C_step.shape[-1]
         block = _block(N)
@@ -124,6 +144,7 @@ class _FusedOptimize(torch.autograd.Function):
                 N, steps, iters, temperature, HAS_INIT=init is not None, HAS_MASK=mask8 is not None, SAVE=save,
                 BLOCK=block, num_warps=warps)
         ctx.setup = (steps, iters, temperature, block, warps, init is not None)
+        ctx.recompute = recompute
         ctx.save_for_backward(C_step, hist, pots, mask8)
         return P
 
@@ -133,27 +154,80 @@ class _FusedOptimize(torch.autograd.Function):
         C_step, hist, pots, mask8 = ctx.saved_tensors
         steps, iters, temperature, block, warps, has_init = ctx.setup
         B, N = C_step.shape[0], C_step.shape[-1]
-        grad_C = torch.empty_like(C_step)
         want_init = has_init and ctx.needs_input_grad[1]
-        grad_init = torch.empty_like(C_step) if want_init else grad_C
-        scratch = C_step.new_empty((B, 2, block, block))
-        _launch(_kernels().backward_kernel, B,
-                grad_P.float().contiguous(), C_step, grad_C if mask8 is None else mask8, hist, pots, scratch,
-                grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None, WANT_INIT=want_init,
-                BLOCK=block, num_warps=warps)
-        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None
+        where = _where(C_step, block, warps, "backward")
+        if where not in _broken:
+            grad_C = torch.empty_like(C_step)
+            grad_init = torch.empty_like(C_step) if want_init else grad_C
+            scratch = C_step.new_empty((B, 2, block, block))
+            try:
+                _launch(_kernels().backward_kernel, B,
+                        grad_P.float().contiguous(), C_step, grad_C if mask8 is None else mask8, hist, pots,
+                        scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
+                        WANT_INIT=want_init, BLOCK=block, num_warps=warps)
+                return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
+            except _KernelFailure as failure:
+                if ctx.recompute is None:
+                    raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
+                _broken[where] = str(failure)
+                _warn(str(failure))
+        if ctx.recompute is None:
+            raise RuntimeError(_broken[where] + _ALTERNATIVES)
+        # Triton cannot build the backward kernel here: the gradients through the unrolled steps,
+        # recomputed from the inputs (same values as the unrolled path's backward)
+        fallback, C_orig, init_orig = ctx.recompute
+        with torch.enable_grad():
+            leaves = [C_orig.detach().requires_grad_(True)]
+            if want_init:
+                leaves.append(init_orig.detach().requires_grad_(True))
+            P = fallback(leaves[0], leaves[1] if want_init else (None if init_orig is None else init_orig.detach()))
+            grads = torch.autograd.grad(P, leaves, grad_P.to(P.dtype))
+        grad_C = grads[0].to(C_step.dtype)
+        grad_init = grads[1].to(C_step.dtype) if want_init else None
+        return grad_C, grad_init, None, None, None, None, None, None, None
+
+
+# (device, tile, warps, "forward" / "backward") -> why Triton could not build or launch that kernel
+# there: later calls take the fallback at once instead of compiling again (Triton caches only what
+# it built), and the reason is warned once.
+_broken: Dict[Tuple, str] = {}
+_warned: set = set()
+_ALTERNATIVES = "; kernel='compiled' or 'chunked' compute the same values"
+
+
+def _where(t: Tensor, block: int, warps: int, which: str) -> Tuple:
+    return (str(t.device), block, warps, which)
+
+
+def _warn(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"setperm {reason}; the unrolled steps compute the same values instead (slower)",
+                      RuntimeWarning, stacklevel=5)
+
+
+def _fall_back(reason: str, fallback, C_step: Tensor, init_logits: Optional[Tensor],
+               cause: Optional[BaseException] = None) -> Tensor:
+    if fallback is None:
+        raise RuntimeError(reason + _ALTERNATIVES) from cause
+    _warn(reason)
+    return fallback(C_step, init_logits)
+
+
+class _KernelFailure(RuntimeError):
+    """Triton could not build or launch one of the kernels (the message names which and why)."""
 
 
 def _launch(kernel, programs: int, *args, **meta) -> None:
     """One program per set; a kernel Triton cannot build (compiler error, too many registers or
-    too much shared memory for this GPU) raises a RuntimeError that names the cause."""
+    too much shared memory for this GPU, no C compiler for its launcher) raises a
+    :class:`_KernelFailure` that names the cause."""
     try:
         kernel[(programs,)](*args, **meta)
     except Exception as err:
         cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-        raise RuntimeError(f"kernel='fused': Triton could not build or run {kernel.__name__} for sets padded to "
-                           f"{meta.get('BLOCK')} ({type(err).__name__}: {cause}); kernel='compiled' or "
-                           "'chunked' compute the same values") from err
+        raise _KernelFailure(f"kernel='fused': Triton could not build or run {kernel.__name__} for sets padded to "
+                             f"{meta.get('BLOCK')} ({type(err).__name__}: {cause})") from err
 
 
 def _kernels():

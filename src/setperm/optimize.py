@@ -147,7 +147,9 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         kernel: ``"fused"`` runs the whole optimisation, forward and backward, as two Triton
             kernels (:mod:`setperm.fused`) where they apply (a sequence cost on CUDA, float32 or
             lower precision, 1 <= N <= 128, T >= 1, not ``return_steps``), elsewhere the unrolled
-            steps; every other value of :data:`setperm.pairwise.KERNELS` runs the unrolled steps.
+            steps; where Triton is missing or cannot build them for this GPU, a warning (once per
+            reason) names why and the unrolled steps compute the same values. Every other value
+            of :data:`setperm.pairwise.KERNELS` runs the unrolled steps.
     Returns:
         ``P = S(P~(T))`` ``(B, N, N)``, or the list of T + 1 soft permutations.
     """
@@ -164,16 +166,35 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.
         C_step = (2 * eta) * (C4[:, 0] if C4.shape[1] == 1 else C4.sum(1))
         if kernel == "fused" and not return_steps and fused.applies(C_step, steps):
+            # where Triton cannot build the kernels, the unrolled steps compute the same P instead
+            def unrolled(C_step: Tensor, init_logits: Optional[Tensor]) -> Tensor:
+                return _unroll(_sequence_step(C_step), _start(C_step, init_logits), mask, steps, sinkhorn_iters,
+                               temperature, False)
             return fused.fused_optimize(C_step, init_logits, mask, steps=steps, sinkhorn_iters=sinkhorn_iters,
-                                        temperature=temperature)
-
-        def step_fn(logits: Tensor, P: Tensor) -> Tensor:
-            return torch.baddbmm(logits, C_step, position_balance(P), alpha=-1)
+                                        temperature=temperature, fallback=unrolled)
+        step_fn = _sequence_step(C_step)
     else:
         def step_fn(logits: Tensor, P: Tensor) -> Tensor:
             return logits - eta * _lattice_gradient(C4, P, grid)
+    return _unroll(step_fn, _start(C4, init_logits), mask, steps, sinkhorn_iters, temperature, return_steps)
 
-    logits = C4.new_zeros(B, N, N) if init_logits is None else init_logits.to(C4.dtype)
+
+def _start(C: Tensor, init_logits: Optional[Tensor]) -> Tensor:
+    """``P~(0)``: ``init_logits`` in the cost's dtype, or zeros (PO-U)."""
+    B, N = C.shape[0], C.shape[-1]
+    return C.new_zeros(B, N, N) if init_logits is None else init_logits.to(C.dtype)
+
+
+def _sequence_step(C_step: Tensor):
+    """Eq. 7 for a sequence cost: ``P~ - C_step B(P)`` with ``C_step = 2 eta C``."""
+    def step_fn(logits: Tensor, P: Tensor) -> Tensor:
+        return torch.baddbmm(logits, C_step, position_balance(P), alpha=-1)
+    return step_fn
+
+
+def _unroll(step_fn, logits: Tensor, mask: Optional[Tensor], steps: int, sinkhorn_iters: int, temperature: float,
+            return_steps: bool) -> Union[Tensor, List[Tensor]]:
+    """The unrolled loop of algorithm 1 from ``P~(0)`` = ``logits``."""
     history: List[Tensor] = []
     for _ in range(steps):
         P = sinkhorn(logits, mask=mask, iters=sinkhorn_iters, temperature=temperature)

@@ -18,12 +18,12 @@ same function and the same exact gradients:
 - ``"auto"`` (the default of every module): resolved per call from the device of the inputs,
   ``"compiled"`` on CUDA (there the chunked kernel's many small launches dominate the time) and
   ``"chunked"`` elsewhere (on the CPU the chunked kernel needs no compilation and is the measured
-  default of ``benchmarks/README.md``). When the fused kernel cannot be built (no Triton, no
+  default of ``benchmarks/README.md``). When the compiled kernel cannot be built (no Triton, no
   compiler), ``"auto"`` warns once naming the reason and computes the same values with
   ``"chunked"``; an explicit ``"compiled"`` raises instead.
-- ``"fused"``: the pairwise MLP as ``"compiled"``, and the unrolled permutation optimisation that
-  consumes the cost as two Triton kernels on CUDA (:mod:`setperm.fused`; the kernel argument of
-  :func:`setperm.functional.optimize_permutation`).
+- ``"fused"``: the pairwise MLP as ``"compiled"`` (falling back as ``"auto"`` does), and the
+  unrolled permutation optimisation that consumes the cost as two Triton kernels on CUDA
+  (:mod:`setperm.fused`; the kernel argument of :func:`setperm.functional.optimize_permutation`).
 
 Inside a ``torch.compile`` of a larger function (``torch.compiler.is_compiling()``), both kernels
 are traced as the fused broadcast-and-reduce expressions, which the outer compilation fuses itself
@@ -199,28 +199,32 @@ def check_kernel(kernel: str) -> str:
 
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """``"auto"`` -> the kernel for ``device`` (``"compiled"`` on CUDA, else ``"chunked"``), or
-    ``"chunked"`` when the fused kernel cannot be built there (warned once, see
-    :func:`fused_unavailable`); explicit choices are returned as they are."""
-    if kernel != "auto":
+    """The pairwise MLP's kernel for ``kernel`` on ``device``: ``"auto"`` -> ``"compiled"`` on CUDA,
+    else ``"chunked"``; ``"fused"`` -> ``"compiled"`` on every device; for both ``"chunked"`` instead
+    where the compiled kernel cannot be built there (warned once, see :func:`fused_unavailable`).
+    ``"chunked"`` and ``"compiled"`` are returned as they are."""
+    if kernel in ("chunked", "compiled"):
         return kernel
-    if torch.device(device).type != "cuda" or _auto_fallback.get("cuda"):
+    device_type = torch.device(device).type
+    if (kernel == "auto" and device_type != "cuda") or _auto_fallback.get(device_type):
         return "chunked"
-    reason = fused_unavailable("cuda")
+    reason = fused_unavailable(device_type)
     if reason is not None:
-        _fall_back("cuda", reason)
+        _fall_back(device_type, reason)
         return "chunked"
     return "compiled"
 
 
-# device type -> the reason "auto" stopped using the fused kernel there (it warns once per reason)
+# device type -> why the compiled kernel could not be built there ("auto" and "fused" warn once per
+# device type, then take the chunked kernel)
 _auto_fallback: dict = {}
 
 
 def _fall_back(device_type: str, reason: str) -> None:
     if device_type not in _auto_fallback:
-        warnings.warn(f"setperm kernel='auto': the fused pairwise kernel cannot be built on {device_type} ({reason}); "
-                      "using kernel='chunked' instead (same values, slower)", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"setperm: the compiled pairwise kernel cannot be built on {device_type} ({reason}); "
+                      "kernel='auto' and 'fused' use kernel='chunked' for it instead (same values, slower)",
+                      RuntimeWarning, stacklevel=4)
     _auto_fallback[device_type] = reason
 
 
@@ -254,9 +258,9 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -
     if torch.compiler.is_compiling():
         kernel = "compiled"          # traced as the fused expressions (see the module docstring)
     else:
-        auto = kernel == "auto"
-        kernel = resolve_kernel("compiled" if kernel == "fused" else kernel, a.device)
-        if auto and kernel == "compiled":
+        falls_back = kernel in ("auto", "fused")
+        kernel = resolve_kernel(kernel, a.device)
+        if falls_back and kernel == "compiled":
             kernel = "auto-compiled"     # "compiled", but a failed build falls back instead of raising
     if kernel != "chunked":
         # One dtype inside the fused loops (under autocast a and c may be half, w2 float32).
@@ -293,8 +297,8 @@ def _compiled(name: str):
 def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
     """Run a fused function; None when dynamo refuses to compile one more specialisation (its
     recompile limit), in which case the caller computes the same values with the chunked kernel.
-    A failed build raises (explicit ``kernel="compiled"``), or with ``fall_back`` (``"auto"``)
-    warns once naming the reason and returns None, and ``"auto"`` stops trying on that device."""
+    A failed build raises (explicit ``kernel="compiled"``), or with ``fall_back`` (``"auto"``,
+    ``"fused"``) warns once naming the reason and returns None, and both stop trying on that device."""
     # Plain tensors: dynamo compiles nn.Parameter shapes as static, which would specialise the
     # kernel to one hidden width (and recompile for every other model).
     args = tuple(t.detach() for t in args)

@@ -4,6 +4,7 @@ leaves nothing behind in sys.modules (a stand-in checkout here: the real one is 
 import json
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -80,6 +81,19 @@ def test_cpu_dry_run_writes_every_row(tmp_path):
     assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
     table = (tmp_path / "out" / "gpu_tiny.md").read_text()
     assert "released PermNet" in table and "BAN + PO-U" in table
+    assert data["fallbacks"] == [] and "Fallbacks" not in table
+
+
+def test_a_kernel_that_fell_back_is_named_with_the_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(fused, "unavailable", lambda: "Triton is not installed")
+    monkeypatch.setattr(fused, "applies", lambda C, steps: True)
+    monkeypatch.setattr(fused, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")                 # (the suite makes a fused fallback an error)
+        assert gpu.main([*FAST, "--kernels", "fused", "--no-optimizer", "--no-ban", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    assert len(data["fallbacks"]) == 1 and "Triton is not installed" in data["fallbacks"][0]
+    assert "Fallbacks during the run" in (tmp_path / "gpu_tiny.md").read_text()
 
 
 def test_bad_perm_optim_root_is_one_line(capsys, tmp_path):
