@@ -27,7 +27,13 @@ answers), all built with the same seed
 and timed on the same random batches in alternating order; medians and the ratios to plain BAN
 (``--amp``: also both BAN + PO-U under bfloat16 autocast).
 
-Results: ``<out>/gpu.json`` and ``<out>/gpu.md`` (``gpu_tiny.*`` with ``--tiny``). Without CUDA the
+torch.compile table (last, the slowest to build): forward + backward of the whole encoder (kernel
+``"auto"``) compiled by the user's own ``torch.compile(encoder, mode=...)``, in inductor's default mode
+and in ``"reduce-overhead"`` (CUDA graphs: the whole call replayed as one graph), at B = 256, N = 100;
+the first call's seconds (compilation) beside the median.
+
+Results: ``<out>/gpu.json`` and ``<out>/gpu.md`` (``gpu_tiny.*`` with ``--tiny``), rewritten after each
+table, so a run stopped part-way keeps the tables it finished. Without CUDA the
 command exits with status 1 and one line; ``--device cpu`` runs the same code on the CPU (with
 ``--tiny``, in seconds), where peak memory is not measured.
 """
@@ -299,6 +305,49 @@ OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "
                      ("fb_mib", "fwd+bwd peak MiB"), ("note", "note")]
 
 
+# ------------------------------------------------------------------- the whole encoder compiled
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def compile_rows(args, device: torch.device) -> List[Dict[str, object]]:
+    """fwd+bwd of the whole encoder under ``torch.compile(encoder, mode=m)`` for each of
+    ``--compile-modes``: the first call's seconds (tracing and compiling) and the median after it."""
+    cfg = layer_configs(args.tiny)[0] if args.tiny else vqa(100, 256)
+    rows = []
+    for mode in args.compile_modes:
+        row: Dict[str, object] = {"config": cfg.name, "impl": f"torch.compile(encoder, mode={mode!r})"}
+        torch._dynamo.reset()
+        try:
+            mod, (x, w) = _setperm(cfg, "auto", device)
+            compiled = torch.compile(mod, mode=mode, dynamic=False)
+
+            def fb():
+                # (a new training iteration for CUDA graphs' memory pool; a no-op otherwise)
+                torch.compiler.cudagraph_mark_step_begin()
+                call(compiled, x.detach().requires_grad_(True), w).sum().backward()
+            row["first_call_s"] = time_call(fb, 0, 1, device)
+            row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device)
+            peak = peak_memory(fb, device)
+            row["fb_mib"] = None if peak is None else peak / 2 ** 20
+            del mod, compiled, x, w
+        except Exception as err:                             # one failing row must not lose the others
+            row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+            if args.verbose:
+                traceback.print_exc()
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"compile {cfg.name} | {row['impl']}: " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            if k not in ("config", "impl")), file=sys.stderr, flush=True)
+    return rows
+
+
+COMPILE_COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("first_call_s", "first call s"),
+                   ("fb_ms", "fwd+bwd ms"), ("fb_mib", "fwd+bwd peak MiB"), ("note", "note")]
+
+
 # --------------------------------------------------------------------------------- BAN training step
 def ban_shape(tiny: bool) -> Dict[str, int]:
     if tiny:
@@ -399,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-optimizer", action="store_true",
                    help="skip the table of the permutation optimisation alone (unrolled vs fused, warps)")
     p.add_argument("--no-ban", action="store_true", help="skip the BAN training steps")
+    p.add_argument("--compile-modes", default=",".join(COMPILE_MODES),
+                   help="torch.compile modes of the whole-encoder table, comma-separated, or '' to skip it "
+                        f"(default {','.join(COMPILE_MODES)})")
     p.add_argument("--ref-mem-limit-gb", type=float, default=64.0,
                    help="skip the reference / released module where its estimated peak exceeds this (default 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -427,6 +479,12 @@ def main(argv=None) -> int:
     if bad or not kernels:
         p.error(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
     args.kernels = kernels
+    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
+    bad = [m for m in args.compile_modes if m not in ("default", "reduce-overhead", "max-autotune",
+                                                      "max-autotune-no-cudagraphs")]
+    if bad:
+        p.error(f"--compile-modes: expected a comma-separated subset of default,reduce-overhead,max-autotune,"
+                f"max-autotune-no-cudagraphs (or ''), got {bad}")
     released = None
     if args.perm_optim_root is not None:
         try:
@@ -440,38 +498,55 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+    results: Dict[str, list] = {"layer": [], "optimizer": [], "ban": [], "compile": []}
+    sections = [("layer", not args.no_layer, lambda: layer_rows(args, device, released)),
+                ("optimizer", not args.no_optimizer, lambda: optimizer_rows(args, device)),
+                ("ban", not args.no_ban, lambda: ban_rows(args, device)),
+                ("compile", bool(args.compile_modes), lambda: compile_rows(args, device))]
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), \
             warnings.catch_warnings(record=True) as caught:
-        layer = [] if args.no_layer else layer_rows(args, device, released)
-        optimizer = [] if args.no_optimizer else optimizer_rows(args, device)
-        ban = [] if args.no_ban else ban_rows(args, device)
-    # setperm warns when a kernel falls back (the rows it touched did not time that kernel): kept
-    # with the results; other warnings are shown as usual
-    fallbacks = sorted({str(w.message) for w in caught if str(w.message).startswith("setperm")})
-    for w in caught:
+        for name, wanted, rows in sections:
+            if wanted:
+                results[name] = rows()
+                # written after every table: a run stopped part-way keeps what it finished
+                text = save_results(path, table_path, info, args, results, caught)
+    for w in caught:                     # shown as usual; setperm's own are with the results
         if not str(w.message).startswith("setperm"):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if not any(results.values()):
+        text = save_results(path, table_path, info, args, results, caught)
+    print(text)
+    print(f"results: {path}")
+    return 0
+
+
+def save_results(path: Path, table_path: Path, info: Dict[str, object], args, results: Dict[str, list],
+                 caught: list) -> str:
+    """Write the JSON and the markdown tables of what was measured so far; returns the markdown."""
+    # setperm warns when a kernel falls back (the rows it touched did not time that kernel)
+    fallbacks = sorted({str(w.message) for w in caught if str(w.message).startswith("setperm")})
     tables = []
-    if layer:
+    if results["layer"]:
         tables += ["Layer (VQA configuration: 13-d elements, pairwise hidden 128, T = 3, LSTM 128, relevance "
-                   "weights):", "", markdown_table(layer, LAYER_COLUMNS)]
-    if optimizer:
+                   "weights):", "", markdown_table(results["layer"], LAYER_COLUMNS)]
+    if results["optimizer"]:
         tables += ["", "The permutation optimisation alone (T = 3, L = 4, padded sets of 10-N elements, float32):", "",
-                   markdown_table(optimizer, OPTIMIZER_COLUMNS)]
-    if ban:
+                   markdown_table(results["optimizer"], OPTIMIZER_COLUMNS)]
+    if results["ban"]:
         shape = ban_shape(args.tiny)
         tables += ["", f"BAN training step (batch {shape['batch']}, H {shape['num_hid']}, {shape['gamma']} glimpses, "
                        f"{shape['min_boxes']}-{shape['max_boxes']} boxes):", "",
-                   markdown_table(ban, BAN_COLUMNS)]
+                   markdown_table(results["ban"], BAN_COLUMNS)]
+    if results["compile"]:
+        tables += ["", "The whole encoder (kernel 'auto') under torch.compile:", "",
+                   markdown_table(results["compile"], COMPILE_COLUMNS)]
     if fallbacks:
         tables += ["", "Fallbacks during the run (rows of these kernels timed their fallback instead):", ""]
         tables += [f"- {message}" for message in fallbacks]
-    text = "\n".join(tables)
-    print(text)
-    write_results(path, info, args, layer=layer, optimizer=optimizer, ban=ban, fallbacks=fallbacks, table=text)
+    text = "\n".join(tables).strip("\n")
+    write_results(path, dict(info), args, **results, fallbacks=fallbacks, table=text)
     atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
-    print(f"results: {path}")
-    return 0
+    return text
 
 
 if __name__ == "__main__":

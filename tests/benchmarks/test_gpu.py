@@ -12,7 +12,8 @@ import torch
 from benchmarks import gpu
 from setperm import fused
 
-FAST = ["--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "1", "--ban-steps", "1", "--ban-batches", "1"]
+FAST = ["--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "1", "--ban-steps", "1", "--ban-batches", "1",
+        "--compile-modes", ""]
 
 # A stand-in with the released module's interface (PermNet(objects, input_features, mid_features,
 # output_features); forward(boxes (B, 4, N), attention (B, N), features (B, N, F)) -> (B, output_features)),
@@ -107,3 +108,26 @@ def test_bad_perm_optim_root_is_one_line(capsys, tmp_path):
 def test_bad_kernels_flag():
     with pytest.raises(SystemExit):
         gpu.main([*FAST, "--kernels", "chunked,fast"])
+
+
+def test_the_whole_encoder_compiled_is_timed_with_its_first_call(tmp_path):
+    assert gpu.main([*FAST, "--no-layer", "--no-optimizer", "--no-ban", "--compile-modes", "reduce-overhead",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    (row,) = data["compile"]
+    assert row["impl"] == "torch.compile(encoder, mode='reduce-overhead')" and "note" not in row, row
+    assert row["first_call_s"] > 0 and row["fb_ms"] > 0
+    assert "under torch.compile" in (tmp_path / "gpu_tiny.md").read_text()
+    with pytest.raises(SystemExit):
+        gpu.main([*FAST, "--compile-modes", "fastest"])
+
+
+def test_a_run_stopped_part_way_keeps_the_tables_it_finished(tmp_path, monkeypatch):
+    def stopped(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gpu, "optimizer_rows", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main([*FAST, "--kernels", "chunked", "--no-ban", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    assert {r["impl"] for r in data["layer"]} == {"setperm (chunked)", "reference"} and data["optimizer"] == []
+    assert "Layer" in (tmp_path / "gpu_tiny.md").read_text()
