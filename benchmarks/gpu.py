@@ -45,6 +45,7 @@ import importlib
 import itertools
 import statistics
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -71,25 +72,35 @@ VQA_NTOKEN, VQA_ANSWERS = 19901, 3129
 
 
 # ------------------------------------------------------------------------------------------ timing
-def time_call(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> float:
-    """Median seconds of ``repeats`` calls after ``warmup`` calls: CUDA events on CUDA (the time the
-    GPU spends from the first to the last kernel a call queues, host overhead included when the
-    queue runs dry), wall-clock time elsewhere."""
+def time_call(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device,
+              budget_s: Optional[float] = None) -> float:
+    """Median seconds of up to ``repeats`` calls after up to ``warmup`` calls: CUDA events on CUDA
+    (the time the GPU spends from the first to the last kernel a call queues, host overhead included
+    when the queue runs dry), wall-clock time elsewhere. ``budget_s``: the warm-up stops after one
+    call and the timed calls after three once that many seconds are spent on each (so that a slow
+    implementation's row costs seconds, not minutes)."""
+    def spent(t0: float) -> bool:
+        return budget_s is not None and time.perf_counter() - t0 > budget_s
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
-    if device.type != "cuda":
-        from .harness import median_time
-
-        return median_time(fn, 0, repeats, "cpu")
-    torch.cuda.synchronize(device)
+        if spent(t0):
+            break
     times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    t0 = time.perf_counter()
+    while len(times) < repeats and not (len(times) >= 3 and spent(t0)):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 
@@ -210,7 +221,7 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dic
                 is_released = label.startswith("released")
                 for mode in ("fwd", "fb"):
                     fn = lambda: _run(mod, inputs, mode, is_released)          # noqa: E731
-                    row[f"{mode}_ms"] = 1e3 * time_call(fn, args.warmup, args.repeats, device)
+                    row[f"{mode}_ms"] = 1e3 * time_call(fn, args.warmup, args.repeats, device, args.budget_s)
                     peak = peak_memory(fn, device)
                     row[f"{mode}_mib"] = None if peak is None else peak / 2 ** 20
                 del mod, inputs
@@ -287,7 +298,7 @@ def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
                                              temperature=1.0, num_warps=warps)
                 (P * up).sum().backward()
             try:
-                row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device)
+                row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device, args.budget_s)
                 peak = peak_memory(fb, device)
                 row["fb_mib"] = None if peak is None else peak / 2 ** 20
             except Exception as err:                         # one failing row must not lose the others
@@ -326,7 +337,7 @@ def compile_rows(args, device: torch.device) -> List[Dict[str, object]]:
                 torch.compiler.cudagraph_mark_step_begin()
                 call(compiled, x.detach().requires_grad_(True), w).sum().backward()
             row["first_call_s"] = time_call(fb, 0, 1, device)
-            row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device)
+            row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device, args.budget_s)
             peak = peak_memory(fb, device)
             row["fb_mib"] = None if peak is None else peak / 2 ** 20
             del mod, compiled, x, w
@@ -441,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"setperm kernels in the layer table, comma-separated (default {','.join(KERNELS)})")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls / steps first (compilation, caches)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per layer measurement; the median is kept")
+    p.add_argument("--budget-s", type=float, default=3.0,
+                   help="seconds per layer / optimisation measurement: after that, one warm-up call and at "
+                        "least 3 timed calls are enough (default 3)")
     p.add_argument("--ban-steps", type=int, default=20, help="timed training steps per BAN model")
     p.add_argument("--ban-batches", type=int, default=4, help="distinct random batches cycled through")
     p.add_argument("--amp", action="store_true", help="also time both BAN + PO-U under bfloat16 autocast")

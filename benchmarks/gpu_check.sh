@@ -9,7 +9,8 @@
 # the layer table); --ban-root: a checkout of github jnhwkim/ban-vqa (the official model's CUDA tests
 # run). Writes OUT/versions.txt, OUT/cuda_tests.txt, OUT/gpu.json, OUT/gpu.md, OUT/gpu_log.txt and
 # prints the tests' summary and the markdown tables last. Runs from the repository root, with the
-# python3 that has torch (the package is taken from src/, no install needed).
+# python3 that has torch (the package is taken from src/, no install needed). benchmarks.gpu rewrites
+# its results after each table, so a run stopped part-way keeps the tables it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT [--perm-optim-root PATH] [--ban-root PATH] [flags...]}
@@ -36,9 +37,12 @@ except ImportError:
 EOF
 cat "$out/versions.txt"
 
-# every CUDA-parametrised or CUDA-only test (their ids and names contain "cuda")
-python3 -m pytest -q -rfEs -p no:cacheprovider -k cuda tests > "$out/cuda_tests.txt" 2>&1
+# every CUDA-parametrised or CUDA-only test (their ids and names contain "cuda"), stopped after
+# SETPERM_TESTS_TIMEOUT seconds (default 300) so that the benchmark always gets its turn
+timeout "${SETPERM_TESTS_TIMEOUT:-300}" python3 -m pytest -q -rfEs -p no:cacheprovider -k cuda tests \
+    > "$out/cuda_tests.txt" 2>&1
 tests_rc=$?
+[ "$tests_rc" = 124 ] && echo "(stopped after ${SETPERM_TESTS_TIMEOUT:-300} s)" >> "$out/cuda_tests.txt"
 
 python3 -m benchmarks.gpu --amp --out "$out" --overwrite "${bench_args[@]}" > "$out/gpu_log.txt" 2>&1
 bench_rc=$?

@@ -4,6 +4,7 @@ leaves nothing behind in sys.modules (a stand-in checkout here: the real one is 
 import json
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
@@ -131,3 +132,16 @@ def test_a_run_stopped_part_way_keeps_the_tables_it_finished(tmp_path, monkeypat
     data = json.loads((tmp_path / "gpu_tiny.json").read_text())
     assert {r["impl"] for r in data["layer"]} == {"setperm (chunked)", "reference"} and data["optimizer"] == []
     assert "Layer" in (tmp_path / "gpu_tiny.md").read_text()
+
+
+def test_a_slow_call_is_timed_within_the_budget():
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)                                 # each call alone exceeds the budget
+    assert gpu.time_call(slow, 5, 20, torch.device("cpu"), budget_s=0.01) >= 0.02
+    assert len(calls) == 1 + 3                           # one warm-up call, three timed ones
+    calls.clear()
+    gpu.time_call(slow, 2, 4, torch.device("cpu"))       # no budget: every call
+    assert len(calls) == 6
