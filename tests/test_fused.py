@@ -69,6 +69,8 @@ CASES = [  # B, N, steps, sinkhorn_iters, temperature, masked, init
     (2, 1, 2, 4, 1.0, False, False),          # one element
     (2, 33, 4, 4, 1.0, True, False),          # a 64-wide tile
     (3, 100, 3, 4, 1.0, True, False),         # the VQA configuration (10-100 boxes): a 128-wide tile
+    (2, 64, 2, 4, 1.0, True, True),           # full tiles: no lane past N
+    (2, 128, 2, 3, 1.0, True, False),         # the largest set the kernels take
 ]
 
 
