@@ -156,3 +156,19 @@ def test_a_non_finite_loss_stops_the_run_before_the_update(tmp_path, data_root, 
     assert "the loss is nan at step 5" in last and "epoch 1, batch 0" in last and "Traceback" not in last
     kept = load_latest(tmp_path / "run")
     assert kept["step"] == 4 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_train_eval_and_figures_run_on_every_device(tmp_path, data_root, device):
+    """A mosaic run (PO-U on a lattice) and a pretrain run trained on the device; eval on the device,
+    figures from the same checkpoint."""
+    out = tmp_path / "po-u"
+    common = ["--dataset", "mnist", "--tiles", "2", "--subset", "64", "--test-subset", "32", "--data-root", data_root,
+              "--epochs", "1", "--device", str(device)]
+    main(["train", *common, "--permutation", "po-u", "--out", str(out)])
+    assert {"mse", "acc_perm"} <= set(_metrics(out))
+    main(["eval", "--run", str(out), "--device", str(device)])
+    assert json.loads((out / "eval.json").read_text())["mse"] == pytest.approx(_metrics(out)["mse"], rel=1e-4)
+    main(["figures", "--run", str(out), "--num-examples", "2", "--out", str(tmp_path / "fig.png")])
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["train", *common, "--task", "pretrain", "--resnet-width", "4", "--out", str(tmp_path / "pre")])
+    assert {"acc", "acc_min"} <= set(_metrics(tmp_path / "pre"))

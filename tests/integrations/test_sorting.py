@@ -189,3 +189,19 @@ def test_demo_writes_where_its_help_says_and_starts_without_a_resume_notice(tmp_
     assert "--resume" not in first.out + first.err
     assert main(tiny) == 0                        # a second demo reuses the finished run
     assert "2/2" in (tmp_path / "runs" / "sorting-demo" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "fused"])
+def test_train_and_eval_commands_run_on_every_device(tmp_path, device, kernel):
+    """``train --device`` and ``eval --device`` (float64) on the device; the checkpoint loads anywhere."""
+    if kernel == "fused" and device.type != "cuda":
+        pytest.skip("the fused kernels train on CUDA (on the CPU only Triton's interpreter runs them, far too slowly)")
+    out = tmp_path / "run"
+    assert main(["train", "--set-size", "5", "--train-sets", str(64 * 30), "--batch-size", "64", "--kernel", kernel,
+                 "--device", str(device), "--checkpoint-every", "10", "--out", str(out)]) == 0
+    model, cfg = load_trained(out)
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
+    assert main(["eval", "--run", str(out), "--device", str(device), "--intervals", "0,1", "10,11",
+                 "--test-sets", "64"]) == 0
+    text = (out / "eval.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
