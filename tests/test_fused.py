@@ -310,3 +310,16 @@ def test_the_fused_path_launches_a_few_operations_whatever_the_number_of_steps(f
     assert launches == 2 and fwd <= 4 and bwd <= 4
     unrolled = _operations("chunked", 3, 4, monkeypatch, fdevice)
     assert unrolled[0] >= 10 * fwd and unrolled[1] >= 10 * bwd and unrolled[2] == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not HAS_TRITON, reason="needs two CUDA GPUs and Triton")
+def test_cuda_kernels_run_on_the_tensors_gpu_not_the_current_one():
+    mask = random_mask(3, 12, seed=4)
+    C = cost(3, 12, seed=5, mask=mask)
+    assert torch.cuda.current_device() == 0
+    P, grads = run(C, None, mask, 0.7, "fused", torch.device("cuda:1"), steps=3)
+    P_ref, grads_ref = run(C.float(), None, mask, 0.7, "chunked", torch.device("cuda:1"), steps=3)
+    assert P.device == torch.device("cuda:1")
+    assert_close(P, P_ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, rtol=1e-4, atol=1e-5)

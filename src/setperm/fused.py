@@ -31,6 +31,7 @@ Triton's interpreter (how the test suite checks them without a GPU). First-order
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -222,8 +223,12 @@ def _launch(kernel, programs: int, *args, **meta) -> None:
     """One program per set; a kernel Triton cannot build (compiler error, too many registers or
     too much shared memory for this GPU, no C compiler for its launcher) raises a
     :class:`_KernelFailure` that names the cause."""
+    device = args[0].device
     try:
-        kernel[(programs,)](*args, **meta)
+        # Triton launches on the current CUDA device and its current stream: make them the tensors'
+        # (a model on cuda:1 while cuda:0 is current)
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            kernel[(programs,)](*args, **meta)
     except Exception as err:
         cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         raise _KernelFailure(f"kernel='fused': Triton could not build or run {kernel.__name__} for sets padded to "
