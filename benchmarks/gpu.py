@@ -17,7 +17,8 @@ parameters). The reference and the released module materialise every pair; they 
 their estimated peak exceeds ``--ref-mem-limit-gb``.
 
 Optimisation table: forward + backward of the permutation optimisation alone (T = 3, L = 4) on B in
-{64, 256} padded sets of 10 to N in {36, 100} elements: the unrolled steps, and ``setperm.fused``'s
+{64, 256} padded sets of 10 to N in {36, 100} elements, and on BAN + PO-U's 2,048 sets (256 questions
+x 8 glimpses) of 10 to 100 boxes: the unrolled steps, and ``setperm.fused``'s
 kernels at their default warps per program and at half and twice as many.
 
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
@@ -256,7 +257,8 @@ def optimizer_configs(tiny: bool):
     """(sets B, size N, smallest set) of the optimisation-alone table: VQA's 10-100 boxes padded."""
     if tiny:
         return [(3, 6, 2), (2, 9, 3)]
-    return [(b, n, min(10, n)) for b in (64, 256) for n in (36, 100)]
+    # and 2048 sets of up to 100: BAN + PO-U's batch (256 questions x 8 glimpses in one call)
+    return [(b, n, min(10, n)) for b in (64, 256) for n in (36, 100)] + [(2048, 100, 10)]
 
 
 def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
