@@ -117,6 +117,27 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def measure(row: Dict[str, object], mode: str, fn: Callable[[], object], args, device: torch.device) -> None:
+    """``row[mode + "_ms"]``: the median time of ``fn``; ``row[mode + "_mib"]``: its peak memory."""
+    row[f"{mode}_ms"] = 1e3 * time_call(fn, args.warmup, args.repeats, device, args.budget_s)
+    peak = peak_memory(fn, device)
+    row[f"{mode}_mib"] = None if peak is None else peak / 2 ** 20
+
+
+def failed(row: Dict[str, object], err: Exception, args) -> None:
+    """A failing row keeps the error's first line as its note (the other rows go on)."""
+    row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    if args.verbose:
+        traceback.print_exc()
+
+
+def report(table: str, row: Dict[str, object]) -> None:
+    """One progress line per measured row on stderr (a log of a run stopped part-way has them)."""
+    print(f"{table} {row['config']} | {row['impl']}: " + ", ".join(
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+        if k not in ("config", "impl")), file=sys.stderr, flush=True)
+
+
 # ------------------------------------------------------------------------ the paper's released module
 def load_released_permnet(root) -> type:
     """``PermNet`` from ``<root>/ban-vqa/permnet.py`` of a checkout of github Cyanogenoid/perm-optim.
@@ -221,19 +242,14 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dic
                     mod, inputs = build_released(released, cfg, args.released_features, device)
                 is_released = label.startswith("released")
                 for mode in ("fwd", "fb"):
-                    fn = lambda: _run(mod, inputs, mode, is_released)          # noqa: E731
-                    row[f"{mode}_ms"] = 1e3 * time_call(fn, args.warmup, args.repeats, device, args.budget_s)
-                    peak = peak_memory(fn, device)
-                    row[f"{mode}_mib"] = None if peak is None else peak / 2 ** 20
+                    measure(row, mode, lambda: _run(mod, inputs, mode, is_released), args, device)
                 del mod, inputs
                 if kernel == "fused" and cfg.n > MAX_SET_SIZE:
                     row["note"] = f"N > {MAX_SET_SIZE}: the unrolled steps (as compiled)"
             except torch.OutOfMemoryError:
                 row["note"] = "out of memory"
             except Exception as err:                         # one failing row must not lose the others
-                row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-                if args.verbose:
-                    traceback.print_exc()
+                failed(row, err, args)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             if label == "setperm (auto)" and row.get("fb_ms"):
@@ -241,9 +257,7 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dic
             if base_ms and row.get("fb_ms"):
                 row["fb_vs_auto"] = row["fb_ms"] / base_ms
             rows.append(row)
-            print(f"{cfg.name} | {label}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                        for k, v in row.items() if k not in ("config", "impl")),
-                  file=sys.stderr, flush=True)
+            report("layer", row)
     return rows
 
 
@@ -300,17 +314,11 @@ def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
                                              temperature=1.0, num_warps=warps)
                 (P * up).sum().backward()
             try:
-                row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device, args.budget_s)
-                peak = peak_memory(fb, device)
-                row["fb_mib"] = None if peak is None else peak / 2 ** 20
+                measure(row, "fb", fb, args, device)
             except Exception as err:                         # one failing row must not lose the others
-                row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-                if args.verbose:
-                    traceback.print_exc()
+                failed(row, err, args)
             rows.append(row)
-            print(f"optimisation {row['config']} | {label}: " + ", ".join(
-                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                if k not in ("config", "impl")), file=sys.stderr, flush=True)
+            report("optimisation", row)
     return rows
 
 
@@ -339,21 +347,15 @@ def compile_rows(args, device: torch.device) -> List[Dict[str, object]]:
                 torch.compiler.cudagraph_mark_step_begin()
                 call(compiled, x.detach().requires_grad_(True), w).sum().backward()
             row["first_call_s"] = time_call(fb, 0, 1, device)
-            row["fb_ms"] = 1e3 * time_call(fb, args.warmup, args.repeats, device, args.budget_s)
-            peak = peak_memory(fb, device)
-            row["fb_mib"] = None if peak is None else peak / 2 ** 20
+            measure(row, "fb", fb, args, device)
             del mod, compiled, x, w
         except Exception as err:                             # one failing row must not lose the others
-            row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-            if args.verbose:
-                traceback.print_exc()
+            failed(row, err, args)
         torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
-        print(f"compile {cfg.name} | {row['impl']}: " + ", ".join(
-            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-            if k not in ("config", "impl")), file=sys.stderr, flush=True)
+        report("compile", row)
     return rows
 
 

@@ -172,19 +172,24 @@ def fresh_fallbacks(monkeypatch):
     monkeypatch.setattr(fused, "_warned", set())
 
 
-def test_a_missing_triton_falls_back_once_with_the_reason(monkeypatch, fresh_fallbacks):
-    monkeypatch.setattr(fused, "unavailable", lambda: "Triton is not installed")
-    monkeypatch.setattr(fused, "applies", lambda C, steps: True)
-    C = cost(2, 5, seed=0).float()
-    with pytest.warns(RuntimeWarning, match="kernel='fused' needs Triton.*Triton is not installed.*unrolled steps"):
-        P, grads = run(C, None, None, 0.7, "fused", "cpu", steps=2)
-    P_ref, grads_ref = run(C, None, None, 0.7, "chunked", "cpu", steps=2)
+def _falls_back_once_to_the_unrolled_values(C, init, reason):
+    """kernel="fused" warns ``reason`` once and gives the unrolled steps' values and gradients."""
+    with pytest.warns(RuntimeWarning, match=reason + ".*the unrolled steps compute the same values"):
+        P, grads = run(C, init, None, 0.7, "fused", "cpu", steps=2)
+    P_ref, grads_ref = run(C, init, None, 0.7, "chunked", "cpu", steps=2)
     assert_close(P, P_ref, rtol=0, atol=0)
     for g, g_ref in zip(grads, grads_ref):
         assert_close(g, g_ref, rtol=0, atol=0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")                               # once
-        run(C, None, None, 0.7, "fused", "cpu", steps=2)
+        warnings.simplefilter("error")                               # once: later calls say nothing
+        run(C, init, None, 0.7, "fused", "cpu", steps=2)
+
+
+def test_a_missing_triton_falls_back_once_with_the_reason(monkeypatch, fresh_fallbacks):
+    monkeypatch.setattr(fused, "unavailable", lambda: "Triton is not installed")
+    monkeypatch.setattr(fused, "applies", lambda C, steps: True)
+    C = cost(2, 5, seed=0).float()
+    _falls_back_once_to_the_unrolled_values(C, None, "kernel='fused' needs Triton.*Triton is not installed")
     with pytest.raises(RuntimeError, match="kernel='fused' needs Triton.*Triton is not installed"):
         fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
 
@@ -215,16 +220,8 @@ def test_a_forward_kernel_triton_cannot_build_falls_back_once_with_the_reason(mo
     monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
     C = cost(2, 5, seed=0).float()
     init = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(3)) if with_init else None
-    with pytest.warns(RuntimeWarning, match="forward_kernel for sets padded to 16 .*out of resource.*unrolled"):
-        P, grads = run(C, init, None, 0.7, "fused", "cpu", steps=2)
-    P_ref, grads_ref = run(C, init, None, 0.7, "chunked", "cpu", steps=2)
-    assert_close(P, P_ref, rtol=0, atol=0)
-    for g, g_ref in zip(grads, grads_ref):
-        assert_close(g, g_ref, rtol=0, atol=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                               # once, and no second build
-        run(C, init, None, 0.7, "fused", "cpu", steps=2)
-    assert Kernels.forward_kernel.launches == 1
+    _falls_back_once_to_the_unrolled_values(C, init, "forward_kernel for sets padded to 16 .*out of resource")
+    assert Kernels.forward_kernel.launches == 1                     # no second build
     fused._broken.clear()
     with pytest.raises(RuntimeError, match="forward_kernel for sets padded to 16 .*out of resource"):
         fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
