@@ -117,8 +117,8 @@ def test_micro_batches_give_the_full_batch_gradient():
     assert micro_batch_size(512, 120) == 64 and micro_batch_size(512, 10) == 512 and micro_batch_size(60, 5, 7) == 7
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    kw = dict(train_sets=32 * 12, batch_size=32, checkpoint_every=4)
+def test_resume_equals_uninterrupted_run(tmp_path, device):
+    kw = dict(train_sets=32 * 12, batch_size=32, checkpoint_every=4, device=str(device))
     train(_config(tmp_path / "straight", **kw), log=lambda s: None)
     first = train(_config(tmp_path / "resumed", stop_at=6, **kw), log=lambda s: None)
     assert first["steps_done"] == 6 and not first["finished"]
@@ -129,8 +129,10 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     a = torch.load(latest_checkpoint(tmp_path / "straight" / "checkpoints"), weights_only=True)
     b = torch.load(latest_checkpoint(tmp_path / "resumed" / "checkpoints"), weights_only=True)
     assert a["step"] == b["step"] == 12
-    assert_close(a["model"], b["model"], rtol=0, atol=0)
-    assert_close(a["optimizer"]["state"], b["optimizer"]["state"], rtol=0, atol=0)
+    # exact on the CPU; on CUDA within float32 rounding (kernels may reduce in another order per run)
+    tol = dict(rtol=0, atol=0) if device.type == "cpu" else dict(rtol=1e-4, atol=1e-6)
+    assert_close(a["model"], b["model"], **tol)
+    assert_close(a["optimizer"]["state"], b["optimizer"]["state"], **tol)
     # a resumed run with different hyperparameters is refused instead of silently mixed
     with pytest.raises(RunError, match="lr 0.1 -> 0.05"):
         train(_config(tmp_path / "resumed", resume=True, **{**kw, "train_sets": 32 * 14}, lr=0.05),
