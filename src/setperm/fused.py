@@ -108,7 +108,8 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
                           fallback, C_step, init_logits)
     block = _block(C_step.shape[-1])
     warps = _warps(block) if num_warps is None else num_warps
-    broken = _broken.get(_where(C_step, block, warps, "forward"))
+    where = _where(C_step, block, warps, "forward")
+    broken = _broken.get(where)
     if broken is not None:
         return _fall_back(broken, fallback, C_step, init_logits)
     # the kernels derive the masked assignment of every set from its mask row (no tensor ops here)
@@ -124,7 +125,7 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
         P = _FusedOptimize.apply(C32, init32, mask8, steps, sinkhorn_iters, float(temperature), save, warps,
                                  recompute)
     except _KernelFailure as failure:
-        _broken[_where(C_step, block, warps, "forward")] = str(failure)
+        _broken[where] = str(failure)
         return _fall_back(str(failure), fallback, C_step, init_logits, cause=failure)
     return P.to(out_dtype)
 
