@@ -32,6 +32,7 @@ Triton's interpreter (how the test suite checks them without a GPU). First-order
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -43,9 +44,11 @@ from torch import Tensor
 MAX_SET_SIZE = 128
 
 
+@functools.lru_cache(maxsize=None)
 def unavailable() -> Optional[str]:
     """Why the Triton kernels cannot be built here (None if they can, as far as can be told
-    without compiling)."""
+    without compiling). Cached: where Triton is missing, every call would search the import path
+    again (a failed import is not remembered), and the fallback calls this on every forward."""
     try:
         import triton  # noqa: F401
     except ImportError:
