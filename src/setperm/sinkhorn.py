@@ -13,7 +13,7 @@ Two ways to compute the same operator (the names follow POT's ``sinkhorn`` varia
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -60,7 +60,7 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, *, iters: int = 4, t
     if method == "auto" and not host_decisions(z):
         method = "log"
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return _Sinkhorn.apply(z, iters, method).to(out_dtype)
+        return _Sinkhorn.apply(z, iters, method)[0].to(out_dtype)
 
 
 def sinkhorn_scaling_in_range(logits: Tensor, mask: Optional[Tensor] = None, *, iters: int = 4,
@@ -174,29 +174,33 @@ class _Sinkhorn(torch.autograd.Function):
     Saves only the input and the output; backward recomputes the scalings (matrix-vector
     products) and applies the exact derivative in closed form, or, in the log-domain case,
     recomputes the iterates and applies ``dz = dy - softmax(z, dim) * sum(dy, dim)`` per half-step.
-    The backward is written in differentiable operations (double backward).
+    The backward is written in differentiable operations (double backward). Forward and
+    ``setup_context`` apart, so that ``torch.func`` transforms (``vjp``, ``grad``) differentiate it;
+    which path forward took is its second, non-tensor output.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, iters: int, method: str) -> Tensor:
+    def forward(z: Tensor, iters: int, method: str) -> Tuple[Tensor, bool]:
         scal = _scalings(z, iters) if iters > 0 and method != "log" else None
         if scal is None and iters > 0 and method == "scaling":
             raise ValueError(f"sinkhorn(method='scaling'): the scaling vectors' range is too wide for {z.dtype} "
                              "(some row or column sum underflows); use method='auto' (falls back to the "
                              "log-domain iterates) or method='log'")
-        ctx.scaled = scal is not None
         if scal is not None:
             K, us, vs = scal
-            P = K.mul_(us[-1].transpose(1, 2)).mul_(vs[-1])             # K is not needed any more
-        else:
-            # S^(0) = exp(X); in the log domain the exponentiation is implicit.
-            P = (_log_iterates(_clamp_half(z), iters)[-1] if iters > 0 else z).exp()
-        ctx.iters = iters
-        ctx.save_for_backward(z, P)
-        return P
+            return K.mul_(us[-1].transpose(1, 2)).mul_(vs[-1]), True      # K is not needed any more
+        # S^(0) = exp(X); in the log domain the exponentiation is implicit.
+        return (_log_iterates(_clamp_half(z), iters)[-1] if iters > 0 else z).exp(), False
 
     @staticmethod
-    def backward(ctx, grad_P: Tensor):
+    def setup_context(ctx, inputs, output):
+        z, iters, _ = inputs
+        P, ctx.scaled = output
+        ctx.iters = iters
+        ctx.save_for_backward(z, P)
+
+    @staticmethod
+    def backward(ctx, grad_P: Tensor, _grad_scaled=None):
         z, P = ctx.saved_tensors
         if ctx.scaled:
             return _scaled_backward(grad_P, P, *_scalings(z, ctx.iters, check=False)), None, None
