@@ -46,16 +46,19 @@ def random_mask(B, N, seed):
     return mask
 
 
-def run(C, init, mask, eta, kernel, device, **kw):
+def run(C, init, mask, eta, kernel, device, fn=None, **kw):
     """P and the gradients of <P, G> with respect to C, eta (and init) for one kernel, float32 for
-    "fused" (the kernels compute in float32), the given dtype otherwise."""
+    "fused" (the kernels compute in float32), the given dtype otherwise. ``fn(C, init, mask, eta)``:
+    the optimisation to call instead (a compiled one)."""
     dtype = torch.float32 if kernel == "fused" else C.dtype
     leaves = [C.to(device, dtype).requires_grad_(True),
               torch.tensor(eta, dtype=dtype, device=device).requires_grad_(True)]
     if init is not None:
         leaves.append(init.to(device, dtype).requires_grad_(True))
     m = None if mask is None else mask.to(device)
-    P = optimize_permutation(leaves[0], leaves[2] if init is not None else None, m, eta=leaves[1], kernel=kernel, **kw)
+    init_leaf = leaves[2] if init is not None else None
+    P = (fn(leaves[0], init_leaf, m, leaves[1]) if fn is not None
+         else optimize_permutation(leaves[0], init_leaf, m, eta=leaves[1], kernel=kernel, **kw))
     G = torch.randn(P.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device, dtype)
     grads = torch.autograd.grad((P * G).sum(), leaves)
     return P, grads
@@ -320,3 +323,104 @@ def test_cuda_kernels_run_on_the_tensors_gpu_not_the_current_one():
     assert_close(P, P_ref, rtol=1e-5, atol=1e-6)
     for g, g_ref in zip(grads, grads_ref):
         assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- torch.compile
+def _count_launches(monkeypatch):
+    launches = {"forward_kernel": 0, "backward_kernel": 0}
+    real = fused._launch
+
+    def launch(kernel, *args, **kwargs):
+        launches[kernel.__name__] += 1
+        return real(kernel, *args, **kwargs)
+    monkeypatch.setattr(fused, "_launch", launch)
+    return launches
+
+
+def test_under_torch_compile_the_kernels_are_one_operator_for_every_set_size(fdevice, monkeypatch):
+    """A compiled optimisation (fullgraph: no graph break) calls the kernels, not the unrolled steps,
+    at every set size without recompiling, with the eager values and gradients."""
+    launches = _count_launches(monkeypatch)
+    torch._dynamo.reset()
+
+    def optimise(C, init, mask, eta):
+        return optimize_permutation(C, init, mask, eta=eta, steps=3, kernel="fused")
+    compiled = torch.compile(optimise, fullgraph=True, dynamic=True, backend="aot_eager")
+    try:
+        for i, N in enumerate((5, 9, 17)):                    # 16- and 32-wide tiles
+            mask = random_mask(3, N, seed=N)
+            C = cost(3, N, seed=N, mask=mask)
+            init = torch.randn(3, N, N, generator=torch.Generator().manual_seed(N), dtype=torch.float64)
+            launches.update(forward_kernel=0, backward_kernel=0)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                P, grads = run(C, init, mask, 0.7, "fused", fdevice, fn=compiled)
+            assert launches == {"forward_kernel": 1, "backward_kernel": 1}
+            P_ref, grads_ref = run(C, init, mask, 0.7, "fused", fdevice, steps=3)
+            assert_close(P, P_ref, rtol=1e-6, atol=1e-7)
+            for g, g_ref in zip(grads, grads_ref):
+                assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_the_encoder_compiled_by_inductor_with_the_fused_kernel_equals_chunked(fdevice, monkeypatch):
+    launches = _count_launches(monkeypatch)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(5, 12, PermutationOptimization(5, cost_hidden=16, steps=3, kernel="fused"))
+    enc = enc.to(fdevice)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 9, 5, generator=g).to(fdevice)
+    lengths = torch.tensor([9, 6, 1, 0])                              # host lengths: one graph
+    try:
+        out = torch.compile(enc)(x, lengths=lengths)
+        grads = torch.autograd.grad(out.square().sum(), list(enc.parameters()))
+        assert launches == {"forward_kernel": 1, "backward_kernel": 1}
+        enc.po.cost.kernel = "chunked"
+        ref = enc(x, lengths=lengths)
+        ref_grads = torch.autograd.grad(ref.square().sum(), list(enc.parameters()))
+        assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, ref_grads):
+            assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+    finally:
+        torch._dynamo.reset()
+
+
+def test_under_torch_compile_a_kernel_triton_cannot_build_falls_back_at_run_time(monkeypatch, fresh_fallbacks):
+    class Kernels:
+        forward_kernel = _Kernel("forward_kernel")
+
+    monkeypatch.setattr(fused, "unavailable", lambda: None)
+    monkeypatch.setattr(fused, "interpreted", lambda: True)          # the CPU takes the kernels' path
+    monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
+    torch._dynamo.reset()
+
+    def optimise(C, init, mask, eta):
+        return optimize_permutation(C, init, mask, eta=eta, steps=2, kernel="fused")
+    compiled = torch.compile(optimise, fullgraph=True, backend="aot_eager")
+    mask = random_mask(3, 6, seed=1)
+    C = cost(3, 6, seed=0, mask=mask).float()
+    init = torch.randn(3, 6, 6, generator=torch.Generator().manual_seed(3))
+    try:
+        with pytest.warns(RuntimeWarning, match="forward_kernel for sets padded to 16 .*out of resource"):
+            P, grads = run(C, init, mask, 0.7, "fused", "cpu", steps=2, fn=compiled)
+        P_ref, grads_ref = run(C, init, mask, 0.7, "chunked", "cpu", steps=2)
+        assert_close(P, P_ref, rtol=1e-6, atol=1e-7)
+        for g, g_ref in zip(grads, grads_ref):                           # recomputed through the unrolled steps
+            assert_close(g, g_ref, rtol=1e-6, atol=1e-7)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                                # once; and no second build
+            run(C, init, mask, 0.7, "fused", "cpu", steps=2, fn=compiled)
+        assert Kernels.forward_kernel.launches == 1
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch 2.4")
+def test_the_operators_pass_torch_library_opcheck(fdevice):
+    """Schema, fake (shape) functions, autograd registration and the compiled (AOT) dispatch."""
+    mask = random_mask(2, 7, seed=0).to(fdevice)
+    C = cost(2, 7, seed=1, mask=mask.cpu()).float().to(fdevice).requires_grad_(True)
+    init = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(2)).to(fdevice).requires_grad_(True)
+    for args in ((C, init, mask, 2, 3, 1.0, True, None, True), (C, None, None, 1, 0, 0.5, True, None, True)):
+        torch.library.opcheck(fused._OPERATORS.forward, args)

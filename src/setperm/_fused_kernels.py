@@ -57,62 +57,66 @@ def _balance(P):
 
 
 @triton.jit
-def _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, BLOCK: tl.constexpr):
-    base = ((b * (steps + 1) + t) * tl.maximum(2 * iters, 1) + h) * 2 * BLOCK
-    return pots_ptr + base + offs, pots_ptr + base + BLOCK + offs
+def _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, N):
+    # the (B, steps + 1, 2 iters, 2, N) potentials: sized by N, not by the tile, so that their
+    # shape is known without the tile (torch.compile's shape inference with a symbolic N); the
+    # tile's lanes past N hold 0 (no allowed entry there), which the masked loads give back
+    base = ((b * (steps + 1) + t) * 2 * iters + h) * 2 * N
+    return pots_ptr + base + offs, pots_ptr + base + N + offs
 
 
 @triton.jit
-def _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, SAVE: tl.constexpr, BLOCK: tl.constexpr):
+def _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, N, SAVE: tl.constexpr, BLOCK: tl.constexpr):
     # eq. 11-12 in the log domain: rows, then columns, L times; iterate = zc - a_i - b_k
     a = tl.zeros([BLOCK], dtype=tl.float32)
     c = tl.zeros([BLOCK], dtype=tl.float32)
     for r in range(iters):
         a += _lse(zc - a[:, None] - c[None, :], 1)
         if SAVE:
-            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r, steps, iters, offs, BLOCK)
-            tl.store(pa, a)
-            tl.store(pc, c)
+            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r, steps, iters, offs, N)
+            tl.store(pa, a, mask=offs < N)
+            tl.store(pc, c, mask=offs < N)
         c += _lse(zc - a[:, None] - c[None, :], 0)
         if SAVE:
-            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r + 1, steps, iters, offs, BLOCK)
-            tl.store(pa, a)
-            tl.store(pc, c)
+            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r + 1, steps, iters, offs, N)
+            tl.store(pa, a, mask=offs < N)
+            tl.store(pc, c, mask=offs < N)
     return tl.exp(zc - a[:, None] - c[None, :])
 
 
 @triton.jit
-def _iterate(zc, pots_ptr, b, t, h, steps, iters, offs, BLOCK: tl.constexpr):
+def _iterate(zc, pots_ptr, b, t, h, steps, iters, offs, N):
     # exp of the iterate after half-step h (its softmax), from the saved potentials
-    pa, pc = _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, BLOCK)
-    return tl.exp(zc - tl.load(pa)[:, None] - tl.load(pc)[None, :])
+    pa, pc = _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, N)
+    a = tl.load(pa, mask=offs < N, other=0.0)
+    c = tl.load(pc, mask=offs < N, other=0.0)
+    return tl.exp(zc - a[:, None] - c[None, :])
 
 
 @triton.jit
-def _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK: tl.constexpr):
+def _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, N):
     # P = S(P~(t)) again, from the last half-step's saved potentials (exp(z) without rounds)
     if iters > 0:
-        P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, BLOCK)
+        P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, N)
     else:
         P = tl.exp(zc)
     return P
 
 
 @triton.jit
-def _sinkhorn_backward(grad_P, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs,
-                       BLOCK: tl.constexpr):
+def _sinkhorn_backward(grad_P, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs, N):
     # as setperm.sinkhorn's log-domain backward: through exp, then every half-step
     # y - logsumexp(y) in reverse (dz = dy - softmax * sum(dy)), the clamp and the masking.
     # z, zc and P are recomputed from the logits, not passed in from the caller, which has them:
     # three more live tiles cost more stack than the elementwise recomputation does time
     # (benchmarks/README.md, "The fused kernels' resources")
     z, zc = _clamped(logits, allowed, temperature, iters)
-    g = grad_P * _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK)
+    g = grad_P * _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, N)
     for rr in range(iters):
         r = iters - 1 - rr
-        S = _iterate(zc, pots_ptr, b, t, 2 * r + 1, steps, iters, offs, BLOCK)
+        S = _iterate(zc, pots_ptr, b, t, 2 * r + 1, steps, iters, offs, N)
         g = g - S * tl.sum(g, axis=0)[None, :]
-        S = _iterate(zc, pots_ptr, b, t, 2 * r, steps, iters, offs, BLOCK)
+        S = _iterate(zc, pots_ptr, b, t, 2 * r, steps, iters, offs, N)
         g = g - S * tl.sum(g, axis=1)[:, None]
     g = tl.where(zc == z, g, 0.0)
     return tl.where(allowed, g / temperature, 0.0)
@@ -156,14 +160,14 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, pots_ptr, scratch
         if SAVE:
             tl.store(hist_ptr + (b * (steps + 1) + t) * N * N + tile, logits, mask=inside)
         _, zc = _clamped(logits, allowed, temperature, iters)
-        P = _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, SAVE, BLOCK)
+        P = _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, N, SAVE, BLOCK)
         _to_scratch(bal, _balance(P), offs, BLOCK)
         # eq. 7 with the gradient 2 C B of eq. 4 (2 eta folded into C): (C B)_iq = sum_k C_ik B_kq
         logits = logits - _outer_products(C, 1, N, bal, BLOCK, 1, N, offs, BLOCK)
     if SAVE:
         tl.store(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, logits, mask=inside)
     _, zc = _clamped(logits, allowed, temperature, iters)
-    P = _sinkhorn(zc, pots_ptr, b, steps, steps, iters, offs, SAVE, BLOCK)
+    P = _sinkhorn(zc, pots_ptr, b, steps, steps, iters, offs, N, SAVE, BLOCK)
     tl.store(P_ptr + b * N * N + tile, P, mask=inside)
 
 
@@ -179,19 +183,19 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, pots_ptr, scratch_ptr, gC
     gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     gP = tl.load(gP_ptr + b * N * N + tile, mask=inside, other=0.0)
     logits = tl.load(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, mask=inside, other=0.0)
-    gl = _sinkhorn_backward(gP, logits, allowed, temperature, pots_ptr, b, steps, steps, iters, offs, BLOCK)
+    gl = _sinkhorn_backward(gP, logits, allowed, temperature, pots_ptr, b, steps, steps, iters, offs, N)
     for tt in range(steps):
         t = steps - 1 - tt
         logits = tl.load(hist_ptr + (b * (steps + 1) + t) * N * N + tile, mask=inside, other=0.0)
         _, zc = _clamped(logits, allowed, temperature, iters)
-        P = _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, BLOCK)
+        P = _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, N)
         _to_scratch(bal, _balance(P), offs, BLOCK)
         _to_scratch(gls, gl, offs, BLOCK)
         # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
         # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g)
         gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK)
         gBP = _balance(_outer_products(C, N, 1, gls, BLOCK, 1, N, offs, BLOCK))
-        gl += _sinkhorn_backward(gBP, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs, BLOCK)
+        gl += _sinkhorn_backward(gBP, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs, N)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
     if WANT_INIT:
         tl.store(ginit_ptr + b * N * N + tile, gl, mask=inside)

@@ -28,14 +28,22 @@ memory than a block has (``python -m benchmarks.fused_resources``). Applies to f
 elsewhere :func:`optimize_permutation` takes the unrolled path. With the environment variable
 ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels run on CPU tensors in
 Triton's interpreter (how the test suite checks them without a GPU). First-order gradients only.
+
+Under ``torch.compile`` the two kernels are two operators of the compiled graph,
+``setperm::fused_forward`` and ``setperm::fused_backward`` (``torch.library.custom_op``, defined
+when this module is first imported): opaque to the compiler, with output shapes that depend on
+``(B, N, T, L)`` only, so a graph with a dynamic set size calls them at every size without
+recompiling. In eager mode an autograd function calls the same forward and backward (fewer
+microseconds per call than the dispatcher).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import types
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -64,12 +72,12 @@ def interpreted() -> bool:
 def applies(C_step: Tensor, steps: int) -> bool:
     """Whether the fused kernels compute this optimisation (else the caller runs the unrolled steps):
     a CUDA tensor (a CPU tensor under the interpreter), float32 or lower precision, at least one
-    set and one element, at most :data:`MAX_SET_SIZE` elements, at least one step, and not inside a
-    ``torch.compile`` trace (which compiles the unrolled steps itself)."""
+    set and one element, at most :data:`MAX_SET_SIZE` elements and at least one step. Inside a
+    ``torch.compile`` trace the kernels are one opaque operator of the graph (``setperm::fused_forward``
+    and its backward), where this torch has ``torch.library.custom_op`` (2.4 and newer)."""
     B, N = C_step.shape[0], C_step.shape[-1]
-    on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted()
-                                                  and unavailable() is None)
-    return (on_device and not torch.compiler.is_compiling()
+    on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted())
+    return (on_device and (not torch.compiler.is_compiling() or _OPERATORS is not None)
             and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and B > 0 and 0 < N <= MAX_SET_SIZE and steps > 0)
 
@@ -87,7 +95,7 @@ def _warps(block: int) -> int:
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
                    sinkhorn_iters: int, temperature: float, num_warps: Optional[int] = None,
-                   fallback: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None) -> Tensor:
+                   fall_back: bool = False) -> Tensor:
     """``P = S(P~(T))`` of algorithm 1 with ``P~(t+1) = P~(t) - C_step B(S(P~(t)))``.
 
     ``C_step`` ``(B, N, N)``: the step's matrix, ``2 eta`` times the summed cost channels (built by
@@ -96,112 +104,227 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     dtype of ``C_step``. The caller has checked :func:`applies`. ``num_warps``: warps per program
     (a power of two up to 32; default per tile size), for benchmarks that tune it.
 
-    ``fallback(C_step, init_logits) -> P``: the same optimisation without Triton (the unrolled
-    steps). Where Triton is missing, or cannot build or launch a kernel for this tile on this GPU
-    (in forward or in backward), a RuntimeWarning names the reason once and ``fallback`` computes
-    the values (or, in backward, the gradients by recomputing through it); later calls that would
-    fail the same way go to ``fallback`` directly. Without ``fallback`` such a failure raises a
-    RuntimeError naming the kernel, the tile and the cause.
+    ``fall_back``: where Triton is missing, or cannot build or launch a kernel for this tile on this
+    GPU (in forward or in backward), a RuntimeWarning names the reason once and the unrolled steps
+    compute the values (or, in backward, the gradients by recomputing through them); later calls
+    that would fail the same way take the unrolled steps directly. Without it (the default, for
+    benchmarks that time the kernels themselves) such a failure raises a RuntimeError naming the
+    kernel, the tile and the cause.
+
+    Under ``torch.compile`` the optimisation is one operator of the compiled graph, whatever the
+    set size (no recompilation per size): the kernels run at run time as in eager mode, falling
+    back the same way.
     """
     if num_warps not in (None, 1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        # eager: a missing Triton or a tile known to fail takes the unrolled steps in the caller's
+        # dtype at once (compiled graphs learn it at run time, inside the operator)
+        reason = _failure(C_step, num_warps, "forward")
+        if reason is not None:
+            return _fall_back(reason, fall_back, C_step, init_logits, mask, steps, sinkhorn_iters, temperature)
+    out_dtype = C_step.dtype
+    C32 = C_step.float()
+    init32 = None if init_logits is None else init_logits.float()
+    # (inside the autograd function grad mode is off, so whether to save for backward is decided here)
+    save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
+    args = (steps, sinkhorn_iters, float(temperature), save, num_warps, fall_back)
+    if compiling:
+        # an operator opaque to the compiler, its output shapes known from (B, N, steps, iters):
+        # the compiled graph calls the kernels at run time (and falls back there, if it must)
+        P = _OPERATORS.forward(C32, init32, mask, *args)[0]
+    else:
+        # (an autograd function: a dispatcher operator costs tens of microseconds more per call)
+        P = _FusedOptimize.apply(C32, init32, mask, *args)
+    return P.to(out_dtype)
+
+
+def _failure(t: Tensor, num_warps: Optional[int], which: str) -> Optional[str]:
+    """Why the kernel ``which`` cannot run for ``t``'s tile on its device (None: as far as is known, it can)."""
     reason = unavailable()
     if reason is not None:
-        return _fall_back(f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason})",
-                          fallback, C_step, init_logits)
-    block = _block(C_step.shape[-1])
+        return f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason})"
+    return _broken.get(_where(t, num_warps, which))
+
+
+# ---------------------------------------------------------------------------- forward, backward
+# One implementation of each, called by the eager autograd function and by the compiled graph's
+# operators alike.
+
+def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
+             temperature: float, save: bool, num_warps: Optional[int],
+             fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> ``P`` (B, N, N), and for backward each step's logits ``(B, steps + 1, N, N)`` and the
+    Sinkhorn potentials ``(B, steps + 1, 2 iters, 2, N)`` (empty unless ``save``). Where the kernel cannot be built (now or before) and ``fall_back``, ``P`` is the
+    unrolled steps' and backward recomputes through them (:func:`_backward` asks :data:`_broken`)."""
+    # (the kernels index contiguous (B, N, N) tensors; a compiled graph may hand over other strides)
+    C32, init32, mask = (None if t is None else t.contiguous() for t in (C32, init32, mask))
+    B, N = C32.shape[0], C32.shape[-1]
+    P = torch.empty_like(C32)
+    hist, pots = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save))
+    block = _block(N)
     warps = _warps(block) if num_warps is None else num_warps
-    where = _where(C_step, block, warps, "forward")
-    broken = _broken.get(where)
-    if broken is not None:
-        return _fall_back(broken, fallback, C_step, init_logits)
-    # the kernels derive the masked assignment of every set from its mask row (no tensor ops here)
-    mask8 = None if mask is None else mask.contiguous().view(torch.uint8)
-    out_dtype = C_step.dtype
-    C32 = C_step.float().contiguous()
-    init32 = None if init_logits is None else init_logits.float().contiguous()
-    # (inside Function.forward grad mode is off, so whether to save for backward is decided here)
-    save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
-    # backward's fallback recomputes from the caller's tensors (same dtype as the unrolled path)
-    recompute = None if fallback is None else (fallback, C_step, init_logits)
-    try:
-        P = _FusedOptimize.apply(C32, init32, mask8, steps, sinkhorn_iters, float(temperature), save, warps,
-                                 recompute)
-    except _KernelFailure as failure:
-        _broken[where] = str(failure)
-        return _fall_back(str(failure), fallback, C_step, init_logits, cause=failure)
-    return P.to(out_dtype)
+    where = _where(C32, num_warps, "forward")
+    reason = _failure(C32, num_warps, "forward")
+    if reason is None:
+        # the kernels derive the masked assignment of every set from its mask row (no tensor ops here)
+        mask8 = None if mask is None else mask.view(torch.uint8)
+        scratch = C32.new_empty((B, block, block))
+        try:
+            # (an argument the kernel does not read is given another tensor: an empty one may have no address)
+            _launch(_kernels().forward_kernel, B,
+                    C32, C32 if init32 is None else init32, P if mask8 is None else mask8, P,
+                    hist if hist.numel() else P, pots if pots.numel() else P, scratch,
+                    N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
+                    SAVE=save, BLOCK=block, num_warps=warps)
+            return P, hist, pots
+        except _KernelFailure as failure:
+            if not fall_back:
+                raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
+            reason = _broken[where] = str(failure)
+    _fall_back(reason, fall_back, C32, init32, mask, steps, iters, temperature, warn_only=True)
+    with torch.no_grad():
+        P.copy_(_unrolled(C32, init32, mask, steps, iters, temperature))
+    return P, hist.zero_(), pots.zero_()        # (not read: backward recomputes)
+
+
+def _saved_shapes(B: int, N: int, steps: int, iters: int, save: bool) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The shapes of what forward saves for backward: every step's logits and the Sinkhorn
+    potentials after every half-step (empty without ``save``)."""
+    if not save:
+        return (0,), (0,)
+    return (B, steps + 1, N, N), (B, steps + 1, 2 * iters, 2, N)
+
+
+def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
+              pots: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int], fall_back: bool,
+              want_init: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """-> ``dL/dC_step`` and ``dL/dP~(0)`` (None unless ``want_init``) from ``dL/dP``."""
+    C32, mask, hist, pots = (None if t is None else t.contiguous() for t in (C32, mask, hist, pots))
+    B, N = C32.shape[0], C32.shape[-1]
+    block = _block(N)
+    warps = _warps(block) if num_warps is None else num_warps
+    where = _where(C32, num_warps, "backward")
+    reason = _failure(C32, num_warps, "forward") or _failure(C32, num_warps, "backward")
+    if reason is None:
+        grad_C = torch.empty_like(C32)
+        grad_init = torch.empty_like(C32) if want_init else grad_C
+        mask8 = None if mask is None else mask.view(torch.uint8)
+        scratch = C32.new_empty((B, 2, block, block))
+        try:
+            _launch(_kernels().backward_kernel, B,
+                    grad_P.float().contiguous(), C32, grad_C if mask8 is None else mask8, hist,
+                    pots if pots.numel() else hist,
+                    scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
+                    WANT_INIT=want_init, BLOCK=block, num_warps=warps)
+            return grad_C, (grad_init if want_init else None)
+        except _KernelFailure as failure:
+            reason = _broken[where] = str(failure)
+    _fall_back(reason, fall_back, C32, init32, mask, steps, iters, temperature, warn_only=True)
+    # the kernels did not run: the gradients through the unrolled steps, recomputed from the inputs
+    # (the same values as the unrolled path's backward). torch.func.vjp, not torch.autograd.grad:
+    # inside a compiled graph's operator autograd is switched off below the dispatcher, and
+    # enable_grad does not switch it back on
+    if want_init:
+        _, vjp = torch.func.vjp(lambda C, init: _unrolled(C, init, mask, steps, iters, temperature), C32, init32)
+        return vjp(grad_P.to(C32.dtype))
+    _, vjp = torch.func.vjp(lambda C: _unrolled(C, init32, mask, steps, iters, temperature), C32)
+    return vjp(grad_P.to(C32.dtype))[0], None
+
+
+def _unrolled(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
+              temperature: float) -> Tensor:
+    """The same optimisation as the unrolled steps of :func:`setperm.functional.optimize_permutation`."""
+    from .optimize import _sequence_step, _start, _unroll   # (optimize imports this module)
+
+    return _unroll(_sequence_step(C_step), _start(C_step, init_logits), mask, steps, iters, temperature, False)
 
 
 class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, C_step, init, mask8, steps, iters, temperature, save, warps, recompute):
-        kernels = _kernels()
-        B, N = C_step.shape[0], C_step.shape[-1]
-        block = _block(N)
-        P = torch.empty_like(C_step)
-        hist = C_step.new_empty((B, steps + 1, N, N) if save else (1,))
-        pots = C_step.new_empty((B, steps + 1, max(2 * iters, 1), 2, block) if save else (1,))
-        scratch = C_step.new_empty((B, block, block))
-        _launch(kernels.forward_kernel, B,
-                C_step, C_step if init is None else init, P if mask8 is None else mask8, P, hist, pots, scratch,
-                N, steps, iters, temperature, HAS_INIT=init is not None, HAS_MASK=mask8 is not None, SAVE=save,
-                BLOCK=block, num_warps=warps)
-        ctx.setup = (steps, iters, temperature, block, warps, init is not None)
-        ctx.recompute = recompute
-        ctx.save_for_backward(C_step, hist, pots, mask8)
+    def forward(ctx, C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
+        P, hist, pots = _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
+        ctx.setup = (steps, iters, temperature, num_warps, fall_back)
+        ctx.save_for_backward(C32, init32, mask, hist, pots)
         return P
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_P):
-        C_step, hist, pots, mask8 = ctx.saved_tensors
-        steps, iters, temperature, block, warps, has_init = ctx.setup
-        B, N = C_step.shape[0], C_step.shape[-1]
-        want_init = has_init and ctx.needs_input_grad[1]
-        where = _where(C_step, block, warps, "backward")
-        if where not in _broken:
-            grad_C = torch.empty_like(C_step)
-            grad_init = torch.empty_like(C_step) if want_init else grad_C
-            scratch = C_step.new_empty((B, 2, block, block))
-            try:
-                _launch(_kernels().backward_kernel, B,
-                        grad_P.float().contiguous(), C_step, grad_C if mask8 is None else mask8, hist, pots,
-                        scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
-                        WANT_INIT=want_init, BLOCK=block, num_warps=warps)
-                return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
-            except _KernelFailure as failure:
-                if ctx.recompute is None:
-                    raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
-                _broken[where] = str(failure)
-                _warn(str(failure))
-        if ctx.recompute is None:
-            raise RuntimeError(_broken[where] + _ALTERNATIVES)
-        # Triton cannot build the backward kernel here: the gradients through the unrolled steps,
-        # recomputed from the inputs (same values as the unrolled path's backward)
-        fallback, C_orig, init_orig = ctx.recompute
-        with torch.enable_grad():
-            leaves = [C_orig.detach().requires_grad_(True)]
-            if want_init:
-                leaves.append(init_orig.detach().requires_grad_(True))
-            P = fallback(leaves[0], leaves[1] if want_init else (None if init_orig is None else init_orig.detach()))
-            grads = torch.autograd.grad(P, leaves, grad_P.to(P.dtype))
-        grad_C = grads[0].to(C_step.dtype)
-        grad_init = grads[1].to(C_step.dtype) if want_init else None
+        C32, init32, mask, hist, pots = ctx.saved_tensors
+        want_init = init32 is not None and ctx.needs_input_grad[1]
+        grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, pots, *ctx.setup, want_init)
         return grad_C, grad_init, None, None, None, None, None, None, None
+
+
+def _define_operators():
+    """``setperm::fused_forward`` and ``setperm::fused_backward``: the kernels as operators of a
+    ``torch.compile`` graph, opaque to the compiler, their output shapes given by fake functions.
+    Defined when this module is first imported (by ``kernel="fused"``'s first call, not by
+    ``import setperm``), not while a graph is traced, which would break it; None where torch has
+    no ``torch.library.custom_op`` (older than 2.4: compiled graphs then take the unrolled steps)."""
+    if not hasattr(torch.library, "custom_op"):
+        return None
+    from torch.library import custom_op
+
+    @custom_op("setperm::fused_forward", mutates_args=())
+    def forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
+                temperature: float, save: bool, num_warps: Optional[int],
+                fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
+
+    @forward.register_fake
+    def _(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
+        B, N = C32.shape[0], C32.shape[-1]
+        return (torch.empty_like(C32), *(C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save)))
+
+    @custom_op("setperm::fused_backward", mutates_args=())
+    def backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
+                 pots: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int],
+                 fall_back: bool, want_init: bool) -> Tuple[Tensor, Tensor]:
+        grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, pots, steps, iters, temperature, num_warps,
+                                      fall_back, want_init)
+        # (an operator returns tensors: an empty one stands for "no gradient")
+        return grad_C, (grad_init if want_init else C32.new_empty(0))
+
+    @backward.register_fake
+    def _(grad_P, C32, init32, mask, hist, pots, steps, iters, temperature, num_warps, fall_back, want_init):
+        return torch.empty_like(C32), (torch.empty_like(C32) if want_init else C32.new_empty(0))
+
+    def setup_context(ctx, inputs, output):
+        C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back = inputs
+        _, hist, pots = output
+        ctx.setup = (steps, iters, temperature, num_warps, fall_back)
+        ctx.has_init = init32 is not None
+        ctx.save_for_backward(C32, init32, mask, hist, pots)
+
+    def backward_rule(ctx, grad_P, _grad_hist, _grad_pots):
+        C32, init32, mask, hist, pots = ctx.saved_tensors
+        want_init = ctx.has_init and ctx.needs_input_grad[1]
+        grad_C, grad_init = backward(grad_P, C32, init32, mask, hist, pots, *ctx.setup, want_init)
+        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
+
+    forward.register_autograd(backward_rule, setup_context=setup_context)
+    return types.SimpleNamespace(forward=forward, backward=backward)
+
+
+_OPERATORS = _define_operators()
 
 
 # (device, tile, warps, "forward" / "backward") -> why Triton could not build or launch that kernel
 # there: later calls take the fallback at once instead of compiling again (Triton caches only what
-# it built), and the reason is warned once.
+# it built), and the reason is warned once. A forward that failed leaves no saved tensors, so its
+# backward recomputes through the unrolled steps: the key is the same for both.
 _broken: Dict[Tuple, str] = {}
 _warned: set = set()
 _ALTERNATIVES = "; kernel='compiled' or 'chunked' compute the same values"
 
 
-def _where(t: Tensor, block: int, warps: int, which: str) -> Tuple:
-    return (str(t.device), block, warps, which)
+def _where(t: Tensor, num_warps: Optional[int], which: str) -> Tuple:
+    block = _block(t.shape[-1])
+    return (str(t.device), block, _warps(block) if num_warps is None else num_warps, which)
 
 
 def _warn(reason: str) -> None:
@@ -211,12 +334,14 @@ def _warn(reason: str) -> None:
                       RuntimeWarning, stacklevel=5)
 
 
-def _fall_back(reason: str, fallback, C_step: Tensor, init_logits: Optional[Tensor],
-               cause: Optional[BaseException] = None) -> Tensor:
-    if fallback is None:
-        raise RuntimeError(reason + _ALTERNATIVES) from cause
+def _fall_back(reason: str, fall_back: bool, C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor],
+               steps: int, iters: int, temperature: float, warn_only: bool = False) -> Optional[Tensor]:
+    """Warn once (or raise, without ``fall_back``) and compute ``P`` by the unrolled steps, with
+    gradients (or, ``warn_only``, only warn)."""
+    if not fall_back:
+        raise RuntimeError(reason + _ALTERNATIVES)
     _warn(reason)
-    return fallback(C_step, init_logits)
+    return None if warn_only else _unrolled(C_step, init_logits, mask, steps, iters, temperature)
 
 
 class _KernelFailure(RuntimeError):

@@ -10,7 +10,6 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import fused
 from .masking import resolve_mask
 from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
@@ -165,18 +164,23 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.
         C_step = (2 * eta) * (C4[:, 0] if C4.shape[1] == 1 else C4.sum(1))
-        if kernel == "fused" and not return_steps and fused.applies(C_step, steps):
+        if kernel == "fused" and not return_steps and _fused().applies(C_step, steps):
             # where Triton cannot build the kernels, the unrolled steps compute the same P instead
-            def unrolled(C_step: Tensor, init_logits: Optional[Tensor]) -> Tensor:
-                return _unroll(_sequence_step(C_step), _start(C_step, init_logits), mask, steps, sinkhorn_iters,
-                               temperature, False)
-            return fused.fused_optimize(C_step, init_logits, mask, steps=steps, sinkhorn_iters=sinkhorn_iters,
-                                        temperature=temperature, fallback=unrolled)
+            return _fused().fused_optimize(C_step, init_logits, mask, steps=steps, sinkhorn_iters=sinkhorn_iters,
+                                          temperature=temperature, fall_back=True)
         step_fn = _sequence_step(C_step)
     else:
         def step_fn(logits: Tensor, P: Tensor) -> Tensor:
             return logits - eta * _lattice_gradient(C4, P, grid)
     return _unroll(step_fn, _start(C4, init_logits), mask, steps, sinkhorn_iters, temperature, return_steps)
+
+
+def _fused():
+    """:mod:`setperm.fused`, imported on ``kernel="fused"``'s first call: it defines its operators
+    then (in the ``setperm`` namespace of ``torch.library``), not at ``import setperm``."""
+    from . import fused
+
+    return fused
 
 
 def _start(C: Tensor, init_logits: Optional[Tensor]) -> Tensor:
