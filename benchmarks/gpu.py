@@ -28,13 +28,14 @@ answers), all built with the same seed
 and timed on the same random batches in alternating order; medians and the ratios to plain BAN
 (``--amp``: also both BAN + PO-U under bfloat16 autocast).
 
-torch.compile table (last, the slowest to build): forward + backward of the whole encoder (kernel
-``"auto"``) compiled by the user's own ``torch.compile(encoder, mode=...)``, in inductor's default mode
-and in ``"reduce-overhead"`` (CUDA graphs: the whole call replayed as one graph), at B = 256, N = 100;
-the first call's seconds (compilation) beside the median.
+torch.compile table (last, the slowest to build): forward + backward of the whole encoder (kernels
+``"auto"`` and ``"fused"``, whose Triton kernels are then operators of the compiled graph) compiled
+by the user's own ``torch.compile(encoder, mode=...)``, in inductor's default mode and in
+``"reduce-overhead"`` (CUDA graphs: the whole call replayed as one graph), at B = 256, N = 100; the
+first call's seconds (compilation) beside the median.
 
 Results: ``<out>/gpu.json`` and ``<out>/gpu.md`` (``gpu_tiny.*`` with ``--tiny``), rewritten after each
-table, so a run stopped part-way keeps the tables it finished. Without CUDA the
+row, so a run stopped part-way keeps the rows it finished. Without CUDA the
 command exits with status 1 and one line; ``--device cpu`` runs the same code on the CPU (with
 ``--tiny``, in seconds), where peak memory is not measured.
 """
@@ -50,7 +51,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -216,9 +217,8 @@ def _run(mod: nn.Module, inputs, mode: str, released: bool) -> None:
     (out[0] if isinstance(out, tuple) else out).sum().backward()
 
 
-def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dict[str, object]]:
+def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator[Dict[str, object]]:
     limit = args.ref_mem_limit_gb * 2 ** 30
-    rows = []
     for cfg in layer_configs(args.tiny):
         impls = [(f"setperm ({k})", k) for k in args.kernels] + [("reference", None)]
         if released is not None:
@@ -230,7 +230,7 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dic
                         else cfg.estimate_reference_bytes() if label == "reference" else 0)
             if estimate > limit:
                 row["note"] = f"skipped: estimated peak {estimate / 2 ** 30:.0f} GiB > --ref-mem-limit-gb"
-                rows.append(row)
+                yield row
                 continue
             try:
                 if kernel is not None:
@@ -256,9 +256,8 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> List[Dic
                 base_ms = row["fb_ms"]
             if base_ms and row.get("fb_ms"):
                 row["fb_vs_auto"] = row["fb_ms"] / base_ms
-            rows.append(row)
             report("layer", row)
-    return rows
+            yield row
 
 
 LAYER_COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("fwd_ms", "fwd ms"),
@@ -275,14 +274,13 @@ def optimizer_configs(tiny: bool):
     return [(b, n, min(10, n)) for b in (64, 256) for n in (36, 100)] + [(2048, 100, 10)]
 
 
-def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
+def optimizer_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
     """fwd+bwd of the permutation optimisation alone (T = 3, L = 4, padded sets): the unrolled steps
     against setperm.fused's kernels at their default warps and at half and twice as many, so that
     one run shows how both choices (the kernel and its warps) fare on the card."""
     from setperm import fused
     from setperm.functional import optimize_permutation
 
-    rows = []
     for B, N, smallest in optimizer_configs(args.tiny):
         g = torch.Generator().manual_seed(args.seed)
         C = torch.randn(B, N, N, generator=g)
@@ -300,7 +298,7 @@ def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
             row: Dict[str, object] = {"config": f"B={B} N={N}", "impl": label}
             if w is not None and not fused.applies(C, 3):
                 row["note"] = f"the fused kernels do not run on {device.type} here"
-                rows.append(row)
+                yield row
                 continue
             if w == default:
                 row["note"] = "kernel='fused' default"
@@ -317,9 +315,8 @@ def optimizer_rows(args, device: torch.device) -> List[Dict[str, object]]:
                 measure(row, "fb", fb, args, device)
             except Exception as err:                         # one failing row must not lose the others
                 failed(row, err, args)
-            rows.append(row)
             report("optimisation", row)
-    return rows
+            yield row
 
 
 OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "fwd+bwd ms"),
@@ -328,38 +325,42 @@ OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "
 
 # ------------------------------------------------------------------- the whole encoder compiled
 COMPILE_MODES = ("default", "reduce-overhead")
+COMPILE_KERNELS = ("auto", "fused")
 
 
-def compile_rows(args, device: torch.device) -> List[Dict[str, object]]:
+def compile_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
     """fwd+bwd of the whole encoder under ``torch.compile(encoder, mode=m)`` for each of
-    ``--compile-modes``: the first call's seconds (tracing and compiling) and the median after it."""
+    ``--compile-modes`` and each of ``--compile-kernels`` (``"fused"``: its Triton kernels are
+    operators of the compiled graph): the first call's seconds (tracing and compiling) and the
+    median after it."""
     cfg = layer_configs(args.tiny)[0] if args.tiny else vqa(100, 256)
-    rows = []
     for mode in args.compile_modes:
-        row: Dict[str, object] = {"config": cfg.name, "impl": f"torch.compile(encoder, mode={mode!r})"}
-        torch._dynamo.reset()
-        try:
-            mod, (x, w) = _setperm(cfg, "auto", device)
-            compiled = torch.compile(mod, mode=mode, dynamic=False)
+        for kernel in args.compile_kernels:
+            row: Dict[str, object] = {"config": cfg.name, "impl": f"torch.compile(encoder, mode={mode!r})",
+                                      "kernel": kernel}
+            torch._dynamo.reset()
+            try:
+                mod, (x, w) = _setperm(cfg, kernel, device)
+                compiled = torch.compile(mod, mode=mode, dynamic=False)
 
-            def fb():
-                # (a new training iteration for CUDA graphs' memory pool; a no-op otherwise)
-                torch.compiler.cudagraph_mark_step_begin()
-                call(compiled, x.detach().requires_grad_(True), w).sum().backward()
-            row["first_call_s"] = time_call(fb, 0, 1, device)
-            measure(row, "fb", fb, args, device)
-            del mod, compiled, x, w
-        except Exception as err:                             # one failing row must not lose the others
-            failed(row, err, args)
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows.append(row)
-        report("compile", row)
-    return rows
+                def fb():
+                    # (a new training iteration for CUDA graphs' memory pool; a no-op otherwise)
+                    torch.compiler.cudagraph_mark_step_begin()
+                    call(compiled, x.detach().requires_grad_(True), w).sum().backward()
+                row["first_call_s"] = time_call(fb, 0, 1, device)
+                measure(row, "fb", fb, args, device)
+                del mod, compiled, x, w
+            except Exception as err:                         # one failing row must not lose the others
+                failed(row, err, args)
+            torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            report("compile", row)
+            yield row
 
 
-COMPILE_COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("first_call_s", "first call s"),
+COMPILE_COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("kernel", "kernel"),
+                   ("first_call_s", "first call s"),
                    ("fb_ms", "fwd+bwd ms"), ("fb_mib", "fwd+bwd peak MiB"), ("note", "note")]
 
 
@@ -469,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-modes", default=",".join(COMPILE_MODES),
                    help="torch.compile modes of the whole-encoder table, comma-separated, or '' to skip it "
                         f"(default {','.join(COMPILE_MODES)})")
+    p.add_argument("--compile-kernels", default=",".join(COMPILE_KERNELS),
+                   help=f"setperm kernels of the whole-encoder torch.compile table, comma-separated "
+                        f"(default {','.join(COMPILE_KERNELS)})")
     p.add_argument("--ref-mem-limit-gb", type=float, default=64.0,
                    help="skip the reference / released module where its estimated peak exceeds this (default 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -497,6 +501,11 @@ def main(argv=None) -> int:
     if bad or not kernels:
         p.error(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
     args.kernels = kernels
+    args.compile_kernels = [k.strip() for k in args.compile_kernels.split(",") if k.strip()]
+    bad = [k for k in args.compile_kernels if k not in KERNELS]
+    if bad or not args.compile_kernels:
+        p.error(f"--compile-kernels: expected a comma-separated subset of {','.join(KERNELS)}, "
+                f"got {args.compile_kernels!r}")
     args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
     bad = [m for m in args.compile_modes if m not in ("default", "reduce-overhead", "max-autotune",
                                                       "max-autotune-no-cudagraphs")]
@@ -525,9 +534,10 @@ def main(argv=None) -> int:
             warnings.catch_warnings(record=True) as caught:
         for name, wanted, rows in sections:
             if wanted:
-                results[name] = rows()
-                # written after every table: a run stopped part-way keeps what it finished
-                text = save_results(path, table_path, info, args, results, caught)
+                for row in rows():
+                    results[name].append(row)
+                    # written after every row: a run stopped part-way keeps what it finished
+                    text = save_results(path, table_path, info, args, results, caught)
     for w in caught:                     # shown as usual; setperm's own are with the results
         if not str(w.message).startswith("setperm"):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -556,7 +566,7 @@ def save_results(path: Path, table_path: Path, info: Dict[str, object], args, re
                        f"{shape['min_boxes']}-{shape['max_boxes']} boxes):", "",
                    markdown_table(results["ban"], BAN_COLUMNS)]
     if results["compile"]:
-        tables += ["", "The whole encoder (kernel 'auto') under torch.compile:", "",
+        tables += ["", "The whole encoder under torch.compile:", "",
                    markdown_table(results["compile"], COMPILE_COLUMNS)]
     if fallbacks:
         tables += ["", "Fallbacks during the run (rows of these kernels timed their fallback instead):", ""]

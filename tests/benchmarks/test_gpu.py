@@ -115,23 +115,29 @@ def test_the_whole_encoder_compiled_is_timed_with_its_first_call(tmp_path):
     assert gpu.main([*FAST, "--no-layer", "--no-optimizer", "--no-ban", "--compile-modes", "reduce-overhead",
                      "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_tiny.json").read_text())
-    (row,) = data["compile"]
-    assert row["impl"] == "torch.compile(encoder, mode='reduce-overhead')" and "note" not in row, row
-    assert row["first_call_s"] > 0 and row["fb_ms"] > 0
+    assert [row["kernel"] for row in data["compile"]] == ["auto", "fused"]
+    for row in data["compile"]:
+        assert row["impl"] == "torch.compile(encoder, mode='reduce-overhead')" and "note" not in row, row
+        assert row["first_call_s"] > 0 and row["fb_ms"] > 0
     assert "under torch.compile" in (tmp_path / "gpu_tiny.md").read_text()
     with pytest.raises(SystemExit):
         gpu.main([*FAST, "--compile-modes", "fastest"])
+    with pytest.raises(SystemExit):
+        gpu.main([*FAST, "--compile-kernels", "auto,fastest"])
 
 
-def test_a_run_stopped_part_way_keeps_the_tables_it_finished(tmp_path, monkeypatch):
+def test_a_run_stopped_part_way_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     def stopped(*args):
-        raise KeyboardInterrupt
+        yield {"config": "B=3 N=6", "impl": "unrolled", "fb_ms": 1.5}
+        raise KeyboardInterrupt                          # stopped while timing the second row
     monkeypatch.setattr(gpu, "optimizer_rows", stopped)
     with pytest.raises(KeyboardInterrupt):
         gpu.main([*FAST, "--kernels", "chunked", "--no-ban", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "gpu_tiny.json").read_text())
-    assert {r["impl"] for r in data["layer"]} == {"setperm (chunked)", "reference"} and data["optimizer"] == []
-    assert "Layer" in (tmp_path / "gpu_tiny.md").read_text()
+    assert {r["impl"] for r in data["layer"]} == {"setperm (chunked)", "reference"}
+    assert data["optimizer"] == [{"config": "B=3 N=6", "impl": "unrolled", "fb_ms": 1.5}]
+    table = (tmp_path / "gpu_tiny.md").read_text()
+    assert "Layer" in table and "| B=3 N=6 | unrolled | 1.5" in table
 
 
 def test_a_slow_call_is_timed_within_the_budget():
