@@ -741,3 +741,24 @@ def test_gru_reader_argument_repr_and_init():
     torch.manual_seed(5)
     fresh.reset_parameters()
     assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_torch_func_transforms_give_the_autograd_gradients():
+    """torch.func.grad through the whole optimisation (pairwise cost, unrolled steps, Sinkhorn),
+    with respect to the input and, through functional_call, to the parameters."""
+    torch.manual_seed(0)
+    po = PermutationOptimization(4, cost_hidden=8, steps=2).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    mask = torch.arange(5) < torch.tensor([5, 3, 1])[:, None]
+    weights = torch.randn(3, 5, 5, generator=g, dtype=torch.float64)
+    params = {k: v.detach() for k, v in po.named_parameters()}
+
+    def loss(params, x):
+        return (torch.func.functional_call(po, params, (x,), {"mask": mask}) * weights).sum()
+    grads = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    xr = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(loss(dict(po.named_parameters()), xr), [xr, *po.parameters()])
+    assert_close(grads[1], expected[0], rtol=1e-10, atol=1e-12)
+    for (name, _), want in zip(po.named_parameters(), expected[1:]):
+        assert_close(grads[0][name], want, rtol=1e-10, atol=1e-12)

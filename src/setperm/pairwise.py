@@ -92,13 +92,12 @@ class _PairwiseTwoLayer(torch.autograd.Function):
     giving ``grad_a = T1 . w2``, ``grad_c = T2 . w2`` and, because ``relu(p) = m p`` with
     ``p = a_i + c_j``, ``grad_w2[k, h] = sum_i a[i, h] T1[i, k, h] + sum_j c[j, h] T2[j, k, h]``
     exactly, without another pass over the hidden activations. The backward is differentiable
-    (double backward) through ``grad_out``, ``a``, ``c`` and ``w2``.
+    (double backward) through ``grad_out``, ``a``, ``c`` and ``w2``. Forward and ``setup_context``
+    apart, so that ``torch.func`` transforms (``grad``, ``vjp``) differentiate it.
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, c: Tensor, w2: Tensor, kernel: str) -> Tensor:
-        ctx.kernel = kernel
-        ctx.save_for_backward(a, c, w2)
+    def forward(a: Tensor, c: Tensor, w2: Tensor, kernel: str) -> Tensor:
         if torch.compiler.is_compiling():
             return _fused_forward(a, c, w2)
         if kernel != "chunked":
@@ -116,6 +115,11 @@ class _PairwiseTwoLayer(torch.autograd.Function):
             h.relu_()
             torch.matmul(h, w2t, out=out[b0:b1, i0:i1])
         return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, c, w2, ctx.kernel = inputs
+        ctx.save_for_backward(a, c, w2)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
