@@ -10,7 +10,7 @@
 # run). Writes OUT/versions.txt, OUT/cuda_tests.txt, OUT/gpu.json, OUT/gpu.md, OUT/gpu_log.txt and
 # prints the tests' summary and the markdown tables last. Runs from the repository root, with the
 # python3 that has torch (the package is taken from src/, no install needed). benchmarks.gpu rewrites
-# its results after each table, so a run stopped part-way keeps the tables it finished.
+# its results after each row, so a run stopped part-way keeps the rows it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT [--perm-optim-root PATH] [--ban-root PATH] [flags...]}
