@@ -5,7 +5,11 @@ On CUDA the kernels run compiled; on the CPU in Triton's interpreter (conftest s
 module is skipped, except the tests of what happens without it.
 """
 import importlib
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -424,3 +428,17 @@ def test_the_operators_pass_torch_library_opcheck(fdevice):
     init = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(2)).to(fdevice).requires_grad_(True)
     for args in ((C, init, mask, 2, 3, 1.0, True, None, True), (C, None, None, 1, 0, 0.5, True, None, True)):
         torch.library.opcheck(fused._OPERATORS.forward, args)
+
+
+def test_import_setperm_defines_no_operator_and_imports_no_triton():
+    """The operators are defined when kernel="fused" is first used (setperm.fused imported), not
+    by ``import setperm``."""
+    code = ("import sys, torch, setperm\n"
+            "assert 'setperm.fused' not in sys.modules and 'triton' not in sys.modules\n"
+            "assert not hasattr(torch.ops.setperm, 'fused_forward')\n"
+            "import setperm.fused\n"
+            "assert hasattr(torch.ops.setperm, 'fused_forward') == hasattr(torch.library, 'custom_op')\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(repo / "src")
+    subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, check=True)

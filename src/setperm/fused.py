@@ -48,6 +48,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .optimize import _sequence_step, _start, _unroll
+
 # One set's (N, N) matrices live on chip: up to 128 x 128 float32 per matrix (64 KiB).
 MAX_SET_SIZE = 128
 
@@ -236,8 +238,6 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
 def _unrolled(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
               temperature: float) -> Tensor:
     """The same optimisation as the unrolled steps of :func:`setperm.functional.optimize_permutation`."""
-    from .optimize import _sequence_step, _start, _unroll   # (optimize imports this module)
-
     return _unroll(_sequence_step(C_step), _start(C_step, init_logits), mask, steps, iters, temperature, False)
 
 
