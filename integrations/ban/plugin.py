@@ -101,10 +101,14 @@ class PatchedBan(nn.Module):
     shared by the glimpses), ``box_proj`` (``nn.Linear(v_dim, 8)``), ``p_prj`` (G x ``FCNet([hidden,
     H], 'ReLU', 0)``).
 
-    ``forward(v (B, K, v_dim), b (B, K, >=4), q (B, T), labels=None, *, relevance=None) -> (logits (B, A),
-    att (B, G, K, T))``, the official signature. Padded boxes are all-zero rows of ``v``. ``relevance``
-    (B, K) float logits replaces the glimpses' attention-derived relevance (an ablation; see the module
-    docstring).
+    ``forward(v (B, K, v_dim), b (B, K, >=4), q (B, T), labels=None, *, relevance=None, box_counts=None)
+    -> (logits (B, A), att (B, G, K, T))``, the official signature. Padded boxes are all-zero rows of
+    ``v``. ``relevance`` (B, K) float logits replaces the glimpses' attention-derived relevance (an
+    ablation; see the module docstring). ``box_counts`` (B,) int, a CPU tensor: the number of real
+    boxes of each image, which are its first rows of ``v`` (as ``data.collate_vqa`` lays batches out;
+    the training loop passes ``batch.mask.sum(1)``). With it the set sizes reach the encoder's LSTM
+    from the host, so that on CUDA the forward makes no device -> host copy (without it, one per
+    call); the values are the same.
 
     Patching sets ``requires_grad=False`` on ``ban.counter.f[8:]``, the counter's unused functions
     (never updated by official training either), so DDP works without ``find_unused_parameters``.
@@ -165,17 +169,33 @@ class PatchedBan(nn.Module):
         return self.set_encoder.eta
 
     def encode_glimpses(self, v: Tensor, b: Tensor, logits: Tensor, mask: Tensor,
-                        relevance: Optional[Tensor] = None) -> Tensor:
-        """All G glimpses' sets through the shared encoder in ONE call -> (B, G, hidden_size)."""
+                        relevance: Optional[Tensor] = None, box_counts: Optional[Tensor] = None) -> Tensor:
+        """All G glimpses' sets through the shared encoder in ONE call -> (B, G, hidden_size).
+        ``box_counts``: ``mask``'s row sums as a CPU tensor, when the caller has them."""
         B, G = logits.shape[:2]
         x, weights, set_mask = glimpse_sets(b, logits, self.box_proj(v), mask, relevance)
         order_by = x[..., :4] if self.order_by == "geometry" else None     # the normalised box coordinates
-        h = self.set_encoder(x, mask=set_mask, weights=weights, order_by=order_by)
+        if box_counts is not None:
+            # set b * G + g is glimpse g of image b; host lengths: no copy of the sizes to the host
+            h = self.set_encoder(x, lengths=box_counts.repeat_interleave(G), weights=weights, order_by=order_by)
+        else:
+            h = self.set_encoder(x, mask=set_mask, weights=weights, order_by=order_by)
         return h.view(B, G, -1)
 
     def forward(self, v: Tensor, b: Tensor, q: Tensor, labels: Optional[Tensor] = None, *,
-                relevance: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                relevance: Optional[Tensor] = None, box_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         check_ban_inputs(v, b, q, self.box_proj.in_features)
+        if box_counts is not None:
+            if (not isinstance(box_counts, Tensor) or box_counts.device.type != "cpu"
+                    or box_counts.dtype.is_floating_point or box_counts.dtype == torch.bool
+                    or tuple(box_counts.shape) != (v.shape[0],)):
+                got = (f"{box_counts.dtype} of shape {tuple(box_counts.shape)} on {box_counts.device}"
+                       if isinstance(box_counts, Tensor) else type(box_counts).__name__)
+                raise ValueError(f"box_counts must be an integer CPU tensor of shape (B,) = ({v.shape[0]},), got {got}")
+            if len(box_counts) and (int(box_counts.min()) < 0 or int(box_counts.max()) > v.shape[1]):
+                raise ValueError(f"box_counts must lie in [0, K={v.shape[1]}], got min {int(box_counts.min())} "
+                                 f"and max {int(box_counts.max())}")
+            box_counts = box_counts.to(torch.int64)
         if relevance is not None:
             if not isinstance(relevance, Tensor) or not relevance.is_floating_point() \
                     or tuple(relevance.shape) != tuple(v.shape[:2]):
@@ -183,7 +203,7 @@ class PatchedBan(nn.Module):
                 raise ValueError(f"relevance must be float logits of shape (B, K) = {tuple(v.shape[:2])}, got {got}")
             relevance = relevance.to(v.dtype)
         q_emb, att, logits = ban_attend(self.ban, v, q)
-        encoding = self.encode_glimpses(v, b, logits, padding_mask(v), relevance)
+        encoding = self.encode_glimpses(v, b, logits, padding_mask(v), relevance, box_counts)
         extra = [self.p_prj[g](encoding[:, g]) for g in range(self.ban.glimpse)]
         return ban_fuse(self.ban, v, b, q_emb, att, logits, extra), att
 

@@ -33,6 +33,7 @@ from integrations.common import (CommandError, cleanup_distributed, finite_loss,
 from setperm.monitor import PermutationMonitor
 
 from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
+from .plugin import PatchedBan
 
 # Settings that only say how long to train: they may grow on --resume.
 _MAY_CHANGE = ("epochs",)
@@ -138,12 +139,16 @@ def relevance_oracle(args):
     return RelevanceOracle(args.data_root, adaptive=not args.fixed36)
 
 
-def model_inputs(oracle, question_ids, K: int, device) -> dict:
-    """Keyword inputs of the model beyond (v, b, q, labels) for questions ``question_ids`` with ``K`` box
-    slots: the oracle's relevance when there is one."""
-    if oracle is None:
-        return {}
-    return {"relevance": oracle(question_ids, K).to(device)}
+def model_inputs(model, oracle, batch, device) -> dict:
+    """Keyword inputs of the model beyond (v, b, q, labels) for ``batch``: the oracle's relevance when
+    there is one, and for a ``PatchedBan`` the box counts on the host (its set encoder then needs no
+    device -> host copy of the set sizes)."""
+    inputs = {}
+    if isinstance(getattr(model, "module", model), PatchedBan):          # (DDP / DataParallel wrap it)
+        inputs["box_counts"] = batch.mask.sum(1)
+    if oracle is not None:
+        inputs["relevance"] = oracle(batch.question_id, batch.v.shape[1]).to(device)
+    return inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +266,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device, qtypes: Optional[dict
     for batch in loader:
         with autocast(device, amp):
             logits, _ = model(_to(batch.v, device), _to(batch.b, device), _to(batch.q, device), None,
-                              **model_inputs(oracle, batch.question_id, batch.v.shape[1], device))
+                              **model_inputs(model, oracle, batch, device))
         target = _to(batch.target, device)
         s = soft_scores(logits.float(), target).double().cpu()
         sums[0] += s.sum()
@@ -290,7 +295,7 @@ def train_step(model, optimizer, batch, device, grad_clip, oracle=None, step: in
     ``amp``: the forward under bfloat16 autocast (the loss, the gradients and the update in float32)."""
     v, b, q, target = (_to(t, device) for t in (batch.v, batch.b, batch.q, batch.target))
     with autocast(device, amp):
-        logits, _ = model(v, b, q, target, **model_inputs(oracle, batch.question_id, v.shape[1], device))
+        logits, _ = model(v, b, q, target, **model_inputs(model, oracle, batch, device))
     logits = logits.float()
     loss = vqa_bce_loss(logits, target)
     optimizer.zero_grad(set_to_none=True)

@@ -233,6 +233,68 @@ def test_glimpse_sets_are_encoded_in_one_call():
     assert bool(torch.isfinite(x).all()) and bool(torch.isfinite(kwargs["weights"]).all())
 
 
+@pytest.mark.parametrize("permutation", ["po-u", "none"])
+def test_box_counts_on_the_host_give_the_same_values_and_gradients(permutation):
+    v, b, q = make_batch([10, 31, 57], seed=3)
+    results = []
+    for counts in (None, torch.tensor([10, 31, 57])):
+        model = patch_ban(small_ban(), permutation).eval()
+        logits, att = model(v, b, q, box_counts=counts)
+        logits.logsumexp(1).sum().backward()
+        results.append([logits, att] + [p.grad for p in model.parameters() if p.grad is not None])
+    assert len(results[0]) == len(results[1]) > 2
+    for got, want in zip(results[1], results[0]):
+        assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_with_box_counts_the_set_sizes_are_not_copied_to_the_host(monkeypatch):
+    """On the path CUDA takes (forced on the CPU: no host-side choices), the encoder's LSTM takes the
+    set sizes from ``box_counts``; without them it copies the device's sizes to the host (a
+    synchronisation on CUDA)."""
+    import importlib
+
+    for name in ("masking", "cost", "sinkhorn", "encoder"):
+        monkeypatch.setattr(importlib.import_module(f"setperm.{name}"), "host_decisions", lambda t: False)
+    model = patch_ban(small_ban(), "po-u").train()
+    v, b, q = make_batch([10, 31, 57], seed=4)
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("a tensor was copied to the host")
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "cpu", refused)
+        logits, _ = model(v, b, q, box_counts=torch.tensor([10, 31, 57]))
+        logits.sum().backward()
+        with pytest.raises(AssertionError, match="copied to the host"):
+            model(v, b, q)
+
+
+def test_box_counts_are_checked():
+    model = patch_ban(small_ban(), "po-u")
+    v, b, q = make_batch([3, 5], seed=1)
+    for counts, message in ((torch.tensor([3.0, 5.0]), "integer CPU tensor.*float32"),
+                            (torch.tensor([3]), r"shape \(B,\) = \(2,\), got torch.int64 of shape \(1,\)"),
+                            ([3, 5], "integer CPU tensor.*got list"), (torch.tensor([3, 6]), r"in \[0, K=5\].*max 6")):
+        with pytest.raises(ValueError, match="box_counts must .*" + message):
+            model(v, b, q, box_counts=counts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("kernel", ["auto", "fused"])
+def test_cuda_forward_and_backward_of_ban_po_u_make_no_host_synchronisation(kernel):
+    model = patch_ban(small_ban(), "po-u", kernel=kernel).cuda().train()
+    v, b, q = (t.cuda() for t in make_batch([10, 31, 57], seed=4))
+    counts = torch.tensor([10, 31, 57])                      # the training loop's batch.mask.sum(1)
+    for _ in range(2):                                       # warm-up: compilation, cuBLAS / cuDNN handles
+        model(v, b, q, box_counts=counts)[0].sum().backward()
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(v, b, q, box_counts=counts)[0].sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
 def test_glimpse_set_elements():
     # F.4: [boxes / largest coordinate, max-over-words logit, projected feature]; set b * G + g
     v, b, _ = make_batch([10, 15], seed=6)

@@ -206,7 +206,8 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
             qids = batch.question_id[:take].tolist()
             seen += take
             recorder.P = None
-            _, att = model(v, b, q, None, **model_inputs(oracle, qids, v.shape[1], dev))
+            part = batch._replace(**{f: getattr(batch, f)[:take] for f in ("v", "b", "q", "mask", "question_id")})
+            _, att = model(v, b, q, None, **model_inputs(model, oracle, part, dev))
             mask = batch.mask[:take]                                      # (B, K), True = real box
             boxes = b[:, :, :4].double().cpu()
             weights = None
