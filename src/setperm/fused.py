@@ -158,8 +158,9 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
              temperature: float, save: bool, num_warps: Optional[int],
              fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """-> ``P`` (B, N, N), and for backward each step's logits ``(B, steps + 1, N, N)`` and the
-    Sinkhorn potentials ``(B, steps + 1, 2 iters, 2, N)`` (empty unless ``save``). Where the kernel cannot be built (now or before) and ``fall_back``, ``P`` is the
-    unrolled steps' and backward recomputes through them (:func:`_backward` asks :data:`_broken`)."""
+    Sinkhorn potentials ``(B, steps + 1, 2 iters, 2, N)`` (empty unless ``save``). Where the kernel
+    cannot be built (now or before) and ``fall_back``, ``P`` is the unrolled steps' and backward
+    recomputes through them (:func:`_backward` asks :data:`_broken`)."""
     # (the kernels index contiguous (B, N, N) tensors; a compiled graph may hand over other strides)
     C32, init32, mask = (None if t is None else t.contiguous() for t in (C32, init32, mask))
     B, N = C32.shape[0], C32.shape[-1]
