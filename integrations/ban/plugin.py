@@ -104,11 +104,12 @@ class PatchedBan(nn.Module):
     ``forward(v (B, K, v_dim), b (B, K, >=4), q (B, T), labels=None, *, relevance=None, box_counts=None)
     -> (logits (B, A), att (B, G, K, T))``, the official signature. Padded boxes are all-zero rows of
     ``v``. ``relevance`` (B, K) float logits replaces the glimpses' attention-derived relevance (an
-    ablation; see the module docstring). ``box_counts`` (B,) int, a CPU tensor: the number of real
-    boxes of each image, which are its first rows of ``v`` (as ``data.collate_vqa`` lays batches out;
-    the training loop passes ``batch.mask.sum(1)``). With it the set sizes reach the encoder's LSTM
-    from the host, so that on CUDA the forward makes no device -> host copy (without it, one per
-    call); the values are the same.
+    ablation; see the module docstring). ``box_counts`` (B,) ints, a CPU tensor or a sequence: the
+    number of real boxes of each image, which are its first rows of ``v`` (as ``data.collate_vqa``
+    lays batches out; the training loop passes ``batch.mask.sum(1).tolist()``, a list, which
+    ``DistributedDataParallel`` leaves on the host where it moves tensor inputs to the GPU). With it
+    the set sizes reach the encoder's LSTM from the host, so that on CUDA the forward makes no
+    device -> host copy (without it, one per call); the values are the same.
 
     Patching sets ``requires_grad=False`` on ``ban.counter.f[8:]``, the counter's unused functions
     (never updated by official training either), so DDP works without ``find_unused_parameters``.
@@ -186,16 +187,7 @@ class PatchedBan(nn.Module):
                 relevance: Optional[Tensor] = None, box_counts: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         check_ban_inputs(v, b, q, self.box_proj.in_features)
         if box_counts is not None:
-            if (not isinstance(box_counts, Tensor) or box_counts.device.type != "cpu"
-                    or box_counts.dtype.is_floating_point or box_counts.dtype == torch.bool
-                    or tuple(box_counts.shape) != (v.shape[0],)):
-                got = (f"{box_counts.dtype} of shape {tuple(box_counts.shape)} on {box_counts.device}"
-                       if isinstance(box_counts, Tensor) else type(box_counts).__name__)
-                raise ValueError(f"box_counts must be an integer CPU tensor of shape (B,) = ({v.shape[0]},), got {got}")
-            if len(box_counts) and (int(box_counts.min()) < 0 or int(box_counts.max()) > v.shape[1]):
-                raise ValueError(f"box_counts must lie in [0, K={v.shape[1]}], got min {int(box_counts.min())} "
-                                 f"and max {int(box_counts.max())}")
-            box_counts = box_counts.to(torch.int64)
+            box_counts = _host_counts(box_counts, v)
         if relevance is not None:
             if not isinstance(relevance, Tensor) or not relevance.is_floating_point() \
                     or tuple(relevance.shape) != tuple(v.shape[:2]):
@@ -209,6 +201,26 @@ class PatchedBan(nn.Module):
 
     def extra_repr(self) -> str:
         return f"permutation={self.permutation!r}, order_by={self.order_by!r}"
+
+
+def _host_counts(box_counts, v: Tensor) -> Tensor:
+    """``box_counts`` (a CPU integer tensor or a sequence of ints) checked -> (B,) int64 CPU tensor."""
+    if isinstance(box_counts, Tensor):
+        counts = box_counts
+    else:
+        try:
+            counts = torch.as_tensor(list(box_counts))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"box_counts must be an integer CPU tensor or a sequence of ints, got "
+                             f"{type(box_counts).__name__}") from None
+    if (counts.device.type != "cpu" or counts.dtype.is_floating_point or counts.is_complex()
+            or counts.dtype == torch.bool or tuple(counts.shape) != (v.shape[0],)):
+        raise ValueError(f"box_counts must be an integer CPU tensor or a sequence of ints of shape (B,) = "
+                         f"({v.shape[0]},), got {counts.dtype} of shape {tuple(counts.shape)} on {counts.device}")
+    if len(counts) and (int(counts.min()) < 0 or int(counts.max()) > v.shape[1]):
+        raise ValueError(f"box_counts must lie in [0, K={v.shape[1]}], got min {int(counts.min())} and max "
+                         f"{int(counts.max())}")
+    return counts.to(torch.int64)
 
 
 def _check_ban(model: nn.Module) -> None:

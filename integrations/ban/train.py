@@ -144,8 +144,9 @@ def model_inputs(model, oracle, batch, device) -> dict:
     there is one, and for a ``PatchedBan`` the box counts on the host (its set encoder then needs no
     device -> host copy of the set sizes)."""
     inputs = {}
-    if isinstance(getattr(model, "module", model), PatchedBan):          # (DDP / DataParallel wrap it)
-        inputs["box_counts"] = batch.mask.sum(1)
+    if isinstance(getattr(model, "module", model), PatchedBan):          # (DDP wraps it)
+        # a list: DistributedDataParallel would move a tensor to the GPU
+        inputs["box_counts"] = batch.mask.sum(1).tolist()
     if oracle is not None:
         inputs["relevance"] = oracle(batch.question_id, batch.v.shape[1]).to(device)
     return inputs

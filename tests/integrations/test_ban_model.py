@@ -269,13 +269,18 @@ def test_with_box_counts_the_set_sizes_are_not_copied_to_the_host(monkeypatch):
 
 
 def test_box_counts_are_checked():
-    model = patch_ban(small_ban(), "po-u")
+    model = patch_ban(small_ban(), "po-u").eval()
     v, b, q = make_batch([3, 5], seed=1)
-    for counts, message in ((torch.tensor([3.0, 5.0]), "integer CPU tensor.*float32"),
+    for counts, message in ((torch.tensor([3.0, 5.0]), "integer CPU tensor.*got torch.float32"),
+                            ([3.0, 5.0], "integer CPU tensor.*got torch.float32"),
                             (torch.tensor([3]), r"shape \(B,\) = \(2,\), got torch.int64 of shape \(1,\)"),
-                            ([3, 5], "integer CPU tensor.*got list"), (torch.tensor([3, 6]), r"in \[0, K=5\].*max 6")):
+                            ([3, 5, 1], r"shape \(B,\) = \(2,\), got torch.int64 of shape \(3,\)"),
+                            (3, "a sequence of ints, got int"), (["a", "b"], "a sequence of ints, got list"),
+                            (torch.tensor([3, 6]), r"in \[0, K=5\].*max 6")):
         with pytest.raises(ValueError, match="box_counts must .*" + message):
             model(v, b, q, box_counts=counts)
+    logits, _ = model(v, b, q, box_counts=(3, 5))                        # a tuple of ints is a sequence too
+    assert_close(logits, model(v, b, q, box_counts=torch.tensor([3, 5]))[0], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
@@ -416,12 +421,31 @@ def test_distributed_data_parallel_single_process(tmp_path, permutation):
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.Adamax(model.parameters(), lr=1e-3)
         v, b, q = make_batch([10, 20], seed=9)
-        for _ in range(2):
+        for step in range(2):
             opt.zero_grad()
-            out, _ = ddp(v, b, q)
+            # (the plain BAN takes no box_counts; a PatchedBan the training loop's list of ints)
+            out, _ = ddp(v, b, q, **({"box_counts": [10, 20]} if step and isinstance(model, PatchedBan) else {}))
             out.logsumexp(1).mean().backward()
             opt.step()
         assert bool(torch.isfinite(out).all())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_available(), reason="CUDA is not available")
+def test_cuda_distributed_data_parallel_leaves_the_box_counts_on_the_host(tmp_path):
+    """DDP with ``device_ids`` moves tensor inputs to the GPU; the training loop's list of box counts
+    stays on the host, so the step makes no synchronisation for the set sizes."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = patch_ban(small_ban(), "po-u").cuda()
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+        v, b, q = make_batch([10, 20], seed=9)
+        for _ in range(2):
+            out, _ = ddp(v, b, q, box_counts=[10, 20])                # v, b, q moved by DDP
+            out.logsumexp(1).mean().backward()
+        assert out.is_cuda and bool(torch.isfinite(out).all())
     finally:
         dist.destroy_process_group()
 
