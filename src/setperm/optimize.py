@@ -147,8 +147,9 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
             kernels (:mod:`setperm.fused`) where they apply (a sequence cost on CUDA, float32 or
             lower precision, 1 <= N <= 128, T >= 1, not ``return_steps``), elsewhere the unrolled
             steps; where Triton is missing or cannot build them for this GPU, a warning (once per
-            reason) names why and the unrolled steps compute the same values. Every other value
-            of :data:`setperm.pairwise.KERNELS` runs the unrolled steps.
+            reason) names why and the unrolled steps compute the same values. Inside
+            ``torch.compile`` the two kernels are operators of the compiled graph. Every other
+            value of :data:`setperm.pairwise.KERNELS` runs the unrolled steps.
     Returns:
         ``P = S(P~(T))`` ``(B, N, N)``, or the list of T + 1 soft permutations.
     """

@@ -25,9 +25,10 @@ same function and the same exact gradients:
   unrolled permutation optimisation that consumes the cost as two Triton kernels on CUDA
   (:mod:`setperm.fused`; the kernel argument of :func:`setperm.functional.optimize_permutation`).
 
-Inside a ``torch.compile`` of a larger function (``torch.compiler.is_compiling()``), both kernels
-are traced as the fused broadcast-and-reduce expressions, which the outer compilation fuses itself
-(the chunked kernel's preallocated buffers and ``out=`` calls would break its graph).
+Inside a ``torch.compile`` of a larger function (``torch.compiler.is_compiling()``), every kernel's
+pairwise MLP is traced as the fused broadcast-and-reduce expressions, which the outer compilation
+fuses itself (the chunked kernel's preallocated buffers and ``out=`` calls would break its graph);
+``"fused"``'s optimisation kernels stay Triton kernels there, as operators of the graph.
 """
 from __future__ import annotations
 
