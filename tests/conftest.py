@@ -57,6 +57,34 @@ def _few_threads(request):
     torch.set_num_threads(prev)
 
 
+def _tf32_settings():
+    """(object, attribute) of every switch that lets CUDA round float32 to TF32 (10-bit mantissa):
+    the per-backend precisions where torch has them, else the older ``allow_tf32`` flags (the two
+    forms must not be mixed)."""
+    b = torch.backends
+    if hasattr(b, "fp32_precision"):
+        return [(b, "fp32_precision"), (b.cuda.matmul, "fp32_precision"), (b.cudnn, "fp32_precision"),
+                (b.cudnn.conv, "fp32_precision"), (b.cudnn.rnn, "fp32_precision")]
+    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ieee_float32_on_cuda():
+    """On CUDA the tests compare float32 results with float32 tolerances, and cuDNN's LSTM runs in
+    TF32 by default on Ampere and newer GPUs (rounding that two nearly equal inputs may straddle):
+    full float32 for the session, the settings restored after it. Nothing changes without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    settings = _tf32_settings()
+    saved = [getattr(obj, name) for obj, name in settings]
+    for obj, name in settings:
+        setattr(obj, name, "ieee" if name == "fp32_precision" else False)
+    yield
+    for (obj, name), value in zip(settings, saved):
+        setattr(obj, name, value)
+
+
 # Every device the core properties are checked on; CUDA is skipped where it is absent (CI is CPU-only).
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
