@@ -63,8 +63,8 @@ def _tf32_settings():
     forms must not be mixed)."""
     b = torch.backends
     if hasattr(b, "fp32_precision"):
-        return [(b, "fp32_precision"), (b.cuda.matmul, "fp32_precision"), (b.cudnn, "fp32_precision"),
-                (b.cudnn.conv, "fp32_precision"), (b.cudnn.rnn, "fp32_precision")]
+        parts = [b, b.cuda.matmul, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None)]
+        return [(part, "fp32_precision") for part in parts if hasattr(part, "fp32_precision")]
     return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
 
 
