@@ -325,6 +325,8 @@ OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "
 
 # ------------------------------------------------------------------- the whole encoder compiled
 COMPILE_MODES = ("default", "reduce-overhead")
+# every mode --compile-modes takes (torch.compile's own)
+COMPILE_MODES_KNOWN = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_KERNELS = ("auto", "fused")
 
 
@@ -483,6 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def comma_subset(p: argparse.ArgumentParser, flag: str, text: str, allowed, allow_empty: bool = False) -> List[str]:
+    """The comma-separated values of ``flag``, each one of ``allowed`` (a parser error otherwise)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if any(v not in allowed for v in values) or not (values or allow_empty):
+        empty = " (or empty)" if allow_empty else ""
+        p.error(f"{flag}: expected a comma-separated subset of {','.join(allowed)}{empty}, got {text!r}")
+    return values
+
+
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -496,22 +507,9 @@ def main(argv=None) -> int:
         return 1
     if device.type not in ("cuda", "cpu"):
         p.error(f"--device: expected cuda[:i] or cpu, got {args.device!r}")
-    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    bad = [k for k in kernels if k not in KERNELS]
-    if bad or not kernels:
-        p.error(f"--kernels: expected a comma-separated subset of {','.join(KERNELS)}, got {args.kernels!r}")
-    args.kernels = kernels
-    args.compile_kernels = [k.strip() for k in args.compile_kernels.split(",") if k.strip()]
-    bad = [k for k in args.compile_kernels if k not in KERNELS]
-    if bad or not args.compile_kernels:
-        p.error(f"--compile-kernels: expected a comma-separated subset of {','.join(KERNELS)}, "
-                f"got {args.compile_kernels!r}")
-    args.compile_modes = [m.strip() for m in args.compile_modes.split(",") if m.strip()]
-    bad = [m for m in args.compile_modes if m not in ("default", "reduce-overhead", "max-autotune",
-                                                      "max-autotune-no-cudagraphs")]
-    if bad:
-        p.error(f"--compile-modes: expected a comma-separated subset of default,reduce-overhead,max-autotune,"
-                f"max-autotune-no-cudagraphs (or ''), got {bad}")
+    args.kernels = comma_subset(p, "--kernels", args.kernels, KERNELS)
+    args.compile_kernels = comma_subset(p, "--compile-kernels", args.compile_kernels, KERNELS)
+    args.compile_modes = comma_subset(p, "--compile-modes", args.compile_modes, COMPILE_MODES_KNOWN, allow_empty=True)
     released = None
     if args.perm_optim_root is not None:
         try:
