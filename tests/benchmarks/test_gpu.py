@@ -76,7 +76,8 @@ def test_cpu_dry_run_writes_every_row(tmp_path):
             assert row["fb_ms"] > 0 and "failed" not in row.get("note", ""), row
     assert [r["impl"] for r in data["optimizer"][:4]] == ["unrolled", "fused, 1 warp", "fused, 2 warps",
                                                           "fused, 4 warps"]   # tiles of 16: 2 warps by default
-    assert data["optimizer"][2]["note"] == "kernel='fused' default"
+    if fused_runs:
+        assert data["optimizer"][2]["note"] == "kernel='fused' default"
     models = [r["model"] for r in data["ban"]]
     assert models == ["BAN", "BAN + LSTM", "BAN + PO-U", "BAN + PO-U, kernel fused", "BAN + PO-U, bf16 autocast",
                       "BAN + PO-U, kernel fused, bf16 autocast"]
