@@ -1,3 +1,4 @@
+import importlib
 import importlib.metadata
 import os
 import sys
@@ -95,3 +96,25 @@ DEVICES = [pytest.param("cpu", id="cpu"),
 def device(request) -> torch.device:
     """A test parametrised over :data:`DEVICES`: ``torch.device('cpu')`` and, where present, CUDA."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def build_failure():
+    """``message -> exception``: what ``torch.compile`` raises when its backend cannot build a
+    kernel, as this torch raises it (inductor's own error where it has one, else dynamo's)."""
+    def make(message: str) -> Exception:
+        inductor = importlib.import_module("torch._inductor.exc")
+        if hasattr(inductor, "InductorError"):
+            return inductor.InductorError(RuntimeError(message), None)
+        return importlib.import_module("torch._dynamo.exc").BackendCompilerFailed(lambda: None, RuntimeError(message))
+    return make
+
+
+@pytest.fixture
+def torch_compile_runs():
+    """Skips a test of compiled kernels where ``torch.compile`` does not run (torch 2.0 on Python
+    3.11 and newer refuses at once)."""
+    try:
+        torch.compile(lambda t: t)
+    except RuntimeError as err:
+        pytest.skip(f"torch.compile does not run here: {err}")

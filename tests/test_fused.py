@@ -390,6 +390,8 @@ def test_the_encoder_compiled_by_inductor_with_the_fused_kernel_equals_chunked(f
         torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not hasattr(torch.library, "custom_op"),
+                    reason="compiled graphs call the kernels as operators from torch 2.4 (custom_op)")
 def test_under_torch_compile_a_kernel_triton_cannot_build_falls_back_at_run_time(monkeypatch, fresh_fallbacks):
     class Kernels:
         forward_kernel = _Kernel("forward_kernel")

@@ -48,6 +48,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._compat import is_compiling
 from .optimize import _sequence_step, _start, _unroll
 
 # One set's (N, N) matrices live on chip: up to 128 x 128 float32 per matrix (64 KiB).
@@ -79,7 +80,7 @@ def applies(C_step: Tensor, steps: int) -> bool:
     and its backward), where this torch has ``torch.library.custom_op`` (2.4 and newer)."""
     B, N = C_step.shape[0], C_step.shape[-1]
     on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted())
-    return (on_device and (not torch.compiler.is_compiling() or _OPERATORS is not None)
+    return (on_device and (not is_compiling() or _OPERATORS is not None)
             and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and B > 0 and 0 < N <= MAX_SET_SIZE and steps > 0)
 
@@ -119,7 +120,7 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     """
     if num_warps not in (None, 1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
-    compiling = torch.compiler.is_compiling()
+    compiling = is_compiling()
     if not compiling:
         # eager: a missing Triton or a tile known to fail takes the unrolled steps in the caller's
         # dtype at once (compiled graphs learn it at run time, inside the operator)

@@ -12,13 +12,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._compat import default_device
+
 
 def uninitialized(module_cls, *args, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
                   **kwargs) -> nn.Module:
     """``module_cls(*args, **kwargs)`` with uninitialised parameters on ``device`` / ``dtype``
     (defaults: torch's default device and dtype); the caller initialises them. Like
     ``torch.nn.utils.skip_init``, which treats ``device=None`` as the CPU."""
-    target = torch.device(device) if device is not None else torch.get_default_device()
+    target = torch.device(device) if device is not None else default_device()
     return module_cls(*args, device="meta", dtype=dtype, **kwargs).to_empty(device=target)
 
 

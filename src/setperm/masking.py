@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._compat import autocast_enabled, is_compiling
+
 
 def _shape(t: Tensor) -> str:
     return str(tuple(t.shape))
@@ -101,7 +103,7 @@ def check_dtype(t: Tensor, expected: Optional[torch.dtype], name: str = "x") -> 
     if expected is None or t.dtype == expected:
         return
     low = (torch.float16, torch.bfloat16, torch.float32)
-    if t.dtype in low and expected in low and torch.is_autocast_enabled(t.device.type):
+    if t.dtype in low and expected in low and autocast_enabled(t.device.type):
         return
     raise ValueError(f"{name} has dtype {t.dtype} but the module's parameters are {expected}: cast the input "
                      f"({name}.to({expected})) or the module (module.to({t.dtype})); under torch.autocast "
@@ -124,7 +126,7 @@ def host_decisions(t: Tensor) -> bool:
     CPU, outside ``torch.compile``'s tracing. There a synchronisation costs nothing and the host
     branch is the faster one; on CUDA it stalls the launch queue, and under tracing it breaks the
     graph, so there every choice is computed on the device or fixed in advance."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.device.type == "cpu" and not is_compiling()
 
 
 def resolve_check_finite(check_finite: Optional[bool], x: Tensor) -> bool:

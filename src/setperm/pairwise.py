@@ -39,6 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._compat import compiler_errors, is_compiling, recompile_limit_error
+
 KERNELS = ("auto", "chunked", "compiled", "fused")
 
 # Elements per chunk of the (sets, rows, N, hidden) pairwise activations: small enough that a
@@ -99,7 +101,7 @@ class _PairwiseTwoLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(a: Tensor, c: Tensor, w2: Tensor, kernel: str) -> Tensor:
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return _fused_forward(a, c, w2)
         if kernel != "chunked":
             out = _call_compiled("forward", a, c, w2, fall_back=kernel == "auto-compiled")
@@ -126,7 +128,7 @@ class _PairwiseTwoLayer(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         a, c, w2 = ctx.saved_tensors
         grad_out = grad_out.contiguous()     # it arrives as a permuted view (movedim, g - g^T)
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return (*_fused_backward(a, c, w2, grad_out), None)
         if torch.is_grad_enabled():          # create_graph: record the contractions (no out=)
             T1, T2 = _contractions_recorded(a, c, grad_out)
@@ -260,7 +262,7 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -
         raise ValueError(f"a and c must have the same shape (B, N, H), got {tuple(a.shape)} and {tuple(c.shape)}")
     if w2.dim() != 2 or w2.shape[1] != a.shape[2]:
         raise ValueError(f"w2 must have shape (K, {a.shape[2]}), got {tuple(w2.shape)}")
-    if torch.compiler.is_compiling():
+    if is_compiling():
         kernel = "compiled"          # traced as the fused expressions (see the module docstring)
     else:
         falls_back = kernel in ("auto", "fused")
@@ -308,19 +310,31 @@ def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
     # kernel to one hidden width (and recompile for every other model).
     args = tuple(t.detach() for t in args)
     try:
-        return _compiled(name)(*args)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        compiled = _compiled(name)
+    except RuntimeError as err:          # torch.compile refuses this Python (torch 2.0 on Python 3.11)
+        return _build_failed(err, args[0].device.type, fall_back)
+    try:
+        return compiled(*args)
+    except recompile_limit_error():
         warnings.warn("setperm kernel='compiled': torch.compile's recompile limit was reached for the pairwise "
                       "kernel (too many input specialisations in one process); falling back to the chunked "
                       "kernel for the new ones (same values, slower)", RuntimeWarning, stacklevel=4)
         return None
-    except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as err:
-        cause = str(err).splitlines()[0] if str(err) else repr(err)
-        if fall_back:
-            _fall_back(args[0].device.type, f"{type(err).__name__}: {cause}")
-            return None
-        raise RuntimeError(
-            f"kernel='compiled' could not be compiled by torch.compile ({type(err).__name__}); inductor "
-            "needs a working C++ compiler on CPU (Triton on CUDA). Use kernel='chunked' (the default), "
-            f"which computes the same values. Cause: {cause}"
-        ) from err
+    except compiler_errors() as err:
+        return _build_failed(err, args[0].device.type, fall_back)
+
+
+def _build_failed(err: Exception, device_type: str, fall_back: bool) -> None:
+    """A compiled kernel could not be built: raise a clear error, or with ``fall_back`` warn once
+    (per device type) and return None."""
+    inner = getattr(err, "inner_exception", None) or err       # (dynamo and inductor wrap the cause)
+    lines = [line for line in str(inner).splitlines() if line.strip()]
+    cause = (f"{type(inner).__name__}: " if inner is not err else "") + (lines[0] if lines else repr(inner))
+    if fall_back:
+        _fall_back(device_type, f"{type(err).__name__}: {cause}")
+        return None
+    raise RuntimeError(
+        f"kernel='compiled' could not be compiled by torch.compile ({type(err).__name__}); inductor "
+        "needs a working C++ compiler on CPU (Triton on CUDA). Use kernel='chunked' (the default), "
+        f"which computes the same values. Cause: {cause}"
+    ) from err

@@ -1,0 +1,62 @@
+"""What differs between the torch releases the package supports (2.0 and newer): each name here
+takes the newer API where this torch has it and the older one's equivalent elsewhere.
+
+Nothing is resolved at import: ``torch._dynamo`` and ``torch._inductor`` are imported only when a
+function here needs them, on an older torch or once ``torch.compile`` has run.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Tuple, Type
+
+import torch
+
+
+def is_compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the current call (then every data-dependent choice must
+    stay in the graph)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):     # torch >= 2.3
+        return compiler.is_compiling()
+    # torch 2.0 - 2.2: dynamo's own flag (torch 2.0 has ``torch._dynamo`` only once torch.compile
+    # imported it; until then nothing is tracing). hasattr, not a comparison with None: dynamo
+    # before 2.3 cannot trace the latter.
+    if hasattr(torch, "_dynamo"):
+        return torch._dynamo.is_compiling()
+    return False
+
+
+def default_device() -> torch.device:
+    """Where a factory function without ``device=`` creates tensors (``torch.set_default_device``
+    or a ``with torch.device(...)`` block; ``torch.get_default_device`` of torch 2.3 misses the
+    latter)."""
+    return torch.empty(()).device
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type``."""
+    try:
+        return torch.is_autocast_enabled(device_type)                   # torch >= 2.4
+    except TypeError:                                                   # older: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+class _NeverRaised(Exception):
+    """Stands for an exception class this torch does not have (an ``except`` clause that then
+    matches nothing)."""
+
+
+def recompile_limit_error() -> Type[BaseException]:
+    """The error a ``torch.compile(fullgraph=True)`` function raises when dynamo's recompile limit
+    is hit (torch >= 2.2; older releases run such a call eagerly instead, without raising)."""
+    dynamo = importlib.import_module("torch._dynamo.exc")
+    return getattr(dynamo, "FailOnRecompileLimitHit", _NeverRaised)
+
+
+def compiler_errors() -> Tuple[Type[BaseException], ...]:
+    """The errors of a backend that fails to build a compiled function: dynamo's wrapper, and
+    inductor's own error where this torch raises one (newer releases raise it directly)."""
+    dynamo, inductor = (importlib.import_module(f"torch.{name}.exc") for name in ("_dynamo", "_inductor"))
+    return (dynamo.BackendCompilerFailed, getattr(inductor, "InductorError", _NeverRaised))

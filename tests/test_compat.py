@@ -1,0 +1,67 @@
+"""The torch-version shims answer as the newest torch's API does, on whichever torch runs them."""
+import warnings
+
+import pytest
+import torch
+
+import setperm.pairwise as pairwise_mod
+from setperm import _compat
+
+
+def test_is_compiling_only_while_torch_compile_traces(torch_compile_runs):
+    seen = []
+
+    def f(t):
+        seen.append(_compat.is_compiling())
+        return t + 1
+
+    assert not _compat.is_compiling()
+    torch._dynamo.reset()
+    try:
+        torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    finally:
+        torch._dynamo.reset()
+    assert seen == [True]
+    f(torch.zeros(2))
+    assert seen == [True, False]
+
+
+def test_default_device_follows_the_device_context():
+    assert _compat.default_device() == torch.device("cpu")
+    with torch.device("meta"):
+        assert _compat.default_device() == torch.device("meta")
+
+
+def test_autocast_enabled_per_device_type():
+    assert not _compat.autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _compat.autocast_enabled("cpu")
+        assert not _compat.autocast_enabled("cuda")
+    assert not _compat.autocast_enabled("cpu")
+
+
+def test_the_error_classes_are_exceptions():
+    import torch._dynamo
+    assert issubclass(_compat.recompile_limit_error(), Exception)
+    errors = _compat.compiler_errors()
+    assert torch._dynamo.exc.BackendCompilerFailed in errors and all(issubclass(e, Exception) for e in errors)
+
+
+def test_a_torch_compile_that_refuses_this_python_is_a_failed_build(monkeypatch):
+    """torch.compile itself may refuse (torch 2.0 on Python 3.11): "auto" falls back once with the
+    reason, an explicit "compiled" raises a clear error."""
+    def refuse(name):
+        raise RuntimeError("Python 3.99+ not yet supported for torch.compile")
+
+    monkeypatch.setattr(pairwise_mod, "_compiled", refuse)
+    monkeypatch.setattr(pairwise_mod, "_auto_fallback", {})
+    g = torch.Generator().manual_seed(0)
+    a, c, w2 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((2, 4, 3), (2, 4, 3), (1, 3)))
+    with pytest.raises(RuntimeError, match="could not be compiled .*Cause: Python 3.99"):
+        pairwise_mod.pairwise_two_layer(a, c, w2, kernel="compiled")
+    with pytest.warns(RuntimeWarning, match="cannot be built on cpu .*Python 3.99"):
+        out = pairwise_mod._call_compiled("forward", a, c, w2, fall_back=True)
+    assert out is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # once per device type
+        assert pairwise_mod._call_compiled("forward", a, c, w2, fall_back=True) is None
