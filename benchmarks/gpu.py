@@ -330,6 +330,15 @@ COMPILE_MODES_KNOWN = ("default", "reduce-overhead", "max-autotune", "max-autotu
 COMPILE_KERNELS = ("auto", "fused")
 
 
+def mark_step_begin() -> None:
+    """A new training iteration for CUDA graphs' memory pool (``mode="reduce-overhead"``); a no-op
+    outside CUDA graphs. (torch 2.1 and 2.2 have it in inductor only.)"""
+    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+    if mark is None:
+        mark = importlib.import_module("torch._inductor").cudagraph_mark_step_begin
+    mark()
+
+
 def compile_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
     """fwd+bwd of the whole encoder under ``torch.compile(encoder, mode=m)`` for each of
     ``--compile-modes`` and each of ``--compile-kernels`` (``"fused"``: its Triton kernels are
@@ -346,8 +355,7 @@ def compile_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
                 compiled = torch.compile(mod, mode=mode, dynamic=False)
 
                 def fb():
-                    # (a new training iteration for CUDA graphs' memory pool; a no-op otherwise)
-                    torch.compiler.cudagraph_mark_step_begin()
+                    mark_step_begin()
                     call(compiled, x.detach().requires_grad_(True), w).sum().backward()
                 row["first_call_s"] = time_call(fb, 0, 1, device)
                 measure(row, "fb", fb, args, device)

@@ -40,11 +40,16 @@ def test_autocast_enabled_per_device_type():
     assert not _compat.autocast_enabled("cpu")
 
 
-def test_the_error_classes_are_exceptions():
+def test_the_error_classes():
     import torch._dynamo
-    assert issubclass(_compat.recompile_limit_error(), Exception)
+    exc = torch._dynamo.exc
     errors = _compat.compiler_errors()
-    assert torch._dynamo.exc.BackendCompilerFailed in errors and all(issubclass(e, Exception) for e in errors)
+    assert exc.BackendCompilerFailed in errors and all(issubclass(e, Exception) for e in errors)
+    limit = (exc.FailOnRecompileLimitHit("limit") if hasattr(exc, "FailOnRecompileLimitHit")
+             else exc.Unsupported("cache_size_limit reached"))
+    assert _compat.hit_recompile_limit(limit)
+    assert not _compat.hit_recompile_limit(RuntimeError("cache_size_limit reached"))
+    assert not _compat.hit_recompile_limit(exc.Unsupported("a graph break"))
 
 
 def test_a_torch_compile_that_refuses_this_python_is_a_failed_build(monkeypatch):

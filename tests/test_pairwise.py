@@ -1,4 +1,5 @@
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -101,12 +102,12 @@ def test_compiled_lattice_optimizer_matches_chunked():
     assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not hasattr(torch._dynamo.exc, "FailOnRecompileLimitHit"),
-                    reason="this torch runs a call past the recompile limit eagerly, without raising")
 def test_recompile_limit_falls_back_to_chunked(monkeypatch):
     """Past dynamo's recompile limit the same values come from the chunked kernel, with a warning."""
     def refuse(*args):
-        raise torch._dynamo.exc.FailOnRecompileLimitHit("limit")
+        exc = torch._dynamo.exc                     # (older torch says so with an Unsupported)
+        raise (exc.FailOnRecompileLimitHit("limit") if hasattr(exc, "FailOnRecompileLimitHit")
+               else exc.Unsupported("cache_size_limit reached"))
 
     monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: refuse)
     a, c, w = inputs(1)
@@ -120,11 +121,28 @@ def test_recompile_limit_falls_back_to_chunked(monkeypatch):
 
 
 @needs_compiler
+def test_the_real_recompile_limit_falls_back_to_chunked():
+    """dynamo's own limit, as this torch reports it: a second dtype past a limit of one."""
+    torch._dynamo.reset()
+    try:
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"   # (its older name)
+        with config.patch(**{limit: 1}):
+            for dtype, warned in ((torch.float32, False), (torch.float64, True)):
+                a, c, w = inputs(2, dtype=dtype)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = pairwise_two_layer(a, c, w, kernel="compiled")
+                assert any("recompile limit" in str(m.message) for m in caught) == warned
+                assert_close(out, literal(a, c, w), rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
+@needs_compiler
 def test_compiled_kernel_serves_many_shapes_without_recompiling_per_shape():
     """Set sizes, batch sizes, hidden widths and channel counts of several models in one process
     (more than dynamo's default recompile limit of 8 static shapes)."""
-    import warnings
-
     with warnings.catch_warnings():
         # no recompile-limit fallback (only setperm's warning: torch's own may warn about its internals)
         warnings.filterwarnings("error", message=".*recompile limit", category=RuntimeWarning)

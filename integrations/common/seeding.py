@@ -34,7 +34,8 @@ def step_seed(*keys: Union[int, str]) -> int:
     ints = tuple(int(k) for k in keys)
     if any(k < 0 for k in ints):
         raise ValueError(f"keys must be one or more non-negative integers or names, got {ints}")
-    return int(np.random.SeedSequence(list(ints)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # (shifted as a Python int: NumPy 1.x refuses uint64 >> int)
+    return int(np.random.SeedSequence(list(ints)).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def generator(*keys: Union[int, str]) -> torch.Generator:

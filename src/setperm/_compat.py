@@ -48,11 +48,15 @@ class _NeverRaised(Exception):
     matches nothing)."""
 
 
-def recompile_limit_error() -> Type[BaseException]:
-    """The error a ``torch.compile(fullgraph=True)`` function raises when dynamo's recompile limit
-    is hit (torch >= 2.2; older releases run such a call eagerly instead, without raising)."""
+def hit_recompile_limit(err: BaseException) -> bool:
+    """Whether ``err`` is what a ``torch.compile(fullgraph=True)`` function raises when dynamo's
+    recompile limit is reached (its own error class in newer torch, an ``Unsupported`` saying so in
+    older releases)."""
     dynamo = importlib.import_module("torch._dynamo.exc")
-    return getattr(dynamo, "FailOnRecompileLimitHit", _NeverRaised)
+    limit = getattr(dynamo, "FailOnRecompileLimitHit", None)
+    if limit is not None:
+        return isinstance(err, limit)
+    return isinstance(err, dynamo.Unsupported) and "cache_size_limit" in str(err)
 
 
 def compiler_errors() -> Tuple[Type[BaseException], ...]:

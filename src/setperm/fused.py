@@ -61,9 +61,13 @@ def unavailable() -> Optional[str]:
     without compiling). Cached: where Triton is missing, every call would search the import path
     again (a failed import is not remembered), and the fallback calls this on every forward."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "Triton is not installed"
+    # The kernels are written for Triton 3 (the package's "triton" extra); torch 2.1 - 2.3 bring 2.x.
+    major = triton.__version__.split(".")[0]
+    if not major.isdigit() or int(major) < 3:
+        return f"Triton {triton.__version__} is installed; the kernels need Triton 3.0 or newer"
     return None
 
 
@@ -78,9 +82,11 @@ def applies(C_step: Tensor, steps: int) -> bool:
     set and one element, at most :data:`MAX_SET_SIZE` elements and at least one step. Inside a
     ``torch.compile`` trace the kernels are one opaque operator of the graph (``setperm::fused_forward``
     and its backward), where this torch has ``torch.library.custom_op`` (2.4 and newer)."""
+    if is_compiling() and _OPERATORS is None:
+        return False          # (and before reading the environment, which dynamo before 2.4 cannot trace)
     B, N = C_step.shape[0], C_step.shape[-1]
     on_device = C_step.device.type == "cuda" or (C_step.device.type == "cpu" and interpreted())
-    return (on_device and (not is_compiling() or _OPERATORS is not None)
+    return (on_device
             and C_step.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and B > 0 and 0 < N <= MAX_SET_SIZE and steps > 0)
 

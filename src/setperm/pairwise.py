@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._compat import compiler_errors, is_compiling, recompile_limit_error
+from ._compat import compiler_errors, hit_recompile_limit, is_compiling
 
 KERNELS = ("auto", "chunked", "compiled", "fused")
 
@@ -315,13 +315,15 @@ def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
         return _build_failed(err, args[0].device.type, fall_back)
     try:
         return compiled(*args)
-    except recompile_limit_error():
+    except compiler_errors() as err:
+        return _build_failed(err, args[0].device.type, fall_back)
+    except Exception as err:
+        if not hit_recompile_limit(err):
+            raise
         warnings.warn("setperm kernel='compiled': torch.compile's recompile limit was reached for the pairwise "
                       "kernel (too many input specialisations in one process); falling back to the chunked "
                       "kernel for the new ones (same values, slower)", RuntimeWarning, stacklevel=4)
         return None
-    except compiler_errors() as err:
-        return _build_failed(err, args[0].device.type, fall_back)
 
 
 def _build_failed(err: Exception, device_type: str, fall_back: bool) -> None:

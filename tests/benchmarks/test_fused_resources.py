@@ -1,7 +1,6 @@
 """benchmarks/fused_resources.py compiles setperm.fused's kernels for sm_90 without a GPU and reads
 their resources; it refuses in one line under Triton's interpreter. (A fresh process: this test
 process runs Triton in its interpreter, see conftest.)"""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from setperm import fused
+
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+pytestmark = pytest.mark.skipif(fused.unavailable() is not None, reason=str(fused.unavailable()))
 
 
 def _run(out, *extra, interpret=False):

@@ -112,6 +112,8 @@ def test_bad_kernels_flag():
         gpu.main([*FAST, "--kernels", "chunked,fast"])
 
 
+@pytest.mark.skipif(torch.__version__ < "2.3", reason="torch 2.1's inductor fails on the unrolled steps with an "
+                    "internal assertion (2.3 and newer compile them)")
 def test_the_whole_encoder_compiled_is_timed_with_its_first_call(tmp_path):
     assert gpu.main([*FAST, "--no-layer", "--no-optimizer", "--no-ban", "--compile-modes", "reduce-overhead",
                      "--out", str(tmp_path)]) == 0
