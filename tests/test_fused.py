@@ -8,6 +8,7 @@ import importlib
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -199,6 +200,19 @@ def test_a_missing_triton_falls_back_once_with_the_reason(monkeypatch, fresh_fal
     _falls_back_once_to_the_unrolled_values(C, None, "kernel='fused' needs Triton.*Triton is not installed")
     with pytest.raises(RuntimeError, match="kernel='fused' needs Triton.*Triton is not installed"):
         fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
+
+
+@pytest.mark.parametrize("version, refused", [("2.1.0", True), ("3.0.0", False), ("3.6.0+git1234", False)])
+def test_triton_older_than_3_is_named(monkeypatch, version, refused):
+    """torch 2.1 - 2.3 bring Triton 2.x, for which the kernels are not written."""
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
+    fused.unavailable.cache_clear()
+    try:
+        reason = fused.unavailable()
+    finally:
+        fused.unavailable.cache_clear()
+    assert (reason == f"Triton {version} is installed; the kernels need Triton 3.0 or newer") == refused
+    assert refused or reason is None
 
 
 class _Kernel:
