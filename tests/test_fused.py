@@ -204,7 +204,7 @@ def test_a_missing_triton_falls_back_once_with_the_reason(monkeypatch, fresh_fal
 
 @pytest.mark.parametrize("version, refused", [("2.1.0", True), ("3.0.0", False), ("3.6.0+git1234", False)])
 def test_triton_older_than_3_is_named(monkeypatch, version, refused):
-    """torch 2.1 - 2.3 bring Triton 2.x, for which the kernels are not written."""
+    """torch 2.0 - 2.3 bring Triton 2.x, for which the kernels are not written."""
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
     fused.unavailable.cache_clear()
     try:

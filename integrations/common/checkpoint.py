@@ -8,6 +8,7 @@ weights_only=True)``: a file that carries anything else (e.g. a pickled object w
 """
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import re
@@ -108,8 +109,10 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", mmap:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    # (torch 2.0's load has no mmap: it reads the whole file, with the same result)
+    extra = {"mmap": True} if mmap and "mmap" in inspect.signature(torch.load).parameters else {}
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location=map_location, weights_only=True, **extra)
     except Exception as e:  # noqa: BLE001 - every failure mode of a bad file ends here, named
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -64,7 +64,7 @@ def unavailable() -> Optional[str]:
         import triton
     except ImportError:
         return "Triton is not installed"
-    # The kernels are written for Triton 3 (the package's "triton" extra); torch 2.1 - 2.3 bring 2.x.
+    # The kernels are written for Triton 3 (the package's "triton" extra); torch 2.0 - 2.3 bring 2.x.
     major = triton.__version__.split(".")[0]
     if not major.isdigit() or int(major) < 3:
         return f"Triton {triton.__version__} is installed; the kernels need Triton 3.0 or newer"

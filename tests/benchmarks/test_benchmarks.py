@@ -59,7 +59,9 @@ def test_reference_from_setperm_rejects_what_it_does_not_implement():
 
 @pytest.mark.slow      # each probe is a fresh Python process that imports torch
 @pytest.mark.parametrize("impl", ["reference", "setperm-compiled"])
-def test_memory_probe_runs_in_a_fresh_process(impl):
+def test_memory_probe_runs_in_a_fresh_process(impl, request):
+    if impl == "setperm-compiled":
+        request.getfixturevalue("torch_compile_runs")
     cfg = Config("probe", "optimizer", 1, 4, 2, 64, 8)
     peak = probe_memory(cfg, impl, "fb", threads=1)
     assert peak is not None and peak >= 0
@@ -68,6 +70,7 @@ def test_memory_probe_runs_in_a_fresh_process(impl):
     assert peak >= 2 * cfg.batch * cfg.n * cfg.n * 4
 
 
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_layer_benchmark_tiny(tmp_path, capsys):
     assert layer.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
                        "--conv1d-on", "tiny vqa", "--out", str(tmp_path)]) == 0
@@ -83,6 +86,7 @@ def test_layer_benchmark_tiny(tmp_path, capsys):
     assert "| tiny sort | setperm (chunked) |" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_scaling_benchmark_tiny(tmp_path):
     assert scaling.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
                          "--out", str(tmp_path)]) == 0
@@ -95,6 +99,7 @@ def test_scaling_benchmark_tiny(tmp_path):
     assert (tmp_path / "scaling_tiny.png").stat().st_size > 0
 
 
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_limit_benchmark_tiny(tmp_path):
     assert limit.main(["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "limit_tiny.json").read_text())
@@ -109,6 +114,7 @@ def test_fit_exponent_recovers_a_power_law():
     assert scaling.fit_exponent(xs, [None, None, 1.0, None], 10) is None
 
 
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_internals_benchmark_tiny(tmp_path):
     assert internals.main(["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "internals_tiny.json").read_text())

@@ -55,6 +55,7 @@ def test_without_cuda_exits_1_with_one_line(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_cpu_dry_run_writes_every_row(tmp_path):
     root = _checkout(tmp_path)
     before = set(sys.modules)
@@ -95,7 +96,8 @@ def test_a_kernel_that_fell_back_is_named_with_the_results(tmp_path, monkeypatch
         warnings.simplefilter("default")                 # (the suite makes a fused fallback an error)
         assert gpu.main([*FAST, "--kernels", "fused", "--no-optimizer", "--no-ban", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_tiny.json").read_text())
-    assert len(data["fallbacks"]) == 1 and "Triton is not installed" in data["fallbacks"][0]
+    # named once (a torch that cannot compile on this Python adds the compiled pairwise kernel's own)
+    assert sum("Triton is not installed" in f for f in data["fallbacks"]) == 1
     assert "Fallbacks during the run" in (tmp_path / "gpu_tiny.md").read_text()
 
 
