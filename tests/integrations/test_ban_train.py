@@ -146,6 +146,8 @@ def _ddp_worker(rank, world, port, root, out):
     torch.save(result["model"].state_dict(), os.path.join(out, f"rank{rank}.state"))
 
 
+@pytest.mark.skipif(torch.__version__ < "2.8", reason="older torch can deadlock when a Gloo process group is freed "
+                    "(its destructor holds the GIL while joining a worker that needs it; released since PyTorch 2.8)")
 def test_two_process_gloo_ddp_keeps_replicas_equal(root, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
     s0 = torch.load(tmp_path / "rank0.state")
