@@ -436,6 +436,17 @@ def test_under_torch_compile_a_kernel_triton_cannot_build_falls_back_at_run_time
         torch._dynamo.reset()
 
 
+@pytest.mark.skipif(fused._OPERATORS is None, reason="torch.library.custom_op needs torch 2.4")
+def test_the_operators_schemas_name_the_implementations_arguments():
+    """The schemas are written out (torch 2.4 cannot infer them from string annotations): they
+    must follow the implementations' signatures."""
+    import inspect
+    forward, backward = (getattr(torch.ops.setperm, name).default._schema for name in ("fused_forward", "fused_backward"))
+    assert [a.name for a in forward.arguments] == list(inspect.signature(fused._forward).parameters)
+    assert [a.name for a in backward.arguments] == list(inspect.signature(fused._backward).parameters)
+    assert len(forward.returns) == 3 and len(backward.returns) == 2
+
+
 @pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch 2.4")
 def test_the_operators_pass_torch_library_opcheck(fdevice):
     """Schema, fake (shape) functions, autograd registration and the compiled (AOT) dispatch."""

@@ -1,29 +1,32 @@
 """What differs between the torch releases the package supports (2.0 and newer): each name here
 takes the newer API where this torch has it and the older one's equivalent elsewhere.
 
-Nothing is resolved at import: ``torch._dynamo`` and ``torch._inductor`` are imported only when a
-function here needs them, on an older torch or once ``torch.compile`` has run.
+Importing this module imports no more of torch: ``torch._dynamo`` and ``torch._inductor`` are
+imported only when a function here needs them (once ``torch.compile`` has run). ``is_compiling`` is chosen when this
+module is imported (an attribute check): inside a traced function dynamo must meet torch's own
+function, or code it can trace on every release.
 """
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Tuple, Type
 
 import torch
 
 
-def is_compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the current call (then every data-dependent choice must
-    stay in the graph)."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):     # torch >= 2.3
-        return compiler.is_compiling()
-    # torch 2.0 - 2.2: dynamo's own flag (torch 2.0 has ``torch._dynamo`` only once torch.compile
-    # imported it; until then nothing is tracing). hasattr, not a comparison with None: dynamo
-    # before 2.3 cannot trace the latter.
-    if hasattr(torch, "_dynamo"):
-        return torch._dynamo.is_compiling()
-    return False
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "is_compiling"):     # torch >= 2.3
+    is_compiling = torch.compiler.is_compiling
+else:
+    def is_compiling() -> bool:
+        """Whether ``torch.compile`` is tracing the current call (then every data-dependent choice
+        must stay in the graph)."""
+        # torch 2.0 - 2.2: dynamo's own flag; until torch.compile has imported dynamo nothing traces.
+        # A membership test, because dynamo 2.1 / 2.2 cannot trace ``hasattr`` on a module or a
+        # comparison of one with None.
+        if "torch._dynamo" in sys.modules:
+            return torch._dynamo.is_compiling()
+        return False
 
 
 def default_device() -> torch.device:

@@ -277,7 +277,10 @@ def _define_operators():
         return None
     from torch.library import custom_op
 
-    @custom_op("setperm::fused_forward", mutates_args=())
+    # Schemas written out: torch 2.4 cannot infer one from this module's string annotations.
+    @custom_op("setperm::fused_forward", mutates_args=(), schema=(
+        "(Tensor C32, Tensor? init32, Tensor? mask, SymInt steps, SymInt iters, float temperature, bool save, "
+        "SymInt? num_warps, bool fall_back) -> (Tensor, Tensor, Tensor)"))
     def forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
                 temperature: float, save: bool, num_warps: Optional[int],
                 fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -288,7 +291,9 @@ def _define_operators():
         B, N = C32.shape[0], C32.shape[-1]
         return (torch.empty_like(C32), *(C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save)))
 
-    @custom_op("setperm::fused_backward", mutates_args=())
+    @custom_op("setperm::fused_backward", mutates_args=(), schema=(
+        "(Tensor grad_P, Tensor C32, Tensor? init32, Tensor? mask, Tensor hist, Tensor pots, SymInt steps, "
+        "SymInt iters, float temperature, SymInt? num_warps, bool fall_back, bool want_init) -> (Tensor, Tensor)"))
     def backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
                  pots: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int],
                  fall_back: bool, want_init: bool) -> Tuple[Tensor, Tensor]:
