@@ -16,6 +16,7 @@ them (no stack, or the least, at the fewest registers). Output: ``<out>/fused_re
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shutil
 import subprocess
@@ -105,6 +106,19 @@ def _ints(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> List[int
     return values
 
 
+def unsupported() -> Optional[str]:
+    """Why this tool cannot compile here (None if it can): it calls Triton's compiler directly,
+    through the interface of Triton 3.6 and newer (``ASTSource(..., constexprs=)``)."""
+    try:
+        import triton
+        from triton.compiler import ASTSource
+    except ImportError:
+        return "Triton is not installed (pip install 'setperm[triton]')"
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        return f"Triton {triton.__version__} compiles through an older interface than this tool's (Triton 3.6 and newer)"
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
@@ -112,10 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     warps = _ints(p, "--warps", args.warps, {1, 2, 4, 8, 16, 32})
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RunError("TRITON_INTERPRET=1 runs Triton's interpreter, which compiles nothing: unset it")
-    try:
-        import triton
-    except ImportError:
-        raise RunError("Triton is not installed (pip install 'setperm[triton]')") from None
+    reason = unsupported()
+    if reason is not None:
+        raise RunError(reason)
+    import triton
     from setperm import _fused_kernels
     from setperm.fused import _warps
 

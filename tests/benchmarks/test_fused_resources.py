@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import fused_resources
 from setperm import fused
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(fused.unavailable() is not None, reason=str(fused.unavailable()))
+_WHY_NOT = fused.unavailable() or fused_resources.unsupported()
+pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
 def _run(out, *extra, interpret=False):
