@@ -115,7 +115,8 @@ def unsupported() -> Optional[str]:
     except ImportError:
         return "Triton is not installed (pip install 'setperm[triton]')"
     if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
-        return f"Triton {triton.__version__} compiles through an older interface than this tool's (Triton 3.6 and newer)"
+        return (f"Triton {triton.__version__} compiles through an older interface than this tool's "
+                "(Triton 3.6 and newer)")
     return None
 
 

@@ -111,6 +111,16 @@ def build_failure():
 
 
 @pytest.fixture
+def recompile_limit_error():
+    """What a ``torch.compile(fullgraph=True)`` function raises past dynamo's recompile limit, as
+    this torch raises it (its own class, or an ``Unsupported`` saying so in older releases)."""
+    exc = importlib.import_module("torch._dynamo.exc")
+    if hasattr(exc, "FailOnRecompileLimitHit"):
+        return exc.FailOnRecompileLimitHit("limit")
+    return exc.Unsupported("cache_size_limit reached")
+
+
+@pytest.fixture
 def torch_compile_runs():
     """Skips a test of compiled kernels where ``torch.compile`` does not run (torch 2.0 on Python
     3.11 and newer refuses at once)."""

@@ -40,14 +40,12 @@ def test_autocast_enabled_per_device_type():
     assert not _compat.autocast_enabled("cpu")
 
 
-def test_the_error_classes():
+def test_the_error_classes(recompile_limit_error):
     import torch._dynamo
     exc = torch._dynamo.exc
     errors = _compat.compiler_errors()
     assert exc.BackendCompilerFailed in errors and all(issubclass(e, Exception) for e in errors)
-    limit = (exc.FailOnRecompileLimitHit("limit") if hasattr(exc, "FailOnRecompileLimitHit")
-             else exc.Unsupported("cache_size_limit reached"))
-    assert _compat.hit_recompile_limit(limit)
+    assert _compat.hit_recompile_limit(recompile_limit_error)
     assert not _compat.hit_recompile_limit(RuntimeError("cache_size_limit reached"))
     assert not _compat.hit_recompile_limit(exc.Unsupported("a graph break"))
 

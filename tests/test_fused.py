@@ -441,7 +441,8 @@ def test_the_operators_schemas_name_the_implementations_arguments():
     """The schemas are written out (torch 2.4 cannot infer them from string annotations): they
     must follow the implementations' signatures."""
     import inspect
-    forward, backward = (getattr(torch.ops.setperm, name).default._schema for name in ("fused_forward", "fused_backward"))
+    forward, backward = (getattr(torch.ops.setperm, name).default._schema
+                         for name in ("fused_forward", "fused_backward"))
     assert [a.name for a in forward.arguments] == list(inspect.signature(fused._forward).parameters)
     assert [a.name for a in backward.arguments] == list(inspect.signature(fused._backward).parameters)
     assert len(forward.returns) == 3 and len(backward.returns) == 2

@@ -102,12 +102,10 @@ def test_compiled_lattice_optimizer_matches_chunked():
     assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-6)
 
 
-def test_recompile_limit_falls_back_to_chunked(monkeypatch):
+def test_recompile_limit_falls_back_to_chunked(monkeypatch, recompile_limit_error):
     """Past dynamo's recompile limit the same values come from the chunked kernel, with a warning."""
     def refuse(*args):
-        exc = torch._dynamo.exc                     # (older torch says so with an Unsupported)
-        raise (exc.FailOnRecompileLimitHit("limit") if hasattr(exc, "FailOnRecompileLimitHit")
-               else exc.Unsupported("cache_size_limit reached"))
+        raise recompile_limit_error
 
     monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: refuse)
     a, c, w = inputs(1)

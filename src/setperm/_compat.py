@@ -2,9 +2,9 @@
 takes the newer API where this torch has it and the older one's equivalent elsewhere.
 
 Importing this module imports no more of torch: ``torch._dynamo`` and ``torch._inductor`` are
-imported only when a function here needs them (once ``torch.compile`` has run). ``is_compiling`` is chosen when this
-module is imported (an attribute check): inside a traced function dynamo must meet torch's own
-function, or code it can trace on every release.
+imported only when a function here needs them (once ``torch.compile`` has run). ``is_compiling`` is
+chosen when this module is imported (an attribute check): inside a traced function dynamo must meet
+torch's own function, or code it can trace on every release.
 """
 from __future__ import annotations
 
