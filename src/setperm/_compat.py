@@ -53,13 +53,14 @@ class _NeverRaised(Exception):
 
 def hit_recompile_limit(err: BaseException) -> bool:
     """Whether ``err`` is what a ``torch.compile(fullgraph=True)`` function raises when dynamo's
-    recompile limit is reached (its own error class in newer torch, an ``Unsupported`` saying so in
-    older releases)."""
+    recompile limit is reached: ``FailOnRecompileLimitHit`` (newer torch), ``RecompileLimitExceeded``
+    (torch 2.6 raises it though it has the former), or an ``Unsupported`` saying so (2.1 - 2.5)."""
     dynamo = importlib.import_module("torch._dynamo.exc")
-    limit = getattr(dynamo, "FailOnRecompileLimitHit", None)
-    if limit is not None:
-        return isinstance(err, limit)
-    return isinstance(err, dynamo.Unsupported) and "cache_size_limit" in str(err)
+    named = tuple(getattr(dynamo, name, _NeverRaised) for name in ("FailOnRecompileLimitHit", "RecompileLimitExceeded"))
+    if isinstance(err, named):
+        return True
+    return isinstance(err, dynamo.Unsupported) and any(
+        f"{limit} reached" in str(err) for limit in ("cache_size_limit", "recompile_limit"))
 
 
 def compiler_errors() -> Tuple[Type[BaseException], ...]:
