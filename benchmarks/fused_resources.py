@@ -63,16 +63,26 @@ def _cuobjdump(triton_module) -> str:
     return found
 
 
-def resources(fn, block: int, warps: int, arch: int, cuobjdump: str) -> Dict[str, object]:
-    import triton
-    from triton.backends.compiler import GPUTarget
+def _source(fn, block: int):
+    """The kernel at one tile size as Triton's compiler takes it (its interface differs by release)."""
     from triton.compiler import ASTSource
 
     sig, constexprs = _signature(fn, block)
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:          # Triton 3.3 and newer
+        return ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    # Triton 3.2: the constexprs' values by name, the signature without them
+    return ASTSource(fn=fn, signature={k: v for k, v in sig.items() if v != "constexpr"},
+                     constants={fn.arg_names[i]: v for (i,), v in constexprs.items()})
+
+
+def resources(fn, block: int, warps: int, arch: int, cuobjdump: str) -> Dict[str, object]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        compiled = triton.compile(_source(fn, block), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(compiled.asm["cubin"])
@@ -107,17 +117,11 @@ def _ints(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> List[int
 
 
 def unsupported() -> Optional[str]:
-    """Why this tool cannot compile here (None if it can): it calls Triton's compiler directly,
-    through the interface of Triton 3.6 and newer (``ASTSource(..., constexprs=)``)."""
-    try:
-        import triton
-        from triton.compiler import ASTSource
-    except ImportError:
-        return "Triton is not installed (pip install 'setperm[triton]')"
-    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
-        return (f"Triton {triton.__version__} compiles through an older interface than this tool's "
-                "(Triton 3.6 and newer)")
-    return None
+    """Why this tool cannot compile here (None if it can): the reason ``setperm.fused`` gives
+    (Triton missing, or older than the kernels need)."""
+    from setperm import fused
+
+    return fused.unavailable()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

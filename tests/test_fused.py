@@ -28,7 +28,7 @@ HAS_TRITON = fused.unavailable() is None
 def fdevice(device):
     """A device the fused kernels run on: CUDA, or the CPU under Triton's interpreter."""
     if not HAS_TRITON:
-        pytest.skip("Triton is not installed")
+        pytest.skip(fused.unavailable())
     if device.type == "cpu" and not fused.interpreted():
         pytest.skip("the CPU runs the fused kernels only in Triton's interpreter (TRITON_INTERPRET=1)")
     return device
@@ -202,16 +202,18 @@ def test_a_missing_triton_falls_back_once_with_the_reason(monkeypatch, fresh_fal
         fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
 
 
-@pytest.mark.parametrize("version, refused", [("2.1.0", True), ("3.0.0", False), ("3.6.0+git1234", False)])
-def test_triton_older_than_3_is_named(monkeypatch, version, refused):
-    """torch 2.0 - 2.3 bring Triton 2.x, for which the kernels are not written."""
+@pytest.mark.parametrize("version, refused", [("2.1.0", True), ("3.0.0", True), ("3.1.0", True), ("3.2.0", False),
+                                             ("3.6.0+git1234", False), ("3.10.0", False), ("nightly", True)])
+def test_triton_older_than_3_2_is_named(monkeypatch, version, refused):
+    """torch 2.0 - 2.3 bring Triton 2.x, for which the kernels are not written; the compiler of 3.0
+    and 3.1 (torch 2.4, 2.5) crashes the process on the backward kernel."""
     monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
     fused.unavailable.cache_clear()
     try:
         reason = fused.unavailable()
     finally:
         fused.unavailable.cache_clear()
-    assert (reason == f"Triton {version} is installed; the kernels need Triton 3.0 or newer") == refused
+    assert (reason == f"Triton {version} is installed; the kernels need Triton 3.2 or newer") == refused
     assert refused or reason is None
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import types
 import warnings
 from typing import Dict, Optional, Tuple
@@ -53,6 +54,8 @@ from .optimize import _sequence_step, _start, _unroll
 
 # One set's (N, N) matrices live on chip: up to 128 x 128 float32 per matrix (64 KiB).
 MAX_SET_SIZE = 128
+# The oldest Triton that compiles the kernels (see unavailable()).
+MIN_TRITON = (3, 2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,10 +67,14 @@ def unavailable() -> Optional[str]:
         import triton
     except ImportError:
         return "Triton is not installed"
-    # The kernels are written for Triton 3 (the package's "triton" extra); torch 2.0 - 2.3 bring 2.x.
-    major = triton.__version__.split(".")[0]
-    if not major.isdigit() or int(major) < 3:
-        return f"Triton {triton.__version__} is installed; the kernels need Triton 3.0 or newer"
+    # The kernels are written for Triton 3; torch 2.0 - 2.3 bring Triton 2.x. The compiler of
+    # Triton 3.0 and 3.1 (torch 2.4, 2.5) crashes the process (a segmentation fault in its
+    # thread-locality pass) on the backward kernel, for every architecture: a failure no fallback
+    # could catch. 3.2 and newer compile both (``python -m benchmarks.fused_resources``).
+    found = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    if found is None or (int(found[1]), int(found[2])) < MIN_TRITON:
+        return (f"Triton {triton.__version__} is installed; the kernels need Triton "
+                f"{MIN_TRITON[0]}.{MIN_TRITON[1]} or newer")
     return None
 
 

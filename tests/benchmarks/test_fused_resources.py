@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks import fused_resources
-from setperm import fused
+from integrations.common.lifecycle import RunError
 
 REPO = Path(__file__).resolve().parents[2]
-_WHY_NOT = fused.unavailable() or fused_resources.unsupported()
+_WHY_NOT = fused_resources.unsupported()
 pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
@@ -44,3 +44,15 @@ def test_refuses_under_the_interpreter_and_bad_flags(tmp_path):
     assert not (tmp_path / "fused_resources.json").exists()
     r = _run(tmp_path, "--blocks", "24")
     assert r.returncode == 2 and "--blocks" in r.stderr
+
+
+def test_refuses_a_triton_the_kernels_do_not_support(monkeypatch, tmp_path):
+    """The reason is setperm.fused's own (Triton 3.0 and 3.1 would crash this process compiling)."""
+    from setperm import fused
+
+    reason = "Triton 3.1.0 is installed; the kernels need Triton 3.2 or newer"
+    monkeypatch.setattr(fused, "unavailable", lambda: reason)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # (refused first otherwise)
+    with pytest.raises(RunError, match="Triton 3.1.0 is installed"):
+        fused_resources.main(["--blocks", "16", "--warps", "1", "--out", str(tmp_path)])
+    assert not (tmp_path / "fused_resources.json").exists()
