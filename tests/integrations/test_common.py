@@ -208,7 +208,7 @@ def test_restricted_unpickler_refuses_payloads_and_reads_plain_and_numpy_data(tm
     marker = tmp_path / "PWNED"
     evil = tmp_path / "dictionary.pkl"
     evil.write_bytes(pickle.dumps([{"a": 0}, ["a", Payload(marker)]]))
-    with pytest.raises(UnsafePickleError, match="refused to load global io.open"):
+    with pytest.raises(UnsafePickleError, match=r"refused to load global _?io\.open"):
         restricted_load(evil)
     assert not marker.exists()
     plain = tmp_path / "plain.pkl"
