@@ -24,10 +24,11 @@ Forward saves each step's logits ``(B, T + 1, N, N)`` and the potentials for bac
 from a per-set scratch tile that stays in the L1 cache; ``tl.dot`` would stage whole float32
 operands per thread (spilling to the stack at 128 x 128) or, on tensor cores, need more shared
 memory than a block has (``python -m benchmarks.fused_resources``). Applies to float32
-(half inputs are computed in float32) sequence costs with ``1 <= N <= MAX_SET_SIZE`` on CUDA;
-elsewhere :func:`optimize_permutation` takes the unrolled path. With the environment variable
-``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels run on CPU tensors in
-Triton's interpreter (how the test suite checks them without a GPU). First-order gradients only.
+(half inputs are computed in float32) sequence costs with ``1 <= N <= MAX_SET_SIZE`` on CUDA,
+with Triton 3.2 or newer; elsewhere :func:`optimize_permutation` takes the unrolled path. With
+the environment variable ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels
+run on CPU tensors in Triton's interpreter (how the test suite checks them without a GPU).
+First-order gradients only.
 
 Under ``torch.compile`` the two kernels are two operators of the compiled graph,
 ``setperm::fused_forward`` and ``setperm::fused_backward`` (``torch.library.custom_op``, defined
