@@ -11,13 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _interpreter_works() -> bool:
-    # Triton 3.6's interpreter fails on a loop bound passed as an argument under NumPy 2; 3.9's
-    # runs the kernels. Read from the installed metadata: Triton must not be imported yet.
+    # Triton 3.6's interpreter fails on a loop bound passed as an argument under NumPy 2; 3.7 - 3.9
+    # run the kernels. Read from the installed metadata: Triton must not be imported yet.
     try:
         version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         return False
-    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (3, 9)
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) >= (3, 7)
 
 
 # setperm.fused's Triton kernels are checked on the CPU in Triton's interpreter, which has to be
