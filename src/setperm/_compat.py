@@ -56,7 +56,8 @@ def hit_recompile_limit(err: BaseException) -> bool:
     recompile limit is reached: ``FailOnRecompileLimitHit`` (newer torch), ``RecompileLimitExceeded``
     (torch 2.6 raises it though it has the former), or an ``Unsupported`` saying so (2.1 - 2.5)."""
     dynamo = importlib.import_module("torch._dynamo.exc")
-    named = tuple(getattr(dynamo, name, _NeverRaised) for name in ("FailOnRecompileLimitHit", "RecompileLimitExceeded"))
+    named = tuple(getattr(dynamo, name, _NeverRaised)
+                  for name in ("FailOnRecompileLimitHit", "RecompileLimitExceeded"))
     if isinstance(err, named):
         return True
     return isinstance(err, dynamo.Unsupported) and any(
