@@ -21,6 +21,11 @@ Optimisation table: forward + backward of the permutation optimisation alone (T 
 x 8 glimpses) of 10 to 100 boxes: the unrolled steps, and ``setperm.fused``'s
 kernels at their default warps per program and at half and twice as many.
 
+Readout table: forward + backward of the encoder's LSTM readout (13 -> 128) of padded sets of 10 to
+100 elements, B in {256, 2048}: a packed sequence with the set sizes from the host, the same with
+the sizes copied from the device (a synchronisation), and the padded read that needs no sizes on
+the host (what the encoder takes on CUDA with ``mask=``).
+
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
 BAN + PO-U (the default kernel and ``kernel="fused"``) at the official shape (batch 256, H = 1280,
 8 glimpses, 2048-d features of 10-100 boxes per image, VQA v2's 19,901-word dictionary and 3,129
@@ -323,6 +328,45 @@ OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "
                      ("fb_mib", "fwd+bwd peak MiB"), ("note", "note")]
 
 
+# ------------------------------------------------------------------------------ the LSTM readout
+def readout_configs(tiny: bool):
+    """(sets B, size N, smallest set) of the readout table: the encoder's LSTM (13 -> 128) over VQA's
+    10-100 boxes, a layer-table batch and BAN + PO-U's (256 questions x 8 glimpses)."""
+    return [(3, 6, 2)] if tiny else [(256, 100, 10), (2048, 100, 10)]
+
+
+def readout_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
+    """fwd+bwd of the encoder's LSTM readout (``setperm.encoder.last_state``) of padded sets: a
+    packed sequence with the sizes from the host (``lengths=`` on the CPU, as BAN passes them), the
+    same with the sizes on the device (copied to the host: a synchronisation), and the padded read
+    that needs none (what ``mask=`` takes on CUDA)."""
+    from setperm.encoder import last_state
+
+    for B, N, smallest in readout_configs(args.tiny):
+        torch.manual_seed(args.seed)
+        lstm = nn.LSTM(13, 7 if args.tiny else 128, batch_first=True).to(device)
+        g = torch.Generator().manual_seed(args.seed)
+        sizes = torch.randint(smallest, N + 1, (B,), generator=g)
+        seq = torch.randn(B, N, 13, generator=g).to(device)
+        up = torch.randn(B, lstm.hidden_size, generator=g).to(device)
+        sizes_d = sizes.to(device)
+        impls = [("packed, sizes from the host", "packed", sizes),
+                 ("packed, sizes copied from the device", "packed", None),
+                 ("padded, sizes on the device (mask=)", "padded", None)]
+        for label, method, host in impls:
+            row: Dict[str, object] = {"config": f"B={B} N={N}", "impl": label}
+
+            def fb(method=method, host=host):
+                (last_state(lstm, seq.detach().requires_grad_(True), sizes_d, method=method,
+                            host_lengths=host) * up).sum().backward()
+            try:
+                measure(row, "fb", fb, args, device)
+            except Exception as err:                         # one failing row must not lose the others
+                failed(row, err, args)
+            report("readout", row)
+            yield row
+
+
 # ------------------------------------------------------------------- the whole encoder compiled
 COMPILE_MODES = ("default", "reduce-overhead")
 # every mode --compile-modes takes (torch.compile's own)
@@ -477,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-optimizer", action="store_true",
                    help="skip the table of the permutation optimisation alone (unrolled vs fused, warps)")
     p.add_argument("--no-ban", action="store_true", help="skip the BAN training steps")
+    p.add_argument("--no-readout", action="store_true", help="skip the LSTM readout table")
     p.add_argument("--compile-modes", default=",".join(COMPILE_MODES),
                    help="torch.compile modes of the whole-encoder table, comma-separated, or '' to skip it "
                         f"(default {','.join(COMPILE_MODES)})")
@@ -531,9 +576,10 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    results: Dict[str, list] = {"layer": [], "optimizer": [], "ban": [], "compile": []}
+    results: Dict[str, list] = {"layer": [], "optimizer": [], "readout": [], "ban": [], "compile": []}
     sections = [("layer", not args.no_layer, lambda: layer_rows(args, device, released)),
                 ("optimizer", not args.no_optimizer, lambda: optimizer_rows(args, device)),
+                ("readout", not args.no_readout, lambda: readout_rows(args, device)),
                 ("ban", not args.no_ban, lambda: ban_rows(args, device)),
                 ("compile", bool(args.compile_modes), lambda: compile_rows(args, device))]
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), \
@@ -566,6 +612,9 @@ def save_results(path: Path, table_path: Path, info: Dict[str, object], args, re
     if results["optimizer"]:
         tables += ["", "The permutation optimisation alone (T = 3, L = 4, padded sets of 10-N elements, float32):", "",
                    markdown_table(results["optimizer"], OPTIMIZER_COLUMNS)]
+    if results["readout"]:
+        tables += ["", "The encoder's LSTM readout (13 -> 128, padded sets of 10-N elements, float32):", "",
+                   markdown_table(results["readout"], OPTIMIZER_COLUMNS)]
     if results["ban"]:
         shape = ban_shape(args.tiny)
         tables += ["", f"BAN training step (batch {shape['batch']}, H {shape['num_hid']}, {shape['gamma']} glimpses, "

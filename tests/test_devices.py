@@ -48,7 +48,7 @@ def encoder(device, dtype=torch.float64, kernel="auto", **kw):
 def device_decisions(monkeypatch, refuse_reads=True):
     """Take the path CUDA takes, on the CPU: every ``host_decisions`` answers False, and (with
     ``refuse_reads``) reading a tensor's value on the host (``bool``, ``int``, ``float``, ``item``,
-    ``tolist``, ``numpy``) raises."""
+    ``tolist``, ``numpy``, or ``cpu``: a copy to the host) raises."""
     for mod in (masking_mod, cost_mod, sinkhorn_mod, encoder_mod):
         monkeypatch.setattr(mod, "host_decisions", lambda t: False)
     if not refuse_reads:
@@ -61,7 +61,7 @@ def device_decisions(monkeypatch, refuse_reads=True):
             raise AssertionError(f"Tensor.{name} read a value on the host")
         return read
 
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy"):
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     yield
     monkeypatch.undo()
@@ -141,6 +141,7 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
         for _ in range(2):                                           # warm-up: compilation, cuBLAS handles
             po(x, mask=mask).sum().backward()
             enc(x, lengths=lengths, weights=w).sum().backward()
+            enc(x, mask=mask, weights=w).sum().backward()
         torch.cuda.synchronize()
         prev = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
@@ -149,6 +150,7 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
             po(xr, mask=mask).sum().backward()
             enc(xr, lengths=lengths, weights=w).sum().backward()
             enc(xr, weights=w).sum().backward()
+            enc(xr, mask=mask, weights=w).sum().backward()             # device sizes: the padded LSTM read
         finally:
             torch.cuda.set_sync_debug_mode(prev)
 

@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 from torch.testing import assert_close
 
 from setperm import LinAssign, PermutationOptimization, PermutationSetEncoder
@@ -517,28 +518,87 @@ def test_straight_through_argument_and_repr():
 
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
 @pytest.mark.parametrize("num_layers", [1, 2])
-def test_grouped_lstm_equals_packed_lstm_values_and_gradients(num_layers, rnn):
+def test_the_readout_paths_give_the_same_values_and_gradients(num_layers, rnn):
+    """packed, grouped and (one layer) padded: the same final states and gradients, padding unread."""
     from setperm.encoder import last_state
     torch.manual_seed(0)
     lstm = (torch.nn.LSTM if rnn == "lstm" else torch.nn.GRU)(5, 7, num_layers=num_layers, batch_first=True).double()
     lengths = torch.tensor([3, 0, 6, 1, 3, 6, 2])
     seq = torch.randn(7, 6, 5, dtype=torch.float64)
+    seq[0, 4] = float("nan")                            # in the padding: never read, no NaN gradient
+    methods = ("packed", "grouped", "padded") if num_layers == 1 else ("packed", "grouped")
     out = {}
-    for method in ("packed", "grouped"):
+    for method in methods:
         x = seq.clone().requires_grad_(True)
         lstm.zero_grad()
         h = last_state(lstm, x, lengths, method=method)
         (h * torch.linspace(-1, 1, 7, dtype=torch.float64)).sum().backward()
         out[method] = (h.detach(), x.grad.clone(), [p.grad.clone() for p in lstm.parameters()])
-    assert torch.equal(out["grouped"][0][1], torch.zeros(7, dtype=torch.float64))      # length 0: zero state
-    assert_close(out["grouped"][0], out["packed"][0], rtol=1e-12, atol=1e-13)
-    assert_close(out["grouped"][1], out["packed"][1], rtol=1e-12, atol=1e-13)
-    for a, b in zip(out["grouped"][2], out["packed"][2]):
-        assert_close(a, b, rtol=1e-12, atol=1e-13)
-    # padding beyond each length is never read
-    assert torch.equal(out["grouped"][1][0, 3:], torch.zeros(3, 5, dtype=torch.float64))
+    for method in methods:
+        assert torch.equal(out[method][0][1], torch.zeros(7, dtype=torch.float64))     # length 0: zero state
+        # padding beyond each length is never read
+        assert torch.equal(out[method][1][0, 3:], torch.zeros(3, 5, dtype=torch.float64))
+        assert_close(out[method][0], out["packed"][0], rtol=1e-12, atol=1e-13)
+        assert_close(out[method][1], out["packed"][1], rtol=1e-12, atol=1e-13)
+        for a, b in zip(out[method][2], out["packed"][2]):
+            assert_close(a, b, rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="method"):
         last_state(lstm, seq, lengths, method="fast")
+    if num_layers == 2:
+        with pytest.raises(ValueError, match="method='padded'.*num_layers=2"):
+            last_state(lstm, seq, lengths, method="padded")
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
+@pytest.mark.parametrize("proj_size, bias", [(0, False), (4, True)])
+def test_padded_readout_recovers_the_cell_state_in_float32(proj_size, bias):
+    """The LSTM's cell state recovered from the outputs (no host lengths) is as close to float64 as
+    cuDNN's / the CPU's own float32 cell state, over long sequences and saturating gates."""
+    from setperm.encoder import last_state
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(13, 32, batch_first=True, proj_size=proj_size, bias=bias)
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.mul_(3.0)                                  # gates near 0 and 1
+    lengths = torch.tensor([300, 0, 1, 157, 299, 40])
+    seq = torch.randn(6, 300, 13)
+    exact = last_state(lstm.double(), seq.double(), lengths, method="grouped")
+    lstm.float()
+    scale = exact.abs().max()
+    packed = (last_state(lstm, seq, lengths, method="packed").double() - exact).abs().max() / scale
+    padded = (last_state(lstm, seq, lengths, method="padded").double() - exact).abs().max() / scale
+    assert padded < max(10 * packed, 1e-5)
+
+
+def test_padded_readout_under_bfloat16_autocast():
+    """The reader runs in bfloat16; the recovered cell state stays as close to float32 as that allows."""
+    from setperm.encoder import last_state
+    torch.manual_seed(2)
+    lstm = torch.nn.LSTM(13, 32, batch_first=True)
+    seq, lengths = torch.randn(8, 20, 13), torch.tensor([20, 0, 1, 7, 19, 20, 3, 11])
+    exact = last_state(lstm, seq, lengths, method="packed")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = last_state(lstm, seq, lengths, method="padded")
+    assert torch.isfinite(h).all() and torch.equal(h[1].float(), torch.zeros(32))
+    assert_close(h.float(), exact, rtol=0, atol=0.03)
+
+
+def test_auto_readout_reads_host_lengths_packed_and_device_lengths_padded(monkeypatch):
+    from setperm import encoder as encoder_mod
+    from setperm.encoder import last_state
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    seq, lengths = torch.randn(3, 5, 3), torch.tensor([5, 2, 0])
+    calls = []
+    monkeypatch.setattr(encoder_mod, "host_decisions", lambda t: False)            # the path CUDA takes
+    monkeypatch.setattr(encoder_mod, "pack_padded_sequence",
+                        lambda *a, **k: calls.append("packed") or pack_padded_sequence(*a, **k))
+    padded = last_state(lstm, seq, lengths)
+    assert calls == []
+    packed = last_state(lstm, seq, lengths, host_lengths=lengths.clone())
+    assert calls == ["packed"]
+    assert_close(padded, packed, rtol=1e-5, atol=1e-6)
+    last_state(torch.nn.LSTM(3, 4, num_layers=2, batch_first=True), seq, lengths)    # deeper: packed
+    assert calls == ["packed", "packed"]
 
 
 # ---------------------------------------------------------------------------------------------

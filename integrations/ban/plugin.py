@@ -108,8 +108,9 @@ class PatchedBan(nn.Module):
     number of real boxes of each image, which are its first rows of ``v`` (as ``data.collate_vqa``
     lays batches out; the training loop passes ``batch.mask.sum(1).tolist()``, a list, which
     ``DistributedDataParallel`` leaves on the host where it moves tensor inputs to the GPU). With it
-    the set sizes reach the encoder's LSTM from the host, so that on CUDA the forward makes no
-    device -> host copy (without it, one per call); the values are the same.
+    the encoder's LSTM reads a packed sequence with the sizes from the host; without it, the whole
+    padded batch (``setperm.encoder.last_state``). Neither copies the sizes to the host; the values
+    are the same.
 
     Patching sets ``requires_grad=False`` on ``ban.counter.f[8:]``, the counter's unused functions
     (never updated by official training either), so DDP works without ``find_unused_parameters``.

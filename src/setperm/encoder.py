@@ -7,12 +7,14 @@ T = 0 steps) is its own module, :class:`LinAssign`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from ._compat import autocast_enabled
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
 from .init import uninitialized, xavier_linear_, xavier_rnn_
@@ -235,10 +237,13 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         seq: (B, N, D) sequences, the real steps first.
         lengths: (B,) int, 0 <= lengths <= N; a sequence of length 0 gives a zero state.
         method: ``"packed"`` (one call on a packed sequence), ``"grouped"`` (one call per distinct
-            length on the sequences of that length, no padding read) or ``"auto"``: grouped on the
-            CPU, packed elsewhere and under ``torch.compile``. Both compute the same recurrences;
-            on the CPU an LSTM on a packed batch of unequal lengths leaves the fused kernel, and its
-            backward zero-fills a full-size gradient buffer at every step
+            length on the sequences of that length, no padding read), ``"padded"`` (one call on the
+            whole batch, padding zeroed, each sequence's state read off at its own last step: no
+            length is needed on the host; a one-layer, one-directional reader only) or ``"auto"``:
+            grouped on the CPU; elsewhere and under ``torch.compile`` packed when ``host_lengths``
+            are given, else padded (packed for a deeper or bidirectional reader). All compute the
+            same recurrences; on the CPU an LSTM on a packed batch of unequal lengths leaves the
+            fused kernel, and its backward zero-fills a full-size gradient buffer at every step
             (``benchmarks.ban_step_time`` times the LSTM as a part of BAN + PO's step), while cuDNN
             runs packed batches natively.
         host_lengths: the same lengths as a CPU tensor, when the caller has them: a packed sequence
@@ -246,12 +251,22 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
     Returns:
         (B, hidden_size) final state.
     """
-    if method not in ("auto", "packed", "grouped"):
-        raise ValueError(f"method: expected 'auto', 'packed' or 'grouped', got {method!r}")
+    if method not in ("auto", "packed", "grouped", "padded"):
+        raise ValueError(f"method: expected 'auto', 'packed', 'grouped' or 'padded', got {method!r}")
+    one_layer = rnn.num_layers == 1 and not rnn.bidirectional
+    if method == "padded" and not one_layer:
+        raise ValueError(f"method='padded' reads a one-layer, one-directional reader, got num_layers="
+                         f"{rnn.num_layers}, bidirectional={rnn.bidirectional}")
     if method == "auto":
-        # (under torch.compile's tracing the grouped loop's data-dependent sizes would break the graph)
-        method = "grouped" if host_decisions(seq) else "packed"
+        # (under torch.compile's tracing the grouped loop's data-dependent sizes would break the graph;
+        # off the CPU, copying device lengths to the host for a packed sequence would synchronise)
+        if host_decisions(seq):
+            method = "grouped"
+        else:
+            method = "packed" if host_lengths is not None or not one_layer else "padded"
     zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
+    if method == "padded":
+        return _padded_final_state(rnn, seq, lengths)
     distinct = torch.unique(lengths).tolist() if method == "grouped" else []   # one host sync, like .cpu() below
     if method == "packed" or distinct == [0]:
         # (all sets empty: the packed call keeps the output connected to the LSTM's parameters)
@@ -272,6 +287,43 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         rows = (lengths == length).nonzero().squeeze(1)
         out = out.index_copy(0, rows, _final_state(rnn(seq[rows, :length])))
     return out
+
+
+def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor:
+    """:func:`last_state` by one call on the padded batch, without reading ``lengths`` on the host.
+    Padding is zeroed first, so that it keeps the run finite (a non-finite step would turn the zero
+    gradients that flow back through it into NaN); the steps before each length do not depend on
+    it. A GRU's state is its output at the last step. An LSTM returns its cell state at the end
+    only, so the cell is recovered from the outputs: with the gates ``i, f, g`` of step ``t``
+    recomputed from ``x_t`` and ``h_{t-1}`` (the output one step earlier), the cell's recurrence
+    ``c_t = f_t c_{t-1} + i_t g_t`` is linear, ``c_{L-1} = sum_{s<L} (prod_{s<r<L} f_r) i_s g_s``; the
+    products are ``exp(A_{L-1} - A_s)`` with ``A`` the running sum of ``log f`` (float64: the
+    difference of two long sums keeps its precision)."""
+    B, N = seq.shape[:2]
+    real = (torch.arange(N, device=seq.device) < lengths.unsqueeze(1)).unsqueeze(-1)      # (B, N, 1)
+    zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
+    seq = torch.where(real, seq, zero)
+    out = rnn(seq)[0]                                                  # (B, N, H_out): h_t of every step
+    last = (lengths - 1).clamp_min(0).view(B, 1, 1)                   # (a length-0 row is masked below)
+    if isinstance(rnn, nn.GRU):
+        h = out.gather(1, last.expand(B, 1, out.shape[-1])).squeeze(1)
+        return torch.where((lengths > 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
+    h_prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)     # h_{-1} = 0
+    # the gates in the parameters' precision at least, whatever autocast ran the reader in
+    dtype = torch.promote_types(out.dtype, rnn.weight_ih_l0.dtype)
+    with (torch.autocast(seq.device.type, enabled=False) if autocast_enabled(seq.device.type)
+          else contextlib.nullcontext()):
+        w_ih, b_ih, w_hh, b_hh = (None if w is None else w.to(dtype) for w in (
+            getattr(rnn, name, None) for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")))
+        gates = nn.functional.linear(seq.to(dtype), w_ih, b_ih) + nn.functional.linear(h_prev.to(dtype), w_hh, b_hh)
+        i, f, g, _ = gates.chunk(4, dim=-1)
+        cumulative = nn.functional.logsigmoid(f.double()).cumsum(1)                     # A_t, (B, N, H)
+        at_last = cumulative.gather(1, last.expand(B, 1, cumulative.shape[-1]))          # A_{L-1}
+        # -inf past the length: a zero weight whose gradient is zero too (exp(-inf) = 0)
+        log_weight = torch.where(real, at_last - cumulative,
+                                 torch.tensor(float("-inf"), dtype=torch.float64, device=seq.device))
+        cell = (log_weight.exp() * (torch.sigmoid(i) * torch.tanh(g)).double()).sum(1)
+    return cell.to(out.dtype)
 
 
 def _pool_elements(x: Tensor, mask: Optional[Tensor], how: str, gate: Optional[nn.Module]) -> Tensor:
@@ -360,10 +412,11 @@ class PermutationSetEncoder(nn.Module):
         ``sigmoid(weights)`` before the LSTM (F.4); the ordering cost sees the unscaled elements
         (or ``order_by``, required exactly when ``order_features`` was given). ``P`` is always the
         soft permutation, also with ``straight_through``.
-        The LSTM reads only the n real elements (packed sequence), so padding has no influence;
-        a packed sequence takes the set sizes on the host: on CUDA, ``lengths`` given as a CPU
-        tensor are used as they are (no synchronisation), while a ``mask`` costs one device -> host
-        copy of the sizes per call;
+        Padding has no influence: the LSTM's state is read after the n real elements
+        (:func:`last_state`). On CUDA, ``lengths`` given as a CPU tensor serve a packed sequence as
+        they are; with a ``mask`` (or device ``lengths``) the LSTM reads the whole padded batch,
+        padding zeroed, and each set's cell state is recovered at its own last element, so neither
+        makes a host synchronisation;
         an empty set gives ``h = 0``, N = 0 gives ``h = zeros(B, hidden_size)`` and ``P`` of shape
         ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
     """

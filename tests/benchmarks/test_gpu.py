@@ -79,12 +79,14 @@ def test_cpu_dry_run_writes_every_row(tmp_path):
                                                           "fused, 4 warps"]   # tiles of 16: 2 warps by default
     if fused_runs:
         assert data["optimizer"][2]["note"] == "kernel='fused' default"
+    assert [r["impl"].split(",")[0] for r in data["readout"]] == ["packed", "packed", "padded"]
+    assert all(r["fb_ms"] > 0 and "note" not in r for r in data["readout"]), data["readout"]
     models = [r["model"] for r in data["ban"]]
     assert models == ["BAN", "BAN + LSTM", "BAN + PO-U", "BAN + PO-U, kernel fused", "BAN + PO-U, bf16 autocast",
                       "BAN + PO-U, kernel fused, bf16 autocast"]
     assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
     table = (tmp_path / "out" / "gpu_tiny.md").read_text()
-    assert "released PermNet" in table and "BAN + PO-U" in table
+    assert "released PermNet" in table and "BAN + PO-U" in table and "LSTM readout" in table
     assert data["fallbacks"] == [] and "Fallbacks" not in table
 
 
@@ -140,7 +142,7 @@ def test_a_run_stopped_part_way_keeps_the_rows_it_finished(tmp_path, monkeypatch
         gpu.main([*FAST, "--kernels", "chunked", "--no-ban", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "gpu_tiny.json").read_text())
     assert {r["impl"] for r in data["layer"]} == {"setperm (chunked)", "reference"}
-    assert data["optimizer"] == [{"config": "B=3 N=6", "impl": "unrolled", "fb_ms": 1.5}]
+    assert data["optimizer"] == [{"config": "B=3 N=6", "impl": "unrolled", "fb_ms": 1.5}] and data["readout"] == []
     table = (tmp_path / "gpu_tiny.md").read_text()
     assert "Layer" in table and "| B=3 N=6 | unrolled | 1.5" in table
 
