@@ -130,6 +130,18 @@ def measure(row: Dict[str, object], mode: str, fn: Callable[[], object], args, d
     row[f"{mode}_mib"] = None if peak is None else peak / 2 ** 20
 
 
+def measured_fb(table: str, row: Dict[str, object], fn: Callable[[], object], args,
+                device: torch.device) -> Dict[str, object]:
+    """``row`` with the forward + backward ``fn`` timed (or the failure noted: one failing row must
+    not lose the others), reported."""
+    try:
+        measure(row, "fb", fn, args, device)
+    except Exception as err:
+        failed(row, err, args)
+    report(table, row)
+    return row
+
+
 def failed(row: Dict[str, object], err: Exception, args) -> None:
     """A failing row keeps the error's first line as its note (the other rows go on)."""
     row["note"] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
@@ -316,12 +328,7 @@ def optimizer_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
                     P = fused.fused_optimize((2 * eta) * Cg, None, mask, steps=3, sinkhorn_iters=4,
                                              temperature=1.0, num_warps=warps)
                 (P * up).sum().backward()
-            try:
-                measure(row, "fb", fb, args, device)
-            except Exception as err:                         # one failing row must not lose the others
-                failed(row, err, args)
-            report("optimisation", row)
-            yield row
+            yield measured_fb("optimisation", row, fb, args, device)
 
 
 OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "fwd+bwd ms"),
@@ -359,12 +366,7 @@ def readout_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
             def fb(method=method, host=host):
                 (last_state(lstm, seq.detach().requires_grad_(True), sizes_d, method=method,
                             host_lengths=host) * up).sum().backward()
-            try:
-                measure(row, "fb", fb, args, device)
-            except Exception as err:                         # one failing row must not lose the others
-                failed(row, err, args)
-            report("readout", row)
-            yield row
+            yield measured_fb("readout", row, fb, args, device)
 
 
 # ------------------------------------------------------------------- the whole encoder compiled
