@@ -264,9 +264,9 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
             method = "grouped"
         else:
             method = "packed" if host_lengths is not None or not one_layer else "padded"
-    zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
     if method == "padded":
         return _padded_final_state(rnn, seq, lengths)
+    zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
     distinct = torch.unique(lengths).tolist() if method == "grouped" else []   # one host sync, like .cpu() below
     if method == "packed" or distinct == [0]:
         # (all sets empty: the packed call keeps the output connected to the LSTM's parameters)
