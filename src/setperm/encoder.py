@@ -297,8 +297,7 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
     only, so the cell is recovered from the outputs: with the gates ``i, f, g`` of step ``t``
     recomputed from ``x_t`` and ``h_{t-1}`` (the output one step earlier), the cell's recurrence
     ``c_t = f_t c_{t-1} + i_t g_t`` is linear, ``c_{L-1} = sum_{s<L} (prod_{s<r<L} f_r) i_s g_s``; the
-    products are ``exp(A_{L-1} - A_s)`` with ``A`` the running sum of ``log f`` (float64: the
-    difference of two long sums keeps its precision)."""
+    products are ``exp(A_{L-1} - A_s)`` with ``A`` the running sum of ``log f``."""
     B, N = seq.shape[:2]
     real = (torch.arange(N, device=seq.device) < lengths.unsqueeze(1)).unsqueeze(-1)      # (B, N, 1)
     zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
@@ -317,12 +316,15 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
             getattr(rnn, name, None) for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")))
         gates = nn.functional.linear(seq.to(dtype), w_ih, b_ih) + nn.functional.linear(h_prev.to(dtype), w_hh, b_hh)
         i, f, g, _ = gates.chunk(4, dim=-1)
-        cumulative = nn.functional.logsigmoid(f.double()).cumsum(1)                     # A_t, (B, N, H)
-        at_last = cumulative.gather(1, last.expand(B, 1, cumulative.shape[-1]))          # A_{L-1}
+        # summed in float64, so that each difference A_{L-1} - A_s is as exact as its own terms; the
+        # autograd graph keeps no float64 tensor (casts, sums and where save none; gather would)
+        log_f = nn.functional.logsigmoid(f).double()
+        cumulative = log_f.cumsum(1)                                                     # A_t, (B, N, H)
+        at_last = torch.where(real, log_f, log_f.new_zeros(())).sum(1, keepdim=True)     # A_{L-1}
         # -inf past the length: a zero weight whose gradient is zero too (exp(-inf) = 0)
         log_weight = torch.where(real, at_last - cumulative,
                                  torch.tensor(float("-inf"), dtype=torch.float64, device=seq.device))
-        cell = (log_weight.exp() * (torch.sigmoid(i) * torch.tanh(g)).double()).sum(1)
+        cell = (log_weight.to(dtype).exp() * torch.sigmoid(i) * torch.tanh(g)).sum(1)
     return cell.to(out.dtype)
 
 
