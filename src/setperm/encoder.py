@@ -303,8 +303,8 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
     zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
     seq = torch.where(real, seq, zero)
     out = rnn(seq)[0]                                                  # (B, N, H_out): h_t of every step
-    last = (lengths - 1).clamp_min(0).view(B, 1, 1)                   # (a length-0 row is masked below)
     if isinstance(rnn, nn.GRU):
+        last = (lengths - 1).clamp_min(0).view(B, 1, 1)               # (a length-0 row is masked below)
         h = out.gather(1, last.expand(B, 1, out.shape[-1])).squeeze(1)
         return torch.where((lengths > 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
     h_prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)     # h_{-1} = 0
