@@ -4,9 +4,10 @@
 ``dictionary.pkl`` or CIFAR batch could run arbitrary commands. :func:`restricted_load` admits
 only the builtin containers and scalars (``dict``, ``list``, ``tuple``, ``set``, ``str``,
 ``bytes``, ``int``, ``float``, ``bool``, ``None``: pickle builds these without calling any
-global) and, when ``allow_numpy`` is set, numpy's array and scalar reconstruction (the only
-callables a CIFAR-10 python batch or a pickled numpy value needs; they build arrays from raw
-bytes and call nothing else). Any other global is refused with :class:`UnsafePickleError`,
+global, except ``bytes`` that Python 3 wrote in protocols 0 - 2, rebuilt by a latin1-only
+stand-in for ``_codecs.encode``) and, when ``allow_numpy`` is set, numpy's array and scalar
+reconstruction (the only callables a CIFAR-10 python batch or a pickled numpy value needs; they
+build arrays from raw bytes and call nothing else). Any other global is refused with :class:`UnsafePickleError`,
 before it is called.
 """
 from __future__ import annotations
@@ -19,10 +20,13 @@ from typing import Any
 
 # Module-qualified names of the callables that rebuild numpy arrays / dtypes / scalars.
 # numpy >= 2 pickles from ``numpy._core``; files written by numpy 1.x name ``numpy.core``.
+# Pickle protocol 5 (Python 3.14's default, any Python's ``protocol=5``) stores a contiguous array
+# as its raw buffer, rebuilt by ``numeric._frombuffer`` (``np.frombuffer`` and a reshape); older
+# protocols by ``multiarray._reconstruct`` and the array's ``__setstate__``.
 _NUMPY_GLOBALS = {
-    (module, name)
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")
+    (f"{package}.{module}", name)
+    for package in ("numpy.core", "numpy._core")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
 } | {("numpy", "ndarray"), ("numpy", "dtype")}
 
 # Builtins that some writers emit through find_class (e.g. protocol 0/1 sets, or ``copyreg``'s
@@ -35,12 +39,23 @@ class UnsafePickleError(pickle.UnpicklingError):
     """A pickle names a global this reader does not admit (it is never imported or called)."""
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 calls it for a ``bytes`` value in protocols 0 - 2 (which have
+    no bytes opcode): the string's code points as bytes, and no other codec."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise UnsafePickleError(f"refused to call _codecs.encode with {encoding!r}: only the latin1 encoding of "
+                                "bytes values is allowed in this file")
+    return text.encode("latin1")
+
+
 class _Restricted(pickle.Unpickler):
     def __init__(self, file, *, allow_numpy: bool, encoding: str):
         super().__init__(file, encoding=encoding)
         self.allow_numpy = allow_numpy
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         if (module, name) in _BUILTIN_GLOBALS or (self.allow_numpy and (module, name) in _NUMPY_GLOBALS):
             return super().find_class(module, name)
         raise UnsafePickleError(f"refused to load global {module}.{name}: only builtin containers and scalars"

@@ -14,6 +14,7 @@ from integrations.common import (CheckpointError, RunError, UnsafePickleError, g
                                  read_checkpoint, restricted_load, step_seed)
 from integrations.common.checkpoint import rng_state, set_rng_state, write_checkpoint
 from integrations.common.progress import LineProgress
+from integrations.common.safe_pickle import restricted_loads
 
 
 class Payload:
@@ -214,13 +215,26 @@ def test_restricted_unpickler_refuses_payloads_and_reads_plain_and_numpy_data(tm
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps([{"what": 0, "is": 1}, ["what", "is"], {3: 0.5}, (1, None, True), {1, 2}]))
     assert restricted_load(plain) == [{"what": 0, "is": 1}, ["what", "is"], {3: 0.5}, (1, None, True), {1, 2}]
-    arrays = tmp_path / "batch.pkl"
-    arrays.write_bytes(pickle.dumps({b"data": np.arange(6, dtype=np.uint8).reshape(2, 3), b"labels": [1, 2],
-                                     b"x": np.float32(1.5)}))
-    with pytest.raises(UnsafePickleError):
-        restricted_load(arrays)                            # numpy only when asked for
-    got = restricted_load(arrays, allow_numpy=True)
-    assert got[b"data"].tolist() == [[0, 1, 2], [3, 4, 5]] and got[b"x"] == np.float32(1.5)
+    # every protocol a writer may have used: 0 - 2 (Python 3 writes bytes there as _codecs.encode(text,
+    # "latin1")), 4, and 5 (Python 3.14's default), which stores contiguous arrays (C or Fortran
+    # order) as raw buffers
+    data = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        arrays = tmp_path / f"batch{protocol}.pkl"
+        arrays.write_bytes(pickle.dumps({b"data": data, b"fortran": np.asfortranarray(data.astype(np.float64)),
+                                         b"strided": data[:, ::2], b"labels": [1, 2], b"x": np.float32(1.5)},
+                                        protocol=protocol))
+        with pytest.raises(UnsafePickleError):
+            restricted_load(arrays)                            # numpy only when asked for
+        got = restricted_load(arrays, allow_numpy=True)
+        assert got[b"data"].tolist() == [[0, 1, 2], [3, 4, 5]] and got[b"data"].dtype == np.uint8
+        assert got[b"fortran"].tolist() == data.tolist() and got[b"fortran"].dtype == np.float64
+        assert got[b"strided"].tolist() == [[0, 2], [3, 5]] and got[b"x"] == np.float32(1.5)
+    # the stand-in for _codecs.encode rebuilds latin1 bytes only: no other codec is looked up
+    assert restricted_loads(pickle.dumps(b"\x00\xff", protocol=2)) == b"\x00\xff"
+    crafted = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x06\x00\x00\x00rot_13\x86R."
+    with pytest.raises(UnsafePickleError, match="rot_13"):
+        restricted_loads(crafted)
 
 
 def test_step_seed_streams_are_keyed_not_sequential():
