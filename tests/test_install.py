@@ -22,7 +22,7 @@ def test_installed_package_is_not_shadowed_by_a_clone_named_setperm(tmp_path):
         pytest.skip("setperm is not installed in this interpreter (tests run from the checkout)")
     parent = tmp_path / "projects"
     (parent / "setperm" / "src").mkdir(parents=True)                   # the clone, as `git clone` names it
-    (parent / "setperm" / "README.md").write_text("a clone\n")
+    (parent / "setperm" / "README.md").write_text("a clone\n", encoding="utf-8")
     there = _import_in(parent)
     assert there.returncode == 0, there.stderr
     assert there.stdout.split() == found.stdout.split() == [found.stdout.split()[0], "PermutationSetEncoder"]

@@ -236,7 +236,7 @@ def test_core_library_does_not_import_pyg():
 def test_documented_examples_run_as_written(capsys):
     """The code blocks of docs/pyg.md (after the call signature) run in order and print what their
     comments say."""
-    doc = (REPO / "docs" / "pyg.md").read_text()
+    doc = (REPO / "docs" / "pyg.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)[1:]
     assert len(blocks) == 2
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_example_runs(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
     assert blocks, "README has no python example"
     ns = {}
     exec(compile(blocks[0], str(README), "exec"), ns)
@@ -26,17 +26,18 @@ def test_readme_example_runs(capsys):
 
 def test_ci_installs_and_tests_exactly_as_the_readme_says():
     tomllib = pytest.importorskip("tomllib")
-    m = re.search(r'pip install ("torch==[^"]+") -e "\.\[(\w+)\]" && python -m pytest -q', README.read_text())
+    m = re.search(r'pip install ("torch==[^"]+") -e "\.\[(\w+)\]" && python -m pytest -q',
+                  README.read_text(encoding="utf-8"))
     assert m, "README has no install-and-test command"
     pin, extra = m.groups()
-    ci = (README.parent / ".ci" / "run").read_text()
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert f'python3 -m pip install -q {pin} -e ".[{extra}]"' in ci and "\npython3 -m pytest -q\n" in ci
-    project = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((README.parent / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert any(dep.startswith("pytest") for dep in project["optional-dependencies"][extra])
 
 
 def test_readme_states_install_and_test_commands():
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     assert 'pip install "torch==2.13.0" -e ".[test]" && python -m pytest -q' in text
-    ci = (README.parent / ".ci" / "run").read_text()
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert "python3 -m pytest -q" in ci and '"torch==2.13.0" -e ".[test]"' in ci

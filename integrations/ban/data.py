@@ -109,7 +109,7 @@ def _require_keys(path: Path, name: str, entries: list, keys: Sequence[str]) -> 
 def _load_json(path: Path):
     _require(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except Exception as e:
         raise VQADataError(path, "<file>", f"cannot parse JSON ({type(e).__name__}: {e})") from None

@@ -116,7 +116,7 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
         for split in ("train", "val", "test2015"):  # official: tf-idf over train, val and test questions
             qfile = root / QUESTION_FILES[split]
             if qfile.is_file():
-                qs += [q["question"] for q in json.loads(qfile.read_text())["questions"]]
+                qs += [q["question"] for q in json.loads(qfile.read_text(encoding="utf-8"))["questions"]]
         tfidf = tfidf_word_embedding(qs, Dictionary.load(root / "dictionary.pkl"), glove)
     init_word_embedding(ban, glove, tfidf)
     if args.permutation == "off":
@@ -225,7 +225,7 @@ def load_question_types(root) -> Optional[dict]:
     meta = Path(root) / "synth_meta.json"
     if not meta.is_file():
         return None
-    return {int(k): v for k, v in json.loads(meta.read_text())["question_type"].items()}
+    return {int(k): v for k, v in json.loads(meta.read_text(encoding="utf-8"))["question_type"].items()}
 
 
 def datasets(args):

@@ -3,6 +3,8 @@ and the entry point that turns known failures into one line and an exit code."""
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import math
 import os
 import sys
@@ -165,6 +167,7 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: 
     (stop at once) gives 128 + that signal's number; Ctrl-C outside a training loop gives 130. Anything
     else is a defect and keeps its traceback.
     """
+    _printable_everywhere()
     try:
         return int(main(argv) or 0)
     except RunInterrupted as e:
@@ -186,6 +189,18 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: 
             raise
         print(f"{prog}: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
+
+
+def _printable_everywhere() -> None:
+    """Where the output's encoding is not UTF-8 (an ISO-8859 or C locale, a Windows code page, output
+    redirected to a file there), a character of a report it cannot encode (the tables' minus and
+    dashes) is printed as a backslash escape instead of ending a finished run with a
+    UnicodeEncodeError. The files the commands write are UTF-8 wherever they run."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        if (isinstance(stream, io.TextIOWrapper) and encoding and codecs.lookup(encoding).name != "utf-8"
+                and stream.errors in ("strict", "surrogateescape")):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def describe_os_error(err: OSError) -> str:

@@ -136,7 +136,7 @@ def _json_roundtrip(config: dict) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RunError(f"{path} cannot be read ({type(e).__name__}: {e}); remove the folder or pass --overwrite") from None
 

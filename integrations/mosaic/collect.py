@@ -17,7 +17,7 @@ DATASETS = (("mnist", "MNIST"), ("cifar10", "CIFAR-10 subset"), ("tiny", "Tiny I
 
 def _final(folder: Path):
     p = folder / "summary.json"
-    return json.loads(p.read_text())["final"] if p.is_file() else None
+    return json.loads(p.read_text(encoding="utf-8"))["final"] if p.is_file() else None
 
 
 def table(runs: Path, metric: str, scale: float, fmt: str, classify: bool = False) -> str:
@@ -49,7 +49,7 @@ def timing(runs: Path) -> str:
         m = p / "summary.json"
         if not m.is_file():
             continue
-        d = json.loads(m.read_text())
+        d = json.loads(m.read_text(encoding="utf-8"))
         f = d["final"]
         lines.append(f"| {p.name} | {d['n_train']} | {d['config']['epochs']} | {d['n_test']} | {f.get('train_seconds')} |")
     return "\n".join(lines)

@@ -137,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"set_tasks: {out} holds a finished sweep with these settings; nothing to do "
               f"(--overwrite starts it again)", file=sys.stderr)
         if table.is_file():
-            print(table.read_text(), end="")
+            print(table.read_text(encoding="utf-8"), end="")
         return 0
     if not args.no_report:
         write_report(out, command=command)

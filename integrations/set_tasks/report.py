@@ -33,7 +33,7 @@ def load_cells(out: Path) -> List[dict]:
     cells = []
     for path in sorted((Path(out) / "cells").glob("*/*/seed*.json")):
         try:
-            cells.append(json.loads(path.read_text()))
+            cells.append(json.loads(path.read_text(encoding="utf-8")))
         except ValueError as e:
             raise ValueError(f"{path}: not a finished cell file ({e})") from None
     return cells
@@ -375,11 +375,11 @@ def write_report(out: Path, command: str = "") -> dict:
         raise CommandError(f"--out {out}: no finished cell files under {Path(out) / 'cells'}")
     config = Path(out) / "config.json"
     if config.exists():
-        command = json.loads(config.read_text()).get("command") or command
+        command = json.loads(config.read_text(encoding="utf-8")).get("command") or command
     summary = summarize(cells)
     summary["command"] = command
     res = Path(out) / "results"
     write_json(res / "summary.json", summary, sort_keys=False)
-    (res / "table.md").write_text(markdown(summary, command))
+    (res / "table.md").write_text(markdown(summary, command), encoding="utf-8")
     plot(summary, res / "set_tasks.png")
     return summary

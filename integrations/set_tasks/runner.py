@@ -39,7 +39,7 @@ def cell_path(out: Path, task: str, encoder: str, seed: int) -> Path:
 
 def is_finished(path: Path) -> bool:
     try:
-        json.loads(Path(path).read_text())
+        json.loads(Path(path).read_text(encoding="utf-8"))
         return True
     except (OSError, ValueError):
         return False

@@ -205,12 +205,12 @@ def _load_evals(patterns: Sequence[str]):
         files += hits
     merged, summaries = {}, {}
     for f in files:
-        payload = json.loads(Path(f).read_text())
+        payload = json.loads(Path(f).read_text(encoding="utf-8"))
         for r in payload["records"]:
             merged[(r["permutation"], r["train_size"], r["test_size"], r["low"], r["high"])] = r
         summary = Path(payload["run"]) / "summary.json"
         if summary.is_file():
-            summaries[str(summary.resolve())] = json.loads(summary.read_text())
+            summaries[str(summary.resolve())] = json.loads(summary.read_text(encoding="utf-8"))
     return list(merged.values()), list(summaries.values())
 
 
@@ -220,7 +220,7 @@ def _write_tables(records, summaries, out: Path, title: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     md = markdown_report(records, summaries, title=title)
     write_json(out / "results.json", dict(records=records, training=summaries))
-    (out / "results.md").write_text(md + "\n")
+    (out / "results.md").write_text(md + "\n", encoding="utf-8")
     return md
 
 
@@ -263,18 +263,18 @@ def cmd_demo(args) -> int:
     sizes = [cfg["set_size"]] + [n for n in args.eval_sizes if n != cfg["set_size"]]
     eval_file = out / "eval.json"
     settings = _eval_settings(sizes, args.intervals, args.test_sets, args.eval_seed)
-    previous = json.loads(eval_file.read_text()) if eval_file.is_file() else None
+    previous = json.loads(eval_file.read_text(encoding="utf-8")) if eval_file.is_file() else None
     if previous is not None and all(previous.get(k) == v for k, v in settings.items()):
         records = previous["records"]                      # this very evaluation is already on disk
     else:
         records = _run_eval(str(out), sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,
                             cfg["device"], eval_file, overwrite=True)
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         _write_tables(records, [summary], out, f"Sorting demo: PO-U trained at N={cfg['set_size']}")
         if cfg["permutation"] == "po-u":
             print(f"wrote {_heatmap(str(out), out / 'comparison.png')}")
     print()
-    print((out / "results.md").read_text())
+    print((out / "results.md").read_text(encoding="utf-8"))
     print(f"results: {out / 'results.md'}")
     return 0
 

@@ -39,7 +39,7 @@ def _model_and_batch(root, permutation):
 def test_main_writes_every_part_with_positive_times(root, tmp_path):
     out = tmp_path / "steps.json"
     bst.main(["--data-root", str(root), "--permutation", "po-u", *TINY, "--out", str(out)])
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     assert data["variant"] == "po-u" and data["steps"] == 2
     for key in ("median_s", "cpu_median_s"):
         assert data[key]["off"] > 0 and data[key]["po-u"] > 0

@@ -74,7 +74,7 @@ def test_memory_probe_runs_in_a_fresh_process(impl, request):
 def test_layer_benchmark_tiny(tmp_path, capsys):
     assert layer.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
                        "--conv1d-on", "tiny vqa", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "layer_tiny.json").read_text())
+    data = json.loads((tmp_path / "layer_tiny.json").read_text(encoding="utf-8"))
     impls = [r["impl"] for r in data["rows"]]
     assert impls.count("setperm (chunked)") == 3 and impls.count("setperm (compiled)") == 3
     assert "reference (Conv1d)" in impls
@@ -90,7 +90,7 @@ def test_layer_benchmark_tiny(tmp_path, capsys):
 def test_scaling_benchmark_tiny(tmp_path):
     assert scaling.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
                          "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "scaling_tiny.json").read_text())
+    data = json.loads((tmp_path / "scaling_tiny.json").read_text(encoding="utf-8"))
     assert {r["N"] for r in data["n_rows"]} == {4, 8, 16}
     assert data["exponents"]["setperm_time_N"] is not None
     assert data["exponents"]["setperm-compiled_time_N"] is not None
@@ -102,7 +102,7 @@ def test_scaling_benchmark_tiny(tmp_path):
 @pytest.mark.usefixtures("torch_compile_runs")
 def test_limit_benchmark_tiny(tmp_path):
     assert limit.main(["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "limit_tiny.json").read_text())
+    data = json.loads((tmp_path / "limit_tiny.json").read_text(encoding="utf-8"))
     assert data["ceilings"]["gemm_gflops"] > 0
     assert all(r["fraction"] > 0 for r in data["rows"])
     assert {r["impl"] for r in data["rows"]} == {"setperm", "setperm-compiled"}
@@ -117,7 +117,7 @@ def test_fit_exponent_recovers_a_power_law():
 @pytest.mark.usefixtures("torch_compile_runs")
 def test_internals_benchmark_tiny(tmp_path):
     assert internals.main(["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "internals_tiny.json").read_text())
+    data = json.loads((tmp_path / "internals_tiny.json").read_text(encoding="utf-8"))
     assert data["sinkhorn"]["scaling_fb_ms"] > 0 and data["sinkhorn"]["log_domain_fb_ms"] > 0
     assert set(data["system_time_share"]) == {"setperm", "setperm-compiled"}
     assert all(len(v) == 4 and all(t > 0 for t in v) for v in data["compile_s"].values())

@@ -28,14 +28,14 @@ def _run(out, *extra, interpret=False):
 def test_compiles_both_kernels_and_reads_their_resources(tmp_path):
     r = _run(tmp_path, "--blocks", "16", "--warps", "1,2")
     assert r.returncode == 0, r.stderr
-    rows = json.loads((tmp_path / "fused_resources.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "fused_resources.json").read_text(encoding="utf-8"))["rows"]
     assert [(row["warps"], row["kernel"]) for row in rows] == [
         (1, "forward_kernel"), (1, "backward_kernel"), (2, "forward_kernel"), (2, "backward_kernel")]
     for row in rows:
         assert "note" not in row, row
         assert 0 < row["registers"] <= 255 and row["stack"] >= 0 and row["shared"] >= 0
     assert [row["used"] for row in rows] == ["", "", "yes", "yes"]        # setperm.fused uses 2 warps at 16
-    assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text()
+    assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text(encoding="utf-8")
 
 
 def test_refuses_under_the_interpreter_and_bad_flags(tmp_path):

@@ -43,7 +43,7 @@ def _checkout(tmp_path):
     folder = tmp_path / "perm-optim" / "ban-vqa"
     folder.mkdir(parents=True)
     for name, text in STAND_IN.items():
-        (folder / name).write_text(text)
+        (folder / name).write_text(text, encoding="utf-8")
     return tmp_path / "perm-optim"
 
 
@@ -62,7 +62,7 @@ def test_cpu_dry_run_writes_every_row(tmp_path):
     assert gpu.main([*FAST, "--kernels", "auto,chunked", "--amp", "--perm-optim-root", str(root),
                      "--released-features", "6", "--out", str(tmp_path / "out")]) == 0
     assert not {"permnet", "permutation"} & (set(sys.modules) - before)
-    data = json.loads((tmp_path / "out" / "gpu_tiny.json").read_text())
+    data = json.loads((tmp_path / "out" / "gpu_tiny.json").read_text(encoding="utf-8"))
     impls = {r["impl"] for r in data["layer"]}
     assert impls == {"setperm (auto)", "setperm (chunked)", "reference", "released PermNet"}
     for row in data["layer"]:
@@ -85,7 +85,7 @@ def test_cpu_dry_run_writes_every_row(tmp_path):
     assert models == ["BAN", "BAN + LSTM", "BAN + PO-U", "BAN + PO-U, kernel fused", "BAN + PO-U, bf16 autocast",
                       "BAN + PO-U, kernel fused, bf16 autocast"]
     assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
-    table = (tmp_path / "out" / "gpu_tiny.md").read_text()
+    table = (tmp_path / "out" / "gpu_tiny.md").read_text(encoding="utf-8")
     assert "released PermNet" in table and "BAN + PO-U" in table and "LSTM readout" in table
     assert data["fallbacks"] == [] and "Fallbacks" not in table
 
@@ -97,10 +97,10 @@ def test_a_kernel_that_fell_back_is_named_with_the_results(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("default")                 # (the suite makes a fused fallback an error)
         assert gpu.main([*FAST, "--kernels", "fused", "--no-optimizer", "--no-ban", "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text(encoding="utf-8"))
     # named once (a torch that cannot compile on this Python adds the compiled pairwise kernel's own)
     assert sum("Triton is not installed" in f for f in data["fallbacks"]) == 1
-    assert "Fallbacks during the run" in (tmp_path / "gpu_tiny.md").read_text()
+    assert "Fallbacks during the run" in (tmp_path / "gpu_tiny.md").read_text(encoding="utf-8")
 
 
 def test_bad_perm_optim_root_is_one_line(capsys, tmp_path):
@@ -121,12 +121,12 @@ def test_bad_kernels_flag():
 def test_the_whole_encoder_compiled_is_timed_with_its_first_call(tmp_path):
     assert gpu.main([*FAST, "--no-layer", "--no-optimizer", "--no-ban", "--compile-modes", "reduce-overhead",
                      "--out", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text(encoding="utf-8"))
     assert [row["kernel"] for row in data["compile"]] == ["auto", "fused"]
     for row in data["compile"]:
         assert row["impl"] == "torch.compile(encoder, mode='reduce-overhead')" and "note" not in row, row
         assert row["first_call_s"] > 0 and row["fb_ms"] > 0
-    assert "under torch.compile" in (tmp_path / "gpu_tiny.md").read_text()
+    assert "under torch.compile" in (tmp_path / "gpu_tiny.md").read_text(encoding="utf-8")
     with pytest.raises(SystemExit):
         gpu.main([*FAST, "--compile-modes", "fastest"])
     with pytest.raises(SystemExit):
@@ -140,10 +140,10 @@ def test_a_run_stopped_part_way_keeps_the_rows_it_finished(tmp_path, monkeypatch
     monkeypatch.setattr(gpu, "optimizer_rows", stopped)
     with pytest.raises(KeyboardInterrupt):
         gpu.main([*FAST, "--kernels", "chunked", "--no-ban", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text(encoding="utf-8"))
     assert {r["impl"] for r in data["layer"]} == {"setperm (chunked)", "reference"}
     assert data["optimizer"] == [{"config": "B=3 N=6", "impl": "unrolled", "fb_ms": 1.5}] and data["readout"] == []
-    table = (tmp_path / "gpu_tiny.md").read_text()
+    table = (tmp_path / "gpu_tiny.md").read_text(encoding="utf-8")
     assert "Layer" in table and "| B=3 N=6 | unrolled | 1.5" in table
 
 

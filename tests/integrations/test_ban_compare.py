@@ -21,7 +21,7 @@ def root(tmp_path_factory):
 def test_compare_trains_each_cell_and_reports(root, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--data-root", str(root), "--out", str(out), *FLAGS]) == 0
-    results = json.loads((out / "results" / "compare.json").read_text())
+    results = json.loads((out / "results" / "compare.json").read_text(encoding="utf-8"))
     assert sorted(results["runs"]) == ["off-s0", "off-s1", "po-u-s0", "po-u-s1"]
     assert "all" in results["families"] and set(results["summary"]["all"]) == {"off", "po-u"}
     test = results["tests"]["all"]["off vs po-u"]
@@ -30,7 +30,7 @@ def test_compare_trains_each_cell_and_reports(root, tmp_path, capsys):
     curves = results["runs"]["po-u-s0"]["curves"]
     assert any(k.startswith("eta/") for k in curves) and any(k.startswith("permutation_entropy/") for k in curves)
     assert results["runs"]["off-s0"]["curves"] == {}
-    md = (out / "results" / "compare.md").read_text()
+    md = (out / "results" / "compare.md").read_text(encoding="utf-8")
     assert "| all |" in md and "BAN + PO-U" in md and "p " in md
     assert (out / "results" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a finished sweep with the same settings changes nothing; other settings are refused
@@ -48,8 +48,8 @@ def test_parallel_runs_give_the_same_results_as_sequential_ones(root, tmp_path):
     seq, par = tmp_path / "seq", tmp_path / "par"
     assert main(["compare", "--data-root", str(root), "--out", str(seq), *flags]) == 0
     assert main(["compare", "--data-root", str(root), "--out", str(par), "--jobs", "2", *flags]) == 0
-    a = json.loads((seq / "results" / "compare.json").read_text())["runs"]
-    b = json.loads((par / "results" / "compare.json").read_text())["runs"]
+    a = json.loads((seq / "results" / "compare.json").read_text(encoding="utf-8"))["runs"]
+    b = json.loads((par / "results" / "compare.json").read_text(encoding="utf-8"))["runs"]
     assert sorted(a) == sorted(b)
     for name in a:
         assert a[name]["val"] == b[name]["val"] and a[name]["train_soft_acc"] == b[name]["train_soft_acc"], name
@@ -67,7 +67,7 @@ def test_resume_extends_a_finished_sweep_with_more_seeds(root, tmp_path):
     with pytest.raises(RunError, match="--resume"):
         main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--seeds", "0", "1"])
     assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--seeds", "0", "1", "--resume"]) == 0
-    results = json.loads((out / "results" / "compare.json").read_text())
+    results = json.loads((out / "results" / "compare.json").read_text(encoding="utf-8"))
     assert sorted(results["runs"]) == ["off-s0", "off-s1"]
     assert (out / "runs" / "off-s0" / "summary.json").read_bytes() == first      # the finished run is reused
 
@@ -87,15 +87,15 @@ def test_ablation_variants_set_their_settings_and_extend_a_sweep(root, tmp_path)
     assert main(["compare", "--data-root", str(root), "--out", str(out), *flags, "--resume",
                  "--variants", "off", "po-u-geometry", "po-u-oracle", "po-u-geometry-st"]) == 0
     assert (out / "runs" / "off-s0" / "summary.json").read_bytes() == first
-    config = lambda name: json.loads((out / "runs" / name / "config.json").read_text())
+    config = lambda name: json.loads((out / "runs" / name / "config.json").read_text(encoding="utf-8"))
     assert "order_by" not in config("off-s0") and "oracle_relevance" not in config("off-s0")
     assert config("po-u-geometry-s0")["order_by"] == "geometry" and config("po-u-geometry-s0")["permutation"] == "po-u"
     assert config("po-u-oracle-s0")["oracle_relevance"] is True and "order_by" not in config("po-u-oracle-s0")
     st = config("po-u-geometry-st-s0")
     assert st["straight_through"] is True and st["order_by"] == "geometry" and "straight_through" not in config("off-s0")
-    results = json.loads((out / "results" / "compare.json").read_text())
+    results = json.loads((out / "results" / "compare.json").read_text(encoding="utf-8"))
     assert sorted(results["runs"]) == ["off-s0", "po-u-geometry-s0", "po-u-geometry-st-s0", "po-u-oracle-s0"]
-    assert "BAN + PO-U (oracle relevance)" in (out / "results" / "compare.md").read_text()
+    assert "BAN + PO-U (oracle relevance)" in (out / "results" / "compare.md").read_text(encoding="utf-8")
     # the oracle run is trained and diagnosed with the ground truth: weight sigmoid(4) on the asked class's
     # boxes and sigmoid(-4) elsewhere (count_left's landmark is relevant too, so it is left out here)
     diag = diagnose_run(out / "runs" / "po-u-oracle-s0")

@@ -51,7 +51,7 @@ def test_items_have_documented_shapes_and_box_range(root):
 def test_features_follow_imgid2idx_and_pos_boxes(root):
     ds = VQAFeatureDataset(root, "val")
     questions = {q["question_id"]: q for q in json.loads(
-        (root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]}
+        (root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text(encoding="utf-8"))["questions"]}
     with open(root / "val_imgid2idx.pkl", "rb") as f:
         idx = pickle.load(f)
     with h5py.File(root / "val.hdf5", "r") as f:
@@ -222,7 +222,7 @@ def test_bad_label_named(broken):
 
 def test_missing_question_key_named(broken):
     p = broken / "v2_OpenEnded_mscoco_val2014_questions.json"
-    p.write_text(json.dumps({"qs": []}))
+    p.write_text(json.dumps({"qs": []}), encoding="utf-8")
     with pytest.raises(VQADataError, match=_match("questions.json", "questions")):
         VQAFeatureDataset(broken, "val")
 
@@ -236,9 +236,9 @@ def test_glove_shape_named(broken):
 def test_question_without_image_id_named(broken):
     # any question, not only the first: the reader must not fail later with a raw KeyError
     p = broken / "v2_OpenEnded_mscoco_val2014_questions.json"
-    qs = json.loads(p.read_text())
+    qs = json.loads(p.read_text(encoding="utf-8"))
     del qs["questions"][-1]["image_id"]
-    p.write_text(json.dumps(qs))
+    p.write_text(json.dumps(qs), encoding="utf-8")
     n = len(qs["questions"]) - 1
     with pytest.raises(VQADataError, match=_match("questions.json", rf"questions\[{n}\]\.image_id")):
         VQAFeatureDataset(broken, "val")

@@ -126,8 +126,8 @@ def sweep(tmp_path_factory):
 
 
 def _val_families(root):
-    meta = json.loads((root / "synth_meta.json").read_text())
-    qs = json.loads((root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    meta = json.loads((root / "synth_meta.json").read_text(encoding="utf-8"))
+    qs = json.loads((root / "v2_OpenEnded_mscoco_val2014_questions.json").read_text(encoding="utf-8"))["questions"]
     return {meta["question_type"][str(q["question_id"])] for q in qs}, len(qs)
 
 
@@ -188,14 +188,14 @@ def test_cli_writes_and_refuses_to_overwrite(sweep, capsys):
     run = out / "runs" / "po-u-s1"
     assert main(["diagnose", "--run", str(run), "--max-questions", "2"]) == 0
     written = run / "diagnose_val.json"
-    first = json.loads(written.read_text())
+    first = json.loads(written.read_text(encoding="utf-8"))
     assert first["n_questions"] == 2 and "| all |" in capsys.readouterr().out
     before = written.read_bytes()
     with pytest.raises(RunError, match="--overwrite"):
         main(["diagnose", "--run", str(run)])
     assert written.read_bytes() == before
     assert main(["diagnose", "--run", str(run), "--overwrite"]) == 0
-    assert json.loads(written.read_text())["n_questions"] > 2
+    assert json.loads(written.read_text(encoding="utf-8"))["n_questions"] > 2
 
 
 def test_sweep_report_per_variant_and_refusal(sweep, tmp_path):
@@ -205,8 +205,8 @@ def test_sweep_report_per_variant_and_refusal(sweep, tmp_path):
     shutil.copytree(out / "runs", copy / "runs")
     unfinished = copy / "runs" / "po-u-s7"
     shutil.copytree(copy / "runs" / "po-u-s0", unfinished)
-    summary = json.loads((unfinished / "summary.json").read_text())
-    (unfinished / "summary.json").write_text(json.dumps({**summary, "finished": False}))
+    summary = json.loads((unfinished / "summary.json").read_text(encoding="utf-8"))
+    (unfinished / "summary.json").write_text(json.dumps({**summary, "finished": False}), encoding="utf-8")
     res = diagnose_sweep(copy, max_questions=4)
     assert res["variants"] == ["off", "po-u"] and res["seeds"] == {"off": [0, 1], "po-u": [0, 1]}
     assert res["skipped"] == ["po-u-s7"]
@@ -219,9 +219,9 @@ def test_sweep_report_per_variant_and_refusal(sweep, tmp_path):
     assert res["tests"]["all"]["mass: off vs po-u"]["n"] == 2
     assert "abs rho x: po-u vs input order" in res["tests"]["all"]
     json.dumps(res, allow_nan=False)
-    written = json.loads((copy / "results" / "diagnose.json").read_text())
+    written = json.loads((copy / "results" / "diagnose.json").read_text(encoding="utf-8"))
     assert written["summary"] == json.loads(json.dumps(res["summary"]))
-    md = (copy / "results" / "diagnose.md").read_text()
+    md = (copy / "results" / "diagnose.md").read_text(encoding="utf-8")
     # every row of each table has as many cells as its header (no stray pipes inside cells)
     tables = [block.splitlines() for block in md.split("\n\n") if block.startswith("|")]
     assert len(tables) >= 4 and all(len({line.count("|") for line in t}) == 1 for t in tables)
@@ -241,9 +241,9 @@ def test_sweep_reuses_a_runs_own_diagnosis_of_the_same_checkpoint(sweep, tmp_pat
         p.unlink()
     run = copy / "runs" / "po-u-s0"
     assert main(["diagnose", "--run", str(run)]) == 0
-    own = json.loads((run / "diagnose_val.json").read_text())
+    own = json.loads((run / "diagnose_val.json").read_text(encoding="utf-8"))
     own["eta"]["checkpoint"] = {"marker": 123.0}           # recognisable if reused
-    (run / "diagnose_val.json").write_text(json.dumps(own))
+    (run / "diagnose_val.json").write_text(json.dumps(own), encoding="utf-8")
     logs = []
     res = diagnose_sweep(copy, log=logs.append)
     assert res["runs"]["po-u-s0"]["eta"]["checkpoint"] == {"marker": 123.0}
@@ -252,6 +252,6 @@ def test_sweep_reuses_a_runs_own_diagnosis_of_the_same_checkpoint(sweep, tmp_pat
     res = diagnose_sweep(copy, log=logs.append, max_questions=3, out=tmp_path / "d.json")
     assert res["runs"]["po-u-s0"]["eta"]["checkpoint"] != {"marker": 123.0}
     own["definitions"] = {"attention_mass": "older statistics"}
-    (run / "diagnose_val.json").write_text(json.dumps(own))
+    (run / "diagnose_val.json").write_text(json.dumps(own), encoding="utf-8")
     res = diagnose_sweep(copy, out=tmp_path / "e.json")
     assert res["runs"]["po-u-s0"]["eta"]["checkpoint"] != {"marker": 123.0}

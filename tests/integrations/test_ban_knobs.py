@@ -46,18 +46,18 @@ def test_knobs_writes_one_dataset_per_generator_setting_and_reports(tmp_path, ca
     finally:
         K.make_data = original
     assert sorted(p.name for p in (out / "data").iterdir()) == ["base", "images=12"]
-    results = json.loads((out / "results" / "knobs.json").read_text())
+    results = json.loads((out / "results" / "knobs.json").read_text(encoding="utf-8"))
     assert [r["knob"] for r in results["rows"]] == ["base", "images=12", "gamma=2"]
-    gamma = json.loads((out / "runs" / "gamma=2-s0" / "config.json").read_text())
+    gamma = json.loads((out / "runs" / "gamma=2-s0" / "config.json").read_text(encoding="utf-8"))
     assert gamma["gamma"] == 2 and gamma["permutation"] == "off" and gamma["data_root"].endswith("base")
-    base = json.loads((out / "runs" / "base-s0" / "config.json").read_text())
+    base = json.loads((out / "runs" / "base-s0" / "config.json").read_text(encoding="utf-8"))
     assert base["gamma"] == 1
     for r in results["rows"]:
         assert len(r["steps_to_90"]) == 1 and (r["steps_to_90"][0] is None or 0 < r["steps_to_90"][0] <= r["steps"])
         assert 0 <= r["exists"]["mean"] <= 1 and 0 <= r["colour"]["mean"] <= 1 and r["seconds"]["mean"] > 0
-    meta = json.loads((out / "data" / "images=12" / "synth_meta.json").read_text())
+    meta = json.loads((out / "data" / "images=12" / "synth_meta.json").read_text(encoding="utf-8"))
     assert set(meta["question_type"].values()) <= {"exists", "colour"}
-    md = (out / "results" / "knobs.md").read_text()
+    md = (out / "results" / "knobs.md").read_text(encoding="utf-8")
     assert "| images=12 |" in md and "| gamma=2 |" in md
     # a finished scan with the same settings changes nothing
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}

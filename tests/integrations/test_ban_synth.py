@@ -29,7 +29,7 @@ def root(tmp_path_factory):
 # ------------------------------------------------------------------ layout
 
 def test_layout_is_read_by_the_official_reader(root):
-    meta = json.loads((root / "synth_meta.json").read_text())
+    meta = json.loads((root / "synth_meta.json").read_text(encoding="utf-8"))
     for split, n_img in (("train", 40), ("val", 12)):
         ds = VQAFeatureDataset(root, split)
         assert len(ds) == n_img * 4 and ds.v_dim == 128
@@ -47,7 +47,7 @@ def test_layout_is_read_by_the_official_reader(root):
 
 def test_first_images_have_the_extreme_box_counts(tmp_path):
     out = synth.generate(tmp_path / "d", images=3, val_images=2, questions=2, v_dim=8, min_boxes=12, max_boxes=30)
-    meta = json.loads((out / "synth_meta.json").read_text())
+    meta = json.loads((out / "synth_meta.json").read_text(encoding="utf-8"))
     for split in ("train", "val"):
         assert meta["splits"][split]["min_boxes"] == 12 and meta["splits"][split]["max_boxes"] == 30
 
@@ -166,7 +166,7 @@ def test_box_iou():
 
 def test_families_and_yes_no_are_balanced(root):
     # every deck holds each family twice (exists as yes + no): the counts differ by a partial deck at most
-    meta = json.loads((root / "synth_meta.json").read_text())
+    meta = json.loads((root / "synth_meta.json").read_text(encoding="utf-8"))
     for split in ("train", "val"):
         fams = meta["splits"][split]["families"]
         assert set(fams) == set(FAMILIES) and max(fams.values()) - min(fams.values()) <= 2, fams
@@ -274,7 +274,7 @@ def test_relevant_boxes_are_the_asked_class_and_the_landmark(tmp_path):
     root = synth.generate(tmp_path / "d", images=8, val_images=8, questions=4, seed=3, v_dim=32, fixed=False)
     rel = relevant_boxes(root, "val")
     answers = oracle_answers(root, "val")
-    qtypes = json.loads((root / "synth_meta.json").read_text())["question_type"]
+    qtypes = json.loads((root / "synth_meta.json").read_text(encoding="utf-8"))["question_type"]
     assert set(rel) == set(answers)
     seen = set()
     for qid, mask in rel.items():
@@ -325,7 +325,7 @@ def test_command_checks_settings_and_folder_before_writing(tmp_path, capsys):
     assert not out.exists()
     unrelated = tmp_path / "mine"
     unrelated.mkdir()
-    (unrelated / "notes.txt").write_text("keep me\n")
+    (unrelated / "notes.txt").write_text("keep me\n", encoding="utf-8")
     code, err = _synth_command(capsys, "--images", "4", "--val-images", "2", "--out", str(unrelated))
     assert code == 1 and "holds no synthetic dataset" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in unrelated.iterdir()) == ["notes.txt"]

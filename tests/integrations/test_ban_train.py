@@ -90,13 +90,13 @@ def test_po_la_run_gets_one_position_per_box_of_the_largest_image(root, tmp_path
 
     out = tmp_path / "pola"
     run(_args(root, out, "--permutation", "po-la", "--epochs", "1"))
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     most = max(int(box_counts(VQAFeatureDataset(root, s)).max()) for s in ("train", "val"))
     assert config["num_positions"] == most
     assert 0 <= evaluate_run(out)["soft_acc"] <= 1
     # other variants do not record the setting (configs of runs made before it stay comparable)
     run(_args(root, tmp_path / "po-u", "--permutation", "po-u", "--max-steps", "1"))
-    assert "num_positions" not in json.loads((tmp_path / "po-u" / "config.json").read_text())
+    assert "num_positions" not in json.loads((tmp_path / "po-u" / "config.json").read_text(encoding="utf-8"))
 
 
 def test_resume_continues_exactly(root, tmp_path):
@@ -264,12 +264,12 @@ def test_amp_run_records_the_setting_and_resume_refuses_a_change(root, tmp_path)
 
     out = tmp_path / "amp"
     run(_args(root, out, "--permutation", "po-u", "--amp", "--max-steps", "1"))
-    assert json.loads((out / "config.json").read_text())["amp"] is True
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["amp"] is True
     with pytest.raises(RunError, match="amp"):
         run(_args(root, out, "--permutation", "po-u", "--max-steps", "2", "--resume"))
     # runs without --amp record nothing (configs written before the flag existed stay comparable)
     run(_args(root, tmp_path / "plain", "--permutation", "off", "--max-steps", "1"))
-    assert "amp" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "amp" not in json.loads((tmp_path / "plain" / "config.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")

@@ -6,12 +6,13 @@ import io
 import json
 import os
 import pickle
+import sys
 
 import pytest
 import torch
 
 from integrations.common import (CheckpointError, RunError, UnsafePickleError, generator, load_latest, open_run,
-                                 read_checkpoint, restricted_load, step_seed)
+                                 read_checkpoint, restricted_load, run_command, step_seed)
 from integrations.common.checkpoint import rng_state, set_rng_state, write_checkpoint
 from integrations.common.progress import LineProgress
 from integrations.common.safe_pickle import restricted_loads
@@ -52,11 +53,11 @@ def test_empty_folder_starts_and_foreign_folder_is_refused_even_with_overwrite(t
     open_run(empty, CFG, log=lambda s: None)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
+    (foreign / "notes.txt").write_text("mine", encoding="utf-8")
     for kw in ({}, {"overwrite": True}, {"resume": True}):
         with pytest.raises(RunError, match="holds no run"):
             open_run(foreign, CFG, log=lambda s: None, **kw)
-    assert (foreign / "notes.txt").read_text() == "mine"
+    assert (foreign / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_resume_refuses_each_changed_setting_by_name(tmp_path):
@@ -67,7 +68,8 @@ def test_resume_refuses_each_changed_setting_by_name(tmp_path):
     assert "lr 0.1 -> 0.01" in msg and "seed 0 -> 3" in msg and "threads" not in msg     # threads: operational
     # a length that may grow is accepted and recorded
     run = open_run(tmp_path / "r", {**CFG, "epochs": 5}, resume=True, may_change=("epochs",), log=lambda s: None)
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["epochs"] == 5 == run.config["epochs"]
+    saved = json.loads((tmp_path / "r" / "config.json").read_text(encoding="utf-8"))
+    assert saved["epochs"] == 5 == run.config["epochs"]
 
 
 def test_extending_a_finished_run_that_is_interrupted_is_not_finished(tmp_path):
@@ -201,6 +203,19 @@ def test_checkpoint_with_a_payload_is_refused_and_the_payload_does_not_run(tmp_p
         torch.save(state, bad)
         assert load_latest(tmp_path / "r")["step"] == 1
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "cp1252"])
+def test_commands_print_what_the_output_encoding_cannot_show_as_escapes(monkeypatch, encoding):
+    """A report's minus sign or dash on a stdout that cannot encode it (a C or ISO-8859 locale, a
+    Windows code page) is escaped, not a UnicodeEncodeError at the end of a run."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding=encoding, errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert run_command(lambda argv: print("po-u \u2212 none: 1 \u00b1 2 \u2013 3"), "prog") == 0
+    out.flush()
+    printed = out.buffer.getvalue().decode(encoding)
+    assert printed.startswith("po-u \\u2212 none: 1 ") and printed.endswith(" 3\n")
+    assert "\u00b1" in printed or "\\xb1" in printed
 
 
 def test_restricted_unpickler_refuses_payloads_and_reads_plain_and_numpy_data(tmp_path):

@@ -61,7 +61,7 @@ def _same_final_weights(a: Path, b: Path) -> None:
 def _check(cmd, tmp_path: Path, sig: int) -> None:
     _interrupt(cmd, tmp_path / "cut", sig)
     assert not (tmp_path / "cut" / "summary.json").exists() or '"finished": false' in \
-        (tmp_path / "cut" / "summary.json").read_text()
+        (tmp_path / "cut" / "summary.json").read_text(encoding="utf-8")
     _finish(cmd, tmp_path / "cut", "--resume")
     _finish(cmd, tmp_path / "straight")
     _same_final_weights(tmp_path / "straight", tmp_path / "cut")

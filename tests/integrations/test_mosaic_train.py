@@ -27,7 +27,7 @@ def data_root() -> str:
 
 
 def _metrics(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())["final"]
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))["final"]
 
 
 @pytest.mark.parametrize("permutation", ["linassign", "po-u", "po-la"])
@@ -92,7 +92,8 @@ def test_resume_is_exact(tmp_path, data_root):
     assert _metrics(tmp_path / "a")["mse"] == _metrics(tmp_path / "b")["mse"]
     # eval and figures rebuild the model from the resolved config saved with the checkpoint
     main(["eval", "--run", str(tmp_path / "a"), "--test-subset", "50"])       # data settings from the run
-    assert json.loads((tmp_path / "a" / "eval.json").read_text())["mse"] == pytest.approx(_metrics(tmp_path / "a")["mse"])
+    evaluated = json.loads((tmp_path / "a" / "eval.json").read_text(encoding="utf-8"))
+    assert evaluated["mse"] == pytest.approx(_metrics(tmp_path / "a")["mse"])
     png = tmp_path / "fig.png"
     main(["figures", "--run", str(tmp_path / "a"), "--num-examples", "3", "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -167,7 +168,8 @@ def test_train_eval_and_figures_run_on_every_device(tmp_path, data_root, device)
     main(["train", *common, "--permutation", "po-u", "--out", str(out)])
     assert {"mse", "acc_perm"} <= set(_metrics(out))
     main(["eval", "--run", str(out), "--device", str(device)])
-    assert json.loads((out / "eval.json").read_text())["mse"] == pytest.approx(_metrics(out)["mse"], rel=1e-4)
+    evaluated = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert evaluated["mse"] == pytest.approx(_metrics(out)["mse"], rel=1e-4)
     main(["figures", "--run", str(out), "--num-examples", "2", "--out", str(tmp_path / "fig.png")])
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     main(["train", *common, "--task", "pretrain", "--resnet-width", "4", "--out", str(tmp_path / "pre")])

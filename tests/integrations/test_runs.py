@@ -103,7 +103,7 @@ def test_fresh_start_race_leaves_one_run(tmp_path):
         for p in procs:
             p.kill()
             p.communicate()
-    assert json.loads((out / "config.json").read_text())["run_id"]
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["run_id"]
 
 
 def test_the_lock_file_does_not_make_a_folder_hold_something_else(tmp_path):

@@ -261,20 +261,21 @@ def test_tiny_end_to_end_run_writes_cells_and_report(tmp_path):
     cells = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").glob("*/*/seed*.json"))
     assert cells == sorted(f"{t}/{e}/seed{s}.json" for t in ("max", "kth") for e in ("deepsets", "lstm", "po-u", "po-la")
                            for s in (0, 1))
-    cell = json.loads(cell_path(out, "kth", "po-u", 1).read_text())
+    cell = json.loads(cell_path(out, "kth", "po-u", 1).read_text(encoding="utf-8"))
     assert set(cell["test"]) == {"train", "8"} and cell["eta"] is not None
     assert 0 <= cell["test"]["train"]["entropy_rel"] <= 1 and -1 <= cell["test"]["train"]["spearman"] <= 1
-    assert set(json.loads(cell_path(out, "kth", "po-la", 0).read_text())["test"]) == {"train"}   # 8 > 6 positions
+    po_la = json.loads(cell_path(out, "kth", "po-la", 0).read_text(encoding="utf-8"))
+    assert set(po_la["test"]) == {"train"}                                                  # 8 > 6 positions
     # every cell of a task was scored on the same sets
-    summary = json.loads((out / "results" / "summary.json").read_text())
+    summary = json.loads((out / "results" / "summary.json").read_text(encoding="utf-8"))
     assert all(summary["tasks"][t]["same_test_sets"] for t in ("max", "kth"))
     row = summary["tasks"]["kth"]["encoders"]["deepsets"]
     assert row["seeds"] == [0, 1] and row["accuracy"]["train"]["n"] == 2
-    table = (out / "results" / "table.md").read_text()
+    table = (out / "results" / "table.md").read_text(encoding="utf-8")
     for name in ("deepsets", "lstm", "po-u", "po-la", "max (order-free)", "kth (position)", "N=8"):
         assert name in table
     assert (out / "results" / "set_tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "embedding" / "cnn.json").read_text())["test_accuracy"] > 0.5
+    assert json.loads((out / "embedding" / "cnn.json").read_text(encoding="utf-8"))["test_accuracy"] > 0.5
 
 
 def test_resume_skips_finished_cells_and_refuses_an_existing_run(tmp_path, capsys):
@@ -283,7 +284,7 @@ def test_resume_skips_finished_cells_and_refuses_an_existing_run(tmp_path, capsy
     assert _run(out, tmp_path, *args, "--seeds", "1") == 0
     first = cell_path(out, "leftmost", "po-u", 0)
     stamp = first.stat().st_mtime_ns
-    assert json.loads((out / "summary.json").read_text())["finished"] is True
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["finished"] is True
     capsys.readouterr()
     # a longer sweep in a folder that holds a run is refused without --resume / --overwrite
     assert _run(out, tmp_path, *args, "--seeds", "2") == 1
@@ -299,7 +300,7 @@ def test_resume_skips_finished_cells_and_refuses_an_existing_run(tmp_path, capsy
     assert "4 cells to run, 2 finished cells skipped" in err
     assert first.stat().st_mtime_ns == stamp
     assert cell_path(out, "leftmost", "po-u", 1).exists() and cell_path(out, "leftmost", "sort", 1).exists()
-    assert json.loads((out / "config.json").read_text())["encoders"] == ["deepsets", "po-u", "sort"]
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["encoders"] == ["deepsets", "po-u", "sort"]
     # --overwrite starts again
     assert _run(out, tmp_path, *args, "--seeds", "1", "--overwrite") == 0
     assert not cell_path(out, "leftmost", "po-u", 1).exists()
@@ -356,17 +357,17 @@ def test_a_real_task_extends_an_old_sweep_and_is_reported_by_mse(tmp_path, capsy
     capsys.readouterr()
     assert _run(out, no_data, "--tasks", "leftmost,median-real", *args, "--resume") == 0
     assert "2 cells to run, 2 finished cells skipped" in capsys.readouterr().err
-    cell = json.loads(cell_path(out, "median-real", "po-u", 0).read_text())
+    cell = json.loads(cell_path(out, "median-real", "po-u", 0).read_text(encoding="utf-8"))
     assert "accuracy" not in cell["test"]["train"] and cell["test"]["train"]["mse"] >= 0
     assert "val_mse" in cell["curve"][0] and -1 <= cell["test"]["train"]["spearman"] <= 1
-    summary = json.loads((out / "results" / "summary.json").read_text())
+    summary = json.loads((out / "results" / "summary.json").read_text(encoding="utf-8"))
     entry = summary["tasks"]["median-real"]
     assert entry["metric"] == "mse" and summary["tasks"]["leftmost"]["metric"] == "accuracy"
     row = entry["encoders"]["po-u"]
     assert "accuracy" not in row and row["mse"]["train"]["n"] == 1 and row["mae"]["8"]["n"] == 1
     assert row["values_by_seed"]["train"] == {"0": cell["test"]["train"]["mse"]}
     assert entry["prior"]["train"]["mse"] > 0 and entry["comparison"]["best_baseline"] == "deepsets"
-    table = (out / "results" / "table.md").read_text()
+    table = (out / "results" / "table.md").read_text(encoding="utf-8")
     assert "Regression on real-valued sets: test MSE" in table and "median-real train" in table
     assert "| median-real (MSE) | deepsets |" in table and "leftmost (position)" in table
     assert "median-real (rank)" not in table                    # not in the accuracy tables
@@ -410,10 +411,20 @@ def test_report_command_reads_only_the_cell_files(tmp_path):
     assert not (out / "results").exists()
     (out / "config.json").unlink()                        # the report needs nothing but cells/
     assert main(["report", "--out", str(out)]) == 0
-    summary = json.loads((out / "results" / "summary.json").read_text())
+    summary = json.loads((out / "results" / "summary.json").read_text(encoding="utf-8"))
     row = summary["tasks"]["left-of-max"]["encoders"]["po-u-w"]
     assert "mae" in row and row["diagnostics"]["entropy_rel"]["train"]["n"] == 1
     assert _cli("report", "--out", str(tmp_path / "nothing")) == 1
+    # where the locale's encoding is ASCII (the C locale, without Python's UTF-8 coercion), the
+    # command reads and writes the same UTF-8 files: the table's "mean ± std" and dashes included
+    table = (out / "results" / "table.md").read_bytes()
+    assert "±".encode() in table
+    ascii_locale = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0",
+                    "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "integrations.set_tasks", "report", "--out", str(out)], cwd=REPO,
+                       env=ascii_locale, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert (out / "results" / "table.md").read_bytes() == table
 
 
 @pytest.mark.slow    # two spawned worker processes each import torch and PyG
@@ -423,8 +434,8 @@ def test_parallel_workers_give_the_same_cells_as_one_process(tmp_path):
     assert main(["run", "--out", str(tmp_path / "parallel"), "--data-root", str(tmp_path), *TINY, *args,
                  "--jobs", "2"]) == 0
     for enc in ("gru", "sort"):
-        a = json.loads(cell_path(tmp_path / "serial", "kth", enc, 0).read_text())
-        b = json.loads(cell_path(tmp_path / "parallel", "kth", enc, 0).read_text())
+        a = json.loads(cell_path(tmp_path / "serial", "kth", enc, 0).read_text(encoding="utf-8"))
+        b = json.loads(cell_path(tmp_path / "parallel", "kth", enc, 0).read_text(encoding="utf-8"))
         assert a["test"] == b["test"] and a["curve"] == b["curve"]
 
 
@@ -470,8 +481,8 @@ def test_sigint_stops_after_the_running_cells_and_resume_equals_an_uninterrupted
     assert f"{CELLS - len(done)} cells to run, {len(done)} finished cells skipped" in r.stderr
     assert _run(straight, tmp_path, *INTERRUPTED) == 0
     for path in sorted((straight / "cells").glob("*/*/seed*.json")):
-        a = json.loads(path.read_text())
-        b = json.loads((cut / path.relative_to(straight)).read_text())
+        a = json.loads(path.read_text(encoding="utf-8"))
+        b = json.loads((cut / path.relative_to(straight)).read_text(encoding="utf-8"))
         assert a["test"] == b["test"] and a["curve"] == b["curve"], path
 
 
@@ -502,7 +513,7 @@ def test_step_time_times_every_encoder_on_the_same_batches(tmp_path, capsys):
                  "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| po-u-st-gru |" in table and "| set-transformer | " in table and "1.00x" in table
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     assert result["task"] == "kth" and result["repeats"] == 2
     for name, r in result["encoders"].items():
         assert len(r["ms"]) == 2 and r["median_ms"] > 0 and r["parameters"] > 0

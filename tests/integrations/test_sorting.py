@@ -166,7 +166,7 @@ def test_demo_end_to_end_writes_tables_and_heatmap(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "exact-sort proportion, Hungarian" in text and "| po-u | 5 |" in text
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert {(r["test_size"], r["low"]) for r in results["records"]} == {(5, 0.0), (5, 1000.0), (7, 0.0), (7, 1000.0)}
     assert (out / "comparison.png").stat().st_size > 1000
     rec = {(r["test_size"], r["low"]): r for r in results["records"]}
@@ -176,7 +176,7 @@ def test_demo_end_to_end_writes_tables_and_heatmap(tmp_path, capsys):
     assert rec[(5, 0.0)]["exact_hungarian"] >= 0.75, rec[(5, 0.0)]
     # table from the eval file, as the README does
     rc = main(["table", "--evals", str(out / "eval.json"), "--out", str(tmp_path / "table")])
-    md = (tmp_path / "table" / "results.md").read_text()
+    md = (tmp_path / "table" / "results.md").read_text(encoding="utf-8")
     row = f"| po-u | 5 | {rec[(5, 0.0)]['exact_hungarian']:.3f} | {rec[(5, 1000.0)]['exact_hungarian']:.3f} |"
     assert rc == 0 and row in md and "| po-u | 5 | 32/32 |" in md
 
@@ -190,7 +190,7 @@ def test_demo_writes_where_its_help_says_and_starts_without_a_resume_notice(tmp_
     assert (tmp_path / "runs" / "sorting-demo" / "results.md").is_file()
     assert "--resume" not in first.out + first.err
     assert main(tiny) == 0                        # a second demo reuses the finished run
-    assert "2/2" in (tmp_path / "runs" / "sorting-demo" / "results.md").read_text()
+    assert "2/2" in (tmp_path / "runs" / "sorting-demo" / "results.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("kernel", ["auto", "fused"])
@@ -205,5 +205,5 @@ def test_train_and_eval_commands_run_on_every_device(tmp_path, device, kernel):
     assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in model.parameters())
     assert main(["eval", "--run", str(out), "--device", str(device), "--intervals", "0,1", "10,11",
                  "--test-sets", "64"]) == 0
-    text = (out / "eval.json").read_text()
+    text = (out / "eval.json").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text

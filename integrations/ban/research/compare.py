@@ -122,7 +122,7 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
                      may_change=("variants", "seeds"), checkpoints=False)
     if sweep.finished:
         print(f"{sweep.path} holds this finished comparison; nothing to do")
-        print((sweep.path / "results" / "compare.md").read_text())
+        print((sweep.path / "results" / "compare.md").read_text(encoding="utf-8"))
         return sweep.summary
     # seed-major: an interrupted sweep already holds every variant of its first seeds (paired by seed)
     cells = [(variant, seed) for seed in args.seeds for variant in args.variants]
@@ -133,7 +133,7 @@ def run_sweep(args: argparse.Namespace, *, train=None) -> dict:
     results = collect(Path(args.out), args.variants, args.seeds)
     write_report(Path(args.out) / "results", results)
     sweep.finish({"results": str(Path(args.out) / "results" / "compare.json")})
-    print((Path(args.out) / "results" / "compare.md").read_text())
+    print((Path(args.out) / "results" / "compare.md").read_text(encoding="utf-8"))
     return results
 
 
@@ -197,7 +197,7 @@ def _train_in_parallel(sweep, cells, jobs: int, train) -> None:
 
 # ------------------------------------------------------------------------------------- collecting
 def _final(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     if not summary.get("finished"):
         raise RuntimeError(f"{run_dir} is not finished")
     return summary
@@ -294,5 +294,5 @@ def plot(results: dict, path: Path) -> Path:
 def write_report(folder: Path, results: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "compare.json", results)
-    (folder / "compare.md").write_text(markdown(results) + "\n")
+    (folder / "compare.md").write_text(markdown(results) + "\n", encoding="utf-8")
     plot(results, folder / "compare.png")

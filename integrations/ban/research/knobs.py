@@ -118,7 +118,7 @@ def train_cell(cell_args: argparse.Namespace) -> dict:
     finally:
         if trained:
             timing = Path(cell_args.out) / "time.json"
-            spent = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+            spent = json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else 0.0
             write_json(timing, {"seconds": spent + time.perf_counter() - t0})
 
 
@@ -131,7 +131,7 @@ def run_knobs(args: argparse.Namespace) -> dict:
                      checkpoints=False)
     if sweep.finished:
         print(f"{sweep.path} holds this finished knob scan; nothing to do")
-        print((sweep.path / "results" / "knobs.md").read_text())
+        print((sweep.path / "results" / "knobs.md").read_text(encoding="utf-8"))
         return sweep.summary
     out = Path(args.out)
     for key in dict.fromkeys(data_key(k) for k in args.knobs):
@@ -142,7 +142,7 @@ def run_knobs(args: argparse.Namespace) -> dict:
     results = collect(out, labels, args.seeds)
     (out / "results").mkdir(parents=True, exist_ok=True)
     write_json(out / "results" / "knobs.json", results)
-    (out / "results" / "knobs.md").write_text(markdown(results) + "\n")
+    (out / "results" / "knobs.md").write_text(markdown(results) + "\n", encoding="utf-8")
     sweep.finish({"results": str(out / "results" / "knobs.json")})
     print(markdown(results))
     return results
@@ -154,16 +154,16 @@ def collect(out: Path, labels: Sequence[str], seeds: Sequence[int]) -> dict:
         per_seed = []
         for s in seeds:
             run_dir = out / "runs" / f"{label}-s{s}"
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
             last = summary["history"][-1]
             # the first epoch at which both order-free families reach 90 % (the generator's sanity target)
             reached = next((h["step"] for h in summary["history"]
                             if min(h.get("val_soft_acc/exists", 0), h.get("val_soft_acc/colour", 0)) >= 0.9), None)
             timing = run_dir / "time.json"
+            seconds = json.loads(timing.read_text(encoding="utf-8"))["seconds"] if timing.is_file() else None
             per_seed.append({"seed": s, "all": last["val_soft_acc"], "exists": last.get("val_soft_acc/exists"),
                              "colour": last.get("val_soft_acc/colour"), "steps": last["step"],
-                             "steps_to_90": reached,
-                             "seconds": json.loads(timing.read_text())["seconds"] if timing.is_file() else None})
+                             "steps_to_90": reached, "seconds": seconds})
         row = {"knob": label, "runs": per_seed}
         for key in ("all", "exists", "colour", "seconds"):
             vals = [r[key] for r in per_seed]

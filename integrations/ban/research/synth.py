@@ -183,7 +183,7 @@ def _write_index_files(out: Path, split: str, questions: list, targets: list, in
     for name in [f"{split}_imgid2idx.pkl"] + ([f"{split}36_imgid2idx.pkl"] if fixed else []):
         with open(out / name, "wb") as fh:
             pickle.dump(index, fh)
-    with open(out / QUESTION_FILES[split], "w") as fh:
+    with open(out / QUESTION_FILES[split], "w", encoding="utf-8") as fh:
         json.dump({"questions": questions, "data_subtype": f"{split}2014", "task_type": "OpenEnded"}, fh)
     with open(out / "cache" / f"{split}_target.pkl", "wb") as fh:
         pickle.dump(targets, fh)
@@ -270,7 +270,7 @@ def write_dataset(out, cfg: SynthConfig) -> Path:
         pickle.dump({a: i for i, a in enumerate(answers)}, fh)
     with open(out / "cache" / "trainval_label2ans.pkl", "wb") as fh:
         pickle.dump(list(answers), fh)
-    (out / "synth_meta.json").write_text(json.dumps(meta, indent=1))
+    (out / "synth_meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return out
 
 
@@ -363,7 +363,7 @@ def main(argv=None, prog=None):
     if refusal:
         raise CommandError(refusal)
     out = write_dataset(a.out, cfg)
-    meta = json.loads((out / "synth_meta.json").read_text())
+    meta = json.loads((out / "synth_meta.json").read_text(encoding="utf-8"))
     for split, m in meta["splits"].items():
         print(f"{split}: {m['images']} images, {m['questions']} questions, {m['boxes']} boxes "
               f"({m['min_boxes']}-{m['max_boxes']} per image)")

@@ -35,7 +35,7 @@ def load_meta(root) -> dict:
     path = Path(root) / "synth_meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a synthetic dataset (no synth_meta.json)")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def codes_from_meta(meta: dict) -> tuple:
@@ -76,7 +76,7 @@ def decoded_questions(root, split: str = "val", adaptive: bool = True):
     from the files alone."""
     root = Path(root)
     scenes = decode_scenes(root, split, adaptive)
-    for q in json.loads((root / QUESTION_FILES[split]).read_text())["questions"]:
+    for q in json.loads((root / QUESTION_FILES[split]).read_text(encoding="utf-8"))["questions"]:
         yield q["question_id"], parse_question(q["question"]), scenes[q["image_id"]]
 
 
@@ -174,14 +174,14 @@ def geometry_free_bound(root, split: str = "val") -> dict:
     by_count = defaultdict(Counter)
     train_scenes = decode_scenes(root, "train")
     train_targets = load_targets(root, "train")
-    for q in json.loads((root / QUESTION_FILES["train"]).read_text())["questions"]:
+    for q in json.loads((root / QUESTION_FILES["train"]).read_text(encoding="utf-8"))["questions"]:
         parsed = parse_question(q["question"])
         if parsed.family == "count_left":
             by_count[train_scenes[q["image_id"]].count(parsed.cls)].update(train_targets[q["question_id"]])
     scenes = train_scenes if split == "train" else decode_scenes(root, split)
     targets = load_targets(root, split)
     out = defaultdict(lambda: np.zeros(2))
-    for q in json.loads((root / QUESTION_FILES[split]).read_text())["questions"]:
+    for q in json.loads((root / QUESTION_FILES[split]).read_text(encoding="utf-8"))["questions"]:
         parsed, scene, t = parse_question(q["question"]), scenes[q["image_id"]], targets[q["question_id"]]
         if parsed.family in GEOMETRY_FREE:
             score = t.get(answer(scene, parsed), 0.0) if feasible(scene, parsed) else 0.0
@@ -203,7 +203,7 @@ def answer_prior(root, split: str = "val") -> dict:
     meta = load_meta(root)
     qtype = {int(k): v for k, v in meta["question_type"].items()}
     by_family, by_text = defaultdict(Counter), defaultdict(Counter)
-    train_q = json.loads((root / QUESTION_FILES["train"]).read_text())["questions"]
+    train_q = json.loads((root / QUESTION_FILES["train"]).read_text(encoding="utf-8"))["questions"]
     train_t = load_targets(root, "train")
     for q in train_q:
         for a, s in train_t[q["question_id"]].items():
@@ -211,7 +211,7 @@ def answer_prior(root, split: str = "val") -> dict:
             by_text[q["question"]][a] += s
     out = defaultdict(lambda: np.zeros(3))
     targets = load_targets(root, split)
-    for q in json.loads((root / QUESTION_FILES[split]).read_text())["questions"]:
+    for q in json.loads((root / QUESTION_FILES[split]).read_text(encoding="utf-8"))["questions"]:
         f, t = qtype[q["question_id"]], targets[q["question_id"]]
         guess_f = by_family[f].most_common(1)[0][0] if by_family[f] else None
         guess_t = by_text[q["question"]].most_common(1)[0][0] if by_text[q["question"]] else guess_f
@@ -238,7 +238,7 @@ def main(argv=None):
               f"{100 * r['upper_bound']:>6.2f}% {100 * pr['family']:>11.2f}% {100 * pr['text']:>9.2f}% "
               f"{100 * gf['soft_acc']:>12.2f}%")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+        Path(a.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def _question_index(root, split: str) -> dict:
     from ...data import QUESTION_FILES
     from ..synth_world import parse_question
 
-    questions = json.loads((Path(root) / QUESTION_FILES[split]).read_text())["questions"]
+    questions = json.loads((Path(root) / QUESTION_FILES[split]).read_text(encoding="utf-8"))["questions"]
     return {int(q["question_id"]): (q["image_id"], parse_question(q["question"])) for q in questions}
 
 
@@ -102,7 +102,7 @@ def _eta(run_dir: Path, model) -> dict:
     with PermutationMonitor(model) as monitor:
         final = {f"eta/{name}": eta for name, eta in monitor.step_sizes().items()}
     summary = run_dir / "summary.json"
-    history = json.loads(summary.read_text()).get("history", []) if summary.is_file() else []
+    history = json.loads(summary.read_text(encoding="utf-8")).get("history", []) if summary.is_file() else []
     keys = sorted({k for h in history for k in h if k.startswith("eta/")})
     return {"checkpoint": final, "epochs": [h.get("epoch") for h in history],
             "history": {k: [h.get(k) for h in history] for k in keys}}

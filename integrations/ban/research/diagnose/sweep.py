@@ -35,7 +35,7 @@ def sweep_runs(sweep_out) -> List[tuple]:
 
 def _finished(run_dir: Path) -> bool:
     summary = run_dir / "summary.json"
-    return summary.is_file() and bool(json.loads(summary.read_text()).get("finished"))
+    return summary.is_file() and bool(json.loads(summary.read_text(encoding="utf-8")).get("finished"))
 
 
 def _sweep_values(res: dict, fam: str) -> Dict[str, object]:
@@ -118,7 +118,7 @@ def _stored_diagnosis(run_dir: Path, split: str, data_root: Optional[str], max_q
     if not path.is_file() or data_root is not None or max_questions is not None:
         return None
     try:
-        res = json.loads(path.read_text())
+        res = json.loads(path.read_text(encoding="utf-8"))
         newest = load_latest(run_dir)
     except (ValueError, OSError, CheckpointError):
         return None
@@ -167,5 +167,5 @@ def diagnose_sweep(sweep_out, *, split: str = "val", data_root: Optional[str] = 
                "runs": per_run, "skipped": skipped, **summarize_sweep(per_run, variants, seeds)}
     results = _json_safe(results)
     write_new_json(json_path, results, overwrite=overwrite)
-    md_path.write_text(sweep_markdown(results) + "\n")
+    md_path.write_text(sweep_markdown(results) + "\n", encoding="utf-8")
     return results
