@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..common import run_command
+
 MODELS = (("linassign", "LinAssign"), ("po-u", "PO-U"), ("po-la", "PO-LA"))
 DATASETS = (("mnist", "MNIST"), ("cifar10", "CIFAR-10 subset"), ("tiny", "Tiny ImageNet"))
 
@@ -58,6 +60,8 @@ def timing(runs: Path) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     runs = Path(argv[0] if argv else "runs/mosaic")
+    if not runs.is_dir():
+        raise FileNotFoundError(f"{runs}: no such folder (give the folder that holds the mosaic runs)")
     print("Table 1 (MSE, Hungarian)\n" + table(runs, "mse", 1, ".3f"))
     print("\nTable 4 (exact-permutation accuracy %)\n" + table(runs, "acc_perm", 100, ".1f"))
     print("\nPixel-exact reconstruction %\n" + table(runs, "acc_pixel", 100, ".1f"))
@@ -68,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "python -m integrations.mosaic.collect"))

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from ...common import restricted_load, run_command
 from ..data import QUESTION_FILES, split_h5_name
 from .synth_features import FeatureCodes, FeatureConfig
 from .synth_world import ASKED_CLASSES, Scene, SceneConfig, answer, feasible, parse_question
@@ -54,8 +54,7 @@ def decode_scenes(root, split: str = "val", adaptive: bool = True) -> dict:
     root = Path(root)
     codes, _, names = codes_from_meta(load_meta(root))
     base = split if adaptive else split + "36"
-    with open(root / f"{base}_imgid2idx.pkl", "rb") as fh:
-        index = pickle.load(fh)
+    index = restricted_load(root / f"{base}_imgid2idx.pkl", allow_numpy=True)
     scenes = {}
     with h5py.File(root / split_h5_name(split, adaptive), "r") as f:
         feats, spatial = f["image_features"][:], f["spatial_features"][:]
@@ -127,10 +126,8 @@ class RelevanceOracle:
 def load_targets(root, split: str) -> dict:
     """{question_id: {answer: soft score}} from ``cache/{split}_target.pkl``."""
     root = Path(root)
-    with open(root / "cache" / "trainval_label2ans.pkl", "rb") as fh:
-        label2ans = pickle.load(fh)
-    with open(root / "cache" / f"{split}_target.pkl", "rb") as fh:
-        targets = pickle.load(fh)
+    label2ans = restricted_load(root / "cache" / "trainval_label2ans.pkl", allow_numpy=True)
+    targets = restricted_load(root / "cache" / f"{split}_target.pkl", allow_numpy=True)
     return {t["question_id"]: {label2ans[l]: float(s) for l, s in zip(t["labels"], t["scores"])} for t in targets}
 
 
@@ -242,4 +239,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_command(main, "python -m integrations.ban.research.synth_oracle"))
