@@ -25,6 +25,8 @@ def _final(folder: Path):
 def table(runs: Path, metric: str, scale: float, fmt: str, classify: bool = False) -> str:
     cols = [(d, dn, n) for d, dn in DATASETS for n in (2, 3, 4, 5)
             if any((runs / (f"{d}-{n}-classify-{m}" if classify else f"{d}-{n}-{m}")).is_dir() for m, _ in MODELS)]
+    if not cols:
+        return f"(no {'classification' if classify else 'mosaic'} runs in {runs})"
     head = "| model | " + " | ".join(f"{dn} {n}x{n}" for _, dn, n in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     rows = list(MODELS)

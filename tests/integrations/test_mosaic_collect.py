@@ -20,6 +20,7 @@ def test_tables_take_each_runs_final_metrics_and_mark_missing_runs(tmp_path, cap
     assert "| PO-U | 0.012 |" in out and "| PO-U | 50.0 |" in out and "| PO-U | 25.0 |" in out
     assert "| PO-LA | – |" in out and "| LinAssign | – |" in out
     assert "| mnist-3-po-u | 100 | 2 | 50 | 12.5 |" in out
+    assert f"(no classification runs in {runs})" in out                    # Tables 2 and 5
 
 
 def test_a_missing_runs_folder_is_one_line(tmp_path, capsys):
