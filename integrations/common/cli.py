@@ -197,8 +197,7 @@ def _printable_everywhere() -> None:
     dashes) is printed as a backslash escape instead of ending a finished run with a
     UnicodeEncodeError. The files the commands write are UTF-8 wherever they run."""
     for stream in (sys.stdout, sys.stderr):
-        encoding = getattr(stream, "encoding", None)
-        if (isinstance(stream, io.TextIOWrapper) and encoding and codecs.lookup(encoding).name != "utf-8"
+        if (isinstance(stream, io.TextIOWrapper) and codecs.lookup(stream.encoding).name != "utf-8"
                 and stream.errors in ("strict", "surrogateescape")):
             stream.reconfigure(errors="backslashreplace")
 
