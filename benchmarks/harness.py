@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import setperm
+from setperm.pairwise import KernelBuildError
 from integrations.common import ensure_new, write_json
 from integrations.common.cli import DEFAULT_THREADS, add_threads_argument, device_name
 from integrations.common.lifecycle import RunError
@@ -422,6 +424,18 @@ def prepare(args: argparse.Namespace, name: str) -> Tuple[Path, Dict[str, object
     path = ensure_new(args.out / name, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
     return path, machine_info(args.threads)
+
+
+def naming_no_compiled(main: Callable[[Optional[Sequence[str]]], Optional[int]]):
+    """``main``, where setperm's compiled kernel cannot be built on this machine ending in one line
+    that names the cause and ``--no-compiled`` instead of a traceback."""
+    @functools.wraps(main)
+    def wrapped(argv: Optional[Sequence[str]] = None) -> Optional[int]:
+        try:
+            return main(argv)
+        except KernelBuildError as err:
+            raise RunError(f"{err} (--no-compiled measures without it)") from err
+    return wrapped
 
 
 def select(cfgs: Sequence[Config], only: Optional[str]) -> List[Config]:

@@ -34,7 +34,8 @@ from setperm.sinkhorn import sinkhorn_scaling_in_range
 
 from integrations.common import run_command
 
-from .harness import REPO, build, child_env, common_parser, median_time, prepare, run_once, vqa, write_results
+from .harness import (REPO, build, child_env, common_parser, median_time, naming_no_compiled, prepare, run_once, vqa,
+                      write_results)
 
 
 def sinkhorn_paths(batch: int, n: int, repeats: int) -> Dict[str, float]:
@@ -164,4 +165,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "python -m benchmarks.internals"))
+    sys.exit(run_command(naming_no_compiled(main), "python -m benchmarks.internals"))

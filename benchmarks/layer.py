@@ -19,8 +19,8 @@ import torch
 
 from integrations.common import run_command
 
-from .harness import (Config, announce, build, busy_core, common_parser, markdown_table, max_output_diff, mosaic, prepare,
-                      probe_memory, run_once, select, sorting, timed, tiny_configs, vqa, write_results)
+from .harness import (Config, announce, build, busy_core, common_parser, markdown_table, max_output_diff, mosaic,
+                      naming_no_compiled, prepare, probe_memory, run_once, select, sorting, timed, tiny_configs, vqa, write_results)
 
 
 def paper_configs() -> List[Config]:
@@ -127,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "python -m benchmarks.layer"))
+    sys.exit(run_command(naming_no_compiled(main), "python -m benchmarks.layer"))

@@ -28,7 +28,8 @@ import torch
 
 from integrations.common import run_command
 
-from .harness import KERNEL_OF, breakdown, common_parser, markdown_table, median_time, prepare, vqa, write_results
+from .harness import (KERNEL_OF, breakdown, common_parser, markdown_table, median_time, naming_no_compiled, prepare, vqa,
+                      write_results)
 
 
 def ceilings(threads: int, bmm_shapes, tiny: bool = False) -> Dict[str, float]:
@@ -98,4 +99,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "python -m benchmarks.limit"))
+    sys.exit(run_command(naming_no_compiled(main), "python -m benchmarks.limit"))

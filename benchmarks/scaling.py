@@ -21,8 +21,8 @@ import torch
 
 from integrations.common import run_command
 
-from .harness import (Config, announce, breakdown, build, common_parser, impls_of, markdown_table, prepare, probe_memory,
-                      run_once, timed, vqa, write_results)
+from .harness import (Config, announce, breakdown, build, common_parser, impls_of, markdown_table,
+                      naming_no_compiled, prepare, probe_memory, run_once, timed, vqa, write_results)
 
 
 def fit_exponent(xs: Sequence[float], ys: Sequence[Optional[float]], x_min: float) -> Optional[float]:
@@ -155,4 +155,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, "python -m benchmarks.scaling"))
+    sys.exit(run_command(naming_no_compiled(main), "python -m benchmarks.scaling"))

@@ -1,8 +1,10 @@
+import functools
 import importlib
 import importlib.metadata
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -146,3 +148,35 @@ def torch_compile_runs():
         torch.compile(lambda t: t)
     except RuntimeError as err:
         pytest.skip(f"torch.compile does not run here: {err}")
+
+
+def _inductor_probe(t):
+    return torch.sin(t) * 2 + 1
+
+
+@functools.lru_cache(maxsize=None)
+def _inductor_cpu_failure() -> Optional[str]:
+    """Why torch's inductor cannot build and run a C++ kernel on the CPU in this environment (None
+    where it can): checked once, on a function of its own. Where it cannot, the cause is the
+    environment, not setperm: no C++ compiler, a locale whose encoding cannot read inductor's
+    templates, or a torch whose link line breaks on a library folder with a space."""
+    from setperm.pairwise import library_dir_with_space
+    try:
+        out = torch.compile(_inductor_probe, fullgraph=True)(torch.ones(3))
+    except Exception as err:             # whatever inductor raises: it is reported, not judged
+        inner = getattr(err, "inner_exception", None) or err
+        lines = [line for line in str(inner).splitlines() if line.strip()]
+        reason = f"{type(inner).__name__}: {lines[0] if lines else ''}"
+        spaced = library_dir_with_space()
+        return reason + (f" (a library folder with a space: {spaced!r})" if spaced else "")
+    assert torch.allclose(out, _inductor_probe(torch.ones(3)))
+    return None
+
+
+@pytest.fixture
+def inductor_builds_on_cpu(torch_compile_runs):
+    """Skips a test that compiles CPU kernels with inductor where inductor cannot build one in this
+    environment (the reason is in the skip); CI machines can."""
+    reason = _inductor_cpu_failure()
+    if reason is not None:
+        pytest.skip(f"torch's inductor cannot build a CPU kernel here: {reason}")

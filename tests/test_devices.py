@@ -94,7 +94,9 @@ def test_float64_gradcheck(device):
 
 
 @pytest.mark.usefixtures("torch_compile_runs")
-def test_kernels_agree(device):
+def test_kernels_agree(device, request):
+    if device.type == "cpu":
+        request.getfixturevalue("inductor_builds_on_cpu")     # "compiled" builds C++ kernels there
     x, w, mask = batch(device, dtype=torch.float32)
     outs, grads = [], []
     # "fused" runs its Triton kernels where they can run (CUDA; the CPU under Triton's interpreter),

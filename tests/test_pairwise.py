@@ -1,4 +1,4 @@
-import shutil
+import sysconfig
 import warnings
 
 import pytest
@@ -53,12 +53,30 @@ def test_compile_failure_is_a_clear_error(monkeypatch, build_failure):
         pairwise_two_layer(a, c, w, kernel="compiled")
 
 
+def test_a_library_folder_with_a_space_is_named_as_the_likely_cause(monkeypatch, build_failure):
+    # inductor's CPU link line names torch's and Python's library folders, unquoted in some releases
+    monkeypatch.setattr(torch, "__file__", "/opt/env/site-packages/torch/__init__.py")
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: "/usr/lib" if name == "LIBDIR" else None)
+    assert pairwise_mod.library_dir_with_space() is None
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: "/opt/Python 3/lib" if name == "LIBDIR" else None)
+    assert pairwise_mod.library_dir_with_space() == "/opt/Python 3/lib"
+    monkeypatch.setattr(torch, "__file__", "/home/a user/env/site-packages/torch/__init__.py")
+    assert pairwise_mod.library_dir_with_space() == "/home/a user/env/site-packages/torch/lib"
+
+    def broken(*args):
+        raise build_failure("C++ compile error")
+
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    a, c, w = inputs(0)
+    with pytest.raises(RuntimeError, match=r"C\+\+ compile error; the likely reason: '/home/a user/env/.*/torch/lib' "
+                                           "holds a space"):
+        pairwise_two_layer(a, c, w, kernel="compiled")
+
+
 def needs_compiler(test):
     """The compiled kernel needs torch.compile on this Python and inductor's C++ toolchain on CPU;
     CI machines have both."""
-    no_compiler = shutil.which("g++") is None and shutil.which("c++") is None and shutil.which("clang++") is None
-    test = pytest.mark.skipif(no_compiler, reason="no C++ compiler for inductor")(test)
-    return pytest.mark.usefixtures("torch_compile_runs")(test)
+    return pytest.mark.usefixtures("inductor_builds_on_cpu")(test)
 
 
 @needs_compiler

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence, Tuple, Type
 
 import torch
 
-from setperm.pairwise import KERNELS
+from setperm.pairwise import KERNELS, KernelBuildError
 
 from .atomic import os_error_in
 from .checkpoint import CheckpointError
@@ -159,8 +159,9 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: 
                 errors: Tuple[Type[BaseException], ...] = ()) -> int:
     """Run a CLI's ``main`` and return the process exit code.
 
-    A refused run, unreadable checkpoint, missing file, non-finite loss or data, or any of ``errors``
-    (the integration's data errors) prints ``<prog>: error: <message>`` and gives 1; so does a failure
+    A refused run, unreadable checkpoint, missing file, non-finite loss or data, a ``--kernel compiled``
+    that cannot be built on this machine, or any of ``errors`` (the integration's data errors) prints
+    ``<prog>: error: <message>`` and gives 1; so does a failure
     the OS reported (full disk, read-only or forbidden folder, symlink loop), also when it comes wrapped
     in another exception (``torch.save``'s ``RuntimeError``): ``<prog>: error: <reason>: <path>``. An
     interrupt that wrote a checkpoint prints where it is and gives 128 + signal number; a second signal
@@ -173,7 +174,7 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: 
     except RunInterrupted as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code
-    except (RunError, CheckpointError, CommandError, NonFiniteError, FileNotFoundError, *errors) as e:
+    except (RunError, CheckpointError, CommandError, NonFiniteError, FileNotFoundError, KernelBuildError, *errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except BaseException as e:  # noqa: BLE001 - sorted below; the rest is re-raised

@@ -33,6 +33,8 @@ fuses itself (the chunked kernel's preallocated buffers and ``out=`` calls would
 from __future__ import annotations
 
 import functools
+import os
+import sysconfig
 import warnings
 from typing import Optional
 
@@ -326,16 +328,35 @@ def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
         return None
 
 
+class KernelBuildError(RuntimeError):
+    """An explicit ``kernel="compiled"`` could not be built by ``torch.compile`` on this machine
+    (the message names the cause; ``kernel="chunked"`` computes the same values)."""
+
+
+def library_dir_with_space() -> Optional[str]:
+    """torch's or Python's library folder where it holds whitespace, else None: inductor links its
+    CPU kernels with ``-L`` to both, and some torch releases (2.13 among them) write those unquoted,
+    so every CPU build then fails in the linker ("cannot find -ltorch")."""
+    for path in (os.path.join(os.path.dirname(torch.__file__), "lib"), sysconfig.get_config_var("LIBDIR") or ""):
+        if any(ch.isspace() for ch in path):
+            return path
+    return None
+
+
 def _build_failed(err: Exception, device_type: str, fall_back: bool) -> None:
     """A compiled kernel could not be built: raise a clear error, or with ``fall_back`` warn once
     (per device type) and return None."""
     inner = getattr(err, "inner_exception", None) or err       # (dynamo and inductor wrap the cause)
     lines = [line for line in str(inner).splitlines() if line.strip()]
     cause = (f"{type(inner).__name__}: " if inner is not err else "") + (lines[0] if lines else repr(inner))
+    spaced = library_dir_with_space() if device_type == "cpu" else None
+    if spaced is not None:
+        cause += (f"; the likely reason: {spaced!r} holds a space, and some torch releases do not quote the "
+                  "library folders on inductor's link line: install Python and torch under a path without spaces")
     if fall_back:
         _fall_back(device_type, f"{type(err).__name__}: {cause}")
         return None
-    raise RuntimeError(
+    raise KernelBuildError(
         f"kernel='compiled' could not be compiled by torch.compile ({type(err).__name__}); inductor "
         "needs a working C++ compiler on CPU (Triton on CUDA). Use kernel='chunked' (the default), "
         f"which computes the same values. Cause: {cause}"

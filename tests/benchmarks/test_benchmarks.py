@@ -7,9 +7,11 @@ import torch
 from torch.testing import assert_close
 
 from benchmarks import internals, layer, limit, scaling
-from benchmarks.harness import Config, build, call, probe_memory, tiny_configs
+from benchmarks.harness import Config, build, call, naming_no_compiled, probe_memory, tiny_configs
 from benchmarks.reference import (plain_sinkhorn, reference_from_setperm, reference_gradient,
                                   reference_lattice_gradient)
+import setperm.pairwise as pairwise_mod
+from integrations.common import run_command
 from setperm import PermutationOptimization, PermutationSetEncoder
 from setperm.functional import permutation_cost_gradient, sinkhorn
 
@@ -61,7 +63,7 @@ def test_reference_from_setperm_rejects_what_it_does_not_implement():
 @pytest.mark.parametrize("impl", ["reference", "setperm-compiled"])
 def test_memory_probe_runs_in_a_fresh_process(impl, request):
     if impl == "setperm-compiled":
-        request.getfixturevalue("torch_compile_runs")
+        request.getfixturevalue("inductor_builds_on_cpu")
     cfg = Config("probe", "optimizer", 1, 4, 2, 64, 8)
     peak = probe_memory(cfg, impl, "fb", threads=1)
     assert peak is not None and peak >= 0
@@ -70,7 +72,7 @@ def test_memory_probe_runs_in_a_fresh_process(impl, request):
     assert peak >= 2 * cfg.batch * cfg.n * cfg.n * 4
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_layer_benchmark_tiny(tmp_path, capsys):
     assert layer.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
                        "--conv1d-on", "tiny vqa", "--out", str(tmp_path)]) == 0
@@ -86,7 +88,24 @@ def test_layer_benchmark_tiny(tmp_path, capsys):
     assert "| tiny sort | setperm (chunked) |" in capsys.readouterr().out
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.parametrize("bench", [layer, scaling, limit, internals], ids=lambda m: m.__name__.split(".")[-1])
+def test_a_compiled_kernel_that_cannot_be_built_is_one_line_naming_no_compiled(bench, tmp_path, monkeypatch,
+                                                                              capsys, build_failure):
+    def broken(*args):
+        raise build_failure("C++ compile error")
+
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    argv = ["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]
+    argv += [] if bench is limit else ["--warmup", "0"]
+    argv += ["--no-memory"] if bench in (layer, scaling) else []
+    assert run_command(naming_no_compiled(bench.main), "prog", argv) == 1
+    err = capsys.readouterr().err            # (progress lines, then the error in one line)
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("prog: error: kernel='compiled' could not be compiled")
+    assert "Cause: RuntimeError: C++ compile error" in last and last.endswith("(--no-compiled measures without it)")
+
+
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_scaling_benchmark_tiny(tmp_path):
     assert scaling.main(["--tiny", "--no-memory", "--repeats", "1", "--warmup", "0", "--threads", "1",
                          "--out", str(tmp_path)]) == 0
@@ -99,7 +118,7 @@ def test_scaling_benchmark_tiny(tmp_path):
     assert (tmp_path / "scaling_tiny.png").stat().st_size > 0
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_limit_benchmark_tiny(tmp_path):
     assert limit.main(["--tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "limit_tiny.json").read_text(encoding="utf-8"))
@@ -114,7 +133,7 @@ def test_fit_exponent_recovers_a_power_law():
     assert scaling.fit_exponent(xs, [None, None, 1.0, None], 10) is None
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_internals_benchmark_tiny(tmp_path):
     assert internals.main(["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "internals_tiny.json").read_text(encoding="utf-8"))

@@ -55,7 +55,7 @@ def test_without_cuda_exits_1_with_one_line(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_cpu_dry_run_writes_every_row(tmp_path):
     root = _checkout(tmp_path)
     before = set(sys.modules)
@@ -120,6 +120,7 @@ def test_bad_kernels_flag():
 
 @pytest.mark.skipif(torch.__version__ < "2.3", reason="torch 2.1's inductor fails on the unrolled steps with an "
                     "internal assertion (2.3 and newer compile them)")
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_the_whole_encoder_compiled_is_timed_with_its_first_call(tmp_path):
     assert gpu.main([*FAST, "--no-layer", "--no-optimizer", "--no-ban", "--compile-modes", "reduce-overhead",
                      "--out", str(tmp_path)]) == 0

@@ -565,7 +565,7 @@ def test_patch_ban_on_official_model(off, permutation):
     assert model.p_prj[0].main[0].weight_v.grad is not None
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_compiled_kernel_gives_the_same_patched_model():
     """patch_ban(..., kernel="compiled") (the train script's --kernel): same logits and gradients."""
     base = small_ban()

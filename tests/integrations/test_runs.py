@@ -193,6 +193,24 @@ def test_run_command_leaves_other_runtime_errors_to_their_traceback():
         run_command(main, "prog")
 
 
+def test_a_kernel_that_cannot_be_built_here_is_one_line(tmp_path, monkeypatch, capsys, build_failure):
+    """``--kernel compiled`` where torch.compile cannot build it (no C++ compiler, say): the cause in
+    one line and exit 1, not a traceback."""
+    from integrations.sorting.cli import main as sorting_main
+    import setperm.pairwise as pairwise_mod
+
+    def broken(*args):
+        raise build_failure("no C++ compiler")
+
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    assert run_command(sorting_main, "prog", ["train", "--set-size", "5", "--train-sets", "128", "--batch-size", "64",
+                                              "--kernel", "compiled", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("prog: error: kernel='compiled' could not be compiled")
+    assert "Cause: RuntimeError: no C++ compiler" in last
+
+
 def test_dangling_symlink_and_loop_as_out_are_one_line(tmp_path, capsys):
     dangling, loop = tmp_path / "dangling", tmp_path / "loop"
     dangling.symlink_to(tmp_path / "missing")
