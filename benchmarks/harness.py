@@ -427,8 +427,8 @@ def prepare(args: argparse.Namespace, name: str) -> Tuple[Path, Dict[str, object
 
 
 def naming_no_compiled(main: Callable[[Optional[Sequence[str]]], Optional[int]]):
-    """``main``, where setperm's compiled kernel cannot be built on this machine ending in one line
-    that names the cause and ``--no-compiled`` instead of a traceback."""
+    """``main`` made to end in one line, naming the cause and ``--no-compiled``, instead of a
+    traceback where setperm's compiled kernel cannot be built on this machine."""
     @functools.wraps(main)
     def wrapped(argv: Optional[Sequence[str]] = None) -> Optional[int]:
         try:
