@@ -140,14 +140,26 @@ def recompile_limit_error():
     pytest.fail(f"no error past a {limit} of one")
 
 
-@pytest.fixture
-def torch_compile_runs():
-    """Skips a test of compiled kernels where ``torch.compile`` does not run (torch 2.0 on Python
-    3.11 and newer refuses at once)."""
+@functools.lru_cache(maxsize=None)
+def _torch_compile_failure() -> Optional[str]:
+    """Why ``torch.compile`` cannot be set up here (None where it can): torch 2.0 on Python 3.11 and
+    newer refuses at once; under a locale whose encoding is ASCII (the C locale without Python's
+    UTF-8 coercion) torch's inductor, which every backend imports, cannot read its own templates.
+    Checked once: a failed import of inductor leaves it half-imported for the rest of the process."""
+    from setperm.pairwise import build_error_cause
     try:
         torch.compile(lambda t: t)
-    except RuntimeError as err:
-        pytest.skip(f"torch.compile does not run here: {err}")
+    except Exception as err:             # whatever torch raises: it is reported, not judged
+        return f"{type(err).__name__}: {build_error_cause(err)}"
+    return None
+
+
+@pytest.fixture
+def torch_compile_runs():
+    """Skips a test of compiled kernels where ``torch.compile`` cannot be set up in this environment."""
+    reason = _torch_compile_failure()
+    if reason is not None:
+        pytest.skip(f"torch.compile does not run here: {reason}")
 
 
 def _inductor_probe(t):
@@ -160,15 +172,12 @@ def _inductor_cpu_failure() -> Optional[str]:
     where it can): checked once, on a function of its own. Where it cannot, the cause is the
     environment, not setperm: no C++ compiler, a locale whose encoding cannot read inductor's
     templates, or a torch whose link line breaks on a library folder with a space."""
-    from setperm.pairwise import library_dir_with_space
+    from setperm.pairwise import build_error_cause, library_dir_with_space
     try:
         out = torch.compile(_inductor_probe, fullgraph=True)(torch.ones(3))
     except Exception as err:             # whatever inductor raises: it is reported, not judged
-        inner = getattr(err, "inner_exception", None) or err
-        lines = [line for line in str(inner).splitlines() if line.strip()]
-        reason = f"{type(inner).__name__}: {lines[0] if lines else ''}"
         spaced = library_dir_with_space()
-        return reason + (f" (a library folder with a space: {spaced!r})" if spaced else "")
+        return build_error_cause(err) + (f" (a library folder with a space: {spaced!r})" if spaced else "")
     assert torch.allclose(out, _inductor_probe(torch.ones(3)))
     return None
 

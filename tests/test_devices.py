@@ -227,6 +227,7 @@ def test_sinkhorn_auto_takes_the_log_domain_off_the_cpu(monkeypatch):
 # --------------------------------------------------------------------------------- torch.compile
 @pytest.mark.skipif(torch.__version__ < "2.7", reason="dynamo of torch 2.6 and older breaks the graph at the "
                     "autograd functions (2.5 and older: a separate setup_context; 2.6: a non-tensor output)")
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_the_whole_optimisation_compiles_as_one_graph():
     """PermutationOptimization (cost, unrolled steps, Sinkhorn) traced by dynamo without a graph break,
     forward and backward (aot_eager: the graphs without inductor's code generation)."""

@@ -357,6 +357,7 @@ def _count_launches(monkeypatch):
     return launches
 
 
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_under_torch_compile_the_kernels_are_one_operator_for_every_set_size(fdevice, monkeypatch):
     """A compiled optimisation (fullgraph: no graph break) calls the kernels, not the unrolled steps,
     at every set size without recompiling, with the eager values and gradients."""
@@ -410,6 +411,7 @@ def test_the_encoder_compiled_by_inductor_with_the_fused_kernel_equals_chunked(f
 
 @pytest.mark.skipif(not hasattr(torch.library, "custom_op"),
                     reason="compiled graphs call the kernels as operators from torch 2.4 (custom_op)")
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_under_torch_compile_a_kernel_triton_cannot_build_falls_back_at_run_time(monkeypatch, fresh_fallbacks):
     class Kernels:
         forward_kernel = _Kernel("forward_kernel")
@@ -453,6 +455,7 @@ def test_the_operators_schemas_name_the_implementations_arguments():
 
 
 @pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch 2.4")
+@pytest.mark.usefixtures("torch_compile_runs")
 def test_the_operators_pass_torch_library_opcheck(fdevice):
     """Schema, fake (shape) functions, autograd registration and the compiled (AOT) dispatch."""
     mask = random_mask(2, 7, seed=0).to(fdevice)

@@ -343,12 +343,18 @@ def library_dir_with_space() -> Optional[str]:
     return None
 
 
+def build_error_cause(err: BaseException) -> str:
+    """The first line of what ``torch.compile`` reported, with the class of the error that dynamo
+    or inductor wrapped (``"CppCompileError: C++ compile error"``)."""
+    inner = getattr(err, "inner_exception", None) or err       # (dynamo and inductor wrap the cause)
+    lines = [line for line in str(inner).splitlines() if line.strip()]
+    return (f"{type(inner).__name__}: " if inner is not err else "") + (lines[0] if lines else repr(inner))
+
+
 def _build_failed(err: Exception, device_type: str, fall_back: bool) -> None:
     """A compiled kernel could not be built: raise a clear error, or with ``fall_back`` warn once
     (per device type) and return None."""
-    inner = getattr(err, "inner_exception", None) or err       # (dynamo and inductor wrap the cause)
-    lines = [line for line in str(inner).splitlines() if line.strip()]
-    cause = (f"{type(inner).__name__}: " if inner is not err else "") + (lines[0] if lines else repr(inner))
+    cause = build_error_cause(err)
     spaced = library_dir_with_space() if device_type == "cpu" else None
     if spaced is not None:
         cause += (f"; the likely reason: {spaced!r} holds a space, and some torch releases do not quote the "
