@@ -20,7 +20,8 @@ import torch
 from integrations.common import run_command
 
 from .harness import (Config, announce, build, busy_core, common_parser, markdown_table, max_output_diff, mosaic,
-                      naming_no_compiled, prepare, probe_memory, run_once, select, sorting, timed, tiny_configs, vqa, write_results)
+                      naming_no_compiled, prepare, probe_memory, run_once, select, sorting, timed, tiny_configs, vqa,
+                      write_results)
 
 
 def paper_configs() -> List[Config]:

@@ -25,5 +25,5 @@ def test_installed_package_is_not_shadowed_by_a_clone_named_setperm(tmp_path):
     (parent / "setperm" / "README.md").write_text("a clone\n", encoding="utf-8")
     there = _import_in(parent)
     assert there.returncode == 0, there.stderr
-    # (lines, not words: the checkout's path may hold spaces)
-    assert there.stdout.splitlines() == found.stdout.splitlines() == [found.stdout.splitlines()[0], "PermutationSetEncoder"]
+    lines = found.stdout.splitlines()           # (lines, not words: the checkout's path may hold spaces)
+    assert there.stdout.splitlines() == lines == [lines[0], "PermutationSetEncoder"]
