@@ -385,7 +385,7 @@ def test_under_torch_compile_the_kernels_are_one_operator_for_every_set_size(fde
 
 
 def test_the_encoder_compiled_by_inductor_with_the_fused_kernel_equals_chunked(fdevice, monkeypatch, request):
-    if torch.device(fdevice).type == "cpu":
+    if fdevice.type == "cpu":
         request.getfixturevalue("inductor_builds_on_cpu")
     launches = _count_launches(monkeypatch)
     torch._dynamo.reset()

@@ -73,10 +73,9 @@ def test_a_library_folder_with_a_space_is_named_as_the_likely_cause(monkeypatch,
         pairwise_two_layer(a, c, w, kernel="compiled")
 
 
-def needs_compiler(test):
-    """The compiled kernel needs torch.compile on this Python and inductor's C++ toolchain on CPU;
-    CI machines have both."""
-    return pytest.mark.usefixtures("inductor_builds_on_cpu")(test)
+# The compiled kernel needs torch.compile on this Python and inductor's C++ toolchain on CPU; CI
+# machines have both.
+needs_compiler = pytest.mark.usefixtures("inductor_builds_on_cpu")
 
 
 @needs_compiler
