@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -189,3 +190,169 @@ def inductor_builds_on_cpu(torch_compile_runs):
     reason = _inductor_cpu_failure()
     if reason is not None:
         pytest.skip(f"torch's inductor cannot build a CPU kernel here: {reason}")
+
+
+# ------------------------------------------------------------------ the path CUDA takes, on the CPU
+# The modules whose data-dependent choices are taken on the host on the CPU, and on the device on
+# CUDA and under torch.compile (setperm.masking.host_decisions).
+HOST_DECIDING_MODULES = ("masking", "cost", "sinkhorn", "encoder")
+
+
+def _tensors(tree) -> list:
+    return [t for t in torch.utils._pytree.tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _names_the_host(args, kwargs) -> bool:
+    """Whether a ``to`` / factory call names the host the way code that means it does: the string "cpu"."""
+    return any(isinstance(a, str) and a == "cpu" for a in args) or kwargs.get("device") == "cpu"
+
+
+class HostWaits:
+    """Runs on the CPU what CUDA runs, and refuses, with the operation and its cause, everything
+    that makes the host wait for a CUDA device there: reading a device value (``item``, ``bool``,
+    ``int``, ``tolist``, ``numpy``, ``cpu``, ``.to("cpu")``, a copy into a host tensor), operators
+    whose output size depends on the values (``nonzero``, boolean indexing, ``masked_select``,
+    ``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``), ``equal``, a packed
+    sequence built from device lengths, and host data made into a device tensor with a blocking copy
+    (``torch.tensor(..., device=)``, ``new_tensor``, ``host.to(device)`` without ``non_blocking``).
+
+    On the CPU every tensor is a host tensor, so the test names the ones that are host tensors on
+    CUDA too (``host=``: set sizes the caller keeps on the host); tensors computed from host tensors
+    alone, made by ``torch.tensor`` / ``torch.as_tensor`` without a device, or moved with
+    ``.to("cpu")`` are host tensors as well, and reading them is allowed. What cannot be told apart on
+    the CPU (a factory call with ``device="cpu"`` given as a ``torch.device``) is taken as the device."""
+
+    # operator -> why it waits, whatever its arguments
+    WAITING = dict.fromkeys(("nonzero", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                             "bincount"), "sizes its output by the device values")
+    WAITING.update(_local_scalar_dense="reads a device value on the host", equal="answers on the host")
+
+    def __init__(self, host=()):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        self._kept = []                   # the host tensors, alive while the mode is (ids stay unique)
+        self._host = set()
+        self._paused = False
+        for t in host:
+            self.mark_host(t)
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if outer._paused:
+                    return func(*args, **kwargs)
+                inputs = _tensors((args, kwargs))
+                on_host = bool(inputs) and all(outer.is_host(t) for t in inputs)
+                if not on_host:
+                    outer._check(func, args, kwargs)
+                out = func(*args, **kwargs)
+                if on_host:
+                    for t in _tensors(out):
+                        outer.mark_host(t)
+                elif func.overloadpacket is torch.ops.aten._pack_padded_sequence:
+                    outer.mark_host(out[1])       # its batch sizes: a host tensor on every device
+                return out
+
+        self.mode = Mode()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No checks inside (a kernel launcher that, in Triton's interpreter on the CPU, reads its
+        arguments on the host as a GPU launch would not)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def mark_host(self, t):
+        if id(t) not in self._host:
+            self._host.add(id(t))
+            self._kept.append(t)
+        return t
+
+    def is_host(self, t) -> bool:
+        return id(t) in self._host
+
+    def _check(self, func, args, kwargs):
+        aten, name = torch.ops.aten, func.overloadpacket.__name__
+        cause = None
+        if name in self.WAITING:
+            cause = self.WAITING[name]
+        elif func.overloadpacket in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+            if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in args[1]):
+                cause = "indexes with a boolean device mask (its size depends on the values)"
+        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            cause = "repeats by device counts without output_size"
+        elif func.overloadpacket is aten._pack_padded_sequence and not self.is_host(args[1]):
+            cause = "packs a sequence by device lengths (copied to the host)"
+        elif func.overloadpacket is aten.copy_ and self.is_host(args[0]):
+            cause = "copies a device tensor into a host tensor"
+        if cause is not None:
+            raise AssertionError(f"{func} {cause}: on CUDA the host would wait for the device")
+
+    def patches(self):
+        """(object, name, replacement) of the Python-level reads and copies the dispatcher does not see."""
+        outer, T = self, torch.Tensor
+
+        def read(name, real):
+            def method(t, *args, **kwargs):
+                if not outer._paused and not outer.is_host(t):
+                    raise AssertionError(f"Tensor.{name} reads a device tensor on the host: on CUDA the host "
+                                         "would wait for the device")
+                return real(t, *args, **kwargs)
+            return method
+
+        real_to = T.to
+
+        def to(t, *args, **kwargs):
+            if outer._paused:
+                return real_to(t, *args, **kwargs)
+            device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+            if device is not None and _names_the_host(args, kwargs):
+                if not outer.is_host(t):
+                    raise AssertionError(f"Tensor.to({args}, {kwargs}) copies a device tensor to the host: "
+                                         "on CUDA the host would wait for the device")
+                return outer.mark_host(real_to(t, *args, **kwargs))
+            if device is not None and outer.is_host(t) and not non_blocking:
+                raise AssertionError(f"Tensor.to({args}, {kwargs}) copies a host tensor to the device with "
+                                     "a blocking copy: on CUDA the host would wait (non_blocking=True does not)")
+            return real_to(t, *args, **kwargs)
+
+        def factory(name, real, always_device=False):
+            def make(*args, **kwargs):
+                if outer._paused:
+                    return real(*args, **kwargs)
+                device = kwargs.get("device")
+                if (always_device or device is not None) and device != "cpu":
+                    raise AssertionError(f"{name}(..., device={device!r}) makes host data a device tensor with "
+                                         "a blocking copy: on CUDA the host would wait for the device")
+                return outer.mark_host(real(*args, **kwargs))
+            return make
+
+        return ([(T, name, read(name, getattr(T, name))) for name in ("tolist", "numpy", "cpu")]
+                + [(T, "to", to), (T, "new_tensor", factory("Tensor.new_tensor", T.new_tensor, always_device=True)),
+                   (torch, "tensor", factory("torch.tensor", torch.tensor)),
+                   (torch, "as_tensor", factory("torch.as_tensor", torch.as_tensor))])
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    """``with device_path(host=(lengths,)):`` runs setperm on the CPU as it runs on CUDA (every
+    ``host_decisions`` answers False) and fails on anything there that makes the host wait for the
+    device (:class:`HostWaits`; ``host=``: the tensors that live on the host on CUDA too).
+    ``device_path(refuse=False)`` takes the path without the checks."""
+    @contextlib.contextmanager
+    def enter(host=(), refuse=True):
+        with monkeypatch.context() as m:
+            for name in HOST_DECIDING_MODULES:
+                m.setattr(importlib.import_module(f"setperm.{name}"), "host_decisions", lambda t: False)
+            if not refuse:
+                yield None
+                return
+            waits = HostWaits(host)
+            for obj, name, replacement in waits.patches():
+                m.setattr(obj, name, replacement)
+            with waits.mode:
+                yield waits
+    return enter

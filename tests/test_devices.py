@@ -5,7 +5,8 @@ Off the CPU (and under ``torch.compile``) the library takes no decision on the h
 from an exact matmul, Sinkhorn's ``method="auto"`` takes the log domain, the finite check is off by
 default. On CUDA this is pinned with ``torch.cuda.set_sync_debug_mode("error")``; on the CPU the
 same code path is forced (``host_decisions`` patched to False) and checked to give the CPU path's
-values while no tensor is ever read on the host.
+values while nothing makes the host wait for a device (conftest's ``device_path`` / ``HostWaits``:
+no device value read on the host, no output sized by device values, no blocking copy to the device).
 """
 import contextlib
 import importlib
@@ -16,13 +17,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import PermutationOptimization, PermutationSetEncoder
+from setperm import LinAssign, PermutationOptimization, PermutationSetEncoder
 from setperm.functional import hungarian, sinkhorn
 from setperm.cost import _equal_pairs_by_hash, _equal_pairs_on_device, equal_pairs
 
 # (import_module: each submodule by its path, whatever names the package's namespace holds)
-cost_mod, encoder_mod, masking_mod, pairwise_mod, sinkhorn_mod = (
-    importlib.import_module(f"setperm.{name}") for name in ("cost", "encoder", "masking", "pairwise", "sinkhorn"))
+pairwise_mod, sinkhorn_mod = (importlib.import_module(f"setperm.{name}") for name in ("pairwise", "sinkhorn"))
 SIZES = [5, 3, 1, 4]
 
 
@@ -42,29 +42,6 @@ def encoder(device, dtype=torch.float64, kernel="auto", **kw):
     with torch.no_grad():
         enc.po.cost.first.bias.normal_()          # non-zero biases: the scaling of f is exercised
     return enc
-
-
-@contextlib.contextmanager
-def device_decisions(monkeypatch, refuse_reads=True):
-    """Take the path CUDA takes, on the CPU: every ``host_decisions`` answers False, and (with
-    ``refuse_reads``) reading a tensor's value on the host (``bool``, ``int``, ``float``, ``item``,
-    ``tolist``, ``numpy``, or ``cpu``: a copy to the host) raises."""
-    for mod in (masking_mod, cost_mod, sinkhorn_mod, encoder_mod):
-        monkeypatch.setattr(mod, "host_decisions", lambda t: False)
-    if not refuse_reads:
-        yield
-        monkeypatch.undo()
-        return
-
-    def refuse(name):
-        def read(self, *args, **kwargs):
-            raise AssertionError(f"Tensor.{name} read a value on the host")
-        return read
-
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "cpu"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(name))
-    yield
-    monkeypatch.undo()
 
 
 # ------------------------------------------------------------------------------- core properties
@@ -157,40 +134,81 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
             torch.cuda.set_sync_debug_mode(prev)
 
 
-@pytest.mark.skipif(torch.__version__ < "2.1", reason="torch 2.0's LSTM reads its packed batch sizes (a host "
-                    "tensor on every device) with int(), which the test cannot tell from a device read")
-def test_device_path_reads_nothing_on_the_host_and_gives_the_cpu_values(monkeypatch):
-    """What CUDA runs, run on the CPU: same values and gradients as the CPU's host-side choices."""
+@pytest.mark.parametrize("variant", [
+    {}, {"rnn": "gru", "pool": "sum"}, {"pool": "attention"}, {"pool": "mean"},
+    {"po": "po-la"}, {"po": "linassign"}, {"po": None}, {"order_features": 2}])
+def test_device_path_makes_the_host_wait_nowhere_and_gives_the_cpu_values(device_path, variant):
+    """What CUDA runs, run on the CPU: the same values and gradients as the CPU's host-side choices,
+    and nothing that makes the host wait for a device (conftest's ``HostWaits``): neither with a
+    ``mask`` nor with ``lengths`` kept on the host."""
     x, w, mask = batch("cpu")
     lengths = torch.tensor(SIZES)
     results = []
     for forced in (False, True):
-        enc = encoder("cpu")
+        enc = variant_encoder(**variant)
         xr = x.clone().requires_grad_(True)
-        with device_decisions(monkeypatch) if forced else contextlib.nullcontext():
-            h = enc(xr, mask=mask, weights=w)
+        kw = {"weights": w, "order_by": xr[..., :2].flip(-1)} if "order_features" in variant else {"weights": w}
+        with device_path() if forced else contextlib.nullcontext():
+            h = enc(xr, mask=mask, **kw)
             h.sum().backward()
-        # host lengths are validated on the host (no device read), so only the values are compared
-        with device_decisions(monkeypatch, refuse_reads=False) if forced else contextlib.nullcontext():
-            h2 = enc(xr, lengths=lengths, weights=w)
+        with device_path(host=(lengths,)) if forced else contextlib.nullcontext():
+            h2 = enc(xr, lengths=lengths, **kw)
             h2.sum().backward()
-        results.append((h, xr.grad, enc.po.eta_param.grad))
+        results.append((h, xr.grad) + tuple(p.grad for p in enc.parameters()))
         assert_close(h2, h, rtol=1e-12, atol=1e-12)
     for a, b in zip(*results):
         assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
-def test_device_path_needs_no_finite_check_but_true_forces_it(monkeypatch):
+def variant_encoder(po="po-u", **kw):
+    """The encoder of :func:`encoder` with another permutation module (PO-LA, LinAssign, none)."""
+    torch.manual_seed(0)
+    key = kw.get("order_features") or 4
+    if po == "linassign":
+        po = LinAssign(key, 5)
+    elif po is not None:
+        po = PermutationOptimization(key, cost_hidden=8, steps=2, permutation=po,
+                                     num_positions=5 if po == "po-la" else None)
+    return PermutationSetEncoder(4, 6, po, **kw).double()
+
+
+def test_the_host_wait_check_refuses_what_synchronises_on_cuda_and_allows_host_work(device_path):
+    """conftest's ``HostWaits`` itself: each way of making the host wait is refused, naming it; host
+    tensors may be read, and reach the device with a non-blocking copy."""
+    x, lengths = torch.randn(3, 4), torch.tensor([4, 2, 1])
+    waits = [lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: int(x.argmax()), lambda: x.tolist(),
+             lambda: x.numpy(), lambda: x.cpu(), lambda: x.to("cpu"), lambda: x[x > 0], lambda: x.nonzero(),
+             lambda: torch.where(x > 0), lambda: x.unique(), lambda: torch.masked_select(x, x > 0),
+             lambda: torch.equal(x, x), lambda: x.long().clamp(0, 3).flatten().bincount(),
+             lambda: x.new_tensor([1.0]), lambda: torch.tensor(1.0, device=x.device),
+             lambda: torch.as_tensor([1, 2], device=x.device), lambda: lengths.to(x.device),
+             lambda: lengths.new_zeros(3).copy_(x.sum(1)),
+             lambda: torch.nn.utils.rnn.pack_padded_sequence(x[:, :, None], x.sum(1).abs().long() % 4 + 1,
+                                                             batch_first=True, enforce_sorted=False),
+             lambda: torch.repeat_interleave(x.long().abs() % 2)]
+    for wait in waits:
+        with device_path(host=(lengths,)), pytest.raises(AssertionError, match="the host would wait"):
+            wait()
+    with device_path(host=(lengths,)):
+        assert int(lengths.max()) == 4 and lengths.tolist() == [4, 2, 1]            # host values
+        counts = torch.as_tensor([3, 1])                                         # made on the host
+        assert int(counts.sum()) == 4 and counts.cpu().numpy().tolist() == [3, 1]
+        mask = torch.arange(4) < lengths.to(x.device, non_blocking=True)[:, None]
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x[:, :, None], lengths, batch_first=True)
+        torch.nn.LSTM(1, 2, batch_first=True)(packed)                              # reads its host batch sizes
+    assert torch.equal(mask.sum(1), lengths)
+
+
+def test_device_path_needs_no_finite_check_but_true_forces_it(device_path):
     x, w, mask = batch("cpu")
     x[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         encoder("cpu")(x, mask=mask, weights=w)                     # None: checked on the CPU
-    for mod in (masking_mod, cost_mod, sinkhorn_mod, encoder_mod):
-        monkeypatch.setattr(mod, "host_decisions", lambda t: False)
-    h = encoder("cpu")(x, mask=mask, weights=w)                      # None off the CPU: not checked
-    assert torch.isnan(h[1]).any() and torch.isfinite(h[[0, 2, 3]]).all()   # NaN stays in its set
-    with pytest.raises(ValueError, match="non-finite"):
-        encoder("cpu", check_finite=True)(x, mask=mask, weights=w)
+    with device_path(refuse=False):
+        h = encoder("cpu")(x, mask=mask, weights=w)                  # None off the CPU: not checked
+        assert torch.isnan(h[1]).any() and torch.isfinite(h[[0, 2, 3]]).all()   # NaN stays in its set
+        with pytest.raises(ValueError, match="non-finite"):
+            encoder("cpu", check_finite=True)(x, mask=mask, weights=w)
     with pytest.raises(ValueError, match="check_finite"):
         PermutationSetEncoder(4, 6, check_finite="yes")
 

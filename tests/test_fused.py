@@ -142,6 +142,29 @@ def test_the_encoder_with_the_fused_kernel_is_invariant_to_the_order(fdevice):
     assert_close(enc(x[:, perm]), enc(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_init", [False, True])
+def test_the_fused_optimisation_makes_the_host_wait_nowhere(fdevice, device_path, monkeypatch, with_init):
+    """conftest's ``HostWaits`` around the fused optimisation's forward and backward on the path
+    CUDA takes: nothing but the kernels themselves, which Triton's interpreter runs by reading their
+    arguments on the host (on CUDA, ``test_devices``' sync-debug test covers the launches too)."""
+    if fdevice.type != "cpu":
+        pytest.skip("on CUDA the sync-debug test of test_devices checks the same")
+    mask = random_mask(3, 9, seed=2)
+    C = cost(3, 9, seed=2, mask=mask).float().requires_grad_(True)
+    init = torch.randn(3, 9, 9, generator=torch.Generator().manual_seed(3)).requires_grad_(True) if with_init else None
+    real, launches = fused._launch, []
+    with device_path() as waits:
+        def launch(*args, **kwargs):
+            launches.append(args[0])
+            with waits.paused():
+                return real(*args, **kwargs)
+        monkeypatch.setattr(fused, "_launch", launch)
+        P = optimize_permutation(C, init, mask, eta=0.7, steps=2, kernel="fused")
+        P.square().sum().backward()
+    assert len(launches) == 2 and "Fused" in P.grad_fn.name()             # the kernels ran, forward and backward
+    assert torch.isfinite(C.grad).all() and (init is None or torch.isfinite(init.grad).all())
+
+
 def test_where_the_kernels_do_not_apply_the_unrolled_steps_run(fdevice):
     C = cost(2, 6, seed=0).float().to(fdevice)
     unrolled = optimize_permutation(C, eta=1.0, steps=2, kernel="chunked")

@@ -179,7 +179,8 @@ class PatchedBan(nn.Module):
         order_by = x[..., :4] if self.order_by == "geometry" else None     # the normalised box coordinates
         if box_counts is not None:
             # set b * G + g is glimpse g of image b; host lengths: no copy of the sizes to the host
-            h = self.set_encoder(x, lengths=box_counts.repeat_interleave(G), weights=weights, order_by=order_by)
+            lengths = box_counts.unsqueeze(1).expand(B, G).reshape(B * G)
+            h = self.set_encoder(x, lengths=lengths, weights=weights, order_by=order_by)
         else:
             h = self.set_encoder(x, mask=set_mask, weights=weights, order_by=order_by)
         return h.view(B, G, -1)

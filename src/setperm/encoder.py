@@ -321,9 +321,9 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
         log_f = nn.functional.logsigmoid(f).double()
         cumulative = log_f.cumsum(1)                                                     # A_t, (B, N, H)
         at_last = torch.where(real, log_f, log_f.new_zeros(())).sum(1, keepdim=True)     # A_{L-1}
-        # -inf past the length: a zero weight whose gradient is zero too (exp(-inf) = 0)
-        log_weight = torch.where(real, at_last - cumulative,
-                                 torch.tensor(float("-inf"), dtype=torch.float64, device=seq.device))
+        # -inf past the length: a zero weight whose gradient is zero too (exp(-inf) = 0); made by a
+        # fill on the device (torch.tensor(..., device=) would copy it there and wait for the copy)
+        log_weight = torch.where(real, at_last - cumulative, log_f.new_full((), float("-inf")))
         cell = (log_weight.to(dtype).exp() * torch.sigmoid(i) * torch.tanh(g)).sum(1)
     return cell.to(out.dtype)
 

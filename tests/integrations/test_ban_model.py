@@ -247,28 +247,26 @@ def test_box_counts_on_the_host_give_the_same_values_and_gradients(permutation):
         assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_the_set_sizes_are_not_copied_to_the_host_with_or_without_box_counts(monkeypatch):
+@pytest.mark.parametrize("counts", ["list", "tensor", None])
+def test_the_path_cuda_takes_makes_the_host_wait_nowhere_with_or_without_box_counts(device_path, counts):
     """On the path CUDA takes (forced on the CPU: no host-side choices), the encoder's LSTM takes the
-    set sizes from ``box_counts`` (a packed read) or, without them, reads the padded batch: neither
-    copies a tensor to the host (a synchronisation on CUDA), and both give the same values."""
-    import importlib
-
-    for name in ("masking", "cost", "sinkhorn", "encoder"):
-        monkeypatch.setattr(importlib.import_module(f"setperm.{name}"), "host_decisions", lambda t: False)
+    set sizes from ``box_counts`` (a packed read: a list, as the training loop passes, or a host
+    tensor) or, without them, reads the padded batch; a training step's forward and backward make
+    the host wait for the device nowhere (conftest's ``HostWaits``), and all give the same values."""
     model = patch_ban(small_ban(), "po-u").train()
     v, b, q = make_batch([10, 31, 57], seed=4)
-
-    def refused(self, *args, **kwargs):
-        raise AssertionError("a tensor was copied to the host")
-    with monkeypatch.context() as m:
-        m.setattr(torch.Tensor, "cpu", refused)
+    host = torch.tensor([10, 31, 57])
+    given = {"list": [10, 31, 57], "tensor": host, None: None}[counts]
+    results = []
+    for box_counts in (given, None):
+        model.zero_grad()
         torch.manual_seed(0)                                              # the same dropout masks
-        with_counts, _ = model(v, b, q, box_counts=torch.tensor([10, 31, 57]))
-        with_counts.sum().backward()
-        torch.manual_seed(0)
-        without, _ = model(v, b, q)
-        without.sum().backward()
-    assert_close(without, with_counts, rtol=1e-5, atol=1e-5)
+        with device_path(host=(host,)):
+            logits, _ = model(v, b, q, box_counts=box_counts)
+            logits.sum().backward()
+        results.append([logits] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for got, want in zip(*results):
+        assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_box_counts_are_checked():
