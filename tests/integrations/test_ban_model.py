@@ -394,7 +394,7 @@ def test_state_dict_round_trip():
     other = patch_ban(small_ban(seed=1), "po-u").eval()
     v, b, q = make_batch([10, 30], seed=7)
     assert not torch.allclose(other(v, b, q)[0], model(v, b, q)[0])
-    other.load_state_dict(torch.load(buf), strict=True)
+    other.load_state_dict(torch.load(buf, weights_only=True), strict=True)
     assert_close(other(v, b, q)[0], model(v, b, q)[0], rtol=0, atol=0)
     assert_close(other.eta, model.eta)
     # the original BAN's weights sit under "ban.", so a plain BAN checkpoint loads into .ban

@@ -150,8 +150,8 @@ def _ddp_worker(rank, world, port, root, out):
                     "(its destructor holds the GIL while joining a worker that needs it; released since PyTorch 2.8)")
 def test_two_process_gloo_ddp_keeps_replicas_equal(root, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
-    s0 = torch.load(tmp_path / "rank0.state")
-    s1 = torch.load(tmp_path / "rank1.state")
+    s0 = torch.load(tmp_path / "rank0.state", weights_only=True)
+    s1 = torch.load(tmp_path / "rank1.state", weights_only=True)
     init = build_model(_args(root, tmp_path, "--permutation", "po-u"), *_sizes(root))
     moved = False
     for k in s0:
