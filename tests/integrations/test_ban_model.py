@@ -603,3 +603,18 @@ def test_official_model_takes_non_contiguous_attention_logits(off, permutation):
     finally:
         handle.remove()
     assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@official
+@pytest.mark.parametrize("permutation", ["off", "po-u"])
+def test_official_model_on_the_path_cuda_takes_makes_the_host_wait_nowhere(off, device_path, permutation):
+    """The official BAN and official BAN + PO-U, a training step's forward and backward with the
+    box counts on the host as the training loop passes them: nothing makes the host wait for the
+    device (conftest's ``HostWaits``)."""
+    ref = official_ban(off).train()
+    model = ref if permutation == "off" else patch_ban(ref, permutation).train()
+    v, b, q = make_batch([10, 31, 57], seed=4)
+    with device_path():
+        logits = model(v, b, q, None)[0] if permutation == "off" else model(v, b, q, box_counts=[10, 31, 57])[0]
+        logits.sum().backward()
+    assert torch.isfinite(logits).all()
