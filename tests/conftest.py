@@ -327,6 +327,12 @@ class HostWaits:
                 if (always_device or device is not None) and device != "cpu":
                     raise AssertionError(f"{name}(..., device={device!r}) makes host data a device tensor with "
                                          "a blocking copy: on CUDA the host would wait for the device")
+                data = args[0] if args else kwargs.get("data")
+                if isinstance(data, torch.Tensor) and not outer.is_host(data):
+                    if device == "cpu":
+                        raise AssertionError(f"{name}(<device tensor>, device='cpu') copies a device tensor to the "
+                                             "host: on CUDA the host would wait for the device")
+                    return real(*args, **kwargs)          # a device tensor stays one
                 return outer.mark_host(real(*args, **kwargs))
             return make
 

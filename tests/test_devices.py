@@ -134,6 +134,18 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
             torch.cuda.set_sync_debug_mode(prev)
 
 
+def variant_encoder(po="po-u", **kw):
+    """The encoder of :func:`encoder` with another permutation module (PO-LA, LinAssign, none)."""
+    torch.manual_seed(0)
+    key = kw.get("order_features") or 4
+    if po == "linassign":
+        po = LinAssign(key, 5)
+    elif po is not None:
+        po = PermutationOptimization(key, cost_hidden=8, steps=2, permutation=po,
+                                     num_positions=5 if po == "po-la" else None)
+    return PermutationSetEncoder(4, 6, po, **kw).double()
+
+
 @pytest.mark.parametrize("variant", [
     {}, {"rnn": "gru", "pool": "sum"}, {"pool": "attention"}, {"pool": "mean"},
     {"po": "po-la"}, {"po": "linassign"}, {"po": None}, {"order_features": 2}])
@@ -160,18 +172,6 @@ def test_device_path_makes_the_host_wait_nowhere_and_gives_the_cpu_values(device
         assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
-def variant_encoder(po="po-u", **kw):
-    """The encoder of :func:`encoder` with another permutation module (PO-LA, LinAssign, none)."""
-    torch.manual_seed(0)
-    key = kw.get("order_features") or 4
-    if po == "linassign":
-        po = LinAssign(key, 5)
-    elif po is not None:
-        po = PermutationOptimization(key, cost_hidden=8, steps=2, permutation=po,
-                                     num_positions=5 if po == "po-la" else None)
-    return PermutationSetEncoder(4, 6, po, **kw).double()
-
-
 def test_the_host_wait_check_refuses_what_synchronises_on_cuda_and_allows_host_work(device_path):
     """conftest's ``HostWaits`` itself: each way of making the host wait is refused, naming it; host
     tensors may be read, and reach the device with a non-blocking copy."""
@@ -183,8 +183,6 @@ def test_the_host_wait_check_refuses_what_synchronises_on_cuda_and_allows_host_w
              lambda: x.new_tensor([1.0]), lambda: torch.tensor(1.0, device=x.device),
              lambda: torch.as_tensor([1, 2], device=x.device), lambda: lengths.to(x.device),
              lambda: lengths.new_zeros(3).copy_(x.sum(1)),
-             lambda: torch.nn.utils.rnn.pack_padded_sequence(x[:, :, None], x.sum(1).abs().long() % 4 + 1,
-                                                             batch_first=True, enforce_sorted=False),
              lambda: torch.repeat_interleave(x.long().abs() % 2)]
     for wait in waits:
         with device_path(host=(lengths,)), pytest.raises(AssertionError, match="the host would wait"):
