@@ -68,6 +68,36 @@ def test_equals_dense_encoder_on_the_same_sets(pool, rnn):
     assert_close(aggr(x, ptr=ptr), aggr(x, index), **TOL64)
 
 
+def test_weights_are_cut_with_their_elements_past_max_num_elements():
+    aggr = _aggr()
+    sizes, cut = [4, 2, 5], 3
+    x, index = _sparse_sets(sizes)
+    w = torch.randn(x.shape[0], dtype=torch.float64)
+    starts = torch.tensor([0, 4, 6])
+    sets = [aggr.encoder(x[s:s + min(n, cut)][None], weights=w[s:s + min(n, cut)][None])
+            for s, n in zip(starts.tolist(), sizes)]
+    assert_close(aggr(x, index, max_num_elements=cut, weights=w), torch.cat(sets), **TOL64)
+
+
+def test_past_pygs_densification_the_path_cuda_takes_makes_the_host_wait_nowhere(device_path, monkeypatch):
+    """PyG's ``Aggregation.to_dense_batch`` checks on the host that ``index`` is sorted (as for PyG's own
+    aggregations); everything the adapter does around it, weights included, makes the host wait nowhere
+    (conftest's ``HostWaits``) and gives the CPU path's values."""
+    aggr = _aggr()
+    x, index = _sparse_sets([4, 1, 6, 3])
+    w = torch.randn(x.shape[0], dtype=torch.float64)
+    expected = aggr(x, index, dim_size=4, max_num_elements=6, weights=w)
+    real = PermutationAggregation.to_dense_batch
+    with device_path() as waits:
+        def densify(self, *args, **kwargs):
+            with waits.paused():
+                return real(self, *args, **kwargs)
+        monkeypatch.setattr(PermutationAggregation, "to_dense_batch", densify)
+        out = aggr(x, index, dim_size=4, max_num_elements=6, weights=w)
+        out.sum().backward()
+    assert_close(out, expected, **TOL64)
+
+
 @pytest.mark.parametrize("straight_through", [False, True])
 @pytest.mark.parametrize("permutation", ["po-u", "po-la"])
 def test_output_of_a_graph_is_invariant_to_the_order_of_its_nodes(permutation, straight_through):

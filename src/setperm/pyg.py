@@ -21,7 +21,6 @@ from torch import Tensor
 try:
     from torch_geometric.experimental import disable_dynamic_shapes
     from torch_geometric.nn.aggr import Aggregation
-    from torch_geometric.utils import to_dense_batch
 except ImportError as e:          # the optional extra is missing: say how to get it
     raise ImportError(f"setperm.pyg needs PyTorch Geometric ({e}); install it with "
                       f"`pip install \"setperm[pyg]\"` or `pip install torch_geometric`") from e
@@ -98,20 +97,22 @@ class PermutationAggregation(Aggregation):
         if index is None and ptr is not None:
             # to_dense_batch works on index only: expand the CSR boundaries (sets are contiguous).
             index = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
-        dense, mask = self.to_dense_batch(x, index, ptr, dim_size, dim, max_num_elements=max_num_elements)
-        num_sets = dense.shape[0]
-        if dense.shape[1] == 0:
-            # No set holds an element: the documented output of an empty set.
-            return x.new_zeros(num_sets, self.out_channels)
-        dense_weights = None
         if weights is not None:
             if not isinstance(weights, Tensor) or weights.reshape(-1).shape[0] != x.shape[0] or \
                     weights.dim() > 2 or (weights.dim() == 2 and weights.shape[1] != 1):
                 raise ValueError(f"weights must have shape ({x.shape[0]},) or ({x.shape[0]}, 1), got "
                                  f"{tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__}")
-            dense_weights, _ = to_dense_batch(weights.reshape(-1, 1).to(dense.dtype), index, batch_size=num_sets,
-                                              max_num_nodes=dense.shape[1])
-            dense_weights = dense_weights.squeeze(-1)
+            # densified with the elements, as one more column: one scatter, the same padding and the
+            # same elements dropped past max_num_elements
+            x = torch.cat([x, weights.reshape(-1, 1).to(x.dtype)], dim=-1)
+        dense, mask = self.to_dense_batch(x, index, ptr, dim_size, dim, max_num_elements=max_num_elements)
+        num_sets = dense.shape[0]
+        dense_weights = None
+        if weights is not None:
+            dense, dense_weights = dense[..., :-1], dense[..., -1]
+        if dense.shape[1] == 0:
+            # No set holds an element: the documented output of an empty set.
+            return dense.new_zeros(num_sets, self.out_channels)
         return self.encoder(dense, mask=mask, weights=dense_weights)
 
     def __repr__(self) -> str:
