@@ -1,5 +1,6 @@
 """BAN training script: the official recipe's pieces, loss decrease for every mode, exact resume,
 2-process gloo DDP with equal replicas, and (when a checkout is given) the official model."""
+import importlib
 import os
 import socket
 
@@ -257,6 +258,33 @@ def test_one_training_step_on_every_device(root, tmp_path, device, amp):
                                     batch, device, grad_clip=0.25, amp=False)
         assert float(loss) != float(ref_loss)                       # autocast did take effect
         assert abs(float(loss) - float(ref_loss)) < 0.05 * abs(float(ref_loss))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bf16-autocast"])
+def test_a_training_step_on_the_path_cuda_takes_waits_only_for_the_loss_check(root, tmp_path, device_path, monkeypatch,
+                                                                             amp):
+    """A whole official step of BAN + PO-U (forward, loss, backward, clip, Adamax) on the path CUDA takes:
+    the host waits for the device only where the step reads the loss to stop before a non-finite update
+    (conftest's ``HostWaits``; the batch as the loader gives it and the optimiser's step counts are host
+    tensors, as on CUDA)."""
+    args = _args(root, tmp_path, "--permutation", "po-u", *(["--amp"] if amp else []))
+    ds = VQAFeatureDataset(root, "train")
+    torch.manual_seed(0)
+    model = build_model(args, ds.dictionary.ntoken, ds.num_ans_candidates, ds.v_dim)
+    opt = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    batch = collate_vqa([ds[i] for i in range(4)])
+    train_step(model, opt, batch, torch.device("cpu"), grad_clip=0.25, amp=amp)      # the optimiser's state
+    steps = tuple(state["step"] for state in opt.state.values() if isinstance(state.get("step"), torch.Tensor))
+    train_mod = importlib.import_module("integrations.ban.train")
+    checks, real = [], train_mod.finite_loss
+    with device_path(host=tuple(t for t in batch if isinstance(t, torch.Tensor)) + steps) as waits:
+        def finite_loss(*a, **k):
+            checks.append(1)
+            with waits.paused():
+                return real(*a, **k)
+        monkeypatch.setattr(train_mod, "finite_loss", finite_loss)
+        loss, _, _ = train_step(model, opt, batch, torch.device("cpu"), grad_clip=0.25, amp=amp)
+    assert checks == [1] and bool(torch.isfinite(loss))
 
 
 def test_amp_run_records_the_setting_and_resume_refuses_a_change(root, tmp_path):
