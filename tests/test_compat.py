@@ -1,4 +1,5 @@
 """The torch-version shims answer as the newest torch's API does, on whichever torch runs them."""
+import contextlib
 import warnings
 
 import pytest
@@ -38,6 +39,23 @@ def test_autocast_enabled_per_device_type():
         assert _compat.autocast_enabled("cpu")
         assert not _compat.autocast_enabled("cuda")
     assert not _compat.autocast_enabled("cpu")
+    assert not _compat.autocast_enabled("meta")          # a device type autocast does not know
+
+
+def test_autocast_off_where_autocast_is_on_and_no_context_elsewhere():
+    a = torch.randn(3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with _compat.autocast_off("cpu"):
+            assert (a @ a).dtype == torch.float32
+        with _compat.autocast_off("cuda"):               # another device type's: the CPU's stays on
+            assert (a @ a).dtype == torch.bfloat16
+        assert (a @ a).dtype == torch.bfloat16
+    assert isinstance(_compat.autocast_off("cpu"), contextlib.nullcontext)
+    with pytest.raises(RuntimeError):
+        torch.autocast("meta", enabled=False)            # what autocast_off does not enter
+    with _compat.autocast_off("meta"):
+        assert (a.to("meta") @ a.to("meta")).dtype == torch.float32
 
 
 def test_the_error_classes(recompile_limit_error):

@@ -146,9 +146,11 @@ def variant_encoder(po="po-u", **kw):
     return PermutationSetEncoder(4, 6, po, **kw).double()
 
 
-@pytest.mark.parametrize("variant", [
-    {}, {"rnn": "gru", "pool": "sum"}, {"pool": "attention"}, {"pool": "mean"},
-    {"po": "po-la"}, {"po": "linassign"}, {"po": None}, {"order_features": 2}])
+VARIANTS = [{}, {"rnn": "gru", "pool": "sum"}, {"pool": "attention"}, {"pool": "mean"},
+            {"po": "po-la"}, {"po": "linassign"}, {"po": None}, {"order_features": 2}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_device_path_makes_the_host_wait_nowhere_and_gives_the_cpu_values(device_path, variant):
     """What CUDA runs, run on the CPU: the same values and gradients as the CPU's host-side choices,
     and nothing that makes the host wait for a device (conftest's ``HostWaits``): neither with a
@@ -170,6 +172,62 @@ def test_device_path_makes_the_host_wait_nowhere_and_gives_the_cpu_values(device
         assert_close(h2, h, rtol=1e-12, atol=1e-12)
     for a, b in zip(*results):
         assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_tensor_made_on_the_way_is_on_the_inputs_device(on_meta, variant):
+    """Forward and backward on the ``meta`` device (shapes and dtypes, no values; on every machine),
+    which like CUDA refuses to combine its tensors with a CPU tensor of more than zero dimensions:
+    a tensor made without ``device=`` anywhere on the path that CUDA takes (``meta`` is not the CPU,
+    so no choice is taken on the host) raises here. Also how a FLOP counter or a shape check runs a
+    model without data."""
+    x, w, mask = (t.to("meta") for t in batch("cpu"))
+    enc = variant_encoder(**variant).to("meta")
+    xr = x.clone().requires_grad_(True)
+    kw = {"weights": w, "order_by": xr[..., :2].flip(-1)} if "order_features" in variant else {"weights": w}
+    for how in ({"mask": mask}, {"lengths": torch.tensor(SIZES)}, {"lengths": SIZES}, {}):
+        with on_meta():
+            h = enc(xr, **how, **kw)
+            h.sum().backward()
+        assert h.shape == (len(SIZES), 6) and h.device.type == "meta" and h.dtype == torch.float64
+    assert xr.grad.device.type == "meta" and xr.grad.shape == x.shape
+    grads = [p.grad for p in enc.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.device.type == "meta" for g in grads)
+
+
+def test_a_flop_count_on_meta_tensors_equals_the_count_with_data(on_meta, device_path):
+    """What the layer computes on ``meta`` is what it computes on the path CUDA takes: the same FLOPs."""
+    flop_counter = pytest.importorskip("torch.utils.flop_counter", reason="torch 2.1 and newer count FLOPs")
+    try:
+        with flop_counter.FlopCounterMode(display=False):
+            torch.mm(torch.ones(2, 2), torch.ones(2, 2), out=torch.empty(2, 2))
+    except TypeError as err:                 # the CPU's chunked kernel writes its products with out=
+        pytest.skip(f"the FLOP counter of torch {torch.__version__} cannot count a call with out=: {err}")
+    counts = []
+    for device in ("meta", "cpu"):
+        x, w, mask = (t.to(device) for t in batch("cpu"))
+        enc = variant_encoder().to(device)
+        counter = flop_counter.FlopCounterMode(display=False)
+        with on_meta(), device_path(refuse=False), counter:
+            enc(x.requires_grad_(True), mask=mask, weights=w).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("module", [
+    lambda: PermutationOptimization(4, cost_hidden=8, steps=2, grid=(2, 3)),
+    lambda: PermutationOptimization(4, cost_hidden=8, steps=2, grid=(2, 3), permutation="po-la", num_positions=6),
+    lambda: LinAssign(4, 6, grid=(2, 3))], ids=["po-u-lattice", "po-la-lattice", "linassign-lattice"])
+def test_the_lattice_variants_put_every_tensor_on_the_inputs_device(on_meta, module):
+    """The same on ``meta`` for the lattice cost (paper 2.4, the mosaics), every soft step returned."""
+    po = module().to("meta")
+    x = torch.randn(3, 6, 4, device="meta", requires_grad=True)
+    mask = torch.ones(3, 6, dtype=torch.bool, device="meta")
+    with on_meta():
+        steps = po(x, mask=mask, return_steps=True)
+        sum(P.sum() for P in steps).backward()
+    assert all(P.shape == (3, 6, 6) and P.device.type == "meta" for P in steps)
+    assert x.grad.device.type == "meta" and all(p.grad.device.type == "meta" for p in po.parameters())
 
 
 def test_the_host_wait_check_refuses_what_synchronises_on_cuda_and_allows_host_work(device_path):

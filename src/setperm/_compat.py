@@ -8,6 +8,7 @@ torch's own function, or code it can trace on every release.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Tuple, Type
@@ -37,13 +38,29 @@ def default_device() -> torch.device:
 
 
 def autocast_enabled(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is on for ``device_type``."""
+    """Whether ``torch.autocast`` is on for ``device_type`` (never for a device type autocast does
+    not know, such as ``"meta"``)."""
     try:
         return torch.is_autocast_enabled(device_type)                   # torch >= 2.4
     except TypeError:                                                   # older: no device argument
         if device_type == "cpu":
             return torch.is_autocast_cpu_enabled()
         return device_type == "cuda" and torch.is_autocast_enabled()
+    except RuntimeError:                                                # a device type autocast does not know
+        return False
+
+
+def autocast_off(device_type: str):
+    """A context in which ``torch.autocast`` is off for ``device_type``.
+
+    ``torch.autocast(device_type, enabled=False)`` where autocast is on; where it is off there is
+    nothing to undo and no context is entered: ``torch.autocast`` raises for a device type it does
+    not know (``"meta"`` on every release, Apple's ``"mps"`` before torch 2.5), and entering it costs
+    a few microseconds on every call. Under ``torch.compile`` always the autocast context, which
+    dynamo traces on every release."""
+    if is_compiling() or autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _NeverRaised(Exception):

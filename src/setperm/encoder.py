@@ -7,14 +7,13 @@ T = 0 steps) is its own module, :class:`LinAssign`.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from ._compat import autocast_enabled
+from ._compat import autocast_off
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
 from .init import uninitialized, xavier_linear_, xavier_rnn_
@@ -310,8 +309,7 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
     h_prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)     # h_{-1} = 0
     # the gates in the parameters' precision at least, whatever autocast ran the reader in
     dtype = torch.promote_types(out.dtype, rnn.weight_ih_l0.dtype)
-    with (torch.autocast(seq.device.type, enabled=False) if autocast_enabled(seq.device.type)
-          else contextlib.nullcontext()):
+    with autocast_off(seq.device.type):
         w_ih, b_ih, w_hh, b_hh = (None if w is None else w.to(dtype) for w in (
             getattr(rnn, name, None) for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")))
         gates = nn.functional.linear(seq.to(dtype), w_ih, b_ih) + nn.functional.linear(h_prev.to(dtype), w_hh, b_hh)

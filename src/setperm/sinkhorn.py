@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._compat import autocast_off
 from .masking import assignment_mask, host_decisions, resolve_mask
 
 METHODS = ("auto", "scaling", "log")
@@ -59,7 +60,7 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, *, iters: int = 4, t
         return z.to(out_dtype)
     if method == "auto" and not host_decisions(z):
         method = "log"
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         return _Sinkhorn.apply(z, iters, method)[0].to(out_dtype)
 
 
@@ -76,7 +77,7 @@ def sinkhorn_scaling_in_range(logits: Tensor, mask: Optional[Tensor] = None, *, 
     z, _ = _prepare(logits, mask, iters, temperature, lengths, key_padding_mask)
     if z.numel() == 0 or iters == 0:
         return True
-    with torch.no_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
+    with torch.no_grad(), autocast_off(logits.device.type):
         return _scalings(z.detach(), iters) is not None
 
 
@@ -97,7 +98,7 @@ def _prepare(logits: Tensor, mask: Optional[Tensor], iters: int, temperature: fl
     mask = resolve_mask(logits, mask, lengths, key_padding_mask, name="logits")
     out_dtype = logits.dtype
     compute_dtype = torch.promote_types(out_dtype, torch.float32)
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device.type):
         z = logits.to(compute_dtype)
         if temperature != 1.0:
             z = z / temperature

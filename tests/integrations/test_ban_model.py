@@ -269,6 +269,23 @@ def test_the_path_cuda_takes_makes_the_host_wait_nowhere_with_or_without_box_cou
         assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("permutation", ["po-u", "po-la", "none", "off"])
+def test_every_tensor_made_on_the_way_is_on_the_inputs_device(on_meta, permutation):
+    """A training step's forward and backward on the ``meta`` device, which like CUDA refuses to
+    combine its tensors with a CPU tensor of more than zero dimensions (tests/test_devices.py): with
+    the box counts on the host (the LSTM's packed read) and without (its padded read)."""
+    kw = {"num_positions": 57} if permutation == "po-la" else {}
+    model = patch_ban(small_ban(), permutation, **kw).train().to("meta")
+    v, b, q = (t.to("meta") for t in make_batch([10, 31, 57], seed=4))
+    for extra in ([{}] if permutation == "off" else [{"box_counts": [10, 31, 57]}, {}]):
+        with on_meta():
+            logits, att = model(v, b, q, **extra)
+            logits.sum().backward()
+        assert logits.shape == (3, ANSWERS) and logits.device.type == "meta" and att.device.type == "meta"
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) > 10 and all(g.device.type == "meta" for g in grads)
+
+
 def test_box_counts_are_checked():
     model = patch_ban(small_ban(), "po-u").eval()
     v, b, q = make_batch([3, 5], seed=1)
@@ -603,6 +620,21 @@ def test_official_model_takes_non_contiguous_attention_logits(off, permutation):
     finally:
         handle.remove()
     assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@official
+@pytest.mark.parametrize("permutation", ["off", "po-u"])
+def test_official_model_puts_every_tensor_it_makes_on_the_inputs_device(off, on_meta, permutation):
+    """The official BAN and official BAN + PO-U, a training step's forward and backward on the
+    ``meta`` device (see test_every_tensor_made_on_the_way_is_on_the_inputs_device)."""
+    ref = official_ban(off).train()
+    model = (ref if permutation == "off" else patch_ban(ref, permutation).train()).to("meta")
+    v, b, q = (t.to("meta") for t in make_batch([10, 31, 57], seed=4))
+    with on_meta():
+        logits = model(v, b, q, None)[0] if permutation == "off" else model(v, b, q, box_counts=[10, 31, 57])[0]
+        logits.sum().backward()
+    assert logits.shape == (3, ANSWERS) and logits.device.type == "meta"
+    assert all(p.grad.device.type == "meta" for p in model.parameters() if p.grad is not None)
 
 
 @official
