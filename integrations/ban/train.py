@@ -14,6 +14,7 @@ position in the epoch and the epoch's running sums, so ``--resume`` continues ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import signal
@@ -243,10 +244,16 @@ def datasets(args):
 # evaluation and one training step
 # ---------------------------------------------------------------------------------------------
 
+AMP_DEVICE_TYPES = ("cpu", "cuda")      # where --amp runs (bfloat16 autocast, tested on both)
+
+
 def autocast(device, amp: bool):
     """``--amp``: bfloat16 autocast on the run's device (CPU or CUDA; bfloat16 needs no loss
-    scaling); a disabled context otherwise."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(amp))
+    scaling); no context otherwise (``torch.autocast`` refuses a device type it does not know even
+    when disabled: Apple's ``mps`` before torch 2.5)."""
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _to(t: torch.Tensor, device) -> torch.Tensor:
@@ -438,6 +445,8 @@ def run(args) -> dict:
     """Train as configured (the parsed ``train`` flags). Returns ``{"history", "step", "model",
     "finished", "out"}``; a finished run with the same settings is not touched (its record is returned)."""
     device = resolve_device(args.device)
+    if setting(args, "amp") and device.type not in AMP_DEVICE_TYPES:
+        raise CommandError(f"--amp: bfloat16 autocast runs on the CPU and CUDA, not on {device.type!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = init_distributed(device)
@@ -520,6 +529,9 @@ def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     ``split`` (:func:`load_run`)."""
     dev = resolve_device(device)
     model, ds, saved, state = load_run(run_dir, split, data_root, dev)
+    if setting(saved, "amp") and dev.type not in AMP_DEVICE_TYPES:
+        raise CommandError(f"--device {device}: {run_dir} was trained with --amp and is evaluated under the same "
+                           f"bfloat16 autocast, which runs on the CPU and CUDA only")
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
                          world=1, workers=workers, pin_memory=dev.type == "cuda")
     out = evaluate(model, loader, dev, load_question_types(saved.data_root), oracle=relevance_oracle(saved),

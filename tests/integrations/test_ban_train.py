@@ -293,6 +293,27 @@ def test_amp_run_records_the_setting_and_resume_refuses_a_change(root, tmp_path)
     assert "amp" not in json.loads((tmp_path / "plain" / "config.json").read_text(encoding="utf-8"))
 
 
+def test_amp_is_refused_where_autocast_does_not_run_and_its_absence_enters_no_context(root, tmp_path, monkeypatch):
+    """Another device type (``meta`` stands in for one, such as Apple's ``mps``): without ``--amp`` no
+    autocast context is entered (``torch.autocast`` refuses such a type even disabled, ``mps`` before
+    torch 2.5); with it the run stops at once, naming the flag, as does the evaluation of an --amp run."""
+    from integrations.ban import train as train_mod
+    from integrations.common import CommandError
+
+    with pytest.raises(RuntimeError):
+        torch.autocast("meta", enabled=False)
+    with train_mod.autocast(torch.device("meta"), False):
+        pass
+    out = tmp_path / "amp"
+    run(_args(root, out, "--permutation", "none", "--amp", "--max-steps", "1"))
+    monkeypatch.setattr(train_mod, "resolve_device", lambda name: torch.device("meta"))
+    with pytest.raises(CommandError, match="--amp: bfloat16 autocast runs on the CPU and CUDA, not on 'meta'"):
+        run(_args(root, tmp_path / "other", "--permutation", "none", "--amp", "--max-steps", "1"))
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(CommandError, match="was trained with --amp"):
+        train_mod.evaluate_run(out, device="meta")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 @pytest.mark.parametrize("official", [False, True], ids=["self-contained", "official"])
 def test_train_command_runs_on_cuda(root, tmp_path, official):
