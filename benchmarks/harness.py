@@ -373,7 +373,7 @@ def markdown_table(rows: Sequence[Dict[str, object]], columns: Sequence[Tuple[st
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+            return f"{v:.3g}" if abs(v) < 1e3 else f"{v:.0f}"
         return str(v)
     head = "| " + " | ".join(title for _, title in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"

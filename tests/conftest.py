@@ -212,6 +212,20 @@ def on_meta():
     return enter
 
 
+@pytest.fixture
+def flop_counter():
+    """``torch.utils.flop_counter``, or a skip where this torch cannot count setperm's FLOPs: it has
+    no counter (torch 2.0) or its counter fails on a product written with ``out=`` (2.1 - 2.3),
+    as the CPU's chunked kernel writes them."""
+    module = pytest.importorskip("torch.utils.flop_counter", reason="torch 2.1 and newer count FLOPs")
+    try:
+        with module.FlopCounterMode(display=False):
+            torch.mm(torch.ones(2, 2), torch.ones(2, 2), out=torch.empty(2, 2))
+    except TypeError as err:
+        pytest.skip(f"the FLOP counter of torch {torch.__version__} cannot count a call with out=: {err}")
+    return module
+
+
 # ------------------------------------------------------------------ the path CUDA takes, on the CPU
 # The modules whose data-dependent choices are taken on the host on the CPU, and on the device on
 # CUDA and under torch.compile (setperm.masking.host_decisions).

@@ -1,9 +1,8 @@
 """benchmarks/gpu.py: without CUDA it refuses in one line; on the CPU (--device cpu --tiny) every path
 runs and writes its JSON and table; the released module is imported from a checkout's folder and
-leaves nothing behind in sys.modules (a stand-in checkout here: the real one is the user's)."""
+leaves nothing behind in sys.modules (a stand-in checkout here, conftest's: the real one is the user's)."""
 import json
 import sys
-import textwrap
 import time
 import warnings
 
@@ -16,37 +15,6 @@ from setperm import fused
 FAST = ["--device", "cpu", "--tiny", "--repeats", "1", "--warmup", "1", "--ban-steps", "1", "--ban-batches", "1",
         "--compile-modes", ""]
 
-# A stand-in with the released module's interface (PermNet(objects, input_features, mid_features,
-# output_features); forward(boxes (B, 4, N), attention (B, N), features (B, N, F)) -> (B, output_features)),
-# importing a sibling module as the released permnet.py imports permutation.py.
-STAND_IN = {
-    "permutation.py": "import torch\n\ndef pool(x):\n    return x.sum(-1)\n",
-    "permnet.py": textwrap.dedent("""
-        import torch
-        from torch import nn
-        from permutation import pool
-
-        class PermNet(nn.Module):
-            def __init__(self, objects, input_features, mid_features, output_features):
-                super().__init__()
-                self.f = nn.Linear(input_features, mid_features)
-                self.out = nn.Linear(4 + 1 + mid_features, output_features)
-
-            def forward(self, boxes, attention, features):
-                x = torch.cat([boxes, attention.unsqueeze(1), self.f(features).transpose(1, 2)], 1)
-                return self.out(pool(x))
-        """),
-}
-
-
-def _checkout(tmp_path):
-    folder = tmp_path / "perm-optim" / "ban-vqa"
-    folder.mkdir(parents=True)
-    for name, text in STAND_IN.items():
-        (folder / name).write_text(text, encoding="utf-8")
-    return tmp_path / "perm-optim"
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_without_cuda_exits_1_with_one_line(capsys, tmp_path):
     assert gpu.main(["--out", str(tmp_path)]) == 1
@@ -56,8 +24,8 @@ def test_without_cuda_exits_1_with_one_line(capsys, tmp_path):
 
 
 @pytest.mark.usefixtures("inductor_builds_on_cpu")
-def test_cpu_dry_run_writes_every_row(tmp_path):
-    root = _checkout(tmp_path)
+def test_cpu_dry_run_writes_every_row(tmp_path, released_stand_in):
+    root = released_stand_in
     before = set(sys.modules)
     assert gpu.main([*FAST, "--kernels", "auto,chunked", "--amp", "--perm-optim-root", str(root),
                      "--released-features", "6", "--out", str(tmp_path / "out")]) == 0
