@@ -196,7 +196,7 @@ def inductor_builds_on_cpu(torch_compile_runs):
 @pytest.fixture
 def on_meta():
     """``with on_meta():`` around work on the ``meta`` device: skips the test, naming the operator,
-    where this torch's meta backend has no kernel for one (torch 2.0 lacks several the layer uses);
+    where this torch's meta backend has no kernel for one (torch 2.0 - 2.2 lack one the layer uses);
     any other error fails the test."""
     @contextlib.contextmanager
     def enter():
