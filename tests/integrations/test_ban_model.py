@@ -634,7 +634,8 @@ def test_official_model_puts_every_tensor_it_makes_on_the_inputs_device(off, on_
         logits = model(v, b, q, None)[0] if permutation == "off" else model(v, b, q, box_counts=[10, 31, 57])[0]
         logits.sum().backward()
     assert logits.shape == (3, ANSWERS) and logits.device.type == "meta"
-    assert all(p.grad.device.type == "meta" for p in model.parameters() if p.grad is not None)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) > 10 and all(g.device.type == "meta" for g in grads)
 
 
 @official
