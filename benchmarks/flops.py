@@ -43,8 +43,8 @@ from torch import nn
 from integrations.common import ensure_new, run_command
 from integrations.common.atomic import atomic_write
 
-from .gpu import (VQA_ANSWERS, _run, ban_shape, build_released, layer_configs, load_released_permnet,
-                  random_batches)
+from .gpu import (VQA_ANSWERS, _run, add_released_arguments, ban_shape, build_released, layer_configs,
+                  random_batches, released_of)
 from .harness import DEFAULT_OUT, build, markdown_table, prepare, write_results
 
 META = torch.device("meta")
@@ -134,11 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny layer and BAN sizes (tests)")
-    p.add_argument("--perm-optim-root", default=None,
-                   help="checkout of github Cyanogenoid/perm-optim: adds the paper's released PermNet "
-                        "(ban-vqa/permnet.py, imported from the checkout) to the layer table")
-    p.add_argument("--released-features", type=int, default=2048,
-                   help="box feature size given to the released PermNet (its projection to 8; default 2048 as in BAN)")
+    add_released_arguments(p)
     p.add_argument("--ban-batches", type=int, default=4, help="random BAN batches counted (default 4, as benchmarks.gpu)")
     p.add_argument("--no-ban", action="store_true", help="skip the BAN table")
     p.add_argument("--seed", type=int, default=0)
@@ -152,13 +148,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.ban_batches < 1:
         p.error(f"--ban-batches: expected an int >= 1, got {args.ban_batches}")
-    released = None
-    if args.perm_optim_root is not None:
-        try:
-            released = load_released_permnet(args.perm_optim_root)
-        except ValueError as err:
-            print(f"benchmarks.flops: {err}", file=sys.stderr)
-            return 1
+    released, error = released_of(args)
+    if error:
+        print(f"benchmarks.flops: {error}", file=sys.stderr)
+        return 1
     stem = "flops_tiny" if args.tiny else "flops"
     args.threads = torch.get_num_threads()            # nothing is computed: the threads do not matter
     path, info = prepare(args, f"{stem}.json")

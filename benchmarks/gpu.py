@@ -56,7 +56,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -184,6 +184,25 @@ def load_released_permnet(root) -> type:
             del sys.modules[name]
         sys.modules.update(saved)
     return released
+
+
+def add_released_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--perm-optim-root", default=None,
+                   help="checkout of github Cyanogenoid/perm-optim: adds the paper's released PermNet "
+                        "(ban-vqa/permnet.py, imported from the checkout) to the layer table")
+    p.add_argument("--released-features", type=int, default=2048,
+                   help="box feature size given to the released PermNet (its projection to 8; default 2048 as in BAN)")
+
+
+def released_of(args) -> Tuple[Optional[type], Optional[str]]:
+    """``(PermNet, None)`` from ``--perm-optim-root``, ``(None, None)`` without it, ``(None, why)``
+    where it is not a usable checkout."""
+    if args.perm_optim_root is None:
+        return None, None
+    try:
+        return load_released_permnet(args.perm_optim_root), None
+    except ValueError as err:
+        return None, str(err)
 
 
 def build_released(released: type, cfg: Config, features: int, device: torch.device, seed: int = 0):
@@ -504,11 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:<i>, or cpu for a dry run")
     p.add_argument("--tiny", action="store_true", help="tiny layer and BAN sizes (a dry run of every path)")
-    p.add_argument("--perm-optim-root", default=None,
-                   help="checkout of github Cyanogenoid/perm-optim: adds the paper's released PermNet "
-                        "(ban-vqa/permnet.py, imported from the checkout) to the layer table")
-    p.add_argument("--released-features", type=int, default=2048,
-                   help="box feature size given to the released PermNet (its projection to 8; default 2048 as in BAN)")
+    add_released_arguments(p)
     p.add_argument("--kernels", default=",".join(KERNELS),
                    help=f"setperm kernels in the layer table, comma-separated (default {','.join(KERNELS)})")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls / steps first (compilation, caches)")
@@ -565,13 +580,10 @@ def main(argv=None) -> int:
     args.kernels = comma_subset(p, "--kernels", args.kernels, KERNELS)
     args.compile_kernels = comma_subset(p, "--compile-kernels", args.compile_kernels, KERNELS)
     args.compile_modes = comma_subset(p, "--compile-modes", args.compile_modes, COMPILE_MODES_KNOWN, allow_empty=True)
-    released = None
-    if args.perm_optim_root is not None:
-        try:
-            released = load_released_permnet(args.perm_optim_root)
-        except ValueError as err:
-            print(f"benchmarks.gpu: {err}", file=sys.stderr)
-            return 1
+    released, error = released_of(args)
+    if error:
+        print(f"benchmarks.gpu: {error}", file=sys.stderr)
+        return 1
     stem = "gpu_tiny" if args.tiny else "gpu"
     path, info = prepare(args, f"{stem}.json")
     table_path = ensure_new(args.out / f"{stem}.md", overwrite=args.overwrite)
