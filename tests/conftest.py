@@ -214,16 +214,14 @@ def on_meta():
 
 @pytest.fixture
 def flop_counter():
-    """``torch.utils.flop_counter``, or a skip where this torch cannot count setperm's FLOPs: it has
-    no counter (torch 2.0) or its counter fails on a product written with ``out=`` (2.1 - 2.3),
-    as the CPU's chunked kernel writes them."""
-    module = pytest.importorskip("torch.utils.flop_counter", reason="torch 2.1 and newer count FLOPs")
-    try:
-        with module.FlopCounterMode(display=False):
-            torch.mm(torch.ones(2, 2), torch.ones(2, 2), out=torch.empty(2, 2))
-    except TypeError as err:
-        pytest.skip(f"the FLOP counter of torch {torch.__version__} cannot count a call with out=: {err}")
-    return module
+    """``torch.utils.flop_counter``, or a skip with the reason where this torch cannot count the
+    layer's FLOPs on ``meta`` (``benchmarks.flops.unavailable``: torch 2.0 - 2.3)."""
+    from benchmarks.flops import unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    return importlib.import_module("torch.utils.flop_counter")
 
 
 # ------------------------------------------------------------------ the path CUDA takes, on the CPU

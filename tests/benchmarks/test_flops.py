@@ -42,3 +42,13 @@ def test_bad_arguments_are_refused(capsys, tmp_path):
     assert "not a checkout of github Cyanogenoid/perm-optim" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         flops.main(["--tiny", "--ban-batches", "0"])
+
+
+def test_a_torch_that_cannot_count_the_layer_is_named_in_one_line(capsys, tmp_path, monkeypatch):
+    def fails(fn):
+        raise TypeError("mm_flop() got multiple values for keyword argument 'out'")
+    monkeypatch.setattr(flops, "count_flops", fails)          # as the counter of torch 2.1 - 2.3 fails
+    assert flops.main(["--tiny", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot count the layer on the meta device: mm_flop()" in err
+    assert not (tmp_path / "o").exists()
