@@ -1,5 +1,6 @@
 """benchmarks/flops.py: FLOPs counted on the meta device (tiny sizes, the released module a stand-in)."""
 import json
+import sys
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ def test_bad_arguments_are_refused(capsys, tmp_path):
 
 
 def test_a_torch_that_cannot_count_the_layer_is_named_in_one_line(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("torch.utils.flop_counter", reason="torch 2.1 and newer count FLOPs (2.0 is named otherwise)")
+
     def fails(fn):
         raise TypeError("mm_flop() got multiple values for keyword argument 'out'")
     monkeypatch.setattr(flops, "count_flops", fails)          # as the counter of torch 2.1 - 2.3 fails
@@ -52,3 +55,10 @@ def test_a_torch_that_cannot_count_the_layer_is_named_in_one_line(capsys, tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot count the layer on the meta device: mm_flop()" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_torch_without_a_flop_counter_is_named_in_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.flop_counter", None)     # as on torch 2.0: not importable
+    assert flops.main(["--tiny", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no FLOP counter" in err
