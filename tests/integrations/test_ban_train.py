@@ -264,8 +264,8 @@ def test_one_training_step_on_every_device(root, tmp_path, device, amp):
 def test_a_training_step_on_the_path_cuda_takes_waits_only_for_the_loss_check(root, tmp_path, device_path, amp):
     """A whole official step of BAN + PO-U (forward, loss, backward, clip, Adamax) on the path CUDA takes:
     the host waits for the device only where the step reads the loss to stop before a non-finite update,
-    and on torch 2.0 in torch's own gradient clipping (conftest's ``HostWaits``; the batch as the loader gives it and the optimiser's step counts are host
-    tensors, as on CUDA)."""
+    and on torch 2.0 in torch's own gradient clipping (conftest's ``HostWaits``; the batch as the loader
+    gives it and the optimiser's step counts are host tensors, as on CUDA)."""
     args = _args(root, tmp_path, "--permutation", "po-u", *(["--amp"] if amp else []))
     ds = VQAFeatureDataset(root, "train")
     torch.manual_seed(0)
