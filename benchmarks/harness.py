@@ -393,8 +393,9 @@ def impls_of(args: argparse.Namespace) -> List[str]:
     return [i for i in IMPLS if not (args.no_compiled and i == "setperm-compiled")]
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def common_parser(description: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The flags every timing benchmark shares; ``prog``: the command (``python -m benchmarks.<name>``)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder for JSON/PNG (default ./runs/benchmarks)")
     p.add_argument("--overwrite", action="store_true", help="replace this benchmark's earlier results in --out")
     add_threads_argument(p)
@@ -448,7 +449,8 @@ def select(cfgs: Sequence[Config], only: Optional[str]) -> List[Config]:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="internal: memory probe of one configuration in a fresh process")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.harness",
+                                 description="internal: memory probe of one configuration in a fresh process")
     ap.add_argument("--probe", required=True)
     ap.add_argument("--impl", required=True, choices=IMPLS)
     ap.add_argument("--mode", required=True, choices=["fwd", "fb"])

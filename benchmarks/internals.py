@@ -32,7 +32,7 @@ import torch
 from setperm.functional import permutation_cost_gradient, sinkhorn
 from setperm.sinkhorn import sinkhorn_scaling_in_range
 
-from integrations.common import run_command
+from integrations.common import RunError, run_command
 
 from .harness import (REPO, build, child_env, common_parser, median_time, naming_no_compiled, prepare, run_once, vqa,
                       write_results)
@@ -116,17 +116,39 @@ def sinkhorn_path_counts(po, x: torch.Tensor) -> Dict[str, int]:
     return counts
 
 
-def fallback_counts(runs: Path, sets: int) -> List[Dict[str, object]]:
-    """:func:`sinkhorn_path_counts` of every trained PO-U sorting run under ``runs`` on ``sets``
-    sets from each of [0, 1], [0, 10] and [0, 1000]."""
+def sorting_runs(runs: Path) -> List[Path]:
+    """The trained PO-U sorting run folders under ``runs`` (``--sorting-runs``): folders with a
+    ``config.json`` of ``permutation`` ``po-u`` and a checkpoint. A missing folder, or one that holds
+    none, is a :class:`RunError` naming ``--sorting-runs``."""
     from integrations.common import latest_checkpoint
-    from integrations.sorting.train import load_trained
 
-    rows = []
+    if not runs.is_dir():
+        raise RunError(f"--sorting-runs {runs}: no such folder; give the folder that holds the "
+                       f"integrations.sorting run folders")
+    found = []
     for cfg_path in sorted(runs.glob("*/config.json")):
         if latest_checkpoint(cfg_path.parent / "checkpoints") is None:
             continue
-        model, cfg = load_trained(cfg_path.parent)
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and cfg.get("permutation", cfg.get("model")) == "po-u":
+            found.append(cfg_path.parent)
+    if not found:
+        raise RunError(f"--sorting-runs {runs} holds no trained PO-U sorting run (<run>/config.json with a "
+                       f"checkpoint); train them with python -m integrations.sorting train --out {runs}/<name>")
+    return found
+
+
+def fallback_counts(runs: Path, sets: int) -> List[Dict[str, object]]:
+    """:func:`sinkhorn_path_counts` of every trained PO-U sorting run under ``runs`` on ``sets``
+    sets from each of [0, 1], [0, 10] and [0, 1000] (:func:`sorting_runs`: none is an error)."""
+    from integrations.sorting.train import load_trained
+
+    rows = []
+    for run in sorting_runs(runs):
+        model, cfg = load_trained(run)
         if cfg.get("permutation", cfg.get("model")) != "po-u":
             continue
         counts = {"fast": 0, "log": 0}
@@ -134,17 +156,19 @@ def fallback_counts(runs: Path, sets: int) -> List[Dict[str, object]]:
         for hi in (1.0, 10.0, 1000.0):
             for k, v in sinkhorn_path_counts(model, torch.rand(sets, cfg["set_size"], 1, generator=gen) * hi).items():
                 counts[k] += v
-        rows.append({"run": cfg_path.parent.name, "eta": float(model.eta.detach()), **counts})
+        rows.append({"run": run.name, "eta": float(model.eta.detach()), **counts})
     return rows
 
 
 def main(argv=None) -> int:
-    p = common_parser(__doc__.split("\n\n")[0])
+    p = common_parser(__doc__.split("\n\n")[0], prog="python -m benchmarks.internals")
     p.add_argument("--sorting-runs", type=Path, default=None,
                    help="folder of integrations.sorting run folders (for the fallback count)")
     p.add_argument("--sets", type=int, default=32, help="sets per interval in the fallback count")
     args = p.parse_args(argv)
     tiny = args.tiny
+    if args.sorting_runs is not None:
+        sorting_runs(args.sorting_runs)             # refused before anything is measured or written
     path, info = prepare(args, "internals_tiny.json" if tiny else "internals.json")
     results: Dict[str, object] = {}
     results["sinkhorn"] = sinkhorn_paths(4 if tiny else 64, 12 if tiny else 100, args.repeats)

@@ -103,7 +103,7 @@ COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("fwd_ms", "
 
 
 def main(argv=None) -> int:
-    p = common_parser(__doc__.split("\n\n")[0])
+    p = common_parser(__doc__.split("\n\n")[0], prog="python -m benchmarks.layer")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs output difference allowed (float32)")
     p.add_argument("--conv1d-on", default="vqa B=64 N=100",
                    help="also run the Conv1d (released-code layout) reference on configurations containing this")

@@ -77,7 +77,7 @@ def analyse(cfg, ceil: Dict[str, float], args, impl: str = "setperm") -> Dict[st
 
 
 def main(argv=None) -> int:
-    p = common_parser(__doc__.split("\n\n")[0])
+    p = common_parser(__doc__.split("\n\n")[0], prog="python -m benchmarks.limit")
     args = p.parse_args(argv)
     path, info = prepare(args, "limit_tiny.json" if args.tiny else "limit.json")
     cfgs = [vqa(8, 2)] if args.tiny else [vqa(100, 64), vqa(100, 896), vqa(1024, 4)]

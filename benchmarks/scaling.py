@@ -95,7 +95,7 @@ def plot(path, n_rows, t_rows, exps) -> None:
 
 
 def main(argv=None) -> int:
-    p = common_parser(__doc__.split("\n\n")[0])
+    p = common_parser(__doc__.split("\n\n")[0], prog="python -m benchmarks.scaling")
     p.add_argument("--batch", type=int, default=4, help="sets per batch in the N sweep")
     p.add_argument("--sizes", default="10,20,50,100,200,400,700,1024")
     p.add_argument("--t-batch", type=int, default=16, help="sets per batch in the T sweep (N = 100)")

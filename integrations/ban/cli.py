@@ -74,8 +74,11 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
     p.add_argument("--bucket", action="store_true",
                    help="batch images of similar box counts together (less padding; not in the official recipe)")
     p.add_argument("--fixed36", action="store_true", help="use the fixed-36 {split}36.hdf5 features")
+    # the sweeps (compare, knobs) train every run for --epochs and refuse --max-steps with a line of their
+    # own (main), so there the flag is accepted but left out of --help
     p.add_argument("--max-steps", type=positive_int, default=None,
-                   help="stop after this many optimiser steps (continue with --resume)")
+                   help="stop after this many optimiser steps (continue with --resume)" if single_run
+                   else argparse.SUPPRESS)
     if single_run:
         p.add_argument("--seed", type=non_negative_int, default=1204, help="official main.py default")
     p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:1 ...")

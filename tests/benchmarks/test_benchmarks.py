@@ -150,3 +150,20 @@ def test_internals_fallback_count_on_a_trained_sorting_run(tmp_path):
     rows = internals.fallback_counts(tmp_path / "runs", sets=2)
     assert [r["run"] for r in rows] == ["po-u-n5"]
     assert rows[0]["fast"] + rows[0]["log"] == 3 * (6 + 1)     # T = 6 steps + 1 per interval
+
+
+@pytest.mark.parametrize("content", ["missing", "empty", "untrained"])
+def test_internals_refuses_a_sorting_runs_folder_without_trained_runs(content, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    if content != "missing":
+        runs.mkdir()
+    if content == "untrained":              # a run folder with its config but no checkpoint
+        (runs / "po-u-n5").mkdir()
+        (runs / "po-u-n5" / "config.json").write_text('{"permutation": "po-u", "set_size": 5}', encoding="utf-8")
+    argv = ["--tiny", "--repeats", "1", "--threads", "1", "--no-compiled", "--out", str(tmp_path / "out"),
+            "--sorting-runs", str(runs)]
+    assert run_command(internals.main, "prog", argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith(f"prog: error: --sorting-runs {runs}")
+    assert not (tmp_path / "out").exists()          # refused before anything is measured or written

@@ -32,6 +32,7 @@ def test_compare_trains_each_cell_and_reports(root, tmp_path, capsys):
     assert results["runs"]["off-s0"]["curves"] == {}
     md = (out / "results" / "compare.md").read_text(encoding="utf-8")
     assert "| all |" in md and "BAN + PO-U" in md and "p " in md
+    assert "--resume" not in capsys.readouterr().out      # the runs of a new sweep simply start
     assert (out / "results" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a finished sweep with the same settings changes nothing; other settings are refused
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
@@ -189,3 +190,56 @@ def test_ctrl_c_stops_a_parallel_sweep_with_a_checkpoint_per_running_run(root, t
         assert list((out / "runs" / name / "checkpoints").glob("step_*.pt")), (name, stdout)
         assert not (out / "runs" / name / "summary.json").exists()
     assert "interrupted" in stdout
+
+
+def test_pooled_order_families_are_the_per_run_mean_tested_by_seed():
+    """The row "order families (pooled)": per run the mean of the five order families, then mean ± std and the
+    paired test by seed like a family; recomputed from compare.json's per-run values alone."""
+    from integrations.ban.research.compare import ORDER_FAMILIES, POOLED, markdown, tabulate
+    from integrations.common.stats import paired_test
+
+    accs = {"off": [0.30, 0.34, 0.33], "po-u": [0.38, 0.37, 0.41]}
+    runs = {f"{v}-s{s}": {"variant": v, "seed": s, "val_n": 100,
+                          "val": {"all": 0.5, "exists": 0.9, **{f: a + 0.01 * i for i, f in enumerate(ORDER_FAMILIES)}}}
+            for v, per_seed in accs.items() for s, a in enumerate(per_seed)}
+    res = tabulate(runs, ["off", "po-u"], [0, 1, 2])
+    assert res["pooled"] == {POOLED: list(ORDER_FAMILIES)} and POOLED not in res["families"]
+    pooled = {v: [a + 0.02 for a in per_seed] for v, per_seed in accs.items()}    # mean of a + 0.00 .. a + 0.04
+    assert res["summary"][POOLED]["po-u"]["mean"] == pytest.approx(sum(pooled["po-u"]) / 3)
+    expected = paired_test(pooled["off"], pooled["po-u"])
+    got = res["tests"][POOLED]["off vs po-u"]
+    assert got["diff_mean"] == pytest.approx(expected["diff_mean"]) and got["p"] == pytest.approx(expected["p"])
+    assert f"| {POOLED} | {100 * expected['diff_mean']:+.1f} (p " in markdown(res)
+    # without two order families (e.g. --families exists,colour) there is no pooled row
+    no_order = {k: {**r, "val": {"all": 0.5, "exists": 0.9}} for k, r in runs.items()}
+    plain = tabulate(no_order, ["off", "po-u"], [0, 1, 2])
+    assert plain["pooled"] == {} and POOLED not in plain["summary"] and POOLED not in markdown(plain)
+
+
+@pytest.mark.parametrize("results", ["results", "results/ablation"])
+def test_the_committed_reports_are_what_tabulate_gives_from_their_runs(results):
+    """integrations/ban/results*/compare.{json,md}, the README's figures (the pooled rows included), follow
+    from the per-run accuracies they hold."""
+    from pathlib import Path
+
+    from integrations.ban.research.compare import POOLED, markdown, tabulate
+
+    folder = Path(__file__).resolve().parents[2] / "integrations" / "ban" / results
+    committed = json.loads((folder / "compare.json").read_text(encoding="utf-8"))
+    again = json.loads(json.dumps(tabulate(committed["runs"], committed["variants"], committed["seeds"])))
+    assert again == committed
+    assert (folder / "compare.md").read_text(encoding="utf-8") == markdown(again) + "\n"
+    if results == "results":         # the README: BAN + PO-U over BAN +4.5 (p 0.095), over BAN + LSTM +1.4 (p 0.40)
+        t = committed["tests"][POOLED]
+        assert round(-100 * t["off vs po-u"]["diff_mean"], 1) == 4.5 and round(t["off vs po-u"]["p"], 3) == 0.095
+        assert round(-100 * t["none vs po-u"]["diff_mean"], 1) == 1.4 and round(t["none vs po-u"]["p"], 2) == 0.40
+
+
+def test_the_sweeps_help_lists_no_max_steps(capsys):
+    for command in ("compare", "knobs"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--max-steps" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--max-steps" in capsys.readouterr().out

@@ -45,6 +45,8 @@ def test_knobs_writes_one_dataset_per_generator_setting_and_reports(tmp_path, ca
         assert main(argv) == 0
     finally:
         K.make_data = original
+    # the runs of a new scan start without a word about the --resume the user did not give
+    assert "--resume" not in capsys.readouterr().out
     assert sorted(p.name for p in (out / "data").iterdir()) == ["base", "images=12"]
     results = json.loads((out / "results" / "knobs.json").read_text(encoding="utf-8"))
     assert [r["knob"] for r in results["rows"]] == ["base", "images=12", "gamma=2"]

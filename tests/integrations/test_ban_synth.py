@@ -239,6 +239,16 @@ def test_oracle_recovers_every_answer_from_the_files(root, adaptive):
             assert r["agreement"] == 1.0 and r["soft_acc"] == r["upper_bound"], (split, family, r)
 
 
+def test_oracle_fixed36_on_data_without_the_fixed_files_is_one_line(tmp_path, capsys):
+    from integrations.common import run_command
+
+    plain = synth.generate(tmp_path / "plain", images=2, val_images=2, questions=2, v_dim=16, seed=1, fixed=False)
+    assert run_command(synth_oracle.main, synth_oracle.PROG, ["--data-root", str(plain), "--fixed36"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{synth_oracle.PROG}: error: --fixed36: {plain} has no fixed-36 files")
+    assert "synth --fixed" in err[0] and "Errno" not in err[0]
+
+
 def test_oracle_reads_the_features(root, tmp_path):
     # with the box features shuffled between boxes, the decoded scenes are wrong: the oracle must fail
     import shutil

@@ -7,7 +7,9 @@ are not finished; ``--overwrite`` starts again). When all runs are finished the 
 
 * ``results/compare.json``: per run the last epoch's val accuracy overall and per question family,
   the eta / permutation-entropy history; per family mean ± std over seeds for every variant and a
-  paired t-test (by seed) of every variant against every other;
+  paired t-test (by seed) of every variant against every other; the same for the row
+  ``"order families (pooled)"`` (:data:`POOLED`, synthetic data): per run the mean accuracy of the
+  order and position families (:data:`ORDER_FAMILIES`), its mean ± std and paired t-tests by seed;
 * ``results/compare.md``: the same as Markdown tables;
 * ``results/compare.png``: per-family accuracy with the seed spread, and eta and entropy over training.
 
@@ -28,7 +30,7 @@ from integrations.common import CheckpointError, CommandError, RunError, RunInte
 from integrations.common.atomic import os_error_in
 from integrations.common.cli import describe_os_error
 from integrations.common.figures import pyplot, write_png
-from integrations.common.lifecycle import NonFiniteError
+from integrations.common.lifecycle import CONFIG, NonFiniteError
 from integrations.common.pool import run_units
 from integrations.common.stats import fmt_mean_std, fmt_p, paired_test, summarize
 
@@ -49,6 +51,12 @@ VARIANTS = {
     "none-oracle": ("BAN + LSTM (oracle relevance)", {"permutation": "none", "oracle_relevance": True}),
 }
 LABELS = {name: label for name, (label, _) in VARIANTS.items()}
+
+# The order and position families of the synthetic dataset (integrations/ban/research/synth_world.py)
+# and the row that pools them: per run the unweighted mean of their accuracies, then summarised and
+# tested by seed like a family. Written where at least two of them were evaluated.
+ORDER_FAMILIES = ("leftmost", "rightmost", "kth_left", "largest", "smallest")
+POOLED = "order families (pooled)"
 
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,12 +79,13 @@ def run_args(sweep_args: argparse.Namespace, out: Path, seed: int, settings: dic
              sweep_only: Sequence[str] = ()) -> argparse.Namespace:
     """The ``train`` args of one run of a sweep: the sweep's flags with the run's ``seed``, ``out`` and
     ``settings``, without the sweep's own flags (``jobs``, ``command`` and ``sweep_only``). Each run
-    continues (or reuses) itself."""
+    continues (or reuses) itself where its folder holds it already, and starts where it does not (without
+    the ``--resume`` the user did not give, and its message)."""
     cell = copy.copy(sweep_args)
     cell.seed, cell.out = seed, str(out)
     for key, value in settings.items():
         setattr(cell, key, value)
-    cell.resume, cell.overwrite = True, False
+    cell.resume, cell.overwrite = (Path(out) / CONFIG).is_file(), False
     for key in ("jobs", "command", *sweep_only):
         if hasattr(cell, key):
             delattr(cell, key)
@@ -205,7 +214,7 @@ def _final(run_dir: Path) -> dict:
 
 def collect(out: Path, variants: Sequence[str], seeds: Sequence[int]) -> dict:
     """Per run: the last epoch's val metrics and the monitor history; per family and variant: mean ± std;
-    per family and pair of variants: the paired test over seeds."""
+    per family and pair of variants: the paired test over seeds (:func:`tabulate`)."""
     runs: Dict[str, dict] = {}
     for variant, seed in itertools.product(variants, seeds):
         summary = _final(out / "runs" / cell_name(variant, seed))
@@ -217,16 +226,34 @@ def collect(out: Path, variants: Sequence[str], seeds: Sequence[int]) -> dict:
         runs[cell_name(variant, seed)] = {"variant": variant, "seed": seed, "val": acc, "val_n": last.get("val_n"),
                                           "train_soft_acc": last["train_soft_acc"], "curves": curves,
                                           "epochs": [h["epoch"] for h in summary["history"]]}
+    return tabulate(runs, variants, seeds)
+
+
+def pooled_value(val: Dict[str, float], families: Sequence[str]) -> float | None:
+    """A run's :data:`POOLED` accuracy: the unweighted mean of its accuracies on ``families``."""
+    values = [val.get(f) for f in families]
+    return None if None in values else sum(values) / len(values)
+
+
+def tabulate(runs: Dict[str, dict], variants: Sequence[str], seeds: Sequence[int]) -> dict:
+    """The results of :func:`collect` from the per-run entries ``runs`` (``compare.json``'s ``"runs"``):
+    per family and variant mean ± std over ``seeds``, per family and pair of variants the paired test by
+    seed, and the same for :data:`POOLED` over the order families the runs were evaluated on
+    (``"pooled"``: the row's name and its families)."""
     families = sorted({f for r in runs.values() for f in r["val"]}, key=lambda f: (f != "all", f))
+    order = [f for f in ORDER_FAMILIES if f in families]
+    rows = {fam: (lambda val, fam=fam: val.get(fam)) for fam in families}
+    if len(order) >= 2:
+        rows[POOLED] = lambda val: pooled_value(val, order)
     table: Dict[str, Dict[str, dict]] = {}
     tests: Dict[str, Dict[str, dict]] = {}
-    for fam in families:
-        per = {v: [runs[cell_name(v, s)]["val"].get(fam) for s in seeds] for v in variants}
-        table[fam] = {v: summarize(x) for v, x in per.items() if None not in x}
-        tests[fam] = {f"{a} vs {b}": paired_test(per[a], per[b]) for a, b in itertools.combinations(variants, 2)
+    for row, value in rows.items():
+        per = {v: [value(runs[cell_name(v, s)]["val"]) for s in seeds] for v in variants}
+        table[row] = {v: summarize(x) for v, x in per.items() if None not in x}
+        tests[row] = {f"{a} vs {b}": paired_test(per[a], per[b]) for a, b in itertools.combinations(variants, 2)
                       if None not in per[a] and None not in per[b]}
     return {"variants": list(variants), "seeds": list(seeds), "families": families, "runs": runs,
-            "summary": table, "tests": tests}
+            "summary": table, "tests": tests, "pooled": {POOLED: order} if len(order) >= 2 else {}}
 
 
 # ------------------------------------------------------------------------------------- report
@@ -238,16 +265,20 @@ def markdown(results: dict) -> str:
              f"({', '.join(map(str, sorted(val_n)))} val questions).", "",
              "| family | " + " | ".join(LABELS[v] for v in variants) + " |",
              "|---|" + "---|" * len(variants)]
-    for fam in fams:
+    pooled = results.get("pooled", {})            # absent from reports written before the pooled rows
+    rows = [*fams, *pooled]
+    for fam in rows:
         cells = [fmt_mean_std(results["summary"][fam].get(v)) for v in variants]
         lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    for name, members in pooled.items():
+        lines += ["", f"{name}: per run the mean accuracy of {', '.join(members)}; then as a family."]
     pairs = list(itertools.combinations(variants, 2))
     if not pairs:                      # one variant: nothing to test
         return "\n".join(lines)
     lines += ["", "Paired t-test over seeds: mean difference in points (first minus second), p-value.", "",
               "| family | " + " | ".join(f"{LABELS[a]} − {LABELS[b]}" for a, b in pairs) + " |",
               "|---|" + "---|" * len(pairs)]
-    for fam in fams:
+    for fam in rows:
         cells = []
         for a, b in pairs:
             t = results["tests"][fam].get(f"{a} vs {b}")

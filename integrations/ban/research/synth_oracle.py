@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...common import restricted_load, run_command
+from ...common import RunError, restricted_load, run_command
 from ..data import QUESTION_FILES, split_h5_name
 from .synth_features import FeatureCodes, FeatureConfig
 from .synth_world import ASKED_CLASSES, Scene, SceneConfig, answer, feasible, parse_question
@@ -218,13 +218,24 @@ def answer_prior(root, split: str = "val") -> dict:
     return {f: {"n": int(v[0]), "family": v[1] / v[0], "text": v[2] / v[0]} for f, v in sorted(out.items())}
 
 
+PROG = "python -m integrations.ban.research.synth_oracle"
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Oracle decoder of the synthetic VQA set: answers from the files alone.")
+    p = argparse.ArgumentParser(prog=PROG,
+                                description="Oracle decoder of the synthetic VQA set: answers from the files alone.")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--fixed36", action="store_true", help="decode the fixed-36 file instead of the adaptive one")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
+    if a.fixed36:
+        missing = [name for name in (f"{a.split}36_imgid2idx.pkl", split_h5_name(a.split, False))
+                   if not (Path(a.data_root) / name).is_file()]
+        if missing:
+            raise RunError(f"--fixed36: {a.data_root} has no fixed-36 files ({', '.join(missing)}); generate "
+                           f"the data with `python -m integrations.ban synth --fixed` (--overwrite to replace this "
+                           f"dataset), or leave out --fixed36")
     res = {"oracle": evaluate_oracle(a.data_root, a.split, not a.fixed36), "prior": answer_prior(a.data_root, a.split),
            "geometry_free": geometry_free_bound(a.data_root, a.split)}
     print(f"{'family':<11} {'n':>6} {'oracle=best':>12} {'oracle soft':>11} {'bound':>7} "
@@ -239,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_command(main, "python -m integrations.ban.research.synth_oracle"))
+    raise SystemExit(run_command(main, PROG))
