@@ -61,14 +61,72 @@ def test_masked_pairs_zero_and_norm_over_real_pairs():
     assert_close(C[0, 0][real][:, real], m(x[:, real])[0, 0], rtol=1e-12, atol=1e-12)
 
 
-def test_identical_elements_zero_cost_finite_gradient():
+def test_identical_elements_zero_cost_zero_gradient():
+    """A set of identical elements has cost 0, which eq. 10 cannot normalise: no gradient (not one
+    divided by the norm's floor), and every parameter still takes part (DDP)."""
     m = PairwiseCost(3, 8)
     x = torch.ones(2, 5, 3, requires_grad=True)
-    C = m(x)
-    assert (C == 0).all()
-    C.sum().backward()
-    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
-    assert all(p.grad is not None for p in m.parameters())  # every parameter is used (DDP)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    for kwargs in ({}, {"mask": mask}):
+        C = m(x, **kwargs)
+        assert (C == 0).all()
+        gx, *gp = torch.autograd.grad((C * torch.randn(C.shape)).sum(), [x, *m.parameters()], allow_unused=True)
+        assert (gx == 0).all() and all(g is not None and (g == 0).all() for g in gp)
+
+
+def test_equal_elements_keep_the_derivative_of_the_cost():
+    """F(x_i, x_j) = 0 where x_i == x_j (the value is pinned), but dF/dx_i = d1 f - d2 f is not:
+    gradients through a set with repeated elements are those of the literal form (gradcheck
+    moves the repeated element off its twin, so it checks this)."""
+    torch.manual_seed(3)
+    m = PairwiseCost(3, 7).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    x[0, 1] = x[0, 0]
+    x[1, 4] = x[1, 2] = x[1, 0]
+    mask = torch.tensor([[True] * 5, [True, True, True, False, True]])
+    G = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    for kwargs in ({}, {"mask": mask}):
+        xx = x.clone().requires_grad_()
+        got, = torch.autograd.grad((m(xx, **kwargs) * G).sum(), xx)
+        mask_ = kwargs.get("mask", torch.ones(2, 5, dtype=torch.bool))
+        want, = torch.autograd.grad((naive_cost(m, torch.where(mask_[..., None], xx, 0.0)) * G
+                                     * (mask_[:, None, :, None] & mask_[:, None, None, :])).sum(), xx)
+        if kwargs:      # the naive norm runs over every pair: compare the masked module with its own set
+            real = mask_[1].nonzero().flatten()
+            alone = x[1:2, real].clone().requires_grad_()
+            want_1, = torch.autograd.grad((m(alone) * G[1:2, :, real][..., real]).sum(), alone)
+            assert_close(got[1, real], want_1[0], rtol=1e-10, atol=1e-12)
+            assert (got[1, ~mask_[1]] == 0).all()
+        else:
+            assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert got[0, 0].abs().max() > 1e-3                             # the twins do get a gradient
+        assert torch.autograd.gradcheck(lambda t: m(t, **kwargs), (x.clone().requires_grad_(),))
+
+
+def test_the_functional_form_ignores_what_padded_elements_hold():
+    torch.manual_seed(4)
+    m = PairwiseCost(3, 8).double()
+    x = torch.randn(1, 5, 3, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False, True, False]])
+    real = mask[0].nonzero().flatten()
+    want = m(x[:, real])
+    for pad in (1e30, float("inf"), float("nan")):
+        padded = torch.where(mask[..., None], x, pad)
+        C = pairwise_cost(padded, m.first.weight, m.first.bias, [], m.last.weight, mask)
+        assert_close(C[0, 0][real][:, real], want[0, 0], rtol=1e-12, atol=1e-12)
+        assert (C[0, 0][~mask[0]] == 0).all() and (C[0, 0][:, ~mask[0]] == 0).all()
+
+
+def test_the_functional_form_checks_its_input():
+    m = PairwiseCost(3, 8)
+    with pytest.raises(ValueError, match="x must have shape"):
+        pairwise_cost(torch.randn(5, 3), m.first.weight, m.first.bias, [], m.last.weight)
+    with pytest.raises(ValueError, match="x must have 3 features"):
+        pairwise_cost(torch.randn(2, 5, 4), m.first.weight, m.first.bias, [], m.last.weight)
+    with pytest.raises(ValueError, match="first_weight"):
+        pairwise_cost(torch.randn(2, 5, 3), m.first.weight[:, :5], m.first.bias, [], m.last.weight)
 
 
 def test_bad_arguments():

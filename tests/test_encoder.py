@@ -377,6 +377,23 @@ def test_half_inputs_under_autocast(half):
     assert_close(h.float(), ref, rtol=0, atol=0.3 if half == torch.bfloat16 else 0.05)
 
 
+@pytest.mark.parametrize("module_dtype", HALVES)
+@pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign", "none"])
+def test_a_half_precision_module_takes_float32_input_under_autocast(module_dtype, permutation):
+    """A module cast to half precision (``.bfloat16()``) with float32 input under autocast: the
+    pairwise cost's products meet one dtype (a float32 first layer and a half-precision last one
+    did not)."""
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(5, 8, make_po(permutation, 5, 9, cost_hidden=6, steps=2)).to(module_dtype)
+    x = torch.randn(3, 9, 5, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(3, 9, generator=torch.Generator().manual_seed(2)) > 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, P = enc(x, mask=mask, return_permutation=True)
+        h.float().square().sum().backward()
+    assert torch.isfinite(h.float()).all() and torch.isfinite(P.float()).all()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+
+
 # ----------------------------------------------------------------------------- huge finite inputs
 
 @pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign", "none"])

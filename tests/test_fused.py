@@ -185,6 +185,62 @@ def test_half_precision_costs_are_computed_in_float32(fdevice):
     assert_close(P16.float(), P32, rtol=0, atol=2e-2)
 
 
+def test_large_logits_keep_the_unrolled_paths_accuracy(fdevice):
+    """Each Sinkhorn half-step is taken on the iterate, as the unrolled path takes it: a PO-LA start
+    of logits in the thousands, or a low temperature, costs no accuracy (with the corrections summed
+    into row and column potentials as large as the logits, later rounds were rounded away: errors
+    of 1e-4 at 1e4)."""
+    band = (torch.arange(6)[:, None] - torch.arange(6)[None, :]).abs() <= 1
+    C = torch.zeros(2, 6, 6, dtype=torch.float64)      # the start alone (a cost step adds float32 rounding of M)
+    for M in (1e2, 1e4, 1e5):
+        init = torch.where(band, M, 0.0).double()[None].repeat(2, 1, 1)
+        ref, _ = run(C, init, None, 0.7, "chunked", "cpu", steps=1, sinkhorn_iters=4)       # float64
+        P, _ = run(C, init, None, 0.7, "fused", fdevice, steps=1, sinkhorn_iters=4)
+        assert (P.double().cpu() - ref).abs().max() < 1e-6, M
+    C = cost(3, 9, seed=5)
+    init = 5 * torch.randn(3, 9, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, _ = run(C, init, None, 1.0, "chunked", "cpu", steps=2, temperature=1e-3)
+    P, _ = run(C, init, None, 1.0, "fused", fdevice, steps=2, temperature=1e-3)
+    assert (P.double().cpu() - ref).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("where", ["C", "init"])
+def test_a_nan_gives_nan_as_on_the_unrolled_path(fdevice, where):
+    """A NaN in a set's cost or start makes its P NaN (no clamp turns it into a finite P) and
+    leaves the other sets alone."""
+    C = cost(2, 5, seed=6).float()
+    init = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(2))
+    (C if where == "C" else init)[0, 1, 2] = float("nan")
+    for kernel in ("chunked", "fused"):
+        P = optimize_permutation(C.to(fdevice), init.to(fdevice), eta=0.7, steps=2, kernel=kernel).cpu()
+        assert torch.isnan(P[0]).any() and torch.isfinite(P[1]).all(), kernel
+
+
+def test_second_order_gradients_equal_the_unrolled_steps(fdevice):
+    """A differentiated backward (create_graph=True, e.g. a gradient penalty) is recomputed through
+    the unrolled steps: the same second-order gradients, not the kernels' first-order ones."""
+    B, N = 2, 6
+    C0, init0 = cost(B, N, seed=7).float(), torch.randn(B, N, N, generator=torch.Generator().manual_seed(3))
+    result = {}
+    for kernel in ("chunked", "fused"):
+        C, init = C0.to(fdevice).requires_grad_(), init0.to(fdevice).requires_grad_()
+        eta = torch.tensor(0.7, device=fdevice, requires_grad=True)
+        P = optimize_permutation(C, init, eta=eta, steps=3, kernel=kernel)
+        assert kernel == "chunked" or "Fused" in P.grad_fn.name()
+        gC, g_init = torch.autograd.grad(P.square().sum(), (C, init), create_graph=True)
+        result[kernel] = torch.autograd.grad(gC.square().sum() + g_init.square().sum(), (C, eta, init))
+    for got, want in zip(result["fused"], result["chunked"]):
+        assert ((got - want).norm() / want.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "fused"])
+@pytest.mark.parametrize("name, value", [("temperature", 0.0), ("temperature", -1.0), ("temperature", float("nan")),
+                                         ("sinkhorn_iters", -1), ("sinkhorn_iters", 2.0), ("sinkhorn_iters", True)])
+def test_the_sinkhorn_arguments_are_checked_on_every_path(kernel, name, value):
+    with pytest.raises(ValueError, match=name):
+        optimize_permutation(cost(1, 4, seed=0).float(), eta=0.7, steps=2, kernel=kernel, **{name: value})
+
+
 def test_kernel_argument_is_checked():
     with pytest.raises(ValueError, match="kernel must be one of"):
         optimize_permutation(torch.zeros(1, 3, 3), kernel="triton")
@@ -265,6 +321,26 @@ def test_a_forward_kernel_triton_cannot_build_falls_back_once_with_the_reason(mo
     fused._broken.clear()
     with pytest.raises(RuntimeError, match="forward_kernel for sets padded to 16 .*out of resource"):
         fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
+
+
+def test_the_fallback_computes_in_float32_whichever_call_found_the_kernel_missing(monkeypatch, fresh_fallbacks):
+    """A half-precision cost: the call whose kernel failed to build and the later calls, which fall
+    back at once, compute in float32 as the kernels do (the same values), and the warning names the
+    caller's line, not setperm's or torch's."""
+    class Kernels:
+        forward_kernel = _Kernel("forward_kernel")
+
+    monkeypatch.setattr(fused, "unavailable", lambda: None)
+    monkeypatch.setattr(fused, "applies", lambda C, steps: True)
+    monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
+    C = cost(2, 7, seed=1).half()
+    with pytest.warns(RuntimeWarning, match="out of resource") as caught:
+        first = optimize_permutation(C, eta=0.7, steps=3, kernel="fused")
+    assert caught[0].filename == __file__
+    later = optimize_permutation(C, eta=0.7, steps=3, kernel="fused")
+    assert first.dtype == later.dtype == torch.float16
+    assert_close(later, first, rtol=0, atol=0)
+    assert_close(first, optimize_permutation(C.float(), eta=0.7, steps=3, kernel="chunked").half(), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("with_init", [False, True])

@@ -128,3 +128,30 @@ def test_empty_sets():
         assert optimize_permutation(C, steps=2).shape == (B, N, N)
         assert torch.equal(permutation_entropy(P), torch.zeros(B, dtype=torch.float64))
         permutation_cost(C, P).sum().backward()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda C: optimize_permutation(C[..., :3]), "C must have shape"),                       # not square
+    (lambda C: optimize_permutation(C, torch.zeros(2, 4, 4, device="meta")), "init_logits is on meta"),
+    (lambda C: optimize_permutation(C, steps=True), "steps must be an int"),
+    (lambda C: optimize_permutation(C, sinkhorn_iters=2.0), "sinkhorn_iters must be an int"),
+    (lambda C: optimize_permutation(C, temperature=float("nan")), "temperature must be a number > 0"),
+    (lambda C: PermutationOptimization(3, cost_hidden=True), "hidden"),
+    (lambda C: PermutationOptimization(3, steps=True), "steps must be an int"),
+    (lambda C: PermutationOptimization(3, grid=(2, True)), "grid's cols must be a positive int"),
+    (lambda C: PermutationOptimization(3, logit_clip=-1.0), "logit_clip must be a number > 0"),
+    (lambda C: PermutationOptimization(True), "in_features must be a positive int"),
+])
+def test_arguments_are_checked_with_their_names(call, message):
+    """A bool is no count or size (True == 1 in Python), a NaN no temperature, a non-square C no
+    cost, and a start on another device than the cost is named, not a device error from inside."""
+    C = torch.zeros(2, 4, 4)
+    with pytest.raises(ValueError, match=message):
+        call(C)
+
+
+def test_numpy_integers_and_floats_are_taken_as_numbers():
+    np = pytest.importorskip("numpy")
+    po = PermutationOptimization(np.int64(3), cost_hidden=4, steps=np.int64(2), temperature=np.float32(0.5))
+    assert po.steps == 2 and isinstance(po.steps, int)
+    assert po(torch.randn(2, 5, 3)).shape == (2, 5, 5)

@@ -35,19 +35,22 @@ def _allowed(inside, offs, N, mask_ptr, b, HAS_MASK: tl.constexpr):
 def _clamped(logits, allowed, temperature, iters):
     # sinkhorn's _prepare and _clamp_half: excluded entries -inf, the rest clamped to half
     # of float32's range
+    # (NaN propagates, as in torch.clamp: a NaN cost or start gives NaN, not a finite P)
     z = tl.where(allowed, logits / temperature, float("-inf"))
-    zc = tl.where(z == float("-inf"), z, tl.minimum(tl.maximum(z, -1.7014117331926443e38), 1.7014117331926443e38))
+    zc = tl.where(z == float("-inf"), z,
+                  tl.minimum(tl.maximum(z, -1.7014117331926443e38, propagate_nan=tl.PropagateNan.ALL),
+                             1.7014117331926443e38, propagate_nan=tl.PropagateNan.ALL))
     return z, tl.where(iters > 0, zc, z)
 
 
 @triton.jit
-def _lse(y, AXIS: tl.constexpr):
-    # logsumexp along AXIS as torch computes it; a line with no allowed entry (outside the
-    # set, in the tile's padding) gives 0, so that it stays -inf instead of becoming NaN
+def _lse(y, real, AXIS: tl.constexpr):
+    # logsumexp along AXIS as torch computes it (-inf for a line of -inf, NaN with a NaN); the
+    # lines of the tile past the set (``real`` False) give 0, so that they stay -inf, not NaN
     m = tl.max(y, axis=AXIS)
     m = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.exp(y - tl.expand_dims(m, AXIS)), axis=AXIS)
-    return tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), 0.0)
+    return tl.where(real, m + tl.log(tl.where(real, s, 1.0)), 0.0)
 
 
 @triton.jit
@@ -57,67 +60,82 @@ def _balance(P):
 
 
 @triton.jit
-def _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, N):
-    # the (B, steps + 1, 2 iters, 2, N) potentials: sized by N, not by the tile, so that their
-    # shape is known without the tile (torch.compile's shape inference with a symbolic N); the
-    # tile's lanes past N hold 0 (no allowed entry there), which the masked loads give back
-    base = ((b * (steps + 1) + t) * 2 * iters + h) * 2 * N
-    return pots_ptr + base + offs, pots_ptr + base + N + offs
+def _half_offsets(halves_ptr, b, t, h, steps, iters, offs, N):
+    # the (B, steps + 1, 2 iters, N) corrections, one vector per half-step: sized by N, not by the
+    # tile, so that their shape is known without the tile (torch.compile's shape inference with a
+    # symbolic N); the tile's lanes past N are 0 (see _lse), which the masked loads give back
+    return halves_ptr + ((b * (steps + 1) + t) * 2 * iters + h) * N + offs
 
 
 @triton.jit
-def _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, N, SAVE: tl.constexpr, BLOCK: tl.constexpr):
-    # eq. 11-12 in the log domain: rows, then columns, L times; iterate = zc - a_i - b_k
-    a = tl.zeros([BLOCK], dtype=tl.float32)
-    c = tl.zeros([BLOCK], dtype=tl.float32)
+def _first_iterate(zc, iters):
+    # the iterate before the first half-step: zc less each row's largest entry (exact near the
+    # maximum, the entries that matter). The first row normalisation removes any constant of a
+    # row, so no value changes, only the rounding: logsumexp of a row of large logits is rounded
+    # to their spacing, which would shift every entry of the row by that error (the unrolled
+    # path's scaling form starts from the row maxima as well)
+    m = tl.max(zc, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    return tl.where(iters > 0, zc - m[:, None], zc)
+
+
+@triton.jit
+def _sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE: tl.constexpr):
+    # eq. 11-12 in the log domain as the unrolled path computes them: the iterate y, each
+    # half-step y - logsumexp(y) along rows, then along columns, L times. The corrections
+    # logsumexp(y) are saved: backward rebuilds every iterate from them (_iterates). (Kept as
+    # the iterate, not as row and column potentials of zc: a potential is as large as the logits,
+    # and adding the later corrections to it rounds them away once the logits are large.)
+    y = _first_iterate(zc, iters)
+    real = offs < N
     for r in range(iters):
-        a += _lse(zc - a[:, None] - c[None, :], 1)
+        d = _lse(y, real, 1)
+        y = y - d[:, None]
         if SAVE:
-            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r, steps, iters, offs, N)
-            tl.store(pa, a, mask=offs < N)
-            tl.store(pc, c, mask=offs < N)
-        c += _lse(zc - a[:, None] - c[None, :], 0)
+            tl.store(_half_offsets(halves_ptr, b, t, 2 * r, steps, iters, offs, N), d, mask=real)
+        d = _lse(y, real, 0)
+        y = y - d[None, :]
         if SAVE:
-            pa, pc = _pot_offsets(pots_ptr, b, t, 2 * r + 1, steps, iters, offs, N)
-            tl.store(pa, a, mask=offs < N)
-            tl.store(pc, c, mask=offs < N)
-    return tl.exp(zc - a[:, None] - c[None, :])
+            tl.store(_half_offsets(halves_ptr, b, t, 2 * r + 1, steps, iters, offs, N), d, mask=real)
+    return y
 
 
 @triton.jit
-def _iterate(zc, pots_ptr, b, t, h, steps, iters, offs, N):
-    # exp of the iterate after half-step h (its softmax), from the saved potentials
-    pa, pc = _pot_offsets(pots_ptr, b, t, h, steps, iters, offs, N)
-    a = tl.load(pa, mask=offs < N, other=0.0)
-    c = tl.load(pc, mask=offs < N, other=0.0)
-    return tl.exp(zc - a[:, None] - c[None, :])
+def _correction(halves_ptr, b, t, h, steps, iters, offs, N):
+    return tl.load(_half_offsets(halves_ptr, b, t, h, steps, iters, offs, N), mask=offs < N, other=0.0)
 
 
 @triton.jit
-def _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, N):
-    # P = S(P~(t)) again, from the last half-step's saved potentials (exp(z) without rounds)
-    if iters > 0:
-        P = _iterate(zc, pots_ptr, b, t, 2 * iters - 1, steps, iters, offs, N)
-    else:
-        P = tl.exp(zc)
-    return P
+def _iterates(zc, halves_ptr, b, t, steps, iters, offs, N):
+    # the last iterate y, log of P = S(P~(t)), rebuilt from zc and the saved corrections by the
+    # same subtractions as in forward (the same values)
+    y = _first_iterate(zc, iters)
+    for r in range(iters):
+        y = y - _correction(halves_ptr, b, t, 2 * r, steps, iters, offs, N)[:, None]
+        y = y - _correction(halves_ptr, b, t, 2 * r + 1, steps, iters, offs, N)[None, :]
+    return y
 
 
 @triton.jit
-def _sinkhorn_backward(grad_P, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs, N):
+def _sinkhorn_backward(grad_P, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N):
     # as setperm.sinkhorn's log-domain backward: through exp, then every half-step
-    # y - logsumexp(y) in reverse (dz = dy - softmax * sum(dy)), the clamp and the masking.
-    # z, zc and P are recomputed from the logits, not passed in from the caller, which has them:
-    # three more live tiles cost more stack than the elementwise recomputation does time
-    # (benchmarks/README.md, "The fused kernels' resources")
-    z, zc = _clamped(logits, allowed, temperature, iters)
-    g = grad_P * _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, N)
+    # y' = y - logsumexp(y) in reverse (dy = dy' - exp(y') * sum(dy'): exp(y') is that half-step's
+    # softmax), the clamp and the masking. Going back, each earlier iterate is y' plus its
+    # correction (exact where exp(y) matters: after the first half-step no correction is large
+    # and positive). z, zc and the iterate are recomputed from the logits, not passed in from the
+    # caller, which has them, and zc again at the end, not kept through the loop: more live tiles
+    # cost more stack than the elementwise recomputation does time (benchmarks/README.md, "The fused
+    # kernels' resources")
+    _, zc = _clamped(logits, allowed, temperature, iters)
+    y = _iterates(zc, halves_ptr, b, t, steps, iters, offs, N)
+    g = grad_P * tl.exp(y)
     for rr in range(iters):
         r = iters - 1 - rr
-        S = _iterate(zc, pots_ptr, b, t, 2 * r + 1, steps, iters, offs, N)
-        g = g - S * tl.sum(g, axis=0)[None, :]
-        S = _iterate(zc, pots_ptr, b, t, 2 * r, steps, iters, offs, N)
-        g = g - S * tl.sum(g, axis=1)[:, None]
+        g = g - tl.exp(y) * tl.sum(g, axis=0)[None, :]
+        y = y + _correction(halves_ptr, b, t, 2 * r + 1, steps, iters, offs, N)[None, :]
+        g = g - tl.exp(y) * tl.sum(g, axis=1)[:, None]
+        y = y + _correction(halves_ptr, b, t, 2 * r, steps, iters, offs, N)[:, None]
+    z, zc = _clamped(logits, allowed, temperature, iters)
     g = tl.where(zc == z, g, 0.0)
     return tl.where(allowed, g / temperature, 0.0)
 
@@ -145,7 +163,7 @@ def _to_scratch(ptr, x, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, pots_ptr, scratch_ptr, N, steps, iters,
+def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scratch_ptr, N, steps, iters,
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
                    BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
@@ -160,19 +178,19 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, pots_ptr, scratch
         if SAVE:
             tl.store(hist_ptr + (b * (steps + 1) + t) * N * N + tile, logits, mask=inside)
         _, zc = _clamped(logits, allowed, temperature, iters)
-        P = _sinkhorn(zc, pots_ptr, b, t, steps, iters, offs, N, SAVE, BLOCK)
+        P = tl.exp(_sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE))
         _to_scratch(bal, _balance(P), offs, BLOCK)
         # eq. 7 with the gradient 2 C B of eq. 4 (2 eta folded into C): (C B)_iq = sum_k C_ik B_kq
         logits = logits - _outer_products(C, 1, N, bal, BLOCK, 1, N, offs, BLOCK)
     if SAVE:
         tl.store(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, logits, mask=inside)
     _, zc = _clamped(logits, allowed, temperature, iters)
-    P = _sinkhorn(zc, pots_ptr, b, steps, steps, iters, offs, N, SAVE, BLOCK)
+    P = tl.exp(_sinkhorn(zc, halves_ptr, b, steps, steps, iters, offs, N, SAVE))
     tl.store(P_ptr + b * N * N + tile, P, mask=inside)
 
 
 @triton.jit
-def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, pots_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
+def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
                     steps, iters, temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr,
                     BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
@@ -183,19 +201,19 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, pots_ptr, scratch_ptr, gC
     gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     gP = tl.load(gP_ptr + b * N * N + tile, mask=inside, other=0.0)
     logits = tl.load(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, mask=inside, other=0.0)
-    gl = _sinkhorn_backward(gP, logits, allowed, temperature, pots_ptr, b, steps, steps, iters, offs, N)
+    gl = _sinkhorn_backward(gP, logits, allowed, temperature, halves_ptr, b, steps, steps, iters, offs, N)
     for tt in range(steps):
         t = steps - 1 - tt
         logits = tl.load(hist_ptr + (b * (steps + 1) + t) * N * N + tile, mask=inside, other=0.0)
         _, zc = _clamped(logits, allowed, temperature, iters)
-        P = _sinkhorn_output(zc, pots_ptr, b, t, steps, iters, offs, N)
+        P = tl.exp(_iterates(zc, halves_ptr, b, t, steps, iters, offs, N))
         _to_scratch(bal, _balance(P), offs, BLOCK)
         _to_scratch(gls, gl, offs, BLOCK)
         # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
         # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g)
         gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK)
         gBP = _balance(_outer_products(C, N, 1, gls, BLOCK, 1, N, offs, BLOCK))
-        gl += _sinkhorn_backward(gBP, logits, allowed, temperature, pots_ptr, b, t, steps, iters, offs, N)
+        gl += _sinkhorn_backward(gBP, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
     if WANT_INIT:
         tl.store(ginit_ptr + b * N * N + tile, gl, mask=inside)

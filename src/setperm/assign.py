@@ -13,6 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from ._errors import check_int, check_positive
 from .masking import resolve_mask
 from .scale import set_scale
 
@@ -140,12 +141,10 @@ class LinearAssignmentLogits(nn.Module):
                  device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        if not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        if not isinstance(num_positions, int) or num_positions < 1:
-            raise ValueError(f"num_positions must be a positive int, got {num_positions!r}")
-        if clip is not None and not clip > 0:
-            raise ValueError(f"clip must be > 0 or None, got {clip!r}")
+        in_features = check_int(in_features, "in_features", 1)
+        num_positions = check_int(num_positions, "num_positions", 1)
+        if clip is not None:
+            clip = check_positive(clip, "clip")
         self.in_features = in_features
         self.num_positions = num_positions
         self.clip = clip

@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._errors import check_int
 from .init import uninitialized, xavier_linear_
 from .masking import check_dtype, check_set, host_decisions, pair_mask, resolve_mask, zero_padding
 from .pairwise import _rows_per_chunk, check_kernel, pairwise_two_layer
@@ -131,7 +132,8 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     """Functional form of :class:`PairwiseCost` (as ``F.linear`` is of ``nn.Linear``).
 
     Args:
-        x: ``(B, N, D)`` elements (padded elements must already be finite, e.g. zeroed).
+        x: ``(B, N, D)`` elements; padded elements may hold anything (they are replaced by zeros
+            before any arithmetic).
         first_weight: ``(H, 2D)`` weight of f's first layer on ``[x_i; x_j]``; ``first_bias`` ``(H,)``
             or None.
         hidden: ``(weight, bias)`` pairs of f's further layers (each followed by ReLU) between the
@@ -147,15 +149,23 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
             refused for it).
     Returns:
         ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
-        channel when ``normalize``. Finite for any finite ``x`` when ``normalize`` (see
-        :func:`set_scale`).
+        channel when ``normalize`` (except a channel whose entries all lie below
+        :func:`normalize_cost`'s ``eps`` = 1e-12, which it divides by ``eps``: elements that differ
+        by about that little; a set whose elements are all equal has cost 0 and no gradient).
+        Finite for any finite ``x`` when ``normalize`` (see :func:`set_scale`).
     """
     check_kernel(kernel)
+    if not isinstance(first_weight, Tensor) or first_weight.dim() != 2 or first_weight.shape[1] % 2:
+        got = tuple(first_weight.shape) if isinstance(first_weight, Tensor) else type(first_weight).__name__
+        raise ValueError(f"first_weight must have shape (H, 2D), got {got}")
+    check_set(x, features=first_weight.shape[1] // 2)
+    check_dtype(x, first_weight.dtype)
     hidden = list(hidden)
     if hidden and kernel == "compiled":
         raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width); got "
                          f"{len(hidden)} further hidden layer(s): use kernel='chunked'")
     mask = resolve_mask(x, mask, lengths, key_padding_mask)
+    x = zero_padding(x, mask)                         # (nor do they set the scale below)
     D = x.shape[-1]
     w_a, w_b = first_weight[:, :D], first_weight[:, D:]
     scale = set_scale(x)[:, None, None]                # (B, 1, 1); f evaluated on x / s, biases / s
@@ -175,10 +185,16 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         g = h @ last_weight.t()
     g = g.movedim(-1, 1)                              # (B, K, N, N): g / s
     C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
-    keep = ~equal_pairs(x.detach())                   # F(x_i, x_j) = 0 exactly when x_i == x_j
-    pm = pair_mask(mask)
-    if pm is not None:
-        keep = keep & pm
+    # F(x_i, x_j) = 0 exactly when x_i == x_j: the rounding of g there is removed, not its
+    # derivative (dF/dx_i = d1 f - d2 f is not 0 at x_i = x_j)
+    same = equal_pairs(x.detach())
+    C = C - torch.where(same.unsqueeze(1), C.detach(), torch.zeros((), dtype=C.dtype, device=C.device))
+    # padded pairs are 0 with no gradient; so is a set whose real pairs are all equal (its cost
+    # is 0, which eq. 10 cannot normalise: the uniform assignment results, not a gradient / eps)
+    unequal = ~same if mask is None else ~same & pair_mask(mask)
+    keep = unequal.flatten(1).any(1)[:, None, None]   # (B, 1, 1)
+    if mask is not None:
+        keep = keep & pair_mask(mask)
     C = torch.where(keep.unsqueeze(1), C, torch.zeros((), dtype=C.dtype, device=C.device))
     if normalize:
         return normalize_cost(C)                      # the scale s cancels
@@ -213,12 +229,10 @@ class PairwiseCost(nn.Module):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         check_kernel(kernel)
-        if not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        in_features = check_int(in_features, "in_features", 1)
+        channels = check_int(channels, "channels", 1)
         widths = [hidden] if isinstance(hidden, int) else list(hidden)
-        if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
             raise ValueError(f"hidden must be a positive int or a non-empty sequence of them, got {hidden!r}")
         if len(widths) > 1 and kernel == "compiled":
             raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width), got hidden={hidden!r}")
@@ -252,7 +266,7 @@ class PairwiseCost(nn.Module):
         check_set(x, features=self.in_features)
         check_dtype(x, self.first.weight.dtype)
         mask = resolve_mask(x, mask, lengths, key_padding_mask)
-        return pairwise_cost(zero_padding(x, mask), self.first.weight, self.first.bias,
+        return pairwise_cost(x, self.first.weight, self.first.bias,
                              [(layer.weight, layer.bias) for layer in self.hidden], self.last.weight, mask,
                              normalize=self.normalize, kernel=self.kernel)
 

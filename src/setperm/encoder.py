@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ._compat import autocast_off
+from ._errors import check_int, check_positive
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
 from .init import uninitialized, xavier_linear_, xavier_rnn_
@@ -34,12 +35,6 @@ def _check_permutation(permutation: str) -> str:
         raise ValueError(f"permutation must be one of {PERMUTATIONS} (LinAssign is its own module), "
                          f"got {permutation!r}")
     return permutation
-
-
-def _check_steps(steps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    return steps
 
 
 def _repr(pairs) -> str:
@@ -96,25 +91,24 @@ class PermutationOptimization(nn.Module):
                  check_finite: Optional[bool] = None, kernel: str = "auto", device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        if not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        in_features = check_int(in_features, "in_features", 1)
         check_check_finite(check_finite)
         self.permutation = _check_permutation(permutation)
-        steps = _check_steps(steps)
-        if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 0:
-            raise ValueError(f"sinkhorn_iters must be an int >= 0, got {sinkhorn_iters!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        steps = check_int(steps, "steps")
+        sinkhorn_iters = check_int(sinkhorn_iters, "sinkhorn_iters")
+        temperature = check_positive(temperature, "temperature")
+        if logit_clip is not None:
+            logit_clip = check_positive(logit_clip, "logit_clip")
         check_kernel(kernel)
         if grid is not None:
-            if len(grid) != 2 or int(grid[0]) < 1 or int(grid[1]) < 1:
+            if not isinstance(grid, (tuple, list)) or len(grid) != 2:
                 raise ValueError(f"grid must be (rows, cols) of positive ints, got {grid!r}")
-            grid = (int(grid[0]), int(grid[1]))
+            grid = (check_int(grid[0], "grid's rows", 1), check_int(grid[1], "grid's cols", 1))
         linear = permutation == "po-la"
         if linear:
             if num_positions is None and grid is not None:
                 num_positions = grid[0] * grid[1]
-            if num_positions is None or num_positions < 1:
+            if isinstance(num_positions, bool) or not isinstance(num_positions, int) or num_positions < 1:
                 raise ValueError(f"permutation={permutation!r} needs num_positions >= 1 (a fixed number of "
                                  f"positions), got {num_positions!r}")
         if cost_channels is None:
@@ -426,14 +420,12 @@ class PermutationSetEncoder(nn.Module):
                  order_features: Optional[int] = None, check_finite: Optional[bool] = None, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        if not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        in_features = check_int(in_features, "in_features", 1)
         if not isinstance(rnn, str) or rnn not in RNNS:
             raise ValueError(f"rnn must be one of {RNNS}, got {rnn!r}")
         if pool is not None and (not isinstance(pool, str) or pool not in POOLS):
             raise ValueError(f"pool must be None or one of {POOLS}, got {pool!r}")
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        hidden_size = check_int(hidden_size, "hidden_size", 1)
         if not (po is None or isinstance(po, PermutationOptimization) or (isinstance(po, str) and po == "po-u")):
             raise ValueError(f"po must be a PermutationOptimization or LinAssign module, 'po-u' or None, got {po!r}")
         if order_features is not None:

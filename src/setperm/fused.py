@@ -12,14 +12,15 @@ Triton's language:
 
 - Sinkhorn in the log domain (eq. 11-12, as :func:`setperm.functional.sinkhorn` with
   ``method="log"``: logits clamped to half the dtype's range, the masked assignment of
-  :func:`setperm.masking.assignment_mask`), kept as row and column potentials: after every
-  half-step the iterate is ``z - a_i - b_k``, so backward recomputes any half-step's softmax from
-  ``z`` and two stored vectors;
+  :func:`setperm.masking.assignment_mask`), each half-step ``y - logsumexp(y)`` along rows or
+  columns on the iterate ``y``, as the unrolled path rounds it; the half-step's correction
+  ``logsumexp(y)`` (one vector) is stored, so backward rebuilds every iterate, and so every
+  half-step's softmax, from ``z`` and those vectors;
 - the step ``P~ <- P~ - (2 eta C) B(P)`` with the position balance ``B`` of eq. 4 by a cumulative
   sum, and its adjoint ``-B`` in backward (``B`` is anti-self-adjoint along the positions);
 - backward through every step in reverse order: ``dL/dC_step`` and ``dL/dP~(0)``.
 
-Forward saves each step's logits ``(B, T + 1, N, N)`` and the potentials for backward. The
+Forward saves each step's logits ``(B, T + 1, N, N)`` and the corrections for backward. The
 ``(N, N)`` matrix products are loops of outer products in float32 (no TF32), their operands read
 from a per-set scratch tile that stays in the L1 cache; ``tl.dot`` would stage whole float32
 operands per thread (spilling to the stack at 128 x 128) or, on tensor cores, need more shared
@@ -28,7 +29,9 @@ memory than a block has (``python -m benchmarks.fused_resources``). Applies to f
 with Triton 3.2 or newer; elsewhere :func:`optimize_permutation` takes the unrolled path. With
 the environment variable ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels
 run on CPU tensors in Triton's interpreter (how the test suite checks them without a GPU).
-First-order gradients only.
+The kernels compute first-order gradients; a backward that is itself differentiated
+(``create_graph=True``: second-order gradients, gradient penalties) runs through the unrolled steps
+instead, recomputed from the inputs (in eager mode; compiled graphs do not differentiate twice).
 
 Under ``torch.compile`` the two kernels are two operators of the compiled graph,
 ``setperm::fused_forward`` and ``setperm::fused_backward`` (``torch.library.custom_op``, defined
@@ -51,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ._compat import is_compiling
+from ._errors import user_stacklevel
 from .optimize import _sequence_step, _start, _unroll
 
 # One set's (N, N) matrices live on chip: up to 128 x 128 float32 per matrix (64 KiB).
@@ -140,7 +144,11 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
         # dtype at once (compiled graphs learn it at run time, inside the operator)
         reason = _failure(C_step, num_warps, "forward")
         if reason is not None:
-            return _fall_back(reason, fall_back, C_step, init_logits, mask, steps, sinkhorn_iters, temperature)
+            # in float32, as the kernels and the fallback inside them compute (the same values
+            # whichever call first found the kernel missing)
+            P = _fall_back(reason, fall_back, C_step.float(), None if init_logits is None else init_logits.float(),
+                           mask, steps, sinkhorn_iters, temperature)
+            return P.to(C_step.dtype)
     out_dtype = C_step.dtype
     C32 = C_step.float()
     init32 = None if init_logits is None else init_logits.float()
@@ -173,14 +181,14 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
              temperature: float, save: bool, num_warps: Optional[int],
              fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """-> ``P`` (B, N, N), and for backward each step's logits ``(B, steps + 1, N, N)`` and the
-    Sinkhorn potentials ``(B, steps + 1, 2 iters, 2, N)`` (empty unless ``save``). Where the kernel
+    Sinkhorn corrections ``(B, steps + 1, 2 iters, N)`` (empty unless ``save``). Where the kernel
     cannot be built (now or before) and ``fall_back``, ``P`` is the unrolled steps' and backward
     recomputes through them (:func:`_backward` asks :data:`_broken`)."""
     # (the kernels index contiguous (B, N, N) tensors; a compiled graph may hand over other strides)
     C32, init32, mask = (None if t is None else t.contiguous() for t in (C32, init32, mask))
     B, N = C32.shape[0], C32.shape[-1]
     P = torch.empty_like(C32)
-    hist, pots = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save))
+    hist, halves = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save))
     block = _block(N)
     warps = _warps(block) if num_warps is None else num_warps
     where = _where(C32, num_warps, "forward")
@@ -193,10 +201,10 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
             # (an argument the kernel does not read is given another tensor: an empty one may have no address)
             _launch(_kernels().forward_kernel, B,
                     C32, C32 if init32 is None else init32, P if mask8 is None else mask8, P,
-                    hist if hist.numel() else P, pots if pots.numel() else P, scratch,
+                    hist if hist.numel() else P, halves if halves.numel() else P, scratch,
                     N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
                     SAVE=save, BLOCK=block, num_warps=warps)
-            return P, hist, pots
+            return P, hist, halves
         except _KernelFailure as failure:
             if not fall_back:
                 raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
@@ -204,22 +212,22 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
     _fall_back(reason, fall_back, C32, init32, mask, steps, iters, temperature, warn_only=True)
     with torch.no_grad():
         P.copy_(_unrolled(C32, init32, mask, steps, iters, temperature))
-    return P, hist.zero_(), pots.zero_()        # (not read: backward recomputes)
+    return P, hist.zero_(), halves.zero_()        # (not read: backward recomputes)
 
 
 def _saved_shapes(B: int, N: int, steps: int, iters: int, save: bool) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """The shapes of what forward saves for backward: every step's logits and the Sinkhorn
-    potentials after every half-step (empty without ``save``)."""
+    correction of every half-step (empty without ``save``)."""
     if not save:
         return (0,), (0,)
-    return (B, steps + 1, N, N), (B, steps + 1, 2 * iters, 2, N)
+    return (B, steps + 1, N, N), (B, steps + 1, 2 * iters, N)
 
 
 def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
-              pots: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int], fall_back: bool,
+              halves: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int], fall_back: bool,
               want_init: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """-> ``dL/dC_step`` and ``dL/dP~(0)`` (None unless ``want_init``) from ``dL/dP``."""
-    C32, mask, hist, pots = (None if t is None else t.contiguous() for t in (C32, mask, hist, pots))
+    C32, mask, hist, halves = (None if t is None else t.contiguous() for t in (C32, mask, hist, halves))
     B, N = C32.shape[0], C32.shape[-1]
     block = _block(N)
     warps = _warps(block) if num_warps is None else num_warps
@@ -233,7 +241,7 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
         try:
             _launch(_kernels().backward_kernel, B,
                     grad_P.float().contiguous(), C32, grad_C if mask8 is None else mask8, hist,
-                    pots if pots.numel() else hist,
+                    halves if halves.numel() else hist,
                     scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
                     WANT_INIT=want_init, BLOCK=block, num_warps=warps)
             return grad_C, (grad_init if want_init else None)
@@ -261,18 +269,37 @@ class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
-        P, hist, pots = _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
+        P, hist, halves = _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
         ctx.setup = (steps, iters, temperature, num_warps, fall_back)
-        ctx.save_for_backward(C32, init32, mask, hist, pots)
+        ctx.save_for_backward(C32, init32, mask, hist, halves)
         return P
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_P):
-        C32, init32, mask, hist, pots = ctx.saved_tensors
+        C32, init32, mask, hist, halves = ctx.saved_tensors
         want_init = init32 is not None and ctx.needs_input_grad[1]
-        grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, pots, *ctx.setup, want_init)
+        if torch.is_grad_enabled():
+            # a backward that is itself differentiated (create_graph=True: second-order gradients,
+            # gradient penalties): the kernels compute first-order gradients only, so these come
+            # from the unrolled steps, recomputed from the inputs (the same values, differentiable)
+            return (*_differentiable_backward(grad_P, C32, init32, mask, *ctx.setup[:3], want_init),
+                    None, None, None, None, None, None, None)
+        grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
         return grad_C, grad_init, None, None, None, None, None, None, None
+
+
+def _differentiable_backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor],
+                             steps: int, iters: int, temperature: float,
+                             want_init: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """``dL/dC_step`` and ``dL/dP~(0)`` through the unrolled steps, as a graph that autograd can
+    differentiate again."""
+    with torch.enable_grad():
+        C = C32 if C32.requires_grad else C32.detach().requires_grad_()
+        init = None if init32 is None else (init32 if init32.requires_grad else init32.detach().requires_grad_())
+        P = _unrolled(C, init, mask, steps, iters, temperature)
+        inputs = (C, init) if want_init else (C,)
+        grads = torch.autograd.grad(P, inputs, grad_P, create_graph=True, allow_unused=True)
+    return grads[0], (grads[1] if want_init else None)
 
 
 def _define_operators():
@@ -300,31 +327,31 @@ def _define_operators():
         return (torch.empty_like(C32), *(C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save)))
 
     @custom_op("setperm::fused_backward", mutates_args=(), schema=(
-        "(Tensor grad_P, Tensor C32, Tensor? init32, Tensor? mask, Tensor hist, Tensor pots, SymInt steps, "
+        "(Tensor grad_P, Tensor C32, Tensor? init32, Tensor? mask, Tensor hist, Tensor halves, SymInt steps, "
         "SymInt iters, float temperature, SymInt? num_warps, bool fall_back, bool want_init) -> (Tensor, Tensor)"))
     def backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
-                 pots: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int],
+                 halves: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int],
                  fall_back: bool, want_init: bool) -> Tuple[Tensor, Tensor]:
-        grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, pots, steps, iters, temperature, num_warps,
+        grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps,
                                       fall_back, want_init)
         # (an operator returns tensors: an empty one stands for "no gradient")
         return grad_C, (grad_init if want_init else C32.new_empty(0))
 
     @backward.register_fake
-    def _(grad_P, C32, init32, mask, hist, pots, steps, iters, temperature, num_warps, fall_back, want_init):
+    def _(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps, fall_back, want_init):
         return torch.empty_like(C32), (torch.empty_like(C32) if want_init else C32.new_empty(0))
 
     def setup_context(ctx, inputs, output):
         C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back = inputs
-        _, hist, pots = output
+        _, hist, halves = output
         ctx.setup = (steps, iters, temperature, num_warps, fall_back)
         ctx.has_init = init32 is not None
-        ctx.save_for_backward(C32, init32, mask, hist, pots)
+        ctx.save_for_backward(C32, init32, mask, hist, halves)
 
-    def backward_rule(ctx, grad_P, _grad_hist, _grad_pots):
-        C32, init32, mask, hist, pots = ctx.saved_tensors
+    def backward_rule(ctx, grad_P, _grad_hist, _grad_halves):
+        C32, init32, mask, hist, halves = ctx.saved_tensors
         want_init = ctx.has_init and ctx.needs_input_grad[1]
-        grad_C, grad_init = backward(grad_P, C32, init32, mask, hist, pots, *ctx.setup, want_init)
+        grad_C, grad_init = backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
         return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
 
     forward.register_autograd(backward_rule, setup_context=setup_context)
@@ -352,7 +379,7 @@ def _warn(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"setperm {reason}; the unrolled steps compute the same values instead (slower)",
-                      RuntimeWarning, stacklevel=5)
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _fall_back(reason: str, fall_back: bool, C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor],

@@ -70,8 +70,10 @@ def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Ten
                              f"got shape {_shape(lengths)}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > N):
             raise ValueError(f"lengths must lie in [0, N={N}], got min {int(lengths.min())} and max {int(lengths.max())}")
-        # non_blocking: host lengths reach a CUDA x without a synchronising copy
-        return torch.arange(N, device=x.device) < lengths.to(x.device, non_blocking=True).unsqueeze(1)
+        # non_blocking: host lengths reach a CUDA x without a synchronising copy (not towards the
+        # CPU: a non-blocking copy from a GPU may be read on the host before it has arrived)
+        lengths = lengths.to(x.device, non_blocking=x.device.type != "cpu" or lengths.device.type == "cpu")
+        return torch.arange(N, device=x.device) < lengths.unsqueeze(1)
     return None
 
 

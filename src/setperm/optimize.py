@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._errors import check_int, check_positive
 from .masking import resolve_mask
 from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
@@ -23,9 +24,11 @@ DEFAULT_STEPS = 4
 
 def _channels(C: Tensor) -> Tensor:
     """View a cost as ``(B, K, N, N)``."""
-    if C.dim() == 3:
+    if not isinstance(C, Tensor):
+        raise ValueError(f"C must be a tensor of shape (B, N, N) or (B, K, N, N), got {type(C).__name__}")
+    if C.dim() == 3 and C.shape[-1] == C.shape[-2]:
         return C.unsqueeze(1)
-    if C.dim() == 4:
+    if C.dim() == 4 and C.shape[-1] == C.shape[-2]:
         return C
     raise ValueError(f"C must have shape (B, N, N) or (B, K, N, N), got {tuple(C.shape)}")
 
@@ -153,14 +156,19 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
     Returns:
         ``P = S(P~(T))`` ``(B, N, N)``, or the list of T + 1 soft permutations.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    steps = check_int(steps, "steps")
+    sinkhorn_iters = check_int(sinkhorn_iters, "sinkhorn_iters")
+    temperature = check_positive(temperature, "temperature")
     check_kernel(kernel)
     C4 = _channels(C)
     B, _, N, _ = C4.shape
     mask = resolve_mask(C4, mask, lengths, key_padding_mask, name="C", batch_shape=(B, N))
-    if init_logits is not None and tuple(init_logits.shape) != (B, N, N):
-        raise ValueError(f"init_logits must have shape {(B, N, N)}, got {tuple(init_logits.shape)}")
+    if init_logits is not None:
+        if not isinstance(init_logits, Tensor) or tuple(init_logits.shape) != (B, N, N):
+            got = tuple(init_logits.shape) if isinstance(init_logits, Tensor) else type(init_logits).__name__
+            raise ValueError(f"init_logits must have shape {(B, N, N)}, got {got}")
+        if init_logits.device != C4.device:
+            raise ValueError(f"init_logits is on {init_logits.device} but C is on {C4.device}")
     if grid is None:
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.

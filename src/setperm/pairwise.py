@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ._compat import compiler_errors, hit_recompile_limit, is_compiling
+from ._errors import user_stacklevel
 
 KERNELS = ("auto", "chunked", "compiled", "fused")
 
@@ -233,7 +234,7 @@ def _fall_back(device_type: str, reason: str) -> None:
     if device_type not in _auto_fallback:
         warnings.warn(f"setperm: the compiled pairwise kernel cannot be built on {device_type} ({reason}); "
                       "kernel='auto' and 'fused' use kernel='chunked' for it instead (same values, slower)",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=user_stacklevel())
     _auto_fallback[device_type] = reason
 
 
@@ -271,9 +272,10 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -
         kernel = resolve_kernel(kernel, a.device)
         if falls_back and kernel == "compiled":
             kernel = "auto-compiled"     # "compiled", but a failed build falls back instead of raising
-    if kernel != "chunked":
-        # One dtype inside the fused loops (under autocast a and c may be half, w2 float32).
-        c, w2 = c.to(a.dtype), w2.to(a.dtype)
+    # One dtype for every kernel: under autocast a, c and w2 may differ (a half-precision c with a
+    # float32 a, a float32 a with a half-precision module's w2), and neither the fused loops nor
+    # the chunked products into preallocated outputs promote.
+    c, w2 = c.to(a.dtype), w2.to(a.dtype)
     return _PairwiseTwoLayer.apply(a, c, w2, kernel)
 
 
@@ -324,7 +326,7 @@ def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
             raise
         warnings.warn("setperm kernel='compiled': torch.compile's recompile limit was reached for the pairwise "
                       "kernel (too many input specialisations in one process); falling back to the chunked "
-                      "kernel for the new ones (same values, slower)", RuntimeWarning, stacklevel=4)
+                      "kernel for the new ones (same values, slower)", RuntimeWarning, stacklevel=user_stacklevel())
         return None
 
 

@@ -25,6 +25,7 @@ except ImportError as e:          # the optional extra is missing: say how to ge
     raise ImportError(f"setperm.pyg needs PyTorch Geometric ({e}); install it with "
                       f"`pip install \"setperm[pyg]\"` or `pip install torch_geometric`") from e
 
+from ._errors import check_int
 from .encoder import PermutationOptimization, PermutationSetEncoder
 
 
@@ -69,9 +70,7 @@ class PermutationAggregation(Aggregation):
                  po: Union[PermutationOptimization, str, None] = "po-u", *, straight_through: bool = False,
                  rnn: str = "lstm", pool: Optional[str] = None, check_finite: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_channels, out_channels = check_int(in_channels, "in_channels", 1), check_int(out_channels, "out_channels", 1)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.encoder = PermutationSetEncoder(in_channels, out_channels, po, straight_through=straight_through,

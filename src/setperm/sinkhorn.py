@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._compat import autocast_off
+from ._errors import check_int, check_positive
 from .masking import assignment_mask, host_decisions, resolve_mask
 
 METHODS = ("auto", "scaling", "log")
@@ -91,10 +92,8 @@ def _prepare(logits: Tensor, mask: Optional[Tensor], iters: int, temperature: fl
     if not logits.is_floating_point():
         # exp of integer/bool logits is not defined in their dtype; complex has no order
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    iters = check_int(iters, "iters")
+    temperature = check_positive(temperature, "temperature")
     mask = resolve_mask(logits, mask, lengths, key_padding_mask, name="logits")
     out_dtype = logits.dtype
     compute_dtype = torch.promote_types(out_dtype, torch.float32)
