@@ -863,3 +863,14 @@ def test_torch_func_transforms_give_the_autograd_gradients():
     assert_close(grads[1], expected[0], rtol=1e-10, atol=1e-12)
     for (name, _), want in zip(po.named_parameters(), expected[1:]):
         assert_close(grads[0][name], want, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_and_order_by_on_another_device_than_x_are_named():
+    """(``meta`` stands in for a GPU: the check is by device, before any arithmetic mixes them.)"""
+    x = torch.randn(2, 5, 4)
+    enc = PermutationSetEncoder(4, 8, PermutationOptimization(4, cost_hidden=6, steps=2))
+    with pytest.raises(ValueError, match="weights is on meta but x is on cpu"):
+        enc(x, weights=torch.zeros(2, 5, device="meta"))
+    enc = PermutationSetEncoder(4, 8, PermutationOptimization(3, cost_hidden=6, steps=2), order_features=3)
+    with pytest.raises(ValueError, match="order_by is on meta but x is on cpu"):
+        enc(x, order_by=torch.zeros(2, 5, 3, device="meta"))

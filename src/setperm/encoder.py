@@ -508,6 +508,8 @@ class PermutationSetEncoder(nn.Module):
                 raise ValueError(f"order_by must have shape (B, N, {self.order_features}) with (B, N) = "
                                  f"{tuple(x.shape[:2])} of x, got shape {tuple(order_by.shape)}")
             check_dtype(order_by, dtype, name="order_by")
+            if order_by.device != x.device:
+                raise ValueError(f"order_by is on {order_by.device} but x is on {x.device}: give both on one device")
         check_weights(x, weights)
         if weights is not None:
             check_dtype(weights, dtype, name="weights")

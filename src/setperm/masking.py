@@ -121,6 +121,8 @@ def check_weights(x: Tensor, weights: Optional[Tensor]) -> None:
     if tuple(weights.shape) != tuple(x.shape[:2]):
         raise ValueError(f"weights must have shape (B, N) = {tuple(x.shape[:2])} to match x {_shape(x)}, "
                          f"got shape {_shape(weights)}")
+    if weights.device != x.device:
+        raise ValueError(f"weights is on {weights.device} but x is on {x.device}: give both on one device")
 
 
 def host_decisions(t: Tensor) -> bool:
