@@ -110,8 +110,8 @@ def _block(N: int) -> int:
 
 def _warps(block: int) -> int:
     # the fewest warps whose kernels keep every value in registers (no stack frame) for sm_90, or at
-    # 128 x 128 the least stack: python -m benchmarks.fused_resources, benchmarks/README.md
-    return {16: 2, 32: 2, 64: 8}.get(block, 32)
+    # 64 x 64 and 128 x 128 the least stack: python -m benchmarks.fused_resources, benchmarks/README.md
+    return {16: 2, 32: 4, 64: 16}.get(block, 32)
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
