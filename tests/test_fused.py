@@ -305,15 +305,22 @@ class _Kernel:
         return launch
 
 
-@pytest.mark.parametrize("with_init", [False, True])
-def test_a_forward_kernel_triton_cannot_build_falls_back_once_with_the_reason(monkeypatch, fresh_fallbacks,
-                                                                               with_init):
+@pytest.fixture
+def failing_forward_kernel(monkeypatch, fresh_fallbacks):
+    """Triton present and the kernels applying, but the forward kernel fails to build (a stand-in
+    that counts its launches)."""
     class Kernels:
         forward_kernel = _Kernel("forward_kernel")
 
     monkeypatch.setattr(fused, "unavailable", lambda: None)
     monkeypatch.setattr(fused, "applies", lambda C, steps: True)
     monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
+    return Kernels
+
+
+@pytest.mark.parametrize("with_init", [False, True])
+def test_a_forward_kernel_triton_cannot_build_falls_back_once_with_the_reason(failing_forward_kernel, with_init):
+    Kernels = failing_forward_kernel
     C = cost(2, 5, seed=0).float()
     init = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(3)) if with_init else None
     _falls_back_once_to_the_unrolled_values(C, init, "forward_kernel for sets padded to 16 .*out of resource")
@@ -323,16 +330,11 @@ def test_a_forward_kernel_triton_cannot_build_falls_back_once_with_the_reason(mo
         fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=4, temperature=1.0)   # no fallback given
 
 
-def test_the_fallback_computes_in_float32_whichever_call_found_the_kernel_missing(monkeypatch, fresh_fallbacks):
+@pytest.mark.usefixtures("failing_forward_kernel")
+def test_the_fallback_computes_in_float32_whichever_call_found_the_kernel_missing():
     """A half-precision cost: the call whose kernel failed to build and the later calls, which fall
     back at once, compute in float32 as the kernels do (the same values), and the warning names the
     caller's line, not setperm's or torch's."""
-    class Kernels:
-        forward_kernel = _Kernel("forward_kernel")
-
-    monkeypatch.setattr(fused, "unavailable", lambda: None)
-    monkeypatch.setattr(fused, "applies", lambda C, steps: True)
-    monkeypatch.setattr(fused, "_kernels", lambda: Kernels)
     C = cost(2, 7, seed=1).half()
     with pytest.warns(RuntimeWarning, match="out of resource") as caught:
         first = optimize_permutation(C, eta=0.7, steps=3, kernel="fused")
