@@ -141,6 +141,7 @@ def test_empty_sets():
     (lambda C: PermutationOptimization(3, grid=(2, True)), "grid's cols must be a positive int"),
     (lambda C: PermutationOptimization(3, logit_clip=-1.0), "logit_clip must be a number > 0"),
     (lambda C: PermutationOptimization(True), "in_features must be a positive int"),
+    (lambda C: permutation_entropy(torch.eye(4, dtype=torch.long)[None]), "P must be a floating-point"),
 ])
 def test_arguments_are_checked_with_their_names(call, message):
     """A bool is no count or size (True == 1 in Python), a NaN no temperature, a non-square C no

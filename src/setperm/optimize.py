@@ -228,6 +228,8 @@ def permutation_entropy(P: Tensor, mask: Optional[Tensor] = None, *, lengths: Op
     ``mask`` / ``lengths`` / ``key_padding_mask`` as in :func:`setperm.functional.sinkhorn`."""
     if not isinstance(P, Tensor) or P.dim() != 3:
         raise ValueError(f"P must have shape (B, N, N), got {tuple(P.shape) if isinstance(P, Tensor) else type(P)}")
+    if not P.is_floating_point():
+        raise ValueError(f"P must be a floating-point tensor of soft permutations, got dtype {P.dtype}")
     mask = resolve_mask(P, mask, lengths, key_padding_mask, name="P")
     ent = -torch.special.xlogy(P, P).sum(-1)          # (B, N)
     if mask is None:
