@@ -233,6 +233,21 @@ def test_second_order_gradients_equal_the_unrolled_steps(fdevice):
         assert ((got - want).norm() / want.norm()) < 1e-4
 
 
+def test_torch_func_transforms_take_the_fused_optimisation(fdevice):
+    """torch.func.grad through kernel="fused" gives the unrolled path's gradients (its backward
+    runs differentiably there, through the unrolled steps)."""
+    C, init = cost(2, 6, seed=8).float().to(fdevice), torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(4))
+    init, G = init.to(fdevice), torch.randn(2, 6, 6, generator=torch.Generator().manual_seed(5)).to(fdevice)
+
+    def loss(kernel):
+        return lambda C, init: (optimize_permutation(C, init, eta=0.7, steps=3, kernel=kernel) * G).sum()
+
+    want = torch.func.grad(loss("chunked"), argnums=(0, 1))(C, init)
+    got = torch.func.grad(loss("fused"), argnums=(0, 1))(C, init)
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()) < 1e-5
+
+
 @pytest.mark.parametrize("kernel", ["chunked", "fused"])
 @pytest.mark.parametrize("name, value", [("temperature", 0.0), ("temperature", -1.0), ("temperature", float("nan")),
                                          ("sinkhorn_iters", -1), ("sinkhorn_iters", 2.0), ("sinkhorn_iters", True)])

@@ -31,7 +31,9 @@ the environment variable ``TRITON_INTERPRET=1`` set before Triton is imported, t
 run on CPU tensors in Triton's interpreter (how the test suite checks them without a GPU).
 The kernels compute first-order gradients; a backward that is itself differentiated
 (``create_graph=True``: second-order gradients, gradient penalties) runs through the unrolled steps
-instead, recomputed from the inputs (in eager mode; compiled graphs do not differentiate twice).
+instead, recomputed from the inputs (in eager mode; compiled graphs do not differentiate twice), as
+does backward under ``torch.func``'s transforms (``grad``, ``vjp``, ``jacrev``; ``vmap`` is not
+supported).
 
 Under ``torch.compile`` the two kernels are two operators of the compiled graph,
 ``setperm::fused_forward`` and ``setperm::fused_backward`` (``torch.library.custom_op``, defined
@@ -161,7 +163,7 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
         P = _OPERATORS.forward(C32, init32, mask, *args)[0]
     else:
         # (an autograd function: a dispatcher operator costs tens of microseconds more per call)
-        P = _FusedOptimize.apply(C32, init32, mask, *args)
+        P = _FusedOptimize.apply(C32, init32, mask, *args)[0]
     return P.to(out_dtype)
 
 
@@ -266,16 +268,24 @@ def _unrolled(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tens
 
 
 class _FusedOptimize(torch.autograd.Function):
+    # forward and setup_context apart (not forward(ctx, ...)): torch.func's transforms (grad, vjp,
+    # jacrev) take only functions of this form
 
     @staticmethod
-    def forward(ctx, C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
-        P, hist, halves = _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
+    def forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
+        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back = inputs
+        _, hist, halves = output
+        ctx.mark_non_differentiable(hist, halves)
+        ctx.set_materialize_grads(False)          # (no zero tensors made for hist's and halves' gradients)
         ctx.setup = (steps, iters, temperature, num_warps, fall_back)
         ctx.save_for_backward(C32, init32, mask, hist, halves)
-        return P
 
     @staticmethod
-    def backward(ctx, grad_P):
+    def backward(ctx, grad_P, _grad_hist, _grad_halves):
         C32, init32, mask, hist, halves = ctx.saved_tensors
         want_init = init32 is not None and ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
