@@ -188,7 +188,8 @@ def test_ctrl_c_stops_a_parallel_sweep_with_a_checkpoint_per_running_run(root, t
     assert "interrupted by SIGINT" in last and "--resume" in last and "Traceback" not in err, err
     for name in ("off-s0", "po-u-s0"):
         assert list((out / "runs" / name / "checkpoints").glob("step_*.pt")), (name, stdout)
-        assert not (out / "runs" / name / "summary.json").exists()
+        record = out / "runs" / name / "summary.json"       # written after every epoch; finished at the end
+        assert not record.exists() or not json.loads(record.read_text(encoding="utf-8")).get("finished")
     assert "interrupted" in stdout
 
 
@@ -216,6 +217,22 @@ def test_pooled_order_families_are_the_per_run_mean_tested_by_seed():
     assert plain["pooled"] == {} and POOLED not in plain["summary"] and POOLED not in markdown(plain)
 
 
+def _assert_close_tree(got, want, where="compare.json"):
+    """Equal structure and values, floats to a relative 1e-9."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for key in want:
+            _assert_close_tree(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_close_tree(a, b, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12, nan_ok=True), where
+    else:
+        assert got == want, where
+
+
 @pytest.mark.parametrize("results", ["results", "results/ablation"])
 def test_the_committed_reports_are_what_tabulate_gives_from_their_runs(results):
     """integrations/ban/results*/compare.{json,md}, the README's figures (the pooled rows included), follow
@@ -227,8 +244,8 @@ def test_the_committed_reports_are_what_tabulate_gives_from_their_runs(results):
     folder = Path(__file__).resolve().parents[2] / "integrations" / "ban" / results
     committed = json.loads((folder / "compare.json").read_text(encoding="utf-8"))
     again = json.loads(json.dumps(tabulate(committed["runs"], committed["variants"], committed["seeds"])))
-    assert again == committed
-    assert (folder / "compare.md").read_text(encoding="utf-8") == markdown(again) + "\n"
+    _assert_close_tree(again, committed)      # (t-tests and means round differently across NumPy / SciPy releases)
+    assert (folder / "compare.md").read_text(encoding="utf-8") == markdown(committed) + "\n"
     if results == "results":         # the README: BAN + PO-U over BAN +4.5 (p 0.095), over BAN + LSTM +1.4 (p 0.40)
         t = committed["tests"][POOLED]
         assert round(-100 * t["off vs po-u"]["diff_mean"], 1) == 4.5 and round(t["off vs po-u"]["p"], 3) == 0.095
