@@ -47,7 +47,8 @@ from torch import Tensor, nn
 from integrations.ban.cli import add_train_arguments, resolve_train_args
 from integrations.ban.model import padding_mask
 from integrations.ban.plugin import PatchedBan, glimpse_sets
-from integrations.ban.train import box_counts, build_model, datasets, make_loader, train_step, vqa_bce_loss
+from integrations.ban.train import (box_counts, build_model, datasets, make_loader, min_boxes, train_step,
+                                   vqa_bce_loss)
 from integrations.common import ensure_new, positive_int, resolve_device, run_command, seed_everything, write_json
 from setperm.functional import apply_permutation, optimize_permutation
 from setperm.encoder import last_state
@@ -104,7 +105,7 @@ def build_pair(args) -> Tuple[torch.device, Dict[str, nn.Module], Dict[str, torc
         models[variant] = m
         optims[variant] = torch.optim.Adamax([p for p in m.parameters() if p.requires_grad], lr=args.lr)
     loader = make_loader(train_ds, args.batch_size, shuffle=True, epoch=0, seed=args.seed, rank=0, world=1,
-                         counts=box_counts(train_ds) if args.bucket else None)
+                         counts=box_counts(train_ds) if args.bucket else None, min_boxes=min_boxes(args))
     return device, models, optims, loader
 
 

@@ -23,11 +23,13 @@ from integrations.common import (add_kernel_argument, add_run_arguments, add_thr
                                  non_negative_int, positive_float, positive_int, run_command, set_threads,
                                  write_new_json)
 
-from .data import VQADataError
+from .data import QUESTION_FILES, VQADataError
 
 PROG = "python -m integrations.ban"
 VARIANTS = ("po-u", "po-la", "none", "off")
 DATA_ENV = "SETPERM_VQA_ROOT"
+# every split of the official layout is offered, so that a test split gets the reason it cannot be scored
+EVAL_SPLITS = tuple(QUESTION_FILES)
 
 
 def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, with_data: bool = True) -> None:
@@ -111,6 +113,15 @@ def resolve_train_args(a: argparse.Namespace, p: argparse.ArgumentParser) -> arg
         p.error(f"argument --straight-through: needs --permutation po-u or po-la, got {permutation}")
     if getattr(a, "oracle_relevance", False) and permutation == "off":
         p.error("argument --oracle-relevance: needs a set encoder (--permutation po-u, po-la or none), got off")
+    if a.ban_root:
+        from integrations.common import CommandError
+
+        from .train import ban_root_path
+
+        try:
+            a.ban_root = ban_root_path(a.ban_root)
+        except CommandError as e:
+            p.error(f"argument {e}")
     if a.lr is None:
         a.lr = 7e-4 if a.use_both else 1e-3
     if a.out is None:
@@ -139,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a run's newest intact checkpoint; model and data settings come from the "
                                    "run's config.json.")
     e.add_argument("--run", required=True, help="run folder or checkpoint .pt")
-    e.add_argument("--split", default="val", help="split to evaluate (default val)")
+    e.add_argument("--split", choices=EVAL_SPLITS, default="val",
+                   help="split to evaluate (default val; the test splits have no answers to score)")
     e.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
     e.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
     e.add_argument("--device", type=device_name, default="cpu")

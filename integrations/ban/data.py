@@ -463,8 +463,8 @@ def split_h5_name(split: str, adaptive: bool) -> str:
     return f"{split}.hdf5" if adaptive else f"{split}36.hdf5"
 
 
-def collate_vqa(items: Sequence[VQAItem]) -> VQABatch:
-    """Stack items, zero-padding boxes to the largest count K in the batch.
+def collate_vqa(items: Sequence[VQAItem], min_boxes: int = 0) -> VQABatch:
+    """Stack items, zero-padding boxes to the largest count K in the batch (at least ``min_boxes``).
 
     Padded rows are exactly zero in ``v`` and ``b`` (official BAN detects padding as
     ``v.abs().sum(2) == 0``) and ``mask`` (B, K) is True for real boxes.
@@ -472,7 +472,7 @@ def collate_vqa(items: Sequence[VQAItem]) -> VQABatch:
     if len(items) == 0:
         raise ValueError("items: empty batch")
     B = len(items)
-    K = max(it.v.shape[0] for it in items)
+    K = max(max(it.v.shape[0] for it in items), min_boxes)
     D, S = items[0].v.shape[1], items[0].b.shape[1]
     v = items[0].v.new_zeros(B, K, D)
     b = items[0].b.new_zeros(B, K, S)

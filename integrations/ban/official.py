@@ -37,7 +37,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-__all__ = ["load_official", "build_official_ban", "OfficialBan", "REQUIRED_FILES"]
+__all__ = ["load_official", "build_official_ban", "check_root", "code_fingerprint", "OfficialBan", "REQUIRED_FILES"]
 
 # Files that identify a ban-vqa checkout (base_model.py imports all the others but dataset.py).
 REQUIRED_FILES = ("base_model.py", "attention.py", "bc.py", "fc.py", "classifier.py",
@@ -165,7 +165,9 @@ class OfficialBan:
             raise AttributeError(f"no official module {name!r} loaded (have {sorted(self.modules)})") from None
 
 
-def _check_root(ban_root) -> Path:
+def check_root(ban_root) -> Path:
+    """The resolved absolute path of a ban-vqa checkout; ``FileNotFoundError`` (``ValueError`` for an empty
+    value) naming it and what is missing otherwise."""
     if ban_root is None or str(ban_root) == "":
         raise ValueError("ban_root: expected the path of a jnhwkim/ban-vqa checkout, got an empty value")
     root = Path(ban_root).expanduser().resolve()
@@ -198,7 +200,7 @@ def load_official(ban_root, modules: Iterable[str] = ("base_model", "train"),
         FileNotFoundError: ``ban_root`` is not a directory or lacks one of ``REQUIRED_FILES``.
         ImportError: an official module fails to import (the message names the checkout).
     """
-    root = _check_root(ban_root)
+    root = check_root(ban_root)
     wanted = list(modules) + (["dataset"] if with_dataset else [])
     names = _top_level_names(root)
     with _LOCK:
@@ -220,6 +222,18 @@ def load_official(ban_root, modules: Iterable[str] = ("base_model", "train"),
                 del sys.modules[k]
             sys.modules.update(saved)
     return OfficialBan(root=root, modules={k: v for k, v in loaded.items() if "." not in k})
+
+
+def code_fingerprint(ban_root) -> str:
+    """sha256 of the checkout's top-level ``*.py`` files (names and contents): what the official model
+    is built from, independent of where the checkout lies."""
+    import hashlib
+
+    root = check_root(ban_root)
+    h = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def build_official_ban(ban_root, ntoken: int, num_ans_candidates: int, v_dim: int = 2048,

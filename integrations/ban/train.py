@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from integrations.common import (CommandError, cleanup_distributed, finite_loss, generator, init_distributed, open_run,
-                                 progress, resolve_device, seed_everything, seeded_generator)
+from integrations.common import (CommandError, RunError, cleanup_distributed, finite_loss, generator, init_distributed,
+                                 open_run, progress, resolve_device, seed_everything, seeded_generator)
 from setperm.monitor import PermutationMonitor
 
 from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
@@ -38,6 +39,10 @@ from .plugin import PatchedBan
 
 # Settings that only say how long to train: they may grow on --resume.
 _MAY_CHANGE = ("epochs",)
+# The official counter keeps the 10 highest-attention boxes of every image (``topk(10)`` in its
+# counting.py) and fails on a batch with fewer. Zero rows are BAN's padding (attention logit -inf,
+# nothing to count), so batches for the official model are padded to at least this many boxes.
+OFFICIAL_MIN_BOXES = 10
 # Settings added after the first runs were recorded: stored only when they differ from these defaults,
 # so a run (or a compare sweep) recorded before them resumes, and is recognised as finished, unchanged.
 LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None, "straight_through": False,
@@ -97,6 +102,22 @@ def init_word_embedding(ban: nn.Module, glove: np.ndarray, tfidf_init: Optional[
         w.emb_.weight.requires_grad_(True)
 
 
+def ban_root_path(value) -> str:
+    """``--ban-root`` as the absolute path of a ban-vqa checkout; CommandError naming the flag otherwise."""
+    from .official import check_root
+
+    try:
+        return str(check_root(value))
+    except (OSError, ValueError) as e:
+        raise CommandError(f"--ban-root: {str(e).removeprefix('ban_root: ')}") from None
+
+
+def min_boxes(args) -> int:
+    """The fewest boxes a batch of this run's model may have (:data:`OFFICIAL_MIN_BOXES` for the official model;
+    the self-contained one pads inside its counter)."""
+    return OFFICIAL_MIN_BOXES if getattr(args, "ban_root", None) else 0
+
+
 def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
     """BAN (official via ``ban_root``, else integrations.ban.model), patched for ``args.permutation``."""
     from . import patch_ban
@@ -104,8 +125,11 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
     if args.ban_root:
         from .official import build_official_ban
 
-        ban = build_official_ban(args.ban_root, ntoken, num_answers, v_dim=v_dim, num_hid=args.num_hid,
-                                 op=args.op, gamma=args.gamma)
+        try:
+            ban = build_official_ban(ban_root_path(args.ban_root), ntoken, num_answers, v_dim=v_dim,
+                                     num_hid=args.num_hid, op=args.op, gamma=args.gamma)
+        except ImportError as e:
+            raise CommandError(f"--ban-root: {e}") from None
     else:
         from .model import build_ban
 
@@ -202,11 +226,12 @@ def _worker_init(_):
 
 def make_loader(ds, batch_size: int, *, shuffle: bool, epoch: int, seed: int, rank: int, world: int,
                 skip_batches: int = 0, workers: int = 0, counts: Optional[np.ndarray] = None,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, min_boxes: int = 0) -> DataLoader:
     """The epoch's batches, a pure function of (seed, epoch, rank): a resumed run skips the batches
     it has done and sees exactly the rest. Evaluation uses strided shards without padding, so no
     sample counts twice. ``pin_memory`` (for a CUDA run): batches in page-locked memory, so that
-    their copies to the GPU are asynchronous."""
+    their copies to the GPU are asynchronous. ``min_boxes``: every batch is zero-padded to at least that
+    many boxes (:func:`min_boxes`)."""
     if shuffle:
         indices = epoch_indices(len(ds), seed=seed, epoch=epoch, rank=rank, world=world)
         # the bucket shuffle is keyed by (seed, epoch) only: all ranks get equally many batches
@@ -216,7 +241,8 @@ def make_loader(ds, batch_size: int, *, shuffle: bool, epoch: int, seed: int, ra
     else:
         batches = epoch_batches(list(range(rank, len(ds), world)), batch_size)
     # own generator: creating the iterator must not consume the global RNG (exact resume)
-    return DataLoader(ds, batch_sampler=batches, collate_fn=collate_vqa, num_workers=workers,
+    collate = functools.partial(collate_vqa, min_boxes=min_boxes) if min_boxes else collate_vqa
+    return DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=workers,
                       worker_init_fn=_worker_init if workers else None, pin_memory=pin_memory,
                       generator=seeded_generator(seed))
 
@@ -323,7 +349,26 @@ def run_config(args, *, world_size: int, ntoken: int, num_answers: int, v_dim: i
     config = {k: v for k, v in vars(args).items()
               if not callable(v) and not (k in LATE_SETTINGS and v == LATE_SETTINGS[k])}
     config.update(world_size=world_size, ntoken=ntoken, num_answers=num_answers, v_dim=v_dim)
+    if config.get("ban_root"):
+        from .official import code_fingerprint
+
+        # ban_root is operational (the checkout may move); the code it holds is what must not change
+        config["ban_code"] = code_fingerprint(config["ban_root"])
     return config
+
+
+def _same_model_code(config: dict, old: dict) -> None:
+    """On --resume: refuse a switch between the official and the self-contained model, and official code
+    other than the run's (a run recorded before ``ban_code`` was stored is taken at its word)."""
+    if bool(old.get("ban_root")) != bool(config.get("ban_root")):
+        was = (f"the official model from --ban-root {old['ban_root']}" if old.get("ban_root")
+               else "the self-contained model (no --ban-root)")
+        raise RunError(f"--ban-root: the run in {config['out']} was started with {was}; resume it the same way, "
+                       "or start a new run with another --out or --overwrite")
+    if old.get("ban_code") not in (None, config.get("ban_code")):
+        raise RunError(f"--ban-root: {config['ban_root']} holds other code than the checkout the run in "
+                       f"{config['out']} was started with ({old['ban_root']}); pass a checkout of that code, or "
+                       "start a new run with another --out or --overwrite")
 
 
 class _Trainer:
@@ -368,7 +413,7 @@ class _Trainer:
             g["lr"] = lr
         loader = make_loader(self.train_ds, self.local_batch, shuffle=True, epoch=self.epoch, seed=args.seed,
                              rank=info.rank, world=info.world_size, skip_batches=self.skip, workers=args.workers,
-                             counts=self.counts, pin_memory=self.device.type == "cuda")
+                             counts=self.counts, pin_memory=self.device.type == "cuda", min_boxes=min_boxes(args))
         self.net.train()
         bar = progress(total=self.steps_per_epoch, initial=self.skip, desc=f"{args.permutation} epoch {self.epoch}",
                        disable=None if info.is_main else True)
@@ -419,7 +464,7 @@ class _Trainer:
         if self.val_ds is not None:
             val_loader = make_loader(self.val_ds, self.local_batch, shuffle=False, epoch=0, seed=args.seed,
                                      rank=info.rank, world=info.world_size, workers=args.workers,
-                                     pin_memory=self.device.type == "cuda")
+                                     pin_memory=self.device.type == "cuda", min_boxes=min_boxes(args))
             ev = evaluate(self.model, val_loader, self.device, self.qtypes, info.world_size, self.oracle,
                           amp=setting(args, "amp"))
             record.update({f"val_{k}": v for k, v in ev.items()})
@@ -449,6 +494,8 @@ def run(args) -> dict:
         raise CommandError(f"--amp: bfloat16 autocast runs on the CPU and CUDA, not on {device.type!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ban_root:
+        args.ban_root = ban_root_path(args.ban_root)      # stored absolute: the run does not depend on the cwd
     info = init_distributed(device)
     try:
         if info.enabled and device.type == "cuda":
@@ -460,15 +507,19 @@ def run(args) -> dict:
         if args.permutation == "po-la" and setting(args, "num_positions") is None:
             # PO-LA's linear start has one learned vector per position: as many as the largest image has boxes
             args.num_positions = int(max(box_counts(d).max() for d in (train_ds, val_ds) if d is not None))
+        # built before the run folder is touched: a checkout (or setting) that cannot build the model leaves
+        # no run behind that a corrected command would have to --overwrite
+        model = build_model(args, dictionary.ntoken, ref.num_ans_candidates, ref.v_dim)
         config = run_config(args, world_size=info.world_size, ntoken=dictionary.ntoken,
                             num_answers=ref.num_ans_candidates, v_dim=ref.v_dim)
-        run_ = open_run(args.out, config, resume=args.resume, overwrite=args.overwrite, may_change=_MAY_CHANGE,
+        run_ = open_run(args.out, config, resume=args.resume, overwrite=args.overwrite,
+                        may_change=_MAY_CHANGE, validate=functools.partial(_same_model_code, config),
                         log=print if info.is_main else (lambda s: None))
         if run_.finished:
             if info.is_main:
                 print(f"{run_.path} holds this finished run; nothing to do")
             return {**run_.summary, "model": None, "out": str(run_.path)}
-        model = build_model(args, dictionary.ntoken, ref.num_ans_candidates, ref.v_dim).to(device)
+        model = model.to(device)
         trainer = _Trainer(args, run_, info, device, model, train_ds, val_ds)
         try:
             with run_.interruptible():
@@ -527,13 +578,17 @@ def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
                  batch_size: Optional[int] = None, workers: int = 0) -> dict:
     """Soft accuracy (overall, upper bound, per question type) of a run's newest intact checkpoint on
     ``split`` (:func:`load_run`)."""
+    if split.startswith("test"):
+        # the official test splits ship without answers (no cache/<split>_target.pkl): nothing to score
+        raise CommandError(f"--split {split}: the test splits have no answers to score against; evaluate on "
+                           f"{' or '.join(s for s in QUESTION_FILES if not s.startswith('test'))}")
     dev = resolve_device(device)
     model, ds, saved, state = load_run(run_dir, split, data_root, dev)
     if setting(saved, "amp") and dev.type not in AMP_DEVICE_TYPES:
         raise CommandError(f"--device {device}: {run_dir} was trained with --amp and is evaluated under the same "
                            f"bfloat16 autocast, which runs on the CPU and CUDA only")
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
-                         world=1, workers=workers, pin_memory=dev.type == "cuda")
+                         world=1, workers=workers, pin_memory=dev.type == "cuda", min_boxes=min_boxes(saved))
     out = evaluate(model, loader, dev, load_question_types(saved.data_root), oracle=relevance_oracle(saved),
                    amp=setting(saved, "amp"))
     return {**out, "split": split, "checkpoint": state["path"], "step": int(state["step"])}

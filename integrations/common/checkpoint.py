@@ -53,7 +53,10 @@ def set_rng_state(state: dict) -> None:
                          "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a run may resume on a machine with fewer GPUs (--device may change): the devices that exist
+        # get their states, the others' are dropped (set_rng_state_all would fail on a missing index)
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 def _as_tuple(x: Any) -> Any:

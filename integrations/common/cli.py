@@ -97,6 +97,10 @@ def resolve_device(name: str) -> torch.device:
         raise CommandError(f"--device: unknown device {name!r} ({e})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device: {name!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise CommandError(f"--device: {name!r} requested but this machine has {count} CUDA device"
+                           f"{'' if count == 1 else 's'} (cuda:0 to cuda:{count - 1})")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise CommandError(f"--device: {name!r} requested but MPS is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):

@@ -14,7 +14,7 @@ from integrations.ban.cli import parse_args
 from integrations.ban.research import synth
 from integrations.ban.train import (build_model, epoch_batches, epoch_indices, official_lr, run, soft_scores,
                                     train_step, vqa_bce_loss)
-from integrations.common import RunError
+from integrations.common import CommandError, RunError
 
 
 
@@ -332,3 +332,127 @@ def test_train_command_runs_on_cuda(root, tmp_path, official):
     result = run(_args(root, tmp_path, "--permutation", "po-u", *extra, "--max-steps", "2", "--device", "cuda"))
     assert result["step"] == 2
     assert all(p.is_cuda and torch.isfinite(p).all() for p in result["model"].parameters())
+
+
+# ---------------------------------------------------------------- --ban-root, few boxes, eval splits
+
+def _fake_checkout(folder, base_model="raise ImportError('no module named missing_dependency')\n"):
+    """A folder with every file that marks a ban-vqa checkout, whose base_model.py cannot be imported."""
+    from integrations.ban.official import REQUIRED_FILES
+
+    folder.mkdir()
+    for name in REQUIRED_FILES:
+        (folder / name).write_text("")
+    (folder / "base_model.py").write_text(base_model)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-checkout"])
+def test_a_bad_ban_root_is_one_line_and_creates_no_run_folder(root, tmp_path, capsys, kind):
+    bad = tmp_path / "ban-vqa"
+    if kind == "not-a-checkout":
+        bad.mkdir()
+    with pytest.raises(SystemExit):
+        _args(root, tmp_path / "run", "--ban-root", str(bad))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --ban-root:" in err and str(bad) in err
+    # run() itself (the sweeps call it with their own arguments) refuses before the folder exists
+    args = _args(root, tmp_path / "run")
+    args.ban_root = str(bad)
+    with pytest.raises(CommandError, match="--ban-root: "):
+        run(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkout_that_cannot_build_the_model_leaves_no_run_behind(root, tmp_path):
+    args = _args(root, tmp_path / "run", "--ban-root", str(_fake_checkout(tmp_path / "ban-vqa")))
+    with pytest.raises(CommandError, match="--ban-root: could not import the official module 'base_model'"):
+        run(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ban_root_is_stored_absolute_and_only_the_code_is_compared_on_resume(root, tmp_path, monkeypatch):
+    from integrations.common.lifecycle import changed_settings
+
+    checkout = _fake_checkout(tmp_path / "ban-vqa", base_model="")
+    monkeypatch.chdir(tmp_path)
+    args = _args(root, tmp_path / "run", "--ban-root", "ban-vqa")
+    assert args.ban_root == str(checkout.resolve())
+    # where the checkout lies is operational; which code it holds is checked on --resume (_same_model_code),
+    # not compared with the settings, so that a finished run recorded before the fingerprint still counts
+    assert changed_settings({"ban_root": "/a"}, {"ban_root": "/b"}) == {}
+    assert changed_settings({}, {"ban_code": "0" * 64}) == {}
+    from integrations.ban.train import _same_model_code, run_config
+
+    config = run_config(args, world_size=1, ntoken=3, num_answers=2, v_dim=4)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in checkout.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    _same_model_code({**config, "ban_root": str(moved)}, config)              # same code elsewhere: resumes
+    (moved / "counting.py").write_text("# changed\n")
+    other = run_config(_args(root, tmp_path / "run", "--ban-root", str(moved)), world_size=1, ntoken=3,
+                       num_answers=2, v_dim=4)
+    with pytest.raises(RunError, match="--ban-root: .* holds other code"):
+        _same_model_code(other, config)
+    plain = run_config(_args(root, tmp_path / "run"), world_size=1, ntoken=3, num_answers=2, v_dim=4)
+    assert "ban_code" not in plain
+    for new, old in ((plain, config), (config, plain)):
+        with pytest.raises(RunError, match="--ban-root: the run in .* was started with the"):
+            _same_model_code(new, old)
+
+
+def test_batches_for_the_official_model_have_at_least_ten_boxes(tmp_path):
+    from integrations.ban.train import OFFICIAL_MIN_BOXES, make_loader, min_boxes
+
+    data = synth.generate(tmp_path / "few", images=4, val_images=2, questions=2, seed=0, v_dim=8, fixed=False,
+                          min_boxes=3, max_boxes=6, max_per_class=2)
+    ds = VQAFeatureDataset(data, "train")
+    assert min_boxes(_args(data, tmp_path / "run")) == 0
+    official = _args(data, tmp_path / "run", "--ban-root", str(_fake_checkout(tmp_path / "ban-vqa")))
+    assert min_boxes(official) == OFFICIAL_MIN_BOXES == 10
+    for batch in make_loader(ds, 3, shuffle=True, epoch=0, seed=0, rank=0, world=1, min_boxes=min_boxes(official)):
+        assert batch.v.shape[1] == 10 and batch.b.shape[1] == 10
+        real = batch.mask.sum(1)
+        assert real.max() <= 6
+        for i, n in enumerate(real.tolist()):           # the added rows are padding: zero and masked
+            assert batch.v[i, n:].abs().sum() == 0 and batch.b[i, n:].abs().sum() == 0
+            assert not batch.mask[i, n:].any()
+
+
+@pytest.mark.skipif(not os.environ.get("SETPERM_BAN_ROOT"), reason="SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
+@pytest.mark.parametrize("permutation", ["off", "po-u"])
+def test_official_model_trains_on_images_with_fewer_than_ten_boxes(tmp_path, permutation):
+    from integrations.ban.train import model_inputs
+
+    data = synth.generate(tmp_path / "few", images=6, val_images=2, questions=3, seed=1, v_dim=32, fixed=False,
+                          min_boxes=3, max_boxes=9, max_per_class=2)
+    args = parse_args(["--data-root", str(data), "--out", str(tmp_path / "run"), *SMALL, "--permutation",
+                       permutation, "--ban-root", os.environ["SETPERM_BAN_ROOT"], "--epochs", "1"])
+    result = run(args)
+    assert result["finished"] and np.isfinite(result["history"][-1]["train_loss"])
+    # the padding is exact: more zero boxes do not change the official model's outputs
+    ds = VQAFeatureDataset(data, "val")
+    model = result["model"].eval()
+    items = [ds[i] for i in range(len(ds))]
+    with torch.no_grad():
+        outs = [model(bt.v, bt.b, bt.q, None, **model_inputs(model, None, bt, torch.device("cpu")))[0]
+                for bt in (collate_vqa(items, min_boxes=10), collate_vqa(items, min_boxes=14))]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_refuses_an_unknown_split_and_a_split_without_answers(root, tmp_path, capsys):
+    from integrations.ban.cli import main
+    from integrations.ban.train import evaluate_run
+    from integrations.common import run_command
+
+    run(_args(root, tmp_path / "run", "--permutation", "off", "--max-steps", "1"))
+    with pytest.raises(SystemExit):
+        main(["eval", "--run", str(tmp_path / "run"), "--split", "bogus"])
+    assert "argument --split: invalid choice: 'bogus'" in capsys.readouterr().err
+    with pytest.raises(CommandError, match="--split test2015: the test splits have no answers"):
+        evaluate_run(tmp_path / "run", split="test2015")
+    assert run_command(main, "ban", ["eval", "--run", str(tmp_path / "run"), "--split", "test-dev2015"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--split test-dev2015: the test splits have no answers" in err[0]
+    assert not (tmp_path / "run" / "eval_test-dev2015.json").exists()

@@ -337,3 +337,48 @@ def test_load_latest_names_the_checkpoint_it_read_from_a_folder_or_a_file(tmp_pa
     assert load_latest(tmp_path / "r")["path"] == str(newest)
     state = load_latest(first)                  # eval / diagnose of one given checkpoint report it
     assert state["path"] == str(first) and state["step"] == 1
+
+
+class _FakeCuda:
+    """torch.cuda as seen on a machine with ``count`` GPUs, recording the RNG states set."""
+
+    def __init__(self, monkeypatch, count):
+        self.set = {}
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": self.set.__setitem__(device, s))
+
+        def all_states(states):
+            for i, s in enumerate(states):
+                if i >= count:
+                    raise IndexError("list index out of range")
+                self.set[i] = s
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", all_states)
+
+
+def test_resume_on_fewer_gpus_restores_the_cuda_rng_states_of_the_devices_there(monkeypatch):
+    state = rng_state()
+    saved = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]      # a run on 4 GPUs
+    fake = _FakeCuda(monkeypatch, count=1)
+    set_rng_state({**state, "cuda": saved})
+    assert list(fake.set) == [0] and torch.equal(fake.set[0], saved[0])
+    fake = _FakeCuda(monkeypatch, count=0)                                  # CUDA without a visible device
+    set_rng_state({**state, "cuda": saved})
+    assert fake.set == {}
+
+
+def test_device_index_beyond_the_machine_s_gpus_is_one_line(monkeypatch):
+    import argparse
+
+    from integrations.common import CommandError, device_name, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(CommandError, match=r"^--device: 'cuda:7' requested but this machine has 2 CUDA devices "
+                                           r"\(cuda:0 to cuda:1\)$"):
+        resolve_device("cuda:7")
+    with pytest.raises(argparse.ArgumentTypeError, match="cuda:7"):
+        device_name("cuda:7")

@@ -178,7 +178,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     from integrations.common import resolve_device, run_folder
 
     from ..synth_oracle import decode_scenes
-    from ...train import load_question_types, load_run, make_loader, model_inputs, relevance_oracle
+    from ...train import load_question_types, load_run, make_loader, min_boxes, model_inputs, relevance_oracle
 
     if max_questions is not None and max_questions < 1:
         raise ValueError(f"max_questions must be a positive int or None, got {max_questions!r}")
@@ -198,7 +198,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     relevance = RelevanceRecorder(model)
     acc = _Accumulator(G, with_permutation=recorder.module is not None)
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
-                         world=1, workers=0)
+                         world=1, workers=0, min_boxes=min_boxes(saved))
     seen = 0
     try:
         for batch, take in _first_questions(loader, max_questions):
