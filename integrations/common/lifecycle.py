@@ -64,10 +64,13 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 
 # Settings that never change what a run computes: where it runs and how it reports. They may differ
-# on --resume (a run may move to another machine or thread count) and are not compared.
+# on --resume (a run may move to another machine or thread count) and are not compared. Like
+# data_root, ban_root only says where something lies (the official BAN checkout); the fingerprint of
+# the code it holds, ban_code, is not compared here either but by the BAN trainer's own check on
+# --resume (so that runs recorded before the fingerprint existed still count as finished).
 OPERATIONAL = frozenset({"out", "resume", "overwrite", "device", "threads", "workers", "log_every",
                          "checkpoint_every", "max_steps", "stop_at", "run_id", "command", "data_root",
-                         "progress", "kernel"})
+                         "ban_root", "ban_code", "progress", "kernel"})
 
 
 class RunError(RuntimeError):
@@ -162,11 +165,25 @@ def write_new_json(path: Path, obj: Any, *, overwrite: bool = False, flag: str =
     return write_json(ensure_new(path, overwrite=overwrite, flag=flag), obj)
 
 
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested dicts as dotted keys (``{"protocol": {"lr": 1}}`` -> ``{"protocol.lr": 1}``); empty ones stay."""
+    flat = {}
+    for k, v in settings.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
 def changed_settings(old: dict, new: dict, ignore: Iterable[str] = ()) -> dict:
-    """``{key: (old, new)}`` for every setting that differs, apart from operational ones and ``ignore``."""
+    """``{key: (old, new)}`` for every setting that differs, apart from operational ones and ``ignore``
+    (both top-level names). Nested settings are compared key by key (``protocol.lr``), so that a refusal
+    names the one value that changed rather than the whole group."""
     skip = OPERATIONAL | set(ignore)
-    keys = (set(old) | set(new)) - skip
-    return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
+    a = _flatten({k: v for k, v in old.items() if k not in skip})
+    b = _flatten({k: v for k, v in new.items() if k not in skip})
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def describe_changes(diff: dict) -> str:

@@ -52,7 +52,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logit-clip", type=float, default=None,
                    help="clip linear-assignment logits to [-c, c]; default 10 for linassign (F.3) and for po-la on "
                         "classify/tiny-imagenet (released code), none otherwise; <= 0 disables")
-    p.add_argument("--resnet-width", type=positive_int, default=64, help="ResNet-18 first-stage width (64 = standard)")
+    p.add_argument("--resnet-width", type=positive_int, default=None,
+                   help="ResNet-18 first-stage width: 64 (standard) unless given; classify uses the width of "
+                        "--classifier's ResNet-18 and refuses another")
     p.add_argument("--classifier", default=None, help="classify: run folder (or .pt) of a --task pretrain run")
     add_run_arguments(p, out_help="run folder (default runs/mosaic/<dataset>-<n>x<n>-<task>-<permutation>)")
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -108,6 +110,8 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
         args.steps = 0
     if args.task == "classify" and not args.classifier:
         p.error("argument --classifier: the classify task needs the run folder of a '--task pretrain' run")
+    if args.task != "classify" and args.resnet_width is None:
+        args.resnet_width = 64          # classify takes its width from the --classifier checkpoint (train)
     if args.out is None:
         tag = "resnet" if args.task == "pretrain" else args.permutation
         args.out = str(Path("runs") / "mosaic" / f"{args.dataset}-{args.tiles}x{args.tiles}-{args.task}-{tag}")

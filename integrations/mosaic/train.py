@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,27 @@ def load_classifier(path: str, cfg, channels: int) -> ResNet18:
                    width=pc["resnet_width"])
     net.load_state_dict(state["model"])
     return net
+
+
+def resolve_classifier(cfg) -> None:
+    """classify: set ``cfg.resnet_width`` to the width of the ``--classifier`` ResNet-18, which is the one
+    built (config.json then records it); an explicit ``--resnet-width`` that differs is refused. Warns in
+    one line when that checkpoint is not the end of its pretrain run."""
+    state = load_latest(cfg.classifier)
+    p, pc, extra = state["path"], state["config"], state.get("extra", {})
+    if pc.get("task") != "pretrain":
+        raise CommandError(f"--classifier: {p} is a {pc.get('task')!r} checkpoint, expected a 'pretrain' one")
+    width = int(pc["resnet_width"])
+    if cfg.resnet_width is not None and cfg.resnet_width != width:
+        raise CommandError(f"--resnet-width {cfg.resnet_width}: the --classifier ResNet-18 ({p}) has width {width}; "
+                           f"leave --resnet-width out or give {width}")
+    cfg.resnet_width = width
+    # a checkpoint at the end of an epoch stores (next epoch, batch 0): the last one has epoch == epochs
+    epoch, batch, epochs = int(extra.get("epoch", 0)), int(extra.get("batch", 0)), int(pc.get("epochs", 0))
+    if epoch < epochs or batch:
+        print(f"warning: --classifier {p} is at epoch {epoch} (batch {batch}) of {epochs}: its pretrain run is not "
+              f"finished, so the frozen ResNet-18 may be undertrained (finish it with --resume)",
+              file=sys.stderr, flush=True)
 
 
 def build_model(cfg, data: MosaicData):
@@ -351,6 +373,8 @@ def train(cfg) -> dict:
     # Data and model first: a missing data folder or a wrong --classifier is reported before the
     # run folder is created or changed.
     torch.set_num_threads(cfg.threads)
+    if cfg.task == "classify" and cfg.classifier:
+        resolve_classifier(cfg)
     seed_everything(cfg.seed)
     t0 = time.perf_counter()
     data = load_data(cfg)

@@ -36,15 +36,28 @@ def _names(choices: Sequence[str], what: str):
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option whose help does not already state its default (the shared
+    --out, --data-root and --threads texts do), so that no option shows two defaults."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# A sweep keeps no checkpoints: a cell is either finished (its file is written) or run again from its start.
+RESUME_HELP = ("continue the sweep in --out: its finished cells are kept and skipped, the others run from their "
+               "start (the protocol must match; --tasks, --encoders and --seeds may grow)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train all unfinished cells, then write the report",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_run_arguments(run, out_help=f"run folder: cells/, embedding/, results/ (default {DEFAULT_OUT}); "
-                                    "--resume skips its finished cells")
+    run = sub.add_parser("run", help="train all unfinished cells, then write the report", formatter_class=_HelpFormatter)
+    add_run_arguments(run, out_help=f"run folder: cells/, embedding/, results/ (default: {DEFAULT_OUT})")
+    next(a for a in run._actions if a.dest == "resume").help = RESUME_HELP
     add_data_root_argument(run, what="MNIST IDX files (mnist/)")
     run.add_argument("--tasks", type=_names(list(TASKS), "--tasks"), default=list(TASKS),
                      help="comma-separated tasks or 'all'")
@@ -80,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write results/ from the cell files of --out")
     rep.add_argument("--out", default=DEFAULT_OUT, help="run folder holding cells/")
     st = sub.add_parser("step-time", help="time one training step of every encoder side by side (one process)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=_HelpFormatter)
     st.add_argument("--task", choices=list(TASKS), default="median", help="sets the element width and output")
     st.add_argument("--encoders", type=_names(ENCODERS, "--encoders"), default=list(DEFAULT_ENCODERS),
                     help="comma-separated encoders or 'all'")

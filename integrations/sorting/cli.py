@@ -154,16 +154,22 @@ def cmd_train(args) -> int:
 
 
 def _eval_settings(sizes, intervals, test_sets, eval_seed) -> dict:
+    from .evaluate import SET_BLOCK
+
+    # set_block fixes how the test sets are drawn: an evaluation written without it drew other sets
     return dict(set_sizes=[int(n) for n in sizes], intervals=[[float(a), float(b)] for a, b in intervals],
-                test_sets=int(test_sets), eval_seed=int(eval_seed))
+                test_sets=int(test_sets), eval_seed=int(eval_seed), set_block=SET_BLOCK)
 
 
 def _run_eval(run: str, set_sizes, intervals, test_sets, eval_batch, eval_seed, dev, out: Path, *,
               overwrite: bool = False) -> List[dict]:
     from .evaluate import evaluate
-    from .train import load_trained
+    from .train import load_checkpoint
 
-    model, cfg = load_trained(run)
+    model, cfg, which = load_checkpoint(run)
+    if not which["finished"]:
+        print(f"warning: {which['checkpoint']} is step {which['step']} of {which['total_train_steps']}: the run is "
+              f"not finished (continue it with train --resume); evaluating it as it is", file=sys.stderr, flush=True)
     sizes = set_sizes or [cfg["set_size"]]
     ensure_new(Path(out), overwrite=overwrite)       # refuse before spending the evaluation time
     t0 = time.perf_counter()
@@ -179,7 +185,7 @@ def _run_eval(run: str, set_sizes, intervals, test_sets, eval_batch, eval_seed, 
 
     records = evaluate(model, cfg, sizes, intervals, num_sets=test_sets, batch_size=eval_batch, seed=eval_seed,
                        device=resolve_device(dev), log=log)
-    payload = dict(run=str(run), config=cfg, **_eval_settings(sizes, intervals, test_sets, eval_seed),
+    payload = dict(run=str(run), **which, config=cfg, **_eval_settings(sizes, intervals, test_sets, eval_seed),
                    torch_threads=torch.get_num_threads(), seconds=time.perf_counter() - t0, records=records)
     write_new_json(Path(out), payload, overwrite=overwrite)
     print(f"wrote {out}")

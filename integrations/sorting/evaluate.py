@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,6 +17,11 @@ from .model import accepts_set_size
 
 # float64 elements of one (B, N, N) tensor per evaluation batch; bounds memory at large N.
 _EVAL_ELEMENTS = 1 << 26
+# Test sets are drawn in blocks of this many sets, block k from its own seed, and only then cut into
+# evaluation batches: the sets (and so the metrics) do not depend on the batch size or its memory cap,
+# and the first S sets are the same for any number of test sets. A constant of the evaluation, not a
+# flag: changing it changes every test set.
+SET_BLOCK = 64
 
 
 def _float_key(v: float) -> int:
@@ -48,6 +53,31 @@ def sort_metrics(x: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor]:
     return ok.all(dim=1), ok.to(torch.float64).mean(dim=1)
 
 
+def eval_set_batches(num_sets: int, set_size: int, low: float, high: float, *, batch_size: int, seed: int = 0,
+                     dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Iterator[Tensor]:
+    """The ``num_sets`` test sets of ``(seed, set_size, low, high)`` in batches of ``batch_size``, ``(n, N, 1)``.
+
+    Block ``k`` (sets ``k * SET_BLOCK`` ...) is always drawn whole from ``step_seed(seed, N, low, high,
+    "block", k)``, so concatenating the batches gives the same sets for every ``batch_size``.
+    """
+    keys = (seed, set_size, _float_key(low), _float_key(high), "block")
+    parts: List[Tensor] = []
+    have = 0
+    for k in range(-(-num_sets // SET_BLOCK)):
+        block = sample_sets(SET_BLOCK, set_size, low, high, dtype=dtype, seed=step_seed(*keys, k))
+        block = block[: num_sets - k * SET_BLOCK]
+        while block.shape[0]:
+            take = min(batch_size - have, block.shape[0])
+            parts.append(block[:take])
+            have += take
+            block = block[take:]
+            if have == batch_size:
+                yield torch.cat(parts).to(device)
+                parts, have = [], 0
+    if parts:
+        yield torch.cat(parts).to(device)
+
+
 @torch.no_grad()
 def evaluate_interval(model: nn.Module, set_size: int, low: float, high: float, *, num_sets: int = 512,
                       batch_size: int = 32, seed: int = 0, dtype: torch.dtype = torch.float64,
@@ -57,7 +87,8 @@ def evaluate_interval(model: nn.Module, set_size: int, low: float, high: float, 
     The model is run in ``dtype`` (float64 by default, paper F.1); ``model`` itself is not modified.
     Returns exact-sort proportion and per-element accuracy after the Hungarian algorithm on ``-P``
     (``exact_hungarian``, ``element_hungarian``) and after an argmax over elements per position of
-    the soft ``P`` (``exact_soft``, ``element_soft``), plus the MSE of the soft sequence.
+    the soft ``P`` (``exact_soft``, ``element_soft``), plus the MSE of the soft sequence. The test sets
+    depend on ``seed``, ``set_size`` and the interval only, not on ``batch_size`` (:func:`eval_set_batches`).
     """
     if set_size < 2:
         raise ValueError(f"set_size must be >= 2, got {set_size}")
@@ -69,11 +100,8 @@ def evaluate_interval(model: nn.Module, set_size: int, low: float, high: float, 
     batch_size = max(1, min(batch_size, _EVAL_ELEMENTS // (set_size * set_size)))
     sums = dict(exact_hungarian=0.0, element_hungarian=0.0, exact_soft=0.0, element_soft=0.0, mse_soft=0.0)
     t0 = time.perf_counter()
-    done, b = 0, 0
-    while done < num_sets:
-        n = min(batch_size, num_sets - done)
-        x = sample_sets(n, set_size, low, high, dtype=dtype, device=device,
-                        seed=step_seed(seed, set_size, _float_key(low), _float_key(high), b))
+    for x in eval_set_batches(num_sets, set_size, low, high, batch_size=batch_size, seed=seed, dtype=dtype,
+                              device=device):
         P = net(x)                                                  # (n, N, N), rows = elements
         idx_h = hungarian(P).to(x.device)                           # (n, N) a true permutation
         idx_s = P.argmax(dim=1)                                     # (n, N) may repeat elements
@@ -84,8 +112,6 @@ def evaluate_interval(model: nn.Module, set_size: int, low: float, high: float, 
         for k, v in (("exact_hungarian", ex_h), ("element_hungarian", el_h), ("exact_soft", ex_s),
                      ("element_soft", el_s), ("mse_soft", mse)):
             sums[k] += float(v.to(torch.float64).sum())
-        done += n
-        b += 1
     out = {k: v / num_sets for k, v in sums.items()}
     out.update(num_sets=num_sets, seconds=time.perf_counter() - t0)
     return out

@@ -174,8 +174,16 @@ def train(config: Mapping, *, log: Callable[[str], None] = print) -> dict:
 
 def load_trained(run_dir, *, map_location="cpu"):
     """(model, resolved config) from a training run directory or a checkpoint file (newest intact one)."""
+    model, cfg, _ = load_checkpoint(run_dir, map_location=map_location)
+    return model, cfg
+
+
+def load_checkpoint(run_dir, *, map_location="cpu"):
+    """(model, resolved config, which) like :func:`load_trained`; ``which`` says what is scored:
+    ``checkpoint`` (its path), ``step``, ``total_train_steps`` and ``finished`` (step reached the total)."""
     state = load_latest(run_dir, map_location=map_location)
     cfg = state["config"]
     model = build_model(cfg)
     model.load_state_dict(state["model"])
-    return model, cfg
+    step, total = int(state["step"]), total_train_steps(cfg)
+    return model, cfg, dict(checkpoint=str(state["path"]), step=step, total_train_steps=total, finished=step >= total)

@@ -99,10 +99,11 @@ def test_resume_is_exact(tmp_path, data_root):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_classify_trains_only_the_permutation(tmp_path, data_root):
+def test_classify_trains_only_the_permutation(tmp_path, data_root, capsys):
     pre = tmp_path / "pre"
     main(["train", "--task", "pretrain", "--dataset", "mnist", "--tiles", "2", "--resnet-width", "4", "--epochs", "1",
-          "--subset", "64", "--test-subset", "32", "--data-root", data_root, "--out", str(pre)])
+          "--subset", "64", "--test-subset", "32", "--data-root", data_root, "--out", str(pre),
+          "--checkpoint-every", "1"])
     assert {"acc", "acc_min"} <= set(_metrics(pre))
     cls = tmp_path / "cls"
     main(["train", "--task", "classify", "--classifier", str(pre), "--permutation", "po-la", "--dataset", "mnist",
@@ -116,6 +117,20 @@ def test_classify_trains_only_the_permutation(tmp_path, data_root):
         torch.testing.assert_close(after[f"classifier.{k}"], v, rtol=0, atol=0, msg=k)
     changed = [k for k in after if k.startswith("mosaic.") and k.endswith("weight")]
     assert changed
+    # the width recorded is the one built: the classifier's, not the flag's default
+    assert json.loads((cls / "config.json").read_text(encoding="utf-8"))["resnet_width"] == 4
+    assert "warning" not in capsys.readouterr().err                  # a finished pretrain run
+    with pytest.raises(ValueError, match="--resnet-width 8: the --classifier ResNet-18 .* has width 4"):
+        main(["train", "--task", "classify", "--classifier", str(pre), "--resnet-width", "8", "--dataset", "mnist",
+              "--tiles", "2", "--subset", "8", "--data-root", data_root, "--out", str(tmp_path / "bad"), "--epochs", "1"])
+    # a checkpoint from the middle of the pretrain run (batch 1 of its only epoch) is used, with a warning
+    mid = pre / "checkpoints" / "step_00000001.pt"
+    assert mid.is_file()
+    main(["train", "--task", "classify", "--classifier", str(mid), "--resnet-width", "4", "--dataset", "mnist",
+          "--tiles", "2", "--epochs", "1", "--subset", "8", "--test-subset", "8", "--data-root", data_root,
+          "--out", str(tmp_path / "early")])
+    warn = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warn) == 1 and "epoch 0 (batch 1) of 1" in warn[0] and "not finished" in warn[0], warn
     with pytest.raises(ValueError, match="--classifier"):
         main(["train", "--task", "classify", "--classifier", str(cls), "--dataset", "mnist", "--tiles", "2",
               "--subset", "8", "--data-root", data_root, "--out", str(tmp_path / "bad"), "--epochs", "1"])

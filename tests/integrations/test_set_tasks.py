@@ -292,7 +292,10 @@ def test_resume_skips_finished_cells_and_refuses_an_existing_run(tmp_path, capsy
     # a different protocol is refused on --resume, naming the setting
     assert _run(out, tmp_path, *args, "--seeds", "2", "--resume", "--lr", "0.5") == 1
     err = capsys.readouterr().err
-    assert "other settings" in err and "0.5" in err
+    d = TrainConfig()
+    # only the setting that changed, by its dotted name, not the whole protocol (twice)
+    assert "other settings (protocol.lr " in err and f"protocol.lr {d.lr} -> 0.5)" in err, err
+    assert "batch_size" not in err and "{" not in err and len(err.strip().splitlines()) == 1, err
     # more seeds and another encoder extend the sweep: only the new cells run
     assert _run(out, tmp_path, "--tasks", "leftmost", "--encoders", "deepsets,po-u,sort", "--seeds", "2",
                 "--resume") == 0
@@ -304,6 +307,24 @@ def test_resume_skips_finished_cells_and_refuses_an_existing_run(tmp_path, capsy
     # --overwrite starts again
     assert _run(out, tmp_path, *args, "--seeds", "1", "--overwrite") == 0
     assert not cell_path(out, "leftmost", "po-u", 1).exists()
+
+
+def test_run_help_says_what_resume_does_and_each_default_once():
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    entries, flag = {}, None
+    for line in run.format_help().splitlines():           # option -> its help text, lines joined
+        if line.startswith("  -"):
+            flag = line.split()[0]
+            entries[flag] = line
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    entries = {k: " ".join(v.split()) for k, v in entries.items()}
+    assert "finished cells" in entries["--resume"] and "checkpoint" not in entries["--resume"], entries["--resume"]
+    for flag in ("--out", "--data-root", "--threads", "--lr"):
+        assert entries[flag].count("default") == 1, entries[flag]
+    assert "(default: None)" not in entries["--data-root"] and f"(default: {TrainConfig().lr})" in entries["--lr"]
 
 
 def test_a_finished_sweep_prints_its_report_and_changes_nothing(tmp_path, capsys):

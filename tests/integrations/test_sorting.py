@@ -207,3 +207,45 @@ def test_train_and_eval_commands_run_on_every_device(tmp_path, device, kernel):
                  "--test-sets", "64"]) == 0
     text = (out / "eval.json").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_test_sets_and_metrics_do_not_depend_on_the_eval_batch(monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("integrations.sorting.evaluate")   # the package exports a function of that name
+
+    def sets(num_sets, batch_size):
+        return torch.cat(list(ev.eval_set_batches(num_sets, 5, 10.0, 11.0, batch_size=batch_size, seed=7)))
+
+    ref = sets(100, 100)
+    assert ref.shape == (100, 5, 1)
+    for b in (1, 7, 64, 1000):
+        assert torch.equal(sets(100, b), ref), b
+    assert torch.equal(sets(30, 8), ref[:30])           # more test sets only add sets
+    torch.manual_seed(0)
+    model = build_model(_config("unused"))
+    keys = ("exact_hungarian", "element_hungarian", "exact_soft", "element_soft", "mse_soft")
+    m = {b: evaluate_interval(model, 5, 0.0, 1.0, num_sets=100, batch_size=b, seed=7) for b in (7, 64, 1000)}
+    monkeypatch.setattr(ev, "_EVAL_ELEMENTS", 3 * 25)   # the memory cap: batches of 3 sets
+    m["capped"] = evaluate_interval(model, 5, 0.0, 1.0, num_sets=100, batch_size=64, seed=7)
+    for b, r in m.items():
+        for k in keys:
+            assert r[k] == pytest.approx(m[7][k], rel=1e-12, abs=1e-15), (b, k)
+    assert m[7]["mse_soft"] > 0         # an untrained model: the soft error depends on every set drawn
+
+
+def test_eval_records_the_checkpoint_and_warns_on_an_unfinished_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_config(out, train_sets=64 * 4, checkpoint_every=1, stop_at=2), log=lambda s: None)
+    assert main(["eval", "--run", str(out), "--intervals", "0,1", "--test-sets", "8"]) == 0
+    err = capsys.readouterr().err
+    warn = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warn) == 1 and "step 2 of 4" in warn[0] and "--resume" in warn[0], err
+    rec = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert rec["step"] == 2 and rec["total_train_steps"] == 4 and rec["finished"] is False
+    assert Path(rec["checkpoint"]) == latest_checkpoint(out / "checkpoints")
+    train(_config(out, train_sets=64 * 4, checkpoint_every=1, resume=True), log=lambda s: None)
+    assert main(["eval", "--run", str(out), "--intervals", "0,1", "--test-sets", "8", "--overwrite"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    rec = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert rec["step"] == 4 and rec["total_train_steps"] == 4 and rec["finished"] is True
