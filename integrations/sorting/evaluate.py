@@ -61,21 +61,11 @@ def eval_set_batches(num_sets: int, set_size: int, low: float, high: float, *, b
     "block", k)``, so concatenating the batches gives the same sets for every ``batch_size``.
     """
     keys = (seed, set_size, _float_key(low), _float_key(high), "block")
-    parts: List[Tensor] = []
-    have = 0
-    for k in range(-(-num_sets // SET_BLOCK)):
-        block = sample_sets(SET_BLOCK, set_size, low, high, dtype=dtype, seed=step_seed(*keys, k))
-        block = block[: num_sets - k * SET_BLOCK]
-        while block.shape[0]:
-            take = min(batch_size - have, block.shape[0])
-            parts.append(block[:take])
-            have += take
-            block = block[take:]
-            if have == batch_size:
-                yield torch.cat(parts).to(device)
-                parts, have = [], 0
-    if parts:
-        yield torch.cat(parts).to(device)
+    # (the sets themselves are small, num_sets x N numbers: drawn whole, then cut)
+    sets = torch.cat([sample_sets(SET_BLOCK, set_size, low, high, dtype=dtype, seed=step_seed(*keys, k))
+                      for k in range(-(-num_sets // SET_BLOCK))])[:num_sets]
+    for batch in sets.split(batch_size):
+        yield batch.to(device)
 
 
 @torch.no_grad()

@@ -29,6 +29,12 @@ def check_positive(value, name: str) -> float:
     return float(value)
 
 
+def check_same_device(t, name: str, ref, ref_name: str) -> None:
+    """``t`` on ``ref``'s device (checked by device, before any arithmetic mixes them)."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: give both on one device")
+
+
 _OWN = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
 
 

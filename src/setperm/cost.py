@@ -191,10 +191,11 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     C = C - torch.where(same.unsqueeze(1), C.detach(), torch.zeros((), dtype=C.dtype, device=C.device))
     # padded pairs are 0 with no gradient; so is a set whose real pairs are all equal (its cost
     # is 0, which eq. 10 cannot normalise: the uniform assignment results, not a gradient / eps)
-    unequal = ~same if mask is None else ~same & pair_mask(mask)
+    pm = pair_mask(mask)
+    unequal = ~same if pm is None else ~same & pm
     keep = unequal.flatten(1).any(1)[:, None, None]   # (B, 1, 1)
-    if mask is not None:
-        keep = keep & pair_mask(mask)
+    if pm is not None:
+        keep = keep & pm
     C = torch.where(keep.unsqueeze(1), C, torch.zeros((), dtype=C.dtype, device=C.device))
     if normalize:
         return normalize_cost(C)                      # the scale s cancels

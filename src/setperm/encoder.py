@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ._compat import autocast_off
-from ._errors import check_int, check_positive
+from ._errors import check_int, check_positive, check_same_device
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost
 from .init import uninitialized, xavier_linear_, xavier_rnn_
@@ -508,8 +508,7 @@ class PermutationSetEncoder(nn.Module):
                 raise ValueError(f"order_by must have shape (B, N, {self.order_features}) with (B, N) = "
                                  f"{tuple(x.shape[:2])} of x, got shape {tuple(order_by.shape)}")
             check_dtype(order_by, dtype, name="order_by")
-            if order_by.device != x.device:
-                raise ValueError(f"order_by is on {order_by.device} but x is on {x.device}: give both on one device")
+            check_same_device(order_by, "order_by", x, "x")
         check_weights(x, weights)
         if weights is not None:
             check_dtype(weights, dtype, name="weights")

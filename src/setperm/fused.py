@@ -277,17 +277,12 @@ class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back = inputs
-        _, hist, halves = output
-        ctx.mark_non_differentiable(hist, halves)
-        ctx.set_materialize_grads(False)          # (no zero tensors made for hist's and halves' gradients)
-        ctx.setup = (steps, iters, temperature, num_warps, fall_back)
-        ctx.save_for_backward(C32, init32, mask, hist, halves)
+        _setup_context(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_P, _grad_hist, _grad_halves):
         C32, init32, mask, hist, halves = ctx.saved_tensors
-        want_init = init32 is not None and ctx.needs_input_grad[1]
+        want_init = ctx.has_init and ctx.needs_input_grad[1]
         if torch.is_grad_enabled():
             # a backward that is itself differentiated (create_graph=True: second-order gradients,
             # gradient penalties): the kernels compute first-order gradients only, so these come
@@ -296,6 +291,18 @@ class _FusedOptimize(torch.autograd.Function):
                     None, None, None, None, None, None, None)
         grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
         return grad_C, grad_init, None, None, None, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    """What backward needs, for the eager autograd function and the compiled graph's operator alike:
+    the inputs, each step's logits and the Sinkhorn corrections (outputs with no gradient)."""
+    C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back = inputs
+    _, hist, halves = output
+    ctx.mark_non_differentiable(hist, halves)
+    ctx.set_materialize_grads(False)          # (no zero tensors made for hist's and halves' gradients)
+    ctx.setup = (steps, iters, temperature, num_warps, fall_back)
+    ctx.has_init = init32 is not None
+    ctx.save_for_backward(C32, init32, mask, hist, halves)
 
 
 def _differentiable_backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor],
@@ -351,20 +358,13 @@ def _define_operators():
     def _(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps, fall_back, want_init):
         return torch.empty_like(C32), (torch.empty_like(C32) if want_init else C32.new_empty(0))
 
-    def setup_context(ctx, inputs, output):
-        C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back = inputs
-        _, hist, halves = output
-        ctx.setup = (steps, iters, temperature, num_warps, fall_back)
-        ctx.has_init = init32 is not None
-        ctx.save_for_backward(C32, init32, mask, hist, halves)
-
     def backward_rule(ctx, grad_P, _grad_hist, _grad_halves):
         C32, init32, mask, hist, halves = ctx.saved_tensors
         want_init = ctx.has_init and ctx.needs_input_grad[1]
         grad_C, grad_init = backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
         return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
 
-    forward.register_autograd(backward_rule, setup_context=setup_context)
+    forward.register_autograd(backward_rule, setup_context=_setup_context)
     return types.SimpleNamespace(forward=forward, backward=backward)
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._compat import autocast_enabled, is_compiling
+from ._errors import check_same_device
 
 
 def _shape(t: Tensor) -> str:
@@ -121,8 +122,7 @@ def check_weights(x: Tensor, weights: Optional[Tensor]) -> None:
     if tuple(weights.shape) != tuple(x.shape[:2]):
         raise ValueError(f"weights must have shape (B, N) = {tuple(x.shape[:2])} to match x {_shape(x)}, "
                          f"got shape {_shape(weights)}")
-    if weights.device != x.device:
-        raise ValueError(f"weights is on {weights.device} but x is on {x.device}: give both on one device")
+    check_same_device(weights, "weights", x, "x")
 
 
 def host_decisions(t: Tensor) -> bool:

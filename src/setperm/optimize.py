@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._errors import check_int, check_positive
+from ._errors import check_int, check_positive, check_same_device
 from .masking import resolve_mask
 from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
@@ -167,8 +167,7 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         if not isinstance(init_logits, Tensor) or tuple(init_logits.shape) != (B, N, N):
             got = tuple(init_logits.shape) if isinstance(init_logits, Tensor) else type(init_logits).__name__
             raise ValueError(f"init_logits must have shape {(B, N, N)}, got {got}")
-        if init_logits.device != C4.device:
-            raise ValueError(f"init_logits is on {init_logits.device} but C is on {C4.device}")
+        check_same_device(init_logits, "init_logits", C4, "C")
     if grid is None:
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.
