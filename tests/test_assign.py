@@ -78,3 +78,28 @@ def test_permutation_matrix_checks_idx():
         permutation_matrix(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="idx must be an integer tensor"):
         permutation_matrix(torch.zeros(3, dtype=torch.long))
+
+
+def test_bad_arguments_are_named():
+    """Each bad argument raises a ValueError naming it, not an error from deep inside torch or
+    scipy (or, for a meta P times a CPU x, uninitialised memory)."""
+    from setperm.assign import linear_assignment_logits
+
+    P = sinkhorn(torch.randn(1, 3, 3))
+    with pytest.raises(ValueError, match="P is on meta but x is on cpu"):
+        apply_permutation(torch.randn(1, 3, 2), P.to("meta"))
+    w = torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, D\)"):
+        linear_assignment_logits(torch.randn(3, 2), w)
+    with pytest.raises(ValueError, match="x must have 2 features"):
+        linear_assignment_logits(torch.randn(1, 3, 4), w)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        linear_assignment_logits(torch.ones(1, 3, 2, dtype=torch.long), w)
+    with pytest.raises(ValueError, match=r"weight must have shape \(M, D\)"):
+        linear_assignment_logits(torch.randn(1, 3, 2), w[0])
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        linear_assignment_logits(torch.randn(1, 3, 2), w.to("meta"))
+    with pytest.raises(ValueError, match="P must be a real tensor"):
+        hungarian(torch.randn(1, 2, 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="P is on the meta device"):
+        hungarian(torch.randn(1, 2, 2, device="meta"))

@@ -104,3 +104,20 @@ def test_extra_repr_shows_every_hyper_parameter(module, expected):
     for item in expected:
         assert item in text, (item, text)
     assert text.count("=") == len(expected), text          # and nothing else
+
+
+def test_xavier_rnn_projection_is_one_block():
+    """An LSTM's projection weight (proj_size) holds no gate blocks: Xavier over its whole shape."""
+    from setperm.init import xavier_rnn_
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(4, 8, proj_size=6, num_layers=2)
+    xavier_rnn_(lstm)
+    for name, p in lstm.named_parameters():
+        if name.startswith("weight_hr"):
+            bound = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))       # (proj_size, hidden_size)
+            assert p.abs().max() <= bound and p.abs().max() > 0.5 * bound
+        elif name.startswith("weight"):
+            for gate in p.chunk(4, dim=0):
+                bound = math.sqrt(6.0 / (gate.shape[0] + gate.shape[1]))
+                assert gate.abs().max() <= bound and gate.abs().max() > 0.5 * bound

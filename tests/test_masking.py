@@ -81,6 +81,9 @@ def test_resolve_mask_checks_each_spelling():
         resolve_mask(x, mask=torch.ones(B, N, dtype=torch.uint8))
     with pytest.raises(ValueError, match="lengths must be an integer tensor"):
         resolve_mask(x, lengths=torch.ones(B))
+    for bad in ("abc", [1, "a", 2], [[1], [2, 3]]):          # not convertible to a tensor at all
+        with pytest.raises(ValueError, match="lengths must be an integer tensor"):
+            resolve_mask(x, lengths=bad)
     # sinkhorn names its own argument
     with pytest.raises(ValueError, match=r"to match logits \(3, 6, 6\)"):
         sinkhorn(torch.zeros(B, N, N), key_padding_mask=torch.zeros(B, 2, dtype=torch.bool))

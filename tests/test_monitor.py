@@ -102,3 +102,20 @@ def test_real_summary_writer(tmp_path):
     acc.Reload()
     assert sorted(acc.Tags()["scalars"]) == ["eta/po", "permutation_entropy/po"]
     assert_close(acc.Scalars("eta/po")[0].value, 1.0)
+
+
+def test_compiled_model_logs_the_plain_tags(torch_compile_runs):
+    """torch.compile's wrapper is unwrapped like DataParallel: a compiled model (or a compiled
+    submodule) logs under the tags of the plain one, and its forward still records."""
+    model = ThreeOptimizers()
+    plain = PermutationMonitor(model).step_sizes()
+    assert PermutationMonitor(torch.compile(model, backend="eager")).step_sizes() == plain
+    assert PermutationMonitor(torch.compile(nn.DataParallel(model), backend="eager")).step_sizes() == plain
+    model.b = torch.compile(model.b, backend="eager")
+    monitor = PermutationMonitor(model)
+    assert monitor.step_sizes() == plain
+    model.b(torch.rand(2, 5, 3))
+    assert set(monitor.entropies()) == {"b"}
+    monitor.remove()
+    po = PermutationOptimization(3, cost_hidden=4, steps=2)
+    assert set(PermutationMonitor(torch.compile(po, backend="eager")).values()) == {"eta/permutation"}

@@ -156,3 +156,35 @@ def test_numpy_integers_and_floats_are_taken_as_numbers():
     po = PermutationOptimization(np.int64(3), cost_hidden=4, steps=np.int64(2), temperature=np.float32(0.5))
     assert po.steps == 2 and isinstance(po.steps, int)
     assert po(torch.randn(2, 5, 3)).shape == (2, 5, 5)
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf"), 3.0])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_padding_has_no_influence_whatever_it_holds(fill, with_init):
+    """A cost and a start whose padded rows and columns hold anything (NaN, inf, a large value)
+    give each set's P, and gradients, of the set alone; each padded element stays one-hot at its
+    fixed position and its entries get zero gradient."""
+    g = torch.Generator().manual_seed(5)
+    sizes, N = [5, 2, 0, 6], 6
+    mask = torch.arange(N) < torch.tensor(sizes)[:, None]
+    pairs = mask[:, :, None] & mask[:, None, :]
+    C = antisymmetric(len(sizes), N, g)
+    init = torch.randn(len(sizes), N, N, generator=g, dtype=torch.float64)
+    Cp = torch.where(pairs, C, torch.tensor(fill, dtype=torch.float64)).requires_grad_(True)
+    initp = torch.where(mask[:, :, None], init, torch.tensor(fill, dtype=torch.float64)).requires_grad_(True)
+    P = optimize_permutation(Cp, initp if with_init else None, mask, eta=0.8, steps=3)
+    W = torch.randn(P.shape, generator=g, dtype=torch.float64)
+    (P * W).sum().backward()
+    for b, n in enumerate(sizes):
+        Cb = C[b:b + 1, :n, :n].clone().requires_grad_(True)
+        ib = init[b:b + 1, :n, :n].clone().requires_grad_(True)
+        alone = optimize_permutation(Cb, ib if with_init else None, eta=0.8, steps=3)
+        (alone * W[b:b + 1, :n, :n]).sum().backward()
+        assert_close(P[b, :n, :n], alone[0], rtol=0, atol=1e-12)
+        assert torch.equal(P[b, n:, n:], torch.eye(N - n, dtype=torch.float64))
+        assert_close(Cp.grad[b, :n, :n], Cb.grad[0], rtol=0, atol=1e-12)
+        if with_init:
+            assert_close(initp.grad[b, :n, :n], ib.grad[0], rtol=0, atol=1e-12)
+    assert torch.equal(Cp.grad[~pairs], torch.zeros_like(Cp.grad[~pairs]))
+    if with_init:
+        assert torch.equal(initp.grad[~mask], torch.zeros_like(initp.grad[~mask]))

@@ -22,6 +22,21 @@ def test_scale_is_a_power_of_two_bringing_sets_below_two():
     assert set_scale(torch.full((1, 2, 2), 6e4, dtype=torch.float16)).isfinite().all()   # 2^15 < float16 max
 
 
+def test_float64_scale_beyond_the_float32_range():
+    """A float64 set's scale follows its own magnitude past float32's range (1e300, not capped)."""
+    x = torch.tensor([[[1e300]], [[-1e50]], [[3e38]], [[1.5]]], dtype=torch.float64)
+    s = set_scale(x)
+    m, _ = torch.frexp(s)
+    assert (m == 0.5).all() and torch.isfinite(s).all()
+    ratio = x.abs().flatten(1).amax(1) / s
+    assert ((ratio >= 1) | (s == 1)).all() and (ratio < 2).all()
+    # hence eq. 6's logits of a huge float64 set are finite where the plain product would give NaN
+    w = torch.tensor([[2.0, 2.0]], dtype=torch.float64)
+    huge = torch.tensor([[[1e308, -1e308]]], dtype=torch.float64)
+    assert torch.isnan(huge @ w.t()).all()
+    assert_close(linear_assignment_logits(huge, w), torch.zeros(1, 1, 1, dtype=torch.float64), rtol=0, atol=0)
+
+
 def literal_cost(module, x):
     """Eq. 8-10 with concatenated pairs in float64, no scaling."""
     B, N, D = x.shape
@@ -87,6 +102,18 @@ def test_linear_assignment_logits_are_finite_or_infinite_never_nan():
     assert logits[0, 0, 0] == float("inf") and logits[0, 0, 1] == 0.0
     y = torch.randn(2, 2, 2, dtype=torch.float64) * 100
     assert_close(linear_assignment_logits(y, w.double()), y @ w.double().t(), rtol=0, atol=0)
+
+
+def test_linear_assignment_logits_rows_do_not_depend_on_other_elements():
+    """A huge (padded, not zeroed) element leaves the other rows' logits as they are alone."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(4, 3, generator=g)
+    x = torch.randn(1, 4, 3, generator=g) * 1e-3
+    padded = x.clone()
+    padded[0, 3] = 3e38
+    assert_close(linear_assignment_logits(padded, w)[0, :3], linear_assignment_logits(x, w)[0, :3],
+                 rtol=1e-6, atol=0)
+    assert_close(linear_assignment_logits(x, w), x @ w.t(), rtol=0, atol=0)
 
 
 def test_gradcheck_through_the_scaled_cost():

@@ -61,6 +61,30 @@ def test_masked_equals_unpadded():
     assert_close(sinkhorn(padded, mask=mask)[0, rows][:, :5], sinkhorn(logits)[0], rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("method", ["auto", "scaling", "log"])
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_padding_does_not_leak(method, fill):
+    """Padded rows and columns may hold anything: the real block and its gradient equal those of
+    the set alone, and each padded element is exactly one-hot at its fixed position."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, 5, 5, generator=g, dtype=torch.float64)
+    rows = torch.tensor([0, 2, 3, 6, 7])
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, rows] = True
+    padded = torch.full((1, 8, 8), fill, dtype=torch.float64)
+    padded[0, rows.unsqueeze(1), torch.arange(5).unsqueeze(0)] = logits[0]
+    padded.requires_grad_(True)
+    alone = logits.clone().requires_grad_(True)
+    P, ref = sinkhorn(padded, mask=mask, method=method), sinkhorn(alone, method=method)
+    assert_close(P[0, rows][:, :5], ref[0], rtol=0, atol=1e-14)
+    assert_close(P[0, [1, 4, 5], 5:], torch.eye(3, dtype=torch.float64), rtol=0, atol=0)
+    w = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    (P[0, rows][:, :5] * w).sum().backward()
+    (ref[0] * w).sum().backward()
+    assert_close(padded.grad[0, rows][:, :5], alone.grad[0], rtol=0, atol=1e-14)
+    assert torch.isfinite(padded.grad).all()
+
+
 @pytest.mark.parametrize("scale", [1e4, -1e4])
 def test_large_logits_finite_float32(scale):
     g = torch.Generator().manual_seed(4)

@@ -13,8 +13,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ._errors import check_int, check_positive
-from .masking import resolve_mask
+from ._errors import check_int, check_positive, check_same_device
+from .masking import check_set, resolve_mask
 from .scale import set_scale
 
 
@@ -35,6 +35,8 @@ def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
         got = tuple(P.shape) if isinstance(P, Tensor) else type(P).__name__
         raise ValueError(f"P must have shape (B, N, N) = {(x.shape[0], x.shape[1], x.shape[1])} to match x "
                          f"{tuple(x.shape)}, got {got}")
+    # checked by device: a product of a meta P with a CPU x returns uninitialised CPU memory
+    check_same_device(P, "P", x, "x")
     B, N = x.shape[:2]
     flat = x.reshape(B, N, math.prod(x.shape[2:]))    # explicit size: -1 is ambiguous for empty x
     y = P.transpose(1, 2).to(flat.dtype) @ flat
@@ -62,6 +64,11 @@ def hungarian(P: Tensor, mask: Optional[Tensor] = None, *, return_matrix: bool =
     """
     if not isinstance(P, Tensor) or P.dim() != 3 or P.shape[1] != P.shape[2]:
         raise ValueError(f"P must have shape (B, N, N), got {tuple(P.shape) if isinstance(P, Tensor) else type(P)}")
+    if P.is_complex():
+        # the float64 copy below would drop the imaginary part with only a warning
+        raise ValueError(f"P must be a real tensor of assignment weights, got dtype {P.dtype}")
+    if P.device.type == "meta":
+        raise ValueError("P is on the meta device, which holds no values to solve an assignment on")
     B, N, _ = P.shape
     mask = resolve_mask(P, mask, lengths, key_padding_mask, name="P")
     Pn = P.detach().to("cpu", torch.float64).numpy()
@@ -108,15 +115,23 @@ def linear_assignment_logits(x: Tensor, weight: Tensor, clip: Optional[float] = 
     the weights of the first n positions. ``clip`` bounds the logits to ``[-clip, clip]`` (paper
     F.3 clips LinAssign to [-10, 10] to avoid NaN in the non-log Sinkhorn).
 
-    Computed as ``s * ((x / s) @ W^T)`` with a power of two ``s`` per set (:func:`set_scale`):
-    bitwise the plain product for ordinary sets, and for sets with huge elements an overflow gives
-    ``+-inf`` logits (which :func:`setperm.functional.sinkhorn` accepts) instead of NaN from ``inf - inf``.
+    Computed as ``s * ((x / s) @ W^T)`` with a power of two ``s`` per element (:func:`set_scale`
+    of each element alone): bitwise the plain product for ordinary elements; each row independent
+    of the other elements (a huge padded element does not scale its neighbours into subnormals);
+    and for huge elements an overflow gives ``+-inf`` logits (which
+    :func:`setperm.functional.sinkhorn` accepts) instead of NaN from ``inf - inf``.
     """
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must have shape (M, D), got {got}")
+    check_set(x, features=weight.shape[1])
+    check_same_device(weight, "weight", x, "x")
     N = x.shape[1]
     if weight.shape[0] < N:
         raise ValueError(f"linear assignment has {weight.shape[0]} positions but the set has N={N} elements "
                          f"(x shape {tuple(x.shape)}); build it with num_positions >= N")
-    scale = set_scale(x)[:, None, None]
+    B, _, D = x.shape
+    scale = set_scale(x.reshape(B * N, 1, D)).view(B, N, 1)
     logits = ((x / scale) @ weight[:N].t()) * scale
     if clip is not None:
         logits = logits.clamp(-clip, clip)

@@ -33,10 +33,13 @@ def xavier_linear_(layer: nn.Linear) -> None:
 
 def xavier_rnn_(rnn: nn.RNNBase) -> None:
     """Xavier-uniform init of each gate's block of an LSTM's or GRU's weights (the gates, four or
-    three, are stacked along dim 0, so each block gets its own fan), zero biases (paper appendix F)."""
+    three, are stacked along dim 0, so each block gets its own fan), zero biases (paper appendix F).
+    An LSTM's projection ``weight_hr`` (``proj_size``) stacks no gates: one block."""
     gates = rnn.weight_ih_l0.shape[0] // rnn.hidden_size
     for name, p in rnn.named_parameters():
-        if "weight" in name:
+        if name.startswith("weight_hr"):
+            nn.init.xavier_uniform_(p.data)
+        elif "weight" in name:
             for chunk in p.data.chunk(gates, dim=0):
                 nn.init.xavier_uniform_(chunk)
         else:

@@ -63,7 +63,10 @@ def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Ten
         return ~padding
     if lengths is not None:
         if not isinstance(lengths, Tensor):
-            lengths = torch.as_tensor(lengths)
+            try:
+                lengths = torch.as_tensor(lengths)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"lengths must be an integer tensor of shape (B,), got {lengths!r}") from None
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
             raise ValueError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != (B,):
@@ -171,23 +174,24 @@ def zero_padding(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def assignment_mask(mask: Tensor) -> Tensor:
-    """The ``(B, N, N)`` set of allowed (element i, position k) pairs for a padded batch.
+def assignment_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """The allowed (element i, position k) pairs of a padded batch, as two ``(B, N, N)`` parts.
 
-    Real elements may go to the first ``n`` positions (n = number of real elements); the j-th
-    padded element (in input order) is pinned to position ``n + j``. Every row and column then
-    has at least one allowed entry, so the log-domain Sinkhorn never sees an all ``-inf`` line,
-    and the real block is normalised exactly as the unpadded set would be.
+    ``free``: real elements may go to the first ``n`` positions (n = number of real elements);
+    ``pinned``: the j-th padded element (in input order) is fixed at position ``n + j``. In their
+    union every row and column has at least one allowed entry, so the log-domain Sinkhorn never
+    sees an all ``-inf`` line, and the real block is normalised exactly as the unpadded set would
+    be. Apart, because a pinned entry is one-hot whatever its logit (the only entry of its row
+    and of its column), so Sinkhorn need not read it.
     """
     B, N = mask.shape
     n = mask.sum(1, keepdim=True)                                   # (B, 1)
     pos = torch.arange(N, device=mask.device)
     real_pos = pos.unsqueeze(0) < n                                 # (B, N) positions used by real elements
-    pad_rank = torch.cumsum(~mask, dim=1) - 1                       # rank of each padded element among pads
-    pad_target = n + pad_rank                                       # (B, N) its fixed position
-    allowed_real = mask.unsqueeze(2) & real_pos.unsqueeze(1)
-    allowed_pad = (~mask).unsqueeze(2) & (pos.view(1, 1, N) == pad_target.unsqueeze(2))
-    return allowed_real | allowed_pad
+    pad_target = n + torch.cumsum(~mask, dim=1) - 1                 # (B, N) each padded element's position
+    free = mask.unsqueeze(2) & real_pos.unsqueeze(1)
+    pinned = (~mask).unsqueeze(2) & (pos.view(1, 1, N) == pad_target.unsqueeze(2))
+    return free, pinned
 
 
 def pair_mask(mask: Optional[Tensor]) -> Optional[Tensor]:

@@ -27,16 +27,29 @@ from .optimize import permutation_entropy
 _FORWARD = inspect.signature(PermutationOptimization.forward)
 
 
+# torch.compile's wrapper (OptimizedModule) holds the compiled module as the submodule "_orig_mod"
+_COMPILED = "_orig_mod"
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DataParallel / DistributedDataParallel keep the real model in .module
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+    # DataParallel / DistributedDataParallel keep the real model in .module, torch.compile in
+    # ._orig_mod; wrappers may nest (a compiled DDP model)
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, _COMPILED, None), nn.Module):
+            model = getattr(model, _COMPILED)
+        else:
+            return model
 
 
 def _modules(model: nn.Module) -> Iterator[Tuple[str, PermutationOptimization]]:
     """``(module path, module)`` of every PermutationOptimization (LinAssign included) in ``model``
-    (unwrapped); the model itself is named ``"permutation"``."""
+    (unwrapped); the model itself is named ``"permutation"``. Paths leave out torch.compile's
+    wrapper, so that a compiled model (or submodule) logs under the tags of the plain one."""
     for name, m in _unwrap(model).named_modules():
         if isinstance(m, PermutationOptimization):
+            name = ".".join(part for part in name.split(".") if part != _COMPILED)
             yield name or "permutation", m
 
 
@@ -48,8 +61,8 @@ def _write(writer, values: Dict[str, float], step: int) -> None:
 
 class PermutationMonitor:
     """Forward hooks on every :class:`PermutationOptimization` (and :class:`LinAssign`) inside
-    ``model`` (DataParallel / DistributedDataParallel unwrapped; the modules inside
-    :class:`PermutationSetEncoder` too).
+    ``model`` (DataParallel / DistributedDataParallel and ``torch.compile``'s wrapper unwrapped;
+    the modules inside :class:`PermutationSetEncoder` too).
 
     Each forward of such a module records the mean over the batch of :func:`permutation_entropy`
     of its output (rows of real elements only; under ``no_grad``, in float32; kept as a tensor,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._errors import check_int, check_positive, check_same_device
-from .masking import resolve_mask
+from .masking import pair_mask, resolve_mask
 from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
 
@@ -168,6 +168,14 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
             got = tuple(init_logits.shape) if isinstance(init_logits, Tensor) else type(init_logits).__name__
             raise ValueError(f"init_logits must have shape {(B, N, N)}, got {got}")
         check_same_device(init_logits, "init_logits", C4, "C")
+    if mask is not None:
+        # padded elements have no influence whatever their cost or start holds: the step's C B(P)
+        # sums over every element, so a NaN or inf in a padded row or column of C would reach
+        # every real row (finite values there only shift real rows by constants, which Sinkhorn
+        # removes), and the fused kernels read a padded element's start at its fixed position
+        C4 = torch.where(pair_mask(mask).unsqueeze(1), C4, 0.0)
+        if init_logits is not None:
+            init_logits = torch.where(mask.unsqueeze(2), init_logits, 0.0)
     if grid is None:
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.

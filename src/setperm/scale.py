@@ -19,8 +19,12 @@ def set_scale(x: Tensor) -> Tensor:
     Used by the ordering cost: ``f`` (ReLU layers with biases, no bias on the last) is positively
     homogeneous in (inputs, biases), ``f(x / s; b / s) = f(x; b) / s``, so evaluating it on
     ``x / s`` with biases ``b / s`` gives ``C / s`` and eq. 10 removes ``s`` (paper eq. 8-10); and by
-    the linear-assignment logits, ``s * ((x / s) W^T)`` (eq. 6).
+    the linear-assignment logits, ``s * ((x / s) W^T)`` (eq. 6), with each element as a set of one.
     """
     amax = x.detach().abs().flatten(1).amax(1) if x.shape[1] * x.shape[2] else x.new_zeros(x.shape[0])
-    exponent = torch.frexp(amax.float()).exponent                       # amax = m * 2^e, m in [0.5, 1)
-    return torch.ldexp(torch.ones_like(amax, dtype=torch.float32), (exponent - 1).clamp_min(0)).to(x.dtype)
+    # exponents in float32, or float64 for a float64 set: float64 magnitudes beyond float32's range
+    # would become inf there (frexp(inf) gives exponent 0, hence no scaling at all). s <= amax, so
+    # s fits x's dtype.
+    work = torch.promote_types(amax.dtype, torch.float32)
+    exponent = torch.frexp(amax.to(work)).exponent                      # amax = m * 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(amax, dtype=work), (exponent - 1).clamp_min(0)).to(x.dtype)

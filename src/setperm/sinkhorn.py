@@ -102,8 +102,13 @@ def _prepare(logits: Tensor, mask: Optional[Tensor], iters: int, temperature: fl
         if temperature != 1.0:
             z = z / temperature
         if mask is not None:
-            allowed = assignment_mask(mask)
-            z = torch.where(allowed, z, torch.full((), float("-inf"), dtype=z.dtype, device=z.device))
+            # a padded element's row and column have one allowed entry, its fixed position, which
+            # normalises to 1 whatever its logit: it is given 0, so that NaN or inf padding never
+            # reaches a logsumexp (a NaN there would spread through its column to every real row)
+            free, pinned = assignment_mask(mask)
+            excluded = torch.where(pinned, torch.zeros((), dtype=z.dtype, device=z.device),
+                                   torch.full((), float("-inf"), dtype=z.dtype, device=z.device))
+            z = torch.where(free, z, excluded)
     return z, out_dtype
 
 
