@@ -36,8 +36,12 @@ and timed on the same random batches in alternating order; medians and the ratio
 torch.compile table (last, the slowest to build): forward + backward of the whole encoder (kernels
 ``"auto"`` and ``"fused"``, whose Triton kernels are then operators of the compiled graph) compiled
 by the user's own ``torch.compile(encoder, mode=...)``, in inductor's default mode and in
-``"reduce-overhead"`` (CUDA graphs: the whole call replayed as one graph), at B = 256, N = 100; the
-first call's seconds (compilation) beside the median.
+``"reduce-overhead"`` (CUDA graphs: the whole call replayed as one graph, in memory reserved when it
+was recorded, so no peak is reported there), at B = 256, N = 100; the first call's seconds
+(compilation) beside the median. Each call starts without gradients (as a training step does).
+
+The tables are measured in the order layer, BAN, optimisation, readout, torch.compile (the
+layer's and BAN's figures first, should a run be stopped).
 
 Results: ``<out>/gpu.json`` and ``<out>/gpu.md`` (``gpu_tiny.*`` with ``--tiny``), rewritten after each
 row, so a run stopped part-way keeps the rows it finished. Without CUDA the
@@ -393,6 +397,8 @@ COMPILE_MODES = ("default", "reduce-overhead")
 # every mode --compile-modes takes (torch.compile's own)
 COMPILE_MODES_KNOWN = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_KERNELS = ("auto", "fused")
+# the modes whose compiled graphs run as CUDA graphs on CUDA
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def mark_step_begin() -> None:
@@ -421,9 +427,18 @@ def compile_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
 
                 def fb():
                     mark_step_begin()
+                    # the gradients set, not added: under CUDA graphs the previous call's gradients
+                    # lie in the graphs' memory pool, which this call's replay overwrites (adding to
+                    # them fails: "accessing tensor output of CUDAGraphs that has been overwritten")
+                    mod.zero_grad(set_to_none=True)
                     call(compiled, x.detach().requires_grad_(True), w).sum().backward()
                 row["first_call_s"] = time_call(fb, 0, 1, device)
                 measure(row, "fb", fb, args, device)
+                if device.type == "cuda" and mode in CUDA_GRAPH_MODES:
+                    # a replay allocates nothing: its memory was reserved in the graphs' pool when they
+                    # were recorded, so the allocator's peak does not show it
+                    row["fb_mib"] = None
+                    row["note"] = "peak not measured: CUDA graphs replay in memory reserved when recorded"
                 del mod, compiled, x, w
             except Exception as err:                         # one failing row must not lose the others
                 failed(row, err, args)
@@ -481,15 +496,29 @@ def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
     shape = ban_shape(args.tiny)
     variants = list(BAN_VARIANTS) + (["po-u-amp", "po-u-fused-amp"] if args.amp else [])
     models, optims = {}, {}
+    # variant -> the row of a model that failed (one failing model must not lose the others' rows)
+    failures: Dict[str, Dict[str, object]] = {}
+
+    def fail(variant: str, err: Exception) -> None:
+        failures[variant] = {"model": BAN_LABELS[variant]}
+        failed(failures[variant], err, args)
+        models.pop(variant, None)
+        optims.pop(variant, None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     for variant in variants:
         torch.manual_seed(args.seed)
-        ban = build_ban(shape["ntoken"], shape["answers"], v_dim=shape["v_dim"], num_hid=shape["num_hid"],
-                        gamma=shape["gamma"])
-        perm = variant.replace("-amp", "").replace("-fused", "")
-        model = (patch_ban(ban, permutation=perm) if perm == "off" else
-                 patch_ban(ban, permutation=perm, kernel="fused" if "-fused" in variant else "auto"))
-        models[variant] = model.to(device)
-        optims[variant] = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        try:
+            ban = build_ban(shape["ntoken"], shape["answers"], v_dim=shape["v_dim"], num_hid=shape["num_hid"],
+                            gamma=shape["gamma"])
+            perm = variant.replace("-amp", "").replace("-fused", "")
+            model = (patch_ban(ban, permutation=perm) if perm == "off" else
+                     patch_ban(ban, permutation=perm, kernel="fused" if "-fused" in variant else "auto"))
+            models[variant] = model.to(device)
+            optims[variant] = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        except Exception as err:
+            fail(variant, err)
     batches = random_batches(shape, args.ban_batches, seed=args.seed)
     if device.type == "cuda":            # as the training loader gives them: page-locked, copied asynchronously
         batches = [type(bt)(*(t.pin_memory() for t in bt)) for bt in batches]
@@ -497,16 +526,25 @@ def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
     for k, batch in enumerate(itertools.islice(itertools.cycle(batches), args.ban_steps + args.warmup)):
         order = variants if k % 2 == 0 else variants[::-1]
         for variant in order:
+            if variant in failures:
+                continue
             step = lambda: train_step(models[variant], optims[variant], batch, device, 0.25,     # noqa: E731
                                       amp=variant.endswith("-amp"))
-            seconds = time_call(step, 0, 1, device)
+            try:
+                seconds = time_call(step, 0, 1, device)
+            except Exception as err:
+                fail(variant, err)
+                continue
             if k >= args.warmup:                          # the first steps compile and warm the caches
                 times[variant].append(seconds)
-    base = statistics.median(times["off"])
+    base = statistics.median(times["off"]) if times["off"] and "off" not in failures else None
     rows = []
     for variant in variants:
+        if variant in failures or not times[variant]:
+            rows.append({**failures.get(variant, {"model": BAN_LABELS[variant]}), "steps": len(times[variant])})
+            continue
         med = statistics.median(times[variant])
-        rows.append({"model": BAN_LABELS[variant], "step_ms": 1e3 * med, "ratio": med / base,
+        rows.append({"model": BAN_LABELS[variant], "step_ms": 1e3 * med, "ratio": None if base is None else med / base,
                      "steps": len(times[variant])})
     for name, row in zip(variants, rows):
         row["per_step_ms"] = [1e3 * t for t in times[name]]
@@ -514,7 +552,7 @@ def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
 
 
 BAN_COLUMNS = [("model", "model"), ("step_ms", "training step ms (median)"), ("ratio", "/ plain BAN"),
-               ("steps", "timed steps")]
+               ("steps", "timed steps"), ("note", "note")]
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -592,9 +630,9 @@ def main(argv=None) -> int:
         info["cuda"] = torch.version.cuda
     results: Dict[str, list] = {"layer": [], "optimizer": [], "readout": [], "ban": [], "compile": []}
     sections = [("layer", not args.no_layer, lambda: layer_rows(args, device, released)),
+                ("ban", not args.no_ban, lambda: ban_rows(args, device)),
                 ("optimizer", not args.no_optimizer, lambda: optimizer_rows(args, device)),
                 ("readout", not args.no_readout, lambda: readout_rows(args, device)),
-                ("ban", not args.no_ban, lambda: ban_rows(args, device)),
                 ("compile", bool(args.compile_modes), lambda: compile_rows(args, device))]
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext(), \
             warnings.catch_warnings(record=True) as caught:

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one command: the test suite's CUDA tests (every test
-# parametrised over devices, the fused Triton kernels, no host synchronisation, BAN training on
-# CUDA), then `python -m benchmarks.gpu --amp` (layer table and BAN training-step ratios).
+# Everything that needs a CUDA GPU, in one command: `python -m benchmarks.gpu --amp` (layer table
+# and BAN training-step ratios first), then the test suite's CUDA tests (every test parametrised
+# over devices, the fused Triton kernels, no host synchronisation, BAN training on CUDA).
 #
 #   bash benchmarks/gpu_check.sh OUT [--perm-optim-root PATH] [--ban-root PATH] [benchmarks.gpu flags...]
 #
 # --perm-optim-root: a checkout of github Cyanogenoid/perm-optim (the paper's released module joins
 # the layer table); --ban-root: a checkout of github jnhwkim/ban-vqa (the official model's CUDA tests
-# run). Writes OUT/versions.txt, OUT/cuda_tests.txt, OUT/gpu.json, OUT/gpu.md, OUT/gpu_log.txt and
-# prints the tests' summary and the markdown tables last. Runs from the repository root, with the
-# python3 that has torch (the package is taken from src/, no install needed). benchmarks.gpu rewrites
-# its results after each row, so a run stopped part-way keeps the rows it finished.
+# run). Writes OUT/versions.txt, OUT/gpu.json, OUT/gpu.md, OUT/gpu_log.txt, OUT/cuda_tests.txt and
+# prints the tables and the tests' summary last. Runs from the repository root, with the python3
+# that has torch (the package is taken from src/, no install needed). Each part is stopped after
+# its time (SETPERM_BENCH_TIMEOUT, default 300 s; SETPERM_TESTS_TIMEOUT, default 200 s), so that
+# both get their turn; benchmarks.gpu rewrites its results after each row, so a run stopped
+# part-way keeps the rows it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT [--perm-optim-root PATH] [--ban-root PATH] [flags...]}
@@ -34,20 +36,26 @@ try:
     print("triton", triton.__version__)
 except ImportError:
     print("triton not installed")
+if torch.cuda.is_available():
+    # the dtype cuDNN's LSTM runs in under bfloat16 autocast (the encoder's reader under --amp)
+    lstm = torch.nn.LSTM(4, 8, batch_first=True).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        print("LSTM output under bfloat16 autocast:", lstm(torch.randn(2, 3, 4, device="cuda"))[0].dtype)
 EOF
 cat "$out/versions.txt"
 
-# every CUDA-parametrised or CUDA-only test (their ids and names contain "cuda"), stopped after
-# SETPERM_TESTS_TIMEOUT seconds (default 300) so that the benchmark always gets its turn
-timeout "${SETPERM_TESTS_TIMEOUT:-300}" python3 -m pytest -q -rfEs -p no:cacheprovider -k cuda tests \
+timeout "${SETPERM_BENCH_TIMEOUT:-300}" python3 -m benchmarks.gpu --amp --out "$out" --overwrite "${bench_args[@]}" \
+    > "$out/gpu_log.txt" 2>&1
+bench_rc=$?
+[ "$bench_rc" = 124 ] && echo "(stopped after ${SETPERM_BENCH_TIMEOUT:-300} s)" >> "$out/gpu_log.txt"
+
+# every CUDA-parametrised or CUDA-only test (their ids and names contain "cuda")
+timeout "${SETPERM_TESTS_TIMEOUT:-200}" python3 -m pytest -q -rfEs -p no:cacheprovider -k cuda tests \
     > "$out/cuda_tests.txt" 2>&1
 tests_rc=$?
-[ "$tests_rc" = 124 ] && echo "(stopped after ${SETPERM_TESTS_TIMEOUT:-300} s)" >> "$out/cuda_tests.txt"
+[ "$tests_rc" = 124 ] && echo "(stopped after ${SETPERM_TESTS_TIMEOUT:-200} s)" >> "$out/cuda_tests.txt"
 
-python3 -m benchmarks.gpu --amp --out "$out" --overwrite "${bench_args[@]}" > "$out/gpu_log.txt" 2>&1
-bench_rc=$?
-
-echo "== CUDA tests (exit $tests_rc)"; tail -n 25 "$out/cuda_tests.txt"
 echo "== benchmarks.gpu (exit $bench_rc)"; tail -n 5 "$out/gpu_log.txt"
 [ -f "$out/gpu.md" ] && cat "$out/gpu.md"
+echo "== CUDA tests (exit $tests_rc)"; tail -n 25 "$out/cuda_tests.txt"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

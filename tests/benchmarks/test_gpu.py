@@ -129,3 +129,48 @@ def test_a_slow_call_is_timed_within_the_budget():
     calls.clear()
     gpu.time_call(slow, 2, 4, torch.device("cpu"))       # no budget: every call
     assert len(calls) == 6
+
+
+def test_a_failing_ban_model_keeps_the_other_models_rows_and_the_tables_after_it(tmp_path, monkeypatch):
+    from integrations.ban import train as ban_train
+
+    real = ban_train.train_step
+
+    def train_step(model, *args, amp=False, **kwargs):
+        if amp:
+            raise RuntimeError("CUDA out of memory.\nsecond line")
+        return real(model, *args, amp=amp, **kwargs)
+    monkeypatch.setattr(ban_train, "train_step", train_step)
+    assert gpu.main([*FAST, "--no-layer", "--no-optimizer", "--amp", "--compile-modes", "default",
+                     "--compile-kernels", "chunked", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text(encoding="utf-8"))
+    rows = {r["model"]: r for r in data["ban"]}
+    assert len(rows) == 6 and rows["BAN"]["ratio"] == 1
+    for label, row in rows.items():
+        if "autocast" in label:
+            assert row["note"] == "failed: RuntimeError: CUDA out of memory." and "step_ms" not in row, row
+        else:
+            assert row["step_ms"] > 0 and row["steps"] == 1 and "note" not in row, row
+    assert len(data["compile"]) == 1                     # the table after it still ran
+
+
+def test_the_compiled_encoder_s_gradients_are_set_not_added_at_every_call(tmp_path, monkeypatch):
+    """Each timed call of the torch.compile table starts without gradients: under CUDA graphs
+    (mode="reduce-overhead") adding to the previous replay's gradients, which the next replay
+    overwrites, fails. (torch.compile is left out here: the CPU has no CUDA graphs.)"""
+    built = []
+    real = gpu._setperm
+
+    def setperm(*args):
+        built.append(real(*args))
+        return built[-1]
+    monkeypatch.setattr(gpu, "_setperm", setperm)
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    assert gpu.main([*FAST, "--no-layer", "--no-optimizer", "--no-ban", "--no-readout", "--compile-modes", "default",
+                     "--compile-kernels", "chunked", "--repeats", "3", "--out", str(tmp_path)]) == 0
+    (mod, (x, w)), = built
+    got = [p.grad.clone() for p in mod.parameters()]
+    mod.zero_grad(set_to_none=True)
+    gpu.call(mod, x.detach().requires_grad_(True), w).sum().backward()
+    for g, one in zip(got, (p.grad for p in mod.parameters())):
+        torch.testing.assert_close(g, one)
