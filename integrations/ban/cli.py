@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from integrations.common import (add_kernel_argument, add_run_arguments, add_threads_argument, device_name, ensure_new,
-                                 non_negative_int, positive_float, positive_int, run_command, set_threads,
+                                 launched_rank, non_negative_int, with_help_formatter, positive_float, positive_int, run_command, set_threads,
                                  write_new_json)
 
 from .data import QUESTION_FILES, VQADataError
@@ -63,14 +63,16 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
     p.add_argument("--op", default="c", help="word embedding: 'c' = GloVe + tf-idf GloVe (600-d), '' = GloVe")
     p.add_argument("--no-tfidf", dest="tfidf", action="store_false",
                    help="initialise the second embedding table with plain GloVe (official --tfidf switch)")
-    p.add_argument("--epochs", type=positive_int, default=13)
+    p.add_argument("--epochs", type=positive_int, default=13, help="training epochs (official)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="global batch (split over DDP processes)")
     p.add_argument("--lr", type=positive_float, default=None, help="base lr (official: 1e-3, 7e-4 with --use-both)")
     p.add_argument("--warmup", type=positive_float, nargs="*", default=[0.5, 1.0, 1.5, 2.0],
                    help="lr multipliers of the first epochs")
-    p.add_argument("--lr-decay-start", type=non_negative_int, default=10)
-    p.add_argument("--lr-decay-every", type=positive_int, default=2)
-    p.add_argument("--lr-decay-rate", type=positive_float, default=0.25)
+    p.add_argument("--lr-decay-start", type=non_negative_int, default=10,
+                   help="first epoch (0-based) whose lr is multiplied by --lr-decay-rate (official)")
+    p.add_argument("--lr-decay-every", type=positive_int, default=2,
+                   help="from there, the lr is multiplied again every this many epochs (official)")
+    p.add_argument("--lr-decay-rate", type=positive_float, default=0.25, help="lr multiplier of each decay (official)")
     p.add_argument("--grad-clip", type=positive_float, default=0.25, help="max total grad norm")
     p.add_argument("--use-both", action="store_true", help="train on train + val, no evaluation (official)")
     p.add_argument("--bucket", action="store_true",
@@ -154,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to evaluate (default val; the test splits have no answers to score)")
     e.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
     e.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
-    e.add_argument("--device", type=device_name, default="cpu")
-    e.add_argument("--workers", type=non_negative_int, default=0)
+    e.add_argument("--device", type=device_name, default="cpu", help="auto | cpu | cuda | cuda:1 ...")
+    e.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
     add_threads_argument(e)
     e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_<split>.json)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
@@ -182,14 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per question family: the share of each glimpse's attention on the asked class's boxes, "
                     "the Spearman correlation of P's Hungarian order with box x-centre and area, P's entropy, "
                     "and eta; of one run (--run) or of every run of a compare sweep (--sweep)."))
-    return p
+    return with_help_formatter(p)
 
 
 def cmd_train(args) -> int:
     from .train import run
 
     result = run(args)
-    print(f"results: {Path(result['out']) / 'summary.json'}")
+    if launched_rank() == 0:
+        print(f"results: {Path(result['out']) / 'summary.json'}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Checkpoint files: atomic writes, safe loading, RNG states in a form the safe loader accepts.
 
 A checkpoint is a dict ``{"format", "run_id", "step", "config", "rng", "model", "optimizer",
-"scheduler", "extra"}`` written by :func:`write_checkpoint`. Everything in it is a tensor or a
+"scheduler", "extra"}`` written by :func:`write_checkpoint` (under torch.distributed also ``"rng_ranks"``,
+every rank's RNG states). Everything in it is a tensor or a
 builtin container/scalar, so :func:`read_checkpoint` loads it with ``torch.load(...,
 weights_only=True)``: a file that carries anything else (e.g. a pickled object whose
 ``__reduce__`` runs a command) is refused before any of it runs.
@@ -84,12 +85,16 @@ def _unwrap(model):
 
 
 def write_checkpoint(folder: Path, *, run_id: str, step: int, config: dict, model=None, optimizer=None,
-                     scheduler=None, extra: Optional[dict] = None) -> Path:
+                     scheduler=None, extra: Optional[dict] = None, rng_ranks: Optional[list] = None) -> Path:
     """Write ``folder/step_<step>.pt`` atomically (:func:`~.atomic.atomic_write`): an interruption or a
-    full disk never leaves a half-written checkpoint under a checkpoint's name, nor a temporary file."""
+    full disk never leaves a half-written checkpoint under a checkpoint's name, nor a temporary file.
+    ``rng_ranks``: under torch.distributed, every rank's :func:`rng_state` (rank order); each rank draws its
+    own dropout masks, so each resumes from its own states (:func:`restore`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "run_id": run_id, "step": int(step), "config": config, "rng": rng_state()}
+    if rng_ranks is not None:
+        state["rng_ranks"] = list(rng_ranks)
     if model is not None:
         state["model"] = _unwrap(model).state_dict()
     if optimizer is not None:
@@ -118,16 +123,23 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", mmap:
         state = torch.load(path, map_location=map_location, weights_only=True, **extra)
     except Exception as e:  # noqa: BLE001 - every failure mode of a bad file ends here, named
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = f"it holds objects other than tensors and builtin values, refused unloaded ({reason})"
+        # torch's safe loader names a refused object "GLOBAL <name>" (2.4 and newer) or
+        # "Unsupported class <name>" (older); any other refusal of the pickle is a damaged file
+        refused = re.search(r"(Trying to load unsupported GLOBAL|Unsupported global|Unsupported class)[^\n]*", str(e))
+        if refused:
+            reason = f"it holds objects other than tensors and builtin values, refused unloaded ({refused[0].strip()})"
+        elif "weights_only" in str(e) or "WeightsUnpickler" in str(e):
+            damage = re.search(r"Unsupported operand[^\n.]*", str(e))
+            reason = "it is not a file torch.save wrote, or it is damaged" + (f" ({damage[0].strip()})" if damage else "")
         raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {reason}") from None
     if not isinstance(state, dict) or "step" not in state or "config" not in state:
         raise CheckpointError(f"checkpoint {path} is not a checkpoint of this project (no step/config)")
     return state
 
 
-def restore(state: dict, *, model=None, optimizer=None, scheduler=None, rng: bool = True) -> None:
-    """Load a checkpoint's model / optimiser / scheduler / RNG states into the given objects."""
+def restore(state: dict, *, model=None, optimizer=None, scheduler=None, rng: bool = True, rank: int = 0) -> None:
+    """Load a checkpoint's model / optimiser / scheduler / RNG states into the given objects (``rank``: the
+    RNG states of that process where the checkpoint holds every rank's, else the writer's)."""
     if model is not None:
         _unwrap(model).load_state_dict(state["model"])
     if optimizer is not None and "optimizer" in state:
@@ -135,7 +147,8 @@ def restore(state: dict, *, model=None, optimizer=None, scheduler=None, rng: boo
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     if rng and "rng" in state:
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[rank] if rank < len(ranks) else state["rng"])
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:

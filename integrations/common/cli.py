@@ -17,6 +17,7 @@ from setperm.pairwise import KERNELS, KernelBuildError
 
 from .atomic import os_error_in
 from .checkpoint import CheckpointError
+from .distributed import launched_rank
 from .lifecycle import NonFiniteError, RunError, RunInterrupted, stop_now_in
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,6 +159,35 @@ def set_threads(n: Optional[int]) -> None:
 
 
 # ---------------------------------------------------------------- entry point
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's ``--help``: descriptions as written, and each option's default appended once,
+    as ``(default: X)``, unless its help states it already or there is none to show (a switch, or a
+    default of None that the help explains). Lists are shown as they are typed: space-separated
+    for several values, comma-separated where one value holds a list."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or action.nargs == 0 or default is None
+                or default is argparse.SUPPRESS or default is False):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = (" " if action.nargs in ("*", "+") else ",").join(map(str, default))
+        shown = str(default).replace("%", "%%")          # (argparse %-formats the help string)
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
+
+
+def with_help_formatter(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` and every subcommand's parser under it format ``--help`` with :class:`HelpFormatter`
+    (a subcommand's parser does not inherit its parent's); returns ``parser``."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                with_help_formatter(sub)
+    return parser
+
+
 def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: str,
                 argv: Optional[Sequence[str]] = None,
                 errors: Tuple[Type[BaseException], ...] = ()) -> int:
@@ -176,7 +206,8 @@ def run_command(main: Callable[[Optional[Sequence[str]]], Optional[int]], prog: 
     try:
         return int(main(argv) or 0)
     except RunInterrupted as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        if launched_rank() == 0:                 # (the other ranks stopped at the same step and wrote nothing)
+            print(f"{prog}: {e}", file=sys.stderr)
         return e.exit_code
     except (RunError, CheckpointError, CommandError, NonFiniteError, FileNotFoundError, KernelBuildError, *errors) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -23,6 +23,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun gave it (0 outside torchrun): what a command prints once
+    (its results, an interruption) is printed by rank 0 only, also after the process group is gone."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init_distributed(device: torch.device) -> DistInfo:
     """Initialise the process group when launched by torchrun (``WORLD_SIZE`` > 1).
 

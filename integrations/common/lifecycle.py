@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_write, in_chain
-from .checkpoint import CheckpointError, read_checkpoint, restore, step_files, write_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint, restore, rng_state, step_files, write_checkpoint
 
 try:
     import fcntl
@@ -244,16 +244,19 @@ class Run:
     def restore(self, *, model=None, optimizer=None, scheduler=None, rng: bool = True) -> dict:
         """Load the resumed checkpoint into the given objects (no-op for a new run); returns :attr:`extra`."""
         if self.state is not None:
-            restore(self.state, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng)
+            restore(self.state, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng, rank=self.rank)
         return self.extra
 
     # ------------------------------------------------------------------ writing
     def save(self, step: int, *, model=None, optimizer=None, scheduler=None, extra: Optional[dict] = None) -> Optional[Path]:
-        """Write a checkpoint (rank 0 only; None elsewhere) and keep this run's ``keep_last`` newest."""
+        """Write a checkpoint (rank 0 only; None elsewhere) and keep this run's ``keep_last`` newest. Under
+        torch.distributed every rank calls it: the checkpoint holds every rank's RNG states (each rank's
+        dropout draws its own), so that each rank resumes exactly."""
+        rng_ranks = _gather_rng_states()
         if not self.is_main:
             return None
         path = write_checkpoint(self.checkpoints, run_id=self.run_id, step=step, config=self.config, model=model,
-                                optimizer=optimizer, scheduler=scheduler, extra=extra)
+                                optimizer=optimizer, scheduler=scheduler, extra=extra, rng_ranks=rng_ranks)
         self._steps[path] = (self.run_id, int(step))
         self._rotate()
         return path
@@ -358,6 +361,15 @@ class Run:
         path = save()
         self.close()
         raise RunInterrupted(signum, step, path, self.path)
+
+
+def _gather_rng_states() -> Optional[list]:
+    """Every rank's RNG states (rank order) under torch.distributed with several processes, else None."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def _after_earlier_event_files(tb: Path) -> None:

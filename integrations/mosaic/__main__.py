@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from integrations.common import (add_data_root_argument, add_kernel_argument, add_run_arguments, add_threads_argument,
+from integrations.common import (with_help_formatter, add_data_root_argument, add_kernel_argument, add_run_arguments, add_threads_argument,
                                  device_name,
                                  non_negative_int, positive_float, positive_int, resolve_device, ensure_new,
                                  run_command, run_folder, write_new_json)
@@ -32,20 +32,22 @@ IMAGE_SIDE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "tiny-imagenet": 
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="mnist")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="image data set (paper section 4.2)")
     p.add_argument("--tiles", type=positive_int, default=2, help="n: the image is cut into n x n tiles (n >= 2)")
     p.add_argument("--permutation", choices=PERMUTATIONS, default="po-u",
                    help="linassign (Mena et al. 2018), po-u or po-la (paper Table 1)")
-    p.add_argument("--task", choices=("mosaic", "pretrain", "classify"), default="mosaic")
+    p.add_argument("--task", choices=("mosaic", "pretrain", "classify"), default="mosaic",
+                   help="mosaic: reassemble shuffled tiles; pretrain: ResNet-18 on the whole images (for classify); "
+                        "classify: ResNet-18 on the reassembled image (implicit permutation, section 4.3)")
     add_data_root_argument(p, what="data sets (mnist/, fashion-mnist/, cifar10/, tiny-imagenet-200/)")
     p.add_argument("--epochs", type=positive_int, default=None, help="20 (1 for tiny-imagenet), paper F.2")
     p.add_argument("--subset", type=positive_int, default=None, help="train on the first SUBSET training images only")
     p.add_argument("--test-subset", type=positive_int, default=None,
                    help="evaluate on the first TEST_SUBSET test images")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per step (paper F.2)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper F.2)")
     p.add_argument("--steps", type=non_negative_int, default=4, help="T, inner gradient-descent steps (0 for linassign)")
-    p.add_argument("--sinkhorn-iters", type=positive_int, default=4)
+    p.add_argument("--sinkhorn-iters", type=positive_int, default=4, help="Sinkhorn normalisations L per step")
     add_kernel_argument(p)
     p.add_argument("--conv-channels", type=positive_int, default=None, help="64 (128 for tiny-imagenet)")
     p.add_argument("--cost-hidden", type=positive_int, default=None, help="hidden size of f: 64 (128 for tiny-imagenet)")
@@ -57,8 +59,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "--classifier's ResNet-18 and refuses another")
     p.add_argument("--classifier", default=None, help="classify: run folder (or .pt) of a --task pretrain run")
     add_run_arguments(p, out_help="run folder (default runs/mosaic/<dataset>-<n>x<n>-<task>-<permutation>)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", type=device_name, default="auto")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights, tile shuffles and data order")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda[:i] or mps")
     add_threads_argument(p)
     p.add_argument("--log-every", type=positive_int, default=20, help="TensorBoard scalars every N steps")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=500,
@@ -84,13 +86,13 @@ def parser() -> argparse.ArgumentParser:
                                    "setting comes from the run's config.json.")
     _add_read_flags(e)
     e.add_argument("--out", default=None, help="JSON file (default: <run>/eval.json; never replaced unless --overwrite)")
-    e.add_argument("--device", type=device_name, default="cpu")
+    e.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda[:i] or mps")
     f = sub.add_parser("figures", help="reconstruction rows along the optimisation (PNG)",
                        description="Reconstruction rows as the permutation is optimised (paper figures 12-19).")
     _add_read_flags(f)
     f.add_argument("--num-examples", type=positive_int, default=8, help="test images (columns)")
     f.add_argument("--out", default=None, help="PNG path (default: <run>/reconstruction.png)")
-    return p
+    return with_help_formatter(p)
 
 
 def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Namespace:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..common import run_command
+from ..common import HelpFormatter, run_command
 
 PROG = "python -m integrations.mosaic.collect"
 MODELS = (("linassign", "LinAssign"), ("po-u", "PO-U"), ("po-la", "PO-LA"))
@@ -102,7 +102,7 @@ def timing(found: Dict[Key, List[Path]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="?", type=Path, default=Path("runs/mosaic"),
                    help="folder holding the run folders (default runs/mosaic)")
     args = p.parse_args(argv)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from integrations.common import (CommandError, add_data_root_argument, add_run_arguments, add_threads_argument, data_root,
+from integrations.common import (with_help_formatter, CommandError, add_data_root_argument, add_run_arguments, add_threads_argument, data_root,
                                  positive_float, positive_int)
 
 from .encoders import DEFAULT_ENCODERS, ENCODERS
@@ -36,16 +36,6 @@ def _names(choices: Sequence[str], what: str):
     return parse
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to every option whose help does not already state its default (the shared
-    --out, --data-root and --threads texts do), so that no option shows two defaults."""
-
-    def _get_help_string(self, action):
-        if "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 # A sweep keeps no checkpoints: a cell is either finished (its file is written) or run again from its start.
 RESUME_HELP = ("continue the sweep in --out: its finished cells are kept and skipped, the others run from their "
                "start (the protocol must match; --tasks, --encoders and --seeds may grow)")
@@ -53,9 +43,9 @@ RESUME_HELP = ("continue the sweep in --out: its finished cells are kept and ski
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train all unfinished cells, then write the report", formatter_class=_HelpFormatter)
+    run = sub.add_parser("run", help="train all unfinished cells, then write the report")
     add_run_arguments(run, out_help=f"run folder: cells/, embedding/, results/ (default: {DEFAULT_OUT})")
     next(a for a in run._actions if a.dest == "resume").help = RESUME_HELP
     add_data_root_argument(run, what="MNIST IDX files (mnist/)")
@@ -66,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..S-1 per task and encoder")
     g = run.add_argument_group("protocol (the same for every encoder)")
     g.add_argument("--steps", type=positive_int, default=d.steps, help="training steps")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="sets per training step")
     g.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
     g.add_argument("--grad-clip", type=positive_float, default=d.grad_clip, help="gradient norm clip (off: none)")
     g.add_argument("--min-size", type=positive_int, default=d.min_size, help="smallest training set")
     g.add_argument("--max-size", type=positive_int, default=d.max_size, help="largest training set")
     g.add_argument("--test-sizes", type=positive_int, nargs="*", default=list(d.test_sizes),
                    help="larger set sizes to test size generalisation at")
-    g.add_argument("--val-sets", type=positive_int, default=d.val_sets)
+    g.add_argument("--val-sets", type=positive_int, default=d.val_sets, help="validation sets (model selection)")
     g.add_argument("--test-sets", type=positive_int, default=d.test_sets, help="test sets per size")
     g.add_argument("--eval-every", type=positive_int, default=d.eval_every, help="validation interval (steps)")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the validation and test sets")
@@ -92,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-report", action="store_true", help="do not write results/ at the end")
     rep = sub.add_parser("report", help="write results/ from the cell files of --out")
     rep.add_argument("--out", default=DEFAULT_OUT, help="run folder holding cells/")
-    st = sub.add_parser("step-time", help="time one training step of every encoder side by side (one process)",
-                        formatter_class=_HelpFormatter)
+    st = sub.add_parser("step-time", help="time one training step of every encoder side by side (one process)")
     st.add_argument("--task", choices=list(TASKS), default="median", help="sets the element width and output")
     st.add_argument("--encoders", type=_names(ENCODERS, "--encoders"), default=list(DEFAULT_ENCODERS),
                     help="comma-separated encoders or 'all'")
@@ -101,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--width", type=positive_int, default=64, help="PO-U's LSTM size; the others are matched")
     st.add_argument("--json", default=None, help="also write the times to this JSON file")
     add_threads_argument(st)
-    return p
+    return with_help_formatter(p)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

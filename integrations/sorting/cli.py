@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from integrations.common import (add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
+from integrations.common import (with_help_formatter, add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
                                  positive_int, resolve_device, set_threads, ensure_new, write_json, write_new_json)
 
 from integrations.common.lifecycle import CONFIG
@@ -71,7 +71,7 @@ def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[i
     g.add_argument("--eta-init", type=positive_float, default=1.0, help="initial inner step size eta (paper: 1.0)")
     g.add_argument("--sinkhorn-iters", type=positive_int, default=4, help="Sinkhorn iterations L (paper: 4)")
     g.add_argument("--temperature", type=positive_float, default=1.0, help="Sinkhorn temperature (paper: 1)")
-    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and of the training sets")
     g.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda[:i] or mps")
     add_threads_argument(g)
     add_run_arguments(g, out_help="run folder (default: runs/sorting/<permutation>-n<N>-s<seed>)" if out_default is None
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set-sizes", type=set_size, nargs="+", default=None, metavar="N",
                    help="test set sizes (default: the training size)")
     _add_eval_flags(e)
-    e.add_argument("--device", type=device_name, default="cpu")
+    e.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda[:i] or mps")
     add_threads_argument(e)
     e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_n<sizes>.json)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-sizes", type=set_size, nargs="*", default=[5, 15, 30],
                    help="further test sizes for the size-generalisation table")
     d.set_defaults(out=DEMO_OUT)
-    return p
+    return with_help_formatter(p)
 
 
 def _resolved_train_config(args: argparse.Namespace) -> dict:

@@ -382,3 +382,64 @@ def test_device_index_beyond_the_machine_s_gpus_is_one_line(monkeypatch):
         resolve_device("cuda:7")
     with pytest.raises(argparse.ArgumentTypeError, match="cuda:7"):
         device_name("cuda:7")
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_an_interruption_is_reported_by_rank_0_only(monkeypatch, capsys, tmp_path, rank, printed):
+    """Under torchrun every rank stops at the same step; only rank 0 wrote the checkpoint, so only
+    it says where (another rank would say that no checkpoint was written). Every rank exits 130."""
+    import signal
+
+    from integrations.common import RunInterrupted
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    path = tmp_path / "step_00000003.pt" if rank == "0" else None
+
+    def main(argv):
+        raise RunInterrupted(signal.SIGINT, 3, path, tmp_path)
+    assert run_command(main, "prog") == 130
+    assert ("interrupted" in capsys.readouterr().err) == printed
+
+
+def test_a_damaged_checkpoint_is_not_called_unsafe(tmp_path):
+    """torch's safe loader refuses a damaged pickle as it refuses a dangerous one: the message tells
+    them apart (an object refused unloaded, or a file that torch.save did not write)."""
+    bad = tmp_path / "step_00000001.pt"
+    bad.write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(bad)
+    assert "damaged" in str(err.value) and "refused" not in str(err.value)
+
+
+def _parsers(parser, name):
+    import argparse
+
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def test_every_command_option_says_what_it_does_and_its_default_once():
+    import argparse
+
+    from integrations.ban.cli import build_parser as ban
+    from integrations.ban.research.synth import build_parser as synth
+    from integrations.common import HelpFormatter
+    from integrations.mosaic.__main__ import parser as mosaic
+    from integrations.set_tasks.cli import build_parser as set_tasks
+    from integrations.sorting.cli import build_parser as sorting
+
+    for name, parser in (p for top, b in [("ban", ban), ("synth", synth), ("mosaic", mosaic), ("set_tasks", set_tasks),
+                                          ("sorting", sorting)] for p in _parsers(b(), top)):
+        assert parser.formatter_class is HelpFormatter, name
+        formatter = HelpFormatter(name)
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._expand_help(action)
+            assert action.help, f"{name} {action.option_strings[-1]} has no help"
+            assert text.count("default") <= 1 and "(default: [" not in text, (name, text)     # lists as typed
+        parser.format_help()                         # (every help string formats)

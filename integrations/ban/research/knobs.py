@@ -192,7 +192,7 @@ def markdown(results: dict) -> str:
 
 def add_knobs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knobs", nargs="+", default=list(DEFAULT_KNOBS),
-                   help="'base' and name=value settings, one dataset / run each (default: %(default)s)")
+                   help="'base' and name=value settings, one dataset / run each")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per setting and seed")
     p.add_argument("--synth-seed", type=int, default=0, help="seed of the generated datasets")
     p.add_argument("--jobs", type=positive_int, default=1,

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from integrations.common import CommandError, run_command
+from integrations.common import CommandError, run_command, with_help_formatter
 
 from ..data import FIXED_BOXES, QUESTION_FILES, Dictionary, split_words
 from .synth_features import FeatureCodes, FeatureConfig
@@ -311,15 +311,14 @@ def generator_settings() -> Dict[type, List[dataclasses.Field]]:
 
 
 def build_parser(prog=None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--out", required=True, help="output folder (the official repo's data/): new, empty, or holding "
                                                 "a synthetic dataset to replace with --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace the synthetic dataset that --out holds")
     p.add_argument("--images", type=int, default=4000, help="train images")
     p.add_argument("--val-images", type=int, default=1250, help="val images (1,250 x 4 = 5,000 val questions)")
     p.add_argument("--questions", type=int, default=4, help="questions per image")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes, questions and features")
     p.add_argument("--families", default=DEFAULT_FAMILIES,
                    help=f"comma-separated question families of {','.join(FAMILIES)}, each with an optional "
                         f"integer weight (its share of the questions), e.g. 'exists,colour' for the sanity families")
@@ -333,7 +332,7 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
         for f in fields:
             g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                            help=SETTING_HELP.get(f.name))
-    return p
+    return with_help_formatter(p)
 
 
 def _check_out(out: Path, overwrite: bool) -> Optional[str]:

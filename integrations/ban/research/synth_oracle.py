@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...common import RunError, restricted_load, run_command
+from ...common import HelpFormatter, RunError, restricted_load, run_command
 from ..data import QUESTION_FILES, split_h5_name
 from .synth_features import FeatureCodes, FeatureConfig
 from .synth_world import ASKED_CLASSES, Scene, SceneConfig, answer, feasible, parse_question
@@ -222,7 +222,7 @@ PROG = "python -m integrations.ban.research.synth_oracle"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog=PROG,
+    p = argparse.ArgumentParser(prog=PROG, formatter_class=HelpFormatter,
                                 description="Oracle decoder of the synthetic VQA set: answers from the files alone.")
     p.add_argument("--data-root", required=True)
     p.add_argument("--split", default="val", choices=["train", "val"])

@@ -21,7 +21,7 @@ def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
     p.add_argument("--max-questions", type=positive_int, default=None,
                    help="only the first N questions of the split (default: all)")
-    p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda[:i] or mps")
     add_threads_argument(p)
     p.add_argument("--out", default=None, help="JSON file (default: <run>/diagnose_<split>.json, or "
                                                "<sweep>/results/diagnose.json with the .md next to it)")
