@@ -103,3 +103,16 @@ def test_bad_arguments_are_named():
         hungarian(torch.randn(1, 2, 2, dtype=torch.complex64))
     with pytest.raises(ValueError, match="P is on the meta device"):
         hungarian(torch.randn(1, 2, 2, device="meta"))
+
+
+def test_integer_elements_are_averaged_in_p_s_dtype():
+    """A soft P applied to integer (or bool) elements weighs them in P's floating dtype, not with P
+    cast to integers (which would zero every weight below 1)."""
+    x = torch.tensor([[[1], [3]]])
+    P = torch.full((1, 2, 2), 0.5, dtype=torch.float64)
+    y = apply_permutation(x, P)
+    assert y.dtype == torch.float64
+    assert_close(y, torch.full((1, 2, 1), 2.0, dtype=torch.float64))
+    hard = permutation_matrix(torch.tensor([[1, 0]]))
+    assert_close(apply_permutation(x, hard), torch.tensor([[[3.0], [1.0]]]))
+    assert apply_permutation(x.bool(), hard).dtype == torch.float32

@@ -26,7 +26,9 @@ def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
         P: ``(B, N, N)`` soft or hard permutation, rows = elements, columns = positions.
     Returns:
         ``y`` ``(B, N, ...)`` with ``y[b, k] = sum_i P[b, i, k] * x[b, i]``; one batched matmul,
-        no ``(B, N, N, ...)`` broadcast. Empty inputs (B = 0 or N = 0) give an empty ``y``.
+        no ``(B, N, N, ...)`` broadcast. Empty inputs (B = 0 or N = 0) give an empty ``y``. In
+        ``x``'s dtype, or for integer or bool ``x`` in ``P``'s floating dtype (a soft ``P``
+        averages elements; ``P`` cast to integers would lose every weight below 1).
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must have shape (B, N, ...), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
@@ -39,6 +41,8 @@ def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
     check_same_device(P, "P", x, "x")
     B, N = x.shape[:2]
     flat = x.reshape(B, N, math.prod(x.shape[2:]))    # explicit size: -1 is ambiguous for empty x
+    if not flat.is_floating_point() and not flat.is_complex():
+        flat = flat.to(P.dtype if P.is_floating_point() else torch.get_default_dtype())
     y = P.transpose(1, 2).to(flat.dtype) @ flat
     return y.reshape(x.shape)
 
