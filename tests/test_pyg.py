@@ -148,6 +148,20 @@ def test_empty_graphs_give_zeros_and_finite_gradients():
     assert_close(empty, torch.zeros(3, 7, dtype=torch.float64), rtol=0, atol=0)
 
 
+def test_no_set_at_all_gives_an_empty_output_as_pygs_sum_and_mean_do():
+    # dim_size 0: a graph without nodes through a MessagePassing layer, or an empty batch (index or ptr)
+    aggr = _aggr()
+    none = torch.zeros(0, 5, dtype=torch.float64)
+    for out in (aggr(none, torch.zeros(0, dtype=torch.long)), aggr(none), aggr(none, ptr=torch.tensor([0])),
+                aggr(none, torch.zeros(0, dtype=torch.long), weights=torch.zeros(0, dtype=torch.float64))):
+        assert out.shape == (0, 7) and out.dtype == torch.float64
+    torch.manual_seed(0)
+    conv = SAGEConv(5, 6, aggr=PermutationAggregation(5, 5, _po())).double()
+    assert conv(none, torch.zeros(2, 0, dtype=torch.long)).shape == (0, 6)
+    with pytest.raises(ValueError, match="dim_size"):        # elements but no set: still refused
+        aggr(torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, dtype=torch.long), dim_size=0)
+
+
 def _graphs(num, features=4, seed=0):
     """Small random graphs with a label (does the graph hold more nodes with feature 0 > 0 than not)."""
     g = torch.Generator().manual_seed(seed)

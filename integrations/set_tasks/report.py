@@ -54,12 +54,14 @@ def summarize(cells: List[dict]) -> dict:
         tc = [c for c in cells if c["task"] == t]
         encoders = [e for e in ENCODERS if any(c["encoder"] == e for c in tc)]
         sizes = sorted({k for c in tc for k in c["test"]}, key=lambda k: (k != "train", int(k) if k.isdigit() else 0))
-        prints = {json.dumps({k: v for k, v in c["fingerprints"].items() if k in ("val", "train")}, sort_keys=True)
-                  for c in tc}
+        # every set of a task, at every size, compared over the cells that were scored on it (PO-LA has no
+        # larger sizes): the paired tests need the same sets for every encoder and seed
+        differ = sorted({k for c in tc for k in c["fingerprints"]
+                         if len({d["fingerprints"][k] for d in tc if k in d["fingerprints"]}) > 1})
         metric = TASKS[t].metric
         entry = {"family": TASKS[t].family, "output": TASKS[t].output, "metric": metric,
                  "description": TASKS[t].description,
-                 "same_test_sets": len(prints) == 1, "sizes": sizes,
+                 "same_test_sets": not differ, "differing_sets": differ, "sizes": sizes,
                  "prior": {k: next(c["prior"][k] for c in tc if k in c["prior"]) for k in sizes},
                  "encoders": {}}
         for e in encoders:
@@ -377,6 +379,11 @@ def write_report(out: Path, command: str = "") -> dict:
     if config.exists():
         command = json.loads(config.read_text(encoding="utf-8")).get("command") or command
     summary = summarize(cells)
+    differ = {t: e["differing_sets"] for t, e in summary["tasks"].items() if e["differing_sets"]}
+    if differ:
+        raise CommandError(f"--out {out}: cells of one task were scored on different sets (fingerprints differ: "
+                           + "; ".join(f"{t} {', '.join(k)}" for t, k in differ.items())
+                           + "); their comparison would not be paired: rerun those cells (another torch or --data-seed?)")
     summary["command"] = command
     res = Path(out) / "results"
     write_json(res / "summary.json", summary, sort_keys=False)

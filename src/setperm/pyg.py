@@ -104,6 +104,11 @@ class PermutationAggregation(Aggregation):
             # densified with the elements, as one more column: one scatter, the same padding and the
             # same elements dropped past max_num_elements
             x = torch.cat([x, weights.reshape(-1, 1).to(x.dtype)], dim=-1)
+        if dim_size == 0 and x.shape[0] == 0:
+            # No set at all (a graph without nodes inside a MessagePassing layer, an empty batch): PyG's
+            # to_dense_batch cannot size an empty batch (max of an empty tensor), the output has no rows.
+            self.assert_two_dimensional_input(x, dim)
+            return x.new_zeros(0, self.out_channels)
         dense, mask = self.to_dense_batch(x, index, ptr, dim_size, dim, max_num_elements=max_num_elements)
         num_sets = dense.shape[0]
         dense_weights = None

@@ -438,6 +438,21 @@ def test_report_command_reads_only_the_cell_files(tmp_path):
     assert _cli("report", "--out", str(tmp_path / "nothing")) == 1
 
 
+def test_report_refuses_cells_scored_on_different_sets(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(out, tmp_path, "--tasks", "kth", "--encoders", "deepsets,po-u", "--seeds", "1", "--no-report") == 0
+    path = cell_path(out, "kth", "po-u", 0)
+    cell = json.loads(path.read_text(encoding="utf-8"))
+    size = next(k for k in cell["fingerprints"] if k not in ("val", "train"))     # a larger test size
+    cell["fingerprints"][size] = "0" * 16
+    path.write_text(json.dumps(cell), encoding="utf-8")
+    capsys.readouterr()
+    assert _cli("report", "--out", str(out)) == 1
+    err = capsys.readouterr().err
+    assert f"kth {size}" in err and "different sets" in err
+    assert not (out / "results").exists()
+
+
 def test_report_writes_the_same_utf8_files_under_an_ascii_locale(tmp_path):
     """Where the locale's encoding is ASCII (the C locale, without Python's UTF-8 coercion), the
     command reads and writes the same UTF-8 files: the table's "mean ± std" and dashes included."""
