@@ -403,11 +403,24 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def mark_step_begin() -> None:
     """A new training iteration for CUDA graphs' memory pool (``mode="reduce-overhead"``); a no-op
-    outside CUDA graphs. (torch 2.1 and 2.2 have it in inductor only.)"""
-    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+    outside CUDA graphs. (torch 2.1 and 2.2 have it in inductor only; 2.0's CUDA graphs need none.)"""
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
     if mark is None:
-        mark = importlib.import_module("torch._inductor").cudagraph_mark_step_begin
+        try:
+            mark = importlib.import_module("torch._inductor").cudagraph_mark_step_begin
+        except (ImportError, AttributeError, RuntimeError):
+            return
     mark()
+
+
+def reset_compiler() -> None:
+    """Forget every compiled graph (between rows, so that none reuses another's), where torch.compile
+    runs at all (torch 2.0 on Python 3.11 cannot import dynamo: the row then records why)."""
+    try:
+        import torch._dynamo
+    except (ImportError, RuntimeError):
+        return
+    torch._dynamo.reset()
 
 
 def compile_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
@@ -420,7 +433,7 @@ def compile_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
         for kernel in args.compile_kernels:
             row: Dict[str, object] = {"config": cfg.name, "impl": f"torch.compile(encoder, mode={mode!r})",
                                       "kernel": kernel}
-            torch._dynamo.reset()
+            reset_compiler()
             try:
                 mod, (x, w) = _setperm(cfg, kernel, device)
                 compiled = torch.compile(mod, mode=mode, dynamic=False)
@@ -442,7 +455,7 @@ def compile_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
                 del mod, compiled, x, w
             except Exception as err:                         # one failing row must not lose the others
                 failed(row, err, args)
-            torch._dynamo.reset()
+            reset_compiler()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             report("compile", row)
