@@ -27,4 +27,6 @@ def set_scale(x: Tensor) -> Tensor:
     # s fits x's dtype.
     work = torch.promote_types(amax.dtype, torch.float32)
     exponent = torch.frexp(amax.to(work)).exponent                      # amax = m * 2^e, m in [0.5, 1)
-    return torch.ldexp(torch.ones_like(amax, dtype=work), (exponent - 1).clamp_min(0)).to(x.dtype)
+    # (the exponent in the working dtype: older torch, 2.4 among them, computes 2 ** an integer exponent
+    # in float32, which overflows past 2 ** 127)
+    return torch.ldexp(torch.ones_like(amax, dtype=work), (exponent - 1).clamp_min(0).to(work)).to(x.dtype)
