@@ -504,9 +504,18 @@ def _clear(path: Path) -> None:
             child.unlink()
 
 
+def _union(old, new):
+    """``new`` added to ``old``: a list keeps old's items and appends new's others; dicts merge key by key."""
+    if isinstance(old, list) and isinstance(new, list):
+        return old + [v for v in new if v not in old]
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{k: _union(old[k], v) if k in old else v for k, v in new.items()}}
+    return new
+
+
 def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change: Iterable[str],
             log: Callable[[str], None], checkpoints: bool = True,
-            validate: Optional[Callable[[dict], None]] = None) -> dict:
+            validate: Optional[Callable[[dict], None]] = None, accumulate: Iterable[str] = ()) -> dict:
     """Rank 0's decision: {"run_id", "state", "summary", "config", "resumed"}; performs the disk changes.
     The caller holds the folder's lock."""
     holds_run = (path / CONFIG).is_file()
@@ -536,7 +545,8 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
                 validate(old)
             run_id = old.get("run_id") or uuid.uuid4().hex
             state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log) if checkpoints else None
-            merged = {**config, "run_id": run_id}
+            merged = {**config, **{k: _union(old[k], config[k]) for k in accumulate if k in old and k in config},
+                      "run_id": run_id}
             write_json(path / CONFIG, merged)          # lengths that grew are recorded
             if summary_file.is_file():
                 # the run now does more than its record says: it is not finished until it writes a new one
@@ -557,7 +567,8 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
 
 def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, overwrite: bool = False,
              may_change: Iterable[str] = (), keep_last: int = 2, log: Callable[[str], None] = print,
-             checkpoints: bool = True, validate: Optional[Callable[[dict], None]] = None) -> Run:
+             checkpoints: bool = True, validate: Optional[Callable[[dict], None]] = None,
+             accumulate: Iterable[str] = ()) -> Run:
     """Apply the rule of this module's docstring to ``out`` and return the :class:`Run`.
 
     Args:
@@ -572,6 +583,9 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
             checkpoints of its own: ``--resume`` then neither looks for nor mentions checkpoints.
         validate: on ``--resume``, called with the stored config before anything changes (under the
             folder's lock), for checks beyond equal settings; it raises RunError to refuse.
+        accumulate: settings (of ``may_change``) recorded on ``--resume`` as the union of the stored and
+            the given values (lists: the stored items, then the new ones; dicts: merged key by key), for
+            a sweep whose folder keeps, and whose report reads, whatever earlier runs added to it.
     Raises:
         RunError with a one-line message when the run cannot start as asked.
 
@@ -588,7 +602,7 @@ def open_run(out: str | os.PathLike, config: dict, *, resume: bool = False, over
     if rank == 0:
         try:
             lock = _lock_folder(path)            # before anything in the folder is read, written or deleted
-            decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints, validate)
+            decision = _decide(path, config, resume, overwrite, may_change, log, checkpoints, validate, accumulate)
         except RunError as e:
             error = str(e)
             if lock is not None:

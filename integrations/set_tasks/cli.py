@@ -144,7 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.no_report:
         write_report(out, command=command)
         print(f"set_tasks: wrote {out / 'results'}", file=sys.stderr)
-    run.finish({"cells": len(plan_cells(args.tasks, args.encoders, range(args.seeds))), "cells_run_now": len(done),
+    run.finish({"cells": len(plan_cells(run.config["tasks"], run.config["encoders"], run.config["seeds"])),
+                "cells_run_now": len(done),
                 "seconds_now": time.perf_counter() - t0,
                 "results": None if args.no_report else "results/"})
     return 0

@@ -165,7 +165,10 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
                           cnn_train_images, command)
     if _needs_mnist(tasks) and not _embedding_cache(out, cnn_epochs, cnn_train_images).is_file():
         dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
-    run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, checkpoints=False,
+    # the record lists every task, encoder and seed the folder holds (the report reads them all), also
+    # after a --resume that asked for fewer
+    run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, accumulate=EXTENDS,
+                   checkpoints=False,
                    log=lambda line: print(line, file=log, flush=True),
                    validate=lambda stored: _check_widths(out, config["widths"], stored))
     if run.finished:

@@ -563,3 +563,20 @@ def test_step_time_times_every_encoder_on_the_same_batches(tmp_path, capsys):
     for name, r in result["encoders"].items():
         assert len(r["ms"]) == 2 and r["median_ms"] > 0 and r["parameters"] > 0
     assert result["encoders"]["set-transformer"]["vs_set_transformer"] == 1.0
+
+
+def test_a_resume_that_asks_for_fewer_cells_keeps_the_record_of_all(tmp_path, capsys):
+    """--resume with shorter lists runs nothing new; config.json and summary.json still list every task,
+    encoder and seed the folder holds (the report reads them all), and the full command is then a
+    finished sweep, not a refused one."""
+    out = tmp_path / "run"
+    full = ("--tasks", "leftmost,kth", "--encoders", "deepsets,sort", "--seeds", "2")
+    assert _run(out, tmp_path, *full) == 0
+    assert _run(out, tmp_path, "--tasks", "kth", "--encoders", "sort", "--seeds", "1", "--resume") == 0
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert (config["tasks"], config["encoders"], config["seeds"]) == (["leftmost", "kth"], ["deepsets", "sort"], [0, 1])
+    assert set(config["widths"]) == {"leftmost", "kth"}
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["cells"] == 8
+    capsys.readouterr()
+    assert _run(out, tmp_path, *full) == 0
+    assert "holds a finished sweep" in capsys.readouterr().err
