@@ -96,3 +96,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     if durable:
         fsync_folder(path.parent)
     return path
+
+
+class _DropAfterClose:
+    """``f`` for ``torch.save``, except that a write after ``f`` was closed is dropped. When an exception
+    (a second signal, :class:`~.lifecycle.StopNow`) leaves torch's zip writer before it has finished its
+    archive, the writer finishes it from its C++ destructor, once the exception has been handled: by then
+    :func:`atomic_write` has closed and removed the temporary file, and the error a closed file raises
+    inside that destructor would abort the process (``std::terminate``) instead of letting it exit."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def write(self, data) -> int:
+        return len(memoryview(data)) if self._f.closed else self._f.write(data)
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+
+def atomic_torch_save(path: str | os.PathLike, obj, *, durable: bool = True) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write` (same guarantees, same errors)."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, _DropAfterClose(f)), durable=durable)

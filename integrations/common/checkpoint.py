@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_torch_save
 
 FORMAT = 2
 _STEP_FILE = re.compile(r"step_(\d+)\.pt")
@@ -103,7 +103,7 @@ def write_checkpoint(folder: Path, *, run_id: str, step: int, config: dict, mode
         state["scheduler"] = scheduler.state_dict()
     state["extra"] = dict(extra or {})
     path = folder / f"step_{int(step):08d}.pt"
-    return atomic_write(path, lambda f: torch.save(state, f))
+    return atomic_torch_save(path, state)
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", mmap: bool = False) -> dict:

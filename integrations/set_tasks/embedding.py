@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from integrations.common.atomic import atomic_write
+from integrations.common.atomic import atomic_torch_save
 from integrations.common.seeding import seed_everything, seeded_generator
 from integrations.common.datasets import load_split
 
@@ -121,7 +121,7 @@ def mnist_features(data_root: Optional[os.PathLike], cache: Optional[Path] = Non
                         acc, seconds)
     if cache is not None:
         state = out.to_dict()
-        atomic_write(cache, lambda f: torch.save(state, f))
+        atomic_torch_save(cache, state)
     return out
 
 

@@ -165,3 +165,30 @@ def test_two_signals_in_quick_succession_keep_the_invariants(tmp_path):
     files = list((out / "checkpoints").glob("step_*.pt"))
     assert files and all(read_checkpoint(p)["step"] > 0 for p in files)
     _finish(cmd, out, "--resume")
+
+
+def test_a_stop_before_torch_finishes_its_archive_does_not_abort_the_process(tmp_path):
+    """A second signal that lands as torch.save's zip writer is about to finish its archive leaves the
+    finishing to the writer's C++ destructor, after atomic_write has closed the temporary file: the
+    process must still exit normally (it aborted with std::terminate), leaving no temporary file."""
+    script = f"""
+import gc, sys
+import torch, torch.serialization as ser
+from integrations.common.atomic import atomic_torch_save
+from integrations.common.lifecycle import StopNow
+import signal
+
+def stop(self, *args):                 # the signal's exception at the first instruction of __exit__
+    raise StopNow(signal.SIGTERM, {str(tmp_path)!r})
+ser._open_zipfile_writer_buffer.__exit__ = stop
+try:
+    atomic_torch_save({str(tmp_path / "x.pt")!r}, {{"w": torch.randn(64, 64)}})
+except StopNow:
+    pass
+gc.collect()
+sys.exit(143)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, text=True, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert not list(tmp_path.iterdir())
