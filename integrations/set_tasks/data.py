@@ -86,6 +86,9 @@ def sample_sets(task: Task, sizes: Tensor, generator: torch.Generator, pool: Opt
     do not depend on which other kinds exist."""
     if sizes.dim() != 1 or len(sizes) == 0 or int(sizes.min()) < 1:
         raise ValueError(f"sizes: expected a non-empty (B,) tensor of sizes >= 1, got {sizes.tolist()}")
+    if int(sizes.min()) < task.min_size:
+        raise ValueError(f"sizes: task {task.name!r} needs sets of at least {task.min_size} elements, "
+                         f"got {int(sizes.min())}")
     B, N = len(sizes), int(sizes.max())
     mask = torch.arange(N) < sizes.unsqueeze(1)
     xs = None

@@ -125,6 +125,17 @@ def _check_names(tasks: Sequence[str], encoders: Sequence[str]) -> None:
         raise ValueError(f"encoders: unknown {bad}; expected some of {ENCODERS}")
 
 
+def _check_sizes(tasks: Sequence[str], cfg: TrainConfig) -> None:
+    """Before the run folder is touched: every set drawn (training, validation and test) must be large enough
+    for each task's answer to exist (:attr:`Task.min_size`)."""
+    for flag, sizes in (("--min-size", [cfg.min_size]), ("--test-sizes", list(cfg.test_sizes))):
+        for t in tasks:
+            small = [n for n in sizes if n < get_task(t).min_size]
+            if small:
+                raise ValueError(f"{flag} {small[0]}: task {t!r} needs sets of at least {get_task(t).min_size} "
+                                 f"elements")
+
+
 def _needs_mnist(tasks: Sequence[str]) -> bool:
     return any(get_task(t).elements == "mnist" for t in tasks)
 
@@ -160,6 +171,7 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     written (a second signal stops at once)."""
     log = log if log is not None else sys.stderr
     _check_names(tasks, encoders)
+    _check_sizes(tasks, cfg)
     out = Path(out)
     config = suite_config(tasks, encoders, seeds, cfg, reference_width, jobs, threads, cnn_epochs,
                           cnn_train_images, command)

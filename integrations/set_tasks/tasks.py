@@ -43,7 +43,8 @@ class Task:
     """``output``: ``"class"`` (cross-entropy over ``num_classes``), ``"count"`` (regression on
     ``answer / scale`` of an integer answer, scored by the rounded prediction; ``scale`` is about the
     answer's spread at the training sizes) or ``"real"`` (regression on ``answer / scale`` of a float
-    answer, scored by MSE)."""
+    answer, scored by MSE). ``min_size``: the fewest elements a set needs for its answer to exist (the
+    k-th point from the left needs k points); smaller sets would read their answer from the padding."""
 
     name: str
     family: str
@@ -53,6 +54,7 @@ class Task:
     num_classes: int = NUM_CLASSES
     scale: float = 1.0
     description: str = ""
+    min_size: int = 1
 
     def __post_init__(self):
         if self.elements not in ELEMENTS:
@@ -127,9 +129,10 @@ TASKS: Dict[str, Task] = {t.name: t for t in (
     Task("sum", "order-free", "mnist", "count", answer_sum, scale=10.0, description="sum of the digits"),
     Task("max", "order-free", "mnist", "class", answer_max, description="largest digit"),
     Task("median", "rank", "mnist", "class", answer_median, description="lower median digit"),
-    Task("second", "rank", "mnist", "class", answer_second, description="second-largest digit"),
+    Task("second", "rank", "mnist", "class", answer_second, description="second-largest digit", min_size=2),
     Task("leftmost", "position", "points", "class", answer_leftmost, description="class of the leftmost point"),
-    Task("kth", "position", "points", "class", answer_kth, description=f"class of the {KTH}rd point from the left"),
+    Task("kth", "position", "points", "class", answer_kth, description=f"class of the {KTH}rd point from the left",
+         min_size=KTH),
     Task("left-of-max", "position", "points", "count", answer_left_of_max, scale=2.0,
          description="points left of the largest-class point"),
     Task("unique", "counting", "mnist", "count", answer_unique, scale=2.0, description="number of distinct digits"),

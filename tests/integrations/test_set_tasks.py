@@ -174,6 +174,17 @@ def test_sampling_arguments_are_checked():
         fixed_sets(get_task("kth"), "train", 5, 5, 0)
 
 
+@pytest.mark.parametrize("name, smallest", [("kth", KTH), ("second", 2)])
+def test_a_set_too_small_for_its_answer_is_refused(name, smallest):
+    # the 3rd point from the left of a 2-point set does not exist: it would be read from the padding
+    task, g = get_task(name), torch.Generator().manual_seed(0)
+    assert task.min_size == smallest
+    pool = _pool() if task.elements == "mnist" else None
+    with pytest.raises(ValueError, match=rf"sizes: task '{name}' needs sets of at least {smallest} elements, got {smallest - 1}"):
+        sample_sets(task, torch.tensor([smallest + 3, smallest - 1]), g, pool)
+    assert sample_sets(task, torch.tensor([smallest] * 4), g, pool).target.shape == (4,)
+
+
 # ------------------------------------------------------------------------------ encoders
 def _permute_within_sets(x, mask, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -542,6 +553,15 @@ def test_a_non_finite_loss_stops_the_cell_before_the_update(tmp_path, monkeypatc
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cell kth/po-u/seed0" in last and "the loss is" in last and "at step 1;" in last
     assert not cell_path(out, "kth", "po-u", 0).exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--min-size", "2"), ("--test-sizes", "2")])
+def test_sizes_below_what_a_task_needs_are_one_line_and_leave_nothing(tmp_path, capsys, flag, value):
+    out = tmp_path / "run"
+    assert _run(out, tmp_path, "--tasks", "leftmost,kth", "--encoders", "deepsets", "--seeds", "1", flag, value) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} {value}" in err[0] and "'kth' needs sets of at least 3 elements" in err[0]
+    assert not out.exists()
 
 
 def test_a_missing_data_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
