@@ -267,6 +267,21 @@ def test_argument_checks_and_repr():
     assert text.startswith("PermutationAggregation(4, 6,") and "steps=2" in text and "po-u" in text
 
 
+def test_max_num_elements_is_checked():
+    # 0 would drop every element and give zeros for every set; PO-LA has one position per slot of the
+    # dense batch, so padding past num_positions is refused by name, not as a set "of N elements"
+    aggr = _aggr()
+    x, index = _sparse_sets([2, 3])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"max_num_elements must be a positive int, got {bad!r}"):
+            aggr(x, index, max_num_elements=bad)
+    la = _aggr(permutation="po-la", num_positions=3)
+    assert_close(la(x, index, max_num_elements=3), la(x, index), **TOL64)
+    with pytest.raises(ValueError, match=r"max_num_elements=4 pads every set to 4 elements, more than the 3 "
+                                         r"positions of PO-LA"):
+        la(x, index, max_num_elements=4)
+
+
 def test_core_library_does_not_import_pyg():
     code = "import sys, setperm; assert 'torch_geometric' not in sys.modules, 'setperm imported torch_geometric'"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
