@@ -282,6 +282,19 @@ def test_max_num_elements_is_checked():
         la(x, index, max_num_elements=4)
 
 
+def test_index_and_ptr_must_cover_the_rows_of_x():
+    aggr = _aggr()
+    x, index = _sparse_sets([2, 3])
+    for bad in (index[:3], torch.cat([index, index])):
+        with pytest.raises(ValueError, match=rf"index must have shape \(5,\), .* got \({bad.shape[0]},\)"):
+            aggr(x, bad)
+    for bad in ([0, 2, 4], [0, 2, 7]):
+        with pytest.raises(ValueError, match=rf"ptr must mark the boundaries of the 5 rows of x, got boundaries "
+                                             rf"spanning {bad[-1]} rows"):
+            aggr(x, ptr=torch.tensor(bad))
+    assert_close(aggr(x, ptr=torch.tensor([0, 2, 5])), aggr(x, index), **TOL64)
+
+
 def test_core_library_does_not_import_pyg():
     code = "import sys, setperm; assert 'torch_geometric' not in sys.modules, 'setperm imported torch_geometric'"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -105,6 +105,13 @@ class PermutationAggregation(Aggregation):
         if index is None and ptr is not None:
             # to_dense_batch works on index only: expand the CSR boundaries (sets are contiguous).
             index = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
+            if index.shape[0] != x.shape[0]:
+                raise ValueError(f"ptr must mark the boundaries of the {x.shape[0]} rows of x, got boundaries "
+                                 f"spanning {index.shape[0]} rows (ptr of shape {tuple(ptr.shape)})")
+        elif isinstance(index, Tensor) and (index.dim() != 1 or index.shape[0] != x.shape[0]):
+            # PyG's densification would fail in an expand, naming no argument
+            raise ValueError(f"index must have shape ({x.shape[0]},), the set of every row of x, got "
+                             f"{tuple(index.shape)}")
         if weights is not None:
             if not isinstance(weights, Tensor) or weights.reshape(-1).shape[0] != x.shape[0] or \
                     weights.dim() > 2 or (weights.dim() == 2 and weights.shape[1] != 1):
