@@ -69,7 +69,7 @@ LOCK = ".lock"
 # the code it holds, ban_code, is not compared here either but by the BAN trainer's own check on
 # --resume (so that runs recorded before the fingerprint existed still count as finished).
 OPERATIONAL = frozenset({"out", "resume", "overwrite", "device", "threads", "workers", "log_every",
-                         "checkpoint_every", "max_steps", "stop_at", "run_id", "command", "data_root",
+                         "checkpoint_every", "max_steps", "stop_at", "run_id", "command", "commands", "data_root",
                          "ban_root", "ban_code", "progress", "kernel"})
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -305,15 +305,22 @@ def _diagnostics_section(summary: dict, tasks: List[str], big: List[str]) -> Lis
     return lines
 
 
-def markdown(summary: dict, command: str = "") -> str:
+def markdown(summary: dict, command: Union[str, Sequence[str]] = "") -> str:
     """Tables: accuracy at the training sizes, size generalisation, count MAE, real-task MSE, cost, PO
-    diagnostics."""
+    diagnostics. ``command``: the command that wrote the cells, or the commands, in order, of a folder filled
+    in stages."""
     tasks = list(summary["tasks"])
     real = [t for t in tasks if summary["tasks"][t]["metric"] == "mse"]
     scored = [t for t in tasks if t not in real]          # the tasks that have an accuracy
     encoders = [e for e in ENCODERS if any(e in summary["tasks"][t]["encoders"] for t in tasks)]
     big = sorted({k for t in tasks for k in summary["tasks"][t]["sizes"] if k != "train"}, key=int)
-    lines = [f"Command: `{command}`", ""] if command else []
+    commands = [command] if isinstance(command, str) else list(command)
+    commands = [c for c in commands if c]
+    if len(commands) > 1:
+        lines = ["Commands (the folder was filled in stages; its cells are what these wrote together): "
+                 + ", then ".join(f"`{c}`" for c in commands), ""]
+    else:
+        lines = [f"Command: `{c}`" for c in commands] + ([""] if commands else [])
     lines += (_accuracy_section(summary, scored, encoders) + _recommended_section(summary, tasks, big)
               + _comparison_section(summary, tasks)
               + _size_section(summary, scored, encoders, big) + _count_section(summary, tasks, encoders, big)
@@ -371,22 +378,27 @@ def plot(summary: dict, path: Path) -> None:
 def write_report(out: Path, command: str = "") -> dict:
     """Read ``<out>/cells`` and write ``<out>/results/{summary.json, table.md, set_tasks.png}``.
 
-    The tables cite the command of the run (from ``config.json`` when present, else ``command``)."""
+    The tables cite the command of the run (from ``config.json`` when present, else ``command``): every command
+    that filled the folder where ``--resume`` added cells in stages."""
     cells = load_cells(out)
     if not cells:
         raise CommandError(f"--out {out}: no finished cell files under {Path(out) / 'cells'}")
     config = Path(out) / "config.json"
+    commands = [command] if command else []
     if config.exists():
-        command = json.loads(config.read_text(encoding="utf-8")).get("command") or command
+        stored = json.loads(config.read_text(encoding="utf-8"))
+        commands = stored.get("commands") or ([stored["command"]] if stored.get("command") else commands)
     summary = summarize(cells)
     differ = {t: e["differing_sets"] for t, e in summary["tasks"].items() if e["differing_sets"]}
     if differ:
         raise CommandError(f"--out {out}: cells of one task were scored on different sets (fingerprints differ: "
                            + "; ".join(f"{t} {', '.join(k)}" for t, k in differ.items())
                            + "); their comparison would not be paired: rerun those cells (another torch or --data-seed?)")
-    summary["command"] = command
+    summary["command"] = commands[-1] if commands else ""
+    if len(commands) > 1:
+        summary["commands"] = commands
     res = Path(out) / "results"
     write_json(res / "summary.json", summary, sort_keys=False)
-    (res / "table.md").write_text(markdown(summary, command), encoding="utf-8")
+    (res / "table.md").write_text(markdown(summary, commands), encoding="utf-8")
     plot(summary, res / "set_tasks.png")
     return summary

@@ -99,12 +99,14 @@ def suite_config(tasks: Sequence[str], encoders: Sequence[str], seeds: Sequence[
                  reference_width: int, jobs: int = 1, threads: int = 1, cnn_epochs: int = 2,
                  cnn_train_images: Optional[int] = None, command: str = "") -> dict:
     """The settings stored in ``config.json``: the protocol (compared on every re-run), the lists of
-    :data:`EXTENDS`, and the operational keys ``workers`` (= ``--jobs``), ``threads``, ``command``."""
+    :data:`EXTENDS`, and the operational keys ``workers`` (= ``--jobs``), ``threads``, ``command`` and
+    ``commands`` (every command that filled the folder, in order: recorded as a union on ``--resume``)."""
     protocol = {**dataclasses.asdict(cfg), "test_sizes": list(cfg.test_sizes), "reference_width": reference_width,
                 "cnn_epochs": cnn_epochs, "cnn_train_images": cnn_train_images}
     return {"protocol": protocol, "tasks": list(tasks), "encoders": list(encoders), "seeds": list(seeds),
             "widths": matched_widths(tasks, encoders, cfg, reference_width),
-            "workers": jobs, "threads": threads, "command": command}
+            "workers": jobs, "threads": threads, "command": command,
+            "commands": [command] if command else []}
 
 
 def _check_widths(out: Path, widths: Dict[str, Dict[str, dict]], stored: dict) -> None:
@@ -179,7 +181,8 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
         dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
     # the record lists every task, encoder and seed the folder holds (the report reads them all), also
     # after a --resume that asked for fewer
-    run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS, accumulate=EXTENDS,
+    run = open_run(out, config, resume=resume, overwrite=overwrite, may_change=EXTENDS,
+                   accumulate=EXTENDS + ("commands",),
                    checkpoints=False,
                    log=lambda line: print(line, file=log, flush=True),
                    validate=lambda stored: _check_widths(out, config["widths"], stored))

@@ -597,6 +597,10 @@ def test_a_resume_that_asks_for_fewer_cells_keeps_the_record_of_all(tmp_path, ca
     assert (config["tasks"], config["encoders"], config["seeds"]) == (["leftmost", "kth"], ["deepsets", "sort"], [0, 1])
     assert set(config["widths"]) == {"leftmost", "kth"}
     assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["cells"] == 8
+    # the table cites both commands, in order: the last alone would name 1 of the 8 cells
+    table = (out / "results" / "table.md").read_text(encoding="utf-8").splitlines()[0]
+    assert table.startswith("Commands (the folder was filled in stages")
+    assert table.index("--tasks leftmost,kth") < table.index("--tasks kth --encoders sort --seeds 1 --resume")
     capsys.readouterr()
     assert _run(out, tmp_path, *full) == 0
     assert "holds a finished sweep" in capsys.readouterr().err
