@@ -239,8 +239,16 @@ def code_fingerprint(ban_root) -> str:
 def build_official_ban(ban_root, ntoken: int, num_ans_candidates: int, v_dim: int = 2048,
                        num_hid: int = 1280, op: str = "c", gamma: int = 8, official: Optional[OfficialBan] = None):
     """``base_model.build_ban`` of the checkout without its dataset: a stand-in object supplies the
-    three attributes it reads (``dictionary.ntoken``, ``v_dim``, ``num_ans_candidates``)."""
+    three attributes it reads (``dictionary.ntoken``, ``v_dim``, ``num_ans_candidates``).
+
+    The counter's functions ``f[8:]``, which its forward never uses, are frozen (``requires_grad=False``)
+    as in ``model.build_ban``: they never get a gradient, and DistributedDataParallel would otherwise
+    fail at the second step of the plain official BAN (official training never changes them either)."""
+    from .counting import freeze_unused_functions
+
     off = official if official is not None else load_official(ban_root)
     stand_in = SimpleNamespace(dictionary=SimpleNamespace(ntoken=int(ntoken)), v_dim=int(v_dim),
                                num_ans_candidates=int(num_ans_candidates))
-    return off.base_model.build_ban(stand_in, num_hid, op, gamma)
+    model = off.base_model.build_ban(stand_in, num_hid, op, gamma)
+    freeze_unused_functions(model.counter)
+    return model

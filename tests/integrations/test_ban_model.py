@@ -580,6 +580,34 @@ def test_patch_ban_on_official_model(off, permutation):
     assert model.p_prj[0].main[0].weight_v.grad is not None
 
 
+@official
+@pytest.mark.parametrize("permutation", ["off", "po-u"])
+def test_official_model_trains_under_distributed_data_parallel(off, tmp_path, permutation):
+    """The official Counter holds 16 piecewise-linear functions of which the forward uses 8: as built
+    (the plain BAN too, which patch_ban returns unchanged) the unused ones are frozen, so DDP's
+    second step does not fail waiting for their gradients."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    model = patch_ban(official_ban(off), permutation)
+    counter = model.counter if permutation == "off" else model.ban.counter
+    assert not any(p.requires_grad for f in counter.f[8:] for p in f.parameters())
+    assert all(p.requires_grad for f in counter.f[:8] for p in f.parameters())
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        v, b, q = make_batch([10, 20], seed=9)
+        for _ in range(2):
+            opt.zero_grad()
+            out, _ = ddp(v, b, q, None)
+            out.logsumexp(1).mean().backward()
+            opt.step()
+        assert bool(torch.isfinite(out).all())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.usefixtures("inductor_builds_on_cpu")
 def test_compiled_kernel_gives_the_same_patched_model():
     """patch_ban(..., kernel="compiled") (the train script's --kernel): same logits and gradients."""
