@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=EVAL_SPLITS, default="val",
                    help="split to evaluate (default val; the test splits have no answers to score)")
     e.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
+    e.add_argument("--ban-root", default=None,
+                   help="official-model runs: the jnhwkim/ban-vqa checkout, holding the code the run was trained "
+                        "with (default: the path stored in the run's config)")
     e.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
     e.add_argument("--device", type=device_name, default="cpu", help="auto | cpu | cuda | cuda:1 ...")
     e.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
@@ -204,7 +207,7 @@ def cmd_eval(args) -> int:
     out = ensure_new(Path(args.out) if args.out else run_folder(args.run) / f"eval_{args.split}.json",
                      overwrite=args.overwrite)
     metrics = evaluate_run(args.run, split=args.split, data_root=args.data_root, device=args.device,
-                           batch_size=args.batch_size, workers=args.workers)
+                           batch_size=args.batch_size, workers=args.workers, ban_root=args.ban_root)
     write_new_json(out, metrics, overwrite=args.overwrite)
     print(json.dumps(metrics, indent=1))
     print(f"results: {out}")

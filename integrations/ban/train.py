@@ -557,16 +557,18 @@ def _loop(trainer: _Trainer) -> None:
 # evaluation of a finished (or interrupted) run
 # ---------------------------------------------------------------------------------------------
 
-def load_run(run_dir, split: str, data_root: Optional[str], device) -> tuple:
+def load_run(run_dir, split: str, data_root: Optional[str], device, ban_root: Optional[str] = None) -> tuple:
     """``(model, dataset, stored config, checkpoint state)`` of a run's newest intact checkpoint: the model
     on ``device`` in eval mode, the dataset of ``split``; every model and data setting comes from the
-    run's stored config (``data_root``: the data elsewhere)."""
+    run's stored config (``data_root``: the data elsewhere; ``ban_root``: the official checkout elsewhere,
+    see :func:`official_checkout`)."""
     from integrations.common import load_latest
 
     state = load_latest(run_dir)
     saved = argparse.Namespace(**state["config"])
     if data_root is not None:
         saved.data_root = data_root
+    official_checkout(saved, ban_root, run_dir)
     dictionary = Dictionary.load(Path(saved.data_root) / "dictionary.pkl")
     ds = VQAFeatureDataset(saved.data_root, split, dictionary, adaptive=not saved.fixed36)
     model = build_model(saved, dictionary.ntoken, ds.num_ans_candidates, ds.v_dim)
@@ -574,16 +576,44 @@ def load_run(run_dir, split: str, data_root: Optional[str], device) -> tuple:
     return model.to(device).eval(), ds, saved, state
 
 
+def official_checkout(saved: argparse.Namespace, ban_root: Optional[str], run_dir) -> None:
+    """Point a stored config of an official-model run at the checkout to rebuild its model from: ``ban_root``,
+    or the stored path when None; either must hold the code the run was trained with (its ``ban_code``), as
+    on ``--resume``. CommandError naming ``--ban-root`` otherwise, and for ``ban_root`` given to a run of the
+    self-contained model."""
+    from .official import check_root, code_fingerprint
+
+    stored = getattr(saved, "ban_root", None)
+    if not stored:
+        if ban_root is not None:
+            raise CommandError(f"--ban-root: {run_dir} was trained with the self-contained model (no --ban-root); "
+                               "leave the flag out")
+        return
+    if ban_root is not None:
+        saved.ban_root = ban_root_path(ban_root)
+    else:
+        try:
+            check_root(stored)
+        except (OSError, ValueError):
+            raise CommandError(f"--ban-root: {run_dir} was trained with the official model from {stored}, which is "
+                               "not a jnhwkim/ban-vqa checkout any more; pass --ban-root with a checkout of the same "
+                               "code") from None
+    code = getattr(saved, "ban_code", None)
+    if code is not None and code_fingerprint(saved.ban_root) != code:
+        raise CommandError(f"--ban-root: {saved.ban_root} holds other code than the checkout {run_dir} was trained "
+                           f"with ({stored}); pass a checkout of that code")
+
+
 def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device: str = "cpu",
-                 batch_size: Optional[int] = None, workers: int = 0) -> dict:
+                 batch_size: Optional[int] = None, workers: int = 0, ban_root: Optional[str] = None) -> dict:
     """Soft accuracy (overall, upper bound, per question type) of a run's newest intact checkpoint on
-    ``split`` (:func:`load_run`)."""
+    ``split`` (:func:`load_run`; ``ban_root``: the official checkout when it has moved)."""
     if split.startswith("test"):
         # the official test splits ship without answers (no cache/<split>_target.pkl): nothing to score
         raise CommandError(f"--split {split}: the test splits have no answers to score against; evaluate on "
                            f"{' or '.join(s for s in QUESTION_FILES if not s.startswith('test'))}")
     dev = resolve_device(device)
-    model, ds, saved, state = load_run(run_dir, split, data_root, dev)
+    model, ds, saved, state = load_run(run_dir, split, data_root, dev, ban_root)
     if setting(saved, "amp") and dev.type not in AMP_DEVICE_TYPES:
         raise CommandError(f"--device {device}: {run_dir} was trained with --amp and is evaluated under the same "
                            f"bfloat16 autocast, which runs on the CPU and CUDA only")

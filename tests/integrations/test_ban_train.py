@@ -426,6 +426,41 @@ def test_ban_root_is_stored_absolute_and_only_the_code_is_compared_on_resume(roo
             _same_model_code(new, old)
 
 
+@pytest.mark.skipif(not os.environ.get("SETPERM_BAN_ROOT"), reason="SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
+def test_eval_of_an_official_run_whose_checkout_moved_takes_ban_root_and_checks_its_code(root, tmp_path, capsys):
+    """The run stores the checkout's path and code fingerprint; evaluating it after the checkout moved
+    works with eval's own --ban-root (the same code elsewhere), and code other than the run's is refused,
+    as on --resume."""
+    import shutil
+
+    from integrations.ban.cli import main
+    from integrations.ban.train import evaluate_run
+    from integrations.common import run_command
+
+    checkout = shutil.copytree(os.environ["SETPERM_BAN_ROOT"], tmp_path / "ban-vqa",
+                               ignore=shutil.ignore_patterns("data", ".git", "__pycache__"))
+    run(_args(root, tmp_path / "run", "--permutation", "po-u", "--ban-root", str(checkout), "--max-steps", "1"))
+    before = evaluate_run(tmp_path / "run")
+    moved = checkout.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert run_command(main, "ban", ["eval", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "e.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ban-root:" in err[0] and str(checkout) in err[0]
+    assert run_command(main, "ban", ["eval", "--run", str(tmp_path / "run"), "--ban-root", str(moved),
+                                     "--out", str(tmp_path / "e.json")]) == 0
+    import json
+
+    after = json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))
+    assert after["soft_acc"] == pytest.approx(before["soft_acc"], abs=1e-9) and after["n"] == before["n"]
+    with (moved / "counting.py").open("a") as f:
+        f.write("# changed\n")
+    with pytest.raises(CommandError, match="--ban-root: .* holds other code"):
+        evaluate_run(tmp_path / "run", ban_root=str(moved))
+    run(_args(root, tmp_path / "plain", "--permutation", "off", "--max-steps", "1"))
+    with pytest.raises(CommandError, match="--ban-root: .* self-contained model"):
+        evaluate_run(tmp_path / "plain", ban_root=str(moved))
+
+
 def test_batches_for_the_official_model_have_at_least_ten_boxes(tmp_path):
     from integrations.ban.train import OFFICIAL_MIN_BOXES, make_loader, min_boxes
 

@@ -18,6 +18,9 @@ def add_diagnose_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--sweep", help="compare sweep folder: diagnose every finished <sweep>/runs/<variant>-s<seed>")
     p.add_argument("--split", default="val", help="split to read (default val)")
     p.add_argument("--data-root", default=None, help="synthetic dataset (default: the one stored in the run's config)")
+    p.add_argument("--ban-root", default=None,
+                   help="official-model runs: the jnhwkim/ban-vqa checkout, holding the code the runs were trained "
+                        "with (default: the path stored in each run's config)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
     p.add_argument("--max-questions", type=positive_int, default=None,
                    help="only the first N questions of the split (default: all)")
@@ -33,7 +36,7 @@ def cmd_diagnose(args) -> int:
     from integrations.common import ensure_new, run_folder, write_new_json
 
     kwargs = dict(split=args.split, data_root=args.data_root, device=args.device, batch_size=args.batch_size,
-                  max_questions=args.max_questions)
+                  max_questions=args.max_questions, ban_root=args.ban_root)
     if args.sweep:
         results = diagnose_sweep(args.sweep, out=Path(args.out) if args.out else None, overwrite=args.overwrite,
                                  log=lambda s: print(s, flush=True), **kwargs)

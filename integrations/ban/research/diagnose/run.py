@@ -152,7 +152,8 @@ def _add_batch(acc: "_Accumulator", families: List[str], att: Tensor, boxes: Ten
 
 
 def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device="cpu",
-                 batch_size: Optional[int] = None, max_questions: Optional[int] = None) -> dict:
+                 batch_size: Optional[int] = None, max_questions: Optional[int] = None,
+                 ban_root: Optional[str] = None) -> dict:
     """Attention mass on the asked class, order and sharpness of P and eta of a run's newest checkpoint.
 
     Args:
@@ -164,6 +165,8 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
         device: where to run the model ("cpu", "cuda", "auto", ...).
         batch_size: questions per forward (default: the run's batch size).
         max_questions: diagnose only the first N questions of the split (in file order).
+        ban_root: for a run of the official model, its checkout (default: the path stored in the run's
+            config); it must hold the code the run was trained with.
 
     Returns:
         A JSON-able dict: ``variant``, ``checkpoint``, ``step``, ``split``, ``n_questions``, ``glimpses``,
@@ -185,7 +188,7 @@ def diagnose_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
     path = Path(run_dir)
     folder = run_folder(path)
     dev = resolve_device(device)
-    model, ds, saved, state = load_run(path, split, data_root, dev)
+    model, ds, saved, state = load_run(path, split, data_root, dev, ban_root)
     qtypes = load_question_types(saved.data_root)
     if qtypes is None:
         raise FileNotFoundError(f"{saved.data_root}: not a synthetic dataset (no synth_meta.json); diagnose "

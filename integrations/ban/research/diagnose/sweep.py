@@ -130,7 +130,8 @@ def _stored_diagnosis(run_dir: Path, split: str, data_root: Optional[str], max_q
 
 def diagnose_sweep(sweep_out, *, split: str = "val", data_root: Optional[str] = None, device="cpu",
                    batch_size: Optional[int] = None, max_questions: Optional[int] = None,
-                   out: Optional[Path] = None, overwrite: bool = False, log=lambda s: None) -> dict:
+                   out: Optional[Path] = None, overwrite: bool = False, log=lambda s: None,
+                   ban_root: Optional[str] = None) -> dict:
     """:func:`diagnose_run` on every finished run of a ``compare`` sweep (``<sweep_out>/runs/<variant>-s<seed>``);
     writes ``out`` (default ``<sweep_out>/results/diagnose.json``) and the Markdown report next to it
     (``.md``), never replacing either without ``overwrite``. Unfinished runs are skipped and listed under
@@ -157,7 +158,8 @@ def diagnose_sweep(sweep_out, *, split: str = "val", data_root: Optional[str] = 
         else:
             log(f"diagnose {run_dir.name}")
             per_run[cell_name(variant, seed)] = diagnose_run(run_dir, split=split, data_root=data_root, device=device,
-                                                             batch_size=batch_size, max_questions=max_questions)
+                                                             batch_size=batch_size, max_questions=max_questions,
+                                                             ban_root=ban_root)
         seeds[variant].append(seed)
     if not per_run:
         raise FileNotFoundError(f"{Path(sweep_out) / 'runs'}: no finished run to diagnose"
