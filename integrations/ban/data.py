@@ -204,12 +204,17 @@ def load_answers(root: str | os.PathLike) -> tuple[dict, list]:
 def tfidf_word_embedding(questions: Sequence[str], dictionary: Dictionary, glove: np.ndarray) -> np.ndarray:
     """The tf-idf weighted GloVe init of BAN's second embedding table (``op='c'``), (ntoken, dim).
 
-    As in the official ``tfidf_from_questions``: every ordered pair of distinct token positions in
-    a question adds an edge row -> col of weight 1 / df(col) (df = number of occurrences of col),
-    and rows are normalised to sum 1; the init is that row-stochastic matrix times GloVe.
-    Deviation: the official code also appends words that are not in the dictionary (with their
-    GloVe vectors from glove.6B.300d.txt); here only dictionary words are used, so the GloVe text
-    file is not needed. Words without any co-occurrence keep a zero row (as officially).
+    The weighting the official ``tfidf_from_questions`` describes: every ordered pair of distinct
+    token positions in a question adds an edge row -> col of weight 1 / df(col) (df = number of
+    occurrences of col), and rows are normalised to sum 1; the init is that row-stochastic matrix
+    times GloVe. Words without any co-occurrence keep a zero row (as officially).
+
+    Deviations from what the official code computes: (1) its loop ``vals[col] /= df[col]`` indexes
+    the values by the word id instead of the entry, so only the first ntoken entries are divided
+    and all other edges keep weight 1: the official matrix is, up to those entries, the plain
+    co-occurrence average without idf, which this function does not reproduce; (2) it also appends
+    words that are not in the dictionary (with their GloVe vectors from glove.6B.300d.txt); here only
+    dictionary words are used, so the GloVe text file is not needed.
     """
     n = dictionary.ntoken
     df = np.zeros(n, dtype=np.float64)

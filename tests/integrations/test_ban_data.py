@@ -142,6 +142,18 @@ def test_glove_and_tfidf_init(root):
         np.testing.assert_allclose(out[t], 1.0 if t in seen else 0.0, atol=1e-6)
 
 
+def test_tfidf_weights_each_co_occurring_word_by_its_inverse_document_frequency():
+    """The weighting the official code describes (1 / df of the co-occurring word, rows summing to 1);
+    the official loop's effective weights (all 1 but its first ntoken entries) are a documented deviation."""
+    words = ["x", "y", "z", "w", "v"]
+    d = Dictionary({w: i for i, w in enumerate(words)}, list(words))
+    out = tfidf_word_embedding(["x y z", "y w", "y v"], d, np.eye(5, dtype=np.float32))
+    # df(y) = 3, df(z) = 1: x's row weights y and z as 1/3 : 1
+    np.testing.assert_allclose(out[0], [0, 0.25, 0.75, 0, 0], atol=1e-6)
+    # y co-occurs with x, z, w, v, each of df 1
+    np.testing.assert_allclose(out[1], [0.25, 0, 0.25, 0.25, 0.25], atol=1e-6)
+
+
 def test_generator_is_deterministic(root, tmp_path):
     again = synth.generate(tmp_path / "again", **SYNTH)
     for name in ("v2_OpenEnded_mscoco_train2014_questions.json", "dictionary.pkl", "cache/val_target.pkl"):
