@@ -318,6 +318,7 @@ class VQAFeatureDataset(Dataset):
         import h5py
 
         path = self.h5_path
+        rows = np.fromiter(self.img_id2idx.values(), dtype=np.int64, count=len(self.img_id2idx))
         try:
             f = h5py.File(path, "r")
         except Exception as e:
@@ -337,7 +338,11 @@ class VQAFeatureDataset(Dataset):
                 if pos.ndim != 2 or pos.shape[1] != 2:
                     raise VQADataError(path, "pos_boxes", f"expected (n_img, 2), got shape {pos.shape}")
                 p = np.asarray(pos)
-                bad = (p[:, 0] < 0) | (p[:, 1] <= p[:, 0]) | (p[:, 1] > feat.shape[0])
+                # only the rows of indexed images: the official converter leaves the rows of image ids it
+                # did not find in the TSV files at [0, 0] (it warns) and indexes no image there
+                used = np.zeros(len(p), dtype=bool)
+                used[rows[(rows >= 0) & (rows < len(p))]] = True
+                bad = used & ((p[:, 0] < 0) | (p[:, 1] <= p[:, 0]) | (p[:, 1] > feat.shape[0]))
                 if bad.any():
                     i = int(np.flatnonzero(bad)[0])
                     raise VQADataError(path, "pos_boxes",
@@ -354,7 +359,6 @@ class VQAFeatureDataset(Dataset):
                 n_img = feat.shape[0]
             self.v_dim = int(feat.shape[-1])
             self.s_dim = SPATIAL_DIM
-        rows = np.fromiter(self.img_id2idx.values(), dtype=np.int64, count=len(self.img_id2idx))
         if rows.size and (rows.min() < 0 or rows.max() >= n_img):
             bad_id = next(k for k, r in self.img_id2idx.items() if not 0 <= r < n_img)
             raise VQADataError(self.imgid_path, bad_id,

@@ -197,6 +197,23 @@ def test_pos_boxes_out_of_range_named(broken):
         VQAFeatureDataset(broken, "val")
 
 
+def test_unfilled_pos_boxes_rows_of_images_the_index_does_not_name_are_accepted(broken):
+    """The official converter sizes pos_boxes by the image ids it looks for and leaves the rows of ids it
+    does not find in the TSV files at [0, 0] (with a warning), without indexing them; the official loader
+    reads such a file, and so does this one. An indexed image with an empty range is still refused."""
+    with h5py.File(broken / "val.hdf5", "a") as f:
+        pos = f["pos_boxes"][:]
+        del f["pos_boxes"]
+        f.create_dataset("pos_boxes", data=np.concatenate([pos, np.zeros((2, 2), pos.dtype)]))
+    ds = VQAFeatureDataset(broken, "val")
+    assert len(ds) > 0 and ds[0].v.shape[0] >= 10
+    ds.close()
+    with h5py.File(broken / "val.hdf5", "a") as f:
+        f["pos_boxes"][0] = [0, 0]
+    with pytest.raises(VQADataError, match=_match("val.hdf5", "pos_boxes") + ".*row 0"):
+        VQAFeatureDataset(broken, "val")
+
+
 def test_corrupt_h5_named(broken):
     (broken / "val.hdf5").write_bytes(b"not an hdf5 file" * 10)
     with pytest.raises(VQADataError, match=_match("val.hdf5", "cannot open")):
