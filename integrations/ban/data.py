@@ -304,11 +304,10 @@ class VQAFeatureDataset(Dataset):
     # -- validation ---------------------------------------------------------------------------
     def _load_imgid2idx(self):
         base = self.split if self.adaptive else self.split + "36"
+        # the fixed-36 file has its own index ({split}36_imgid2idx.pkl, official detection_features_converter):
+        # its rows follow the order of another TSV file than the adaptive ones, so {split}_imgid2idx.pkl
+        # would pair questions with other images' features
         path = self.root / f"{base}_imgid2idx.pkl"
-        if not self.adaptive and not path.is_file():
-            # the official fixed-36 converter writes {split}36_imgid2idx.pkl; accept the adaptive
-            # index too when the two files share the image order
-            path = self.root / f"{self.split}_imgid2idx.pkl"
         obj = _load_pickle(path)
         if not isinstance(obj, dict):
             raise VQADataError(path, "<root>", f"expected dict image id -> row, got {type(obj).__name__}")

@@ -129,6 +129,14 @@ def test_fixed36_files(root):
     assert it.v.shape == (36, 2048) and it.b.shape == (36, 6)
 
 
+def test_fixed36_files_need_their_own_index(broken):
+    """The official fixed-36 and adaptive converters read different TSV files, so their image rows differ:
+    without {split}36_imgid2idx.pkl the reader names that file instead of using the adaptive index."""
+    (broken / "val36_imgid2idx.pkl").unlink()
+    with pytest.raises(VQADataError, match=_match("val36_imgid2idx.pkl", "<file>")):
+        VQAFeatureDataset(broken, "val", adaptive=False)
+
+
 def test_glove_and_tfidf_init(root):
     d = Dictionary.load(root / "dictionary.pkl")
     glove = load_glove_init(root, d.ntoken)
