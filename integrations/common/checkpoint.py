@@ -140,12 +140,19 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu", mmap:
 def restore(state: dict, *, model=None, optimizer=None, scheduler=None, rng: bool = True, rank: int = 0) -> None:
     """Load a checkpoint's model / optimiser / scheduler / RNG states into the given objects (``rank``: the
     RNG states of that process where the checkpoint holds every rank's, else the writer's)."""
-    if model is not None:
-        _unwrap(model).load_state_dict(state["model"])
-    if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
+    where = state.get("path") or f"of step {state.get('step')}"
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+        if obj is None or (name != "model" and name not in state):
+            continue
+        try:
+            (_unwrap(obj) if name == "model" else obj).load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            # a checkpoint of other code or settings (parameters added, removed or frozen since): one line, not
+            # torch's listing of every key
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {where}: its {name} state does not fit the {name} built now ({first}); "
+                                  "it was written by other code or settings: start a new run, or use the code "
+                                  "that wrote it") from None
     if rng and "rng" in state:
         ranks = state.get("rng_ranks") or []
         set_rng_state(ranks[rank] if rank < len(ranks) else state["rng"])

@@ -128,6 +128,25 @@ def test_resume_restores_model_optimizer_rng_and_extra(tmp_path):
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)   # RNG restored to the save point
 
 
+def test_a_checkpoint_that_does_not_fit_the_model_or_optimizer_is_one_line(tmp_path):
+    """Code changed since the checkpoint (a parameter added, or one frozen so the optimiser holds fewer): a
+    CheckpointError naming the file and the part, not torch's error (the CLIs print it as one line)."""
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    m, opt = _model()
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    run.save(5, model=m, optimizer=opt)
+    resumed = open_run(tmp_path / "r", CFG, resume=True, log=lambda s: None)
+    wider = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match=r"step_0*5\.pt: its model state does not fit"):
+        resumed.restore(model=wider)
+    m2, _ = _model()
+    fewer = torch.optim.Adam(list(m2.parameters())[:1])
+    with pytest.raises(CheckpointError, match="its optimizer state does not fit") as e:
+        resumed.restore(model=m2, optimizer=fewer)
+    assert "\n" not in str(e.value)
+
+
 def test_rng_state_roundtrip_through_the_safe_loader(tmp_path):
     import random
 
