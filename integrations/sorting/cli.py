@@ -270,7 +270,12 @@ def cmd_demo(args) -> int:
     eval_file = out / "eval.json"
     settings = _eval_settings(sizes, args.intervals, args.test_sets, args.eval_seed)
     previous = json.loads(eval_file.read_text(encoding="utf-8")) if eval_file.is_file() else None
-    if previous is not None and all(previous.get(k) == v for k, v in settings.items()):
+    # the stored evaluation must also be of the model trained now: a --resume with more --train-sets
+    # continues the same run (same run_id) to a later step, whose scores the old file does not hold
+    run_id = json.loads((out / CONFIG).read_text(encoding="utf-8")).get("run_id")
+    same_model = (previous is not None and previous.get("step") == s["steps_done"]
+                  and (previous.get("config") or {}).get("run_id") == run_id)
+    if same_model and all(previous.get(k) == v for k, v in settings.items()):
         records = previous["records"]                      # this very evaluation is already on disk
     else:
         records = _run_eval(str(out), sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,

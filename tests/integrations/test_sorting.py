@@ -249,3 +249,23 @@ def test_eval_records_the_checkpoint_and_warns_on_an_unfinished_run(tmp_path, ca
     assert "warning" not in capsys.readouterr().err
     rec = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     assert rec["step"] == 4 and rec["total_train_steps"] == 4 and rec["finished"] is True
+
+
+def test_demo_continued_with_more_training_sets_evaluates_the_continued_model(tmp_path, capsys):
+    """A demo rerun with a larger --train-sets resumes the same run to a later step; its tables must
+    score that model, not repeat the evaluation of the earlier one."""
+    out = tmp_path / "demo"
+    tiny = ["demo", "--set-size", "4", "--batch-size", "64", "--test-sets", "8", "--eval-sizes",
+            "--intervals", "0,1", "--out", str(out)]
+    assert main([*tiny, "--train-sets", "128"]) == 0
+    first = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert first["step"] == 2
+    assert main([*tiny, "--train-sets", "512"]) == 0
+    second = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert second["step"] == 8 and second["finished"] is True
+    assert "| po-u | 4 | 8/8 |" in (out / "results.md").read_text(encoding="utf-8")
+    # the same command again reuses that evaluation: nothing on disk changes
+    before = (out / "eval.json").stat().st_mtime_ns
+    assert main([*tiny, "--train-sets", "512"]) == 0
+    assert (out / "eval.json").stat().st_mtime_ns == before
+
