@@ -234,7 +234,7 @@ def _heatmap(run: str, path: Path) -> Path:
     from .report import draw_heatmap
     from .train import load_trained
 
-    model, cfg = load_trained(run)
+    model, cfg = load_trained(run, flag="--heatmap-run")
     if model.cost is None:
         raise SystemExit(f"heat map: run {run} ({cfg['permutation']}) has no learned comparison F")
     return draw_heatmap(model.cost, path)

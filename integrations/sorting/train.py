@@ -13,12 +13,16 @@ from typing import Callable, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from integrations.common import (Run, finite_loss, load_latest, open_run, progress, resolve_device, seed_everything,
-                                 step_seed)
+from integrations.common import (CommandError, Run, finite_loss, load_latest, open_run, progress, resolve_device,
+                                 seed_everything, step_seed)
 from setperm import PermutationMonitor
 
 from .data import sample_sets
-from .model import build_model, sort_forward
+from .model import PERMUTATIONS, build_model, sort_forward
+
+# The settings build_model and the evaluation read from a sorting run's stored config.
+_SORTING_KEYS = ("set_size", "permutation", "steps", "cost_hidden", "eta_init", "sinkhorn_iters", "temperature",
+                 "batch_size", "train_sets")
 
 # How long to train may grow on --resume (more sets: the batches already drawn do not change).
 _MAY_CHANGE = ("train_sets",)
@@ -172,17 +176,27 @@ def train(config: Mapping, *, log: Callable[[str], None] = print) -> dict:
     return {**summary, "finished": step >= total}
 
 
-def load_trained(run_dir, *, map_location="cpu"):
-    """(model, resolved config) from a training run directory or a checkpoint file (newest intact one)."""
-    model, cfg, _ = load_checkpoint(run_dir, map_location=map_location)
+def load_trained(run_dir, *, map_location="cpu", flag: str = "--run"):
+    """(model, resolved config) from a training run directory or a checkpoint file (newest intact one);
+    ``flag`` names the option that gave ``run_dir`` in the error for a checkpoint of another kind."""
+    model, cfg, _ = load_checkpoint(run_dir, map_location=map_location, flag=flag)
     return model, cfg
 
 
-def load_checkpoint(run_dir, *, map_location="cpu"):
+def load_checkpoint(run_dir, *, map_location="cpu", flag: str = "--run"):
     """(model, resolved config, which) like :func:`load_trained`; ``which`` says what is scored:
     ``checkpoint`` (its path), ``step``, ``total_train_steps`` and ``finished`` (step reached the total)."""
     state = load_latest(run_dir, map_location=map_location)
     cfg = state["config"]
+    # a checkpoint of another integration (a mosaic or BAN run) would otherwise fail deep inside
+    # build_model with a KeyError on a setting it never had
+    missing = [k for k in _SORTING_KEYS if k not in cfg]
+    if missing:
+        raise CommandError(f"{flag} {run_dir}: {state['path']} is not a checkpoint of a sorting run (its config lacks "
+                           f"{', '.join(missing)})")
+    if cfg["permutation"] not in PERMUTATIONS:
+        raise CommandError(f"{flag} {run_dir}: {state['path']} is not a checkpoint of a sorting run (permutation "
+                           f"{cfg['permutation']!r}, expected one of {PERMUTATIONS})")
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     step, total = int(state["step"]), total_train_steps(cfg)

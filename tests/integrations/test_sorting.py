@@ -269,3 +269,24 @@ def test_demo_continued_with_more_training_sets_evaluates_the_continued_model(tm
     assert main([*tiny, "--train-sets", "512"]) == 0
     assert (out / "eval.json").stat().st_mtime_ns == before
 
+
+def test_eval_of_a_checkpoint_of_another_integration_is_one_line(tmp_path, capsys):
+    from integrations.common import run_command
+    from integrations.common.checkpoint import write_checkpoint
+
+    other = tmp_path / "mosaic-run"
+    write_checkpoint(other / "checkpoints", run_id="x", step=1, model=nn.Linear(2, 2),
+                     config=dict(task="mosaic", dataset="mnist", tiles=3, permutation="po-la", steps=4))
+    code = run_command(main, "sort", ["eval", "--run", str(other), "--out", str(tmp_path / "e.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "--run" in err[0] and "not a checkpoint of a sorting run" in err[0], err
+    assert not (tmp_path / "e.json").exists()
+    # the heat map names its own flag
+    run = tmp_path / "run"
+    train(_config(run, train_sets=64), log=lambda s: None)
+    assert main(["eval", "--run", str(run), "--intervals", "0,1", "--test-sets", "4"]) == 0
+    capsys.readouterr()
+    code = run_command(main, "sort", ["table", "--evals", str(run / "eval.json"), "--out", str(tmp_path / "t"),
+                                      "--heatmap-run", str(other)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "--heatmap-run" in err[-1] and "not a checkpoint of a sorting run" in err[-1], err
