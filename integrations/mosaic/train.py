@@ -412,6 +412,12 @@ def load_run(run_dir, *, data_root_flag: Optional[str] = None, test_subset: Opti
         saved.test_subset = test_subset
     saved.subset = 1                      # the training images are only needed for their statistics
     data = load_data(saved)
-    model = build_model(saved, data)
+    if saved.task == "classify":
+        # The checkpoint holds the frozen ResNet-18 too (width recorded in the config), so the
+        # --classifier run it was copied from is not read again: it may have moved, been continued
+        # or replaced since, or its stored path may be relative to another working directory.
+        model = ClassifyNet(build_mosaic(saved, data.channels, data.tile_size), build_classifier(saved, data.channels))
+    else:
+        model = build_model(saved, data)
     model.load_state_dict(state["model"])
     return saved, model, data, state["path"]

@@ -189,3 +189,26 @@ def test_train_eval_and_figures_run_on_every_device(tmp_path, data_root, device)
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     main(["train", *common, "--task", "pretrain", "--resnet-width", "4", "--out", str(tmp_path / "pre")])
     assert {"acc", "acc_min"} <= set(_metrics(tmp_path / "pre"))
+
+
+def test_eval_and_figures_of_a_classify_run_need_only_its_own_checkpoint(tmp_path, data_root, monkeypatch):
+    """The classify checkpoint holds the frozen ResNet-18: eval and figures work from another working
+    directory and after the --classifier run has moved (its stored path is relative and now stale)."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--dataset", "mnist", "--tiles", "2", "--epochs", "1", "--subset", "32", "--test-subset", "16",
+              "--data-root", data_root]
+    main(["train", "--task", "pretrain", "--resnet-width", "4", *common, "--out", "pre"])
+    main(["train", "--task", "classify", "--classifier", "pre", "--permutation", "po-la", *common, "--out", "cls"])
+    (tmp_path / "pre").rename(tmp_path / "pre-moved")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run = str(tmp_path / "cls")
+    main(["eval", "--run", run])
+    evaluated = json.loads((tmp_path / "cls" / "eval.json").read_text(encoding="utf-8"))
+    final = _metrics(tmp_path / "cls")
+    for k in ("acc", "acc_max", "acc_min", "mse_soft"):
+        assert evaluated[k] == pytest.approx(final[k], rel=1e-6, abs=1e-9), k
+    main(["figures", "--run", run, "--num-examples", "2", "--out", "fig.png"])
+    assert (elsewhere / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
