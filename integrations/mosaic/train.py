@@ -38,6 +38,10 @@ from .model import ClassifyNet, MosaicNet
 from .resnet import ResNet18
 from .tiles import assemble, gather_positions, prepare_images, random_permutations, shuffle_tiles, target_index, to_tiles
 
+# The settings that load_run and the evaluation read from a mosaic run's stored config.
+_RUN_KEYS = ("task", "dataset", "tiles", "permutation", "steps", "conv_channels", "cost_hidden", "sinkhorn_iters",
+             "logit_clip", "resnet_width", "data_root", "test_subset")
+
 EVAL_SEED = 20190506  # fixed test-set shuffles, identical for every model, so rows of a table are comparable
 
 
@@ -405,7 +409,13 @@ def load_run(run_dir, *, data_root_flag: Optional[str] = None, test_subset: Opti
     Every data setting comes from the run's stored config; ``data_root_flag`` (the ``--data-root``
     flag) replaces the stored data folder only when given, ``test_subset`` the stored test subset."""
     state = load_latest(run_dir)
-    saved = argparse.Namespace(**state["config"])
+    stored = state["config"]
+    # a checkpoint of another integration (sorting, BAN) would otherwise fail later on a missing setting
+    missing = [k for k in _RUN_KEYS if k not in stored]
+    if missing or stored["task"] not in _EVALUATORS:
+        what = f"its config lacks {', '.join(missing)}" if missing else f"task {stored['task']!r}"
+        raise CommandError(f"--run {run_dir}: {state['path']} is not a checkpoint of a mosaic run ({what})")
+    saved = argparse.Namespace(**stored)
     if data_root_flag is not None:
         saved.data_root = data_root_flag
     if test_subset is not None:

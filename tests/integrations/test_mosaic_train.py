@@ -212,3 +212,19 @@ def test_eval_and_figures_of_a_classify_run_need_only_its_own_checkpoint(tmp_pat
     main(["figures", "--run", run, "--num-examples", "2", "--out", "fig.png"])
     assert (elsewhere / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_eval_of_a_checkpoint_of_another_integration_is_one_line(tmp_path, capsys):
+    from integrations.sorting.train import train as train_sorting
+
+    sort_run = tmp_path / "sort"
+    train_sorting(dict(set_size=4, permutation="po-u", steps=2, lr=0.1, batch_size=8, cost_hidden=4, eta_init=1.0,
+                       sinkhorn_iters=2, temperature=1.0, seed=0, device="cpu", resume=False, overwrite=False,
+                       checkpoint_every=1, stop_at=None, threads=None, micro_batch=None, train_sets=8,
+                       out=str(sort_run)), log=lambda s: None)
+    capsys.readouterr()
+    for cmd in ("eval", "figures"):
+        code = run_command(main, PROG, [cmd, "--run", str(sort_run), "--out", str(tmp_path / f"x-{cmd}")],
+                           errors=(DataFormatError,))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(err) == 1, err
+        assert f"--run {sort_run}" in err[0] and "not a checkpoint of a mosaic run" in err[0], err
