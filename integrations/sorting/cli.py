@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(e)
     e.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda[:i] or mps")
     add_threads_argument(e)
-    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_n<sizes>.json)")
+    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_n<sizes>.json; <run>/eval.json without --set-sizes)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
 
     tb = sub.add_parser("table", help="Markdown + JSON tables from eval files, and the heat map of F",
