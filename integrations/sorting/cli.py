@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from integrations.common import (with_help_formatter, add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
-                                 positive_int, resolve_device, set_threads, ensure_new, write_json, write_new_json)
+                                 positive_int, resolve_device, run_folder, set_threads, ensure_new, write_json,
+                                 write_new_json)
 
 from integrations.common.lifecycle import CONFIG
 
@@ -196,7 +197,7 @@ def cmd_eval(args) -> int:
     set_threads(args.threads)
     sizes = args.set_sizes
     default_name = "eval_n" + "-".join(map(str, sizes)) + ".json" if sizes else "eval.json"
-    out = Path(args.out) if args.out else Path(args.run if not args.run.endswith(".pt") else Path(args.run).parent) / default_name
+    out = Path(args.out) if args.out else run_folder(args.run) / default_name
     _run_eval(args.run, sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed, args.device, out,
               overwrite=args.overwrite)
     return 0

@@ -290,3 +290,16 @@ def test_eval_of_a_checkpoint_of_another_integration_is_one_line(tmp_path, capsy
                                       "--heatmap-run", str(other)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and "--heatmap-run" in err[-1] and "not a checkpoint of a sorting run" in err[-1], err
+
+
+def test_eval_of_a_checkpoint_file_writes_into_its_run_folder(tmp_path):
+    """``eval --run <run>/checkpoints/step_*.pt`` without --out writes ``<run>/eval.json`` (as for the
+    run folder itself), where ``table --evals "<runs>/*/eval*.json"`` finds it."""
+    out = tmp_path / "run"
+    train(_config(out, train_sets=64 * 4, checkpoint_every=2), log=lambda s: None)
+    ckpt = out / "checkpoints" / "step_00000002.pt"
+    assert ckpt.is_file()
+    assert main(["eval", "--run", str(ckpt), "--intervals", "0,1", "--test-sets", "4"]) == 0
+    rec = json.loads((out / "eval.json").read_text(encoding="utf-8"))
+    assert rec["step"] == 2 and Path(rec["checkpoint"]) == ckpt
+    assert not (out / "checkpoints" / "eval.json").exists()
