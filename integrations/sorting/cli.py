@@ -51,7 +51,8 @@ def interval(text: str):
 
 
 # ---------------------------------------------------------------- parser
-def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[int], out_default: Optional[str]) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[int], out_default: Optional[str],
+                     stop_at: bool = True) -> None:
     g = p.add_argument_group("model and training (paper F.1 defaults)")
     g.add_argument("--set-size", "-N", type=set_size, default=set_size_default, required=set_size_default is None,
                    help="number of elements per set (paper: 5, 10, 15, 80, 100, 120, 512, 1024)")
@@ -78,8 +79,9 @@ def _add_train_flags(p: argparse.ArgumentParser, *, set_size_default: Optional[i
     add_run_arguments(g, out_help="run folder (default: runs/sorting/<permutation>-n<N>-s<seed>)" if out_default is None
                       else f"run folder (default: {out_default})")
     g.add_argument("--checkpoint-every", type=positive_int, default=64, help="Adam steps between checkpoints")
-    g.add_argument("--stop-at", type=positive_int, default=None,
-                   help="stop after this many Adam steps (as an interruption would; continue with --resume)")
+    if stop_at:        # the demo trains to the end, then evaluates: it has no partial run to stop at
+        g.add_argument("--stop-at", type=positive_int, default=None,
+                       help="stop after this many Adam steps (as an interruption would; continue with --resume)")
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -118,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--heatmap", default=None, help="PNG path (default: <out>/comparison.png)")
 
     d = sub.add_parser("demo", help="train PO-U at a small N, evaluate on the seven intervals, print the table",
-                       description="Train PO-U at a small N with the paper's protocol, evaluate it on the seven "
-                                   "intervals and further sizes, print the tables. A finished demo is reused.")
-    _add_train_flags(d, set_size_default=10, out_default=DEMO_OUT)
+                       description="Train PO-U (or --permutation linassign) at a small N with the paper's protocol, "
+                                   "evaluate it on the seven intervals and further sizes, print the tables. A "
+                                   "finished demo is reused.")
+    _add_train_flags(d, set_size_default=10, out_default=DEMO_OUT, stop_at=False)
     _add_eval_flags(d)
     d.add_argument("--eval-sizes", type=set_size, nargs="*", default=[5, 15, 30],
                    help="further test sizes for the size-generalisation table")
@@ -137,7 +140,7 @@ def _resolved_train_config(args: argparse.Namespace) -> dict:
     keys = ("set_size", "permutation", "steps", "lr", "batch_size", "cost_hidden", "eta_init", "sinkhorn_iters",
             "temperature", "seed", "device", "resume", "overwrite", "checkpoint_every", "stop_at", "threads",
             "micro_batch", "kernel")
-    cfg = {k: getattr(args, k) for k in keys}
+    cfg = {k: getattr(args, k, None) for k in keys}
     cfg.update(train_sets=train_sets, out=str(out))
     return cfg
 
@@ -282,7 +285,8 @@ def cmd_demo(args) -> int:
         records = _run_eval(str(out), sizes, args.intervals, args.test_sets, args.eval_batch, args.eval_seed,
                             cfg["device"], eval_file, overwrite=True)
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-        _write_tables(records, [summary], out, f"Sorting demo: PO-U trained at N={cfg['set_size']}")
+        name = {"po-u": "PO-U", "linassign": "LinAssign"}.get(cfg["permutation"], cfg["permutation"])
+        _write_tables(records, [summary], out, f"Sorting demo: {name} trained at N={cfg['set_size']}")
         if cfg["permutation"] == "po-u":
             print(f"wrote {_heatmap(str(out), out / 'comparison.png')}")
     print()
@@ -294,6 +298,4 @@ def cmd_demo(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "stop_at", None) is not None and args.command == "demo":
-        parser.error("--stop-at is for train only")
     return {"train": cmd_train, "eval": cmd_eval, "table": cmd_table, "demo": cmd_demo}[args.command](args)

@@ -145,6 +145,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, device):
     (["eval", "--run", "x", "--intervals", "5,5"], "empty interval"),
     (["eval", "--run", "x", "--intervals", "2,1"], "empty interval"),
     (["demo", "--set-size", "1"], "set size must be >= 2"),
+    (["demo", "--stop-at", "2"], "unrecognized arguments: --stop-at"),   # the demo trains to the end
 ])
 def test_bad_flags_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -191,6 +192,14 @@ def test_demo_writes_where_its_help_says_and_starts_without_a_resume_notice(tmp_
     assert "--resume" not in first.out + first.err
     assert main(tiny) == 0                        # a second demo reuses the finished run
     assert "2/2" in (tmp_path / "runs" / "sorting-demo" / "results.md").read_text(encoding="utf-8")
+
+
+def test_demo_of_linassign_names_it_in_its_tables(tmp_path, capsys):
+    tiny = ["demo", "--permutation", "linassign", "--set-size", "3", "--train-sets", "128", "--batch-size", "64",
+            "--test-sets", "4", "--eval-sizes", "--intervals", "0,1", "--out", str(tmp_path / "demo")]
+    assert main(tiny) == 0
+    md = (tmp_path / "demo" / "results.md").read_text(encoding="utf-8")
+    assert "LinAssign trained at N=3" in md and "PO-U" not in md
 
 
 @pytest.mark.parametrize("kernel", ["auto", "fused"])
