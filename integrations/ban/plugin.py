@@ -12,7 +12,9 @@ padded boxes (logit -inf) are masked out of the cost, Sinkhorn and LSTM instead 
 so the patched model keeps BAN's padding invariance; the eight sets are encoded in one batched call
 (the attention logits exist before the loop) instead of eight calls; the permutation ``"none"`` is the
 paper's "BAN + LSTM" baseline (same encoder without the permutation), ``"po-la"`` the same encoder
-with the linear-assignment start (needs ``num_positions`` >= the number of boxes).
+with the linear-assignment start (needs ``num_positions`` >= the number of boxes); Sinkhorn runs the
+paper's 4 iterations (appendix B) where the released BAN patch passes T (3) as its iteration count
+(``sinkhorn_iters=3`` gives that).
 
 Two options for the diagnosis of the synthetic comparison (defaults = the paper's configuration):
 ``order_by="geometry"`` optimises the permutation on the four normalised box coordinates alone (the
