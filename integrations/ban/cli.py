@@ -1,10 +1,11 @@
-"""``python -m integrations.ban {synth,train,eval,compare,diagnose,knobs}``: BAN, BAN + LSTM and BAN + PO on VQA v2 features.
+"""``python -m integrations.ban {synth,train,eval,predict,compare,diagnose,knobs}``: BAN, BAN + LSTM and BAN + PO on VQA v2 features.
 
     python -m integrations.ban synth --out runs/ban/synth                     # a synthetic dataset
     python -m integrations.ban train --data-root DATA --permutation po-u      # paper appendix F.4
     python -m integrations.ban train --data-root DATA --permutation off --ban-root ~/ban-vqa   # official BAN
     torchrun --nproc_per_node 4 -m integrations.ban train --data-root DATA    # DDP
     python -m integrations.ban eval --run runs/ban/po-u-seed1204              # val accuracy of a run
+    python -m integrations.ban predict --run runs/ban/po-u-seed1204           # test-dev answers (server format)
     python -m integrations.ban compare --data-root DATA --seeds 0 1 2 3 4     # BAN vs + LSTM vs + PO-U
     python -m integrations.ban diagnose --sweep runs/ban/compare              # attention, order of P, eta
     python -m integrations.ban knobs --num-hid 128 --gamma 2 --epochs 4       # plain BAN per generator setting
@@ -139,6 +140,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return resolve_train_args(p.parse_args(argv), p)
 
 
+def _add_checkpoint_arguments(p: argparse.ArgumentParser, *, split_default: str, out_default: str,
+                              split_help: str) -> None:
+    """The arguments of the commands that run a trained run's newest checkpoint over a split (eval, predict)."""
+    p.add_argument("--run", required=True, help="run folder or checkpoint .pt")
+    p.add_argument("--split", choices=EVAL_SPLITS, default=split_default, help=split_help)
+    p.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
+    p.add_argument("--ban-root", default=None,
+                   help="official-model runs: the jnhwkim/ban-vqa checkout, holding the code the run was trained "
+                        "with (default: the path stored in the run's config)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
+    p.add_argument("--device", type=device_name, default="cpu", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    add_threads_argument(p)
+    p.add_argument("--out", default=None, help=f"JSON file (default: {out_default})")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,compare,diagnose,knobs}")
@@ -151,19 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="soft accuracy of a run's newest checkpoint (overall and per question type)",
                        description="Evaluate a run's newest intact checkpoint; model and data settings come from the "
                                    "run's config.json.")
-    e.add_argument("--run", required=True, help="run folder or checkpoint .pt")
-    e.add_argument("--split", choices=EVAL_SPLITS, default="val",
-                   help="split to evaluate (default val; the test splits have no answers to score)")
-    e.add_argument("--data-root", default=None, help="data folder (default: the one stored in the run's config)")
-    e.add_argument("--ban-root", default=None,
-                   help="official-model runs: the jnhwkim/ban-vqa checkout, holding the code the run was trained "
-                        "with (default: the path stored in the run's config)")
-    e.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's batch size")
-    e.add_argument("--device", type=device_name, default="cpu", help="auto | cpu | cuda | cuda:1 ...")
-    e.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
-    add_threads_argument(e)
-    e.add_argument("--out", default=None, help="JSON file (default: <run>/eval_<split>.json)")
-    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never done otherwise)")
+    _add_checkpoint_arguments(e, split_default="val", out_default="<run>/eval_<split>.json",
+                              split_help="split to evaluate (default val; the test splits have no answers to score)")
+    r = sub.add_parser("predict", help="a run's answers to every question of a split, for the VQA evaluation server",
+                       description="Write the answer of a run's newest intact checkpoint to every question of a "
+                                   "split as [{\"question_id\": ..., \"answer\": ...}], the results format of the "
+                                   "VQA evaluation server (test-dev2015, test2015) and of the official test.py; model "
+                                   "and data settings come from the run's config.json.")
+    _add_checkpoint_arguments(r, split_default="test-dev2015", out_default="<run>/answers_<split>.json",
+                              split_help="split whose questions are answered (the test splits read the test2015 "
+                                         "features)")
     c = sub.add_parser("compare", help="BAN vs BAN + LSTM vs BAN + PO over seeds, per question family",
                        description="Train every variant with every seed identically (one run each, in "
                                    "<out>/runs/), then write results/compare.{json,md,png}: per-family val accuracy, "
@@ -214,6 +229,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from integrations.common import run_folder
+
+    from .train import predict_run
+
+    out = ensure_new(Path(args.out) if args.out else run_folder(args.run) / f"answers_{args.split}.json",
+                     overwrite=args.overwrite)
+    result = predict_run(args.run, split=args.split, data_root=args.data_root, device=args.device,
+                         batch_size=args.batch_size, workers=args.workers, ban_root=args.ban_root)
+    write_new_json(out, result["answers"], overwrite=args.overwrite)
+    print(f"{len(result['answers'])} answers to the {args.split} questions from {result['checkpoint']} "
+          f"(step {result['step']})")
+    print(f"results: {out}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "synth":          # the generator has its own parser
@@ -253,6 +284,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .research.diagnose import cmd_diagnose
 
         return cmd_diagnose(args)
+    if args.command == "predict":
+        return cmd_predict(args)
     return cmd_eval(args)
 
 

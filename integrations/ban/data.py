@@ -14,6 +14,10 @@ Layout (all paths relative to ``--data-root``, identical to ``data/`` of jnhwkim
     {split}36.hdf5                       fixed 36 boxes: image_features (n_img, 36, 2048),
                                          spatial_features (n_img, 36, 6)
 
+The test splits have questions only (``v2_OpenEnded_mscoco_test{-dev,}2015_questions.json``); both
+read the features of ``test2015`` (``test2015.hdf5``, ``test2015_imgid2idx.pkl``): the test-dev images
+are a subset of the test images, and the official converters write no test-dev feature file.
+
 Differences from the official ``VQAFeatureDataset`` (on purpose):
 
 * features are read **lazily**, one image per ``__getitem__``, from an hdf5 handle opened once per
@@ -303,7 +307,7 @@ class VQAFeatureDataset(Dataset):
 
     # -- validation ---------------------------------------------------------------------------
     def _load_imgid2idx(self):
-        base = self.split if self.adaptive else self.split + "36"
+        base = feature_split(self.split) + ("" if self.adaptive else "36")
         # the fixed-36 file has its own index ({split}36_imgid2idx.pkl, official detection_features_converter):
         # its rows follow the order of another TSV file than the adaptive ones, so {split}_imgid2idx.pkl
         # would pair questions with other images' features
@@ -467,8 +471,14 @@ class VQAFeatureDataset(Dataset):
         return VQAItem(torch.from_numpy(v), torch.from_numpy(b), torch.from_numpy(tokens), target, qid)
 
 
+def feature_split(split: str) -> str:
+    """The split whose feature files hold ``split``'s images: test-dev2015's are among test2015's."""
+    return "test2015" if split == "test-dev2015" else split
+
+
 def split_h5_name(split: str, adaptive: bool) -> str:
-    return f"{split}.hdf5" if adaptive else f"{split}36.hdf5"
+    base = feature_split(split)
+    return f"{base}.hdf5" if adaptive else f"{base}36.hdf5"
 
 
 def collate_vqa(items: Sequence[VQAItem], min_boxes: int = 0) -> VQABatch:

@@ -604,14 +604,11 @@ def official_checkout(saved: argparse.Namespace, ban_root: Optional[str], run_di
                            f"with ({stored}); pass a checkout of that code")
 
 
-def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device: str = "cpu",
-                 batch_size: Optional[int] = None, workers: int = 0, ban_root: Optional[str] = None) -> dict:
-    """Soft accuracy (overall, upper bound, per question type) of a run's newest intact checkpoint on
-    ``split`` (:func:`load_run`; ``ban_root``: the official checkout when it has moved)."""
-    if split.startswith("test"):
-        # the official test splits ship without answers (no cache/<split>_target.pkl): nothing to score
-        raise CommandError(f"--split {split}: the test splits have no answers to score against; evaluate on "
-                           f"{' or '.join(s for s in QUESTION_FILES if not s.startswith('test'))}")
+def _run_on_split(run_dir, split: str, data_root: Optional[str], device: str, batch_size: Optional[int],
+                  workers: int, ban_root: Optional[str]) -> tuple:
+    """``(model, loader, device, stored config, checkpoint state)`` to run a trained run's newest intact
+    checkpoint over ``split`` in order, as it was trained (its box padding, ``--amp``); for ``evaluate_run``
+    and ``predict_run``."""
     dev = resolve_device(device)
     model, ds, saved, state = load_run(run_dir, split, data_root, dev, ban_root)
     if setting(saved, "amp") and dev.type not in AMP_DEVICE_TYPES:
@@ -619,6 +616,46 @@ def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None
                            f"bfloat16 autocast, which runs on the CPU and CUDA only")
     loader = make_loader(ds, batch_size or saved.batch_size, shuffle=False, epoch=0, seed=saved.seed, rank=0,
                          world=1, workers=workers, pin_memory=dev.type == "cuda", min_boxes=min_boxes(saved))
+    return model, loader, dev, saved, state
+
+
+def evaluate_run(run_dir, *, split: str = "val", data_root: Optional[str] = None, device: str = "cpu",
+                 batch_size: Optional[int] = None, workers: int = 0, ban_root: Optional[str] = None) -> dict:
+    """Soft accuracy (overall, upper bound, per question type) of a run's newest intact checkpoint on
+    ``split`` (:func:`load_run`; ``ban_root``: the official checkout when it has moved)."""
+    if split.startswith("test"):
+        # the official test splits ship without answers (no cache/<split>_target.pkl): nothing to score
+        raise CommandError(f"--split {split}: the test splits have no answers to score against; evaluate on "
+                           f"{' or '.join(s for s in QUESTION_FILES if not s.startswith('test'))}, or write "
+                           f"the answers for the evaluation server with predict")
+    model, loader, dev, saved, state = _run_on_split(run_dir, split, data_root, device, batch_size, workers, ban_root)
     out = evaluate(model, loader, dev, load_question_types(saved.data_root), oracle=relevance_oracle(saved),
                    amp=setting(saved, "amp"))
     return {**out, "split": split, "checkpoint": state["path"], "step": int(state["step"])}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device, label2ans, oracle=None, amp: bool = False) -> list:
+    """The answer of highest logit for every question of ``loader``, ``[{"question_id", "answer"}]`` in its
+    order: the results format of the VQA evaluation server (and of the official ``test.py``)."""
+    was_training = model.training
+    model.eval()
+    answers = []
+    for batch in loader:
+        with autocast(device, amp):
+            logits, _ = model(_to(batch.v, device), _to(batch.b, device), _to(batch.q, device), None,
+                              **model_inputs(model, oracle, batch, device))
+        best = logits.float().argmax(1).tolist()
+        answers += [{"question_id": int(q), "answer": label2ans[a]} for q, a in zip(batch.question_id.tolist(), best)]
+    model.train(was_training)
+    return answers
+
+
+def predict_run(run_dir, *, split: str = "test-dev2015", data_root: Optional[str] = None, device: str = "cpu",
+                batch_size: Optional[int] = None, workers: int = 0, ban_root: Optional[str] = None) -> dict:
+    """The answers of a run's newest intact checkpoint to every question of ``split`` (:func:`predict`), with the
+    checkpoint and step they come from: ``{"split", "checkpoint", "step", "answers"}``."""
+    model, loader, dev, saved, state = _run_on_split(run_dir, split, data_root, device, batch_size, workers, ban_root)
+    answers = predict(model, loader, dev, loader.dataset.label2ans, oracle=relevance_oracle(saved),
+                      amp=setting(saved, "amp"))
+    return {"split": split, "checkpoint": state["path"], "step": int(state["step"]), "answers": answers}

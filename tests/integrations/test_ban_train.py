@@ -1,6 +1,7 @@
 """BAN training script: the official recipe's pieces, loss decrease for every mode, exact resume,
 2-process gloo DDP with equal replicas, and (when a checkout is given) the official model."""
 import importlib
+import json
 import os
 import socket
 
@@ -9,12 +10,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from integrations.ban.data import VQAFeatureDataset, collate_vqa
+from integrations.ban.data import QUESTION_FILES, VQAFeatureDataset, collate_vqa
 from integrations.ban.cli import parse_args
 from integrations.ban.research import synth
 from integrations.ban.train import (build_model, epoch_batches, epoch_indices, official_lr, run, soft_scores,
                                     train_step, vqa_bce_loss)
-from integrations.common import CommandError, RunError
+from integrations.common import CommandError, RunError, run_command
 
 
 
@@ -515,3 +516,50 @@ def test_eval_refuses_an_unknown_split_and_a_split_without_answers(root, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--split test-dev2015: the test splits have no answers" in err[0]
     assert not (tmp_path / "run" / "eval_test-dev2015.json").exists()
+
+
+def _test_split_from_val(root, dest):
+    """A copy of the data whose test splits are val's images and questions (test-dev2015: every other
+    question), laid out as the official converters write them: no test-dev feature files, no targets."""
+    import shutil
+
+    shutil.copytree(root, dest)
+    shutil.copy(dest / "val.hdf5", dest / "test2015.hdf5")
+    shutil.copy(dest / "val_imgid2idx.pkl", dest / "test2015_imgid2idx.pkl")
+    questions = json.loads((dest / QUESTION_FILES["val"]).read_text(encoding="utf-8"))["questions"]
+    for split, qs in (("test2015", questions), ("test-dev2015", questions[::2])):
+        (dest / QUESTION_FILES[split]).write_text(json.dumps({"questions": qs}), encoding="utf-8")
+    return dest, sorted(q["question_id"] for q in questions)
+
+
+def test_predict_writes_the_evaluation_servers_answers_for_every_split(root, tmp_path, capsys):
+    from integrations.ban.cli import main
+    from integrations.ban.data import load_answers
+    from integrations.ban.train import evaluate_run
+
+    data, qids = _test_split_from_val(root, tmp_path / "data")
+    run(_args(data, tmp_path / "run", "--permutation", "po-u", "--max-steps", "2"))
+    answers = {}
+    for split in ("val", "test2015", "test-dev2015"):
+        assert main(["predict", "--run", str(tmp_path / "run"), "--split", split, "--batch-size", "3"]) == 0
+        assert f"results: {tmp_path / 'run' / f'answers_{split}.json'}" in capsys.readouterr().out
+        answers[split] = json.loads((tmp_path / "run" / f"answers_{split}.json").read_text(encoding="utf-8"))
+    _, label2ans = load_answers(data)
+    for split, want in (("val", qids), ("test2015", qids), ("test-dev2015", sorted(qids[::2]))):
+        assert sorted(a["question_id"] for a in answers[split]) == want
+        assert all(set(a) == {"question_id", "answer"} and a["answer"] in label2ans for a in answers[split])
+    # the same questions on the same images get the same answers, in any split and batch
+    val = {a["question_id"]: a["answer"] for a in answers["val"]}
+    assert {a["question_id"]: a["answer"] for a in answers["test2015"]} == val
+    assert all(val[a["question_id"]] == a["answer"] for a in answers["test-dev2015"])
+    # and they are the answers eval scores: their mean soft score is eval's accuracy
+    import pickle
+
+    with open(data / "cache" / "val_target.pkl", "rb") as fh:
+        targets = {t["question_id"]: dict(zip(t["labels"], t["scores"])) for t in pickle.load(fh)}
+    ans2label = {a: i for i, a in enumerate(label2ans)}
+    score = sum(targets[q].get(ans2label[a], 0.0) for q, a in val.items()) / len(val)
+    assert score == pytest.approx(evaluate_run(tmp_path / "run", split="val")["soft_acc"], abs=1e-6)
+    # an existing file is kept without --overwrite
+    assert run_command(main, "ban", ["predict", "--run", str(tmp_path / "run"), "--split", "val"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
