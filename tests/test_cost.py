@@ -141,3 +141,29 @@ def test_kernel_argument_checked():
         PairwiseCost(3, 4, kernel="fast")
     with pytest.raises(ValueError, match="two-layer"):
         PairwiseCost(3, (4, 4), kernel="compiled")
+
+
+def test_a_padded_batch_takes_the_hash_test_of_equal_elements(monkeypatch):
+    # zeroed padding is a run of equal elements; they must not send the batch to the element-wise
+    # comparison (O(B N^2 D), the slowest step of a padded forward on the CPU), while equal real
+    # elements still do, and get a zero cost
+    import setperm.cost as cost_module
+
+    def elementwise(*args):
+        raise AssertionError("element-wise comparison of the elements")
+
+    m = PairwiseCost(3, 8).double()
+    torch.manual_seed(6)
+    x = torch.randn(3, 7, 3, dtype=torch.float64)
+    mask = torch.arange(7) < torch.tensor([7, 4, 2])[:, None]
+    with monkeypatch.context() as patched:
+        patched.setattr(cost_module, "_rows_per_chunk", elementwise)
+        C = m(x, mask)
+    for b, n in enumerate((7, 4, 2)):
+        assert_close(C[b, :, :n, :n], m(x[b:b + 1, :n])[0], rtol=1e-12, atol=1e-12)
+    twins = x.clone()
+    twins[1, 3] = twins[1, 0]
+    same = cost_module.equal_pairs(twins, mask)
+    literal = (twins[:, :, None] == twins[:, None, :]).all(-1) & mask[:, :, None] & mask[:, None, :]
+    assert torch.equal(same & mask[:, :, None] & mask[:, None, :], literal)
+    assert (m(twins, mask)[1, 0, 0, 3] == 0).all()

@@ -36,14 +36,16 @@ def _hash_words(x: Tensor) -> Optional[Tensor]:
     return bits & (0xFFFF if size == 2 else 0xFFFFFFFF)
 
 
-def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
+def _equal_pairs_by_hash(x: Tensor, mask: Optional[Tensor] = None) -> Optional[Tensor]:
     """:func:`equal_pairs` in O(B N D + B N^2) when no two distinct elements of a set collide.
 
     Each element's bit pattern gets an exact integer hash (no rounding: 32-bit words times 20-bit
     weights, summed in int64 without overflow). Equal elements have equal hashes, so if no
     off-diagonal pair of hashes is equal the only equal pairs are the diagonal ones (``x_i == x_i``,
     False only with NaN). Returns None (caller compares element-wise) on a hash collision or an
-    unsupported dtype/size. Deciding that needs one host synchronisation.
+    unsupported dtype/size. Deciding that needs one host synchronisation. With ``mask``, pairs
+    with a padded element are not tested (and come out False): zeroed padding is a run of equal
+    elements, which would otherwise send every padded batch to the element-wise comparison.
     """
     B, N, D = x.shape
     bits = _hash_words(x)
@@ -54,7 +56,10 @@ def _equal_pairs_by_hash(x: Tensor) -> Optional[Tensor]:
     h = (bits * weights).sum(-1)                                         # (B, N), exact
     same = h.unsqueeze(2) == h.unsqueeze(1)
     eye = torch.eye(N, dtype=torch.bool, device=x.device)
-    if bool((same & ~eye).any()):
+    collide = same & ~eye
+    if mask is not None:
+        collide = collide & pair_mask(mask)
+    if bool(collide.any()):
         return None
     return eye & (x == x).all(-1).unsqueeze(2)
 
@@ -80,8 +85,10 @@ def _equal_pairs_on_device(x: Tensor) -> Optional[Tensor]:
     return (dist == 0) & (x == x).all(-1).unsqueeze(2)
 
 
-def equal_pairs(x: Tensor) -> Tensor:
-    """``(B, N, N)`` bool: True where ``x_i`` and ``x_j`` are bitwise identical elements.
+def equal_pairs(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """``(B, N, N)`` bool: True where ``x_i`` and ``x_j`` are bitwise identical elements; with a
+    ``mask`` ``(B, N)`` (True = real), exact on pairs of real elements only (a pair with a padded
+    element may come out either way: the cost is zero there whatever it says).
 
     ``F(x, x) = 0`` exactly in eq. 8, but batched matmuls may round identical rows differently,
     and the normalisation of eq. 10 would blow that noise up to unit norm when *all* elements are
@@ -96,7 +103,7 @@ def equal_pairs(x: Tensor) -> Tensor:
         if exact is not None:
             return exact
     else:
-        fast = _equal_pairs_by_hash(x)
+        fast = _equal_pairs_by_hash(x, mask)
         if fast is not None:
             return fast
     out = torch.empty(B, N, N, dtype=torch.bool, device=x.device)
@@ -187,7 +194,7 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
     # F(x_i, x_j) = 0 exactly when x_i == x_j: the rounding of g there is removed, not its
     # derivative (dF/dx_i = d1 f - d2 f is not 0 at x_i = x_j)
-    same = equal_pairs(x.detach())
+    same = equal_pairs(x.detach(), mask)
     C = C - torch.where(same.unsqueeze(1), C.detach(), torch.zeros((), dtype=C.dtype, device=C.device))
     # padded pairs are 0 with no gradient; so is a set whose real pairs are all equal (its cost
     # is 0, which eq. 10 cannot normalise: the uniform assignment results, not a gradient / eps)
