@@ -188,3 +188,49 @@ def test_padding_has_no_influence_whatever_it_holds(fill, with_init):
     assert torch.equal(Cp.grad[~pairs], torch.zeros_like(Cp.grad[~pairs]))
     if with_init:
         assert torch.equal(initp.grad[~mask], torch.zeros_like(initp.grad[~mask]))
+
+
+@pytest.mark.parametrize("eta, message", [
+    (-0.5, "eta must be a finite number >= 0"),                  # a negative step climbs the cost
+    (float("nan"), "eta must be a finite number >= 0"),
+    (float("inf"), "eta must be a finite number >= 0"),
+    (True, "eta must be a finite number >= 0"),
+    (torch.ones(4), r"one element, got a torch.float32 tensor of shape \(4,\)"),   # (N,): would scale positions
+    (torch.ones(2), r"one element, got a torch.float32 tensor of shape \(2,\)"),   # (B,)
+    (torch.ones((), dtype=torch.long), "floating-point tensor of one element"),
+])
+def test_the_step_size_is_checked_with_its_name(eta, message):
+    C = torch.zeros(2, 4, 4)
+    with pytest.raises(ValueError, match=message):
+        optimize_permutation(C, eta=eta)
+
+
+def test_a_one_element_step_size_tensor_scales_every_set_alike():
+    g = torch.Generator().manual_seed(8)
+    C = antisymmetric(3, 5, g)
+    want = optimize_permutation(C, eta=0.7, steps=3)
+    for eta in (torch.tensor(0.7, dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64)):
+        eta = eta.requires_grad_(True)
+        P = optimize_permutation(C, eta=eta, steps=3)
+        assert_close(P, want, rtol=0, atol=1e-14)
+        P.sum().backward()
+        assert eta.grad is not None and eta.grad.shape == eta.shape
+    assert_close(optimize_permutation(C, eta=0.0, steps=3), sinkhorn(torch.zeros(3, 5, 5, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("eta_init", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_eta_init_must_be_a_finite_positive_number(eta_init):
+    # 0: d|eta|/deta is 0 there, so the learned step size could never leave it; NaN or inf: NaN outputs
+    with pytest.raises(ValueError, match="eta_init must be a finite number > 0"):
+        PermutationOptimization(3, eta_init=eta_init)
+
+
+@pytest.mark.parametrize("call", [optimize_permutation, permutation_cost, permutation_cost_gradient])
+@pytest.mark.parametrize("grid, message", [
+    ("23", "grid must be \\(rows, cols\\)"), ((2, 3, 1), "grid must be \\(rows, cols\\)"),
+    ((2.0, 3.0), "grid's rows must be a positive int"), ((0, 6), "grid's rows must be a positive int")])
+def test_the_functions_check_grid_with_its_name(call, grid, message):
+    C = torch.zeros(1, 2, 6, 6)
+    args = (C,) if call is optimize_permutation else (C, torch.full((1, 6, 6), 1 / 6))
+    with pytest.raises(ValueError, match=message):
+        call(*args, grid=grid)

@@ -3,6 +3,7 @@
 user's line, not at setperm's or torch's."""
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -21,11 +22,12 @@ def check_int(value, name: str, minimum: int = 0) -> int:
     return int(value)
 
 
-def check_positive(value, name: str) -> float:
+def check_positive(value, name: str, *, finite: bool = False) -> float:
     """``value`` if it is a real number > 0 (NaN, a bool and a tensor are refused: a tensor's value
-    would have to be read from its device)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    would have to be read from its device); with ``finite``, infinity is refused too."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 \
+            or (finite and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a {'finite ' if finite else ''}number > 0, got {value!r}")
     return float(value)
 
 

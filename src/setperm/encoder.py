@@ -21,7 +21,7 @@ from .init import uninitialized, xavier_linear_, xavier_rnn_
 from .masking import (check_check_finite, check_dtype, check_set, check_weights, host_decisions, module_dtype,
                       resolve_check_finite, resolve_mask, zero_padding)
 from .masking import check_finite as _check_finite
-from .optimize import DEFAULT_STEPS, optimize_permutation
+from .optimize import DEFAULT_STEPS, check_grid, optimize_permutation
 from .pairwise import check_kernel
 from .sinkhorn import sinkhorn
 
@@ -55,7 +55,8 @@ class PermutationOptimization(nn.Module):
             with a grid: R * Cols). Not used by ``"po-u"``.
         sinkhorn_iters: Sinkhorn rounds L per normalisation (appendix B: 4).
         temperature: Sinkhorn temperature (paper: 1).
-        eta_init: initial step size eta (appendix F: 1.0). eta is learned and used as |eta|.
+        eta_init: initial step size eta, a finite number > 0 (appendix F: 1.0). eta is learned
+            and used as |eta|.
         logit_clip: clip linear-assignment logits to ``[-clip, clip]`` (paper F.3 uses 10).
         grid: ``(R, Cols)`` to permute into a lattice (section 2.4) instead of a sequence;
             positions are row-major and ``N`` must equal ``R * Cols``.
@@ -100,10 +101,9 @@ class PermutationOptimization(nn.Module):
         if logit_clip is not None:
             logit_clip = check_positive(logit_clip, "logit_clip")
         check_kernel(kernel)
-        if grid is not None:
-            if not isinstance(grid, (tuple, list)) or len(grid) != 2:
-                raise ValueError(f"grid must be (rows, cols) of positive ints, got {grid!r}")
-            grid = (check_int(grid[0], "grid's rows", 1), check_int(grid[1], "grid's cols", 1))
+        grid = check_grid(grid)
+        # > 0: at eta = 0 the derivative of |eta| is 0, so a step size started there never moves
+        eta_init = check_positive(eta_init, "eta_init", finite=True)
         linear = permutation == "po-la"
         if linear:
             if num_positions is None and grid is not None:

@@ -5,6 +5,8 @@ Convention: ``P[b, i, k]`` is the weight of element ``i`` at position ``k``.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -54,6 +56,30 @@ def position_balance(P: Tensor, dim: int = -1) -> Tensor:
     S = torch.cumsum(P, dim=dim)
     R = S.narrow(dim, S.shape[dim] - 1, 1)
     return R - 2 * S + P
+
+
+def check_grid(grid) -> Optional[Grid]:
+    """``grid`` as ``(rows, cols)`` of positive ints (None: a sequence, no lattice)."""
+    if grid is None:
+        return None
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise ValueError(f"grid must be (rows, cols) of positive ints, got {grid!r}")
+    return check_int(grid[0], "grid's rows", 1), check_int(grid[1], "grid's cols", 1)
+
+
+def _check_eta(eta: Union[float, Tensor]) -> Union[float, Tensor]:
+    """The step size of eq. 7: a finite number >= 0, or a one-element floating-point tensor (its
+    sign is the caller's: the modules pass ``|eta|``, and reading it would synchronise a GPU).
+    A tensor is returned 0-d, so that it scales every set alike (a ``(N,)`` tensor would
+    broadcast along the positions instead)."""
+    if isinstance(eta, Tensor):
+        if eta.numel() != 1 or not eta.is_floating_point():
+            raise ValueError(f"eta must be a finite number >= 0 or a floating-point tensor of one element, got a "
+                             f"{eta.dtype} tensor of shape {tuple(eta.shape)}")
+        return eta.reshape(())
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (0 <= eta and math.isfinite(eta)):
+        raise ValueError(f"eta must be a finite number >= 0 or a floating-point tensor of one element, got {eta!r}")
+    return float(eta)
 
 
 def _grid_view(P: Tensor, grid: Grid) -> Tensor:
@@ -113,6 +139,7 @@ def permutation_cost(C: Tensor, P: Tensor, *, grid: Optional[Grid] = None) -> Te
     Returns ``(B,)``.
     """
     C4 = _check_pc(P, C)
+    grid = check_grid(grid)
     return _plain_cost(C4, P) if grid is None else _lattice_total(C4, P, grid)
 
 
@@ -122,6 +149,7 @@ def permutation_cost_gradient(C: Tensor, P: Tensor, *, grid: Optional[Grid] = No
     matmul), or with a ``grid`` ``2 (C_h B_h + C_v B_v)`` over rows and columns. Returns ``(B, N, M)``.
     """
     C4 = _check_pc(P, C)
+    grid = check_grid(grid)
     return _plain_gradient(C4, P) if grid is None else _lattice_gradient(C4, P, grid)
 
 
@@ -140,7 +168,8 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
     Args:
         C: ``(B, K, N, N)`` normalised ordering cost (K = 2 for a lattice).
         init_logits: ``(B, N, N)`` P~(0); None is PO-U (P~ = 0, i.e. uniform P).
-        eta: step size (positive float or scalar tensor).
+        eta: step size: a finite number >= 0, or a floating-point tensor of one element (not
+            checked for its sign; the modules pass ``|eta|``).
         steps: T >= 0 (default 4, appendix D).
         mask: ``(B, N)`` bool, True = real element; or ``lengths`` ``(B,)``, or
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
@@ -160,6 +189,8 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
     sinkhorn_iters = check_int(sinkhorn_iters, "sinkhorn_iters")
     temperature = check_positive(temperature, "temperature")
     check_kernel(kernel)
+    eta = _check_eta(eta)
+    grid = check_grid(grid)
     C4 = _channels(C)
     B, _, N, _ = C4.shape
     mask = resolve_mask(C4, mask, lengths, key_padding_mask, name="C", batch_shape=(B, N))
