@@ -129,6 +129,22 @@ def test_the_functional_form_checks_its_input():
         pairwise_cost(torch.randn(2, 5, 3), m.first.weight[:, :5], m.first.bias, [], m.last.weight)
 
 
+@pytest.mark.parametrize("layers, message", [
+    (lambda m: (m.first.bias[:7], [], m.last.weight), r"first_bias must be None or have shape \(8,\).*got \(7,\)"),
+    (lambda m: (m.first.bias, [], m.last.weight[:, :7]), r"last_weight must have shape \(K, 8\), got \(1, 7\)"),
+    (lambda m: (m.first.bias, [], m.last.weight[0]), r"last_weight must have shape \(K, 8\), got \(8,\)"),
+    (lambda m: (m.first.bias, [(torch.randn(5, 7), None)], torch.randn(1, 5)), r"hidden\[0\]'s weight must have shape"),
+    (lambda m: (m.first.bias, [(torch.randn(5, 8), torch.randn(4))], torch.randn(1, 5)), r"hidden\[0\]'s bias"),
+    (lambda m: (m.first.bias, [(torch.randn(5, 8), None)], torch.randn(1, 8)), r"last_weight must have shape \(K, 5\)"),
+    (lambda m: (m.first.bias, [torch.randn(5, 8)], torch.randn(1, 5)), r"hidden\[0\] must be a \(weight, bias\) pair"),
+])
+def test_the_functional_form_names_each_layer_of_f(layers, message):
+    m = PairwiseCost(3, 8)
+    first_bias, hidden, last_weight = layers(m)
+    with pytest.raises(ValueError, match=message):
+        pairwise_cost(torch.randn(2, 5, 3), m.first.weight, first_bias, hidden, last_weight)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="hidden"):
         PairwiseCost(3, 0)

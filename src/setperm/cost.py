@@ -132,6 +132,28 @@ def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12)
     return unit / sq.clamp_min(1.0).sqrt()          # not C / (m * ...): that product may overflow
 
 
+def _check_layers(first_weight: Tensor, first_bias: Optional[Tensor], hidden, last_weight: Tensor) -> None:
+    """The shapes of f's layers after the first weight, each named as :func:`pairwise_cost` takes it."""
+    def shape(t) -> str:
+        return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+    width = first_weight.shape[0]
+    if first_bias is not None and (not isinstance(first_bias, Tensor) or tuple(first_bias.shape) != (width,)):
+        raise ValueError(f"first_bias must be None or have shape ({width},) to match first_weight "
+                         f"{tuple(first_weight.shape)}, got {shape(first_bias)}")
+    for k, layer in enumerate(hidden):
+        if not isinstance(layer, (tuple, list)) or len(layer) != 2:
+            raise ValueError(f"hidden[{k}] must be a (weight, bias) pair, got {type(layer).__name__}")
+        weight, bias = layer
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != width:
+            raise ValueError(f"hidden[{k}]'s weight must have shape (H', {width}), got {shape(weight)}")
+        width = weight.shape[0]
+        if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (width,)):
+            raise ValueError(f"hidden[{k}]'s bias must be None or have shape ({width},), got {shape(bias)}")
+    if not isinstance(last_weight, Tensor) or last_weight.dim() != 2 or last_weight.shape[1] != width:
+        raise ValueError(f"last_weight must have shape (K, {width}), got {shape(last_weight)}")
+
+
 def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
                   hidden: Sequence[Tuple[Tensor, Optional[Tensor]]], last_weight: Tensor,
                   mask: Optional[Tensor] = None, *, normalize: bool = True, kernel: str = "auto",
@@ -168,6 +190,7 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     check_set(x, features=first_weight.shape[1] // 2)
     check_dtype(x, first_weight.dtype)
     hidden = list(hidden)
+    _check_layers(first_weight, first_bias, hidden, last_weight)
     if hidden and kernel == "compiled":
         raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width); got "
                          f"{len(hidden)} further hidden layer(s): use kernel='chunked'")
