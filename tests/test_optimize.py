@@ -156,6 +156,18 @@ def test_numpy_integers_and_floats_are_taken_as_numbers():
     po = PermutationOptimization(np.int64(3), cost_hidden=4, steps=np.int64(2), temperature=np.float32(0.5))
     assert po.steps == 2 and isinstance(po.steps, int)
     assert po(torch.randn(2, 5, 3)).shape == (2, 5, 5)
+    # every size: the widths of f, the positions of PO-LA and LinAssign, the ordering features
+    from setperm import LinAssign, PairwiseCost, PermutationSetEncoder
+    po = PermutationOptimization(3, cost_hidden=np.int64(4), permutation="po-la", num_positions=np.int64(6))
+    assert po.cost_hidden == 4 and po.num_positions == 6 and isinstance(po.num_positions, int)
+    assert po(torch.randn(2, 5, 3)).shape == (2, 5, 5)
+    assert PermutationOptimization(3, cost_hidden=[np.int64(4), 5]).cost_hidden == (4, 5)
+    assert PairwiseCost(3, (np.int32(4), np.int64(2))).hidden_sizes == (4, 2)
+    assert LinAssign(3, np.int64(6)).num_positions == 6
+    enc = PermutationSetEncoder(3, 4, PermutationOptimization(2, cost_hidden=4), order_features=np.int64(2))
+    assert enc.order_features == 2
+    with pytest.raises(ValueError, match="cost_hidden must be a positive int"):
+        PermutationOptimization(3, cost_hidden=16.0)
 
 
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf"), 3.0])

@@ -13,6 +13,7 @@ memory grows as ``N^2 * K`` rather than ``N^2 * hidden``.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -232,6 +233,15 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     return C * scale.unsqueeze(1)
 
 
+def hidden_widths(hidden, name: str) -> Tuple[int, ...]:
+    """The hidden widths of f: one positive integer (numpy's too), or a non-empty sequence of them."""
+    one = isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool)
+    widths = [hidden] if one else (list(hidden) if isinstance(hidden, Sequence) and not isinstance(hidden, str) else [])
+    if not widths or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in widths):
+        raise ValueError(f"{name} must be a positive int or a non-empty sequence of them, got {hidden!r}")
+    return tuple(int(w) for w in widths)
+
+
 class PairwiseCost(nn.Module):
     """Learned anti-symmetric ordering cost ``C`` of a set (eq. 8-10).
 
@@ -262,9 +272,7 @@ class PairwiseCost(nn.Module):
         check_kernel(kernel)
         in_features = check_int(in_features, "in_features", 1)
         channels = check_int(channels, "channels", 1)
-        widths = [hidden] if isinstance(hidden, int) else list(hidden)
-        if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-            raise ValueError(f"hidden must be a positive int or a non-empty sequence of them, got {hidden!r}")
+        widths = list(hidden_widths(hidden, "hidden"))
         if len(widths) > 1 and kernel == "compiled":
             raise ValueError(f"kernel={kernel!r} supports a two-layer f only (one hidden width), got hidden={hidden!r}")
         self.in_features = in_features

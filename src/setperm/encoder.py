@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from ._compat import autocast_off
 from ._errors import check_int, check_positive, check_same_device
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
-from .cost import PairwiseCost
+from .cost import PairwiseCost, hidden_widths
 from .init import uninitialized, xavier_linear_, xavier_rnn_
 from .masking import (check_check_finite, check_dtype, check_set, check_weights, host_decisions, module_dtype,
                       resolve_check_finite, resolve_mask, zero_padding)
@@ -108,15 +108,17 @@ class PermutationOptimization(nn.Module):
         if linear:
             if num_positions is None and grid is not None:
                 num_positions = grid[0] * grid[1]
-            if isinstance(num_positions, bool) or not isinstance(num_positions, int) or num_positions < 1:
+            if num_positions is None:
                 raise ValueError(f"permutation={permutation!r} needs num_positions >= 1 (a fixed number of "
                                  f"positions), got {num_positions!r}")
+            num_positions = check_int(num_positions, "num_positions", 1)
         if cost_channels is None:
             cost_channels = 2 if grid is not None else 1
         if grid is not None and cost_channels != 2:
             raise ValueError(f"a lattice needs cost_channels=2 (horizontal, vertical), got {cost_channels}")
         self.in_features = in_features
-        self.cost_hidden = cost_hidden if isinstance(cost_hidden, int) else tuple(cost_hidden)
+        widths = hidden_widths(cost_hidden, "cost_hidden")
+        self.cost_hidden = widths if isinstance(cost_hidden, Sequence) else widths[0]
         self.steps = steps
         self.num_positions = num_positions if linear else None
         self.grid = grid
@@ -128,7 +130,7 @@ class PermutationOptimization(nn.Module):
         self.check_finite = check_finite
         self._kernel = kernel
         # The pairwise cost is only needed when there are inner steps (LinAssign has none).
-        self.cost = (PairwiseCost(in_features, cost_hidden, channels=cost_channels, kernel=kernel, **factory_kwargs)
+        self.cost = (PairwiseCost(in_features, self.cost_hidden, channels=cost_channels, kernel=kernel, **factory_kwargs)
                      if steps > 0 else None)
         self.linear = (LinearAssignmentLogits(in_features, num_positions, clip=logit_clip, **factory_kwargs)
                        if linear else None)
@@ -429,8 +431,7 @@ class PermutationSetEncoder(nn.Module):
         if not (po is None or isinstance(po, PermutationOptimization) or (isinstance(po, str) and po == "po-u")):
             raise ValueError(f"po must be a PermutationOptimization or LinAssign module, 'po-u' or None, got {po!r}")
         if order_features is not None:
-            if isinstance(order_features, bool) or not isinstance(order_features, int) or order_features < 1:
-                raise ValueError(f"order_features must be a positive int or None, got {order_features!r}")
+            order_features = check_int(order_features, "order_features", 1)
             if po is None:
                 raise ValueError("order_features needs a permutation to optimise, got po=None")
         if not isinstance(straight_through, bool):
