@@ -262,7 +262,7 @@ def test_lstm_only_permutation_keeps_real_order_and_moves_padding_last():
 # ----------------------------------------------------------------------------- variants and steps
 
 def test_variant_vocabulary_and_default_steps():
-    # one default T = 4 (appendix D) for the module, the functional form and the encoder's "po-u"
+    # one default T = 4 (section 2.2, the mosaics) for the module, the functional form and the encoder's "po-u"
     assert PermutationOptimization(3).steps == 4
     assert PermutationOptimization(3, permutation="po-u").permutation == "po-u"
     la = LinAssign(3, 5)

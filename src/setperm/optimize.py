@@ -20,7 +20,8 @@ from .sinkhorn import sinkhorn
 Grid = Tuple[int, int]
 
 # The number T of inner steps, one default for the functional and the module forms: the paper
-# uses 4 for its mosaics and in appendix D (6 for sorting and 3 for VQA are passed explicitly).
+# uses 4 for its mosaics (F.2) and finds that T such as 4 is typically enough (section 2.2; 6 for
+# sorting and 3 for VQA are passed explicitly).
 DEFAULT_STEPS = 4
 
 
@@ -170,7 +171,7 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         init_logits: ``(B, N, N)`` P~(0); None is PO-U (P~ = 0, i.e. uniform P).
         eta: step size: a finite number >= 0, or a floating-point tensor of one element (not
             checked for its sign; the modules pass ``|eta|``).
-        steps: T >= 0 (default 4, appendix D).
+        steps: T >= 0 (default 4: section 2.2, the mosaics of F.2).
         mask: ``(B, N)`` bool, True = real element; or ``lengths`` ``(B,)``, or
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
         grid: ``(R, Cols)`` for the lattice variant (positions row-major).
