@@ -398,9 +398,10 @@ def test_a_half_precision_module_takes_float32_input_under_autocast(module_dtype
 
 @pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign", "none"])
 @pytest.mark.parametrize("value", [1e38, -1e38, 3.4e38])
-def test_finite_inputs_near_the_float32_limit_give_finite_outputs(permutation, value):
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_finite_inputs_near_the_float32_limit_give_finite_outputs(permutation, value, rnn):
     torch.manual_seed(0)
-    enc = PermutationSetEncoder(13, 16, make_po(permutation, 13, 8, cost_hidden=16, steps=3))
+    enc = PermutationSetEncoder(13, 16, make_po(permutation, 13, 8, cost_hidden=16, steps=3), rnn=rnn)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 8, 13, generator=g)
     x[0, 1] = value                                               # one huge element

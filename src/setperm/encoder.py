@@ -382,7 +382,9 @@ class PermutationSetEncoder(nn.Module):
             aggregation) of the (relevance-weighted) elements. Not in the paper: a recurrent
             state expresses a sum or a selection of one element only through its gates, which
             pooling gives directly; ``"mean"`` and ``"attention"`` keep the pooled term's scale
-            independent of the set size. An empty set still gives ``h = 0``.
+            independent of the set size. An empty set still gives ``h = 0``. Unlike the permutation
+            and the reader, the pooled term is not computed on scaled sets: elements near the
+            dtype's maximum overflow it.
         order_features: if given (default None: the ordering cost sees ``x``), the permutation is
             optimised on separate per-element features ``order_by`` (B, N, order_features) passed
             to ``forward``, while the LSTM still reads ``x``: a sort key next to the payload, e.g.
