@@ -179,9 +179,9 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
             refused for it).
     Returns:
         ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
-        channel when ``normalize`` (except a channel whose entries all lie below
-        :func:`normalize_cost`'s ``eps`` = 1e-12, which it divides by ``eps``: elements that differ
-        by about that little; a set whose elements are all equal has cost 0 and no gradient).
+        channel when ``normalize`` (except a channel whose Frobenius norm lies below
+        :func:`normalize_cost`'s ``eps`` = 1e-12, which it divides by ``eps``, as eq. 10 with the
+        norm clamped at ``eps``: elements that differ by about that little; a set whose elements are all equal has cost 0 and no gradient).
         Finite for any finite ``x`` when ``normalize`` (see :func:`set_scale`).
     """
     check_kernel(kernel)
