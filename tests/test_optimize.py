@@ -246,3 +246,20 @@ def test_the_functions_check_grid_with_its_name(call, grid, message):
     args = (C,) if call is optimize_permutation else (C, torch.full((1, 6, 6), 1 / 6))
     with pytest.raises(ValueError, match=message):
         call(*args, grid=grid)
+
+
+@pytest.mark.parametrize("permutation", ["po-u", "po-la"])
+def test_a_lattice_takes_an_empty_batch(permutation):
+    # B = 0 (an empty last batch, a rank's empty shard) gives an empty P, as for sequences
+    from setperm import PermutationSetEncoder
+    po = PermutationOptimization(3, cost_hidden=4, steps=2, grid=(2, 3), permutation=permutation)
+    x = torch.randn(0, 6, 3, requires_grad=True)
+    P = po(x)
+    assert P.shape == (0, 6, 6)
+    P.sum().backward()
+    C, P0 = torch.zeros(0, 2, 6, 6), torch.zeros(0, 6, 6)
+    assert permutation_cost(C, P0, grid=(2, 3)).shape == (0,)
+    assert permutation_cost_gradient(C, P0, grid=(2, 3)).shape == (0, 6, 6)
+    assert optimize_permutation(C, grid=(3, 2), steps=2).shape == (0, 6, 6)
+    h = PermutationSetEncoder(3, 5, po)(torch.randn(0, 6, 3))
+    assert h.shape == (0, 5)

@@ -109,8 +109,9 @@ def _lattice_balances(C4: Tensor, P: Tensor, grid: Grid) -> Tuple[Tensor, Tensor
         raise ValueError(f"C: a lattice cost needs 2 channels (horizontal, vertical), got shape {tuple(C4.shape)}")
     G = _grid_view(P, grid)
     B, N = P.shape[:2]
-    bal_h = position_balance(G, dim=3).reshape(B, N, -1)   # balance along each grid row
-    bal_v = position_balance(G, dim=2).reshape(B, N, -1)   # balance along each grid column
+    M = P.shape[2]                                        # (not -1: ambiguous for an empty batch)
+    bal_h = position_balance(G, dim=3).reshape(B, N, M)   # balance along each grid row
+    bal_v = position_balance(G, dim=2).reshape(B, N, M)   # balance along each grid column
     return bal_h, bal_v
 
 
