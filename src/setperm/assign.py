@@ -28,7 +28,9 @@ def apply_permutation(x: Tensor, P: Tensor) -> Tensor:
         ``y`` ``(B, N, ...)`` with ``y[b, k] = sum_i P[b, i, k] * x[b, i]``; one batched matmul,
         no ``(B, N, N, ...)`` broadcast. Empty inputs (B = 0 or N = 0) give an empty ``y``. In
         ``x``'s dtype, or for integer or bool ``x`` in ``P``'s floating dtype (a soft ``P``
-        averages elements; ``P`` cast to integers would lose every weight below 1).
+        averages elements; ``P`` cast to integers would lose every weight below 1). Padding in
+        ``x`` must be finite (zero it with ``mask``): its weight in ``P`` is 0, but 0 * NaN is NaN,
+        so NaN or inf there would reach every position of its set (the modules zero it first).
     """
     if not isinstance(x, Tensor) or x.dim() < 2:
         raise ValueError(f"x must have shape (B, N, ...), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
