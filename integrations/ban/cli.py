@@ -24,7 +24,7 @@ from integrations.common import (add_kernel_argument, add_run_arguments, add_thr
                                  launched_rank, non_negative_int, with_help_formatter, positive_float, positive_int, run_command, set_threads,
                                  write_new_json)
 
-from .data import QUESTION_FILES, VQADataError
+from .data import QUESTION_FILES, TFIDF_WEIGHTINGS, VQADataError
 
 PROG = "python -m integrations.ban"
 VARIANTS = ("po-u", "po-la", "none", "off")
@@ -64,6 +64,10 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
     p.add_argument("--op", default="c", help="word embedding: 'c' = GloVe + tf-idf GloVe (600-d), '' = GloVe")
     p.add_argument("--no-tfidf", dest="tfidf", action="store_false",
                    help="initialise the second embedding table with plain GloVe (official --tfidf switch)")
+    p.add_argument("--tfidf-weighting", choices=TFIDF_WEIGHTINGS, default="idf",
+                   help="the tf-idf table's weights: idf (1 / document frequency, what the official code "
+                        "describes) or official (what its tfidf_from_questions computes, for reproducing the "
+                        "official and the paper's runs: mostly unweighted)")
     p.add_argument("--epochs", type=positive_int, default=13, help="training epochs (official)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="global batch (split over DDP processes)")
     p.add_argument("--lr", type=positive_float, default=None, help="base lr (official: 1e-3, 7e-4 with --use-both)")

@@ -205,21 +205,30 @@ def load_answers(root: str | os.PathLike) -> tuple[dict, list]:
     return ans2label, label2ans
 
 
-def tfidf_word_embedding(questions: Sequence[str], dictionary: Dictionary, glove: np.ndarray) -> np.ndarray:
+TFIDF_WEIGHTINGS = ("idf", "official")
+
+
+def tfidf_word_embedding(questions: Sequence[str], dictionary: Dictionary, glove: np.ndarray,
+                         weighting: str = "idf") -> np.ndarray:
     """The tf-idf weighted GloVe init of BAN's second embedding table (``op='c'``), (ntoken, dim).
 
-    The weighting the official ``tfidf_from_questions`` describes: every ordered pair of distinct
-    token positions in a question adds an edge row -> col of weight 1 / df(col) (df = number of
-    occurrences of col), and rows are normalised to sum 1; the init is that row-stochastic matrix
-    times GloVe. Words without any co-occurrence keep a zero row (as officially).
+    Every ordered pair of distinct token positions in a question adds an edge row -> col, rows are
+    normalised to sum 1, and the init is that row-stochastic matrix times GloVe. Words without any
+    co-occurrence keep a zero row (as officially). ``weighting``:
 
-    Deviations from what the official code computes: (1) its loop ``vals[col] /= df[col]`` indexes
-    the values by the word id instead of the entry, so only the first ntoken entries are divided
-    and all other edges keep weight 1: the official matrix is, up to those entries, the plain
-    co-occurrence average without idf, which this function does not reproduce; (2) it also appends
-    words that are not in the dictionary (with their GloVe vectors from glove.6B.300d.txt); here only
-    dictionary words are used, so the GloVe text file is not needed.
+    * ``"idf"``: each edge weighs 1 / df(col) (df = number of occurrences of col), the weighting the
+      official ``tfidf_from_questions`` describes;
+    * ``"official"``: what that function computes. Its loop ``vals[col] /= df[col]`` indexes the list
+      of edge values by the word id instead of the edge, so the edge at list position j (edges listed
+      question by question, each pair as (a, b) then (b, a)) is divided by df(j) once per edge whose
+      col is j, for j < ntoken, and every later edge keeps weight 1: up to those first edges, the plain
+      co-occurrence average without idf (what the paper's BAN runs started from).
+
+    Both use dictionary words only: the official code also appends words missing from the dictionary
+    (none, for a dictionary built from the same questions) with vectors from glove.6B.300d.txt.
     """
+    if weighting not in TFIDF_WEIGHTINGS:
+        raise ValueError(f"weighting: expected one of {TFIDF_WEIGHTINGS}, got {weighting!r}")
     n = dictionary.ntoken
     df = np.zeros(n, dtype=np.float64)
     rows, cols = [], []
@@ -230,16 +239,25 @@ def tfidf_word_embedding(questions: Sequence[str], dictionary: Dictionary, glove
         m = len(toks)
         if m < 2:
             continue
-        ii, jj = np.triu_indices(m, k=1)
+        ii, jj = np.triu_indices(m, k=1)           # itertools.combinations' order
         a, b = np.asarray(toks)[ii], np.asarray(toks)[jj]
-        rows += [a, b]
-        cols += [b, a]
+        rows.append(np.stack([a, b], 1).reshape(-1))  # (a, b), (b, a) for each pair, in the official order
+        cols.append(np.stack([b, a], 1).reshape(-1))
     if not rows:
         return np.zeros_like(glove)
     rows, cols = np.concatenate(rows), np.concatenate(cols)
-    vals = 1.0 / df[cols]
-    z = np.bincount(rows, weights=vals, minlength=n)
-    vals = vals / z[rows]
+    if weighting == "idf":
+        vals = 1.0 / df[cols]
+    else:
+        vals = np.ones(len(cols))
+        j = np.arange(min(n, len(cols)))
+        times = np.bincount(cols, minlength=n)[j]   # how often the loop divides the value at position j
+        with np.errstate(under="ignore"):
+            vals[j] = np.where(times > 0, df[j] ** -times.astype(np.float64), 1.0)
+    z = np.bincount(rows, weights=vals, minlength=n)[rows]
+    # (a row whose every value the official loop divided down to 0 stays 0; the official code would
+    # stop there with a ZeroDivisionError)
+    vals = np.divide(vals, z, out=np.zeros_like(vals), where=z > 0)
     # sparse: the real vocabulary has ~20k words (a dense matrix would be 3 GB)
     from scipy.sparse import coo_matrix
 

@@ -46,7 +46,7 @@ OFFICIAL_MIN_BOXES = 10
 # Settings added after the first runs were recorded: stored only when they differ from these defaults,
 # so a run (or a compare sweep) recorded before them resumes, and is recognised as finished, unchanged.
 LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None, "straight_through": False,
-                 "amp": False}
+                 "amp": False, "tfidf_weighting": "idf"}
 
 
 def setting(args, name: str):
@@ -142,7 +142,8 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
             qfile = root / QUESTION_FILES[split]
             if qfile.is_file():
                 qs += [q["question"] for q in json.loads(qfile.read_text(encoding="utf-8"))["questions"]]
-        tfidf = tfidf_word_embedding(qs, Dictionary.load(root / "dictionary.pkl"), glove)
+        tfidf = tfidf_word_embedding(qs, Dictionary.load(root / "dictionary.pkl"), glove,
+                                     weighting=setting(args, "tfidf_weighting"))
     init_word_embedding(ban, glove, tfidf)
     if args.permutation == "off":
         return patch_ban(ban, permutation="off")

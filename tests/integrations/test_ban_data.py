@@ -1,8 +1,10 @@
 """VQA v2 reader (official layout) and the synthetic generator: shapes, laziness, padding + mask,
 tokenisation, targets, and errors that name the file and key."""
 import json
+import os
 import pickle
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,8 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from integrations.ban.data import (Dictionary, VQADataError, VQAFeatureDataset, collate_vqa, load_glove_init,
-                                   tfidf_word_embedding)
+from integrations.ban.data import (QUESTION_FILES, Dictionary, VQADataError, VQAFeatureDataset, collate_vqa,
+                                   load_glove_init, tfidf_word_embedding)
 from integrations.ban.research import synth
 
 # official-sized features and box range (2048-d, 10-100 boxes), with the fixed-36 files
@@ -160,6 +162,60 @@ def test_tfidf_weights_each_co_occurring_word_by_its_inverse_document_frequency(
     np.testing.assert_allclose(out[0], [0, 0.25, 0.75, 0, 0], atol=1e-6)
     # y co-occurs with x, z, w, v, each of df 1
     np.testing.assert_allclose(out[1], [0.25, 0, 0.25, 0.25, 0.25], atol=1e-6)
+
+
+def test_tfidf_official_weighting_is_what_the_official_loop_computes():
+    """weighting="official": the edge at list position j is divided by df(j) once per edge whose col is j
+    (j < ntoken); later edges keep 1. Edges in the official order, (a, b) then (b, a) per pair:
+    x y z: 0>1 1>0 0>2 2>0 1>2 2>1, y w: 1>3 3>1, y v: 1>4 4>1 (cols 1 0 2 0 2 1 3 1 4 1; df(y) = 3)."""
+    words = ["x", "y", "z", "w", "v"]
+    d = Dictionary({w: i for i, w in enumerate(words)}, list(words))
+    out = tfidf_word_embedding(["x y z", "y w", "y v"], d, np.eye(5, dtype=np.float32), weighting="official")
+    # position 1 (the edge y > x) is divided by df(y) = 3 four times (y is the col of four edges); the
+    # others among the first five by a df of 1
+    np.testing.assert_allclose(out[0], [0, 0.5, 0.5, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(out[1], np.array([1 / 81, 0, 1, 1, 1]) / (3 + 1 / 81), atol=1e-6)
+    with pytest.raises(ValueError, match="weighting: expected one of"):
+        tfidf_word_embedding(["x y"], d, np.eye(5, dtype=np.float32), weighting="tfidf")
+
+
+BAN_ROOT = os.environ.get("SETPERM_BAN_ROOT")
+
+
+@pytest.mark.skipif(not BAN_ROOT or not (Path(BAN_ROOT) / "dataset.py").is_file(),
+                    reason="set SETPERM_BAN_ROOT to a jnhwkim/ban-vqa checkout to test against the official code")
+def test_tfidf_official_weighting_equals_the_official_function(root, tmp_path, monkeypatch):
+    """The official tfidf_from_questions itself, on the synthetic train and val questions (the names main.py
+    passes, VQA questions only, as the perm-optim authors' fork reads them), times the same GloVe."""
+    import warnings
+
+    from integrations.ban import load_official
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")               # the 2018 code's deprecated escapes and sparse API
+        off = load_official(BAN_ROOT, modules=("dataset",), with_dataset=True)
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    (data / QUESTION_FILES["test2015"]).write_text(json.dumps({"questions": []}), encoding="utf-8")
+    (data / "glove").mkdir()
+    (data / "glove" / "glove.6B.300d.txt").write_text("unused " + " ".join(["0"] * 300) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)                    # the function reads data/glove/... relative to the cwd
+    with open(data / "dictionary.pkl", "rb") as fh:
+        word2idx, idx2word = pickle.load(fh)
+    official_dictionary = off.dataset.Dictionary(word2idx, idx2word)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matrix, extra = off.dataset.tfidf_from_questions(["train", "val", "test2015"], official_dictionary,
+                                                         dataroot=str(data), target=["vqa"])
+    d = Dictionary.load(data / "dictionary.pkl")
+    assert len(extra) == 0                          # no word outside the dictionary
+    glove = np.random.default_rng(0).standard_normal((d.ntoken, 7)).astype(np.float32)
+    qs = [q["question"] for split in ("train", "val")
+          for q in json.loads((data / QUESTION_FILES[split]).read_text(encoding="utf-8"))["questions"]]
+    want = matrix.to_dense().double().numpy()[:, :d.ntoken] @ glove.astype(np.float64)
+    np.testing.assert_allclose(tfidf_word_embedding(qs, d, glove, weighting="official"), want, atol=1e-5)
+    # and the weighting it describes is another table
+    assert np.abs(tfidf_word_embedding(qs, d, glove) - want).max() > 1e-2
 
 
 def test_generator_is_deterministic(root, tmp_path):

@@ -323,6 +323,26 @@ def test_amp_run_records_the_setting_and_resume_refuses_a_change(root, tmp_path)
     assert "amp" not in json.loads((tmp_path / "plain" / "config.json").read_text(encoding="utf-8"))
 
 
+def test_tfidf_weighting_sets_the_second_embedding_table_and_is_recorded(root, tmp_path):
+    from integrations.ban.data import Dictionary, load_glove_init, tfidf_word_embedding
+
+    d = Dictionary.load(root / "dictionary.pkl")
+    qs = [q["question"] for split in ("train", "val")
+          for q in json.loads((root / QUESTION_FILES[split]).read_text(encoding="utf-8"))["questions"]]
+    tables = {}
+    for weighting in ("idf", "official"):
+        args = _args(root, tmp_path / weighting, "--tfidf-weighting", weighting)
+        model = build_model(args, d.ntoken, 5, 32)
+        tables[weighting] = getattr(model, "ban", model).w_emb.emb_.weight.detach()[:d.ntoken]
+        want = tfidf_word_embedding(qs, d, load_glove_init(root, d.ntoken), weighting=weighting)
+        torch.testing.assert_close(tables[weighting], torch.from_numpy(want))
+    assert not torch.allclose(tables["idf"], tables["official"])
+    run(_args(root, tmp_path / "run", "--permutation", "off", "--tfidf-weighting", "official", "--max-steps", "1"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))["tfidf_weighting"] == "official"
+    with pytest.raises(RunError, match="tfidf_weighting"):
+        run(_args(root, tmp_path / "run", "--permutation", "off", "--max-steps", "2", "--resume"))
+
+
 def test_amp_is_refused_where_autocast_does_not_run_and_its_absence_enters_no_context(root, tmp_path, monkeypatch):
     """Another device type (``meta`` stands in for one, such as Apple's ``mps``): without ``--amp`` no
     autocast context is entered (``torch.autocast`` refuses such a type even disabled, ``mps`` before
