@@ -119,3 +119,9 @@ def test_compiled_model_logs_the_plain_tags(torch_compile_runs):
     monitor.remove()
     po = PermutationOptimization(3, cost_hidden=4, steps=2)
     assert set(PermutationMonitor(torch.compile(po, backend="eager")).values()) == {"eta/permutation"}
+
+
+@pytest.mark.parametrize("model", [None, lambda x: x, {"po": PermutationOptimization(3)}])
+def test_monitor_of_something_that_is_no_module_is_refused_by_name(model):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        PermutationMonitor(model)

@@ -78,6 +78,9 @@ class PermutationMonitor:
     """
 
     def __init__(self, model: nn.Module, eta_prefix: str = "eta", entropy_prefix: str = "permutation_entropy"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (the model holding the permutation modules), "
+                            f"got {type(model).__name__}")
         self.model = model
         self.eta_prefix = eta_prefix
         self.entropy_prefix = entropy_prefix
