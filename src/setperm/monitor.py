@@ -75,6 +75,12 @@ class PermutationMonitor:
     entropy of the last recorded forward); ``log(writer, step)`` writes them (``writer`` may be
     None) and returns them. ``remove()`` (or leaving a ``with`` block) removes the hooks and
     forgets the recorded values.
+
+    Args:
+        model: the ``nn.Module`` holding the permutation modules, searched once, when the monitor
+            is built (a model without any gives empty dicts).
+        eta_prefix, entropy_prefix: the first part of the tags, ``"eta"`` and
+            ``"permutation_entropy"`` by default.
     """
 
     def __init__(self, model: nn.Module, eta_prefix: str = "eta", entropy_prefix: str = "permutation_entropy"):
