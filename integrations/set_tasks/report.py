@@ -218,7 +218,7 @@ def _comparison_section(summary: dict, tasks: List[str]) -> List[str]:
 
 
 def _size_section(summary: dict, tasks: List[str], encoders: List[str], big: List[str]) -> List[str]:
-    if not big:
+    if not big or not tasks:            # (real-valued tasks only: their sizes are in the MSE table)
         return []
     return ["", "Size generalisation: test accuracy (%) at N = " + ", ".join(big) +
             " after training at the training sizes (n/a: PO-LA has a fixed number of positions).", ""] + _encoder_table(

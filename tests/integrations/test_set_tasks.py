@@ -406,6 +406,14 @@ def test_a_real_task_extends_an_old_sweep_and_is_reported_by_mse(tmp_path, capsy
     assert (out / "results" / "set_tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_sweep_of_real_tasks_only_has_no_empty_accuracy_table(tmp_path):
+    out = tmp_path / "run"
+    assert _run(out, tmp_path / "no-data", "--tasks", "median-real", "--encoders", "deepsets,po-u", "--seeds", "1") == 0
+    table = (out / "results" / "table.md").read_text(encoding="utf-8")
+    assert "median-real N=8" in table                            # the larger size, in the MSE table
+    assert "test accuracy (%) at N =" not in table and "| encoder |  |" not in table
+
+
 def _hand_made_entry(metric: str, means: dict) -> dict:
     """A summary entry with two seeds per encoder around the given means."""
     rows = {e: {metric: {"train": {"mean": m, "std": 0.01, "n": 2}},
