@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from setperm import LinAssign, PermutationOptimization, PermutationSetEncoder
-from setperm.functional import hungarian, sinkhorn
+from setperm import LinAssign, PairwiseCost, PermutationOptimization, PermutationSetEncoder
+from setperm.functional import hungarian, pairwise_cost, sinkhorn
 from setperm.cost import _equal_pairs_by_hash, _equal_pairs_on_device, equal_pairs
 
 # (import_module: each submodule by its path, whatever names the package's namespace holds)
@@ -222,6 +222,24 @@ def test_the_lattice_variants_put_every_tensor_on_the_inputs_device(on_meta, mod
         sum(P.sum() for P in steps).backward()
     assert all(P.shape == (3, 6, 6) and P.device.type == "meta" for P in steps)
     assert x.grad.device.type == "meta" and all(p.grad.device.type == "meta" for p in po.parameters())
+
+
+@pytest.mark.parametrize("build, culprit", [
+    (lambda: PermutationSetEncoder(4, 6).to("meta"), "LSTM"),
+    (lambda: PermutationSetEncoder(4, 6, rnn="gru").to("meta"), "GRU"),
+    (lambda: PermutationSetEncoder(4, 6, PermutationOptimization(4, device="meta")), "PermutationOptimization"),
+    (lambda: PermutationOptimization(4).to("meta"), "PermutationOptimization"),
+    (lambda: LinAssign(4, 5).to("meta"), "LinAssign"),
+    (lambda: PairwiseCost(4, 8).to("meta"), "PairwiseCost"),
+    (lambda: lambda x: pairwise_cost(x, *(torch.zeros(s, device="meta") for s in ((8, 8), (8,))), [],
+                                     torch.zeros(1, 8)), "first_weight"),
+], ids=["encoder", "gru-encoder", "its-po", "po", "linassign", "cost", "functional-cost"])
+def test_an_input_on_another_device_than_the_module_is_named(build, culprit):
+    """A set left on the CPU beside a module moved elsewhere (``meta`` here, CUDA in use) is refused
+    by name before any operation mixes them (torch's own error names neither)."""
+    module = build()
+    with pytest.raises(ValueError, match=f"x is on cpu but .*{culprit}.* is on meta|{culprit} is on meta but x"):
+        module(torch.randn(2, 5, 4))
 
 
 def test_the_host_wait_check_refuses_what_synchronises_on_cuda_and_allows_host_work(device_path):

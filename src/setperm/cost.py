@@ -19,9 +19,10 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._errors import check_int
+from ._errors import check_int, check_same_device
 from .init import uninitialized, xavier_linear_
-from .masking import check_dtype, check_set, host_decisions, pair_mask, resolve_mask, zero_padding
+from .masking import (check_dtype, check_module_device, check_set, host_decisions, pair_mask, resolve_mask,
+                      zero_padding)
 from .pairwise import _rows_per_chunk, check_kernel, pairwise_two_layer
 from .scale import set_scale
 
@@ -189,6 +190,7 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         got = tuple(first_weight.shape) if isinstance(first_weight, Tensor) else type(first_weight).__name__
         raise ValueError(f"first_weight must have shape (H, 2D), got {got}")
     check_set(x, features=first_weight.shape[1] // 2)
+    check_same_device(first_weight, "first_weight", x, "x")
     check_dtype(x, first_weight.dtype)
     hidden = list(hidden)
     _check_layers(first_weight, first_bias, hidden, last_weight)
@@ -303,6 +305,7 @@ class PairwiseCost(nn.Module):
     def forward(self, x: Tensor, mask: Optional[Tensor] = None, *, lengths: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         check_set(x, features=self.in_features)
+        check_module_device(x, self)
         check_dtype(x, self.first.weight.dtype)
         mask = resolve_mask(x, mask, lengths, key_padding_mask)
         return pairwise_cost(x, self.first.weight, self.first.bias,

@@ -18,8 +18,8 @@ from ._errors import check_int, check_positive, check_same_device
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost, hidden_widths
 from .init import uninitialized, xavier_linear_, xavier_rnn_
-from .masking import (check_check_finite, check_dtype, check_set, check_weights, host_decisions, module_dtype,
-                      resolve_check_finite, resolve_mask, zero_padding)
+from .masking import (check_check_finite, check_dtype, check_module_device, check_set, check_weights, host_decisions,
+                      module_dtype, resolve_check_finite, resolve_mask, zero_padding)
 from .masking import check_finite as _check_finite
 from .optimize import DEFAULT_STEPS, check_grid, optimize_permutation
 from .pairwise import check_kernel
@@ -168,6 +168,7 @@ class PermutationOptimization(nn.Module):
                 return_steps: bool = False, *, key_padding_mask: Optional[Tensor] = None
                 ) -> Union[Tensor, List[Tensor]]:
         check_set(x, features=self.in_features)
+        check_module_device(x, self)
         check_dtype(x, module_dtype(self))
         mask = resolve_mask(x, mask, lengths, key_padding_mask)
         if self.grid is not None and x.shape[1] != self.grid[0] * self.grid[1]:
@@ -495,6 +496,7 @@ class PermutationSetEncoder(nn.Module):
                 weights: Optional[Tensor] = None, return_permutation: bool = False, *,
                 key_padding_mask: Optional[Tensor] = None, order_by: Optional[Tensor] = None):
         check_set(x, features=self.in_features)
+        check_module_device(x, self.reader)
         dtype = self.reader.weight_ih_l0.dtype
         check_dtype(x, dtype)
         mask = resolve_mask(x, mask, lengths, key_padding_mask)

@@ -99,6 +99,14 @@ def module_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
     return None
 
 
+def check_module_device(t: Tensor, module: torch.nn.Module, name: str = "x") -> None:
+    """``t`` on the device of ``module``'s parameters (its first one; nothing to check without
+    any), named before the first operation mixes them and fails with torch's own words."""
+    for p in module.parameters():
+        check_same_device(t, name, p, f"the {type(module).__name__}")
+        return
+
+
 def check_dtype(t: Tensor, expected: Optional[torch.dtype], name: str = "x") -> None:
     """``t`` must have the module's parameter dtype ``expected`` (None: anything goes).
 
