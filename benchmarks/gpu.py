@@ -286,7 +286,8 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator
                 del mod, inputs
                 if kernel == "fused" and cfg.n > MAX_SET_SIZE:
                     row["note"] = f"N > {MAX_SET_SIZE}: the unrolled steps (as compiled)"
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
+                # (torch.cuda's name: torch.OutOfMemoryError, the same class, is torch 2.5 and newer)
                 row["note"] = "out of memory"
             except Exception as err:                         # one failing row must not lose the others
                 failed(row, err, args)

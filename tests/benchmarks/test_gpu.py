@@ -174,3 +174,29 @@ def test_the_compiled_encoder_s_gradients_are_set_not_added_at_every_call(tmp_pa
     gpu.call(mod, x.detach().requires_grad_(True), w).sum().backward()
     for g, one in zip(got, (p.grad for p in mod.parameters())):
         torch.testing.assert_close(g, one)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("the kernel cannot run here"), torch.cuda.OutOfMemoryError("CUDA out")],
+                         ids=["error", "out-of-memory"])
+def test_a_failing_layer_row_keeps_the_other_rows_on_a_torch_without_torch_oom_error(tmp_path, monkeypatch, error):
+    """torch 2.0 - 2.4 have no ``torch.OutOfMemoryError`` (only ``torch.cuda.OutOfMemoryError``): the
+    row's failure is still caught there, instead of an AttributeError from the except clause ending the run."""
+    monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
+    real = gpu._setperm
+
+    def setperm(cfg, kernel, device):
+        if kernel == "compiled":
+            raise error
+        return real(cfg, kernel, device)
+    monkeypatch.setattr(gpu, "_setperm", setperm)
+    assert gpu.main([*FAST, "--kernels", "chunked,compiled", "--no-optimizer", "--no-ban", "--no-readout",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "gpu_tiny.json").read_text(encoding="utf-8"))
+    rows = {(r["config"], r["impl"]): r for r in data["layer"]}
+    assert len(rows) == 2 * 3
+    for (config, impl), row in rows.items():
+        if impl == "setperm (compiled)":
+            want = "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else "failed: RuntimeError"
+            assert row["note"].startswith(want) and "fb_ms" not in row, row
+        else:
+            assert row["fb_ms"] > 0 and "note" not in row, row
