@@ -7,20 +7,22 @@
 #
 # --perm-optim-root: a checkout of github Cyanogenoid/perm-optim (the paper's released module joins
 # the layer table); --ban-root: a checkout of github jnhwkim/ban-vqa (the official model's CUDA tests
-# run). Writes OUT/versions.txt, OUT/gpu.json, OUT/gpu.md, OUT/gpu_log.txt, OUT/cuda_tests.txt and
-# prints the tables and the tests' summary last. Runs from the repository root, with the python3
-# that has torch (the package is taken from src/, no install needed). Each part is stopped after
-# its time (SETPERM_BENCH_TIMEOUT, default 300 s; SETPERM_TESTS_TIMEOUT, default 200 s), so that
-# both get their turn; benchmarks.gpu rewrites its results after each row, so a run stopped
-# part-way keeps the rows it finished.
+# run). Writes OUT/versions.txt, OUT/gpu.json, OUT/gpu.md (gpu_tiny.* with --tiny), OUT/gpu_log.txt,
+# OUT/cuda_tests.txt and prints this run's tables and the tests' summary last. Runs from the
+# repository root, with the python3 that has torch (the package is taken from src/, no install
+# needed). Each part is stopped after its time (SETPERM_BENCH_TIMEOUT, default 300 s;
+# SETPERM_TESTS_TIMEOUT, default 200 s), so that both get their turn; benchmarks.gpu rewrites its
+# results after each row, so a run stopped part-way keeps the rows it finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT [--perm-optim-root PATH] [--ban-root PATH] [flags...]}
 shift
 bench_args=()
+stem=gpu                # benchmarks.gpu's tables: gpu.md, or gpu_tiny.md with --tiny
 while [ $# -gt 0 ]; do
     case "$1" in
         --ban-root) export SETPERM_BAN_ROOT="$2"; shift 2 ;;
+        --tiny) stem=gpu_tiny; bench_args+=("$1"); shift ;;
         *) bench_args+=("$1"); shift ;;
     esac
 done
@@ -56,6 +58,11 @@ tests_rc=$?
 [ "$tests_rc" = 124 ] && echo "(stopped after ${SETPERM_TESTS_TIMEOUT:-200} s)" >> "$out/cuda_tests.txt"
 
 echo "== benchmarks.gpu (exit $bench_rc)"; tail -n 5 "$out/gpu_log.txt"
-[ -f "$out/gpu.md" ] && cat "$out/gpu.md"
+# the tables of this run only: an earlier run's, left in OUT by a run that wrote none, are not shown
+if [ -f "$out/$stem.md" ] && [ "$out/$stem.md" -nt "$out/versions.txt" ]; then
+    cat "$out/$stem.md"
+else
+    echo "(no tables written by this run; its log: $out/gpu_log.txt)"
+fi
 echo "== CUDA tests (exit $tests_rc)"; tail -n 25 "$out/cuda_tests.txt"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

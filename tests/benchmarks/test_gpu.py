@@ -200,3 +200,27 @@ def test_a_failing_layer_row_keeps_the_other_rows_on_a_torch_without_torch_oom_e
             assert row["note"].startswith(want) and "fb_ms" not in row, row
         else:
             assert row["fb_ms"] > 0 and "note" not in row, row
+
+
+@pytest.mark.slow      # two runs of the script, each a few fresh Python processes
+def test_gpu_check_prints_the_tables_of_its_own_run(tmp_path):
+    """``bash benchmarks/gpu_check.sh OUT ... --tiny`` prints the tables it wrote (``gpu_tiny.md``),
+    and a run that wrote none does not print an earlier run's ``gpu.md`` left in OUT as its own."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(gpu.__file__).resolve().parents[1]
+    env = {**os.environ, "SETPERM_TESTS_TIMEOUT": "1"}          # the CUDA tests are not what is checked here
+    out = tmp_path / "out"
+
+    def run(*flags):
+        res = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(out), *flags], cwd=repo,
+                             env=env, capture_output=True, text=True, timeout=300)
+        return res.stdout[res.stdout.index("== benchmarks.gpu"):res.stdout.index("== CUDA tests")]
+
+    printed = run("--device", "cpu", "--tiny", "--no-layer", "--no-ban", "--no-optimizer", "--compile-modes", "")
+    assert "The encoder's LSTM readout" in printed and "| sets | implementation |" in printed, printed
+    (out / "gpu.md").write_text("an earlier run's table\n", encoding="utf-8")
+    printed = run("--device", "cpu", "--kernels", "fastest")           # refused before anything is measured
+    assert "an earlier run's table" not in printed and "no tables written by this run" in printed, printed
