@@ -10,7 +10,9 @@ forward and forward + backward, for setperm with every kernel (``auto``, ``chunk
 ``--perm-optim-root``, the paper's released module: ``PermNet`` from ``ban-vqa/permnet.py`` of the
 user's own checkout of github Cyanogenoid/perm-optim, imported from there (nothing of it is copied
 here; it takes boxes, attention logits and box features, and includes its learned projection of
-``--released-features``-d box features to 8). Time: CUDA events around each call, the median of
+``--released-features``-d box features to 8; its copy of the optimisation runs T = 3 Sinkhorn
+iterations per call where setperm and the reference run the paper's L = 4 of appendix B, a quarter
+fewer, as the table's caption says). Time: CUDA events around each call, the median of
 ``--repeats`` calls after ``--warmup`` calls (the first of which compiles the fused kernels). Memory:
 ``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it (inputs,
 parameters). The reference and the released module materialise every pair; they are skipped where
@@ -673,8 +675,11 @@ def save_results(path: Path, table_path: Path, info: Dict[str, object], args, re
     fallbacks = sorted({str(w.message) for w in caught if str(w.message).startswith("setperm")})
     tables = []
     if results["layer"]:
+        released = any(r["impl"].startswith("released") for r in results["layer"])
         tables += ["Layer (VQA configuration: 13-d elements, pairwise hidden 128, T = 3, LSTM 128, relevance "
-                   "weights):", "", markdown_table(results["layer"], LAYER_COLUMNS)]
+                   "weights" + ("; Sinkhorn iterations per call: setperm and the reference 4 (L of appendix B), "
+                                "the released PermNet 3 (its ban-vqa code passes T)" if released else "") + "):",
+                   "", markdown_table(results["layer"], LAYER_COLUMNS)]
     if results["optimizer"]:
         tables += ["", "The permutation optimisation alone (T = 3, L = 4, padded sets of 10-N elements, float32):", "",
                    markdown_table(results["optimizer"], OPTIMIZER_COLUMNS)]

@@ -55,6 +55,8 @@ def test_cpu_dry_run_writes_every_row(tmp_path, released_stand_in):
     assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
     table = (tmp_path / "out" / "gpu_tiny.md").read_text(encoding="utf-8")
     assert "released PermNet" in table and "BAN + PO-U" in table and "LSTM readout" in table
+    # the released module's ban-vqa copy runs T (3) Sinkhorn iterations, not L = 4: the caption says so
+    assert "Sinkhorn iterations per call: setperm and the reference 4" in table and "released PermNet 3" in table
     assert data["fallbacks"] == [] and "Fallbacks" not in table
 
 
