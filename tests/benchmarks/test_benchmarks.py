@@ -167,3 +167,21 @@ def test_internals_refuses_a_sorting_runs_folder_without_trained_runs(content, t
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert err.startswith(f"prog: error: --sorting-runs {runs}")
     assert not (tmp_path / "out").exists()          # refused before anything is measured or written
+
+
+def test_the_readme_s_threads_table_names_the_machine_and_commands_of_its_result_files():
+    """The top-level README's "Threads" table is copied from ``benchmarks/results/busy_core_threads{1,2}``:
+    it names the CPU those files record (not the machine of the figures before it) and the
+    commands that wrote them, ``--out`` included (without it the second run would refuse to replace
+    the first one's ``runs/benchmarks/layer.json``)."""
+    from pathlib import Path
+
+    repo = Path(layer.__file__).resolve().parents[1]
+    readme = " ".join((repo / "README.md").read_text(encoding="utf-8").split())
+    threads = readme[readme.index("**Threads.**"):readme.index("**Speed and memory on a GPU")]
+    for n in (1, 2):
+        data = json.loads((repo / "benchmarks" / "results" / f"busy_core_threads{n}" / "layer.json").read_text(
+            encoding="utf-8"))
+        assert data["machine"]["cpu_model"] in threads
+        assert data["args"]["busy_core"] == "True" and data["args"]["threads"] == str(n)
+        assert f"--out {data['args']['out']}" in threads
