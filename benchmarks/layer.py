@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         conv = args.conv1d_on is not None and args.conv1d_on in cfg.name
         rows += measure(cfg, args, ("linear", "conv1d") if conv else ("linear",))
         announce(i, len(cfgs), cfg.name, t0)
-    table = markdown_table(rows, COLUMNS)
+    # the one-core-busy columns only where they were measured (else two columns of dashes)
+    table = markdown_table(rows, [c for c in COLUMNS if args.busy_core or "busy" not in c[0]])
     print(table)
     write_results(path, info, args, rows=rows, table=table)
     print(f"results: {path}")

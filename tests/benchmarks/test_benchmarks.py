@@ -85,7 +85,12 @@ def test_layer_benchmark_tiny(tmp_path, capsys):
     for ours in (r for r in data["rows"] if r["impl"].startswith("setperm")):
         ref = next(r for r in data["rows"] if r["config"] == ours["config"] and r["impl"] == "reference (nn.Linear)")
         assert ours["speedup_fb"] == pytest.approx(ref["fb_ms"] / ours["fb_ms"])
-    assert "| tiny sort | setperm (chunked) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| tiny sort | setperm (chunked) |" in printed
+    # the columns of the committed tables: the one-core-busy ones only with --busy-core
+    head = next(line for line in printed.splitlines() if line.startswith("| configuration |"))
+    assert head == data["table"].splitlines()[0] and "one core busy" not in head
+    assert head.endswith("| max abs diff to setperm (chunked) | note |")
 
 
 @pytest.mark.parametrize("bench", [layer, scaling, limit, internals], ids=lambda m: m.__name__.split(".")[-1])

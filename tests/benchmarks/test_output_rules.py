@@ -37,5 +37,7 @@ def test_requests_that_cannot_run_are_one_line(tmp_path, capsys):
 
 def test_busy_core_reports_a_slowdown_per_call(tmp_path, capsys):
     assert _layer(capsys, "--out", str(tmp_path), "--only", "tiny sort", "--busy-core")[0] == 0
-    row = json.loads((tmp_path / "layer_tiny.json").read_text(encoding="utf-8"))["rows"][0]
+    data = json.loads((tmp_path / "layer_tiny.json").read_text(encoding="utf-8"))
+    row = data["rows"][0]
     assert row["fb_busy_ms"] > 0 and abs(row["fb_busy_slowdown"] - row["fb_busy_ms"] / row["fb_ms"]) < 1e-9
+    assert "| fwd+bwd ms, one core busy | fwd+bwd slowdown, one core busy |" in data["table"].splitlines()[0]
