@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         return 1
     stem = "flops_tiny" if args.tiny else "flops"
     args.threads = torch.get_num_threads()            # nothing is computed: the threads do not matter
-    path, info = prepare(args, f"{stem}.json")
+    path, info = prepare(args, f"{stem}.json", timed=False)       # counts, times nothing: no load warning
     table_path = ensure_new(args.out / f"{stem}.md", overwrite=args.overwrite)
     with warnings.catch_warnings():
         # the released module's own deprecated init calls; nothing of setperm's

@@ -336,14 +336,17 @@ def breakdown(cfg: Config, impl: str, warmup: int = 1, repeats: int = 3, device:
 
 
 # ------------------------------------------------------------------------------------------ output
-def machine_info(threads: int) -> Dict[str, object]:
+def machine_info(threads: int, timed: bool = True) -> Dict[str, object]:
+    """The machine's description for a result file; ``timed``: warn when the load would slow the
+    timings (a command that times nothing, ``benchmarks.flops``, passes False)."""
     model = ""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
     except OSError:
         pass
-    check_load(threads)
+    if timed:
+        check_load(threads)
     return {"date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
             "python": platform.python_version(), "cpu_model": model, "cores": os.cpu_count(), "threads": threads,
             "loadavg_start": list(os.getloadavg())}
@@ -416,15 +419,15 @@ def common_parser(description: str, prog: Optional[str] = None) -> argparse.Argu
     return p
 
 
-def prepare(args: argparse.Namespace, name: str) -> Tuple[Path, Dict[str, object]]:
+def prepare(args: argparse.Namespace, name: str, timed: bool = True) -> Tuple[Path, Dict[str, object]]:
     """Before anything is measured: the result file ``<--out>/<name>`` (``--out`` must be a folder
     or not exist yet; an earlier result is replaced only with ``--overwrite``), the threads, and the
-    machine's description. Returns ``(path, machine info)``."""
+    machine's description (``timed``: see :func:`machine_info`). Returns ``(path, machine info)``."""
     if args.out.exists() and not args.out.is_dir():
         raise RunError(f"--out {args.out} is a file, not a folder")
     path = ensure_new(args.out / name, overwrite=args.overwrite)
     torch.set_num_threads(args.threads)
-    return path, machine_info(args.threads)
+    return path, machine_info(args.threads, timed)
 
 
 def naming_no_compiled(main: Callable[[Optional[Sequence[str]]], Optional[int]]):
