@@ -372,6 +372,31 @@ def _same_model_code(config: dict, old: dict) -> None:
                        "start a new run with another --out or --overwrite")
 
 
+def _optimizer_state_without_frozen(state: dict, model: nn.Module) -> None:
+    """Fit the Adamax state of a checkpoint written while every parameter of ``model`` was trainable to the
+    optimiser built now over the trainable ones only (in place).
+
+    Official-model runs recorded before ``build_official_ban`` froze the counter's unused ``f[8:]`` hold one
+    parameter group over all parameters; those functions never got a gradient (the forward does not use
+    them), so Adamax kept no state for them and dropping them renumbers the others without changing any
+    update. Anything else (a group of another size, state for a dropped parameter) is left as it is, for
+    :func:`~integrations.common.checkpoint.restore` to refuse."""
+    opt = state.get("optimizer") if isinstance(state, dict) else None
+    params = list(model.parameters())
+    keep = [i for i, p in enumerate(params) if p.requires_grad]
+    if not isinstance(opt, dict) or len(keep) == len(params) or len(opt.get("param_groups", [])) != 1:
+        return
+    group = opt["param_groups"][0]
+    if list(group.get("params", [])) != list(range(len(params))):
+        return
+    dropped = set(range(len(params))) - set(keep)
+    if any(i in dropped for i in opt.get("state", {})):
+        return
+    new_index = {old: new for new, old in enumerate(keep)}
+    opt["state"] = {new_index[i]: v for i, v in opt.get("state", {}).items()}
+    group["params"] = list(range(len(keep)))
+
+
 class _Trainer:
     """Setup, one epoch, its logging and its checkpoint; the counters a checkpoint stores are
     ``epoch``, ``batch_in_epoch`` (steps done in that epoch), the epoch's running ``sums`` and ``history``."""
@@ -384,6 +409,8 @@ class _Trainer:
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                            else None)
         self.optimizer = torch.optim.Adamax([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        if run.state is not None:
+            _optimizer_state_without_frozen(run.state, model)
         ex = run.restore(model=model, optimizer=self.optimizer, rng=True)
         self.epoch, self.skip = int(ex.get("epoch", 0)), int(ex.get("batch_in_epoch", 0))
         self.step, self.history = run.start_step, list(ex.get("history", []))

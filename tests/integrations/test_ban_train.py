@@ -118,6 +118,31 @@ def test_resume_continues_exactly(root, tmp_path):
     assert (tmp_path / "b" / "config.json").is_file() and (tmp_path / "b" / "tb").is_dir()
 
 
+@pytest.mark.parametrize("official", [False, True], ids=["model.py", "official"])
+def test_resume_of_a_checkpoint_written_while_the_unused_counter_functions_were_trainable(root, tmp_path,
+                                                                                         monkeypatch, official):
+    """The plain official BAN froze the counter's unused f[8:] only later: a run stopped before then holds an
+    Adamax group over every parameter. It resumes (those functions never had a gradient, so no Adamax state)
+    and continues as the uninterrupted run of the current code does."""
+    import integrations.ban.counting as counting
+
+    if official and not os.environ.get("SETPERM_BAN_ROOT"):
+        pytest.skip("SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
+    common = ["--permutation", "off", "--epochs", "2"]
+    if official:
+        common += ["--ban-root", os.environ["SETPERM_BAN_ROOT"]]
+    straight = run(_args(root, tmp_path / "a", *common, "--max-steps", "4"))
+    with monkeypatch.context() as before_the_freeze:
+        before_the_freeze.setattr(counting, "freeze_unused_functions", lambda counter: None)
+        old = run(_args(root, tmp_path / "b", *common, "--max-steps", "2"))
+    assert all(p.requires_grad for p in old["model"].parameters())
+    resumed = run(_args(root, tmp_path / "b", *common, "--max-steps", "4", "--resume"))
+    assert resumed["step"] == straight["step"] == 4
+    sa, sb = straight["model"].state_dict(), resumed["model"].state_dict()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=1e-7, msg=k)
+
+
 def test_resume_refuses_changed_settings(root, tmp_path):
     run(_args(root, tmp_path, "--permutation", "off", "--max-steps", "1"))
     with pytest.raises(RunError, match="permutation \"off\" -> \"none\""):
