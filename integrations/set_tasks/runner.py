@@ -19,7 +19,7 @@ import torch
 
 from integrations.common import Run, RunError, RunInterrupted, open_run, write_json
 from integrations.common.datasets import dataset_folder
-from integrations.common.lifecycle import SUMMARY
+from integrations.common.lifecycle import CONFIG, SUMMARY
 from integrations.common.pool import run_units
 
 from .data import POINT_FEATURES, REAL_FEATURES
@@ -138,6 +138,19 @@ def _check_sizes(tasks: Sequence[str], cfg: TrainConfig) -> None:
                                  f"elements")
 
 
+def _recorded_before_commands(out: Path) -> List[str]:
+    """The command of a folder whose config.json predates the ``commands`` list (it names its last command in
+    ``command`` only), so that a ``--resume`` adds to it instead of starting the list afresh; [] otherwise
+    (also for a config.json that cannot be read: :func:`open_run` reports that)."""
+    try:
+        stored = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(stored, dict) or "commands" in stored or not stored.get("command"):
+        return []
+    return [stored["command"]]
+
+
 def _needs_mnist(tasks: Sequence[str]) -> bool:
     return any(get_task(t).elements == "mnist" for t in tasks)
 
@@ -177,6 +190,9 @@ def run_suite(out: Path, tasks: Sequence[str], encoders: Sequence[str], seeds: S
     out = Path(out)
     config = suite_config(tasks, encoders, seeds, cfg, reference_width, jobs, threads, cnn_epochs,
                           cnn_train_images, command)
+    if resume and not overwrite:
+        earlier = _recorded_before_commands(out)
+        config["commands"] = earlier + [c for c in config["commands"] if c not in earlier]
     if _needs_mnist(tasks) and not _embedding_cache(out, cnn_epochs, cnn_train_images).is_file():
         dataset_folder("mnist", data_root)        # a missing data folder is reported before the run starts
     # the record lists every task, encoder and seed the folder holds (the report reads them all), also

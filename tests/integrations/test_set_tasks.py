@@ -572,6 +572,23 @@ def test_sizes_below_what_a_task_needs_are_one_line_and_leave_nothing(tmp_path, 
     assert not out.exists()
 
 
+def test_a_folder_recorded_before_the_list_of_commands_keeps_its_first_command_on_resume(tmp_path):
+    """config.json of a sweep written before ``commands`` was recorded names its command in ``command`` only;
+    extending it with --resume must cite that command too, not only the one that added cells."""
+    out = tmp_path / "run"
+    first = ("--tasks", "leftmost", "--encoders", "deepsets", "--seeds", "1")
+    assert _run(out, tmp_path, *first) == 0
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    del config["commands"]
+    (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert _run(out, tmp_path, "--tasks", "leftmost", "--encoders", "sort", "--seeds", "1", "--resume") == 0
+    commands = json.loads((out / "config.json").read_text(encoding="utf-8"))["commands"]
+    assert len(commands) == 2 and "--encoders deepsets" in commands[0] and "--encoders sort" in commands[1]
+    table = (out / "results" / "table.md").read_text(encoding="utf-8").splitlines()[0]
+    assert table.startswith("Commands (the folder was filled in stages")
+    assert table.index("--encoders deepsets") < table.index("--encoders sort")
+
+
 def test_a_missing_data_folder_is_one_line_and_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(out, tmp_path / "typo", "--tasks", "max", "--encoders", "deepsets", "--seeds", "1") == 1
