@@ -163,7 +163,7 @@ def _add_checkpoint_arguments(p: argparse.ArgumentParser, *, split_default: str,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,compare,diagnose,knobs}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synth,train,eval,predict,compare,diagnose,knobs}")
     sub.add_parser("synth", add_help=False, help="write a synthetic dataset in the official layout "
                                                  f"(flags: {PROG} synth --help)")
     t = sub.add_parser("train", help="train BAN / BAN + LSTM / BAN + PO (official recipe)",

@@ -608,3 +608,15 @@ def test_predict_writes_the_evaluation_servers_answers_for_every_split(root, tmp
     # an existing file is kept without --overwrite
     assert run_command(main, "ban", ["predict", "--run", str(tmp_path / "run"), "--split", "val"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_the_usage_names_every_command():
+    import argparse
+
+    from integrations.ban.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    usage = parser.format_usage()
+    assert "predict" in commands
+    assert all(name in usage for name in commands), (sorted(commands), usage)
