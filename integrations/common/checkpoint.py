@@ -21,6 +21,9 @@ import torch
 
 from .atomic import atomic_torch_save
 
+# the folder of a run that holds its checkpoints
+CHECKPOINTS = "checkpoints"
+
 FORMAT = 2
 _STEP_FILE = re.compile(r"step_(\d+)\.pt")
 
@@ -166,9 +169,12 @@ def latest_checkpoint(folder: str | os.PathLike) -> Optional[Path]:
 
 def run_folder(run_or_checkpoint: str | os.PathLike) -> Path:
     """The run folder of a run folder or of one of its checkpoints (``<run>/checkpoints/step_*.pt``): where
-    an evaluation of either is written by default."""
+    an evaluation of either is written by default. A ``.pt`` file kept elsewhere (outside a ``checkpoints``
+    folder) counts its own folder as the run's, not the folder above it."""
     path = Path(run_or_checkpoint)
-    return path.parent.parent if path.suffix == ".pt" else path
+    if path.suffix != ".pt":
+        return path
+    return path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
 
 
 def load_latest(run_or_checkpoint: str | os.PathLike, *, map_location: Any = "cpu") -> dict:

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_write, in_chain
-from .checkpoint import CheckpointError, read_checkpoint, restore, rng_state, step_files, write_checkpoint
+from .checkpoint import CHECKPOINTS, CheckpointError, read_checkpoint, restore, rng_state, step_files, write_checkpoint
 
 try:
     import fcntl
@@ -60,7 +60,6 @@ except ImportError:             # not POSIX: folders are not locked there
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
-CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 
 # Settings that never change what a run computes: where it runs and how it reports. They may differ

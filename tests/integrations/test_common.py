@@ -306,6 +306,9 @@ def test_run_folder_of_a_run_or_of_one_of_its_checkpoints():
 
     assert run_folder("runs/a/checkpoints/step_00000003.pt") == Path("runs/a")
     assert run_folder(Path("runs/a")) == Path("runs/a")
+    # a checkpoint kept outside a checkpoints folder: its own folder, not the one above it
+    assert run_folder("kept/final.pt") == Path("kept")
+    assert run_folder("final.pt") == Path(".")
 
 
 def test_mean_std_text_for_missing_single_and_several_values():
