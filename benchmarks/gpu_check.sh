@@ -46,6 +46,9 @@ if torch.cuda.is_available():
 EOF
 cat "$out/versions.txt"
 
+# the tables printed below are this run's only: an earlier run's, left in OUT, go first (the benchmark
+# replaces them anyway, --overwrite; a run that writes none then shows none)
+rm -f "$out/$stem.md" "$out/$stem.json"
 timeout "${SETPERM_BENCH_TIMEOUT:-300}" python3 -m benchmarks.gpu --amp --out "$out" --overwrite "${bench_args[@]}" \
     > "$out/gpu_log.txt" 2>&1
 bench_rc=$?
@@ -58,8 +61,7 @@ tests_rc=$?
 [ "$tests_rc" = 124 ] && echo "(stopped after ${SETPERM_TESTS_TIMEOUT:-200} s)" >> "$out/cuda_tests.txt"
 
 echo "== benchmarks.gpu (exit $bench_rc)"; tail -n 5 "$out/gpu_log.txt"
-# the tables of this run only: an earlier run's, left in OUT by a run that wrote none, are not shown
-if [ -f "$out/$stem.md" ] && [ "$out/$stem.md" -nt "$out/versions.txt" ]; then
+if [ -f "$out/$stem.md" ]; then
     cat "$out/$stem.md"
 else
     echo "(no tables written by this run; its log: $out/gpu_log.txt)"
