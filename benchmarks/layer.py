@@ -15,8 +15,6 @@ from __future__ import annotations
 import sys
 from typing import Dict, List
 
-import torch
-
 from integrations.common import run_command
 
 from .harness import (Config, announce, build, busy_core, common_parser, markdown_table, max_output_diff, mosaic,

@@ -34,6 +34,21 @@ class CommandError(ValueError):
     that contradict each other); :func:`run_command` prints its message as one line."""
 
 
+def checkpoint_config(state: dict, kind: str, keys, *, choice: Optional[tuple] = None, run="", flag: str = "--run") -> dict:
+    """The stored config of a checkpoint ``state`` that must come from a ``kind`` run (``"sorting"``,
+    ``"mosaic"``): it holds every setting of ``keys``, and ``choice`` = ``(key, allowed values)`` is one of
+    them. Else a CommandError naming ``flag``, ``run`` and the file: a checkpoint of another integration
+    would otherwise fail later, on a setting it never had, with a traceback."""
+    cfg = state["config"]
+    missing = [k for k in keys if k not in cfg]
+    what = f"its config lacks {', '.join(missing)}" if missing else None
+    if what is None and choice is not None and cfg[choice[0]] not in choice[1]:
+        what = f"{choice[0]} {cfg[choice[0]]!r}, expected one of {tuple(choice[1])}"
+    if what is not None:
+        raise CommandError(f"{flag} {run}: {state['path']} is not a checkpoint of a {kind} run ({what})")
+    return cfg
+
+
 # ---------------------------------------------------------------- argument types (argparse error, exit 2)
 def _int_at_least(text: str, minimum: int) -> int:
     try:

@@ -22,7 +22,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 import setperm
 from integrations.common import (CommandError, data_root, finite_loss, generator, load_latest, open_run, progress,
                                  seed_everything)
+from integrations.common.cli import checkpoint_config
 from integrations.common.datasets import NUM_CLASSES, channel_stats, load_split
 
 from .model import ClassifyNet, MosaicNet
@@ -409,12 +409,7 @@ def load_run(run_dir, *, data_root_flag: Optional[str] = None, test_subset: Opti
     Every data setting comes from the run's stored config; ``data_root_flag`` (the ``--data-root``
     flag) replaces the stored data folder only when given, ``test_subset`` the stored test subset."""
     state = load_latest(run_dir)
-    stored = state["config"]
-    # a checkpoint of another integration (sorting, BAN) would otherwise fail later on a missing setting
-    missing = [k for k in _RUN_KEYS if k not in stored]
-    if missing or stored["task"] not in _EVALUATORS:
-        what = f"its config lacks {', '.join(missing)}" if missing else f"task {stored['task']!r}"
-        raise CommandError(f"--run {run_dir}: {state['path']} is not a checkpoint of a mosaic run ({what})")
+    stored = checkpoint_config(state, "mosaic", _RUN_KEYS, choice=("task", tuple(_EVALUATORS)), run=run_dir)
     saved = argparse.Namespace(**stored)
     if data_root_flag is not None:
         saved.data_root = data_root_flag

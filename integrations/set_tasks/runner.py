@@ -26,7 +26,7 @@ from .data import POINT_FEATURES, REAL_FEATURES
 from .embedding import FEATURES, mnist_features
 from .encoders import ENCODERS, match_width
 from .model import model_size
-from .tasks import TASKS, get_task
+from .tasks import get_task
 from .train import TrainConfig, run_cell
 
 Cell = Tuple[str, str, int]

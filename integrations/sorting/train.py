@@ -13,8 +13,8 @@ from typing import Callable, List, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from integrations.common import (CommandError, Run, finite_loss, load_latest, open_run, progress, resolve_device,
-                                 seed_everything, step_seed)
+from integrations.common import finite_loss, load_latest, open_run, progress, resolve_device, seed_everything, step_seed
+from integrations.common.cli import checkpoint_config
 from setperm import PermutationMonitor
 
 from .data import sample_sets
@@ -187,16 +187,8 @@ def load_checkpoint(run_dir, *, map_location="cpu", flag: str = "--run"):
     """(model, resolved config, which) like :func:`load_trained`; ``which`` says what is scored:
     ``checkpoint`` (its path), ``step``, ``total_train_steps`` and ``finished`` (step reached the total)."""
     state = load_latest(run_dir, map_location=map_location)
-    cfg = state["config"]
-    # a checkpoint of another integration (a mosaic or BAN run) would otherwise fail deep inside
-    # build_model with a KeyError on a setting it never had
-    missing = [k for k in _SORTING_KEYS if k not in cfg]
-    if missing:
-        raise CommandError(f"{flag} {run_dir}: {state['path']} is not a checkpoint of a sorting run (its config lacks "
-                           f"{', '.join(missing)})")
-    if cfg["permutation"] not in PERMUTATIONS:
-        raise CommandError(f"{flag} {run_dir}: {state['path']} is not a checkpoint of a sorting run (permutation "
-                           f"{cfg['permutation']!r}, expected one of {PERMUTATIONS})")
+    cfg = checkpoint_config(state, "sorting", _SORTING_KEYS, choice=("permutation", PERMUTATIONS), run=run_dir,
+                            flag=flag)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     step, total = int(state["step"]), total_train_steps(cfg)
