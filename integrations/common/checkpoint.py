@@ -149,6 +149,8 @@ def restore(state: dict, *, model=None, optimizer=None, scheduler=None, rng: boo
             continue
         try:
             (_unwrap(obj) if name == "model" else obj).load_state_dict(state[name])
+        except torch.cuda.OutOfMemoryError:
+            raise                  # the state fits; the device's memory does not
         except (RuntimeError, ValueError, KeyError) as e:
             # a checkpoint of other code or settings (parameters added, removed or frozen since): one line, not
             # torch's listing of every key
