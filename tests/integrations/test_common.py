@@ -145,6 +145,15 @@ def test_a_checkpoint_that_does_not_fit_the_model_or_optimizer_is_one_line(tmp_p
     with pytest.raises(CheckpointError, match="its optimizer state does not fit") as e:
         resumed.restore(model=m2, optimizer=fewer)
     assert "\n" not in str(e.value)
+    # out of device memory while loading is not "does not fit": torch's error goes through
+    m3, opt3 = _model()
+
+    def no_memory(state_dict):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    opt3.load_state_dict = no_memory
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        resumed.restore(model=m3, optimizer=opt3)
 
 
 def test_rng_state_roundtrip_through_the_safe_loader(tmp_path):
