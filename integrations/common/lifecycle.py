@@ -520,14 +520,16 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
     holds_run = (path / CONFIG).is_file()
     if path.is_dir() and not holds_run and not _is_empty_dir(path):
         raise RunError(f"--out {path} is not empty and holds no run (no {CONFIG}); choose a new or empty folder")
-    if holds_run:
+    if holds_run and overwrite:
+        # nothing of the old run is read: --overwrite must also replace a run whose records are damaged
+        # (the refusal of an unreadable config.json / summary.json names --overwrite as the way out)
+        _clear(path)
+        log(f"--overwrite: removed the run in {path}")
+    elif holds_run:
         old = _read_json(path / CONFIG)
         summary_file = path / SUMMARY
         summary = _read_json(summary_file) if summary_file.is_file() else None
-        if overwrite:
-            _clear(path)
-            log(f"--overwrite: removed the run in {path}")
-        elif (summary is not None and summary.get("finished")
+        if (summary is not None and summary.get("finished")
               and not changed_settings(summary.get("config", old), config)):
             # judged against the settings the record was written with: a --resume that extended a
             # finished sweep (more seeds) and was interrupted leaves config.json longer than the record

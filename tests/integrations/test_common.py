@@ -99,6 +99,21 @@ def test_overwrite_replaces_the_run(tmp_path):
         open_run(tmp_path / "r", CFG, overwrite=True, resume=True)
 
 
+@pytest.mark.parametrize("damaged", ["config.json", "summary.json"])
+def test_overwrite_replaces_a_run_whose_records_cannot_be_read(tmp_path, damaged):
+    """The refusal of an unreadable record names --overwrite as a way out: --overwrite must then work."""
+    run = open_run(tmp_path / "r", CFG, log=lambda s: None)
+    run.finish({"loss": 0.25})
+    del run
+    (tmp_path / "r" / damaged).write_text("", encoding="utf-8")     # e.g. a power cut before it reached the disk
+    for kw in ({}, {"resume": True}):
+        with pytest.raises(RunError, match="--overwrite"):
+            open_run(tmp_path / "r", CFG, log=lambda s: None, **kw)
+    again = open_run(tmp_path / "r", CFG, overwrite=True, log=lambda s: None)
+    assert again.state is None and not again.finished and not (tmp_path / "r" / "summary.json").exists()
+    assert json.loads((tmp_path / "r" / "config.json").read_text(encoding="utf-8"))["run_id"] == again.run_id
+
+
 def test_finished_run_with_same_settings_changes_nothing(tmp_path):
     run = open_run(tmp_path / "r", CFG, log=lambda s: None)
     m, opt = _model()
