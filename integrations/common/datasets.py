@@ -21,6 +21,7 @@ import gzip
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -75,12 +76,14 @@ class ImageSplit:
 def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if path.suffix != ".gz":
+        return raw
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as e:  # gzip raises these for truncated / non-gzip content
+        return gzip.decompress(raw)
+    # gzip raises these for truncated or non-gzip content (OSError, EOFError) and for a damaged
+    # compressed stream (zlib.error, which is neither)
+    except (OSError, EOFError, zlib.error) as e:
         raise DataFormatError(f"{path}: cannot decompress ({e}); expected a gzip-compressed IDX file") from None
 
 
@@ -207,7 +210,12 @@ class _Tree:
 
     def read(self, rel: str) -> bytes:
         if self.kind == "zip":
-            return self.zip.read(self.prefix + rel)
+            if self.prefix + rel not in self.names:
+                raise FileNotFoundError(f"{self.where}: no {self.prefix + rel} inside (expected the tiny-imagenet-200/ layout)")
+            try:
+                return self.zip.read(self.prefix + rel)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:    # a damaged member (bad CRC, cut stream)
+                raise DataFormatError(f"{self.where}: cannot read {self.prefix + rel} ({e})") from None
         return (self.base / rel).read_bytes()
 
     def list(self, rel_dir: str) -> list[str]:
@@ -229,6 +237,23 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def _val_annotations(tree: _Tree, index: dict) -> list:
+    """``(file name, class index)`` of each line of val/val_annotations.txt (tab-separated: file, wnid,
+    bbox); DataFormatError naming the file and line for a line without a wnid or with one not in wnids.txt."""
+    where = f"{tree.where}:val/val_annotations.txt"
+    val = []
+    for number, line in enumerate(tree.read("val/val_annotations.txt").decode().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise DataFormatError(f"{where} line {number}: expected tab-separated file name and wnid, got {line!r}")
+        if fields[1] not in index:
+            raise DataFormatError(f"{where} line {number}: wnid {fields[1]!r} of {fields[0]} is not in wnids.txt")
+        val.append((fields[0], index[fields[1]]))
+    return val
+
+
 def load_tiny_imagenet(root: str | os.PathLike, split: str, *, limit: Optional[int] = None) -> ImageSplit:
     """Tiny ImageNet (64x64 RGB, 200 classes; class index = line of the wnid in wnids.txt).
 
@@ -239,8 +264,7 @@ def load_tiny_imagenet(root: str | os.PathLike, split: str, *, limit: Optional[i
     tree = _Tree(Path(root))
     wnids = tree.read("wnids.txt").decode().split()
     index = {w: i for i, w in enumerate(wnids)}
-    ann = tree.read("val/val_annotations.txt").decode().splitlines()
-    val = [(line.split("\t")[0], index[line.split("\t")[1]]) for line in ann if line.strip()]
+    val = _val_annotations(tree, index)
     has_train = any(tree.exists(f"train/{w}/images") or tree.list(f"train/{w}/images") for w in wnids[:1])
     if has_train and split == "train":
         items = [(f, index[w]) for w in wnids for f in tree.list(f"train/{w}/images")]
@@ -290,10 +314,17 @@ def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = N
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     folder = dataset_folder(dataset, data_root)
     if dataset in ("mnist", "fashion-mnist"):
-        return load_idx_dataset(folder, split)
-    if dataset == "cifar10":
-        return load_cifar10(folder, split)
-    return load_tiny_imagenet(folder, split)
+        data = load_idx_dataset(folder, split)
+    elif dataset == "cifar10":
+        data = load_cifar10(folder, split)
+    else:
+        data = load_tiny_imagenet(folder, split)
+    # the classifiers have NUM_CLASSES outputs: a label beyond them (a damaged label file, a wnids.txt
+    # with other classes) would fail only later, inside the loss, without naming the data
+    if len(data) and (int(data.labels.min()) < 0 or int(data.labels.max()) >= NUM_CLASSES[dataset]):
+        raise DataFormatError(f"{folder}: {dataset} {split} labels range over {int(data.labels.min())}.."
+                              f"{int(data.labels.max())}, expected 0..{NUM_CLASSES[dataset] - 1}")
+    return data
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:

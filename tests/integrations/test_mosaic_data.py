@@ -69,6 +69,31 @@ def test_idx_truncated_names_file(tmp_path):
         read_idx(p, expect_magic=2051)
 
 
+def test_idx_damaged_gzip_stream_names_file(tmp_path):
+    """A damaged deflate stream (zlib.error, neither OSError nor EOFError) is a DataFormatError naming the file."""
+    p = tmp_path / "t10k-images-idx3-ubyte.gz"
+    # few grey levels: Huffman-coded blocks, whose damage zlib detects (raw stored blocks would pass to the CRC)
+    body = np.random.default_rng(0).integers(0, 4, 4 * 28 * 28, dtype=np.uint8).tobytes()
+    raw = bytearray(gzip.compress(_idx_bytes(2051, (4, 28, 28), body)))
+    raw[40:104] = b"\xff" * 64
+    p.write_bytes(bytes(raw))
+    with pytest.raises(DataFormatError, match=r"t10k-images-idx3-ubyte\.gz: cannot decompress"):
+        read_idx(p, expect_magic=2051)
+
+
+def test_labels_beyond_the_classes_name_the_data(tmp_path):
+    """A label file of the right length and magic but labels outside 0..9 is refused where it is read."""
+    root = tmp_path / "root"
+    (root / "mnist").mkdir(parents=True)
+    imgs = np.zeros((3, 28, 28), dtype=np.uint8)
+    (root / "mnist" / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(2051, imgs.shape, imgs.tobytes()))
+    (root / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, (3,), bytes([3, 200, 1])))
+    with pytest.raises(DataFormatError, match=r"mnist test labels range over 1\.\.200, expected 0\.\.9"):
+        load_split("mnist", "test", root)
+    (root / "mnist" / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(2049, (3,), bytes([3, 9, 1])))
+    assert load_split("mnist", "test", root).labels.tolist() == [3, 9, 1]
+
+
 def test_idx_roundtrip_and_missing(tmp_path):
     imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(2051, imgs.shape, imgs.tobytes()))
@@ -116,6 +141,46 @@ def test_tiny_imagenet_zip_matches_npy():
     diff = (zipped.images.float() - npy.images[:40].float()).abs().mean()
     assert diff < 1.0
     assert 0 <= int(npy.labels.min()) and int(npy.labels.max()) < 200
+
+
+def _tiny_folder(root: Path, wnids, annotations: str) -> Path:
+    """A tiny-imagenet-200 folder with val images val_0.JPEG.. of solid grey (one per annotation line)."""
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n", encoding="utf-8")
+    (base / "val" / "val_annotations.txt").write_text(annotations, encoding="utf-8")
+    for i in range(len(annotations.splitlines())):
+        Image.new("L", (64, 64), 10 * i).save(base / "val" / "images" / f"val_{i}.JPEG")
+    return root
+
+
+@pytest.mark.parametrize("line, reason", [("val_1.JPEG\tn09999999\t0\t0\t63\t63", r"wnid 'n09999999' of val_1\.JPEG is not in wnids"),
+                                          ("val_1.JPEG n00000002 0 0 63 63", r"expected tab-separated")])
+def test_tiny_imagenet_bad_annotation_line_names_file_and_line(tmp_path, line, reason):
+    root = _tiny_folder(tmp_path, ["n00000001", "n00000002"], f"val_0.JPEG\tn00000002\t0\t0\t63\t63\n{line}\n")
+    with pytest.raises(DataFormatError, match=r"val_annotations\.txt line 2: " + reason):
+        load_tiny_imagenet(root, "test")
+    # the well-formed file reads, grayscale JPEGs as RGB, the class index the line of the wnid
+    root = _tiny_folder(tmp_path / "ok", ["n00000001", "n00000002"],
+                        "val_0.JPEG\tn00000002\t0\t0\t63\t63\nval_1.JPEG\tn00000001\t0\t0\t63\t63\n")
+    split = load_tiny_imagenet(root, "test")
+    assert split.images.shape == (2, 3, 64, 64) and split.labels.tolist() == [1, 0]
+
+
+def test_tiny_imagenet_zip_without_an_annotated_image_names_zip_and_member(tmp_path):
+    import zipfile
+
+    root = _tiny_folder(tmp_path / "src", ["n00000001"], "val_0.JPEG\tn00000001\t0\t0\t63\t63\n"
+                                                         "val_1.JPEG\tn00000001\t0\t0\t63\t63\n")
+    (tmp_path / "z").mkdir()
+    with zipfile.ZipFile(tmp_path / "z" / "tiny.zip", "w") as z:
+        for f in sorted(root.rglob("*")):
+            if f.is_file() and f.name != "val_1.JPEG":
+                z.write(f, f.relative_to(root).as_posix())
+    with pytest.raises(FileNotFoundError, match=r"tiny\.zip: no tiny-imagenet-200/val/images/val_1\.JPEG inside"):
+        load_tiny_imagenet(tmp_path / "z", "test")
 
 
 # ------------------------------------------------------------------------------------ tiling
