@@ -22,10 +22,13 @@ import torch
 def step_seed(*keys: Union[int, str]) -> int:
     """A seed from keys, e.g. ``(seed, step)``, ``(seed, epoch, batch)`` or ``(seed, "kth", "test", 8)``.
 
-    Non-negative integer keys give 63 bits: numpy's ``SeedSequence`` hashes the whole key tuple, so
-    neighbouring keys give unrelated streams (unlike ``seed + step``) and no key combination collides
-    with another by arithmetic. Keys that include a name (a ``str``) give the 32-bit crc32 of all keys
-    written out and joined by ``"/"``.
+    Non-negative integer keys give 63 bits: numpy's ``SeedSequence`` hashes the keys as a sequence of
+    32-bit words, so neighbouring keys of one length give unrelated streams (unlike ``seed + step``).
+    Keys of *different* lengths are not always told apart: up to four words, trailing zero keys add
+    nothing (``(s, e)``, ``(s, e, 0)`` and ``(s, e, 0, 0)`` give one seed), and a key of 2**32 or more
+    counts as several words (``(2**32,)`` is ``(0, 1)``). Streams with different purposes therefore use
+    keys of one length each, or a name. (The scheme stays as it is: it drew the committed results.)
+    Keys that include a name (a ``str``) give the 32-bit crc32 of all keys written out and joined by ``"/"``.
     """
     if not keys:
         raise ValueError("keys must be one or more non-negative integers or names, got none")

@@ -299,6 +299,10 @@ def test_step_seed_streams_are_keyed_not_sequential():
     assert step_seed(0, 5) == step_seed(0, 5)
     assert len({step_seed(0, s) for s in range(100)} | {step_seed(1, s) for s in range(100)}) == 200
     assert step_seed(1, 0) != step_seed(0, 1)
+    # what the docstring warns of: keys of other lengths that differ only by trailing zeros, or by how a
+    # key of 2**32 or more splits into 32-bit words, give the same seed
+    assert step_seed(7, 3) == step_seed(7, 3, 0) and step_seed(2**32) == step_seed(0, 1)
+    assert step_seed(7, 3) != step_seed(7, 3, 1)
     assert torch.equal(torch.rand(4, generator=generator(3, 2)), torch.rand(4, generator=generator(3, 2)))
     with pytest.raises(ValueError):
         step_seed(-1)
