@@ -257,7 +257,8 @@ def _val_annotations(tree: _Tree, index: dict) -> list:
 def load_tiny_imagenet(root: str | os.PathLike, split: str, *, limit: Optional[int] = None) -> ImageSplit:
     """Tiny ImageNet (64x64 RGB, 200 classes; class index = line of the wnid in wnids.txt).
 
-    With a ``train/`` folder present, 'train' is that split and 'test' the official val split. The copy
+    With a ``train/`` folder present, 'train' is that split (its classes in turn, so that the first images
+    of it, e.g. --subset, cover every class) and 'test' the official val split. The copy
     in shared/data holds only the val split (10,000 images), so there 'test' is the first 1,000 val images
     (exactly those of ``val_first1000_*.npy``) and 'train' the other 9,000.
     """
@@ -267,7 +268,11 @@ def load_tiny_imagenet(root: str | os.PathLike, split: str, *, limit: Optional[i
     val = _val_annotations(tree, index)
     has_train = any(tree.exists(f"train/{w}/images") or tree.list(f"train/{w}/images") for w in wnids[:1])
     if has_train and split == "train":
-        items = [(f, index[w]) for w in wnids for f in tree.list(f"train/{w}/images")]
+        # class by class in turn (each class's first image, then each class's second, ...): the folders
+        # hold one class each, and --subset takes the first images, which class by class in a row would
+        # be only the first classes
+        per_class = [[(f, index[w]) for f in tree.list(f"train/{w}/images")] for w in wnids]
+        items = [c[k] for k in range(max(map(len, per_class), default=0)) for c in per_class if k < len(c)]
     else:
         items = [(f"val/images/{f}", c) for f, c in val]
         if not has_train:

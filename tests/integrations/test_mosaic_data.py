@@ -169,6 +169,25 @@ def test_tiny_imagenet_bad_annotation_line_names_file_and_line(tmp_path, line, r
     assert split.images.shape == (2, 3, 64, 64) and split.labels.tolist() == [1, 0]
 
 
+def test_tiny_imagenet_train_split_takes_the_classes_in_turn(tmp_path):
+    """With the official train/<wnid>/images folders, the first images of the split (--subset) cover every
+    class rather than the first classes only; every image is there once, with its folder's class."""
+    from PIL import Image
+
+    wnids = ["n00000001", "n00000002", "n00000003"]
+    root = _tiny_folder(tmp_path, wnids, "val_0.JPEG\tn00000002\t0\t0\t63\t63\n")
+    for c, w in enumerate(wnids):
+        (root / "tiny-imagenet-200" / "train" / w / "images").mkdir(parents=True)
+        for k in range(4 - c):                      # 4, 3 and 2 images, grey level = 100 * class
+            Image.new("L", (64, 64), 100 * c).save(root / "tiny-imagenet-200" / "train" / w / "images" / f"{w}_{k}.JPEG")
+    train = load_tiny_imagenet(root, "train")
+    assert len(train) == 9 and torch.bincount(train.labels).tolist() == [4, 3, 2]
+    assert sorted(train.take(3).labels.tolist()) == [0, 1, 2]
+    # each image keeps the class of its folder
+    assert torch.allclose(train.images.float().mean(dim=(1, 2, 3)), 100.0 * train.labels.float(), atol=2)
+    assert load_tiny_imagenet(root, "test").labels.tolist() == [1]      # the val split
+
+
 def test_tiny_imagenet_zip_without_an_annotated_image_names_zip_and_member(tmp_path):
     import zipfile
 
