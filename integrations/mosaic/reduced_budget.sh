@@ -3,15 +3,23 @@
 # The paper trains 20 epochs on all of MNIST / CIFAR-10 (1 epoch of ImageNet); here every run is
 # one or a few epochs on a subset, sized to fit about an hour of a shared 2-core CPU.
 # Usage: [OUT=runs/mosaic] bash integrations/mosaic/reduced_budget.sh [part ...]
+# Ctrl-C stops the current run (it writes a checkpoint) and the script; running the script again
+# skips the finished runs and continues the interrupted one (--resume starts a run where none is).
 set -euo pipefail
 OUT=${OUT:-runs/mosaic}
-M="python -m integrations.mosaic train --threads 1"
+M="python -m integrations.mosaic train --threads 1 --resume"
 mkdir -p "$OUT/logs"
 run() {  # run NAME ARGS...: skip finished runs, log to $OUT/logs/NAME.log
-  local name=$1; shift
+  local name=$1 rc=0; shift
   if [ -f "$OUT/$name/summary.json" ]; then echo "skip $name"; return; fi
   echo "$(date -u +%T) start $name"
-  $M "$@" --out "$OUT/$name" > "$OUT/logs/$name.log" 2>&1 || echo "FAILED $name"
+  $M "$@" --out "$OUT/$name" > "$OUT/logs/$name.log" 2>&1 || rc=$?
+  # 130 / 143: the run was interrupted (SIGINT / SIGTERM) and saved a checkpoint; stop here rather
+  # than start the next run, whose classifier may be the interrupted one
+  if [ "$rc" -eq 130 ] || [ "$rc" -eq 143 ]; then
+    echo "$(date -u +%T) interrupted $name: run the same command again to continue"; exit "$rc"
+  fi
+  if [ "$rc" -ne 0 ]; then echo "FAILED $name (exit $rc, see $OUT/logs/$name.log)"; fi
   echo "$(date -u +%T) done  $name"
 }
 parts=${*:-"mnist mnist-classify cifar10 tiny mnist-big cifar10-big tiny-big cifar10-classify"}
