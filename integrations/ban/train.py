@@ -32,10 +32,11 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from integrations.common import (CommandError, RunError, cleanup_distributed, finite_loss, generator, init_distributed,
                                  open_run, progress, resolve_device, seed_everything, seeded_generator)
+from integrations.common.cli import checkpoint_config
 from setperm.monitor import PermutationMonitor
 
 from .data import QUESTION_FILES, Dictionary, VQAFeatureDataset, collate_vqa, load_glove_init, tfidf_word_embedding
-from .plugin import PatchedBan
+from .plugin import PERMUTATIONS, PatchedBan
 
 # Settings that only say how long to train: they may grow on --resume.
 _MAY_CHANGE = ("epochs",)
@@ -585,6 +586,10 @@ def _loop(trainer: _Trainer) -> None:
 # evaluation of a finished (or interrupted) run
 # ---------------------------------------------------------------------------------------------
 
+# what load_run rebuilds a model and its data from (a checkpoint of another integration lacks them)
+_RUN_KEYS = ("data_root", "fixed36", "permutation", "num_hid", "gamma", "op", "tfidf", "batch_size", "seed")
+
+
 def load_run(run_dir, split: str, data_root: Optional[str], device, ban_root: Optional[str] = None) -> tuple:
     """``(model, dataset, stored config, checkpoint state)`` of a run's newest intact checkpoint: the model
     on ``device`` in eval mode, the dataset of ``split``; every model and data setting comes from the
@@ -593,7 +598,8 @@ def load_run(run_dir, split: str, data_root: Optional[str], device, ban_root: Op
     from integrations.common import load_latest
 
     state = load_latest(run_dir)
-    saved = argparse.Namespace(**state["config"])
+    saved = argparse.Namespace(**checkpoint_config(state, "BAN", _RUN_KEYS, choice=("permutation", PERMUTATIONS),
+                                                   run=run_dir))
     if data_root is not None:
         saved.data_root = data_root
     official_checkout(saved, ban_root, run_dir)

@@ -546,6 +546,23 @@ def test_official_model_trains_on_images_with_fewer_than_ten_boxes(tmp_path, per
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
+def test_eval_and_predict_of_a_checkpoint_of_another_integration_are_one_line(root, tmp_path, capsys):
+    from integrations.ban.cli import main
+    from integrations.sorting.cli import main as sorting_main
+
+    assert sorting_main(["train", "-N", "3", "--train-sets", "128", "--batch-size", "64",
+                         "--out", str(tmp_path / "sorting")]) == 0
+    capsys.readouterr()
+    # the BAN run's own settings are what load_run reads: a fresh run of it has every one of them
+    run(_args(root, tmp_path / "ban", "--permutation", "off", "--max-steps", "1"))
+    assert main(["eval", "--run", str(tmp_path / "ban")]) == 0
+    capsys.readouterr()
+    for command in ("eval", "predict"):
+        assert run_command(main, "ban", [command, "--run", str(tmp_path / "sorting")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a checkpoint of a BAN run (its config lacks data_root" in err[0], err
+
+
 def test_eval_refuses_an_unknown_split_and_a_split_without_answers(root, tmp_path, capsys):
     from integrations.ban.cli import main
     from integrations.ban.train import evaluate_run
