@@ -183,3 +183,39 @@ def test_a_padded_batch_takes_the_hash_test_of_equal_elements(monkeypatch):
     literal = (twins[:, :, None] == twins[:, None, :]).all(-1) & mask[:, :, None] & mask[:, None, :]
     assert torch.equal(same & mask[:, :, None] & mask[:, None, :], literal)
     assert (m(twins, mask)[1, 0, 0, 3] == 0).all()
+
+
+def test_hooks_on_the_layers_of_f_are_named_as_never_run_and_parametrizations_train():
+    # forward reads f's weights (the pairs of eq. 8 are never built), so a hook on a layer never
+    # runs: a pruned or (old-style) spectral-normed layer would silently keep the weight its hook
+    # computed last; torch.nn.utils.parametrize recomputes the weight at every read, and trains
+    import warnings
+
+    from torch.nn.utils import parametrizations, prune
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 5, 3)
+    mask = torch.arange(5) < torch.tensor([5, 3])[:, None]
+    m = PairwiseCost(3, 8, channels=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # no hooks: nothing to say
+        C = m(x, mask)
+    handle = m.first.register_forward_hook(lambda *args: None)
+    with pytest.warns(RuntimeWarning, match="layer 'first' and never calls it .* forward hooks registered on it"):
+        assert_close(m(x, mask), C, rtol=0, atol=0)
+    handle.remove()
+    prune.l1_unstructured(m.last, "weight", amount=0.5)
+    with pytest.warns(RuntimeWarning, match="layer 'last' .* forward pre-hooks .*torch.nn.utils.prune"):
+        m(x, mask)
+    deep = PairwiseCost(3, (6, 4))
+    deep.hidden[0].register_full_backward_hook(lambda *args: None)
+    with pytest.warns(RuntimeWarning, match="layer 'hidden.0' .* backward hooks"):
+        deep(x, mask)
+
+    m = PairwiseCost(3, 8)
+    parametrizations.spectral_norm(m.first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (m(x, mask) * torch.randn(2, 1, 5, 5)).sum().backward()
+    original = m.first.parametrizations.weight.original
+    assert original.grad is not None and original.grad.abs().sum() > 0

@@ -14,12 +14,13 @@ memory grows as ``N^2 * K`` rather than ``N^2 * hidden``.
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._errors import check_int, check_same_device
+from ._errors import check_int, check_same_device, user_stacklevel
 from .init import uninitialized, xavier_linear_
 from .masking import (check_dtype, check_module_device, check_set, host_decisions, pair_mask, resolve_mask,
                       zero_padding)
@@ -265,6 +266,11 @@ class PairwiseCost(nn.Module):
     Shapes: ``forward(x (B, N, D), mask (B, N) | None, *, lengths (B,) | None,
     key_padding_mask (B, N) | None) -> C (B, K, N, N)``. Padded elements may hold anything
     (they are replaced by zeros before any arithmetic).
+
+    Submodules: f's layers ``first`` (``Linear(2 * in_features, hidden)``, on ``[x_i; x_j]``),
+    ``hidden`` and ``last`` (bias-free) hold its weights; forward reads them and never calls the
+    layers, so hooks on them do not run (a warning says so) and weights reparametrised by hooks
+    (``torch.nn.utils.prune``) are not updated; ``torch.nn.utils.parametrize`` applies.
     """
 
     def __init__(self, in_features: int, hidden: Union[int, Sequence[int]], *, channels: int = 1,
@@ -308,9 +314,32 @@ class PairwiseCost(nn.Module):
         check_module_device(x, self)
         check_dtype(x, self.first.weight.dtype)
         mask = resolve_mask(x, mask, lengths, key_padding_mask)
+        self._warn_uncalled_hooks()
         return pairwise_cost(x, self.first.weight, self.first.bias,
                              [(layer.weight, layer.bias) for layer in self.hidden], self.last.weight, mask,
                              normalize=self.normalize, kernel=self.kernel)
+
+    def _warn_uncalled_hooks(self) -> None:
+        """Warn about hooks on f's layers: forward reads their weights and never calls them (the
+        pairs ``[x_i; x_j]`` of eq. 8 are never built), so those hooks never run, and a weight that a
+        forward pre-hook recomputes (``torch.nn.utils.prune``, the older ``torch.nn.utils.weight_norm``
+        and ``spectral_norm``) stays as the hook last left it: frozen, or a graph that a second
+        backward cannot traverse."""
+        layers = [("first", self.first), *((f"hidden.{k}", layer) for k, layer in enumerate(self.hidden)),
+                  ("last", self.last)]
+        for name, layer in layers:
+            kinds = [kind for kind, attr in (("forward pre-hooks", "_forward_pre_hooks"),
+                                             ("forward hooks", "_forward_hooks"),
+                                             ("backward hooks", "_backward_hooks"),
+                                             ("backward pre-hooks", "_backward_pre_hooks"))
+                     if getattr(layer, attr, None)]
+            if kinds:
+                warnings.warn(f"setperm: PairwiseCost reads the weights of its layer {name!r} and never calls it "
+                              f"(the pairs of eq. 8 are never built), so the {' and '.join(kinds)} registered on "
+                              "it do not run; a weight that such a hook recomputes (torch.nn.utils.prune, "
+                              "torch.nn.utils.weight_norm / spectral_norm) is not updated. "
+                              "torch.nn.utils.parametrize applies (torch.nn.utils.parametrizations.weight_norm, "
+                              "spectral_norm, orthogonal)", RuntimeWarning, stacklevel=user_stacklevel())
 
     def extra_repr(self) -> str:
         hidden = self.hidden_sizes[0] if len(self.hidden_sizes) == 1 else self.hidden_sizes
