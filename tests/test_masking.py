@@ -69,6 +69,19 @@ def test_two_paddings_are_an_error(name):
             call(kw)
 
 
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_padding_on_the_meta_device_is_named(name):
+    # a mask on another device is moved to the input's; meta holds no values to move or to read
+    # set sizes from, which torch reports without naming the argument
+    call = CALLS[name]
+    with pytest.raises(ValueError, match="mask is on meta but .* is on cpu"):
+        call({"mask": MASK.to("meta")})
+    with pytest.raises(ValueError, match="key_padding_mask is on meta but .* is on cpu"):
+        call({"key_padding_mask": (~MASK).to("meta")})
+    with pytest.raises(ValueError, match="lengths is on the meta device"):
+        call({"lengths": LENGTHS.to("meta")})
+
+
 def test_resolve_mask_checks_each_spelling():
     x = torch.zeros(B, N, D)
     assert resolve_mask(x) is None

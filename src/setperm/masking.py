@@ -69,6 +69,10 @@ def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Ten
                 raise ValueError(f"lengths must be an integer tensor of shape (B,), got {lengths!r}") from None
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
             raise ValueError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+        if lengths.is_meta:
+            # (their range is checked on the host below, and torch cannot read a meta tensor there)
+            raise ValueError("lengths is on the meta device, which holds no values to read the set sizes from: "
+                             "give them on the CPU (they serve a meta x too), or give a mask")
         if tuple(lengths.shape) != (B,):
             raise ValueError(f"lengths must have shape (B,) = {(B,)} to match {name} {_shape(x)}, "
                              f"got shape {_shape(lengths)}")
@@ -88,6 +92,10 @@ def _check_bool_mask(m: Tensor, arg: str, meaning: str, B: int, N: int, x: Tenso
         raise ValueError(f"{arg} must be a bool tensor ({meaning}), got dtype {m.dtype}")
     if tuple(m.shape) != (B, N):
         raise ValueError(f"{arg} must have shape (B, N) = {(B, N)} to match {name} {_shape(x)}, got shape {_shape(m)}")
+    if m.is_meta and not x.is_meta:
+        # a mask on another device is moved to x's; one on meta has no values to move
+        raise ValueError(f"{arg} is on meta but {name} is on {x.device}: a meta tensor holds no values, give "
+                         f"{arg} on {x.device}")
     return m.to(x.device)
 
 
