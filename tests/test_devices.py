@@ -322,6 +322,13 @@ def test_the_whole_optimisation_compiles_as_one_graph():
     explanation = torch._dynamo.explain(po)(x, mask)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
     torch._dynamo.reset()
+    explanation = torch._dynamo.explain(po)(x, key_padding_mask=~mask)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    # lengths are range-checked on the host: a graph break (README), so fullgraph=True needs a mask
+    explanation = torch._dynamo.explain(po)(x, lengths=mask.sum(1))
+    assert explanation.graph_break_count >= 1
+    torch._dynamo.reset()
     compiled = torch.compile(po, fullgraph=True, backend="aot_eager")
     xr, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     P, Pc = po(xr, mask), compiled(xc, mask)
