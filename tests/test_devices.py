@@ -130,6 +130,7 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
             enc(xr, lengths=lengths, weights=w).sum().backward()
             enc(xr, weights=w).sum().backward()
             enc(xr, mask=mask, weights=w).sum().backward()             # device sizes: the padded LSTM read
+            enc(xr, mask=mask.cpu(), weights=w).sum().backward()       # a host mask is copied without a wait
         finally:
             torch.cuda.set_sync_debug_mode(prev)
 

@@ -78,9 +78,7 @@ def resolve_mask(x: Tensor, mask: Optional[Tensor] = None, lengths: Optional[Ten
                              f"got shape {_shape(lengths)}")
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > N):
             raise ValueError(f"lengths must lie in [0, N={N}], got min {int(lengths.min())} and max {int(lengths.max())}")
-        # non_blocking: host lengths reach a CUDA x without a synchronising copy (not towards the
-        # CPU: a non-blocking copy from a GPU may be read on the host before it has arrived)
-        lengths = lengths.to(x.device, non_blocking=x.device.type != "cpu" or lengths.device.type == "cpu")
+        lengths = _to_device_of(lengths, x)
         return torch.arange(N, device=x.device) < lengths.unsqueeze(1)
     return None
 
@@ -96,7 +94,14 @@ def _check_bool_mask(m: Tensor, arg: str, meaning: str, B: int, N: int, x: Tenso
         # a mask on another device is moved to x's; one on meta has no values to move
         raise ValueError(f"{arg} is on meta but {name} is on {x.device}: a meta tensor holds no values, give "
                          f"{arg} on {x.device}")
-    return m.to(x.device)
+    return _to_device_of(m, x)
+
+
+def _to_device_of(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` on ``x``'s device. non_blocking: a host mask or host lengths reach a CUDA x without a
+    synchronising copy (torch stages a pageable source before the call returns); not towards the
+    CPU, where a non-blocking copy from a GPU may be read on the host before it has arrived."""
+    return t.to(x.device, non_blocking=x.device.type != "cpu" or t.device.type == "cpu")
 
 
 def module_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
