@@ -125,3 +125,25 @@ def test_compiled_model_logs_the_plain_tags(torch_compile_runs):
 def test_monitor_of_something_that_is_no_module_is_refused_by_name(model):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         PermutationMonitor(model)
+
+
+def test_monitor_averages_over_non_empty_sets_and_forgets_no_value_on_empty_ones():
+    """An empty set has no rows: it is left out of the batch mean (as 0 it would read as a hard
+    permutation), and a forward whose sets are all empty keeps the earlier value."""
+    torch.manual_seed(0)
+    po = PermutationOptimization(3, cost_hidden=4, steps=3)
+    monitor = PermutationMonitor(po)
+    x = torch.rand(3, 5, 3)
+    mask = torch.tensor([[True] * 5, [False] * 5, [True, True, True, False, False]])
+    P = po(x, mask=mask)
+    with torch.no_grad():
+        expected = permutation_entropy(P, mask)[[0, 2]].mean()
+    assert expected > 0.1
+    assert monitor.entropies()["permutation"] == pytest.approx(float(expected), abs=1e-6)
+    po(x, mask=torch.zeros(3, 5, dtype=torch.bool))                # only empty sets: nothing recorded
+    po(torch.rand(2, 0, 3))                                         # N = 0
+    assert monitor.entropies()["permutation"] == pytest.approx(float(expected), abs=1e-6)
+    enc = PermutationSetEncoder(3, 4, PermutationOptimization(3, cost_hidden=4, steps=3))
+    with PermutationMonitor(enc) as m:
+        enc(torch.rand(2, 0, 3))                                    # the encoder's N = 0 path
+        assert m.entropies() == {}

@@ -64,10 +64,12 @@ class PermutationMonitor:
     ``model`` (DataParallel / DistributedDataParallel and ``torch.compile``'s wrapper unwrapped;
     the modules inside :class:`PermutationSetEncoder` too).
 
-    Each forward of such a module records the mean over the batch of :func:`permutation_entropy`
-    of its output (rows of real elements only; under ``no_grad``, in float32; kept as a tensor,
-    so recording costs one O(B N^2) reduction and no host synchronisation). Empty batches record
-    nothing. Under ``nn.DataParallel`` the value is that of the last replica to finish.
+    Each forward of such a module records the mean of :func:`permutation_entropy` of its output
+    over the batch's non-empty sets (rows of real elements only; under ``no_grad``, in float32;
+    kept as tensors, so recording costs one O(B N^2) reduction and no host synchronisation). An
+    empty set has no rows and is left out of the mean (as 0 it would read as a hard permutation);
+    a forward without any real element (an empty batch, or only empty sets) records nothing. Under ``nn.DataParallel`` the value is that of the last
+    replica to finish.
 
     ``step_sizes()`` -> ``{"<path>": float}``: the learned step size eta of every module that has
     one (paper appendix G), read now; needs no forward.
@@ -90,7 +92,7 @@ class PermutationMonitor:
         self.model = model
         self.eta_prefix = eta_prefix
         self.entropy_prefix = entropy_prefix
-        self._entropy: Dict[str, Tensor] = {}
+        self._entropy: Dict[str, Tuple[Tensor, Tensor]] = {}     # path -> (sum over non-empty sets, their count)
         self._handles: List[torch.utils.hooks.RemovableHandle] = [
             m.register_forward_hook(functools.partial(self._record, name), with_kwargs=True)
             for name, m in _modules(model)]
@@ -102,11 +104,25 @@ class PermutationMonitor:
         call = _FORWARD.bind(module, *args, **kwargs).arguments
         with torch.no_grad():
             mask = resolve_mask(call["x"], call.get("mask"), call.get("lengths"), call.get("key_padding_mask"))
-            self._entropy[name] = permutation_entropy(P.detach().float(), mask).mean()
+            ent = permutation_entropy(P.detach().float(), mask)
+            # which sets are empty is known on the device only: sum and count are kept, divided when
+            # read, and a forward without a real element keeps the earlier pair by a select, not a branch
+            nonempty = (mask.any(-1) if mask is not None else torch.full_like(ent, P.shape[1] > 0, dtype=torch.bool))
+            total, count = ent.sum(), nonempty.sum()
+            if name in self._entropy:
+                old_total, old_count = self._entropy[name]
+                total, count = torch.where(count > 0, total, old_total), torch.where(count > 0, count, old_count)
+            self._entropy[name] = (total, count)
 
     def entropies(self) -> Dict[str, float]:
-        """``{module path: mean permutation entropy of its last forward}`` (one host sync per value)."""
-        return {name: float(v) for name, v in self._entropy.items()}
+        """``{module path: mean permutation entropy of the non-empty sets of its last forward that had
+        any}`` (one host sync per value)."""
+        out = {}
+        for name, (total, count) in self._entropy.items():
+            total, n = torch.stack([total, count.to(total.dtype)]).tolist()
+            if n:
+                out[name] = total / n
+        return out
 
     def step_sizes(self) -> Dict[str, float]:
         """``{module path: eta}`` for every module with a step size (one host sync per value)."""
