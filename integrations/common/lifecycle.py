@@ -315,7 +315,8 @@ class Run:
     def interruptible(self, finishing: str = "the current step and writing a checkpoint"):
         """Within this block SIGINT / SIGTERM only set a flag (see :meth:`stop_signal`); a second
         signal raises :class:`StopNow` at once, and later ones are ignored so that the unwinding (which
-        removes a half-written checkpoint's temporary file) completes. Outside the main thread this does
+        removes a half-written checkpoint's temporary file) completes. A signal that :func:`remember_stop`
+        kept before the block counts as received at its start. Outside the main thread this does
         nothing. ``finishing``: what the first signal lets complete, as its notice says (a sweep finishes
         its running runs or cells)."""
         if threading.current_thread() is not threading.main_thread():
@@ -331,9 +332,15 @@ class Run:
             print(f"\nreceived {signal.Signals(signum).name}: finishing {finishing} "
                   "(signal again to stop at once)", file=sys.stderr, flush=True)
 
+        global _stop_before_block
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
             signal.signal(s, handler)
+        # (taken once the handlers are set: a signal from here on reaches the handler itself)
+        if _stop_before_block is not None:
+            signum, _stop_before_block = _stop_before_block, None
+            if self._signal is None:
+                handler(signum, None)
         try:
             yield self
         finally:
@@ -360,6 +367,20 @@ class Run:
         path = save()
         self.close()
         raise RunInterrupted(signum, step, path, self.path)
+
+
+# A first stop that reached this process while no interruptible block was open: a sweep's worker was
+# passed the sweep's stop while it was still setting its run up (data, model, log writer), before the
+# run's own block. The next block starts with it, so that run stops after its first step and writes a
+# checkpoint instead of training to its end.
+_stop_before_block: Optional[int] = None
+
+
+def remember_stop(signum, frame) -> None:
+    """Signal handler of a process whose run opens its :meth:`Run.interruptible` block later (a sweep's
+    worker): the signal is kept for the next block, which starts as if it had been received there."""
+    global _stop_before_block
+    _stop_before_block = signum
 
 
 def _gather_rng_states() -> Optional[list]:

@@ -7,8 +7,10 @@ caller runs it inside :meth:`Run.interruptible <integrations.common.Run.interrup
 
 * A first SIGINT / SIGTERM: no new unit starts; each worker gets one SIGINT and the running units
   finish and are written. A unit that handles signals itself (a training run inside its own
-  ``Run.interruptible``) finishes its step and writes a checkpoint; a unit that does not (a cell)
-  is not disturbed, because the workers ignore SIGINT otherwise. Every worker is in a process group
+  ``Run.interruptible``) finishes its step and writes a checkpoint, also when the SIGINT came while it
+  was still setting the run up (before its block: the block starts with it, see
+  :func:`~integrations.common.lifecycle.remember_stop`); a unit that does not (a cell) is not disturbed,
+  because outside such a block the workers only remember SIGINT. Every worker is in a process group
   of its own, so a Ctrl-C at the terminal reaches only the scheduling process, which passes the stop
   on once: a second signal to a training run would stop it without a checkpoint. SIGINT rather than
   SIGTERM is passed on so that SIGTERM keeps its default in the workers and their own children (a
@@ -32,6 +34,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import Callable, Optional, Sequence
 
+from .lifecycle import remember_stop
+
 # How often the scheduler looks at the stop request while every worker is busy.
 POLL_SECONDS = 1.0
 # How long a worker has, after a second signal, to remove its temporary files before it is killed.
@@ -40,16 +44,17 @@ GRACE_SECONDS = 5.0
 
 def _worker_start(pids) -> None:
     """Worker initializer: a process group of its own (a Ctrl-C at the terminal does not reach it), the
-    SIGINT that passes a stop on is ignored outside a unit's own handler, and the pid is reported so
-    that the scheduler can signal this worker."""
+    SIGINT that passes a stop on is only remembered outside a unit's own handler (a run that opens its
+    interruptible block later starts it with the stop), and the pid is reported so that the scheduler
+    can signal this worker."""
     os.setpgrp()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, remember_stop)
     pids.put(os.getpid())
 
 
 class _Workers:
-    """The pids of the pool's workers, as they report themselves once they ignore SIGINT (a worker that
-    is still starting would be killed by it), and which of them were told to stop."""
+    """The pids of the pool's workers, as they report themselves once SIGINT no longer interrupts them
+    (a worker that is still starting would be killed by it), and which of them were told to stop."""
 
     def __init__(self, pids):
         self.queue, self.pids, self.told = pids, set(), set()

@@ -5,15 +5,16 @@ import time
 
 import pytest
 
+from integrations.common.lifecycle import remember_stop
 from integrations.common.pool import run_units
 
 
 def _nap(seconds, value):
-    """A unit: sleeps, then reports what a worker must be: in a process group of its own, ignoring the
-    SIGINT that passes a stop on, SIGTERM at its default."""
+    """A unit: sleeps, then reports what a worker must be: in a process group of its own, remembering the
+    SIGINT that passes a stop on (for a run's interruptible block), SIGTERM at its default."""
     time.sleep(seconds)
     return (value, os.getpid(), os.getpgrp() == os.getpid(),
-            signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+            signal.getsignal(signal.SIGINT) is remember_stop and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
 
 
 def _fail(seconds, value):
@@ -94,3 +95,28 @@ def test_a_second_stop_kills_the_workers_at_once():
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def _run_after_setup(folder, setup_seconds, steps):
+    """A unit shaped like a sweep's training run: a setup (data, model) after its run folder is opened and
+    before its interruptible block, then steps until a stop; returns how many steps ran."""
+    from integrations.common import open_run
+
+    run = open_run(folder, {"seed": 0}, log=lambda s: None)
+    time.sleep(setup_seconds)
+    with run.interruptible():
+        for step in range(steps):
+            if run.stop_signal() is not None:
+                return step
+            time.sleep(0.05)
+    return steps
+
+
+@pytest.mark.slow
+def test_a_stop_that_reaches_a_worker_before_its_run_is_interruptible_stops_that_run(tmp_path):
+    """The stop is passed on while the unit is still setting its run up (the sweep's Ctrl-C in the first
+    seconds of a run): the run must take it when its block opens, not ignore it and train to the end."""
+    started, results = [], {}
+    stop = lambda: signal.SIGINT if started else None
+    run_units(_run_after_setup, [(tmp_path / "run", 5.0, 400)], 2, stop, results.__setitem__, on_start=started.append)
+    assert started == [0] and results[0] == 0
