@@ -19,6 +19,8 @@ pytestmark = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 def _run(out, *extra, interpret=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Triton keeps its cache under $TRITON_HOME (default: the home folder), which need not be writable
+    env["TRITON_HOME"] = str(Path(out) / "triton-home")
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     return subprocess.run([sys.executable, "-m", "benchmarks.fused_resources", "--out", str(out), *extra],
