@@ -80,16 +80,17 @@ def _fail_x(seconds, value):
 def test_a_second_stop_kills_the_workers_at_once():
     """KeyboardInterrupt (what a second signal raises, as StopNow) while units run: the workers are
     killed, not waited for."""
-    results = {}
+    results, raised = {}, []
 
     def done(i, result):
         results[i] = result
+        raised.append(time.monotonic())
         raise KeyboardInterrupt
 
-    t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         run_units(_nap, [(0, "quick"), (60, "slow")], 2, lambda: None, done)
-    assert time.monotonic() - t0 < 30
+    # timed from the stop, not from the start: the workers' start (importing torch) is not the kill's
+    assert time.monotonic() - raised[0] < 30
     pid = results[0][1]
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
