@@ -219,3 +219,18 @@ def test_hooks_on_the_layers_of_f_are_named_as_never_run_and_parametrizations_tr
         (m(x, mask) * torch.randn(2, 1, 5, 5)).sum().backward()
     original = m.first.parametrizations.weight.original
     assert original.grad is not None and original.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_the_cost_is_contiguous_per_channel(channels):
+    # each channel's (N, N) matrix is contiguous, as the optimisation's per-channel matrix
+    # products and eq. 10's per-channel max and norm read it; with several channels (a lattice's
+    # two) the pairwise MLP's output has the channel innermost, and a strided cost made every
+    # reduction and product over it several times slower
+    torch.manual_seed(7)
+    m = PairwiseCost(3, 8, channels=channels)
+    x = torch.randn(4, 6, 3, requires_grad=True)
+    mask = torch.arange(6) < torch.tensor([6, 3, 5, 1])[:, None]
+    for C in (m(x), m(x, mask), pairwise_cost(x, m.first.weight, m.first.bias, [], m.last.weight,
+                                              normalize=False)):
+        assert C.shape == (4, channels, 6, 6) and C.is_contiguous()

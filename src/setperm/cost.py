@@ -217,7 +217,10 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
             pre = h @ weight.t()
             h = torch.relu(pre + bias / scale4 if bias is not None else pre)
         g = h @ last_weight.t()
-    g = g.movedim(-1, 1)                              # (B, K, N, N): g / s
+    # (B, K, N, N), g / s, made contiguous: with K > 1 channels (a lattice's two) the moved view
+    # keeps the channel innermost, and eq. 10's per-channel max and norm and the optimisation's
+    # per-channel products would stride over it (a no-op for K = 1)
+    g = g.movedim(-1, 1).contiguous()
     C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
     # F(x_i, x_j) = 0 exactly when x_i == x_j: the rounding of g there is removed, not its
     # derivative (dF/dx_i = d1 f - d2 f is not 0 at x_i = x_j)
