@@ -7,7 +7,7 @@ from torch.testing import assert_close
 from setperm import LinAssign, PairwiseCost, PermutationOptimization, PermutationSetEncoder
 from setperm.functional import hungarian, optimize_permutation, pairwise_cost, permutation_entropy, sinkhorn
 from setperm.sinkhorn import sinkhorn_scaling_in_range
-from setperm.masking import check_dtype, resolve_mask
+from setperm.masking import check_dtype, check_finite, resolve_mask
 
 B, N, D = 3, 6, 4
 LENGTHS = torch.tensor([6, 3, 0])
@@ -112,3 +112,29 @@ def test_check_dtype_rules():
         check_dtype(torch.zeros(1, dtype=torch.float32), torch.bfloat16)
         with pytest.raises(ValueError, match="float64"):
             check_dtype(torch.zeros(1, dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_finds_every_non_finite_real_element(dtype, bad):
+    """The check refuses a NaN or an infinity at a real element wherever it lies (any feature, any set, any
+    dtype), names its index, and ignores one at a padded element; a finite or empty input passes."""
+    x = torch.randn(B, N, D).to(dtype)
+    check_finite(x, MASK)
+    check_finite(x, None)
+    check_finite(x[:, :0], MASK[:, :0])
+    for b, n, d in [(0, 0, 0), (0, 5, 3), (1, 2, 1)]:                         # real elements
+        y = x.clone()
+        y[b, n, d] = bad
+        with pytest.raises(ValueError, match=rf"x has a non-finite value .*index \({b}, {n}, {d}\)"):
+            check_finite(y, MASK)
+        with pytest.raises(ValueError, match="non-finite"):
+            check_finite(y, None)
+        with pytest.raises(ValueError, match="non-finite"):
+            check_finite(y[..., 0] if d == 0 else y[..., d], MASK)           # (B, N) inputs too
+    y = x.clone()
+    y[1, 4] = bad                                                             # padding (set 1 has 3)
+    y[2, :, 1] = bad                                                          # an empty set
+    check_finite(y, MASK)
+    with pytest.raises(ValueError, match="non-finite"):
+        check_finite(y, None)
