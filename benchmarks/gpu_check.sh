@@ -54,11 +54,16 @@ timeout "${SETPERM_BENCH_TIMEOUT:-300}" python3 -m benchmarks.gpu --amp --out "$
 bench_rc=$?
 [ "$bench_rc" = 124 ] && echo "(stopped after ${SETPERM_BENCH_TIMEOUT:-300} s)" >> "$out/gpu_log.txt"
 
-# every CUDA-parametrised or CUDA-only test (their ids and names contain "cuda")
-timeout "${SETPERM_TESTS_TIMEOUT:-200}" python3 -m pytest -q -rfEs -p no:cacheprovider -k cuda tests \
+# every CUDA-parametrised or CUDA-only test (their ids and names contain "cuda"). Stopped as Ctrl-C
+# stops it (SIGINT), not by timeout's default SIGTERM, which kills pytest before it reports: then it
+# still prints the failures and the short summary of the tests that ran (SIGKILL 30 s later, should
+# a test hold the host in a CUDA call that no signal interrupts)
+timeout -s INT -k 30 "${SETPERM_TESTS_TIMEOUT:-200}" python3 -m pytest -q -rfEs -p no:cacheprovider -k cuda tests \
     > "$out/cuda_tests.txt" 2>&1
 tests_rc=$?
-[ "$tests_rc" = 124 ] && echo "(stopped after ${SETPERM_TESTS_TIMEOUT:-200} s)" >> "$out/cuda_tests.txt"
+case "$tests_rc" in
+    124|137) echo "(stopped after ${SETPERM_TESTS_TIMEOUT:-200} s)" >> "$out/cuda_tests.txt" ;;
+esac
 
 echo "== benchmarks.gpu (exit $bench_rc)"; tail -n 5 "$out/gpu_log.txt"
 if [ -f "$out/$stem.md" ]; then

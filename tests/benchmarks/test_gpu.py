@@ -226,3 +226,40 @@ def test_gpu_check_prints_the_tables_of_its_own_run(tmp_path):
     (out / "gpu.md").write_text("an earlier run's table\n", encoding="utf-8")
     printed = run("--device", "cpu", "--kernels", "fastest")           # refused before anything is measured
     assert "an earlier run's table" not in printed and "no tables written by this run" in printed, printed
+
+
+@pytest.mark.slow      # waits for the tests' time limit to pass
+def test_gpu_check_keeps_the_failures_of_tests_stopped_at_their_time_limit(tmp_path):
+    """The CUDA tests stopped after ``SETPERM_TESTS_TIMEOUT`` seconds still report the failures of the
+    tests that ran, by name (pytest prints them only when it stops as after Ctrl-C: a SIGTERM kills it
+    with nothing but its progress dots written). A stand-in ``python3`` on PATH runs a stand-in suite
+    (one failing test, one that outlasts the limit) for ``-m pytest`` and skips the benchmark."""
+    import os
+    import stat
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(gpu.__file__).resolve().parents[1]
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_stand_in.py").write_text(
+        "import time\n\ndef test_cuda_fails():\n    assert 1 == 2\n\n"
+        "def test_cuda_outlasts_the_limit():\n    time.sleep(600)\n", encoding="utf-8")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python3 = bin_dir / "python3"
+    python3.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1 $2" = "-m benchmarks.gpu" ]; then exit 0; fi\n'
+        f'if [ "$1 $2" = "-m pytest" ]; then exec {sys.executable} -m pytest -q -rfEs -p no:cacheprovider {suite}; fi\n'
+        f'exec {sys.executable} "$@"\n', encoding="utf-8")
+    python3.chmod(python3.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SETPERM_TESTS_TIMEOUT": "20"}
+    out = tmp_path / "out"
+    res = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(out)], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    report = (out / "cuda_tests.txt").read_text(encoding="utf-8")
+    assert "FAILED" in report and "test_cuda_fails" in report, report
+    assert "1 failed" in report and "(stopped after 20 s)" in report, report
+    assert "== CUDA tests (exit 124)" in res.stdout and "test_cuda_fails" in res.stdout, res.stdout
+    assert res.returncode == 1
