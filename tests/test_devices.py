@@ -175,6 +175,24 @@ def test_device_path_makes_the_host_wait_nowhere_and_gives_the_cpu_values(device
         assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
+def test_device_lengths_make_the_host_wait_in_their_range_check(device_path):
+    """``lengths`` on the device (as the encoder's docstring says) are read on the host by their
+    check that they lie in [0, N] (a bad length is a ValueError): one wait, which a mask does not
+    make (nor host lengths, test above). (Past that check the CPU cannot stand in for CUDA here:
+    the encoder tells host lengths from device lengths by their device.)"""
+    import traceback
+
+    x, w, mask = batch("cpu")
+    device_lengths = torch.tensor(SIZES)                  # made outside device_path: a device tensor there
+    enc = variant_encoder()
+    with device_path():
+        enc(x, mask=mask, weights=w)
+    with pytest.raises(AssertionError, match="on CUDA the host would wait") as caught, device_path():
+        enc(x, lengths=device_lengths, weights=w)
+    setperm_frames = [f.name for f in traceback.extract_tb(caught.tb) if "setperm" in f.filename]
+    assert setperm_frames[-1] == "resolve_mask", setperm_frames
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_tensor_made_on_the_way_is_on_the_inputs_device(on_meta, variant):
     """Forward and backward on the ``meta`` device (shapes and dtypes, no values; on every machine),

@@ -413,9 +413,11 @@ class PermutationSetEncoder(nn.Module):
         soft permutation, also with ``straight_through``.
         Padding has no influence: the LSTM's state is read after the n real elements
         (:func:`last_state`). On CUDA, ``lengths`` given as a CPU tensor serve a packed sequence as
-        they are; with a ``mask`` (or device ``lengths``) the LSTM reads the whole padded batch,
-        padding zeroed, and each set's cell state is recovered at its own last element, so neither
-        makes a host synchronisation;
+        they are; with a ``mask`` the LSTM reads the whole padded batch, padding zeroed, and each
+        set's cell state is recovered at its own last element, so neither makes a host
+        synchronisation. ``lengths`` on the device are read the padded way too, but their range
+        check (0 <= lengths <= N, the ValueError of a bad length) reads them on the host: one
+        synchronisation per call (a ``mask``, or the lengths as a CPU tensor, make none);
         an empty set gives ``h = 0``, N = 0 gives ``h = zeros(B, hidden_size)`` and ``P`` of shape
         ``(B, 0, 0)``, B = 0 gives ``h = zeros(0, hidden_size)``; backward works in every case.
     """
