@@ -43,16 +43,22 @@ COLUMNS = [("block", "tile"), ("warps", "warps"), ("kernel", "kernel"), ("regist
 
 
 def _signature(fn, block: int):
-    sig, constexprs = {}, {}
+    """The kernel's argument types, its constexprs' values and the indices of its pointers: a launch
+    tells Triton that each pointer is 16-byte aligned (every tensor torch allocates is), which the
+    compiled code depends on (vectorised loads and stores, the shared memory they stage through), so
+    the pointers are compiled with that hint here too; the ints are compiled without hints, as a
+    launch compiles a set size that is not a multiple of 16 (the usual case) and T, L > 1."""
+    sig, constexprs, pointers = {}, {}, []
     for i, name in enumerate(fn.arg_names):
         if name == "BLOCK" or name in CONSTEXPRS:
             sig[name] = "constexpr"
             constexprs[(i,)] = block if name == "BLOCK" else CONSTEXPRS[name]
         elif name.endswith("_ptr"):
             sig[name] = POINTERS.get(name, "*fp32")
+            pointers.append(i)
         else:
             sig[name] = "i32" if name in INT_SCALARS else "fp32"
-    return sig, constexprs
+    return sig, constexprs, pointers
 
 
 def _cuobjdump(triton_module) -> str:
@@ -67,12 +73,16 @@ def _source(fn, block: int):
     """The kernel at one tile size as Triton's compiler takes it (its interface differs by release)."""
     from triton.compiler import ASTSource
 
-    sig, constexprs = _signature(fn, block)
+    sig, constexprs, pointers = _signature(fn, block)
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:          # Triton 3.3 and newer
-        return ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    # Triton 3.2: the constexprs' values by name, the signature without them
+        return ASTSource(fn=fn, signature=sig, constexprs=constexprs,
+                         attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
+    # Triton 3.2: the constexprs' values by name, the signature without them, the hints as a descriptor
+    from triton.backends.compiler import AttrsDescriptor
+
     return ASTSource(fn=fn, signature={k: v for k, v in sig.items() if v != "constexpr"},
-                     constants={fn.arg_names[i]: v for (i,), v in constexprs.items()})
+                     constants={fn.arg_names[i]: v for (i,), v in constexprs.items()},
+                     attrs=AttrsDescriptor.from_hints({i: 16 for i in pointers}))
 
 
 def resources(fn, block: int, warps: int, arch: int, cuobjdump: str) -> Dict[str, object]:

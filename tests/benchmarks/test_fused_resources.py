@@ -40,6 +40,28 @@ def test_compiles_both_kernels_and_reads_their_resources(tmp_path):
     assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text(encoding="utf-8")
 
 
+def test_compiles_the_kernels_with_the_alignment_a_launch_gives_their_pointers():
+    """A launch tells Triton that every pointer (a tensor torch allocated) is 16-byte aligned, and
+    the compiled code differs with that hint (registers, stack, shared memory): the kernels measured
+    here carry it on every pointer argument, as the kernels a GPU runs do."""
+    code = ("import triton\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from benchmarks.fused_resources import _source\n"
+            "from setperm import _fused_kernels as k\n"
+            "for fn in (k.forward_kernel, k.backward_kernel):\n"
+            "    ttir = triton.compile(_source(fn, 16), target=GPUTarget('cuda', 90, 32),\n"
+            "                          options={'num_warps': 2}).asm['ttir']\n"
+            "    header = ttir[ttir.index('tt.func'):].split('\\n', 1)[0]\n"
+            "    pointers = [n for n in fn.arg_names if n.endswith('_ptr')]\n"
+            "    print(fn.__name__, len(pointers), header.count('tt.divisibility = 16'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for line in r.stdout.strip().splitlines():
+        name, pointers, hinted = line.split()
+        assert int(pointers) > 0 and hinted == pointers, r.stdout
+
+
 def test_refuses_under_the_interpreter_and_bad_flags(tmp_path):
     r = _run(tmp_path, "--blocks", "16", "--warps", "1", interpret=True)
     assert r.returncode == 1 and "TRITON_INTERPRET=1" in r.stderr.strip().splitlines()[-1]
