@@ -111,8 +111,9 @@ def _block(N: int) -> int:
 
 
 def _warps(block: int) -> int:
-    # the fewest warps whose kernels keep every value in registers (no stack frame) for sm_90, or at
-    # 64 x 64 and 128 x 128 the least stack: python -m benchmarks.fused_resources, benchmarks/README.md
+    # for sm_90: warps at which neither kernel needs a stack frame (every value in registers) at about
+    # 100 registers per thread or fewer, and at 128 x 128 the least stack; python -m
+    # benchmarks.fused_resources, benchmarks/README.md
     return {16: 2, 32: 4, 64: 16}.get(block, 32)
 
 
