@@ -875,3 +875,18 @@ def test_weights_and_order_by_on_another_device_than_x_are_named():
     enc = PermutationSetEncoder(4, 8, PermutationOptimization(3, cost_hidden=6, steps=2), order_features=3)
     with pytest.raises(ValueError, match="order_by is on meta but x is on cpu"):
         enc(x, order_by=torch.zeros(2, 5, 3, device="meta"))
+
+
+def test_a_hook_on_the_reader_sees_each_set_size_once_on_the_cpu():
+    """As the encoder's docstring says: on the CPU the reader runs once per distinct size of a
+    non-empty set, on those sets without padding, so a forward hook on ``lstm`` fires that often."""
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(3, 5)
+    lengths = torch.tensor([4, 2, 4, 0, 1])
+    seen = []
+    enc.lstm.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    enc(torch.randn(5, 4, 3), lengths=lengths)
+    assert sorted(seen) == [(1, 1, 3), (1, 2, 3), (2, 4, 3)]
+    seen.clear()
+    enc(torch.randn(5, 4, 3))
+    assert seen == [(5, 4, 3)]

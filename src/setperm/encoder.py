@@ -412,7 +412,10 @@ class PermutationSetEncoder(nn.Module):
         (or ``order_by``, required exactly when ``order_features`` was given). ``P`` is always the
         soft permutation, also with ``straight_through``.
         Padding has no influence: the LSTM's state is read after the n real elements
-        (:func:`last_state`). On CUDA, ``lengths`` given as a CPU tensor serve a packed sequence as
+        (:func:`last_state`). On the CPU the reader is called once per distinct size of a non-empty
+        set in the batch, on that size's sets without their padding (a forward hook on ``lstm``
+        fires as often, each time with those rows); elsewhere once per forward. On CUDA, ``lengths``
+        given as a CPU tensor serve a packed sequence as
         they are; with a ``mask`` the LSTM reads the whole padded batch, padding zeroed, and each
         set's cell state is recovered at its own last element, so neither makes a host
         synchronisation. ``lengths`` on the device are read the padded way too, but their range
