@@ -86,3 +86,32 @@ def test_a_torch_compile_that_refuses_this_python_is_a_failed_build(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                     # once per device type
         assert pairwise_mod._call_compiled("forward", a, c, w2, fall_back=True) is None
+
+
+def test_every_function_with_setup_context_keeps_its_forward_signature():
+    """``autograd.Function.apply`` binds the arguments to ``forward``'s signature at every call of a
+    Function with ``setup_context`` (torch 2.1 and newer); each of the package's keeps that
+    signature (``signature_kept``), the very one inspect would work out, so none is recomputed."""
+    import importlib
+    import inspect
+    import pkgutil
+    import types
+
+    import setperm
+
+    found = []
+    for info in pkgutil.iter_modules(setperm.__path__):
+        if info.name in ("_fused_kernels", "pyg"):
+            continue                                          # need Triton / PyG; no autograd.Function
+        module = importlib.import_module(f"setperm.{info.name}")
+        for cls in vars(module).values():
+            if (isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.__module__ == module.__name__
+                    and "setup_context" in vars(cls)):
+                found.append(cls.__name__)
+                kept = vars(cls.forward).get("__signature__")
+                assert kept is not None, cls
+                fn = cls.forward
+                fresh = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+                fresh.__kwdefaults__, fresh.__annotations__ = fn.__kwdefaults__, fn.__annotations__
+                assert "__signature__" not in vars(fresh) and kept == inspect.signature(fresh), cls
+    assert {"_Sinkhorn", "_PairwiseTwoLayer", "_FusedOptimize"} <= set(found), found

@@ -55,7 +55,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._compat import is_compiling
+from ._compat import is_compiling, signature_kept
 from ._errors import user_stacklevel
 from .optimize import _sequence_step, _start, _unroll
 
@@ -273,6 +273,7 @@ class _FusedOptimize(torch.autograd.Function):
     # jacrev) take only functions of this form
 
     @staticmethod
+    @signature_kept
     def forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
         return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
 

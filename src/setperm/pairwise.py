@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._compat import compiler_errors, hit_recompile_limit, is_compiling
+from ._compat import compiler_errors, hit_recompile_limit, is_compiling, signature_kept
 from ._errors import user_stacklevel
 
 KERNELS = ("auto", "chunked", "compiled", "fused")
@@ -103,6 +103,7 @@ class _PairwiseTwoLayer(torch.autograd.Function):
     """
 
     @staticmethod
+    @signature_kept
     def forward(a: Tensor, c: Tensor, w2: Tensor, kernel: str) -> Tensor:
         if is_compiling():
             return _fused_forward(a, c, w2)

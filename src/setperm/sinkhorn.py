@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._compat import autocast_off
+from ._compat import autocast_off, signature_kept
 from ._errors import check_int, check_positive
 from .masking import assignment_mask, host_decisions, resolve_mask
 
@@ -185,6 +185,7 @@ class _Sinkhorn(torch.autograd.Function):
     """
 
     @staticmethod
+    @signature_kept
     def forward(z: Tensor, iters: int, method: str) -> Tuple[Tensor, bool]:
         scal = _scalings(z, iters) if iters > 0 and method != "log" else None
         if scal is None and iters > 0 and method == "scaling":
