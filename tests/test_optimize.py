@@ -263,3 +263,25 @@ def test_a_lattice_takes_an_empty_batch(permutation):
     assert optimize_permutation(C, grid=(3, 2), steps=2).shape == (0, 6, 6)
     h = PermutationSetEncoder(3, 5, po)(torch.randn(0, 6, 3))
     assert h.shape == (0, 5)
+
+
+def test_the_unrolled_steps_build_the_masks_assignment_once(monkeypatch):
+    """Every Sinkhorn normalisation of one optimisation sees the same padded batch: what the mask
+    makes of the logits (allowed and pinned entries) is built once, not at each of the T + 1
+    normalisations (about ten operations each, kernel launches on a GPU); values as sinkhorn's."""
+    import setperm.masking
+    import setperm.sinkhorn
+    from setperm.optimize import position_balance
+
+    calls = []
+    real = setperm.masking.assignment_mask
+    monkeypatch.setattr(setperm.sinkhorn, "assignment_mask", lambda m: calls.append(1) or real(m))
+    torch.manual_seed(3)
+    mask = torch.arange(7) < torch.tensor([7, 4, 1, 0])[:, None]
+    C = torch.randn(4, 7, 7, dtype=torch.float64) * (mask.unsqueeze(2) & mask.unsqueeze(1))
+    steps = optimize_permutation(C, mask=mask, eta=0.7, steps=3, return_steps=True, kernel="chunked")
+    assert len(calls) == 1
+    logits = torch.zeros(4, 7, 7, dtype=torch.float64)
+    for P in steps:
+        assert_close(P, sinkhorn(logits, mask=mask))
+        logits = logits - 2 * 0.7 * C @ position_balance(P)

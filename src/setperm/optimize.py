@@ -15,7 +15,7 @@ from torch import Tensor
 from ._errors import check_int, check_positive, check_same_device
 from .masking import pair_mask, resolve_mask
 from .pairwise import check_kernel
-from .sinkhorn import sinkhorn
+from .sinkhorn import _normalised, assignment, masked_logits
 
 Grid = Tuple[int, int]
 
@@ -249,12 +249,18 @@ def _unroll(step_fn, logits: Tensor, mask: Optional[Tensor], steps: int, sinkhor
             return_steps: bool) -> Union[Tensor, List[Tensor]]:
     """The unrolled loop of algorithm 1 from ``P~(0)`` = ``logits``."""
     history: List[Tensor] = []
+    # sinkhorn(logits, mask=mask, ...) at every step, with what the mask makes of the logits made once
+    fill = assignment(mask, logits)
+
+    def normalise(logits: Tensor) -> Tensor:
+        return _normalised(masked_logits(logits, fill, temperature), logits.dtype, sinkhorn_iters)
+
     for _ in range(steps):
-        P = sinkhorn(logits, mask=mask, iters=sinkhorn_iters, temperature=temperature)
+        P = normalise(logits)
         if return_steps:
             history.append(P)
         logits = step_fn(logits, P)
-    P = sinkhorn(logits, mask=mask, iters=sinkhorn_iters, temperature=temperature)
+    P = normalise(logits)
     if return_steps:
         history.append(P)
         return history

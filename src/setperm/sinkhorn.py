@@ -57,11 +57,16 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, *, iters: int = 4, t
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     z, out_dtype = _prepare(logits, mask, iters, temperature, lengths, key_padding_mask)
+    return _normalised(z, out_dtype, iters, method)
+
+
+def _normalised(z: Tensor, out_dtype: torch.dtype, iters: int, method: str = "auto") -> Tensor:
+    """:func:`sinkhorn` of the prepared logits ``z`` (:func:`_prepare` or :func:`masked_logits`)."""
     if z.numel() == 0:
         return z.to(out_dtype)
     if method == "auto" and not host_decisions(z):
         method = "log"
-    with autocast_off(logits.device.type):
+    with autocast_off(z.device.type):
         return _Sinkhorn.apply(z, iters, method)[0].to(out_dtype)
 
 
@@ -92,24 +97,42 @@ def _prepare(logits: Tensor, mask: Optional[Tensor], iters: int, temperature: fl
     if not logits.is_floating_point():
         # exp of integer/bool logits is not defined in their dtype; complex has no order
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    iters = check_int(iters, "iters")
+    check_int(iters, "iters")
     temperature = check_positive(temperature, "temperature")
     mask = resolve_mask(logits, mask, lengths, key_padding_mask, name="logits")
-    out_dtype = logits.dtype
-    compute_dtype = torch.promote_types(out_dtype, torch.float32)
+    return masked_logits(logits, assignment(mask, logits), temperature), logits.dtype
+
+
+def assignment(mask: Optional[Tensor], logits: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """What a mask makes of the logits, once for every :func:`masked_logits` of one batch: the
+    allowed entries ``free`` (:func:`~setperm.masking.assignment_mask`, ``(B, N, N)`` bool) and the
+    value of every other entry, 0 where a padded element is pinned, ``-inf`` elsewhere, in the
+    compute dtype of ``logits`` (None without a mask). An unrolled optimisation normalises the same
+    padded batch at every step: made once there, it saves the mask's ten or so operations (kernel
+    launches on a GPU) per step."""
+    if mask is None:
+        return None
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    free, pinned = assignment_mask(mask)
+    excluded = torch.where(pinned, torch.zeros((), dtype=dtype, device=logits.device),
+                           torch.full((), float("-inf"), dtype=dtype, device=logits.device))
+    return free, excluded
+
+
+def masked_logits(logits: Tensor, fill: Optional[Tuple[Tensor, Tensor]], temperature: float) -> Tensor:
+    """``logits / temperature`` in at least float32, the entries a mask excludes replaced as
+    :func:`assignment` says (``fill``; None: no mask)."""
     with autocast_off(logits.device.type):
-        z = logits.to(compute_dtype)
+        z = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if temperature != 1.0:
             z = z / temperature
-        if mask is not None:
+        if fill is not None:
             # a padded element's row and column have one allowed entry, its fixed position, which
             # normalises to 1 whatever its logit: it is given 0, so that NaN or inf padding never
             # reaches a logsumexp (a NaN there would spread through its column to every real row)
-            free, pinned = assignment_mask(mask)
-            excluded = torch.where(pinned, torch.zeros((), dtype=z.dtype, device=z.device),
-                                   torch.full((), float("-inf"), dtype=z.dtype, device=z.device))
+            free, excluded = fill
             z = torch.where(free, z, excluded)
-    return z, out_dtype
+    return z
 
 
 def _clamp_half(z: Tensor) -> Tensor:
