@@ -9,9 +9,10 @@ raised as an ``OSError`` naming the target, so command lines can say it in one l
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, List, Optional
 
 
 def in_chain(exc: Optional[BaseException], kind: type) -> Optional[BaseException]:
@@ -36,6 +37,47 @@ def os_error_in(exc: BaseException) -> Optional[OSError]:
 def _temporary_name(path: Path) -> Path:
     """A new hidden name beside ``path``: the pid and a random suffix, so no other writer draws it."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+# what _temporary_name makes: the target's name, the writer's pid, 8 hex digits
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                   # signal 0: checks that the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):   # no pid this OS gives: not a writer's, left alone
+        return True
+    except OSError:                       # exists, owned by another user
+        return True
+    return True
+
+
+def remove_abandoned(folder: str | os.PathLike) -> List[Path]:
+    """Remove the temporary files in ``folder`` whose writer no longer runs, and return them.
+
+    :func:`atomic_write` removes its temporary file on every exit a process can handle; one killed
+    outright (``kill -9``, the kernel's out-of-memory killer, a power cut) leaves it, under a hidden
+    name, as large as the checkpoint it was writing. A file whose writer's pid is still a running
+    process (this one included) is left alone. POSIX only (elsewhere checking a pid is not side-effect
+    free): returns [] there.
+    """
+    folder = Path(folder)
+    if os.name != "posix" or not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        m = _TEMPORARY.fullmatch(entry.name)
+        if m is None or not entry.is_file() or entry.is_symlink() or _running(int(m["pid"])):
+            continue
+        try:
+            entry.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(entry)
+    return removed
 
 
 # O_EXCL: the file is ours alone. Created with mode 0o666 less the umask, as a plain ``open`` would,

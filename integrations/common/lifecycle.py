@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_write, in_chain
+from .atomic import atomic_write, in_chain, remove_abandoned
 from .checkpoint import CHECKPOINTS, CheckpointError, read_checkpoint, restore, rng_state, step_files, write_checkpoint
 
 try:
@@ -565,6 +565,10 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
                                f"use the original values, or start a new run with another --out or --overwrite")
             if validate is not None:
                 validate(old)
+            abandoned = [p for folder in (path, path / CHECKPOINTS) for p in remove_abandoned(folder)]
+            if abandoned:
+                log(f"--resume: removed {len(abandoned)} unfinished temporary file(s) that a process killed "
+                    f"while writing left in {path} ({', '.join(p.name for p in abandoned)})")
             run_id = old.get("run_id") or uuid.uuid4().hex
             state = _newest_intact(path / CHECKPOINTS, old.get("run_id"), log) if checkpoints else None
             merged = {**config, **{k: _union(old[k], config[k]) for k in accumulate if k in old and k in config},

@@ -311,3 +311,61 @@ os.kill(os.getpid(), signal.SIGKILL)
         run.writer.add_scalar("train/loss", 2.0 / step, step)
     run.close()
     assert _scalars(out / "tb")["train/loss"] == list(range(1, 11))
+
+
+# ------------------------------------------------------------------------------ a writer killed outright
+KILLED_WRITER = """
+import sys, time, torch
+from integrations.common import open_run
+run = open_run(sys.argv[1], {"lr": 0.1, "seed": 0, "threads": 1}, resume=True, log=lambda s: None)
+model = torch.nn.Linear(64, 64)
+run.save(1, model=model)
+real = torch.save
+def stalled(obj, f, *a, **k):
+    f.write(b"half a checkpoint")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(600)
+torch.save = stalled
+run.save(2, model=model)
+"""
+
+
+@pytest.mark.slow      # kills a process
+def test_resume_removes_the_temporary_file_of_a_process_killed_while_writing(tmp_path):
+    """A process killed outright (SIGKILL: no handler runs) while it writes a checkpoint leaves its
+    temporary file; ``--resume`` removes it, says so, and continues from the intact checkpoint."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], cwd=REPO, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "writing", proc.communicate()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    left = _tmp_files(out)
+    assert len(left) == 1 and left[0].parent == out / "checkpoints", left
+    said = []
+    run = open_run(out, CFG, resume=True, log=said.append)
+    assert not _tmp_files(out) and run.start_step == 1
+    assert any("removed 1 unfinished temporary file" in s and left[0].name in s for s in said), said
+
+
+def test_remove_abandoned_leaves_files_of_running_writers_and_other_names(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)
+    names = {f".step_00000002.pt.{dead}.0123abcd.tmp": False,              # its writer has ended: removed
+             f".config.json.{os.getpid()}.89abcdef.tmp": True,              # a running writer's (this one)
+             f".step_00000003.pt.{dead}.0123abcd.tmp.keep": True,           # other names
+             f"step.{dead}.0123abcd.tmp": True, ".hidden": True, "notes.tmp": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = atomic.remove_abandoned(tmp_path)
+    if os.name != "posix":
+        assert removed == []
+        return
+    assert sorted(p.name for p in removed) == sorted(n for n, kept in names.items() if not kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, kept in names.items() if kept)
+    assert atomic.remove_abandoned(tmp_path / "missing") == []
