@@ -34,7 +34,7 @@ class CheckpointError(RuntimeError):
 
 # ------------------------------------------------------------------------------------- RNG states
 def rng_state() -> dict:
-    """Python, numpy and torch (CPU, CUDA) generator states as tensors and builtin values."""
+    """Python, numpy and torch (CPU, CUDA, MPS) generator states as tensors and builtin values."""
     np_state = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),                 # (version, tuple of ints, None): builtins only
@@ -45,7 +45,14 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if _mps_available():
+        state["mps"] = torch.mps.get_rng_state()        # dropout on Apple's GPU draws from it
     return state
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return backend is not None and backend.is_available() and hasattr(getattr(torch, "mps", None), "get_rng_state")
 
 
 def set_rng_state(state: dict) -> None:
@@ -61,6 +68,8 @@ def set_rng_state(state: dict) -> None:
         # get their states, the others' are dropped (set_rng_state_all would fail on a missing index)
         for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(device_state, index)
+    if "mps" in state and _mps_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _as_tuple(x: Any) -> Any:

@@ -418,6 +418,29 @@ def test_resume_on_fewer_gpus_restores_the_cuda_rng_states_of_the_devices_there(
     assert fake.set == {}
 
 
+def test_the_mps_generator_state_is_saved_and_restored_where_mps_runs(monkeypatch, tmp_path):
+    """On Apple's GPU (``mps``) dropout draws from the MPS generator: its state goes into the checkpoint
+    and comes back on resume (a stand-in ``torch.mps`` here), and is ignored where MPS is absent."""
+    import types
+
+    held = {"state": torch.arange(8, dtype=torch.uint8)}
+    fake = types.SimpleNamespace(get_rng_state=lambda: held["state"].clone(),
+                                 set_rng_state=lambda s: held.__setitem__("state", s.clone()))
+    monkeypatch.setattr(torch, "mps", fake, raising=False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    state = rng_state()
+    assert torch.equal(state["mps"], torch.arange(8, dtype=torch.uint8))
+    torch.save(state, tmp_path / "s.pt")
+    held["state"] = torch.zeros(8, dtype=torch.uint8)
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert torch.equal(held["state"], torch.arange(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert "mps" not in rng_state()
+    held["state"] = torch.zeros(8, dtype=torch.uint8)
+    set_rng_state(state)                                    # resumed where there is no MPS: left alone
+    assert torch.equal(held["state"], torch.zeros(8, dtype=torch.uint8))
+
+
 def test_device_index_beyond_the_machine_s_gpus_is_one_line(monkeypatch):
     import argparse
 
