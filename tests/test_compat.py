@@ -90,7 +90,7 @@ def test_a_torch_compile_that_refuses_this_python_is_a_failed_build(monkeypatch)
 
 def test_every_function_with_setup_context_keeps_its_forward_signature():
     """``autograd.Function.apply`` binds the arguments to ``forward``'s signature at every call of a
-    Function with ``setup_context`` (torch 2.1 and newer); each of the package's keeps that
+    Function with ``setup_context`` (torch 2.13, for one); each of the package's keeps that
     signature (``signature_kept``), the very one inspect would work out, so none is recomputed."""
     import importlib
     import inspect

@@ -33,7 +33,7 @@ else:
 
 def signature_kept(fn):
     """``fn`` with its signature stored on it (``__signature__``, which :func:`inspect.signature`
-    returns as it is). From torch 2.1 ``autograd.Function.apply`` binds the arguments to
+    returns as it is). ``autograd.Function.apply`` (torch 2.13, for one) binds the arguments to
     ``forward``'s signature at every call of a Function with ``setup_context``, and working the
     signature out again costs more than the binding (about 10-20 us per call, several calls per
     forward: felt with small sets)."""
