@@ -40,7 +40,7 @@ def test_compiles_both_kernels_and_reads_their_resources(tmp_path):
     assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text(encoding="utf-8")
 
 
-def test_compiles_the_kernels_with_the_alignment_a_launch_gives_their_pointers():
+def test_compiles_the_kernels_with_the_alignment_a_launch_gives_their_pointers(tmp_path):
     """A launch tells Triton that every pointer (a tensor torch allocated) is 16-byte aligned, and
     the compiled code differs with that hint (registers, stack, shared memory): the kernels measured
     here carry it on every pointer argument, as the kernels a GPU runs do."""
@@ -55,6 +55,7 @@ def test_compiles_the_kernels_with_the_alignment_a_launch_gives_their_pointers()
             "    pointers = [n for n in fn.arg_names if n.endswith('_ptr')]\n"
             "    print(fn.__name__, len(pointers), header.count('tt.divisibility = 16'))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_HOME"] = str(tmp_path / "triton-home")         # (as in _run: the home folder need not be writable)
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     for line in r.stdout.strip().splitlines():
