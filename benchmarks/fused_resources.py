@@ -161,6 +161,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                           "used": "yes" if _warps(block) == w else ""}
                 try:
                     row.update(resources(getattr(_fused_kernels, name), block, w, args.arch, cuobjdump))
+                except OSError:
+                    # the machine's, not the kernel's (Triton's cache folder unwritable, say): one line
+                    # naming the path, before anything is written
+                    raise
                 except Exception as err:                 # one failing build must not lose the others
                     row["note"] = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1][:120]}"
                 rows.append(row)

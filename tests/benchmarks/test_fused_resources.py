@@ -63,6 +63,23 @@ def test_compiles_the_kernels_with_the_alignment_a_launch_gives_their_pointers(t
         assert int(pointers) > 0 and hinted == pointers, r.stdout
 
 
+def test_an_os_error_while_compiling_is_one_line_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    """A kernel that does not build is a row of the table; an OS error (Triton's cache under an
+    unwritable home folder) is the machine's: the command ends in one line naming the path."""
+    from integrations.common import run_command
+
+    def unwritable(*args):
+        raise PermissionError(13, "Permission denied", "/home/user/.triton")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(fused_resources, "resources", unwritable)
+    main = fused_resources.main
+    rc = run_command(lambda argv: main(["--blocks", "16", "--warps", "2", "--out", str(tmp_path)]), "prog")
+    assert rc == 1
+    assert capsys.readouterr().err == "prog: error: Permission denied: /home/user/.triton\n"
+    assert not any(tmp_path.iterdir())
+
+
 def test_refuses_under_the_interpreter_and_bad_flags(tmp_path):
     r = _run(tmp_path, "--blocks", "16", "--warps", "1", interpret=True)
     assert r.returncode == 1 and "TRITON_INTERPRET=1" in r.stderr.strip().splitlines()[-1]
