@@ -465,12 +465,20 @@ def _lock_folder(path: Path) -> Optional[_FolderLock]:
     if key in _FolderLock._held:
         _FolderLock._held[key][1] += 1
         return _FolderLock(key)
+    cloexec = getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | cloexec, 0o666)
     except OSError as e:
         if e.errno == errno.EROFS:
             return None
-        raise
+        if e.errno not in (errno.EACCES, errno.EPERM):
+            raise
+        # a folder this user may read but not write (a read-only checkout, another user's run): an
+        # exclusive flock needs no write access, so the lock file it holds already locks it
+        try:
+            fd = os.open(lock_file, os.O_RDONLY | cloexec)
+        except OSError:
+            raise e from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

@@ -235,6 +235,58 @@ def test_a_read_only_out_is_one_line(tmp_path, capsys):
         ro.chmod(0o755)
 
 
+FINISHED_ELSEWHERE = """
+import sys
+from integrations.common import RunError, open_run
+try:
+    open_run(sys.argv[1], {"lr": 0.1, "seed": 0, "threads": 1}, log=lambda s: None)
+except RunError as e:
+    print(e)
+"""
+
+
+def test_a_finished_run_this_user_may_read_but_not_write_gives_its_summary(tmp_path, monkeypatch):
+    """A finished run in a folder this user cannot write (a read-only checkout, another user's run): the
+    same settings give its record and change nothing, and the folder is still locked against a second
+    process (an exclusive flock needs no write access: the lock file there is opened for reading)."""
+    out = tmp_path / "run"
+    run = open_run(out, CFG, **QUIET)
+    run.finish({"loss": 0.5})
+    del run                                                   # (releases the folder's lock)
+    from integrations.common.lifecycle import _FolderLock
+    assert (os.getpid(), os.path.realpath(out / LOCK)) not in _FolderLock._held
+    folders = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    for f in files:
+        f.chmod(0o444)
+    for d in folders:
+        d.chmod(0o555)
+    try:
+        if os.access(out / LOCK, os.W_OK):                    # root: the OS's refusal, as another user gets it
+            real_open = os.open
+
+            def open_as_another_user(path, flags, *args, **kwargs):
+                if Path(path).parent == out and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+                return real_open(path, flags, *args, **kwargs)
+
+            monkeypatch.setattr(os, "open", open_as_another_user)
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        again = open_run(out, CFG, **QUIET)
+        assert again.finished and again.summary["loss"] == 0.5
+        monkeypatch.undo()
+        r = subprocess.run([sys.executable, "-c", FINISHED_ELSEWHERE, str(out)], cwd=REPO, env=ENV, text=True,
+                           capture_output=True, timeout=120)
+        assert r.returncode == 0 and f"in {out} is in use by another process" in r.stdout, r.stdout + r.stderr
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+        del again
+    finally:
+        for d in folders:
+            d.chmod(0o755)
+        for f in files:
+            f.chmod(0o644)
+
+
 @pytest.mark.parametrize("code, path", [(errno.EACCES, "/data/run"), (errno.EROFS, "/mnt/ro/run/.lock"),
                                         (errno.ELOOP, "/a/loop")])
 def test_each_os_error_is_its_reason_and_path(code, path, capsys):
