@@ -67,6 +67,9 @@ def test_an_os_error_while_compiling_is_one_line_and_writes_nothing(monkeypatch,
     """A kernel that does not build is a row of the table; an OS error (Triton's cache under an
     unwritable home folder) is the machine's: the command ends in one line naming the path."""
     from integrations.common import run_command
+    # the command imports the kernels; imported first without the interpreter, they would stay compiled
+    # kernels in this process, for the tests after this one that run them in the interpreter
+    from setperm import _fused_kernels  # noqa: F401
 
     def unwritable(*args):
         raise PermissionError(13, "Permission denied", "/home/user/.triton")
