@@ -221,13 +221,20 @@ def test_dangling_symlink_and_loop_as_out_are_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and str(out) in err and "symbolic link" in err
 
 
-def test_a_read_only_out_is_one_line(tmp_path, capsys):
+def test_a_read_only_out_is_one_line(tmp_path, capsys, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("permissions are not enforced for this user (root)")
+        if os.access(ro, os.W_OK):                            # root: the OS's refusal, as another user gets it
+            real_mkdir = os.mkdir
+
+            def mkdir_as_another_user(path, *args, **kwargs):
+                if Path(path).parent == ro:
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+                return real_mkdir(path, *args, **kwargs)
+
+            monkeypatch.setattr(os, "mkdir", mkdir_as_another_user)
         assert run_command(lambda argv: open_run(ro / "run", CFG, **QUIET), "prog") == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("prog: error: Permission denied: ") and str(ro) in err
