@@ -466,6 +466,7 @@ def _lock_folder(path: Path) -> Optional[_FolderLock]:
         _FolderLock._held[key][1] += 1
         return _FolderLock(key)
     cloexec = getattr(os, "O_CLOEXEC", 0)
+    refused = None
     try:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | cloexec, 0o666)
     except OSError as e:
@@ -475,6 +476,7 @@ def _lock_folder(path: Path) -> Optional[_FolderLock]:
             raise
         # a folder this user may read but not write (a read-only checkout, another user's run): an
         # exclusive flock needs no write access, so the lock file it holds already locks it
+        refused = e
         try:
             fd = os.open(lock_file, os.O_RDONLY | cloexec)
         except OSError:
@@ -487,6 +489,10 @@ def _lock_folder(path: Path) -> Optional[_FolderLock]:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise RunError(f"the run in {path} is in use by another process{holder}; wait for it "
                            "to end, or choose another --out") from None
+        if refused is not None:
+            # where flock is emulated by byte-range locks (NFS, SMB), an exclusive lock needs a file
+            # open for writing (EBADF otherwise): the folder's permission error is the reason
+            raise refused from None
         raise
     _FolderLock._held[key] = [fd, 1]
     return _FolderLock(key)

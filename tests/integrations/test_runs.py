@@ -294,6 +294,36 @@ def test_a_finished_run_this_user_may_read_but_not_write_gives_its_summary(tmp_p
             f.chmod(0o644)
 
 
+def test_a_read_only_lock_file_that_the_file_system_will_not_lock_is_the_permission_error(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Where flock is emulated by byte-range locks (NFS, SMB), an exclusive lock needs the file open for
+    writing: the lock file of a folder this user cannot write, opened for reading, is refused (EBADF).
+    That is the folder's permission error, in one line naming the lock file, not 'Bad file descriptor'."""
+    from integrations.common import lifecycle
+
+    fcntl = pytest.importorskip("fcntl")                       # (where it is missing, no folder is locked)
+
+    out = tmp_path / "run"
+    open_run(out, CFG, **QUIET).finish({"loss": 0.5})
+    real_open, real_flock = os.open, fcntl.flock
+
+    def open_as_another_user(path, flags, *args, **kwargs):
+        if Path(path).parent == out and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def flock_as_nfs(fd, operation):
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    monkeypatch.setattr(lifecycle.fcntl, "flock", flock_as_nfs)
+    assert run_command(lambda argv: open_run(out, CFG, **QUIET), "prog") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prog: error: Permission denied: ") and str(out / LOCK) in err, err
+
+
 @pytest.mark.parametrize("code, path", [(errno.EACCES, "/data/run"), (errno.EROFS, "/mnt/ro/run/.lock"),
                                         (errno.ELOOP, "/a/loop")])
 def test_each_os_error_is_its_reason_and_path(code, path, capsys):
