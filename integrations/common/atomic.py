@@ -61,8 +61,11 @@ def remove_abandoned(folder: str | os.PathLike) -> List[Path]:
     :func:`atomic_write` removes its temporary file on every exit a process can handle; one killed
     outright (``kill -9``, the kernel's out-of-memory killer, a power cut) leaves it, under a hidden
     name, as large as the checkpoint it was writing. A file whose writer's pid is still a running
-    process (this one included) is left alone. POSIX only (elsewhere checking a pid is not side-effect
-    free): returns [] there.
+    process (this one included) is left alone. The pid is looked up on this machine, in this process's
+    pid namespace: a writer on another machine sharing the folder (NFS), or in another container, looks
+    ended. The caller holds the folder's lock, so only a writer that takes none (an ``eval`` writing its
+    result into the run folder at that moment) could lose its file. POSIX only (elsewhere checking a pid
+    is not side-effect free): returns [] there.
     """
     folder = Path(folder)
     if os.name != "posix" or not folder.is_dir():
