@@ -173,7 +173,8 @@ def check_check_finite(check_finite) -> Optional[bool]:
 
 
 def check_finite(x: Tensor, mask: Optional[Tensor], name: str = "x") -> None:
-    """Raise if a *real* element of ``x`` holds NaN/Inf (padded elements may hold anything).
+    """Raise if a *real* element of ``x`` (real floating point, ``(B, N, ...)``) holds NaN/Inf
+    (padded elements may hold anything).
 
     Costs one reduction over ``x`` and one host synchronisation; turn off with ``check_finite=False``.
     """
@@ -181,12 +182,14 @@ def check_finite(x: Tensor, mask: Optional[Tensor], name: str = "x") -> None:
         return
     # the largest magnitude per element (B, N), then over the real ones: max propagates NaN and |inf|
     # is inf, so this is exact, and on the CPU several times cheaper than isfinite + any on (B, N, D)
-    mag = x.abs()
-    if mag.dim() > 2:
-        mag = mag.flatten(2).amax(-1)
-    if mask is not None:
-        mag = torch.where(mask, mag, torch.zeros((), dtype=mag.dtype, device=mag.device))
-    if not bool(torch.isfinite(mag.amax())):
+    with torch.no_grad():
+        mag = x.abs()
+        if mag.dim() > 2:
+            mag = mag.flatten(2).amax(-1)
+        if mask is not None:
+            mag = torch.where(mask, mag, torch.zeros((), dtype=mag.dtype, device=mag.device))
+        finite = bool(torch.isfinite(mag.amax()))
+    if not finite:
         bad = ~torch.isfinite(x)
         if mask is not None:
             bad = bad & mask.view(mask.shape + (1,) * (x.dim() - 2))

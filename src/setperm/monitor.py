@@ -68,8 +68,8 @@ class PermutationMonitor:
     over the batch's non-empty sets (rows of real elements only; under ``no_grad``, in float32;
     kept as tensors, so recording costs one O(B N^2) reduction and no host synchronisation). An
     empty set has no rows and is left out of the mean (as 0 it would read as a hard permutation);
-    a forward without any real element (an empty batch, or only empty sets) records nothing. Under ``nn.DataParallel`` the value is that of the last
-    replica to finish.
+    a forward without any real element (an empty batch, or only empty sets) records nothing. Under
+    ``nn.DataParallel`` the value is that of the last replica to finish.
 
     ``step_sizes()`` -> ``{"<path>": float}``: the learned step size eta of every module that has
     one (paper appendix G), read now; needs no forward.
