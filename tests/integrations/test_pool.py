@@ -100,11 +100,15 @@ def test_a_second_stop_kills_the_workers_at_once():
 
 def _run_after_setup(folder, setup_seconds, steps):
     """A unit shaped like a sweep's training run: a setup (data, model) after its run folder is opened and
-    before its interruptible block, then steps until a stop; returns how many steps ran."""
-    from integrations.common import open_run
+    before its interruptible block, then steps until a stop; returns how many steps ran. The setup lasts
+    until the worker has received a stop (at most ``setup_seconds``), so that on a loaded machine too the
+    stop lands before the block, which is the case under test."""
+    from integrations.common import lifecycle, open_run
 
     run = open_run(folder, {"seed": 0}, log=lambda s: None)
-    time.sleep(setup_seconds)
+    deadline = time.monotonic() + setup_seconds
+    while lifecycle._stop_before_block is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     with run.interruptible():
         for step in range(steps):
             if run.stop_signal() is not None:
@@ -119,5 +123,5 @@ def test_a_stop_that_reaches_a_worker_before_its_run_is_interruptible_stops_that
     seconds of a run): the run must take it when its block opens, not ignore it and train to the end."""
     started, results = [], {}
     stop = lambda: signal.SIGINT if started else None
-    run_units(_run_after_setup, [(tmp_path / "run", 5.0, 400)], 2, stop, results.__setitem__, on_start=started.append)
+    run_units(_run_after_setup, [(tmp_path / "run", 60.0, 400)], 2, stop, results.__setitem__, on_start=started.append)
     assert started == [0] and results[0] == 0
