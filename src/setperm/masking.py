@@ -186,9 +186,7 @@ def check_finite(x: Tensor, mask: Optional[Tensor], name: str = "x") -> None:
         mag = x.abs()
         if mag.dim() > 2:
             mag = mag.flatten(2).amax(-1)
-        if mask is not None:
-            mag = torch.where(mask, mag, torch.zeros((), dtype=mag.dtype, device=mag.device))
-        finite = bool(torch.isfinite(mag.amax()))
+        finite = bool(torch.isfinite(zero_padding(mag, mask).amax()))
     if not finite:
         bad = ~torch.isfinite(x)
         if mask is not None:
