@@ -15,7 +15,7 @@ from torch import Tensor
 from ._errors import check_int, check_positive, check_same_device
 from .masking import pair_mask, resolve_mask
 from .pairwise import check_kernel
-from .sinkhorn import _normalised, assignment, masked_logits
+from .sinkhorn import normalised, assignment, masked_logits
 
 Grid = Tuple[int, int]
 
@@ -253,7 +253,7 @@ def _unroll(step_fn, logits: Tensor, mask: Optional[Tensor], steps: int, sinkhor
     fill = assignment(mask, logits)
 
     def normalise(logits: Tensor) -> Tensor:
-        return _normalised(masked_logits(logits, fill, temperature), logits.dtype, sinkhorn_iters)
+        return normalised(masked_logits(logits, fill, temperature), logits.dtype, sinkhorn_iters)
 
     for _ in range(steps):
         P = normalise(logits)

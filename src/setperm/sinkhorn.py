@@ -57,10 +57,10 @@ def sinkhorn(logits: Tensor, mask: Optional[Tensor] = None, *, iters: int = 4, t
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     z, out_dtype = _prepare(logits, mask, iters, temperature, lengths, key_padding_mask)
-    return _normalised(z, out_dtype, iters, method)
+    return normalised(z, out_dtype, iters, method)
 
 
-def _normalised(z: Tensor, out_dtype: torch.dtype, iters: int, method: str = "auto") -> Tensor:
+def normalised(z: Tensor, out_dtype: torch.dtype, iters: int, method: str = "auto") -> Tensor:
     """:func:`sinkhorn` of the prepared logits ``z`` (:func:`_prepare` or :func:`masked_logits`)."""
     if z.numel() == 0:
         return z.to(out_dtype)
