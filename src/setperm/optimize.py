@@ -15,7 +15,7 @@ from torch import Tensor
 from ._errors import check_int, check_positive, check_same_device
 from .masking import pair_mask, resolve_mask
 from .pairwise import check_kernel
-from .sinkhorn import normalised, assignment, masked_logits
+from .sinkhorn import assignment, masked_logits, normalised
 
 Grid = Tuple[int, int]
 
