@@ -44,14 +44,14 @@ _TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp")
 
 
 def _running(pid: int) -> bool:
+    """Whether ``pid`` may be a running process: only a lookup that finds none says it is not (a
+    process of another user, or a number no pid can be, counts as running, so its file is kept)."""
     try:
         os.kill(pid, 0)                   # signal 0: checks that the process exists, sends nothing
     except ProcessLookupError:
         return False
-    except (OverflowError, ValueError):   # no pid this OS gives: not a writer's, left alone
-        return True
-    except OSError:                       # exists, owned by another user
-        return True
+    except (OSError, OverflowError, ValueError):
+        pass
     return True
 
 
