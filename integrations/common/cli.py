@@ -36,7 +36,7 @@ class CommandError(ValueError):
 
 def checkpoint_config(state: dict, kind: str, keys, *, choice: Optional[tuple] = None, run="", flag: str = "--run") -> dict:
     """The stored config of a checkpoint ``state`` that must come from a ``kind`` run (``"sorting"``,
-    ``"mosaic"``): it holds every setting of ``keys``, and ``choice`` = ``(key, allowed values)`` is one of
+    ``"mosaic"``, ``"BAN"``): it holds every setting of ``keys``, and ``choice`` = ``(key, allowed values)`` is one of
     them. Else a CommandError naming ``flag``, ``run`` and the file: a checkpoint of another integration
     would otherwise fail later, on a setting it never had, with a traceback."""
     cfg = state["config"]
