@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from integrations.common import (with_help_formatter, add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
+from integrations.common import (CommandError, with_help_formatter, add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
                                  positive_int, resolve_device, run_folder, set_threads, ensure_new, write_json,
                                  write_new_json)
 
@@ -206,16 +206,42 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# what every record of an ``eval`` file holds, and what a scored one ("status": "ok") holds besides
+_RECORD_KEYS = ("permutation", "train_size", "test_size", "low", "high", "status")
+_SCORE_KEYS = ("num_sets", "exact_hungarian", "element_hungarian", "exact_soft", "element_soft", "mse_soft")
+
+
+def _read_eval(f: str) -> dict:
+    """The payload of an ``eval`` file, or a CommandError naming the file (a glob such as
+    ``runs/sorting/*/*.json`` also matches each run's config.json and summary.json)."""
+    def refuse(why: str) -> CommandError:
+        return CommandError(f"--evals: {f} is not an evaluation file of '{PROG} eval' ({why})")
+
+    try:
+        payload = json.loads(Path(f).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise refuse(f"not JSON: {e}") from None
+    records = payload.get("records") if isinstance(payload, dict) else None
+    if not isinstance(records, list) or not isinstance(payload.get("run"), str):
+        raise refuse("no 'records' list and 'run'")
+    for k, r in enumerate(records):
+        keys = _RECORD_KEYS + (_SCORE_KEYS if isinstance(r, dict) and r.get("status") == "ok" else ())
+        missing = [key for key in keys if not isinstance(r, dict) or key not in r]
+        if missing:
+            raise refuse(f"record {k} lacks {', '.join(missing)}")
+    return payload
+
+
 def _load_evals(patterns: Sequence[str]):
     files = []
     for pat in patterns:
         hits = sorted(glob.glob(pat))
         if not hits:
-            raise SystemExit(f"table: error: --evals {pat!r} matches no file")
+            raise CommandError(f"--evals {pat!r} matches no file")
         files += hits
     merged, summaries = {}, {}
     for f in files:
-        payload = json.loads(Path(f).read_text(encoding="utf-8"))
+        payload = _read_eval(f)
         for r in payload["records"]:
             merged[(r["permutation"], r["train_size"], r["test_size"], r["low"], r["high"])] = r
         summary = Path(payload["run"]) / "summary.json"
@@ -298,4 +324,10 @@ def cmd_demo(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("train", "demo") and args.permutation == "po-u" and args.steps == 0:
+        # (as argparse words a bad flag, exit 2, before any folder is touched)
+        parser.error(
+            "argument --steps/-T: PO-U needs T >= 1 inner steps: with T = 0 its P is the uniform assignment "
+            "whatever its weights, so there is nothing to train (LinAssign has no inner steps: "
+            "--permutation linassign)")
     return {"train": cmd_train, "eval": cmd_eval, "table": cmd_table, "demo": cmd_demo}[args.command](args)

@@ -312,3 +312,34 @@ def test_eval_of_a_checkpoint_file_writes_into_its_run_folder(tmp_path):
     rec = json.loads((out / "eval.json").read_text(encoding="utf-8"))
     assert rec["step"] == 2 and Path(rec["checkpoint"]) == ckpt
     assert not (out / "checkpoints" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"config": {}}', '{"records": [{"permutation": "po-u"}]}'])
+def test_table_of_a_file_that_is_not_an_evaluation_is_one_line(tmp_path, capsys, content):
+    """``table --evals "runs/sorting/*/*.json"`` also matches config.json and summary.json: each file
+    that ``eval`` did not write is named in one line, exit 1, and no table is written."""
+    from integrations.common import run_command
+
+    bad = tmp_path / "other.json"
+    bad.write_text(content, encoding="utf-8")
+    code = run_command(main, "sort", ["table", "--evals", str(bad), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("sort: error: ") and str(bad) in err[0] and "not an evaluation" in err[0], err
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_po_u_without_inner_steps_is_refused_before_the_run_starts(tmp_path, capsys, command):
+    """PO-U with T = 0 is the uniform P whatever its weights (no parameter reaches the loss, and
+    Adam would get none): an argparse error naming the flag, exit 2, nothing written."""
+    out = tmp_path / "run"
+    argv = [command, "--set-size", "5", "--steps", "0", "--train-sets", "64", "--out", str(out)]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert "argument --steps/-T: PO-U needs T >= 1" in capsys.readouterr().err
+    assert not out.exists()
+    # LinAssign has no inner steps: T = 0 is its own setting there
+    assert main(["train", "--set-size", "5", "--permutation", "linassign", "--steps", "0", "--batch-size", "32",
+                 "--train-sets", "64", "--out", str(tmp_path / "la")]) == 0
