@@ -46,7 +46,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="evaluate on the first TEST_SUBSET test images")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per step (paper F.2)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (paper F.2)")
-    p.add_argument("--steps", type=non_negative_int, default=4, help="T, inner gradient-descent steps (0 for linassign)")
+    p.add_argument("--steps", type=non_negative_int, default=4, help="T, inner gradient-descent steps (>= 1 for po-u; linassign has none)")
     p.add_argument("--sinkhorn-iters", type=positive_int, default=4, help="Sinkhorn normalisations L per step")
     add_kernel_argument(p)
     p.add_argument("--conv-channels", type=positive_int, default=None, help="64 (128 for tiny-imagenet)")
@@ -110,6 +110,10 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
         args.cost_hidden = 128 if big else 64
     if args.permutation == "linassign" and args.task != "pretrain":
         args.steps = 0
+    if args.permutation == "po-u" and args.task != "pretrain" and args.steps == 0:
+        p.error("argument --steps: PO-U needs T >= 1 inner steps: with T = 0 its P is the uniform assignment "
+                "whatever its weights, so no parameter reaches the loss (LinAssign, --permutation linassign, "
+                "has no inner steps)")
     if args.task == "classify" and not args.classifier:
         p.error("argument --classifier: the classify task needs the run folder of a '--task pretrain' run")
     if args.task != "classify" and args.resnet_width is None:

@@ -149,6 +149,20 @@ def test_a_failed_start_is_one_line_and_leaves_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("task", ["mosaic", "classify"])
+def test_po_u_without_inner_steps_is_refused_before_the_run_starts(tmp_path, data_root, capsys, task):
+    """PO-U with T = 0 is the uniform P whatever its weights, so no parameter reaches the loss (a
+    backward traceback otherwise): an argparse error naming --steps, exit 2, nothing written."""
+    out = tmp_path / "run"
+    argv = ["train", "--task", task, "--permutation", "po-u", "--steps", "0", "--data-root", data_root,
+            "--subset", "32", "--test-subset", "8", "--epochs", "1", "--out", str(out)] + (["--classifier", str(tmp_path / "pre")] if task == "classify" else [])
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert "argument --steps: PO-U needs T >= 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_classify_net_freezes_classifier():
     net = ClassifyNet(MosaicNet(2, 1, 4, "po-u", conv_channels=2, cost_hidden=4), ResNet18(1, 10, width=4))
     net.train()
