@@ -285,3 +285,22 @@ def test_the_unrolled_steps_build_the_masks_assignment_once(monkeypatch):
     for P in steps:
         assert_close(P, sinkhorn(logits, mask=mask))
         logits = logits - 2 * 0.7 * C @ position_balance(P)
+
+
+@pytest.mark.parametrize("call, message", [
+    # an integer cost gave an integer P (its uniform 1 / N rounded to 0) with steps=0, torch's
+    # dtype errors from inside otherwise
+    (lambda C, P: optimize_permutation(C.long(), steps=0), "C must be a real floating-point tensor, got dtype torch.int64"),
+    (lambda C, P: optimize_permutation(C > 0), "C must be a real floating-point tensor, got dtype torch.bool"),
+    (lambda C, P: optimize_permutation(C.to(torch.complex64)), "C must be a real floating-point tensor"),
+    (lambda C, P: permutation_cost(C.long(), P), "C must be a real floating-point tensor"),
+    (lambda C, P: permutation_cost(C, P.long()), "P must be a real floating-point tensor, got dtype torch.int64"),
+    (lambda C, P: permutation_cost(C, P.tolist()), "P must be a tensor of shape \\(B, N, M\\), got list"),
+    (lambda C, P: permutation_cost_gradient(C.double(), P), "P has dtype torch.float32 but C has torch.float64"),
+    (lambda C, P: permutation_cost(C, P.to("meta")), "P is on meta but C is on cpu"),
+])
+def test_the_cost_functions_check_the_dtype_and_device_of_c_and_p(call, message):
+    C = torch.zeros(2, 4, 4)
+    P = torch.full((2, 4, 4), 0.25)
+    with pytest.raises(ValueError, match=message):
+        call(C, P)

@@ -12,6 +12,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from ._compat import autocast_enabled
 from ._errors import check_int, check_positive, check_same_device
 from .masking import pair_mask, resolve_mask
 from .pairwise import check_kernel
@@ -25,10 +26,18 @@ Grid = Tuple[int, int]
 DEFAULT_STEPS = 4
 
 
+def _check_real(t: Tensor, name: str) -> None:
+    """A cost or a soft permutation is real floating point: an integer one would give an integer P
+    (the uniform ``1 / N`` rounded to 0) or torch's dtype errors from inside a product."""
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+
+
 def _channels(C: Tensor) -> Tensor:
     """View a cost as ``(B, K, N, N)``."""
     if not isinstance(C, Tensor):
         raise ValueError(f"C must be a tensor of shape (B, N, N) or (B, K, N, N), got {type(C).__name__}")
+    _check_real(C, "C")
     if C.dim() == 3 and C.shape[-1] == C.shape[-2]:
         return C.unsqueeze(1)
     if C.dim() == 4 and C.shape[-1] == C.shape[-2]:
@@ -38,11 +47,19 @@ def _channels(C: Tensor) -> Tensor:
 
 def _check_pc(P: Tensor, C: Tensor) -> Tensor:
     # P may have M != N positions (e.g. one row of a lattice); C is always element x element.
+    if not isinstance(P, Tensor):
+        raise ValueError(f"P must be a tensor of shape (B, N, M), got {type(P).__name__}")
     if P.dim() != 3:
         raise ValueError(f"P must have shape (B, N, M), got {tuple(P.shape)}")
+    _check_real(P, "P")
     C4 = _channels(C)
     if C4.shape[0] != P.shape[0] or C4.shape[-1] != P.shape[1] or C4.shape[-2] != P.shape[1]:
         raise ValueError(f"C {tuple(C.shape)} does not match P {tuple(P.shape)}")
+    check_same_device(P, "P", C4, "C")
+    # the products take one dtype (autocast's casts apart), as the module's inputs do
+    low = (torch.float16, torch.bfloat16, torch.float32)
+    if P.dtype != C4.dtype and not (P.dtype in low and C4.dtype in low and autocast_enabled(P.device.type)):
+        raise ValueError(f"P has dtype {P.dtype} but C has {C4.dtype}: give both in one dtype")
     return C4
 
 
