@@ -890,3 +890,15 @@ def test_a_hook_on_the_reader_sees_each_set_size_once_on_the_cpu():
     seen.clear()
     enc(torch.randn(5, 4, 3))
     assert seen == [(5, 4, 3)]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: PermutationOptimization(3, permutation="po-la", num_positions=3, grid=(2, 2)),
+    lambda: LinAssign(3, 3, grid=(2, 2)),
+])
+def test_a_lattice_with_fewer_position_vectors_than_grid_cells_is_refused_when_built(build):
+    """A grid holds exactly R * Cols elements, so fewer position vectors can never serve it: named
+    at construction, not at the first forward."""
+    with pytest.raises(ValueError, match=r"num_positions=3 is fewer than the 4 positions of grid \(2, 2\)"):
+        build()
+    assert PermutationOptimization(3, permutation="po-la", num_positions=5, grid=(2, 2)).num_positions == 5

@@ -112,6 +112,10 @@ class PermutationOptimization(nn.Module):
                 raise ValueError(f"permutation={permutation!r} needs num_positions >= 1 (a fixed number of "
                                  f"positions), got {num_positions!r}")
             num_positions = check_int(num_positions, "num_positions", 1)
+            if grid is not None and num_positions < grid[0] * grid[1]:
+                # a lattice's sets have exactly R * Cols elements, one position vector each
+                raise ValueError(f"num_positions={num_positions} is fewer than the {grid[0] * grid[1]} positions of "
+                                 f"grid {grid}: give num_positions >= {grid[0] * grid[1]}")
         if cost_channels is None:
             cost_channels = 2 if grid is not None else 1
         if grid is not None and cost_channels != 2:
