@@ -1,9 +1,10 @@
 """ResNet-18 (He et al. 2016) for the implicit-permutation task (paper section 4.3, appendix F.3).
 
 Written here so that the integration does not need torchvision (which does not import beside every
-CPU build of torch). Two stems, as in the paper:
+CPU build of torch). Two stems:
 ``small_input=True`` (MNIST, CIFAR-10; 28-35 px) replaces the 7x7 stride-2 convolution and the max
-pool by one 3x3 stride-1 convolution; ``small_input=False`` (64 px ImageNet stand-in) is the standard
+pool by one 3x3 stride-1 convolution (the paper, F.3, replaces the convolution only, and the released
+code keeps the max pool after it); ``small_input=False`` (64 px ImageNet stand-in) is the standard
 stem. ``width`` is the channel count of the first stage (64 in ResNet-18); a smaller value keeps the
 architecture (4 stages x 2 basic blocks) but cuts the CPU cost, used only for reduced-budget runs.
 """
