@@ -902,3 +902,10 @@ def test_a_lattice_with_fewer_position_vectors_than_grid_cells_is_refused_when_b
     with pytest.raises(ValueError, match=r"num_positions=3 is fewer than the 4 positions of grid \(2, 2\)"):
         build()
     assert PermutationOptimization(3, permutation="po-la", num_positions=5, grid=(2, 2)).num_positions == 5
+
+
+def test_a_logit_clip_for_po_u_is_refused():
+    """PO-U starts from zero logits: a clip would be dropped silently, so it is refused, naming it."""
+    with pytest.raises(ValueError, match=r"logit_clip applies to permutation='po-la'.*got logit_clip=5"):
+        PermutationOptimization(3, logit_clip=5)
+    assert PermutationOptimization(3, permutation="po-la", num_positions=4, logit_clip=5).logit_clip == 5

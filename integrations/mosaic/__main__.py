@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
         p.error("argument --steps: PO-U needs T >= 1 inner steps: with T = 0 its P is the uniform assignment "
                 "whatever its weights, so no parameter reaches the loss (LinAssign, --permutation linassign, "
                 "has no inner steps)")
+    if args.logit_clip is not None and not math.isfinite(args.logit_clip):
+        p.error(f"argument --logit-clip: must be a finite number (<= 0 for no clip), got {args.logit_clip}")
+    if args.permutation == "po-u" and args.task != "pretrain" and args.logit_clip is not None and args.logit_clip > 0:
+        p.error("argument --logit-clip: PO-U starts from zero logits and clips none (the clip applies to "
+                "linassign's and po-la's linear-assignment logits)")
     if args.task == "classify" and not args.classifier:
         p.error("argument --classifier: the classify task needs the run folder of a '--task pretrain' run")
     if args.task != "classify" and args.resnet_width is None:

@@ -57,7 +57,8 @@ class PermutationOptimization(nn.Module):
         temperature: Sinkhorn temperature (paper: 1).
         eta_init: initial step size eta, a finite number > 0 (appendix F: 1.0). eta is learned
             and used as |eta|.
-        logit_clip: clip linear-assignment logits to ``[-clip, clip]`` (paper F.3 uses 10).
+        logit_clip: clip ``"po-la"``'s linear-assignment logits to ``[-clip, clip]`` (paper F.3 uses
+            10); ``"po-u"`` starts from zero logits (a value is refused).
         grid: ``(R, Cols)`` to permute into a lattice (section 2.4) instead of a sequence;
             positions are row-major and ``N`` must equal ``R * Cols``.
         cost_channels: cost matrices K (default 2 with a grid, else 1).
@@ -116,6 +117,11 @@ class PermutationOptimization(nn.Module):
                 # a lattice's sets have exactly R * Cols elements, one position vector each
                 raise ValueError(f"num_positions={num_positions} is fewer than the {grid[0] * grid[1]} positions of "
                                  f"grid {grid}: give num_positions >= {grid[0] * grid[1]}")
+        elif logit_clip is not None:
+            # PO-U starts every set from zero logits and clips none of its inner logits: a clip that
+            # would be dropped silently is refused instead
+            raise ValueError(f"logit_clip applies to permutation='po-la' (its linear-assignment start logits), "
+                             f"not to {self.permutation!r}: got logit_clip={logit_clip!r}")
         if cost_channels is None:
             cost_channels = 2 if grid is not None else 1
         if grid is not None and cost_channels != 2:

@@ -163,6 +163,19 @@ def test_po_u_without_inner_steps_is_refused_before_the_run_starts(tmp_path, dat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("clip, says", [("5", "PO-U starts from zero logits"), ("nan", "must be a finite number")])
+def test_a_logit_clip_that_would_not_apply_is_refused(tmp_path, data_root, capsys, clip, says):
+    """PO-U has no linear-assignment logits to clip, and NaN is no clip value: argparse errors naming
+    --logit-clip (both were taken as 'no clip' before, the PO-U one recorded in the config)."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--permutation", "po-u", "--logit-clip", clip, "--data-root", data_root,
+              "--subset", "32", "--test-subset", "8", "--epochs", "1", "--out", str(out)])
+    assert err.value.code == 2
+    assert f"argument --logit-clip: {says}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_classify_net_freezes_classifier():
     net = ClassifyNet(MosaicNet(2, 1, 4, "po-u", conv_channels=2, cost_hidden=4), ResNet18(1, 10, width=4))
     net.train()
