@@ -120,6 +120,10 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     if args.permutation == "po-u" and args.task != "pretrain" and args.logit_clip is not None and args.logit_clip > 0:
         p.error("argument --logit-clip: PO-U starts from zero logits and clips none (the clip applies to "
                 "linassign's and po-la's linear-assignment logits)")
+    if args.task != "classify" and args.classifier:
+        p.error(f"argument --classifier: only the classify task reads a classifier, this is --task {args.task}")
+    if args.task == "mosaic" and args.resnet_width is not None:
+        p.error("argument --resnet-width: the mosaic task has no ResNet-18 (pretrain trains one, classify reads it)")
     if args.task == "classify" and not args.classifier:
         p.error("argument --classifier: the classify task needs the run folder of a '--task pretrain' run")
     if args.task != "classify" and args.resnet_width is None:

@@ -176,6 +176,18 @@ def test_a_logit_clip_that_would_not_apply_is_refused(tmp_path, data_root, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("task, flag, says", [
+    ("pretrain", ["--classifier", "pre"], "--classifier: only the classify task reads a classifier"),
+    ("mosaic", ["--resnet-width", "16"], "--resnet-width: the mosaic task has no ResNet-18")])
+def test_a_flag_the_task_does_not_read_is_refused(tmp_path, data_root, capsys, task, flag, says):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--task", task, *flag, "--data-root", data_root, "--subset", "32", "--test-subset", "8",
+              "--epochs", "1", "--out", str(out)])
+    assert err.value.code == 2 and f"argument {says}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_classify_net_freezes_classifier():
     net = ClassifyNet(MosaicNet(2, 1, 4, "po-u", conv_channels=2, cost_hidden=4), ResNet18(1, 10, width=4))
     net.train()
