@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -78,6 +80,11 @@ def test_permutation_matrix_checks_idx():
         permutation_matrix(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="idx must be an integer tensor"):
         permutation_matrix(torch.zeros(3, dtype=torch.long))
+    for row in ([0, 0, 2], [0, 1, 3], [-1, 1, 2]):      # repeated, too large, negative: not a permutation
+        with pytest.raises(ValueError, match="permutation of 0..2 in each row, row 1 is " + re.escape(str(row))):
+            permutation_matrix(torch.tensor([[2, 0, 1], row], dtype=torch.int32))
+    assert permutation_matrix(torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3, 3)
+    assert permutation_matrix(torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, 0)
 
 
 def test_bad_arguments_are_named():

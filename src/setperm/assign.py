@@ -14,7 +14,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ._errors import check_int, check_positive, check_same_device
-from .masking import check_set, resolve_mask
+from .masking import check_set, host_decisions, resolve_mask
 from .scale import set_scale
 
 
@@ -104,12 +104,21 @@ def hungarian(P: Tensor, mask: Optional[Tensor] = None, *, return_matrix: bool =
 
 def permutation_matrix(idx: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """Matrix form ``(B, N, N)`` of an index permutation ``idx`` ``(B, N)``, ``idx[b, k]`` = element at
-    position ``k`` (as :func:`hungarian` returns it): ``out[b, idx[b, k], k] = 1``."""
+    position ``k`` (as :func:`hungarian` returns it): ``out[b, idx[b, k], k] = 1``.
+
+    On the CPU each row is checked to be a permutation of ``0 .. N-1`` (a repeated or out-of-range
+    index is a ValueError naming the row); on other devices the check would wait for the device,
+    so it is not made there (an index out of range is then the device's own error)."""
     if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.is_floating_point() or idx.is_complex() \
             or idx.dtype == torch.bool:
         got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
         raise ValueError(f"idx must be an integer tensor of shape (B, N), got {got}")
     B, N = idx.shape
+    if host_decisions(idx) and idx.numel():
+        bad = (idx.sort(1).values != torch.arange(N, dtype=idx.dtype)).any(1).nonzero()
+        if bad.numel():
+            b = int(bad[0])
+            raise ValueError(f"idx must hold a permutation of 0..{N - 1} in each row, row {b} is {idx[b].tolist()}")
     out = torch.zeros(B, N, N, dtype=dtype, device=idx.device)
     return out.scatter_(1, idx.long().unsqueeze(1), 1.0)
 
