@@ -569,11 +569,15 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
             # judged against the settings the record was written with: a --resume that extended a
             # finished sweep (more seeds) and was interrupted leaves config.json longer than the record
             return {"run_id": old.get("run_id"), "state": None, "summary": summary, "config": old, "resumed": False}
+        diff = changed_settings(old, config, ignore=may_change)
+        if not resume and diff:
+            # --resume would refuse these settings too: name them, not a way out that does not exist
+            raise RunError(f"--out {path} already holds a run ({_describe(path)}) started with other settings "
+                           f"({describe_changes(diff)}): replace it with --overwrite, or choose another --out")
         elif not resume:
             raise RunError(f"--out {path} already holds a run ({_describe(path)}): continue it with --resume, "
                            f"replace it with --overwrite, or choose another --out")
         else:
-            diff = changed_settings(old, config, ignore=may_change)
             if diff:
                 raise RunError(f"--resume: {path} was started with other settings ({describe_changes(diff)}); "
                                f"use the original values, or start a new run with another --out or --overwrite")

@@ -72,6 +72,18 @@ def test_resume_refuses_each_changed_setting_by_name(tmp_path):
     assert saved["epochs"] == 5 == run.config["epochs"]
 
 
+def test_a_new_run_on_a_run_with_other_settings_names_them_not_resume(tmp_path):
+    """--resume would refuse the changed settings too: the refusal names them and offers only the ways
+    out that work; a change --resume accepts (a length that may grow) still points to --resume."""
+    open_run(tmp_path / "r", CFG, log=lambda s: None)
+    with pytest.raises(RunError) as err:
+        open_run(tmp_path / "r", {**CFG, "lr": 0.01, "threads": 2}, log=lambda s: None)
+    msg = str(err.value)
+    assert "started with other settings (lr 0.1 -> 0.01)" in msg and "--overwrite" in msg and "--resume" not in msg
+    with pytest.raises(RunError, match="continue it with --resume"):
+        open_run(tmp_path / "r", {**CFG, "epochs": 5}, may_change=("epochs",), log=lambda s: None)
+
+
 def test_extending_a_finished_run_that_is_interrupted_is_not_finished(tmp_path):
     """A finished sweep extended with --resume (more seeds) and stopped before its new record must not
     report itself finished on the next --resume: config.json already lists the longer settings."""
