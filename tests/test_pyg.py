@@ -295,6 +295,34 @@ def test_index_and_ptr_must_cover_the_rows_of_x():
     assert_close(aggr(x, ptr=torch.tensor([0, 2, 5])), aggr(x, index), **TOL64)
 
 
+def test_ptr_must_be_integer_boundaries_from_the_first_row_to_the_last():
+    # as PyG's segment reads them: set s is rows ptr[s]:ptr[s + 1]; a ptr that does not start at 0 but spans
+    # as many rows as x has was read as other sets, without a word
+    aggr = _aggr()
+    x, index = _sparse_sets([2, 3])
+    with pytest.raises(ValueError, match=r"ptr must start at 0, the first row of x, got ptr\[0\] = 1"):
+        aggr(x, ptr=torch.tensor([1, 3, 6]))
+    with pytest.raises(ValueError, match=r"ptr must be non-decreasing, got ptr\[1\] = 4 > ptr\[2\] = 2"):
+        aggr(x, ptr=torch.tensor([0, 4, 2, 5]))
+    for bad, got in ((torch.tensor([0.0, 2.0, 5.0]), "torch.float32 of shape (3,)"),
+                     (torch.tensor([[0, 2, 5]]), "torch.int64 of shape (1, 3)")):
+        with pytest.raises(ValueError, match=re.escape(f"ptr must be a 1-D integer tensor of S + 1 CSR boundaries, "
+                                                       f"got {got}")):
+            aggr(x, ptr=bad)
+    assert_close(aggr(x, ptr=torch.tensor([0, 2, 2, 5]), dim_size=3)[[0, 2]], aggr(x, index), **TOL64)
+    assert aggr(x[:0], ptr=torch.tensor([0, 0])).shape == (1, 7)
+
+
+def test_po_la_names_the_largest_set_and_max_num_elements_when_a_set_outgrows_its_positions():
+    # the encoder's own message names the dense batch, a shape the PyG caller never made
+    la = _aggr(permutation="po-la", num_positions=3)
+    x, index = _sparse_sets([2, 5, 1])
+    with pytest.raises(ValueError, match=r"the largest set has 5 elements, more than the 3 positions of "
+                                         r"PermutationOptimization \(num_positions\); pass max_num_elements=3"):
+        la(x, index)
+    assert la(x, index, max_num_elements=3).shape == (3, 7)
+
+
 def test_core_library_does_not_import_pyg():
     code = "import sys, setperm; assert 'torch_geometric' not in sys.modules, 'setperm imported torch_geometric'"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

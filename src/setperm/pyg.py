@@ -29,6 +29,28 @@ from ._errors import check_int
 from .encoder import PermutationOptimization, PermutationSetEncoder
 
 
+def _index_from_ptr(ptr: Tensor, rows: int) -> Tensor:
+    """The set of every row from CSR boundaries ``ptr (S + 1,)``: integers from 0 to ``rows``, non-decreasing
+    (PyG's ``segment`` reads rows ``ptr[s]:ptr[s + 1]`` as set ``s``). One host read checks them all; the
+    expansion after it, given its size, needs none."""
+    if not isinstance(ptr, Tensor) or ptr.dim() != 1 or ptr.numel() == 0 or ptr.is_floating_point() \
+            or ptr.is_complex() or ptr.dtype == torch.bool:
+        got = f"{ptr.dtype} of shape {tuple(ptr.shape)}" if isinstance(ptr, Tensor) else type(ptr).__name__
+        raise ValueError(f"ptr must be a 1-D integer tensor of S + 1 CSR boundaries, got {got}")
+    sizes = ptr.diff()
+    if not bool((ptr[0] == 0) & (ptr[-1] == rows) & (sizes >= 0).all()):
+        bounds = ptr.tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"ptr must start at 0, the first row of x, got ptr[0] = {bounds[0]}")
+        drop = next((i for i in range(len(bounds) - 1) if bounds[i + 1] < bounds[i]), None)
+        if drop is not None:
+            raise ValueError(f"ptr must be non-decreasing, got ptr[{drop}] = {bounds[drop]} > "
+                             f"ptr[{drop + 1}] = {bounds[drop + 1]}")
+        raise ValueError(f"ptr must mark the boundaries of the {rows} rows of x, got boundaries spanning "
+                         f"{bounds[-1]} rows (ptr of shape {tuple(ptr.shape)})")
+    return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), sizes, output_size=rows)
+
+
 class PermutationAggregation(Aggregation):
     r"""Permutation-optimising set encoder (PO + LSTM) as a PyG aggregation.
 
@@ -104,10 +126,7 @@ class PermutationAggregation(Aggregation):
                                  f"{positions}, or build the PO with num_positions >= {max_num_elements}")
         if index is None and ptr is not None:
             # to_dense_batch works on index only: expand the CSR boundaries (sets are contiguous).
-            index = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), ptr.diff())
-            if index.shape[0] != x.shape[0]:
-                raise ValueError(f"ptr must mark the boundaries of the {x.shape[0]} rows of x, got boundaries "
-                                 f"spanning {index.shape[0]} rows (ptr of shape {tuple(ptr.shape)})")
+            index = _index_from_ptr(ptr, x.shape[0])
         elif isinstance(index, Tensor) and (index.dim() != 1 or index.shape[0] != x.shape[0]):
             # PyG's densification would fail in an expand, naming no argument
             raise ValueError(f"index must have shape ({x.shape[0]},), the set of every row of x, got "
@@ -133,6 +152,13 @@ class PermutationAggregation(Aggregation):
         if dense.shape[1] == 0:
             # No set holds an element: the documented output of an empty set.
             return dense.new_zeros(num_sets, self.out_channels)
+        positions = getattr(self.encoder.po, "num_positions", None)
+        if positions is not None and dense.shape[1] > positions:
+            # named here in the sparse form's terms (the encoder would name the dense batch, which the caller never saw)
+            raise ValueError(f"the largest set has {dense.shape[1]} elements, more than the {positions} positions of "
+                             f"{type(self.encoder.po).__name__} (num_positions); pass max_num_elements={positions} "
+                             f"to keep the first {positions} elements of every set (as PyG's aggregations do), or "
+                             f"build the PO with num_positions >= {dense.shape[1]}")
         return self.encoder(dense, mask=mask, weights=dense_weights)
 
     def __repr__(self) -> str:
