@@ -444,6 +444,17 @@ def test_compare_measures_ours_against_pyg_encoders_only():
     assert c["po-u-st-sum"]["difference"] == pytest.approx(0.05) and c["po-u-st-sum"]["seeds"] == 2
 
 
+def test_compare_takes_the_difference_over_the_seeds_it_pairs():
+    # a sweep extended with --seeds for some encoders only: the difference is the one the paired test is of,
+    # over the seeds both encoders have, not the means of unequal seed sets
+    entry = _hand_made_entry("accuracy", {"deepsets": 0.80, "po-u": 0.90})
+    entry["encoders"]["po-u"]["values_by_seed"]["train"] = {"0": 0.80, "1": 0.82, "2": 0.99, "3": 0.99}
+    entry["encoders"]["po-u"]["accuracy"]["train"]["mean"] = 0.90
+    c = _compare(entry)
+    assert c["po-u"]["seeds"] == 2 and c["po-u"]["paired"]["diff_mean"] == pytest.approx(0.01)
+    assert c["po-u"]["difference"] == pytest.approx(0.01)
+
+
 def test_report_command_reads_only_the_cell_files(tmp_path):
     out = tmp_path / "run"
     assert _run(out, tmp_path, "--tasks", "left-of-max", "--encoders", "attention,po-u-w", "--seeds", "1",
