@@ -498,9 +498,12 @@ def _lock_folder(path: Path) -> Optional[_FolderLock]:
     return _FolderLock(key)
 
 
-def _describe(path: Path) -> str:
+def _describe(path: Path, checkpoints: bool = True) -> str:
+    """Where a run stands, as `` (newest checkpoint ...)``; nothing for a sweep, which keeps no checkpoints."""
+    if not checkpoints:
+        return ""
     files = step_files(path / CHECKPOINTS)
-    return f"newest checkpoint {files[0][1].name}" if files else "no checkpoint yet"
+    return f" (newest checkpoint {files[0][1].name})" if files else " (no checkpoint yet)"
 
 
 def _newest_intact(folder: Path, run_id: Optional[str], log: Callable[[str], None]) -> Optional[dict]:
@@ -572,10 +575,10 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
         diff = changed_settings(old, config, ignore=may_change)
         if not resume and diff:
             # --resume would refuse these settings too: name them, not a way out that does not exist
-            raise RunError(f"--out {path} already holds a run ({_describe(path)}) started with other settings "
+            raise RunError(f"--out {path} already holds a run{_describe(path, checkpoints)} started with other settings "
                            f"({describe_changes(diff)}): replace it with --overwrite, or choose another --out")
         elif not resume:
-            raise RunError(f"--out {path} already holds a run ({_describe(path)}): continue it with --resume, "
+            raise RunError(f"--out {path} already holds a run{_describe(path, checkpoints)}: continue it with --resume, "
                            f"replace it with --overwrite, or choose another --out")
         else:
             if diff:
@@ -604,7 +607,10 @@ def _decide(path: Path, config: dict, resume: bool, overwrite: bool, may_change:
         log(f"--resume: {path} holds no run yet; starting a new one")
     run_id = uuid.uuid4().hex
     merged = {**config, "run_id": run_id}
-    (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    if checkpoints:
+        (path / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
     write_json(path / CONFIG, merged)
     return {"run_id": run_id, "state": None, "summary": None, "config": merged, "resumed": False}
 

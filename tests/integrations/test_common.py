@@ -84,6 +84,21 @@ def test_a_new_run_on_a_run_with_other_settings_names_them_not_resume(tmp_path):
         open_run(tmp_path / "r", {**CFG, "epochs": 5}, may_change=("epochs",), log=lambda s: None)
 
 
+def test_a_sweep_without_checkpoints_neither_makes_their_folder_nor_speaks_of_them(tmp_path):
+    # a sweep keeps its progress in its cells: no empty checkpoints/ folder, no "(no checkpoint yet)" in a refusal
+    quiet = lambda s: None
+    open_run(tmp_path / "r", CFG, checkpoints=False, log=quiet)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    for cfg in (CFG, {**CFG, "lr": 0.01}):
+        with pytest.raises(RunError) as err:
+            open_run(tmp_path / "r", cfg, checkpoints=False, log=quiet)
+        assert "checkpoint" not in str(err.value) and f"--out {tmp_path / 'r'} already holds a run" in str(err.value)
+    # a run with checkpoints still names where it stands
+    open_run(tmp_path / "c", CFG, log=quiet)
+    with pytest.raises(RunError, match=r"already holds a run \(no checkpoint yet\)"):
+        open_run(tmp_path / "c", CFG, log=quiet)
+
+
 def test_extending_a_finished_run_that_is_interrupted_is_not_finished(tmp_path):
     """A finished sweep extended with --resume (more seeds) and stopped before its new record must not
     report itself finished on the next --resume: config.json already lists the longer settings."""
