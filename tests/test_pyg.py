@@ -323,6 +323,20 @@ def test_po_la_names_the_largest_set_and_max_num_elements_when_a_set_outgrows_it
     assert la(x, index, max_num_elements=3).shape == (3, 7)
 
 
+def test_a_non_finite_element_is_named_by_its_row_of_x_and_its_set():
+    # the encoder's own check names an index of the dense batch, which the PyG caller never made
+    aggr = _aggr()
+    x, index = _sparse_sets([2, 3, 4])
+    x[6, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"x has a non-finite value in row 6 \(set 2\)"):
+        aggr(x, index)
+    w = torch.zeros(x.shape[0], dtype=torch.float64)
+    w[3] = float("inf")
+    with pytest.raises(ValueError, match=r"weights has a non-finite value in row 3 \(set 1\)"):
+        aggr(x[:5], index[:5], weights=w[:5])
+    assert aggr(x, index, max_num_elements=1).isfinite().all()          # the row is dropped: nothing to check
+
+
 def test_core_library_does_not_import_pyg():
     code = "import sys, setperm; assert 'torch_geometric' not in sys.modules, 'setperm imported torch_geometric'"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

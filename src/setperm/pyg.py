@@ -27,6 +27,7 @@ except ImportError as e:          # the optional extra is missing: say how to ge
 
 from ._errors import check_int
 from .encoder import PermutationOptimization, PermutationSetEncoder
+from .masking import resolve_check_finite
 
 
 def _index_from_ptr(ptr: Tensor, rows: int) -> Tensor:
@@ -49,6 +50,19 @@ def _index_from_ptr(ptr: Tensor, rows: int) -> Tensor:
         raise ValueError(f"ptr must mark the boundaries of the {rows} rows of x, got boundaries spanning "
                          f"{bounds[-1]} rows (ptr of shape {tuple(ptr.shape)})")
     return torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=ptr.device), sizes, output_size=rows)
+
+
+def _check_finite_rows(values: Tensor, mask: Tensor, index: Tensor, name: str) -> None:
+    """Raise if a real element of the dense batch ``values (S, N, F)`` holds NaN/Inf, naming its row of the
+    sparse input (set ``s`` holds rows ``index == s`` in order; the dense slot ``n`` is its n-th row)."""
+    with torch.no_grad():
+        bad = ~torch.isfinite(values).all(-1) & mask
+        if not bool(bad.any()):
+            return
+        s, n = bad.nonzero()[0].tolist()
+        row = int((index < s).sum()) + n
+    raise ValueError(f"{name} has a non-finite value in row {row} (set {s}); remove or replace it, or build the "
+                     f"aggregation with check_finite=False to skip this check")
 
 
 class PermutationAggregation(Aggregation):
@@ -152,6 +166,11 @@ class PermutationAggregation(Aggregation):
         if dense.shape[1] == 0:
             # No set holds an element: the documented output of an empty set.
             return dense.new_zeros(num_sets, self.out_channels)
+        if resolve_check_finite(self.encoder.check_finite, dense):
+            # as the encoder checks, but named by the row of x (the encoder would name the dense batch)
+            _check_finite_rows(dense, mask, index, "x")
+            if dense_weights is not None:
+                _check_finite_rows(dense_weights.unsqueeze(-1), mask, index, "weights")
         positions = getattr(self.encoder.po, "num_positions", None)
         if positions is not None and dense.shape[1] > positions:
             # named here in the sparse form's terms (the encoder would name the dense batch, which the caller never saw)
