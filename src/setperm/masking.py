@@ -178,22 +178,29 @@ def check_finite(x: Tensor, mask: Optional[Tensor], name: str = "x") -> None:
 
     Costs one reduction over ``x`` and one host synchronisation; turn off with ``check_finite=False``.
     """
+    idx = first_non_finite(x, mask)
+    if idx is not None:
+        raise ValueError(f"{name} has a non-finite value at a real element, index {idx} of shape {_shape(x)} "
+                         f"(mask it out, or pass check_finite=False to skip this check)")
+
+
+def first_non_finite(x: Tensor, mask: Optional[Tensor]) -> Optional[Tuple[int, ...]]:
+    """The index of the first NaN/Inf entry of a *real* element of ``x`` ``(B, N, ...)``, or None
+    (one reduction and one host synchronisation; the index is searched only when there is one)."""
     if x.numel() == 0:
-        return
+        return None
     # the largest magnitude per element (B, N), then over the real ones: max propagates NaN and |inf|
     # is inf, so this is exact, and on the CPU several times cheaper than isfinite + any on (B, N, D)
     with torch.no_grad():
         mag = x.abs()
         if mag.dim() > 2:
             mag = mag.flatten(2).amax(-1)
-        finite = bool(torch.isfinite(zero_padding(mag, mask).amax()))
-    if not finite:
+        if bool(torch.isfinite(zero_padding(mag, mask).amax())):
+            return None
         bad = ~torch.isfinite(x)
         if mask is not None:
             bad = bad & mask.view(mask.shape + (1,) * (x.dim() - 2))
-        idx = bad.nonzero()[0].tolist()
-        raise ValueError(f"{name} has a non-finite value at a real element, index {tuple(idx)} of shape {_shape(x)} "
-                         f"(mask it out, or pass check_finite=False to skip this check)")
+        return tuple(bad.nonzero()[0].tolist())
 
 
 def zero_padding(x: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -27,7 +27,7 @@ except ImportError as e:          # the optional extra is missing: say how to ge
 
 from ._errors import check_int
 from .encoder import PermutationOptimization, PermutationSetEncoder
-from .masking import resolve_check_finite
+from .masking import first_non_finite, resolve_check_finite
 
 
 def _index_from_ptr(ptr: Tensor, rows: int) -> Tensor:
@@ -53,16 +53,14 @@ def _index_from_ptr(ptr: Tensor, rows: int) -> Tensor:
 
 
 def _check_finite_rows(values: Tensor, mask: Tensor, index: Tensor, name: str) -> None:
-    """Raise if a real element of the dense batch ``values (S, N, F)`` holds NaN/Inf, naming its row of the
+    """Raise if a real element of the dense batch ``values (S, N, ...)`` holds NaN/Inf, naming its row of the
     sparse input (set ``s`` holds rows ``index == s`` in order; the dense slot ``n`` is its n-th row)."""
-    with torch.no_grad():
-        bad = ~torch.isfinite(values).all(-1) & mask
-        if not bool(bad.any()):
-            return
-        s, n = bad.nonzero()[0].tolist()
+    bad = first_non_finite(values, mask)
+    if bad is not None:
+        s, n = bad[:2]
         row = int((index < s).sum()) + n
-    raise ValueError(f"{name} has a non-finite value in row {row} (set {s}); remove or replace it, or build the "
-                     f"aggregation with check_finite=False to skip this check")
+        raise ValueError(f"{name} has a non-finite value in row {row} (set {s}); remove or replace it, or build "
+                         f"the aggregation with check_finite=False to skip this check")
 
 
 class PermutationAggregation(Aggregation):
@@ -170,7 +168,7 @@ class PermutationAggregation(Aggregation):
             # as the encoder checks, but named by the row of x (the encoder would name the dense batch)
             _check_finite_rows(dense, mask, index, "x")
             if dense_weights is not None:
-                _check_finite_rows(dense_weights.unsqueeze(-1), mask, index, "weights")
+                _check_finite_rows(dense_weights, mask, index, "weights")
         positions = getattr(self.encoder.po, "num_positions", None)
         if positions is not None and dense.shape[1] > positions:
             # named here in the sparse form's terms (the encoder would name the dense batch, which the caller never saw)
