@@ -1,4 +1,4 @@
-"""``python -m integrations.set_tasks {run,report}``.
+"""``python -m integrations.set_tasks {run,report,step-time}``.
 
 ``run`` trains every (task, encoder, seed) cell that is not finished yet and then writes the report;
 ``report`` rewrites ``<out>/results`` from the cell files alone; ``step-time`` times one training
