@@ -877,15 +877,22 @@ def test_weights_and_order_by_on_another_device_than_x_are_named():
         enc(x, order_by=torch.zeros(2, 5, 3, device="meta"))
 
 
-def test_a_hook_on_the_reader_sees_each_set_size_once_on_the_cpu():
+def test_a_hook_on_the_reader_sees_each_set_size_once_on_the_cpu(monkeypatch):
     """As the encoder's docstring says: on the CPU the reader runs once per distinct size of a
-    non-empty set, on those sets without padding, so a forward hook on ``lstm`` fires that often."""
+    non-empty set, on those sets without padding, when the cost model picks the grouped read (a
+    forward hook on ``lstm`` fires that often), else once on the whole batch."""
+    from setperm import encoder as encoder_mod
     torch.manual_seed(0)
     enc = PermutationSetEncoder(3, 5)
     lengths = torch.tensor([4, 2, 4, 0, 1])
+    x = torch.randn(5, 4, 3)
     seen = []
     enc.lstm.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    enc(torch.randn(5, 4, 3), lengths=lengths)
+    enc(x, lengths=lengths)                       # a tiny reader: one padded call beats three calls
+    assert encoder_mod.auto_method(enc.lstm, x, lengths) == "padded" and seen == [(5, 4, 3)]
+    seen.clear()
+    monkeypatch.setattr(encoder_mod, "read_costs", lambda *a, **k: {"grouped": 0.0, "padded": 1.0, "packed": 1.0})
+    enc(x, lengths=lengths)
     assert sorted(seen) == [(1, 1, 3), (1, 2, 3), (2, 4, 3)]
     seen.clear()
     enc(torch.randn(5, 4, 3))
@@ -909,3 +916,50 @@ def test_a_logit_clip_for_po_u_is_refused():
     with pytest.raises(ValueError, match=r"logit_clip applies to permutation='po-la'.*got logit_clip=5"):
         PermutationOptimization(3, logit_clip=5)
     assert PermutationOptimization(3, permutation="po-la", num_positions=4, logit_clip=5).logit_clip == 5
+
+
+@pytest.mark.parametrize("hidden, n, sizes, threads, method", [
+    (16, 100, "uniform", 1, "padded"),      # many sizes, a narrow reader: the padding's arithmetic is cheap
+    (128, 100, "uniform", 1, "grouped"),    # a wide reader: reading the padding costs more than the steps
+    (128, 10, "uniform", 1, "packed"),      # few steps: one packed call instead of ten
+    (16, 100, "full", 1, "grouped"),        # one size: one call on the sets as they are
+    (64, 100, "uniform", 1, "grouped"),
+    (64, 100, "uniform", 2, "padded"),      # two threads share the padded read's arithmetic
+])
+def test_auto_readout_on_the_cpu_takes_the_method_the_cost_model_expects_fastest(hidden, n, sizes, threads, method):
+    from setperm.encoder import auto_method, read_costs
+    lstm = torch.nn.LSTM(13, hidden, batch_first=True)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, n + 1, (64,), generator=gen) if sizes == "uniform" else torch.full((64,), n)
+    seq = torch.zeros(64, n, 13)
+    costs = read_costs(lstm, lengths, n, threads)
+    assert min(costs, key=costs.get) == method
+    assert auto_method(lstm, seq, lengths, threads=threads) == method
+    deeper = torch.nn.LSTM(13, hidden, num_layers=2, batch_first=True)
+    assert auto_method(deeper, seq, lengths, threads=threads) == "grouped"      # not modelled: as before
+    assert read_costs(lstm, lengths, n, 8) == read_costs(lstm, lengths, n, 2)  # more threads count as two
+    # elements near float32's maximum would overflow the padded read's recomputed gates
+    huge = torch.full((64, n, 13), 3.0e38)
+    assert auto_method(lstm, huge, lengths, threads=threads) == (method if method != "padded" else
+                                                                 min(("grouped", "packed"), key=costs.get))
+
+
+@pytest.mark.parametrize("hidden, n, method", [(16, 100, "padded"), (128, 10, "packed"), (128, 100, "grouped")])
+def test_auto_readout_on_the_cpu_runs_the_method_it_picks(monkeypatch, hidden, n, method):
+    """``last_state(method="auto")`` runs the picked method (one thread) and gives its values."""
+    from setperm import encoder as encoder_mod
+    from setperm.encoder import last_state
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(13, hidden, batch_first=True)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, n + 1, (64,), generator=gen)
+    seq = torch.randn(64, n, 13, generator=gen)
+    calls = []
+    padded, packed = encoder_mod._padded_final_state, encoder_mod.pack_padded_sequence
+    monkeypatch.setattr(encoder_mod, "_padded_final_state", lambda *a: calls.append("padded") or padded(*a))
+    monkeypatch.setattr(encoder_mod, "pack_padded_sequence", lambda *a, **k: calls.append("packed") or packed(*a, **k))
+    h = last_state(lstm, seq, lengths)
+    assert calls == ([] if method == "grouped" else [method])
+    assert_close(h, last_state(lstm, seq, lengths, method=method), rtol=1e-6, atol=1e-7)
+    assert_close(h, last_state(lstm, seq, lengths, method="grouped"), rtol=1e-5, atol=1e-6)

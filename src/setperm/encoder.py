@@ -246,12 +246,12 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
             length on the sequences of that length, no padding read), ``"padded"`` (one call on the
             whole batch, padding zeroed, each sequence's state read off at its own last step: no
             length is needed on the host; a one-layer, one-directional reader only) or ``"auto"``:
-            grouped on the CPU; elsewhere and under ``torch.compile`` packed when ``host_lengths``
-            are given, else padded (packed for a deeper or bidirectional reader). All compute the
-            same recurrences; on the CPU an LSTM on a packed batch of unequal lengths leaves the
-            fused kernel, and its backward zero-fills a full-size gradient buffer at every step
-            (``benchmarks.ban_step_time`` times the LSTM as a part of BAN + PO's step), while cuDNN
-            runs packed batches natively.
+            on the CPU the method that :func:`read_costs` expects to be fastest for these sizes
+            (grouped for a deeper or bidirectional reader); elsewhere and under ``torch.compile``
+            packed when ``host_lengths`` are given, else padded (packed for a deeper or
+            bidirectional reader). All compute the same recurrences; on the CPU an LSTM on a packed
+            batch of unequal lengths leaves the fused kernel, and its backward zero-fills a
+            full-size gradient buffer at every step, while cuDNN runs packed batches natively.
         host_lengths: the same lengths as a CPU tensor, when the caller has them: a packed sequence
             takes its lengths on the host, and copying device lengths there synchronises.
     Returns:
@@ -264,12 +264,7 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         raise ValueError(f"method='padded' reads a one-layer, one-directional reader, got num_layers="
                          f"{rnn.num_layers}, bidirectional={rnn.bidirectional}")
     if method == "auto":
-        # (under torch.compile's tracing the grouped loop's data-dependent sizes would break the graph;
-        # off the CPU, copying device lengths to the host for a packed sequence would synchronise)
-        if host_decisions(seq):
-            method = "grouped"
-        else:
-            method = "packed" if host_lengths is not None or not one_layer else "padded"
+        method = auto_method(rnn, seq, lengths, host_lengths)
     if method == "padded":
         return _padded_final_state(rnn, seq, lengths)
     zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
@@ -293,6 +288,93 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         rows = (lengths == length).nonzero().squeeze(1)
         out = out.index_copy(0, rows, _final_state(rnn(seq[rows, :length])))
     return out
+
+
+# The cost model of last_state's "auto" on the CPU: fwd+bwd nanoseconds on one thread, fitted to the
+# timings of `python -m benchmarks.internals --readout` (benchmarks/README.md, "The LSTM read on the CPU").
+_CALL_NS = 580e3          # one reader call, with its gathers and scatters
+_STEP_NS = 4.3e3          # one time step of the fused CPU kernel
+_PACKED_STEP_NS = 94e3    # one time step of a packed batch (outside the fused kernel)
+_ROW_NS = 0.43            # one row through one time step, per H (H + D) of the reader
+_RECOVER_NS = 99.0        # padded: recovering the cell state, per element of the (B, N, H) outputs
+_ZERO_NS = 0.95           # packed: the (N, B, H) gradient buffer backward zero-fills at each step, per N^2 B H
+
+
+def read_costs(rnn: nn.RNNBase, lengths: Tensor, n: int, threads: Optional[int] = None) -> dict:
+    """Estimated fwd+bwd nanoseconds of :func:`last_state`'s three methods on the CPU, for ``lengths``
+    (a CPU tensor) padded to ``n`` steps and ``threads`` threads (default: torch's; the model was
+    measured with one and two, and counts more as two), from a cost model
+    fitted to the measured times (``python -m benchmarks.internals --readout``; it picks a method
+    within 10 % of the fastest in 94-95 % of the 240 measured shapes, with one or two threads or beside
+    a busy core, where always grouping does so in 55-66 %).
+
+    With ``k`` distinct non-zero lengths summing to ``S``, ``R`` real steps in all, ``B`` rows,
+    ``H`` units and ``D`` inputs, each method pays a per-call and a per-step overhead, which threads
+    do not share, and arithmetic, which they do:
+
+    * grouped: ``k`` calls and ``S`` steps (every size reads its own steps), ``R`` rows of arithmetic;
+    * padded: one call and ``n`` steps, but ``B n`` rows of arithmetic (the padding is read) and
+      the cell state recovered elementwise over all ``B n H`` outputs;
+    * packed: one call and ``n`` steps, each outside the fused kernel (about 20x dearer), ``R`` rows,
+      and a zero-filled ``(n, B, H)`` gradient buffer at every step of backward (``n^2 B H``).
+
+    So many distinct sizes (``S`` much larger than ``n``) favour padded when the padding's arithmetic
+    is cheap (a small ``B H^2``) and packed when ``n`` is small; grouped wins when a batch has few
+    sizes, or when the reader is wide and the batch large. Measured with an LSTM; a GRU is read the
+    same way (its padded read needs no recovery, so this errs towards grouped there).
+    """
+    # measured with one and two threads: more are counted as two (small products scale poorly)
+    threads = min(max(threads if threads is not None else torch.get_num_threads(), 1), 2)
+    B = lengths.numel()
+    H, D = rnn.hidden_size, rnn.input_size
+    distinct = torch.unique(lengths)
+    distinct = distinct[distinct > 0]
+    k, S, R = distinct.numel(), int(distinct.sum()), int(lengths.sum())
+    row = _ROW_NS * H * (H + D) / threads
+    return {"grouped": k * _CALL_NS + S * _STEP_NS + R * row,
+            "padded": _CALL_NS + n * _STEP_NS + B * n * (row + _RECOVER_NS * H / threads),
+            "packed": _CALL_NS + n * _PACKED_STEP_NS + R * row + _ZERO_NS * n * n * B * H / threads}
+
+
+def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Optional[Tensor] = None,
+                threads: Optional[int] = None) -> str:
+    """The method :func:`last_state` takes for ``method="auto"`` on these arguments (``threads``:
+    default torch's): on the CPU the cheapest by :func:`read_costs` (grouped on a tie, and for a
+    deeper or bidirectional reader, for which the model was not measured), padded only where its
+    recovered cell state cannot overflow (:func:`_recovery_in_range`: not for elements near the
+    dtype's maximum, where the other two stay finite)."""
+    one_layer = rnn.num_layers == 1 and not rnn.bidirectional
+    # (under torch.compile's tracing the grouped loop's data-dependent sizes would break the graph;
+    # off the CPU, copying device lengths to the host for a packed sequence would synchronise)
+    if not host_decisions(seq):
+        return "packed" if host_lengths is not None or not one_layer else "padded"
+    if not one_layer:
+        return "grouped"
+    costs = read_costs(rnn, host_lengths if host_lengths is not None else lengths, seq.shape[1], threads)
+    methods = ("grouped", "padded", "packed") if _recovery_in_range(rnn, seq) else ("grouped", "packed")
+    return min(methods, key=costs.__getitem__)
+
+
+def _recovery_in_range(rnn: nn.RNNBase, seq: Tensor) -> bool:
+    """Whether the padded read's recomputed LSTM gates (:func:`_padded_final_state`) cannot overflow
+    on ``seq``: every gate is at most ``max|x| |W_ih|_1 + max|h| |W_hh|_1 + |b_ih| + |b_hh|`` (row sums
+    of absolute weights; ``|h| <= 1``, or the row sums of ``W_hr`` with a projection), kept below half
+    the largest float. Elements near float32's maximum fail it (the fused kernel's own state stays
+    finite there, the recomputed gates do not). A GRU's padded read recomputes nothing."""
+    if not isinstance(rnn, nn.LSTM):
+        return True
+    dtype = torch.promote_types(seq.dtype, rnn.weight_ih_l0.dtype)
+
+    def row_sum(name: str) -> float:             # a bias (1-d) gives its largest magnitude
+        w = getattr(rnn, name, None)
+        if w is None:
+            return 0.0
+        w = w.detach().abs()
+        return float((w.sum(-1) if w.dim() == 2 else w).max())
+    h_max = row_sum("weight_hr_l0") if getattr(rnn, "proj_size", 0) else 1.0
+    bound = (float(seq.detach().abs().amax()) * row_sum("weight_ih_l0") + h_max * row_sum("weight_hh_l0")
+             + row_sum("bias_ih_l0") + row_sum("bias_hh_l0"))
+    return bound < torch.finfo(dtype).max / 2
 
 
 def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor:
@@ -422,9 +504,10 @@ class PermutationSetEncoder(nn.Module):
         (or ``order_by``, required exactly when ``order_features`` was given). ``P`` is always the
         soft permutation, also with ``straight_through``.
         Padding has no influence: the LSTM's state is read after the n real elements
-        (:func:`last_state`). On the CPU the reader is called once per distinct size of a non-empty
-        set in the batch, on that size's sets without their padding (a forward hook on ``lstm``
-        fires as often, each time with those rows); elsewhere once per forward. On CUDA, ``lengths``
+        (:func:`last_state`). On the CPU the reader is called the way :func:`read_costs` expects to
+        be fastest for the batch's sizes: once per distinct size of a non-empty set, on that size's
+        sets without their padding (a forward hook on ``lstm`` fires as often, each time with those
+        rows), or once on the whole batch (padded, or packed); elsewhere once per forward. On CUDA, ``lengths``
         given as a CPU tensor serve a packed sequence as
         they are; with a ``mask`` the LSTM reads the whole padded batch, padding zeroed, and each
         set's cell state is recovered at its own last element, so neither makes a host

@@ -147,6 +147,20 @@ def test_internals_benchmark_tiny(tmp_path):
     assert all(len(v) == 4 and all(t > 0 for t in v) for v in data["compile_s"].values())
 
 
+def test_internals_readout_grid_tiny(tmp_path):
+    argv = ["--readout", "--tiny", "--repeats", "1", "--threads", "1", "--readout-conditions", "1,2",
+            "--out", str(tmp_path)]
+    assert internals.main(argv) == 0
+    data = json.loads((tmp_path / "internals_readout_tiny.json").read_text(encoding="utf-8"))
+    rows = data["readout"]
+    # full, uniform and BAN's sizes (10..12) at N = 12, under each condition
+    assert [(r["condition"], r["sizes"]) for r in rows] == [(c, s) for c in "12" for s in ("full", "uniform", "ban")]
+    assert all(r[f"{m}_ms"] > 0 for r in rows for m in internals.READOUT_METHODS)
+    assert all(r["auto"] in internals.READOUT_METHODS and r["auto_over_best"] >= 1 for r in rows)
+    assert rows[0]["distinct"] == 1 and rows[0]["grouped_steps"] == 12 and rows[0]["real_steps"] == 3 * 12
+    assert [s["condition"] for s in data["readout_summary"]] == ["1", "2"]
+
+
 def test_internals_fallback_count_on_a_trained_sorting_run(tmp_path):
     from integrations.sorting.cli import main as sorting_main
 
