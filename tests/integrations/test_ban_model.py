@@ -72,6 +72,25 @@ def test_piecewise_linear_is_monotone_from_0_to_1():
     assert_close(piecewise_linear(x, ones), x, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 10, 10), (5,), ()])
+def test_the_counters_table_lookup_gives_the_indexed_values_and_gradients(shape):
+    """On the CPU the look-up is an index_select: the values and gradients of ``table[idx]`` (float64,
+    repeated indices accumulate), as the embedding look-up used off the CPU gives them."""
+    from integrations.ban.counting import _lookup
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 17, shape, generator=g)
+    up = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = []
+    for lookup in (_lookup, lambda t, i: t[i], lambda t, i: nn.functional.embedding(i, t.unsqueeze(1)).squeeze(-1)):
+        table = torch.randn(17, generator=torch.Generator().manual_seed(1), dtype=torch.float64).requires_grad_(True)
+        out = lookup(table, idx)
+        assert out.shape == idx.shape and torch.equal(out, table.detach()[idx])
+        (out * up).sum().backward()
+        grads.append(table.grad)
+    assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    assert_close(grads[0], grads[2], rtol=1e-12, atol=1e-12)
+
+
 def test_interpolated_one_hot():
     out = interpolated_one_hot(torch.tensor([2.75, 0.0, 10.0, 12.0]), 10)
     assert_close(out.sum(1), torch.ones(4))
