@@ -351,8 +351,10 @@ def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Opt
     if not one_layer:
         return "grouped"
     costs = read_costs(rnn, host_lengths if host_lengths is not None else lengths, seq.shape[1], threads)
-    methods = ("grouped", "padded", "packed") if _recovery_in_range(rnn, seq) else ("grouped", "packed")
-    return min(methods, key=costs.__getitem__)
+    best = min(("grouped", "padded", "packed"), key=costs.__getitem__)
+    if best == "padded" and not _recovery_in_range(rnn, seq):     # (checked only where it matters)
+        best = min(("grouped", "packed"), key=costs.__getitem__)
+    return best
 
 
 def _recovery_in_range(rnn: nn.RNNBase, seq: Tensor) -> bool:
