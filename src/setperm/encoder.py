@@ -340,9 +340,7 @@ def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Opt
                 threads: Optional[int] = None) -> str:
     """The method :func:`last_state` takes for ``method="auto"`` on these arguments (``threads``:
     default torch's): on the CPU the cheapest by :func:`read_costs` (grouped on a tie, and for a
-    deeper or bidirectional reader, for which the model was not measured), padded only where its
-    recovered cell state cannot overflow (:func:`_recovery_in_range`: not for elements near the
-    dtype's maximum, where the other two stay finite)."""
+    deeper or bidirectional reader, for which the model was not measured)."""
     one_layer = rnn.num_layers == 1 and not rnn.bidirectional
     # (under torch.compile's tracing the grouped loop's data-dependent sizes would break the graph;
     # off the CPU, copying device lengths to the host for a packed sequence would synchronise)
@@ -351,32 +349,7 @@ def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Opt
     if not one_layer:
         return "grouped"
     costs = read_costs(rnn, host_lengths if host_lengths is not None else lengths, seq.shape[1], threads)
-    best = min(("grouped", "padded", "packed"), key=costs.__getitem__)
-    if best == "padded" and not _recovery_in_range(rnn, seq):     # (checked only where it matters)
-        best = min(("grouped", "packed"), key=costs.__getitem__)
-    return best
-
-
-def _recovery_in_range(rnn: nn.RNNBase, seq: Tensor) -> bool:
-    """Whether the padded read's recomputed LSTM gates (:func:`_padded_final_state`) cannot overflow
-    on ``seq``: every gate is at most ``max|x| |W_ih|_1 + max|h| |W_hh|_1 + |b_ih| + |b_hh|`` (row sums
-    of absolute weights; ``|h| <= 1``, or the row sums of ``W_hr`` with a projection), kept below half
-    the largest float. Elements near float32's maximum fail it (the fused kernel's own state stays
-    finite there, the recomputed gates do not). A GRU's padded read recomputes nothing."""
-    if not isinstance(rnn, nn.LSTM):
-        return True
-    dtype = torch.promote_types(seq.dtype, rnn.weight_ih_l0.dtype)
-
-    def row_sum(name: str) -> float:             # a bias (1-d) gives its largest magnitude
-        w = getattr(rnn, name, None)
-        if w is None:
-            return 0.0
-        w = w.detach().abs()
-        return float((w.sum(-1) if w.dim() == 2 else w).max())
-    h_max = row_sum("weight_hr_l0") if getattr(rnn, "proj_size", 0) else 1.0
-    bound = (float(seq.detach().abs().amax()) * row_sum("weight_ih_l0") + h_max * row_sum("weight_hh_l0")
-             + row_sum("bias_ih_l0") + row_sum("bias_hh_l0"))
-    return bound < torch.finfo(dtype).max / 2
+    return min(("grouped", "padded", "packed"), key=costs.__getitem__)
 
 
 def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor:
@@ -406,8 +379,12 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
         gates = nn.functional.linear(seq.to(dtype), w_ih, b_ih) + nn.functional.linear(h_prev.to(dtype), w_hh, b_hh)
         i, f, g, _ = gates.chunk(4, dim=-1)
         # summed in float64, so that each difference A_{L-1} - A_s is as exact as its own terms; the
-        # autograd graph keeps no float64 tensor (casts, sums and where save none; gather would)
-        log_f = nn.functional.logsigmoid(f).double()
+        # autograd graph keeps no float64 tensor (casts, sums and where save none; gather would).
+        # f is floored at -1000 first: a forget gate below it is 0 in every dtype (and its product's
+        # exp(-1000) is 0 in float64 too), so no value changes, but a huge negative f (inputs near
+        # the dtype's maximum) would make the running sums so large that their differences round
+        # away, and an overflowed f = -inf would give -inf - (-inf) = NaN
+        log_f = nn.functional.logsigmoid(f.clamp_min(-1000.0)).double()
         cumulative = log_f.cumsum(1)                                                     # A_t, (B, N, H)
         at_last = torch.where(real, log_f, log_f.new_zeros(())).sum(1, keepdim=True)     # A_{L-1}
         # -inf past the length: a zero weight whose gradient is zero too (exp(-inf) = 0); made by a
