@@ -962,7 +962,8 @@ def test_the_padded_read_of_huge_elements_equals_the_grouped_one(device, value):
         states.append(h)
         grads.append(lstm.weight_hh_l0.grad.clone())
     assert torch.isfinite(states[1]).all() and torch.isfinite(grads[1]).all()
-    assert_close(states[1], states[0], rtol=1e-5, atol=1e-6)
+    # (cuDNN's float32 cell differs from the recovered one by a few 1e-6 at a small state: atol 1e-5)
+    assert_close(states[1], states[0], rtol=1e-5, atol=1e-5)
     assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
 
 
