@@ -384,7 +384,10 @@ def train(cfg) -> dict:
     data = load_data(cfg)
     load_seconds = time.perf_counter() - t0
     model = build_model(cfg, data).to(torch.device(cfg.device))
-    run = open_run(cfg.out, run_config(cfg), resume=cfg.resume, overwrite=cfg.overwrite, may_change=_MAY_CHANGE)
+    # the mosaic task builds no ResNet-18: its recorded width is not a setting of the run (a run started
+    # before --resnet-width was refused there recorded the width it was given)
+    may_change = _MAY_CHANGE + (("resnet_width",) if cfg.task == "mosaic" else ())
+    run = open_run(cfg.out, run_config(cfg), resume=cfg.resume, overwrite=cfg.overwrite, may_change=may_change)
     if run.finished:
         print(f"{run.path} holds this finished run; nothing to do")
         return run.summary

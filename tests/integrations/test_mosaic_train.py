@@ -267,3 +267,19 @@ def test_eval_of_a_checkpoint_of_another_integration_is_one_line(tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 1 and len(err) == 1, err
         assert f"--run {sort_run}" in err[0] and "not a checkpoint of a mosaic run" in err[0], err
+
+
+def test_a_mosaic_run_that_recorded_another_resnet_width_resumes(tmp_path, data_root):
+    """The mosaic task has no ResNet-18, so --resnet-width is refused there; a run started before that
+    recorded the width it was given, which must not keep it from resuming without the flag."""
+    out = tmp_path / "run"
+    common = ["train", "--task", "mosaic", "--permutation", "po-u", "--data-root", data_root, "--subset", "32",
+              "--test-subset", "8", "--batch-size", "16", "--conv-channels", "2", "--cost-hidden", "4", "--steps", "1",
+              "--out", str(out)]
+    main([*common, "--epochs", "1"])
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["resnet_width"] == 64
+    config["resnet_width"] = 16                     # as recorded by a run started with --resnet-width 16
+    (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    main([*common, "--epochs", "2", "--resume"])
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["config"]["epochs"] == 2
