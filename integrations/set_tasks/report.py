@@ -162,6 +162,8 @@ def _accuracy_section(summary: dict, tasks: List[str], encoders: List[str]) -> L
 
 
 def _difference(summary: dict, t: str, c: dict) -> str:
+    if c["difference"] is None:
+        return "n/a"                   # no seed in common (cells of an unfinished sweep): nothing to pair
     return f"{c['difference']:+.4f}" if summary["tasks"][t]["metric"] == "mse" else f"{100 * c['difference']:+.1f}"
 
 

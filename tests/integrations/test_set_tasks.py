@@ -455,6 +455,17 @@ def test_compare_takes_the_difference_over_the_seeds_it_pairs():
     assert c["po-u"]["difference"] == pytest.approx(0.01)
 
 
+def test_compare_with_no_seed_in_common_reports_no_difference():
+    # the cells of an unfinished sweep may hold no seed of ours that the best PyG encoder has: there is no
+    # paired difference, and the report says so instead of failing
+    from integrations.set_tasks.report import _difference
+    entry = _hand_made_entry("accuracy", {"deepsets": 0.80, "po-u": 0.90})
+    entry["encoders"]["po-u"]["values_by_seed"]["train"] = {"2": 0.89, "3": 0.91}
+    c = _compare(entry)
+    assert c["po-u"]["seeds"] == 0 and c["po-u"]["difference"] is None
+    assert _difference({"tasks": {"t": {"metric": "accuracy"}}}, "t", c["po-u"]) == "n/a"
+
+
 def test_report_command_reads_only_the_cell_files(tmp_path):
     out = tmp_path / "run"
     assert _run(out, tmp_path, "--tasks", "left-of-max", "--encoders", "attention,po-u-w", "--seeds", "1",
