@@ -114,6 +114,7 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
     device = torch.device("cuda")
     x, w, mask = batch(device, dtype=torch.float32)
     lengths = torch.tensor(SIZES)                                    # host lengths: no copy for the LSTM
+    host_mask = mask.cpu()                                           # (copied to the host before the check)
     for kernel in ("auto", "fused"):
         po = PermutationOptimization(4, cost_hidden=8, steps=2, kernel=kernel).to(device)
         enc = encoder(device, torch.float32, kernel=kernel)
@@ -130,7 +131,7 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
             enc(xr, lengths=lengths, weights=w).sum().backward()
             enc(xr, weights=w).sum().backward()
             enc(xr, mask=mask, weights=w).sum().backward()             # device sizes: the padded LSTM read
-            enc(xr, mask=mask.cpu(), weights=w).sum().backward()       # a host mask is copied without a wait
+            enc(xr, mask=host_mask, weights=w).sum().backward()        # a host mask is copied without a wait
         finally:
             torch.cuda.set_sync_debug_mode(prev)
 

@@ -598,3 +598,18 @@ def test_import_setperm_defines_no_operator_and_imports_no_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(repo / "src")
     subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, check=True)
+
+
+def test_auto_takes_the_fused_kernels_on_cuda_only(fdevice, monkeypatch):
+    """``kernel="auto"`` runs the fused kernels where they were measured faster, on CUDA; on the CPU
+    (where the interpreter is a test tool) the unrolled steps. ``"fused"`` takes them on both."""
+    calls = []
+    real = fused.fused_optimize
+    monkeypatch.setattr(fused, "fused_optimize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mask = random_mask(3, 6, 0)
+    C = cost(3, 6, 0, mask).to(fdevice, torch.float32)
+    P_auto = optimize_permutation(C, None, mask.to(fdevice), eta=0.7, steps=2, kernel="auto")
+    assert len(calls) == (1 if fdevice.type == "cuda" else 0)
+    P_fused = optimize_permutation(C, None, mask.to(fdevice), eta=0.7, steps=2, kernel="fused")
+    assert len(calls) == (2 if fdevice.type == "cuda" else 1)
+    assert_close(P_auto, P_fused, rtol=1e-5, atol=1e-6)

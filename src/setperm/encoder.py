@@ -65,7 +65,7 @@ class PermutationOptimization(nn.Module):
         check_finite: raise on NaN/Inf in real elements (one reduction + host sync per call).
             None (default): on the CPU only, where the synchronisation costs nothing; on CUDA the
             check would stall the launch queue on every call, so there it runs only when True.
-        kernel: evaluation of the pairwise MLP, ``"auto"`` (default: ``"compiled"`` on CUDA,
+        kernel: evaluation of the pairwise MLP, ``"auto"`` (default: ``"fused"`` on CUDA,
             ``"chunked"`` elsewhere), ``"chunked"`` or ``"compiled"`` (torch.compile-fused pairwise
             MLP, faster after a one-off compilation on first use; needs a C++ compiler on CPU /
             Triton on CUDA), see :mod:`setperm.pairwise`; measured speed-ups in

@@ -194,9 +194,10 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
             ``key_padding_mask`` ``(B, N)`` (True = padding); at most one of the three.
         grid: ``(R, Cols)`` for the lattice variant (positions row-major).
         return_steps: also return every intermediate ``S(P~(t))``, t = 0..T (for figures).
-        kernel: ``"fused"`` runs the whole optimisation, forward and backward, as two Triton
-            kernels (:mod:`setperm.fused`) where they apply (a sequence cost on CUDA, float32 or
-            lower precision, 1 <= N <= 128, T >= 1, not ``return_steps``), elsewhere the unrolled
+        kernel: ``"fused"``, and ``"auto"`` (the default) on CUDA, runs the whole optimisation,
+            forward and backward, as two Triton kernels (:mod:`setperm.fused`) where they apply (a
+            sequence cost on CUDA, float32 or lower precision, 1 <= N <= 128, T >= 1, not
+            ``return_steps``), elsewhere the unrolled
             steps; where Triton is missing or cannot build them for this GPU, a warning (once per
             reason) names why and the unrolled steps compute the same values. Inside
             ``torch.compile`` the two kernels are operators of the compiled graph. Every other
@@ -230,7 +231,10 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.
         C_step = (2 * eta) * (C4[:, 0] if C4.shape[1] == 1 else C4.sum(1))
-        if kernel == "fused" and not return_steps and _fused().applies(C_step, steps):
+        # "auto" on CUDA: the fused kernels (measured 2.4-3x faster than the unrolled steps there,
+        # benchmarks/README.md "On a GPU"); on the CPU the unrolled steps (the interpreter is a test tool)
+        fused = kernel == "fused" or (kernel == "auto" and C_step.device.type == "cuda")
+        if fused and not return_steps and _fused().applies(C_step, steps):
             # where Triton cannot build the kernels, the unrolled steps compute the same P instead
             return _fused().fused_optimize(C_step, init_logits, mask, steps=steps, sinkhorn_iters=sinkhorn_iters,
                                           temperature=temperature, fall_back=True)
