@@ -40,6 +40,7 @@ from typing import Dict, List
 
 import torch
 
+from setperm.encoder import READ_COSTS_NS, read_cost_model
 from setperm.functional import permutation_cost_gradient, sinkhorn
 from setperm.sinkhorn import sinkhorn_scaling_in_range
 
@@ -276,7 +277,7 @@ def readout_summary(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
     return out
 
 
-READ_COST_TERMS = ("call", "step", "row", "packed_step", "recover", "zero")
+READ_COST_TERMS = tuple(READ_COSTS_NS)
 
 
 def fit_read_costs(rows: List[Dict[str, object]], threads: int) -> Dict[str, float]:
@@ -290,13 +291,8 @@ def fit_read_costs(rows: List[Dict[str, object]], threads: int) -> Dict[str, flo
     from scipy.optimize import least_squares
 
     def predicted(c, r):
-        call, step, row, packed_step, recover, zero = c
-        H, D, B, n = r["hidden"], r["features"], r["batch"], r["n"]
-        k, S, R = r["distinct"], r["grouped_steps"], r["real_steps"]
-        per_row = row * H * (H + D) / threads
-        return {"grouped": k * call + S * step + R * per_row,
-                "padded": call + n * step + B * n * (per_row + recover * H / threads),
-                "packed": call + n * packed_step + R * per_row + zero * n * n * B * H / threads}
+        return read_cost_model(dict(zip(READ_COST_TERMS, c)), r["hidden"], r["features"], r["batch"], r["n"],
+                               r["distinct"], r["grouped_steps"], r["real_steps"], threads)
 
     scale = np.array([1e5, 1e3, 1.0, 1e4, 1e2, 1.0])
 

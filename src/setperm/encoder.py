@@ -292,12 +292,22 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
 
 # The cost model of last_state's "auto" on the CPU: fwd+bwd nanoseconds on one thread, fitted to the
 # timings of `python -m benchmarks.internals --readout` (benchmarks/README.md, "The LSTM read on the CPU").
-_CALL_NS = 580e3          # one reader call, with its gathers and scatters
-_STEP_NS = 4.3e3          # one time step of the fused CPU kernel
-_PACKED_STEP_NS = 94e3    # one time step of a packed batch (outside the fused kernel)
-_ROW_NS = 0.43            # one row through one time step, per H (H + D) of the reader
-_RECOVER_NS = 99.0        # padded: recovering the cell state, per element of the (B, N, H) outputs
-_ZERO_NS = 0.95           # packed: the (N, B, H) gradient buffer backward zero-fills at each step, per N^2 B H
+# (call: one reader call, with its gathers and scatters; step: one time step of the fused CPU kernel;
+# row: one row through one time step, per H (H + D) of the reader; packed_step: one time step of a
+# packed batch, outside the fused kernel; recover: padded, recovering the cell state, per element of
+# the (B, N, H) outputs; zero: packed, the (N, B, H) gradient buffer backward zero-fills at each step,
+# per N^2 B H)
+READ_COSTS_NS = {"call": 580e3, "step": 4.3e3, "row": 0.43, "packed_step": 94e3, "recover": 99.0, "zero": 0.95}
+
+
+def read_cost_model(c: dict, H: int, D: int, B: int, n: int, k: int, S: int, R: int, threads: int) -> dict:
+    """:func:`read_costs`' formula for the constants ``c`` (as :data:`READ_COSTS_NS`), ``H`` units,
+    ``D`` inputs, ``B`` rows padded to ``n`` steps, ``k`` distinct non-zero lengths summing to ``S``,
+    ``R`` real steps in all (also what ``benchmarks.internals`` fits the constants with)."""
+    row = c["row"] * H * (H + D) / threads
+    return {"grouped": k * c["call"] + S * c["step"] + R * row,
+            "padded": c["call"] + n * c["step"] + B * n * (row + c["recover"] * H / threads),
+            "packed": c["call"] + n * c["packed_step"] + R * row + c["zero"] * n * n * B * H / threads}
 
 
 def read_costs(rnn: nn.RNNBase, lengths: Tensor, n: int, threads: Optional[int] = None) -> dict:
@@ -330,10 +340,7 @@ def read_costs(rnn: nn.RNNBase, lengths: Tensor, n: int, threads: Optional[int] 
     distinct = torch.unique(lengths)
     distinct = distinct[distinct > 0]
     k, S, R = distinct.numel(), int(distinct.sum()), int(lengths.sum())
-    row = _ROW_NS * H * (H + D) / threads
-    return {"grouped": k * _CALL_NS + S * _STEP_NS + R * row,
-            "padded": _CALL_NS + n * _STEP_NS + B * n * (row + _RECOVER_NS * H / threads),
-            "packed": _CALL_NS + n * _PACKED_STEP_NS + R * row + _ZERO_NS * n * n * B * H / threads}
+    return read_cost_model(READ_COSTS_NS, H, D, B, n, k, S, R, threads)
 
 
 def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Optional[Tensor] = None,
