@@ -231,8 +231,8 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.
         C_step = (2 * eta) * (C4[:, 0] if C4.shape[1] == 1 else C4.sum(1))
-        # "auto" on CUDA: the fused kernels (measured 2.4-3x faster than the unrolled steps there,
-        # benchmarks/README.md "On a GPU"); on the CPU the unrolled steps (the interpreter is a test tool)
+        # "auto" on CUDA: the fused kernels, measured faster than the unrolled steps there (README,
+        # "Speed and memory on a GPU"); on the CPU the unrolled steps (the interpreter is a test tool)
         fused = kernel == "fused" or (kernel == "auto" and C_step.device.type == "cuda")
         if fused and not return_steps and _fused().applies(C_step, steps):
             # where Triton cannot build the kernels, the unrolled steps compute the same P instead
