@@ -128,7 +128,7 @@ def resolve_device(name: str) -> torch.device:
 def add_kernel_argument(parser) -> None:
     """``--kernel``: setperm's kernel, the same flag in every training script."""
     parser.add_argument("--kernel", choices=KERNELS, default="auto",
-                        help="setperm's kernel: auto (default: compiled on CUDA, chunked elsewhere), chunked (plain "
+                        help="setperm's kernel: auto (default: fused on CUDA, chunked elsewhere), chunked (plain "
                              "PyTorch), compiled (pairwise MLP fused by torch.compile, faster; compiles on first use, "
                              "needs a C++ compiler on CPU / Triton on CUDA) or fused (compiled, and on CUDA the "
                              "permutation optimisation as Triton kernels for sets of up to 128 elements). Same results")
