@@ -51,9 +51,9 @@ def _lookup(table: Tensor, idx: Tensor) -> Tensor:
     """``table[idx]`` for a 1-d ``table``: the same values, and gradients equal up to the order of
     the sums, without advanced indexing, whose backward scatter (index_put with accumulate) is slow
     when several OpenMP threads contend for few cores. On the CPU as an ``index_select``, whose
-    backward (``index_add_``) is 3.7x faster than an embedding's at BAN's (32, 10, 10) look-ups and
-    12x at (256, 10, 10), with one or two threads, idle or beside a busy core; elsewhere as an
-    embedding look-up, whose CUDA backward sums in a fixed order (``index_add_`` there uses atomics)."""
+    backward (``index_add_``) is the faster one there (benchmarks/README.md, "The counter's
+    look-ups"); elsewhere as an embedding look-up, whose CUDA backward sums in a fixed order
+    (``index_add_`` there uses atomics)."""
     if table.device.type == "cpu":
         return table.index_select(0, idx.reshape(-1)).view(idx.shape)
     return F.embedding(idx, table.unsqueeze(1)).squeeze(-1)

@@ -313,10 +313,9 @@ def read_cost_model(c: dict, H: int, D: int, B: int, n: int, k: int, S: int, R: 
 def read_costs(rnn: nn.RNNBase, lengths: Tensor, n: int, threads: Optional[int] = None) -> dict:
     """Estimated fwd+bwd nanoseconds of :func:`last_state`'s three methods on the CPU, for ``lengths``
     (a CPU tensor) padded to ``n`` steps and ``threads`` threads (default: torch's; the model was
-    measured with one and two, and counts more as two), from a cost model
-    fitted to the measured times (``python -m benchmarks.internals --readout``; it picks a method
-    within 10 % of the fastest in 94-95 % of the 240 measured shapes, with one or two threads or beside
-    a busy core, where always grouping does so in 55-66 %).
+    measured with one and two, and counts more as two), from a cost model fitted to the measured
+    times (``python -m benchmarks.internals --readout``; how often it picks the fastest method is in
+    benchmarks/README.md, "The LSTM read on the CPU").
 
     With ``k`` distinct non-zero lengths summing to ``S``, ``R`` real steps in all, ``B`` rows,
     ``H`` units and ``D`` inputs, each method pays a per-call and a per-step overhead, which threads
