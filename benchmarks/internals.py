@@ -282,8 +282,8 @@ READ_COST_TERMS = tuple(READ_COSTS_NS)
 
 def fit_read_costs(rows: List[Dict[str, object]], threads: int) -> Dict[str, float]:
     """The constants (ns) of the cost model of ``setperm.encoder.read_costs`` (one reader call, one
-    fused step, one row-step per ``H (H + D)``, one packed step, the padded read's recovery per
-    output element, packed backward's zero fill per ``n^2 B H``) fitted to the three methods'
+    fused step, one row-step per ``H (H + D)``, one packed step, packed backward's zero fill per
+    ``n^2 B H``) fitted to the three methods'
     median times of ``rows`` (``threads`` threads), least squares on log times."""
     import math
 
@@ -294,7 +294,7 @@ def fit_read_costs(rows: List[Dict[str, object]], threads: int) -> Dict[str, flo
         return read_cost_model(dict(zip(READ_COST_TERMS, c)), r["hidden"], r["features"], r["batch"], r["n"],
                                r["distinct"], r["grouped_steps"], r["real_steps"], threads)
 
-    scale = np.array([1e5, 1e3, 1.0, 1e4, 1e2, 1.0])
+    scale = np.array([1e5, 1e3, 1.0, 1e4, 1.0])
 
     def residuals(log_c):
         c = np.exp(log_c) * scale

@@ -7,6 +7,7 @@ T = 0 steps) is its own module, :class:`LinAssign`.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ._compat import autocast_off
-from ._errors import check_int, check_positive, check_same_device
+from ._errors import check_int, check_positive, check_same_device, user_stacklevel
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost, hidden_widths
 from .init import uninitialized, xavier_linear_, xavier_rnn_
@@ -244,10 +245,13 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         lengths: (B,) int, 0 <= lengths <= N; a sequence of length 0 gives a zero state.
         method: ``"packed"`` (one call on a packed sequence), ``"grouped"`` (one call per distinct
             length on the sequences of that length, no padding read), ``"padded"`` (one call on the
-            whole batch, padding zeroed, each sequence's state read off at its own last step: no
-            length is needed on the host; a one-layer, one-directional reader only) or ``"auto"``:
-            on the CPU the method that :func:`read_costs` expects to be fastest for these sizes
-            (grouped for a deeper or bidirectional reader); elsewhere and under ``torch.compile``
+            whole batch, padding zeroed, each sequence's state kept from its own last step on: no
+            length is needed on the host; a one-layer, one-directional reader only; an LSTM's
+            padded steps hold its cell state through an extra input column, so the call is made
+            with its weights, not through the module, and hooks registered on it do not run) or
+            ``"auto"``: on the CPU the method that :func:`read_costs` expects to be fastest for
+            these sizes (grouped for a deeper or bidirectional reader; not padded for an LSTM with
+            hooks); elsewhere and under ``torch.compile``
             packed when ``host_lengths`` are given, else padded (packed for a deeper or
             bidirectional reader). All compute the same recurrences; on the CPU an LSTM on a packed
             batch of unequal lengths leaves the fused kernel, and its backward zero-fills a
@@ -294,10 +298,9 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
 # timings of `python -m benchmarks.internals --readout` (benchmarks/README.md, "The LSTM read on the CPU").
 # (call: one reader call, with its gathers and scatters; step: one time step of the fused CPU kernel;
 # row: one row through one time step, per H (H + D) of the reader; packed_step: one time step of a
-# packed batch, outside the fused kernel; recover: padded, recovering the cell state, per element of
-# the (B, N, H) outputs; zero: packed, the (N, B, H) gradient buffer backward zero-fills at each step,
-# per N^2 B H)
-READ_COSTS_NS = {"call": 580e3, "step": 4.3e3, "row": 0.43, "packed_step": 94e3, "recover": 99.0, "zero": 0.95}
+# packed batch, outside the fused kernel; zero: packed, the (N, B, H) gradient buffer backward
+# zero-fills at each step, per N^2 B H)
+READ_COSTS_NS = {"call": 530e3, "step": 4.8e3, "row": 0.43, "packed_step": 85e3, "zero": 0.92}
 
 
 def read_cost_model(c: dict, H: int, D: int, B: int, n: int, k: int, S: int, R: int, threads: int) -> dict:
@@ -306,7 +309,7 @@ def read_cost_model(c: dict, H: int, D: int, B: int, n: int, k: int, S: int, R: 
     ``R`` real steps in all (also what ``benchmarks.internals`` fits the constants with)."""
     row = c["row"] * H * (H + D) / threads
     return {"grouped": k * c["call"] + S * c["step"] + R * row,
-            "padded": c["call"] + n * c["step"] + B * n * (row + c["recover"] * H / threads),
+            "padded": c["call"] + n * c["step"] + B * n * c["row"] * H * (H + D + 1) / threads,
             "packed": c["call"] + n * c["packed_step"] + R * row + c["zero"] * n * n * B * H / threads}
 
 
@@ -322,15 +325,15 @@ def read_costs(rnn: nn.RNNBase, lengths: Tensor, n: int, threads: Optional[int] 
     do not share, and arithmetic, which they do:
 
     * grouped: ``k`` calls and ``S`` steps (every size reads its own steps), ``R`` rows of arithmetic;
-    * padded: one call and ``n`` steps, but ``B n`` rows of arithmetic (the padding is read) and
-      the cell state recovered elementwise over all ``B n H`` outputs;
+    * padded: one call and ``n`` steps, but ``B n`` rows of arithmetic (the padding is read, with
+      one more input, the column that holds the cell there);
     * packed: one call and ``n`` steps, each outside the fused kernel (about 20x dearer), ``R`` rows,
       and a zero-filled ``(n, B, H)`` gradient buffer at every step of backward (``n^2 B H``).
 
     So many distinct sizes (``S`` much larger than ``n``) favour padded when the padding's arithmetic
     is cheap (a small ``B H^2``) and packed when ``n`` is small; grouped wins when a batch has few
     sizes, or when the reader is wide and the batch large. Measured with an LSTM; a GRU is read the
-    same way (its padded read needs no recovery, so this errs towards grouped there).
+    same way.
     """
     # measured with one and two threads: more are counted as two (small products scale poorly)
     threads = min(max(threads if threads is not None else torch.get_num_threads(), 1), 2)
@@ -346,7 +349,8 @@ def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Opt
                 threads: Optional[int] = None) -> str:
     """The method :func:`last_state` takes for ``method="auto"`` on these arguments (``threads``:
     default torch's): on the CPU the cheapest by :func:`read_costs` (grouped on a tie, and for a
-    deeper or bidirectional reader, for which the model was not measured)."""
+    deeper or bidirectional reader, for which the model was not measured), not padded for an LSTM
+    with hooks registered on it (the padded read does not call it)."""
     one_layer = rnn.num_layers == 1 and not rnn.bidirectional
     # (under torch.compile's tracing the grouped loop's data-dependent sizes would break the graph;
     # off the CPU, copying device lengths to the host for a packed sequence would synchronise)
@@ -355,49 +359,78 @@ def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Opt
     if not one_layer:
         return "grouped"
     costs = read_costs(rnn, host_lengths if host_lengths is not None else lengths, seq.shape[1], threads)
-    return min(("grouped", "padded", "packed"), key=costs.__getitem__)
+    methods = ("grouped", "packed") if isinstance(rnn, nn.LSTM) and _reader_hooks(rnn) else ("grouped", "padded", "packed")
+    return min(methods, key=costs.__getitem__)
+
+
+# The logit that holds an LSTM's cell across padded steps (:func:`_padded_final_state`): added to the
+# forget gate and subtracted from the input gate there. At most float16's largest finite 65,504,
+# because cuDNN reads an LSTM in float16 under autocast; sigmoid(-60,000 + r) = 0 and
+# sigmoid(60,000 + r) = 1 exactly in every dtype for any recurrent part |r| < 59,000.
+_HOLD_LOGIT = 6.0e4
+
+
+def _reader_hooks(rnn: nn.RNNBase) -> List[str]:
+    """The kinds of hooks registered on ``rnn`` itself (which the padded LSTM read does not run)."""
+    return [kind for kind, attr in (("forward pre-hooks", "_forward_pre_hooks"), ("forward hooks", "_forward_hooks"),
+                                    ("backward hooks", "_backward_hooks"),
+                                    ("backward pre-hooks", "_backward_pre_hooks"))
+            if getattr(rnn, attr, None)]
 
 
 def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor:
     """:func:`last_state` by one call on the padded batch, without reading ``lengths`` on the host.
     Padding is zeroed first, so that it keeps the run finite (a non-finite step would turn the zero
     gradients that flow back through it into NaN); the steps before each length do not depend on
-    it. A GRU's state is its output at the last step. An LSTM returns its cell state at the end
-    only, so the cell is recovered from the outputs: with the gates ``i, f, g`` of step ``t``
-    recomputed from ``x_t`` and ``h_{t-1}`` (the output one step earlier), the cell's recurrence
-    ``c_t = f_t c_{t-1} + i_t g_t`` is linear, ``c_{L-1} = sum_{s<L} (prod_{s<r<L} f_r) i_s g_s``; the
-    products are ``exp(A_{L-1} - A_s)`` with ``A`` the running sum of ``log f``."""
+    it. A GRU's state is its output at the last step, gathered there.
+
+    An LSTM returns only its cell state at the end, so the padded steps are made to hold it: the
+    input gains one column, 1 at padded steps and 0 at real ones, whose weight is
+    :data:`_HOLD_LOGIT` into the forget gate and minus it into the input gate (rows ``[H, 2H)`` and
+    ``[0, H)`` of ``weight_ih``; constants, not parameters). At a padded step ``f = 1`` and ``i = 0``
+    exactly, so ``c_t = 1 * c_{t-1} + 0 * g_t = c_{t-1}`` bit for bit, and the state the LSTM
+    returns after all ``N`` steps is each sequence's cell state at its own length (0 for length
+    0); the saturated gates have zero derivatives, so padded steps add nothing to any gradient. At
+    real steps the column is 0 and the arithmetic is the reader's own. One fused LSTM call (cuDNN on
+    CUDA) with the reader's weights, the extra column appended: it reads the reader's parameters
+    and does not call the module, so hooks registered on it do not run (a warning says so)."""
     B, N = seq.shape[:2]
     real = (torch.arange(N, device=seq.device) < lengths.unsqueeze(1)).unsqueeze(-1)      # (B, N, 1)
     zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
     seq = torch.where(real, seq, zero)
-    out = rnn(seq)[0]                                                  # (B, N, H_out): h_t of every step
     if isinstance(rnn, nn.GRU):
+        out = rnn(seq)[0]                                              # (B, N, H): h_t of every step
         last = (lengths - 1).clamp_min(0).view(B, 1, 1)               # (a length-0 row is masked below)
         h = out.gather(1, last.expand(B, 1, out.shape[-1])).squeeze(1)
         return torch.where((lengths > 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
-    h_prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], 1)     # h_{-1} = 0
-    # the gates in the parameters' precision at least, whatever autocast ran the reader in
-    dtype = torch.promote_types(out.dtype, rnn.weight_ih_l0.dtype)
+    hooks = _reader_hooks(rnn)
+    if hooks:
+        warnings.warn(f"setperm: the padded LSTM read uses the reader's weights and does not call the reader, so the "
+                      f"{' and '.join(hooks)} registered on it do not run; a weight that such a hook recomputes "
+                      "(torch.nn.utils.prune, torch.nn.utils.weight_norm / spectral_norm) is not updated. Lengths "
+                      "on the host (a CPU tensor) read it packed, which calls it; torch.nn.utils.parametrize "
+                      "applies to either", RuntimeWarning, stacklevel=user_stacklevel())
+    H = rnn.hidden_size
+    w_ih = rnn.weight_ih_l0
+    # (concatenated in their own dtypes, as autocast leaves them to the LSTM call: its cat would
+    # promote them, and CPU autocast refuses float16 there)
     with autocast_off(seq.device.type):
-        w_ih, b_ih, w_hh, b_hh = (None if w is None else w.to(dtype) for w in (
-            getattr(rnn, name, None) for name in ("weight_ih_l0", "bias_ih_l0", "weight_hh_l0", "bias_hh_l0")))
-        gates = nn.functional.linear(seq.to(dtype), w_ih, b_ih) + nn.functional.linear(h_prev.to(dtype), w_hh, b_hh)
-        i, f, g, _ = gates.chunk(4, dim=-1)
-        # summed in float64, so that each difference A_{L-1} - A_s is as exact as its own terms; the
-        # autograd graph keeps no float64 tensor (casts, sums and where save none; gather would).
-        # f is floored at -1000 first: a forget gate below it is 0 in every dtype (and its product's
-        # exp(-1000) is 0 in float64 too), so no value changes, but a huge negative f (inputs near
-        # the dtype's maximum) would make the running sums so large that their differences round
-        # away, and an overflowed f = -inf would give -inf - (-inf) = NaN
-        log_f = nn.functional.logsigmoid(f.clamp_min(-1000.0)).double()
-        cumulative = log_f.cumsum(1)                                                     # A_t, (B, N, H)
-        at_last = torch.where(real, log_f, log_f.new_zeros(())).sum(1, keepdim=True)     # A_{L-1}
-        # -inf past the length: a zero weight whose gradient is zero too (exp(-inf) = 0); made by a
-        # fill on the device (torch.tensor(..., device=) would copy it there and wait for the copy)
-        log_weight = torch.where(real, at_last - cumulative, log_f.new_full((), float("-inf")))
-        cell = (log_weight.to(dtype).exp() * torch.sigmoid(i) * torch.tanh(g)).sum(1)
-    return cell.to(out.dtype)
+        # made by fills on the device (torch.tensor(..., device=) would copy from the host and wait)
+        hold = torch.cat([w_ih.new_full((H, 1), -_HOLD_LOGIT), w_ih.new_full((H, 1), _HOLD_LOGIT),
+                          w_ih.new_zeros(2 * H, 1)])
+        w_held = torch.cat([w_ih, hold], 1)                                      # (4H, D + 1)
+        held = torch.cat([seq, (~real).to(seq.dtype)], -1)                       # (B, N, D + 1)
+    names = (["weight_hh_l0"] + (["bias_ih_l0", "bias_hh_l0"] if rnn.bias else [])
+             + (["weight_hr_l0"] if rnn.proj_size > 0 else []))
+    weights = [w_held] + [getattr(rnn, name) for name in names]
+    state = (seq.new_zeros(1, B, rnn.proj_size or H), seq.new_zeros(1, B, H))
+    with warnings.catch_warnings():
+        # cuDNN copies weights that are not one flat buffer into one at each call and warns: here
+        # that is the (4H, D + 1 + H) matrices, made anew at each call anyway
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+        # (torch.lstm: what nn.LSTM.forward calls, with the same autocast and device rules)
+        _, _, cell = torch.lstm(held, state, weights, rnn.bias, 1, 0.0, rnn.training, False, True)
+    return cell[0]
 
 
 def _pool_elements(x: Tensor, mask: Optional[Tensor], how: str, gate: Optional[nn.Module]) -> Tensor:
@@ -494,8 +527,8 @@ class PermutationSetEncoder(nn.Module):
         sets without their padding (a forward hook on ``lstm`` fires as often, each time with those
         rows), or once on the whole batch (padded, or packed); elsewhere once per forward. On CUDA, ``lengths``
         given as a CPU tensor serve a packed sequence as
-        they are; with a ``mask`` the LSTM reads the whole padded batch, padding zeroed, and each
-        set's cell state is recovered at its own last element, so neither makes a host
+        they are; with a ``mask`` the LSTM reads the whole padded batch, padding zeroed, its padded
+        steps made to hold the cell state (:func:`last_state`), so neither makes a host
         synchronisation. ``lengths`` on the device are read the padded way too, but their range
         check (0 <= lengths <= N, the ValueError of a bad length) reads them on the host: one
         synchronisation per call (a ``mask``, or the lengths as a CPU tensor, make none);

@@ -1,5 +1,6 @@
 """benchmarks/: the reference implementation equals setperm, and every benchmark runs on a tiny
 configuration (no timing assertions)."""
+import itertools
 import json
 
 import pytest
@@ -159,6 +160,27 @@ def test_internals_readout_grid_tiny(tmp_path):
     assert all(r["auto"] in internals.READOUT_METHODS and r["auto_over_best"] >= 1 for r in rows)
     assert rows[0]["distinct"] == 1 and rows[0]["grouped_steps"] == 12 and rows[0]["real_steps"] == 3 * 12
     assert [s["condition"] for s in data["readout_summary"]] == ["1", "2"]
+
+
+def test_the_read_cost_fit_recovers_the_constants_that_made_the_times():
+    """fit_read_costs on times made by the cost model itself (from other constants than the
+    library's) gives those constants back: the fit and setperm.encoder.read_cost_model agree on
+    which constant is which."""
+    from setperm.encoder import READ_COSTS_NS, read_cost_model
+
+    truth = {"call": 400e3, "step": 6.0e3, "row": 0.3, "packed_step": 120e3, "zero": 1.4}
+    assert set(truth) == set(READ_COSTS_NS)
+    rows = []
+    for h, b, n, k, share in itertools.product((16, 128), (8, 256), (10, 100), (1, 9), (0.5, 1.0)):
+        k = min(k, n)
+        row = {"hidden": h, "features": 13, "batch": b, "n": n, "distinct": k,
+               "grouped_steps": k * n - k * (k - 1) // 2, "real_steps": int(share * b * n)}
+        times = read_cost_model(truth, h, 13, b, n, k, row["grouped_steps"], row["real_steps"], 1)
+        rows.append({**row, **{f"{m}_ms": t / 1e6 for m, t in times.items()}})
+    fit = internals.fit_read_costs(rows, threads=1)
+    for name, value in truth.items():
+        assert fit[name] == pytest.approx(value, rel=1e-3), name
+    assert fit["median_abs_log_error"] < 1e-6
 
 
 def test_internals_fallback_count_on_a_trained_sorting_run(tmp_path):
