@@ -224,6 +224,44 @@ def flop_counter():
     return importlib.import_module("torch.utils.flop_counter")
 
 
+@pytest.fixture
+def without_cuda_sync():
+    """``without_cuda_sync(forward)``: ``forward()`` and the backward of its output's sum under
+    ``torch.cuda.set_sync_debug_mode("error")``. A synchronisation fails the test naming the phase
+    and, in backward, the autograd node that had started when it happened (a pre-hook on every node
+    of the graph records each as it starts), so a GPU run says where the host waited."""
+    def check(forward):
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            try:
+                out = forward()
+            except RuntimeError as err:
+                if "synchroniz" not in str(err):
+                    raise
+                pytest.fail(f"forward synchronises with the host: {err}")
+            loss = out.sum()
+            started = []
+            nodes, stack = set(), [loss.grad_fn]
+            while stack:
+                node = stack.pop()
+                if node is None or node in nodes:
+                    continue
+                nodes.add(node)
+                node.register_prehook(lambda grads, name=node.name(): started.append(name))
+                stack.extend(nxt for nxt, _ in node.next_functions)
+            try:
+                loss.backward()
+            except RuntimeError as err:
+                if "synchroniz" not in str(err):
+                    raise
+                pytest.fail(f"backward synchronises with the host in {started[-1] if started else 'its start'} "
+                            f"(the nodes started before it, last first: {started[-2:-7:-1]}): {err}")
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    return check
+
+
 # ------------------------------------------------------------------ the path CUDA takes, on the CPU
 # The modules whose data-dependent choices are taken on the host on the CPU, and on the device on
 # CUDA and under torch.compile (setperm.masking.host_decisions).

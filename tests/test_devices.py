@@ -110,7 +110,7 @@ def test_hungarian_takes_tensors_of_any_device(device):
 
 # ---------------------------------------------------------------------- no host synchronisation
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-def test_cuda_forward_and_backward_make_no_host_synchronisation():
+def test_cuda_forward_and_backward_make_no_host_synchronisation(without_cuda_sync):
     device = torch.device("cuda")
     x, w, mask = batch(device, dtype=torch.float32)
     lengths = torch.tensor(SIZES)                                    # host lengths: no copy for the LSTM
@@ -123,17 +123,42 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation():
             enc(x, lengths=lengths, weights=w).sum().backward()
             enc(x, mask=mask, weights=w).sum().backward()
         torch.cuda.synchronize()
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            xr = x.clone().requires_grad_(True)
-            po(xr, mask=mask).sum().backward()
-            enc(xr, lengths=lengths, weights=w).sum().backward()
-            enc(xr, weights=w).sum().backward()
-            enc(xr, mask=mask, weights=w).sum().backward()             # device sizes: the padded LSTM read
-            enc(xr, mask=host_mask, weights=w).sum().backward()        # a host mask is copied without a wait
-        finally:
-            torch.cuda.set_sync_debug_mode(prev)
+        xr = x.clone().requires_grad_(True)
+        without_cuda_sync(lambda: po(xr, mask=mask))
+        without_cuda_sync(lambda: enc(xr, lengths=lengths, weights=w))
+        without_cuda_sync(lambda: enc(xr, weights=w))
+        without_cuda_sync(lambda: enc(xr, mask=mask, weights=w))         # device sizes: the padded LSTM read
+        without_cuda_sync(lambda: enc(xr, mask=host_mask, weights=w))    # a host mask is copied without a wait
+
+
+class _SyncsInBackward(torch.autograd.Function):
+    """Stands for an operation whose CUDA backward waits for the host (raises as sync-debug mode does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+
+def test_the_sync_check_names_the_backward_node_where_the_host_waits(monkeypatch, without_cuda_sync):
+    """The CUDA no-synchronisation tests' helper, run on the CPU with the debug mode's switch stubbed:
+    a wait in backward fails the test naming the node that had started; other errors pass through."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    x = torch.randn(3, requires_grad=True)
+    without_cuda_sync(lambda: (x * 3).exp())
+    assert modes == ["error", 0]
+    with pytest.raises(pytest.fail.Exception, match=r"backward synchronises with the host in _SyncsInBackwardBackward"):
+        without_cuda_sync(lambda: _SyncsInBackward.apply(x.exp()) * 3)
+    with pytest.raises(pytest.fail.Exception, match="forward synchronises with the host"):
+        without_cuda_sync(lambda: _SyncsInBackward.backward(None, x))
+    with pytest.raises(RuntimeError, match="something else"):
+        without_cuda_sync(lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+    assert modes[-1] == 0                                              # the previous mode is back
 
 
 def variant_encoder(po="po-u", **kw):
