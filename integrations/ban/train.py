@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import math
 import signal
@@ -563,6 +564,11 @@ def run(args) -> dict:
             run_.write_json("summary.json", {**record, "config": run_.config})
         return {**record, "model": model, "out": str(run_.path)}
     finally:
+        # the trainer's DistributedDataParallel wrapper (its reducer holds the process group) goes
+        # before the group does, not whenever the garbage collector or the interpreter's exit gets to it
+        trainer = None
+        if info.enabled:
+            gc.collect()
         cleanup_distributed()
 
 
