@@ -51,6 +51,7 @@ def test_cpu_dry_run_writes_every_row(tmp_path, released_stand_in):
     assert all(r["fb_ms"] > 0 and "note" not in r for r in data["readout"]), data["readout"]
     models = [r["model"] for r in data["ban"]]
     assert models == ["BAN", "BAN + LSTM", "BAN + PO-U, unrolled steps", "BAN + PO-U, kernel fused",
+                      "BAN + PO-U, kernel fused, box counts on the device (padded LSTM read)",
                       "BAN + PO-U, unrolled steps, bf16 autocast", "BAN + PO-U, kernel fused, bf16 autocast"]
     assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
     table = (tmp_path / "out" / "gpu_tiny.md").read_text(encoding="utf-8")
@@ -147,7 +148,7 @@ def test_a_failing_ban_model_keeps_the_other_models_rows_and_the_tables_after_it
                      "--compile-kernels", "chunked", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_tiny.json").read_text(encoding="utf-8"))
     rows = {r["model"]: r for r in data["ban"]}
-    assert len(rows) == 6 and rows["BAN"]["ratio"] == 1
+    assert len(rows) == 7 and rows["BAN"]["ratio"] == 1
     for label, row in rows.items():
         if "autocast" in label:
             assert row["note"] == "failed: RuntimeError: CUDA out of memory." and "step_ms" not in row, row
@@ -263,3 +264,26 @@ def test_gpu_check_keeps_the_failures_of_tests_stopped_at_their_time_limit(tmp_p
     assert "1 failed" in report and "(stopped after 20 s)" in report, report
     assert "== CUDA tests (exit 124)" in res.stdout and "test_cuda_fails" in res.stdout, res.stdout
     assert res.returncode == 1
+
+
+def test_the_device_counts_variant_calls_the_patched_ban_without_the_host_counts():
+    """The BAN row "box counts on the device" times the padded LSTM read: the training loop's
+    box counts (from the host) are dropped before the patched model, which then takes the sizes
+    from its padding mask; the model inputs see the patched model inside, as under DDP."""
+    from integrations.ban.model import build_ban
+    from integrations.ban.plugin import patch_ban
+    from integrations.ban.train import model_inputs
+
+    torch.manual_seed(0)
+    model = patch_ban(build_ban(50, 20, v_dim=32, num_hid=16, gamma=2), permutation="po-u").eval()
+    wrapped = gpu._CountsOnDevice(model)
+    batch = gpu.random_batches(gpu.ban_shape(True), 1)[0]
+    inputs = model_inputs(wrapped, None, batch, torch.device("cpu"))
+    assert inputs == {"box_counts": batch.mask.sum(1).tolist()}
+    seen = []
+    model.set_encoder.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs), with_kwargs=True)
+    logits, _ = wrapped(batch.v, batch.b, batch.q, batch.target, **inputs)
+    direct, _ = model(batch.v, batch.b, batch.q, batch.target, **inputs)
+    assert len(seen) == 2 and "mask" in seen[0] and "lengths" not in seen[0]     # wrapped: the padding mask
+    assert "lengths" in seen[1]                                                   # direct: the host's counts
+    torch.testing.assert_close(logits, direct, rtol=1e-5, atol=1e-6)
