@@ -26,7 +26,8 @@ kernels at their default warps per program and at half and twice as many.
 Readout table: forward + backward of the encoder's LSTM readout (13 -> 128) of padded sets of 10 to
 100 elements, B in {256, 2048}: a packed sequence with the set sizes from the host, the same with
 the sizes copied from the device (a synchronisation), and the padded read that needs no sizes on
-the host (what the encoder takes on CUDA with ``mask=``).
+the host (what the encoder takes on CUDA with ``mask=``); and, as the floor of any read of N
+steps, the LSTM alone on the whole padded batch.
 
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
 BAN + PO-U (the unrolled steps, ``kernel="compiled"``, and ``kernel="fused"``, the default on CUDA; these
@@ -397,6 +398,12 @@ def readout_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
                 (last_state(lstm, seq.detach().requires_grad_(True), sizes_d, method=method,
                             host_lengths=host) * up).sum().backward()
             yield measured_fb("readout", row, fb, args, device)
+        # what any read of N steps costs at least: the LSTM on the whole batch, its final cell state
+        row = {"config": f"B={B} N={N}", "impl": "the LSTM alone on all N steps (no sizes: the floor)"}
+
+        def floor():
+            (lstm(seq.detach().requires_grad_(True))[1][1][0] * up).sum().backward()
+        yield measured_fb("readout", row, floor, args, device)
 
 
 # ------------------------------------------------------------------- the whole encoder compiled

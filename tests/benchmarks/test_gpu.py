@@ -47,7 +47,8 @@ def test_cpu_dry_run_writes_every_row(tmp_path, released_stand_in):
                                                           "fused, 4 warps"]   # tiles of 16: 2 warps by default
     if fused_runs:
         assert data["optimizer"][2]["note"] == "kernel='fused' default"
-    assert [r["impl"].split(",")[0] for r in data["readout"]] == ["packed", "packed", "padded"]
+    assert [r["impl"].split(",")[0] for r in data["readout"]][:4] == ["packed", "packed", "padded",
+                                                                     "the LSTM alone on all N steps (no sizes: the floor)"]
     assert all(r["fb_ms"] > 0 and "note" not in r for r in data["readout"]), data["readout"]
     models = [r["model"] for r in data["ban"]]
     assert models == ["BAN", "BAN + LSTM", "BAN + PO-U, unrolled steps", "BAN + PO-U, kernel fused",
