@@ -966,6 +966,20 @@ def test_auto_readout_on_the_cpu_takes_the_method_the_cost_model_expects_fastest
     assert read_costs(lstm, lengths, n, 8) == read_costs(lstm, lengths, n, 2)  # more threads count as two
 
 
+def test_the_padded_read_says_nothing_about_its_weights(device):
+    """The held read calls the LSTM with its own (4H, D + 1) input weights, which are no flat buffer of
+    the module's: cuDNN's advice to flatten the module's weights would name a fault that is not the
+    user's, so the padded read (forward and backward) raises no warning on any device."""
+    from setperm.encoder import last_state
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True).to(device)
+    x = torch.randn(3, 5, 3, device=device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        last_state(lstm, x, torch.tensor([5, 2, 0], device=device), method="padded").sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("value", [1e32, -1e32, 3.4e38, -3.4e38])
 def test_the_padded_read_of_huge_elements_equals_the_grouped_one(device, value):
     """Huge elements make huge gates: a forget gate of -1e30 (or an overflowed -inf) in the padded
