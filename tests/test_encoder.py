@@ -982,9 +982,9 @@ def test_the_padded_read_says_nothing_about_its_weights(device):
 
 @pytest.mark.parametrize("value", [1e32, -1e32, 3.4e38, -3.4e38])
 def test_the_padded_read_of_huge_elements_equals_the_grouped_one(device, value):
-    """Huge elements make huge gates: a forget gate of -1e30 (or an overflowed -inf) in the padded
-    read's running sums of log f rounded their later differences away (wrong states) or gave NaN;
-    the gates are floored where the gate is 0 anyway. Values and gradients as the grouped read's."""
+    """Huge elements make huge gates (-1e30, or overflowed to -inf): the padded read gives the grouped
+    read's values and gradients (an earlier form of it, which recovered the cell from running sums of
+    log f, rounded their differences away, wrong states, or gave NaN)."""
     from setperm.encoder import last_state
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(3, 4, batch_first=True).to(device)
