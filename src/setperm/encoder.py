@@ -530,7 +530,10 @@ class PermutationSetEncoder(nn.Module):
         (:func:`last_state`). On the CPU the reader is called the way :func:`read_costs` expects to
         be fastest for the batch's sizes: once per distinct size of a non-empty set, on that size's
         sets without their padding (a forward hook on ``lstm`` fires as often, each time with those
-        rows), or once on the whole batch (padded, or packed); elsewhere once per forward. On CUDA, ``lengths``
+        rows), or once on the whole batch (packed, or padded, which uses the LSTM's weights
+        without calling it, so the CPU's choice leaves it out for an LSTM with hooks); elsewhere
+        once per forward, except the padded read of an LSTM (with ``mask=``, where a hook on it
+        is named in a warning instead of run). On CUDA, ``lengths``
         given as a CPU tensor serve a packed sequence as
         they are; with a ``mask`` the LSTM reads the whole padded batch, padding zeroed, its padded
         steps made to hold the cell state (:func:`last_state`), so neither makes a host
