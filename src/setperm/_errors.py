@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import sys
+from typing import List
 
 import torch
 
@@ -51,3 +52,12 @@ def user_stacklevel() -> int:
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OWN):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def registered_hooks(module: torch.nn.Module) -> List[str]:
+    """The kinds of hooks registered on ``module`` itself, as a warning names them: for a module
+    whose weights setperm reads without calling it, so that its hooks do not run."""
+    return [kind for kind, attr in (("forward pre-hooks", "_forward_pre_hooks"), ("forward hooks", "_forward_hooks"),
+                                    ("backward hooks", "_backward_hooks"),
+                                    ("backward pre-hooks", "_backward_pre_hooks"))
+            if getattr(module, attr, None)]

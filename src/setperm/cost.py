@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._errors import check_int, check_same_device, user_stacklevel
+from ._errors import check_int, check_same_device, registered_hooks, user_stacklevel
 from .init import uninitialized, xavier_linear_
 from .masking import (check_dtype, check_module_device, check_set, host_decisions, pair_mask, resolve_mask,
                       zero_padding)
@@ -331,11 +331,7 @@ class PairwiseCost(nn.Module):
         layers = [("first", self.first), *((f"hidden.{k}", layer) for k, layer in enumerate(self.hidden)),
                   ("last", self.last)]
         for name, layer in layers:
-            kinds = [kind for kind, attr in (("forward pre-hooks", "_forward_pre_hooks"),
-                                             ("forward hooks", "_forward_hooks"),
-                                             ("backward hooks", "_backward_hooks"),
-                                             ("backward pre-hooks", "_backward_pre_hooks"))
-                     if getattr(layer, attr, None)]
+            kinds = registered_hooks(layer)
             if kinds:
                 warnings.warn(f"setperm: PairwiseCost reads the weights of its layer {name!r} and never calls it "
                               f"(the pairs of eq. 8 are never built), so the {' and '.join(kinds)} registered on "

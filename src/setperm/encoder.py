@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ._compat import autocast_off
-from ._errors import check_int, check_positive, check_same_device, user_stacklevel
+from ._errors import check_int, check_positive, check_same_device, registered_hooks, user_stacklevel
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost, hidden_widths
 from .init import uninitialized, xavier_linear_, xavier_rnn_
@@ -360,7 +360,8 @@ def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Opt
     if not one_layer:
         return "grouped"
     costs = read_costs(rnn, host_lengths if host_lengths is not None else lengths, seq.shape[1], threads)
-    methods = ("grouped", "packed") if isinstance(rnn, nn.LSTM) and _reader_hooks(rnn) else ("grouped", "padded", "packed")
+    hooked = isinstance(rnn, nn.LSTM) and registered_hooks(rnn)         # (the padded read would not run them)
+    methods = ("grouped", "packed") if hooked else ("grouped", "padded", "packed")
     return min(methods, key=costs.__getitem__)
 
 
@@ -369,14 +370,6 @@ def auto_method(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, host_lengths: Opt
 # because cuDNN reads an LSTM in float16 under autocast; sigmoid(-60,000 + r) = 0 and
 # sigmoid(60,000 + r) = 1 exactly in every dtype for any recurrent part |r| < 59,000.
 _HOLD_LOGIT = 6.0e4
-
-
-def _reader_hooks(rnn: nn.RNNBase) -> List[str]:
-    """The kinds of hooks registered on ``rnn`` itself (which the padded LSTM read does not run)."""
-    return [kind for kind, attr in (("forward pre-hooks", "_forward_pre_hooks"), ("forward hooks", "_forward_hooks"),
-                                    ("backward hooks", "_backward_hooks"),
-                                    ("backward pre-hooks", "_backward_pre_hooks"))
-            if getattr(rnn, attr, None)]
 
 
 def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor:
@@ -404,7 +397,7 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
         last = (lengths - 1).clamp_min(0).view(B, 1, 1)               # (a length-0 row is masked below)
         h = out.gather(1, last.expand(B, 1, out.shape[-1])).squeeze(1)
         return torch.where((lengths > 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
-    hooks = _reader_hooks(rnn)
+    hooks = registered_hooks(rnn)
     if hooks:
         warnings.warn(f"setperm: the padded LSTM read uses the reader's weights and does not call the reader, so the "
                       f"{' and '.join(hooks)} registered on it do not run; a weight that such a hook recomputes "
