@@ -7,7 +7,6 @@ T = 0 steps) is its own module, :class:`LinAssign`.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -418,17 +417,19 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
              + (["weight_hr_l0"] if rnn.proj_size > 0 else []))
     weights = [w_held] + [getattr(rnn, name) for name in names]
     state = (seq.new_zeros(1, B, rnn.proj_size or H), seq.new_zeros(1, B, H))
+
+    def read() -> Tensor:
+        # (torch.lstm: what nn.LSTM.forward calls, with the same autocast and device rules)
+        return torch.lstm(held, state, weights, rnn.bias, 1, 0.0, rnn.training, False, True)[2][0]
+    if seq.device.type != "cuda":
+        return read()
     # cuDNN copies weights that are not one flat buffer into one at each call and warns that the
     # module should flatten them: here they are the (4H, D + 1 + H) matrices, made anew at each call
-    # anyway, so the warning would name a fault that is not the user's. (Only on CUDA, where cuDNN
-    # runs: catch_warnings swaps the process's filters, which threads share.)
-    quiet = warnings.catch_warnings() if seq.device.type == "cuda" else contextlib.nullcontext()
-    with quiet:
-        if seq.device.type == "cuda":
-            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
-        # (torch.lstm: what nn.LSTM.forward calls, with the same autocast and device rules)
-        _, _, cell = torch.lstm(held, state, weights, rnn.bias, 1, 0.0, rnn.training, False, True)
-    return cell[0]
+    # anyway, so the warning would name a fault that is not the user's. (Only where cuDNN runs:
+    # catch_warnings swaps the process's filters, which threads share.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+        return read()
 
 
 def _pool_elements(x: Tensor, mask: Optional[Tensor], how: str, gate: Optional[nn.Module]) -> Tensor:
