@@ -294,7 +294,7 @@ def fit_read_costs(rows: List[Dict[str, object]], threads: int) -> Dict[str, flo
         return read_cost_model(dict(zip(READ_COST_TERMS, c)), r["hidden"], r["features"], r["batch"], r["n"],
                                r["distinct"], r["grouped_steps"], r["real_steps"], threads)
 
-    scale = np.array([1e5, 1e3, 1.0, 1e4, 1.0])
+    scale = np.array([READ_COSTS_NS[t] for t in READ_COST_TERMS])     # fitted as factors of the library's constants
 
     def residuals(log_c):
         c = np.exp(log_c) * scale

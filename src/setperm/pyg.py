@@ -127,12 +127,12 @@ class PermutationAggregation(Aggregation):
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[-1] != self.in_channels:
             raise ValueError(f"x must have shape (E, {self.in_channels}), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        # PO-LA has one position vector per slot of the dense batch (paper eq. 6, right); None otherwise
+        positions = getattr(self.encoder.po, "num_positions", None)
         if max_num_elements is not None:
             # 0 would drop every element (all sets zeros); PyG reads a bool or a negative size without a word
             max_num_elements = check_int(max_num_elements, "max_num_elements", 1)
-            positions = getattr(self.encoder.po, "num_positions", None)
             if positions is not None and max_num_elements > positions:
-                # PO-LA has one position vector per slot of the dense batch (paper eq. 6, right)
                 raise ValueError(f"max_num_elements={max_num_elements} pads every set to {max_num_elements} elements, "
                                  f"more than the {positions} positions of PO-LA (num_positions); pass at most "
                                  f"{positions}, or build the PO with num_positions >= {max_num_elements}")
@@ -169,7 +169,6 @@ class PermutationAggregation(Aggregation):
             _check_finite_rows(dense, mask, index, "x")
             if dense_weights is not None:
                 _check_finite_rows(dense_weights, mask, index, "weights")
-        positions = getattr(self.encoder.po, "num_positions", None)
         if positions is not None and dense.shape[1] > positions:
             # named here in the sparse form's terms (the encoder would name the dense batch, which the caller never saw)
             raise ValueError(f"the largest set has {dense.shape[1]} elements, more than the {positions} positions of "
