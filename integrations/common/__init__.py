@@ -17,8 +17,8 @@ The integrations import only ``setperm`` and this package.
 """
 from .checkpoint import CheckpointError, latest_checkpoint, load_latest, read_checkpoint, run_folder
 from .cli import (CommandError, add_data_root_argument, add_kernel_argument, add_threads_argument, add_run_arguments, data_root, default_data_root,
-                  device_name, non_negative_float, non_negative_int, positive_float, positive_int, resolve_device,
-                  run_command, set_threads, HelpFormatter, with_help_formatter)
+                  device_name, non_negative_float, non_negative_int, positive_float, positive_int,
+                  refuse_po_u_without_steps, resolve_device, run_command, set_threads, HelpFormatter, with_help_formatter)
 from .distributed import DistInfo, cleanup_distributed, init_distributed, launched_rank
 from .lifecycle import (NonFiniteError, Run, RunError, RunInterrupted, StopNow, ensure_new, finite_loss, open_run,
                         write_json, write_new_json)
@@ -33,6 +33,7 @@ __all__ = [
     "step_seed", "generator", "seeded_generator", "seed_everything",
     "restricted_load", "UnsafePickleError",
     "CommandError", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "device_name", "resolve_device",
+    "refuse_po_u_without_steps",
     "add_kernel_argument", "add_threads_argument", "add_run_arguments", "add_data_root_argument", "data_root", "default_data_root",
     "set_threads", "run_command", "HelpFormatter", "with_help_formatter",
     "progress",

@@ -91,6 +91,14 @@ def non_negative_float(text: str) -> float:
     return v
 
 
+def refuse_po_u_without_steps(parser: argparse.ArgumentParser, flag: str) -> None:
+    """``parser.error`` (exit 2, as argparse words a bad flag, before any folder is touched) for
+    PO-U with ``flag`` = 0 inner steps, which every command that trains PO-U refuses."""
+    parser.error(f"argument {flag}: PO-U needs T >= 1 inner steps: with T = 0 its P is the uniform assignment "
+                 "whatever its weights, so no parameter reaches the loss (LinAssign, --permutation linassign, "
+                 "has no inner steps)")
+
+
 def device_name(text: str) -> str:
     """A device the machine has (``auto``, ``cpu``, ``cuda[:i]``, ``mps``), checked at parse time."""
     try:

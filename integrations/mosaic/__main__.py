@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-from integrations.common import (with_help_formatter, add_data_root_argument, add_kernel_argument, add_run_arguments, add_threads_argument,
+from integrations.common import (refuse_po_u_without_steps, with_help_formatter, add_data_root_argument, add_kernel_argument, add_run_arguments, add_threads_argument,
                                  device_name,
                                  non_negative_int, positive_float, positive_int, resolve_device, ensure_new,
                                  run_command, run_folder, write_new_json)
@@ -112,9 +112,7 @@ def resolve(args: argparse.Namespace, p: argparse.ArgumentParser) -> argparse.Na
     if args.permutation == "linassign" and args.task != "pretrain":
         args.steps = 0
     if args.permutation == "po-u" and args.task != "pretrain" and args.steps == 0:
-        p.error("argument --steps: PO-U needs T >= 1 inner steps: with T = 0 its P is the uniform assignment "
-                "whatever its weights, so no parameter reaches the loss (LinAssign, --permutation linassign, "
-                "has no inner steps)")
+        refuse_po_u_without_steps(p, "--steps")
     if args.logit_clip is not None and not math.isfinite(args.logit_clip):
         p.error(f"argument --logit-clip: must be a finite number (<= 0 for no clip), got {args.logit_clip}")
     if args.permutation == "po-u" and args.task != "pretrain" and args.logit_clip is not None and args.logit_clip > 0:

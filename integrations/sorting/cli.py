@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from integrations.common import (CommandError, with_help_formatter, add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
+from integrations.common import (CommandError, refuse_po_u_without_steps, with_help_formatter, add_kernel_argument, add_run_arguments, add_threads_argument, device_name, non_negative_int, positive_float,
                                  positive_int, resolve_device, run_folder, set_threads, ensure_new, write_json,
                                  write_new_json)
 
@@ -325,9 +325,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("train", "demo") and args.permutation == "po-u" and args.steps == 0:
-        # (as argparse words a bad flag, exit 2, before any folder is touched)
-        parser.error(
-            "argument --steps/-T: PO-U needs T >= 1 inner steps: with T = 0 its P is the uniform assignment "
-            "whatever its weights, so there is nothing to train (LinAssign has no inner steps: "
-            "--permutation linassign)")
+        refuse_po_u_without_steps(parser, "--steps/-T")
     return {"train": cmd_train, "eval": cmd_eval, "table": cmd_table, "demo": cmd_demo}[args.command](args)
