@@ -8,16 +8,24 @@ the given architecture (``--arch 90``: sm_90, H100 / H200) at every tile size (t
 up to a power of two, >= 16) and number of warps, and reads from each compiled binary
 (``cuobjdump -res-usage``, from Triton's NVIDIA backend): registers per thread, the stack frame
 per thread (spilled registers and arrays the compiler could not keep in registers: local memory,
-far slower than registers) and shared memory per block. Compiling needs no GPU, so these figures
+far slower than registers) and shared memory per block; and, from the machine code
+(``cuobjdump -sass``), the instructions per step ``k`` of each loop of the matrix products (the
+``(N, N)`` products of eq. 7 and its backward, loops of outer products: ``N`` steps per product,
+the kernels' longest-running loops, so the column shows the work each thread issues there; a loop
+the compiler unrolled counts per step, its remainder loop is listed after it). Compiling needs no GPU, so these figures
 come before any device time is spent; the warps per tile size of ``setperm.fused`` were chosen from
-them (no stack, or the least, at the fewest registers). Output: ``<out>/fused_resources.json`` and
-``.md``; the row that ``setperm.fused`` uses is marked.
+them (no stack, or the least, at the fewest registers). ``--c-in-place`` compiles the kernels as
+``fused_optimize(stage_c=False)`` runs them (the matrix products read the cost matrix where it
+is, instead of from a zero-padded copy in a scratch tile). Output: ``<out>/fused_resources.json``
+and ``.md`` (``fused_resources_c_in_place.*`` with ``--c-in-place``); the row that
+``setperm.fused`` uses is marked.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,14 +43,16 @@ from .harness import DEFAULT_OUT, markdown_table
 KERNELS = ("forward_kernel", "backward_kernel")
 POINTERS = {"mask_ptr": "*u8"}          # the rest point to float32
 INT_SCALARS = ("N", "steps", "iters")
-# constexpr values compiled: masked sets, saving for backward, no PO-LA start (their usual case)
-CONSTEXPRS = {"HAS_INIT": False, "HAS_MASK": True, "SAVE": True, "WANT_INIT": False}
+# constexpr values compiled: masked sets, saving for backward, no PO-LA start (their usual case),
+# C staged in a scratch tile (setperm.fused's default; --c-in-place: read where it is)
+CONSTEXPRS = {"HAS_INIT": False, "HAS_MASK": True, "SAVE": True, "WANT_INIT": False, "STAGE_C": True}
 COLUMNS = [("block", "tile"), ("warps", "warps"), ("kernel", "kernel"), ("registers", "registers / thread"),
-           ("stack", "stack bytes / thread"), ("shared", "shared memory / block"), ("used", "used by setperm.fused"),
+           ("stack", "stack bytes / thread"), ("shared", "shared memory / block"),
+           ("product_loops", "instructions per step of the product loops"), ("used", "used by setperm.fused"),
            ("note", "note")]
 
 
-def _signature(fn, block: int):
+def _signature(fn, block: int, stage_c: bool = True):
     """The kernel's argument types, its constexprs' values and the indices of its pointers: a launch
     tells Triton that each pointer is 16-byte aligned (every tensor torch allocates is), which the
     compiled code depends on (vectorised loads and stores, the shared memory they stage through), so
@@ -52,7 +62,7 @@ def _signature(fn, block: int):
     for i, name in enumerate(fn.arg_names):
         if name == "BLOCK" or name in CONSTEXPRS:
             sig[name] = "constexpr"
-            constexprs[(i,)] = block if name == "BLOCK" else CONSTEXPRS[name]
+            constexprs[(i,)] = block if name == "BLOCK" else stage_c if name == "STAGE_C" else CONSTEXPRS[name]
         elif name.endswith("_ptr"):
             sig[name] = POINTERS.get(name, "*fp32")
             pointers.append(i)
@@ -69,11 +79,11 @@ def _cuobjdump(triton_module) -> str:
     return found
 
 
-def _source(fn, block: int):
+def _source(fn, block: int, stage_c: bool = True):
     """The kernel at one tile size as Triton's compiler takes it (its interface differs by release)."""
     from triton.compiler import ASTSource
 
-    sig, constexprs, pointers = _signature(fn, block)
+    sig, constexprs, pointers = _signature(fn, block, stage_c)
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:          # Triton 3.3 and newer
         return ASTSource(fn=fn, signature=sig, constexprs=constexprs,
                          attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
@@ -85,24 +95,54 @@ def _source(fn, block: int):
                      attrs=AttrsDescriptor.from_hints({i: 16 for i in pointers}))
 
 
-def resources(fn, block: int, warps: int, arch: int, cuobjdump: str) -> Dict[str, object]:
+_SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def product_loops(sass: str, per_thread: int) -> List[float]:
+    """Instructions per step of every loop of outer products in ``sass`` (``cuobjdump -sass`` of one
+    kernel), in the order of the code: the innermost loops (a backward branch, no loop inside) that
+    multiply-add (FFMA) and hold no shuffle or barrier (the Sinkhorn loops reduce across threads);
+    a step is ``per_thread`` multiply-adds, one per tile entry a thread holds."""
+    code = [(int(m[1], 16), m[2]) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+    index = {address: i for i, (address, _) in enumerate(code)}
+    loops = []
+    for i, (address, text) in enumerate(code):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target[1], 16) < address and int(target[1], 16) in index:
+            loops.append((index[int(target[1], 16)], i))
+    out = []
+    for start, end in loops:
+        if any(start < s2 and e2 <= end for s2, e2 in loops if (s2, e2) != (start, end)):
+            continue                                          # not innermost
+        ops = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for _, text in code[start:end + 1]]
+        fmas = sum(op.startswith("FFMA") for op in ops)
+        if fmas and not any(op.startswith(("SHFL", "BAR")) for op in ops):
+            out.append(round(len(ops) * per_thread / fmas, 1))
+    return out
+
+
+def resources(fn, block: int, warps: int, arch: int, cuobjdump: str, stage_c: bool = True) -> Dict[str, object]:
     import triton
     from triton.backends.compiler import GPUTarget
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(_source(fn, block), target=GPUTarget("cuda", arch, 32),
+        compiled = triton.compile(_source(fn, block, stage_c), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": warps})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(compiled.asm["cubin"])
         report = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True)
+        sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
     fields = {}
     for line in report.stdout.splitlines():
         if "REG:" in line:
             fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
+    per_thread = max(1, block * block // (32 * warps))
+    steps = product_loops(sass, per_thread)
     return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "shared": int(compiled.metadata.shared)}
+            "shared": int(compiled.metadata.shared),
+            "product_loops": ", ".join(f"{v:g}" for v in steps) if steps else "-"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="16,32,64,128", help="tile sizes, comma-separated (powers of two, 16-128)")
     p.add_argument("--warps", default="1,2,4,8,16,32", help="warps per program, comma-separated")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default runs/benchmarks)")
+    p.add_argument("--c-in-place", action="store_true",
+                   help="compile the kernels as fused_optimize(stage_c=False) runs them: the matrix products read "
+                        "the cost matrix where it is, not from a copy in a scratch tile")
     p.add_argument("--overwrite", action="store_true", help="replace this command's earlier results in --out")
     return p
 
@@ -150,8 +193,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise RunError(f"--out {args.out} is a file, not a folder")
-    path = ensure_new(args.out / "fused_resources.json", overwrite=args.overwrite)
-    table_path = ensure_new(args.out / "fused_resources.md", overwrite=args.overwrite)
+    stem = "fused_resources_c_in_place" if args.c_in_place else "fused_resources"
+    path = ensure_new(args.out / f"{stem}.json", overwrite=args.overwrite)
+    table_path = ensure_new(args.out / f"{stem}.md", overwrite=args.overwrite)
     cuobjdump = _cuobjdump(triton)
     rows = []
     for block in blocks:
@@ -160,7 +204,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row: Dict[str, object] = {"block": block, "warps": w, "kernel": name,
                                           "used": "yes" if _warps(block) == w else ""}
                 try:
-                    row.update(resources(getattr(_fused_kernels, name), block, w, args.arch, cuobjdump))
+                    row.update(resources(getattr(_fused_kernels, name), block, w, args.arch, cuobjdump,
+                                         not args.c_in_place))
                 except OSError:
                     # the machine's, not the kernel's (Triton's cache folder unwritable, say): one line
                     # naming the path, before anything is written
@@ -171,10 +216,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"tile {block} warps {w} {name}: " + ", ".join(
                     f"{k} {row[k]}" for k in ("registers", "stack", "shared", "note") if k in row),
                     file=sys.stderr, flush=True)
-    info = {"triton": triton.__version__, "arch": f"sm_{args.arch}"}
+    info = {"triton": triton.__version__, "arch": f"sm_{args.arch}", "stage_c": not args.c_in_place}
     write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
-    table = (f"Resources of setperm.fused's kernels compiled for sm_{args.arch} by Triton {triton.__version__} "
-             "(`python -m benchmarks.fused_resources`):\n\n" + markdown_table(rows, COLUMNS) + "\n")
+    command = "python -m benchmarks.fused_resources" + (" --c-in-place" if args.c_in_place else "")
+    variant = ", C read in place (stage_c=False)" if args.c_in_place else ""
+    table = (f"Resources of setperm.fused's kernels{variant} compiled for sm_{args.arch} by Triton "
+             f"{triton.__version__} (`{command}`):\n\n" + markdown_table(rows, COLUMNS) + "\n")
     atomic_write(table_path, lambda f: f.write(table.encode()), durable=False)
     print(table)
     return 0

@@ -21,7 +21,9 @@ their estimated peak exceeds ``--ref-mem-limit-gb``.
 Optimisation table: forward + backward of the permutation optimisation alone (T = 3, L = 4) on B in
 {64, 256} padded sets of 10 to N in {36, 100} elements, and on BAN + PO-U's 2,048 sets (256 questions
 x 8 glimpses) of 10 to 100 boxes: the unrolled steps, and ``setperm.fused``'s
-kernels at their default warps per program and at half and twice as many.
+kernels at their default warps per program and at half and twice as many, and at the default warps
+with the cost matrix read where it is instead of from the kernels' zero-padded copy
+(``stage_c=False``).
 
 Readout table: forward + backward of the encoder's LSTM readout (13 -> 128) of padded sets of 10 to
 100 elements, B in {256, 2048}: a packed sequence with the set sizes from the host, the same with
@@ -324,8 +326,9 @@ def optimizer_configs(tiny: bool):
 
 def optimizer_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
     """fwd+bwd of the permutation optimisation alone (T = 3, L = 4, padded sets): the unrolled steps
-    against setperm.fused's kernels at their default warps and at half and twice as many, so that
-    one run shows how both choices (the kernel and its warps) fare on the card."""
+    against setperm.fused's kernels at their default warps and at half and twice as many, and at
+    the default warps with the cost read in place (stage_c=False), so that one run shows how these
+    choices (the kernel, its warps, where its products read the cost) fare on the card."""
     from setperm import fused
     from setperm.functional import optimize_permutation
 
@@ -341,23 +344,24 @@ def optimizer_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
         eta = torch.ones((), device=device, requires_grad=True)
         default = fused._warps(fused._block(N))
         warps = [w for w in (default // 2, default, default * 2) if 1 <= w <= 32]
-        impls = [("unrolled", None)] + [(f"fused, {w} warp{'s' if w > 1 else ''}", w) for w in warps]
-        for label, w in impls:
+        impls = ([("unrolled", None, True)] + [(f"fused, {w} warp{'s' if w > 1 else ''}", w, True) for w in warps]
+                 + [(f"fused, {default} warps, C read in place (stage_c=False)", default, False)])
+        for label, w, stage_c in impls:
             row: Dict[str, object] = {"config": f"B={B} N={N}", "impl": label}
             if w is not None and not fused.applies(C, 3):
                 row["note"] = f"the fused kernels do not run on {device.type} here"
                 yield row
                 continue
-            if w == default:
+            if w == default and stage_c:
                 row["note"] = "kernel='fused' default"
 
-            def fb(warps=w):
+            def fb(warps=w, stage_c=stage_c):
                 Cg = C.detach().requires_grad_(True)
                 if warps is None:
                     P = optimize_permutation(Cg, mask=mask, eta=eta, steps=3, kernel="chunked")
                 else:
                     P = fused.fused_optimize((2 * eta) * Cg, None, mask, steps=3, sinkhorn_iters=4,
-                                             temperature=1.0, num_warps=warps)
+                                             temperature=1.0, num_warps=warps, stage_c=stage_c)
                 (P * up).sum().backward()
             yield measured_fb("optimisation", row, fb, args, device)
 

@@ -102,6 +102,35 @@ def test_fused_equals_the_unrolled_steps_in_values_and_gradients(fdevice, B, N, 
         assert err < 1e-4, err
 
 
+@pytest.mark.parametrize("B,N,with_init", [(4, 17, False), (3, 100, True), (2, 128, False)])
+def test_the_cost_read_in_place_equals_the_cost_staged(fdevice, B, N, with_init):
+    """stage_c=True (the default: C copied into a zero-padded scratch tile, read without masks) and
+    False (C read where it is) are the same products: the same values and gradients."""
+    from setperm import fused
+
+    mask = random_mask(B, N, seed=N)
+    C = cost(B, N, seed=N, mask=mask).float().to(fdevice)
+    init = (torch.randn(B, N, N, generator=torch.Generator().manual_seed(1)).to(fdevice) if with_init else None)
+    G = torch.randn(B, N, N, generator=torch.Generator().manual_seed(7)).to(fdevice)
+    results = []
+    for stage_c in (True, False):
+        leaves = [C.clone().requires_grad_(True)] + ([init.clone().requires_grad_(True)] if with_init else [])
+        P = fused.fused_optimize(leaves[0], leaves[1] if with_init else None, mask.to(fdevice), steps=3,
+                                 sinkhorn_iters=4, temperature=1.0, stage_c=stage_c)
+        results.append((P, torch.autograd.grad((P * G).sum(), leaves)))
+    (P_staged, g_staged), (P_in_place, g_in_place) = results
+    assert_close(P_in_place, P_staged, rtol=1e-6, atol=1e-7)
+    for got, want in zip(g_in_place, g_staged):
+        assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stage_c_is_checked():
+    from setperm import fused
+
+    with pytest.raises(ValueError, match="stage_c must be True or False, got 1"):
+        fused.fused_optimize(torch.zeros(1, 2, 2), None, None, steps=1, sinkhorn_iters=1, temperature=1.0, stage_c=1)
+
+
 @pytest.mark.parametrize("fill", [0.0, float("nan")])
 def test_padded_sets_equal_the_sets_alone(fdevice, fill):
     """Whatever the padding holds (zero, as PairwiseCost gives, or NaN), in the cost and in the start."""
@@ -580,7 +609,8 @@ def test_the_operators_pass_torch_library_opcheck(fdevice):
     mask = random_mask(2, 7, seed=0).to(fdevice)
     C = cost(2, 7, seed=1, mask=mask.cpu()).float().to(fdevice).requires_grad_(True)
     init = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(2)).to(fdevice).requires_grad_(True)
-    for args in ((C, init, mask, 2, 3, 1.0, True, None, True), (C, None, None, 1, 0, 0.5, True, None, True)):
+    for args in ((C, init, mask, 2, 3, 1.0, True, None, True, True),
+                 (C, None, None, 1, 0, 0.5, True, None, False, True)):
         torch.library.opcheck(fused._OPERATORS.forward, args)
 
 

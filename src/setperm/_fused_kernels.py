@@ -141,14 +141,24 @@ def _sinkhorn_backward(grad_P, logits, allowed, temperature, halves_ptr, b, t, s
 
 
 @triton.jit
-def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, N, offs, BLOCK: tl.constexpr):
+def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, N, offs, BLOCK: tl.constexpr,
+                    A_WHOLE: tl.constexpr, B_WHOLE: tl.constexpr):
     # sum_k a_k b_k^T over k < N, the vectors read from (L1-cached) memory: a matrix product
     # without tl.dot, whose float32 form stages both operands in registers (most of them spilled
-    # to the stack at 128 x 128) or, on tensor cores, in more shared memory than a block has
+    # to the stack at 128 x 128) or, on tensor cores, in more shared memory than a block has.
+    # An operand read from a whole scratch tile (A_WHOLE, B_WHOLE) is loaded without a mask: its
+    # entries past the set only reach entries of the product past the set, which no caller keeps,
+    # and the masks' predicates were a third of the loop's instructions at 128 x 128 (sm_90)
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for k in range(N):
-        a = tl.load(a_ptr + k * a_step + offs * a_stride, mask=offs < N, other=0.0)
-        c = tl.load(b_ptr + k * b_step + offs * b_stride, mask=offs < N, other=0.0)
+        if A_WHOLE:
+            a = tl.load(a_ptr + k * a_step + offs * a_stride)
+        else:
+            a = tl.load(a_ptr + k * a_step + offs * a_stride, mask=offs < N, other=0.0)
+        if B_WHOLE:
+            c = tl.load(b_ptr + k * b_step + offs * b_stride)
+        else:
+            c = tl.load(b_ptr + k * b_step + offs * b_stride, mask=offs < N, other=0.0)
         acc += a[:, None] * c[None, :]
     return acc
 
@@ -163,13 +173,27 @@ def _to_scratch(ptr, x, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _operand_C(C_ptr, staged_ptr, b, N, inside, tile, offs, STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
+    # where the matrix products read this set's C: the (N, N) input itself (row stride N, loads
+    # masked), or, with STAGE_C, a copy zero-padded to a scratch tile (row stride BLOCK, a
+    # compile-time constant, so that each thread's rows are one address plus constant offsets,
+    # and no masks: see _outer_products). -> (pointer, row stride)
+    if STAGE_C:
+        _to_scratch(staged_ptr, tl.load(C_ptr + b * N * N + tile, mask=inside, other=0.0), offs, BLOCK)
+        return staged_ptr, BLOCK
+    else:
+        return C_ptr + b * N * N, N
+
+
+@triton.jit
 def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scratch_ptr, N, steps, iters,
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
     allowed = _allowed(inside, offs, N, mask_ptr, b, HAS_MASK)
-    C = C_ptr + b * N * N
-    bal = scratch_ptr + b * BLOCK * BLOCK
+    # scratch: the position balance (and C, with STAGE_C)
+    bal = scratch_ptr + b * (1 + STAGE_C) * BLOCK * BLOCK
+    C, C_row = _operand_C(C_ptr, bal + BLOCK * BLOCK, b, N, inside, tile, offs, STAGE_C, BLOCK)
     if HAS_INIT:
         logits = tl.load(init_ptr + b * N * N + tile, mask=inside, other=0.0)
     else:
@@ -181,7 +205,7 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
         P = tl.exp(_sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE))
         _to_scratch(bal, _balance(P), offs, BLOCK)
         # eq. 7 with the gradient 2 C B of eq. 4 (2 eta folded into C): (C B)_iq = sum_k C_ik B_kq
-        logits = logits - _outer_products(C, 1, N, bal, BLOCK, 1, N, offs, BLOCK)
+        logits = logits - _outer_products(C, 1, C_row, bal, BLOCK, 1, N, offs, BLOCK, STAGE_C, True)
     if SAVE:
         tl.store(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, logits, mask=inside)
     _, zc = _clamped(logits, allowed, temperature, iters)
@@ -192,12 +216,13 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
 @triton.jit
 def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
                     steps, iters, temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
     allowed = _allowed(inside, offs, N, mask_ptr, b, HAS_MASK)
-    C = C_ptr + b * N * N
-    bal = scratch_ptr + b * 2 * BLOCK * BLOCK
+    # scratch: the position balance, the logits' gradient (and C, with STAGE_C)
+    bal = scratch_ptr + b * (2 + STAGE_C) * BLOCK * BLOCK
     gls = bal + BLOCK * BLOCK
+    C, C_row = _operand_C(C_ptr, gls + BLOCK * BLOCK, b, N, inside, tile, offs, STAGE_C, BLOCK)
     gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     gP = tl.load(gP_ptr + b * N * N + tile, mask=inside, other=0.0)
     logits = tl.load(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, mask=inside, other=0.0)
@@ -211,8 +236,8 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
         _to_scratch(gls, gl, offs, BLOCK)
         # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
         # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g)
-        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK)
-        gBP = _balance(_outer_products(C, N, 1, gls, BLOCK, 1, N, offs, BLOCK))
+        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK, True, True)
+        gBP = _balance(_outer_products(C, C_row, 1, gls, BLOCK, 1, N, offs, BLOCK, STAGE_C, True))
         gl += _sinkhorn_backward(gBP, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
     if WANT_INIT:

@@ -119,14 +119,17 @@ def _warps(block: int) -> int:
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
                    sinkhorn_iters: int, temperature: float, num_warps: Optional[int] = None,
-                   fall_back: bool = False) -> Tensor:
+                   stage_c: bool = True, fall_back: bool = False) -> Tensor:
     """``P = S(P~(T))`` of algorithm 1 with ``P~(t+1) = P~(t) - C_step B(S(P~(t)))``.
 
     ``C_step`` ``(B, N, N)``: the step's matrix, ``2 eta`` times the summed cost channels (built by
     the caller, so that ``eta`` and ``C`` get their gradients through it). ``init_logits``
     ``(B, N, N)`` or None (zeros: PO-U); ``mask`` ``(B, N)`` bool or None. Returns ``P`` in the
     dtype of ``C_step``. The caller has checked :func:`applies`. ``num_warps``: warps per program
-    (a power of two up to 32; default per tile size), for benchmarks that tune it.
+    (a power of two up to 32; default per tile size), for benchmarks that tune it. ``stage_c``
+    (default): the kernels first copy ``C_step`` into a zero-padded scratch tile of their own and
+    read the matrix products' operand from there (see :mod:`setperm._fused_kernels`); False reads
+    it where it is, for benchmarks that compare the two.
 
     ``fall_back``: where Triton is missing, or cannot build or launch a kernel for this tile on this
     GPU (in forward or in backward), a RuntimeWarning names the reason once and the unrolled steps
@@ -141,11 +144,13 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     """
     if num_warps not in (None, 1, 2, 4, 8, 16, 32):
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
+    if not isinstance(stage_c, bool):
+        raise ValueError(f"stage_c must be True or False, got {stage_c!r}")
     compiling = is_compiling()
     if not compiling:
         # eager: a missing Triton or a tile known to fail takes the unrolled steps in the caller's
         # dtype at once (compiled graphs learn it at run time, inside the operator)
-        reason = _failure(C_step, num_warps, "forward")
+        reason = _failure(C_step, num_warps, "forward", stage_c)
         if reason is not None:
             # in float32, as the kernels and the fallback inside them compute (the same values
             # whichever call first found the kernel missing)
@@ -157,7 +162,7 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     init32 = None if init_logits is None else init_logits.float()
     # (inside the autograd function grad mode is off, so whether to save for backward is decided here)
     save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
-    args = (steps, sinkhorn_iters, float(temperature), save, num_warps, fall_back)
+    args = (steps, sinkhorn_iters, float(temperature), save, num_warps, stage_c, fall_back)
     if compiling:
         # an operator opaque to the compiler, its output shapes known from (B, N, steps, iters):
         # the compiled graph calls the kernels at run time (and falls back there, if it must)
@@ -168,12 +173,12 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     return P.to(out_dtype)
 
 
-def _failure(t: Tensor, num_warps: Optional[int], which: str) -> Optional[str]:
+def _failure(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool = True) -> Optional[str]:
     """Why the kernel ``which`` cannot run for ``t``'s tile on its device (None: as far as is known, it can)."""
     reason = unavailable()
     if reason is not None:
         return f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason})"
-    return _broken.get(_where(t, num_warps, which))
+    return _broken.get(_where(t, num_warps, which, stage_c))
 
 
 # ---------------------------------------------------------------------------- forward, backward
@@ -181,7 +186,7 @@ def _failure(t: Tensor, num_warps: Optional[int], which: str) -> Optional[str]:
 # operators alike.
 
 def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
-             temperature: float, save: bool, num_warps: Optional[int],
+             temperature: float, save: bool, num_warps: Optional[int], stage_c: bool,
              fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """-> ``P`` (B, N, N), and for backward each step's logits ``(B, steps + 1, N, N)`` and the
     Sinkhorn corrections ``(B, steps + 1, 2 iters, N)`` (empty unless ``save``). Where the kernel
@@ -194,19 +199,19 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
     hist, halves = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save))
     block = _block(N)
     warps = _warps(block) if num_warps is None else num_warps
-    where = _where(C32, num_warps, "forward")
-    reason = _failure(C32, num_warps, "forward")
+    where = _where(C32, num_warps, "forward", stage_c)
+    reason = _failure(C32, num_warps, "forward", stage_c)
     if reason is None:
         # the kernels derive the masked assignment of every set from its mask row (no tensor ops here)
         mask8 = None if mask is None else mask.view(torch.uint8)
-        scratch = C32.new_empty((B, block, block))
+        scratch = C32.new_empty((B, 1 + stage_c, block, block))
         try:
             # (an argument the kernel does not read is given another tensor: an empty one may have no address)
             _launch(_kernels().forward_kernel, B,
                     C32, C32 if init32 is None else init32, P if mask8 is None else mask8, P,
                     hist if hist.numel() else P, halves if halves.numel() else P, scratch,
                     N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
-                    SAVE=save, BLOCK=block, num_warps=warps)
+                    SAVE=save, STAGE_C=stage_c, BLOCK=block, num_warps=warps)
             return P, hist, halves
         except _KernelFailure as failure:
             if not fall_back:
@@ -227,26 +232,26 @@ def _saved_shapes(B: int, N: int, steps: int, iters: int, save: bool) -> Tuple[T
 
 
 def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
-              halves: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int], fall_back: bool,
-              want_init: bool) -> Tuple[Tensor, Optional[Tensor]]:
+              halves: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int], stage_c: bool,
+              fall_back: bool, want_init: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """-> ``dL/dC_step`` and ``dL/dP~(0)`` (None unless ``want_init``) from ``dL/dP``."""
     C32, mask, hist, halves = (None if t is None else t.contiguous() for t in (C32, mask, hist, halves))
     B, N = C32.shape[0], C32.shape[-1]
     block = _block(N)
     warps = _warps(block) if num_warps is None else num_warps
-    where = _where(C32, num_warps, "backward")
-    reason = _failure(C32, num_warps, "forward") or _failure(C32, num_warps, "backward")
+    where = _where(C32, num_warps, "backward", stage_c)
+    reason = _failure(C32, num_warps, "forward", stage_c) or _failure(C32, num_warps, "backward", stage_c)
     if reason is None:
         grad_C = torch.empty_like(C32)
         grad_init = torch.empty_like(C32) if want_init else grad_C
         mask8 = None if mask is None else mask.view(torch.uint8)
-        scratch = C32.new_empty((B, 2, block, block))
+        scratch = C32.new_empty((B, 2 + stage_c, block, block))
         try:
             _launch(_kernels().backward_kernel, B,
                     grad_P.float().contiguous(), C32, grad_C if mask8 is None else mask8, hist,
                     halves if halves.numel() else hist,
                     scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
-                    WANT_INIT=want_init, BLOCK=block, num_warps=warps)
+                    WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block, num_warps=warps)
             return grad_C, (grad_init if want_init else None)
         except _KernelFailure as failure:
             reason = _broken[where] = str(failure)
@@ -274,8 +279,8 @@ class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
     @signature_kept
-    def forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
-        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
+    def forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back):
+        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -290,19 +295,19 @@ class _FusedOptimize(torch.autograd.Function):
             # gradient penalties): the kernels compute first-order gradients only, so these come
             # from the unrolled steps, recomputed from the inputs (the same values, differentiable)
             return (*_differentiable_backward(grad_P, C32, init32, mask, *ctx.setup[:3], want_init),
-                    None, None, None, None, None, None, None)
+                    None, None, None, None, None, None, None, None)
         grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
-        return grad_C, grad_init, None, None, None, None, None, None, None
+        return grad_C, grad_init, None, None, None, None, None, None, None, None
 
 
 def _setup_context(ctx, inputs, output) -> None:
     """What backward needs, for the eager autograd function and the compiled graph's operator alike:
     the inputs, each step's logits and the Sinkhorn corrections (outputs with no gradient)."""
-    C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back = inputs
+    C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back = inputs
     _, hist, halves = output
     ctx.mark_non_differentiable(hist, halves)
     ctx.set_materialize_grads(False)          # (no zero tensors made for hist's and halves' gradients)
-    ctx.setup = (steps, iters, temperature, num_warps, fall_back)
+    ctx.setup = (steps, iters, temperature, num_warps, stage_c, fall_back)
     ctx.has_init = init32 is not None
     ctx.save_for_backward(C32, init32, mask, hist, halves)
 
@@ -334,37 +339,39 @@ def _define_operators():
     # Schemas written out: torch 2.4 cannot infer one from this module's string annotations.
     @custom_op("setperm::fused_forward", mutates_args=(), schema=(
         "(Tensor C32, Tensor? init32, Tensor? mask, SymInt steps, SymInt iters, float temperature, bool save, "
-        "SymInt? num_warps, bool fall_back) -> (Tensor, Tensor, Tensor)"))
+        "SymInt? num_warps, bool stage_c, bool fall_back) -> (Tensor, Tensor, Tensor)"))
     def forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
-                temperature: float, save: bool, num_warps: Optional[int],
+                temperature: float, save: bool, num_warps: Optional[int], stage_c: bool,
                 fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back)
+        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back)
 
     @forward.register_fake
-    def _(C32, init32, mask, steps, iters, temperature, save, num_warps, fall_back):
+    def _(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back):
         B, N = C32.shape[0], C32.shape[-1]
         return (torch.empty_like(C32), *(C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save)))
 
     @custom_op("setperm::fused_backward", mutates_args=(), schema=(
         "(Tensor grad_P, Tensor C32, Tensor? init32, Tensor? mask, Tensor hist, Tensor halves, SymInt steps, "
-        "SymInt iters, float temperature, SymInt? num_warps, bool fall_back, bool want_init) -> (Tensor, Tensor)"))
+        "SymInt iters, float temperature, SymInt? num_warps, bool stage_c, bool fall_back, bool want_init) "
+        "-> (Tensor, Tensor)"))
     def backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
                  halves: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int],
-                 fall_back: bool, want_init: bool) -> Tuple[Tensor, Tensor]:
+                 stage_c: bool, fall_back: bool, want_init: bool) -> Tuple[Tensor, Tensor]:
         grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps,
-                                      fall_back, want_init)
+                                      stage_c, fall_back, want_init)
         # (an operator returns tensors: an empty one stands for "no gradient")
         return grad_C, (grad_init if want_init else C32.new_empty(0))
 
     @backward.register_fake
-    def _(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps, fall_back, want_init):
+    def _(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps, stage_c, fall_back,
+          want_init):
         return torch.empty_like(C32), (torch.empty_like(C32) if want_init else C32.new_empty(0))
 
     def backward_rule(ctx, grad_P, _grad_hist, _grad_halves):
         C32, init32, mask, hist, halves = ctx.saved_tensors
         want_init = ctx.has_init and ctx.needs_input_grad[1]
         grad_C, grad_init = backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
-        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None
+        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None, None
 
     forward.register_autograd(backward_rule, setup_context=_setup_context)
     return types.SimpleNamespace(forward=forward, backward=backward)
@@ -382,9 +389,9 @@ _warned: set = set()
 _ALTERNATIVES = "; kernel='compiled' or 'chunked' compute the same values"
 
 
-def _where(t: Tensor, num_warps: Optional[int], which: str) -> Tuple:
+def _where(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool = True) -> Tuple:
     block = _block(t.shape[-1])
-    return (str(t.device), block, _warps(block) if num_warps is None else num_warps, which)
+    return (str(t.device), block, _warps(block) if num_warps is None else num_warps, stage_c, which)
 
 
 def _warn(reason: str) -> None:

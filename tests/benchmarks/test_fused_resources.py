@@ -36,6 +36,11 @@ def test_compiles_both_kernels_and_reads_their_resources(tmp_path):
     for row in rows:
         assert "note" not in row, row
         assert 0 < row["registers"] <= 255 and row["stack"] >= 0 and row["shared"] >= 0
+        # forward has one matrix product per step, backward two: at least one loop each, every
+        # step at least its multiply-adds (one per tile entry of a thread)
+        steps = [float(v) for v in row["product_loops"].split(", ")]
+        assert len(steps) >= (1 if row["kernel"] == "forward_kernel" else 2), row
+        assert all(v >= 16 * 16 / (32 * row["warps"]) for v in steps), row
     assert [row["used"] for row in rows] == ["", "", "yes", "yes"]        # setperm.fused uses 2 warps at 16
     assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text(encoding="utf-8")
 
@@ -101,3 +106,27 @@ def test_refuses_a_triton_the_kernels_do_not_support(monkeypatch, tmp_path):
     with pytest.raises(RunError, match="Triton 3.1.0 is installed"):
         fused_resources.main(["--blocks", "16", "--warps", "1", "--out", str(tmp_path)])
     assert not (tmp_path / "fused_resources.json").exists()
+
+
+def test_product_loops_counts_the_innermost_multiply_add_loops_per_step():
+    """Machine code in cuobjdump's form: an outer loop around two inner ones, one a loop of
+    loads and multiply-adds unrolled twice (4 multiply-adds at 2 per step), one a reduction
+    (a shuffle: not a product loop); the count is per step of 2 tile entries per thread."""
+    lines = ["/*0000*/ MOV R1, c[0x0][0x28] ;",
+             "/*0010*/ LDG.E R2, desc[UR4][R8.64] ;",              # outer loop starts here
+             "/*0020*/ LDG.E R3, desc[UR4][R8.64+0x4] ;",          # inner product loop
+             "/*0030*/ @!P0 LDG.E R4, desc[UR4][R10.64] ;",
+             "/*0040*/ FFMA R5, R2, R3, R5 ;",
+             "/*0050*/ FFMA R6, R2, R4, R6 ;",
+             "/*0060*/ FFMA R5, R3, R4, R5 ;",
+             "/*0070*/ @P1 FFMA R6, R3, R2, R6 ;",
+             "/*0080*/ @P2 BRA 0x20 ;",
+             "/*0090*/ SHFL.BFLY PT, R7, R5, 0x1, 0x1f ;",         # a reduction loop
+             "/*00a0*/ FFMA R5, R7, R2, R5 ;",
+             "/*00b0*/ @P3 BRA 0x90 ;",
+             "/*00c0*/ @P4 BRA 0x10 ;",
+             "/*00d0*/ EXIT ;"]
+    sass = "\n".join("        " + line for line in lines)
+    # the product loop: 7 instructions for 4 multiply-adds = 2 steps of 2 -> 3.5 per step
+    assert fused_resources.product_loops(sass, per_thread=2) == [3.5]
+    assert fused_resources.product_loops("no code", per_thread=2) == []
