@@ -128,7 +128,7 @@ def resources(fn, block: int, warps: int, arch: int, cuobjdump: str, stage_c: bo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compiled = triton.compile(_source(fn, block, stage_c), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps})
+                                  options={"num_warps": warps, "enable_fp_fusion": True})   # (as setperm.fused)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(compiled.asm["cubin"])

@@ -357,6 +357,30 @@ class _Kernel:
         return launch
 
 
+def test_the_kernels_are_launched_with_fma_contraction_named(fdevice, monkeypatch):
+    """Triton contracts multiply-adds by default up to 3.9 and warns that 3.10 will not: the
+    launches name it, so that neither the rounding nor the warning depends on the release."""
+    launches = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel, self.__name__ = kernel, kernel.__name__
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launches.append((self.__name__, meta.get("enable_fp_fusion")))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    real = fused._kernels()
+    monkeypatch.setattr(fused, "_kernels", lambda: types.SimpleNamespace(
+        forward_kernel=Recording(real.forward_kernel), backward_kernel=Recording(real.backward_kernel)))
+    C = cost(2, 6, seed=2).float().to(fdevice).requires_grad_(True)
+    P = fused.fused_optimize(C, None, None, steps=2, sinkhorn_iters=3, temperature=1.0)
+    P.sum().backward()
+    assert launches == [("forward_kernel", True), ("backward_kernel", True)]
+
+
 @pytest.fixture
 def failing_forward_kernel(monkeypatch, fresh_fallbacks):
     """Triton present and the kernels applying, but the forward kernel fails to build (a stand-in

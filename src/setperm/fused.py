@@ -111,8 +111,8 @@ def _block(N: int) -> int:
 
 
 def _warps(block: int) -> int:
-    # for sm_90: warps at which neither kernel needs a stack frame (every value in registers) at no more
-    # than 128 registers per thread, and at 128 x 128 the least stack; python -m
+    # for sm_90: warps at which neither kernel needs a stack frame (every value in registers), at no more
+    # than 128 registers per thread (146 in backward at tile 32), and at 128 x 128 the least stack; python -m
     # benchmarks.fused_resources, benchmarks/README.md (the GPU benchmark times half and twice as many)
     return {16: 2, 32: 4, 64: 16}.get(block, 32)
 
@@ -424,7 +424,10 @@ def _launch(kernel, programs: int, *args, **meta) -> None:
         # Triton launches on the current CUDA device and its current stream: make them the tensors'
         # (a model on cuda:1 while cuda:0 is current)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            kernel[(programs,)](*args, **meta)
+            # multiply-adds contracted to FMA, as every Triton release so far compiles them by default:
+            # named, so that the kernels' rounding and instruction counts do not change with that
+            # default (Triton 3.9 warns that 3.10 turns it off) and no such warning reaches the user
+            kernel[(programs,)](*args, **meta, enable_fp_fusion=True)
     except Exception as err:
         cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         raise _KernelFailure(f"kernel='fused': Triton could not build or run {kernel.__name__} for sets padded to "
