@@ -168,3 +168,62 @@ def test_compiled_kernel_serves_many_shapes_without_recompiling_per_shape():
             out = pairwise_two_layer(a, c, w, kernel="compiled")
             assert_close(out, literal(a, c, w), rtol=1e-5, atol=1e-5)
             out.sum().backward()
+
+
+def projection_inputs(seed, B=3, N=5, D=2, H=4, K=2, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+                 for shape in ((B, N, D), (H, D), (H, D), (B, 1, H), (K, H)))
+
+
+def from_elements(x, w_a, w_b, bias, w2, kernel="chunked", recompute=True):
+    a, c = pairwise_mod.element_projections(x, w_a, w_b, bias)
+    return pairwise_two_layer(a, c, w2, kernel, projections=(x, w_a, w_b, bias) if recompute else None)
+
+
+def check_recomputed_projections(kernel):
+    args = projection_inputs(5)
+    f = lambda *t: from_elements(*t, kernel=kernel)            # noqa: E731
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+    assert_close(f(*args), from_elements(*args, recompute=False), rtol=1e-12, atol=1e-12)
+
+
+def test_recomputed_projections_give_exact_gradients():
+    """With ``projections`` backward recomputes a and c from the elements: first and second
+    derivatives through x, the first layer's weights and bias, and w2 are exact."""
+    check_recomputed_projections("chunked")
+
+
+@needs_compiler
+def test_recomputed_projections_give_exact_gradients_with_the_compiled_kernel():
+    check_recomputed_projections("compiled")
+
+
+def test_with_projections_backward_keeps_the_elements_not_the_projections():
+    """What autograd keeps for backward, counted by saved-tensor hooks: no (B, N, H) projection
+    once the pairwise function recomputes them, where it kept two before."""
+    B, N, D, H = 3, 5, 2, 7
+    x, w_a, w_b, bias, w2 = projection_inputs(6, B=B, N=N, D=D, H=H)
+
+    def saved_shapes(recompute):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            from_elements(x, w_a, w_b, bias, w2, recompute=recompute)
+        return shapes
+
+    assert saved_shapes(recompute=False).count((B, N, H)) == 2
+    assert (B, N, H) not in saved_shapes(recompute=True)
+
+
+def test_recomputed_projections_under_autocast_give_the_kept_ones_gradients():
+    """Backward runs without autocast; the projections are computed without it in forward too, so
+    the recomputed a and c are the forward's, bit for bit, and so are the gradients."""
+    args = [t.detach().float().requires_grad_(True) for t in projection_inputs(7, N=9, H=16)]
+    grads = []
+    for recompute in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = from_elements(*args, recompute=recompute)
+        grads.append(torch.autograd.grad(out.float().pow(2).sum(), args))
+    for got, want in zip(*grads):
+        assert_close(got, want, rtol=1e-6, atol=1e-7)   # (bfloat16 projections in one of them: ~1e-2 off)

@@ -9,7 +9,11 @@ Two facts make this cheap:
 - ``g_ij = f(x_i, x_j)`` is evaluated once and ``C = g - g^T``; ``f`` is not run twice.
 For the common two-layer ``f`` a custom autograd function (:mod:`setperm.pairwise`) evaluates
 ``g`` and recomputes the ``(B, N, N, hidden)`` activations in backward instead of storing them, so
-memory grows as ``N^2 * K`` rather than ``N^2 * hidden``.
+memory grows as ``N^2 * K`` rather than ``N^2 * hidden``; it recomputes the two projections as
+well, so that backward keeps the ``(B, N, D)`` elements, not two ``(B, N, hidden)`` tensors. The
+projections are computed with autocast off (in the wider dtype of ``x`` and the weights; they cost
+``B N D hidden`` multiply-adds, nothing beside the pairs' ``B N^2 hidden``), so that the ones
+backward recomputes are the forward's, bit for bit.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from ._errors import check_int, check_same_device, registered_hooks, user_stackl
 from .init import uninitialized, xavier_linear_
 from .masking import (check_dtype, check_module_device, check_set, host_decisions, pair_mask, resolve_mask,
                       zero_padding)
-from .pairwise import _rows_per_chunk, check_kernel, pairwise_two_layer
+from .pairwise import _rows_per_chunk, check_kernel, element_projections, pairwise_two_layer
 from .scale import set_scale
 
 
@@ -204,12 +208,11 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     w_a, w_b = first_weight[:, :D], first_weight[:, D:]
     scale = set_scale(x)[:, None, None]                # (B, 1, 1); f evaluated on x / s, biases / s
     xs = x / scale
-    a = xs @ w_a.t()                                  # W_a x_i, once per element
-    c = xs @ w_b.t()                                  # W_b x_j, once per element
-    if first_bias is not None:
-        a = a + first_bias / scale
+    bias = None if first_bias is None else first_bias / scale
+    a, c = element_projections(xs, w_a, w_b, bias)    # W_a x_i + b, W_b x_j: once per element
     if not hidden:
-        g = pairwise_two_layer(a, c, last_weight, kernel)                          # (B, N, N, K)
+        # (backward recomputes a and c from xs: (B, N, D) kept instead of two (B, N, H))
+        g = pairwise_two_layer(a, c, last_weight, kernel, projections=(xs, w_a, w_b, bias))   # (B, N, N, K)
     else:
         h = torch.relu(a.unsqueeze(2) + c.unsqueeze(1))
         scale4 = scale.unsqueeze(-1)                                               # (B, 1, 1, 1)

@@ -36,12 +36,12 @@ import functools
 import os
 import sysconfig
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._compat import compiler_errors, hit_recompile_limit, is_compiling, signature_kept
+from ._compat import autocast_off, compiler_errors, hit_recompile_limit, is_compiling, signature_kept
 from ._errors import user_stacklevel
 
 KERNELS = ("auto", "chunked", "compiled", "fused")
@@ -89,6 +89,25 @@ def _relu_mask(a: Tensor, neg_c: Tensor, out: Optional[Tensor] = None) -> Tensor
     return torch.gt(a, neg_c, out=out)
 
 
+def element_projections(x: Tensor, w_a: Tensor, w_b: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``a = x W_a^T + bias`` and ``c = x W_b^T`` ``(B, N, H)``: the first layer of f on ``[x_i; x_j]``
+    split over the pair (eq. 8), once per element; ``bias`` broadcasts to ``a`` (or None).
+
+    Computed with autocast off, in the wider of the dtypes of ``x`` and the weights (they differ
+    only under autocast, which admits a half-precision ``x`` for a float32 module and the reverse):
+    backward recomputes them from the same inputs (:func:`pairwise_two_layer`'s ``projections``),
+    where autocast is off, and the two must agree bit for bit (they decide ``relu``'s mask). The
+    projections cost ``B N D H`` multiply-adds, nothing beside the ``B N^2 H`` of the pairs."""
+    dtype = torch.promote_types(x.dtype, w_a.dtype)
+    x = x.to(dtype)
+    with autocast_off(x.device.type):
+        a = x @ w_a.to(dtype).t()
+        if bias is not None:
+            a = a + bias
+        c = x @ w_b.to(dtype).t()
+    return a, c.to(a.dtype)
+
+
 class _PairwiseTwoLayer(torch.autograd.Function):
     """g[b, i, j, :] = relu(a[b, i] + c[b, j]) @ w2^T  without storing the (B, N, N, H) hidden.
 
@@ -100,11 +119,17 @@ class _PairwiseTwoLayer(torch.autograd.Function):
     exactly, without another pass over the hidden activations. The backward is differentiable
     (double backward) through ``grad_out``, ``a``, ``c`` and ``w2``. Forward and ``setup_context``
     apart, so that ``torch.func`` transforms (``grad``, ``vjp``) differentiate it.
+
+    Given the inputs of :func:`element_projections` that gave ``a`` and ``c`` (``x``, ``w_a``,
+    ``w_b``, ``bias``; they get no gradient here: theirs flows through ``a`` and ``c``), backward
+    keeps those instead of ``a`` and ``c`` and recomputes the two: ``B N D`` floats kept instead of
+    ``2 B N H`` (the elements' features against the hidden width).
     """
 
     @staticmethod
     @signature_kept
-    def forward(a: Tensor, c: Tensor, w2: Tensor, kernel: str) -> Tensor:
+    def forward(a: Tensor, c: Tensor, w2: Tensor, kernel: str, x: Optional[Tensor], w_a: Optional[Tensor],
+                w_b: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
         if is_compiling():
             return _fused_forward(a, c, w2)
         if kernel != "chunked":
@@ -125,24 +150,32 @@ class _PairwiseTwoLayer(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, c, w2, ctx.kernel = inputs
-        ctx.save_for_backward(a, c, w2)
+        a, c, w2, ctx.kernel, x, w_a, w_b, bias = inputs
+        ctx.recompute = x is not None
+        ctx.save_for_backward(*((x, w_a, w_b, bias, w2) if ctx.recompute else (a, c, w2)))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        a, c, w2 = ctx.saved_tensors
+        if ctx.recompute:
+            # (with create_graph, a graph from the kept inputs: a second derivative reaches them
+            # through the recomputed a and c as it would through the forward's)
+            x, w_a, w_b, bias, w2 = ctx.saved_tensors
+            a, c = element_projections(x, w_a, w_b, bias)
+        else:
+            a, c, w2 = ctx.saved_tensors
+        none = (None,) * 5                   # (kernel and the projections' inputs)
         grad_out = grad_out.contiguous()     # it arrives as a permuted view (movedim, g - g^T)
         if is_compiling():
-            return (*_fused_backward(a, c, w2, grad_out), None)
+            return (*_fused_backward(a, c, w2, grad_out), *none)
         if torch.is_grad_enabled():          # create_graph: record the contractions (no out=)
             T1, T2 = _contractions_recorded(a, c, grad_out)
         else:
             grads = (_call_compiled("backward", a, c, w2, grad_out, fall_back=ctx.kernel == "auto-compiled")
                      if ctx.kernel != "chunked" else None)
             if grads is not None:
-                return (*grads, None)
+                return (*grads, *none)
             T1, T2 = _contractions(a, c, grad_out)
-        return (*_grads_from_contractions(a, c, w2, T1, T2), None)
+        return (*_grads_from_contractions(a, c, w2, T1, T2), *none)
 
 
 def _grads_from_contractions(a: Tensor, c: Tensor, w2: Tensor, T1: Tensor, T2: Tensor):
@@ -252,10 +285,13 @@ def fused_unavailable(device_type: str) -> Optional[str]:
     return None
 
 
-def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -> Tensor:
+def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto",
+                       projections: Optional[Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]] = None) -> Tensor:
     """``g[b,i,j] = relu(a[b,i] + c[b,j]) @ w2^T`` for ``a, c`` (B, N, H), ``w2`` (K, H) -> (B, N, N, K).
 
-    Memory-lean: the ``(B, N, N, H)`` hidden activations are recomputed in backward, never stored.
+    Memory-lean: the ``(B, N, N, H)`` hidden activations are recomputed in backward, never stored;
+    with ``projections``, the ``(x, w_a, w_b, bias)`` from which :func:`element_projections` gave
+    ``a`` and ``c``, so are ``a`` and ``c`` (backward keeps ``x`` instead).
     ``kernel`` is ``"auto"`` (per device), ``"chunked"`` (plain PyTorch) or ``"compiled"``
     (torch.compile-fused loops, see the module docstring; ``"fused"`` evaluates the MLP as
     ``"compiled"``); all give the same values up to float
@@ -277,7 +313,7 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto") -
     # float32 a, a float32 a with a half-precision module's w2), and neither the fused loops nor
     # the chunked products into preallocated outputs promote.
     c, w2 = c.to(a.dtype), w2.to(a.dtype)
-    return _PairwiseTwoLayer.apply(a, c, w2, kernel)
+    return _PairwiseTwoLayer.apply(a, c, w2, kernel, *(projections if projections is not None else (None,) * 4))
 
 
 # ----------------------------------------------------------------------------- compiled kernel
