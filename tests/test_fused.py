@@ -124,6 +124,22 @@ def test_the_cost_read_in_place_equals_the_cost_staged(fdevice, B, N, with_init)
         assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_init", [False, True])
+def test_forward_keeps_the_first_logits_only_where_they_are_not_zeros(fdevice, with_init):
+    """PO-U starts from zeros: backward takes them as such, and forward keeps the T later steps'
+    logits (with a start, PO-LA's, all T + 1); the gradients are checked against the unrolled steps
+    by the tests above, with and without a start."""
+    from setperm import fused
+
+    B, N, steps = 2, 6, 3
+    C = cost(B, N, seed=4).float().to(fdevice).requires_grad_(True)
+    init = torch.randn(B, N, N, generator=torch.Generator().manual_seed(5)).to(fdevice) if with_init else None
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        fused.fused_optimize(C, init, None, steps=steps, sinkhorn_iters=2, temperature=1.0)
+    assert (B, steps + with_init, N, N) in shapes and (B, steps + 1 - with_init, N, N) not in shapes
+
+
 def test_stage_c_is_checked():
     from setperm import fused
 

@@ -173,6 +173,13 @@ def _to_scratch(ptr, x, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _saved_logits(hist_ptr, b, t, steps, N, HAS_INIT: tl.constexpr):
+    # step t's logits among the (B, steps + HAS_INIT, N, N) that forward keeps for backward: without
+    # a start (PO-U) the first are zeros, which are not kept (backward takes zeros for t = 0)
+    return hist_ptr + (b * (steps + HAS_INIT) + t - 1 + HAS_INIT) * N * N
+
+
+@triton.jit
 def _operand_C(C_ptr, staged_ptr, b, N, inside, tile, offs, STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
     # where the matrix products read this set's C: the (N, N) input itself (row stride N, loads
     # masked), or, with STAGE_C, a copy zero-padded to a scratch tile (row stride BLOCK, a
@@ -199,15 +206,15 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
     else:
         logits = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for t in range(steps):
-        if SAVE:
-            tl.store(hist_ptr + (b * (steps + 1) + t) * N * N + tile, logits, mask=inside)
+        if SAVE and (HAS_INIT or t > 0):
+            tl.store(_saved_logits(hist_ptr, b, t, steps, N, HAS_INIT) + tile, logits, mask=inside)
         _, zc = _clamped(logits, allowed, temperature, iters)
         P = tl.exp(_sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE))
         _to_scratch(bal, _balance(P), offs, BLOCK)
         # eq. 7 with the gradient 2 C B of eq. 4 (2 eta folded into C): (C B)_iq = sum_k C_ik B_kq
         logits = logits - _outer_products(C, 1, C_row, bal, BLOCK, 1, N, offs, BLOCK, STAGE_C, True)
     if SAVE:
-        tl.store(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, logits, mask=inside)
+        tl.store(_saved_logits(hist_ptr, b, steps, steps, N, HAS_INIT) + tile, logits, mask=inside)
     _, zc = _clamped(logits, allowed, temperature, iters)
     P = tl.exp(_sinkhorn(zc, halves_ptr, b, steps, steps, iters, offs, N, SAVE))
     tl.store(P_ptr + b * N * N + tile, P, mask=inside)
@@ -215,8 +222,8 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
 
 @triton.jit
 def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
-                    steps, iters, temperature, HAS_MASK: tl.constexpr, WANT_INIT: tl.constexpr,
-                    STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
+                    steps, iters, temperature, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr,
+                    WANT_INIT: tl.constexpr, STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
     b, offs, inside, tile = _program(N, BLOCK)
     allowed = _allowed(inside, offs, N, mask_ptr, b, HAS_MASK)
     # scratch: the position balance, the logits' gradient (and C, with STAGE_C)
@@ -225,11 +232,14 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
     C, C_row = _operand_C(C_ptr, gls + BLOCK * BLOCK, b, N, inside, tile, offs, STAGE_C, BLOCK)
     gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     gP = tl.load(gP_ptr + b * N * N + tile, mask=inside, other=0.0)
-    logits = tl.load(hist_ptr + (b * (steps + 1) + steps) * N * N + tile, mask=inside, other=0.0)
+    logits = tl.load(_saved_logits(hist_ptr, b, steps, steps, N, HAS_INIT) + tile, mask=inside, other=0.0)
     gl = _sinkhorn_backward(gP, logits, allowed, temperature, halves_ptr, b, steps, steps, iters, offs, N)
     for tt in range(steps):
         t = steps - 1 - tt
-        logits = tl.load(hist_ptr + (b * (steps + 1) + t) * N * N + tile, mask=inside, other=0.0)
+        if HAS_INIT or t > 0:
+            logits = tl.load(_saved_logits(hist_ptr, b, t, steps, N, HAS_INIT) + tile, mask=inside, other=0.0)
+        else:
+            logits = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         _, zc = _clamped(logits, allowed, temperature, iters)
         P = tl.exp(_iterates(zc, halves_ptr, b, t, steps, iters, offs, N))
         _to_scratch(bal, _balance(P), offs, BLOCK)

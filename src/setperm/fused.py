@@ -20,7 +20,8 @@ Triton's language:
   sum, and its adjoint ``-B`` in backward (``B`` is anti-self-adjoint along the positions);
 - backward through every step in reverse order: ``dL/dC_step`` and ``dL/dP~(0)``.
 
-Forward saves each step's logits ``(B, T + 1, N, N)`` and the corrections for backward. The
+Forward saves each step's logits ``(B, T + 1, N, N)`` (``(B, T, N, N)`` for PO-U, whose first
+logits are zeros) and the corrections for backward. The
 ``(N, N)`` matrix products are loops of outer products in float32 (no TF32), their operands read
 from a per-set scratch tile that stays in the L1 cache; ``tl.dot`` would stage whole float32
 operands per thread (spilling to the stack at 128 x 128) or, on tensor cores, need more shared
@@ -111,8 +112,8 @@ def _block(N: int) -> int:
 
 
 def _warps(block: int) -> int:
-    # for sm_90: warps at which neither kernel needs a stack frame (every value in registers), at no more
-    # than 128 registers per thread (146 in backward at tile 32), and at 128 x 128 the least stack; python -m
+    # for sm_90: warps at which neither kernel needs a stack frame (every value in registers) at no more
+    # than 128 registers per thread, and at 128 x 128 the least stack; python -m
     # benchmarks.fused_resources, benchmarks/README.md (the GPU benchmark times half and twice as many)
     return {16: 2, 32: 4, 64: 16}.get(block, 32)
 
@@ -188,15 +189,16 @@ def _failure(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool = Tr
 def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
              temperature: float, save: bool, num_warps: Optional[int], stage_c: bool,
              fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> ``P`` (B, N, N), and for backward each step's logits ``(B, steps + 1, N, N)`` and the
-    Sinkhorn corrections ``(B, steps + 1, 2 iters, N)`` (empty unless ``save``). Where the kernel
+    """-> ``P`` (B, N, N), and for backward each step's logits ``(B, steps + 1, N, N)`` (the first
+    left out without ``init32``: zeros) and the Sinkhorn corrections ``(B, steps + 1, 2 iters, N)``
+    (empty unless ``save``). Where the kernel
     cannot be built (now or before) and ``fall_back``, ``P`` is the unrolled steps' and backward
     recomputes through them (:func:`_backward` asks :data:`_broken`)."""
     # (the kernels index contiguous (B, N, N) tensors; a compiled graph may hand over other strides)
     C32, init32, mask = (None if t is None else t.contiguous() for t in (C32, init32, mask))
     B, N = C32.shape[0], C32.shape[-1]
     P = torch.empty_like(C32)
-    hist, halves = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save))
+    hist, halves = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save, init32 is not None))
     block = _block(N)
     warps = _warps(block) if num_warps is None else num_warps
     where = _where(C32, num_warps, "forward", stage_c)
@@ -223,12 +225,13 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
     return P, hist.zero_(), halves.zero_()        # (not read: backward recomputes)
 
 
-def _saved_shapes(B: int, N: int, steps: int, iters: int, save: bool) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
-    """The shapes of what forward saves for backward: every step's logits and the Sinkhorn
-    correction of every half-step (empty without ``save``)."""
+def _saved_shapes(B: int, N: int, steps: int, iters: int, save: bool,
+                  has_init: bool) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The shapes of what forward saves for backward: every step's logits (but the first, zeros,
+    without a start: PO-U) and the Sinkhorn correction of every half-step (empty without ``save``)."""
     if not save:
         return (0,), (0,)
-    return (B, steps + 1, N, N), (B, steps + 1, 2 * iters, N)
+    return (B, steps + has_init, N, N), (B, steps + 1, 2 * iters, N)
 
 
 def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
@@ -251,7 +254,7 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
                     grad_P.float().contiguous(), C32, grad_C if mask8 is None else mask8, hist,
                     halves if halves.numel() else hist,
                     scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
-                    WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block, num_warps=warps)
+                    HAS_INIT=init32 is not None, WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block, num_warps=warps)
             return grad_C, (grad_init if want_init else None)
         except _KernelFailure as failure:
             reason = _broken[where] = str(failure)
@@ -345,10 +348,15 @@ def _define_operators():
                 fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
         return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back)
 
+    # (A fake's shapes are compiled into the graphs that call the operator, and inductor's graph
+    # cache keys on the graph's code, not on the fake: a release that changes what a fake returns
+    # changes the operator's schema or name too, or a cached graph from the release before would
+    # assert the old shapes.)
     @forward.register_fake
     def _(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back):
         B, N = C32.shape[0], C32.shape[-1]
-        return (torch.empty_like(C32), *(C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save)))
+        return (torch.empty_like(C32),
+                *(C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save, init32 is not None)))
 
     @custom_op("setperm::fused_backward", mutates_args=(), schema=(
         "(Tensor grad_P, Tensor C32, Tensor? init32, Tensor? mask, Tensor hist, Tensor halves, SymInt steps, "
