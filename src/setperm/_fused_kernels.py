@@ -142,24 +142,21 @@ def _sinkhorn_backward(grad_P, logits, allowed, temperature, halves_ptr, b, t, s
 
 @triton.jit
 def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, N, offs, BLOCK: tl.constexpr,
-                    A_WHOLE: tl.constexpr, B_WHOLE: tl.constexpr):
+                    A_WHOLE: tl.constexpr):
     # sum_k a_k b_k^T over k < N, the vectors read from (L1-cached) memory: a matrix product
     # without tl.dot, whose float32 form stages both operands in registers (most of them spilled
     # to the stack at 128 x 128) or, on tensor cores, in more shared memory than a block has.
-    # An operand read from a whole scratch tile (A_WHOLE, B_WHOLE) is loaded without a mask: its
-    # entries past the set only reach entries of the product past the set, which no caller keeps
-    # (unmasked, backward's first product at 128 x 128 went from 121 to 65 instructions per step
-    # on sm_90: python -m benchmarks.fused_resources)
+    # b is always read from a whole scratch tile, a too with A_WHOLE; such an operand is loaded
+    # without a mask: its entries past the set only reach entries of the product past the set,
+    # which no caller keeps (unmasked, backward's first product at 128 x 128 went from 121 to 65
+    # instructions per step on sm_90: python -m benchmarks.fused_resources)
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     for k in range(N):
         if A_WHOLE:
             a = tl.load(a_ptr + k * a_step + offs * a_stride)
         else:
             a = tl.load(a_ptr + k * a_step + offs * a_stride, mask=offs < N, other=0.0)
-        if B_WHOLE:
-            c = tl.load(b_ptr + k * b_step + offs * b_stride)
-        else:
-            c = tl.load(b_ptr + k * b_step + offs * b_stride, mask=offs < N, other=0.0)
+        c = tl.load(b_ptr + k * b_step + offs * b_stride)
         acc += a[:, None] * c[None, :]
     return acc
 
@@ -213,7 +210,7 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
         P = tl.exp(_sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE))
         _to_scratch(bal, _balance(P), offs, BLOCK)
         # eq. 7 with the gradient 2 C B of eq. 4 (2 eta folded into C): (C B)_iq = sum_k C_ik B_kq
-        logits = logits - _outer_products(C, 1, C_row, bal, BLOCK, 1, N, offs, BLOCK, STAGE_C, True)
+        logits = logits - _outer_products(C, 1, C_row, bal, BLOCK, 1, N, offs, BLOCK, STAGE_C)
     if SAVE:
         tl.store(_saved_logits(hist_ptr, b, steps, steps, N, HAS_INIT) + tile, logits, mask=inside)
     _, zc = _clamped(logits, allowed, temperature, iters)
@@ -247,8 +244,8 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
         _to_scratch(gls, gl, offs, BLOCK)
         # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
         # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g)
-        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK, True, True)
-        gBP = _balance(_outer_products(C, C_row, 1, gls, BLOCK, 1, N, offs, BLOCK, STAGE_C, True))
+        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK, True)
+        gBP = _balance(_outer_products(C, C_row, 1, gls, BLOCK, 1, N, offs, BLOCK, STAGE_C))
         gl += _sinkhorn_backward(gBP, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
     if WANT_INIT:
