@@ -26,10 +26,11 @@ with the cost matrix read where it is instead of from the kernels' zero-padded c
 (``stage_c=False``).
 
 Readout table: forward + backward of the encoder's LSTM readout (13 -> 128) of padded sets of 10 to
-100 elements, B in {256, 2048}: a packed sequence with the set sizes from the host, the same with
-the sizes copied from the device (a synchronisation), and the padded read that needs no sizes on
-the host (what the encoder takes on CUDA with ``mask=``); and, as the floor of any read of N
-steps, the LSTM alone on the whole padded batch.
+N elements, (B, N) in {(64, 36), (256, 100), (2048, 100)}: a packed sequence with the set sizes from
+the host, the same with the sizes copied from the device (a synchronisation), and the padded read
+that needs no sizes on the host (what the encoder takes on CUDA with ``mask=``); and, as the floor
+of any read of N steps, the LSTM alone on the whole padded batch (beside the layer table's rows of
+the same shapes, what of the layer's time and peak memory the LSTM takes).
 
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
 BAN + PO-U (the unrolled steps, ``kernel="compiled"``, and ``kernel="fused"``, the default on CUDA; these
@@ -373,8 +374,9 @@ OPTIMIZER_COLUMNS = [("config", "sets"), ("impl", "implementation"), ("fb_ms", "
 # ------------------------------------------------------------------------------ the LSTM readout
 def readout_configs(tiny: bool):
     """(sets B, size N, smallest set) of the readout table: the encoder's LSTM (13 -> 128) over VQA's
-    10-100 boxes, a layer-table batch and BAN + PO-U's (256 questions x 8 glimpses)."""
-    return [(3, 6, 2)] if tiny else [(256, 100, 10), (2048, 100, 10)]
+    10-100 boxes, two layer-table shapes (the smallest, where the released module's memory is least
+    above setperm's, and B = 256, N = 100) and BAN + PO-U's (256 questions x 8 glimpses)."""
+    return [(3, 6, 2)] if tiny else [(64, 36, 10), (256, 100, 10), (2048, 100, 10)]
 
 
 def readout_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
