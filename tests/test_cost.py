@@ -234,3 +234,25 @@ def test_the_cost_is_contiguous_per_channel(channels):
     for C in (m(x), m(x, mask), pairwise_cost(x, m.first.weight, m.first.bias, [], m.last.weight,
                                               normalize=False)):
         assert C.shape == (4, channels, 6, 6) and C.is_contiguous()
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradients_reach_every_input_of_the_two_layer_cost_exactly(with_bias):
+    """float64 first and second derivatives of the two-layer cost with respect to the elements and
+    every weight (the projections are recomputed in backward, so they reach the first layer through
+    the recomputation), on a padded batch."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, generator=g)
+    w1 = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    b1 = torch.randn(4, dtype=torch.float64, generator=g)
+    w2 = torch.randn(1, 4, dtype=torch.float64, generator=g)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    leaves = [t.clone().requires_grad_() for t in ((x, w1, b1, w2) if with_bias else (x, w1, w2))]
+
+    def cost(*t):
+        x, w1, *rest = t
+        b1, w2 = rest if with_bias else (None, rest[0])
+        return pairwise_cost(x, w1, b1, [], w2, mask=mask, kernel="chunked")
+
+    assert torch.autograd.gradcheck(cost, leaves)
+    assert torch.autograd.gradgradcheck(cost, leaves)
