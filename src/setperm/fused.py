@@ -174,7 +174,7 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     return P.to(out_dtype)
 
 
-def _failure(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool = True) -> Optional[str]:
+def _failure(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool) -> Optional[str]:
     """Why the kernel ``which`` cannot run for ``t``'s tile on its device (None: as far as is known, it can)."""
     reason = unavailable()
     if reason is not None:
@@ -397,7 +397,7 @@ _warned: set = set()
 _ALTERNATIVES = "; kernel='compiled' or 'chunked' compute the same values"
 
 
-def _where(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool = True) -> Tuple:
+def _where(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool) -> Tuple:
     block = _block(t.shape[-1])
     return (str(t.device), block, _warps(block) if num_warps is None else num_warps, stage_c, which)
 
