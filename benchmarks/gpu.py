@@ -6,7 +6,8 @@
 Layer table: the VQA-configuration encoder (paper appendix F.4: 13-d elements, pairwise MLP hidden
 128, T = 3, LSTM 128, relevance weights) on B in {64, 256} sets of N in {36, 100, 400} elements,
 forward and forward + backward, for setperm with every kernel (``auto``, ``chunked``,
-``compiled``, ``fused``), the literal reference of :mod:`benchmarks.reference`, and, with
+``compiled``, ``fused``) and with ``fused`` and the fused LSTM read (``read="fused"``,
+:mod:`setperm.fused_read`), the literal reference of :mod:`benchmarks.reference`, and, with
 ``--perm-optim-root``, the paper's released module: ``PermNet`` from ``ban-vqa/permnet.py`` of the
 user's own checkout of github Cyanogenoid/perm-optim, imported from there (nothing of it is copied
 here; it takes boxes, attention logits and box features, and includes its learned projection of
@@ -27,15 +28,17 @@ with the cost matrix read where it is instead of from the kernels' zero-padded c
 
 Readout table: forward + backward of the encoder's LSTM readout (13 -> 128) of padded sets of 10 to
 N elements, (B, N) in {(64, 36), (256, 100), (2048, 100)}: a packed sequence with the set sizes from
-the host, the same with the sizes copied from the device (a synchronisation), and the padded read
-that needs no sizes on the host (what the encoder takes on CUDA with ``mask=``); and, as the floor
+the host, the same with the sizes copied from the device (a synchronisation), the padded read
+that needs no sizes on the host (what the encoder takes on CUDA with ``mask=``), the fused read
+(:mod:`setperm.fused_read`'s Triton kernels, sizes on the device); and, as the floor
 of any read of N steps, the LSTM alone on the whole padded batch (beside the layer table's rows of
 the same shapes, what of the layer's time and peak memory the LSTM takes).
 
 BAN: the training-step time (forward, loss, backward, clip, Adamax) of plain BAN, BAN + LSTM and
 BAN + PO-U (the unrolled steps, ``kernel="compiled"``, and ``kernel="fused"``, the default on CUDA; these
 with the box counts from the host, as the training loop passes them, so that the LSTM reads a packed
-sequence, and the fused one also with the counts left on the device, the padded read) at the official shape (batch 256, H = 1280,
+sequence, and the fused one also with the counts left on the device, the padded read, and with the
+fused LSTM read, ``read="fused"``, as BAN + LSTM also is) at the official shape (batch 256, H = 1280,
 8 glimpses, 2048-d features of 10-100 boxes per image, VQA v2's 19,901-word dictionary and 3,129
 answers), all built with the same seed
 and timed on the same random batches in alternating order; medians and the ratios to plain BAN
@@ -81,8 +84,9 @@ from setperm.pairwise import KERNELS
 
 from .harness import DEFAULT_OUT, Config, build, call, markdown_table, prepare, vqa, write_results
 
-BAN_VARIANTS = ("off", "none", "po-u", "po-u-fused", "po-u-fused-device")
-BAN_LABELS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U, unrolled steps",
+BAN_VARIANTS = ("off", "none", "none-read", "po-u", "po-u-fused", "po-u-fused-device", "po-u-fused-read")
+BAN_LABELS = {"off": "BAN", "none": "BAN + LSTM", "none-read": "BAN + LSTM, read fused",
+              "po-u": "BAN + PO-U, unrolled steps", "po-u-fused-read": "BAN + PO-U, kernel fused, read fused",
               "po-u-fused": "BAN + PO-U, kernel fused",
               "po-u-fused-device": "BAN + PO-U, kernel fused, box counts on the device (padded LSTM read)",
               "po-u-amp": "BAN + PO-U, unrolled steps, bf16 autocast", "po-u-fused-amp": "BAN + PO-U, kernel fused, bf16 autocast"}
@@ -248,9 +252,10 @@ def layer_configs(tiny: bool) -> List[Config]:
     return [vqa(n, b) for b in (64, 256) for n in (36, 100, 400)]
 
 
-def _setperm(cfg: Config, kernel: str, device: torch.device):
+def _setperm(cfg: Config, kernel: str, device: torch.device, read: str = "auto"):
     mod, x, w = build(cfg, "setperm", device=str(device))
     mod.po.cost.kernel = kernel
+    mod.read = read
     return mod, (x, w)
 
 
@@ -267,10 +272,17 @@ def _run(mod: nn.Module, inputs, mode: str, released: bool) -> None:
     (out[0] if isinstance(out, tuple) else out).sum().backward()
 
 
+# the fused kernels and the fused LSTM read (setperm.fused_read) together
+FUSED_READ_LABEL = "setperm (fused, read fused)"
+
+
 def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator[Dict[str, object]]:
     limit = args.ref_mem_limit_gb * 2 ** 30
     for cfg in layer_configs(args.tiny):
-        impls = [(f"setperm ({k})", k) for k in args.kernels] + [("reference", None)]
+        impls = [(f"setperm ({k})", k) for k in args.kernels]
+        if "fused" in args.kernels:
+            impls.append((FUSED_READ_LABEL, "fused"))
+        impls.append(("reference", None))
         if released is not None:
             impls.append(("released PermNet", None))
         base_ms = None
@@ -284,7 +296,7 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator
                 continue
             try:
                 if kernel is not None:
-                    mod, inputs = _setperm(cfg, kernel, device)
+                    mod, inputs = _setperm(cfg, kernel, device, read="fused" if label == FUSED_READ_LABEL else "auto")
                 elif label == "reference":
                     mod, x, w = build(cfg, "reference", device=str(device))
                     inputs = (x, w)
@@ -382,8 +394,9 @@ def readout_configs(tiny: bool):
 def readout_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
     """fwd+bwd of the encoder's LSTM readout (``setperm.encoder.last_state``) of padded sets: a
     packed sequence with the sizes from the host (``lengths=`` on the CPU, as BAN passes them), the
-    same with the sizes on the device (copied to the host: a synchronisation), and the padded read
-    that needs none (what ``mask=`` takes on CUDA)."""
+    same with the sizes on the device (copied to the host: a synchronisation), the padded read
+    that needs none (what ``mask=`` takes on CUDA), and the fused read (``setperm.fused_read``'s
+    kernels, sizes on the device)."""
     from setperm.encoder import last_state
 
     for B, N, smallest in readout_configs(args.tiny):
@@ -396,7 +409,8 @@ def readout_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
         sizes_d = sizes.to(device)
         impls = [("packed, sizes from the host", "packed", sizes),
                  ("packed, sizes copied from the device", "packed", None),
-                 ("padded, sizes on the device (mask=)", "padded", None)]
+                 ("padded, sizes on the device (mask=)", "padded", None),
+                 ("fused (Triton), sizes on the device", "fused", None)]
         for label, method, host in impls:
             row: Dict[str, object] = {"config": f"B={B} N={N}", "impl": label}
 
@@ -558,9 +572,11 @@ def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
         try:
             ban = build_ban(shape["ntoken"], shape["answers"], v_dim=shape["v_dim"], num_hid=shape["num_hid"],
                             gamma=shape["gamma"])
-            perm = variant.replace("-amp", "").replace("-fused", "").replace("-device", "")
+            perm = variant.replace("-amp", "").replace("-fused", "").replace("-device", "").replace("-read", "")
+            read = "fused" if variant.endswith("-read") else "auto"
             model = (patch_ban(ban, permutation=perm) if perm == "off" else
-                     patch_ban(ban, permutation=perm, kernel="fused" if "-fused" in variant else "compiled"))
+                     patch_ban(ban, permutation=perm, read=read) if perm == "none" else
+                     patch_ban(ban, permutation=perm, kernel="fused" if "-fused" in variant else "compiled", read=read))
             if variant.endswith("-device"):
                 model = _CountsOnDevice(model)
             models[variant] = model.to(device)

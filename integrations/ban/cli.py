@@ -24,6 +24,8 @@ from integrations.common import (add_kernel_argument, add_run_arguments, add_thr
                                  launched_rank, non_negative_int, with_help_formatter, positive_float, positive_int, run_command, set_threads,
                                  write_new_json)
 
+from setperm.encoder import READS
+
 from .data import QUESTION_FILES, TFIDF_WEIGHTINGS, VQADataError
 
 PROG = "python -m integrations.ban"
@@ -59,6 +61,10 @@ def add_train_arguments(p: argparse.ArgumentParser, *, single_run: bool = True, 
                        help="ablation (synthetic data only): feed the set encoder the ground-truth relevance of the "
                             "boxes the question is about instead of BAN's attention logits")
     add_kernel_argument(p)
+    p.add_argument("--read", choices=READS, default="auto",
+                   help="how the set encoder's LSTM reads the padded glimpse sets (setperm's read=): auto (default), "
+                        "packed, grouped, padded or fused (on CUDA, the LSTM's recurrence as Triton kernels for up to "
+                        "128 units; elsewhere as auto). Same results")
     p.add_argument("--num-hid", type=positive_int, default=1280, help="BAN hidden size H")
     p.add_argument("--gamma", type=positive_int, default=8, help="number of glimpses G")
     p.add_argument("--op", default="c", help="word embedding: 'c' = GloVe + tf-idf GloVe (600-d), '' = GloVe")

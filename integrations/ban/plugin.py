@@ -93,7 +93,7 @@ def glimpse_sets(b: Tensor, logits: Tensor, features: Tensor, mask: Tensor,
 
 
 # PatchedBan's keyword arguments that are the encoder's own; the others build its PO
-_ENCODER_OWN = ("straight_through", "check_finite")
+_ENCODER_OWN = ("straight_through", "check_finite", "read")
 
 
 class PatchedBan(nn.Module):
@@ -250,7 +250,7 @@ def patch_ban(model: nn.Module, permutation: str = "po-u", **encoder_kwargs) -> 
         **encoder_kwargs: ``order_by`` ("all"; "geometry": the cost sees the box coordinates only),
             ``hidden_size`` (128), ``cost_hidden`` (128), ``steps`` (3, F.4),
             ``proj_features`` (8), ``v_dim`` / ``num_hid`` (read from the model), ``device`` /
-            ``dtype`` (those of the model), ``straight_through`` / ``check_finite`` (the
+            ``dtype`` (those of the model), ``straight_through`` / ``check_finite`` / ``read`` (the
             ``PermutationSetEncoder``'s) and any other ``PermutationOptimization`` argument
             (``sinkhorn_iters``, ``eta_init``, ``num_positions``, ``kernel``, ...).
 

@@ -48,7 +48,7 @@ OFFICIAL_MIN_BOXES = 10
 # Settings added after the first runs were recorded: stored only when they differ from these defaults,
 # so a run (or a compare sweep) recorded before them resumes, and is recognised as finished, unchanged.
 LATE_SETTINGS = {"order_by": "all", "oracle_relevance": False, "num_positions": None, "straight_through": False,
-                 "amp": False, "tfidf_weighting": "idf"}
+                 "amp": False, "tfidf_weighting": "idf", "read": "auto"}
 
 
 def setting(args, name: str):
@@ -152,6 +152,8 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
     extra = {"num_positions": setting(args, "num_positions")} if args.permutation == "po-la" else {}
     if setting(args, "straight_through"):
         extra["straight_through"] = True
+    if setting(args, "read") != "auto":
+        extra["read"] = setting(args, "read")
     return patch_ban(ban, permutation=args.permutation, kernel=args.kernel, order_by=setting(args, "order_by"), **extra)
 
 

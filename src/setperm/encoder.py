@@ -7,6 +7,7 @@ T = 0 steps) is its own module, :class:`LinAssign`.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -29,6 +30,8 @@ from .sinkhorn import sinkhorn
 PERMUTATIONS = ("po-u", "po-la")
 POOLS = ("sum", "mean", "attention")
 RNNS = ("lstm", "gru")
+# the ways last_state reads the recurrent reader (the encoder's read=)
+READS = ("auto", "packed", "grouped", "padded", "fused")
 
 
 def _check_permutation(permutation: str) -> str:
@@ -248,8 +251,13 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
             whole batch, padding zeroed, each sequence's state kept from its own last step on: no
             length is needed on the host; a one-layer, one-directional reader only; an LSTM's
             padded steps hold its cell state through an extra input column, so the call is made
-            with its weights, not through the module, and hooks registered on it do not run) or
-            ``"auto"``: on the CPU the method that :func:`read_costs` expects to be fastest for
+            with its weights, not through the module, and hooks registered on it do not run),
+            ``"fused"`` (an LSTM of up to 128 units on CUDA: the recurrence as two Triton kernels
+            that stop at each sequence's length, read the lengths on the device and keep less for
+            backward than cuDNN, :mod:`setperm.fused_read`; with its weights, as padded; a one-layer,
+            one-directional ``nn.LSTM`` without projections only; where the kernels do not apply,
+            on the CPU or under ``torch.compile``, as ``"auto"``; where Triton is missing or cannot
+            build them, the padded read, warned once) or ``"auto"``: on the CPU the method that :func:`read_costs` expects to be fastest for
             these sizes (grouped for a deeper or bidirectional reader; not padded for an LSTM with
             hooks); elsewhere and under ``torch.compile``
             packed when ``host_lengths`` are given, else padded (packed for a deeper or
@@ -261,12 +269,20 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
     Returns:
         (B, hidden_size) final state.
     """
-    if method not in ("auto", "packed", "grouped", "padded"):
-        raise ValueError(f"method: expected 'auto', 'packed', 'grouped' or 'padded', got {method!r}")
+    if method not in READS:
+        raise ValueError(f"method: expected one of {READS}, got {method!r}")
     one_layer = rnn.num_layers == 1 and not rnn.bidirectional
-    if method == "padded" and not one_layer:
-        raise ValueError(f"method='padded' reads a one-layer, one-directional reader, got num_layers="
+    if method in ("padded", "fused") and not one_layer:
+        raise ValueError(f"method={method!r} reads a one-layer, one-directional reader, got num_layers="
                          f"{rnn.num_layers}, bidirectional={rnn.bidirectional}")
+    if method == "fused":
+        if not isinstance(rnn, nn.LSTM) or rnn.proj_size > 0:
+            raise ValueError(f"method='fused' reads an nn.LSTM without projections, got {type(rnn).__name__}"
+                             + (f" with proj_size={rnn.proj_size}" if isinstance(rnn, nn.LSTM) else ""))
+        state = _fused_final_state(rnn, seq, lengths)
+        if state is not None:
+            return state
+        method = "padded" if fused_read_applies(rnn, seq) else "auto"
     if method == "auto":
         method = auto_method(rnn, seq, lengths, host_lengths)
     if method == "padded":
@@ -396,13 +412,7 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
         last = (lengths - 1).clamp_min(0).view(B, 1, 1)               # (a length-0 row is masked below)
         h = out.gather(1, last.expand(B, 1, out.shape[-1])).squeeze(1)
         return torch.where((lengths > 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
-    hooks = registered_hooks(rnn)
-    if hooks:
-        warnings.warn(f"setperm: the padded LSTM read uses the reader's weights and does not call the reader, so the "
-                      f"{' and '.join(hooks)} registered on it do not run; a weight that such a hook recomputes "
-                      "(torch.nn.utils.prune, torch.nn.utils.weight_norm / spectral_norm) is not updated. Lengths "
-                      "on the host (a CPU tensor) read it packed, which calls it; torch.nn.utils.parametrize "
-                      "applies to either", RuntimeWarning, stacklevel=user_stacklevel())
+    _warn_hooks(rnn, "padded")
     H = rnn.hidden_size
     w_ih = rnn.weight_ih_l0
     # (concatenated in their own dtypes, as autocast leaves them to the LSTM call: its cat would
@@ -430,6 +440,45 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
         return read()
+
+
+def _warn_hooks(rnn: nn.RNNBase, read: str) -> None:
+    """A read that uses the reader's weights without calling it names the hooks that do not run."""
+    hooks = registered_hooks(rnn)
+    if hooks:
+        warnings.warn(f"setperm: the {read} LSTM read uses the reader's weights and does not call the reader, so the "
+                      f"{' and '.join(hooks)} registered on it do not run; a weight that such a hook recomputes "
+                      "(torch.nn.utils.prune, torch.nn.utils.weight_norm / spectral_norm) is not updated. Lengths "
+                      "on the host (a CPU tensor) read it packed, which calls it; torch.nn.utils.parametrize "
+                      "applies to either", RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def fused_read_applies(rnn: nn.RNNBase, seq: Tensor) -> bool:
+    """Whether :func:`last_state`'s ``method="fused"`` runs its kernels for ``seq`` (:func:`setperm.fused_read.applies`,
+    without importing that module where it cannot: off CUDA and the interpreter)."""
+    if seq.device.type != "cuda" and not (seq.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return False
+    from . import fused_read
+
+    return fused_read.applies(rnn, seq)
+
+
+def _fused_final_state(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Optional[Tensor]:
+    """:func:`last_state` by :mod:`setperm.fused_read`'s kernels, or None where they do not apply or
+    cannot run (why the latter is warned once)."""
+    if not fused_read_applies(rnn, seq):
+        return None
+    from . import fused_read
+
+    reason = fused_read.failure(seq, rnn.hidden_size)
+    if reason is None:
+        _warn_hooks(rnn, "fused")
+        try:
+            return fused_read.lstm_final_cell(rnn, seq, lengths)
+        except fused_read.KernelFailure as failure:
+            reason = str(failure)
+    fused_read.warn_fallback(reason)
+    return None
 
 
 def _pool_elements(x: Tensor, mask: Optional[Tensor], how: str, gate: Optional[nn.Module]) -> Tensor:
@@ -500,6 +549,11 @@ class PermutationSetEncoder(nn.Module):
             to ``forward``, while the LSTM still reads ``x``: a sort key next to the payload, e.g.
             box coordinates for a spatial order. Not with ``po=None`` (no permutation to optimise).
         check_finite: as in :class:`PermutationOptimization`, for ``x``, ``weights`` and ``order_by``.
+        read: how the reader reads the padded batch, :func:`last_state`'s ``method``: ``"auto"``
+            (default: on the CPU the read the cost model expects to be fastest, on CUDA packed
+            with ``lengths`` on the host, else padded), ``"packed"``, ``"grouped"``, ``"padded"``
+            or ``"fused"`` (an LSTM of up to 128 units on CUDA: two Triton kernels,
+            :mod:`setperm.fused_read`; elsewhere as ``"auto"``). All compute the same set vector.
         device, dtype: where and in which dtype to create the LSTM (and the module for ``"po-u"``);
             a ready ``po`` stays where it was built.
 
@@ -540,7 +594,8 @@ class PermutationSetEncoder(nn.Module):
 
     def __init__(self, in_features: int, hidden_size: int, po: Union[PermutationOptimization, str, None] = "po-u",
                  *, straight_through: bool = False, rnn: str = "lstm", pool: Optional[str] = None,
-                 order_features: Optional[int] = None, check_finite: Optional[bool] = None, device=None, dtype=None):
+                 order_features: Optional[int] = None, check_finite: Optional[bool] = None, read: str = "auto",
+                 device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         in_features = check_int(in_features, "in_features", 1)
@@ -549,6 +604,10 @@ class PermutationSetEncoder(nn.Module):
         if pool is not None and (not isinstance(pool, str) or pool not in POOLS):
             raise ValueError(f"pool must be None or one of {POOLS}, got {pool!r}")
         hidden_size = check_int(hidden_size, "hidden_size", 1)
+        if not isinstance(read, str) or read not in READS:
+            raise ValueError(f"read must be one of {READS}, got {read!r}")
+        if read == "fused" and rnn != "lstm":
+            raise ValueError(f"read='fused' reads an LSTM, got rnn={rnn!r}")
         if not (po is None or isinstance(po, PermutationOptimization) or (isinstance(po, str) and po == "po-u")):
             raise ValueError(f"po must be a PermutationOptimization or LinAssign module, 'po-u' or None, got {po!r}")
         if order_features is not None:
@@ -574,6 +633,7 @@ class PermutationSetEncoder(nn.Module):
             po = PermutationOptimization(key_features, check_finite=False, **factory_kwargs)
         self.po: Optional[PermutationOptimization] = po
         self.rnn = rnn
+        self.read = read
         reader = uninitialized(nn.LSTM if rnn == "lstm" else nn.GRU, in_features, hidden_size, batch_first=True,
                                **factory_kwargs)
         self.lstm: Optional[nn.LSTM] = reader if rnn == "lstm" else None
@@ -686,10 +746,11 @@ class PermutationSetEncoder(nn.Module):
             seq = x.gather(1, order.unsqueeze(-1).expand_as(x))
         else:
             seq = x
-        if mask is None or B == 0:       # pack_padded_sequence rejects an empty batch
+        if B == 0 or (mask is None and self.read != "fused"):     # (pack_padded_sequence rejects an empty batch)
             h = _final_state(self.reader(seq))
         else:
-            h = last_state(self.reader, seq, mask.sum(1), host_lengths=host_lengths)
+            lengths = mask.sum(1) if mask is not None else torch.full((B,), N, dtype=torch.int64, device=x.device)
+            h = last_state(self.reader, seq, lengths, method=self.read, host_lengths=host_lengths)
         if self.pool_linear is not None:
             # the pooled set is permutation invariant whatever P is
             h = h + self.pool_linear(_pool_elements(x, mask, self.pool, self.pool_gate))
@@ -703,6 +764,8 @@ class PermutationSetEncoder(nn.Module):
         pairs = [("in_features", self.in_features), ("hidden_size", self.hidden_size)]
         if self.rnn != "lstm":
             pairs.append(("rnn", self.rnn))
+        if self.read != "auto":
+            pairs.append(("read", self.read))
         if self.po is None:
             pairs.append(("po", None))
         else:

@@ -423,10 +423,12 @@ class _KernelFailure(RuntimeError):
     """Triton could not build or launch one of the kernels (the message names which and why)."""
 
 
-def _launch(kernel, programs: int, *args, **meta) -> None:
-    """One program per set; a kernel Triton cannot build (compiler error, too many registers or
-    too much shared memory for this GPU, no C compiler for its launcher) raises a
-    :class:`_KernelFailure` that names the cause."""
+def _launch(kernel, programs: int, *args, context: str = "kernel='fused'", tile: Optional[str] = None,
+            **meta) -> None:
+    """``programs`` programs of ``kernel`` (one per set here); a kernel Triton cannot build (compiler
+    error, too many registers or too much shared memory for this GPU, no C compiler for its
+    launcher) raises a :class:`_KernelFailure` that names ``context``, the kernel, its ``tile``
+    (default: sets padded to ``BLOCK``) and the cause."""
     device = args[0].device
     try:
         # Triton launches on the current CUDA device and its current stream: make them the tensors'
@@ -438,8 +440,9 @@ def _launch(kernel, programs: int, *args, **meta) -> None:
             kernel[(programs,)](*args, **meta, enable_fp_fusion=True)
     except Exception as err:
         cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-        raise _KernelFailure(f"kernel='fused': Triton could not build or run {kernel.__name__} for sets padded to "
-                             f"{meta.get('BLOCK')} ({type(err).__name__}: {cause})") from err
+        tile = tile if tile is not None else f"sets padded to {meta.get('BLOCK')}"
+        raise _KernelFailure(f"{context}: Triton could not build or run {kernel.__name__} for {tile} "
+                             f"({type(err).__name__}: {cause})") from err
 
 
 def _kernels():

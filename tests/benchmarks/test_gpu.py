@@ -47,12 +47,13 @@ def test_cpu_dry_run_writes_every_row(tmp_path, released_stand_in):
                                                           "fused, 4 warps"]   # tiles of 16: 2 warps by default
     if fused_runs:
         assert data["optimizer"][2]["note"] == "kernel='fused' default"
-    assert [r["impl"].split(",")[0] for r in data["readout"]][:4] == ["packed", "packed", "padded",
+    assert [r["impl"].split(",")[0] for r in data["readout"]][:5] == ["packed", "packed", "padded", "fused (Triton)",
                                                                      "the LSTM alone on all N steps (no sizes: the floor)"]
     assert all(r["fb_ms"] > 0 and "note" not in r for r in data["readout"]), data["readout"]
     models = [r["model"] for r in data["ban"]]
-    assert models == ["BAN", "BAN + LSTM", "BAN + PO-U, unrolled steps", "BAN + PO-U, kernel fused",
-                      "BAN + PO-U, kernel fused, box counts on the device (padded LSTM read)",
+    assert models == ["BAN", "BAN + LSTM", "BAN + LSTM, read fused", "BAN + PO-U, unrolled steps",
+                      "BAN + PO-U, kernel fused", "BAN + PO-U, kernel fused, box counts on the device (padded LSTM read)",
+                      "BAN + PO-U, kernel fused, read fused",
                       "BAN + PO-U, unrolled steps, bf16 autocast", "BAN + PO-U, kernel fused, bf16 autocast"]
     assert data["ban"][0]["ratio"] == 1 and all(r["step_ms"] > 0 for r in data["ban"])
     table = (tmp_path / "out" / "gpu_tiny.md").read_text(encoding="utf-8")
@@ -149,7 +150,7 @@ def test_a_failing_ban_model_keeps_the_other_models_rows_and_the_tables_after_it
                      "--compile-kernels", "chunked", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gpu_tiny.json").read_text(encoding="utf-8"))
     rows = {r["model"]: r for r in data["ban"]}
-    assert len(rows) == 7 and rows["BAN"]["ratio"] == 1
+    assert len(rows) == 9 and rows["BAN"]["ratio"] == 1
     for label, row in rows.items():
         if "autocast" in label:
             assert row["note"] == "failed: RuntimeError: CUDA out of memory." and "step_ms" not in row, row
@@ -188,10 +189,10 @@ def test_a_failing_layer_row_keeps_the_other_rows_on_a_torch_without_torch_oom_e
     monkeypatch.delattr(torch, "OutOfMemoryError", raising=False)
     real = gpu._setperm
 
-    def setperm(cfg, kernel, device):
+    def setperm(cfg, kernel, device, **kwargs):
         if kernel == "compiled":
             raise error
-        return real(cfg, kernel, device)
+        return real(cfg, kernel, device, **kwargs)
     monkeypatch.setattr(gpu, "_setperm", setperm)
     assert gpu.main([*FAST, "--kernels", "chunked,compiled", "--no-optimizer", "--no-ban", "--no-readout",
                      "--out", str(tmp_path)]) == 0

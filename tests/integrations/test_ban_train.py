@@ -217,6 +217,19 @@ def _sizes(root):
     return ds.dictionary.ntoken, ds.num_ans_candidates, ds.v_dim
 
 
+@pytest.mark.parametrize("variant", ["po-u", "none"])
+def test_the_read_flag_reaches_the_set_encoder_and_is_recorded_only_when_set(root, tmp_path, variant):
+    from integrations.ban.train import run_config
+
+    args = _args(root, tmp_path, "--permutation", variant, "--read", "fused")
+    assert build_model(args, *_sizes(root)).set_encoder.read == "fused"
+    assert run_config(args, world_size=1, ntoken=1, num_answers=1, v_dim=1)["read"] == "fused"
+    default = _args(root, tmp_path, "--permutation", variant)
+    assert build_model(default, *_sizes(root)).set_encoder.read == "auto"
+    # (a run recorded before the flag existed resumes unchanged)
+    assert "read" not in run_config(default, world_size=1, ntoken=1, num_answers=1, v_dim=1)
+
+
 @pytest.mark.skipif(not os.environ.get("SETPERM_BAN_ROOT"), reason="SETPERM_BAN_ROOT (a jnhwkim/ban-vqa checkout) not set")
 @pytest.mark.parametrize("amp", [[], ["--amp"]], ids=["float32", "bf16-autocast"])
 def test_official_model_trains(root, tmp_path, amp):

@@ -1,0 +1,228 @@
+"""The encoder's LSTM read (:func:`setperm.encoder.last_state`, ``method="fused"``) as two Triton kernels.
+
+The set vector is the LSTM's cell state after each sequence's own length (paper section 4.4). A
+fused LSTM call (cuDNN) runs every step of the padded batch, and to stop at each length it must be
+given the lengths on the host (a packed sequence) or read the padding with its state held (the
+padded read); in training it also keeps its own workspace per step. Here:
+
+- the input part of the gates, ``x_t W_ih^T + b_ih + b_hh`` for every step, is one matrix product
+  (torch, differentiated by autograd);
+- the recurrence ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)`` with ``i, f, g, o`` from
+  ``x_t W_ih^T + b + h_{t-1} W_hh^T`` is one kernel: one program per block of sequences loops over
+  the steps of its longest sequence, holds each sequence's state after its own length (exactly:
+  a selection, not arithmetic), reads its lengths on the device (no host synchronisation) and
+  saves every step's ``h``, ``c`` and activated gates (``6 H`` numbers per element);
+- backward is one kernel back through the same steps, which gives ``dL/d(pre-activation gates)``
+  at every step (zero past each length); the gradients of the input, ``W_ih``, ``W_hh`` and the
+  biases are matrix products of it (torch).
+
+The gates' products ``h W_hh^T`` (and ``dpre W_hh`` in backward) are ``tl.dot`` on tiles of the
+program's sequences, in TF32 where torch lets cuDNN's LSTM use it (``torch.backends.cudnn.rnn.fp32_precision``,
+or ``torch.backends.cudnn.allow_tf32`` on older torch; TF32 is torch's default), else in full float32. Same values as ``nn.LSTM`` up to rounding; float16 and
+bfloat16 inputs are computed in float32, float64 in float64. First-order gradients only (a
+backward that is itself differentiated raises). With ``TRITON_INTERPRET=1`` set before Triton is
+imported the kernels run on CPU tensors in Triton's interpreter (how the tests check them).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ._compat import autocast_off, is_compiling
+from ._errors import user_stacklevel
+from .fused import _KernelFailure as KernelFailure
+from .fused import _launch, interpreted, unavailable
+
+# Hidden units up to which the kernels apply: for sm_90, at 8 warps a program's states, gates and
+# product chunks fit the registers (no stack) up to a 128-unit tile; at 256 they spill
+# (python -m benchmarks.fused_resources, "The fused LSTM read").
+MAX_HIDDEN = 128
+# Sequences per program: tl.dot's smallest tile.
+BLOCK_B = 16
+# Chunk of the products' inner dimension, warps per program, and software-pipelined chunks in flight:
+# the compiled configuration whose resources benchmarks.fused_resources reports (every tile up to
+# 128 units in registers, float32 with and without TF32 and float64)
+BLOCK_K = 16
+WARPS = 8
+STAGES = 2
+
+
+def applies(rnn: nn.RNNBase, seq: Tensor) -> bool:
+    """Whether the fused read can compute ``rnn``'s final cell states for ``seq`` here: a one-layer,
+    one-directional, batch-first ``nn.LSTM`` without projections, of at most :data:`MAX_HIDDEN`
+    units, a CUDA tensor (a CPU tensor under the interpreter) of at least one sequence and one step,
+    outside ``torch.compile``'s tracing (a compiled graph reads the padded way)."""
+    on_device = seq.device.type == "cuda" or (seq.device.type == "cpu" and interpreted())
+    return (isinstance(rnn, nn.LSTM) and rnn.num_layers == 1 and not rnn.bidirectional and rnn.proj_size == 0
+            and rnn.batch_first and rnn.hidden_size <= MAX_HIDDEN and on_device and not is_compiling()
+            and seq.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            and seq.shape[0] > 0 and seq.shape[1] > 0)
+
+
+def failure(seq: Tensor, hidden: int) -> Optional[str]:
+    """Why the kernels cannot run for this input (None: as far as is known, they can)."""
+    reason = unavailable()
+    if reason is not None:
+        return f"the fused LSTM read needs Triton ({reason})"
+    return _broken.get(_where(seq, hidden))
+
+
+def lstm_final_cell(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Tensor:
+    """``rnn``'s cell state after the first ``lengths[b]`` steps of each sequence ``seq[b]`` ->
+    ``(B, hidden_size)`` (zero for a length of 0); the caller has checked :func:`applies` and
+    :func:`failure`. Steps past a length may hold anything (they are zeroed first, so that a
+    non-finite one cannot reach a gradient)."""
+    N = seq.shape[1]
+    dtype = torch.promote_types(torch.promote_types(seq.dtype, rnn.weight_ih_l0.dtype), torch.float32)
+    real = torch.arange(N, device=seq.device) < lengths.unsqueeze(1)
+    with autocast_off(seq.device.type):
+        x = torch.where(real.unsqueeze(-1), seq.to(dtype), torch.zeros((), dtype=dtype, device=seq.device))
+        bias = (rnn.bias_ih_l0 + rnn.bias_hh_l0).to(dtype) if rnn.bias else None
+    w_ih, w_hh = rnn.weight_ih_l0.to(dtype), rnn.weight_hh_l0.to(dtype)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias))
+    tf32 = dtype == torch.float32 and _rnn_tf32() and not interpreted()
+    with autocast_off(seq.device.type):     # (the products in forward and backward in dtype, as the kernels)
+        return _FusedLSTMRead.apply(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), bias, lengths.contiguous(),
+                                    save, tf32)[0]
+
+
+def recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], lengths: Tensor) -> Tensor:
+    """The kernels' function written with torch operations, one step at a time: the cell state
+    after each sequence's length, each step past it holding the state. What a backward that is
+    itself differentiated runs (second-order gradients, gradient penalties)."""
+    B, N = x.shape[:2]
+    xg = x @ w_ih.t()
+    if bias is not None:
+        xg = xg + bias
+    h = c = x.new_zeros(B, w_hh.shape[1])
+    for t in range(N):
+        i, f, g, o = (xg[:, t] + h @ w_hh.t()).chunk(4, dim=-1)
+        c_t = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_t = torch.sigmoid(o) * torch.tanh(c_t)
+        active = (t < lengths).unsqueeze(1)
+        c, h = torch.where(active, c_t, c), torch.where(active, h_t, h)
+    return c
+
+
+def _rnn_tf32() -> bool:
+    """Whether torch lets cuDNN's LSTM round float32 products to TF32 (the kernels do as the LSTM they
+    replace): the RNN precision where torch has per-backend precisions (``"none"`` inherits from
+    cuDNN's, then the global one), else ``torch.backends.cudnn.allow_tf32``."""
+    b = torch.backends
+    for part in (getattr(b.cudnn, "rnn", None), b.cudnn, b):
+        precision = getattr(part, "fp32_precision", None)
+        if precision is not None and precision != "none":
+            return precision == "tf32"
+    return bool(b.cudnn.allow_tf32)
+
+
+def block_hidden(H: int) -> int:
+    """The hidden tile of ``H`` units: a power of two (tl.arange), at least tl.dot's 16."""
+    return max(16, 1 << (H - 1).bit_length())
+
+
+def _where(t: Tensor, hidden: int) -> Tuple:
+    return (str(t.device), block_hidden(hidden), t.dtype == torch.float64)
+
+
+# (device, hidden tile, float64) -> why Triton could not build or launch a kernel there: later calls
+# read the padded way at once (warned once per reason)
+_broken: Dict[Tuple, str] = {}
+_warned: set = set()
+
+
+def warn_fallback(reason: str) -> None:
+    """Warn once per reason that the padded read stands in for the kernels."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"setperm: {reason}; the padded LSTM read computes the same values instead",
+                      RuntimeWarning, stacklevel=user_stacklevel())
+
+
+def _run(kernel, x: Tensor, hidden: int, programs: int, *args, **meta) -> None:
+    where = _where(x, hidden)
+    try:
+        _launch(kernel, programs, *args, context="the fused LSTM read", tile=f"{meta['BLOCK_H']} hidden units",
+                **meta)
+    except KernelFailure as err:
+        _broken[where] = str(err)
+        raise
+
+
+class _FusedLSTMRead(torch.autograd.Function):
+    # forward and setup_context apart (not forward(ctx, ...)), as torch.func's transforms take them
+
+    @staticmethod
+    def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], lengths: Tensor, save: bool,
+                tf32: bool) -> Tuple[Tensor, ...]:
+        B, N = x.shape[:2]
+        H = w_hh.shape[1]
+        xg = x @ w_ih.t()
+        if bias is not None:
+            xg += bias
+        out = x.new_empty(B, H)
+        # each step's h: every step when saved (backward's W_hh gradient reads them; zeros past the
+        # steps a program runs), else two slots that the steps take in turn
+        slots = N if save else 2
+        h = x.new_zeros(B, slots, H)
+        c = x.new_empty(B, N, H) if save else h
+        gates = x.new_empty(B, N, 4 * H) if save else h
+        _run(_kernels().lstm_forward_kernel, x, H, -(-B // BLOCK_B), xg, w_hh, lengths, h, c, gates, out, B, N, H, slots,
+             SAVE=save, TF32=tf32, BLOCK_B=BLOCK_B, BLOCK_H=block_hidden(H), BLOCK_K=BLOCK_K, num_warps=WARPS,
+             num_stages=STAGES)
+        return out, h, c, gates
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w_ih, w_hh, bias, lengths, save, tf32 = inputs
+        _, h, c, gates = output
+        ctx.mark_non_differentiable(h, c, gates)
+        ctx.set_materialize_grads(False)
+        ctx.tf32 = tf32
+        ctx.save_for_backward(x, w_ih, w_hh, bias, lengths, h, c, gates)
+
+    @staticmethod
+    def backward(ctx, grad_c, *_):
+        if grad_c is None:
+            return None, None, None, None, None, None, None
+        with autocast_off(grad_c.device.type):          # (a backward called under autocast)
+            return _backward(ctx, grad_c)
+
+
+def _backward(ctx, grad_c: Tensor) -> Tuple[Optional[Tensor], ...]:
+    x, w_ih, w_hh, bias, lengths, h, c, gates = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # a backward that is itself differentiated: the kernels give first-order gradients only,
+        # so these come from the same recurrence in torch operations, recomputed from the inputs
+        # (which carry their own graphs, so the gradients are functions of them)
+        needs = ctx.needs_input_grad[:4]
+        with torch.enable_grad():
+            inputs = [t if t is None or t.requires_grad or not need else t.detach().requires_grad_()
+                      for t, need in zip((x, w_ih, w_hh, bias), needs)]
+            grads = iter(torch.autograd.grad(recurrence(*inputs, lengths),
+                                             [t for t, need in zip(inputs, needs) if need], grad_c,
+                                             create_graph=True))
+        return (*(next(grads) if need else None for need in needs), None, None, None)
+    B, N, H = h.shape
+    dpre = gates.new_zeros(B, N, 4 * H)          # (zero past the steps each program runs)
+    _run(_kernels().lstm_backward_kernel, x, H, -(-B // BLOCK_B), grad_c.to(c.dtype).contiguous(), w_hh,
+         lengths, c, gates, dpre, B, N, H, TF32=ctx.tf32, BLOCK_B=BLOCK_B, BLOCK_H=block_hidden(H), BLOCK_K=BLOCK_K,
+         num_warps=WARPS, num_stages=STAGES)
+    flat = dpre.view(B * N, 4 * H)
+    need_x, need_ih, need_hh, need_bias = ctx.needs_input_grad[:4]
+    grad_x = (dpre @ w_ih) if need_x else None
+    grad_ih = flat.t() @ x.reshape(B * N, -1) if need_ih else None
+    # dL/dW_hh = sum over sequences and steps t >= 1 of dpre_t^T h_{t-1}
+    grad_hh = dpre[:, 1:].reshape(-1, 4 * H).t() @ h[:, :-1].reshape(-1, H) if need_hh else None
+    grad_bias = flat.sum(0) if need_bias else None
+    return grad_x, grad_ih, grad_hh, grad_bias, None, None, None
+
+
+def _kernels():
+    """The Triton kernels, imported on first use (Triton is imported only then)."""
+    from . import _fused_read_kernels
+
+    return _fused_read_kernels

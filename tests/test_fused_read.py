@@ -1,0 +1,275 @@
+"""setperm.fused_read: the LSTM read as Triton kernels equals nn.LSTM read set by set.
+
+On CUDA the kernels run compiled; on the CPU in Triton's interpreter (conftest sets
+``TRITON_INTERPRET=1`` before Triton is imported where there is no CUDA). Without Triton the
+kernels' tests skip; what happens without them is tested everywhere.
+"""
+import importlib
+import types
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from setperm import PermutationSetEncoder
+from setperm.encoder import last_state
+
+fused = importlib.import_module("setperm.fused")
+fused_read = importlib.import_module("setperm.fused_read")
+HAS_TRITON = fused.unavailable() is None
+
+
+@pytest.fixture
+def fdevice(device):
+    """A device the kernels run on: CUDA, or the CPU under Triton's interpreter."""
+    if not HAS_TRITON:
+        pytest.skip(fused.unavailable())
+    if device.type == "cpu" and not fused.interpreted():
+        pytest.skip("the CPU runs the Triton kernels only in Triton's interpreter (TRITON_INTERPRET=1)")
+    return device
+
+
+def batch(B, N, D, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, N + 1, (B,), generator=g)
+    lengths[0] = 0                                         # an empty set
+    lengths[-1] = N                                        # a full one
+    seq = torch.randn(B, N, D, generator=g, dtype=dtype)
+    return seq, lengths
+
+
+def read(lstm, seq, lengths, method, up):
+    """The final cell states and the gradients of <c, up> with respect to the input and every parameter."""
+    seq = seq.detach().requires_grad_(True)
+    c = last_state(lstm, seq, lengths, method=method)
+    grads = torch.autograd.grad((c * up).sum(), [seq, *lstm.parameters()])
+    return c, grads
+
+
+@pytest.mark.parametrize("B, N, D, H", [
+    (5, 6, 3, 7),            # hidden units not a power of two
+    (37, 9, 4, 16),          # three programs, the last one part-full
+    (18, 12, 13, 40),        # sets of different lengths in one program
+    (17, 10, 13, 128),       # the encoder's VQA width, the widest the kernels take
+    (3, 1, 2, 5),            # one step
+])
+def test_the_fused_read_equals_the_lstm_read_set_by_set(fdevice, B, N, D, H):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(D, H, batch_first=True).to(fdevice)
+    seq, lengths = batch(B, N, D, seed=B + N)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    up = torch.randn(B, H, generator=torch.Generator().manual_seed(1)).to(fdevice)
+    c, grads = read(lstm, seq, lengths, "fused", up)
+    c_ref, grads_ref = read(lstm, seq, lengths, "grouped", up)
+    assert_close(c, c_ref, atol=2e-6, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
+    assert c[0].abs().max() == 0                              # the empty set: c = 0
+    assert grads[0][0].abs().max() == 0
+
+
+def test_float64_gradients_of_every_input_match_finite_differences(fdevice):
+    # gradcheck through the input, W_ih, W_hh and both biases (float64 end to end)
+    torch.manual_seed(0)
+    lstm = nn.LSTM(2, 3, batch_first=True).to(fdevice, torch.float64)
+    seq, lengths = batch(3, 4, 2, seed=3, dtype=torch.float64)
+    lengths[1] = 2
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    names = [name for name, _ in lstm.named_parameters()]
+
+    def fn(x, *params):
+        with torch.nn.utils.stateless._reparametrize_module(lstm, dict(zip(names, params))):
+            return last_state(lstm, x, lengths, method="fused")
+    inputs = (seq.requires_grad_(True), *(p.detach().clone().requires_grad_(True) for p in lstm.parameters()))
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_padding_of_any_value_reaches_neither_the_state_nor_a_gradient(fdevice):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 16, batch_first=True).to(fdevice)
+    seq, lengths = batch(6, 7, 4, seed=5)
+    padded = torch.arange(7) >= lengths.unsqueeze(1)
+    dirty = seq.masked_fill(padded.unsqueeze(-1), float("nan"))
+    dirty[1, -1] = float("inf")
+    up = torch.randn(6, 16).to(fdevice)
+    c, grads = read(lstm, dirty.to(fdevice), lengths.to(fdevice), "fused", up)
+    c_ref, grads_ref = read(lstm, seq.masked_fill(padded.unsqueeze(-1), 0).to(fdevice), lengths.to(fdevice), "fused",
+                            up)
+    assert_close(c, c_ref, atol=0, rtol=0)                     # held steps are selected past, not computed with
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, atol=0, rtol=0)
+    assert grads[0][padded.to(fdevice)].abs().max() == 0
+
+
+def test_a_batch_of_empty_sets_gives_zero_states_and_zero_gradients(fdevice):
+    lstm = nn.LSTM(3, 8, batch_first=True).to(fdevice)
+    seq = torch.randn(4, 5, 3, device=fdevice)
+    c, grads = read(lstm, seq, torch.zeros(4, dtype=torch.int64, device=fdevice), "fused", torch.ones(4, 8, device=fdevice))
+    assert c.abs().max() == 0
+    assert all(g.abs().max() == 0 for g in grads)
+
+
+def test_half_inputs_are_read_in_float32_under_autocast(fdevice):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 16, batch_first=True).to(fdevice)
+    seq, lengths = batch(4, 6, 5, seed=2)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    with torch.autocast(fdevice.type, dtype=torch.bfloat16):
+        c = last_state(lstm, seq.bfloat16(), lengths, method="fused")
+    assert c.dtype == torch.float32
+    assert_close(c, last_state(lstm, seq.bfloat16().float(), lengths, method="grouped"), atol=2e-6, rtol=1e-5)
+
+
+def test_without_gradients_the_read_keeps_nothing_for_backward(fdevice):
+    lstm = nn.LSTM(3, 16, batch_first=True).to(fdevice)
+    seq, lengths = batch(5, 8, 3, seed=4)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    with torch.no_grad():
+        c = last_state(lstm, seq, lengths, method="fused")
+    assert c.grad_fn is None
+    assert_close(c, last_state(lstm, seq, lengths, method="grouped").detach(), atol=2e-6, rtol=1e-5)
+
+
+def test_second_derivatives_equal_those_of_the_lstm_read(fdevice):
+    # a backward that is itself differentiated (a gradient penalty) runs the recurrence in torch operations
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 8, batch_first=True).to(fdevice, torch.float64)
+    seq, lengths = batch(4, 5, 3, seed=1, dtype=torch.float64)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    out = []
+    for method in ("fused", "grouped"):
+        x = seq.clone().requires_grad_(True)
+        c = last_state(lstm, x, lengths, method=method)
+        (g,) = torch.autograd.grad(c.pow(2).sum(), x, create_graph=True)
+        out.append(torch.autograd.grad(g.pow(2).sum(), [x, *lstm.parameters()]))
+    for a, b in zip(*out):
+        assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_the_encoder_reads_fused_the_same_set_vector(fdevice):
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(5, 16, read="fused").to(fdevice)
+    ref = PermutationSetEncoder(5, 16, read="grouped").to(fdevice)
+    ref.load_state_dict(enc.state_dict())
+    x = torch.randn(6, 7, 5)
+    mask = torch.rand(6, 7, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[0], mask[1] = False, True
+    x, mask = x.to(fdevice), mask.to(fdevice)
+    w = torch.randn(6, 7).to(fdevice)
+    for m in (mask, None):
+        h, h_ref = enc(x, mask=m, weights=w), ref(x, mask=m, weights=w)
+        assert_close(h, h_ref, atol=2e-6, rtol=1e-5)
+        grads = torch.autograd.grad(h.pow(2).sum(), list(enc.parameters()))
+        grads_ref = torch.autograd.grad(h_ref.pow(2).sum(), list(ref.parameters()))
+        for g, g_ref in zip(grads, grads_ref):
+            assert_close(g, g_ref, atol=2e-5, rtol=1e-4)
+    # a set alone equals it padded
+    assert_close(enc(x[2:3, mask[2]]), enc(x[2:3], mask=mask[2:3]), atol=2e-6, rtol=1e-5)
+
+
+def test_the_fused_read_makes_the_host_wait_nowhere(fdevice, device_path):
+    lstm = nn.LSTM(4, 16, batch_first=True).to(fdevice)
+    seq, lengths = batch(5, 6, 4, seed=6)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    with device_path(exempt=[(fused_read, "_launch")]) as waits:
+        c = last_state(lstm, seq.requires_grad_(True), lengths, method="fused")
+        c.sum().backward()
+    assert waits.calls["_launch"] == 2                        # forward and backward: both kernels ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_fused_read_makes_no_host_synchronisation(without_cuda_sync):
+    if not HAS_TRITON:
+        pytest.skip(fused.unavailable())
+    lstm = nn.LSTM(13, 128, batch_first=True).cuda()
+    seq, lengths = batch(40, 30, 13, seed=0)
+    seq, lengths = seq.cuda().requires_grad_(True), lengths.cuda()
+    without_cuda_sync(lambda: last_state(lstm, seq, lengths, method="fused"))
+    enc = PermutationSetEncoder(13, 128, read="fused").cuda()
+    mask = torch.arange(30, device="cuda") < lengths.unsqueeze(1)
+    without_cuda_sync(lambda: enc(seq, mask=mask))
+
+
+# ------------------------------------------------------------------ where the kernels do not run
+def test_a_reader_the_kernels_cannot_read_is_named():
+    seq, lengths = torch.randn(2, 3, 4), torch.tensor([1, 3])
+    with pytest.raises(ValueError, match="method='fused' reads an nn.LSTM without projections, got GRU"):
+        last_state(nn.GRU(4, 5, batch_first=True), seq, lengths, method="fused")
+    with pytest.raises(ValueError, match="proj_size=2"):
+        last_state(nn.LSTM(4, 5, proj_size=2, batch_first=True), seq, lengths, method="fused")
+    with pytest.raises(ValueError, match="one-layer, one-directional reader, got num_layers=2"):
+        last_state(nn.LSTM(4, 5, num_layers=2, batch_first=True), seq, lengths, method="fused")
+    with pytest.raises(ValueError, match=r"method: expected one of .*'fused'.*got 'fast'"):
+        last_state(nn.LSTM(4, 5, batch_first=True), seq, lengths, method="fast")
+    with pytest.raises(ValueError, match="read must be one of"):
+        PermutationSetEncoder(4, 5, read="cudnn")
+    with pytest.raises(ValueError, match="read='fused' reads an LSTM, got rnn='gru'"):
+        PermutationSetEncoder(4, 5, read="fused", rnn="gru")
+
+
+def test_where_the_kernels_do_not_apply_the_read_is_auto_s(monkeypatch):
+    # the CPU without Triton's interpreter, and more units than the kernels take: the same values
+    # as the automatic read, no warning
+    torch.manual_seed(0)
+    seq, lengths = batch(4, 5, 3, seed=0)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    lstm = nn.LSTM(3, 6, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(last_state(lstm, seq, lengths, method="fused"), last_state(lstm, seq, lengths, method="auto"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    wide = nn.LSTM(3, fused_read.MAX_HIDDEN + 1, batch_first=True)
+    assert not fused_read.applies(wide, seq)
+    assert_close(last_state(wide, seq, lengths, method="fused"), last_state(wide, seq, lengths, method="grouped"))
+
+
+def test_without_triton_the_padded_read_stands_in_warned_once(fdevice, monkeypatch):
+    monkeypatch.setattr(fused_read, "unavailable", lambda: "Triton is not installed")
+    monkeypatch.setattr(fused_read, "_warned", set())
+    lstm = nn.LSTM(3, 8, batch_first=True).to(fdevice)
+    seq, lengths = batch(4, 5, 3, seed=0)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    with pytest.warns(RuntimeWarning, match=r"the fused LSTM read needs Triton \(Triton is not installed\); "
+                                            "the padded LSTM read computes the same values instead"):
+        c = last_state(lstm, seq, lengths, method="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c2 = last_state(lstm, seq, lengths, method="fused")
+    assert_close(c, last_state(lstm, seq, lengths, method="padded"))
+    assert_close(c2, c)
+
+
+class _Unbuildable:
+    """A kernel that Triton cannot build: its launch raises as an out-of-resource error does."""
+    __name__ = "lstm_forward_kernel"
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.launches += 1
+            raise RuntimeError("out of resource: shared memory")
+        return launch
+
+
+def test_a_kernel_that_cannot_be_built_is_warned_once_and_not_tried_again(fdevice, monkeypatch):
+    kernel = _Unbuildable()
+    monkeypatch.setattr(fused_read, "_kernels", lambda: types.SimpleNamespace(lstm_forward_kernel=kernel))
+    monkeypatch.setattr(fused_read, "_broken", {})
+    monkeypatch.setattr(fused_read, "_warned", set())
+    lstm = nn.LSTM(3, 8, batch_first=True).to(fdevice)
+    seq, lengths = batch(4, 5, 3, seed=0)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+    with pytest.warns(RuntimeWarning, match=r"the fused LSTM read: Triton could not build or run lstm_forward_kernel "
+                                            r"for 16 hidden units \(RuntimeError: out of resource: shared memory\); "
+                                            "the padded LSTM read computes the same values instead"):
+        c = last_state(lstm, seq, lengths, method="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c2 = last_state(lstm, seq, lengths, method="fused")
+    assert kernel.launches == 1                                  # not tried again
+    assert_close(c, last_state(lstm, seq, lengths, method="padded"))
+    assert_close(c2, c)
