@@ -19,6 +19,14 @@ them (no stack, or the least, at the fewest registers). ``--c-in-place`` compile
 is, instead of from a zero-padded copy in a scratch tile). Output: ``<out>/fused_resources.json``
 and ``.md`` (``fused_resources_c_in_place.*`` with ``--c-in-place``); the row that
 ``setperm.fused`` uses is marked.
+
+``--read`` compiles the fused LSTM read's kernels instead (``lstm_forward_kernel`` and
+``lstm_backward_kernel`` of ``setperm._fused_read_kernels``, saving for backward) at every hidden
+tile (``--blocks``: the LSTM's units rounded up to a power of two, 16-256) and number of warps, in
+float32 with and without TF32 and in float64, at ``setperm.fused_read``'s chunk of the products'
+inner dimension and pipelined chunks; output ``fused_resources_read.*``. ``setperm.fused_read``'s
+warps and its largest tile were chosen from these (at 8 warps, TF32 keeps every value in registers up
+to the 128-unit tile but for 24 bytes at 32; at 256 units every configuration spills hundreds of bytes).
 """
 from __future__ import annotations
 
@@ -80,10 +88,34 @@ def _cuobjdump(triton_module) -> str:
 
 
 def _source(fn, block: int, stage_c: bool = True):
-    """The kernel at one tile size as Triton's compiler takes it (its interface differs by release)."""
+    """The kernel at one tile size as Triton's compiler takes it."""
+    return _ast(fn, *_signature(fn, block, stage_c))
+
+
+def _read_source(fn, block_h: int, precision: str):
+    """A fused-read kernel at one hidden tile and precision (``"tf32"``, ``"ieee"``: float32 without
+    TF32, ``"float64"``) as Triton's compiler takes it; pointers 16-byte aligned, ints without hints."""
+    from setperm import fused_read
+
+    values = {"SAVE": True, "TF32": precision == "tf32", "BLOCK_B": fused_read.BLOCK_B, "BLOCK_H": block_h,
+              "BLOCK_K": fused_read.BLOCK_K}
+    sig, constexprs, pointers = {}, {}, []
+    for i, name in enumerate(fn.arg_names):
+        if name in values:
+            sig[name] = "constexpr"
+            constexprs[(i,)] = values[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*i64" if name == "len_ptr" else "*fp64" if precision == "float64" else "*fp32"
+            pointers.append(i)
+        else:
+            sig[name] = "i32"
+    return _ast(fn, sig, constexprs, pointers)
+
+
+def _ast(fn, sig, constexprs, pointers):
+    # (Triton's compiler interface differs by release)
     from triton.compiler import ASTSource
 
-    sig, constexprs, pointers = _signature(fn, block, stage_c)
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:          # Triton 3.3 and newer
         return ASTSource(fn=fn, signature=sig, constexprs=constexprs,
                          attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
@@ -122,13 +154,30 @@ def product_loops(sass: str, per_thread: int) -> List[float]:
 
 
 def resources(fn, block: int, warps: int, arch: int, cuobjdump: str, stage_c: bool = True) -> Dict[str, object]:
+    row = _compiled(_source(fn, block, stage_c), warps, arch, cuobjdump, {})
+    per_thread = max(1, block * block // (32 * warps))
+    steps = product_loops(row.pop("sass"), per_thread)
+    row["product_loops"] = ", ".join(f"{v:g}" for v in steps) if steps else "-"
+    return row
+
+
+def read_resources(fn, block_h: int, precision: str, warps: int, arch: int, cuobjdump: str) -> Dict[str, object]:
+    from setperm import fused_read
+
+    row = _compiled(_read_source(fn, block_h, precision), warps, arch, cuobjdump, {"num_stages": fused_read.STAGES})
+    row.pop("sass")
+    return row
+
+
+def _compiled(source, warps: int, arch: int, cuobjdump: str, options: dict) -> Dict[str, object]:
+    """Registers and stack per thread, shared memory per block and the machine code of one compile."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        compiled = triton.compile(_source(fn, block, stage_c), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": warps, "enable_fp_fusion": True})   # (as setperm.fused)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps, "enable_fp_fusion": True, **options})   # (as launched)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(compiled.asm["cubin"])
@@ -138,23 +187,26 @@ def resources(fn, block: int, warps: int, arch: int, cuobjdump: str, stage_c: bo
     for line in report.stdout.splitlines():
         if "REG:" in line:
             fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
-    per_thread = max(1, block * block // (32 * warps))
-    steps = product_loops(sass, per_thread)
-    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "shared": int(compiled.metadata.shared),
-            "product_loops": ", ".join(f"{v:g}" for v in steps) if steps else "-"}
+    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "shared": int(compiled.metadata.shared),
+            "sass": sass}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fused_resources", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (default 90: H100 / H200)")
-    p.add_argument("--blocks", default="16,32,64,128", help="tile sizes, comma-separated (powers of two, 16-128)")
-    p.add_argument("--warps", default="1,2,4,8,16,32", help="warps per program, comma-separated")
+    p.add_argument("--blocks", default=None,
+                   help="tile sizes, comma-separated (powers of two, 16-128; with --read, hidden tiles 16-256; "
+                        "default all of them)")
+    p.add_argument("--warps", default=None,
+                   help="warps per program, comma-separated (default 1,2,4,8,16,32; with --read 4,8,16)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default runs/benchmarks)")
     p.add_argument("--c-in-place", action="store_true",
                    help="compile the kernels as fused_optimize(stage_c=False) runs them: the matrix products read "
                         "the cost matrix where it is, not from a copy in a scratch tile")
+    p.add_argument("--read", action="store_true",
+                   help="compile the fused LSTM read's kernels (setperm.fused_read) instead, in float32 with and "
+                        "without TF32 and in float64 (default warps 4,8,16)")
     p.add_argument("--overwrite", action="store_true", help="replace this command's earlier results in --out")
     return p
 
@@ -180,8 +232,11 @@ def unsupported() -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    blocks = _ints(p, "--blocks", args.blocks, {16, 32, 64, 128})
-    warps = _ints(p, "--warps", args.warps, {1, 2, 4, 8, 16, 32})
+    if args.read and args.c_in_place:
+        p.error("--c-in-place: a setting of the permutation-optimisation kernels, not of --read's")
+    tiles = {16, 32, 64, 128, 256} if args.read else {16, 32, 64, 128}
+    blocks = _ints(p, "--blocks", args.blocks or ",".join(map(str, sorted(tiles))), tiles)
+    warps = _ints(p, "--warps", args.warps or ("4,8,16" if args.read else "1,2,4,8,16,32"), {1, 2, 4, 8, 16, 32})
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RunError("TRITON_INTERPRET=1 runs Triton's interpreter, which compiles nothing: unset it")
     reason = unsupported()
@@ -193,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.out.exists() and not args.out.is_dir():
         raise RunError(f"--out {args.out} is a file, not a folder")
+    if args.read:
+        return _main_read(args, blocks, warps, triton)
     stem = "fused_resources_c_in_place" if args.c_in_place else "fused_resources"
     path = ensure_new(args.out / f"{stem}.json", overwrite=args.overwrite)
     table_path = ensure_new(args.out / f"{stem}.md", overwrite=args.overwrite)
@@ -222,6 +279,51 @@ def main(argv: Optional[List[str]] = None) -> int:
     variant = ", C read in place (stage_c=False)" if args.c_in_place else ""
     table = (f"Resources of setperm.fused's kernels{variant} compiled for sm_{args.arch} by Triton "
              f"{triton.__version__} (`{command}`):\n\n" + markdown_table(rows, COLUMNS) + "\n")
+    atomic_write(table_path, lambda f: f.write(table.encode()), durable=False)
+    print(table)
+    return 0
+
+
+READ_KERNELS = ("lstm_forward_kernel", "lstm_backward_kernel")
+READ_PRECISIONS = ("tf32", "ieee", "float64")
+READ_COLUMNS = [("block", "hidden tile"), ("warps", "warps"), ("kernel", "kernel"), ("precision", "precision"),
+                ("registers", "registers / thread"), ("stack", "stack bytes / thread"),
+                ("shared", "shared memory / block"), ("used", "used by setperm.fused_read"), ("note", "note")]
+
+
+def _main_read(args, blocks: List[int], warps: List[int], triton) -> int:
+    """``--read``: the fused LSTM read's kernels at every hidden tile, warps and precision."""
+    from setperm import _fused_read_kernels, fused_read
+
+    path = ensure_new(args.out / "fused_resources_read.json", overwrite=args.overwrite)
+    table_path = ensure_new(args.out / "fused_resources_read.md", overwrite=args.overwrite)
+    cuobjdump = _cuobjdump(triton)
+    rows = []
+    for block in blocks:
+        for w in warps:
+            for precision in READ_PRECISIONS:
+                for name in READ_KERNELS:
+                    used = block <= fused_read.block_hidden(fused_read.MAX_HIDDEN) and w == fused_read.WARPS
+                    row: Dict[str, object] = {"block": block, "warps": w, "kernel": name, "precision": precision,
+                                              "used": "yes" if used else ""}
+                    try:
+                        row.update(read_resources(getattr(_fused_read_kernels, name), block, precision, w, args.arch,
+                                                  cuobjdump))
+                    except OSError:
+                        raise
+                    except Exception as err:             # one failing build must not lose the others
+                        row["note"] = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1][:120]}"
+                    rows.append(row)
+                    print(f"hidden tile {block} warps {w} {precision} {name}: " + ", ".join(
+                        f"{k} {row[k]}" for k in ("registers", "stack", "shared", "note") if k in row),
+                        file=sys.stderr, flush=True)
+    info = {"triton": triton.__version__, "arch": f"sm_{args.arch}", "block_b": fused_read.BLOCK_B,
+            "block_k": fused_read.BLOCK_K, "num_stages": fused_read.STAGES}
+    write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+    table = (f"Resources of setperm.fused_read's kernels compiled for sm_{args.arch} by Triton {triton.__version__}, "
+             f"{fused_read.BLOCK_B} sequences per program, products in chunks of {fused_read.BLOCK_K}, "
+             f"{fused_read.STAGES} chunks in flight (`python -m benchmarks.fused_resources --read`):\n\n"
+             + markdown_table(rows, READ_COLUMNS) + "\n")
     atomic_write(table_path, lambda f: f.write(table.encode()), durable=False)
     print(table)
     return 0

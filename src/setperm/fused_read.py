@@ -37,14 +37,14 @@ from .fused import _KernelFailure as KernelFailure
 from .fused import _launch, interpreted, unavailable
 
 # Hidden units up to which the kernels apply: for sm_90, at 8 warps a program's states, gates and
-# product chunks fit the registers (no stack) up to a 128-unit tile; at 256 they spill
-# (python -m benchmarks.fused_resources, "The fused LSTM read").
+# product chunks fit the registers up to a 128-unit tile (in TF32; a few dozen bytes of stack in full
+# float32), at 256 every warp count spills hundreds of bytes (python -m benchmarks.fused_resources --read).
 MAX_HIDDEN = 128
 # Sequences per program: tl.dot's smallest tile.
 BLOCK_B = 16
 # Chunk of the products' inner dimension, warps per program, and software-pipelined chunks in flight:
-# the compiled configuration whose resources benchmarks.fused_resources reports (every tile up to
-# 128 units in registers, float32 with and without TF32 and float64)
+# the compiled configuration whose resources `python -m benchmarks.fused_resources --read` reports
+# (a chunk of 32 at 4 warps spilled kilobytes, and one such build crashed Triton 3.9's compiler)
 BLOCK_K = 16
 WARPS = 8
 STAGES = 2

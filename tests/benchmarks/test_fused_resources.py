@@ -45,6 +45,24 @@ def test_compiles_both_kernels_and_reads_their_resources(tmp_path):
     assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text(encoding="utf-8")
 
 
+def test_read_compiles_the_fused_lstm_read_kernels_in_every_precision(tmp_path):
+    from setperm import fused_read
+
+    r = _run(tmp_path, "--read", "--blocks", "16,128", "--warps", str(fused_read.WARPS))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "fused_resources_read.json").read_text(encoding="utf-8"))["rows"]
+    assert [(row["block"], row["precision"], row["kernel"]) for row in rows] == [
+        (block, precision, kernel) for block in (16, 128) for precision in ("tf32", "ieee", "float64")
+        for kernel in ("lstm_forward_kernel", "lstm_backward_kernel")]
+    for row in rows:
+        assert "note" not in row, row
+        assert 0 < row["registers"] <= 255 and row["stack"] >= 0 and row["shared"] > 0
+        assert row["used"] == "yes"                # both tiles, at the read's warps
+    assert f"| 128 | {fused_read.WARPS} | lstm_forward_kernel | tf32 |" in (tmp_path / "fused_resources_read.md").read_text(encoding="utf-8")
+    r = _run(tmp_path, "--read", "--c-in-place")
+    assert r.returncode == 2 and "--c-in-place" in r.stderr
+
+
 def test_compiles_the_kernels_with_the_alignment_a_launch_gives_their_pointers(tmp_path):
     """A launch tells Triton that every pointer (a tensor torch allocated) is 16-byte aligned, and
     the compiled code differs with that hint (registers, stack, shared memory): the kernels measured
