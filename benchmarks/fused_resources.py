@@ -46,6 +46,8 @@ from integrations.common import ensure_new, run_command, write_json
 from integrations.common.atomic import atomic_write
 from integrations.common.lifecycle import RunError
 
+from setperm.fused import failure_text
+
 from .harness import DEFAULT_OUT, markdown_table
 
 KERNELS = ("forward_kernel", "backward_kernel")
@@ -268,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     # naming the path, before anything is written
                     raise
                 except Exception as err:                 # one failing build must not lose the others
-                    row["note"] = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1][:120]}"
+                    row["note"] = f"failed: {failure_text(err)[:120]}"
                 rows.append(row)
                 print(f"tile {block} warps {w} {name}: " + ", ".join(
                     f"{k} {row[k]}" for k in ("registers", "stack", "shared", "note") if k in row),
@@ -312,7 +314,7 @@ def _main_read(args, blocks: List[int], warps: List[int], triton) -> int:
                     except OSError:
                         raise
                     except Exception as err:             # one failing build must not lose the others
-                        row["note"] = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[-1][:120]}"
+                        row["note"] = f"failed: {failure_text(err)[:120]}"
                     rows.append(row)
                     print(f"hidden tile {block} warps {w} {precision} {name}: " + ", ".join(
                         f"{k} {row[k]}" for k in ("registers", "stack", "shared", "note") if k in row),

@@ -683,3 +683,16 @@ def test_auto_takes_the_fused_kernels_on_cuda_only(fdevice, monkeypatch):
     P_fused = optimize_permutation(C, None, mask.to(fdevice), eta=0.7, steps=2, kernel="fused")
     assert len(calls) == (2 if fdevice.type == "cuda" else 1)
     assert_close(P_auto, P_fused, rtol=1e-5, atol=1e-6)
+
+
+def test_a_build_failure_is_named_by_the_error_at_the_root_of_its_chain():
+    # Triton's CompilationError ends its text with a caret under the failing line; the reason is its cause
+    try:
+        try:
+            raise AssertionError("Unsupported lhs dtype fp64")
+        except AssertionError as cause:
+            raise RuntimeError("at 12:8:\n    acc += tl.dot(a, b)\n           ^") from cause
+    except RuntimeError as err:
+        assert fused.failure_text(err) == "AssertionError: Unsupported lhs dtype fp64"
+    assert fused.failure_text(RuntimeError("out of resource\nshared memory")) == "RuntimeError: shared memory"
+    assert fused.failure_text(ValueError()) == "ValueError: ValueError()"

@@ -192,6 +192,16 @@ def test_cuda_fused_read_makes_no_host_synchronisation(without_cuda_sync):
     without_cuda_sync(lambda: enc(seq, mask=mask))
 
 
+@pytest.mark.usefixtures("inductor_builds_on_cpu")
+def test_a_compiled_encoder_reads_as_auto_inside_its_graph(fdevice):
+    # the kernels are not operators of a compiled graph: torch.compile traces the automatic read
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(5, 16, read="fused").to(fdevice)
+    x = torch.randn(3, 4, 5).to(fdevice)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool).to(fdevice)
+    assert_close(torch.compile(enc)(x, mask=mask), enc(x, mask=mask), atol=2e-6, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ where the kernels do not run
 def test_a_reader_the_kernels_cannot_read_is_named():
     seq, lengths = torch.randn(2, 3, 4), torch.tensor([1, 3])

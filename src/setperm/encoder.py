@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from ._compat import autocast_off
+from ._compat import autocast_off, is_compiling
 from ._errors import check_int, check_positive, check_same_device, registered_hooks, user_stacklevel
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost, hidden_widths
@@ -455,7 +455,9 @@ def _warn_hooks(rnn: nn.RNNBase, read: str) -> None:
 
 def fused_read_applies(rnn: nn.RNNBase, seq: Tensor) -> bool:
     """Whether :func:`last_state`'s ``method="fused"`` runs its kernels for ``seq`` (:func:`setperm.fused_read.applies`,
-    without importing that module where it cannot: off CUDA and the interpreter)."""
+    without importing that module where it cannot: off CUDA and the interpreter, and under ``torch.compile``)."""
+    if is_compiling():
+        return False          # (a compiled graph reads as "auto" does; checked before the environment is read)
     if seq.device.type != "cuda" and not (seq.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
         return False
     from . import fused_read

@@ -439,10 +439,19 @@ def _launch(kernel, programs: int, *args, context: str = "kernel='fused'", tile:
             # default (Triton 3.9 warns that 3.10 turns it off) and no such warning reaches the user
             kernel[(programs,)](*args, **meta, enable_fp_fusion=True)
     except Exception as err:
-        cause = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
         tile = tile if tile is not None else f"sets padded to {meta.get('BLOCK')}"
         raise _KernelFailure(f"{context}: Triton could not build or run {kernel.__name__} for {tile} "
-                             f"({type(err).__name__}: {cause})") from err
+                             f"({failure_text(err)})") from err
+
+
+def failure_text(err: BaseException) -> str:
+    """``"Type: message"`` of the error at the root of ``err``'s chain (a Triton compilation error
+    ends its own text with a caret under the failing source line; the reason is its cause's), the
+    message's last line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[-1] if text else repr(err)}"
 
 
 def _kernels():
