@@ -103,6 +103,23 @@ def test_padding_of_any_value_reaches_neither_the_state_nor_a_gradient(fdevice):
     assert grads[0][padded.to(fdevice)].abs().max() == 0
 
 
+def test_backward_keeps_each_step_s_cell_and_gates_and_the_input(fdevice):
+    # per element: the input (D), the cell (H) and the four activated gates (4 H), and the
+    # real-step mask of the zeroed padding; h is recomputed in backward
+    B, N, D, H = 5, 6, 3, 16
+    lstm = nn.LSTM(D, H, batch_first=True).to(fdevice)
+    seq, lengths = batch(B, N, D, seed=0)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        last_state(lstm, seq.to(fdevice).requires_grad_(True), lengths.to(fdevice), method="fused")
+    per_element = sorted(shape[2:] for shape in saved if shape[:2] == (B, N))
+    assert per_element == sorted([(1,), (D,), (H,), (4 * H,)]), saved
+
+
 def test_a_batch_of_empty_sets_gives_zero_states_and_zero_gradients(fdevice):
     lstm = nn.LSTM(3, 8, batch_first=True).to(fdevice)
     seq = torch.randn(4, 5, 3, device=fdevice)

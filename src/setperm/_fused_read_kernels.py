@@ -73,14 +73,14 @@ def _state_product(d_ptr, d_line, d_ok, w_ptr, n, n_ok, acc, H, BLOCK_K: tl.cons
 
 
 @triton.jit
-def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr, B, N, H, SLOTS,
+def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr, B, N, H,
                         SAVE: tl.constexpr, TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    # xg (B, N, 4H): x_t W_ih^T + b_ih + b_hh; w (4H, H): W_hh; len (B,); h (B, SLOTS, H): h_t at slot
-    # t % SLOTS (SLOTS = N when saved for backward, else 2); c (B, N, H) and gates (B, N, 4H): each
-    # step's cell and activated gates i, f, g, o (SAVE); out (B, H): the cell state after each
-    # sequence's own length. Steps past a sequence's length hold its state; the program stops after
-    # the longest of its sequences.
+    # xg (B, N, 4H): x_t W_ih^T + b_ih + b_hh; w (4H, H): W_hh; len (B,); h (B, 2, H), zeros: h_t at
+    # slot t % 2, where the next step reads it; c (B, N, H) and gates (B, N, 4H): each step's cell and
+    # activated gates i, f, g, o (SAVE); out (B, H): the cell state after each sequence's own length.
+    # Steps past a sequence's length hold its state; the program stops after the longest of its
+    # sequences.
     rows, cols, row_ok, ok = _rows(B, H, BLOCK_B, BLOCK_H)
     length = tl.load(len_ptr + rows, mask=row_ok, other=0)
     col_ok = cols[None, :] < H
@@ -91,7 +91,7 @@ def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr
         line = rows * N + t                                          # (b, t) of the (B, N, ...) tensors
         x = xg_ptr + line[:, None] * (4 * H) + cols[None, :]
         # h_{t-1} W_hh^T per gate, h_{t-1} read back from its slot (zero at t = 0)
-        prev = (rows * SLOTS + (t + SLOTS - 1) % SLOTS)[:, None] * H
+        prev = (rows * 2 + (t + 1) % 2)[:, None] * H
         pre_i, pre_f, pre_g, pre_o = _gate_products(
             h_ptr, prev, row_ok[:, None] & (t > 0), w_ptr, cols[None, :], col_ok,
             tl.load(x + 0 * H, mask=ok, other=0.0), tl.load(x + 1 * H, mask=ok, other=0.0),
@@ -104,7 +104,7 @@ def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr
         # (a held sequence keeps its state exactly; where, not arithmetic: its padded step may be anything)
         c = tl.where(active, f * c + i * g, c)
         h = tl.where(active, o * _tanh(c), h)
-        tl.store(h_ptr + (rows * SLOTS + t % SLOTS)[:, None] * H + cols[None, :], h, mask=ok)
+        tl.store(h_ptr + (rows * 2 + t % 2)[:, None] * H + cols[None, :], h, mask=ok)
         if SAVE:
             tl.store(c_ptr + line[:, None] * H + cols[None, :], c, mask=ok)
             gates = gates_ptr + line[:, None] * (4 * H) + cols[None, :]

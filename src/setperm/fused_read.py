@@ -11,7 +11,8 @@ padded read); in training it also keeps its own workspace per step. Here:
   ``x_t W_ih^T + b + h_{t-1} W_hh^T`` is one kernel: one program per block of sequences loops over
   the steps of its longest sequence, holds each sequence's state after its own length (exactly:
   a selection, not arithmetic), reads its lengths on the device (no host synchronisation) and
-  saves every step's ``h``, ``c`` and activated gates (``6 H`` numbers per element);
+  saves every step's ``c`` and activated gates (``5 H`` numbers per element; backward recomputes
+  ``h = o tanh(c)`` for ``W_hh``'s gradient);
 - backward is one kernel back through the same steps, which gives ``dL/d(pre-activation gates)``
   at every step (zero past each length); the gradients of the input, ``W_ih``, ``W_hh`` and the
   biases are matrix products of it (torch).
@@ -31,7 +32,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._compat import autocast_off, is_compiling
+from ._compat import autocast_off, is_compiling, signature_kept
 from ._errors import user_stacklevel
 from .fused import _KernelFailure as KernelFailure
 from .fused import _launch, interpreted, unavailable
@@ -156,6 +157,7 @@ class _FusedLSTMRead(torch.autograd.Function):
     # forward and setup_context apart (not forward(ctx, ...)), as torch.func's transforms take them
 
     @staticmethod
+    @signature_kept
     def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], lengths: Tensor, save: bool,
                 tf32: bool) -> Tuple[Tensor, ...]:
         B, N = x.shape[:2]
@@ -164,25 +166,24 @@ class _FusedLSTMRead(torch.autograd.Function):
         if bias is not None:
             xg += bias
         out = x.new_empty(B, H)
-        # each step's h: every step when saved (backward's W_hh gradient reads them; zeros past the
-        # steps a program runs), else two slots that the steps take in turn
-        slots = N if save else 2
-        h = x.new_zeros(B, slots, H)
-        c = x.new_empty(B, N, H) if save else h
-        gates = x.new_empty(B, N, 4 * H) if save else h
-        _run(_kernels().lstm_forward_kernel, x, H, -(-B // BLOCK_B), xg, w_hh, lengths, h, c, gates, out, B, N, H, slots,
+        h = x.new_zeros(B, 2, H)                     # (two slots for h, which the steps take in turn)
+        # each step's cell and gates for backward (zeros past the steps a program runs: backward's
+        # products read them there, times zero)
+        c = x.new_zeros(B, N, H) if save else h
+        gates = x.new_zeros(B, N, 4 * H) if save else h
+        _run(_kernels().lstm_forward_kernel, x, H, -(-B // BLOCK_B), xg, w_hh, lengths, h, c, gates, out, B, N, H,
              SAVE=save, TF32=tf32, BLOCK_B=BLOCK_B, BLOCK_H=block_hidden(H), BLOCK_K=BLOCK_K, num_warps=WARPS,
              num_stages=STAGES)
-        return out, h, c, gates
+        return out, c, gates
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, w_ih, w_hh, bias, lengths, save, tf32 = inputs
-        _, h, c, gates = output
-        ctx.mark_non_differentiable(h, c, gates)
+        _, c, gates = output
+        ctx.mark_non_differentiable(c, gates)
         ctx.set_materialize_grads(False)
         ctx.tf32 = tf32
-        ctx.save_for_backward(x, w_ih, w_hh, bias, lengths, h, c, gates)
+        ctx.save_for_backward(x, w_ih, w_hh, bias, lengths, c, gates)
 
     @staticmethod
     def backward(ctx, grad_c, *_):
@@ -193,7 +194,7 @@ class _FusedLSTMRead(torch.autograd.Function):
 
 
 def _backward(ctx, grad_c: Tensor) -> Tuple[Optional[Tensor], ...]:
-    x, w_ih, w_hh, bias, lengths, h, c, gates = ctx.saved_tensors
+    x, w_ih, w_hh, bias, lengths, c, gates = ctx.saved_tensors
     if torch.is_grad_enabled():
         # a backward that is itself differentiated: the kernels give first-order gradients only,
         # so these come from the same recurrence in torch operations, recomputed from the inputs
@@ -206,7 +207,7 @@ def _backward(ctx, grad_c: Tensor) -> Tuple[Optional[Tensor], ...]:
                                              [t for t, need in zip(inputs, needs) if need], grad_c,
                                              create_graph=True))
         return (*(next(grads) if need else None for need in needs), None, None, None)
-    B, N, H = h.shape
+    B, N, H = c.shape
     dpre = gates.new_zeros(B, N, 4 * H)          # (zero past the steps each program runs)
     _run(_kernels().lstm_backward_kernel, x, H, -(-B // BLOCK_B), grad_c.to(c.dtype).contiguous(), w_hh,
          lengths, c, gates, dpre, B, N, H, TF32=ctx.tf32, BLOCK_B=BLOCK_B, BLOCK_H=block_hidden(H), BLOCK_K=BLOCK_K,
@@ -215,8 +216,12 @@ def _backward(ctx, grad_c: Tensor) -> Tuple[Optional[Tensor], ...]:
     need_x, need_ih, need_hh, need_bias = ctx.needs_input_grad[:4]
     grad_x = (dpre @ w_ih) if need_x else None
     grad_ih = flat.t() @ x.reshape(B * N, -1) if need_ih else None
-    # dL/dW_hh = sum over sequences and steps t >= 1 of dpre_t^T h_{t-1}
-    grad_hh = dpre[:, 1:].reshape(-1, 4 * H).t() @ h[:, :-1].reshape(-1, H) if need_hh else None
+    grad_hh = None
+    if need_hh:
+        # dL/dW_hh = sum over sequences and steps t >= 1 of dpre_t^T h_{t-1}, h_{t-1} = o_{t-1} tanh(c_{t-1})
+        # recomputed here rather than kept from forward (H numbers per element less between the two)
+        h_prev = gates[:, :-1, 3 * H:] * torch.tanh(c[:, :-1])
+        grad_hh = dpre[:, 1:].reshape(-1, 4 * H).t() @ h_prev.reshape(-1, H)
     grad_bias = flat.sum(0) if need_bias else None
     return grad_x, grad_ih, grad_hh, grad_bias, None, None, None
 
