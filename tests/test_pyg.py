@@ -337,6 +337,22 @@ def test_a_non_finite_element_is_named_by_its_row_of_x_and_its_set():
     assert aggr(x, index, max_num_elements=1).isfinite().all()          # the row is dropped: nothing to check
 
 
+def test_finite_input_is_checked_once_per_call(monkeypatch):
+    # the encoder's check; the aggregation repeats it only to name the row of a failure
+    import setperm.masking as masking
+
+    calls = []
+    real = masking.first_non_finite
+    monkeypatch.setattr(masking, "first_non_finite", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("setperm.pyg.first_non_finite", masking.first_non_finite)
+    aggr = PermutationAggregation(5, 7).double()        # (its "po-u" module leaves the check to the encoder)
+    x, index = _sparse_sets([2, 3, 4])
+    aggr(x, index)
+    assert len(calls) == 1
+    aggr(x, index, weights=torch.zeros(x.shape[0], dtype=x.dtype))
+    assert len(calls) == 3                                           # x and the weights
+
+
 def test_core_library_does_not_import_pyg():
     code = "import sys, setperm; assert 'torch_geometric' not in sys.modules, 'setperm imported torch_geometric'"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -164,18 +164,26 @@ class PermutationAggregation(Aggregation):
         if dense.shape[1] == 0:
             # No set holds an element: the documented output of an empty set.
             return dense.new_zeros(num_sets, self.out_channels)
-        if resolve_check_finite(self.encoder.check_finite, dense):
-            # as the encoder checks, but named by the row of x (the encoder would name the dense batch)
-            _check_finite_rows(dense, mask, index, "x")
-            if dense_weights is not None:
-                _check_finite_rows(dense_weights, mask, index, "weights")
         if positions is not None and dense.shape[1] > positions:
             # named here in the sparse form's terms (the encoder would name the dense batch, which the caller never saw)
             raise ValueError(f"the largest set has {dense.shape[1]} elements, more than the {positions} positions of "
                              f"{type(self.encoder.po).__name__} (num_positions); pass max_num_elements={positions} "
                              f"to keep the first {positions} elements of every set (as PyG's aggregations do), or "
                              f"build the PO with num_positions >= {dense.shape[1]}")
-        return self.encoder(dense, mask=mask, weights=dense_weights)
+        try:
+            return self.encoder(dense, mask=mask, weights=dense_weights)
+        except ValueError:
+            # The encoder checks its input first and names an index of the dense batch, which the caller
+            # never made: the same check again, only after a failure (one check per call otherwise),
+            # names the row of x instead.
+            if resolve_check_finite(self.encoder.check_finite, dense):
+                for values, name in ((dense, "x"), (dense_weights, "weights")):
+                    if values is not None:
+                        try:
+                            _check_finite_rows(values, mask, index, name)
+                        except ValueError as named:
+                            raise named from None
+            raise
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, {self.extra_repr()})"
