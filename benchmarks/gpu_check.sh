@@ -58,6 +58,8 @@ bench_rc=$?
 # stops it (SIGINT), not by timeout's default SIGTERM, which kills pytest before it reports: then it
 # still prints the failures and the short summary of the tests that ran (SIGKILL 30 s later, should
 # a test hold the host in a CUDA call that no signal interrupts)
+# (the newest GPU paths first: tests/conftest.py orders them by SETPERM_TESTS_FIRST)
+SETPERM_TESTS_FIRST="${SETPERM_TESTS_FIRST-test_fused_read.py,test_fused.py,test_devices.py}" \
 timeout -s INT -k 30 "${SETPERM_TESTS_TIMEOUT:-200}" python3 -m pytest -q -rfEs -p no:cacheprovider -k cuda tests \
     > "$out/cuda_tests.txt" 2>&1
 tests_rc=$?
