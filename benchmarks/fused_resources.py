@@ -25,8 +25,8 @@ and ``.md`` (``fused_resources_c_in_place.*`` with ``--c-in-place``); the row th
 tile (``--blocks``: the LSTM's units rounded up to a power of two, 16-256) and number of warps, in
 float32 with and without TF32 and in float64, at ``setperm.fused_read``'s chunk of the products'
 inner dimension and pipelined chunks; output ``fused_resources_read.*``. ``setperm.fused_read``'s
-warps and its largest tile were chosen from these (at 8 warps, TF32 keeps every value in registers up
-to the 128-unit tile but for 24 bytes at 32; at 256 units every configuration spills hundreds of bytes).
+warps and its largest tile were chosen from these (8 warps spill least at 128 units, a few dozen bytes
+forward; at 256 units every configuration spills hundreds).
 """
 from __future__ import annotations
 

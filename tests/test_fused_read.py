@@ -120,6 +120,15 @@ def test_backward_keeps_each_step_s_cell_and_gates_and_the_input(fdevice):
     assert per_element == sorted([(1,), (D,), (H,), (4 * H,)]), saved
 
 
+def test_the_kernels_never_step_past_the_padded_length(fdevice):
+    # last_state's lengths are 0 <= lengths <= N (the encoder checks them); a larger one reads N steps
+    lstm = nn.LSTM(3, 16, batch_first=True).to(fdevice)
+    seq = torch.randn(2, 4, 3).to(fdevice)
+    too_long = last_state(lstm, seq.requires_grad_(True), torch.tensor([9, 2]).to(fdevice), method="fused")
+    too_long.sum().backward()
+    assert_close(too_long, last_state(lstm, seq, torch.tensor([4, 2]).to(fdevice), method="fused"))
+
+
 def test_a_batch_of_empty_sets_gives_zero_states_and_zero_gradients(fdevice):
     lstm = nn.LSTM(3, 8, batch_first=True).to(fdevice)
     seq = torch.randn(4, 5, 3, device=fdevice)

@@ -86,7 +86,7 @@ def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr
     col_ok = cols[None, :] < H
     h = tl.zeros((BLOCK_B, BLOCK_H), xg_ptr.dtype.element_ty)
     c = tl.zeros((BLOCK_B, BLOCK_H), xg_ptr.dtype.element_ty)
-    steps = tl.max(length, axis=0)
+    steps = tl.minimum(tl.max(length, axis=0), N)            # (a length past N reads N steps, never past them)
     for t in range(0, steps):
         line = rows * N + t                                          # (b, t) of the (B, N, ...) tensors
         x = xg_ptr + line[:, None] * (4 * H) + cols[None, :]
@@ -129,7 +129,7 @@ def lstm_backward_kernel(grad_ptr, w_ptr, len_ptr, c_ptr, gates_ptr, dpre_ptr, B
     col_ok = cols[None, :] < H
     dc = tl.load(grad_ptr + rows[:, None] * H + cols[None, :], mask=ok, other=0.0).to(c_ptr.dtype.element_ty)
     dh = tl.zeros((BLOCK_B, BLOCK_H), c_ptr.dtype.element_ty)
-    steps = tl.max(length, axis=0)
+    steps = tl.minimum(tl.max(length, axis=0), N)            # (a length past N reads N steps, never past them)
     for s in range(0, steps):
         t = steps - 1 - s
         line = rows * N + t

@@ -38,8 +38,8 @@ from .fused import _KernelFailure as KernelFailure
 from .fused import _launch, interpreted, unavailable
 
 # Hidden units up to which the kernels apply: for sm_90, at 8 warps a program's states, gates and
-# product chunks fit the registers up to a 128-unit tile (in TF32; a few dozen bytes of stack in full
-# float32), at 256 every warp count spills hundreds of bytes (python -m benchmarks.fused_resources --read).
+# product chunks fit the registers up to a 64-unit tile and spill a few dozen bytes at 128; at 256
+# every warp count spills hundreds (python -m benchmarks.fused_resources --read).
 MAX_HIDDEN = 128
 # Sequences per program: tl.dot's smallest tile.
 BLOCK_B = 16
