@@ -213,6 +213,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _compile_rows(builds) -> List[Dict[str, object]]:
+    """Each ``(row, build)``'s row with what ``build()`` reads off its compiled kernel, or a note of why
+    it failed (one failing build must not lose the others), each reported on stderr as it comes."""
+    rows = []
+    for row, build in builds:
+        try:
+            row.update(build())
+        except OSError:
+            # the machine's, not the kernel's (Triton's cache folder unwritable, say): one line naming
+            # the path, before anything is written
+            raise
+        except Exception as err:
+            row["note"] = f"failed: {failure_text(err)[:120]}"
+        rows.append(row)
+        print(", ".join(f"{k} {v}" for k, v in row.items() if k != "used"), file=sys.stderr, flush=True)
+    return rows
+
+
 def _ints(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> List[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -256,25 +274,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     path = ensure_new(args.out / f"{stem}.json", overwrite=args.overwrite)
     table_path = ensure_new(args.out / f"{stem}.md", overwrite=args.overwrite)
     cuobjdump = _cuobjdump(triton)
-    rows = []
-    for block in blocks:
-        for w in warps:
-            for name in KERNELS:
-                row: Dict[str, object] = {"block": block, "warps": w, "kernel": name,
-                                          "used": "yes" if _warps(block) == w else ""}
-                try:
-                    row.update(resources(getattr(_fused_kernels, name), block, w, args.arch, cuobjdump,
-                                         not args.c_in_place))
-                except OSError:
-                    # the machine's, not the kernel's (Triton's cache folder unwritable, say): one line
-                    # naming the path, before anything is written
-                    raise
-                except Exception as err:                 # one failing build must not lose the others
-                    row["note"] = f"failed: {failure_text(err)[:120]}"
-                rows.append(row)
-                print(f"tile {block} warps {w} {name}: " + ", ".join(
-                    f"{k} {row[k]}" for k in ("registers", "stack", "shared", "note") if k in row),
-                    file=sys.stderr, flush=True)
+    rows = _compile_rows(
+        ({"block": block, "warps": w, "kernel": name, "used": "yes" if _warps(block) == w else ""},
+         lambda block=block, w=w, name=name: resources(getattr(_fused_kernels, name), block, w, args.arch, cuobjdump,
+                                                       not args.c_in_place))
+        for block in blocks for w in warps for name in KERNELS)
     info = {"triton": triton.__version__, "arch": f"sm_{args.arch}", "stage_c": not args.c_in_place}
     write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     command = "python -m benchmarks.fused_resources" + (" --c-in-place" if args.c_in_place else "")
@@ -300,25 +304,13 @@ def _main_read(args, blocks: List[int], warps: List[int], triton) -> int:
     path = ensure_new(args.out / "fused_resources_read.json", overwrite=args.overwrite)
     table_path = ensure_new(args.out / "fused_resources_read.md", overwrite=args.overwrite)
     cuobjdump = _cuobjdump(triton)
-    rows = []
-    for block in blocks:
-        for w in warps:
-            for precision in READ_PRECISIONS:
-                for name in READ_KERNELS:
-                    used = block <= fused_read.block_hidden(fused_read.MAX_HIDDEN) and w == fused_read.WARPS
-                    row: Dict[str, object] = {"block": block, "warps": w, "kernel": name, "precision": precision,
-                                              "used": "yes" if used else ""}
-                    try:
-                        row.update(read_resources(getattr(_fused_read_kernels, name), block, precision, w, args.arch,
-                                                  cuobjdump))
-                    except OSError:
-                        raise
-                    except Exception as err:             # one failing build must not lose the others
-                        row["note"] = f"failed: {failure_text(err)[:120]}"
-                    rows.append(row)
-                    print(f"hidden tile {block} warps {w} {precision} {name}: " + ", ".join(
-                        f"{k} {row[k]}" for k in ("registers", "stack", "shared", "note") if k in row),
-                        file=sys.stderr, flush=True)
+    largest = fused_read.block_hidden(fused_read.MAX_HIDDEN)
+    rows = _compile_rows(
+        ({"block": block, "warps": w, "kernel": name, "precision": precision,
+          "used": "yes" if block <= largest and w == fused_read.WARPS else ""},
+         lambda block=block, w=w, precision=precision, name=name: read_resources(
+             getattr(_fused_read_kernels, name), block, precision, w, args.arch, cuobjdump))
+        for block in blocks for w in warps for precision in READ_PRECISIONS for name in READ_KERNELS)
     info = {"triton": triton.__version__, "arch": f"sm_{args.arch}", "block_b": fused_read.BLOCK_B,
             "block_k": fused_read.BLOCK_K, "num_stages": fused_read.STAGES}
     write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})

@@ -115,6 +115,18 @@ def device(request) -> torch.device:
 
 
 @pytest.fixture
+def fdevice(device):
+    """A device setperm's Triton kernels run on (setperm.fused, setperm.fused_read): CUDA, or the CPU
+    under Triton's interpreter; skipped where Triton is missing or too old."""
+    fused = importlib.import_module("setperm.fused")
+    if fused.unavailable() is not None:
+        pytest.skip(fused.unavailable())
+    if device.type == "cpu" and not fused.interpreted():
+        pytest.skip("the CPU runs the Triton kernels only in Triton's interpreter (TRITON_INTERPRET=1)")
+    return device
+
+
+@pytest.fixture
 def build_failure():
     """``message -> exception``: what ``torch.compile`` raises when its backend cannot build a
     kernel, as this torch raises it (inductor's own error where it has one, else dynamo's)."""

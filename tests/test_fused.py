@@ -24,16 +24,6 @@ fused = importlib.import_module("setperm.fused")
 HAS_TRITON = fused.unavailable() is None
 
 
-@pytest.fixture
-def fdevice(device):
-    """A device the fused kernels run on: CUDA, or the CPU under Triton's interpreter."""
-    if not HAS_TRITON:
-        pytest.skip(fused.unavailable())
-    if device.type == "cpu" and not fused.interpreted():
-        pytest.skip("the CPU runs the fused kernels only in Triton's interpreter (TRITON_INTERPRET=1)")
-    return device
-
-
 def cost(B, N, seed, mask=None, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     C = torch.randn(B, N, N, generator=g, dtype=dtype)

@@ -21,16 +21,6 @@ fused_read = importlib.import_module("setperm.fused_read")
 HAS_TRITON = fused.unavailable() is None
 
 
-@pytest.fixture
-def fdevice(device):
-    """A device the kernels run on: CUDA, or the CPU under Triton's interpreter."""
-    if not HAS_TRITON:
-        pytest.skip(fused.unavailable())
-    if device.type == "cpu" and not fused.interpreted():
-        pytest.skip("the CPU runs the Triton kernels only in Triton's interpreter (TRITON_INTERPRET=1)")
-    return device
-
-
 def batch(B, N, D, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, N + 1, (B,), generator=g)

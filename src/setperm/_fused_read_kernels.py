@@ -31,6 +31,15 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _store_gates(ptr, i, f, g, o, H, ok):
+    # one step's four gate tiles (or their gradients) in the order i, f, g, o of a (.., 4H) row
+    tl.store(ptr + 0 * H, i, mask=ok)
+    tl.store(ptr + 1 * H, f, mask=ok)
+    tl.store(ptr + 2 * H, g, mask=ok)
+    tl.store(ptr + 3 * H, o, mask=ok)
+
+
+@triton.jit
 def _dot(a, b, TF32: tl.constexpr):
     if TF32:
         return tl.dot(a, b, input_precision="tf32")
@@ -107,11 +116,7 @@ def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr
         tl.store(h_ptr + (rows * 2 + t % 2)[:, None] * H + cols[None, :], h, mask=ok)
         if SAVE:
             tl.store(c_ptr + line[:, None] * H + cols[None, :], c, mask=ok)
-            gates = gates_ptr + line[:, None] * (4 * H) + cols[None, :]
-            tl.store(gates + 0 * H, i, mask=ok)
-            tl.store(gates + 1 * H, f, mask=ok)
-            tl.store(gates + 2 * H, g, mask=ok)
-            tl.store(gates + 3 * H, o, mask=ok)
+            _store_gates(gates_ptr + line[:, None] * (4 * H) + cols[None, :], i, f, g, o, H, ok)
         # h_t, written by every thread of the program, is read by all of them at the next step
         tl.debug_barrier()
     tl.store(out_ptr + rows[:, None] * H + cols[None, :], c, mask=ok)
@@ -149,11 +154,7 @@ def lstm_backward_kernel(grad_ptr, w_ptr, len_ptr, c_ptr, gates_ptr, dpre_ptr, B
         d_f = tl.where(active, dct * c_prev * f * (1.0 - f), 0.0)
         d_g = tl.where(active, dct * i * (1.0 - g * g), 0.0)
         d_o = tl.where(active, dh * tc * o * (1.0 - o), 0.0)
-        dpre = dpre_ptr + line[:, None] * (4 * H) + cols[None, :]
-        tl.store(dpre + 0 * H, d_i, mask=ok)
-        tl.store(dpre + 1 * H, d_f, mask=ok)
-        tl.store(dpre + 2 * H, d_g, mask=ok)
-        tl.store(dpre + 3 * H, d_o, mask=ok)
+        _store_gates(dpre_ptr + line[:, None] * (4 * H) + cols[None, :], d_i, d_f, d_g, d_o, H, ok)
         # dpre_t, written by every thread of the program, is read by all of them in the products
         tl.debug_barrier()
         # dh_{t-1} = dpre_t W_hh
