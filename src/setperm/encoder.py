@@ -253,11 +253,12 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
             padded steps hold its cell state through an extra input column, so the call is made
             with its weights, not through the module, and hooks registered on it do not run),
             ``"fused"`` (an LSTM of up to 128 units on CUDA: the recurrence as two Triton kernels
-            that stop at each sequence's length, read the lengths on the device and keep less for
-            backward than cuDNN, :mod:`setperm.fused_read`; with its weights, as padded; a one-layer,
-            one-directional ``nn.LSTM`` without projections only; where the kernels do not apply,
-            on the CPU or under ``torch.compile``, as ``"auto"``; where Triton is missing or cannot
-            build them, the padded read, warned once) or ``"auto"``: on the CPU the method that :func:`read_costs` expects to be fastest for
+            that stop at each sequence's length and read the lengths on the device,
+            :mod:`setperm.fused_read`; with its weights, as padded; a one-layer, one-directional
+            ``nn.LSTM`` without projections only; where the kernels do not apply, on the CPU or
+            under ``torch.compile``, as ``"auto"``; where Triton is missing or cannot build them,
+            the padded read, warned once) or ``"auto"``: on the CPU the method that
+            :func:`read_costs` expects to be fastest for
             these sizes (grouped for a deeper or bidirectional reader; not padded for an LSTM with
             hooks); elsewhere and under ``torch.compile``
             packed when ``host_lengths`` are given, else padded (packed for a deeper or

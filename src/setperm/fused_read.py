@@ -18,11 +18,14 @@ padded read); in training it also keeps its own workspace per step. Here:
   biases are matrix products of it (torch).
 
 The gates' products ``h W_hh^T`` (and ``dpre W_hh`` in backward) are ``tl.dot`` on tiles of the
-program's sequences, in TF32 where torch lets cuDNN's LSTM use it (``torch.backends.cudnn.rnn.fp32_precision``,
-or ``torch.backends.cudnn.allow_tf32`` on older torch; TF32 is torch's default), else in full float32. Same values as ``nn.LSTM`` up to rounding; float16 and
-bfloat16 inputs are computed in float32, float64 in float64. First-order gradients only (a
-backward that is itself differentiated raises). With ``TRITON_INTERPRET=1`` set before Triton is
-imported the kernels run on CPU tensors in Triton's interpreter (how the tests check them).
+program's sequences, in TF32 where torch lets cuDNN's LSTM use it
+(``torch.backends.cudnn.rnn.fp32_precision``, or ``torch.backends.cudnn.allow_tf32`` on older
+torch; TF32 is torch's default), else in full float32. Same values as ``nn.LSTM`` up to rounding;
+float16 and bfloat16 inputs are computed in float32, float64 in float64. The kernels give
+first-order gradients; a backward that is itself differentiated (second-order gradients, gradient
+penalties) runs the same recurrence in torch operations (:func:`recurrence`), recomputed from the
+inputs. With ``TRITON_INTERPRET=1`` set before Triton is imported the kernels run on CPU tensors
+in Triton's interpreter (how the tests check them).
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ def applies(rnn: nn.RNNBase, seq: Tensor) -> bool:
     """Whether the fused read can compute ``rnn``'s final cell states for ``seq`` here: a one-layer,
     one-directional, batch-first ``nn.LSTM`` without projections, of at most :data:`MAX_HIDDEN`
     units, a CUDA tensor (a CPU tensor under the interpreter) of at least one sequence and one step,
-    outside ``torch.compile``'s tracing (a compiled graph reads the padded way)."""
+    outside ``torch.compile``'s tracing (a compiled graph reads as ``"auto"`` does)."""
     on_device = seq.device.type == "cuda" or (seq.device.type == "cpu" and interpreted())
     return (isinstance(rnn, nn.LSTM) and rnn.num_layers == 1 and not rnn.bidirectional and rnn.proj_size == 0
             and rnn.batch_first and rnn.hidden_size <= MAX_HIDDEN and on_device and not is_compiling()
