@@ -7,7 +7,6 @@ T = 0 steps) is its own module, :class:`LinAssign`.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -455,12 +454,10 @@ def _warn_hooks(rnn: nn.RNNBase, read: str) -> None:
 
 
 def fused_read_applies(rnn: nn.RNNBase, seq: Tensor) -> bool:
-    """Whether :func:`last_state`'s ``method="fused"`` runs its kernels for ``seq`` (:func:`setperm.fused_read.applies`,
-    without importing that module where it cannot: off CUDA and the interpreter, and under ``torch.compile``)."""
+    """Whether :func:`last_state`'s ``method="fused"`` runs its kernels for ``seq``
+    (:func:`setperm.fused_read.applies`, imported on first use)."""
     if is_compiling():
-        return False          # (a compiled graph reads as "auto" does; checked before the environment is read)
-    if seq.device.type != "cuda" and not (seq.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        return False
+        return False          # (a compiled graph reads as "auto" does: nothing imported or read from the environment)
     from . import fused_read
 
     return fused_read.applies(rnn, seq)
@@ -473,7 +470,7 @@ def _fused_final_state(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Optional[T
         return None
     from . import fused_read
 
-    reason = fused_read.failure(seq, rnn.hidden_size)
+    reason = fused_read.failure(rnn, seq)
     if reason is None:
         _warn_hooks(rnn, "fused")
         try:

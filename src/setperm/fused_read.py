@@ -66,12 +66,17 @@ def applies(rnn: nn.RNNBase, seq: Tensor) -> bool:
             and seq.shape[0] > 0 and seq.shape[1] > 0)
 
 
-def failure(seq: Tensor, hidden: int) -> Optional[str]:
-    """Why the kernels cannot run for this input (None: as far as is known, they can)."""
+def failure(rnn: nn.LSTM, seq: Tensor) -> Optional[str]:
+    """Why the kernels cannot read ``seq`` with ``rnn`` (None: as far as is known, they can)."""
     reason = unavailable()
     if reason is not None:
         return f"the fused LSTM read needs Triton ({reason})"
-    return _broken.get(_where(seq, hidden))
+    return _broken.get(_where(seq.device, rnn.hidden_size, _dtype(rnn, seq)))
+
+
+def _dtype(rnn: nn.LSTM, seq: Tensor) -> torch.dtype:
+    # the kernels' dtype: the wider of the input's and the weights', at least float32
+    return torch.promote_types(torch.promote_types(seq.dtype, rnn.weight_ih_l0.dtype), torch.float32)
 
 
 def lstm_final_cell(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Tensor:
@@ -80,15 +85,15 @@ def lstm_final_cell(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Tensor:
     :func:`failure`. Steps past a length may hold anything (they are zeroed first, so that a
     non-finite one cannot reach a gradient)."""
     N = seq.shape[1]
-    dtype = torch.promote_types(torch.promote_types(seq.dtype, rnn.weight_ih_l0.dtype), torch.float32)
-    real = torch.arange(N, device=seq.device) < lengths.unsqueeze(1)
+    dtype = _dtype(rnn, seq)
+    tf32 = dtype == torch.float32 and _rnn_tf32() and not interpreted()
+    # (autocast off: the products in forward and backward in dtype, as the kernels compute)
     with autocast_off(seq.device.type):
+        real = torch.arange(N, device=seq.device) < lengths.unsqueeze(1)
         x = torch.where(real.unsqueeze(-1), seq.to(dtype), torch.zeros((), dtype=dtype, device=seq.device))
         bias = (rnn.bias_ih_l0 + rnn.bias_hh_l0).to(dtype) if rnn.bias else None
-    w_ih, w_hh = rnn.weight_ih_l0.to(dtype), rnn.weight_hh_l0.to(dtype)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias))
-    tf32 = dtype == torch.float32 and _rnn_tf32() and not interpreted()
-    with autocast_off(seq.device.type):     # (the products in forward and backward in dtype, as the kernels)
+        w_ih, w_hh = rnn.weight_ih_l0.to(dtype), rnn.weight_hh_l0.to(dtype)
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias))
         return _FusedLSTMRead.apply(x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), bias, lengths.contiguous(),
                                     save, tf32)[0]
 
@@ -128,8 +133,8 @@ def block_hidden(H: int) -> int:
     return max(16, 1 << (H - 1).bit_length())
 
 
-def _where(t: Tensor, hidden: int) -> Tuple:
-    return (str(t.device), block_hidden(hidden), t.dtype == torch.float64)
+def _where(device: torch.device, hidden: int, dtype: torch.dtype) -> Tuple:
+    return (str(device), block_hidden(hidden), dtype == torch.float64)
 
 
 # (device, hidden tile, float64) -> why Triton could not build or launch a kernel there: later calls
@@ -147,7 +152,7 @@ def warn_fallback(reason: str) -> None:
 
 
 def _run(kernel, x: Tensor, hidden: int, programs: int, *args, **meta) -> None:
-    where = _where(x, hidden)
+    where = _where(x.device, hidden, x.dtype)
     try:
         _launch(kernel, programs, *args, context="the fused LSTM read", tile=f"{meta['BLOCK_H']} hidden units",
                 **meta)
