@@ -218,6 +218,16 @@ def test_a_compiled_encoder_reads_as_auto_inside_its_graph(fdevice):
     assert_close(torch.compile(enc)(x, mask=mask), enc(x, mask=mask), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_lengths_on_the_host_are_read_where_the_sequences_are():
+    if not HAS_TRITON:
+        pytest.skip(fused.unavailable())
+    lstm = nn.LSTM(4, 16, batch_first=True).cuda()
+    seq, lengths = batch(5, 6, 4, seed=7)
+    seq = seq.cuda()
+    assert_close(last_state(lstm, seq, lengths, method="fused"), last_state(lstm, seq, lengths.cuda(), method="fused"))
+
+
 # ------------------------------------------------------------------ where the kernels do not run
 def test_a_reader_the_kernels_cannot_read_is_named():
     seq, lengths = torch.randn(2, 3, 4), torch.tensor([1, 3])

@@ -85,6 +85,7 @@ def lstm_final_cell(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Tensor:
     :func:`failure`. Steps past a length may hold anything (they are zeroed first, so that a
     non-finite one cannot reach a gradient)."""
     N = seq.shape[1]
+    lengths = lengths.to(seq.device, non_blocking=True)     # (the kernels read them where the sequences are)
     dtype = _dtype(rnn, seq)
     tf32 = dtype == torch.float32 and _rnn_tf32() and not interpreted()
     # (autocast off: the products in forward and backward in dtype, as the kernels compute)
