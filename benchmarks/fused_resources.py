@@ -299,12 +299,12 @@ READ_COLUMNS = [("block", "hidden tile"), ("warps", "warps"), ("kernel", "kernel
 
 def _main_read(args, blocks: List[int], warps: List[int], triton) -> int:
     """``--read``: the fused LSTM read's kernels at every hidden tile, warps and precision."""
-    from setperm import _fused_read_kernels, fused_read
+    from setperm import _fused_read_kernels, fused, fused_read
 
     path = ensure_new(args.out / "fused_resources_read.json", overwrite=args.overwrite)
     table_path = ensure_new(args.out / "fused_resources_read.md", overwrite=args.overwrite)
     cuobjdump = _cuobjdump(triton)
-    largest = fused_read.block_hidden(fused_read.MAX_HIDDEN)
+    largest = fused._block(fused_read.MAX_HIDDEN)
     rows = _compile_rows(
         ({"block": block, "warps": w, "kernel": name, "precision": precision,
           "used": "yes" if block <= largest and w == fused_read.WARPS else ""},

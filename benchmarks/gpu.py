@@ -575,7 +575,6 @@ def ban_rows(args, device: torch.device) -> List[Dict[str, object]]:
             perm = variant.replace("-amp", "").replace("-fused", "").replace("-device", "").replace("-read", "")
             read = "fused" if variant.endswith("-read") else "auto"
             model = (patch_ban(ban, permutation=perm) if perm == "off" else
-                     patch_ban(ban, permutation=perm, read=read) if perm == "none" else
                      patch_ban(ban, permutation=perm, kernel="fused" if "-fused" in variant else "compiled", read=read))
             if variant.endswith("-device"):
                 model = _CountsOnDevice(model)

@@ -152,9 +152,8 @@ def build_model(args, ntoken: int, num_answers: int, v_dim: int) -> nn.Module:
     extra = {"num_positions": setting(args, "num_positions")} if args.permutation == "po-la" else {}
     if setting(args, "straight_through"):
         extra["straight_through"] = True
-    if setting(args, "read") != "auto":
-        extra["read"] = setting(args, "read")
-    return patch_ban(ban, permutation=args.permutation, kernel=args.kernel, order_by=setting(args, "order_by"), **extra)
+    return patch_ban(ban, permutation=args.permutation, kernel=args.kernel, order_by=setting(args, "order_by"),
+                     read=setting(args, "read"), **extra)
 
 
 def relevance_oracle(args):

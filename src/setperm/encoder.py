@@ -279,10 +279,13 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         if not isinstance(rnn, nn.LSTM) or rnn.proj_size > 0:
             raise ValueError(f"method='fused' reads an nn.LSTM without projections, got {type(rnn).__name__}"
                              + (f" with proj_size={rnn.proj_size}" if isinstance(rnn, nn.LSTM) else ""))
-        state = _fused_final_state(rnn, seq, lengths)
-        if state is not None:
-            return state
-        method = "padded" if fused_read_applies(rnn, seq) else "auto"
+        if not fused_read_applies(rnn, seq):
+            method = "auto"
+        else:
+            state = _fused_final_state(rnn, seq, lengths)
+            if state is not None:
+                return state
+            method = "padded"                    # (the kernels could not run: warned)
     if method == "auto":
         method = auto_method(rnn, seq, lengths, host_lengths)
     if method == "padded":
@@ -464,10 +467,8 @@ def fused_read_applies(rnn: nn.RNNBase, seq: Tensor) -> bool:
 
 
 def _fused_final_state(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Optional[Tensor]:
-    """:func:`last_state` by :mod:`setperm.fused_read`'s kernels, or None where they do not apply or
-    cannot run (why the latter is warned once)."""
-    if not fused_read_applies(rnn, seq):
-        return None
+    """:func:`last_state` by :mod:`setperm.fused_read`'s kernels, where they apply
+    (:func:`fused_read_applies`), or None where they cannot run (why is warned once)."""
     from . import fused_read
 
     reason = fused_read.failure(rnn, seq)

@@ -107,7 +107,8 @@ def applies(C_step: Tensor, steps: int) -> bool:
 
 
 def _block(N: int) -> int:
-    # a power of two (tl.arange), at least 16 (the smallest tile benchmarks.fused_resources reports)
+    # a power of two (tl.arange), at least 16 (the smallest tile benchmarks.fused_resources reports,
+    # and tl.dot's smallest: setperm.fused_read's hidden tile too)
     return max(16, 1 << (N - 1).bit_length())
 
 

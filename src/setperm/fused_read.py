@@ -37,8 +37,9 @@ from torch import Tensor, nn
 
 from ._compat import autocast_off, is_compiling, signature_kept
 from ._errors import user_stacklevel
+from .masking import zero_padding
 from .fused import _KernelFailure as KernelFailure
-from .fused import _launch, interpreted, unavailable
+from .fused import _block, _launch, interpreted, unavailable
 
 # Hidden units up to which the kernels apply: for sm_90, at 8 warps a program's states, gates and
 # product chunks fit the registers up to a 64-unit tile and spill a few dozen bytes at 128; at 256
@@ -91,7 +92,7 @@ def lstm_final_cell(rnn: nn.LSTM, seq: Tensor, lengths: Tensor) -> Tensor:
     # (autocast off: the products in forward and backward in dtype, as the kernels compute)
     with autocast_off(seq.device.type):
         real = torch.arange(N, device=seq.device) < lengths.unsqueeze(1)
-        x = torch.where(real.unsqueeze(-1), seq.to(dtype), torch.zeros((), dtype=dtype, device=seq.device))
+        x = zero_padding(seq.to(dtype), real)
         bias = (rnn.bias_ih_l0 + rnn.bias_hh_l0).to(dtype) if rnn.bias else None
         w_ih, w_hh = rnn.weight_ih_l0.to(dtype), rnn.weight_hh_l0.to(dtype)
         save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, bias))
@@ -104,9 +105,7 @@ def recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], le
     after each sequence's length, each step past it holding the state. What a backward that is
     itself differentiated runs (second-order gradients, gradient penalties)."""
     B, N = x.shape[:2]
-    xg = x @ w_ih.t()
-    if bias is not None:
-        xg = xg + bias
+    xg = _input_gates(x, w_ih, bias)
     h = c = x.new_zeros(B, w_hh.shape[1])
     for t in range(N):
         i, f, g, o = (xg[:, t] + h @ w_hh.t()).chunk(4, dim=-1)
@@ -115,6 +114,12 @@ def recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], le
         active = (t < lengths).unsqueeze(1)
         c, h = torch.where(active, c_t, c), torch.where(active, h_t, h)
     return c
+
+
+def _input_gates(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``x_t W_ih^T + b`` for every step at once ``(B, N, 4H)``: the input part of the gates."""
+    xg = x @ w_ih.t()
+    return xg if bias is None else xg + bias
 
 
 def _rnn_tf32() -> bool:
@@ -129,13 +134,8 @@ def _rnn_tf32() -> bool:
     return bool(b.cudnn.allow_tf32)
 
 
-def block_hidden(H: int) -> int:
-    """The hidden tile of ``H`` units: a power of two (tl.arange), at least tl.dot's 16."""
-    return max(16, 1 << (H - 1).bit_length())
-
-
 def _where(device: torch.device, hidden: int, dtype: torch.dtype) -> Tuple:
-    return (str(device), block_hidden(hidden), dtype == torch.float64)
+    return (str(device), _block(hidden), dtype == torch.float64)
 
 
 # (device, hidden tile, float64) -> why Triton could not build or launch a kernel there: later calls
@@ -171,9 +171,7 @@ class _FusedLSTMRead(torch.autograd.Function):
                 tf32: bool) -> Tuple[Tensor, ...]:
         B, N = x.shape[:2]
         H = w_hh.shape[1]
-        xg = x @ w_ih.t()
-        if bias is not None:
-            xg += bias
+        xg = _input_gates(x, w_ih, bias)
         out = x.new_empty(B, H)
         h = x.new_zeros(B, 2, H)                     # (two slots for h, which the steps take in turn)
         # each step's cell and gates for backward (zeros past the steps a program runs: backward's
@@ -181,7 +179,7 @@ class _FusedLSTMRead(torch.autograd.Function):
         c = x.new_zeros(B, N, H) if save else h
         gates = x.new_zeros(B, N, 4 * H) if save else h
         _run(_kernels().lstm_forward_kernel, x, H, -(-B // BLOCK_B), xg, w_hh, lengths, h, c, gates, out, B, N, H,
-             SAVE=save, TF32=tf32, BLOCK_B=BLOCK_B, BLOCK_H=block_hidden(H), BLOCK_K=BLOCK_K, num_warps=WARPS,
+             SAVE=save, TF32=tf32, BLOCK_B=BLOCK_B, BLOCK_H=_block(H), BLOCK_K=BLOCK_K, num_warps=WARPS,
              num_stages=STAGES)
         return out, c, gates
 
@@ -219,7 +217,7 @@ def _backward(ctx, grad_c: Tensor) -> Tuple[Optional[Tensor], ...]:
     B, N, H = c.shape
     dpre = gates.new_zeros(B, N, 4 * H)          # (zero past the steps each program runs)
     _run(_kernels().lstm_backward_kernel, x, H, -(-B // BLOCK_B), grad_c.to(c.dtype).contiguous(), w_hh,
-         lengths, c, gates, dpre, B, N, H, TF32=ctx.tf32, BLOCK_B=BLOCK_B, BLOCK_H=block_hidden(H), BLOCK_K=BLOCK_K,
+         lengths, c, gates, dpre, B, N, H, TF32=ctx.tf32, BLOCK_B=BLOCK_B, BLOCK_H=_block(H), BLOCK_K=BLOCK_K,
          num_warps=WARPS, num_stages=STAGES)
     flat = dpre.view(B * N, 4 * H)
     need_x, need_ih, need_hh, need_bias = ctx.needs_input_grad[:4]
