@@ -5,6 +5,9 @@ On CUDA the kernels run compiled; on the CPU in Triton's interpreter (conftest s
 kernels' tests skip; what happens without them is tested everywhere.
 """
 import importlib
+import json
+import os
+import tempfile
 import types
 import warnings
 
@@ -108,6 +111,65 @@ def test_backward_keeps_each_step_s_cell_and_gates_and_the_input(fdevice):
         last_state(lstm, seq.to(fdevice).requires_grad_(True), lengths.to(fdevice), method="fused")
     per_element = sorted(shape[2:] for shape in saved if shape[:2] == (B, N))
     assert per_element == sorted([(1,), (D,), (H,), (4 * H,)]), saved
+
+
+def peak_bytes(fn, device):
+    """Bytes allocated at the peak of ``fn()`` above what was allocated before it: the CUDA allocator's
+    count, or on the CPU the profiler's running count of the tensors allocated during the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    assert totals, "the profiler recorded no allocation"
+    return max(totals)
+
+
+def test_forward_and_backward_hold_five_hidden_numbers_per_element(fdevice):
+    # the input gates' buffer takes the activated gates in forward and their gradients in backward,
+    # and c takes h_{t-1}: at no time more than 5 H numbers per element (plus the input's few)
+    B, N, D, H = 64, 16, 3, 32
+    lstm = nn.LSTM(D, H, batch_first=True).to(fdevice)
+    seq, lengths = batch(B, N, D, seed=7)
+    seq, lengths = seq.to(fdevice), lengths.to(fdevice)
+
+    def step():
+        x = seq.detach().requires_grad_(True)
+        last_state(lstm, x, lengths, method="fused").sum().backward()
+    step()                                                    # (library workspaces allocated before)
+    lstm.zero_grad(set_to_none=True)
+    element = 4 * B * N                                       # bytes of one float32 number per element
+    weights = 4 * 4 * H * (D + H + 2)                         # the parameters' gradients
+    budget = element * (5 * H + 3 * D + 2) + weights + 2 ** 18
+    assert peak_bytes(step, fdevice) <= budget               # (13 H per element before the buffers were shared)
+
+
+def test_a_second_backward_through_the_graph_gives_the_same_gradients(fdevice):
+    # backward writes over what forward kept; retain_graph=True then recomputes it
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 16, batch_first=True).to(fdevice)
+    seq, lengths = batch(9, 7, 3, seed=8)
+    seq, lengths = seq.to(fdevice).requires_grad_(True), lengths.to(fdevice)
+    c = last_state(lstm, seq, lengths, method="fused")
+    params = [seq, *lstm.parameters()]
+    first = torch.autograd.grad(c.sum(), params, retain_graph=True)
+    second = torch.autograd.grad(c.sum(), params, retain_graph=True)
+    third = torch.autograd.grad(c.sum(), params)
+    _, expected = read(lstm, seq, lengths, "grouped", torch.ones_like(c))
+    for a, b, d, e in zip(first, second, third, expected):
+        assert_close(a, e, atol=2e-5, rtol=1e-4)
+        assert_close(b, a, atol=0, rtol=0)
+        assert_close(d, a, atol=0, rtol=0)
 
 
 def test_the_kernels_never_step_past_the_padded_length(fdevice):

@@ -82,14 +82,15 @@ def _state_product(d_ptr, d_line, d_ok, w_ptr, n, n_ok, acc, H, BLOCK_K: tl.cons
 
 
 @triton.jit
-def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr, B, N, H,
+def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, out_ptr, B, N, H,
                         SAVE: tl.constexpr, TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     # xg (B, N, 4H): x_t W_ih^T + b_ih + b_hh; w (4H, H): W_hh; len (B,); h (B, 2, H), zeros: h_t at
-    # slot t % 2, where the next step reads it; c (B, N, H) and gates (B, N, 4H): each step's cell and
-    # activated gates i, f, g, o (SAVE); out (B, H): the cell state after each sequence's own length.
-    # Steps past a sequence's length hold its state; the program stops after the longest of its
-    # sequences.
+    # slot t % 2, where the next step reads it; out (B, H): the cell state after each sequence's own
+    # length. SAVE: each step's activated gates i, f, g, o are written over its row of xg (read just
+    # before, by the same threads) and its cell into c (B, N, H), for backward; the steps past the
+    # program's longest sequence get zeros in both. Steps past a sequence's length hold its state;
+    # the program stops after the longest of its sequences.
     rows, cols, row_ok, ok = _rows(B, H, BLOCK_B, BLOCK_H)
     length = tl.load(len_ptr + rows, mask=row_ok, other=0)
     col_ok = cols[None, :] < H
@@ -116,19 +117,30 @@ def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, gates_ptr, out_ptr
         tl.store(h_ptr + (rows * 2 + t % 2)[:, None] * H + cols[None, :], h, mask=ok)
         if SAVE:
             tl.store(c_ptr + line[:, None] * H + cols[None, :], c, mask=ok)
-            _store_gates(gates_ptr + line[:, None] * (4 * H) + cols[None, :], i, f, g, o, H, ok)
+            _store_gates(x, i, f, g, o, H, ok)
         # h_t, written by every thread of the program, is read by all of them at the next step
         tl.debug_barrier()
     tl.store(out_ptr + rows[:, None] * H + cols[None, :], c, mask=ok)
+    if SAVE:
+        # backward reads every step of every row: zeros where the program ran none (no gradient there)
+        zero = tl.zeros((BLOCK_B, BLOCK_H), xg_ptr.dtype.element_ty)
+        for t in range(steps, N):
+            line = rows * N + t
+            tl.store(c_ptr + line[:, None] * H + cols[None, :], zero, mask=ok)
+            _store_gates(xg_ptr + line[:, None] * (4 * H) + cols[None, :], zero, zero, zero, zero, H, ok)
 
 
 @triton.jit
-def lstm_backward_kernel(grad_ptr, w_ptr, len_ptr, c_ptr, gates_ptr, dpre_ptr, B, N, H,
+def lstm_backward_kernel(grad_ptr, w_ptr, len_ptr, c_ptr, gates_ptr, B, N, H,
                          TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    # grad (B, H): dL/dc of the final cell states; c, gates: forward's; dpre (B, N, 4H), zero-filled:
-    # dL/d(pre-activation gates) at every step (dL/dxg, from which the caller forms the weights'
-    # gradients). Back through the steps: dh_{t-1} = dpre_t W_hh, dc_{t-1} = dc_t f_t; a held step
-    # passes both through unchanged.
+    # grad (B, H): dL/dc of the final cell states; c (B, N, H) and gates (B, N, 4H): forward's, which
+    # this kernel overwrites, step by step, with what the caller forms the weights' gradients from:
+    # gates' row t with dL/d(pre-activation gates) at step t (zero past each length), c's row t with
+    # h_{t-1} = o_{t-1} tanh(c_{t-1}) (zero at t = 0), so that dL/dW_hh = sum_t dpre_t^T h_{t-1} pairs
+    # rows of the same index. Back through the steps: dh_{t-1} = dpre_t W_hh, dc_{t-1} = dc_t f_t; a
+    # held step passes both through unchanged. Row t of each is overwritten at step t, after its last
+    # read: at step t + 1 (c_{t-1}, o_{t-1}: before that step's barrier) and at step t (the gates: each
+    # element's gradient is computed from its own gate; c_t: the store waits for the barrier).
     rows, cols, row_ok, ok = _rows(B, H, BLOCK_B, BLOCK_H)
     length = tl.load(len_ptr + rows, mask=row_ok, other=0)
     col_ok = cols[None, :] < H
@@ -144,7 +156,9 @@ def lstm_backward_kernel(grad_ptr, w_ptr, len_ptr, c_ptr, gates_ptr, dpre_ptr, B
         g = tl.load(gates + 2 * H, mask=ok, other=0.0)
         o = tl.load(gates + 3 * H, mask=ok, other=0.0)
         c_t = tl.load(c_ptr + line[:, None] * H + cols[None, :], mask=ok, other=0.0)
-        c_prev = tl.load(c_ptr + (line - 1)[:, None] * H + cols[None, :], mask=ok & (line > rows * N)[:, None],
+        has_prev = ok & (line > rows * N)[:, None]                       # t > 0
+        c_prev = tl.load(c_ptr + (line - 1)[:, None] * H + cols[None, :], mask=has_prev, other=0.0)
+        o_prev = tl.load(gates_ptr + (line - 1)[:, None] * (4 * H) + 3 * H + cols[None, :], mask=has_prev,
                          other=0.0)
         tc = _tanh(c_t)
         # h_t = o tanh(c_t), c_t = f c_{t-1} + i g
@@ -154,11 +168,13 @@ def lstm_backward_kernel(grad_ptr, w_ptr, len_ptr, c_ptr, gates_ptr, dpre_ptr, B
         d_f = tl.where(active, dct * c_prev * f * (1.0 - f), 0.0)
         d_g = tl.where(active, dct * i * (1.0 - g * g), 0.0)
         d_o = tl.where(active, dh * tc * o * (1.0 - o), 0.0)
-        _store_gates(dpre_ptr + line[:, None] * (4 * H) + cols[None, :], d_i, d_f, d_g, d_o, H, ok)
+        _store_gates(gates, d_i, d_f, d_g, d_o, H, ok)
         # dpre_t, written by every thread of the program, is read by all of them in the products
         tl.debug_barrier()
+        # (after the barrier: every thread has read c_t of this row)
+        tl.store(c_ptr + line[:, None] * H + cols[None, :], o_prev * _tanh(c_prev), mask=ok)
         # dh_{t-1} = dpre_t W_hh
-        acc = _state_product(dpre_ptr, line[:, None] * (4 * H), row_ok[:, None], w_ptr, cols[None, :], col_ok,
+        acc = _state_product(gates_ptr, line[:, None] * (4 * H), row_ok[:, None], w_ptr, cols[None, :], col_ok,
                              tl.zeros((BLOCK_B, BLOCK_H), c_ptr.dtype.element_ty), H, BLOCK_K, TF32)
         dh = tl.where(active, acc, dh)
         dc = tl.where(active, dct * f, dc)

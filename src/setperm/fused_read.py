@@ -6,16 +6,18 @@ given the lengths on the host (a packed sequence) or read the padding with its s
 padded read); in training it also keeps its own workspace per step. Here:
 
 - the input part of the gates, ``x_t W_ih^T + b_ih + b_hh`` for every step, is one matrix product
-  (torch, differentiated by autograd);
+  (torch) into a ``(B, N, 4H)`` buffer;
 - the recurrence ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)`` with ``i, f, g, o`` from
   ``x_t W_ih^T + b + h_{t-1} W_hh^T`` is one kernel: one program per block of sequences loops over
   the steps of its longest sequence, holds each sequence's state after its own length (exactly:
-  a selection, not arithmetic), reads its lengths on the device (no host synchronisation) and
-  saves every step's ``c`` and activated gates (``5 H`` numbers per element; backward recomputes
-  ``h = o tanh(c)`` for ``W_hh``'s gradient);
-- backward is one kernel back through the same steps, which gives ``dL/d(pre-activation gates)``
-  at every step (zero past each length); the gradients of the input, ``W_ih``, ``W_hh`` and the
-  biases are matrix products of it (torch).
+  a selection, not arithmetic), reads its lengths on the device (no host synchronisation) and,
+  for backward, writes each step's activated gates over its input part in that buffer and its
+  ``c`` beside it: ``5 H`` numbers per element in all, the buffer of the input gates included;
+- backward is one kernel back through the same steps, which writes ``dL/d(pre-activation gates)``
+  over the gates (zero past each length) and ``h_{t-1} = o_{t-1} tanh(c_{t-1})`` over ``c_t``; the
+  gradients of the input, ``W_ih``, ``W_hh`` and the biases are matrix products of these (torch),
+  so backward allocates nothing of the size of the steps but the input's gradient. A second
+  backward through the same graph (``retain_graph=True``) runs the forward kernel again first.
 
 The gates' products ``h W_hh^T`` (and ``dpre W_hh`` in backward) are ``tl.dot`` on tiles of the
 program's sequences, in TF32 where torch lets cuDNN's LSTM use it
@@ -118,8 +120,10 @@ def recurrence(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], le
 
 def _input_gates(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``x_t W_ih^T + b`` for every step at once ``(B, N, 4H)``: the input part of the gates."""
-    xg = x @ w_ih.t()
-    return xg if bias is None else xg + bias
+    if bias is None:
+        return x @ w_ih.t()
+    # (one product with the bias added in place: a single (B, N, 4H) buffer)
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), w_ih.t()).view(*x.shape[:-1], -1)
 
 
 def _rnn_tf32() -> bool:
@@ -169,18 +173,7 @@ class _FusedLSTMRead(torch.autograd.Function):
     @signature_kept
     def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], lengths: Tensor, save: bool,
                 tf32: bool) -> Tuple[Tensor, ...]:
-        B, N = x.shape[:2]
-        H = w_hh.shape[1]
-        xg = _input_gates(x, w_ih, bias)
-        out = x.new_empty(B, H)
-        h = x.new_zeros(B, 2, H)                     # (two slots for h, which the steps take in turn)
-        # each step's cell and gates for backward (zeros past the steps a program runs: backward's
-        # products read them there, times zero)
-        c = x.new_zeros(B, N, H) if save else h
-        gates = x.new_zeros(B, N, 4 * H) if save else h
-        _run(_kernels().lstm_forward_kernel, x, H, -(-B // BLOCK_B), xg, w_hh, lengths, h, c, gates, out, B, N, H,
-             SAVE=save, TF32=tf32, BLOCK_B=BLOCK_B, BLOCK_H=_block(H), BLOCK_K=BLOCK_K, num_warps=WARPS,
-             num_stages=STAGES)
+        out, c, gates = _forward(x, w_ih, w_hh, bias, lengths, save, tf32)
         return out, c, gates
 
     @staticmethod
@@ -190,6 +183,9 @@ class _FusedLSTMRead(torch.autograd.Function):
         ctx.mark_non_differentiable(c, gates)
         ctx.set_materialize_grads(False)
         ctx.tf32 = tf32
+        # backward overwrites c and gates with what it forms the weights' gradients from; a second
+        # backward through the same graph (retain_graph=True) recomputes them first
+        ctx.spent = False
         ctx.save_for_backward(x, w_ih, w_hh, bias, lengths, c, gates)
 
     @staticmethod
@@ -198,6 +194,23 @@ class _FusedLSTMRead(torch.autograd.Function):
             return None, None, None, None, None, None, None
         with autocast_off(grad_c.device.type):          # (a backward called under autocast)
             return _backward(ctx, grad_c)
+
+
+def _forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], lengths: Tensor, save: bool,
+             tf32: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """The final cells ``(B, H)``; with ``save``, each step's cell ``(B, N, H)`` and activated gates
+    ``(B, N, 4H)``, the latter written over the input gates' buffer (5 H numbers per element in all;
+    zeros past the steps each program runs)."""
+    B, N = x.shape[:2]
+    H = w_hh.shape[1]
+    gates = _input_gates(x, w_ih, bias)
+    out = x.new_empty(B, H)
+    h = x.new_zeros(B, 2, H)                     # (two slots for h, which the steps take in turn)
+    c = x.new_empty(B, N, H) if save else h
+    _run(_kernels().lstm_forward_kernel, x, H, -(-B // BLOCK_B), gates, w_hh, lengths, h, c, out, B, N, H,
+         SAVE=save, TF32=tf32, BLOCK_B=BLOCK_B, BLOCK_H=_block(H), BLOCK_K=BLOCK_K, num_warps=WARPS,
+         num_stages=STAGES)
+    return out, (c if save else h), (gates if save else h)
 
 
 def _backward(ctx, grad_c: Tensor) -> Tuple[Optional[Tensor], ...]:
@@ -214,22 +227,21 @@ def _backward(ctx, grad_c: Tensor) -> Tuple[Optional[Tensor], ...]:
                                              [t for t, need in zip(inputs, needs) if need], grad_c,
                                              create_graph=True))
         return (*(next(grads) if need else None for need in needs), None, None, None)
+    if ctx.spent:
+        _, c, gates = _forward(x, w_ih, w_hh, bias, lengths, True, ctx.tf32)
+    ctx.spent = True
     B, N, H = c.shape
-    dpre = gates.new_zeros(B, N, 4 * H)          # (zero past the steps each program runs)
+    # afterwards gates holds dL/d(pre-activation gates) and c holds h_{t-1} at each step t
     _run(_kernels().lstm_backward_kernel, x, H, -(-B // BLOCK_B), grad_c.to(c.dtype).contiguous(), w_hh,
-         lengths, c, gates, dpre, B, N, H, TF32=ctx.tf32, BLOCK_B=BLOCK_B, BLOCK_H=_block(H), BLOCK_K=BLOCK_K,
+         lengths, c, gates, B, N, H, TF32=ctx.tf32, BLOCK_B=BLOCK_B, BLOCK_H=_block(H), BLOCK_K=BLOCK_K,
          num_warps=WARPS, num_stages=STAGES)
-    flat = dpre.view(B * N, 4 * H)
+    dpre, h_prev = gates.view(B * N, 4 * H), c.view(B * N, H)
     need_x, need_ih, need_hh, need_bias = ctx.needs_input_grad[:4]
-    grad_x = (dpre @ w_ih) if need_x else None
-    grad_ih = flat.t() @ x.reshape(B * N, -1) if need_ih else None
-    grad_hh = None
-    if need_hh:
-        # dL/dW_hh = sum over sequences and steps t >= 1 of dpre_t^T h_{t-1}, h_{t-1} = o_{t-1} tanh(c_{t-1})
-        # recomputed here rather than kept from forward (H numbers per element less between the two)
-        h_prev = gates[:, :-1, 3 * H:] * torch.tanh(c[:, :-1])
-        grad_hh = dpre[:, 1:].reshape(-1, 4 * H).t() @ h_prev.reshape(-1, H)
-    grad_bias = flat.sum(0) if need_bias else None
+    grad_x = (dpre @ w_ih).view(B, N, -1) if need_x else None
+    grad_ih = dpre.t() @ x.reshape(B * N, -1) if need_ih else None
+    # dL/dW_hh = sum over sequences and steps of dpre_t^T h_{t-1}
+    grad_hh = dpre.t() @ h_prev if need_hh else None
+    grad_bias = dpre.sum(0) if need_bias else None
     return grad_x, grad_ih, grad_hh, grad_bias, None, None, None
 
 
