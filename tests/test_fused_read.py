@@ -138,7 +138,9 @@ def peak_bytes(fn, device):
 def test_forward_and_backward_hold_five_hidden_numbers_per_element(fdevice):
     # the input gates' buffer takes the activated gates in forward and their gradients in backward,
     # and c takes h_{t-1}: at no time more than 5 H numbers per element (plus the input's few)
-    B, N, D, H = 64, 16, 3, 32
+    # (on CUDA larger, so that a library's workspace, e.g. cuBLASLt's on torch versions that allocate it
+    # per call, fits the slack while the bound still tells 5 H from 13 H per element)
+    (B, N, D, H), slack = ((256, 32, 3, 64), 2 ** 22) if fdevice.type == "cuda" else ((64, 16, 3, 32), 2 ** 18)
     lstm = nn.LSTM(D, H, batch_first=True).to(fdevice)
     seq, lengths = batch(B, N, D, seed=7)
     seq, lengths = seq.to(fdevice), lengths.to(fdevice)
@@ -150,7 +152,7 @@ def test_forward_and_backward_hold_five_hidden_numbers_per_element(fdevice):
     lstm.zero_grad(set_to_none=True)
     element = 4 * B * N                                       # bytes of one float32 number per element
     weights = 4 * 4 * H * (D + H + 2)                         # the parameters' gradients
-    budget = element * (5 * H + 3 * D + 2) + weights + 2 ** 18
+    budget = element * (5 * H + 3 * D + 2) + weights + slack
     assert peak_bytes(step, fdevice) <= budget               # (13 H per element before the buffers were shared)
 
 
