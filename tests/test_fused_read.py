@@ -115,14 +115,12 @@ def test_backward_keeps_each_step_s_cell_and_gates_and_the_input(fdevice):
 
 def peak_bytes(fn, device):
     """Bytes allocated at the peak of ``fn()`` above what was allocated before it: the CUDA allocator's
-    count, or on the CPU the profiler's running count of the tensors allocated during the call."""
+    count (as the GPU benchmark reads it), or on the CPU the profiler's running count of the tensors
+    allocated during the call."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        from benchmarks.gpu import peak_memory
+
+        return peak_memory(fn, device)
     with tempfile.TemporaryDirectory() as tmp:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
