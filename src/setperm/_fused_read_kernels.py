@@ -87,10 +87,10 @@ def lstm_forward_kernel(xg_ptr, w_ptr, len_ptr, h_ptr, c_ptr, out_ptr, B, N, H,
                         BLOCK_K: tl.constexpr):
     # xg (B, N, 4H): x_t W_ih^T + b_ih + b_hh; w (4H, H): W_hh; len (B,); h (B, 2, H), zeros: h_t at
     # slot t % 2, where the next step reads it; out (B, H): the cell state after each sequence's own
-    # length. SAVE: each step's activated gates i, f, g, o are written over its row of xg (read just
-    # before, by the same threads) and its cell into c (B, N, H), for backward; the steps past the
-    # program's longest sequence get zeros in both. Steps past a sequence's length hold its state;
-    # the program stops after the longest of its sequences.
+    # length. SAVE: each step's activated gates i, f, g, o are written over its row of xg (each element
+    # computed from the value read at its own address) and its cell into c (B, N, H), for backward;
+    # the steps past the program's longest sequence get zeros in both. Steps past a sequence's length
+    # hold its state; the program stops after the longest of its sequences.
     rows, cols, row_ok, ok = _rows(B, H, BLOCK_B, BLOCK_H)
     length = tl.load(len_ptr + rows, mask=row_ok, other=0)
     col_ok = cols[None, :] < H
