@@ -173,8 +173,7 @@ class _FusedLSTMRead(torch.autograd.Function):
     @signature_kept
     def forward(x: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor], lengths: Tensor, save: bool,
                 tf32: bool) -> Tuple[Tensor, ...]:
-        out, c, gates = _forward(x, w_ih, w_hh, bias, lengths, save, tf32)
-        return out, c, gates
+        return _forward(x, w_ih, w_hh, bias, lengths, save, tf32)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
