@@ -68,17 +68,27 @@ def _signature(fn, block: int, stage_c: bool = True):
     compiled code depends on (vectorised loads and stores, the shared memory they stage through), so
     the pointers are compiled with that hint here too; the ints are compiled without hints, as a
     launch compiles a set size that is not a multiple of 16 (the usual case) and T, L > 1."""
+    values = {**CONSTEXPRS, "STAGE_C": stage_c, "BLOCK": block, **_tile_constexprs(block)}
     sig, constexprs, pointers = {}, {}, []
     for i, name in enumerate(fn.arg_names):
-        if name == "BLOCK" or name in CONSTEXPRS:
+        if name in values:
             sig[name] = "constexpr"
-            constexprs[(i,)] = block if name == "BLOCK" else stage_c if name == "STAGE_C" else CONSTEXPRS[name]
+            constexprs[(i,)] = values[name]
         elif name.endswith("_ptr"):
             sig[name] = POINTERS.get(name, "*fp32")
             pointers.append(i)
         else:
             sig[name] = "i32" if name in INT_SCALARS else "fp32"
     return sig, constexprs, pointers
+
+
+def _tile_constexprs(block: int) -> Dict[str, int]:
+    """The launch's span range and mask width at this tile, as setperm.fused launches masked sets
+    (a tile per set)."""
+    from setperm.fused import MAX_SET_SIZE, _tiles
+
+    smaller = dict(_tiles(MAX_SET_SIZE, per_set=True))[block]
+    return {"SMALLER": smaller, "WIDE": MAX_SET_SIZE}
 
 
 def _cuobjdump(triton_module) -> str:

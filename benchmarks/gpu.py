@@ -21,10 +21,11 @@ their estimated peak exceeds ``--ref-mem-limit-gb``.
 
 Optimisation table: forward + backward of the permutation optimisation alone (T = 3, L = 4) on B in
 {64, 256} padded sets of 10 to N in {36, 100} elements, and on BAN + PO-U's 2,048 sets (256 questions
-x 8 glimpses) of 10 to 100 boxes: the unrolled steps, and ``setperm.fused``'s
-kernels at their default warps per program and at half and twice as many, and at the default warps
-with the cost matrix read where it is instead of from the kernels' zero-padded copy
-(``stage_c=False``).
+x 8 glimpses) of 10 to 100 boxes: the unrolled steps, ``setperm.fused``'s kernels as the default
+runs them (each set in the smallest tile that holds it, one launch per tile size), and every set
+in the tile of N (``per_set_tiles=False``) at the default warps per program and at half and twice
+as many, and at the default warps with the cost matrix read where it is instead of from the
+kernels' zero-padded copy (``stage_c=False``).
 
 Readout table: forward + backward of the encoder's LSTM readout (13 -> 128) of padded sets of 10 to
 N elements, (B, N) in {(64, 36), (256, 100), (2048, 100)}: a packed sequence with the set sizes from
@@ -339,9 +340,10 @@ def optimizer_configs(tiny: bool):
 
 def optimizer_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
     """fwd+bwd of the permutation optimisation alone (T = 3, L = 4, padded sets): the unrolled steps
-    against setperm.fused's kernels at their default warps and at half and twice as many, and at
-    the default warps with the cost read in place (stage_c=False), so that one run shows how these
-    choices (the kernel, its warps, where its products read the cost) fare on the card."""
+    against setperm.fused's kernels as the default runs them (each set in the smallest tile that
+    holds it), and every set in the tile of N (per_set_tiles=False) at the default warps and at half
+    and twice as many, and with the cost read in place (stage_c=False), so that one run shows how
+    these choices (the kernel, its tiles, its warps, where its products read the cost) fare on the card."""
     from setperm import fused
     from setperm.functional import optimize_permutation
 
@@ -357,24 +359,29 @@ def optimizer_rows(args, device: torch.device) -> Iterator[Dict[str, object]]:
         eta = torch.ones((), device=device, requires_grad=True)
         default = fused._warps(fused._block(N))
         warps = [w for w in (default // 2, default, default * 2) if 1 <= w <= 32]
-        impls = ([("unrolled", None, True)] + [(f"fused, {w} warp{'s' if w > 1 else ''}", w, True) for w in warps]
-                 + [(f"fused, {default} warps, C read in place (stage_c=False)", default, False)])
-        for label, w, stage_c in impls:
+        one = f"fused, every set in a {fused._block(N)} tile"
+        # (label, kernel: None for the unrolled steps, else (warps, stage_c, per_set_tiles))
+        impls = ([("unrolled", None), ("fused, a tile per set", (None, True, True))]
+                 + [(f"{one}, {w} warp{'s' if w > 1 else ''}", (w, True, False)) for w in warps]
+                 + [(f"{one}, {default} warps, C read in place (stage_c=False)", (default, False, False))])
+        for label, setting in impls:
             row: Dict[str, object] = {"config": f"B={B} N={N}", "impl": label}
-            if w is not None and not fused.applies(C, 3):
+            if setting is not None and not fused.applies(C, 3):
                 row["note"] = f"the fused kernels do not run on {device.type} here"
                 yield row
                 continue
-            if w == default and stage_c:
+            if setting == (None, True, True):
                 row["note"] = "kernel='fused' default"
 
-            def fb(warps=w, stage_c=stage_c):
+            def fb(setting=setting):
                 Cg = C.detach().requires_grad_(True)
-                if warps is None:
+                if setting is None:
                     P = optimize_permutation(Cg, mask=mask, eta=eta, steps=3, kernel="chunked")
                 else:
+                    warps, stage_c, per_set_tiles = setting
                     P = fused.fused_optimize((2 * eta) * Cg, None, mask, steps=3, sinkhorn_iters=4,
-                                             temperature=1.0, num_warps=warps, stage_c=stage_c)
+                                             temperature=1.0, num_warps=warps, stage_c=stage_c,
+                                             per_set_tiles=per_set_tiles)
                 (P * up).sum().backward()
             yield measured_fb("optimisation", row, fb, args, device)
 

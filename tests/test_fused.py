@@ -137,6 +137,55 @@ def test_stage_c_is_checked():
         fused.fused_optimize(torch.zeros(1, 2, 2), None, None, steps=1, sinkhorn_iters=1, temperature=1.0, stage_c=1)
 
 
+def test_per_set_tiles_equal_one_tile_and_the_unrolled_steps(fdevice, monkeypatch):
+    """Sets padded to 100 whose spans (1 + the last real element's index) take each tile size, real
+    elements after holes among them: computed each in its smallest tile (one launch per tile size),
+    the values and gradients of every set in the 128-wide tile and of the unrolled steps in float64;
+    past each span P is the identity and the gradients are zeros, exactly."""
+    spans = [0, 5, 16, 17, 40, 64, 65, 100]
+    N = 100
+    mask = torch.arange(N) < torch.tensor(spans)[:, None]
+    mask[3, 2] = mask[4, 10:20] = mask[7, :50] = False
+    C = cost(len(spans), N, seed=8, mask=mask).float()
+    init = torch.randn(len(spans), N, N, generator=torch.Generator().manual_seed(9))
+    G = torch.randn(len(spans), N, N, generator=torch.Generator().manual_seed(10))
+    launched = []
+    real = fused._launch
+
+    def launch(kernel, *args, **meta):
+        launched.append((kernel.__name__, meta["BLOCK"]))
+        return real(kernel, *args, **meta)
+    monkeypatch.setattr(fused, "_launch", launch)
+
+    def optimise(per_set_tiles):
+        leaves = [t.to(fdevice).requires_grad_(True) for t in (C, init)]
+        P = fused.fused_optimize(leaves[0], leaves[1], mask.to(fdevice), steps=3, sinkhorn_iters=4, temperature=1.0,
+                                 per_set_tiles=per_set_tiles)
+        return P.cpu(), [g.cpu() for g in torch.autograd.grad((P * G.to(fdevice)).sum(), leaves)]
+    P, grads = optimise(True)
+    assert launched == [(k, tile) for k in ("forward_kernel", "backward_kernel") for tile in (16, 32, 64, 128)]
+    launched.clear()
+    P_one, grads_one = optimise(False)
+    assert launched == [("forward_kernel", 128), ("backward_kernel", 128)]
+    assert_close(P, P_one, rtol=1e-5, atol=1e-6)
+    for g, g_one in zip(grads, grads_one):
+        assert_close(g, g_one, rtol=1e-4, atol=1e-5)
+    # (eta = 0.5: optimize_permutation's step matrix 2 eta C is C)
+    ref, _ = run(C.double(), init.double(), mask, 0.5, "chunked", "cpu", steps=3, sinkhorn_iters=4)
+    assert_close(P.double(), ref, rtol=1e-4, atol=1e-5)
+    for b, span in enumerate(spans):
+        corner = torch.zeros(N, N, dtype=torch.bool)
+        corner[:span, :span] = True
+        assert torch.equal(P[b][~corner], torch.eye(N)[~corner]), span
+        assert (grads[0][b][~corner] == 0).all() and (grads[1][b][~corner] == 0).all(), span
+
+
+def test_per_set_tiles_is_checked():
+    with pytest.raises(ValueError, match="per_set_tiles must be True or False, got 'yes'"):
+        fused.fused_optimize(torch.zeros(1, 2, 2), None, None, steps=1, sinkhorn_iters=1, temperature=1.0,
+                             per_set_tiles="yes")
+
+
 @pytest.mark.parametrize("fill", [0.0, float("nan")])
 def test_padded_sets_equal_the_sets_alone(fdevice, fill):
     """Whatever the padding holds (zero, as PairwiseCost gives, or NaN), in the cost and in the start."""
@@ -553,7 +602,8 @@ def test_under_torch_compile_the_kernels_are_one_operator_for_every_set_size(fde
             launches.update(forward_kernel=0, backward_kernel=0)
             with torch._dynamo.config.patch(error_on_recompile=i > 0):
                 P, grads = run(C, init, mask, 0.7, "fused", fdevice, fn=compiled)
-            assert launches == {"forward_kernel": 1, "backward_kernel": 1}
+            tiles = len(fused._tiles(N, per_set=True))        # one launch per tile size up to N's
+            assert launches == {"forward_kernel": tiles, "backward_kernel": tiles}
             P_ref, grads_ref = run(C, init, mask, 0.7, "fused", fdevice, steps=3)
             assert_close(P, P_ref, rtol=1e-6, atol=1e-7)
             for g, g_ref in zip(grads, grads_ref):
@@ -639,8 +689,9 @@ def test_the_operators_pass_torch_library_opcheck(fdevice):
     mask = random_mask(2, 7, seed=0).to(fdevice)
     C = cost(2, 7, seed=1, mask=mask.cpu()).float().to(fdevice).requires_grad_(True)
     init = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(2)).to(fdevice).requires_grad_(True)
-    for args in ((C, init, mask, 2, 3, 1.0, True, None, True, True),
-                 (C, None, None, 1, 0, 0.5, True, None, False, True)):
+    for args in ((C, init, mask, 2, 3, 1.0, True, None, True, True, True),
+                 (C, init, mask, 2, 3, 1.0, True, None, True, False, True),
+                 (C, None, None, 1, 0, 0.5, True, None, False, True, True)):
         torch.library.opcheck(fused._OPERATORS.forward, args)
 
 

@@ -8,22 +8,70 @@ import triton.language as tl
 
 
 @triton.jit
-def _program(N, BLOCK: tl.constexpr):
-    # this program's set b, the tile's indices, which of them lie inside the N x N set, and their
-    # offsets in a contiguous (N, N) matrix
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    inside = (offs[:, None] < N) & (offs[None, :] < N)
-    return b, offs, inside, offs[:, None] * N + offs[None, :]
+def _size(mask_ptr, b, N, HAS_MASK: tl.constexpr, WIDE: tl.constexpr):
+    # the set's span: 1 + the index of its last real element (0 for an empty set), N without a
+    # mask. Every element past it is padding, pinned to its own position (see _allowed), so the
+    # optimisation of the first `size` elements and positions is the whole set's: the program
+    # computes that corner and _fill_outside writes the rest. (The elements past the span would
+    # add one constant to each row of the step, which the row normalisation removes.)
+    if HAS_MASK:
+        every = tl.arange(0, WIDE)
+        real = tl.load(mask_ptr + b * N + every, mask=every < N, other=0)
+        return tl.max(tl.where(real != 0, every + 1, 0), axis=0)
+    else:
+        return N
 
 
 @triton.jit
-def _allowed(inside, offs, N, mask_ptr, b, HAS_MASK: tl.constexpr):
+def _program(N, size, BLOCK: tl.constexpr):
+    # the tile's indices, which of them lie inside the set's size x size corner, and their offsets
+    # in a contiguous (N, N) matrix
+    offs = tl.arange(0, BLOCK)
+    inside = (offs[:, None] < size) & (offs[None, :] < size)
+    return offs, inside, offs[:, None] * N + offs[None, :]
+
+
+@triton.jit
+def _fill_outside(ptr, size, N, offs, BLOCK: tl.constexpr, DIAGONAL: tl.constexpr):
+    # the entries of an (N, N) matrix outside the set's size x size corner: the identity (P: each
+    # padded element past the span sits at its own position) or zeros (the gradients there, and
+    # what forward saves, so that no output depends on what the memory held)
+    for r in range(0, N, BLOCK):
+        rows = r + offs
+        for c in range(0, N, BLOCK):
+            cols = c + offs
+            outside = ((rows[:, None] < N) & (cols[None, :] < N)
+                       & ((rows[:, None] >= size) | (cols[None, :] >= size)))
+            if DIAGONAL:
+                value = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+            else:
+                value = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+            tl.store(ptr + rows[:, None] * N + cols[None, :], value, mask=outside)
+
+
+@triton.jit
+def _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT: tl.constexpr,
+                        BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # zeros where forward saves nothing for a set of this span: its saved logits outside the corner
+    # and the lanes past the span of its Sinkhorn corrections
+    offs = tl.arange(0, BLOCK)
+    for t in range(1 - HAS_INIT, steps + 1):
+        _fill_outside(_saved_logits(hist_ptr, b, t, steps, N, HAS_INIT), size, N, offs, BLOCK, False)
+    every = tl.arange(0, WIDE)
+    past = (every >= size) & (every < N)
+    for v in range((steps + 1) * 2 * iters):
+        tl.store(halves_ptr + (b * (steps + 1) * 2 * iters + v) * N + every, tl.zeros([WIDE], dtype=tl.float32),
+                 mask=past)
+
+
+@triton.jit
+def _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK: tl.constexpr):
     # assignment_mask of setperm.masking for one set, inside the (BLOCK, BLOCK) tile: the n real
     # elements may take the first n positions, the j-th padded element is pinned to position n + j
+    # (the same positions whether counted over the span or the whole row: past the span all are padding)
     if HAS_MASK:
-        real = tl.load(mask_ptr + b * N + offs, mask=offs < N, other=0).to(tl.int32)   # (B, N) uint8
-        pad = tl.where(offs < N, 1 - real, 0)
+        real = tl.load(mask_ptr + b * N + offs, mask=offs < size, other=0).to(tl.int32)   # (B, N) uint8
+        pad = tl.where(offs < size, 1 - real, 0)
         n = tl.sum(real, axis=0)
         target = n + tl.cumsum(pad, axis=0) - 1
         ok = tl.where(real[:, None] != 0, offs[None, :] < n, offs[None, :] == target[:, None])
@@ -63,7 +111,7 @@ def _balance(P):
 def _half_offsets(halves_ptr, b, t, h, steps, iters, offs, N):
     # the (B, steps + 1, 2 iters, N) corrections, one vector per half-step: sized by N, not by the
     # tile, so that their shape is known without the tile (torch.compile's shape inference with a
-    # symbolic N); the tile's lanes past N are 0 (see _lse), which the masked loads give back
+    # symbolic N); the tile's lanes past the set are 0 (see _lse), which the masked loads give back
     return halves_ptr + ((b * (steps + 1) + t) * 2 * iters + h) * N + offs
 
 
@@ -80,14 +128,14 @@ def _first_iterate(zc, iters):
 
 
 @triton.jit
-def _sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE: tl.constexpr):
+def _sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, size, SAVE: tl.constexpr):
     # eq. 11-12 in the log domain as the unrolled path computes them: the iterate y, each
     # half-step y - logsumexp(y) along rows, then along columns, L times. The corrections
     # logsumexp(y) are saved: backward rebuilds every iterate from them (_iterates). (Kept as
     # the iterate, not as row and column potentials of zc: a potential is as large as the logits,
     # and adding the later corrections to it rounds them away once the logits are large.)
     y = _first_iterate(zc, iters)
-    real = offs < N
+    real = offs < size
     for r in range(iters):
         d = _lse(y, real, 1)
         y = y - d[:, None]
@@ -101,23 +149,23 @@ def _sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE: tl.constexpr):
 
 
 @triton.jit
-def _correction(halves_ptr, b, t, h, steps, iters, offs, N):
-    return tl.load(_half_offsets(halves_ptr, b, t, h, steps, iters, offs, N), mask=offs < N, other=0.0)
+def _correction(halves_ptr, b, t, h, steps, iters, offs, N, size):
+    return tl.load(_half_offsets(halves_ptr, b, t, h, steps, iters, offs, N), mask=offs < size, other=0.0)
 
 
 @triton.jit
-def _iterates(zc, halves_ptr, b, t, steps, iters, offs, N):
+def _iterates(zc, halves_ptr, b, t, steps, iters, offs, N, size):
     # the last iterate y, log of P = S(P~(t)), rebuilt from zc and the saved corrections by the
     # same subtractions as in forward (the same values)
     y = _first_iterate(zc, iters)
     for r in range(iters):
-        y = y - _correction(halves_ptr, b, t, 2 * r, steps, iters, offs, N)[:, None]
-        y = y - _correction(halves_ptr, b, t, 2 * r + 1, steps, iters, offs, N)[None, :]
+        y = y - _correction(halves_ptr, b, t, 2 * r, steps, iters, offs, N, size)[:, None]
+        y = y - _correction(halves_ptr, b, t, 2 * r + 1, steps, iters, offs, N, size)[None, :]
     return y
 
 
 @triton.jit
-def _sinkhorn_backward(grad_P, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N):
+def _sinkhorn_backward(grad_P, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N, size):
     # as setperm.sinkhorn's log-domain backward: through exp, then every half-step
     # y' = y - logsumexp(y) in reverse (dy = dy' - exp(y') * sum(dy'): exp(y') is that half-step's
     # softmax), the clamp and the masking. Going back, each earlier iterate is y' plus its
@@ -127,23 +175,23 @@ def _sinkhorn_backward(grad_P, logits, allowed, temperature, halves_ptr, b, t, s
     # cost more stack than the elementwise recomputation does time (benchmarks/README.md, "The fused
     # kernels' resources")
     _, zc = _clamped(logits, allowed, temperature, iters)
-    y = _iterates(zc, halves_ptr, b, t, steps, iters, offs, N)
+    y = _iterates(zc, halves_ptr, b, t, steps, iters, offs, N, size)
     g = grad_P * tl.exp(y)
     for rr in range(iters):
         r = iters - 1 - rr
         g = g - tl.exp(y) * tl.sum(g, axis=0)[None, :]
-        y = y + _correction(halves_ptr, b, t, 2 * r + 1, steps, iters, offs, N)[None, :]
+        y = y + _correction(halves_ptr, b, t, 2 * r + 1, steps, iters, offs, N, size)[None, :]
         g = g - tl.exp(y) * tl.sum(g, axis=1)[:, None]
-        y = y + _correction(halves_ptr, b, t, 2 * r, steps, iters, offs, N)[:, None]
+        y = y + _correction(halves_ptr, b, t, 2 * r, steps, iters, offs, N, size)[:, None]
     z, zc = _clamped(logits, allowed, temperature, iters)
     g = tl.where(zc == z, g, 0.0)
     return tl.where(allowed, g / temperature, 0.0)
 
 
 @triton.jit
-def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, N, offs, BLOCK: tl.constexpr,
+def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, size, offs, BLOCK: tl.constexpr,
                     A_WHOLE: tl.constexpr):
-    # sum_k a_k b_k^T over k < N, the vectors read from (L1-cached) memory: a matrix product
+    # sum_k a_k b_k^T over k < size, the vectors read from (L1-cached) memory: a matrix product
     # without tl.dot, whose float32 form stages both operands in registers (most of them spilled
     # to the stack at 128 x 128) or, on tensor cores, in more shared memory than a block has.
     # b is always read from a whole scratch tile, a too with A_WHOLE; such an operand is loaded
@@ -151,11 +199,11 @@ def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, N, offs, B
     # which no caller keeps (unmasked, backward's first product at 128 x 128 went from 121 to 65
     # instructions per step on sm_90: python -m benchmarks.fused_resources)
     acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-    for k in range(N):
+    for k in range(size):
         if A_WHOLE:
             a = tl.load(a_ptr + k * a_step + offs * a_stride)
         else:
-            a = tl.load(a_ptr + k * a_step + offs * a_stride, mask=offs < N, other=0.0)
+            a = tl.load(a_ptr + k * a_step + offs * a_stride, mask=offs < size, other=0.0)
         c = tl.load(b_ptr + k * b_step + offs * b_stride)
         acc += a[:, None] * c[None, :]
     return acc
@@ -193,9 +241,19 @@ def _operand_C(C_ptr, staged_ptr, b, N, inside, tile, offs, STAGE_C: tl.constexp
 @triton.jit
 def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scratch_ptr, N, steps, iters,
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-                   STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
-    b, offs, inside, tile = _program(N, BLOCK)
-    allowed = _allowed(inside, offs, N, mask_ptr, b, HAS_MASK)
+                   STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SMALLER: tl.constexpr, WIDE: tl.constexpr):
+    # one launch per tile size: this one computes the sets whose span is above SMALLER (the
+    # previous tile's size) and at most BLOCK; the other programs return at once
+    b = tl.program_id(0).to(tl.int64)
+    size = _size(mask_ptr, b, N, HAS_MASK, WIDE)
+    if (size <= SMALLER) | (size > BLOCK):
+        return
+    if HAS_MASK:
+        _fill_outside(P_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, True)
+        if SAVE:
+            _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
+    offs, inside, tile = _program(N, size, BLOCK)
+    allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
     # scratch: the position balance (and C, with STAGE_C)
     bal = scratch_ptr + b * (1 + STAGE_C) * BLOCK * BLOCK
     C, C_row = _operand_C(C_ptr, bal + BLOCK * BLOCK, b, N, inside, tile, offs, STAGE_C, BLOCK)
@@ -207,23 +265,33 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
         if SAVE and (HAS_INIT or t > 0):
             tl.store(_saved_logits(hist_ptr, b, t, steps, N, HAS_INIT) + tile, logits, mask=inside)
         _, zc = _clamped(logits, allowed, temperature, iters)
-        P = tl.exp(_sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, SAVE))
+        P = tl.exp(_sinkhorn(zc, halves_ptr, b, t, steps, iters, offs, N, size, SAVE))
         _to_scratch(bal, _balance(P), offs, BLOCK)
         # eq. 7 with the gradient 2 C B of eq. 4 (2 eta folded into C): (C B)_iq = sum_k C_ik B_kq
-        logits = logits - _outer_products(C, 1, C_row, bal, BLOCK, 1, N, offs, BLOCK, STAGE_C)
+        logits = logits - _outer_products(C, 1, C_row, bal, BLOCK, 1, size, offs, BLOCK, STAGE_C)
     if SAVE:
         tl.store(_saved_logits(hist_ptr, b, steps, steps, N, HAS_INIT) + tile, logits, mask=inside)
     _, zc = _clamped(logits, allowed, temperature, iters)
-    P = tl.exp(_sinkhorn(zc, halves_ptr, b, steps, steps, iters, offs, N, SAVE))
+    P = tl.exp(_sinkhorn(zc, halves_ptr, b, steps, steps, iters, offs, N, size, SAVE))
     tl.store(P_ptr + b * N * N + tile, P, mask=inside)
 
 
 @triton.jit
 def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
                     steps, iters, temperature, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr,
-                    WANT_INIT: tl.constexpr, STAGE_C: tl.constexpr, BLOCK: tl.constexpr):
-    b, offs, inside, tile = _program(N, BLOCK)
-    allowed = _allowed(inside, offs, N, mask_ptr, b, HAS_MASK)
+                    WANT_INIT: tl.constexpr, STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SMALLER: tl.constexpr,
+                    WIDE: tl.constexpr):
+    # one launch per tile size, as forward
+    b = tl.program_id(0).to(tl.int64)
+    size = _size(mask_ptr, b, N, HAS_MASK, WIDE)
+    if (size <= SMALLER) | (size > BLOCK):
+        return
+    if HAS_MASK:
+        _fill_outside(gC_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+        if WANT_INIT:
+            _fill_outside(ginit_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+    offs, inside, tile = _program(N, size, BLOCK)
+    allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
     # scratch: the position balance, the logits' gradient (and C, with STAGE_C)
     bal = scratch_ptr + b * (2 + STAGE_C) * BLOCK * BLOCK
     gls = bal + BLOCK * BLOCK
@@ -231,7 +299,7 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
     gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
     gP = tl.load(gP_ptr + b * N * N + tile, mask=inside, other=0.0)
     logits = tl.load(_saved_logits(hist_ptr, b, steps, steps, N, HAS_INIT) + tile, mask=inside, other=0.0)
-    gl = _sinkhorn_backward(gP, logits, allowed, temperature, halves_ptr, b, steps, steps, iters, offs, N)
+    gl = _sinkhorn_backward(gP, logits, allowed, temperature, halves_ptr, b, steps, steps, iters, offs, N, size)
     for tt in range(steps):
         t = steps - 1 - tt
         if HAS_INIT or t > 0:
@@ -239,14 +307,14 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
         else:
             logits = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         _, zc = _clamped(logits, allowed, temperature, iters)
-        P = tl.exp(_iterates(zc, halves_ptr, b, t, steps, iters, offs, N))
+        P = tl.exp(_iterates(zc, halves_ptr, b, t, steps, iters, offs, N, size))
         _to_scratch(bal, _balance(P), offs, BLOCK)
         _to_scratch(gls, gl, offs, BLOCK)
         # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
         # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g)
-        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, N, offs, BLOCK, True)
-        gBP = _balance(_outer_products(C, C_row, 1, gls, BLOCK, 1, N, offs, BLOCK, STAGE_C))
-        gl += _sinkhorn_backward(gBP, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N)
+        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, size, offs, BLOCK, True)
+        gBP = _balance(_outer_products(C, C_row, 1, gls, BLOCK, 1, size, offs, BLOCK, STAGE_C))
+        gl += _sinkhorn_backward(gBP, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N, size)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
     if WANT_INIT:
         tl.store(ginit_ptr + b * N * N + tile, gl, mask=inside)

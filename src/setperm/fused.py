@@ -5,7 +5,12 @@ normalisation of ``2L`` half-steps: in plain PyTorch every half-step and step is
 operations, each a kernel launch on a GPU, in forward and again in backward, and for the set sizes
 of VQA or sorting (N <= 128) the launches, not the arithmetic, set the time there. Here one program
 per set keeps its ``(N, N)`` matrices on chip for the whole optimisation: one launch forward, one
-backward.
+backward. Sets of different sizes padded to one ``N`` (a mask) are each computed in the smallest
+tile, 16, 32, 64 or 128 wide, that holds the set's span (its elements up to the last real one:
+the padding past it is pinned to its own positions, so the optimisation of the span is the whole
+set's), by one launch per tile size, each program reading its set's span from the mask on the
+device: where sizes vary, as VQA's 10 to 100 boxes, most sets take a tile of a quarter of the area
+or less instead of every set taking ``N``'s.
 
 Same maths as the unrolled path (``kernel="chunked"`` / ``"compiled"``), written once more in
 Triton's language:
@@ -112,6 +117,22 @@ def _block(N: int) -> int:
     return max(16, 1 << (N - 1).bit_length())
 
 
+def _tiles(N: int, per_set: bool) -> Tuple[Tuple[int, int], ...]:
+    """The launches for sets padded to ``N``: ``(tile, smaller)`` each, the launch computing the sets
+    whose span (1 + the index of the last real element) is above ``smaller`` and at most ``tile``.
+    ``per_set`` (masked sets): one launch per tile size up to ``N``'s, each set in the smallest
+    tile that holds it; else one launch of ``N``'s tile."""
+    top = _block(N)
+    if not per_set:
+        return ((top, -1),)
+    tiles, smaller = [], -1
+    while not tiles or tiles[-1][0] < top:
+        tile = _block(smaller + 1)
+        tiles.append((tile, smaller))
+        smaller = tile
+    return tuple(tiles)
+
+
 def _warps(block: int) -> int:
     # for sm_90: warps at which neither kernel needs a stack frame (every value in registers) at no more
     # than 128 registers per thread, and at 128 x 128 the least stack; python -m
@@ -121,7 +142,7 @@ def _warps(block: int) -> int:
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
                    sinkhorn_iters: int, temperature: float, num_warps: Optional[int] = None,
-                   stage_c: bool = True, fall_back: bool = False) -> Tensor:
+                   stage_c: bool = True, per_set_tiles: bool = True, fall_back: bool = False) -> Tensor:
     """``P = S(P~(T))`` of algorithm 1 with ``P~(t+1) = P~(t) - C_step B(S(P~(t)))``.
 
     ``C_step`` ``(B, N, N)``: the step's matrix, ``2 eta`` times the summed cost channels (built by
@@ -131,7 +152,13 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     (a power of two up to 32; default per tile size), for benchmarks that tune it. ``stage_c``
     (default): the kernels first copy ``C_step`` into a zero-padded scratch tile of their own and
     read the matrix products' operand from there (see :mod:`setperm._fused_kernels`); False reads
-    it where it is, for benchmarks that compare the two.
+    it where it is, for benchmarks that compare the two. ``per_set_tiles`` (default; with a
+    ``mask``): each set is computed in the smallest tile (16, 32, 64 or 128 wide) that holds its
+    span, the elements up to its last real one, by one launch per tile size (on the GPU no host
+    synchronisation: each program reads its set's span from the mask and returns at once where it is
+    another launch's), so that sets of 10 to 100 elements padded to 100 are not all computed at 128
+    x 128; the rest of each set's ``P``, padding past its span, is pinned to its own position
+    (the identity). False computes every set in the tile of ``N``, for benchmarks that compare the two.
 
     ``fall_back``: where Triton is missing, or cannot build or launch a kernel for this tile on this
     GPU (in forward or in backward), a RuntimeWarning names the reason once and the unrolled steps
@@ -148,11 +175,15 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
     if not isinstance(stage_c, bool):
         raise ValueError(f"stage_c must be True or False, got {stage_c!r}")
+    if not isinstance(per_set_tiles, bool):
+        raise ValueError(f"per_set_tiles must be True or False, got {per_set_tiles!r}")
     compiling = is_compiling()
     if not compiling:
         # eager: a missing Triton or a tile known to fail takes the unrolled steps in the caller's
-        # dtype at once (compiled graphs learn it at run time, inside the operator)
-        reason = _failure(C_step, num_warps, "forward", stage_c)
+        # dtype at once (compiled graphs learn it at run time, inside the operator, where the set
+        # size is a number: here it may be symbolic)
+        tiles = _tiles(C_step.shape[-1], per_set_tiles and mask is not None)
+        reason = _failure(C_step, tiles, num_warps, "forward", stage_c)
         if reason is not None:
             # in float32, as the kernels and the fallback inside them compute (the same values
             # whichever call first found the kernel missing)
@@ -164,7 +195,7 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     init32 = None if init_logits is None else init_logits.float()
     # (inside the autograd function grad mode is off, so whether to save for backward is decided here)
     save = torch.is_grad_enabled() and (C32.requires_grad or (init32 is not None and init32.requires_grad))
-    args = (steps, sinkhorn_iters, float(temperature), save, num_warps, stage_c, fall_back)
+    args = (steps, sinkhorn_iters, float(temperature), save, num_warps, stage_c, per_set_tiles, fall_back)
     if compiling:
         # an operator opaque to the compiler, its output shapes known from (B, N, steps, iters):
         # the compiled graph calls the kernels at run time (and falls back there, if it must)
@@ -175,12 +206,18 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     return P.to(out_dtype)
 
 
-def _failure(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool) -> Optional[str]:
-    """Why the kernel ``which`` cannot run for ``t``'s tile on its device (None: as far as is known, it can)."""
+def _failure(t: Tensor, tiles: Tuple[Tuple[int, int], ...], num_warps: Optional[int], which: str,
+             stage_c: bool) -> Optional[str]:
+    """Why the kernel ``which`` cannot run at one of ``tiles`` on ``t``'s device (None: as far as is
+    known, it can)."""
     reason = unavailable()
     if reason is not None:
         return f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason})"
-    return _broken.get(_where(t, num_warps, which, stage_c))
+    for block, _ in tiles:
+        known = _broken.get(_where(t, block, num_warps, which, stage_c))
+        if known is not None:
+            return known
+    return None
 
 
 # ---------------------------------------------------------------------------- forward, backward
@@ -188,7 +225,7 @@ def _failure(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool) -> 
 # operators alike.
 
 def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
-             temperature: float, save: bool, num_warps: Optional[int], stage_c: bool,
+             temperature: float, save: bool, num_warps: Optional[int], stage_c: bool, per_set_tiles: bool,
              fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """-> ``P`` (B, N, N), and for backward each step's logits ``(B, steps + 1, N, N)`` (the first
     left out without ``init32``: zeros) and the Sinkhorn corrections ``(B, steps + 1, 2 iters, N)``
@@ -200,26 +237,29 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
     B, N = C32.shape[0], C32.shape[-1]
     P = torch.empty_like(C32)
     hist, halves = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save, init32 is not None))
-    block = _block(N)
-    warps = _warps(block) if num_warps is None else num_warps
-    where = _where(C32, num_warps, "forward", stage_c)
-    reason = _failure(C32, num_warps, "forward", stage_c)
+    tiles = _tiles(N, per_set_tiles and mask is not None)
+    reason = _failure(C32, tiles, num_warps, "forward", stage_c)
     if reason is None:
-        # the kernels derive the masked assignment of every set from its mask row (no tensor ops here)
+        # the kernels derive every set's span and masked assignment from its mask row (no tensor ops here)
         mask8 = None if mask is None else mask.view(torch.uint8)
-        scratch = C32.new_empty((B, 1 + stage_c, block, block))
-        try:
-            # (an argument the kernel does not read is given another tensor: an empty one may have no address)
-            _launch(_kernels().forward_kernel, B,
-                    C32, C32 if init32 is None else init32, P if mask8 is None else mask8, P,
-                    hist if hist.numel() else P, halves if halves.numel() else P, scratch,
-                    N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
-                    SAVE=save, STAGE_C=stage_c, BLOCK=block, num_warps=warps)
+        # (smaller tiles use the start of each set's scratch)
+        scratch = C32.new_empty((B, 1 + stage_c, tiles[-1][0], tiles[-1][0]))
+        for block, smaller in tiles:
+            try:
+                # (an argument the kernel does not read is given another tensor: an empty one may have no address)
+                _launch(_kernels().forward_kernel, B,
+                        C32, C32 if init32 is None else init32, P if mask8 is None else mask8, P,
+                        hist if hist.numel() else P, halves if halves.numel() else P, scratch,
+                        N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
+                        SAVE=save, STAGE_C=stage_c, BLOCK=block, SMALLER=smaller, WIDE=MAX_SET_SIZE,
+                        num_warps=_warps(block) if num_warps is None else num_warps)
+            except _KernelFailure as failure:
+                if not fall_back:
+                    raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
+                reason = _broken[_where(C32, block, num_warps, "forward", stage_c)] = str(failure)
+                break
+        else:
             return P, hist, halves
-        except _KernelFailure as failure:
-            if not fall_back:
-                raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
-            reason = _broken[where] = str(failure)
     _fall_back(reason, fall_back, C32, init32, mask, steps, iters, temperature, warn_only=True)
     with torch.no_grad():
         P.copy_(_unrolled(C32, init32, mask, steps, iters, temperature))
@@ -237,28 +277,30 @@ def _saved_shapes(B: int, N: int, steps: int, iters: int, save: bool,
 
 def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
               halves: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int], stage_c: bool,
-              fall_back: bool, want_init: bool) -> Tuple[Tensor, Optional[Tensor]]:
+              per_set_tiles: bool, fall_back: bool, want_init: bool) -> Tuple[Tensor, Optional[Tensor]]:
     """-> ``dL/dC_step`` and ``dL/dP~(0)`` (None unless ``want_init``) from ``dL/dP``."""
     C32, mask, hist, halves = (None if t is None else t.contiguous() for t in (C32, mask, hist, halves))
     B, N = C32.shape[0], C32.shape[-1]
-    block = _block(N)
-    warps = _warps(block) if num_warps is None else num_warps
-    where = _where(C32, num_warps, "backward", stage_c)
-    reason = _failure(C32, num_warps, "forward", stage_c) or _failure(C32, num_warps, "backward", stage_c)
+    tiles = _tiles(N, per_set_tiles and mask is not None)
+    reason = _failure(C32, tiles, num_warps, "forward", stage_c) or _failure(C32, tiles, num_warps, "backward", stage_c)
     if reason is None:
         grad_C = torch.empty_like(C32)
         grad_init = torch.empty_like(C32) if want_init else grad_C
+        grad_P = grad_P.float().contiguous()
         mask8 = None if mask is None else mask.view(torch.uint8)
-        scratch = C32.new_empty((B, 2 + stage_c, block, block))
-        try:
-            _launch(_kernels().backward_kernel, B,
-                    grad_P.float().contiguous(), C32, grad_C if mask8 is None else mask8, hist,
-                    halves if halves.numel() else hist,
-                    scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
-                    HAS_INIT=init32 is not None, WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block, num_warps=warps)
+        scratch = C32.new_empty((B, 2 + stage_c, tiles[-1][0], tiles[-1][0]))
+        for block, smaller in tiles:
+            try:
+                _launch(_kernels().backward_kernel, B,
+                        grad_P, C32, grad_C if mask8 is None else mask8, hist, halves if halves.numel() else hist,
+                        scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
+                        HAS_INIT=init32 is not None, WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block,
+                        SMALLER=smaller, WIDE=MAX_SET_SIZE, num_warps=_warps(block) if num_warps is None else num_warps)
+            except _KernelFailure as failure:
+                reason = _broken[_where(C32, block, num_warps, "backward", stage_c)] = str(failure)
+                break
+        else:
             return grad_C, (grad_init if want_init else None)
-        except _KernelFailure as failure:
-            reason = _broken[where] = str(failure)
     _fall_back(reason, fall_back, C32, init32, mask, steps, iters, temperature, warn_only=True)
     # the kernels did not run: the gradients through the unrolled steps, recomputed from the inputs
     # (the same values as the unrolled path's backward). torch.func.vjp, not torch.autograd.grad:
@@ -283,8 +325,9 @@ class _FusedOptimize(torch.autograd.Function):
 
     @staticmethod
     @signature_kept
-    def forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back):
-        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back)
+    def forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, per_set_tiles, fall_back):
+        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, per_set_tiles,
+                        fall_back)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -299,19 +342,23 @@ class _FusedOptimize(torch.autograd.Function):
             # gradient penalties): the kernels compute first-order gradients only, so these come
             # from the unrolled steps, recomputed from the inputs (the same values, differentiable)
             return (*_differentiable_backward(grad_P, C32, init32, mask, *ctx.setup[:3], want_init),
-                    None, None, None, None, None, None, None, None)
+                    *_NO_GRADIENTS)
         grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
-        return grad_C, grad_init, None, None, None, None, None, None, None, None
+        return (grad_C, grad_init, *_NO_GRADIENTS)
+
+
+# (the gradients of the arguments after C32 and init32: mask and the settings)
+_NO_GRADIENTS = (None,) * 9
 
 
 def _setup_context(ctx, inputs, output) -> None:
     """What backward needs, for the eager autograd function and the compiled graph's operator alike:
     the inputs, each step's logits and the Sinkhorn corrections (outputs with no gradient)."""
-    C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back = inputs
+    C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, per_set_tiles, fall_back = inputs
     _, hist, halves = output
     ctx.mark_non_differentiable(hist, halves)
     ctx.set_materialize_grads(False)          # (no zero tensors made for hist's and halves' gradients)
-    ctx.setup = (steps, iters, temperature, num_warps, stage_c, fall_back)
+    ctx.setup = (steps, iters, temperature, num_warps, stage_c, per_set_tiles, fall_back)
     ctx.has_init = init32 is not None
     ctx.save_for_backward(C32, init32, mask, hist, halves)
 
@@ -343,44 +390,45 @@ def _define_operators():
     # Schemas written out: torch 2.4 cannot infer one from this module's string annotations.
     @custom_op("setperm::fused_forward", mutates_args=(), schema=(
         "(Tensor C32, Tensor? init32, Tensor? mask, SymInt steps, SymInt iters, float temperature, bool save, "
-        "SymInt? num_warps, bool stage_c, bool fall_back) -> (Tensor, Tensor, Tensor)"))
+        "SymInt? num_warps, bool stage_c, bool per_set_tiles, bool fall_back) -> (Tensor, Tensor, Tensor)"))
     def forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], steps: int, iters: int,
-                temperature: float, save: bool, num_warps: Optional[int], stage_c: bool,
+                temperature: float, save: bool, num_warps: Optional[int], stage_c: bool, per_set_tiles: bool,
                 fall_back: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back)
+        return _forward(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, per_set_tiles,
+                        fall_back)
 
     # (A fake's shapes are compiled into the graphs that call the operator, and inductor's graph
     # cache keys on the graph's code, not on the fake: a release that changes what a fake returns
     # changes the operator's schema or name too, or a cached graph from the release before would
     # assert the old shapes.)
     @forward.register_fake
-    def _(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, fall_back):
+    def _(C32, init32, mask, steps, iters, temperature, save, num_warps, stage_c, per_set_tiles, fall_back):
         B, N = C32.shape[0], C32.shape[-1]
         return (torch.empty_like(C32),
                 *(C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save, init32 is not None)))
 
     @custom_op("setperm::fused_backward", mutates_args=(), schema=(
         "(Tensor grad_P, Tensor C32, Tensor? init32, Tensor? mask, Tensor hist, Tensor halves, SymInt steps, "
-        "SymInt iters, float temperature, SymInt? num_warps, bool stage_c, bool fall_back, bool want_init) "
-        "-> (Tensor, Tensor)"))
+        "SymInt iters, float temperature, SymInt? num_warps, bool stage_c, bool per_set_tiles, bool fall_back, "
+        "bool want_init) -> (Tensor, Tensor)"))
     def backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], hist: Tensor,
                  halves: Tensor, steps: int, iters: int, temperature: float, num_warps: Optional[int],
-                 stage_c: bool, fall_back: bool, want_init: bool) -> Tuple[Tensor, Tensor]:
+                 stage_c: bool, per_set_tiles: bool, fall_back: bool, want_init: bool) -> Tuple[Tensor, Tensor]:
         grad_C, grad_init = _backward(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps,
-                                      stage_c, fall_back, want_init)
+                                      stage_c, per_set_tiles, fall_back, want_init)
         # (an operator returns tensors: an empty one stands for "no gradient")
         return grad_C, (grad_init if want_init else C32.new_empty(0))
 
     @backward.register_fake
-    def _(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps, stage_c, fall_back,
-          want_init):
+    def _(grad_P, C32, init32, mask, hist, halves, steps, iters, temperature, num_warps, stage_c, per_set_tiles,
+          fall_back, want_init):
         return torch.empty_like(C32), (torch.empty_like(C32) if want_init else C32.new_empty(0))
 
     def backward_rule(ctx, grad_P, _grad_hist, _grad_halves):
         C32, init32, mask, hist, halves = ctx.saved_tensors
         want_init = ctx.has_init and ctx.needs_input_grad[1]
         grad_C, grad_init = backward(grad_P, C32, init32, mask, hist, halves, *ctx.setup, want_init)
-        return grad_C, (grad_init if want_init else None), None, None, None, None, None, None, None, None
+        return (grad_C, grad_init if want_init else None, *_NO_GRADIENTS)
 
     forward.register_autograd(backward_rule, setup_context=_setup_context)
     return types.SimpleNamespace(forward=forward, backward=backward)
@@ -398,8 +446,7 @@ _warned: set = set()
 _ALTERNATIVES = "; kernel='compiled' or 'chunked' compute the same values"
 
 
-def _where(t: Tensor, num_warps: Optional[int], which: str, stage_c: bool) -> Tuple:
-    block = _block(t.shape[-1])
+def _where(t: Tensor, block: int, num_warps: Optional[int], which: str, stage_c: bool) -> Tuple:
     return (str(t.device), block, _warps(block) if num_warps is None else num_warps, stage_c, which)
 
 

@@ -43,10 +43,12 @@ def test_cpu_dry_run_writes_every_row(tmp_path, released_stand_in):
             assert "do not run on cpu" in row["note"]
         else:
             assert row["fb_ms"] > 0 and "failed" not in row.get("note", ""), row
-    assert [r["impl"] for r in data["optimizer"][:4]] == ["unrolled", "fused, 1 warp", "fused, 2 warps",
-                                                          "fused, 4 warps"]   # tiles of 16: 2 warps by default
+    one = "fused, every set in a 16 tile"                    # tiles of 16: 2 warps by default
+    assert [r["impl"] for r in data["optimizer"][:6]] == ["unrolled", "fused, a tile per set", f"{one}, 1 warp",
+                                                          f"{one}, 2 warps", f"{one}, 4 warps",
+                                                          f"{one}, 2 warps, C read in place (stage_c=False)"]
     if fused_runs:
-        assert data["optimizer"][2]["note"] == "kernel='fused' default"
+        assert data["optimizer"][1]["note"] == "kernel='fused' default"
     assert [r["impl"].split(",")[0] for r in data["readout"]][:5] == ["packed", "packed", "padded", "fused (Triton)",
                                                                      "the LSTM alone on all N steps (no sizes: the floor)"]
     assert all(r["fb_ms"] > 0 and "note" not in r for r in data["readout"]), data["readout"]
