@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 import sys
+import warnings
 from typing import List
 
 import torch
@@ -52,6 +53,14 @@ def user_stacklevel() -> int:
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_OWN):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def warn_once(seen: set, reason: str, message: str) -> None:
+    """A RuntimeWarning ``message`` at the user's line the first time ``reason`` is added to ``seen``
+    (a fallback that would otherwise warn at every call)."""
+    if reason not in seen:
+        seen.add(reason)
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def registered_hooks(module: torch.nn.Module) -> List[str]:

@@ -55,14 +55,13 @@ import functools
 import os
 import re
 import types
-import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._compat import is_compiling, signature_kept
-from ._errors import user_stacklevel
+from ._errors import warn_once
 from .optimize import _sequence_step, _start, _unroll
 
 # One set's (N, N) matrices live on chip: up to 128 x 128 float32 per matrix (64 KiB).
@@ -149,8 +148,8 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     the caller, so that ``eta`` and ``C`` get their gradients through it). ``init_logits``
     ``(B, N, N)`` or None (zeros: PO-U); ``mask`` ``(B, N)`` bool or None. Returns ``P`` in the
     dtype of ``C_step``. The caller has checked :func:`applies`. ``num_warps``: warps per program
-    (a power of two up to 32; default per tile size), for benchmarks that tune it. ``stage_c``
-    (default): the kernels first copy ``C_step`` into a zero-padded scratch tile of their own and
+    (a power of two up to 32, then every launch's; default per tile size), for benchmarks that tune
+    it. ``stage_c`` (default): the kernels first copy ``C_step`` into a zero-padded scratch tile of their own and
     read the matrix products' operand from there (see :mod:`setperm._fused_kernels`); False reads
     it where it is, for benchmarks that compare the two. ``per_set_tiles`` (default; with a
     ``mask``): each set is computed in the smallest tile (16, 32, 64 or 128 wide) that holds its
@@ -451,10 +450,7 @@ def _where(t: Tensor, block: int, num_warps: Optional[int], which: str, stage_c:
 
 
 def _warn(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"setperm {reason}; the unrolled steps compute the same values instead (slower)",
-                      RuntimeWarning, stacklevel=user_stacklevel())
+    warn_once(_warned, reason, f"setperm {reason}; the unrolled steps compute the same values instead (slower)")
 
 
 def _fall_back(reason: str, fall_back: bool, C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor],

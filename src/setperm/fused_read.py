@@ -31,14 +31,13 @@ in Triton's interpreter (how the tests check them).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ._compat import autocast_off, is_compiling, signature_kept
-from ._errors import user_stacklevel
+from ._errors import warn_once
 from .masking import zero_padding
 from .fused import _KernelFailure as KernelFailure
 from .fused import _block, _launch, interpreted, unavailable
@@ -150,10 +149,7 @@ _warned: set = set()
 
 def warn_fallback(reason: str) -> None:
     """Warn once per reason that the padded read stands in for the kernels."""
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"setperm: {reason}; the padded LSTM read computes the same values instead",
-                      RuntimeWarning, stacklevel=user_stacklevel())
+    warn_once(_warned, reason, f"setperm: {reason}; the padded LSTM read computes the same values instead")
 
 
 def _run(kernel, x: Tensor, hidden: int, programs: int, *args, **meta) -> None:
