@@ -88,7 +88,7 @@ def _tile_constexprs(block: int) -> Dict[str, int]:
     from setperm.fused import MAX_SET_SIZE, _tiles
 
     smaller = dict(_tiles(MAX_SET_SIZE, per_set=True))[block]
-    return {"SMALLER": smaller, "WIDE": MAX_SET_SIZE}
+    return {"SPANS": True, "SMALLER": smaller, "WIDE": MAX_SET_SIZE}
 
 
 def _cuobjdump(triton_module) -> str:

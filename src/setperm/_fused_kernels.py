@@ -8,18 +8,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _size(mask_ptr, b, N, HAS_MASK: tl.constexpr, WIDE: tl.constexpr):
-    # the set's span: 1 + the index of its last real element (0 for an empty set), N without a
-    # mask. Every element past it is padding, pinned to its own position (see _allowed), so the
-    # optimisation of the first `size` elements and positions is the whole set's: the program
-    # computes that corner and _fill_outside writes the rest. (The elements past the span would
-    # add one constant to each row of the step, which the row normalisation removes.)
-    if HAS_MASK:
-        every = tl.arange(0, WIDE)
-        real = tl.load(mask_ptr + b * N + every, mask=every < N, other=0)
-        return tl.max(tl.where(real != 0, every + 1, 0), axis=0)
-    else:
-        return N
+def _span(mask_ptr, b, N, WIDE: tl.constexpr):
+    # the set's span: 1 + the index of its last real element (0 for an empty set). Every element
+    # past it is padding, pinned to its own position (see _allowed), so the optimisation of the
+    # first `span` elements and positions is the whole set's: a program computes that corner and
+    # _fill_outside writes the rest. (The elements past the span would add one constant to each
+    # row of the step, which the row normalisation removes.)
+    every = tl.arange(0, WIDE)
+    real = tl.load(mask_ptr + b * N + every, mask=every < N, other=0)
+    return tl.max(tl.where(real != 0, every + 1, 0), axis=0)
 
 
 @triton.jit
@@ -241,17 +238,24 @@ def _operand_C(C_ptr, staged_ptr, b, N, inside, tile, offs, STAGE_C: tl.constexp
 @triton.jit
 def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scratch_ptr, N, steps, iters,
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
-                   STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SMALLER: tl.constexpr, WIDE: tl.constexpr):
-    # one launch per tile size: this one computes the sets whose span is above SMALLER (the
-    # previous tile's size) and at most BLOCK; the other programs return at once
+                   STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SPANS: tl.constexpr, SMALLER: tl.constexpr,
+                   WIDE: tl.constexpr):
+    # With SPANS (masked sets, a tile per set): one launch per tile size, this one computing the
+    # sets whose span is above SMALLER (the previous tile's size) and at most BLOCK; the other
+    # programs return at once. The first launch (SMALLER < 0) also writes every set's entries
+    # outside its span, so that the larger tiles' kernels hold no code for it (it cost them
+    # registers: python -m benchmarks.fused_resources). Without SPANS every set is computed whole.
     b = tl.program_id(0).to(tl.int64)
-    size = _size(mask_ptr, b, N, HAS_MASK, WIDE)
-    if (size <= SMALLER) | (size > BLOCK):
-        return
-    if HAS_MASK:
-        _fill_outside(P_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, True)
-        if SAVE:
-            _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
+    if SPANS:
+        size = _span(mask_ptr, b, N, WIDE)
+        if SMALLER < 0:
+            _fill_outside(P_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, True)
+            if SAVE:
+                _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
+        if (size <= SMALLER) | (size > BLOCK):
+            return
+    else:
+        size = N
     offs, inside, tile = _program(N, size, BLOCK)
     allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
     # scratch: the position balance (and C, with STAGE_C)
@@ -279,17 +283,20 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
 @triton.jit
 def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
                     steps, iters, temperature, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr,
-                    WANT_INIT: tl.constexpr, STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SMALLER: tl.constexpr,
-                    WIDE: tl.constexpr):
-    # one launch per tile size, as forward
+                    WANT_INIT: tl.constexpr, STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SPANS: tl.constexpr,
+                    SMALLER: tl.constexpr, WIDE: tl.constexpr):
+    # launches and spans as in forward
     b = tl.program_id(0).to(tl.int64)
-    size = _size(mask_ptr, b, N, HAS_MASK, WIDE)
-    if (size <= SMALLER) | (size > BLOCK):
-        return
-    if HAS_MASK:
-        _fill_outside(gC_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
-        if WANT_INIT:
-            _fill_outside(ginit_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+    if SPANS:
+        size = _span(mask_ptr, b, N, WIDE)
+        if SMALLER < 0:
+            _fill_outside(gC_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+            if WANT_INIT:
+                _fill_outside(ginit_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+        if (size <= SMALLER) | (size > BLOCK):
+            return
+    else:
+        size = N
     offs, inside, tile = _program(N, size, BLOCK)
     allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
     # scratch: the position balance, the logits' gradient (and C, with STAGE_C)

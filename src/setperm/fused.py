@@ -212,8 +212,8 @@ def _failure(t: Tensor, tiles: Tuple[Tuple[int, int], ...], num_warps: Optional[
     reason = unavailable()
     if reason is not None:
         return f"kernel='fused' needs Triton for its permutation-optimisation kernels ({reason})"
-    for block, _ in tiles:
-        known = _broken.get(_where(t, block, num_warps, which, stage_c))
+    for block, smaller in tiles:
+        known = _broken.get(_where(t, block, smaller, num_warps, which, stage_c))
         if known is not None:
             return known
     return None
@@ -236,7 +236,8 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
     B, N = C32.shape[0], C32.shape[-1]
     P = torch.empty_like(C32)
     hist, halves = (C32.new_empty(shape) for shape in _saved_shapes(B, N, steps, iters, save, init32 is not None))
-    tiles = _tiles(N, per_set_tiles and mask is not None)
+    spans = per_set_tiles and mask is not None
+    tiles = _tiles(N, spans)
     reason = _failure(C32, tiles, num_warps, "forward", stage_c)
     if reason is None:
         # the kernels derive every set's span and masked assignment from its mask row (no tensor ops here)
@@ -250,12 +251,12 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
                         C32, C32 if init32 is None else init32, P if mask8 is None else mask8, P,
                         hist if hist.numel() else P, halves if halves.numel() else P, scratch,
                         N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
-                        SAVE=save, STAGE_C=stage_c, BLOCK=block, SMALLER=smaller, WIDE=MAX_SET_SIZE,
+                        SAVE=save, STAGE_C=stage_c, BLOCK=block, SPANS=spans, SMALLER=smaller, WIDE=MAX_SET_SIZE,
                         num_warps=_warps(block) if num_warps is None else num_warps)
             except _KernelFailure as failure:
                 if not fall_back:
                     raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
-                reason = _broken[_where(C32, block, num_warps, "forward", stage_c)] = str(failure)
+                reason = _broken[_where(C32, block, smaller, num_warps, "forward", stage_c)] = str(failure)
                 break
         else:
             return P, hist, halves
@@ -280,7 +281,8 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
     """-> ``dL/dC_step`` and ``dL/dP~(0)`` (None unless ``want_init``) from ``dL/dP``."""
     C32, mask, hist, halves = (None if t is None else t.contiguous() for t in (C32, mask, hist, halves))
     B, N = C32.shape[0], C32.shape[-1]
-    tiles = _tiles(N, per_set_tiles and mask is not None)
+    spans = per_set_tiles and mask is not None
+    tiles = _tiles(N, spans)
     reason = _failure(C32, tiles, num_warps, "forward", stage_c) or _failure(C32, tiles, num_warps, "backward", stage_c)
     if reason is None:
         grad_C = torch.empty_like(C32)
@@ -294,9 +296,10 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
                         grad_P, C32, grad_C if mask8 is None else mask8, hist, halves if halves.numel() else hist,
                         scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
                         HAS_INIT=init32 is not None, WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block,
-                        SMALLER=smaller, WIDE=MAX_SET_SIZE, num_warps=_warps(block) if num_warps is None else num_warps)
+                        SPANS=spans, SMALLER=smaller, WIDE=MAX_SET_SIZE,
+                        num_warps=_warps(block) if num_warps is None else num_warps)
             except _KernelFailure as failure:
-                reason = _broken[_where(C32, block, num_warps, "backward", stage_c)] = str(failure)
+                reason = _broken[_where(C32, block, smaller, num_warps, "backward", stage_c)] = str(failure)
                 break
         else:
             return grad_C, (grad_init if want_init else None)
@@ -436,7 +439,7 @@ def _define_operators():
 _OPERATORS = _define_operators()
 
 
-# (device, tile, warps, "forward" / "backward") -> why Triton could not build or launch that kernel
+# (device, tile, smaller tile (see _tiles), warps, stage_c, "forward" / "backward") -> why Triton could not build or launch that kernel
 # there: later calls take the fallback at once instead of compiling again (Triton caches only what
 # it built), and the reason is warned once. A forward that failed leaves no saved tensors, so its
 # backward recomputes through the unrolled steps: the key is the same for both.
@@ -445,8 +448,8 @@ _warned: set = set()
 _ALTERNATIVES = "; kernel='compiled' or 'chunked' compute the same values"
 
 
-def _where(t: Tensor, block: int, num_warps: Optional[int], which: str, stage_c: bool) -> Tuple:
-    return (str(t.device), block, _warps(block) if num_warps is None else num_warps, stage_c, which)
+def _where(t: Tensor, block: int, smaller: int, num_warps: Optional[int], which: str, stage_c: bool) -> Tuple:
+    return (str(t.device), block, smaller, _warps(block) if num_warps is None else num_warps, stage_c, which)
 
 
 def _warn(reason: str) -> None:
