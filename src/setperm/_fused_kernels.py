@@ -249,9 +249,10 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
     if SPANS:
         size = _span(mask_ptr, b, N, WIDE)
         if SMALLER < 0:
-            _fill_outside(P_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, True)
-            if SAVE:
-                _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
+            if size < N:
+                _fill_outside(P_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, True)
+                if SAVE:
+                    _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
         if (size <= SMALLER) | (size > BLOCK):
             return
     else:
@@ -290,9 +291,10 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
     if SPANS:
         size = _span(mask_ptr, b, N, WIDE)
         if SMALLER < 0:
-            _fill_outside(gC_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
-            if WANT_INIT:
-                _fill_outside(ginit_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+            if size < N:
+                _fill_outside(gC_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+                if WANT_INIT:
+                    _fill_outside(ginit_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
         if (size <= SMALLER) | (size > BLOCK):
             return
     else:
