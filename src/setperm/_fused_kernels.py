@@ -20,6 +20,32 @@ def _span(mask_ptr, b, N, WIDE: tl.constexpr):
 
 
 @triton.jit
+def _prologue(mask_ptr, b, N, out_ptr, DIAGONAL: tl.constexpr, second_ptr, SECOND: tl.constexpr, hist_ptr,
+              halves_ptr, steps, iters, HAS_INIT: tl.constexpr, SAVED: tl.constexpr, SPANS: tl.constexpr,
+              SMALLER: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    # -> (the set's size as this program computes it, whether the set is another launch's).
+    # With SPANS (masked sets, a tile per set): one launch per tile size, this one computing the
+    # sets whose span is above SMALLER (the previous tile's size) and at most BLOCK; the other
+    # programs return at once. The first launch (SMALLER < 0) also writes every set's entries
+    # outside its span in the kernel's outputs (out_ptr: the identity with DIAGONAL, else zeros;
+    # second_ptr with SECOND; what forward saves with SAVED), so that the larger tiles' kernels
+    # hold no code for it (it cost them registers: python -m benchmarks.fused_resources).
+    # Without SPANS every set is computed whole.
+    if SPANS:
+        size = _span(mask_ptr, b, N, WIDE)
+        if SMALLER < 0:
+            if size < N:
+                _fill_outside(out_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, DIAGONAL)
+                if SECOND:
+                    _fill_outside(second_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+                if SAVED:
+                    _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
+        return size, (size <= SMALLER) | (size > BLOCK)
+    else:
+        return N, N < 0
+
+
+@triton.jit
 def _program(N, size, BLOCK: tl.constexpr):
     # the tile's indices, which of them lie inside the set's size x size corner, and their offsets
     # in a contiguous (N, N) matrix
@@ -240,23 +266,11 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
                    temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
                    STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SPANS: tl.constexpr, SMALLER: tl.constexpr,
                    WIDE: tl.constexpr):
-    # With SPANS (masked sets, a tile per set): one launch per tile size, this one computing the
-    # sets whose span is above SMALLER (the previous tile's size) and at most BLOCK; the other
-    # programs return at once. The first launch (SMALLER < 0) also writes every set's entries
-    # outside its span, so that the larger tiles' kernels hold no code for it (it cost them
-    # registers: python -m benchmarks.fused_resources). Without SPANS every set is computed whole.
     b = tl.program_id(0).to(tl.int64)
-    if SPANS:
-        size = _span(mask_ptr, b, N, WIDE)
-        if SMALLER < 0:
-            if size < N:
-                _fill_outside(P_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, True)
-                if SAVE:
-                    _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
-        if (size <= SMALLER) | (size > BLOCK):
-            return
-    else:
-        size = N
+    size, elsewhere = _prologue(mask_ptr, b, N, P_ptr, True, P_ptr, False, hist_ptr, halves_ptr, steps, iters,
+                                HAS_INIT, SAVE, SPANS, SMALLER, BLOCK, WIDE)
+    if elsewhere:
+        return
     offs, inside, tile = _program(N, size, BLOCK)
     allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
     # scratch: the position balance (and C, with STAGE_C)
@@ -286,19 +300,11 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
                     steps, iters, temperature, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr,
                     WANT_INIT: tl.constexpr, STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SPANS: tl.constexpr,
                     SMALLER: tl.constexpr, WIDE: tl.constexpr):
-    # launches and spans as in forward
     b = tl.program_id(0).to(tl.int64)
-    if SPANS:
-        size = _span(mask_ptr, b, N, WIDE)
-        if SMALLER < 0:
-            if size < N:
-                _fill_outside(gC_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
-                if WANT_INIT:
-                    _fill_outside(ginit_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
-        if (size <= SMALLER) | (size > BLOCK):
-            return
-    else:
-        size = N
+    size, elsewhere = _prologue(mask_ptr, b, N, gC_ptr, False, ginit_ptr, WANT_INIT, hist_ptr, halves_ptr, steps,
+                                iters, HAS_INIT, False, SPANS, SMALLER, BLOCK, WIDE)
+    if elsewhere:
+        return
     offs, inside, tile = _program(N, size, BLOCK)
     allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
     # scratch: the position balance, the logits' gradient (and C, with STAGE_C)
