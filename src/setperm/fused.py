@@ -148,16 +148,17 @@ def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional
     the caller, so that ``eta`` and ``C`` get their gradients through it). ``init_logits``
     ``(B, N, N)`` or None (zeros: PO-U); ``mask`` ``(B, N)`` bool or None. Returns ``P`` in the
     dtype of ``C_step``. The caller has checked :func:`applies`. ``num_warps``: warps per program
-    (a power of two up to 32, then every launch's; default per tile size), for benchmarks that tune
-    it. ``stage_c`` (default): the kernels first copy ``C_step`` into a zero-padded scratch tile of their own and
-    read the matrix products' operand from there (see :mod:`setperm._fused_kernels`); False reads
-    it where it is, for benchmarks that compare the two. ``per_set_tiles`` (default; with a
-    ``mask``): each set is computed in the smallest tile (16, 32, 64 or 128 wide) that holds its
-    span, the elements up to its last real one, by one launch per tile size (on the GPU no host
-    synchronisation: each program reads its set's span from the mask and returns at once where it is
-    another launch's), so that sets of 10 to 100 elements padded to 100 are not all computed at 128
-    x 128; the rest of each set's ``P``, padding past its span, is pinned to its own position
-    (the identity). False computes every set in the tile of ``N``, for benchmarks that compare the two.
+    (a power of two up to 32, then every launch's; default per tile size), for benchmarks that
+    tune it. ``stage_c`` (default): the kernels first copy ``C_step`` into a zero-padded scratch
+    tile of their own and read the matrix products' operand from there (see
+    :mod:`setperm._fused_kernels`); False reads it where it is, for benchmarks that compare the two.
+    ``per_set_tiles`` (default; with a ``mask``): each set is computed in the smallest tile (16,
+    32, 64 or 128 wide) that holds its span, the elements up to its last real one, by one launch
+    per tile size (on the GPU no host synchronisation: each program reads its set's span from the
+    mask and returns at once where it is another launch's), so that sets of 10 to 100 elements
+    padded to 100 are not all computed at 128 x 128; the rest of each set's ``P``, padding past its
+    span, is pinned to its own position (the identity). False computes every set whole in the tile
+    of ``N``, for benchmarks that compare the two.
 
     ``fall_back``: where Triton is missing, or cannot build or launch a kernel for this tile on this
     GPU (in forward or in backward), a RuntimeWarning names the reason once and the unrolled steps
