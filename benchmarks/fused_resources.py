@@ -5,7 +5,7 @@
 
 Compiles ``forward_kernel`` and ``backward_kernel`` of ``setperm._fused_kernels`` with Triton for
 the given architecture (``--arch 90``: sm_90, H100 / H200) at every tile size (the set size rounded
-up to a power of two, >= 16) and number of warps, and reads from each compiled binary
+up to a power of two, >= 16; each as a masked batch launches it, a tile per set) and number of warps, and reads from each compiled binary
 (``cuobjdump -res-usage``, from Triton's NVIDIA backend): registers per thread, the stack frame
 per thread (spilled registers and arrays the compiler could not keep in registers: local memory,
 far slower than registers) and shared memory per block; and, from the machine code
