@@ -207,17 +207,24 @@ def test_padded_sets_equal_the_sets_alone(fdevice, fill):
         assert (P[b, :n, n:] == 0).all() and (P[b, n:, :n] == 0).all()
 
 
-def test_the_encoder_with_the_fused_kernel_equals_chunked(fdevice):
+@pytest.mark.parametrize("given", ["mask", "lengths"])
+def test_the_encoder_with_the_fused_kernel_equals_chunked(fdevice, given):
+    """A random mask on sets of 9 (one tile), or set sizes on sets padded to 40 whose spans take
+    the tiles of 16, 32 and 64."""
     torch.manual_seed(0)
     enc = PermutationSetEncoder(5, 12, PermutationOptimization(5, cost_hidden=16, steps=3, kernel="chunked"))
     enc = enc.to(fdevice)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(4, 9, 5, generator=g).to(fdevice)
-    mask = (torch.rand(4, 9, generator=g) > 0.3).to(fdevice)
+    if given == "mask":
+        x = torch.randn(4, 9, 5, generator=g).to(fdevice)
+        sets = {"mask": (torch.rand(4, 9, generator=g) > 0.3).to(fdevice)}
+    else:
+        x = torch.randn(5, 40, 5, generator=g).to(fdevice)
+        sets = {"lengths": torch.tensor([40, 33, 17, 9, 0]).to(fdevice)}
     outs, grads = [], []
     for kernel in ("chunked", "fused"):
         enc.po.cost.kernel = kernel
-        out = enc(x, mask)
+        out = enc(x, **sets)
         outs.append(out)
         grads.append(torch.autograd.grad(out.square().sum(), list(enc.parameters())))
     assert enc.po.kernel == "fused"
