@@ -124,12 +124,8 @@ def _tiles(N: int, per_set: bool) -> Tuple[Tuple[int, int], ...]:
     top = _block(N)
     if not per_set:
         return ((top, -1),)
-    tiles, smaller = [], -1
-    while not tiles or tiles[-1][0] < top:
-        tile = _block(smaller + 1)
-        tiles.append((tile, smaller))
-        smaller = tile
-    return tuple(tiles)
+    sizes = [16 << i for i in range((top // 16).bit_length())]          # 16, 32, ..., top
+    return tuple(zip(sizes, [-1] + sizes[:-1]))
 
 
 def _warps(block: int) -> int:
