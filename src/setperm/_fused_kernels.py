@@ -35,9 +35,9 @@ def _prologue(mask_ptr, b, N, out_ptr, DIAGONAL: tl.constexpr, second_ptr, SECON
         size = _span(mask_ptr, b, N, WIDE)
         if SMALLER < 0:
             if size < N:
-                _fill_outside(out_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, DIAGONAL)
+                _fill_outside(out_ptr + b * N * N, size, N, BLOCK, DIAGONAL)
                 if SECOND:
-                    _fill_outside(second_ptr + b * N * N, size, N, tl.arange(0, BLOCK), BLOCK, False)
+                    _fill_outside(second_ptr + b * N * N, size, N, BLOCK, False)
                 if SAVED:
                     _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT, BLOCK, WIDE)
         return size, (size <= SMALLER) | (size > BLOCK)
@@ -55,10 +55,11 @@ def _program(N, size, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fill_outside(ptr, size, N, offs, BLOCK: tl.constexpr, DIAGONAL: tl.constexpr):
+def _fill_outside(ptr, size, N, BLOCK: tl.constexpr, DIAGONAL: tl.constexpr):
     # the entries of an (N, N) matrix outside the set's size x size corner: the identity (P: each
     # padded element past the span sits at its own position) or zeros (the gradients there, and
     # what forward saves, so that no output depends on what the memory held)
+    offs = tl.arange(0, BLOCK)
     for r in range(0, N, BLOCK):
         rows = r + offs
         for c in range(0, N, BLOCK):
@@ -77,14 +78,14 @@ def _fill_saved_outside(hist_ptr, halves_ptr, b, size, N, steps, iters, HAS_INIT
                         BLOCK: tl.constexpr, WIDE: tl.constexpr):
     # zeros where forward saves nothing for a set of this span: its saved logits outside the corner
     # and the lanes past the span of its Sinkhorn corrections
-    offs = tl.arange(0, BLOCK)
     for t in range(1 - HAS_INIT, steps + 1):
-        _fill_outside(_saved_logits(hist_ptr, b, t, steps, N, HAS_INIT), size, N, offs, BLOCK, False)
+        _fill_outside(_saved_logits(hist_ptr, b, t, steps, N, HAS_INIT), size, N, BLOCK, False)
     every = tl.arange(0, WIDE)
     past = (every >= size) & (every < N)
-    for v in range((steps + 1) * 2 * iters):
-        tl.store(halves_ptr + (b * (steps + 1) * 2 * iters + v) * N + every, tl.zeros([WIDE], dtype=tl.float32),
-                 mask=past)
+    for t in range(steps + 1):
+        for h in range(2 * iters):
+            tl.store(_half_offsets(halves_ptr, b, t, h, steps, iters, every, N), tl.zeros([WIDE], dtype=tl.float32),
+                     mask=past)
 
 
 @triton.jit
