@@ -12,7 +12,11 @@ far slower than registers) and shared memory per block; and, from the machine co
 (``cuobjdump -sass``), the instructions per step ``k`` of each loop of the matrix products (the
 ``(N, N)`` products of eq. 7 and its backward, loops of outer products: ``N`` steps per product,
 the kernels' longest-running loops, so the column shows the work each thread issues there; a loop
-the compiler unrolled counts per step, its remainder loop is listed after it). Compiling needs no GPU, so these figures
+the compiler unrolled counts per step, its remainder loop is listed after it), the global loads per
+step of the same loops (each a request to the L1 cache, whose throughput bounds these loops as much
+as the issue of instructions does), and per round of the loops that reduce across threads (the
+Sinkhorn normalisation's, forward's and backward's) its instructions, shuffles and barriers.
+Compiling needs no GPU, so these figures
 come before any device time is spent; the warps per tile size of ``setperm.fused`` were chosen from
 them (no stack, or the least, at the fewest registers). ``--c-in-place`` compiles the kernels as
 ``fused_optimize(stage_c=False)`` runs them (the matrix products read the cost matrix where it
@@ -58,7 +62,10 @@ INT_SCALARS = ("N", "steps", "iters")
 CONSTEXPRS = {"HAS_INIT": False, "HAS_MASK": True, "SAVE": True, "WANT_INIT": False, "STAGE_C": True}
 COLUMNS = [("block", "tile"), ("warps", "warps"), ("kernel", "kernel"), ("registers", "registers / thread"),
            ("stack", "stack bytes / thread"), ("shared", "shared memory / block"),
-           ("product_loops", "instructions per step of the product loops"), ("used", "used by setperm.fused"),
+           ("product_loops", "instructions per step of the product loops"),
+           ("product_loads", "global loads per step of the product loops"),
+           ("sinkhorn", "per round of the Sinkhorn loops: instructions / shuffles / barriers"),
+           ("used", "used by setperm.fused"),
            ("note", "note")]
 
 
@@ -142,11 +149,9 @@ def _ast(fn, sig, constexprs, pointers):
 _SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
-def product_loops(sass: str, per_thread: int) -> List[float]:
-    """Instructions per step of every loop of outer products in ``sass`` (``cuobjdump -sass`` of one
-    kernel), in the order of the code: the innermost loops (a backward branch, no loop inside) that
-    multiply-add (FFMA) and hold no shuffle or barrier (the Sinkhorn loops reduce across threads);
-    a step is ``per_thread`` multiply-adds, one per tile entry a thread holds."""
+def _innermost_loops(sass: str) -> List[List[str]]:
+    """The opcodes (predicates dropped) of every innermost loop in ``sass`` (``cuobjdump -sass`` of one
+    kernel: a backward branch with no such branch inside), in the order of the code."""
     code = [(int(m[1], 16), m[2]) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
     index = {address: i for i, (address, _) in enumerate(code)}
     loops = []
@@ -154,22 +159,44 @@ def product_loops(sass: str, per_thread: int) -> List[float]:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if target and int(target[1], 16) < address and int(target[1], 16) in index:
             loops.append((index[int(target[1], 16)], i))
+    return [[re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for _, text in code[start:end + 1]]
+            for start, end in loops
+            if not any(start < s2 and e2 <= end for s2, e2 in loops if (s2, e2) != (start, end))]
+
+
+def _count(ops: List[str], *prefixes: str) -> int:
+    return sum(op.startswith(prefixes) for op in ops)
+
+
+def product_loops(sass: str, per_thread: int, loads: bool = False) -> List[float]:
+    """Instructions per step of every loop of outer products in ``sass``, in the order of the code:
+    the innermost loops that multiply-add (FFMA) and hold no shuffle or barrier (the Sinkhorn loops
+    reduce across threads); a step is ``per_thread`` multiply-adds, one per tile entry a thread
+    holds. ``loads``: the global loads (LDG, of any width) per step instead."""
     out = []
-    for start, end in loops:
-        if any(start < s2 and e2 <= end for s2, e2 in loops if (s2, e2) != (start, end)):
-            continue                                          # not innermost
-        ops = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for _, text in code[start:end + 1]]
-        fmas = sum(op.startswith("FFMA") for op in ops)
-        if fmas and not any(op.startswith(("SHFL", "BAR")) for op in ops):
-            out.append(round(len(ops) * per_thread / fmas, 1))
+    for ops in _innermost_loops(sass):
+        fmas = _count(ops, "FFMA")
+        if fmas and not _count(ops, "SHFL", "BAR"):
+            out.append(round((_count(ops, "LDG") if loads else len(ops)) * per_thread / fmas, 1))
     return out
+
+
+def sinkhorn_rounds(sass: str) -> List[str]:
+    """``"instructions / shuffles / barriers"`` per pass of every loop that reduces across threads
+    (a shuffle): the Sinkhorn normalisation's rounds of a row and a column half-step, forward's
+    and backward's, in the order of the code."""
+    return [f"{len(ops)} / {_count(ops, 'SHFL')} / {_count(ops, 'BAR')}" for ops in _innermost_loops(sass)
+            if _count(ops, "SHFL")]
 
 
 def resources(fn, block: int, warps: int, arch: int, cuobjdump: str, stage_c: bool = True) -> Dict[str, object]:
     row = _compiled(_source(fn, block, stage_c), warps, arch, cuobjdump, {})
+    sass = row.pop("sass")
     per_thread = max(1, block * block // (32 * warps))
-    steps = product_loops(row.pop("sass"), per_thread)
-    row["product_loops"] = ", ".join(f"{v:g}" for v in steps) if steps else "-"
+    for key, values in (("product_loops", product_loops(sass, per_thread)),
+                        ("product_loads", product_loops(sass, per_thread, loads=True)),
+                        ("sinkhorn", sinkhorn_rounds(sass))):
+        row[key] = ", ".join(f"{v:g}" if isinstance(v, float) else v for v in values) if values else "-"
     return row
 
 

@@ -221,8 +221,19 @@ def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, size, offs
     # b is always read from a whole scratch tile, a too with A_WHOLE; such an operand is loaded
     # without a mask: its entries past the set only reach entries of the product past the set,
     # which no caller keeps (unmasked, backward's first product at 128 x 128 went from 121 to 65
-    # instructions per step on sm_90: python -m benchmarks.fused_resources)
-    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    # instructions per step on sm_90: python -m benchmarks.fused_resources).
+    # The sum starts from zeros given by a load that reads nothing (its mask is false at run time,
+    # which the compiler cannot know): a contiguous, aligned load of a scratch tile, which Triton
+    # lays out as 4 adjacent columns per thread and a row per warp, where tl.zeros's default layout
+    # would give each thread one column of 16 rows at 128 x 128 (32 warps). The loop's tiles, and
+    # the kernel's with them, take this layout: each step then reads the thread's 4 entries of a
+    # (the same for every thread of a warp) and one 16-byte vector of b, not 16 entries of a and
+    # one of b, so that b must be a row of its tile (contiguous: backward stages the balance
+    # transposed for it). At 128 x 128, 32 warps, forward's loop went from 87 to 24.5 instructions
+    # per step, backward's from 46 and 48 to 28.5 and 30.5, and a Sinkhorn round from 230 to 80
+    # shuffles (python -m benchmarks.fused_resources; benchmarks/README.md)
+    acc = tl.load(b_ptr + offs[:, None] * BLOCK + offs[None, :], mask=tl.zeros([BLOCK, BLOCK], tl.int32) + size < 0,
+                  other=0.0)
     for k in range(size):
         if A_WHOLE:
             a = tl.load(a_ptr + k * a_step + offs * a_stride)
@@ -324,11 +335,13 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
             logits = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
         _, zc = _clamped(logits, allowed, temperature, iters)
         P = tl.exp(_iterates(zc, halves_ptr, b, t, steps, iters, offs, N, size))
-        _to_scratch(bal, _balance(P), offs, BLOCK)
+        _to_scratch(bal, tl.trans(_balance(P)), offs, BLOCK)
         _to_scratch(gls, gl, offs, BLOCK)
         # P~(t+1) = P~(t) - C B(P) with g = dL/dP~(t+1): dL/dC = -g B^T (sum over columns q of
-        # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g)
-        gC -= _outer_products(gls, 1, BLOCK, bal, 1, BLOCK, size, offs, BLOCK, True)
+        # g and B), dL/dB = -C^T g (sum over rows i of C and g), dL/dP = -B(dL/dB) = B(C^T g).
+        # The balance is staged transposed: the first product reads its columns, each then a
+        # contiguous row of the scratch tile (see _outer_products)
+        gC -= _outer_products(gls, 1, BLOCK, bal, BLOCK, 1, size, offs, BLOCK, True)
         gBP = _balance(_outer_products(C, C_row, 1, gls, BLOCK, 1, size, offs, BLOCK, STAGE_C))
         gl += _sinkhorn_backward(gBP, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N, size)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)

@@ -28,7 +28,8 @@ Triton's language:
 Forward saves each step's logits ``(B, T + 1, N, N)`` (``(B, T, N, N)`` for PO-U, whose first
 logits are zeros) and the corrections for backward. The
 ``(N, N)`` matrix products are loops of outer products in float32 (no TF32), their operands read
-from a per-set scratch tile that stays in the L1 cache; ``tl.dot`` would stage whole float32
+from a per-set scratch tile that stays in the L1 cache, each step a few entries of one operand and
+a row of the other per thread (the tiles laid out as 4 adjacent columns per thread); ``tl.dot`` would stage whole float32
 operands per thread (spilling to the stack at 128 x 128) or, on tensor cores, need more shared
 memory than a block has (``python -m benchmarks.fused_resources``). Applies to float32
 (half inputs are computed in float32) sequence costs with ``1 <= N <= MAX_SET_SIZE`` on CUDA,

@@ -41,6 +41,10 @@ def test_compiles_both_kernels_and_reads_their_resources(tmp_path):
         steps = [float(v) for v in row["product_loops"].split(", ")]
         assert len(steps) >= (1 if row["kernel"] == "forward_kernel" else 2), row
         assert all(v >= 16 * 16 / (32 * row["warps"]) for v in steps), row
+        # each step reads an entry of each operand; the Sinkhorn rounds shuffle
+        loads = [float(v) for v in row["product_loads"].split(", ")]
+        assert len(loads) == len(steps) and all(v >= 1 for v in loads), row
+        assert row["sinkhorn"] != "-", row
     assert [row["used"] for row in rows] == ["", "", "yes", "yes"]        # setperm.fused uses 2 warps at 16
     assert "| 16 | 1 | forward_kernel |" in (tmp_path / "fused_resources.md").read_text(encoding="utf-8")
 
@@ -126,7 +130,7 @@ def test_refuses_a_triton_the_kernels_do_not_support(monkeypatch, tmp_path):
     assert not (tmp_path / "fused_resources.json").exists()
 
 
-def test_product_loops_counts_the_innermost_multiply_add_loops_per_step():
+def test_counts_the_product_loops_per_step_and_the_reduction_loops_per_round():
     """Machine code in cuobjdump's form: an outer loop around two inner ones, one a loop of
     loads and multiply-adds unrolled twice (4 multiply-adds at 2 per step), one a reduction
     (a shuffle: not a product loop); the count is per step of 2 tile entries per thread."""
@@ -148,3 +152,7 @@ def test_product_loops_counts_the_innermost_multiply_add_loops_per_step():
     # the product loop: 7 instructions for 4 multiply-adds = 2 steps of 2 -> 3.5 per step
     assert fused_resources.product_loops(sass, per_thread=2) == [3.5]
     assert fused_resources.product_loops("no code", per_thread=2) == []
+    # its 2 loads for 2 steps; the reduction loop: 3 instructions, 1 shuffle, no barrier per pass
+    assert fused_resources.product_loops(sass, per_thread=2, loads=True) == [1.0]
+    assert fused_resources.sinkhorn_rounds(sass) == ["3 / 1 / 0"]
+    assert fused_resources.sinkhorn_rounds("no code") == []
