@@ -229,18 +229,28 @@ def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, size, offs
     # the kernel's with them, take this layout: each step then reads the thread's 4 entries of a
     # (the same for every thread of a warp) and one 16-byte vector of b, not 16 entries of a and
     # one of b, so that b must be a row of its tile (contiguous: backward stages the balance
-    # transposed for it). At 128 x 128, 32 warps, forward's loop went from 87 to 24.5 instructions
-    # per step, backward's from 46 and 48 to 28.5 and 30.5, and a Sinkhorn round from 230 to 80
-    # shuffles (python -m benchmarks.fused_resources; benchmarks/README.md)
+    # transposed for it). At 128 x 128, 32 warps, forward's loop went from 17 loads and 87
+    # instructions per step to 5 and 24.5, backward's from 17 and 46, 48 to 5 and 28.5, 30.5 (less
+    # with the steps taken 4 at a time, below), and a Sinkhorn round from 230 to 80 shuffles
+    # (python -m benchmarks.fused_resources; benchmarks/README.md)
     acc = tl.load(b_ptr + offs[:, None] * BLOCK + offs[None, :], mask=tl.zeros([BLOCK, BLOCK], tl.int32) + size < 0,
                   other=0.0)
-    for k in range(size):
-        if A_WHOLE:
-            a = tl.load(a_ptr + k * a_step + offs * a_stride)
-        else:
+    if A_WHOLE:
+        # both operands whole scratch tiles: steps past the set, up to the next multiple of 4 (at
+        # most the tile), add exact zeros (there a's entries are zero, the staged C's padding or the
+        # logits' gradient outside the masked assignment, and b's are finite), so the loop runs 4
+        # steps at a time with no remainder loop (at 128 x 128 backward's loops went from 28.5 and
+        # 30.5 to 24.2 and 24.8 instructions per step, at tiles 16-64 by up to 4.8)
+        for k0 in range(0, size, 4):
+            for j in tl.static_range(4):
+                a = tl.load(a_ptr + (k0 + j) * a_step + offs * a_stride)
+                c = tl.load(b_ptr + (k0 + j) * b_step + offs * b_stride)
+                acc += a[:, None] * c[None, :]
+    else:
+        for k in range(size):
             a = tl.load(a_ptr + k * a_step + offs * a_stride, mask=offs < size, other=0.0)
-        c = tl.load(b_ptr + k * b_step + offs * b_stride)
-        acc += a[:, None] * c[None, :]
+            c = tl.load(b_ptr + k * b_step + offs * b_stride)
+            acc += a[:, None] * c[None, :]
     return acc
 
 
