@@ -132,7 +132,8 @@ def _tiles(N: int, per_set: bool) -> Tuple[Tuple[int, int], ...]:
 def _warps(block: int) -> int:
     # for sm_90: warps at which neither kernel needs a stack frame (every value in registers) at no more
     # than 128 registers per thread, and at 128 x 128 the least stack; python -m
-    # benchmarks.fused_resources, benchmarks/README.md (the GPU benchmark times half and twice as many)
+    # benchmarks.fused_resources, benchmarks/README.md (the GPU benchmark times half and twice as many;
+    # at tile 16 forward now spills 24 bytes, outside its loops)
     return {16: 2, 32: 4, 64: 16}.get(block, 32)
 
 
