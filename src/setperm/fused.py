@@ -29,9 +29,9 @@ Forward saves each step's logits ``(B, T + 1, N, N)`` (``(B, T, N, N)`` for PO-U
 logits are zeros) and the corrections for backward. The
 ``(N, N)`` matrix products are loops of outer products in float32 (no TF32), their operands read
 from a per-set scratch tile that stays in the L1 cache, each step a few entries of one operand and
-a row of the other per thread (the tiles laid out as 4 adjacent columns per thread); ``tl.dot`` would stage whole float32
-operands per thread (spilling to the stack at 128 x 128) or, on tensor cores, need more shared
-memory than a block has (``python -m benchmarks.fused_resources``). Applies to float32
+a row of the other per thread (the tiles laid out as 4 adjacent columns per thread); ``tl.dot``
+would stage whole float32 operands per thread (spilling to the stack at 128 x 128) or, on tensor
+cores, need more shared memory than a block has (``python -m benchmarks.fused_resources``). Applies to float32
 (half inputs are computed in float32) sequence costs with ``1 <= N <= MAX_SET_SIZE`` on CUDA,
 with Triton 3.2 or newer; elsewhere :func:`optimize_permutation` takes the unrolled path. With
 the environment variable ``TRITON_INTERPRET=1`` set before Triton is imported, the same kernels
