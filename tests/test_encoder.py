@@ -379,7 +379,7 @@ def test_half_inputs_under_autocast(half):
 
 @pytest.mark.parametrize("module_dtype", HALVES)
 @pytest.mark.parametrize("permutation", ["po-u", "po-la", "linassign", "none"])
-def test_a_half_precision_module_takes_float32_input_under_autocast(module_dtype, permutation):
+def test_a_half_precision_module_takes_float32_input_under_autocast(module_dtype, permutation, cpu_autocast_lstm_runs):
     """A module cast to half precision (``.bfloat16()``) with float32 input under autocast: the
     pairwise cost's products meet one dtype (a float32 first layer and a half-precision last one
     did not)."""
@@ -606,7 +606,7 @@ def test_padded_readout_holds_the_cell_under_a_huge_recurrent_part():
                  rtol=1e-12, atol=1e-12)
 
 
-def test_padded_readout_under_bfloat16_autocast():
+def test_padded_readout_under_bfloat16_autocast(cpu_autocast_lstm_runs):
     """The reader runs in bfloat16; the held cell state stays as close to float32 as that allows."""
     from setperm.encoder import last_state
     torch.manual_seed(2)

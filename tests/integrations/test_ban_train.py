@@ -387,7 +387,8 @@ def test_tfidf_weighting_sets_the_second_embedding_table_and_is_recorded(root, t
         run(_args(root, tmp_path / "run", "--permutation", "off", "--max-steps", "2", "--resume"))
 
 
-def test_amp_is_refused_where_autocast_does_not_run_and_its_absence_enters_no_context(root, tmp_path, monkeypatch):
+def test_amp_is_refused_where_autocast_does_not_run_and_its_absence_enters_no_context(root, tmp_path, monkeypatch,
+                                                                                    cpu_autocast_lstm_runs):
     """Another device type (``meta`` stands in for one, such as Apple's ``mps``): without ``--amp`` no
     autocast context is entered (``torch.autocast`` refuses such a type even disabled, ``mps`` before
     torch 2.5); with it the run stops at once, naming the flag, as does the evaluation of an --amp run."""
