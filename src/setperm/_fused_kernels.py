@@ -230,8 +230,8 @@ def _outer_products(a_ptr, a_step, a_stride, b_ptr, b_step, b_stride, size, offs
     # (the same for every thread of a warp) and one 16-byte vector of b, not 16 entries of a and
     # one of b, so that b must be a row of its tile (contiguous: backward stages the balance
     # transposed for it). At 128 x 128, 32 warps, forward's loop went from 17 loads and 87
-    # instructions per step to 5 and 24.5, backward's from 17 and 46, 48 to 5 and 28.5, 30.5 (less
-    # with the steps taken 4 at a time, below), and a Sinkhorn round from 230 to 80 shuffles
+    # instructions per step to 5 and 24.5, backward's from 17 and 46, 48 to 5 and 28.5, 30.5 (before
+    # the steps were taken 4 at a time, below), and a Sinkhorn round from 230 to 80 shuffles
     # (python -m benchmarks.fused_resources; benchmarks/README.md)
     acc = tl.load(b_ptr + offs[:, None] * BLOCK + offs[None, :], mask=tl.zeros([BLOCK, BLOCK], tl.int32) + size < 0,
                   other=0.0)
