@@ -7,7 +7,10 @@ Layer table: the VQA-configuration encoder (paper appendix F.4: 13-d elements, p
 128, T = 3, LSTM 128, relevance weights) on B in {64, 256} sets of N in {36, 100, 400} elements,
 forward and forward + backward, for setperm with every kernel (``auto``, ``chunked``,
 ``compiled``, ``fused``) and with ``fused`` and the fused LSTM read (``read="fused"``,
-:mod:`setperm.fused_read`), the literal reference of :mod:`benchmarks.reference`, and, with
+:mod:`setperm.fused_read`); on CUDA also both ``fused`` layers replayed from CUDA graphs
+(:func:`graphed_fb`: forward + backward recorded once, then each call a replay, so the time is
+the GPU's alone, without the host's overhead between kernels, which the eager rows include where
+the queue runs dry); the literal reference of :mod:`benchmarks.reference`, and, with
 ``--perm-optim-root``, the paper's released module: ``PermNet`` from ``ban-vqa/permnet.py`` of the
 user's own checkout of github Cyanogenoid/perm-optim, imported from there (nothing of it is copied
 here; it takes boxes, attention logits and box features, and includes its learned projection of
@@ -276,6 +279,37 @@ def _run(mod: nn.Module, inputs, mode: str, released: bool) -> None:
 
 # the fused kernels and the fused LSTM read (setperm.fused_read) together
 FUSED_READ_LABEL = "setperm (fused, read fused)"
+# the same layers replayed from CUDA graphs (graphed_fb): the time without the host's share
+GRAPH_SUFFIX = ", CUDA graph"
+
+
+class _Positional(nn.Module):
+    """The encoder called as ``encoder(x, weights=w)`` with positional arguments only (what
+    ``torch.cuda.make_graphed_callables`` passes)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x, w):
+        return call(self.encoder, x, w)
+
+
+def graphed_fb(mod: nn.Module, inputs, warmup: int = 3) -> Callable[[], None]:
+    """forward + backward of the encoder ``mod`` on ``inputs = (x, w)`` as ``_run`` does it, with the
+    encoder's forward and backward replayed from CUDA graphs recorded once
+    (``torch.cuda.make_graphed_callables``, after ``warmup`` calls on a side stream, which also
+    compile the kernels): each call copies its input into the graphs' static input and replays them,
+    so the time is what the GPU takes with no host overhead between the kernels (the loss's sum and
+    the parameters' gradient accumulation run outside the graphs). Recording fails on an operation
+    that synchronises with the host or copies host memory to the device."""
+    x, w = inputs
+    graphed = torch.cuda.make_graphed_callables(_Positional(mod), (x.detach().requires_grad_(True), w),
+                                                num_warmup_iters=warmup, allow_unused_input=True)
+
+    def fb() -> None:
+        graphed(x.detach().requires_grad_(True), w).sum().backward()
+    return fb
 
 
 def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator[Dict[str, object]]:
@@ -284,6 +318,8 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator
         impls = [(f"setperm ({k})", k) for k in args.kernels]
         if "fused" in args.kernels:
             impls.append((FUSED_READ_LABEL, "fused"))
+            if device.type == "cuda":
+                impls += [(label + GRAPH_SUFFIX, "fused") for label in ("setperm (fused)", FUSED_READ_LABEL)]
         impls.append(("reference", None))
         if released is not None:
             impls.append(("released PermNet", None))
@@ -298,18 +334,27 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator
                 continue
             try:
                 if kernel is not None:
-                    mod, inputs = _setperm(cfg, kernel, device, read="fused" if label == FUSED_READ_LABEL else "auto")
+                    read = "fused" if label.startswith(FUSED_READ_LABEL) else "auto"
+                    mod, inputs = _setperm(cfg, kernel, device, read=read)
                 elif label == "reference":
                     mod, x, w = build(cfg, "reference", device=str(device))
                     inputs = (x, w)
                 else:
                     mod, inputs = build_released(released, cfg, args.released_features, device)
                 is_released = label.startswith("released")
-                for mode in ("fwd", "fb"):
-                    measure(row, mode, lambda: _run(mod, inputs, mode, is_released), args, device)
+                if label.endswith(GRAPH_SUFFIX):
+                    # forward + backward only (the graphs are recorded for training), no peak: a replay
+                    # runs in memory reserved when the graphs were recorded
+                    measure(row, "fb", graphed_fb(mod, inputs), args, device)
+                    row["fb_mib"] = None
+                    row["note"] = "peak not measured: CUDA graphs replay in memory reserved when recorded"
+                else:
+                    for mode in ("fwd", "fb"):
+                        measure(row, mode, lambda: _run(mod, inputs, mode, is_released), args, device)
                 del mod, inputs
                 if kernel == "fused" and cfg.n > MAX_SET_SIZE:
-                    row["note"] = f"N > {MAX_SET_SIZE}: the unrolled steps (as compiled)"
+                    row["note"] = "; ".join(filter(None, (f"N > {MAX_SET_SIZE}: the unrolled steps (as compiled)",
+                                                          row.get("note"))))
             except torch.cuda.OutOfMemoryError:
                 # (torch.cuda's name: torch.OutOfMemoryError, the same class, is torch 2.5 and newer)
                 row["note"] = "out of memory"

@@ -9,6 +9,7 @@ values while nothing makes the host wait for a device (conftest's ``device_path`
 no device value read on the host, no output sized by device values, no blocking copy to the device).
 """
 import contextlib
+import copy
 import importlib
 import importlib.util
 import warnings
@@ -129,6 +130,50 @@ def test_cuda_forward_and_backward_make_no_host_synchronisation(without_cuda_syn
         without_cuda_sync(lambda: enc(xr, weights=w))
         without_cuda_sync(lambda: enc(xr, mask=mask, weights=w))         # device sizes: the padded LSTM read
         without_cuda_sync(lambda: enc(xr, mask=host_mask, weights=w))    # a host mask is copied without a wait
+
+
+class _Positional(torch.nn.Module):
+    """``encoder(x, mask=, weights=)`` with positional arguments (what make_graphed_callables passes)."""
+
+    def __init__(self, encoder, masked):
+        super().__init__()
+        self.encoder, self.masked = encoder, masked
+
+    def forward(self, x, w, mask):
+        return self.encoder(x, mask=mask if self.masked else None, weights=w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "mask"])
+@pytest.mark.parametrize("read", ["auto", "fused"])
+def test_cuda_graphs_replay_the_encoder_as_eager(read, masked):
+    """The default CUDA path makes no host synchronisation and sizes nothing by device values, so the
+    encoder's forward and backward can be recorded as CUDA graphs (torch.cuda.make_graphed_callables,
+    as torch.compile's mode="reduce-overhead" also records them) and replayed: a replay on other
+    inputs, set sizes included (the fused kernels read them on the device), gives the eager values
+    and gradients."""
+    device = torch.device("cuda")
+    x, w, mask = batch(device, dtype=torch.float32)
+    enc = encoder(device, torch.float32, read=read)
+    eager = copy.deepcopy(enc)
+    graphed = torch.cuda.make_graphed_callables(_Positional(enc, masked), (x.clone().requires_grad_(True), w, mask),
+                                                num_warmup_iters=3, allow_unused_input=True)
+    for seed, sizes in ((1, [2, 5, 4, 1]), (2, SIZES)):
+        x2, w2, mask2 = batch(device, dtype=torch.float32, seed=seed, sizes=sizes)
+        results = []
+        for run in (graphed, _Positional(eager, masked)):
+            for p in (*enc.parameters(), *eager.parameters()):
+                p.grad = None
+            xr = x2.clone().requires_grad_(True)
+            out = run(xr, w2, mask2)
+            out.pow(2).sum().backward()
+            module = enc if run is graphed else eager
+            results.append((out.detach().clone(), xr.grad, [p.grad for p in module.parameters()]))
+        (out, gx, grads), (want, want_gx, want_grads) = results
+        assert_close(out, want, rtol=1e-5, atol=1e-6)
+        assert_close(gx, want_gx, rtol=1e-5, atol=1e-6)
+        for g, want_g in zip(grads, want_grads):
+            assert_close(g, want_g, rtol=1e-5, atol=1e-6)
 
 
 class _SyncsInBackward(torch.autograd.Function):

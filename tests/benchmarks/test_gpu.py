@@ -183,6 +183,30 @@ def test_the_compiled_encoder_s_gradients_are_set_not_added_at_every_call(tmp_pa
         torch.testing.assert_close(g, one)
 
 
+def test_the_graphed_layer_records_the_encoder_with_positional_inputs_and_trains_it_as_eager(monkeypatch):
+    """graphed_fb hands make_graphed_callables the encoder as a module of positional arguments and a
+    sample input that requires a gradient, and each call gives the gradients of the eager call. (On
+    the CPU, without CUDA graphs, the recording is stood in by the module itself.)"""
+    recorded = []
+
+    def record(module, sample_args, num_warmup_iters, allow_unused_input=False):
+        recorded.append((module, sample_args, num_warmup_iters))
+        return module
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
+    cfg = gpu.layer_configs(tiny=True)[0]
+    mod, (x, w) = gpu._setperm(cfg, "chunked", torch.device("cpu"))
+    fb = gpu.graphed_fb(mod, (x, w), warmup=2)
+    (module, (sx, sw), warmup), = recorded
+    assert isinstance(module, torch.nn.Module) and module.encoder is mod and warmup == 2
+    assert sx.requires_grad and not sw.requires_grad and torch.equal(sx, x) and sw is w
+    fb()
+    got = [p.grad.clone() for p in mod.parameters()]
+    mod.zero_grad(set_to_none=True)
+    gpu._run(mod, (x, w), "fb", released=False)
+    for g, want in zip(got, (p.grad for p in mod.parameters())):
+        torch.testing.assert_close(g, want)
+
+
 @pytest.mark.parametrize("error", [RuntimeError("the kernel cannot run here"), torch.cuda.OutOfMemoryError("CUDA out")],
                          ids=["error", "out-of-memory"])
 def test_a_failing_layer_row_keeps_the_other_rows_on_a_torch_without_torch_oom_error(tmp_path, monkeypatch, error):
