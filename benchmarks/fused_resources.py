@@ -55,8 +55,8 @@ from setperm.fused import failure_text
 from .harness import DEFAULT_OUT, markdown_table
 
 KERNELS = ("forward_kernel", "backward_kernel")
-POINTERS = {"mask_ptr": "*u8"}          # the rest point to float32
-INT_SCALARS = ("N", "steps", "iters")
+POINTERS = {"mask_ptr": "*u8", "slots_ptr": "*i32"}          # the rest point to float32
+INT_SCALARS = ("N", "steps", "iters", "slots")
 # constexpr values compiled: masked sets, saving for backward, no PO-LA start (their usual case),
 # C staged in a scratch tile (setperm.fused's default; --c-in-place: read where it is)
 CONSTEXPRS = {"HAS_INIT": False, "HAS_MASK": True, "SAVE": True, "WANT_INIT": False, "STAGE_C": True}

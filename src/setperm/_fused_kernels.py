@@ -264,6 +264,27 @@ def _to_scratch(ptr, x, offs, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _acquire(slots_ptr, b, slots):
+    # a free slot of the scratch buffer, held until _release: the buffer has `slots` slots (about as
+    # many as programs can be resident on the GPU at once, not one per set), each flagged 0 (free) or
+    # 1 in slots_ptr. A program takes the first free one from b % slots on (one compare-and-swap
+    # when the programs resident beside it hold fewer than all; otherwise it waits for one of them,
+    # which are running, to finish). The atomics order this program's scratch accesses after the
+    # previous holder's (acquire / release semantics)
+    slot = (b % slots).to(tl.int32)
+    while tl.atomic_cas(slots_ptr + slot, 0, 1) != 0:
+        slot = (slot + 1) % slots
+    return slot
+
+
+@triton.jit
+def _release(slots_ptr, slot):
+    # (after the program's last access to its scratch slot)
+    tl.debug_barrier()
+    tl.atomic_xchg(slots_ptr + slot, 0)
+
+
+@triton.jit
 def _saved_logits(hist_ptr, b, t, steps, N, HAS_INIT: tl.constexpr):
     # step t's logits among the (B, steps + HAS_INIT, N, N) that forward keeps for backward: without
     # a start (PO-U) the first are zeros, which are not kept (backward takes zeros for t = 0)
@@ -284,8 +305,8 @@ def _operand_C(C_ptr, staged_ptr, b, N, inside, tile, offs, STAGE_C: tl.constexp
 
 
 @triton.jit
-def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scratch_ptr, N, steps, iters,
-                   temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
+def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scratch_ptr, slots_ptr, slots, N, steps,
+                   iters, temperature, HAS_INIT: tl.constexpr, HAS_MASK: tl.constexpr, SAVE: tl.constexpr,
                    STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SPANS: tl.constexpr, SMALLER: tl.constexpr,
                    WIDE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -295,8 +316,9 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
         return
     offs, inside, tile = _program(N, size, BLOCK)
     allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
-    # scratch: the position balance (and C, with STAGE_C)
-    bal = scratch_ptr + b * (1 + STAGE_C) * BLOCK * BLOCK
+    # scratch: the position balance (and C, with STAGE_C), in a slot held while the set is computed
+    slot = _acquire(slots_ptr, b, slots)
+    bal = scratch_ptr + slot.to(tl.int64) * (1 + STAGE_C) * BLOCK * BLOCK
     C, C_row = _operand_C(C_ptr, bal + BLOCK * BLOCK, b, N, inside, tile, offs, STAGE_C, BLOCK)
     if HAS_INIT:
         logits = tl.load(init_ptr + b * N * N + tile, mask=inside, other=0.0)
@@ -312,14 +334,15 @@ def forward_kernel(C_ptr, init_ptr, mask_ptr, P_ptr, hist_ptr, halves_ptr, scrat
         logits = logits - _outer_products(C, 1, C_row, bal, BLOCK, 1, size, offs, BLOCK, STAGE_C)
     if SAVE:
         tl.store(_saved_logits(hist_ptr, b, steps, steps, N, HAS_INIT) + tile, logits, mask=inside)
+    _release(slots_ptr, slot)
     _, zc = _clamped(logits, allowed, temperature, iters)
     P = tl.exp(_sinkhorn(zc, halves_ptr, b, steps, steps, iters, offs, N, size, SAVE))
     tl.store(P_ptr + b * N * N + tile, P, mask=inside)
 
 
 @triton.jit
-def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, gC_ptr, ginit_ptr, N,
-                    steps, iters, temperature, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr,
+def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, slots_ptr, slots, gC_ptr, ginit_ptr,
+                    N, steps, iters, temperature, HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr,
                     WANT_INIT: tl.constexpr, STAGE_C: tl.constexpr, BLOCK: tl.constexpr, SPANS: tl.constexpr,
                     SMALLER: tl.constexpr, WIDE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -329,8 +352,9 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
         return
     offs, inside, tile = _program(N, size, BLOCK)
     allowed = _allowed(inside, offs, N, size, mask_ptr, b, HAS_MASK)
-    # scratch: the position balance, the logits' gradient (and C, with STAGE_C)
-    bal = scratch_ptr + b * (2 + STAGE_C) * BLOCK * BLOCK
+    # scratch: the position balance, the logits' gradient (and C, with STAGE_C), in a held slot
+    slot = _acquire(slots_ptr, b, slots)
+    bal = scratch_ptr + slot.to(tl.int64) * (2 + STAGE_C) * BLOCK * BLOCK
     gls = bal + BLOCK * BLOCK
     C, C_row = _operand_C(C_ptr, gls + BLOCK * BLOCK, b, N, inside, tile, offs, STAGE_C, BLOCK)
     gC = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
@@ -354,6 +378,7 @@ def backward_kernel(gP_ptr, C_ptr, mask_ptr, hist_ptr, halves_ptr, scratch_ptr, 
         gC -= _outer_products(gls, 1, BLOCK, bal, BLOCK, 1, size, offs, BLOCK, True)
         gBP = _balance(_outer_products(C, C_row, 1, gls, BLOCK, 1, size, offs, BLOCK, STAGE_C))
         gl += _sinkhorn_backward(gBP, logits, allowed, temperature, halves_ptr, b, t, steps, iters, offs, N, size)
+    _release(slots_ptr, slot)
     tl.store(gC_ptr + b * N * N + tile, gC, mask=inside)
     if WANT_INIT:
         tl.store(ginit_ptr + b * N * N + tile, gl, mask=inside)

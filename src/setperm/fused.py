@@ -28,8 +28,11 @@ Triton's language:
 Forward saves each step's logits ``(B, T + 1, N, N)`` (``(B, T, N, N)`` for PO-U, whose first
 logits are zeros) and the corrections for backward. The
 ``(N, N)`` matrix products are loops of outer products in float32 (no TF32), their operands read
-from a per-set scratch tile that stays in the L1 cache, each step a few entries of one operand and
-a row of the other per thread (the tiles laid out as 4 adjacent columns per thread); ``tl.dot``
+from scratch tiles that stay in the L1 cache, each step a few entries of one operand and
+a row of the other per thread (the tiles laid out as 4 adjacent columns per thread). The scratch is
+a slot per program that the GPU can hold at once, which a program takes when it starts its set and
+frees when done (atomics on a flag per slot), not a slot per set: for BAN's 2,048 sets, 24.75 MiB of
+backward's scratch on a GPU of 132 multiprocessors instead of 384 MiB. ``tl.dot``
 would stage whole float32 operands per thread (spilling to the stack at 128 x 128) or, on tensor
 cores, need more shared memory than a block has (``python -m benchmarks.fused_resources``). Applies to float32
 (half inputs are computed in float32) sequence costs with ``1 <= N <= MAX_SET_SIZE`` on CUDA,
@@ -127,6 +130,41 @@ def _tiles(N: int, per_set: bool) -> Tuple[Tuple[int, int], ...]:
         return ((top, -1),)
     sizes = [16 << i for i in range((top // 16).bit_length())]          # 16, 32, ..., top
     return tuple(zip(sizes, [-1] + sizes[:-1]))
+
+
+# Scratch slots per launch under Triton's interpreter, which runs one program at a time: a few, so
+# that the tests run programs that take a slot another program held before.
+INTERPRETER_SLOTS = 3
+# The fewest registers per thread that the kernels compile to at any tile (python -m
+# benchmarks.fused_resources: 64 at tiles 16 and 128, up to 119 between): with the register file,
+# a bound on how many programs a multiprocessor holds at once.
+MIN_REGISTERS = 64
+
+
+def _slots(device: torch.device, B: int, block: int, warps: int) -> int:
+    """Scratch slots for a launch of ``B`` programs at ``block`` x ``block`` with ``warps`` warps:
+    as many as programs can be resident at once, an upper bound from the GPU's multiprocessors,
+    threads and registers (a program waits for a free slot if ever there are fewer), not one per
+    set; at most ``B``."""
+    if device.type != "cuda":
+        return max(1, min(B, INTERPRETER_SLOTS))
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * warps
+    per_sm = min(32, props.max_threads_per_multi_processor // threads,
+                 getattr(props, "regs_per_multiprocessor", 65536) // (threads * MIN_REGISTERS))
+    return max(1, min(B, props.multi_processor_count * max(1, per_sm)))
+
+
+def _scratch(C32: Tensor, tiles: Tuple[Tuple[int, int], ...], planes: int,
+             num_warps: Optional[int]) -> Tuple[Tensor, Tensor, Dict[int, int]]:
+    """The launches' scratch buffer (``planes`` tiles per slot; one buffer for every launch, which run
+    one after another on the stream, sized for the largest), their slots' flags (zeros: free; every
+    program frees its slot, so the flags are zeros again after each launch) and each tile's slots."""
+    B = C32.shape[0]
+    slots = {block: _slots(C32.device, B, block, _warps(block) if num_warps is None else num_warps)
+             for block, _ in tiles}
+    scratch = C32.new_empty(max(n * planes * block * block for block, n in slots.items()))
+    return scratch, torch.zeros(max(slots.values()), dtype=torch.int32, device=C32.device), slots
 
 
 def _warps(block: int) -> int:
@@ -241,14 +279,13 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
     if reason is None:
         # the kernels derive every set's span and masked assignment from its mask row (no tensor ops here)
         mask8 = None if mask is None else mask.view(torch.uint8)
-        # (smaller tiles use the start of each set's scratch)
-        scratch = C32.new_empty((B, 1 + stage_c, tiles[-1][0], tiles[-1][0]))
+        scratch, flags, slots = _scratch(C32, tiles, 1 + stage_c, num_warps)
         for block, smaller in tiles:
             try:
                 # (an argument the kernel does not read is given another tensor: an empty one may have no address)
                 _launch(_kernels().forward_kernel, B,
                         C32, C32 if init32 is None else init32, P if mask8 is None else mask8, P,
-                        hist if hist.numel() else P, halves if halves.numel() else P, scratch,
+                        hist if hist.numel() else P, halves if halves.numel() else P, scratch, flags, slots[block],
                         N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
                         SAVE=save, STAGE_C=stage_c, BLOCK=block, SPANS=spans, SMALLER=smaller, WIDE=MAX_SET_SIZE,
                         num_warps=_warps(block) if num_warps is None else num_warps)
@@ -288,12 +325,12 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
         grad_init = torch.empty_like(C32) if want_init else grad_C
         grad_P = grad_P.float().contiguous()
         mask8 = None if mask is None else mask.view(torch.uint8)
-        scratch = C32.new_empty((B, 2 + stage_c, tiles[-1][0], tiles[-1][0]))
+        scratch, flags, slots = _scratch(C32, tiles, 2 + stage_c, num_warps)
         for block, smaller in tiles:
             try:
                 _launch(_kernels().backward_kernel, B,
                         grad_P, C32, grad_C if mask8 is None else mask8, hist, halves if halves.numel() else hist,
-                        scratch, grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
+                        scratch, flags, slots[block], grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
                         HAS_INIT=init32 is not None, WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block,
                         SPANS=spans, SMALLER=smaller, WIDE=MAX_SET_SIZE,
                         num_warps=_warps(block) if num_warps is None else num_warps)
