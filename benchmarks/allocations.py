@@ -19,8 +19,10 @@ F.4: 13-d elements, pairwise MLP hidden 128, T = 3, LSTM 128, relevance weights;
 its LSTM on the whole batch), and the same with ``read="fused"`` (:mod:`setperm.fused_read`), each in
 forward (no gradients) and forward + backward. Triton's interpreter runs the fused kernels (this
 command sets ``TRITON_INTERPRET=1`` before Triton is first imported): they allocate here the tensors
-they allocate on CUDA (their outputs, what forward keeps for backward, their scratch tiles). What
-differs from a GPU: the LSTM call runs torch's CPU LSTM, whose training workspace is oneDNN's, not
+they allocate on CUDA (their outputs, what forward keeps for backward), except their scratch: a slot
+per program the GPU holds at once there, and here, where the interpreter runs one program at a
+time, ``setperm.fused.INTERPRETER_SLOTS`` (the caption gives the bytes a GPU's slots add). What
+differs from a GPU besides: the LSTM call runs torch's CPU LSTM, whose training workspace is oneDNN's, not
 cuDNN's (those blocks say what the fused read replaces here, not what cuDNN holds); the pairwise MLP
 is compiled by inductor's C++ backend, not into Triton kernels; the CPU takes its data-dependent
 choices on the host (equal elements by hashing, not by the exact float64 product that CUDA
@@ -166,10 +168,18 @@ def main(argv=None) -> int:
     path, info = prepare(args, f"{stem}.json", timed=False)
     table_path = ensure_new(args.out / f"{stem}.md", overwrite=args.overwrite)
     table = rows(args)
+    from setperm import fused
+
+    tile = fused.MAX_SET_SIZE
+    slot_mib = tile * tile * 4 / 2 ** 20
     text = "\n".join([
         f"Peak bytes allocated by one call, counted by torch's CPU allocator (torch {torch.__version__}; the fused "
         "kernels in Triton's interpreter, the LSTM call on the CPU's LSTM): `python -m benchmarks.allocations"
-        + (" --tiny" if args.tiny else "") + "`", "", markdown_table(table, COLUMNS)])
+        + (" --tiny" if args.tiny else "") + "`. The fused kernels' scratch has "
+        f"{fused.INTERPRETER_SLOTS} slots here (the interpreter runs one program at a time); on a GPU, a slot per "
+        f"program it holds at once: at {tile} x {tile} one per multiprocessor, {2 * slot_mib:g} MiB each in forward "
+        f"and {3 * slot_mib:g} MiB in backward (132 multiprocessors: {132 * 2 * slot_mib:g} and {132 * 3 * slot_mib:g} MiB).",
+        "", markdown_table(table, COLUMNS)])
     write_results(path, info, args, layer=table, table=text)
     atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
     print(text)

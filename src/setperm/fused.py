@@ -171,7 +171,7 @@ def _warps(block: int) -> int:
     # for sm_90: warps at which neither kernel needs a stack frame (every value in registers) at no more
     # than 128 registers per thread, and at 128 x 128 the least stack; python -m
     # benchmarks.fused_resources, benchmarks/README.md (the GPU benchmark times half and twice as many;
-    # at tile 16 forward now spills 24 bytes, outside its loops)
+    # with the scratch slots no kernel at tiles 16-64 spills)
     return {16: 2, 32: 4, 64: 16}.get(block, 32)
 
 
