@@ -45,10 +45,9 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from integrations.common import ensure_new, run_command
-from integrations.common.atomic import atomic_write
 
 from .gpu import _run, _setperm, layer_configs
-from .harness import DEFAULT_OUT, markdown_table, prepare, vqa, write_results
+from .harness import DEFAULT_OUT, markdown_table, prepare, vqa, write_tables
 
 IMPLS = (("setperm (fused)", "auto"), ("setperm (fused, read fused)", "fused"))
 COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("mode", "call"), ("peak_mib", "peak MiB"),
@@ -180,10 +179,7 @@ def main(argv=None) -> int:
         f"program it holds at once: at {tile} x {tile} one per multiprocessor, {2 * slot_mib:g} MiB each in forward "
         f"and {3 * slot_mib:g} MiB in backward (132 multiprocessors: {132 * 2 * slot_mib:g} and {132 * 3 * slot_mib:g} MiB).",
         "", markdown_table(table, COLUMNS)])
-    write_results(path, info, args, layer=table, table=text)
-    atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
-    print(text)
-    print(f"results: {path}")
+    write_tables(path, table_path, info, args, text, layer=table)
     return 0
 
 

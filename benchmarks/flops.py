@@ -41,11 +41,10 @@ import torch
 from torch import nn
 
 from integrations.common import ensure_new, run_command
-from integrations.common.atomic import atomic_write
 
 from .gpu import (VQA_ANSWERS, _run, add_released_arguments, ban_shape, build_released, layer_configs,
                   random_batches, released_of)
-from .harness import DEFAULT_OUT, build, markdown_table, prepare, write_results
+from .harness import DEFAULT_OUT, build, markdown_table, prepare, write_tables
 
 META = torch.device("meta")
 BAN_VARIANTS = {"off": "BAN", "none": "BAN + LSTM", "po-u": "BAN + PO-U"}
@@ -195,10 +194,7 @@ def main(argv=None) -> int:
                 f"{shape['gamma']} glimpses, {shape['min_boxes']}-{shape['max_boxes']} boxes per image, "
                 f"{shape['answers'] if args.tiny else VQA_ANSWERS} answers; {args.ban_batches} random batches):", "",
             markdown_table(ban, BAN_COLUMNS)]))
-    write_results(path, info, args, layer=layer, ban=ban, table=text)
-    atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
-    print(text)
-    print(f"results: {path}")
+    write_tables(path, table_path, info, args, text, layer=layer, ban=ban)
     return 0
 
 

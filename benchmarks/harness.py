@@ -391,6 +391,18 @@ def write_results(path: Path, info: Dict[str, object], args: argparse.Namespace,
     write_json(path, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, **results})
 
 
+def write_tables(path: Path, table_path: Path, info: Dict[str, object], args: argparse.Namespace, text: str,
+                 **results: object) -> None:
+    """A counting script's results: the JSON (:func:`write_results`, with ``text`` as its ``table``),
+    the markdown ``text`` at ``table_path``, and ``text`` and the JSON's path printed."""
+    from integrations.common.atomic import atomic_write
+
+    write_results(path, info, args, **results, table=text)
+    atomic_write(table_path, lambda f: f.write((text + "\n").encode()), durable=False)
+    print(text)
+    print(f"results: {path}")
+
+
 def impls_of(args: argparse.Namespace) -> List[str]:
     """The implementations a benchmark run compares (``--no-compiled`` drops setperm-compiled)."""
     return [i for i in IMPLS if not (args.no_compiled and i == "setperm-compiled")]
