@@ -136,8 +136,8 @@ def _tiles(N: int, per_set: bool) -> Tuple[Tuple[int, int], ...]:
 # that the tests run programs that take a slot another program held before.
 INTERPRETER_SLOTS = 3
 # The fewest registers per thread that the kernels compile to at any tile (python -m
-# benchmarks.fused_resources: 64 at tiles 16 and 128, up to 119 between): with the register file,
-# a bound on how many programs a multiprocessor holds at once.
+# benchmarks.fused_resources, at the warps setperm uses: 64 at tile 128, 72-127 at tiles 16-64):
+# with the register file, a bound on how many programs a multiprocessor holds at once.
 MIN_REGISTERS = 64
 
 
