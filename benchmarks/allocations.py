@@ -46,10 +46,10 @@ import torch
 
 from integrations.common import ensure_new, run_command
 
-from .gpu import _run, _setperm, layer_configs
+from .gpu import FUSED_READ_LABEL, _run, _setperm, layer_configs
 from .harness import DEFAULT_OUT, markdown_table, prepare, vqa, write_tables
 
-IMPLS = (("setperm (fused)", "auto"), ("setperm (fused, read fused)", "fused"))
+IMPLS = (("setperm (fused)", "auto"), (FUSED_READ_LABEL, "fused"))
 COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("mode", "call"), ("peak_mib", "peak MiB"),
            ("parts", "alive at the peak, by the operation that allocated them (MiB)"), ("note", "note")]
 # blocks below this share of the peak are summed into one "other" entry of a row's parts

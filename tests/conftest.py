@@ -180,12 +180,16 @@ def _torch_compile_failure() -> Optional[str]:
     return None
 
 
+def _skip_where(reason: Optional[str], what: str) -> None:
+    """Skips the test with ``what: reason`` where a probe gave a reason (None: it runs)."""
+    if reason is not None:
+        pytest.skip(f"{what}: {reason}")
+
+
 @pytest.fixture
 def torch_compile_runs():
     """Skips a test of compiled kernels where ``torch.compile`` cannot be set up in this environment."""
-    reason = _torch_compile_failure()
-    if reason is not None:
-        pytest.skip(f"torch.compile does not run here: {reason}")
+    _skip_where(_torch_compile_failure(), "torch.compile does not run here")
 
 
 def _inductor_probe(t):
@@ -227,18 +231,14 @@ def _cpu_autocast_lstm_failure() -> Optional[str]:
 @pytest.fixture
 def cpu_autocast_lstm_runs():
     """Skips a test of an LSTM read under CPU autocast where torch's own LSTM cannot run so here."""
-    reason = _cpu_autocast_lstm_failure()
-    if reason is not None:
-        pytest.skip(f"torch's nn.LSTM does not run under bfloat16 autocast on this CPU: {reason}")
+    _skip_where(_cpu_autocast_lstm_failure(), "torch's nn.LSTM does not run under bfloat16 autocast on this CPU")
 
 
 @pytest.fixture
 def inductor_builds_on_cpu(torch_compile_runs):
     """Skips a test that compiles CPU kernels with inductor where inductor cannot build one in this
     environment (the reason is in the skip); CI machines can."""
-    reason = _inductor_cpu_failure()
-    if reason is not None:
-        pytest.skip(f"torch's inductor cannot build a CPU kernel here: {reason}")
+    _skip_where(_inductor_cpu_failure(), "torch's inductor cannot build a CPU kernel here")
 
 
 @pytest.fixture

@@ -161,18 +161,19 @@ def _scratch(C32: Tensor, tiles: Tuple[Tuple[int, int], ...], planes: int,
     one after another on the stream, sized for the largest), their slots' flags (zeros: free; every
     program frees its slot, so the flags are zeros again after each launch) and each tile's slots."""
     B = C32.shape[0]
-    slots = {block: _slots(C32.device, B, block, _warps(block) if num_warps is None else num_warps)
+    slots = {block: _slots(C32.device, B, block, _warps(block, num_warps))
              for block, _ in tiles}
     scratch = C32.new_empty(max(n * planes * block * block for block, n in slots.items()))
     return scratch, torch.zeros(max(slots.values()), dtype=torch.int32, device=C32.device), slots
 
 
-def _warps(block: int) -> int:
-    # for sm_90: warps at which neither kernel needs a stack frame (every value in registers) at no more
-    # than 128 registers per thread, and at 128 x 128 the least stack; python -m
-    # benchmarks.fused_resources, benchmarks/README.md (the GPU benchmark times half and twice as many;
-    # with the scratch slots no kernel at tiles 16-64 spills)
-    return {16: 2, 32: 4, 64: 16}.get(block, 32)
+def _warps(block: int, chosen: Optional[int] = None) -> int:
+    # ``chosen`` (a benchmark's num_warps) where given, else the default per tile size, for sm_90: the
+    # warps at which neither kernel needs a stack frame (every value in registers) at no more than 128
+    # registers per thread, and at 128 x 128 the least stack; python -m benchmarks.fused_resources,
+    # benchmarks/README.md (the GPU benchmark times half and twice as many; with the scratch slots no
+    # kernel at tiles 16-64 spills)
+    return chosen if chosen is not None else {16: 2, 32: 4, 64: 16}.get(block, 32)
 
 
 def fused_optimize(C_step: Tensor, init_logits: Optional[Tensor], mask: Optional[Tensor], *, steps: int,
@@ -288,7 +289,7 @@ def _forward(C32: Tensor, init32: Optional[Tensor], mask: Optional[Tensor], step
                         hist if hist.numel() else P, halves if halves.numel() else P, scratch, flags, slots[block],
                         N, steps, iters, temperature, HAS_INIT=init32 is not None, HAS_MASK=mask8 is not None,
                         SAVE=save, STAGE_C=stage_c, BLOCK=block, SPANS=spans, SMALLER=smaller, WIDE=MAX_SET_SIZE,
-                        num_warps=_warps(block) if num_warps is None else num_warps)
+                        num_warps=_warps(block, num_warps))
             except _KernelFailure as failure:
                 if not fall_back:
                     raise RuntimeError(str(failure) + _ALTERNATIVES) from failure
@@ -333,7 +334,7 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
                         scratch, flags, slots[block], grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
                         HAS_INIT=init32 is not None, WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block,
                         SPANS=spans, SMALLER=smaller, WIDE=MAX_SET_SIZE,
-                        num_warps=_warps(block) if num_warps is None else num_warps)
+                        num_warps=_warps(block, num_warps))
             except _KernelFailure as failure:
                 reason = _broken[_where(C32, block, smaller, num_warps, "backward", stage_c)] = str(failure)
                 break
@@ -485,7 +486,7 @@ _ALTERNATIVES = "; kernel='compiled' or 'chunked' compute the same values"
 
 
 def _where(t: Tensor, block: int, smaller: int, num_warps: Optional[int], which: str, stage_c: bool) -> Tuple:
-    return (str(t.device), block, smaller, _warps(block) if num_warps is None else num_warps, stage_c, which)
+    return (str(t.device), block, smaller, _warps(block, num_warps), stage_c, which)
 
 
 def _warn(reason: str) -> None:
