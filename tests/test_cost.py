@@ -256,3 +256,43 @@ def test_gradients_reach_every_input_of_the_two_layer_cost_exactly(with_bias):
 
     assert torch.autograd.gradcheck(cost, leaves)
     assert torch.autograd.gradgradcheck(cost, leaves)
+
+
+def _normalized_by_the_chain(C, eps=1e-12):
+    """Eq. 10 as plain operations (what normalize_cost computes, with autograd's chain as backward)."""
+    m = C.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    unit = C / m
+    return unit / unit.pow(2).sum(dim=(-2, -1), keepdim=True).clamp_min(1.0).sqrt()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-13, 0.0])
+def test_normalize_cost_backward_in_closed_form_is_the_chains(scale):
+    """The closed-form backward gives the chain of operations' first and second derivatives, also
+    where the norm is clamped (costs below eps) and for a zero cost; the values are the same bits."""
+    from setperm.cost import normalize_cost
+
+    g = torch.Generator().manual_seed(3)
+    C = (torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=g) * scale).requires_grad_()
+    up, up2 = (torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=g) for _ in range(2))
+    assert torch.equal(normalize_cost(C), _normalized_by_the_chain(C))
+    got, want = (torch.autograd.grad(f(C), C, up, create_graph=True)[0]
+                 for f in (normalize_cost, _normalized_by_the_chain))
+    assert_close(got, want, rtol=1e-12, atol=1e-300)
+    second = [torch.autograd.grad((d * up2).sum(), C, allow_unused=True)[0] for d in (got, want)]
+    second = [torch.zeros_like(C) if s is None else s for s in second]
+    assert_close(second[0], second[1], rtol=1e-12, atol=1e-300 if scale else 0.0)
+    if scale == 1.0:
+        assert torch.autograd.gradcheck(normalize_cost, (C,))
+        assert torch.autograd.gradgradcheck(normalize_cost, (C,))
+
+
+def test_normalize_cost_keeps_its_result_for_backward_and_nothing_of_its_size_beside():
+    from setperm.cost import normalize_cost
+
+    C = torch.randn(4, 1, 30, 30, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = normalize_cost(C * 1.0)
+    big = [t for t in saved if t.numel() == C.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()
+    assert sum(t.numel() for t in saved) < C.numel() + 4 * 4

@@ -189,8 +189,11 @@ class PermutationOptimization(nn.Module):
                              f"N={x.shape[1]} elements (shape {tuple(x.shape)})")
         if resolve_check_finite(self.check_finite, x):
             _check_finite(x, mask)
-        x = zero_padding(x, mask)
-        init_logits = self.linear(x) if self.linear is not None else None
+        init_logits = None
+        if self.linear is not None:
+            # zeroed first: the linear map's backward multiplies each padded element by its zero
+            # gradient, and NaN * 0 is NaN (the cost zeroes the padding itself)
+            init_logits = self.linear(zero_padding(x, mask))
         if self.cost is None:
             logits = init_logits if init_logits is not None else x.new_zeros(x.shape[0], x.shape[1], x.shape[1])
             P = sinkhorn(logits, mask=mask, iters=self.sinkhorn_iters, temperature=self.temperature)
@@ -290,7 +293,6 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         method = auto_method(rnn, seq, lengths, host_lengths)
     if method == "padded":
         return _padded_final_state(rnn, seq, lengths)
-    zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
     distinct = torch.unique(lengths).tolist() if method == "grouped" else []   # one host sync, like .cpu() below
     if method == "packed" or distinct == [0]:
         # (all sets empty: the packed call keeps the output connected to the LSTM's parameters)
@@ -303,7 +305,7 @@ def last_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor, method: str = "aut
         order_d, inverse_d = (t.to(seq.device, non_blocking=True) for t in (order, inverse))
         packed = pack_padded_sequence(seq.index_select(0, order_d), sorted_lengths, batch_first=True)
         state = _final_state(rnn(packed))
-        return torch.where((lengths > 0).unsqueeze(1), state.index_select(0, inverse_d), zero)
+        return torch.where((lengths > 0).unsqueeze(1), state.index_select(0, inverse_d), 0.0)
     out = seq.new_zeros(seq.shape[0], rnn.hidden_size)
     for length in distinct:
         if length == 0:
@@ -408,13 +410,12 @@ def _padded_final_state(rnn: nn.RNNBase, seq: Tensor, lengths: Tensor) -> Tensor
     and does not call the module, so hooks registered on it do not run (a warning says so)."""
     B, N = seq.shape[:2]
     real = (torch.arange(N, device=seq.device) < lengths.unsqueeze(1)).unsqueeze(-1)      # (B, N, 1)
-    zero = torch.zeros((), dtype=seq.dtype, device=seq.device)
-    seq = torch.where(real, seq, zero)
+    seq = torch.where(real, seq, 0.0)
     if isinstance(rnn, nn.GRU):
         out = rnn(seq)[0]                                              # (B, N, H): h_t of every step
         last = (lengths - 1).clamp_min(0).view(B, 1, 1)               # (a length-0 row is masked below)
         h = out.gather(1, last.expand(B, 1, out.shape[-1])).squeeze(1)
-        return torch.where((lengths > 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
+        return torch.where((lengths > 0).unsqueeze(1), h, 0.0)
     _warn_hooks(rnn, "padded")
     H = rnn.hidden_size
     w_ih = rnn.weight_ih_l0

@@ -209,7 +209,7 @@ def zero_padding(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     if mask is None:
         return x
     m = mask.view(mask.shape + (1,) * (x.dim() - 2))
-    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(m, x, 0.0)
 
 
 def assignment_mask(mask: Tensor) -> Tuple[Tensor, Tensor]:

@@ -301,5 +301,5 @@ def permutation_entropy(P: Tensor, mask: Optional[Tensor] = None, *, lengths: Op
     ent = -torch.special.xlogy(P, P).sum(-1)          # (B, N)
     if mask is None:
         return ent.sum(-1) / max(P.shape[1], 1)
-    ent = torch.where(mask, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
+    ent = torch.where(mask, ent, 0.0)
     return ent.sum(-1) / mask.sum(-1).clamp_min(1).to(ent.dtype)

@@ -241,7 +241,7 @@ class _Sinkhorn(torch.autograd.Function):
         for d, S in zip(reversed(dims), reversed(softmaxes)):
             g = g - S * g.sum(dim=d, keepdim=True)                       # through z - logsumexp(z, d)
         if ctx.iters > 0:                                                # through the clamp
-            g = torch.where(zc == z, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            g = torch.where(zc == z, g, 0.0)
         return g, None, None
 
 
