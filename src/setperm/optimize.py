@@ -115,7 +115,7 @@ def _plain_cost(C4: Tensor, P: Tensor) -> Tensor:
 
 
 def _plain_gradient(C4: Tensor, P: Tensor) -> Tensor:
-    Csum = C4[:, 0] if C4.shape[1] == 1 else C4.sum(1)
+    Csum = C4.squeeze(1) if C4.shape[1] == 1 else C4.sum(1)
     return 2 * (Csum @ position_balance(P))
 
 
@@ -230,7 +230,8 @@ def optimize_permutation(C: Tensor, init_logits: Optional[Tensor] = None, mask: 
     if grid is None:
         # eq. 4's factor 2 and the step size are folded into C once, so that each step of eq. 7,
         # P~ - eta * 2 C B, is one fused batched multiply-add (baddbmm) instead of four passes.
-        C_step = (2 * eta) * (C4[:, 0] if C4.shape[1] == 1 else C4.sum(1))
+        # (squeeze, not [:, 0]: a view whose backward is one too, not a zero-filled copy of the cost)
+        C_step = (2 * eta) * (C4.squeeze(1) if C4.shape[1] == 1 else C4.sum(1))
         # "auto" on CUDA: the fused kernels, measured faster than the unrolled steps there (README,
         # "Speed and memory on a GPU"); on the CPU the unrolled steps (the interpreter is a test tool)
         fused = kernel == "fused" or (kernel == "auto" and C_step.device.type == "cuda")
