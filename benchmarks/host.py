@@ -100,15 +100,21 @@ def cuda_decisions() -> Iterator[Dict[str, int]]:
             setattr(module, name, value)
 
 
-def median_us(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+def median_us(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, rounds: int = 10) -> Dict[str, float]:
+    """The median microseconds of ``repeats`` calls of each of ``calls``, timed in ``rounds`` rounds
+    that take each call in turn (so that a slower spell of the machine falls on all of them alike)."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    per_round = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
 
 
 def count_operations(fn: Callable[[], object]) -> Tuple[int, int]:
@@ -190,7 +196,7 @@ def rows(args) -> Iterator[Dict[str, object]]:
             # (the fused kernels' outputs are left as allocated: no denormal slows the CPU's arithmetic on them)
             with cuda_decisions() as counter, _flush_denormal():
                 calls = _calls(mod, x, w, mask)
-                times = {name: median_us(fn, args.warmup, args.repeats) for name, fn in calls.items()}
+                times = median_us(calls, args.warmup, args.repeats)
                 row.update({"fwd_us": times["fwd"], "fb_us": times["fb"], "cost_us": times["cost"],
                             "optimisation_us": times["permutation"] - times["cost"], "read_us": times["read"],
                             "rest_us": times["fb"] - times["permutation"] - times["read"]})
@@ -234,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", type=int, default=2, help="sets B (default 2: the host's work does not depend on B)")
     p.add_argument("--size", type=int, default=100, help="set size N (default 100: BAN's boxes, four tile sizes)")
-    p.add_argument("--repeats", type=int, default=300, help="timed calls per measurement (default 300; median)")
+    p.add_argument("--repeats", type=int, default=300, help="timed calls per measurement (default 300, in 10 rounds that take the calls in turn; median)")
     p.add_argument("--warmup", type=int, default=30, help="untimed calls first (default 30)")
     p.add_argument("--tiny", action="store_true", help="tiny sets and 3 repeats (tests)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default runs/benchmarks)")
@@ -258,8 +264,10 @@ def main(argv=None) -> int:
         f"The host's work in one call of the VQA layer on the path it takes on CUDA, measured on the CPU "
         f"({info['cpu_model'] or 'CPU'}, one thread, torch {torch.__version__}): `python -m benchmarks.host"
         + (" --tiny" if args.tiny else "") + "`. Median microseconds of "
-        f"{args.repeats} calls; the fused kernels' launches left out, widths 8 (the host's work is the "
-        "same at any width), the LSTM on the CPU (the read's time includes its arithmetic).",
+        f"{args.repeats} calls, in 10 rounds that take the calls in turn (the parts are timed alone; the "
+        "rest is the total less them); the fused kernels' launches left out, widths 8 (the host's work is the "
+        "same at any width), the LSTM on the CPU (the read's time includes its arithmetic). Operations: "
+        "the outermost dispatcher operations that launch work on a GPU (views and bare allocations left out).",
         "", markdown_table(table, COLUMNS)])
     write_tables(path, table_path, info, args, text, host=table)
     return 0
