@@ -52,8 +52,9 @@ from integrations.common import ensure_new, run_command
 from .gpu import FUSED_READ_LABEL, _setperm
 from .harness import DEFAULT_OUT, Config, markdown_table, prepare, write_tables
 
-# setperm's modules that take data-dependent choices on the host on the CPU (each imports
-# setperm.masking.host_decisions by name, so each is answered on its own)
+# setperm's modules whose data-dependent choices are taken on the host on the CPU and on the device on
+# CUDA and under torch.compile (each imports setperm.masking.host_decisions by name, so each is
+# answered on its own; the test suite's device_path fixture takes the same list)
 HOST_DECIDING_MODULES = ("masking", "cost", "sinkhorn", "encoder", "assign")
 # operations that launch no kernel on a GPU: views, metadata, bare allocations
 NO_LAUNCH = frozenset("aten::" + name for name in (
@@ -163,13 +164,14 @@ def _inputs(cfg: Config, padded: bool, device: torch.device, read: str):
 def _calls(mod, x: Tensor, w: Tensor, mask: Optional[Tensor]) -> Dict[str, Callable[[], object]]:
     """The timed calls: the encoder in forward and forward + backward, and its parts in forward +
     backward, each on inputs as the encoder gives them."""
+    from setperm.assign import apply_permutation
     from setperm.encoder import _final_state, last_state
 
-    kw = {"weights": w} if mask is None else {"weights": w, "mask": mask}
+    kw = _kwargs(w, mask)
     xg = x.detach().requires_grad_(True)
     with torch.no_grad():
-        seq = mod(x, **kw, return_permutation=True)[1].transpose(1, 2) @ x     # a permuted sequence
-    seq = seq.detach().requires_grad_(True)
+        seq = apply_permutation(x, mod(x, **kw, return_permutation=True)[1])    # the sequence the reader reads
+    seq = seq.requires_grad_(True)
     lengths = mask.sum(1) if mask is not None else torch.full((x.shape[0],), x.shape[1])
 
     def read() -> Tensor:
@@ -193,6 +195,7 @@ def rows(args) -> Iterator[Dict[str, object]]:
         for impl, read in (("setperm (fused)", "auto"), (FUSED_READ_LABEL, "fused")):
             mod, x, w, mask = _inputs(cfg, padded, device, read)
             row: Dict[str, object] = {"config": label, "impl": impl}
+            kw = _kwargs(w, mask)
             # (the fused kernels' outputs are left as allocated: no denormal slows the CPU's arithmetic on them)
             with cuda_decisions() as counter, _flush_denormal():
                 calls = _calls(mod, x, w, mask)
@@ -205,7 +208,7 @@ def rows(args) -> Iterator[Dict[str, object]]:
 
                 def forward() -> None:
                     counter["launches"] = 0
-                    outputs["h"] = mod(x.detach().requires_grad_(True), **_kwargs(w, mask))
+                    outputs["h"] = mod(x.detach().requires_grad_(True), **kw)
                     launches["fwd"] = counter["launches"]
 
                 def backward() -> None:
@@ -240,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", type=int, default=2, help="sets B (default 2: the host's work does not depend on B)")
     p.add_argument("--size", type=int, default=100, help="set size N (default 100: BAN's boxes, four tile sizes)")
-    p.add_argument("--repeats", type=int, default=300, help="timed calls per measurement (default 300, in 10 rounds that take the calls in turn; median)")
+    p.add_argument("--repeats", type=int, default=300,
+                   help="timed calls per measurement (default 300, in 10 rounds that take the calls in turn; median)")
     p.add_argument("--warmup", type=int, default=30, help="untimed calls first (default 30)")
     p.add_argument("--tiny", action="store_true", help="tiny sets and 3 repeats (tests)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default runs/benchmarks)")

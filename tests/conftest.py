@@ -311,11 +311,6 @@ def without_cuda_sync():
 
 
 # ------------------------------------------------------------------ the path CUDA takes, on the CPU
-# The modules whose data-dependent choices are taken on the host on the CPU, and on the device on
-# CUDA and under torch.compile (setperm.masking.host_decisions).
-HOST_DECIDING_MODULES = ("masking", "cost", "sinkhorn", "encoder")
-
-
 def _tensors(tree) -> list:
     return [t for t in torch.utils._pytree.tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
@@ -473,6 +468,10 @@ def device_path(monkeypatch):
     yielded ``HostWaits.calls``). ``device_path(refuse=False)`` takes the path without the checks."""
     @contextlib.contextmanager
     def enter(host=(), refuse=True, exempt=()):
+        # (the modules whose data-dependent choices are taken on the host on the CPU and on the device
+        # on CUDA: one list, the host benchmark's, which takes the same path)
+        from benchmarks.host import HOST_DECIDING_MODULES
+
         with monkeypatch.context() as m:
             for name in HOST_DECIDING_MODULES:
                 m.setattr(importlib.import_module(f"setperm.{name}"), "host_decisions", lambda t: False)

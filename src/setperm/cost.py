@@ -144,8 +144,8 @@ class _UnitNorm(torch.autograd.Function):
         dL/dC = (g - a y (<y, g> - n g_n)) / (n m),   a = 1[||u||^2 >= 1]
 
     (``g``, ``g_n``: the gradients of ``y`` and ``n``; ``a`` as ``clamp_min``'s derivative), which
-    needs only ``y``, ``n``, ``m`` and ``a``: a handful of operations instead of the chain's fifteen or so,
-    and no ``u`` kept beside ``y``. ``n`` is an output too (the caller drops it), so that a
+    needs only ``y``, ``n``, ``m`` and ``a``: 7 operations instead of the chain's 17 or so, and no
+    ``u`` kept beside ``y``. ``n`` is an output too (the caller drops it), so that a
     differentiated backward (``create_graph=True``) reaches ``C`` through ``n`` as well as ``y``."""
 
     @staticmethod
