@@ -388,6 +388,29 @@ def test_equal_pairs_on_device_equals_the_elementwise_test(dtype):
     assert fast is None or torch.equal(fast, literal)
 
 
+@pytest.mark.parametrize("dtype,word", [(torch.float16, torch.int16), (torch.float32, torch.int32),
+                                        (torch.float64, torch.int64)])
+def test_equal_pairs_on_device_tell_elements_apart_by_any_single_bit(dtype, word):
+    """Elements that differ in one bit of one feature (each bit position in turn: mantissa, exponent,
+    sign), among many features of arbitrary bit patterns, are unequal; copies are equal."""
+    g = torch.Generator().manual_seed(6)
+    D, nbits = 40, torch.finfo(dtype).bits
+    base = torch.randn(1, 1, D, generator=g).to(dtype) * 1e3
+    rows = [base[0, 0]]
+    for b in range(nbits):
+        flipped = base[0, 0].clone().view(word)
+        flipped[b % D] ^= (1 << b) if b < nbits - 1 else torch.iinfo(word).min    # the sign bit last
+        rows.append(flipped.view(dtype))
+    rows.append(base[0, 0].clone())                                              # a copy
+    x = torch.stack(rows).unsqueeze(0)                                           # (1, nbits + 2, D)
+    finite = torch.isfinite(x).all(-1)
+    literal = (x[:, :, None, :] == x[:, None, :, :]).all(-1)
+    got = _equal_pairs_on_device(x)
+    assert torch.equal(got, literal)
+    assert got[0, 0, -1] and got[0, -1, 0]                                       # the copy
+    assert not got[0, 0, 1:-1][finite[0, 1:-1]].any()                            # every flipped finite row differs
+
+
 def test_sinkhorn_auto_takes_the_log_domain_off_the_cpu(monkeypatch):
     z = torch.randn(3, 6, 6, dtype=torch.float64) * 30
     mask = torch.arange(6) < torch.tensor([6, 4, 2])[:, None]

@@ -75,20 +75,16 @@ def _equal_pairs_by_hash(x: Tensor, mask: Optional[Tensor] = None) -> Optional[T
 def _equal_pairs_on_device(x: Tensor) -> Optional[Tensor]:
     """:func:`equal_pairs` without a host synchronisation or a data-dependent branch (for CUDA and
     for tracing by ``torch.compile``): ``x_i`` and ``x_j`` are bitwise equal exactly when the
-    squared distance of their bit patterns, split into 16-bit digits, is 0. With digits below
-    ``2^16`` every product and every partial sum of ``|b_i|^2 + |b_j|^2 - 2 b_i . b_j`` is an
-    integer below ``2^53`` (for up to ``2^20`` digits), so one float64 batched matmul computes it
-    exactly, in any summation order. None for dtypes without a bit view or too many digits."""
-    bits = _hash_words(x)
-    if bits is None:
+    squared distance of their bit patterns, read as 16-bit integers (``-0.0`` mapped to ``+0.0``),
+    is 0. With digits of magnitude at most ``2^15`` every product and every partial sum of
+    ``|b_i|^2 + |b_j|^2 - 2 b_i . b_j`` is an integer below ``2^53`` (for up to ``2^20`` digits), so
+    float64 products compute it exactly, in any summation order (autocast leaves float64 alone).
+    None for dtypes without a bit view of 16-bit digits or too many digits."""
+    if x.is_complex() or x.element_size() not in (2, 4, 8) or x.shape[-1] * x.element_size() // 2 > (1 << 20):
         return None
-    if x.element_size() > 2:                                             # 32-bit words -> two 16-bit digits
-        bits = torch.cat([bits & 0xFFFF, bits >> 16], dim=-1)
-    if bits.shape[-1] > (1 << 20):
-        return None
-    d = bits.to(torch.float64)
+    d = (x.detach() + 0.0).contiguous().view(torch.int16).to(torch.float64)       # + 0.0 maps -0.0 to +0.0
     sq = (d * d).sum(-1)                                                 # (B, N), exact
-    dist = sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * (d @ d.transpose(1, 2))
+    dist = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), d, d.transpose(1, 2), alpha=-2)
     # bitwise-equal elements with a NaN are not equal (x == x is False), as in the element-wise test
     return (dist == 0) & (x == x).all(-1).unsqueeze(2)
 
