@@ -17,7 +17,9 @@ here; it takes boxes, attention logits and box features, and includes its learne
 ``--released-features``-d box features to 8; its copy of the optimisation runs T = 3 Sinkhorn
 iterations per call where setperm and the reference run the paper's L = 4 of appendix B, a quarter
 fewer, as the table's caption says). Time: CUDA events around each call, the median of
-``--repeats`` calls after ``--warmup`` calls (the first of which compiles the fused kernels). Memory:
+``--repeats`` calls after ``--warmup`` calls (the first of which compiles the fused kernels); beside it
+the host's time to queue a call's forward + backward, the GPU idle at its start (the host's share, which
+no GPU shortens, and which the CUDA-graph rows leave out). Memory:
 ``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it (inputs,
 parameters). The reference and the released module materialise every pair; they are skipped where
 their estimated peak exceeds ``--ref-mem-limit-gb``.
@@ -103,12 +105,14 @@ VQA_NTOKEN, VQA_ANSWERS = 19901, 3129
 
 # ------------------------------------------------------------------------------------------ timing
 def time_call(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device,
-              budget_s: Optional[float] = None) -> float:
+              budget_s: Optional[float] = None, host: Optional[List[float]] = None) -> float:
     """Median seconds of up to ``repeats`` calls after up to ``warmup`` calls: CUDA events on CUDA
     (the time the GPU spends from the first to the last kernel a call queues, host overhead included
     when the queue runs dry), wall-clock time elsewhere. ``budget_s``: the warm-up stops after one
     call and the timed calls after three once that many seconds are spent on each (so that a slow
-    implementation's row costs seconds, not minutes)."""
+    implementation's row costs seconds, not minutes). ``host``: on CUDA, each timed call's host time
+    is appended to it: the wall time until ``fn`` returns, the GPU idle at the start (the time the
+    host takes to queue the call's work; all of the call's time where the call waits for the GPU)."""
     def spent(t0: float) -> bool:
         return budget_s is not None and time.perf_counter() - t0 > budget_s
     t0 = time.perf_counter()
@@ -123,7 +127,10 @@ def time_call(fn: Callable[[], object], warmup: int, repeats: int, device: torch
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
             start.record()
+            begin = time.perf_counter()
             fn()
+            if host is not None:
+                host.append(time.perf_counter() - begin)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
@@ -147,8 +154,12 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
 
 
 def measure(row: Dict[str, object], mode: str, fn: Callable[[], object], args, device: torch.device) -> None:
-    """``row[mode + "_ms"]``: the median time of ``fn``; ``row[mode + "_mib"]``: its peak memory."""
-    row[f"{mode}_ms"] = 1e3 * time_call(fn, args.warmup, args.repeats, device, args.budget_s)
+    """``row[mode + "_ms"]``: the median time of ``fn``; ``row[mode + "_host_ms"]``: on CUDA, the
+    median time the host takes to queue it (:func:`time_call`); ``row[mode + "_mib"]``: its peak memory."""
+    host: List[float] = []
+    row[f"{mode}_ms"] = 1e3 * time_call(fn, args.warmup, args.repeats, device, args.budget_s, host=host)
+    if host:
+        row[f"{mode}_host_ms"] = 1e3 * statistics.median(host)
     peak = peak_memory(fn, device)
     row[f"{mode}_mib"] = None if peak is None else peak / 2 ** 20
 
@@ -371,7 +382,8 @@ def layer_rows(args, device: torch.device, released: Optional[type]) -> Iterator
 
 
 LAYER_COLUMNS = [("config", "configuration"), ("impl", "implementation"), ("fwd_ms", "fwd ms"),
-                 ("fb_ms", "fwd+bwd ms"), ("fwd_mib", "fwd peak MiB"), ("fb_mib", "fwd+bwd peak MiB"),
+                 ("fb_ms", "fwd+bwd ms"), ("fb_host_ms", "fwd+bwd host ms"), ("fwd_mib", "fwd peak MiB"),
+                 ("fb_mib", "fwd+bwd peak MiB"),
                  ("fb_vs_auto", "fwd+bwd time / setperm (auto)"), ("note", "note")]
 
 
