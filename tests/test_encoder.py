@@ -619,6 +619,51 @@ def test_padded_readout_under_bfloat16_autocast(cpu_autocast_lstm_runs):
     assert_close(h.float(), exact, rtol=0, atol=0.03)
 
 
+@pytest.mark.parametrize("read,masked", [("auto", False), ("padded", True), ("grouped", True), ("packed", True)])
+def test_where_the_cpus_lstm_refuses_autocast_the_encoder_reads_in_float32_warned(monkeypatch, read, masked):
+    """On CPUs whose oneDNN has no bfloat16 LSTM (x86 without AVX-512) torch's LSTM raises under CPU
+    autocast; the encoder then reads its sequence in the reader's float32, autocast off, and warns
+    with the reason, instead of failing (stood in here by an LSTM that refuses autocast)."""
+    from setperm._compat import autocast_enabled
+
+    message = "could not create a primitive descriptor for the LSTM forward propagation primitive"
+    inputs = []
+
+    def refusing(real):
+        def lstm(*args, **kwargs):
+            if autocast_enabled("cpu"):
+                raise RuntimeError(message)
+            inputs.append((args[0].data if hasattr(args[0], "batch_sizes") else args[0]).dtype)
+            return real(*args, **kwargs)
+        return lstm
+    monkeypatch.setattr(torch._VF, "lstm", refusing(torch._VF.lstm))       # what nn.LSTM calls
+    monkeypatch.setattr(torch, "lstm", refusing(torch.lstm))               # what the padded read calls
+    torch.manual_seed(0)
+    enc = PermutationSetEncoder(5, 6, read=read)
+    x = torch.randn(3, 7, 5, requires_grad=True)
+    kw = {"mask": torch.arange(7) < torch.tensor([7, 4, 2])[:, None]} if masked else {}
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(RuntimeWarning, match="primitive descriptor"):
+        h = enc(x, **kw)
+    assert inputs and set(inputs) == {torch.float32}                      # the read ran in float32
+    assert h.dtype == torch.float32 and torch.isfinite(h).all()
+    h.sum().backward()
+    assert torch.isfinite(x.grad).all() and enc.lstm.weight_hh_l0.grad.abs().sum() > 0
+    with warnings.catch_warnings():                                         # no autocast: nothing to fall back from
+        warnings.simplefilter("error")
+        enc(x, **kw)
+
+
+def test_a_read_that_fails_in_float32_too_raises_its_first_error(monkeypatch):
+    from setperm._compat import autocast_enabled
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the first error" if autocast_enabled("cpu") else "the second error")
+    monkeypatch.setattr(torch._VF, "lstm", failing)
+    enc = PermutationSetEncoder(5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="the first error"):
+        enc(torch.randn(2, 4, 5))
+
+
 def test_auto_readout_reads_host_lengths_packed_and_device_lengths_padded(monkeypatch):
     from setperm import encoder as encoder_mod
     from setperm.encoder import last_state

@@ -8,13 +8,13 @@ T = 0 steps) is its own module, :class:`LinAssign`.
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from ._compat import autocast_off, is_compiling
+from ._compat import autocast_enabled, autocast_off, is_compiling
 from ._errors import check_int, check_positive, check_same_device, registered_hooks, user_stacklevel
 from .assign import LinearAssignmentLogits, apply_permutation, hungarian, permutation_matrix
 from .cost import PairwiseCost, hidden_widths
@@ -499,6 +499,34 @@ def _pool_elements(x: Tensor, mask: Optional[Tensor], how: str, gate: Optional[n
     return pooled
 
 
+def _read_in_float32_where_low_precision_fails(read: Callable[[Tensor], Tensor], seq: Tensor,
+                                               reader: nn.RNNBase) -> Tensor:
+    """``read(seq)``; on the CPU under autocast, where torch's own LSTM cannot run in low precision
+    (oneDNN has no bfloat16 LSTM on x86 CPUs without AVX-512: "could not create a primitive
+    descriptor for the LSTM forward propagation primitive"), the read once more with autocast off,
+    in the reader's float32 (or float64), and a warning that names the reason: the set vector an
+    LSTM in that precision reads, where the call would otherwise fail. Where that fails too, the
+    first error is raised."""
+    if seq.device.type != "cpu" or not autocast_enabled("cpu"):
+        return read(seq)
+    try:
+        return read(seq)
+    except RuntimeError as err:
+        dtype = reader.weight_ih_l0.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise
+        try:
+            with autocast_off("cpu"):
+                h = read(seq.to(dtype))
+        except Exception:
+            raise err
+        warnings.warn(f"setperm: torch's {type(reader).__name__} cannot run under CPU autocast here "
+                      f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); the "
+                      f"encoder reads the sequence in {str(dtype).replace('torch.', '')} instead", RuntimeWarning,
+                      stacklevel=user_stacklevel())
+        return h
+
+
 def _final_state(outputs) -> Tensor:
     """The last layer's final state from ``nn.LSTM``'s ``(out, (h_n, c_n))`` (c_n) or ``nn.GRU``'s
     ``(out, h_n)`` (h_n)."""
@@ -556,6 +584,8 @@ class PermutationSetEncoder(nn.Module):
             with ``lengths`` on the host, else padded), ``"packed"``, ``"grouped"``, ``"padded"``
             or ``"fused"`` (an LSTM of up to 128 units on CUDA: two Triton kernels,
             :mod:`setperm.fused_read`; elsewhere as ``"auto"``). All compute the same set vector.
+            Under the CPU's autocast, on CPUs where torch's LSTM has no low-precision kernel (oneDNN
+            on x86 without AVX-512), the read runs in the reader's float32 instead, warned.
         device, dtype: where and in which dtype to create the LSTM (and the module for ``"po-u"``);
             a ready ``po`` stays where it was built.
 
@@ -748,11 +778,15 @@ class PermutationSetEncoder(nn.Module):
             seq = x.gather(1, order.unsqueeze(-1).expand_as(x))
         else:
             seq = x
-        if B == 0 or (mask is None and self.read != "fused"):     # (pack_padded_sequence rejects an empty batch)
-            h = _final_state(self.reader(seq))
-        else:
+        lengths = None
+        if not (B == 0 or (mask is None and self.read != "fused")):   # (pack_padded_sequence rejects an empty batch)
             lengths = mask.sum(1) if mask is not None else torch.full((B,), N, dtype=torch.int64, device=x.device)
-            h = last_state(self.reader, seq, lengths, method=self.read, host_lengths=host_lengths)
+
+        def read(seq: Tensor) -> Tensor:
+            if lengths is None:
+                return _final_state(self.reader(seq))
+            return last_state(self.reader, seq, lengths, method=self.read, host_lengths=host_lengths)
+        h = _read_in_float32_where_low_precision_fails(read, seq, self.reader)
         if self.pool_linear is not None:
             # the pooled set is permutation invariant whatever P is
             h = h + self.pool_linear(_pool_elements(x, mask, self.pool, self.pool_gate))
