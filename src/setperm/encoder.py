@@ -23,7 +23,7 @@ from .masking import (check_check_finite, check_dtype, check_module_device, chec
                       module_dtype, resolve_check_finite, resolve_mask, zero_padding)
 from .masking import check_finite as _check_finite
 from .optimize import DEFAULT_STEPS, check_grid, optimize_permutation
-from .pairwise import check_kernel
+from .pairwise import build_error_cause, check_kernel
 from .sinkhorn import sinkhorn
 
 PERMUTATIONS = ("po-u", "po-la")
@@ -521,9 +521,8 @@ def _read_in_float32_where_low_precision_fails(read: Callable[[Tensor], Tensor],
         except Exception:
             raise err
         warnings.warn(f"setperm: torch's {type(reader).__name__} cannot run under CPU autocast here "
-                      f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); the "
-                      f"encoder reads the sequence in {str(dtype).replace('torch.', '')} instead", RuntimeWarning,
-                      stacklevel=user_stacklevel())
+                      f"({build_error_cause(err)}); the encoder reads the sequence in "
+                      f"{str(dtype).replace('torch.', '')} instead", RuntimeWarning, stacklevel=user_stacklevel())
         return h
 
 
