@@ -71,6 +71,27 @@ COLUMNS = ([("config", "sets"), ("impl", "layer"), ("fwd_us", "fwd us"), ("fb_us
 
 
 @contextlib.contextmanager
+def _patched(patches: List[Tuple[object, str, object]]) -> Iterator[None]:
+    """``setattr(obj, name, value)`` for each patch, undone in reverse order on exit."""
+    saved: List[Tuple[object, str, object]] = []
+    try:
+        for obj, name, value in patches:
+            saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+def host_decisions_as_on_cuda() -> contextlib.AbstractContextManager:
+    """A context in which every setperm module's ``host_decisions`` answers False, as on CUDA: no
+    data-dependent choice is taken on the host (the test suite's ``device_path`` fixture takes it too)."""
+    return _patched([(importlib.import_module(f"setperm.{name}"), "host_decisions", lambda t: False)
+                     for name in HOST_DECIDING_MODULES])
+
+
+@contextlib.contextmanager
 def cuda_decisions() -> Iterator[Dict[str, int]]:
     """setperm on the CPU taking the path it takes on CUDA, with the fused kernels' launches left out:
     every ``host_decisions`` answers False, Triton's interpreter makes the fused kernels apply to CPU
@@ -85,20 +106,8 @@ def cuda_decisions() -> Iterator[Dict[str, int]]:
 
     def launch(*args, **kwargs) -> None:
         counter["launches"] += 1
-
-    saved: List[Tuple[object, str, object]] = []
-    try:
-        for name in HOST_DECIDING_MODULES:
-            module = importlib.import_module(f"setperm.{name}")
-            saved.append((module, "host_decisions", module.host_decisions))
-            module.host_decisions = lambda t: False
-        for module in (fused, fused_read):
-            saved.append((module, "_launch", module._launch))
-            module._launch = launch
+    with host_decisions_as_on_cuda(), _patched([(fused, "_launch", launch), (fused_read, "_launch", launch)]):
         yield counter
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
 
 
 def median_us(calls: Dict[str, Callable[[], object]], warmup: int, repeats: int, rounds: int = 10) -> Dict[str, float]:

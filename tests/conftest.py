@@ -468,13 +468,10 @@ def device_path(monkeypatch):
     yielded ``HostWaits.calls``). ``device_path(refuse=False)`` takes the path without the checks."""
     @contextlib.contextmanager
     def enter(host=(), refuse=True, exempt=()):
-        # (the modules whose data-dependent choices are taken on the host on the CPU and on the device
-        # on CUDA: one list, the host benchmark's, which takes the same path)
-        from benchmarks.host import HOST_DECIDING_MODULES
+        # (the host benchmark's context, which takes the same path)
+        from benchmarks.host import host_decisions_as_on_cuda
 
-        with monkeypatch.context() as m:
-            for name in HOST_DECIDING_MODULES:
-                m.setattr(importlib.import_module(f"setperm.{name}"), "host_decisions", lambda t: False)
+        with host_decisions_as_on_cuda(), monkeypatch.context() as m:
             if not refuse:
                 yield None
                 return

@@ -331,7 +331,8 @@ def _backward(grad_P: Tensor, C32: Tensor, init32: Optional[Tensor], mask: Optio
             try:
                 _launch(_kernels().backward_kernel, B,
                         grad_P, C32, grad_C if mask8 is None else mask8, hist, halves if halves.numel() else hist,
-                        scratch, flags, slots[block], grad_C, grad_init, N, steps, iters, temperature, HAS_MASK=mask8 is not None,
+                        scratch, flags, slots[block], grad_C, grad_init, N, steps, iters, temperature,
+                        HAS_MASK=mask8 is not None,
                         HAS_INIT=init32 is not None, WANT_INIT=want_init, STAGE_C=stage_c, BLOCK=block,
                         SPANS=spans, SMALLER=smaller, WIDE=MAX_SET_SIZE,
                         num_warps=_warps(block, num_warps))
@@ -476,7 +477,8 @@ def _define_operators():
 _OPERATORS = _define_operators()
 
 
-# (device, tile, smaller tile (see _tiles), warps, stage_c, "forward" / "backward") -> why Triton could not build or launch that kernel
+# (device, tile, smaller tile (see _tiles), warps, stage_c, "forward" / "backward") -> why Triton could not
+# build or launch that kernel
 # there: later calls take the fallback at once instead of compiling again (Triton caches only what
 # it built), and the reason is warned once. A forward that failed leaves no saved tensors, so its
 # backward recomputes through the unrolled steps: the key is the same for both.
