@@ -296,3 +296,137 @@ def test_normalize_cost_keeps_its_result_for_backward_and_nothing_of_its_size_be
     big = [t for t in saved if t.numel() == C.numel()]
     assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()
     assert sum(t.numel() for t in saved) < C.numel() + 4 * 4
+
+
+def _tail_inputs(channels, masked, seed=5):
+    """Pairwise scores ``g`` (B, N, N, K) and elements with twins, a set of equal elements and a
+    padded set (with a mask)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(4, 6, 6, channels, dtype=torch.float64, generator=gen)
+    x = torch.randn(4, 6, 3, dtype=torch.float64, generator=gen)
+    x[0, 1] = x[0, 0]
+    x[2] = 0.5                                     # every element equal: cost 0, no gradient
+    mask = None
+    if masked:
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        mask[1, 3:] = False
+        mask[3, 0] = False
+        x = torch.where(mask[..., None], x, 0.0)   # (padding zeroed, as the cost hands it on)
+    return g, x, mask
+
+
+def _tail_by_the_chain(g, x, mask):
+    """Eq. 8 and 10 from ``g`` as plain operations, with autograd's chain as backward."""
+    from setperm.cost import _antisymmetric, equal_pairs
+    from setperm.masking import pair_mask
+
+    C, _ = _antisymmetric(g, equal_pairs(x, mask), pair_mask(mask))
+    return _normalized_by_the_chain(C)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_cost_tail_in_closed_form_is_the_chains(channels, masked):
+    """Eq. 8 and 10 after the pairwise scores, as one autograd function with a closed-form backward:
+    the chain of operations' values and first and second derivatives, with twins, a set of equal
+    elements (no gradient) and padding (none through padded pairs)."""
+    from setperm.cost import NORM_EPS, _CostTail
+
+    g, x, mask = _tail_inputs(channels, masked)
+    g = g.requires_grad_()
+
+    def tail(g):
+        return _CostTail.apply(g, x, mask, NORM_EPS, "chunked")[0]
+    assert_close(tail(g), _tail_by_the_chain(g, x, mask), rtol=1e-15, atol=1e-15)
+    up = torch.randn(4, channels, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    up2 = torch.randn(g.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got, want = (torch.autograd.grad(f(g), g, up, create_graph=True)[0]
+                 for f in (tail, lambda g: _tail_by_the_chain(g, x, mask)))
+    assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert (got[2] == 0).all()
+    if masked:
+        assert (got[1, 3:] == 0).all() and (got[1, :, 3:] == 0).all() and (got[3, 0] == 0).all()
+    second = [torch.autograd.grad((d * up2).sum(), g)[0] for d in (got, want)]
+    assert_close(second[0], second[1], rtol=1e-12, atol=1e-14)
+    # (gradcheck without the twins: their cost's value is pinned, not its derivative, by design)
+    x[0, 1] += 1.0
+
+    def tail(g):
+        return _CostTail.apply(g, x, mask, NORM_EPS, "chunked")[0]
+    assert torch.autograd.gradcheck(tail, (g,))
+    assert torch.autograd.gradgradcheck(tail, (g,))
+
+
+def test_the_cost_tail_keeps_its_result_and_nothing_else_of_its_size():
+    from setperm.cost import NORM_EPS, _CostTail
+
+    g, x, mask = _tail_inputs(1, True)
+    g = g.float().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _CostTail.apply(g * 1.0, x.float(), mask, NORM_EPS, "chunked")[0]
+    floats = [t for t in saved if t.is_floating_point() and t.numel() == g.numel()]
+    assert len(floats) == 1 and floats[0].data_ptr() == y.data_ptr()
+    assert sum(t.numel() for t in saved if t.is_floating_point()) < g.numel() + 4 * 4
+
+
+needs_compiler = pytest.mark.usefixtures("inductor_builds_on_cpu")
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_compiled_cost_tail_equals_the_plain_one_with_exact_derivatives(channels):
+    """kernel="compiled" runs eq. 8 and 10 as two compiled functions (forward, backward): the plain
+    operations' values and gradients, and second derivatives (through the plain backward)."""
+    from setperm.cost import NORM_EPS, _CostTail
+
+    for masked in (False, True):
+        g, x, mask = _tail_inputs(channels, masked, seed=6)
+        g = g.requires_grad_()
+        plain, compiled = (lambda g, k=kernel: _CostTail.apply(g, x, mask, NORM_EPS, k)[0]
+                           for kernel in ("chunked", "compiled"))
+        assert_close(compiled(g), plain(g), rtol=1e-14, atol=1e-15)
+        up = torch.randn(4, channels, 6, 6, dtype=torch.float64)
+        assert_close(torch.autograd.grad(compiled(g), g, up)[0], torch.autograd.grad(plain(g), g, up)[0],
+                     rtol=1e-12, atol=1e-14)
+        x[0, 1] += 1.0                                 # (see the test above)
+        assert torch.autograd.gradgradcheck(compiled, (g,))
+
+
+@needs_compiler
+def test_equal_pairs_under_torch_compile_is_the_elementwise_test():
+    """Traced by torch.compile, the test of equal elements is the fused element-wise comparison:
+    -0.0 equals 0.0, NaN equals nothing, elements differing in one bit differ."""
+    from setperm.cost import equal_pairs
+
+    x = torch.randn(2, 7, 3)
+    x[0, 1] = x[0, 0]
+    x[0, 2] = -x[0, 0].abs() * 0.0                     # -0.0 beside
+    x[0, 3] = 0.0
+    x[1, 4] = x[1, 5] = float("nan")
+    x[1, 6] = torch.nextafter(x[1, 0], torch.tensor(2.0))
+    literal = (x.unsqueeze(2) == x.unsqueeze(1)).all(-1)
+    assert torch.equal(torch.compile(equal_pairs, fullgraph=True, dynamic=True)(x), literal)
+
+
+def test_the_cost_tail_past_the_recompile_limit_is_the_plain_one(monkeypatch, recompile_limit_error):
+    """Where dynamo refuses one more specialisation of eq. 8 and 10, plain operations give the same
+    values and gradients, with a warning that names them."""
+    from setperm import pairwise as pairwise_mod
+    from setperm.cost import NORM_EPS, _CostTail
+
+    compiled = pairwise_mod._compiled
+
+    def refuse(*args):
+        raise recompile_limit_error
+
+    monkeypatch.setattr(pairwise_mod, "_compiled",
+                        lambda name: refuse if name.startswith("cost_tail") else compiled(name))
+    g, x, mask = _tail_inputs(1, True)
+    g = g.requires_grad_()
+    with pytest.warns(RuntimeWarning, match="recompile limit was reached for eq. 8 and 10"):
+        got = _CostTail.apply(g, x, mask, NORM_EPS, "compiled")[0]
+        grad = torch.autograd.grad(got.pow(3).sum(), g)[0]
+    want = _CostTail.apply(g, x, mask, NORM_EPS, "chunked")[0]
+    assert torch.equal(got, want)
+    assert torch.equal(grad, torch.autograd.grad(want.pow(3).sum(), g)[0])

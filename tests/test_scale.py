@@ -22,6 +22,27 @@ def test_scale_is_a_power_of_two_bringing_sets_below_two():
     assert set_scale(torch.full((1, 2, 2), 6e4, dtype=torch.float16)).isfinite().all()   # 2^15 < float16 max
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_scale_is_frexps_exponent_for_every_magnitude(dtype):
+    """s = 2^max(e - 1, 0) with max |x| = m 2^e (frexp, m in [0.5, 1)) over the dtype's whole range,
+    subnormal and zero maxima (s = 1), and s = 1 for a set with an inf or a NaN (as if unscaled)."""
+    info = torch.finfo(dtype)
+    top = float(torch.tensor(info.max, dtype=torch.float64).log10())
+    low = float(torch.tensor(info.smallest_normal, dtype=torch.float64).log10()) - 5
+    mags = torch.cat([torch.logspace(low, top, 3000, dtype=torch.float64),
+                      torch.tensor([0.0, 0.5, 1.0, 1.999, 2.0, 3.0, 4.0, info.max, info.tiny, info.tiny / 2],
+                                   dtype=torch.float64)]).to(dtype)
+    x = torch.zeros(len(mags) + 2, 3, 2, dtype=dtype)
+    x[:len(mags), 1, 0] = mags * torch.tensor([1.0, -1.0], dtype=dtype).repeat(len(mags))[:len(mags)]
+    x[-2, 0, 1], x[-1, 2, 0] = float("inf"), float("nan")
+    amax = x.abs().flatten(1).amax(1).to(torch.promote_types(dtype, torch.float32))
+    exponent = torch.frexp(amax).exponent
+    want = torch.where(amax.isfinite(), torch.ldexp(torch.ones_like(amax), (exponent - 1).clamp_min(0).to(amax.dtype)),
+                       1.0).to(dtype)
+    got = set_scale(x)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
 def test_float64_scale_beyond_the_float32_range():
     """A float64 set's scale follows its own magnitude past float32's range (1e300, not capped)."""
     x = torch.tensor([[[1e300]], [[-1e50]], [[3e38]], [[1.5]]], dtype=torch.float64)

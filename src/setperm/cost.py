@@ -14,6 +14,11 @@ well, so that backward keeps the ``(B, N, D)`` elements, not two ``(B, N, hidden
 projections are computed with autocast off (in the wider dtype of ``x`` and the weights; they cost
 ``B N D hidden`` multiply-adds, nothing beside the pairs' ``B N^2 hidden``), so that the ones
 backward recomputes are the forward's, bit for bit.
+
+What follows ``g`` (``g - g^T``, the zeros of equal elements and of padded pairs, eq. 10) is one
+pure function with a closed-form backward (:class:`_CostTail`): about 30 operations forward and 10
+backward as plain operations, a few fused loops each when the compiled kernel runs it (on CUDA by
+default: each operation there is a kernel launch).
 """
 from __future__ import annotations
 
@@ -24,12 +29,13 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ._compat import signature_kept
+from ._compat import is_compiling, signature_kept
 from ._errors import check_int, check_same_device, registered_hooks, user_stacklevel
 from .init import uninitialized, xavier_linear_
 from .masking import (check_dtype, check_module_device, check_set, host_decisions, pair_mask, resolve_mask,
                       zero_padding)
-from .pairwise import _rows_per_chunk, check_kernel, element_projections, pairwise_two_layer
+from .pairwise import (_call_compiled, _rows_per_chunk, check_kernel, element_projections, kernel_to_call,
+                       pairwise_two_layer)
 from .scale import set_scale
 
 
@@ -99,9 +105,14 @@ def equal_pairs(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     identical. Pinning these costs to 0 keeps the maths exact (the uniform assignment results).
     On the CPU: a hash test, with a row-chunked element-wise comparison (the ``(B, r, N, D)``
     comparison stays bounded) on a collision; elsewhere and under ``torch.compile``: the same
-    answer from an exact matmul of bit patterns, with no host synchronisation.
+    answer from an exact matmul of bit patterns, with no host synchronisation; under
+    ``torch.compile``, the element-wise test, fused by the compiler.
     """
     B, N, D = x.shape
+    if is_compiling():
+        # the element-wise test, which the compiler fuses into one loop over (i, j, d) that never
+        # stores the (B, N, N, D) comparison
+        return (x.unsqueeze(2) == x.unsqueeze(1)).all(-1)
     if not host_decisions(x):
         exact = _equal_pairs_on_device(x)
         if exact is not None:
@@ -118,7 +129,11 @@ def equal_pairs(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return out
 
 
-def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12) -> Tensor:
+# eq. 10's floor of the Frobenius norm (a cost below it is divided by it instead)
+NORM_EPS = 1e-12
+
+
+def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = NORM_EPS) -> Tensor:
     """Eq. 10: divide each set's and channel's cost ``(B, K, N, N)`` by its Frobenius norm.
 
     Padded pairs are zero and so do not enter the norm. Computed as ``(C / m) / ||C / m||`` with
@@ -132,29 +147,46 @@ def normalize_cost(C: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-12)
     return _UnitNorm.apply(C, float(eps))[0]
 
 
-class _UnitNorm(torch.autograd.Function):
-    """``y = u / n`` with ``u = C / m``, ``m = max |C|`` (clamped at ``eps``, a constant) and
-    ``n = sqrt(max(||u||^2, 1))`` per set and channel, as plain operations compute it; backward in
-    closed form,
+def _unit_norm(C: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eq. 10's values: ``y = u / n`` with ``u = C / m``, ``m = max |C|`` per set and channel (clamped
+    at ``eps``, a constant) and ``n = sqrt(max(||u||^2, 1))``; returns ``y, n, m`` and where the clamp
+    at 1 passes the gradient on (``||u||^2 >= 1``)."""
+    m = C.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(max(eps, torch.finfo(C.dtype).tiny))
+    # sum((C / m)^2) >= 1 whenever max |C| >= eps (its largest entry is exactly +-1), so the clamp
+    # at 1 only acts below eps, where it gives the norm eps as before.
+    unit = C / m
+    sq = unit.pow(2).sum(dim=(-2, -1), keepdim=True)
+    n = sq.clamp_min(1.0).sqrt()
+    # (not C / (m * n): that product may overflow)
+    return unit / n, n, m, sq >= 1.0
+
+
+def _unit_norm_grad(y: Tensor, n: Tensor, m: Tensor, active: Tensor, g: Optional[Tensor],
+                    g_n: Optional[Tensor]) -> Optional[Tensor]:
+    """``dL/dC`` of :func:`_unit_norm` in closed form from its outputs,
 
         dL/dC = (g - a y (<y, g> - n g_n)) / (n m),   a = 1[||u||^2 >= 1]
 
-    (``g``, ``g_n``: the gradients of ``y`` and ``n``; ``a`` as ``clamp_min``'s derivative), which
-    needs only ``y``, ``n``, ``m`` and ``a``: 7 operations instead of the chain's 17 or so, and no
-    ``u`` kept beside ``y``. ``n`` is an output too (the caller drops it), so that a
-    differentiated backward (``create_graph=True``) reaches ``C`` through ``n`` as well as ``y``."""
+    (``g``, ``g_n``: the gradients of ``y`` and ``n``, either may be None; ``a`` as ``clamp_min``'s
+    derivative): 7 operations instead of the chain's 17 or so, and no ``u`` kept beside ``y``."""
+    if g is None and g_n is None:
+        return None
+    s = (y * g).sum(dim=(-2, -1), keepdim=True) if g is not None else 0.0
+    if g_n is not None:
+        s = s - n * g_n
+    along = y * torch.where(active, s, 0.0)
+    return (-along if g is None else g - along) / (n * m)
+
+
+class _UnitNorm(torch.autograd.Function):
+    """:func:`_unit_norm` with its closed-form backward (:func:`_unit_norm_grad`), which needs only
+    ``y``, ``n``, ``m`` and the clamp's activity. ``n`` is an output too (the caller drops it), so
+    that a differentiated backward (``create_graph=True``) reaches ``C`` through ``n`` as well as ``y``."""
 
     @staticmethod
     @signature_kept
     def forward(C: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        m = C.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(max(eps, torch.finfo(C.dtype).tiny))
-        # sum((C / m)^2) >= 1 whenever max |C| >= eps (its largest entry is exactly +-1), so the clamp
-        # at 1 only acts below eps, where it gives the norm eps as before.
-        unit = C / m
-        sq = unit.pow(2).sum(dim=(-2, -1), keepdim=True)
-        n = sq.clamp_min(1.0).sqrt()
-        # (not C / (m * n): that product may overflow); sq >= 1: where clamp_min passes the gradient on
-        return unit / n, n, m, sq >= 1.0
+        return _unit_norm(C, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -165,14 +197,87 @@ class _UnitNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Optional[Tensor], g_n: Optional[Tensor], _g_m: None, _g_active: None):
-        y, n, m, active = ctx.saved_tensors
-        if g is None and g_n is None:
-            return None, None
-        s = (y * g).sum(dim=(-2, -1), keepdim=True) if g is not None else 0.0
-        if g_n is not None:
-            s = s - n * g_n
-        along = y * torch.where(active, s, 0.0)
-        return (-along if g is None else g - along) / (n * m), None
+        return _unit_norm_grad(*ctx.saved_tensors, g, g_n), None
+
+
+def _antisymmetric(g: Tensor, same: Tensor, pm: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Eq. 8's ``C = g - g^T`` ``(B, K, N, N)`` from ``g`` ``(B, N, N, K)``, with ``C`` pinned to 0 where
+    ``same`` (equal elements) and on padded pairs (``pm`` False), and ``keep``, where ``C`` is not
+    zeroed: ``(B, N, N)`` with ``pm``, else ``(B, 1, 1)``.
+
+    ``F(x_i, x_j) = 0`` exactly when ``x_i == x_j``: the rounding of ``g`` there is removed, not its
+    derivative (``dF/dx_i = d1 f - d2 f`` is not 0 at ``x_i = x_j``). Padded pairs are 0 with no
+    gradient; so is a set whose real pairs are all equal (its cost is 0, which eq. 10 cannot
+    normalise: the uniform assignment results, not a gradient / eps)."""
+    # (B, K, N, N), made contiguous: with K > 1 channels (a lattice's two) the moved view keeps the
+    # channel innermost, and eq. 10's per-channel max and norm and the optimisation's per-channel
+    # products would stride over it (a no-op for K = 1)
+    g = g.movedim(-1, 1).contiguous()
+    C = g - g.transpose(-1, -2)                       # exactly anti-symmetric, zero diagonal
+    C = C - torch.where(same.unsqueeze(1), C.detach(), 0.0)
+    unequal = ~same if pm is None else ~same & pm
+    keep = unequal.flatten(1).any(1)[:, None, None]   # (B, 1, 1)
+    if pm is not None:
+        keep = keep & pm
+    return torch.where(keep.unsqueeze(1), C, 0.0), keep
+
+
+def _cost_tail(g: Tensor, x: Tensor, mask: Optional[Tensor], eps: float):
+    """Eq. 8 and 10 from the pairwise scores ``g`` ``(B, N, N, K)`` of the elements ``x`` ``(B, N, D)``
+    (padding zeroed): :func:`_antisymmetric`, then :func:`_unit_norm`; returns ``y, n, m, active``
+    and ``keep``. One pure function: run as it is, or compiled by ``torch.compile`` into a few fused
+    loops (the compiled kernel)."""
+    C, keep = _antisymmetric(g, equal_pairs(x, mask), pair_mask(mask))
+    if C.numel() == 0:                                # no set, or empty sets: nothing to normalise
+        ones = C.new_ones(C.shape[:2] + (1, 1))
+        return C, ones, ones, ones > 0, keep
+    return (*_unit_norm(C, eps), keep)
+
+
+def _cost_tail_grad(y: Tensor, n: Tensor, m: Tensor, active: Tensor, keep: Tensor, g: Optional[Tensor],
+                    g_n: Optional[Tensor]) -> Optional[Tensor]:
+    """``dL/dg`` ``(B, N, N, K)`` of :func:`_cost_tail` from its outputs: eq. 10's closed form
+    (:func:`_unit_norm_grad`), ``keep``'s zeros, and the adjoint of ``g - g^T``."""
+    grad = _unit_norm_grad(y, n, m, active, g, g_n)
+    if grad is None:
+        return None
+    grad = torch.where(keep.unsqueeze(1), grad, 0.0)
+    return (grad - grad.transpose(-1, -2)).movedim(1, -1)
+
+
+class _CostTail(torch.autograd.Function):
+    """:func:`_cost_tail` with its backward in closed form (:func:`_cost_tail_grad`), which keeps the
+    result ``y``, the per-set scalars and ``keep``; the compiled kernel runs both as compiled
+    functions (each a few fused loops instead of some 30 and 10 operations). ``n`` is an output
+    (the caller drops it) so that a differentiated backward (``create_graph=True``) reaches ``g``
+    through ``n`` as well as ``y``; that backward runs as plain operations."""
+
+    @staticmethod
+    @signature_kept
+    def forward(g: Tensor, x: Tensor, mask: Optional[Tensor], eps: float, kernel: str):
+        if kernel != "chunked" and not is_compiling():
+            out = _call_compiled("cost_tail", g, x, mask, eps, fall_back=kernel == "auto-compiled")
+            if out is not None:
+                return tuple(out)
+        return _cost_tail(g, x, mask, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        y, n, m, active, keep = output
+        ctx.kernel = inputs[-1]
+        ctx.mark_non_differentiable(m, active, keep)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, n, m, active, keep)
+
+    @staticmethod
+    def backward(ctx, g: Optional[Tensor], g_n: Optional[Tensor], *_unused):
+        saved = ctx.saved_tensors
+        grad = None
+        if ctx.kernel != "chunked" and not torch.is_grad_enabled() and not is_compiling() and g is not None:
+            grad = _call_compiled("cost_tail_backward", *saved, g, g_n, fall_back=ctx.kernel == "auto-compiled")
+        if grad is None:
+            grad = _cost_tail_grad(*saved, g, g_n)
+        return grad, None, None, None, None
 
 
 def _check_layers(first_weight: Tensor, first_bias: Optional[Tensor], hidden, last_weight: Tensor) -> None:
@@ -218,7 +323,8 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
         kernel: ``"auto"`` (per device), ``"chunked"`` or ``"compiled"`` evaluation of a two-layer
             ``f`` (see :func:`setperm.pairwise.pairwise_two_layer`; ``"fused"`` is ``"compiled"``
             here); a deeper ``f`` is always evaluated by plain operations (``"compiled"`` is
-            refused for it).
+            refused for it). Eq. 8 and 10 after ``f`` run compiled where the kernel resolves to
+            ``"compiled"`` (on CUDA by default, for a deeper ``f`` too), else as plain operations.
     Returns:
         ``(B, K, N, N)`` anti-symmetric cost, zero on padded pairs, unit Frobenius norm per set and
         channel when ``normalize`` (except a channel whose Frobenius norm lies below
@@ -256,25 +362,10 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
             pre = h @ weight.t()
             h = torch.relu(pre + bias / scale4 if bias is not None else pre)
         g = h @ last_weight.t()
-    # (B, K, N, N), g / s, made contiguous: with K > 1 channels (a lattice's two) the moved view
-    # keeps the channel innermost, and eq. 10's per-channel max and norm and the optimisation's
-    # per-channel products would stride over it (a no-op for K = 1)
-    g = g.movedim(-1, 1).contiguous()
-    C = g - g.transpose(-1, -2)                       # eq. 8: exactly anti-symmetric, zero diagonal
-    # F(x_i, x_j) = 0 exactly when x_i == x_j: the rounding of g there is removed, not its
-    # derivative (dF/dx_i = d1 f - d2 f is not 0 at x_i = x_j)
-    same = equal_pairs(x.detach(), mask)
-    C = C - torch.where(same.unsqueeze(1), C.detach(), 0.0)
-    # padded pairs are 0 with no gradient; so is a set whose real pairs are all equal (its cost
-    # is 0, which eq. 10 cannot normalise: the uniform assignment results, not a gradient / eps)
-    pm = pair_mask(mask)
-    unequal = ~same if pm is None else ~same & pm
-    keep = unequal.flatten(1).any(1)[:, None, None]   # (B, 1, 1)
-    if pm is not None:
-        keep = keep & pm
-    C = torch.where(keep.unsqueeze(1), C, 0.0)
+    # g / s: eq. 8 and 10 from it (the scale s cancels in eq. 10)
     if normalize:
-        return normalize_cost(C)                      # the scale s cancels
+        return _CostTail.apply(g, x.detach(), mask, NORM_EPS, kernel_to_call(kernel, x.device))[0]
+    C, _ = _antisymmetric(g, equal_pairs(x.detach(), mask), pair_mask(mask))
     return C * scale.unsqueeze(1)
 
 
@@ -296,10 +387,11 @@ class PairwiseCost(nn.Module):
         channels: number K of cost matrices (1 for sequences, 2 for lattices: horizontal, vertical).
         normalize: divide by the Frobenius norm per set and channel (eq. 10).
         kernel: ``"auto"`` (default: ``"compiled"`` on CUDA, ``"chunked"`` elsewhere), ``"chunked"``
-            or ``"compiled"`` (torch.compile-fused pairwise MLP, faster after a one-off compilation
-            on first use; two-layer f only), see :mod:`setperm.pairwise`; measured speed-ups in
-            ``benchmarks/README.md``. ``"fused"`` evaluates the cost as ``"compiled"`` (a deeper f
-            by plain operations); it matters to the optimisation that consumes the cost.
+            or ``"compiled"`` (torch.compile-fused pairwise MLP and eq. 8 and 10 after it, faster
+            after a one-off compilation on first use; two-layer f only), see
+            :mod:`setperm.pairwise`; measured speed-ups in ``benchmarks/README.md``. ``"fused"``
+            evaluates the cost as ``"compiled"`` (a deeper f by plain operations); it matters to the
+            optimisation that consumes the cost.
         device, dtype: where and in which dtype to create the parameters (as ``nn.Linear``).
 
     All arguments after ``hidden`` are keyword-only. Functional form:

@@ -14,7 +14,10 @@ same function and the same exact gradients:
   one-off compilation per dtype/device on first use (shapes are dynamic); measured speed-ups, and
   the configurations where the pairwise MLP is too small for it to matter, are in
   ``benchmarks/README.md``. Needs a working inductor backend (a C++ compiler on CPU, Triton on
-  CUDA). Double backward runs the chunked contractions.
+  CUDA). Double backward runs the chunked contractions. The cost that consumes the MLP
+  (:func:`setperm.functional.pairwise_cost`) runs eq. 8 and 10 after it (``g - g^T``, the zeros of
+  equal elements and padding, the normalisation) the same way: with ``"compiled"`` as two more
+  compiled functions, forward and backward, with ``"chunked"`` as plain operations.
 - ``"auto"`` (the default of every module): resolved per call from the device of the inputs,
   ``"compiled"`` on CUDA (there the chunked kernel's many small launches dominate the time) and
   ``"chunked"`` elsewhere (on the CPU the chunked kernel needs no compilation and is the measured
@@ -259,6 +262,17 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
     return "compiled"
 
 
+def kernel_to_call(kernel: str, device: torch.device) -> str:
+    """What a call with ``kernel`` on ``device`` runs: ``"chunked"``, ``"compiled"`` (a failed build
+    raises) or ``"auto-compiled"`` (``"auto"`` and ``"fused"`` where they take the compiled kernel: a
+    failed build warns once and falls back to ``"chunked"``). Inside a ``torch.compile`` of a larger
+    function, ``"compiled"``: the fused expressions are traced into it (see the module docstring)."""
+    if is_compiling():
+        return "compiled"
+    resolved = resolve_kernel(kernel, device)
+    return "auto-compiled" if kernel in ("auto", "fused") and resolved == "compiled" else resolved
+
+
 # device type -> why the compiled kernel could not be built there ("auto" and "fused" warn once per
 # device type, then take the chunked kernel)
 _auto_fallback: dict = {}
@@ -302,13 +316,7 @@ def pairwise_two_layer(a: Tensor, c: Tensor, w2: Tensor, kernel: str = "auto",
         raise ValueError(f"a and c must have the same shape (B, N, H), got {tuple(a.shape)} and {tuple(c.shape)}")
     if w2.dim() != 2 or w2.shape[1] != a.shape[2]:
         raise ValueError(f"w2 must have shape (K, {a.shape[2]}), got {tuple(w2.shape)}")
-    if is_compiling():
-        kernel = "compiled"          # traced as the fused expressions (see the module docstring)
-    else:
-        falls_back = kernel in ("auto", "fused")
-        kernel = resolve_kernel(kernel, a.device)
-        if falls_back and kernel == "compiled":
-            kernel = "auto-compiled"     # "compiled", but a failed build falls back instead of raising
+    kernel = kernel_to_call(kernel, a.device)
     # One dtype for every kernel: under autocast a, c and w2 may differ (a half-precision c with a
     # float32 a, a float32 a with a half-precision module's w2), and neither the fused loops nor
     # the chunked products into preallocated outputs promote.
@@ -338,18 +346,23 @@ def _compiled(name: str):
     variable-size sets would otherwise recompile per new shape); dtype, device and sizes 0/1 (one
     cost channel) still make their own specialisations.
     """
-    fn = {"forward": _fused_forward, "backward": _fused_backward}[name]
+    if name in ("cost_tail", "cost_tail_backward"):
+        from . import cost          # (the cost imports this module)
+        fn = {"cost_tail": cost._cost_tail, "cost_tail_backward": cost._cost_tail_grad}[name]
+    else:
+        fn = {"forward": _fused_forward, "backward": _fused_backward}[name]
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
-    """Run a fused function; None when dynamo refuses to compile one more specialisation (its
-    recompile limit), in which case the caller computes the same values with the chunked kernel.
+def _call_compiled(name: str, *args, fall_back: bool = False):
+    """Run a compiled function (tensors passed detached; None and numbers as they are); None when
+    dynamo refuses to compile one more specialisation (its recompile limit), in which case the
+    caller computes the same values with plain operations.
     A failed build raises (explicit ``kernel="compiled"``), or with ``fall_back`` (``"auto"``,
     ``"fused"``) warns once naming the reason and returns None, and both stop trying on that device."""
     # Plain tensors: dynamo compiles nn.Parameter shapes as static, which would specialise the
     # kernel to one hidden width (and recompile for every other model).
-    args = tuple(t.detach() for t in args)
+    args = tuple(t.detach() if isinstance(t, Tensor) else t for t in args)
     try:
         compiled = _compiled(name)
     except RuntimeError as err:          # torch.compile refuses this Python (torch 2.0 on Python 3.11)
@@ -361,9 +374,11 @@ def _call_compiled(name: str, *args: Tensor, fall_back: bool = False):
     except Exception as err:
         if not hit_recompile_limit(err):
             raise
-        warnings.warn("setperm kernel='compiled': torch.compile's recompile limit was reached for the pairwise "
-                      "kernel (too many input specialisations in one process); falling back to the chunked "
-                      "kernel for the new ones (same values, slower)", RuntimeWarning, stacklevel=user_stacklevel())
+        what = "eq. 8 and 10 after the pairwise MLP" if name.startswith("cost_tail") else "the pairwise MLP"
+        warnings.warn(f"setperm kernel='compiled': torch.compile's recompile limit was reached for {what} "
+                      f"({name}: too many input specialisations in one process); falling back to plain "
+                      "operations for the new ones (same values, slower)", RuntimeWarning,
+                      stacklevel=user_stacklevel())
         return None
 
 

@@ -21,12 +21,20 @@ def set_scale(x: Tensor) -> Tensor:
     ``x / s`` with biases ``b / s`` gives ``C / s`` and eq. 10 removes ``s`` (paper eq. 8-10); and by
     the linear-assignment logits, ``s * ((x / s) W^T)`` (eq. 6), with each element as a set of one.
     """
-    amax = x.detach().abs().flatten(1).amax(1) if x.shape[1] * x.shape[2] else x.new_zeros(x.shape[0])
-    # exponents in float32, or float64 for a float64 set: float64 magnitudes beyond float32's range
-    # would become inf there (frexp(inf) gives exponent 0, hence no scaling at all). s <= amax, so
-    # s fits x's dtype.
-    work = torch.promote_types(amax.dtype, torch.float32)
-    exponent = torch.frexp(amax.to(work)).exponent                      # amax = m * 2^e, m in [0.5, 1)
-    # (the exponent in the working dtype: older torch, 2.4 among them, computes 2 ** an integer exponent
-    # in float32, which overflows past 2 ** 127)
-    return torch.ldexp(torch.ones_like(amax, dtype=work), (exponent - 1).clamp_min(0).to(work)).to(x.dtype)
+    if x.shape[1] * x.shape[2]:
+        amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=(1, 2))    # max |x_b|: one reduction
+    else:
+        amax = x.new_zeros(x.shape[0])
+    # The exponent read from the bits of max |x| in float32, or float64 for a float64 set (float64
+    # magnitudes beyond float32's range would become inf there): max |x| = 1.f * 2^(E - bias) with the
+    # biased exponent E, so s = 2^max(E - bias, 0), whose bits are max(E, bias) shifted into place. A
+    # zero or subnormal maximum (E = 0) gives s = 1; so does a non-finite one (E all ones), as if
+    # unscaled. Six operations on the device (frexp and ldexp would take eight).
+    if amax.dtype == torch.float64:
+        as_int, mantissa, bias, ones = torch.int64, 52, 1023, 2047
+    else:
+        amax = amax.float()
+        as_int, mantissa, bias, ones = torch.int32, 23, 127, 255
+    exponent = amax.view(as_int) >> mantissa                             # E (max |x| >= 0: no sign bit)
+    exponent = torch.where(exponent < ones, exponent.clamp_min(bias), bias)
+    return (exponent << mantissa).view(amax.dtype).to(x.dtype)          # s <= max |x|: fits x's dtype
