@@ -373,20 +373,23 @@ def test_the_cost_tail_keeps_its_result_and_nothing_else_of_its_size():
 needs_compiler = pytest.mark.usefixtures("inductor_builds_on_cpu")
 
 
-@needs_compiler
+@pytest.mark.usefixtures("torch_compile_runs")
 @pytest.mark.parametrize("channels", [1, 2])
-def test_the_compiled_cost_tail_equals_the_plain_one_with_exact_derivatives(channels):
-    """kernel="compiled" runs eq. 8 and 10 as two compiled functions (forward, backward): the plain
-    operations' values and gradients, and second derivatives (through the plain backward)."""
+def test_the_compiled_cost_tail_equals_the_plain_one_with_exact_derivatives(channels, device, request):
+    """kernel="compiled" runs eq. 8 and 10 as two compiled functions (forward, backward; on CUDA
+    Triton kernels): the plain operations' values and gradients, and second derivatives (through
+    the plain backward)."""
     from setperm.cost import NORM_EPS, _CostTail
 
+    if device.type == "cpu":
+        request.getfixturevalue("inductor_builds_on_cpu")     # (C++ kernels there)
     for masked in (False, True):
-        g, x, mask = _tail_inputs(channels, masked, seed=6)
+        g, x, mask = (t if t is None else t.to(device) for t in _tail_inputs(channels, masked, seed=6))
         g = g.requires_grad_()
         plain, compiled = (lambda g, k=kernel: _CostTail.apply(g, x, mask, NORM_EPS, k)[0]
                            for kernel in ("chunked", "compiled"))
         assert_close(compiled(g), plain(g), rtol=1e-14, atol=1e-15)
-        up = torch.randn(4, channels, 6, 6, dtype=torch.float64)
+        up = torch.randn(4, channels, 6, 6, dtype=torch.float64, device=device)
         assert_close(torch.autograd.grad(compiled(g), g, up)[0], torch.autograd.grad(plain(g), g, up)[0],
                      rtol=1e-12, atol=1e-14)
         x[0, 1] += 1.0                                 # (see the test above)
