@@ -71,7 +71,7 @@ def test_the_error_classes(recompile_limit_error):
 def test_a_torch_compile_that_refuses_this_python_is_a_failed_build(monkeypatch):
     """torch.compile itself may refuse (torch 2.0 on Python 3.11): "auto" falls back once with the
     reason, an explicit "compiled" raises a clear error."""
-    def refuse(name):
+    def refuse(fn):
         raise RuntimeError("Python 3.99+ not yet supported for torch.compile")
 
     monkeypatch.setattr(pairwise_mod, "_compiled", refuse)
@@ -81,11 +81,11 @@ def test_a_torch_compile_that_refuses_this_python_is_a_failed_build(monkeypatch)
     with pytest.raises(RuntimeError, match="could not be compiled .*Cause: Python 3.99"):
         pairwise_mod.pairwise_two_layer(a, c, w2, kernel="compiled")
     with pytest.warns(RuntimeWarning, match="cannot be built on cpu .*Python 3.99"):
-        out = pairwise_mod._call_compiled("forward", a, c, w2, fall_back=True)
+        out = pairwise_mod._call_compiled(pairwise_mod._fused_forward, a, c, w2, fall_back=True)
     assert out is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")                     # once per device type
-        assert pairwise_mod._call_compiled("forward", a, c, w2, fall_back=True) is None
+        assert pairwise_mod._call_compiled(pairwise_mod._fused_forward, a, c, w2, fall_back=True) is None
 
 
 def test_every_function_with_setup_context_keeps_its_forward_signature():

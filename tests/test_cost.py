@@ -416,7 +416,7 @@ def test_the_cost_tail_past_the_recompile_limit_is_the_plain_one(monkeypatch, re
     """Where dynamo refuses one more specialisation of eq. 8 and 10, plain operations give the same
     values and gradients, with a warning that names them."""
     from setperm import pairwise as pairwise_mod
-    from setperm.cost import NORM_EPS, _CostTail
+    from setperm.cost import NORM_EPS, _cost_tail, _cost_tail_grad, _CostTail
 
     compiled = pairwise_mod._compiled
 
@@ -424,7 +424,7 @@ def test_the_cost_tail_past_the_recompile_limit_is_the_plain_one(monkeypatch, re
         raise recompile_limit_error
 
     monkeypatch.setattr(pairwise_mod, "_compiled",
-                        lambda name: refuse if name.startswith("cost_tail") else compiled(name))
+                        lambda fn: refuse if fn in (_cost_tail, _cost_tail_grad) else compiled(fn))
     g, x, mask = _tail_inputs(1, True)
     g = g.requires_grad_()
     with pytest.warns(RuntimeWarning, match="recompile limit was reached for eq. 8 and 10"):

@@ -458,7 +458,7 @@ def test_auto_and_fused_fall_back_once_with_the_reason_when_the_compiled_kernel_
     def broken(*args):
         raise build_failure("no working compiler")
 
-    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: broken)
     monkeypatch.setattr(pairwise_mod, "resolve_kernel",
                         lambda kernel, device: kernel if kernel in ("chunked", "compiled")
                         else ("chunked" if pairwise_mod._auto_fallback else "compiled"))

@@ -47,7 +47,7 @@ def test_compile_failure_is_a_clear_error(monkeypatch, build_failure):
     def broken(*args):
         raise build_failure("no C++ compiler")
 
-    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: broken)
     a, c, w = inputs(0)
     with pytest.raises(RuntimeError, match="kernel='chunked'"):
         pairwise_two_layer(a, c, w, kernel="compiled")
@@ -66,7 +66,7 @@ def test_a_library_folder_with_a_space_is_named_as_the_likely_cause(monkeypatch,
     def broken(*args):
         raise build_failure("C++ compile error")
 
-    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: broken)
     a, c, w = inputs(0)
     with pytest.raises(RuntimeError, match=r"C\+\+ compile error; the likely reason: '/home/a user/env/.*/torch/lib' "
                                            "holds a space"):
@@ -124,7 +124,7 @@ def test_recompile_limit_falls_back_to_chunked(monkeypatch, recompile_limit_erro
     def refuse(*args):
         raise recompile_limit_error
 
-    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: refuse)
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: refuse)
     a, c, w = inputs(1)
     with pytest.warns(RuntimeWarning, match="recompile limit"):
         out = pairwise_two_layer(a, c, w, kernel="compiled")

@@ -245,6 +245,9 @@ def _cost_tail_grad(y: Tensor, n: Tensor, m: Tensor, active: Tensor, keep: Tenso
     return (grad - grad.transpose(-1, -2)).movedim(1, -1)
 
 
+_TAIL = "eq. 8 and 10 after the pairwise MLP"         # (as warnings name it)
+
+
 class _CostTail(torch.autograd.Function):
     """:func:`_cost_tail` with its backward in closed form (:func:`_cost_tail_grad`), which keeps the
     result ``y``, the per-set scalars and ``keep``; the compiled kernel runs both as compiled
@@ -256,7 +259,7 @@ class _CostTail(torch.autograd.Function):
     @signature_kept
     def forward(g: Tensor, x: Tensor, mask: Optional[Tensor], eps: float, kernel: str):
         if kernel != "chunked" and not is_compiling():
-            out = _call_compiled("cost_tail", g, x, mask, eps, fall_back=kernel == "auto-compiled")
+            out = _call_compiled(_cost_tail, g, x, mask, eps, fall_back=kernel == "auto-compiled", what=_TAIL)
             if out is not None:
                 return tuple(out)
         return _cost_tail(g, x, mask, eps)
@@ -274,7 +277,8 @@ class _CostTail(torch.autograd.Function):
         saved = ctx.saved_tensors
         grad = None
         if ctx.kernel != "chunked" and not torch.is_grad_enabled() and not is_compiling() and g is not None:
-            grad = _call_compiled("cost_tail_backward", *saved, g, g_n, fall_back=ctx.kernel == "auto-compiled")
+            grad = _call_compiled(_cost_tail_grad, *saved, g, g_n, fall_back=ctx.kernel == "auto-compiled",
+                                  what=_TAIL)
         if grad is None:
             grad = _cost_tail_grad(*saved, g, g_n)
         return grad, None, None, None, None

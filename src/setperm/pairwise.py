@@ -39,7 +39,7 @@ import functools
 import os
 import sysconfig
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -136,7 +136,7 @@ class _PairwiseTwoLayer(torch.autograd.Function):
         if is_compiling():
             return _fused_forward(a, c, w2)
         if kernel != "chunked":
-            out = _call_compiled("forward", a, c, w2, fall_back=kernel == "auto-compiled")
+            out = _call_compiled(_fused_forward, a, c, w2, fall_back=kernel == "auto-compiled")
             if out is not None:
                 return out
         B, N, H = a.shape
@@ -173,7 +173,7 @@ class _PairwiseTwoLayer(torch.autograd.Function):
         if torch.is_grad_enabled():          # create_graph: record the contractions (no out=)
             T1, T2 = _contractions_recorded(a, c, grad_out)
         else:
-            grads = (_call_compiled("backward", a, c, w2, grad_out, fall_back=ctx.kernel == "auto-compiled")
+            grads = (_call_compiled(_fused_backward, a, c, w2, grad_out, fall_back=ctx.kernel == "auto-compiled")
                      if ctx.kernel != "chunked" else None)
             if grads is not None:
                 return (*grads, *none)
@@ -339,32 +339,27 @@ def _fused_backward(a: Tensor, c: Tensor, w2: Tensor, grad_out: Tensor):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(name: str):
-    """The torch.compile wrapper of one fused function, created on first use.
+def _compiled(fn: Callable):
+    """The torch.compile wrapper of one pure function, created on first use.
 
     ``dynamic=True``: one kernel serves every set size, batch size and hidden width (a model with
     variable-size sets would otherwise recompile per new shape); dtype, device and sizes 0/1 (one
     cost channel) still make their own specialisations.
     """
-    if name in ("cost_tail", "cost_tail_backward"):
-        from . import cost          # (the cost imports this module)
-        fn = {"cost_tail": cost._cost_tail, "cost_tail_backward": cost._cost_tail_grad}[name]
-    else:
-        fn = {"forward": _fused_forward, "backward": _fused_backward}[name]
     return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-def _call_compiled(name: str, *args, fall_back: bool = False):
-    """Run a compiled function (tensors passed detached; None and numbers as they are); None when
-    dynamo refuses to compile one more specialisation (its recompile limit), in which case the
-    caller computes the same values with plain operations.
+def _call_compiled(fn: Callable, *args, fall_back: bool = False, what: str = "the pairwise MLP"):
+    """Run ``fn`` compiled (tensors passed detached; None and numbers as they are); None when dynamo
+    refuses to compile one more specialisation (its recompile limit, warned naming ``what``), in
+    which case the caller computes the same values with plain operations.
     A failed build raises (explicit ``kernel="compiled"``), or with ``fall_back`` (``"auto"``,
     ``"fused"``) warns once naming the reason and returns None, and both stop trying on that device."""
     # Plain tensors: dynamo compiles nn.Parameter shapes as static, which would specialise the
     # kernel to one hidden width (and recompile for every other model).
     args = tuple(t.detach() if isinstance(t, Tensor) else t for t in args)
     try:
-        compiled = _compiled(name)
+        compiled = _compiled(fn)
     except RuntimeError as err:          # torch.compile refuses this Python (torch 2.0 on Python 3.11)
         return _build_failed(err, args[0].device.type, fall_back)
     try:
@@ -374,9 +369,8 @@ def _call_compiled(name: str, *args, fall_back: bool = False):
     except Exception as err:
         if not hit_recompile_limit(err):
             raise
-        what = "eq. 8 and 10 after the pairwise MLP" if name.startswith("cost_tail") else "the pairwise MLP"
         warnings.warn(f"setperm kernel='compiled': torch.compile's recompile limit was reached for {what} "
-                      f"({name}: too many input specialisations in one process); falling back to plain "
+                      f"({fn.__name__}: too many input specialisations in one process); falling back to plain "
                       "operations for the new ones (same values, slower)", RuntimeWarning,
                       stacklevel=user_stacklevel())
         return None

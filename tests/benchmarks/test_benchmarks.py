@@ -100,7 +100,7 @@ def test_a_compiled_kernel_that_cannot_be_built_is_one_line_naming_no_compiled(b
     def broken(*args):
         raise build_failure("C++ compile error")
 
-    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: broken)
     argv = ["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]
     argv += [] if bench is limit else ["--warmup", "0"]
     argv += ["--no-memory"] if bench in (layer, scaling) else []

@@ -202,7 +202,7 @@ def test_a_kernel_that_cannot_be_built_here_is_one_line(tmp_path, monkeypatch, c
     def broken(*args):
         raise build_failure("no C++ compiler")
 
-    monkeypatch.setattr(pairwise_mod, "_compiled", lambda name: broken)
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: broken)
     assert run_command(sorting_main, "prog", ["train", "--set-size", "5", "--train-sets", "128", "--batch-size", "64",
                                               "--kernel", "compiled", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
