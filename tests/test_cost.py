@@ -433,3 +433,101 @@ def test_the_cost_tail_past_the_recompile_limit_is_the_plain_one(monkeypatch, re
     want = _CostTail.apply(g, x, mask, NORM_EPS, "chunked")[0]
     assert torch.equal(got, want)
     assert torch.equal(grad, torch.autograd.grad(want.pow(3).sum(), g)[0])
+
+
+def _two_layer_inputs(channels, masked, device=None, seed=8):
+    """A padded batch with twins and a set of equal elements, and the two-layer f's weights, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6, 4, dtype=torch.float64, generator=gen)
+    x[0, 1] = x[0, 0]
+    x[2] = 0.5
+    w1, b1 = torch.randn(5, 8, dtype=torch.float64, generator=gen), torch.randn(5, dtype=torch.float64, generator=gen)
+    w2 = torch.randn(channels, 5, dtype=torch.float64, generator=gen)
+    mask = (torch.arange(6) < torch.tensor([6, 4, 5])[:, None]) if masked else None
+    return [t if t is None else t.to(device) for t in (x, w1, b1, w2, mask)]
+
+
+@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_compiled_two_layer_cost_equals_the_chunked_one_with_exact_derivatives(channels, device, request):
+    """kernel="compiled" runs the two-layer f with eq. 8 and 10 as one compiled function each way
+    (on CUDA Triton kernels): the chunked kernel's values and gradients of every input, and second
+    derivatives (through the plain backward)."""
+    if device.type == "cpu":
+        request.getfixturevalue("inductor_builds_on_cpu")     # (C++ kernels there)
+    for masked in (False, True):
+        x, w1, b1, w2, mask = _two_layer_inputs(channels, masked, device)
+        leaves = [t.requires_grad_() for t in (x, w1, b1, w2)]
+        chunked, compiled = (lambda *t, k=kernel: pairwise_cost(t[0], t[1], t[2], [], t[3], mask, kernel=k)
+                             for kernel in ("chunked", "compiled"))
+        assert_close(compiled(*leaves), chunked(*leaves), rtol=1e-13, atol=1e-14)
+        up = torch.randn(3, channels, 6, 6, dtype=torch.float64, device=device)
+        for got, want in zip(torch.autograd.grad(compiled(*leaves), leaves, up),
+                             torch.autograd.grad(chunked(*leaves), leaves, up)):
+            assert_close(got, want, rtol=1e-11, atol=1e-13)
+        # (gradgradcheck on elements without twins or an all-equal set: their cost is pinned to 0,
+        # which a perturbation of the elements undoes)
+        leaves[0] = torch.randn(x.shape, dtype=torch.float64, device=device).requires_grad_()
+        assert torch.autograd.gradgradcheck(compiled, leaves)
+
+
+def test_the_compiled_two_layer_cost_is_one_compiled_function_each_way(monkeypatch):
+    """The pairwise MLP and eq. 8 and 10 are one compiled function forward and one backward (each a
+    compiled region whose entry costs the host), none of the four they were apart."""
+    from setperm import cost as cost_mod
+    from setperm import pairwise as pairwise_mod
+
+    called = []
+    monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: called.append(fn.__name__) or fn)
+    monkeypatch.setattr(cost_mod, "_call_compiled",
+                        lambda fn, *args, **kw: pairwise_mod._call_compiled(fn, *args, **kw))
+    for masked in (False, True):
+        called.clear()
+        x, w1, b1, w2, mask = _two_layer_inputs(1, masked)
+        leaves = [t.requires_grad_() for t in (x, w1, b1, w2)]
+        got = pairwise_cost(*leaves[:3], [], leaves[3], mask, kernel="compiled")
+        grads = torch.autograd.grad(got.pow(3).sum(), leaves)
+        assert called == ["_two_layer_cost", "_two_layer_cost_grad"]
+        want = pairwise_cost(*leaves[:3], [], leaves[3], mask, kernel="chunked")
+        assert_close(got, want, rtol=1e-13, atol=1e-14)
+        for g, w in zip(grads, torch.autograd.grad(want.pow(3).sum(), leaves)):
+            assert_close(g, w, rtol=1e-11, atol=1e-13)
+
+
+def test_the_two_layer_cost_keeps_its_result_and_the_elements_and_nothing_else_of_their_size():
+    x, w1, b1, w2, mask = _two_layer_inputs(1, True)
+    x, w1, b1, w2 = (t.float() for t in (x, w1, b1, w2))
+    x = x.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = pairwise_cost(x, w1, b1, [], w2, mask, kernel="chunked")
+    floats = [t for t in saved if t.is_floating_point()]
+    assert [t.data_ptr() for t in floats if t.numel() == y.numel()] == [y.data_ptr()]
+    # beside y: the scaled elements (B, N, D) and small tensors; no (B, N, N, K) g, no (B, N, H) a or c
+    others = [t for t in floats if t.data_ptr() != y.data_ptr()]
+    assert sum(t.numel() for t in others if t.dim() == 3 and t.shape[-1] == x.shape[-1]) <= 2 * x.numel()
+    assert all(t.numel() < y.numel() for t in others), [tuple(t.shape) for t in others]
+
+
+def test_the_two_layer_cost_past_the_recompile_limit_is_the_chunked_one(monkeypatch, recompile_limit_error):
+    """Where dynamo refuses one more specialisation of the two-layer cost, the chunked loops and plain
+    operations give the same values and gradients, with a warning that names them."""
+    from setperm import pairwise as pairwise_mod
+    from setperm.cost import _two_layer_cost, _two_layer_cost_grad
+
+    compiled = pairwise_mod._compiled
+
+    def refuse(*args):
+        raise recompile_limit_error
+
+    monkeypatch.setattr(pairwise_mod, "_compiled",
+                        lambda fn: refuse if fn in (_two_layer_cost, _two_layer_cost_grad) else compiled(fn))
+    x, w1, b1, w2, mask = _two_layer_inputs(2, True)
+    leaves = [t.requires_grad_() for t in (x, w1, b1, w2)]
+    with pytest.warns(RuntimeWarning, match="recompile limit was reached for the pairwise MLP with eq. 8 and 10"):
+        got = pairwise_cost(*leaves[:3], [], leaves[3], mask, kernel="compiled")
+        grads = torch.autograd.grad(got.pow(3).sum(), leaves)
+    want = pairwise_cost(*leaves[:3], [], leaves[3], mask, kernel="chunked")
+    assert torch.equal(got, want)
+    for g, w in zip(grads, torch.autograd.grad(want.pow(3).sum(), leaves)):
+        assert torch.equal(g, w)

@@ -16,9 +16,11 @@ projections are computed with autocast off (in the wider dtype of ``x`` and the 
 backward recomputes are the forward's, bit for bit.
 
 What follows ``g`` (``g - g^T``, the zeros of equal elements and of padded pairs, eq. 10) is one
-pure function with a closed-form backward (:class:`_CostTail`): about 30 operations forward and 10
-backward as plain operations, a few fused loops each when the compiled kernel runs it (on CUDA by
-default: each operation there is a kernel launch).
+pure function with a closed-form backward (:func:`_cost_tail`, :func:`_cost_tail_grad`): about 30
+operations forward and 10 backward as plain operations, a few fused loops each when the compiled
+kernel runs it (on CUDA by default: each operation there is a kernel launch). For the two-layer ``f``
+the compiled kernel runs the pairwise MLP and this tail as one compiled function each way
+(:class:`_TwoLayerCost`); a deeper ``f`` is plain operations followed by :class:`_CostTail`.
 """
 from __future__ import annotations
 
@@ -34,8 +36,8 @@ from ._errors import check_int, check_same_device, registered_hooks, user_stackl
 from .init import uninitialized, xavier_linear_
 from .masking import (check_dtype, check_module_device, check_set, host_decisions, pair_mask, resolve_mask,
                       zero_padding)
-from .pairwise import (_call_compiled, _rows_per_chunk, check_kernel, element_projections, kernel_to_call,
-                       pairwise_two_layer)
+from .pairwise import (_call_compiled, _fused_backward, _fused_forward, _rows_per_chunk, _two_layer_backward,
+                       _two_layer_forward, check_kernel, element_projections, kernel_to_call, pairwise_two_layer)
 from .scale import set_scale
 
 
@@ -284,6 +286,79 @@ class _CostTail(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _two_layer_cost(a: Tensor, c: Tensor, w2: Tensor, x: Tensor, mask: Optional[Tensor], eps: float):
+    """Eq. 8 - 10 for the two-layer ``f`` from its projections ``a``, ``c`` ``(B, N, H)`` (see
+    :func:`setperm.pairwise.element_projections`) and last weight ``w2`` ``(K, H)``: the pairwise MLP's
+    broadcast-and-reduce expression, then :func:`_cost_tail`; one pure function, which the compiled
+    kernel compiles whole (one compiled region instead of two)."""
+    return _cost_tail(_fused_forward(a, c, w2), x, mask, eps)
+
+
+def _two_layer_cost_grad(y: Tensor, n: Tensor, m: Tensor, active: Tensor, keep: Tensor, g: Tensor,
+                         g_n: Optional[Tensor], a: Tensor, c: Tensor, w2: Tensor):
+    """``grad_a``, ``grad_c``, ``grad_w2`` of :func:`_two_layer_cost` from its outputs (``g`` and
+    ``g_n``: the gradients of ``y`` and ``n``): :func:`_cost_tail_grad`, then the pairwise MLP's
+    contractions (:func:`setperm.pairwise._fused_backward`)."""
+    return _fused_backward(a, c, w2, _cost_tail_grad(y, n, m, active, keep, g, g_n))
+
+
+_COST = "the pairwise MLP with eq. 8 and 10"           # (as warnings name it)
+
+
+class _TwoLayerCost(torch.autograd.Function):
+    """The normalised cost of a two-layer ``f`` from its projections: :func:`_two_layer_cost`, with
+    the backward of :class:`_CostTail` followed by the pairwise MLP's (:class:`setperm.pairwise.
+    _PairwiseTwoLayer`'s). It keeps what those two keep: the result ``y``, the per-set scalars,
+    ``keep``, and the inputs of :func:`setperm.pairwise.element_projections` (``xs``, ``w_a``, ``w_b``,
+    ``bias``), from which backward recomputes ``a`` and ``c``; the pairwise scores ``g`` are not kept.
+
+    One function so that the compiled kernel runs each way as one compiled function: each compiled
+    region's entry (dynamo's guards, its wrappers) costs the host time at every call, which on CUDA
+    no kernel hides, and the pairwise MLP and eq. 8 and 10 compiled apart took four. With ``"chunked"``, where the
+    compiled function is refused, and in a differentiated backward (``create_graph=True``) the same
+    maths runs as the chunked loops and plain operations (differentiable twice)."""
+
+    @staticmethod
+    @signature_kept
+    def forward(a: Tensor, c: Tensor, w2: Tensor, x: Tensor, mask: Optional[Tensor], eps: float, kernel: str,
+                xs: Tensor, w_a: Tensor, w_b: Tensor, bias: Optional[Tensor]):
+        if is_compiling():
+            return _two_layer_cost(a, c, w2, x, mask, eps)
+        if kernel != "chunked":
+            out = _call_compiled(_two_layer_cost, a, c, w2, x, mask, eps, fall_back=kernel == "auto-compiled",
+                                 what=_COST)
+            if out is not None:
+                return tuple(out)
+        return _cost_tail(_two_layer_forward(a, c, w2, "chunked"), x, mask, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        y, n, m, active, keep = output
+        _, _, w2, _, _, _, ctx.kernel, xs, w_a, w_b, bias = inputs
+        ctx.mark_non_differentiable(m, active, keep)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, n, m, active, keep, xs, w_a, w_b, bias, w2)
+
+    @staticmethod
+    def backward(ctx, g: Optional[Tensor], g_n: Optional[Tensor], *_unused):
+        y, n, m, active, keep, xs, w_a, w_b, bias, w2 = ctx.saved_tensors
+        none = (None,) * 8                   # (x, mask, eps, kernel and the projections' inputs)
+        # (with create_graph, a graph from the kept inputs: a second derivative reaches them
+        # through the recomputed a and c as it would through the forward's)
+        a, c = element_projections(xs, w_a, w_b, bias)
+        if is_compiling():
+            return (*_two_layer_cost_grad(y, n, m, active, keep, g, g_n, a, c, w2), *none)
+        if ctx.kernel != "chunked" and not torch.is_grad_enabled() and g is not None:
+            grads = _call_compiled(_two_layer_cost_grad, y, n, m, active, keep, g, g_n, a, c, w2,
+                                   fall_back=ctx.kernel == "auto-compiled", what=_COST)
+            if grads is not None:
+                return (*grads, *none)
+        grad = _cost_tail_grad(y, n, m, active, keep, g, g_n)
+        if grad is None:
+            return (None, None, None, *none)
+        return (*_two_layer_backward(a, c, w2, grad, "chunked"), *none)
+
+
 def _check_layers(first_weight: Tensor, first_bias: Optional[Tensor], hidden, last_weight: Tensor) -> None:
     """The shapes of f's layers after the first weight, each named as :func:`pairwise_cost` takes it."""
     def shape(t) -> str:
@@ -356,6 +431,12 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     xs = x / scale
     bias = None if first_bias is None else first_bias / scale
     a, c = element_projections(xs, w_a, w_b, bias)    # W_a x_i + b, W_b x_j: once per element
+    if not hidden and normalize:
+        # f, eq. 8 and 10 in one autograd function (backward recomputes a and c from xs: (B, N, D)
+        # kept instead of two (B, N, H)); the scale s cancels in eq. 10
+        w2 = last_weight.to(a.dtype)                  # (one dtype for the kernels, as pairwise_two_layer)
+        return _TwoLayerCost.apply(a, c.to(a.dtype), w2, x.detach(), mask, NORM_EPS,
+                                   kernel_to_call(kernel, x.device), xs, w_a, w_b, bias)[0]
     if not hidden:
         # (backward recomputes a and c from xs: (B, N, D) kept instead of two (B, N, H))
         g = pairwise_two_layer(a, c, last_weight, kernel, projections=(xs, w_a, w_b, bias))   # (B, N, N, K)

@@ -16,8 +16,8 @@ same function and the same exact gradients:
   ``benchmarks/README.md``. Needs a working inductor backend (a C++ compiler on CPU, Triton on
   CUDA). Double backward runs the chunked contractions. The cost that consumes the MLP
   (:func:`setperm.functional.pairwise_cost`) runs eq. 8 and 10 after it (``g - g^T``, the zeros of
-  equal elements and padding, the normalisation) the same way: with ``"compiled"`` as two more
-  compiled functions, forward and backward, with ``"chunked"`` as plain operations.
+  equal elements and padding, the normalisation) the same way: with ``"compiled"`` in the same
+  compiled function as the MLP (one forward, one backward), with ``"chunked"`` as plain operations.
 - ``"auto"`` (the default of every module): resolved per call from the device of the inputs,
   ``"compiled"`` on CUDA (there the chunked kernel's many small launches dominate the time) and
   ``"chunked"`` elsewhere (on the CPU the chunked kernel needs no compilation and is the measured
@@ -133,23 +133,7 @@ class _PairwiseTwoLayer(torch.autograd.Function):
     @signature_kept
     def forward(a: Tensor, c: Tensor, w2: Tensor, kernel: str, x: Optional[Tensor], w_a: Optional[Tensor],
                 w_b: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-        if is_compiling():
-            return _fused_forward(a, c, w2)
-        if kernel != "chunked":
-            out = _call_compiled(_fused_forward, a, c, w2, fall_back=kernel == "auto-compiled")
-            if out is not None:
-                return out
-        B, N, H = a.shape
-        K = w2.shape[0]
-        out = a.new_empty(B, N, N, K)
-        w2t = w2.t()
-        buf = _chunk_buffer(a, B, N, H)
-        for b0, b1, i0, i1 in _chunks(B, N, H):
-            h = buf[:b1 - b0, :i1 - i0]                                         # (s, r, N, H)
-            torch.add(a[b0:b1, i0:i1, None, :], c[b0:b1, None, :, :], out=h)
-            h.relu_()
-            torch.matmul(h, w2t, out=out[b0:b1, i0:i1])
-        return out
+        return _two_layer_forward(a, c, w2, kernel)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -166,19 +150,47 @@ class _PairwiseTwoLayer(torch.autograd.Function):
             a, c = element_projections(x, w_a, w_b, bias)
         else:
             a, c, w2 = ctx.saved_tensors
-        none = (None,) * 5                   # (kernel and the projections' inputs)
-        grad_out = grad_out.contiguous()     # it arrives as a permuted view (movedim, g - g^T)
-        if is_compiling():
-            return (*_fused_backward(a, c, w2, grad_out), *none)
-        if torch.is_grad_enabled():          # create_graph: record the contractions (no out=)
-            T1, T2 = _contractions_recorded(a, c, grad_out)
-        else:
-            grads = (_call_compiled(_fused_backward, a, c, w2, grad_out, fall_back=ctx.kernel == "auto-compiled")
-                     if ctx.kernel != "chunked" else None)
-            if grads is not None:
-                return (*grads, *none)
-            T1, T2 = _contractions(a, c, grad_out)
-        return (*_grads_from_contractions(a, c, w2, T1, T2), *none)
+        return (*_two_layer_backward(a, c, w2, grad_out, ctx.kernel), *(None,) * 5)   # (kernel, projections)
+
+
+def _two_layer_forward(a: Tensor, c: Tensor, w2: Tensor, kernel: str) -> Tensor:
+    """``g`` ``(B, N, N, K)`` by ``kernel`` (as :func:`kernel_to_call` resolved it): the compiled
+    function, or the chunked loop (also where the compiled one is refused)."""
+    if is_compiling():
+        return _fused_forward(a, c, w2)
+    if kernel != "chunked":
+        out = _call_compiled(_fused_forward, a, c, w2, fall_back=kernel == "auto-compiled")
+        if out is not None:
+            return out
+    B, N, H = a.shape
+    K = w2.shape[0]
+    out = a.new_empty(B, N, N, K)
+    w2t = w2.t()
+    buf = _chunk_buffer(a, B, N, H)
+    for b0, b1, i0, i1 in _chunks(B, N, H):
+        h = buf[:b1 - b0, :i1 - i0]                                             # (s, r, N, H)
+        torch.add(a[b0:b1, i0:i1, None, :], c[b0:b1, None, :, :], out=h)
+        h.relu_()
+        torch.matmul(h, w2t, out=out[b0:b1, i0:i1])
+    return out
+
+
+def _two_layer_backward(a: Tensor, c: Tensor, w2: Tensor, grad_out: Tensor, kernel: str):
+    """``grad_a``, ``grad_c``, ``grad_w2`` of :func:`_two_layer_forward` for the gradient ``grad_out``
+    of ``g``: the compiled function or the chunked contractions; recorded (differentiable) ones
+    when grad mode is on (a backward with ``create_graph``)."""
+    grad_out = grad_out.contiguous()     # it arrives as a permuted view (movedim, g - g^T)
+    if is_compiling():
+        return _fused_backward(a, c, w2, grad_out)
+    if torch.is_grad_enabled():          # create_graph: record the contractions (no out=)
+        T1, T2 = _contractions_recorded(a, c, grad_out)
+    else:
+        grads = (_call_compiled(_fused_backward, a, c, w2, grad_out, fall_back=kernel == "auto-compiled")
+                 if kernel != "chunked" else None)
+        if grads is not None:
+            return grads
+        T1, T2 = _contractions(a, c, grad_out)
+    return _grads_from_contractions(a, c, w2, T1, T2)
 
 
 def _grads_from_contractions(a: Tensor, c: Tensor, w2: Tensor, T1: Tensor, T2: Tensor):
