@@ -314,9 +314,10 @@ class _TwoLayerCost(torch.autograd.Function):
 
     One function so that the compiled kernel runs each way as one compiled function: each compiled
     region's entry (dynamo's guards, its wrappers) costs the host time at every call, which on CUDA
-    no kernel hides, and the pairwise MLP and eq. 8 and 10 compiled apart took four. With ``"chunked"``, where the
-    compiled function is refused, and in a differentiated backward (``create_graph=True``) the same
-    maths runs as the chunked loops and plain operations (differentiable twice)."""
+    no kernel hides, and the pairwise MLP and eq. 8 and 10 compiled apart took four. With
+    ``"chunked"``, where the compiled function is refused, and in a differentiated backward
+    (``create_graph=True``) the same maths runs as the chunked loops and plain operations
+    (differentiable twice)."""
 
     @staticmethod
     @signature_kept
