@@ -29,6 +29,6 @@ def test_documents_and_stored_results_name_no_folder_of_one_machine():
 
 def test_the_pattern_finds_machine_folders_and_spares_the_project_s_own():
     hits = [bool(MACHINE_PATH.search(text)) for text in
-            ('"out": "/tmp/alloc"', "saved in /home/me/runs", "/work/main/src/setperm", '"out": "benchmarks/results"',
+            ('"out": "/tmp/alloc"', "saved in /home/me/runs", "/srv/checkout/src/setperm", '"out": "benchmarks/results"',
              "runs/tmp/x", "src/setperm/data/", "https://example.org/home/page", "~/venvs/setperm")]
     assert hits == [True, True, True, False, False, False, False, False]
