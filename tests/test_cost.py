@@ -474,13 +474,10 @@ def test_the_compiled_two_layer_cost_equals_the_chunked_one_with_exact_derivativ
 def test_the_compiled_two_layer_cost_is_one_compiled_function_each_way(monkeypatch):
     """The pairwise MLP and eq. 8 and 10 are one compiled function forward and one backward (each a
     compiled region whose entry costs the host), none of the four they were apart."""
-    from setperm import cost as cost_mod
     from setperm import pairwise as pairwise_mod
 
     called = []
     monkeypatch.setattr(pairwise_mod, "_compiled", lambda fn: called.append(fn.__name__) or fn)
-    monkeypatch.setattr(cost_mod, "_call_compiled",
-                        lambda fn, *args, **kw: pairwise_mod._call_compiled(fn, *args, **kw))
     for masked in (False, True):
         called.clear()
         x, w1, b1, w2, mask = _two_layer_inputs(1, masked)

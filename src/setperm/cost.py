@@ -435,8 +435,9 @@ def pairwise_cost(x: Tensor, first_weight: Tensor, first_bias: Optional[Tensor],
     if not hidden and normalize:
         # f, eq. 8 and 10 in one autograd function (backward recomputes a and c from xs: (B, N, D)
         # kept instead of two (B, N, H)); the scale s cancels in eq. 10
-        w2 = last_weight.to(a.dtype)                  # (one dtype for the kernels, as pairwise_two_layer)
-        return _TwoLayerCost.apply(a, c.to(a.dtype), w2, x.detach(), mask, NORM_EPS,
+        # (one dtype for the kernels, as pairwise_two_layer; element_projections gives c in a's)
+        w2 = last_weight.to(a.dtype)
+        return _TwoLayerCost.apply(a, c, w2, x.detach(), mask, NORM_EPS,
                                    kernel_to_call(kernel, x.device), xs, w_a, w_b, bias)[0]
     if not hidden:
         # (backward recomputes a and c from xs: (B, N, D) kept instead of two (B, N, H))
