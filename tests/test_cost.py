@@ -491,6 +491,41 @@ def test_the_compiled_two_layer_cost_is_one_compiled_function_each_way(monkeypat
             assert_close(g, w, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_cost_in_a_models_torch_compile_writes_no_pairwise_product(channels, device, request):
+    """Traced into a model's own ``torch.compile`` graph (the projections a and c computed in the
+    same graph), the cost's backward keeps its (B, N, N, K, H) products inside the reductions that
+    sum them: its peak memory stays below half of one such product (inductor once wrote it out and
+    read it back twice, 5.9x the backward's time), with the eager values and gradients."""
+    if device.type == "cpu":
+        request.getfixturevalue("inductor_builds_on_cpu")     # (C++ kernels there)
+    torch.manual_seed(0)
+    B, N, H = 4, 24, 64
+    cost = PairwiseCost(5, H, channels=channels).double().to(device)
+    x = torch.randn(B, N, 5, dtype=torch.float64, device=device, requires_grad=True)
+    mask = torch.arange(N, device=device) < torch.tensor([24, 20, 9, 1], device=device)[:, None]
+    up = torch.randn(B, channels, N, N, dtype=torch.float64, device=device)
+    compiled = torch.compile(cost)
+
+    def call(fn):
+        out = fn(x, mask)
+        return (out, *torch.autograd.grad(out, [x, *cost.parameters()], up))
+    for got, want in zip(call(compiled), call(cost)):
+        assert_close(got, want, rtol=1e-10, atol=1e-12)
+    product = B * N * N * channels * H * x.element_size()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        call(compiled)
+        peak, parts = torch.cuda.max_memory_allocated(device) - base, "(CUDA)"
+    else:
+        from benchmarks.allocations import peak_allocated
+        peak, parts = peak_allocated(lambda: call(compiled))
+    assert peak < product / 2, (peak, product, parts)
+
+
 def test_the_two_layer_cost_keeps_its_result_and_the_elements_and_nothing_else_of_their_size():
     x, w1, b1, w2, mask = _two_layer_inputs(1, True)
     x, w1, b1, w2 = (t.float() for t in (x, w1, b1, w2))
