@@ -497,7 +497,7 @@ def test_the_cost_in_a_models_torch_compile_writes_no_pairwise_product(channels,
     """Traced into a model's own ``torch.compile`` graph (the projections a and c computed in the
     same graph), the cost's backward keeps its (B, N, N, K, H) products inside the reductions that
     sum them: its peak memory stays below half of one such product (inductor once wrote it out and
-    read it back twice, 5.9x the backward's time), with the eager values and gradients."""
+    read it back twice), with the eager values and gradients."""
     if device.type == "cpu":
         request.getfixturevalue("inductor_builds_on_cpu")     # (C++ kernels there)
     torch.manual_seed(0)

@@ -350,7 +350,7 @@ def _fused_backward(a: Tensor, c: Tensor, w2: Tensor, grad_out: Tensor):
     # (B, N, N, K, H) product inside its reduction's loop. With one product summed twice it
     # must choose, and inside a larger compiled graph (a model under torch.compile, where a and
     # c are computed in the same graph) it wrote the whole product to memory and read it back
-    # twice: B N^2 K H floats, 5.9x the cost's backward time on the CPU at 64 sets of 100.
+    # twice: B N^2 K H floats (benchmarks/README.md, "The encoder inside a model's torch.compile").
     relu_t1 = (a.unsqueeze(2) + c.unsqueeze(1) > 0).to(a.dtype)          # (B, N_i, N_j, H)
     relu_t2 = (c.unsqueeze(2) + a.unsqueeze(1) > 0).to(a.dtype)          # (B, N_j, N_i, H)
     T1 = (grad_out.unsqueeze(-1) * relu_t1.unsqueeze(3)).sum(2)          # (B, N, K, H): over j
