@@ -139,6 +139,20 @@ def build_failure():
 
 
 @pytest.fixture
+def fresh_compiler():
+    """Dynamo's caches emptied before a test that compiles one of setperm's functions in many
+    specialisations (dtypes, channels, masks, the layouts of incoming gradients): the suite's earlier
+    tests compile the same functions for their own, and past dynamo's recompile limit a compiled
+    kernel runs plain operations instead (warned; an error in the tests, ``pyproject.toml``), which
+    would compare the plain operations with themselves."""
+    try:
+        import torch._dynamo
+    except (ImportError, RuntimeError):          # (torch 2.0 on Python 3.11: no dynamo to reset)
+        return
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def recompile_limit_error():
     """What a ``torch.compile(fullgraph=True)`` function raises past dynamo's recompile limit, as
     this torch raises it (the class differs between releases): caught from a real one, a second

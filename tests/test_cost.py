@@ -373,7 +373,7 @@ def test_the_cost_tail_keeps_its_result_and_nothing_else_of_its_size():
 needs_compiler = pytest.mark.usefixtures("inductor_builds_on_cpu")
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("torch_compile_runs", "fresh_compiler")
 @pytest.mark.parametrize("channels", [1, 2])
 def test_the_compiled_cost_tail_equals_the_plain_one_with_exact_derivatives(channels, device, request):
     """kernel="compiled" runs eq. 8 and 10 as two compiled functions (forward, backward; on CUDA
@@ -447,7 +447,7 @@ def _two_layer_inputs(channels, masked, device=None, seed=8):
     return [t if t is None else t.to(device) for t in (x, w1, b1, w2, mask)]
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("torch_compile_runs", "fresh_compiler")
 @pytest.mark.parametrize("channels", [1, 2])
 def test_the_compiled_two_layer_cost_equals_the_chunked_one_with_exact_derivatives(channels, device, request):
     """kernel="compiled" runs the two-layer f with eq. 8 and 10 as one compiled function each way
