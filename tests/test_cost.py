@@ -491,7 +491,7 @@ def test_the_compiled_two_layer_cost_is_one_compiled_function_each_way(monkeypat
             assert_close(g, w, rtol=1e-11, atol=1e-13)
 
 
-@pytest.mark.usefixtures("torch_compile_runs")
+@pytest.mark.usefixtures("torch_compile_runs", "fresh_compiler")
 @pytest.mark.parametrize("channels", [1, 2])
 def test_the_cost_in_a_models_torch_compile_writes_no_pairwise_product(channels, device, request):
     """Traced into a model's own ``torch.compile`` graph (the projections a and c computed in the
@@ -506,7 +506,7 @@ def test_the_cost_in_a_models_torch_compile_writes_no_pairwise_product(channels,
     x = torch.randn(B, N, 5, dtype=torch.float64, device=device, requires_grad=True)
     mask = torch.arange(N, device=device) < torch.tensor([24, 20, 9, 1], device=device)[:, None]
     up = torch.randn(B, channels, N, N, dtype=torch.float64, device=device)
-    compiled = torch.compile(cost)
+    compiled = torch.compile(cost, fullgraph=True)    # (one graph, or an error: never the eager call)
 
     def call(fn):
         out = fn(x, mask)
