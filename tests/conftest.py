@@ -145,11 +145,9 @@ def fresh_compiler():
     tests compile the same functions for their own, and past dynamo's recompile limit a compiled
     kernel runs plain operations instead (warned; an error in the tests, ``pyproject.toml``), which
     would compare the plain operations with themselves."""
-    try:
-        import torch._dynamo
-    except (ImportError, RuntimeError):          # (torch 2.0 on Python 3.11: no dynamo to reset)
-        return
-    torch._dynamo.reset()
+    from benchmarks.gpu import reset_compiler
+
+    reset_compiler()
 
 
 @pytest.fixture
